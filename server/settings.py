@@ -1,0 +1,262 @@
+"""All configuration, read from TWOFACTOR_* environment variables.
+
+This is the only module that reads the environment. Everything else receives a
+Settings (or the parts of it it needs) as constructor arguments.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+METHOD_NAMES = ("authenticator", "email", "sms")
+
+
+class SettingsError(ValueError):
+    """A setting is missing or malformed; the process refuses to start."""
+
+
+@dataclass(frozen=True)
+class PolicySettings:
+    allowed_methods: tuple[str, ...] = METHOD_NAMES
+    force_two_factor: bool = False
+    allow_admin_reset: bool = True
+    issuer: str = "twofactor"
+    backup_code_count: int = 10
+    code_length: int = 6
+    code_ttl_seconds: int = 600  # NIST SP 800-63B maximum for out-of-band codes
+    max_attempts_per_code: int = 5
+    resend_cooldown_seconds: int = 30
+    sends_per_user_per_hour: int = 10
+    sends_per_destination_per_hour: int = 10
+    idempotency_window_seconds: int = 600
+    lockout_threshold: int = 5
+    lockout_base_seconds: int = 60
+    lockout_max_seconds: int = 86400
+    max_consecutive_failures: int = 100  # NIST SP 800-63B §5.2.2
+
+
+@dataclass(frozen=True)
+class SmtpSettings:
+    host: str = "localhost"
+    port: int = 587
+    security: str = "starttls"  # starttls | tls | none
+    username: str = ""
+    password: str = ""
+    from_address: str = "twofactor@localhost"
+    timeout_seconds: float = 10.0
+    ca_file: str = ""  # extra CA bundle to trust (private relays, tests)
+
+
+@dataclass(frozen=True)
+class SnsSettings:
+    region: str = "us-east-1"
+    endpoint_url: str = ""  # empty = AWS; set for moto or a VPC endpoint
+    sender_id: str = ""
+
+
+@dataclass(frozen=True)
+class TokenSetting:
+    """An API token: its name (the audit actor), scopes, and SHA-256 digest."""
+
+    name: str
+    scopes: frozenset[str]
+    sha256: bytes
+
+
+@dataclass(frozen=True)
+class Settings:
+    listen: str = "127.0.0.1:50051"
+    # Empty: the embedded default, a SQLite file under data_dir.
+    database_url: str = ""
+    database_pool_size: int = 10
+    data_dir: Path = Path(".twofactor")
+    # "version:base64key" pairs; the highest version encrypts, all decrypt.
+    keys: str = ""
+    # Empty: the embedded default, delivery tasks run in-process.
+    broker_url: str = ""
+    broker_timeout_seconds: float = 2.0
+    email_provider: str = "console"  # console | smtp
+    sms_provider: str = "console"  # console | sns | package.module:ClassName
+    smtp: SmtpSettings = field(default_factory=SmtpSettings)
+    sns: SnsSettings = field(default_factory=SnsSettings)
+    policy: PolicySettings = field(default_factory=PolicySettings)
+    tokens: tuple[TokenSetting, ...] = ()
+    tls_cert_file: str = ""
+    tls_key_file: str = ""
+    tls_client_ca_file: str = ""  # set: clients must present a certificate (mTLS)
+    max_workers: int = 32
+    grace_seconds: float = 10.0
+    log_level: str = "INFO"
+
+    @property
+    def embedded(self) -> bool:
+        return not self.database_url
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
+        env = _Env(os.environ if environ is None else environ)
+        defaults = PolicySettings()
+        policy = PolicySettings(
+            allowed_methods=env.methods("ALLOWED_METHODS", defaults.allowed_methods),
+            force_two_factor=env.bool("FORCE_2FA", defaults.force_two_factor),
+            allow_admin_reset=env.bool("ALLOW_ADMIN_RESET", defaults.allow_admin_reset),
+            issuer=env.str("ISSUER", defaults.issuer),
+            backup_code_count=env.int("BACKUP_CODE_COUNT", defaults.backup_code_count, 1, 100),
+            code_length=env.int("CODE_LENGTH", defaults.code_length, 6, 10),
+            code_ttl_seconds=env.int("CODE_TTL_SECONDS", defaults.code_ttl_seconds, 30, 600),
+            max_attempts_per_code=env.int("MAX_ATTEMPTS_PER_CODE", defaults.max_attempts_per_code, 1, 20),
+            resend_cooldown_seconds=env.int(
+                "RESEND_COOLDOWN_SECONDS", defaults.resend_cooldown_seconds, 0, 3600
+            ),
+            sends_per_user_per_hour=env.int(
+                "SENDS_PER_USER_PER_HOUR", defaults.sends_per_user_per_hour, 1, 1000
+            ),
+            sends_per_destination_per_hour=env.int(
+                "SENDS_PER_DESTINATION_PER_HOUR", defaults.sends_per_destination_per_hour, 1, 1000
+            ),
+            lockout_threshold=env.int("LOCKOUT_THRESHOLD", defaults.lockout_threshold, 1, 100),
+            lockout_base_seconds=env.int("LOCKOUT_BASE_SECONDS", defaults.lockout_base_seconds, 1, 86400),
+            lockout_max_seconds=env.int("LOCKOUT_MAX_SECONDS", defaults.lockout_max_seconds, 1, 10**7),
+            max_consecutive_failures=env.int(
+                "MAX_CONSECUTIVE_FAILURES", defaults.max_consecutive_failures, 1, 100
+            ),
+        )
+        if policy.lockout_threshold > policy.max_consecutive_failures:
+            raise SettingsError("TWOFACTOR_LOCKOUT_THRESHOLD exceeds TWOFACTOR_MAX_CONSECUTIVE_FAILURES")
+        smtp = SmtpSettings(
+            host=env.str("SMTP_HOST", SmtpSettings.host),
+            port=env.int("SMTP_PORT", SmtpSettings.port, 1, 65535),
+            security=env.choice("SMTP_SECURITY", SmtpSettings.security, ("starttls", "tls", "none")),
+            username=env.str("SMTP_USERNAME", ""),
+            password=env.str("SMTP_PASSWORD", ""),
+            from_address=env.str("SMTP_FROM", SmtpSettings.from_address),
+            timeout_seconds=env.float("SMTP_TIMEOUT_SECONDS", SmtpSettings.timeout_seconds),
+            ca_file=env.str("SMTP_CA_FILE", ""),
+        )
+        sns = SnsSettings(
+            region=env.str("SNS_REGION", SnsSettings.region),
+            endpoint_url=env.str("SNS_ENDPOINT_URL", ""),
+            sender_id=env.str("SNS_SENDER_ID", ""),
+        )
+        return cls(
+            listen=env.str("LISTEN", cls.listen),
+            database_url=env.str("DATABASE_URL", ""),
+            database_pool_size=env.int("DATABASE_POOL_SIZE", cls.database_pool_size, 1, 200),
+            data_dir=Path(env.str("DATA_DIR", str(cls.data_dir))),
+            keys=env.str("KEYS", ""),
+            broker_url=env.str("BROKER_URL", ""),
+            broker_timeout_seconds=env.float("BROKER_TIMEOUT_SECONDS", cls.broker_timeout_seconds),
+            email_provider=env.choice("EMAIL_PROVIDER", cls.email_provider, ("console", "smtp")),
+            sms_provider=env.str("SMS_PROVIDER", cls.sms_provider),
+            smtp=smtp,
+            sns=sns,
+            policy=policy,
+            tokens=env.tokens("TOKENS"),
+            tls_cert_file=env.str("TLS_CERT_FILE", ""),
+            tls_key_file=env.str("TLS_KEY_FILE", ""),
+            tls_client_ca_file=env.str("TLS_CLIENT_CA_FILE", ""),
+            max_workers=env.int("MAX_WORKERS", cls.max_workers, 1, 1024),
+            grace_seconds=env.float("GRACE_SECONDS", cls.grace_seconds),
+            log_level=env.str("LOG_LEVEL", cls.log_level).upper(),
+        )
+
+
+class _Env:
+    """Typed access to TWOFACTOR_* variables with messages that name the variable."""
+
+    PREFIX = "TWOFACTOR_"
+
+    def __init__(self, environ: Mapping[str, str]) -> None:
+        self._environ = environ
+
+    def _raw(self, name: str) -> str | None:
+        value = self._environ.get(self.PREFIX + name)
+        return None if value is None or value.strip() == "" else value.strip()
+
+    def str(self, name: str, default: str) -> str:
+        value = self._raw(name)
+        return default if value is None else value
+
+    def int(self, name: str, default: int, low: int, high: int) -> int:
+        value = self._raw(name)
+        if value is None:
+            return default
+        try:
+            number = int(value)
+        except ValueError:
+            raise SettingsError(f"{self.PREFIX}{name} must be a whole number, got {value!r}") from None
+        if not low <= number <= high:
+            raise SettingsError(f"{self.PREFIX}{name} must be between {low} and {high}, got {number}")
+        return number
+
+    def float(self, name: str, default: float) -> float:
+        value = self._raw(name)
+        if value is None:
+            return default
+        try:
+            number = float(value)
+        except ValueError:
+            raise SettingsError(f"{self.PREFIX}{name} must be a number, got {value!r}") from None
+        if number <= 0:
+            raise SettingsError(f"{self.PREFIX}{name} must be positive, got {value!r}")
+        return number
+
+    def bool(self, name: str, default: bool) -> bool:
+        value = self._raw(name)
+        if value is None:
+            return default
+        lowered = value.lower()
+        if lowered in ("1", "true", "yes", "on"):
+            return True
+        if lowered in ("0", "false", "no", "off"):
+            return False
+        raise SettingsError(f"{self.PREFIX}{name} must be true or false, got {value!r}")
+
+    def choice(self, name: str, default: str, choices: tuple[str, ...]) -> str:
+        value = self.str(name, default).lower()
+        if value not in choices:
+            raise SettingsError(f"{self.PREFIX}{name} must be one of {', '.join(choices)}, got {value!r}")
+        return value
+
+    def methods(self, name: str, default: tuple[str, ...]) -> tuple[str, ...]:
+        value = self._raw(name)
+        if value is None:
+            return default
+        methods = tuple(dict.fromkeys(m.strip().lower() for m in value.split(",") if m.strip()))
+        unknown = [m for m in methods if m not in METHOD_NAMES]
+        if unknown or not methods:
+            raise SettingsError(
+                f"{self.PREFIX}{name} must list some of {', '.join(METHOD_NAMES)}, got {value!r}"
+            )
+        return methods
+
+    def tokens(self, name: str) -> tuple[TokenSetting, ...]:
+        """TWOFACTOR_TOKENS: `name:scope+scope:sha256hex` entries separated by commas.
+
+        Only digests are configured, so the environment never holds a usable
+        token; `twofactor token` prints a new token and its entry.
+        """
+        value = self._raw(name)
+        if value is None:
+            return ()
+        tokens = []
+        for entry in value.split(","):
+            parts = entry.strip().split(":")
+            if len(parts) != 3:
+                raise SettingsError(f"{self.PREFIX}{name}: entry {entry.strip()!r} is not name:scopes:sha256hex")
+            token_name, scopes, digest = parts
+            try:
+                sha256 = bytes.fromhex(digest)
+            except ValueError:
+                sha256 = b""
+            scope_set = frozenset(s for s in scopes.split("+") if s)
+            if len(sha256) != 32 or not token_name or not scope_set <= {"app", "admin"} or not scope_set:
+                raise SettingsError(
+                    f"{self.PREFIX}{name}: entry for {token_name!r} needs scopes from app+admin "
+                    "and a 64-hex-digit SHA-256 digest"
+                )
+            tokens.append(TokenSetting(token_name, scope_set, sha256))
+        return tuple(tokens)
