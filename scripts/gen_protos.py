@@ -31,8 +31,12 @@ def generate(out_dir: Path) -> list[Path]:
     target.mkdir(parents=True, exist_ok=True)
     for stale in target.glob("*_pb2*.py*"):
         stale.unlink()
+    # mypy-protobuf's plugins are installed beside this interpreter.
+    bin_dir = Path(sys.executable).parent
     args = [
         "protoc",
+        f"--plugin=protoc-gen-mypy={bin_dir / 'protoc-gen-mypy'}",
+        f"--plugin=protoc-gen-mypy_grpc={bin_dir / 'protoc-gen-mypy_grpc'}",
         f"-I{PROTO_ROOT}",
         f"-I{well_known}",
         f"--python_out={out_dir}",
