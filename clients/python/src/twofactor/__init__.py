@@ -1,0 +1,66 @@
+"""Client SDK for the twofactor gRPC service.
+
+    from twofactor import Method, TwoFactorClient
+
+    with TwoFactorClient("localhost:50051", token=token) as client:
+        status = client.get_status(user_id="alice")
+
+The generated messages and stubs live in twofactor.v1.
+"""
+
+from __future__ import annotations
+
+from twofactor._channel import DEFAULT_TIMEOUT, RetryPolicy, TlsConfig
+from twofactor.aio import AsyncAdminClient, AsyncTwoFactorClient
+from twofactor.client import AdminClient, TwoFactorClient
+from twofactor.errors import (
+    AdminResetDisabled,
+    ContactMissing,
+    DeadlineExceeded,
+    FailedPrecondition,
+    InvalidArgument,
+    LastMethodRequired,
+    MethodNotAllowed,
+    NotEnrolled,
+    NotFound,
+    PermissionDenied,
+    RateLimited,
+    TwoFactorError,
+    Unauthenticated,
+    Unavailable,
+)
+from twofactor.v1.admin_service_pb2 import UserFilter
+from twofactor.v1.common_pb2 import DeliveryStatus, Method
+from twofactor.v1.twofactor_service_pb2 import CodeKind, VerifyResult
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "DEFAULT_TIMEOUT",
+    "AdminClient",
+    "AdminResetDisabled",
+    "AsyncAdminClient",
+    "AsyncTwoFactorClient",
+    "CodeKind",
+    "ContactMissing",
+    "DeadlineExceeded",
+    "DeliveryStatus",
+    "FailedPrecondition",
+    "InvalidArgument",
+    "LastMethodRequired",
+    "Method",
+    "MethodNotAllowed",
+    "NotEnrolled",
+    "NotFound",
+    "PermissionDenied",
+    "RateLimited",
+    "RetryPolicy",
+    "TlsConfig",
+    "TwoFactorClient",
+    "TwoFactorError",
+    "Unauthenticated",
+    "Unavailable",
+    "UserFilter",
+    "VerifyResult",
+    "__version__",
+]

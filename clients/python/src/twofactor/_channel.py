@@ -1,0 +1,169 @@
+"""Channel settings shared by the sync and async clients: TLS, retries, metadata."""
+
+from __future__ import annotations
+
+import json
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import grpc
+
+DEFAULT_TIMEOUT = 5.0
+"""Seconds a call may take when the caller passes no timeout."""
+
+# Calls that change nothing, or whose repetition leaves the same state, so a
+# retry after UNAVAILABLE cannot do harm. Verify, ConfirmEnrollment,
+# StartEnrollment, RegenerateBackupCodes and SendCode are left out: repeating
+# them consumes a code, replaces a secret or sends another message.
+# (SendCode callers pass an idempotency_key and retry themselves.)
+RETRIED_METHODS: dict[str, tuple[str, ...]] = {
+    "twofactor.v1.TwoFactorService": (
+        "GetStatus",
+        "GetChallenge",
+        "GetBackupCodes",
+        "SetContact",
+        "DisableMethod",
+    ),
+    "twofactor.v1.AdminService": (
+        "GetUser",
+        "ListUsers",
+        "GetPolicy",
+        "ListAuditEvents",
+        "ResetUser",
+        "UnlockUser",
+    ),
+}
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """How gRPC retries the safe calls after UNAVAILABLE.
+
+    Before retry n (1-based) gRPC waits a random time between 0 and
+    min(initial_backoff * backoff_multiplier**(n-1), max_backoff) seconds.
+    gRPC caps max_attempts at 5. Every attempt counts against the call's timeout.
+    """
+
+    max_attempts: int = 5
+    initial_backoff: float = 0.2
+    max_backoff: float = 5.0
+    backoff_multiplier: float = 2.0
+
+    def __post_init__(self) -> None:
+        if not 2 <= self.max_attempts <= 5:
+            raise ValueError("max_attempts must be between 2 and 5 (gRPC's limit)")
+        if self.initial_backoff <= 0 or self.max_backoff <= 0 or self.backoff_multiplier <= 0:
+            raise ValueError("backoffs and multiplier must be positive")
+
+
+def service_config(retry: RetryPolicy | None) -> str:
+    """The `grpc.service_config` JSON: a retryPolicy for RETRIED_METHODS, or none."""
+    if retry is None:
+        return json.dumps({})
+    names = [
+        {"service": service, "method": method}
+        for service, methods in RETRIED_METHODS.items()
+        for method in methods
+    ]
+    return json.dumps(
+        {
+            "methodConfig": [
+                {
+                    "name": names,
+                    "retryPolicy": {
+                        "maxAttempts": retry.max_attempts,
+                        "initialBackoff": f"{retry.initial_backoff}s",
+                        "maxBackoff": f"{retry.max_backoff}s",
+                        "backoffMultiplier": retry.backoff_multiplier,
+                        "retryableStatusCodes": ["UNAVAILABLE"],
+                    },
+                }
+            ]
+        }
+    )
+
+
+@dataclass(frozen=True)
+class TlsConfig:
+    """TLS for the channel. Pass none to the client for plaintext (local development only).
+
+    root_ca: PEM of the CA that signed the server certificate; None trusts the
+    system's roots. client_cert and client_key: PEM of the client certificate
+    chain and its key, both or neither, for servers that require mTLS.
+    server_name: the name to check the server certificate against, when it is
+    not the host part of the target.
+    """
+
+    root_ca: bytes | None = None
+    client_cert: bytes | None = None
+    client_key: bytes | None = None
+    server_name: str | None = None
+
+    def __post_init__(self) -> None:
+        if (self.client_cert is None) != (self.client_key is None):
+            raise ValueError("client_cert and client_key go together (mTLS)")
+
+    @classmethod
+    def from_files(
+        cls,
+        root_ca: str | Path | None = None,
+        client_cert: str | Path | None = None,
+        client_key: str | Path | None = None,
+        server_name: str | None = None,
+    ) -> TlsConfig:
+        """Read the PEM files named by path."""
+
+        def read(path: str | Path | None) -> bytes | None:
+            return None if path is None else Path(path).read_bytes()
+
+        return cls(read(root_ca), read(client_cert), read(client_key), server_name)
+
+    def credentials(self) -> grpc.ChannelCredentials:
+        return grpc.ssl_channel_credentials(
+            root_certificates=self.root_ca,
+            private_key=self.client_key,
+            certificate_chain=self.client_cert,
+        )
+
+
+@dataclass(frozen=True)
+class ChannelSettings:
+    """Everything a client needs to open its channel and decorate its calls."""
+
+    target: str
+    token: str
+    tls: TlsConfig | None
+    timeout: float
+    retry: RetryPolicy | None
+    options: Sequence[tuple[str, Any]]
+
+    def __post_init__(self) -> None:
+        if not self.token or any(c.isspace() for c in self.token):
+            raise ValueError("token must be a non-empty string without whitespace")
+        if self.timeout <= 0:
+            raise ValueError("timeout must be positive")
+
+    def channel_options(self) -> list[tuple[str, Any]]:
+        options: list[tuple[str, Any]] = [
+            ("grpc.enable_retries", 1),
+            ("grpc.service_config", service_config(self.retry)),
+            # Our service config wins over any a DNS TXT record might publish.
+            ("grpc.service_config_disable_resolution", 1),
+        ]
+        if self.tls is not None and self.tls.server_name:
+            options.append(("grpc.ssl_target_name_override", self.tls.server_name))
+        options.extend(self.options)
+        return options
+
+    def metadata(self, request_id: str) -> tuple[tuple[str, str], ...]:
+        return (("authorization", f"Bearer {self.token}"), ("x-request-id", request_id))
+
+    def deadline(self, timeout: float | None) -> float:
+        return self.timeout if timeout is None else timeout
+
+
+def new_request_id() -> str:
+    return str(uuid.uuid4())

@@ -1,0 +1,309 @@
+"""Blocking clients for TwoFactorService and AdminService."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from functools import cached_property
+from types import TracebackType
+from typing import Any, Self, TypeVar
+
+import grpc
+from google.protobuf.message import Message
+
+from twofactor._channel import DEFAULT_TIMEOUT, ChannelSettings, RetryPolicy, TlsConfig, new_request_id
+from twofactor.errors import error_from_rpc_error
+from twofactor.v1 import admin_service_pb2 as admin
+from twofactor.v1 import admin_service_pb2_grpc as admin_grpc
+from twofactor.v1 import common_pb2 as common
+from twofactor.v1 import twofactor_service_pb2 as tf
+from twofactor.v1 import twofactor_service_pb2_grpc as tf_grpc
+
+__all__ = ["AdminClient", "TwoFactorClient"]
+
+_Request = TypeVar("_Request", bound=Message)
+_Response = TypeVar("_Response", bound=Message)
+
+
+class _Client:
+    """A channel with the token, deadline and retry policy every call uses."""
+
+    def __init__(
+        self,
+        target: str,
+        *,
+        token: str,
+        tls: TlsConfig | None = None,
+        timeout: float = DEFAULT_TIMEOUT,
+        retry: RetryPolicy | None = RetryPolicy(),  # noqa: B008 (frozen dataclass)
+        options: Sequence[tuple[str, Any]] = (),
+    ) -> None:
+        """Open a channel to `target` ("host:port").
+
+        token: sent as `authorization: Bearer <token>` on every call.
+        tls: None for a plaintext channel, else the TLS (or mTLS) settings.
+        timeout: the default deadline of each call, in seconds.
+        retry: how the safe calls retry after UNAVAILABLE; None turns retries off.
+        options: extra gRPC channel options, applied last.
+        """
+        self._settings = ChannelSettings(target, token, tls, timeout, retry, tuple(options))
+        channel_options = self._settings.channel_options()
+        if tls is None:
+            self._channel = grpc.insecure_channel(target, options=channel_options)
+        else:
+            self._channel = grpc.secure_channel(target, tls.credentials(), options=channel_options)
+
+    @property
+    def channel(self) -> grpc.Channel:
+        """The underlying channel, e.g. to watch its connectivity."""
+        return self._channel
+
+    def close(self) -> None:
+        """Close the channel; calls in flight are cancelled."""
+        self._channel.close()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def _call(
+        self,
+        rpc: grpc.UnaryUnaryMultiCallable[_Request, _Response],
+        request: _Request,
+        timeout: float | None,
+        request_id: str | None,
+    ) -> _Response:
+        request_id = request_id or new_request_id()
+        try:
+            return rpc(
+                request,
+                timeout=self._settings.deadline(timeout),
+                metadata=self._settings.metadata(request_id),
+            )
+        except grpc.RpcError as exc:
+            raise error_from_rpc_error(exc, request_id=request_id) from exc
+
+
+class TwoFactorClient(_Client):
+    """TwoFactorService: enrollment in, and verification of, the second factor.
+
+    Every method takes `timeout` (seconds; default the client's) and
+    `request_id` (sent as x-request-id; default a new UUID), returns the
+    response message and raises a twofactor.errors.TwoFactorError subclass.
+    """
+
+    @cached_property
+    def _stub(self) -> tf_grpc.TwoFactorServiceStub:
+        return tf_grpc.TwoFactorServiceStub(self._channel)
+
+    def get_status(
+        self, *, user_id: str, timeout: float | None = None, request_id: str | None = None
+    ) -> tf.GetStatusResponse:
+        """What the user has enrolled in and what the login must do next."""
+        return self._call(self._stub.GetStatus, tf.GetStatusRequest(user_id=user_id), timeout, request_id)
+
+    def set_contact(
+        self,
+        *,
+        user_id: str,
+        email: str | None = None,
+        phone: str | None = None,
+        timeout: float | None = None,
+        request_id: str | None = None,
+    ) -> tf.SetContactResponse:
+        """Register the email address and/or E.164 mobile number; None leaves one as is, "" removes it."""
+        request = tf.SetContactRequest(user_id=user_id, email=email, phone=phone)
+        return self._call(self._stub.SetContact, request, timeout, request_id)
+
+    def start_enrollment(
+        self,
+        *,
+        user_id: str,
+        method: common.Method.ValueType,
+        account_name: str = "",
+        locale: str = "",
+        timeout: float | None = None,
+        request_id: str | None = None,
+    ) -> tf.StartEnrollmentResponse:
+        """Begin enrolling a method: an authenticator secret and QR code, or a sent confirmation code."""
+        request = tf.StartEnrollmentRequest(
+            user_id=user_id, method=method, account_name=account_name, locale=locale
+        )
+        return self._call(self._stub.StartEnrollment, request, timeout, request_id)
+
+    def confirm_enrollment(
+        self,
+        *,
+        user_id: str,
+        method: common.Method.ValueType,
+        code: str,
+        timeout: float | None = None,
+        request_id: str | None = None,
+    ) -> tf.ConfirmEnrollmentResponse:
+        """Complete a pending enrollment with a code from the app, email or SMS."""
+        request = tf.ConfirmEnrollmentRequest(user_id=user_id, method=method, code=code)
+        return self._call(self._stub.ConfirmEnrollment, request, timeout, request_id)
+
+    def disable_method(
+        self,
+        *,
+        user_id: str,
+        method: common.Method.ValueType,
+        timeout: float | None = None,
+        request_id: str | None = None,
+    ) -> tf.DisableMethodResponse:
+        """Turn a method off."""
+        request = tf.DisableMethodRequest(user_id=user_id, method=method)
+        return self._call(self._stub.DisableMethod, request, timeout, request_id)
+
+    def send_code(
+        self,
+        *,
+        user_id: str,
+        method: common.Method.ValueType,
+        idempotency_key: str = "",
+        locale: str = "",
+        timeout: float | None = None,
+        request_id: str | None = None,
+    ) -> tf.SendCodeResponse:
+        """Send a login code by email or SMS. Not retried automatically: pass an
+        idempotency_key and repeat the call with it to retry safely."""
+        request = tf.SendCodeRequest(
+            user_id=user_id, method=method, idempotency_key=idempotency_key, locale=locale
+        )
+        return self._call(self._stub.SendCode, request, timeout, request_id)
+
+    def get_challenge(
+        self,
+        *,
+        user_id: str,
+        challenge_id: str,
+        timeout: float | None = None,
+        request_id: str | None = None,
+    ) -> tf.GetChallengeResponse:
+        """The delivery status of a sent code."""
+        request = tf.GetChallengeRequest(user_id=user_id, challenge_id=challenge_id)
+        return self._call(self._stub.GetChallenge, request, timeout, request_id)
+
+    def verify(
+        self, *, user_id: str, code: str, timeout: float | None = None, request_id: str | None = None
+    ) -> tf.VerifyResponse:
+        """Check an authenticator, emailed or texted code, or a backup code. A wrong
+        code is VERIFY_RESULT_REJECTED, not an exception."""
+        return self._call(
+            self._stub.Verify, tf.VerifyRequest(user_id=user_id, code=code), timeout, request_id
+        )
+
+    def get_backup_codes(
+        self, *, user_id: str, timeout: float | None = None, request_id: str | None = None
+    ) -> tf.GetBackupCodesResponse:
+        """The user's unused backup codes."""
+        request = tf.GetBackupCodesRequest(user_id=user_id)
+        return self._call(self._stub.GetBackupCodes, request, timeout, request_id)
+
+    def regenerate_backup_codes(
+        self, *, user_id: str, timeout: float | None = None, request_id: str | None = None
+    ) -> tf.RegenerateBackupCodesResponse:
+        """Replace the user's backup codes; the old ones stop working."""
+        request = tf.RegenerateBackupCodesRequest(user_id=user_id)
+        return self._call(self._stub.RegenerateBackupCodes, request, timeout, request_id)
+
+
+class AdminClient(_Client):
+    """AdminService: operator tools. Needs a token of scope `admin`.
+
+    Methods take `timeout` and `request_id` like TwoFactorClient's.
+    """
+
+    @cached_property
+    def _stub(self) -> admin_grpc.AdminServiceStub:
+        return admin_grpc.AdminServiceStub(self._channel)
+
+    def get_user(
+        self, *, user_id: str, timeout: float | None = None, request_id: str | None = None
+    ) -> admin.GetUserResponse:
+        """One user's second-factor state."""
+        return self._call(self._stub.GetUser, admin.GetUserRequest(user_id=user_id), timeout, request_id)
+
+    def list_users(
+        self,
+        *,
+        page_size: int = 0,
+        page_token: str = "",
+        filter: admin.UserFilter.ValueType = admin.USER_FILTER_UNSPECIFIED,
+        timeout: float | None = None,
+        request_id: str | None = None,
+    ) -> admin.ListUsersResponse:
+        """One page of users in user_id order."""
+        request = admin.ListUsersRequest(page_size=page_size, page_token=page_token, filter=filter)
+        return self._call(self._stub.ListUsers, request, timeout, request_id)
+
+    def iter_users(
+        self,
+        *,
+        page_size: int = 0,
+        filter: admin.UserFilter.ValueType = admin.USER_FILTER_UNSPECIFIED,
+        timeout: float | None = None,
+    ) -> Iterator[admin.User]:
+        """Every user, fetching pages as needed (`timeout` applies to each page)."""
+        page_token = ""
+        while True:
+            page = self.list_users(page_size=page_size, page_token=page_token, filter=filter, timeout=timeout)
+            yield from page.users
+            page_token = page.next_page_token
+            if not page_token:
+                return
+
+    def reset_user(
+        self, *, user_id: str, reason: str, timeout: float | None = None, request_id: str | None = None
+    ) -> admin.ResetUserResponse:
+        """Clear the user's methods, secrets, codes and lockout; `reason` goes to the audit log."""
+        request = admin.ResetUserRequest(user_id=user_id, reason=reason)
+        return self._call(self._stub.ResetUser, request, timeout, request_id)
+
+    def unlock_user(
+        self, *, user_id: str, timeout: float | None = None, request_id: str | None = None
+    ) -> admin.UnlockUserResponse:
+        """End a lockout and clear the failure count."""
+        return self._call(
+            self._stub.UnlockUser, admin.UnlockUserRequest(user_id=user_id), timeout, request_id
+        )
+
+    def get_policy(
+        self, *, timeout: float | None = None, request_id: str | None = None
+    ) -> admin.GetPolicyResponse:
+        """The policy in force."""
+        return self._call(self._stub.GetPolicy, admin.GetPolicyRequest(), timeout, request_id)
+
+    def list_audit_events(
+        self,
+        *,
+        user_id: str = "",
+        page_size: int = 0,
+        page_token: str = "",
+        timeout: float | None = None,
+        request_id: str | None = None,
+    ) -> admin.ListAuditEventsResponse:
+        """One page of audit events, newest first; `user_id` restricts them to one user."""
+        request = admin.ListAuditEventsRequest(user_id=user_id, page_size=page_size, page_token=page_token)
+        return self._call(self._stub.ListAuditEvents, request, timeout, request_id)
+
+    def iter_audit_events(
+        self, *, user_id: str = "", page_size: int = 0, timeout: float | None = None
+    ) -> Iterator[admin.AuditEvent]:
+        """Every audit event, newest first, fetching pages as needed."""
+        page_token = ""
+        while True:
+            page = self.list_audit_events(
+                user_id=user_id, page_size=page_size, page_token=page_token, timeout=timeout
+            )
+            yield from page.events
+            page_token = page.next_page_token
+            if not page_token:
+                return

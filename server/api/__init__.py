@@ -1,0 +1,1 @@
+"""The gRPC face: servicers, interceptors and conversions between protobuf and the domain."""

@@ -1,0 +1,67 @@
+"""AdminService: validate the request, call the domain, convert the result."""
+
+from __future__ import annotations
+
+import grpc
+from twofactor.v1 import admin_service_pb2 as pb
+from twofactor.v1 import admin_service_pb2_grpc as pb_grpc
+
+from server.api import convert, requests
+from server.api.interceptors import current_caller
+from server.domain.admin import Admin
+from server.domain.errors import InvalidArgument
+from server.settings import PolicySettings
+
+_FILTERS = {pb.USER_FILTER_UNSPECIFIED: None, pb.USER_FILTER_ENABLED: True, pb.USER_FILTER_NOT_ENABLED: False}
+
+
+class AdminServicer(pb_grpc.AdminServiceServicer):
+    def __init__(self, admin: Admin, policy: PolicySettings) -> None:
+        self._admin = admin
+        self._policy = policy
+
+    def GetUser(self, request: pb.GetUserRequest, context: grpc.ServicerContext) -> pb.GetUserResponse:
+        return pb.GetUserResponse(user=convert.user(self._admin.get_user(requests.user_id(request.user_id))))
+
+    def ListUsers(self, request: pb.ListUsersRequest, context: grpc.ServicerContext) -> pb.ListUsersResponse:
+        if request.filter not in _FILTERS:
+            raise InvalidArgument("INVALID_FILTER", "filter must be a UserFilter value")
+        users, token = self._admin.list_users(
+            page_size=request.page_size, page_token=request.page_token, enabled=_FILTERS[request.filter]
+        )
+        return pb.ListUsersResponse(users=[convert.user(u) for u in users], next_page_token=token)
+
+    def ResetUser(self, request: pb.ResetUserRequest, context: grpc.ServicerContext) -> pb.ResetUserResponse:
+        state = self._admin.reset_user(
+            requests.user_id(request.user_id),
+            reason=requests.bounded(
+                request.reason, field="reason", reason="INVALID_REASON", max_bytes=requests.MAX_REASON_BYTES,
+                required=True,
+            ),
+            caller=current_caller.get(),
+        )
+        return pb.ResetUserResponse(user=convert.user(state))
+
+    def UnlockUser(self, request: pb.UnlockUserRequest, context: grpc.ServicerContext) -> pb.UnlockUserResponse:
+        state = self._admin.unlock_user(requests.user_id(request.user_id), caller=current_caller.get())
+        return pb.UnlockUserResponse(user=convert.user(state))
+
+    def GetPolicy(self, request: pb.GetPolicyRequest, context: grpc.ServicerContext) -> pb.GetPolicyResponse:
+        return pb.GetPolicyResponse(policy=convert.policy(self._policy))
+
+    def ListAuditEvents(
+        self, request: pb.ListAuditEventsRequest, context: grpc.ServicerContext
+    ) -> pb.ListAuditEventsResponse:
+        user_id = requests.user_id(request.user_id) if request.user_id else ""
+        rows, token = self._admin.list_audit_events(
+            user_id=user_id, page_size=request.page_size, page_token=request.page_token
+        )
+        events = [
+            pb.AuditEvent(
+                event_id=row["event_id"], time=convert.timestamp(row["at"]), actor=row["actor"],
+                user_id=row["user_id"], action=row["action"], request_id=row["request_id"],
+                outcome=row["outcome"], detail=row["detail"],
+            )
+            for row in rows
+        ]
+        return pb.ListAuditEventsResponse(events=events, next_page_token=token)

@@ -1,0 +1,77 @@
+"""The one place where failures become gRPC statuses.
+
+Domain errors carry their status class and reason; they go out as a
+google.rpc.Status with an ErrorInfo (and a RetryInfo when there is a
+retry-after). A database that can't be reached is UNAVAILABLE. Anything else
+is a bug: it is logged with its traceback and answered INTERNAL without detail.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import grpc
+import psycopg
+import psycopg_pool
+from google.protobuf import any_pb2, duration_pb2
+from google.rpc import code_pb2, error_details_pb2, status_pb2
+from grpc_status import rpc_status
+
+from server.domain.errors import Status, TwoFactorError
+
+log = logging.getLogger(__name__)
+
+ERROR_DOMAIN = "twofactor.v1"
+_CODES = {
+    Status.INVALID_ARGUMENT: code_pb2.INVALID_ARGUMENT,
+    Status.NOT_FOUND: code_pb2.NOT_FOUND,
+    Status.FAILED_PRECONDITION: code_pb2.FAILED_PRECONDITION,
+    Status.RESOURCE_EXHAUSTED: code_pb2.RESOURCE_EXHAUSTED,
+    Status.UNAVAILABLE: code_pb2.UNAVAILABLE,
+    Status.UNAUTHENTICATED: code_pb2.UNAUTHENTICATED,
+    Status.PERMISSION_DENIED: code_pb2.PERMISSION_DENIED,
+}
+# Transient storage failures: the caller may retry the same call.
+_STORAGE_UNAVAILABLE = (psycopg.OperationalError, psycopg_pool.PoolTimeout)
+
+
+def status_for(error: TwoFactorError) -> grpc.Status:
+    metadata = dict(error.metadata)
+    details = []
+    if error.retry_after is not None:
+        metadata["retry_after_seconds"] = f"{error.retry_after:.3f}"
+        retry = error_details_pb2.RetryInfo()
+        retry.retry_delay.CopyFrom(duration_pb2.Duration(seconds=int(error.retry_after),
+                                                         nanos=int(error.retry_after % 1 * 1e9)))
+        details.append(retry)
+    info = error_details_pb2.ErrorInfo(reason=error.reason, domain=ERROR_DOMAIN, metadata=metadata)
+    return _status(_CODES[error.status], error.message, [info, *details])
+
+
+def unavailable_storage_status() -> grpc.Status:
+    info = error_details_pb2.ErrorInfo(reason="STORAGE_UNAVAILABLE", domain=ERROR_DOMAIN)
+    return _status(code_pb2.UNAVAILABLE, "the database can't be reached; retry later", [info])
+
+
+def internal_status() -> grpc.Status:
+    return _status(code_pb2.INTERNAL, "internal error", [])
+
+
+def abort_for(exc: BaseException, context: grpc.ServicerContext, method: str) -> None:
+    """Abort the call with the status that `exc` maps to (raises)."""
+    if isinstance(exc, TwoFactorError):
+        context.abort_with_status(status_for(exc))
+    if isinstance(exc, _STORAGE_UNAVAILABLE):
+        log.warning("%s: database unavailable: %s", method, type(exc).__name__)
+        context.abort_with_status(unavailable_storage_status())
+    log.exception("%s failed", method)
+    context.abort_with_status(internal_status())
+
+
+def _status(code: int, message: str, details: list) -> grpc.Status:  # type: ignore[type-arg]
+    packed = []
+    for detail in details:
+        holder = any_pb2.Any()
+        holder.Pack(detail)
+        packed.append(holder)
+    return rpc_status.to_status(status_pb2.Status(code=code, message=message, details=packed))

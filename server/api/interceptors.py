@@ -1,0 +1,101 @@
+"""Server interceptors: caller authentication, request ids, and error mapping.
+
+Both wrap unary-unary handlers (every twofactor.v1 RPC is unary). The caller
+found by authentication travels to the servicer in a context variable, since
+a handler runs start to end on one thread.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import hashlib
+import hmac
+import uuid
+from collections.abc import Callable
+from typing import Any
+
+import grpc
+
+from server.api.errors import abort_for, status_for
+from server.domain.errors import PermissionDenied, TwoFactorError, Unauthenticated
+from server.domain.models import Caller
+from server.settings import TokenSetting
+
+current_caller: contextvars.ContextVar[Caller] = contextvars.ContextVar("current_caller", default=Caller())
+
+# The scope each service needs; services not listed (health, reflection) are open.
+SCOPES = {"twofactor.v1.TwoFactorService": "app", "twofactor.v1.AdminService": "admin"}
+MAX_REQUEST_ID = 128
+
+
+def _wrap_unary(handler: grpc.RpcMethodHandler, around: Callable[[Any, grpc.ServicerContext, Callable], Any]):  # type: ignore[type-arg]
+    if handler is None or handler.unary_unary is None:
+        return handler
+    inner = handler.unary_unary
+    return grpc.unary_unary_rpc_method_handler(
+        lambda request, context: around(request, context, inner),
+        request_deserializer=handler.request_deserializer,
+        response_serializer=handler.response_serializer,
+    )
+
+
+class CallerInterceptor(grpc.ServerInterceptor):
+    """Checks `authorization: Bearer <token>` against the configured token digests."""
+
+    def __init__(self, tokens: tuple[TokenSetting, ...]) -> None:
+        self._tokens = tokens
+
+    def intercept_service(self, continuation, handler_call_details):  # type: ignore[no-untyped-def]
+        handler = continuation(handler_call_details)
+        service = handler_call_details.method.lstrip("/").rpartition("/")[0]
+        scope = SCOPES.get(service)
+        metadata = dict(handler_call_details.invocation_metadata or ())
+        request_id = str(metadata.get("x-request-id", ""))[:MAX_REQUEST_ID] or uuid.uuid4().hex
+
+        def around(request, context, inner):  # type: ignore[no-untyped-def]
+            try:
+                caller = self._authenticate(str(metadata.get("authorization", "")), scope, request_id)
+            except TwoFactorError as error:
+                context.abort_with_status(status_for(error))
+            token = current_caller.set(caller)
+            try:
+                return inner(request, context)
+            finally:
+                current_caller.reset(token)
+
+        return handler if scope is None else _wrap_unary(handler, around)
+
+    def _authenticate(self, header: str, scope: str | None, request_id: str) -> Caller:
+        kind, _, presented = header.partition(" ")
+        if kind.lower() != "bearer" or not presented:
+            raise Unauthenticated("MISSING_TOKEN", "send `authorization: Bearer <token>` metadata")
+        digest = hashlib.sha256(presented.strip().encode()).digest()
+        found = None
+        for token in self._tokens:  # check them all: the time taken doesn't say which matched
+            if hmac.compare_digest(digest, token.sha256):
+                found = token
+        if found is None:
+            raise Unauthenticated("INVALID_TOKEN", "the token is not valid")
+        if scope not in found.scopes:
+            raise PermissionDenied(
+                "SCOPE_REQUIRED", f"this token lacks the {scope} scope", metadata={"scope": str(scope)}
+            )
+        return Caller(actor=found.name, request_id=request_id)
+
+
+class ErrorInterceptor(grpc.ServerInterceptor):
+    """Maps every exception a handler raises to a documented status (server/api/errors.py)."""
+
+    def intercept_service(self, continuation, handler_call_details):  # type: ignore[no-untyped-def]
+        handler = continuation(handler_call_details)
+        method = handler_call_details.method
+
+        def around(request, context, inner):  # type: ignore[no-untyped-def]
+            try:
+                return inner(request, context)
+            except Exception as exc:
+                if context.code() is not None:  # already aborted by the handler
+                    raise
+                abort_for(exc, context, method)
+
+        return _wrap_unary(handler, around)

@@ -1,0 +1,44 @@
+"""Checks on request fields that hold whatever the state (INVALID_ARGUMENT)."""
+
+from __future__ import annotations
+
+from server.api.convert import METHOD_FROM_PROTO
+from server.domain.errors import InvalidArgument
+
+MAX_USER_ID_BYTES = 256
+MAX_ACCOUNT_NAME_BYTES = 256
+MAX_IDEMPOTENCY_KEY_BYTES = 128
+MAX_LOCALE_BYTES = 35  # BCP 47's practical maximum
+MAX_REASON_BYTES = 1024
+MAX_CHALLENGE_ID_BYTES = 64
+
+
+def user_id(value: str) -> str:
+    size = len(value.encode())
+    if size == 0 or size > MAX_USER_ID_BYTES or not value.isprintable():
+        raise InvalidArgument(
+            "INVALID_USER_ID", f"user_id must be 1 to {MAX_USER_ID_BYTES} bytes of printable text"
+        )
+    return value
+
+
+def method(value: int) -> str:
+    name = METHOD_FROM_PROTO.get(value)
+    if name is None:
+        raise InvalidArgument("INVALID_METHOD", "method must be METHOD_AUTHENTICATOR, METHOD_EMAIL or METHOD_SMS")
+    return name
+
+
+def bounded(value: str, *, field: str, reason: str, max_bytes: int, required: bool = False) -> str:
+    size = len(value.encode())
+    if size > max_bytes or (required and size == 0) or (value and not value.isprintable()):
+        requirement = f"1 to {max_bytes}" if required else f"at most {max_bytes}"
+        raise InvalidArgument(reason, f"{field} must be {requirement} bytes of printable text")
+    return value
+
+
+def code(value: str) -> str:
+    # Codes are short; anything long is not a code and is refused before any work.
+    if not value or len(value) > 32:
+        raise InvalidArgument("INVALID_CODE", "code must be 6 to 10 digits or a backup code like k7m2q-x9p4w")
+    return value

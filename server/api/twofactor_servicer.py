@@ -1,0 +1,132 @@
+"""TwoFactorService: validate the request, call the domain, convert the result."""
+
+from __future__ import annotations
+
+import grpc
+from twofactor.v1 import twofactor_service_pb2 as pb
+from twofactor.v1 import twofactor_service_pb2_grpc as pb_grpc
+
+from server.api import convert, requests
+from server.api.interceptors import current_caller
+from server.domain import contacts
+from server.domain.service import TwoFactor
+from server.settings import PolicySettings
+
+
+class TwoFactorServicer(pb_grpc.TwoFactorServiceServicer):
+    def __init__(self, twofactor: TwoFactor, policy: PolicySettings) -> None:
+        self._twofactor = twofactor
+        self._policy = policy
+
+    def GetStatus(self, request: pb.GetStatusRequest, context: grpc.ServicerContext) -> pb.GetStatusResponse:
+        state = self._twofactor.get_status(requests.user_id(request.user_id))
+        return convert.status(state, self._policy)
+
+    def SetContact(self, request: pb.SetContactRequest, context: grpc.ServicerContext) -> pb.SetContactResponse:
+        state = self._twofactor.set_contact(
+            requests.user_id(request.user_id),
+            email=request.email if request.HasField("email") else None,
+            phone=request.phone if request.HasField("phone") else None,
+            caller=current_caller.get(),
+        )
+        return pb.SetContactResponse(
+            masked_email=contacts.mask_email(state.email), masked_phone=contacts.mask_phone(state.phone)
+        )
+
+    def StartEnrollment(
+        self, request: pb.StartEnrollmentRequest, context: grpc.ServicerContext
+    ) -> pb.StartEnrollmentResponse:
+        start = self._twofactor.start_enrollment(
+            requests.user_id(request.user_id),
+            requests.method(request.method),
+            account_name=requests.bounded(
+                request.account_name, field="account_name", reason="INVALID_ACCOUNT_NAME",
+                max_bytes=requests.MAX_ACCOUNT_NAME_BYTES,
+            ),
+            locale=_locale(request.locale),
+            caller=current_caller.get(),
+        )
+        response = pb.StartEnrollmentResponse(method=convert.METHOD_TO_PROTO[start.method])
+        if start.authenticator is not None:
+            setup = start.authenticator
+            response.authenticator.CopyFrom(
+                pb.AuthenticatorSetup(
+                    secret=setup.secret_base32, otpauth_uri=setup.otpauth_uri, qr_png=setup.qr_png, qr_svg=setup.qr_svg
+                )
+            )
+        if start.challenge is not None:
+            response.challenge.CopyFrom(convert.challenge(start.challenge))
+        return response
+
+    def ConfirmEnrollment(
+        self, request: pb.ConfirmEnrollmentRequest, context: grpc.ServicerContext
+    ) -> pb.ConfirmEnrollmentResponse:
+        confirmation = self._twofactor.confirm_enrollment(
+            requests.user_id(request.user_id),
+            requests.method(request.method),
+            requests.code(request.code),
+            caller=current_caller.get(),
+        )
+        return pb.ConfirmEnrollmentResponse(
+            confirmed=confirmation.confirmed,
+            enabled_methods=convert.methods(confirmation.enabled_methods),
+            backup_codes=confirmation.backup_codes,
+            attempts_left=confirmation.attempts_left,
+        )
+
+    def DisableMethod(
+        self, request: pb.DisableMethodRequest, context: grpc.ServicerContext
+    ) -> pb.DisableMethodResponse:
+        remaining = self._twofactor.disable_method(
+            requests.user_id(request.user_id), requests.method(request.method), caller=current_caller.get()
+        )
+        return pb.DisableMethodResponse(enabled_methods=convert.methods(remaining))
+
+    def SendCode(self, request: pb.SendCodeRequest, context: grpc.ServicerContext) -> pb.SendCodeResponse:
+        view = self._twofactor.send_code(
+            requests.user_id(request.user_id),
+            requests.method(request.method),
+            idempotency_key=requests.bounded(
+                request.idempotency_key, field="idempotency_key", reason="INVALID_IDEMPOTENCY_KEY",
+                max_bytes=requests.MAX_IDEMPOTENCY_KEY_BYTES,
+            ),
+            locale=_locale(request.locale),
+            caller=current_caller.get(),
+        )
+        return pb.SendCodeResponse(challenge=convert.challenge(view))
+
+    def GetChallenge(self, request: pb.GetChallengeRequest, context: grpc.ServicerContext) -> pb.GetChallengeResponse:
+        view = self._twofactor.get_challenge(
+            requests.user_id(request.user_id),
+            requests.bounded(
+                request.challenge_id, field="challenge_id", reason="INVALID_CHALLENGE_ID",
+                max_bytes=requests.MAX_CHALLENGE_ID_BYTES, required=True,
+            ),
+        )
+        return pb.GetChallengeResponse(challenge=convert.challenge(view))
+
+    def Verify(self, request: pb.VerifyRequest, context: grpc.ServicerContext) -> pb.VerifyResponse:
+        outcome = self._twofactor.verify(
+            requests.user_id(request.user_id), requests.code(request.code), caller=current_caller.get()
+        )
+        return convert.verify(outcome)
+
+    def GetBackupCodes(
+        self, request: pb.GetBackupCodesRequest, context: grpc.ServicerContext
+    ) -> pb.GetBackupCodesResponse:
+        codes = self._twofactor.get_backup_codes(requests.user_id(request.user_id))
+        return pb.GetBackupCodesResponse(codes=codes.codes, generated_at=convert.timestamp(codes.generated_at_ms))
+
+    def RegenerateBackupCodes(
+        self, request: pb.RegenerateBackupCodesRequest, context: grpc.ServicerContext
+    ) -> pb.RegenerateBackupCodesResponse:
+        codes = self._twofactor.regenerate_backup_codes(
+            requests.user_id(request.user_id), caller=current_caller.get()
+        )
+        return pb.RegenerateBackupCodesResponse(
+            codes=codes.codes, generated_at=convert.timestamp(codes.generated_at_ms)
+        )
+
+
+def _locale(value: str) -> str:
+    return requests.bounded(value, field="locale", reason="INVALID_LOCALE", max_bytes=requests.MAX_LOCALE_BYTES)

@@ -1,0 +1,169 @@
+"""The one wiring point: build every component from Settings and start the gRPC server."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import secrets
+import time
+from collections.abc import Callable
+from concurrent import futures
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+from twofactor.v1 import admin_service_pb2, admin_service_pb2_grpc, twofactor_service_pb2, twofactor_service_pb2_grpc
+
+from server.api.admin_servicer import AdminServicer
+from server.api.interceptors import CallerInterceptor, ErrorInterceptor
+from server.api.twofactor_servicer import TwoFactorServicer
+from server.domain.admin import Admin
+from server.domain.keyring import Keyring
+from server.domain.service import Dispatcher, TwoFactor
+from server.settings import Settings, SettingsError, TokenSetting
+from server.storage.database import Database, open_database
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAMES = (
+    twofactor_service_pb2.DESCRIPTOR.services_by_name["TwoFactorService"].full_name,
+    admin_service_pb2.DESCRIPTOR.services_by_name["AdminService"].full_name,
+)
+
+
+@dataclass
+class TwoFactorServer:
+    """A started-or-startable gRPC server and the resources it owns."""
+
+    grpc_server: grpc.Server
+    db: Database
+    health: health.HealthServicer
+    on_stop: list[Callable[[], None]] = field(default_factory=list)
+
+    def start(self) -> None:
+        self.grpc_server.start()
+        for name in (*SERVICE_NAMES, ""):
+            self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+
+    def stop(self, grace: float | None = None) -> None:
+        """Refuse new calls, let in-flight ones finish within `grace`, then release resources."""
+        self.health.enter_graceful_shutdown()
+        self.grpc_server.stop(grace).wait()
+        for close in self.on_stop:
+            close()
+        self.db.close()
+
+    def wait(self) -> None:
+        self.grpc_server.wait_for_termination()
+
+
+def create_server(
+    settings: Settings,
+    *,
+    clock: Callable[[], float] = time.time,
+    dispatcher: Dispatcher | None = None,
+) -> tuple[TwoFactorServer, int]:
+    """Build the server from settings and bind it; returns it unstarted with its port (0 picks one)."""
+    keyring = load_keyring(settings)
+    tokens = load_tokens(settings)
+    db = open_database(settings.database_url, data_dir=settings.data_dir, pool_size=settings.database_pool_size)
+    db.migrate()
+    on_stop: list[Callable[[], None]] = []
+    if dispatcher is None:
+        from workers.dispatch import build_dispatcher
+
+        dispatcher, close = build_dispatcher(settings, db=db, keyring=keyring, clock=clock)
+        on_stop.append(close)
+    twofactor = TwoFactor(db, keyring, settings.policy, dispatcher, clock)
+    admin = Admin(db, settings.policy, clock)
+
+    grpc_server = grpc.server(
+        futures.ThreadPoolExecutor(max_workers=settings.max_workers, thread_name_prefix="rpc"),
+        interceptors=[CallerInterceptor(tokens), ErrorInterceptor()],
+        options=[("grpc.so_reuseport", 0)],
+    )
+    twofactor_service_pb2_grpc.add_TwoFactorServiceServicer_to_server(
+        TwoFactorServicer(twofactor, settings.policy), grpc_server
+    )
+    admin_service_pb2_grpc.add_AdminServiceServicer_to_server(AdminServicer(admin, settings.policy), grpc_server)
+    health_servicer = health.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, grpc_server)
+    reflection.enable_server_reflection(
+        (*SERVICE_NAMES, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
+        grpc_server,
+    )
+    port = _bind(grpc_server, settings)
+    return TwoFactorServer(grpc_server, db, health_servicer, on_stop), port
+
+
+def _bind(grpc_server: grpc.Server, settings: Settings) -> int:
+    if settings.tls_cert_file or settings.tls_key_file:
+        if not (settings.tls_cert_file and settings.tls_key_file):
+            raise SettingsError("TWOFACTOR_TLS_CERT_FILE and TWOFACTOR_TLS_KEY_FILE go together")
+        client_ca = Path(settings.tls_client_ca_file).read_bytes() if settings.tls_client_ca_file else None
+        credentials = grpc.ssl_server_credentials(
+            [(Path(settings.tls_key_file).read_bytes(), Path(settings.tls_cert_file).read_bytes())],
+            root_certificates=client_ca,
+            require_client_auth=client_ca is not None,
+        )
+        port = grpc_server.add_secure_port(settings.listen, credentials)
+    else:
+        port = grpc_server.add_insecure_port(settings.listen)
+    if port == 0:
+        raise SettingsError(f"could not listen on {settings.listen}")
+    return port
+
+
+def load_keyring(settings: Settings) -> Keyring:
+    """The configured keys; for the embedded default only, a local development key made on first run."""
+    if settings.keys:
+        return Keyring.parse(settings.keys)
+    if not settings.embedded:
+        raise SettingsError("TWOFACTOR_KEYS is required with TWOFACTOR_DATABASE_URL (run `twofactor keygen`)")
+    dev = _dev_secrets(settings.data_dir)
+    return Keyring.parse(dev["keys"])
+
+
+def load_tokens(settings: Settings) -> tuple[TokenSetting, ...]:
+    """The configured API tokens; for the embedded default only, development tokens printed at start."""
+    if settings.tokens:
+        return settings.tokens
+    if not settings.embedded:
+        raise SettingsError("TWOFACTOR_TOKENS is required with TWOFACTOR_DATABASE_URL (run `twofactor token`)")
+    dev = _dev_secrets(settings.data_dir)
+    return tuple(
+        TokenSetting(name, frozenset({scope}), hashlib.sha256(dev[f"{scope}_token"].encode()).digest())
+        for name, scope in (("dev-app", "app"), ("dev-admin", "admin"))
+    )
+
+
+def dev_tokens(settings: Settings) -> dict[str, str]:
+    """The development tokens of the embedded default, to print at start-up."""
+    dev = _dev_secrets(settings.data_dir)
+    return {"app": dev["app_token"], "admin": dev["admin_token"]}
+
+
+def _dev_secrets(data_dir: Path) -> dict[str, str]:
+    path = data_dir / "dev-secrets.json"
+    if path.exists():
+        return dict(json.loads(path.read_text()))
+    data_dir.mkdir(parents=True, exist_ok=True)
+    values = {
+        "keys": Keyring.new_key_spec(1),
+        "app_token": "dev-app-" + secrets.token_urlsafe(24),
+        "admin_token": "dev-admin-" + secrets.token_urlsafe(24),
+    }
+    # Create with owner-only permissions before writing anything into it.
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as out:
+        json.dump(values, out)
+    log.warning(
+        "created a development key and tokens in %s: for local use only; "
+        "set TWOFACTOR_KEYS and TWOFACTOR_TOKENS in production",
+        path,
+    )
+    return values

@@ -1,0 +1,118 @@
+"""The `twofactor` command: serve, migrate, worker, demo, keygen, token."""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import logging
+import secrets
+import signal
+import sys
+import threading
+
+from server.settings import Settings, SettingsError
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="twofactor", description="Two-factor verification service")
+    commands = parser.add_subparsers(dest="command", required=True)
+    commands.add_parser("serve", help="run the gRPC server (configured by TWOFACTOR_* variables)")
+    commands.add_parser("migrate", help="apply database migrations and exit")
+    worker = commands.add_parser("worker", help="run a Celery delivery worker (needs TWOFACTOR_BROKER_URL)")
+    worker.add_argument("--concurrency", type=int, default=2)
+    worker.add_argument("--loglevel", default="INFO")
+    demo = commands.add_parser("demo", help="enroll a user in the authenticator app against a running server")
+    demo.add_argument("--target", default="localhost:50051")
+    demo.add_argument("--token", help="an app-scope token (default: the embedded default's development token)")
+    demo.add_argument("--user", default="alice")
+    commands.add_parser("keygen", help="print a new TWOFACTOR_KEYS entry")
+    token = commands.add_parser("token", help="print a new API token and its TWOFACTOR_TOKENS entry")
+    token.add_argument("name")
+    token.add_argument("scopes", help="app, admin or app+admin")
+    args = parser.parse_args(argv)
+
+    try:
+        settings = Settings.from_env()
+        logging.basicConfig(
+            level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
+        )
+        if args.command == "serve":
+            return serve(settings)
+        if args.command == "migrate":
+            from server.storage.database import open_database
+
+            db = open_database(settings.database_url, data_dir=settings.data_dir)
+            applied = db.migrate()
+            db.close()
+            print(f"applied: {', '.join(applied) or 'nothing, already up to date'}")
+            return 0
+        if args.command == "worker":
+            return run_worker(settings, args.concurrency, args.loglevel)
+        if args.command == "demo":
+            from server.demo import run_demo
+
+            return run_demo(settings, target=args.target, token=args.token, user_id=args.user)
+        if args.command == "keygen":
+            from server.domain.keyring import Keyring
+
+            print(Keyring.new_key_spec(1))
+            return 0
+        if args.command == "token":
+            value = secrets.token_urlsafe(32)
+            print(f"token: {value}")
+            print(f"TWOFACTOR_TOKENS entry: {args.name}:{args.scopes}:{hashlib.sha256(value.encode()).hexdigest()}")
+            return 0
+    except SettingsError as error:
+        print(f"twofactor: configuration error: {error}", file=sys.stderr)
+        return 2
+    return 1
+
+
+def serve(settings: Settings) -> int:
+    from server.app import create_server, dev_tokens
+    from workers.providers import ProviderConfigError
+
+    try:
+        server, port = create_server(settings)
+    except ProviderConfigError as error:
+        raise SettingsError(str(error)) from None
+    server.start()
+    host = settings.listen.rpartition(":")[0] or "0.0.0.0"  # noqa: S104 - only used in the message
+    storage = "embedded SQLite in " + str(settings.data_dir) if settings.embedded else "PostgreSQL"
+    print(f"twofactor listening on {host}:{port} ({storage})", flush=True)
+    if settings.embedded and not settings.tokens:
+        tokens = dev_tokens(settings)
+        print(f"development tokens (embedded default only):\n  app:   {tokens['app']}\n  admin: {tokens['admin']}",
+              flush=True)
+    stopping = threading.Event()
+
+    def on_signal(signum: int, _frame: object) -> None:
+        stopping.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    stopping.wait()
+    print("draining in-flight calls", flush=True)
+    server.stop(settings.grace_seconds)
+    print("stopped", flush=True)
+    return 0
+
+
+def run_worker(settings: Settings, concurrency: int, loglevel: str) -> int:
+    if not settings.broker_url:
+        raise SettingsError("TWOFACTOR_BROKER_URL is required to run a worker")
+    from workers.celery_app import app
+    from workers.providers import ProviderConfigError, build_email_sender, build_sms_sender
+
+    try:  # refuse to start with a provider that can't load
+        build_email_sender(settings)
+        build_sms_sender(settings)
+    except ProviderConfigError as error:
+        raise SettingsError(str(error)) from None
+    app.worker_main(["worker", f"--concurrency={concurrency}", f"--loglevel={loglevel}", "--without-gossip",
+                     "--without-mingle", "--without-heartbeat"])
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,111 @@
+"""The use cases of AdminService: look up, unlock and reset users, read the audit log."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import time
+from collections.abc import Callable
+
+from server.domain.errors import FailedPrecondition, InvalidArgument, NotFound
+from server.domain.models import Caller, UserState
+from server.domain.service import user_state
+from server.settings import PolicySettings
+from server.storage import store
+from server.storage.database import Database, Row, Transaction
+
+DEFAULT_PAGE_SIZE = 100
+MAX_PAGE_SIZE = 1000
+
+
+class Admin:
+    def __init__(self, db: Database, policy: PolicySettings, clock: Callable[[], float] = time.time) -> None:
+        self._db = db
+        self._policy = policy
+        self._clock = clock
+
+    def get_user(self, user_id: str) -> UserState:
+        with self._db.transaction() as tx:
+            return self._state(tx, self._user(tx, user_id))
+
+    def list_users(self, *, page_size: int, page_token: str, enabled: bool | None) -> tuple[list[UserState], str]:
+        limit = _page_size(page_size)
+        after = _decode_token(page_token, "u") if page_token else ""
+        with self._db.transaction() as tx:
+            rows = store.list_users(tx, after=str(after), limit=limit + 1, enabled=enabled)
+            page = rows[:limit]
+            methods = store.methods_of_users(tx, [r["user_id"] for r in page])
+            now = self._now_ms()
+            users = [
+                user_state(r, methods[r["user_id"]], store.count_unused_backup_codes(tx, r["user_id"]),
+                           self._policy, now)
+                for r in page
+            ]
+        next_token = _encode_token("u", page[-1]["user_id"]) if len(rows) > limit else ""
+        return users, next_token
+
+    def reset_user(self, user_id: str, *, reason: str, caller: Caller) -> UserState:
+        if not self._policy.allow_admin_reset:
+            raise FailedPrecondition("ADMIN_RESET_DISABLED", "the policy does not allow admin resets")
+        with self._db.transaction() as tx:
+            self._user(tx, user_id, lock=True)
+            store.reset_user(tx, user_id)
+            self._audit(tx, caller, user_id, "user_reset", reason)
+            return self._state(tx, self._user(tx, user_id))
+
+    def unlock_user(self, user_id: str, *, caller: Caller) -> UserState:
+        with self._db.transaction() as tx:
+            self._user(tx, user_id, lock=True)
+            store.unlock(tx, user_id)
+            self._audit(tx, caller, user_id, "user_unlocked", "")
+            return self._state(tx, self._user(tx, user_id))
+
+    def list_audit_events(self, *, user_id: str, page_size: int, page_token: str) -> tuple[list[Row], str]:
+        limit = _page_size(page_size)
+        before = int(_decode_token(page_token, "e")) if page_token else None
+        with self._db.transaction() as tx:
+            rows = store.list_audit_events(tx, user_id=user_id, before_id=before, limit=limit + 1)
+        page = rows[:limit]
+        next_token = _encode_token("e", str(page[-1]["event_id"])) if len(rows) > limit else ""
+        return page, next_token
+
+    def _user(self, tx: Transaction, user_id: str, *, lock: bool = False) -> Row:
+        suffix = " FOR UPDATE" if lock and self._db.dialect == "postgres" else ""
+        user = tx.one(f"SELECT * FROM users WHERE user_id = %(u)s{suffix}", {"u": user_id})  # noqa: S608
+        if user is None:
+            raise NotFound("USER_NOT_FOUND", "no such user", metadata={"user_id": user_id})
+        return user
+
+    def _state(self, tx: Transaction, user: Row) -> UserState:
+        user_id = user["user_id"]
+        return user_state(user, store.methods_of(tx, user_id), store.count_unused_backup_codes(tx, user_id),
+                          self._policy, self._now_ms())
+
+    def _audit(self, tx: Transaction, caller: Caller, user_id: str, action: str, detail: str) -> None:
+        store.add_audit_event(
+            tx, at=self._now_ms(), actor=caller.actor, user_id=user_id, action=action,
+            request_id=caller.request_id, outcome="success", detail=detail,
+        )
+
+    def _now_ms(self) -> int:
+        return int(self._clock() * 1000)
+
+
+def _page_size(requested: int) -> int:
+    if requested < 0 or requested > MAX_PAGE_SIZE:
+        raise InvalidArgument("INVALID_PAGE_SIZE", f"page_size must be between 0 and {MAX_PAGE_SIZE}")
+    return requested or DEFAULT_PAGE_SIZE
+
+
+def _encode_token(kind: str, position: str) -> str:
+    return base64.urlsafe_b64encode(f"{kind}:{position}".encode()).decode()
+
+
+def _decode_token(token: str, kind: str) -> str:
+    try:
+        found_kind, _, position = base64.urlsafe_b64decode(token.encode()).decode().partition(":")
+    except (binascii.Error, UnicodeDecodeError, ValueError):
+        found_kind, position = "", ""
+    if found_kind != kind or (kind == "e" and not position.isdigit()):
+        raise InvalidArgument("INVALID_PAGE_TOKEN", "page_token is not one this list returned")
+    return position

@@ -1,0 +1,105 @@
+"""What the use cases return: plain values the API layer converts to protobuf."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import Enum
+
+
+@dataclass(frozen=True)
+class Caller:
+    """Who is calling, for the audit log."""
+
+    actor: str = "system"
+    request_id: str = ""
+
+
+class VerifyResult(Enum):
+    ACCEPTED = "accepted"
+    REJECTED = "rejected"
+    LOCKED = "locked"
+
+
+class CodeKind(Enum):
+    AUTHENTICATOR = "authenticator"
+    EMAIL = "email"
+    SMS = "sms"
+    BACKUP_CODE = "backup_code"
+
+
+@dataclass(frozen=True)
+class Lock:
+    until_ms: int | None  # None with permanent=True: until an admin unlocks
+    permanent: bool = False
+
+
+@dataclass(frozen=True)
+class UserState:
+    user_id: str
+    enabled_methods: tuple[str, ...]
+    pending_methods: tuple[str, ...]
+    email: str
+    phone: str
+    backup_codes_remaining: int
+    failed_attempts: int
+    lock: Lock | None
+    created_at_ms: int
+    last_verified_at_ms: int | None
+
+
+@dataclass(frozen=True)
+class AuthenticatorSetup:
+    secret_base32: str
+    otpauth_uri: str
+    qr_png: bytes
+    qr_svg: str
+
+
+@dataclass(frozen=True)
+class ChallengeView:
+    challenge_id: str
+    method: str
+    destination: str
+    expires_at_ms: int
+    resend_after_ms: int
+    delivery_status: str
+    provider_message_id: str
+    failure_reason: str
+    delivery_attempts: int
+
+
+@dataclass(frozen=True)
+class EnrollmentStart:
+    method: str
+    authenticator: AuthenticatorSetup | None = None
+    challenge: ChallengeView | None = None
+
+
+@dataclass(frozen=True)
+class Confirmation:
+    confirmed: bool
+    enabled_methods: tuple[str, ...]
+    backup_codes: tuple[str, ...] = ()
+    attempts_left: int = 0
+
+
+@dataclass(frozen=True)
+class VerifyOutcome:
+    result: VerifyResult
+    matched: CodeKind | None
+    attempts_left: int
+    backup_codes_remaining: int
+    lock: Lock | None = None
+    now_ms: int = 0
+
+
+@dataclass(frozen=True)
+class BackupCodeSet:
+    codes: tuple[str, ...]
+    generated_at_ms: int | None
+
+
+@dataclass(frozen=True)
+class Page:
+    items: list = field(default_factory=list)  # type: ignore[type-arg]
+    next_page_token: str = ""

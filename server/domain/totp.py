@@ -1,0 +1,55 @@
+"""RFC 6238 time-based one-time passwords, as Google Authenticator reads them:
+HMAC-SHA1, 6 digits, 30-second steps, a base32 secret without padding."""
+
+from __future__ import annotations
+
+import base64
+import hmac
+import secrets
+
+import pyotp
+
+SECRET_BYTES = 20  # 160 bits, RFC 4226 §4's recommendation
+STEP_SECONDS = 30
+DIGITS = 6
+ACCEPTED_DRIFT_STEPS = 1  # the current step, one before and one after
+
+
+def new_secret() -> bytes:
+    return secrets.token_bytes(SECRET_BYTES)
+
+
+def to_base32(secret: bytes) -> str:
+    return base64.b32encode(secret).decode().rstrip("=")
+
+
+def time_step(unix_time: float) -> int:
+    return int(unix_time // STEP_SECONDS)
+
+
+def code_at_step(secret: bytes, step: int, digits: int = DIGITS) -> str:
+    _refuse_weak(secret)
+    return pyotp.HOTP(to_base32(secret), digits=digits).at(step)
+
+
+def matching_step(secret: bytes, code: str, unix_time: float) -> int | None:
+    """The time step whose code equals `code`, within the accepted drift, or None."""
+    now = time_step(unix_time)
+    found = None
+    # Compare every candidate in constant time; no early exit on the first match.
+    for step in range(max(now - ACCEPTED_DRIFT_STEPS, 0), now + ACCEPTED_DRIFT_STEPS + 1):
+        if hmac.compare_digest(code_at_step(secret, step).encode(), code.encode()):
+            found = step
+    return found
+
+
+def provisioning_uri(secret: bytes, *, account_name: str, issuer: str) -> str:
+    """otpauth://totp/Issuer:account?secret=...&issuer=Issuer (Key Uri Format)."""
+    return pyotp.TOTP(to_base32(secret), digits=DIGITS, interval=STEP_SECONDS).provisioning_uri(
+        name=account_name, issuer_name=issuer
+    )
+
+
+def _refuse_weak(secret: bytes) -> None:
+    if len(secret) < SECRET_BYTES:
+        raise ValueError(f"TOTP secrets must be at least {SECRET_BYTES * 8} bits")

@@ -1,0 +1,200 @@
+"""Connections and transactions for the two backends, and schema migrations.
+
+SQL is written once, with psycopg's named placeholders `%(name)s`; the SQLite
+backend rewrites them to `:name`. Rows come back as dicts.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import sqlite3
+import threading
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from functools import lru_cache
+from importlib import resources
+from pathlib import Path
+from typing import Any, Protocol
+
+import psycopg
+from psycopg.rows import dict_row
+from psycopg_pool import ConnectionPool
+
+log = logging.getLogger(__name__)
+
+Row = dict[str, Any]
+Params = Mapping[str, Any]
+_MIGRATION_LOCK_ID = 0x2FAC7  # pg_advisory_lock key shared by every twofactor server
+
+
+class Transaction(Protocol):
+    def execute(self, sql: str, params: Params | None = None) -> int:
+        """Run a statement; return the number of rows it touched."""
+
+    def one(self, sql: str, params: Params | None = None) -> Row | None: ...
+
+    def all(self, sql: str, params: Params | None = None) -> list[Row]: ...
+
+
+class Database(Protocol):
+    dialect: str  # "postgres" | "sqlite"
+
+    def transaction(self) -> Any:
+        """A context manager yielding a Transaction; commits on success, rolls back on error."""
+
+    def migrate(self) -> list[str]: ...
+
+    def close(self) -> None: ...
+
+
+class PostgresDatabase:
+    dialect = "postgres"
+
+    def __init__(self, url: str, *, pool_size: int = 10, timeout: float = 5.0) -> None:
+        self._pool = ConnectionPool(
+            url,
+            min_size=1,
+            max_size=pool_size,
+            kwargs={"row_factory": dict_row},
+            timeout=timeout,
+            open=True,
+            name="twofactor",
+        )
+
+    @contextmanager
+    def transaction(self) -> Iterator[_PostgresTransaction]:
+        with self._pool.connection() as conn:  # commits on clean exit, rolls back on error
+            yield _PostgresTransaction(conn)
+
+    def migrate(self) -> list[str]:
+        with self._pool.connection() as conn:
+            conn.autocommit = True
+            # Two servers starting at once: the second waits, then finds nothing to do.
+            conn.execute("SELECT pg_advisory_lock(%s)", (_MIGRATION_LOCK_ID,))
+            try:
+                with conn.transaction():
+                    return _apply_migrations(_PostgresTransaction(conn), self.dialect)
+            finally:
+                conn.execute("SELECT pg_advisory_unlock(%s)", (_MIGRATION_LOCK_ID,))
+                conn.autocommit = False
+
+    def close(self) -> None:
+        self._pool.close()
+
+
+class _PostgresTransaction:
+    def __init__(self, conn: psycopg.Connection[Row]) -> None:
+        self._conn = conn
+
+    def execute(self, sql: str, params: Params | None = None) -> int:
+        return self._conn.execute(sql, params).rowcount
+
+    def one(self, sql: str, params: Params | None = None) -> Row | None:
+        return self._conn.execute(sql, params).fetchone()
+
+    def all(self, sql: str, params: Params | None = None) -> list[Row]:
+        return self._conn.execute(sql, params).fetchall()
+
+
+class SqliteDatabase:
+    """The embedded default: one connection, one transaction at a time."""
+
+    dialect = "sqlite"
+
+    def __init__(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._conn = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+        self._conn.row_factory = _dict_factory
+        self._conn.execute("PRAGMA journal_mode=WAL")
+        self._conn.execute("PRAGMA foreign_keys=ON")
+        self._conn.execute("PRAGMA busy_timeout=5000")
+        self._lock = threading.Lock()
+
+    @contextmanager
+    def transaction(self) -> Iterator[_SqliteTransaction]:
+        with self._lock:
+            # IMMEDIATE takes the write lock up front, so a read-then-write can't interleave.
+            self._conn.execute("BEGIN IMMEDIATE")
+            try:
+                yield _SqliteTransaction(self._conn)
+            except BaseException:
+                self._conn.execute("ROLLBACK")
+                raise
+            self._conn.execute("COMMIT")
+
+    def migrate(self) -> list[str]:
+        with self.transaction() as tx:
+            return _apply_migrations(tx, self.dialect)
+
+    def close(self) -> None:
+        with self._lock:
+            self._conn.close()
+
+
+class _SqliteTransaction:
+    def __init__(self, conn: sqlite3.Connection) -> None:
+        self._conn = conn
+
+    def execute(self, sql: str, params: Params | None = None) -> int:
+        return self._conn.execute(_to_sqlite(sql), params or {}).rowcount
+
+    def one(self, sql: str, params: Params | None = None) -> Row | None:
+        row: Row | None = self._conn.execute(_to_sqlite(sql), params or {}).fetchone()
+        return row
+
+    def all(self, sql: str, params: Params | None = None) -> list[Row]:
+        return self._conn.execute(_to_sqlite(sql), params or {}).fetchall()
+
+
+def open_database(url: str, *, data_dir: Path, pool_size: int = 10) -> Database:
+    """PostgreSQL for a postgres:// URL; the SQLite file under data_dir when url is empty."""
+    if not url:
+        return SqliteDatabase(data_dir / "twofactor.sqlite3")
+    if url.startswith(("postgres://", "postgresql://")):
+        return PostgresDatabase(url, pool_size=pool_size)
+    raise ValueError("TWOFACTOR_DATABASE_URL must be a postgresql:// URL (or empty for the embedded SQLite)")
+
+
+_DIALECT_TYPES = {
+    "postgres": {"BLOB": "BYTEA", "SERIAL_PK": "BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY"},
+    "sqlite": {"BLOB": "BLOB", "SERIAL_PK": "INTEGER PRIMARY KEY AUTOINCREMENT"},
+}
+
+
+def migrations() -> list[tuple[str, str]]:
+    folder = resources.files("server.storage") / "migrations"
+    files = sorted(f for f in folder.iterdir() if f.name.endswith(".sql"))
+    return [(f.name.removesuffix(".sql"), f.read_text()) for f in files]
+
+
+def _apply_migrations(tx: Transaction, dialect: str) -> list[str]:
+    tx.execute("CREATE TABLE IF NOT EXISTS schema_migrations (version TEXT PRIMARY KEY, applied_at BIGINT)")
+    done = {row["version"] for row in tx.all("SELECT version FROM schema_migrations")}
+    applied = []
+    for version, text in migrations():
+        if version in done:
+            continue
+        sql = text.format(**_DIALECT_TYPES[dialect])
+        for statement in _statements(sql):
+            tx.execute(statement)
+        tx.execute(
+            "INSERT INTO schema_migrations (version, applied_at) VALUES (%(v)s, 0)", {"v": version}
+        )
+        applied.append(version)
+        log.info("applied migration %s", version)
+    return applied
+
+
+def _statements(sql: str) -> list[str]:
+    without_comments = re.sub(r"--[^\n]*", "", sql)
+    return [s.strip() for s in without_comments.split(";") if s.strip()]
+
+
+@lru_cache(maxsize=512)
+def _to_sqlite(sql: str) -> str:
+    return re.sub(r"%\((\w+)\)s", r":\1", sql)
+
+
+def _dict_factory(cursor: sqlite3.Cursor, row: tuple[Any, ...]) -> Row:
+    return {col[0]: value for col, value in zip(cursor.description, row, strict=True)}

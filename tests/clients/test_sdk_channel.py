@@ -1,0 +1,650 @@
+"""What the SDK puts on the wire: metadata, deadlines, retry policy, TLS.
+
+These run against a real gRPC server on port 0 that serves every
+twofactor.v1 method generically and records each attempt it receives, so the
+tests can count attempts, which the real service can't show. The behaviour of
+the service itself is tested through the SDK in test_sdk_against_server.py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime
+import threading
+import uuid
+from collections.abc import Callable, Iterator
+from concurrent import futures
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+import twofactor
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+from google.protobuf import any_pb2, duration_pb2, message_factory
+from google.protobuf.message import Message
+from google.rpc import error_details_pb2, status_pb2
+from grpc_status import rpc_status
+from twofactor import _channel
+from twofactor.v1 import admin_service_pb2, twofactor_service_pb2
+
+TOKEN = "tf_test_token_0123456789"
+SERVICES = {
+    "twofactor.v1.TwoFactorService": twofactor_service_pb2.DESCRIPTOR.services_by_name["TwoFactorService"],
+    "twofactor.v1.AdminService": admin_service_pb2.DESCRIPTOR.services_by_name["AdminService"],
+}
+WAIT = 10.0  # the bound on every wait in this module, in seconds
+
+
+@dataclass
+class Attempt:
+    method: str
+    metadata: dict[str, str]
+    time_remaining: float | None
+
+
+# What a method does on an attempt: None answers an empty response; a
+# grpc.Status aborts with it.
+Behaviour = Callable[[int], grpc.Status | None]
+
+
+def unavailable(attempt: int) -> grpc.Status | None:
+    return _plain_status(grpc.StatusCode.UNAVAILABLE, "try again")
+
+
+class _PlainStatus(grpc.Status):
+    def __init__(self, code: grpc.StatusCode, details: str) -> None:
+        self.code = code
+        self.details = details
+        self.trailing_metadata = ()
+
+
+def _plain_status(code: grpc.StatusCode, details: str) -> grpc.Status:
+    return _PlainStatus(code, details)
+
+
+@dataclass
+class Recorder(grpc.GenericRpcHandler):
+    """Serves any twofactor.v1 method: records the attempt, then behaves as told."""
+
+    behaviours: dict[str, Behaviour] = field(default_factory=dict)
+    attempts: list[Attempt] = field(default_factory=list)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def service(self, handler_call_details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler | None:
+        service_name, _, method_name = handler_call_details.method.lstrip("/").partition("/")
+        if service_name not in SERVICES:
+            return None
+        method = SERVICES[service_name].methods_by_name[method_name]
+        request_class = message_factory.GetMessageClass(method.input_type)
+        response_class = message_factory.GetMessageClass(method.output_type)
+
+        def handle(request: Message, context: grpc.ServicerContext) -> Message:
+            with self.lock:
+                self.attempts.append(
+                    Attempt(
+                        method_name,
+                        {key: str(value) for key, value in context.invocation_metadata()},
+                        context.time_remaining(),
+                    )
+                )
+                number = sum(1 for a in self.attempts if a.method == method_name)
+            behaviour = self.behaviours.get(method_name)
+            status = behaviour(number) if behaviour else None
+            if status is not None:
+                context.abort_with_status(status)
+            return response_class()
+
+        return grpc.unary_unary_rpc_method_handler(
+            handle,
+            request_deserializer=request_class.FromString,
+            response_serializer=lambda message: message.SerializeToString(),
+        )
+
+    def of(self, method: str) -> list[Attempt]:
+        with self.lock:
+            return [a for a in self.attempts if a.method == method]
+
+
+def start_server(
+    recorder: Recorder, port: int = 0, credentials: grpc.ServerCredentials | None = None
+) -> tuple[grpc.Server, int]:
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=4), handlers=[recorder])
+    address = f"127.0.0.1:{port}"
+    bound = (
+        server.add_insecure_port(address)
+        if credentials is None
+        else server.add_secure_port(address, credentials)
+    )
+    server.start()
+    return server, bound
+
+
+@pytest.fixture
+def recorder() -> Recorder:
+    return Recorder()
+
+
+@pytest.fixture
+def target(recorder: Recorder) -> Iterator[str]:
+    server, port = start_server(recorder)
+    yield f"127.0.0.1:{port}"
+    server.stop(None)
+
+
+FAST_RETRY = twofactor.RetryPolicy(max_attempts=5, initial_backoff=0.01, max_backoff=0.05)
+
+# Every RPC with the keyword arguments that make a valid call.
+TWOFACTOR_CALLS: dict[str, tuple[str, dict[str, Any]]] = {
+    "GetStatus": ("get_status", {"user_id": "alice"}),
+    "SetContact": ("set_contact", {"user_id": "alice", "email": "alice@example.com"}),
+    "StartEnrollment": ("start_enrollment", {"user_id": "alice", "method": twofactor.Method.METHOD_EMAIL}),
+    "ConfirmEnrollment": (
+        "confirm_enrollment",
+        {"user_id": "alice", "method": twofactor.Method.METHOD_EMAIL, "code": "123456"},
+    ),
+    "DisableMethod": ("disable_method", {"user_id": "alice", "method": twofactor.Method.METHOD_SMS}),
+    "SendCode": ("send_code", {"user_id": "alice", "method": twofactor.Method.METHOD_EMAIL}),
+    "GetChallenge": ("get_challenge", {"user_id": "alice", "challenge_id": "c1"}),
+    "Verify": ("verify", {"user_id": "alice", "code": "123456"}),
+    "GetBackupCodes": ("get_backup_codes", {"user_id": "alice"}),
+    "RegenerateBackupCodes": ("regenerate_backup_codes", {"user_id": "alice"}),
+}
+ADMIN_CALLS: dict[str, tuple[str, dict[str, Any]]] = {
+    "GetUser": ("get_user", {"user_id": "alice"}),
+    "ListUsers": ("list_users", {}),
+    "ResetUser": ("reset_user", {"user_id": "alice", "reason": "lost phone"}),
+    "UnlockUser": ("unlock_user", {"user_id": "alice"}),
+    "GetPolicy": ("get_policy", {}),
+    "ListAuditEvents": ("list_audit_events", {}),
+}
+RETRIED = {
+    "GetStatus",
+    "GetChallenge",
+    "GetBackupCodes",
+    "SetContact",
+    "DisableMethod",
+    "GetUser",
+    "ListUsers",
+    "GetPolicy",
+    "ListAuditEvents",
+    "ResetUser",
+    "UnlockUser",
+}
+ALL_CALLS = [(rpc, False, *call) for rpc, call in TWOFACTOR_CALLS.items()] + [
+    (rpc, True, *call) for rpc, call in ADMIN_CALLS.items()
+]
+
+
+def client_for(admin: bool, target: str, **options: Any) -> twofactor.TwoFactorClient | twofactor.AdminClient:
+    cls = twofactor.AdminClient if admin else twofactor.TwoFactorClient
+    return cls(target, token=TOKEN, **options)
+
+
+def assert_deadline(attempt: Attempt, seconds: float) -> None:
+    """The server saw a deadline of about `seconds` (gRPC rounds the header up a little)."""
+    assert attempt.time_remaining is not None
+    assert seconds - 2 < attempt.time_remaining <= seconds + 0.1
+
+
+def test_the_retried_set_is_what_the_sdk_documents() -> None:
+    assert {m for methods in _channel.RETRIED_METHODS.values() for m in methods} == RETRIED
+
+
+@pytest.mark.parametrize(("rpc", "admin", "method", "kwargs"), ALL_CALLS)
+def test_every_call_sends_token_request_id_and_default_deadline(
+    recorder: Recorder, target: str, rpc: str, admin: bool, method: str, kwargs: dict[str, Any]
+) -> None:
+    with client_for(admin, target) as client:
+        getattr(client, method)(**kwargs)
+        getattr(client, method)(**kwargs, request_id="caller-chosen-id", timeout=30)
+
+    first, second = recorder.of(rpc)
+    assert first.metadata["authorization"] == f"Bearer {TOKEN}"
+    assert uuid.UUID(first.metadata["x-request-id"]).version == 4
+    assert_deadline(first, twofactor.DEFAULT_TIMEOUT)
+    assert second.metadata["x-request-id"] == "caller-chosen-id"
+    assert_deadline(second, 30)
+
+
+def test_request_ids_differ_between_calls(recorder: Recorder, target: str) -> None:
+    with twofactor.TwoFactorClient(target, token=TOKEN) as client:
+        for _ in range(3):
+            client.get_status(user_id="alice")
+
+    assert len({a.metadata["x-request-id"] for a in recorder.of("GetStatus")}) == 3
+
+
+def test_client_timeout_sets_the_default_deadline(recorder: Recorder, target: str) -> None:
+    with twofactor.TwoFactorClient(target, token=TOKEN, timeout=60) as client:
+        client.get_status(user_id="alice")
+
+    (attempt,) = recorder.of("GetStatus")
+    assert_deadline(attempt, 60)
+
+
+@pytest.mark.parametrize(("rpc", "admin", "method", "kwargs"), ALL_CALLS)
+def test_safe_calls_are_retried_on_unavailable_and_unsafe_ones_are_not(
+    recorder: Recorder, target: str, rpc: str, admin: bool, method: str, kwargs: dict[str, Any]
+) -> None:
+    recorder.behaviours[rpc] = lambda n: unavailable(n) if n <= 2 else None
+
+    with client_for(admin, target, retry=FAST_RETRY) as client:
+        if rpc in RETRIED:
+            getattr(client, method)(**kwargs)
+        else:
+            with pytest.raises(twofactor.Unavailable):
+                getattr(client, method)(**kwargs)
+
+    attempts = recorder.of(rpc)
+    assert len(attempts) == (3 if rpc in RETRIED else 1)
+    # Every attempt of one call carries the call's request id.
+    assert len({a.metadata["x-request-id"] for a in attempts}) == 1
+
+
+def test_retries_stop_after_max_attempts(recorder: Recorder, target: str) -> None:
+    recorder.behaviours["GetStatus"] = unavailable
+    policy = twofactor.RetryPolicy(max_attempts=3, initial_backoff=0.01, max_backoff=0.01)
+
+    with (
+        twofactor.TwoFactorClient(target, token=TOKEN, retry=policy) as client,
+        pytest.raises(twofactor.Unavailable),
+    ):
+        client.get_status(user_id="alice")
+
+    assert len(recorder.of("GetStatus")) == 3
+
+
+def test_no_retry_policy_means_one_attempt(recorder: Recorder, target: str) -> None:
+    recorder.behaviours["GetStatus"] = unavailable
+
+    with (
+        twofactor.TwoFactorClient(target, token=TOKEN, retry=None) as client,
+        pytest.raises(twofactor.Unavailable),
+    ):
+        client.get_status(user_id="alice")
+
+    assert len(recorder.of("GetStatus")) == 1
+
+
+def test_other_codes_are_not_retried(recorder: Recorder, target: str) -> None:
+    recorder.behaviours["GetStatus"] = lambda n: _plain_status(grpc.StatusCode.INTERNAL, "bug")
+
+    with (
+        twofactor.TwoFactorClient(target, token=TOKEN, retry=FAST_RETRY) as client,
+        pytest.raises(twofactor.TwoFactorError) as raised,
+    ):
+        client.get_status(user_id="alice")
+
+    assert type(raised.value) is twofactor.TwoFactorError
+    assert raised.value.code is grpc.StatusCode.INTERNAL
+    assert len(recorder.of("GetStatus")) == 1
+
+
+def rate_limited(attempt: int) -> grpc.Status:
+    info, retry = any_pb2.Any(), any_pb2.Any()
+    info.Pack(error_details_pb2.ErrorInfo(reason="RESEND_TOO_SOON", domain="twofactor.v1"))
+    retry.Pack(error_details_pb2.RetryInfo(retry_delay=duration_pb2.Duration(seconds=17)))
+    status = status_pb2.Status(code=8, message="wait", details=[info, retry])
+    return rpc_status.to_status(status)
+
+
+def test_rich_error_reaches_the_caller(recorder: Recorder, target: str) -> None:
+    recorder.behaviours["SendCode"] = rate_limited
+
+    with (
+        twofactor.TwoFactorClient(target, token=TOKEN) as client,
+        pytest.raises(twofactor.RateLimited) as raised,
+    ):
+        client.send_code(user_id="alice", method=twofactor.Method.METHOD_EMAIL, request_id="r-1")
+
+    error = raised.value
+    assert (error.code, error.message, error.reason) == (
+        grpc.StatusCode.RESOURCE_EXHAUSTED,
+        "wait",
+        "RESEND_TOO_SOON",
+    )
+    assert error.retry_after == datetime.timedelta(seconds=17)
+    assert error.request_id == "r-1"
+    assert isinstance(error.__cause__, grpc.RpcError)
+
+
+def test_deadline_exceeded(recorder: Recorder, target: str) -> None:
+    release = threading.Event()
+
+    def block(attempt: int) -> None:
+        release.wait(WAIT)
+
+    recorder.behaviours["Verify"] = block
+    try:
+        with (
+            twofactor.TwoFactorClient(target, token=TOKEN) as client,
+            pytest.raises(twofactor.DeadlineExceeded) as raised,
+        ):
+            client.verify(user_id="alice", code="123456", timeout=0.2)
+    finally:
+        release.set()
+
+    assert raised.value.code is grpc.StatusCode.DEADLINE_EXCEEDED
+
+
+def test_closed_client_refuses_calls(target: str) -> None:
+    with twofactor.TwoFactorClient(target, token=TOKEN) as client:
+        client.get_status(user_id="alice")
+
+    with pytest.raises(ValueError, match="closed channel"):
+        client.get_status(user_id="alice")
+
+
+def test_iterators_follow_page_tokens(recorder: Recorder) -> None:
+    """iter_users / iter_audit_events request pages until next_page_token is empty."""
+    pages = {"": ("a", "next-1"), "next-1": ("b", "next-2"), "next-2": ("c", "")}
+
+    class Paging(grpc.GenericRpcHandler):
+        def service(self, details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler | None:
+            if details.method.endswith("/ListUsers"):
+
+                def list_users(
+                    request: admin_service_pb2.ListUsersRequest, context: grpc.ServicerContext
+                ) -> admin_service_pb2.ListUsersResponse:
+                    assert request.page_size == 2
+                    assert request.filter == twofactor.UserFilter.USER_FILTER_ENABLED
+                    user_id, token = pages[request.page_token]
+                    return admin_service_pb2.ListUsersResponse(
+                        users=[admin_service_pb2.User(user_id=user_id)], next_page_token=token
+                    )
+
+                return grpc.unary_unary_rpc_method_handler(
+                    list_users,
+                    request_deserializer=admin_service_pb2.ListUsersRequest.FromString,
+                    response_serializer=admin_service_pb2.ListUsersResponse.SerializeToString,
+                )
+            if details.method.endswith("/ListAuditEvents"):
+
+                def list_events(
+                    request: admin_service_pb2.ListAuditEventsRequest, context: grpc.ServicerContext
+                ) -> admin_service_pb2.ListAuditEventsResponse:
+                    assert request.user_id == "alice"
+                    user_id, token = pages[request.page_token]
+                    return admin_service_pb2.ListAuditEventsResponse(
+                        events=[admin_service_pb2.AuditEvent(action=user_id)], next_page_token=token
+                    )
+
+                return grpc.unary_unary_rpc_method_handler(
+                    list_events,
+                    request_deserializer=admin_service_pb2.ListAuditEventsRequest.FromString,
+                    response_serializer=admin_service_pb2.ListAuditEventsResponse.SerializeToString,
+                )
+            return None
+
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=2), handlers=[Paging()])
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    try:
+        with twofactor.AdminClient(f"127.0.0.1:{port}", token=TOKEN) as admin:
+            users = [
+                u.user_id
+                for u in admin.iter_users(page_size=2, filter=twofactor.UserFilter.USER_FILTER_ENABLED)
+            ]
+            events = [e.action for e in admin.iter_audit_events(user_id="alice")]
+
+        async def collect() -> tuple[list[str], list[str]]:
+            async with twofactor.AsyncAdminClient(f"127.0.0.1:{port}", token=TOKEN) as aadmin:
+                users = [
+                    u.user_id
+                    async for u in aadmin.iter_users(
+                        page_size=2, filter=twofactor.UserFilter.USER_FILTER_ENABLED
+                    )
+                ]
+                events = [e.action async for e in aadmin.iter_audit_events(user_id="alice")]
+                return users, events
+
+        async_users, async_events = asyncio.run(collect())
+    finally:
+        server.stop(None)
+
+    assert users == events == async_users == async_events == ["a", "b", "c"]
+
+
+@pytest.mark.parametrize("retried", [True, False])
+def test_retry_carries_a_call_across_a_server_restart(retried: bool) -> None:
+    """The first attempt finds no server; a new server on the same port answers a retry.
+
+    Without a retry policy the same call fails, which shows the first attempt did fail.
+    """
+    first, second = Recorder(), Recorder()
+    server, port = start_server(first)
+    servers = [server]
+    # Slow retries (gRPC's backoff is random in [0, cap]) against a fast
+    # reconnect, so some attempt lands after the new server is up.
+    policy = twofactor.RetryPolicy(max_attempts=5, initial_backoff=2, max_backoff=10, backoff_multiplier=2)
+    reconnect = [("grpc.initial_reconnect_backoff_ms", 100), ("grpc.max_reconnect_backoff_ms", 200)]
+    failed = threading.Event()
+
+    def watch(state: grpc.ChannelConnectivity) -> None:
+        if state is grpc.ChannelConnectivity.TRANSIENT_FAILURE:
+            failed.set()
+
+    def restart() -> None:
+        # Start the new server only once the client has failed to connect.
+        if failed.wait(WAIT):
+            servers.append(start_server(second, port)[0])
+
+    restarter = threading.Thread(target=restart)
+    with twofactor.TwoFactorClient(
+        f"127.0.0.1:{port}", token=TOKEN, retry=policy if retried else None, options=reconnect
+    ) as client:
+        client.get_status(user_id="alice")  # connected
+        server.stop(None).wait(WAIT)
+        client.channel.subscribe(watch)
+        restarter.start()
+        try:
+            if retried:
+                client.get_status(user_id="bob", timeout=40)
+            else:
+                with pytest.raises(twofactor.Unavailable):
+                    client.get_status(user_id="bob", timeout=40)
+        finally:
+            restarter.join(WAIT)
+            client.channel.unsubscribe(watch)
+            for s in servers:
+                s.stop(None)
+
+    assert failed.is_set()
+    assert len(servers) == 2
+    assert len(first.of("GetStatus")) == 1
+    assert len(second.of("GetStatus")) == (1 if retried else 0)
+
+
+# --- the async client -------------------------------------------------------------
+
+
+def test_async_client_sends_metadata_retries_and_raises(recorder: Recorder, target: str) -> None:
+    recorder.behaviours["GetStatus"] = lambda n: unavailable(n) if n == 1 else None
+    recorder.behaviours["SendCode"] = rate_limited
+
+    async def scenario() -> twofactor.RateLimited:
+        async with twofactor.AsyncTwoFactorClient(target, token=TOKEN, retry=FAST_RETRY) as client:
+            await client.get_status(user_id="alice", request_id="async-1")
+            await client.verify(user_id="alice", code="123456", timeout=30)
+            with pytest.raises(twofactor.RateLimited) as raised:
+                await client.send_code(user_id="alice", method=twofactor.Method.METHOD_SMS)
+            return raised.value
+
+    error = asyncio.run(scenario())
+
+    status_attempts = recorder.of("GetStatus")
+    assert len(status_attempts) == 2
+    assert {a.metadata["x-request-id"] for a in status_attempts} == {"async-1"}
+    assert all(a.metadata["authorization"] == f"Bearer {TOKEN}" for a in recorder.attempts)
+    (verify,) = recorder.of("Verify")
+    assert_deadline(verify, 30)
+    assert error.retry_after == datetime.timedelta(seconds=17)
+    assert error.request_id == recorder.of("SendCode")[0].metadata["x-request-id"]
+
+
+@pytest.mark.parametrize(("rpc", "admin", "method", "kwargs"), ALL_CALLS)
+def test_async_clients_cover_every_call(
+    recorder: Recorder, target: str, rpc: str, admin: bool, method: str, kwargs: dict[str, Any]
+) -> None:
+    async def call() -> Message:
+        cls = twofactor.AsyncAdminClient if admin else twofactor.AsyncTwoFactorClient
+        async with cls(target, token=TOKEN) as client:
+            response: Message = await getattr(client, method)(**kwargs)
+            return response
+
+    response = asyncio.run(call())
+
+    assert response.DESCRIPTOR.name == f"{rpc}Response"
+    assert len(recorder.of(rpc)) == 1
+
+
+def test_async_deadline_exceeded(recorder: Recorder, target: str) -> None:
+    release = threading.Event()
+
+    def block(attempt: int) -> None:
+        release.wait(WAIT)
+
+    recorder.behaviours["GetStatus"] = block
+
+    async def scenario() -> None:
+        async with twofactor.AsyncTwoFactorClient(target, token=TOKEN) as client:
+            await client.get_status(user_id="alice", timeout=0.2)
+
+    try:
+        with pytest.raises(twofactor.DeadlineExceeded):
+            asyncio.run(scenario())
+    finally:
+        release.set()
+
+
+# --- construction ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize("token", ["", "two words", "line\nbreak"])
+def test_rejects_malformed_tokens(token: str) -> None:
+    with pytest.raises(ValueError, match="token"):
+        twofactor.TwoFactorClient("localhost:1", token=token)
+
+
+def test_rejects_a_client_cert_without_key() -> None:
+    with pytest.raises(ValueError, match="client_cert and client_key"):
+        twofactor.TlsConfig(client_cert=b"pem")
+
+
+def test_service_config_names_only_the_safe_methods() -> None:
+    import json
+
+    config = json.loads(_channel.service_config(twofactor.RetryPolicy()))
+    (method_config,) = config["methodConfig"]
+    assert {n["method"] for n in method_config["name"]} == RETRIED
+    assert method_config["retryPolicy"]["retryableStatusCodes"] == ["UNAVAILABLE"]
+    assert json.loads(_channel.service_config(None)) == {}
+
+
+# --- TLS --------------------------------------------------------------------------
+
+
+@dataclass
+class Pki:
+    ca: bytes
+    server_cert: bytes
+    server_key: bytes
+    client_cert: bytes
+    client_key: bytes
+
+
+def _key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
+    return key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
+
+
+def _issue(
+    subject: str,
+    key: ec.EllipticCurvePrivateKey,
+    issuer: x509.Name,
+    issuer_key: ec.EllipticCurvePrivateKey,
+    *,
+    ca: bool = False,
+    dns: str | None = None,
+) -> x509.Certificate:
+    now = datetime.datetime.now(datetime.UTC)
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, subject)]))
+        .issuer_name(issuer)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(hours=1))
+        .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
+    )
+    if dns is not None:
+        builder = builder.add_extension(x509.SubjectAlternativeName([x509.DNSName(dns)]), critical=False)
+    return builder.sign(issuer_key, hashes.SHA256())
+
+
+@pytest.fixture(scope="module")
+def pki() -> Pki:
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "twofactor test CA")])
+    ca = _issue("twofactor test CA", ca_key, ca_name, ca_key, ca=True)
+    server_key = ec.generate_private_key(ec.SECP256R1())
+    server = _issue("twofactor.test", server_key, ca_name, ca_key, dns="twofactor.test")
+    client_key = ec.generate_private_key(ec.SECP256R1())
+    client = _issue("login-backend", client_key, ca_name, ca_key)
+    pem = serialization.Encoding.PEM
+    return Pki(
+        ca.public_bytes(pem),
+        server.public_bytes(pem),
+        _key_pem(server_key),
+        client.public_bytes(pem),
+        _key_pem(client_key),
+    )
+
+
+def test_tls_with_server_name_override(pki: Pki, recorder: Recorder) -> None:
+    credentials = grpc.ssl_server_credentials([(pki.server_key, pki.server_cert)])
+    server, port = start_server(recorder, credentials=credentials)
+    tls = twofactor.TlsConfig(root_ca=pki.ca, server_name="twofactor.test")
+    try:
+        with twofactor.TwoFactorClient(f"127.0.0.1:{port}", token=TOKEN, tls=tls) as client:
+            client.get_status(user_id="alice")
+    finally:
+        server.stop(None)
+
+    assert len(recorder.of("GetStatus")) == 1
+
+
+def test_mtls_needs_the_client_certificate(pki: Pki, recorder: Recorder, tmp_path: Path) -> None:
+    credentials = grpc.ssl_server_credentials(
+        [(pki.server_key, pki.server_cert)], root_certificates=pki.ca, require_client_auth=True
+    )
+    server, port = start_server(recorder, credentials=credentials)
+    for name in ("ca", "client_cert", "client_key"):
+        (tmp_path / f"{name}.pem").write_bytes(getattr(pki, name))
+    with_cert = twofactor.TlsConfig.from_files(
+        root_ca=tmp_path / "ca.pem",
+        client_cert=tmp_path / "client_cert.pem",
+        client_key=tmp_path / "client_key.pem",
+        server_name="twofactor.test",
+    )
+    without_cert = twofactor.TlsConfig(root_ca=pki.ca, server_name="twofactor.test")
+    target = f"127.0.0.1:{port}"
+    try:
+        with twofactor.TwoFactorClient(target, token=TOKEN, tls=with_cert) as client:
+            client.get_status(user_id="alice")
+        with (
+            twofactor.TwoFactorClient(target, token=TOKEN, tls=without_cert, retry=None) as client,
+            pytest.raises(twofactor.Unavailable),
+        ):
+            client.get_status(user_id="alice")
+    finally:
+        server.stop(None)
+
+    assert len(recorder.of("GetStatus")) == 1

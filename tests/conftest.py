@@ -1,0 +1,156 @@
+"""Fixtures that start the real thing: PostgreSQL schemas, the embedded SQLite
+store, and the gRPC server on a free port over a real channel."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import grpc
+import psycopg
+import pytest
+from twofactor.v1 import admin_service_pb2_grpc, twofactor_service_pb2_grpc
+
+from server.app import TwoFactorServer, create_server
+from server.domain.keyring import Keyring
+from server.settings import PolicySettings, Settings, TokenSetting
+
+POSTGRES_ADMIN_URL = "postgresql://postgres@127.0.0.1:5432/postgres"
+REDIS_URL = "redis://127.0.0.1:6379/0"
+APP_TOKEN = "test-app-token"
+ADMIN_TOKEN = "test-admin-token"
+TEST_KEYS = Keyring.new_key_spec(1)
+TOKENS = (
+    TokenSetting("backend", frozenset({"app"}), hashlib.sha256(APP_TOKEN.encode()).digest()),
+    TokenSetting("operator", frozenset({"admin"}), hashlib.sha256(ADMIN_TOKEN.encode()).digest()),
+)
+IN_CI = os.environ.get("CI", "").lower() == "true"
+
+
+def require_service(name: str, error: Exception) -> None:
+    """Without the service: fail in CI (it must be there), skip on a developer's machine."""
+    message = f"{name} is not reachable: {error}"
+    if IN_CI:
+        pytest.fail(message)
+    pytest.skip(message)
+
+
+class Clock:
+    """A clock the test moves by hand, so expiry and lockouts need no sleeping."""
+
+    def __init__(self, start: float = 1_800_000_000.0) -> None:
+        self.now = start
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+
+@pytest.fixture
+def clock() -> Clock:
+    return Clock()
+
+
+@pytest.fixture(scope="session")
+def postgres_available() -> None:
+    try:
+        with psycopg.connect(POSTGRES_ADMIN_URL, connect_timeout=3):
+            pass
+    except psycopg.OperationalError as error:
+        require_service("PostgreSQL at 127.0.0.1:5432", error)
+
+
+@pytest.fixture
+def postgres_url(postgres_available: None) -> Iterator[str]:
+    """A fresh schema for one test; the URL makes it the search path."""
+    schema = f"tf_test_{uuid.uuid4().hex[:12]}"
+    with psycopg.connect(POSTGRES_ADMIN_URL, autocommit=True) as conn:
+        conn.execute(f'CREATE SCHEMA "{schema}"')
+    try:
+        yield f"{POSTGRES_ADMIN_URL}?options=-csearch_path%3D{schema}"
+    finally:
+        with psycopg.connect(POSTGRES_ADMIN_URL, autocommit=True) as conn:
+            conn.execute(f'DROP SCHEMA "{schema}" CASCADE')
+
+
+def base_settings(tmp_path: Path, **overrides: Any) -> Settings:
+    return Settings(
+        listen="127.0.0.1:0",
+        data_dir=tmp_path / "data",
+        keys=TEST_KEYS,
+        tokens=TOKENS,
+        max_workers=64,
+        **overrides,
+    )
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def backend(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
+
+
+@pytest.fixture
+def settings(backend: str, tmp_path: Path, request: pytest.FixtureRequest) -> Settings:
+    url = request.getfixturevalue("postgres_url") if backend == "postgres" else ""
+    return base_settings(tmp_path, database_url=url)
+
+
+@dataclass
+class Harness:
+    """A running server and stubs on a real channel to it."""
+
+    server: TwoFactorServer
+    port: int
+    channel: grpc.Channel
+    twofactor: twofactor_service_pb2_grpc.TwoFactorServiceStub
+    admin: admin_service_pb2_grpc.AdminServiceStub
+    settings: Settings
+    app_metadata: tuple[tuple[str, str], ...] = (("authorization", f"Bearer {APP_TOKEN}"),)
+    admin_metadata: tuple[tuple[str, str], ...] = (("authorization", f"Bearer {ADMIN_TOKEN}"),)
+
+    @property
+    def target(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+
+ServerFactory = Callable[..., Harness]
+
+
+@pytest.fixture
+def start_server(settings: Settings, clock: Clock) -> Iterator[ServerFactory]:
+    """Start a server; keyword arguments replace Settings fields (`policy=...` takes a dict of policy fields)."""
+    started: list[Harness] = []
+
+    def start(*, dispatcher: Any = None, **overrides: Any) -> Harness:
+        policy = overrides.pop("policy", None)
+        chosen = replace(settings, **overrides)
+        if policy:
+            chosen = replace(chosen, policy=replace(PolicySettings(), **policy))
+        server, port = create_server(chosen, clock=clock, dispatcher=dispatcher)
+        server.start()
+        channel = grpc.insecure_channel(f"127.0.0.1:{port}")
+        harness = Harness(
+            server, port, channel,
+            twofactor_service_pb2_grpc.TwoFactorServiceStub(channel),
+            admin_service_pb2_grpc.AdminServiceStub(channel),
+            chosen,
+        )
+        started.append(harness)
+        return harness
+
+    yield start
+    for harness in started:
+        harness.channel.close()
+        harness.server.stop(grace=None)
+
+
+@pytest.fixture
+def harness(start_server: ServerFactory) -> Harness:
+    return start_server()

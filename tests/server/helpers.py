@@ -1,0 +1,64 @@
+"""Small helpers shared by the server tests: call wrappers and code computation."""
+
+from __future__ import annotations
+
+import pyotp
+from google.rpc import error_details_pb2
+from grpc_status import rpc_status
+from twofactor.v1 import common_pb2
+from twofactor.v1 import twofactor_service_pb2 as pb
+
+from tests.conftest import Clock, Harness
+
+AUTHENTICATOR = common_pb2.METHOD_AUTHENTICATOR
+EMAIL = common_pb2.METHOD_EMAIL
+SMS = common_pb2.METHOD_SMS
+
+
+def totp_now(secret: str, clock: Clock, *, offset_steps: int = 0) -> str:
+    """The code an authenticator app shows, computed independently with pyotp."""
+    return pyotp.TOTP(secret).at(clock.now + 30 * offset_steps)
+
+
+def enroll_authenticator(h: Harness, clock: Clock, user_id: str) -> tuple[str, list[str]]:
+    """Enroll and confirm; return the base32 secret and the backup codes."""
+    start = h.twofactor.StartEnrollment(
+        pb.StartEnrollmentRequest(user_id=user_id, method=AUTHENTICATOR, account_name=f"{user_id}@example.com"),
+        metadata=h.app_metadata,
+    )
+    secret = start.authenticator.secret
+    confirm = h.twofactor.ConfirmEnrollment(
+        pb.ConfirmEnrollmentRequest(user_id=user_id, method=AUTHENTICATOR, code=totp_now(secret, clock)),
+        metadata=h.app_metadata,
+    )
+    assert confirm.confirmed
+    # The confirming code may not be replayed: the next login uses the next time step.
+    clock.advance(30)
+    return secret, list(confirm.backup_codes)
+
+
+def verify(h: Harness, user_id: str, code: str) -> pb.VerifyResponse:
+    return h.twofactor.Verify(pb.VerifyRequest(user_id=user_id, code=code), metadata=h.app_metadata)
+
+
+def error_info(error: Exception) -> error_details_pb2.ErrorInfo:
+    """The google.rpc.ErrorInfo of a failed call."""
+    status = rpc_status.from_call(error)  # type: ignore[arg-type]
+    assert status is not None, "the error carries no google.rpc.Status"
+    for detail in status.details:
+        if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
+            info = error_details_pb2.ErrorInfo()
+            detail.Unpack(info)
+            return info
+    raise AssertionError("no ErrorInfo in the status details")
+
+
+def retry_info(error: Exception) -> error_details_pb2.RetryInfo | None:
+    status = rpc_status.from_call(error)  # type: ignore[arg-type]
+    assert status is not None
+    for detail in status.details:
+        if detail.Is(error_details_pb2.RetryInfo.DESCRIPTOR):
+            info = error_details_pb2.RetryInfo()
+            detail.Unpack(info)
+            return info
+    return None

@@ -1,0 +1,208 @@
+"""The authenticator app (TOTP) end to end over a real gRPC channel, on SQLite and PostgreSQL."""
+
+from __future__ import annotations
+
+import io
+from concurrent.futures import ThreadPoolExecutor
+from urllib.parse import parse_qs, urlparse
+
+import grpc
+import psycopg
+import pytest
+import zxingcpp
+from PIL import Image
+from twofactor.v1 import twofactor_service_pb2 as pb
+
+from server.storage.database import open_database
+from tests.conftest import Clock, Harness, ServerFactory
+from tests.server.helpers import AUTHENTICATOR, enroll_authenticator, error_info, totp_now, verify
+
+
+def test_enroll_confirm_verify_and_replay_is_rejected(harness: Harness, clock: Clock) -> None:
+    status = harness.twofactor.GetStatus(pb.GetStatusRequest(user_id="alice"), metadata=harness.app_metadata)
+    assert list(status.enabled_methods) == [] and not status.enrollment_required
+
+    start = harness.twofactor.StartEnrollment(
+        pb.StartEnrollmentRequest(user_id="alice", method=AUTHENTICATOR, account_name="alice@example.com"),
+        metadata=harness.app_metadata,
+    )
+    assert start.WhichOneof("setup") == "authenticator"
+    secret = start.authenticator.secret
+    pending = harness.twofactor.GetStatus(pb.GetStatusRequest(user_id="alice"), metadata=harness.app_metadata)
+    assert list(pending.pending_methods) == [AUTHENTICATOR] and list(pending.enabled_methods) == []
+
+    wrong = harness.twofactor.ConfirmEnrollment(
+        pb.ConfirmEnrollmentRequest(user_id="alice", method=AUTHENTICATOR, code="000000"
+                                    if totp_now(secret, clock) != "000000" else "111111"),
+        metadata=harness.app_metadata,
+    )
+    assert not wrong.confirmed and wrong.attempts_left == 4
+
+    confirm = harness.twofactor.ConfirmEnrollment(
+        pb.ConfirmEnrollmentRequest(user_id="alice", method=AUTHENTICATOR, code=totp_now(secret, clock)),
+        metadata=harness.app_metadata,
+    )
+    assert confirm.confirmed
+    assert list(confirm.enabled_methods) == [AUTHENTICATOR]
+    assert len(confirm.backup_codes) == 10
+
+    # The code that confirmed the enrollment is spent (RFC 6238 §5.2).
+    assert verify(harness, "alice", totp_now(secret, clock)).result == pb.VERIFY_RESULT_REJECTED
+
+    clock.advance(30)
+    code = totp_now(secret, clock)
+    accepted = verify(harness, "alice", code)
+    assert accepted.result == pb.VERIFY_RESULT_ACCEPTED
+    assert accepted.matched == pb.CODE_KIND_AUTHENTICATOR
+    assert accepted.backup_codes_remaining == 10
+    replay = verify(harness, "alice", code)
+    assert replay.result == pb.VERIFY_RESULT_REJECTED and replay.matched == pb.CODE_KIND_UNSPECIFIED
+
+    # A code from the previous step is older than the last accepted one: also a replay.
+    clock.advance(30)
+    assert verify(harness, "alice", totp_now(secret, clock, offset_steps=-1)).result == pb.VERIFY_RESULT_REJECTED
+    assert verify(harness, "alice", totp_now(secret, clock)).result == pb.VERIFY_RESULT_ACCEPTED
+
+    status = harness.twofactor.GetStatus(pb.GetStatusRequest(user_id="alice"), metadata=harness.app_metadata)
+    assert list(status.enabled_methods) == [AUTHENTICATOR] and list(status.pending_methods) == []
+
+
+def test_qr_code_decodes_to_the_otpauth_uri(harness: Harness) -> None:
+    start = harness.twofactor.StartEnrollment(
+        pb.StartEnrollmentRequest(user_id="bob", method=AUTHENTICATOR, account_name="bob@example.com"),
+        metadata=harness.app_metadata,
+    )
+    setup = start.authenticator
+    decoded = zxingcpp.read_barcodes(Image.open(io.BytesIO(setup.qr_png)))
+    assert [d.text for d in decoded] == [setup.otpauth_uri]
+    assert [d.format for d in decoded] == [zxingcpp.BarcodeFormat.QRCode]
+
+    uri = urlparse(setup.otpauth_uri)
+    assert (uri.scheme, uri.netloc, uri.path) == ("otpauth", "totp", "/twofactor:bob%40example.com")
+    query = parse_qs(uri.query)
+    assert query["secret"] == [setup.secret] and query["issuer"] == ["twofactor"]
+    assert len(setup.secret) == 32 and "=" not in setup.secret  # 160 bits, base32 without padding
+    assert setup.qr_svg.startswith("<svg") and "</svg>" in setup.qr_svg
+
+
+def test_starting_again_replaces_the_pending_secret(harness: Harness, clock: Clock) -> None:
+    first = harness.twofactor.StartEnrollment(
+        pb.StartEnrollmentRequest(user_id="carol", method=AUTHENTICATOR), metadata=harness.app_metadata
+    ).authenticator.secret
+    second = harness.twofactor.StartEnrollment(
+        pb.StartEnrollmentRequest(user_id="carol", method=AUTHENTICATOR), metadata=harness.app_metadata
+    ).authenticator.secret
+    assert first != second
+    old = totp_now(first, clock)
+    if old != totp_now(second, clock):
+        stale = harness.twofactor.ConfirmEnrollment(
+            pb.ConfirmEnrollmentRequest(user_id="carol", method=AUTHENTICATOR, code=old), metadata=harness.app_metadata
+        )
+        assert not stale.confirmed
+    ok = harness.twofactor.ConfirmEnrollment(
+        pb.ConfirmEnrollmentRequest(user_id="carol", method=AUTHENTICATOR, code=totp_now(second, clock)),
+        metadata=harness.app_metadata,
+    )
+    assert ok.confirmed
+
+
+def test_fifty_concurrent_verifies_of_one_code_accept_exactly_one(harness: Harness, clock: Clock) -> None:
+    secret, _ = enroll_authenticator(harness, clock, "dave")
+    code = totp_now(secret, clock)
+    with ThreadPoolExecutor(max_workers=50) as pool:
+        results = list(pool.map(lambda _: verify(harness, "dave", code).result, range(50)))
+    assert results.count(pb.VERIFY_RESULT_ACCEPTED) == 1
+    assert len(results) == 50
+
+
+def test_wrong_codes_lock_with_growing_retry_after(harness: Harness, clock: Clock) -> None:
+    secret, _ = enroll_authenticator(harness, clock, "erin")
+    right = totp_now(secret, clock)
+    wrong = "000000" if right != "000000" else "111111"
+    lefts = [verify(harness, "erin", wrong).attempts_left for _ in range(4)]
+    assert lefts == [4, 3, 2, 1]
+
+    fifth = verify(harness, "erin", wrong)
+    assert fifth.result == pb.VERIFY_RESULT_LOCKED
+    assert fifth.retry_after.seconds == 60
+    assert fifth.locked_until.seconds == int(clock.now) + 60
+
+    # While locked even the right code is refused, and it does not count as a failure.
+    locked = verify(harness, "erin", right)
+    assert locked.result == pb.VERIFY_RESULT_LOCKED and locked.retry_after.seconds == 60
+
+    clock.advance(61)
+    again = verify(harness, "erin", wrong)  # the sixth failure doubles the lock
+    assert again.result == pb.VERIFY_RESULT_LOCKED and again.retry_after.seconds == 120
+
+    clock.advance(121)
+    ok = verify(harness, "erin", totp_now(secret, clock))
+    assert ok.result == pb.VERIFY_RESULT_ACCEPTED
+    # A success resets the budget.
+    assert verify(harness, "erin", wrong).attempts_left == 4
+
+
+def test_hundred_consecutive_failures_lock_until_unlocked(start_server: ServerFactory, clock: Clock) -> None:
+    h = start_server(policy={"lockout_threshold": 1, "lockout_base_seconds": 1, "lockout_max_seconds": 1,
+                             "max_consecutive_failures": 3})
+    secret, _ = enroll_authenticator(h, clock, "frank")
+    wrong = "000000" if totp_now(secret, clock) != "000000" else "111111"
+    for _ in range(3):
+        clock.advance(2)
+        result = verify(h, "frank", wrong)
+    assert result.result == pb.VERIFY_RESULT_LOCKED and not result.HasField("retry_after")
+    clock.advance(10_000)
+    assert verify(h, "frank", totp_now(secret, clock)).result == pb.VERIFY_RESULT_LOCKED
+
+
+def test_verify_without_enrollment_is_a_failed_precondition(harness: Harness) -> None:
+    harness.twofactor.SetContact(pb.SetContactRequest(user_id="gina", email="g@example.com"),
+                                 metadata=harness.app_metadata)
+    with pytest.raises(grpc.RpcError) as raised:
+        verify(harness, "gina", "123456")
+    assert raised.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert error_info(raised.value).reason == "NOT_ENROLLED"
+    with pytest.raises(grpc.RpcError) as unknown:
+        verify(harness, "nobody", "123456")
+    assert unknown.value.code() == grpc.StatusCode.NOT_FOUND
+    assert error_info(unknown.value).reason == "USER_NOT_FOUND"
+
+
+def _all_cells(harness: Harness) -> list[bytes]:
+    """Every value of every column of every table, as bytes."""
+    settings = harness.settings
+    if settings.database_url:
+        url = settings.database_url
+        with psycopg.connect(url) as conn:
+            tables = [r[0] for r in conn.execute(
+                "SELECT table_name FROM information_schema.tables WHERE table_schema = current_schema()")]
+            rows = [row for t in tables for row in conn.execute(f'SELECT * FROM "{t}"')]  # noqa: S608
+    else:
+        db = open_database("", data_dir=settings.data_dir)
+        with db.transaction() as tx:
+            tables = [r["name"] for r in tx.all("SELECT name FROM sqlite_master WHERE type = 'table'")]
+            rows = [tuple(row.values()) for t in tables for row in tx.all(f'SELECT * FROM "{t}"')]  # noqa: S608
+        db.close()
+    cells = []
+    for row in rows:
+        for value in row:
+            if isinstance(value, (bytes, memoryview)):
+                cells.append(bytes(value))
+            elif value is not None:
+                cells.append(str(value).encode())
+    return cells
+
+
+def test_no_table_holds_the_totp_secret_in_clear(harness: Harness, clock: Clock) -> None:
+    import base64
+
+    secret_b32, backup = enroll_authenticator(harness, clock, "henry")
+    raw = base64.b32decode(secret_b32 + "=" * (-len(secret_b32) % 8))
+    needles = [raw, secret_b32.encode(), secret_b32.lower().encode(), raw.hex().encode(),
+               base64.b64encode(raw)]
+    needles += [c.encode() for c in backup] + [c.replace("-", "").encode() for c in backup]
+    cells = _all_cells(harness)
+    assert cells, "the search found no data at all"
+    assert any(b"henry" in cell for cell in cells)  # the search does see the user's rows
+    for needle in needles:
+        assert not any(needle in cell for cell in cells), "a secret is stored in clear"

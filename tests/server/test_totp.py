@@ -1,0 +1,83 @@
+"""RFC 6238 time-based codes."""
+
+from __future__ import annotations
+
+import base64
+from urllib.parse import parse_qs, urlparse
+
+import pyotp
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from server.domain import totp
+
+RFC_SECRET = b"12345678901234567890"  # RFC 6238 Appendix B, SHA1 seed
+
+
+@pytest.mark.parametrize(
+    ("unix_time", "expected"),
+    [
+        (59, "94287082"),
+        (1111111109, "07081804"),
+        (1111111111, "14050471"),
+        (1234567890, "89005924"),
+        (2000000000, "69279037"),
+        (20000000000, "65353130"),
+    ],
+)
+def test_rfc6238_appendix_b_sha1_vectors(unix_time: int, expected: str) -> None:
+    assert totp.code_at_step(RFC_SECRET, totp.time_step(unix_time), digits=8) == expected
+
+
+def test_six_digit_code_matches_an_independent_implementation() -> None:
+    secret = totp.new_secret()
+    reference = pyotp.TOTP(base64.b32encode(secret).decode())
+    for t in (0, 29, 30, 1_700_000_000, 1_800_000_015):
+        assert totp.code_at_step(secret, totp.time_step(t)) == reference.at(t)
+
+
+def test_accepts_one_step_of_drift_each_way_and_no_more() -> None:
+    secret = totp.new_secret()
+    now = 1_800_000_000.0
+    step = totp.time_step(now)
+    for offset in (-1, 0, 1):
+        assert totp.matching_step(secret, totp.code_at_step(secret, step + offset), now) == step + offset
+    for offset in (-2, 2):
+        code = totp.code_at_step(secret, step + offset)
+        if all(code != totp.code_at_step(secret, step + o) for o in (-1, 0, 1)):
+            assert totp.matching_step(secret, code, now) is None
+
+
+def test_refuses_secrets_under_160_bits() -> None:
+    with pytest.raises(ValueError, match="160 bits"):
+        totp.code_at_step(b"x" * 19, 1)
+
+
+def test_new_secrets_are_160_random_bits() -> None:
+    secrets_ = {totp.new_secret() for _ in range(100)}
+    assert len(secrets_) == 100
+    assert all(len(s) == 20 for s in secrets_)
+    assert all("=" not in totp.to_base32(s) and len(totp.to_base32(s)) == 32 for s in secrets_)
+
+
+def test_provisioning_uri_carries_what_google_authenticator_reads() -> None:
+    secret = totp.new_secret()
+    uri = totp.provisioning_uri(secret, account_name="alice@example.com", issuer="Acme Corp")
+    parsed = urlparse(uri)
+    assert parsed.scheme == "otpauth" and parsed.netloc == "totp"
+    assert parsed.path == "/Acme%20Corp:alice%40example.com"
+    query = parse_qs(parsed.query)
+    assert query["secret"] == [totp.to_base32(secret)]
+    assert query["issuer"] == ["Acme Corp"]
+    # Google Authenticator only honours SHA1/6/30; absent parameters mean exactly those.
+    assert query.get("algorithm", ["SHA1"]) == ["SHA1"]
+    assert query.get("digits", ["6"]) == ["6"]
+    assert query.get("period", ["30"]) == ["30"]
+
+
+@given(st.binary(min_size=20, max_size=64), st.integers(min_value=0, max_value=2**40))
+def test_the_current_code_always_matches_its_own_step(secret: bytes, unix_time: int) -> None:
+    code = totp.code_at_step(secret, totp.time_step(unix_time))
+    assert len(code) == 6 and code.isdigit()
+    assert totp.matching_step(secret, code, unix_time) is not None

@@ -1,0 +1,364 @@
+"""SmtpEmailSender against a real aiosmtpd server on 127.0.0.1: plain, STARTTLS, implicit TLS, AUTH."""
+
+from __future__ import annotations
+
+import datetime
+import email
+import email.policy
+import ipaddress
+import socket
+import ssl
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from email.message import EmailMessage as MimeMessage
+from pathlib import Path
+from typing import Any
+
+import pytest
+from aiosmtpd.controller import Controller
+from aiosmtpd.smtp import SMTP, AuthResult, Envelope, LoginPassword, Session
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from server.settings import SmtpSettings
+from workers.providers import (
+    DeliveryError,
+    EmailMessage,
+    PermanentDeliveryError,
+    SmtpEmailSender,
+    TransientDeliveryError,
+)
+
+CODE = "482913"
+MESSAGE = EmailMessage(
+    to="ada@example.com",
+    subject="Your Acme verification code",
+    text=f"Your Acme verification code is {CODE}.",
+    html=f"<p>Your Acme verification code is <b>{CODE}</b>.</p>",
+)
+USERNAME, PASSWORD = "relay-user", "relay-secret"
+
+
+@dataclass
+class Pki:
+    ca_file: Path
+    server_context: ssl.SSLContext
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
+    """A throwaway CA and a server certificate for 127.0.0.1 and localhost."""
+    now = datetime.datetime.now(datetime.UTC)
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "twofactor test CA")])
+    ca_cert = (
+        x509.CertificateBuilder()
+        .subject_name(ca_name)
+        .issuer_name(ca_name)
+        .public_key(ca_key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=True,
+                key_cert_sign=True,
+                crl_sign=True,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                encipher_only=False,
+                decipher_only=False,
+            ),
+            critical=True,
+        )
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key()), critical=False)
+        .sign(ca_key, hashes.SHA256())
+    )
+    server_key = ec.generate_private_key(ec.SECP256R1())
+    server_cert = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")]))
+        .issuer_name(ca_name)
+        .public_key(server_key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(
+            x509.SubjectAlternativeName(
+                [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
+            ),
+            critical=False,
+        )
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+        .add_extension(
+            x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False
+        )
+        .sign(ca_key, hashes.SHA256())
+    )
+    directory = tmp_path_factory.mktemp("pki")
+    ca_file = directory / "ca.pem"
+    ca_file.write_bytes(ca_cert.public_bytes(serialization.Encoding.PEM))
+    cert_file = directory / "server.pem"
+    cert_file.write_bytes(server_cert.public_bytes(serialization.Encoding.PEM))
+    key_file = directory / "server.key"
+    key_file.write_bytes(
+        server_key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(cert_file, key_file)
+    return Pki(ca_file=ca_file, server_context=context)
+
+
+@dataclass
+class Handler:
+    """Records accepted messages; optional canned replies make RCPT or DATA fail."""
+
+    rcpt_reply: str | None = None
+    data_reply: str | None = None
+    received: list[tuple[Envelope, MimeMessage]] = field(default_factory=list)
+
+    async def handle_RCPT(
+        self, server: SMTP, session: Session, envelope: Envelope, address: str, options: list[str]
+    ) -> str:
+        if self.rcpt_reply:
+            return self.rcpt_reply
+        envelope.rcpt_tos.append(address)
+        return "250 OK"
+
+    async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
+        if self.data_reply:
+            return self.data_reply
+        assert isinstance(envelope.content, bytes)
+        parsed = email.message_from_bytes(envelope.content, policy=email.policy.default)
+        assert isinstance(parsed, MimeMessage)
+        self.received.append((envelope, parsed))
+        return "250 Message accepted"
+
+
+@dataclass
+class Authenticator:
+    """Checks one username/password and records the mechanism the client chose."""
+
+    mechanisms: list[str] = field(default_factory=list)
+
+    def __call__(
+        self, server: SMTP, session: Session, envelope: Envelope, mechanism: str, auth_data: Any
+    ) -> AuthResult:
+        self.mechanisms.append(mechanism)
+        ok = isinstance(auth_data, LoginPassword) and auth_data == LoginPassword(
+            USERNAME.encode(), PASSWORD.encode()
+        )
+        # handled=False: aiosmtpd then sends the 535 reply itself.
+        return AuthResult(success=ok, handled=ok)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+StartServer = Callable[..., tuple[Handler, int]]
+
+
+@pytest.fixture
+def smtp_server() -> Iterator[StartServer]:
+    """Start aiosmtpd servers with the given options; all are stopped when the test ends."""
+    controllers: list[Controller] = []
+
+    def start(handler: Handler | None = None, **options: Any) -> tuple[Handler, int]:
+        handler = handler or Handler()
+        port = free_port()
+        controller = Controller(
+            handler,
+            hostname="127.0.0.1",
+            port=port,
+            server_hostname="mx.test",  # otherwise aiosmtpd looks up the FQDN
+            ready_timeout=10,
+            **options,
+        )
+        controller.start()
+        controllers.append(controller)
+        return handler, port
+
+    yield start
+    for controller in controllers:
+        controller.stop()
+
+
+def settings(port: int, **overrides: Any) -> SmtpSettings:
+    values: dict[str, Any] = {
+        "host": "127.0.0.1",
+        "port": port,
+        "security": "none",
+        "from_address": "Acme <security@acme.test>",
+        "timeout_seconds": 5.0,
+    }
+    values.update(overrides)
+    return SmtpSettings(**values)
+
+
+def assert_delivered(handler: Handler, message_id: str) -> None:
+    [(envelope, received)] = handler.received
+    assert envelope.rcpt_tos == ["ada@example.com"]
+    assert envelope.mail_from == "security@acme.test"
+    assert received["To"] == "ada@example.com"
+    assert received["From"] == "Acme <security@acme.test>"
+    assert received["Subject"] == "Your Acme verification code"
+    assert received["Message-ID"] == message_id
+    assert received.get_content_type() == "multipart/alternative"
+    text = received.get_body(preferencelist=("plain",))
+    html = received.get_body(preferencelist=("html",))
+    assert text is not None and html is not None
+    assert CODE in text.get_content()
+    assert f"<b>{CODE}</b>" in html.get_content()
+
+
+def test_plain_smtp_delivers_text_and_html_parts(smtp_server: StartServer) -> None:
+    handler, port = smtp_server()
+
+    message_id = SmtpEmailSender(settings(port)).send_email(MESSAGE)
+
+    assert message_id.startswith("<") and message_id.endswith("@acme.test>")
+    assert_delivered(handler, message_id)
+
+
+def test_starttls_verifies_the_server_with_the_configured_ca(smtp_server: StartServer, pki: Pki) -> None:
+    handler, port = smtp_server(tls_context=pki.server_context, require_starttls=True)
+    sender = SmtpEmailSender(settings(port, security="starttls", ca_file=str(pki.ca_file)))
+
+    assert_delivered(handler, sender.send_email(MESSAGE))
+
+
+def test_implicit_tls_verifies_the_server_with_the_configured_ca(smtp_server: StartServer, pki: Pki) -> None:
+    handler, port = smtp_server(ssl_context=pki.server_context)
+    sender = SmtpEmailSender(settings(port, security="tls", ca_file=str(pki.ca_file)))
+
+    assert_delivered(handler, sender.send_email(MESSAGE))
+
+
+def test_untrusted_server_certificate_is_permanent(smtp_server: StartServer, pki: Pki) -> None:
+    handler, port = smtp_server(tls_context=pki.server_context, require_starttls=True)
+    # No ca_file: the system store does not know our throwaway CA.
+    sender = SmtpEmailSender(settings(port, security="starttls"))
+
+    with pytest.raises(PermanentDeliveryError, match="certificate"):
+        sender.send_email(MESSAGE)
+    assert handler.received == []
+
+
+def test_starttls_required_but_not_offered_is_permanent(smtp_server: StartServer, pki: Pki) -> None:
+    handler, port = smtp_server()  # no tls_context: the server does not advertise STARTTLS
+    sender = SmtpEmailSender(settings(port, security="starttls", ca_file=str(pki.ca_file)))
+
+    with pytest.raises(PermanentDeliveryError, match="STARTTLS"):
+        sender.send_email(MESSAGE)
+    assert handler.received == []
+
+
+def auth_server(smtp_server: StartServer, pki: Pki, security: str, **options: Any) -> tuple[Handler, int]:
+    if security == "starttls":
+        return smtp_server(
+            tls_context=pki.server_context, require_starttls=True, auth_required=True, **options
+        )
+    # aiosmtpd only counts STARTTLS as TLS; the implicit-TLS socket is encrypted all the same.
+    return smtp_server(ssl_context=pki.server_context, auth_require_tls=False, **options)
+
+
+@pytest.mark.parametrize("security", ["starttls", "tls"])
+@pytest.mark.parametrize("mechanism", ["PLAIN", "LOGIN"])
+def test_auth_with_username_and_password(
+    smtp_server: StartServer, pki: Pki, security: str, mechanism: str
+) -> None:
+    authenticator = Authenticator()
+    other = {"PLAIN": "LOGIN", "LOGIN": "PLAIN"}[mechanism]
+    handler, port = auth_server(
+        smtp_server, pki, security, authenticator=authenticator, auth_exclude_mechanism=[other]
+    )
+    sender = SmtpEmailSender(
+        settings(port, security=security, ca_file=str(pki.ca_file), username=USERNAME, password=PASSWORD)
+    )
+
+    assert_delivered(handler, sender.send_email(MESSAGE))
+    assert authenticator.mechanisms == [mechanism]
+
+
+def test_wrong_password_is_permanent(smtp_server: StartServer, pki: Pki) -> None:
+    handler, port = auth_server(smtp_server, pki, "starttls", authenticator=Authenticator())
+    sender = SmtpEmailSender(
+        settings(port, security="starttls", ca_file=str(pki.ca_file), username=USERNAME, password="wrong")
+    )
+
+    with pytest.raises(PermanentDeliveryError, match="authentication failed: 535") as caught:
+        sender.send_email(MESSAGE)
+    assert "wrong" not in caught.value.reason
+    assert handler.received == []
+
+
+def test_auth_not_offered_is_permanent(smtp_server: StartServer, pki: Pki) -> None:
+    handler, port = smtp_server()  # plain server: no AUTH extension
+    sender = SmtpEmailSender(settings(port, username=USERNAME, password=PASSWORD))
+
+    with pytest.raises(PermanentDeliveryError, match="AUTH"):
+        sender.send_email(MESSAGE)
+    assert handler.received == []
+
+
+@pytest.mark.parametrize(
+    ("handler", "error", "reason"),
+    [
+        (
+            Handler(data_reply="451 4.3.0 Try again later"),
+            TransientDeliveryError,
+            "451 4.3.0 Try again later",
+        ),
+        (
+            Handler(rcpt_reply="451 4.3.0 Try again later"),
+            TransientDeliveryError,
+            "451 4.3.0 Try again later",
+        ),
+        (Handler(rcpt_reply="550 5.1.1 No such user"), PermanentDeliveryError, "550 5.1.1 No such user"),
+        (
+            Handler(data_reply="554 5.7.1 Rejected as spam"),
+            PermanentDeliveryError,
+            "554 5.7.1 Rejected as spam",
+        ),
+    ],
+    ids=["data-451", "rcpt-451", "rcpt-550", "data-554"],
+)
+def test_smtp_replies_map_to_retry_or_give_up(
+    smtp_server: StartServer, handler: Handler, error: type[DeliveryError], reason: str
+) -> None:
+    _, port = smtp_server(handler)
+
+    with pytest.raises(error) as caught:
+        SmtpEmailSender(settings(port)).send_email(MESSAGE)
+
+    assert caught.value.reason == f"SMTP {reason}"
+    assert CODE not in caught.value.reason
+
+
+def test_closed_port_is_transient() -> None:
+    port = free_port()  # bound and released: nothing listens there now
+
+    with pytest.raises(TransientDeliveryError, match="connection failed"):
+        SmtpEmailSender(settings(port)).send_email(MESSAGE)
+
+
+def test_header_injection_through_the_recipient_is_refused(smtp_server: StartServer) -> None:
+    handler, port = smtp_server()
+    bad = EmailMessage(to="ada@example.com\r\nBcc: eve@example.com", subject="s", text="t", html="h")
+
+    with pytest.raises(PermanentDeliveryError, match="invalid email header"):
+        SmtpEmailSender(settings(port)).send_email(bad)
+    assert handler.received == []

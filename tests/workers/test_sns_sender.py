@@ -1,0 +1,157 @@
+"""SnsSmsSender against moto's SNS over real HTTP on 127.0.0.1."""
+
+from __future__ import annotations
+
+import socket
+import urllib.parse
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from botocore.awsrequest import AWSResponse
+from moto.core.models import DEFAULT_ACCOUNT_ID
+from moto.server import ThreadedMotoServer
+from moto.sns.models import sns_backends
+
+from server.settings import SnsSettings
+from workers.providers import (
+    DeliveryError,
+    PermanentDeliveryError,
+    SmsMessage,
+    SnsSmsSender,
+    TransientDeliveryError,
+)
+
+REGION = "eu-west-1"
+CODE = "731954"
+TEXT = f"Your Acme verification code is {CODE}. It expires in 10 minutes."
+
+
+@pytest.fixture(autouse=True)
+def aws_credentials(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """Dummy credentials for boto3's default chain; nothing from this machine's AWS config."""
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+    monkeypatch.delenv("AWS_SESSION_TOKEN", raising=False)
+    monkeypatch.delenv("AWS_PROFILE", raising=False)
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "aws-config"))
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "aws-credentials"))
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+
+
+@pytest.fixture(scope="module")
+def moto_endpoint() -> Iterator[str]:
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    try:
+        yield f"http://{host}:{port}"
+    finally:
+        server.stop()
+        # stop() shuts the loop down but leaves the listening socket open (a ResourceWarning).
+        server._server.server_close()  # type: ignore[union-attr]
+
+
+def capture_requests(sender: SnsSmsSender) -> list[dict[str, list[str]]]:
+    """Record each Publish request body as it goes on the wire, to check what we sent."""
+    bodies: list[dict[str, list[str]]] = []
+
+    def record(request: Any, **_: Any) -> None:
+        body = request.body.decode() if isinstance(request.body, bytes) else request.body
+        bodies.append(urllib.parse.parse_qs(body))
+
+    sender._client.meta.events.register("before-send.sns.Publish", record)
+    return bodies
+
+
+def test_publish_reaches_sns_with_number_text_and_transactional_type(moto_endpoint: str) -> None:
+    sender = SnsSmsSender(SnsSettings(region=REGION, endpoint_url=moto_endpoint, sender_id="Acme"))
+    sent = capture_requests(sender)
+
+    message_id = sender.send_sms(SmsMessage(to="+14155550123", text=TEXT))
+
+    # What moto's SNS recorded for this message id.
+    phone, text = sns_backends[DEFAULT_ACCOUNT_ID][REGION].sms_messages[message_id]
+    assert phone == "+14155550123"
+    assert CODE in text
+    # moto does not keep SMS attributes, so check them in the request that reached it.
+    [body] = sent
+    entry = "MessageAttributes.entry"
+    attributes = {body[f"{entry}.{n}.Name"][0]: body[f"{entry}.{n}.Value.StringValue"][0] for n in (1, 2)}
+    assert attributes == {"AWS.SNS.SMS.SMSType": "Transactional", "AWS.SNS.SMS.SenderID": "Acme"}
+
+
+def test_sender_id_is_omitted_when_not_configured(moto_endpoint: str) -> None:
+    sender = SnsSmsSender(SnsSettings(region=REGION, endpoint_url=moto_endpoint))
+    sent = capture_requests(sender)
+
+    sender.send_sms(SmsMessage(to="+14155550124", text=TEXT))
+
+    names = {value[0] for key, value in sent[0].items() if key.endswith(".Name")}
+    assert names == {"AWS.SNS.SMS.SMSType"}
+
+
+# moto checks E.164 (its pattern lets a missing "+" through, so that case is not listed).
+@pytest.mark.parametrize("number", ["+0123", "+1 415 555 0123", "+1415555012345678", "tel:+14155550123"])
+def test_invalid_phone_number_is_permanent(moto_endpoint: str, number: str) -> None:
+    sender = SnsSmsSender(SnsSettings(region=REGION, endpoint_url=moto_endpoint))
+
+    with pytest.raises(PermanentDeliveryError, match="InvalidParameter") as caught:
+        sender.send_sms(SmsMessage(to=number, text=TEXT))
+    assert CODE not in caught.value.reason
+
+
+def test_closed_endpoint_is_transient() -> None:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    # The port is released: connecting is refused at once, with no botocore retries.
+    sender = SnsSmsSender(SnsSettings(region=REGION, endpoint_url=f"http://127.0.0.1:{port}"))
+
+    with pytest.raises(TransientDeliveryError, match="connection failed"):
+        sender.send_sms(SmsMessage(to="+14155550123", text=TEXT))
+
+
+@pytest.mark.parametrize(
+    ("status", "code", "error"),
+    [
+        (400, "Throttling", TransientDeliveryError),
+        (500, "InternalError", TransientDeliveryError),
+        (503, "Unavailable", TransientDeliveryError),  # unknown code, but a 5xx
+        (403, "AuthorizationError", PermanentDeliveryError),
+        (400, "OptedOut", PermanentDeliveryError),
+    ],
+)
+def test_error_replies_map_to_retry_or_give_up(
+    moto_endpoint: str, status: int, code: str, error: type[DeliveryError]
+) -> None:
+    """SNS error replies moto cannot be made to send, parsed by botocore as if from AWS.
+
+    A before-send hook answers in place of the HTTP call; botocore's parser and
+    error handling, and our mapping, run as they would against AWS.
+    """
+    sender = SnsSmsSender(SnsSettings(region=REGION, endpoint_url=moto_endpoint))
+    xml = (
+        f"<ErrorResponse><Error><Type>Sender</Type><Code>{code}</Code>"
+        "<Message>Refused</Message></Error><RequestId>r</RequestId></ErrorResponse>"
+    ).encode()
+
+    def reply(**_: Any) -> AWSResponse:
+        return AWSResponse(moto_endpoint, status, {}, _RawBody(xml))
+
+    sender._client.meta.events.register("before-send.sns.Publish", reply)
+
+    with pytest.raises(error) as caught:
+        sender.send_sms(SmsMessage(to="+14155550123", text=TEXT))
+    assert caught.value.reason == f"SNS {code}: Refused"
+
+
+class _RawBody:
+    """The part of a urllib3 response that AWSResponse reads."""
+
+    def __init__(self, data: bytes) -> None:
+        self._data = data
+
+    def stream(self, **_: Any) -> Iterator[bytes]:
+        yield self._data

@@ -1,0 +1,1 @@
+"""Celery workers: the delivery tasks and the email/SMS providers they call."""

@@ -1,0 +1,138 @@
+"""One delivery attempt of a challenge's code: read the outbox row, send, record.
+
+Safe to run twice: a challenge already sent, failed, expired or unknown is a
+no-op, and the code is wiped from the row once the provider accepted it. The
+caller (a Celery task, or the in-process runner) retries when told to.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from server.domain.keyring import Keyring
+from server.domain.service import CHALLENGE_CODE
+from server.storage import store
+from server.storage.database import Database
+from workers.messages import render_email, render_sms
+from workers.providers import (
+    EmailMessage,
+    EmailSender,
+    PermanentDeliveryError,
+    SmsMessage,
+    SmsSender,
+    TransientDeliveryError,
+)
+
+log = logging.getLogger(__name__)
+
+RETRY_BASE_SECONDS = 2.0
+RETRY_MAX_SECONDS = 60.0
+
+
+@dataclass(frozen=True)
+class Outcome:
+    status: str  # sent | failed | expired | nothing_to_do | retry
+    retry_in: float | None = None
+
+
+def backoff_seconds(attempt: int) -> float:
+    """Exponential backoff with full jitter, so retries from many workers spread out."""
+    ceiling = min(RETRY_MAX_SECONDS, RETRY_BASE_SECONDS * 2 ** max(attempt - 1, 0))
+    return random.uniform(ceiling / 2, ceiling)  # noqa: S311 - jitter, not a secret
+
+
+class Deliverer:
+    def __init__(
+        self,
+        db: Database,
+        keyring: Keyring,
+        email_sender: EmailSender,
+        sms_sender: SmsSender,
+        *,
+        issuer: str,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self._db = db
+        self._keyring = keyring
+        self._email = email_sender
+        self._sms = sms_sender
+        self._issuer = issuer
+        self._clock = clock
+
+    def deliver(self, challenge_id: str) -> Outcome:
+        now = self._now_ms()
+        with self._db.transaction() as tx:
+            row = store.claim_delivery(tx, challenge_id, now)
+        if row is None:
+            return Outcome("nothing_to_do")
+        if row["expires_at"] <= now or row["superseded_at"] is not None or row["consumed_at"] is not None:
+            self._record(
+                challenge_id, "expired", failure_reason="the code expired or was replaced before delivery"
+            )
+            return Outcome("expired")
+        code = self._keyring.decrypt(
+            row["code_ciphertext"], purpose=CHALLENGE_CODE, user_id=challenge_id
+        ).decode()
+        ttl_minutes = max(1, math.ceil((row["expires_at"] - now) / 60_000))
+        try:
+            message_id = self._send(
+                row["method"], row["purpose"], row["destination"], row["locale"], code, ttl_minutes
+            )
+        except TransientDeliveryError as error:
+            retry_in = backoff_seconds(row["delivery_attempts"])
+            if now + retry_in * 1000 >= row["expires_at"]:
+                self._record(challenge_id, "expired", failure_reason=f"gave up: {error.reason}")
+                return Outcome("expired")
+            log.info(
+                "delivery of %s failed transiently, retry in %.1fs: %s", challenge_id, retry_in, error.reason
+            )
+            self._record(challenge_id, "sending", failure_reason=error.reason, wipe_code=False)
+            return Outcome("retry", retry_in)
+        except PermanentDeliveryError as error:
+            log.warning("delivery of %s failed: %s", challenge_id, error.reason)
+            self._record(challenge_id, "failed", failure_reason=error.reason)
+            return Outcome("failed")
+        self._record(challenge_id, "sent", provider_message_id=message_id)
+        log.info("delivered %s by %s as %s", challenge_id, row["method"], message_id)
+        return Outcome("sent")
+
+    def _send(
+        self, method: str, purpose: str, destination: str, locale: str, code: str, ttl_minutes: int
+    ) -> str:
+        if method == "email":
+            subject, text, html = render_email(
+                purpose=purpose, code=code, issuer=self._issuer, ttl_minutes=ttl_minutes, locale=locale
+            )
+            return self._email.send_email(EmailMessage(to=destination, subject=subject, text=text, html=html))
+        text = render_sms(
+            purpose=purpose, code=code, issuer=self._issuer, ttl_minutes=ttl_minutes, locale=locale
+        )
+        return self._sms.send_sms(SmsMessage(to=destination, text=text))
+
+    def _record(
+        self,
+        challenge_id: str,
+        status: str,
+        *,
+        provider_message_id: str | None = None,
+        failure_reason: str | None = None,
+        wipe_code: bool = True,
+    ) -> None:
+        with self._db.transaction() as tx:
+            store.mark_delivery(
+                tx,
+                challenge_id,
+                status,
+                self._now_ms(),
+                provider_message_id=provider_message_id,
+                failure_reason=failure_reason,
+                wipe_code=wipe_code,
+            )
+
+    def _now_ms(self) -> int:
+        return int(self._clock() * 1000)

@@ -1,0 +1,104 @@
+"""How the server hands a committed challenge to delivery.
+
+With a broker configured, a Celery task message carrying only the challenge
+id goes to Redis. The embedded default runs the same delivery code on a
+thread pool inside the server.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+
+from server.domain.errors import Unavailable
+from server.domain.keyring import Keyring
+from server.settings import Settings
+from server.storage.database import Database
+from workers.delivery import Deliverer
+from workers.providers import build_email_sender, build_sms_sender
+
+log = logging.getLogger(__name__)
+
+DELIVER_TASK = "twofactor.deliver_challenge"
+
+
+class CeleryDispatcher:
+    def __init__(self, settings: Settings) -> None:
+        from workers.celery_app import create_celery
+
+        self._app = create_celery(settings)
+        self._timeout = settings.broker_timeout_seconds
+
+    def dispatch(self, challenge_id: str) -> None:
+        try:
+            # No publish retries: the caller gets UNAVAILABLE quickly and retries the RPC.
+            self._app.send_task(DELIVER_TASK, args=[challenge_id], retry=False, connect_timeout=self._timeout)
+        except Exception as error:  # kombu/redis raise many types for "broker unreachable"
+            log.warning("could not queue delivery of %s: %s", challenge_id, type(error).__name__)
+            raise Unavailable(
+                "BROKER_UNAVAILABLE", "the delivery queue can't be reached; retry later", retry_after=1.0
+            ) from None
+
+    def close(self) -> None:
+        self._app.close()
+
+
+class InProcessDispatcher:
+    """The embedded default: deliveries run on a small thread pool, retries on timers."""
+
+    def __init__(self, deliverer: Deliverer, workers: int = 4) -> None:
+        self._deliverer = deliverer
+        self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="delivery")
+        self._timers: set[threading.Timer] = set()
+        self._lock = threading.Lock()
+        self._closed = False
+
+    def dispatch(self, challenge_id: str) -> None:
+        self._pool.submit(self._run, challenge_id)
+
+    def _run(self, challenge_id: str) -> None:
+        try:
+            outcome = self._deliverer.deliver(challenge_id)
+        except Exception:
+            log.exception("delivery of %s crashed", challenge_id)
+            return
+        if outcome.retry_in is not None:
+            with self._lock:
+                if self._closed:
+                    return
+                timer = threading.Timer(outcome.retry_in, self._retry, args=(challenge_id,))
+                timer.daemon = True
+                self._timers.add(timer)
+                timer.start()
+
+    def _retry(self, challenge_id: str) -> None:
+        with self._lock:
+            self._timers = {t for t in self._timers if t.is_alive() and t is not threading.current_thread()}
+            if self._closed:
+                return
+        self.dispatch(challenge_id)
+
+    def close(self) -> None:
+        with self._lock:
+            self._closed = True
+            for timer in self._timers:
+                timer.cancel()
+        self._pool.shutdown(wait=True, cancel_futures=False)
+
+
+def build_dispatcher(
+    settings: Settings, *, db: Database, keyring: Keyring, clock: Callable[[], float] = time.time
+) -> tuple[CeleryDispatcher | InProcessDispatcher, Callable[[], None]]:
+    # Built in both modes so a bad provider setting (say, an SMS class that
+    # doesn't import) stops the server at start rather than at the first send.
+    email_sender = build_email_sender(settings)
+    sms_sender = build_sms_sender(settings)
+    if settings.broker_url:
+        celery_dispatcher = CeleryDispatcher(settings)
+        return celery_dispatcher, celery_dispatcher.close
+    deliverer = Deliverer(db, keyring, email_sender, sms_sender, issuer=settings.policy.issuer, clock=clock)
+    dispatcher = InProcessDispatcher(deliverer)
+    return dispatcher, dispatcher.close

@@ -1,0 +1,64 @@
+"""The delivery interface: messages, sender protocols and the errors a task acts on.
+
+A sender either returns the provider's message id or raises a DeliveryError
+subclass; the delivery task retries only TransientDeliveryError.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol, runtime_checkable
+
+
+class DeliveryError(Exception):
+    """Delivery failed. `reason` is short, human-readable and never contains the code."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+class TransientDeliveryError(DeliveryError):
+    """Worth retrying: the relay or provider is busy, unreachable or timed out."""
+
+
+class PermanentDeliveryError(DeliveryError):
+    """Retrying cannot help: the destination is refused or our credentials are wrong."""
+
+
+class ProviderConfigError(Exception):
+    """The provider configuration is unusable; the server and worker refuse to start."""
+
+
+@dataclass(frozen=True)
+class EmailMessage:
+    to: str
+    subject: str
+    text: str
+    html: str
+
+
+@dataclass(frozen=True)
+class SmsMessage:
+    to: str  # E.164, e.g. +14155550123
+    text: str
+
+
+@runtime_checkable
+class EmailSender(Protocol):
+    def send_email(self, message: EmailMessage) -> str:
+        """Deliver the message; return the provider's message id."""
+        ...
+
+
+@runtime_checkable
+class SmsSender(Protocol):
+    def send_sms(self, message: SmsMessage) -> str:
+        """Deliver the message; return the provider's message id."""
+        ...
+
+
+def shorten(text: str, limit: int = 200) -> str:
+    """One line of at most `limit` characters, for error reasons built from server replies."""
+    line = " ".join(text.split())
+    return line if len(line) <= limit else line[: limit - 1] + "…"

@@ -1,0 +1,43 @@
+"""Celery tasks. Thin: the argument is an id, the work is workers/delivery.py."""
+
+from __future__ import annotations
+
+import os
+
+from celery import shared_task
+
+from workers.delivery import Deliverer
+
+_deliverer: tuple[int, Deliverer] | None = None
+
+
+def deliverer() -> Deliverer:
+    """One Deliverer per worker process, built after the fork (a DB pool can't cross a fork)."""
+    global _deliverer
+    if _deliverer is None or _deliverer[0] != os.getpid():
+        from server.app import load_keyring
+        from server.settings import Settings
+        from server.storage.database import open_database
+        from workers.providers import build_email_sender, build_sms_sender
+
+        settings = Settings.from_env()
+        db = open_database(settings.database_url, data_dir=settings.data_dir, pool_size=2)
+        _deliverer = (
+            os.getpid(),
+            Deliverer(
+                db,
+                load_keyring(settings),
+                build_email_sender(settings),
+                build_sms_sender(settings),
+                issuer=settings.policy.issuer,
+            ),
+        )
+    return _deliverer[1]
+
+
+@shared_task(bind=True, name="twofactor.deliver_challenge", max_retries=None)
+def deliver_challenge(self, challenge_id: str) -> str:  # type: ignore[no-untyped-def]
+    outcome = deliverer().deliver(challenge_id)
+    if outcome.retry_in is not None:
+        raise self.retry(countdown=outcome.retry_in)
+    return outcome.status
