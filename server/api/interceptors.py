@@ -15,9 +15,10 @@ from collections.abc import Callable
 from typing import Any
 
 import grpc
+from google.protobuf.message import DecodeError
 
 from server.api.errors import abort_for, status_for
-from server.domain.errors import PermissionDenied, TwoFactorError, Unauthenticated
+from server.domain.errors import InvalidArgument, PermissionDenied, TwoFactorError, Unauthenticated
 from server.domain.models import Caller
 from server.settings import TokenSetting
 
@@ -28,15 +29,38 @@ SCOPES = {"twofactor.v1.TwoFactorService": "app", "twofactor.v1.AdminService": "
 MAX_REQUEST_ID = 128
 
 
-def _wrap_unary(handler: grpc.RpcMethodHandler, around: Callable[[Any, grpc.ServicerContext, Callable], Any]):  # type: ignore[type-arg]
+def _wrap_unary(
+    handler: grpc.RpcMethodHandler,
+    around: Callable[[Any, grpc.ServicerContext, Callable], Any],  # type: ignore[type-arg]
+    request_deserializer: Callable[[bytes], Any] | None = None,
+):  # type: ignore[no-untyped-def]
     if handler is None or handler.unary_unary is None:
         return handler
     inner = handler.unary_unary
     return grpc.unary_unary_rpc_method_handler(
         lambda request, context: around(request, context, inner),
-        request_deserializer=handler.request_deserializer,
+        request_deserializer=request_deserializer or handler.request_deserializer,
         response_serializer=handler.response_serializer,
     )
+
+
+class _Undecodable:
+    """Stands in for a request whose bytes are not a valid message."""
+
+
+def _tolerant(deserialize: Callable[[bytes], Any] | None) -> Callable[[bytes], Any] | None:
+    """A deserializer that turns a decode error into a value the handler answers INVALID_ARGUMENT to
+    (grpcio itself would answer INTERNAL)."""
+    if deserialize is None:
+        return None
+
+    def tolerant(raw: bytes) -> Any:
+        try:
+            return deserialize(raw)
+        except DecodeError:
+            return _Undecodable()
+
+    return tolerant
 
 
 class CallerInterceptor(grpc.ServerInterceptor):
@@ -92,10 +116,14 @@ class ErrorInterceptor(grpc.ServerInterceptor):
 
         def around(request, context, inner):  # type: ignore[no-untyped-def]
             try:
+                if isinstance(request, _Undecodable):
+                    raise InvalidArgument("MALFORMED_REQUEST", "the request bytes are not a valid message")
                 return inner(request, context)
             except Exception as exc:
                 if context.code() is not None:  # already aborted by the handler
                     raise
                 abort_for(exc, context, method)
 
-        return _wrap_unary(handler, around)
+        if handler is None:
+            return None
+        return _wrap_unary(handler, around, _tolerant(handler.request_deserializer))

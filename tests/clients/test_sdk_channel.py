@@ -110,7 +110,7 @@ class Recorder(grpc.GenericRpcHandler):
             return [a for a in self.attempts if a.method == method]
 
 
-def start_server(
+def serve(
     recorder: Recorder, port: int = 0, credentials: grpc.ServerCredentials | None = None
 ) -> tuple[grpc.Server, int]:
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=4), handlers=[recorder])
@@ -131,7 +131,7 @@ def recorder() -> Recorder:
 
 @pytest.fixture
 def target(recorder: Recorder) -> Iterator[str]:
-    server, port = start_server(recorder)
+    server, port = serve(recorder)
     yield f"127.0.0.1:{port}"
     server.stop(None)
 
@@ -417,7 +417,7 @@ def test_retry_carries_a_call_across_a_server_restart(retried: bool) -> None:
     Without a retry policy the same call fails, which shows the first attempt did fail.
     """
     first, second = Recorder(), Recorder()
-    server, port = start_server(first)
+    server, port = serve(first)
     servers = [server]
     # Slow retries (gRPC's backoff is random in [0, cap]) against a fast
     # reconnect, so some attempt lands after the new server is up.
@@ -432,7 +432,7 @@ def test_retry_carries_a_call_across_a_server_restart(retried: bool) -> None:
     def restart() -> None:
         # Start the new server only once the client has failed to connect.
         if failed.wait(WAIT):
-            servers.append(start_server(second, port)[0])
+            servers.append(serve(second, port)[0])
 
     restarter = threading.Thread(target=restart)
     with twofactor.TwoFactorClient(
@@ -610,7 +610,7 @@ def pki() -> Pki:
 
 def test_tls_with_server_name_override(pki: Pki, recorder: Recorder) -> None:
     credentials = grpc.ssl_server_credentials([(pki.server_key, pki.server_cert)])
-    server, port = start_server(recorder, credentials=credentials)
+    server, port = serve(recorder, credentials=credentials)
     tls = twofactor.TlsConfig(root_ca=pki.ca, server_name="twofactor.test")
     try:
         with twofactor.TwoFactorClient(f"127.0.0.1:{port}", token=TOKEN, tls=tls) as client:
@@ -625,7 +625,7 @@ def test_mtls_needs_the_client_certificate(pki: Pki, recorder: Recorder, tmp_pat
     credentials = grpc.ssl_server_credentials(
         [(pki.server_key, pki.server_cert)], root_certificates=pki.ca, require_client_auth=True
     )
-    server, port = start_server(recorder, credentials=credentials)
+    server, port = serve(recorder, credentials=credentials)
     for name in ("ca", "client_cert", "client_key"):
         (tmp_path / f"{name}.pem").write_bytes(getattr(pki, name))
     with_cert = twofactor.TlsConfig.from_files(

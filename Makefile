@@ -1,0 +1,35 @@
+# Setup and everyday commands. Each target creates the virtual environment on first use.
+PYTHON ?= python3
+VENV ?= .venv
+BIN = $(VENV)/bin
+
+.PHONY: serve test lint generate bench
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+
+# The server and the generated client package it imports.
+$(VENV)/.runtime: $(BIN)/python pyproject.toml clients/python/pyproject.toml
+	$(BIN)/pip install --quiet -e clients/python -e .
+	touch $@
+
+$(VENV)/.test: $(VENV)/.runtime
+	$(BIN)/pip install --quiet -e '.[test]'
+	touch $@
+
+serve: $(VENV)/.runtime  ## run on the embedded default (SQLite, in-process delivery)
+	$(BIN)/twofactor serve
+
+test: $(VENV)/.test  ## the whole suite (needs PostgreSQL and Redis on 127.0.0.1)
+	$(BIN)/pytest
+
+lint: $(VENV)/.test
+	$(BIN)/ruff check .
+	$(BIN)/mypy --strict clients/python/src/twofactor
+
+generate: $(VENV)/.test  ## regenerate clients/python/src/twofactor/v1 from protos/
+	$(BIN)/python scripts/gen_protos.py
+
+bench: $(VENV)/.test
+	$(BIN)/python bench/verify_vs_health.py

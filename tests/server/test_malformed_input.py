@@ -1,0 +1,141 @@
+"""Every RPC with malformed input answers its documented status and reason, never INTERNAL or UNKNOWN."""
+
+from __future__ import annotations
+
+import grpc
+import pytest
+from google.protobuf.message import Message
+from twofactor.v1 import admin_service_pb2 as admin_pb
+from twofactor.v1 import twofactor_service_pb2 as pb
+
+from tests.conftest import Harness
+from tests.server.helpers import AUTHENTICATOR, EMAIL, SMS, error_info
+
+INVALID = grpc.StatusCode.INVALID_ARGUMENT
+LONG_ID = "u" * 257
+UNKNOWN_METHOD = 99
+
+# (service, RPC, request, expected status, expected ErrorInfo reason)
+CASES: list[tuple[str, str, Message, grpc.StatusCode, str]] = [
+    ("app", "GetStatus", pb.GetStatusRequest(user_id=""), INVALID, "INVALID_USER_ID"),
+    ("app", "GetStatus", pb.GetStatusRequest(user_id=LONG_ID), INVALID, "INVALID_USER_ID"),
+    ("app", "GetStatus", pb.GetStatusRequest(user_id="é" * 129), INVALID, "INVALID_USER_ID"),  # 258 bytes
+    ("app", "GetStatus", pb.GetStatusRequest(user_id="bad\nid"), INVALID, "INVALID_USER_ID"),
+    ("app", "SetContact", pb.SetContactRequest(user_id=""), INVALID, "INVALID_USER_ID"),
+    ("app", "SetContact", pb.SetContactRequest(user_id="a", email="not-an-email"), INVALID, "INVALID_EMAIL"),
+    ("app", "SetContact", pb.SetContactRequest(user_id="a", email="a@b"), INVALID, "INVALID_EMAIL"),
+    ("app", "SetContact", pb.SetContactRequest(user_id="a", phone="4155550123"), INVALID, "INVALID_PHONE"),
+    ("app", "SetContact", pb.SetContactRequest(user_id="a", phone="+0123456789"), INVALID, "INVALID_PHONE"),
+    ("app", "SetContact", pb.SetContactRequest(user_id="a", phone="+1415555012345678"), INVALID, "INVALID_PHONE"),
+    ("app", "StartEnrollment", pb.StartEnrollmentRequest(user_id="", method=AUTHENTICATOR), INVALID,
+     "INVALID_USER_ID"),
+    ("app", "StartEnrollment", pb.StartEnrollmentRequest(user_id="a"), INVALID, "INVALID_METHOD"),
+    ("app", "StartEnrollment", pb.StartEnrollmentRequest(user_id="a", method=UNKNOWN_METHOD), INVALID,
+     "INVALID_METHOD"),
+    ("app", "StartEnrollment", pb.StartEnrollmentRequest(user_id="a", method=AUTHENTICATOR, account_name="x" * 300),
+     INVALID, "INVALID_ACCOUNT_NAME"),
+    ("app", "StartEnrollment", pb.StartEnrollmentRequest(user_id="a", method=EMAIL, locale="x" * 64), INVALID,
+     "INVALID_LOCALE"),
+    ("app", "ConfirmEnrollment", pb.ConfirmEnrollmentRequest(user_id="a", method=AUTHENTICATOR, code=""), INVALID,
+     "INVALID_CODE"),
+    ("app", "ConfirmEnrollment", pb.ConfirmEnrollmentRequest(user_id="a", method=AUTHENTICATOR, code="12ab56"),
+     INVALID, "INVALID_CODE"),
+    ("app", "ConfirmEnrollment", pb.ConfirmEnrollmentRequest(user_id="a", method=AUTHENTICATOR, code="12345"),
+     INVALID, "INVALID_CODE"),
+    ("app", "ConfirmEnrollment", pb.ConfirmEnrollmentRequest(user_id="a", method=0, code="123456"), INVALID,
+     "INVALID_METHOD"),
+    ("app", "DisableMethod", pb.DisableMethodRequest(user_id="a", method=UNKNOWN_METHOD), INVALID, "INVALID_METHOD"),
+    ("app", "DisableMethod", pb.DisableMethodRequest(user_id=LONG_ID, method=SMS), INVALID, "INVALID_USER_ID"),
+    ("app", "SendCode", pb.SendCodeRequest(user_id="a", method=0), INVALID, "INVALID_METHOD"),
+    ("app", "SendCode", pb.SendCodeRequest(user_id="a", method=EMAIL, idempotency_key="k" * 129), INVALID,
+     "INVALID_IDEMPOTENCY_KEY"),
+    ("app", "GetChallenge", pb.GetChallengeRequest(user_id="a", challenge_id=""), INVALID, "INVALID_CHALLENGE_ID"),
+    ("app", "GetChallenge", pb.GetChallengeRequest(user_id="", challenge_id="c"), INVALID, "INVALID_USER_ID"),
+    ("app", "Verify", pb.VerifyRequest(user_id="a", code=""), INVALID, "INVALID_CODE"),
+    ("app", "Verify", pb.VerifyRequest(user_id="a", code="12345"), INVALID, "INVALID_CODE"),
+    ("app", "Verify", pb.VerifyRequest(user_id="a", code="１２３４５６"), INVALID, "INVALID_CODE"),  # full-width digits
+    ("app", "Verify", pb.VerifyRequest(user_id="a", code="x" * 10_000), INVALID, "INVALID_CODE"),
+    ("app", "Verify", pb.VerifyRequest(user_id="a", code="'; DROP TABLE users; --"), INVALID, "INVALID_CODE"),
+    ("app", "Verify", pb.VerifyRequest(user_id="", code="123456"), INVALID, "INVALID_USER_ID"),
+    ("app", "GetBackupCodes", pb.GetBackupCodesRequest(user_id=""), INVALID, "INVALID_USER_ID"),
+    ("app", "RegenerateBackupCodes", pb.RegenerateBackupCodesRequest(user_id=LONG_ID), INVALID, "INVALID_USER_ID"),
+    ("admin", "GetUser", admin_pb.GetUserRequest(user_id=""), INVALID, "INVALID_USER_ID"),
+    ("admin", "ListUsers", admin_pb.ListUsersRequest(page_size=-1), INVALID, "INVALID_PAGE_SIZE"),
+    ("admin", "ListUsers", admin_pb.ListUsersRequest(page_size=1001), INVALID, "INVALID_PAGE_SIZE"),
+    ("admin", "ListUsers", admin_pb.ListUsersRequest(page_token="garbage!"), INVALID, "INVALID_PAGE_TOKEN"),
+    ("admin", "ListUsers", admin_pb.ListUsersRequest(filter=7), INVALID, "INVALID_FILTER"),
+    ("admin", "ResetUser", admin_pb.ResetUserRequest(user_id="a", reason=""), INVALID, "INVALID_REASON"),
+    ("admin", "ResetUser", admin_pb.ResetUserRequest(user_id="", reason="lost phone"), INVALID, "INVALID_USER_ID"),
+    ("admin", "UnlockUser", admin_pb.UnlockUserRequest(user_id=LONG_ID), INVALID, "INVALID_USER_ID"),
+    ("admin", "ListAuditEvents", admin_pb.ListAuditEventsRequest(page_token="ZTpub3RhbnVtYmVy"), INVALID,
+     "INVALID_PAGE_TOKEN"),
+    ("admin", "ListAuditEvents", admin_pb.ListAuditEventsRequest(user_id=LONG_ID), INVALID, "INVALID_USER_ID"),
+    # State, not shape: documented statuses other than INVALID_ARGUMENT.
+    ("app", "ConfirmEnrollment", pb.ConfirmEnrollmentRequest(user_id="ghost", method=AUTHENTICATOR, code="123456"),
+     grpc.StatusCode.NOT_FOUND, "USER_NOT_FOUND"),
+    ("app", "SendCode", pb.SendCodeRequest(user_id="ghost", method=EMAIL), grpc.StatusCode.NOT_FOUND,
+     "USER_NOT_FOUND"),
+    ("app", "SendCode", pb.SendCodeRequest(user_id="known", method=AUTHENTICATOR),
+     grpc.StatusCode.FAILED_PRECONDITION, "METHOD_HAS_NO_CODE_TO_SEND"),
+    ("app", "SendCode", pb.SendCodeRequest(user_id="known", method=EMAIL), grpc.StatusCode.FAILED_PRECONDITION,
+     "METHOD_NOT_ENABLED"),
+    ("app", "StartEnrollment", pb.StartEnrollmentRequest(user_id="known", method=SMS),
+     grpc.StatusCode.FAILED_PRECONDITION, "CONTACT_MISSING"),
+    ("app", "ConfirmEnrollment", pb.ConfirmEnrollmentRequest(user_id="known", method=SMS, code="123456"),
+     grpc.StatusCode.FAILED_PRECONDITION, "NO_PENDING_ENROLLMENT"),
+    ("app", "DisableMethod", pb.DisableMethodRequest(user_id="known", method=SMS),
+     grpc.StatusCode.FAILED_PRECONDITION, "METHOD_NOT_ENABLED"),
+    ("app", "GetChallenge", pb.GetChallengeRequest(user_id="known", challenge_id="nope"), grpc.StatusCode.NOT_FOUND,
+     "CHALLENGE_NOT_FOUND"),
+    ("app", "GetBackupCodes", pb.GetBackupCodesRequest(user_id="known"), grpc.StatusCode.FAILED_PRECONDITION,
+     "NOT_ENROLLED"),
+    ("app", "RegenerateBackupCodes", pb.RegenerateBackupCodesRequest(user_id="ghost"), grpc.StatusCode.NOT_FOUND,
+     "USER_NOT_FOUND"),
+    ("admin", "GetUser", admin_pb.GetUserRequest(user_id="ghost"), grpc.StatusCode.NOT_FOUND, "USER_NOT_FOUND"),
+    ("admin", "UnlockUser", admin_pb.UnlockUserRequest(user_id="ghost"), grpc.StatusCode.NOT_FOUND,
+     "USER_NOT_FOUND"),
+    ("admin", "ResetUser", admin_pb.ResetUserRequest(user_id="ghost", reason="r"), grpc.StatusCode.NOT_FOUND,
+     "USER_NOT_FOUND"),
+]
+
+
+@pytest.mark.parametrize(
+    ("service", "rpc", "request_message", "expected", "reason"),
+    CASES,
+    ids=[f"{c[1]}-{c[4]}-{i}" for i, c in enumerate(CASES)],
+)
+def test_malformed_input_gets_its_documented_status(
+    harness: Harness, service: str, rpc: str, request_message: Message, expected: grpc.StatusCode, reason: str
+) -> None:
+    harness.twofactor.SetContact(pb.SetContactRequest(user_id="known"), metadata=harness.app_metadata)
+    stub, metadata = (
+        (harness.twofactor, harness.app_metadata) if service == "app" else (harness.admin, harness.admin_metadata)
+    )
+    with pytest.raises(grpc.RpcError) as raised:
+        getattr(stub, rpc)(request_message, metadata=metadata, timeout=10)
+    assert raised.value.code() == expected, raised.value.details()
+    info = error_info(raised.value)
+    assert info.reason == reason
+    assert info.domain == "twofactor.v1"
+    assert raised.value.details()  # a human-readable message, too
+
+
+def test_every_rpc_has_a_malformed_input_case() -> None:
+    covered = {rpc for _, rpc, *_ in CASES}
+    for file in (pb, admin_pb):
+        for service in file.DESCRIPTOR.services_by_name.values():
+            for method in service.methods:
+                if method.name != "GetPolicy":  # takes no input at all
+                    assert method.name in covered, f"{service.name}/{method.name} has no malformed-input case"
+
+
+def test_undecodable_request_bytes_are_not_internal(harness: Harness) -> None:
+    call = harness.channel.unary_unary(
+        "/twofactor.v1.TwoFactorService/Verify",
+        request_serializer=lambda raw: raw,
+        response_deserializer=lambda raw: raw,
+    )
+    with pytest.raises(grpc.RpcError) as raised:
+        call(b"\xff\xff\xff\xff", metadata=harness.app_metadata, timeout=10)
+    assert raised.value.code() == INVALID
+    assert error_info(raised.value).reason == "MALFORMED_REQUEST"
