@@ -109,8 +109,10 @@ def run_worker(settings: Settings, concurrency: int, loglevel: str) -> int:
         build_sms_sender(settings)
     except ProviderConfigError as error:
         raise SettingsError(str(error)) from None
-    app.worker_main(["worker", f"--concurrency={concurrency}", f"--loglevel={loglevel}", "--without-gossip",
-                     "--without-mingle", "--without-heartbeat"])
+    app.worker_main([
+        "worker", f"--queues={settings.delivery_queue}", f"--concurrency={concurrency}", f"--loglevel={loglevel}",
+        "--without-gossip", "--without-mingle", "--without-heartbeat",
+    ])
     return 0
 
 

@@ -78,6 +78,8 @@ class Settings:
     # Empty: the embedded default, delivery tasks run in-process.
     broker_url: str = ""
     broker_timeout_seconds: float = 2.0
+    delivery_queue: str = "twofactor"
+    delivery_retry_base_seconds: float = 2.0  # first retry after a transient failure; doubles, with jitter
     email_provider: str = "console"  # console | smtp
     sms_provider: str = "console"  # console | sns | package.module:ClassName
     smtp: SmtpSettings = field(default_factory=SmtpSettings)
@@ -149,6 +151,8 @@ class Settings:
             keys=env.str("KEYS", ""),
             broker_url=env.str("BROKER_URL", ""),
             broker_timeout_seconds=env.float("BROKER_TIMEOUT_SECONDS", cls.broker_timeout_seconds),
+            delivery_queue=env.str("DELIVERY_QUEUE", cls.delivery_queue),
+            delivery_retry_base_seconds=env.float("DELIVERY_RETRY_BASE_SECONDS", cls.delivery_retry_base_seconds),
             email_provider=env.choice("EMAIL_PROVIDER", cls.email_provider, ("console", "smtp")),
             sms_provider=env.str("SMS_PROVIDER", cls.sms_provider),
             smtp=smtp,

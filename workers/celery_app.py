@@ -13,6 +13,7 @@ from server.settings import Settings
 def create_celery(settings: Settings) -> Celery:
     app = Celery("twofactor", broker=settings.broker_url, include=["workers.tasks"])
     app.conf.update(
+        task_default_queue=settings.delivery_queue,
         task_serializer="json",
         accept_content=["json"],
         result_backend=None,

@@ -30,7 +30,6 @@ from workers.providers import (
 
 log = logging.getLogger(__name__)
 
-RETRY_BASE_SECONDS = 2.0
 RETRY_MAX_SECONDS = 60.0
 
 
@@ -40,9 +39,9 @@ class Outcome:
     retry_in: float | None = None
 
 
-def backoff_seconds(attempt: int) -> float:
-    """Exponential backoff with full jitter, so retries from many workers spread out."""
-    ceiling = min(RETRY_MAX_SECONDS, RETRY_BASE_SECONDS * 2 ** max(attempt - 1, 0))
+def backoff_seconds(attempt: int, base: float) -> float:
+    """Exponential backoff with jitter (half to all of the step), so retries from many workers spread out."""
+    ceiling = min(RETRY_MAX_SECONDS, base * 2 ** max(attempt - 1, 0))
     return random.uniform(ceiling / 2, ceiling)  # noqa: S311 - jitter, not a secret
 
 
@@ -55,6 +54,7 @@ class Deliverer:
         sms_sender: SmsSender,
         *,
         issuer: str,
+        retry_base_seconds: float = 2.0,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self._db = db
@@ -62,6 +62,7 @@ class Deliverer:
         self._email = email_sender
         self._sms = sms_sender
         self._issuer = issuer
+        self._retry_base = retry_base_seconds
         self._clock = clock
 
     def deliver(self, challenge_id: str) -> Outcome:
@@ -84,7 +85,7 @@ class Deliverer:
                 row["method"], row["purpose"], row["destination"], row["locale"], code, ttl_minutes
             )
         except TransientDeliveryError as error:
-            retry_in = backoff_seconds(row["delivery_attempts"])
+            retry_in = backoff_seconds(row["delivery_attempts"], self._retry_base)
             if now + retry_in * 1000 >= row["expires_at"]:
                 self._record(challenge_id, "expired", failure_reason=f"gave up: {error.reason}")
                 return Outcome("expired")

@@ -30,12 +30,12 @@ class CeleryDispatcher:
         from workers.celery_app import create_celery
 
         self._app = create_celery(settings)
-        self._timeout = settings.broker_timeout_seconds
+        self._queue = settings.delivery_queue
 
     def dispatch(self, challenge_id: str) -> None:
         try:
             # No publish retries: the caller gets UNAVAILABLE quickly and retries the RPC.
-            self._app.send_task(DELIVER_TASK, args=[challenge_id], retry=False, connect_timeout=self._timeout)
+            self._app.send_task(DELIVER_TASK, args=[challenge_id], queue=self._queue, retry=False)
         except Exception as error:  # kombu/redis raise many types for "broker unreachable"
             log.warning("could not queue delivery of %s: %s", challenge_id, type(error).__name__)
             raise Unavailable(
@@ -99,6 +99,9 @@ def build_dispatcher(
     if settings.broker_url:
         celery_dispatcher = CeleryDispatcher(settings)
         return celery_dispatcher, celery_dispatcher.close
-    deliverer = Deliverer(db, keyring, email_sender, sms_sender, issuer=settings.policy.issuer, clock=clock)
+    deliverer = Deliverer(
+        db, keyring, email_sender, sms_sender, issuer=settings.policy.issuer,
+        retry_base_seconds=settings.delivery_retry_base_seconds, clock=clock,
+    )
     dispatcher = InProcessDispatcher(deliverer)
     return dispatcher, dispatcher.close

@@ -30,6 +30,7 @@ def deliverer() -> Deliverer:
                 build_email_sender(settings),
                 build_sms_sender(settings),
                 issuer=settings.policy.issuer,
+                retry_base_seconds=settings.delivery_retry_base_seconds,
             ),
         )
     return _deliverer[1]

@@ -1,0 +1,227 @@
+"""Codes by email and SMS with in-process delivery (the embedded default's path) to a real
+SMTP server and a custom SMS class: expiry, attempt limit, cooldown, hourly limits, idempotency."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import ClassVar
+from concurrent.futures import ThreadPoolExecutor
+
+import grpc
+import pytest
+from twofactor.v1 import common_pb2
+from twofactor.v1 import twofactor_service_pb2 as pb
+
+from tests.conftest import Clock, Harness, ServerFactory
+from tests.server.helpers import EMAIL, SMS, error_info, retry_info, verify
+from tests.smtp_sink import SmtpSink, code_in, running_sink
+from workers.providers import SmsMessage
+
+
+@pytest.fixture
+def sink() -> Iterator[SmtpSink]:
+    with running_sink(SmtpSink()) as running:
+        yield running
+
+
+@pytest.fixture
+def email_server(start_server: ServerFactory, sink: SmtpSink) -> Harness:
+    return start_server(email_provider="smtp", smtp=sink.settings())
+
+
+def enroll_email(h: Harness, sink: SmtpSink, clock: Clock, user_id: str) -> list[str]:
+    h.twofactor.SetContact(pb.SetContactRequest(user_id=user_id, email=f"{user_id}@example.com"),
+                           metadata=h.app_metadata)
+    before = len(sink.messages)
+    start = h.twofactor.StartEnrollment(pb.StartEnrollmentRequest(user_id=user_id, method=EMAIL),
+                                        metadata=h.app_metadata)
+    assert start.WhichOneof("setup") == "challenge"
+    assert start.challenge.masked_destination == f"{user_id[0]}***@example.com"
+    code = code_in(sink.wait_for_messages(before + 1)[-1])
+    confirm = h.twofactor.ConfirmEnrollment(
+        pb.ConfirmEnrollmentRequest(user_id=user_id, method=EMAIL, code=code), metadata=h.app_metadata
+    )
+    assert confirm.confirmed and list(confirm.enabled_methods) == [EMAIL]
+    clock.advance(31)  # past the resend cooldown
+    return list(confirm.backup_codes)
+
+
+def send_and_read(h: Harness, sink: SmtpSink, user_id: str, **fields: str) -> tuple[pb.SendCodeResponse, str]:
+    before = len(sink.messages)
+    sent = h.twofactor.SendCode(pb.SendCodeRequest(user_id=user_id, method=EMAIL, **fields), metadata=h.app_metadata)
+    return sent, code_in(sink.wait_for_messages(before + 1)[-1])
+
+
+def wait_for_delivery(h: Harness, user_id: str, challenge_id: str, status: int) -> common_pb2.Challenge:
+    """Poll the delivery status over RPC until it reaches `status` (bounded)."""
+    import time
+
+    deadline = time.monotonic() + 60
+    while True:
+        challenge = h.twofactor.GetChallenge(
+            pb.GetChallengeRequest(user_id=user_id, challenge_id=challenge_id), metadata=h.app_metadata
+        ).challenge
+        if challenge.delivery_status == status:
+            return challenge
+        assert time.monotonic() < deadline, f"delivery stayed {challenge.delivery_status}"
+        time.sleep(0.05)
+
+
+def test_emailed_code_verifies_once(email_server: Harness, sink: SmtpSink, clock: Clock) -> None:
+    enroll_email(email_server, sink, clock, "ana")
+    sent, code = send_and_read(email_server, sink, "ana")
+    message = sink.messages[-1]
+    assert message["To"] == "ana@example.com" and code not in message["Subject"]
+    delivered = wait_for_delivery(email_server, "ana", sent.challenge.challenge_id, common_pb2.DELIVERY_STATUS_SENT)
+    assert delivered.provider_message_id == message["Message-ID"]
+    first = verify(email_server, "ana", code)
+    assert first.result == pb.VERIFY_RESULT_ACCEPTED and first.matched == pb.CODE_KIND_EMAIL
+    assert verify(email_server, "ana", code).result == pb.VERIFY_RESULT_REJECTED
+
+
+def test_code_expires_after_ten_minutes(email_server: Harness, sink: SmtpSink, clock: Clock) -> None:
+    enroll_email(email_server, sink, clock, "ben")
+    sent, code = send_and_read(email_server, sink, "ben")
+    assert sent.challenge.expires_at.seconds == int(clock.now) + 600
+    clock.advance(601)
+    assert verify(email_server, "ben", code).result == pb.VERIFY_RESULT_REJECTED
+    challenge = email_server.twofactor.GetChallenge(
+        pb.GetChallengeRequest(user_id="ben", challenge_id=sent.challenge.challenge_id),
+        metadata=email_server.app_metadata,
+    ).challenge
+    assert challenge.delivery_status == common_pb2.DELIVERY_STATUS_SENT  # it was delivered, then expired unused
+
+
+def test_five_wrong_attempts_kill_the_code(start_server: ServerFactory, sink: SmtpSink, clock: Clock) -> None:
+    # A high lockout threshold isolates the per-code limit from the per-user lockout.
+    h = start_server(email_provider="smtp", smtp=sink.settings(), policy={"lockout_threshold": 50})
+    enroll_email(h, sink, clock, "cid")
+    _, code = send_and_read(h, sink, "cid")
+    wrong = "000000" if code != "000000" else "111111"
+    for _ in range(5):
+        assert verify(h, "cid", wrong).result == pb.VERIFY_RESULT_REJECTED
+    assert verify(h, "cid", code).result == pb.VERIFY_RESULT_REJECTED
+
+
+def test_resend_cooldown_and_new_code_supersedes(email_server: Harness, sink: SmtpSink, clock: Clock) -> None:
+    enroll_email(email_server, sink, clock, "dan")
+    first, old_code = send_and_read(email_server, sink, "dan")
+    assert first.challenge.resend_after.seconds == int(clock.now) + 30
+    with pytest.raises(grpc.RpcError) as raised:
+        email_server.twofactor.SendCode(pb.SendCodeRequest(user_id="dan", method=EMAIL),
+                                        metadata=email_server.app_metadata)
+    assert raised.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert error_info(raised.value).reason == "RESEND_TOO_SOON"
+    retry = retry_info(raised.value)
+    assert retry is not None and retry.retry_delay.seconds == 30
+    clock.advance(30)
+    _, new_code = send_and_read(email_server, sink, "dan")
+    if new_code != old_code:
+        assert verify(email_server, "dan", old_code).result == pb.VERIFY_RESULT_REJECTED
+    assert verify(email_server, "dan", new_code).result == pb.VERIFY_RESULT_ACCEPTED
+
+
+def test_sending_never_resets_the_failure_budget(email_server: Harness, sink: SmtpSink, clock: Clock) -> None:
+    enroll_email(email_server, sink, clock, "eve")
+    _, code = send_and_read(email_server, sink, "eve")
+    wrong = "000000" if code != "000000" else "111111"
+    assert verify(email_server, "eve", wrong).attempts_left == 4
+    clock.advance(31)
+    send_and_read(email_server, sink, "eve")
+    assert verify(email_server, "eve", wrong).attempts_left == 3
+
+
+def test_hourly_limits_per_user_and_per_destination(start_server: ServerFactory, sink: SmtpSink,
+                                                    clock: Clock) -> None:
+    h = start_server(email_provider="smtp", smtp=sink.settings(),
+                     policy={"sends_per_user_per_hour": 3, "sends_per_destination_per_hour": 4})
+    enroll_email(h, sink, clock, "fay")  # the enrollment code was the first send
+    for _ in range(2):
+        send_and_read(h, sink, "fay")
+        clock.advance(31)
+    with pytest.raises(grpc.RpcError) as raised:
+        h.twofactor.SendCode(pb.SendCodeRequest(user_id="fay", method=EMAIL), metadata=h.app_metadata)
+    assert raised.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert error_info(raised.value).reason == "USER_SEND_LIMIT"
+
+    # Another user with the same address: the destination's limit (4) is reached after one more send.
+    h.twofactor.SetContact(pb.SetContactRequest(user_id="fay2", email="fay@example.com"), metadata=h.app_metadata)
+    h.twofactor.StartEnrollment(pb.StartEnrollmentRequest(user_id="fay2", method=EMAIL), metadata=h.app_metadata)
+    clock.advance(31)
+    with pytest.raises(grpc.RpcError) as raised:
+        h.twofactor.StartEnrollment(pb.StartEnrollmentRequest(user_id="fay2", method=EMAIL), metadata=h.app_metadata)
+    assert error_info(raised.value).reason == "DESTINATION_SEND_LIMIT"
+
+    clock.advance(3600)
+    send_and_read(h, sink, "fay")  # an hour later the window has moved on
+
+
+def test_idempotency_key_returns_the_same_challenge_and_sends_nothing(
+    email_server: Harness, sink: SmtpSink, clock: Clock
+) -> None:
+    enroll_email(email_server, sink, clock, "gus")
+    first, _ = send_and_read(email_server, sink, "gus", idempotency_key="login-42")
+    sent_before = len(sink.messages)
+    again = email_server.twofactor.SendCode(
+        pb.SendCodeRequest(user_id="gus", method=EMAIL, idempotency_key="login-42"), metadata=email_server.app_metadata
+    )
+    assert again.challenge.challenge_id == first.challenge.challenge_id
+    wait_for_delivery(email_server, "gus", first.challenge.challenge_id, common_pb2.DELIVERY_STATUS_SENT)
+    assert len(sink.messages) == sent_before
+    clock.advance(601)  # past the idempotency window: the same key sends a new code
+    fresh, _ = send_and_read(email_server, sink, "gus", idempotency_key="login-42")
+    assert fresh.challenge.challenge_id != first.challenge.challenge_id
+
+
+def test_fifty_concurrent_verifies_of_one_emailed_code_accept_one(
+    email_server: Harness, sink: SmtpSink, clock: Clock
+) -> None:
+    enroll_email(email_server, sink, clock, "hal")
+    _, code = send_and_read(email_server, sink, "hal")
+    with ThreadPoolExecutor(max_workers=50) as pool:
+        results = list(pool.map(lambda _: verify(email_server, "hal", code).result, range(50)))
+    assert results.count(pb.VERIFY_RESULT_ACCEPTED) == 1
+
+
+def test_sms_code_through_a_custom_class(start_server: ServerFactory, clock: Clock) -> None:
+    h = start_server(sms_provider="tests.server.test_challenges:SharedRecordingSms")
+    h.twofactor.SetContact(pb.SetContactRequest(user_id="ivy", phone="+14155550123"), metadata=h.app_metadata)
+    start = h.twofactor.StartEnrollment(pb.StartEnrollmentRequest(user_id="ivy", method=SMS), metadata=h.app_metadata)
+    assert start.challenge.masked_destination == "+1******0123"
+    sent = wait_for_delivery(h, "ivy", start.challenge.challenge_id, common_pb2.DELIVERY_STATUS_SENT)
+    message = SharedRecordingSms.outbox[-1]
+    assert message.to == "+14155550123" and sent.provider_message_id.startswith("recorded-")
+    code = message.text.split(" is ")[1][:6]
+    confirm = h.twofactor.ConfirmEnrollment(pb.ConfirmEnrollmentRequest(user_id="ivy", method=SMS, code=code),
+                                            metadata=h.app_metadata)
+    assert confirm.confirmed
+
+
+def test_contact_missing_names_what_is_missing(harness: Harness) -> None:
+    harness.twofactor.SetContact(pb.SetContactRequest(user_id="jo", phone="+14155550100"),
+                                 metadata=harness.app_metadata)
+    with pytest.raises(grpc.RpcError) as raised:
+        harness.twofactor.StartEnrollment(pb.StartEnrollmentRequest(user_id="jo", method=EMAIL),
+                                          metadata=harness.app_metadata)
+    assert raised.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    info = error_info(raised.value)
+    assert info.reason == "CONTACT_MISSING" and info.metadata["contact"] == "email"
+
+
+def test_method_not_allowed_by_policy(start_server: ServerFactory) -> None:
+    h = start_server(policy={"allowed_methods": ("authenticator",)})
+    h.twofactor.SetContact(pb.SetContactRequest(user_id="kim", email="kim@example.com"), metadata=h.app_metadata)
+    with pytest.raises(grpc.RpcError) as raised:
+        h.twofactor.StartEnrollment(pb.StartEnrollmentRequest(user_id="kim", method=EMAIL), metadata=h.app_metadata)
+    assert raised.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert error_info(raised.value).reason == "METHOD_NOT_ALLOWED"
+
+
+class SharedRecordingSms:
+    """An operator's SMS class, loaded by dotted path; keeps what it sent where the test can read it."""
+
+    outbox: ClassVar[list[SmsMessage]] = []
+
+    def send_sms(self, message: SmsMessage) -> str:
+        self.outbox.append(message)
+        return f"recorded-{len(self.outbox)}"
