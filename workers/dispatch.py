@@ -30,6 +30,15 @@ class CeleryDispatcher:
         from workers.celery_app import create_celery
 
         self._app = create_celery(settings)
+        # Publishing fails fast: one connection attempt, no pause. kombu's default first
+        # waits 2 s before retrying, which would hold the RPC past its budget.
+        self._app.conf.broker_transport_options = {
+            **self._app.conf.broker_transport_options,
+            "max_retries": 1,
+            "interval_start": 0,
+            "interval_step": 0.1,
+            "interval_max": 0.1,
+        }
         self._queue = settings.delivery_queue
 
     def dispatch(self, challenge_id: str) -> None:
