@@ -14,6 +14,7 @@ from typing import Any
 import grpc
 import psycopg
 import pytest
+from moto.server import ThreadedMotoServer
 from twofactor.v1 import admin_service_pb2_grpc, twofactor_service_pb2_grpc
 
 from server.app import TwoFactorServer, create_server
@@ -154,3 +155,29 @@ def start_server(settings: Settings, clock: Clock) -> Iterator[ServerFactory]:
 @pytest.fixture
 def harness(start_server: ServerFactory) -> Harness:
     return start_server()
+
+
+@pytest.fixture
+def aws_credentials(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """Dummy credentials for boto3's default chain; nothing from this machine's AWS config."""
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+    monkeypatch.delenv("AWS_SESSION_TOKEN", raising=False)
+    monkeypatch.delenv("AWS_PROFILE", raising=False)
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "aws-config"))
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "aws-credentials"))
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+
+
+@pytest.fixture(scope="session")
+def moto_endpoint() -> Iterator[str]:
+    """moto's SNS in server mode, over real HTTP on 127.0.0.1."""
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    try:
+        yield f"http://{host}:{port}"
+    finally:
+        server.stop()
+        # stop() shuts the loop down but leaves the listening socket open (a ResourceWarning).
+        server._server.server_close()  # type: ignore[union-attr]

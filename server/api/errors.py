@@ -9,6 +9,7 @@ is a bug: it is logged with its traceback and answered INTERNAL without detail.
 from __future__ import annotations
 
 import logging
+import sqlite3
 
 import grpc
 import psycopg
@@ -31,8 +32,8 @@ _CODES = {
     Status.UNAUTHENTICATED: code_pb2.UNAUTHENTICATED,
     Status.PERMISSION_DENIED: code_pb2.PERMISSION_DENIED,
 }
-# Transient storage failures: the caller may retry the same call.
-_STORAGE_UNAVAILABLE = (psycopg.OperationalError, psycopg_pool.PoolTimeout)
+# Transient storage failures (server gone, pool exhausted, SQLite busy): the caller may retry.
+_STORAGE_UNAVAILABLE = (psycopg.OperationalError, psycopg_pool.PoolTimeout, sqlite3.OperationalError)
 
 
 def status_for(error: TwoFactorError) -> grpc.Status:

@@ -225,3 +225,21 @@ class SharedRecordingSms:
     def send_sms(self, message: SmsMessage) -> str:
         self.outbox.append(message)
         return f"recorded-{len(self.outbox)}"
+
+
+def test_sms_code_through_sns(start_server: ServerFactory, aws_credentials: None, moto_endpoint: str) -> None:
+    from moto.core.models import DEFAULT_ACCOUNT_ID
+    from moto.sns.models import sns_backends
+
+    from server.settings import SnsSettings
+
+    h = start_server(sms_provider="sns", sns=SnsSettings(region="us-east-2", endpoint_url=moto_endpoint))
+    h.twofactor.SetContact(pb.SetContactRequest(user_id="lea", phone="+14155550199"), metadata=h.app_metadata)
+    start = h.twofactor.StartEnrollment(pb.StartEnrollmentRequest(user_id="lea", method=SMS), metadata=h.app_metadata)
+    sent = wait_for_delivery(h, "lea", start.challenge.challenge_id, common_pb2.DELIVERY_STATUS_SENT)
+    phone, text = sns_backends[DEFAULT_ACCOUNT_ID]["us-east-2"].sms_messages[sent.provider_message_id]
+    assert phone == "+14155550199" and "twofactor" in text
+    code = text.split(" is ")[1][:6]
+    confirm = h.twofactor.ConfirmEnrollment(pb.ConfirmEnrollmentRequest(user_id="lea", method=SMS, code=code),
+                                            metadata=h.app_metadata)
+    assert confirm.confirmed

@@ -11,7 +11,6 @@ from typing import Any
 import pytest
 from botocore.awsrequest import AWSResponse
 from moto.core.models import DEFAULT_ACCOUNT_ID
-from moto.server import ThreadedMotoServer
 from moto.sns.models import sns_backends
 
 from server.settings import SnsSettings
@@ -29,28 +28,8 @@ TEXT = f"Your Acme verification code is {CODE}. It expires in 10 minutes."
 
 
 @pytest.fixture(autouse=True)
-def aws_credentials(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    """Dummy credentials for boto3's default chain; nothing from this machine's AWS config."""
-    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
-    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
-    monkeypatch.delenv("AWS_SESSION_TOKEN", raising=False)
-    monkeypatch.delenv("AWS_PROFILE", raising=False)
-    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "aws-config"))
-    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "aws-credentials"))
-    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
-
-
-@pytest.fixture(scope="module")
-def moto_endpoint() -> Iterator[str]:
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    try:
-        yield f"http://{host}:{port}"
-    finally:
-        server.stop()
-        # stop() shuts the loop down but leaves the listening socket open (a ResourceWarning).
-        server._server.server_close()  # type: ignore[union-attr]
+def _aws(aws_credentials: None) -> None:
+    """Every test here talks to moto with dummy credentials (tests/conftest.py)."""
 
 
 def capture_requests(sender: SnsSmsSender) -> list[dict[str, list[str]]]:
