@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import grpc
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from twofactor.v1 import admin_service_pb2, admin_service_pb2_grpc, twofactor_service_pb2, twofactor_service_pb2_grpc
@@ -70,51 +72,81 @@ def create_server(
     """Build the server from settings and bind it; returns it unstarted with its port (0 picks one)."""
     keyring = load_keyring(settings)
     tokens = load_tokens(settings)
+    credentials = server_credentials(settings)
     db = open_database(settings.database_url, data_dir=settings.data_dir, pool_size=settings.database_pool_size)
-    db.migrate()
     on_stop: list[Callable[[], None]] = []
-    if dispatcher is None:
-        from workers.dispatch import build_dispatcher
+    try:
+        db.migrate()
+        if dispatcher is None:
+            from workers.dispatch import build_dispatcher
 
-        dispatcher, close = build_dispatcher(settings, db=db, keyring=keyring, clock=clock)
-        on_stop.append(close)
-    twofactor = TwoFactor(db, keyring, settings.policy, dispatcher, clock)
-    admin = Admin(db, settings.policy, clock)
+            dispatcher, close = build_dispatcher(settings, db=db, keyring=keyring, clock=clock)
+            on_stop.append(close)
+        twofactor = TwoFactor(db, keyring, settings.policy, dispatcher, clock)
+        admin = Admin(db, settings.policy, clock)
 
-    grpc_server = grpc.server(
-        futures.ThreadPoolExecutor(max_workers=settings.max_workers, thread_name_prefix="rpc"),
-        interceptors=[CallerInterceptor(tokens), ErrorInterceptor()],
-        options=[("grpc.so_reuseport", 0)],
-    )
-    twofactor_service_pb2_grpc.add_TwoFactorServiceServicer_to_server(
-        TwoFactorServicer(twofactor, settings.policy), grpc_server
-    )
-    admin_service_pb2_grpc.add_AdminServiceServicer_to_server(AdminServicer(admin, settings.policy), grpc_server)
-    health_servicer = health.HealthServicer()
-    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, grpc_server)
-    reflection.enable_server_reflection(
-        (*SERVICE_NAMES, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
-        grpc_server,
-    )
-    port = _bind(grpc_server, settings)
+        grpc_server = grpc.server(
+            futures.ThreadPoolExecutor(max_workers=settings.max_workers, thread_name_prefix="rpc"),
+            interceptors=[CallerInterceptor(tokens), ErrorInterceptor()],
+            options=[("grpc.so_reuseport", 0)],
+        )
+        twofactor_service_pb2_grpc.add_TwoFactorServiceServicer_to_server(
+            TwoFactorServicer(twofactor, settings.policy), grpc_server
+        )
+        admin_service_pb2_grpc.add_AdminServiceServicer_to_server(AdminServicer(admin, settings.policy), grpc_server)
+        health_servicer = health.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(health_servicer, grpc_server)
+        reflection.enable_server_reflection(
+            (*SERVICE_NAMES, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
+            grpc_server,
+        )
+        port = _bind(grpc_server, settings.listen, credentials)
+    except BaseException:
+        # A server that fails to start releases what it opened.
+        for close in on_stop:
+            close()
+        db.close()
+        raise
     return TwoFactorServer(grpc_server, db, health_servicer, on_stop), port
 
 
-def _bind(grpc_server: grpc.Server, settings: Settings) -> int:
-    if settings.tls_cert_file or settings.tls_key_file:
-        if not (settings.tls_cert_file and settings.tls_key_file):
-            raise SettingsError("TWOFACTOR_TLS_CERT_FILE and TWOFACTOR_TLS_KEY_FILE go together")
-        client_ca = Path(settings.tls_client_ca_file).read_bytes() if settings.tls_client_ca_file else None
-        credentials = grpc.ssl_server_credentials(
-            [(Path(settings.tls_key_file).read_bytes(), Path(settings.tls_cert_file).read_bytes())],
-            root_certificates=client_ca,
-            require_client_auth=client_ca is not None,
-        )
-        port = grpc_server.add_secure_port(settings.listen, credentials)
-    else:
-        port = grpc_server.add_insecure_port(settings.listen)
+def server_credentials(settings: Settings) -> grpc.ServerCredentials | None:
+    """TLS credentials from the configured PEM files, checked up front; None for plaintext."""
+    if not (settings.tls_cert_file or settings.tls_key_file):
+        return None
+    if not (settings.tls_cert_file and settings.tls_key_file):
+        raise SettingsError("TWOFACTOR_TLS_CERT_FILE and TWOFACTOR_TLS_KEY_FILE go together")
+    cert = _read_pem("TWOFACTOR_TLS_CERT_FILE", settings.tls_cert_file, x509.load_pem_x509_certificates)
+    key = _read_pem("TWOFACTOR_TLS_KEY_FILE", settings.tls_key_file,
+                    lambda data: serialization.load_pem_private_key(data, password=None))
+    client_ca = None
+    if settings.tls_client_ca_file:
+        client_ca = _read_pem("TWOFACTOR_TLS_CLIENT_CA_FILE", settings.tls_client_ca_file,
+                              x509.load_pem_x509_certificates)
+    return grpc.ssl_server_credentials(
+        [(key, cert)], root_certificates=client_ca, require_client_auth=client_ca is not None
+    )
+
+
+def _read_pem(variable: str, path: str, parse: Callable[[bytes], object]) -> bytes:
+    try:
+        data = Path(path).read_bytes()
+        parse(data)
+    except (OSError, ValueError, TypeError) as error:
+        raise SettingsError(f"{variable}: {path} is not a usable PEM file ({error})") from None
+    return data
+
+
+def _bind(grpc_server: grpc.Server, listen: str, credentials: grpc.ServerCredentials | None) -> int:
+    try:
+        if credentials is None:
+            port = grpc_server.add_insecure_port(listen)
+        else:
+            port = grpc_server.add_secure_port(listen, credentials)
+    except RuntimeError:  # grpcio's "Failed to bind"
+        port = 0
     if port == 0:
-        raise SettingsError(f"could not listen on {settings.listen}")
+        raise SettingsError(f"could not listen on {listen} (address in use or not valid)")
     return port
 
 

@@ -1,6 +1,7 @@
 """Server interceptors: caller authentication, request ids, and error mapping.
 
-Both wrap unary-unary handlers (every twofactor.v1 RPC is unary). The caller
+Both wrap unary-unary handlers (every twofactor.v1 RPC is unary); the caller
+check also guards any streaming handler, so nothing is served open. The caller
 found by authentication travels to the servicer in a context variable, since
 a handler runs start to end on one thread.
 """
@@ -22,7 +23,10 @@ from server.domain.errors import InvalidArgument, PermissionDenied, TwoFactorErr
 from server.domain.models import Caller
 from server.settings import TokenSetting
 
-current_caller: contextvars.ContextVar[Caller] = contextvars.ContextVar("current_caller", default=Caller())
+# Caller is a frozen dataclass, so one shared default is safe.
+current_caller: contextvars.ContextVar[Caller] = contextvars.ContextVar(
+    "current_caller", default=Caller()  # noqa: B039
+)
 
 # The scope each service needs; services not listed (health, reflection) are open.
 SCOPES = {"twofactor.v1.TwoFactorService": "app", "twofactor.v1.AdminService": "admin"}
@@ -42,6 +46,29 @@ def _wrap_unary(
         request_deserializer=request_deserializer or handler.request_deserializer,
         response_serializer=handler.response_serializer,
     )
+
+
+_STREAMING_KINDS = (
+    ("unary_stream", grpc.unary_stream_rpc_method_handler),
+    ("stream_unary", grpc.stream_unary_rpc_method_handler),
+    ("stream_stream", grpc.stream_stream_rpc_method_handler),
+)
+
+
+def _wrap_streaming(
+    handler: grpc.RpcMethodHandler,
+    around: Callable[[Any, grpc.ServicerContext, Callable], Any],  # type: ignore[type-arg]
+):  # type: ignore[no-untyped-def]
+    """Run `around` when a streaming call starts (a streaming response is iterated after it returns)."""
+    for kind, make_handler in _STREAMING_KINDS:
+        inner = getattr(handler, kind)
+        if inner is not None:
+            return make_handler(
+                lambda request, context, inner=inner: around(request, context, inner),
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
+    return handler
 
 
 class _Undecodable:
@@ -87,7 +114,12 @@ class CallerInterceptor(grpc.ServerInterceptor):
             finally:
                 current_caller.reset(token)
 
-        return handler if scope is None else _wrap_unary(handler, around)
+        if scope is None or handler is None:
+            return handler
+        if handler.unary_unary is None:
+            # No twofactor.v1 RPC streams today; one added later must not be served without a token.
+            return _wrap_streaming(handler, around)
+        return _wrap_unary(handler, around)
 
     def _authenticate(self, header: str, scope: str | None, request_id: str) -> Caller:
         kind, _, presented = header.partition(" ")

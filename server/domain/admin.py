@@ -16,6 +16,8 @@ from server.storage.database import Database, Row, Transaction
 
 DEFAULT_PAGE_SIZE = 100
 MAX_PAGE_SIZE = 1000
+MAX_USER_ID_BYTES = 256
+MAX_EVENT_ID = 2**63 - 1  # BIGINT
 
 
 class Admin:
@@ -28,7 +30,9 @@ class Admin:
         with self._db.transaction() as tx:
             return self._state(tx, self._user(tx, user_id))
 
-    def list_users(self, *, page_size: int, page_token: str, enabled: bool | None) -> tuple[list[UserState], str]:
+    def list_users(
+        self, *, page_size: int, page_token: str, enabled: bool | None
+    ) -> tuple[list[UserState], str]:
         limit = _page_size(page_size)
         after = _decode_token(page_token, "u") if page_token else ""
         with self._db.transaction() as tx:
@@ -46,6 +50,10 @@ class Admin:
 
     def reset_user(self, user_id: str, *, reason: str, caller: Caller) -> UserState:
         if not self._policy.allow_admin_reset:
+            # A refused reset is worth knowing about: record it (in its own transaction) before refusing.
+            with self._db.transaction() as tx:
+                if store.get_user(tx, user_id) is not None:
+                    self._audit(tx, caller, user_id, "user_reset", reason, outcome="failure")
             raise FailedPrecondition("ADMIN_RESET_DISABLED", "the policy does not allow admin resets")
         with self._db.transaction() as tx:
             self._user(tx, user_id, lock=True)
@@ -81,10 +89,13 @@ class Admin:
         return user_state(user, store.methods_of(tx, user_id), store.count_unused_backup_codes(tx, user_id),
                           self._policy, self._now_ms())
 
-    def _audit(self, tx: Transaction, caller: Caller, user_id: str, action: str, detail: str) -> None:
+    def _audit(
+        self, tx: Transaction, caller: Caller, user_id: str, action: str, detail: str, *,
+        outcome: str = "success",
+    ) -> None:
         store.add_audit_event(
             tx, at=self._now_ms(), actor=caller.actor, user_id=user_id, action=action,
-            request_id=caller.request_id, outcome="success", detail=detail,
+            request_id=caller.request_id, outcome=outcome, detail=detail,
         )
 
     def _now_ms(self) -> int:
@@ -106,6 +117,14 @@ def _decode_token(token: str, kind: str) -> str:
         found_kind, _, position = base64.urlsafe_b64decode(token.encode()).decode().partition(":")
     except (binascii.Error, UnicodeDecodeError, ValueError):
         found_kind, position = "", ""
-    if found_kind != kind or (kind == "e" and not position.isdigit()):
+    if found_kind != kind or not _is_position(kind, position):
         raise InvalidArgument("INVALID_PAGE_TOKEN", "page_token is not one this list returned")
     return position
+
+
+def _is_position(kind: str, position: str) -> bool:
+    """Whether a decoded token holds a position the query can use; tokens are opaque but can be forged."""
+    if kind == "e":
+        # isdigit() alone admits "²" and other digits int() refuses.
+        return position.isascii() and position.isdigit() and int(position) <= MAX_EVENT_ID
+    return 0 < len(position.encode()) <= MAX_USER_ID_BYTES and position.isprintable()

@@ -30,9 +30,8 @@ ALLOWED_DISTRIBUTIONS = {"twofactor-client", "grpcio", "protobuf", "typing-exten
 def venv_python(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     base = tmp_path_factory.mktemp("sdk-install")
     source = base / "source"
-    shutil.copytree(
-        SDK, source, ignore=shutil.ignore_patterns("build", "dist", "*.egg-info", "__pycache__", ".mypy_cache")
-    )
+    build_leftovers = shutil.ignore_patterns("build", "dist", "*.egg-info", "__pycache__", ".mypy_cache")
+    shutil.copytree(SDK, source, ignore=build_leftovers)
     venv = base / "venv"
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=120)
     python = venv / "bin" / "python"

@@ -1,0 +1,494 @@
+"""Closed-loop gRPC load from several client processes, shared by the bench scripts.
+
+Each client process runs a few threads; each thread has its own channel and
+sends one call after another (closed loop) until the phase ends. The parent
+tells every process the same wall-clock start and end, so all of them load the
+server at once, and collects every call's latency.
+
+Verify needs a fresh correct authenticator code on every call, and the server
+accepts a user's TOTP step once (RFC 6238 §5.2). So each thread owns a disjoint
+slice of the enrolled users and cycles through it, sending each user's code for
+the current 30-second step at most once per step. A thread that comes back to a
+user already used in this step has run out of users: it waits for the next
+step and counts the wait as "starved" (the run then needs more users).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import multiprocessing
+import multiprocessing.connection
+import os
+import queue
+import signal
+import subprocess
+import threading
+import time
+from array import array
+from collections import Counter
+from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+STEP_SECONDS = 30
+CALL_TIMEOUT = 10.0
+HEALTH, VERIFY = "health", "verify"
+
+
+# ---- the server under test, as a separate process ------------------------------
+
+
+class ServerProcess:
+    """A server started as a child process; prints `... listening on HOST:PORT ...` when ready."""
+
+    def __init__(self, command: Sequence[str], env: dict[str, str], *, cwd: str | None = None) -> None:
+        self.process = subprocess.Popen(
+            list(command),
+            env=env,
+            cwd=cwd,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            start_new_session=True,  # a Ctrl-C in the terminal reaches us, and we stop it in order
+        )
+        self.output: list[str] = []
+        self._lines: queue.Queue[str] = queue.Queue()
+        threading.Thread(target=self._drain, daemon=True).start()
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    def _drain(self) -> None:
+        assert self.process.stdout is not None
+        for line in self.process.stdout:
+            self.output.append(line.rstrip())
+            self._lines.put(line)
+
+    def wait_listening(self, timeout: float) -> int:
+        """The port from the server's `listening on host:port` line."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None and self._lines.empty():
+                raise RuntimeError("server exited early:\n" + "\n".join(self.output[-30:]))
+            try:
+                line = self._lines.get(timeout=0.2)
+            except queue.Empty:
+                continue
+            if "listening on" in line:
+                address = line.split("listening on", 1)[1].split()[0]
+                return int(address.rpartition(":")[2])
+        raise RuntimeError(f"server not listening after {timeout:.0f} s:\n" + "\n".join(self.output[-30:]))
+
+    def stop(self, timeout: float = 15.0) -> None:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(5)
+
+
+def wait_serving(target: str, timeout: float) -> None:
+    """Poll grpc.health.v1.Health/Check until SERVING, for at most `timeout` seconds."""
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    deadline = time.monotonic() + timeout
+    last: Exception | None = None
+    with grpc.insecure_channel(target) as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        while time.monotonic() < deadline:
+            try:
+                reply = stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=1.0)
+                if reply.status == health_pb2.HealthCheckResponse.SERVING:
+                    return
+            except grpc.RpcError as error:
+                last = error
+            time.sleep(0.1)
+    raise RuntimeError(f"{target} not SERVING after {timeout:.0f} s: {last}")
+
+
+# ---- where the CPU goes (Linux /proc) ----------------------------------------------------
+
+
+class CpuMeter:
+    """CPU seconds used so far by the server, by every postgres process, and by the client processes."""
+
+    def __init__(self, server_pid: int, client_pids: Sequence[int]) -> None:
+        self._server = server_pid
+        self._clients = list(client_pids)
+        self._tick = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+
+    def snapshot(self) -> dict[str, float]:
+        postgres = [int(p) for p in os.listdir("/proc") if p.isdigit() and _comm(int(p)) == "postgres"]
+        return {
+            "server": self._seconds([self._server]),
+            "postgres": self._seconds(postgres),
+            "clients": self._seconds(self._clients),
+            "machine_busy": _machine_busy_ticks() / self._tick,
+        }
+
+    def _seconds(self, pids: Sequence[int]) -> float:
+        ticks = 0
+        for pid in pids:
+            try:
+                with open(f"/proc/{pid}/stat") as stat:
+                    fields = stat.read().rpartition(")")[2].split()
+            except OSError:  # the process ended
+                continue
+            ticks += int(fields[11]) + int(fields[12])  # utime, stime (fields 14 and 15 of stat)
+        return ticks / self._tick
+
+
+def cpu_usage(before: dict[str, float], after: dict[str, float], seconds: float, calls: int) -> str:
+    """CPU used between two snapshots: % of one core, and CPU microseconds per call.
+
+    `other` is everything else on the machine: with it well above zero, something
+    besides the bench competed for the CPU and the figures are not clean.
+    """
+    used = {key: after[key] - before[key] for key in ("server", "postgres", "clients")}
+    used["other"] = max(0.0, after["machine_busy"] - before["machine_busy"] - sum(used.values()))
+    share = "  ".join(f"{key} {value / seconds * 100:.0f}" for key, value in used.items())
+    per_call = "  ".join(
+        f"{key} {used[key] / max(calls, 1) * 1e6:.0f}" for key in ("server", "postgres", "clients")
+    )
+    return f"cpu % of a core: {share} (of {100 * (os.cpu_count() or 1)});  cpu us/call: {per_call}"
+
+
+def _comm(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/comm") as comm:
+            return comm.read().strip()
+    except OSError:
+        return ""
+
+
+def _machine_busy_ticks() -> int:
+    with open("/proc/stat") as stat:
+        values = [int(v) for v in stat.readline().split()[1:]]
+    return sum(values[:3]) + sum(values[5:7])  # user, nice, system, irq, softirq
+
+
+# ---- results ---------------------------------------------------------------------------
+
+
+@dataclass
+class PhaseResult:
+    kind: str
+    seconds: float
+    latencies_ms: array = field(default_factory=lambda: array("d"))
+    rejected: int = 0
+    errors: Counter[str] = field(default_factory=Counter)
+    starved_seconds: float = 0.0
+
+    def add(self, other: PhaseResult) -> None:
+        self.latencies_ms.extend(other.latencies_ms)
+        self.rejected += other.rejected
+        self.errors.update(other.errors)
+        self.starved_seconds += other.starved_seconds
+
+    @property
+    def calls(self) -> int:
+        return len(self.latencies_ms)
+
+    @property
+    def throughput(self) -> float:
+        return self.calls / self.seconds
+
+    def percentile(self, q: float) -> float:
+        ordered = sorted(self.latencies_ms)
+        if not ordered:
+            return float("nan")
+        return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+    @property
+    def valid(self) -> bool:
+        return self.calls > 0 and not self.rejected and not self.errors and self.starved_seconds == 0
+
+    def line(self) -> str:
+        text = (
+            f"{self.kind:<7} {self.throughput:9.1f} calls/s   p50 {self.percentile(0.50):7.2f} ms   "
+            f"p99 {self.percentile(0.99):7.2f} ms   ({self.calls} calls in {self.seconds:.1f} s)"
+        )
+        if self.rejected:
+            text += f"   REJECTED {self.rejected}"
+        if self.errors:
+            text += "   ERRORS " + ", ".join(f"{code}={n}" for code, n in self.errors.items())
+        if self.starved_seconds:
+            text += f"   STARVED {self.starved_seconds:.1f} thread-s (too few users)"
+        return text
+
+
+# ---- the client processes ----------------------------------------------------------
+
+
+@dataclass
+class Enrolled:
+    user_id: str
+    secret: str  # base32, as an authenticator app holds it
+    last_step: int  # the newest TOTP step the server has accepted for this user
+
+
+class Clients:
+    """`processes` client processes with `threads` closed-loop threads each."""
+
+    def __init__(self, target: str, *, processes: int, threads: int, token: str = "") -> None:
+        context = multiprocessing.get_context("spawn")  # no fork after grpc is initialised
+        self._pipes: list[multiprocessing.connection.Connection] = []
+        self._workers = []
+        for _ in range(processes):
+            parent_end, child_end = context.Pipe()
+            worker = context.Process(
+                target=_client_main, args=(child_end, target, token, threads), daemon=True
+            )
+            worker.start()
+            child_end.close()
+            self._pipes.append(parent_end)
+            self._workers.append(worker)
+
+    @property
+    def pids(self) -> list[int]:
+        return [worker.pid for worker in self._workers if worker.pid is not None]
+
+    def _ask_all(self, messages: Sequence[tuple[Any, ...]], timeout: float) -> list[Any]:
+        for pipe, message in zip(self._pipes, messages, strict=True):
+            pipe.send(message)
+        return self._replies(deadline=time.monotonic() + timeout)
+
+    def enroll(self, user_ids: Sequence[str], timeout: float) -> int:
+        """Enroll the users in the authenticator app, spread over the processes; returns how many."""
+        count = len(self._pipes)
+        slices = [list(user_ids[i::count]) for i in range(count)]
+        return sum(self._ask_all([("enroll", s) for s in slices], timeout))
+
+    def run(self, kind: str, seconds: float, *, lead: float = 0.5) -> PhaseResult:
+        """Load the server with `kind` calls from every thread for `seconds`, starting shortly."""
+        start = time.time() + lead
+        return next(iter(self.run_schedule([(kind, start, start + seconds)])))
+
+    def run_schedule(self, phases: Sequence[tuple[str, float, float]]) -> Iterator[PhaseResult]:
+        """Run (kind, start, end) phases, wall-clock times in order; yields each phase's merged result.
+
+        Every process gets the whole schedule at once, so a phase can start right
+        after the previous one without waiting for the parent.
+        """
+        for pipe in self._pipes:
+            for kind, start, end in phases:
+                pipe.send(("run", kind, start, end))
+        for kind, start, end in phases:
+            total = PhaseResult(kind, end - start)
+            for reply in self._replies(deadline=time.monotonic() + max(0.0, end - time.time()) + 60):
+                total.add(reply)
+            yield total
+
+    def _replies(self, deadline: float) -> list[Any]:
+        replies = []
+        for pipe in self._pipes:
+            if not pipe.poll(max(0.0, deadline - time.monotonic())):
+                raise RuntimeError("a client process did not answer in time")
+            reply = pipe.recv()
+            if isinstance(reply, BaseException):
+                raise RuntimeError("a client process failed") from reply
+            replies.append(reply)
+        return replies
+
+    def close(self) -> None:
+        for pipe in self._pipes:
+            with contextlib.suppress(OSError):
+                pipe.send(("stop",))
+        for worker in self._workers:
+            worker.join(10)
+            if worker.is_alive():
+                worker.terminate()
+                worker.join(5)
+
+
+def _client_main(pipe: multiprocessing.connection.Connection, target: str, token: str, threads: int) -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides when to stop
+    client = _ClientProcess(target, token, threads)
+    try:
+        while True:
+            message = pipe.recv()
+            try:
+                if message[0] == "stop":
+                    return
+                if message[0] == "enroll":
+                    pipe.send(client.enroll(message[1]))
+                elif message[0] == "run":
+                    pipe.send(client.run(*message[1:]))
+            except Exception as error:
+                pipe.send(RuntimeError(f"client process {os.getpid()}: {type(error).__name__}: {error}"))
+    except (EOFError, KeyboardInterrupt):
+        return
+    finally:
+        client.close()
+
+
+class _ClientProcess:
+    def __init__(self, target: str, token: str, threads: int) -> None:
+        import grpc
+
+        self._grpc = grpc
+        self._metadata = (("authorization", f"Bearer {token}"),)
+        # One channel per thread: one channel is one HTTP/2 connection, and the
+        # server handles each connection's frames in order.
+        self._channels = [grpc.insecure_channel(target) for _ in range(threads)]
+        self._users: list[list[Enrolled]] = [[] for _ in range(threads)]
+
+    def close(self) -> None:
+        for channel in self._channels:
+            channel.close()
+
+    # enrollment: StartEnrollment(AUTHENTICATOR) then ConfirmEnrollment with the app's code
+
+    def enroll(self, user_ids: list[str]) -> int:
+        threads = len(self._channels)
+        with ThreadPoolExecutor(threads) as pool:
+            done = list(
+                pool.map(self._enroll_slice, range(threads), [user_ids[i::threads] for i in range(threads)])
+            )
+        return sum(done)
+
+    def _enroll_slice(self, index: int, user_ids: list[str]) -> int:
+        import pyotp
+        from twofactor.v1 import common_pb2, twofactor_service_pb2, twofactor_service_pb2_grpc
+
+        stub = twofactor_service_pb2_grpc.TwoFactorServiceStub(self._channels[index])
+        for user_id in user_ids:
+            start = stub.StartEnrollment(
+                twofactor_service_pb2.StartEnrollmentRequest(
+                    user_id=user_id, method=common_pb2.METHOD_AUTHENTICATOR
+                ),
+                metadata=self._metadata,
+                timeout=CALL_TIMEOUT,
+            )
+            secret = start.authenticator.secret
+            hotp = pyotp.HOTP(secret)
+            # Confirm with the previous step's code (the server allows one step of drift), so the
+            # user's current-step code is still fresh for the measured Verify calls; at a step
+            # boundary fall back to the current step's code.
+            for step in (_step() - 1, _step()):
+                reply = stub.ConfirmEnrollment(
+                    twofactor_service_pb2.ConfirmEnrollmentRequest(
+                        user_id=user_id, method=common_pb2.METHOD_AUTHENTICATOR, code=hotp.at(step)
+                    ),
+                    metadata=self._metadata,
+                    timeout=CALL_TIMEOUT,
+                )
+                if reply.confirmed:
+                    self._users[index].append(Enrolled(user_id, secret, step))
+                    break
+            else:
+                raise RuntimeError(f"could not confirm the enrollment of {user_id}")
+        return len(user_ids)
+
+    # the measured phases
+
+    def run(self, kind: str, start: float, end: float) -> PhaseResult:
+        threads = len(self._channels)
+        late = time.time() > start  # the previous phase overran: this one would be measured short
+        loop = self._health_loop if kind == HEALTH else self._verify_loop
+        with ThreadPoolExecutor(threads) as pool:
+            parts = list(pool.map(lambda i: loop(i, start, end), range(threads)))
+        total = PhaseResult(kind, end - start)
+        if late:
+            total.errors["LATE_START"] += 1
+        for part in parts:
+            total.add(part)
+        return total
+
+    def _health_loop(self, index: int, start: float, end: float) -> PhaseResult:
+        from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+        stub = health_pb2_grpc.HealthStub(self._channels[index])
+        request = health_pb2.HealthCheckRequest(service="")
+        result = PhaseResult(HEALTH, end - start)
+        _sleep_until(start)
+        while True:
+            began = time.time()
+            if began >= end:
+                return result
+            t0 = time.perf_counter()
+            try:
+                stub.Check(request, timeout=CALL_TIMEOUT)
+            except self._grpc.RpcError as error:
+                result.errors[error.code().name] += 1
+                time.sleep(0.01)
+                continue
+            elapsed = time.perf_counter() - t0
+            if began + elapsed <= end:
+                result.latencies_ms.append(elapsed * 1000)
+
+    def _verify_loop(self, index: int, start: float, end: float) -> PhaseResult:
+        import pyotp
+        from twofactor.v1 import twofactor_service_pb2, twofactor_service_pb2_grpc
+
+        stub = twofactor_service_pb2_grpc.TwoFactorServiceStub(self._channels[index])
+        accepted = twofactor_service_pb2.VERIFY_RESULT_ACCEPTED
+        users = self._users[index]
+        hotps = [pyotp.HOTP(user.secret) for user in users]
+        result = PhaseResult(VERIFY, end - start)
+        if not users:
+            result.errors["NO_USERS"] += 1
+            return result
+        position = 0
+        _sleep_until(start)
+        while True:
+            began = time.time()
+            if began >= end:
+                return result
+            step = int(began // STEP_SECONDS)
+            user = users[position]
+            if user.last_step >= step:  # every user of this slice has been used in this step
+                wake = min(end, (step + 1) * STEP_SECONDS + 0.01)
+                result.starved_seconds += max(0.0, wake - began)
+                _sleep_until(wake)
+                continue
+            code = hotps[position].at(step)
+            position = (position + 1) % len(users)
+            t0 = time.perf_counter()
+            try:
+                reply = stub.Verify(
+                    twofactor_service_pb2.VerifyRequest(user_id=user.user_id, code=code),
+                    metadata=self._metadata,
+                    timeout=CALL_TIMEOUT,
+                )
+            except self._grpc.RpcError as error:
+                result.errors[error.code().name] += 1
+                time.sleep(0.01)
+                continue
+            elapsed = time.perf_counter() - t0
+            user.last_step = step
+            if reply.result != accepted:
+                result.rejected += 1
+            elif began + elapsed <= end:
+                result.latencies_ms.append(elapsed * 1000)
+
+
+def _step() -> int:
+    return int(time.time() // STEP_SECONDS)
+
+
+def _sleep_until(moment: float) -> None:
+    delay = moment - time.time()
+    if delay > 0:
+        time.sleep(delay)
+
+
+def median(values: Sequence[float]) -> float:
+    ordered = sorted(values)
+    middle = len(ordered) // 2
+    return ordered[middle] if len(ordered) % 2 else (ordered[middle - 1] + ordered[middle]) / 2
+
+
+@contextlib.contextmanager
+def clients(target: str, *, processes: int, threads: int, token: str = "") -> Iterator[Clients]:
+    pool = Clients(target, processes=processes, threads=threads, token=token)
+    try:
+        yield pool
+    finally:
+        pool.close()

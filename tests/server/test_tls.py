@@ -1,0 +1,272 @@
+"""TLS and mutual TLS against a test certificate authority made in a fixture."""
+
+from __future__ import annotations
+
+import datetime
+import ipaddress
+import socket
+import sqlite3
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+from twofactor.v1 import twofactor_service_pb2 as pb
+from twofactor.v1 import twofactor_service_pb2_grpc
+
+from server import app
+from server.settings import SettingsError
+from server.storage.database import Database, PostgresDatabase, SqliteDatabase, open_database
+from tests.conftest import APP_TOKEN, Harness, ServerFactory
+
+TIMEOUT = 10.0
+METADATA = (("authorization", f"Bearer {APP_TOKEN}"),)
+
+
+@dataclass(frozen=True)
+class Issued:
+    key: ec.EllipticCurvePrivateKey
+    cert: x509.Certificate
+
+    @property
+    def key_pem(self) -> bytes:
+        return self.key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+        )
+
+    @property
+    def cert_pem(self) -> bytes:
+        return self.cert.public_bytes(serialization.Encoding.PEM)
+
+
+def _name(common_name: str) -> x509.Name:
+    return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
+
+
+def make_ca(common_name: str) -> Issued:
+    key = ec.generate_private_key(ec.SECP256R1())
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(_name(common_name))
+        .issuer_name(_name(common_name))
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(hours=1))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=True,
+                key_cert_sign=True,
+                crl_sign=True,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                encipher_only=False,
+                decipher_only=False,
+            ),
+            critical=True,
+        )
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
+        .sign(key, hashes.SHA256())
+    )
+    return Issued(key, cert)
+
+
+def issue(ca: Issued, common_name: str, *, server: bool) -> Issued:
+    key = ec.generate_private_key(ec.SECP256R1())
+    now = datetime.datetime.now(datetime.UTC)
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(_name(common_name))
+        .issuer_name(ca.cert.subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(hours=1))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(
+            x509.ExtendedKeyUsage(
+                [ExtendedKeyUsageOID.SERVER_AUTH if server else ExtendedKeyUsageOID.CLIENT_AUTH]
+            ),
+            critical=False,
+        )
+        .add_extension(
+            x509.AuthorityKeyIdentifier.from_issuer_public_key(ca.key.public_key()), critical=False
+        )
+    )
+    if server:
+        builder = builder.add_extension(
+            x509.SubjectAlternativeName(
+                [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
+            ),
+            critical=False,
+        )
+    return Issued(key, builder.sign(ca.key, hashes.SHA256()))
+
+
+@dataclass(frozen=True)
+class Pki:
+    ca: Issued
+    server: Issued
+    client: Issued
+    rogue_ca: Issued
+    rogue_client: Issued  # signed by a CA the server does not trust
+    files: dict[str, str]
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
+    ca = make_ca("twofactor test CA")
+    rogue_ca = make_ca("some other CA")
+    server = issue(ca, "twofactor server", server=True)
+    client = issue(ca, "backend", server=False)
+    rogue_client = issue(rogue_ca, "intruder", server=False)
+    folder = tmp_path_factory.mktemp("pki")
+    files: dict[str, str] = {}
+    for name, data in {
+        "ca.pem": ca.cert_pem,
+        "server.pem": server.cert_pem,
+        "server.key": server.key_pem,
+    }.items():
+        path: Path = folder / name
+        path.write_bytes(data)
+        files[name] = str(path)
+    return Pki(ca, server, client, rogue_ca, rogue_client, files)
+
+
+def get_status(target: str, credentials: grpc.ChannelCredentials, **options: str) -> pb.GetStatusResponse:
+    channel_options = [("grpc.ssl_target_name_override", options["name"])] if "name" in options else []
+    with grpc.secure_channel(target, credentials, options=channel_options) as channel:
+        stub = twofactor_service_pb2_grpc.TwoFactorServiceStub(channel)
+        return stub.GetStatus(pb.GetStatusRequest(user_id="alice"), metadata=METADATA, timeout=TIMEOUT)
+
+
+def refused(target: str, credentials: grpc.ChannelCredentials) -> grpc.RpcError:
+    with pytest.raises(grpc.RpcError) as raised:
+        get_status(target, credentials)
+    return raised.value
+
+
+def test_tls_handshake_against_the_configured_certificate(start_server: ServerFactory, pki: Pki) -> None:
+    h = start_server(tls_cert_file=pki.files["server.pem"], tls_key_file=pki.files["server.key"])
+    trusting = grpc.ssl_channel_credentials(root_certificates=pki.ca.cert_pem)
+    for target in (f"127.0.0.1:{h.port}", f"localhost:{h.port}"):
+        assert list(get_status(target, trusting).allowed_methods)
+
+    # A client that trusts another CA does not get through, nor does one speaking plaintext.
+    other = grpc.ssl_channel_credentials(root_certificates=pki.rogue_ca.cert_pem)
+    assert refused(h.target, other).code() == grpc.StatusCode.UNAVAILABLE
+    with pytest.raises(grpc.RpcError) as plaintext:
+        h.twofactor.GetStatus(pb.GetStatusRequest(user_id="alice"), metadata=METADATA, timeout=TIMEOUT)
+    assert plaintext.value.code() == grpc.StatusCode.UNAVAILABLE
+    # Without client verification configured, a client certificate is not needed.
+    assert get_status(h.target, trusting).allowed_methods
+
+
+def test_mtls_accepts_only_clients_with_a_certificate_from_the_ca(
+    start_server: ServerFactory, pki: Pki
+) -> None:
+    h = start_server(
+        tls_cert_file=pki.files["server.pem"],
+        tls_key_file=pki.files["server.key"],
+        tls_client_ca_file=pki.files["ca.pem"],
+    )
+    without_cert = grpc.ssl_channel_credentials(root_certificates=pki.ca.cert_pem)
+    assert refused(h.target, without_cert).code() == grpc.StatusCode.UNAVAILABLE
+
+    rogue = grpc.ssl_channel_credentials(
+        root_certificates=pki.ca.cert_pem,
+        private_key=pki.rogue_client.key_pem,
+        certificate_chain=pki.rogue_client.cert_pem,
+    )
+    assert refused(h.target, rogue).code() == grpc.StatusCode.UNAVAILABLE
+
+    with_cert = grpc.ssl_channel_credentials(
+        root_certificates=pki.ca.cert_pem,
+        private_key=pki.client.key_pem,
+        certificate_chain=pki.client.cert_pem,
+    )
+    assert list(get_status(h.target, with_cert).allowed_methods)
+    # The certificate authenticates the connection; the call still needs its token.
+    with grpc.secure_channel(h.target, with_cert) as channel:
+        stub = twofactor_service_pb2_grpc.TwoFactorServiceStub(channel)
+        with pytest.raises(grpc.RpcError) as no_token:
+            stub.GetStatus(pb.GetStatusRequest(user_id="alice"), timeout=TIMEOUT)
+    assert no_token.value.code() == grpc.StatusCode.UNAUTHENTICATED
+
+
+@pytest.fixture
+def opened_databases(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[Database]]:
+    """Every database create_server opens, closed at teardown so a failed start leaks nothing."""
+    opened: list[Database] = []
+
+    def recording_open(*args: Any, **kwargs: Any) -> Database:
+        db = open_database(*args, **kwargs)
+        opened.append(db)
+        return db
+
+    monkeypatch.setattr(app, "open_database", recording_open)
+    yield opened
+    for db in opened:
+        db.close()
+
+
+def is_closed(db: Database) -> bool:
+    if isinstance(db, PostgresDatabase):
+        return bool(db._pool.closed)
+    assert isinstance(db, SqliteDatabase)
+    try:
+        db._conn.execute("SELECT 1")
+    except sqlite3.ProgrammingError:
+        return True
+    return False
+
+
+def test_a_certificate_without_its_key_is_a_settings_error(
+    start_server: ServerFactory, pki: Pki, opened_databases: list[Database]
+) -> None:
+    with pytest.raises(SettingsError, match="go together"):
+        start_server(tls_cert_file=pki.files["server.pem"])
+    with pytest.raises(SettingsError, match="go together"):
+        start_server(tls_key_file=pki.files["server.key"])
+
+
+@pytest.mark.parametrize("problem", ["port in use", "certificate without key"])
+def test_a_server_that_fails_to_start_closes_its_database(
+    start_server: ServerFactory, pki: Pki, opened_databases: list[Database], problem: str
+) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        with pytest.raises(SettingsError):
+            if problem == "port in use":
+                start_server(listen=f"127.0.0.1:{taken.getsockname()[1]}")
+            else:
+                start_server(tls_cert_file=pki.files["server.pem"])
+    assert all(is_closed(db) for db in opened_databases), "the database is left open"
+
+
+@pytest.mark.parametrize("problem", ["missing file", "not PEM"])
+def test_unusable_tls_files_are_a_settings_error(
+    start_server: ServerFactory, tmp_path: Path, problem: str, opened_databases: list[Database]
+) -> None:
+    path = tmp_path / "server.pem"
+    if problem == "not PEM":
+        path.write_text("not a certificate")
+    with pytest.raises(SettingsError, match="TWOFACTOR_TLS_"):
+        start_server(tls_cert_file=str(path), tls_key_file=str(path))
+
+
+def test_plaintext_is_the_default(harness: Harness) -> None:
+    assert harness.twofactor.GetStatus(
+        pb.GetStatusRequest(user_id="alice"), metadata=METADATA, timeout=TIMEOUT
+    )
