@@ -18,7 +18,12 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
-from twofactor.v1 import admin_service_pb2, admin_service_pb2_grpc, twofactor_service_pb2, twofactor_service_pb2_grpc
+from twofactor.v1 import (
+    admin_service_pb2,
+    admin_service_pb2_grpc,
+    twofactor_service_pb2,
+    twofactor_service_pb2_grpc,
+)
 
 from server.api.admin_servicer import AdminServicer
 from server.api.interceptors import CallerInterceptor, ErrorInterceptor
@@ -73,7 +78,9 @@ def create_server(
     keyring = load_keyring(settings)
     tokens = load_tokens(settings)
     credentials = server_credentials(settings)
-    db = open_database(settings.database_url, data_dir=settings.data_dir, pool_size=settings.database_pool_size)
+    db = open_database(
+        settings.database_url, data_dir=settings.data_dir, pool_size=settings.database_pool_size
+    )
     on_stop: list[Callable[[], None]] = []
     try:
         db.migrate()
@@ -93,11 +100,17 @@ def create_server(
         twofactor_service_pb2_grpc.add_TwoFactorServiceServicer_to_server(
             TwoFactorServicer(twofactor, settings.policy), grpc_server
         )
-        admin_service_pb2_grpc.add_AdminServiceServicer_to_server(AdminServicer(admin, settings.policy), grpc_server)
+        admin_service_pb2_grpc.add_AdminServiceServicer_to_server(
+            AdminServicer(admin, settings.policy), grpc_server
+        )
         health_servicer = health.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, grpc_server)
         reflection.enable_server_reflection(
-            (*SERVICE_NAMES, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
+            (
+                *SERVICE_NAMES,
+                health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+                reflection.SERVICE_NAME,
+            ),
             grpc_server,
         )
         port = _bind(grpc_server, settings.listen, credentials)
@@ -117,12 +130,16 @@ def server_credentials(settings: Settings) -> grpc.ServerCredentials | None:
     if not (settings.tls_cert_file and settings.tls_key_file):
         raise SettingsError("TWOFACTOR_TLS_CERT_FILE and TWOFACTOR_TLS_KEY_FILE go together")
     cert = _read_pem("TWOFACTOR_TLS_CERT_FILE", settings.tls_cert_file, x509.load_pem_x509_certificates)
-    key = _read_pem("TWOFACTOR_TLS_KEY_FILE", settings.tls_key_file,
-                    lambda data: serialization.load_pem_private_key(data, password=None))
+    key = _read_pem(
+        "TWOFACTOR_TLS_KEY_FILE",
+        settings.tls_key_file,
+        lambda data: serialization.load_pem_private_key(data, password=None),
+    )
     client_ca = None
     if settings.tls_client_ca_file:
-        client_ca = _read_pem("TWOFACTOR_TLS_CLIENT_CA_FILE", settings.tls_client_ca_file,
-                              x509.load_pem_x509_certificates)
+        client_ca = _read_pem(
+            "TWOFACTOR_TLS_CLIENT_CA_FILE", settings.tls_client_ca_file, x509.load_pem_x509_certificates
+        )
     return grpc.ssl_server_credentials(
         [(key, cert)], root_certificates=client_ca, require_client_auth=client_ca is not None
     )
@@ -165,7 +182,9 @@ def load_tokens(settings: Settings) -> tuple[TokenSetting, ...]:
     if settings.tokens:
         return settings.tokens
     if not settings.embedded:
-        raise SettingsError("TWOFACTOR_TOKENS is required with TWOFACTOR_DATABASE_URL (run `twofactor token`)")
+        raise SettingsError(
+            "TWOFACTOR_TOKENS is required with TWOFACTOR_DATABASE_URL (run `twofactor token`)"
+        )
     dev = _dev_secrets(settings.data_dir)
     return tuple(
         TokenSetting(name, frozenset({scope}), hashlib.sha256(dev[f"{scope}_token"].encode()).digest())

@@ -23,7 +23,9 @@ def main(argv: list[str] | None = None) -> int:
     worker.add_argument("--loglevel", default="INFO")
     demo = commands.add_parser("demo", help="enroll a user in the authenticator app against a running server")
     demo.add_argument("--target", default="localhost:50051")
-    demo.add_argument("--token", help="an app-scope token (default: the embedded default's development token)")
+    demo.add_argument(
+        "--token", help="an app-scope token (default: the embedded default's development token)"
+    )
     demo.add_argument("--user", default="alice")
     commands.add_parser("keygen", help="print a new TWOFACTOR_KEYS entry")
     token = commands.add_parser("token", help="print a new API token and its TWOFACTOR_TOKENS entry")
@@ -34,7 +36,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         settings = Settings.from_env()
         logging.basicConfig(
-            level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
+            level=settings.log_level,
+            format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+            stream=sys.stderr,
         )
         if args.command == "serve":
             return serve(settings)
@@ -60,7 +64,10 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "token":
             value = secrets.token_urlsafe(32)
             print(f"token: {value}")
-            print(f"TWOFACTOR_TOKENS entry: {args.name}:{args.scopes}:{hashlib.sha256(value.encode()).hexdigest()}")
+            print(
+                f"TWOFACTOR_TOKENS entry: {args.name}:{args.scopes}:"
+                f"{hashlib.sha256(value.encode()).hexdigest()}"
+            )
             return 0
     except SettingsError as error:
         print(f"twofactor: configuration error: {error}", file=sys.stderr)
@@ -82,8 +89,11 @@ def serve(settings: Settings) -> int:
     print(f"twofactor listening on {host}:{port} ({storage})", flush=True)
     if settings.embedded and not settings.tokens:
         tokens = dev_tokens(settings)
-        print(f"development tokens (embedded default only):\n  app:   {tokens['app']}\n  admin: {tokens['admin']}",
-              flush=True)
+        print(
+            "development tokens (embedded default only):\n"
+            f"  app:   {tokens['app']}\n  admin: {tokens['admin']}",
+            flush=True,
+        )
     stopping = threading.Event()
 
     def on_signal(signum: int, _frame: object) -> None:
@@ -109,10 +119,17 @@ def run_worker(settings: Settings, concurrency: int, loglevel: str) -> int:
         build_sms_sender(settings)
     except ProviderConfigError as error:
         raise SettingsError(str(error)) from None
-    app.worker_main([
-        "worker", f"--queues={settings.delivery_queue}", f"--concurrency={concurrency}", f"--loglevel={loglevel}",
-        "--without-gossip", "--without-mingle", "--without-heartbeat",
-    ])
+    app.worker_main(
+        [
+            "worker",
+            f"--queues={settings.delivery_queue}",
+            f"--concurrency={concurrency}",
+            f"--loglevel={loglevel}",
+            "--without-gossip",
+            "--without-mingle",
+            "--without-heartbeat",
+        ]
+    )
     return 0
 
 

@@ -44,6 +44,8 @@ def run_demo(settings: Settings, *, target: str, token: str | None, user_id: str
         for backup in confirmation.backup_codes:
             print(f"  {backup}")
         code = input("Now log in: the app's next code: ").strip()
-        result = stub.Verify(twofactor_service_pb2.VerifyRequest(user_id=user_id, code=code), metadata=metadata)
+        result = stub.Verify(
+            twofactor_service_pb2.VerifyRequest(user_id=user_id, code=code), metadata=metadata
+        )
         print(f"Verify: {twofactor_service_pb2.VerifyResult.Name(result.result)}")
     return 0

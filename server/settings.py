@@ -152,7 +152,9 @@ class Settings:
             broker_url=env.str("BROKER_URL", ""),
             broker_timeout_seconds=env.float("BROKER_TIMEOUT_SECONDS", cls.broker_timeout_seconds),
             delivery_queue=env.str("DELIVERY_QUEUE", cls.delivery_queue),
-            delivery_retry_base_seconds=env.float("DELIVERY_RETRY_BASE_SECONDS", cls.delivery_retry_base_seconds),
+            delivery_retry_base_seconds=env.float(
+                "DELIVERY_RETRY_BASE_SECONDS", cls.delivery_retry_base_seconds
+            ),
             email_provider=env.choice("EMAIL_PROVIDER", cls.email_provider, ("console", "smtp")),
             sms_provider=env.str("SMS_PROVIDER", cls.sms_provider),
             smtp=smtp,
@@ -250,7 +252,9 @@ class _Env:
         for entry in value.split(","):
             parts = entry.strip().split(":")
             if len(parts) != 3:
-                raise SettingsError(f"{self.PREFIX}{name}: entry {entry.strip()!r} is not name:scopes:sha256hex")
+                raise SettingsError(
+                    f"{self.PREFIX}{name}: entry {entry.strip()!r} is not name:scopes:sha256hex"
+                )
             token_name, scopes, digest = parts
             try:
                 sha256 = bytes.fromhex(digest)

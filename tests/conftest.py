@@ -126,7 +126,7 @@ ServerFactory = Callable[..., Harness]
 
 @pytest.fixture
 def start_server(settings: Settings, clock: Clock) -> Iterator[ServerFactory]:
-    """Start a server; keyword arguments replace Settings fields (`policy=...` takes a dict of policy fields)."""
+    """Start a server; keyword arguments replace Settings fields (`policy=` takes policy fields)."""
     started: list[Harness] = []
 
     def start(*, dispatcher: Any = None, **overrides: Any) -> Harness:
@@ -138,7 +138,9 @@ def start_server(settings: Settings, clock: Clock) -> Iterator[ServerFactory]:
         server.start()
         channel = grpc.insecure_channel(f"127.0.0.1:{port}")
         harness = Harness(
-            server, port, channel,
+            server,
+            port,
+            channel,
             twofactor_service_pb2_grpc.TwoFactorServiceStub(channel),
             admin_service_pb2_grpc.AdminServiceStub(channel),
             chosen,

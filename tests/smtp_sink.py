@@ -32,8 +32,9 @@ class SmtpSink:
         self.port = 0
 
     # aiosmtpd handler hooks
-    async def handle_RCPT(self, server: SMTP, session: Session, envelope: Envelope, address: str,
-                          rcpt_options: list[str]) -> str:
+    async def handle_RCPT(
+        self, server: SMTP, session: Session, envelope: Envelope, address: str, rcpt_options: list[str]
+    ) -> str:
         if self.hold_first_recipient and not self.recipient_held.is_set():
             self.recipient_held.set()
             # Hold the transaction open (bounded) while the test kills the sending worker.
@@ -57,12 +58,19 @@ class SmtpSink:
     def wait_for_messages(self, count: int, timeout: float = 60) -> list[EmailMessage]:
         with self._changed:
             if not self._changed.wait_for(lambda: len(self.messages) >= count, timeout):
-                raise AssertionError(f"expected {count} message(s) within {timeout}s, got {len(self.messages)}")
+                raise AssertionError(
+                    f"expected {count} message(s) within {timeout}s, got {len(self.messages)}"
+                )
             return list(self.messages)
 
     def settings(self) -> SmtpSettings:
-        return SmtpSettings(host="127.0.0.1", port=self.port, security="none",
-                            from_address="twofactor@example.com", timeout_seconds=30)
+        return SmtpSettings(
+            host="127.0.0.1",
+            port=self.port,
+            security="none",
+            from_address="twofactor@example.com",
+            timeout_seconds=30,
+        )
 
 
 def code_in(message: EmailMessage) -> str:

@@ -11,8 +11,12 @@ COMMITTED = ROOT / "clients" / "python" / "src" / "twofactor" / "v1"
 
 
 def test_committed_code_matches_a_fresh_generation(tmp_path: Path) -> None:
-    subprocess.run([sys.executable, str(ROOT / "scripts" / "gen_protos.py"), "--out", str(tmp_path)],
-                   check=True, capture_output=True, timeout=120)
+    subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "gen_protos.py"), "--out", str(tmp_path)],
+        check=True,
+        capture_output=True,
+        timeout=120,
+    )
     fresh = {p.name: p.read_bytes() for p in (tmp_path / "twofactor" / "v1").glob("*_pb2*.py*")}
     committed = {p.name: p.read_bytes() for p in COMMITTED.glob("*_pb2*.py*")}
     assert sorted(fresh) == sorted(committed), "generated files added or removed: run `make generate`"

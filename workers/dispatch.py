@@ -109,8 +109,13 @@ def build_dispatcher(
         celery_dispatcher = CeleryDispatcher(settings)
         return celery_dispatcher, celery_dispatcher.close
     deliverer = Deliverer(
-        db, keyring, email_sender, sms_sender, issuer=settings.policy.issuer,
-        retry_base_seconds=settings.delivery_retry_base_seconds, clock=clock,
+        db,
+        keyring,
+        email_sender,
+        sms_sender,
+        issuer=settings.policy.issuer,
+        retry_base_seconds=settings.delivery_retry_base_seconds,
+        clock=clock,
     )
     dispatcher = InProcessDispatcher(deliverer)
     return dispatcher, dispatcher.close

@@ -35,14 +35,19 @@ class AdminServicer(pb_grpc.AdminServiceServicer):
         state = self._admin.reset_user(
             requests.user_id(request.user_id),
             reason=requests.bounded(
-                request.reason, field="reason", reason="INVALID_REASON", max_bytes=requests.MAX_REASON_BYTES,
+                request.reason,
+                field="reason",
+                reason="INVALID_REASON",
+                max_bytes=requests.MAX_REASON_BYTES,
                 required=True,
             ),
             caller=current_caller.get(),
         )
         return pb.ResetUserResponse(user=convert.user(state))
 
-    def UnlockUser(self, request: pb.UnlockUserRequest, context: grpc.ServicerContext) -> pb.UnlockUserResponse:
+    def UnlockUser(
+        self, request: pb.UnlockUserRequest, context: grpc.ServicerContext
+    ) -> pb.UnlockUserResponse:
         state = self._admin.unlock_user(requests.user_id(request.user_id), caller=current_caller.get())
         return pb.UnlockUserResponse(user=convert.user(state))
 
@@ -58,9 +63,14 @@ class AdminServicer(pb_grpc.AdminServiceServicer):
         )
         events = [
             pb.AuditEvent(
-                event_id=row["event_id"], time=convert.timestamp(row["at"]), actor=row["actor"],
-                user_id=row["user_id"], action=row["action"], request_id=row["request_id"],
-                outcome=row["outcome"], detail=row["detail"],
+                event_id=row["event_id"],
+                time=convert.timestamp(row["at"]),
+                actor=row["actor"],
+                user_id=row["user_id"],
+                action=row["action"],
+                request_id=row["request_id"],
+                outcome=row["outcome"],
+                detail=row["detail"],
             )
             for row in rows
         ]

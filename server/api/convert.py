@@ -49,7 +49,7 @@ def timestamp(ms: int | None) -> timestamp_pb2.Timestamp | None:
 
 def duration(seconds: float) -> duration_pb2.Duration:
     whole = int(seconds)
-    return duration_pb2.Duration(seconds=whole, nanos=int(round((seconds - whole) * 1e9)))
+    return duration_pb2.Duration(seconds=whole, nanos=round((seconds - whole) * 1e9))
 
 
 def mask(method: str, destination: str) -> str:

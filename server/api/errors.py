@@ -42,8 +42,9 @@ def status_for(error: TwoFactorError) -> grpc.Status:
     if error.retry_after is not None:
         metadata["retry_after_seconds"] = f"{error.retry_after:.3f}"
         retry = error_details_pb2.RetryInfo()
-        retry.retry_delay.CopyFrom(duration_pb2.Duration(seconds=int(error.retry_after),
-                                                         nanos=int(error.retry_after % 1 * 1e9)))
+        retry.retry_delay.CopyFrom(
+            duration_pb2.Duration(seconds=int(error.retry_after), nanos=int(error.retry_after % 1 * 1e9))
+        )
         details.append(retry)
     info = error_details_pb2.ErrorInfo(reason=error.reason, domain=ERROR_DOMAIN, metadata=metadata)
     return _status(_CODES[error.status], error.message, [info, *details])

@@ -25,7 +25,8 @@ from server.settings import TokenSetting
 
 # Caller is a frozen dataclass, so one shared default is safe.
 current_caller: contextvars.ContextVar[Caller] = contextvars.ContextVar(
-    "current_caller", default=Caller()  # noqa: B039
+    "current_caller",
+    default=Caller(),  # noqa: B039
 )
 
 # The scope each service needs; services not listed (health, reflection) are open.

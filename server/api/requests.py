@@ -25,7 +25,9 @@ def user_id(value: str) -> str:
 def method(value: int) -> str:
     name = METHOD_FROM_PROTO.get(value)
     if name is None:
-        raise InvalidArgument("INVALID_METHOD", "method must be METHOD_AUTHENTICATOR, METHOD_EMAIL or METHOD_SMS")
+        raise InvalidArgument(
+            "INVALID_METHOD", "method must be METHOD_AUTHENTICATOR, METHOD_EMAIL or METHOD_SMS"
+        )
     return name
 
 

@@ -22,7 +22,9 @@ class TwoFactorServicer(pb_grpc.TwoFactorServiceServicer):
         state = self._twofactor.get_status(requests.user_id(request.user_id))
         return convert.status(state, self._policy)
 
-    def SetContact(self, request: pb.SetContactRequest, context: grpc.ServicerContext) -> pb.SetContactResponse:
+    def SetContact(
+        self, request: pb.SetContactRequest, context: grpc.ServicerContext
+    ) -> pb.SetContactResponse:
         state = self._twofactor.set_contact(
             requests.user_id(request.user_id),
             email=request.email if request.HasField("email") else None,
@@ -40,7 +42,9 @@ class TwoFactorServicer(pb_grpc.TwoFactorServiceServicer):
             requests.user_id(request.user_id),
             requests.method(request.method),
             account_name=requests.bounded(
-                request.account_name, field="account_name", reason="INVALID_ACCOUNT_NAME",
+                request.account_name,
+                field="account_name",
+                reason="INVALID_ACCOUNT_NAME",
                 max_bytes=requests.MAX_ACCOUNT_NAME_BYTES,
             ),
             locale=_locale(request.locale),
@@ -51,7 +55,10 @@ class TwoFactorServicer(pb_grpc.TwoFactorServiceServicer):
             setup = start.authenticator
             response.authenticator.CopyFrom(
                 pb.AuthenticatorSetup(
-                    secret=setup.secret_base32, otpauth_uri=setup.otpauth_uri, qr_png=setup.qr_png, qr_svg=setup.qr_svg
+                    secret=setup.secret_base32,
+                    otpauth_uri=setup.otpauth_uri,
+                    qr_png=setup.qr_png,
+                    qr_svg=setup.qr_svg,
                 )
             )
         if start.challenge is not None:
@@ -87,7 +94,9 @@ class TwoFactorServicer(pb_grpc.TwoFactorServiceServicer):
             requests.user_id(request.user_id),
             requests.method(request.method),
             idempotency_key=requests.bounded(
-                request.idempotency_key, field="idempotency_key", reason="INVALID_IDEMPOTENCY_KEY",
+                request.idempotency_key,
+                field="idempotency_key",
+                reason="INVALID_IDEMPOTENCY_KEY",
                 max_bytes=requests.MAX_IDEMPOTENCY_KEY_BYTES,
             ),
             locale=_locale(request.locale),
@@ -95,12 +104,17 @@ class TwoFactorServicer(pb_grpc.TwoFactorServiceServicer):
         )
         return pb.SendCodeResponse(challenge=convert.challenge(view))
 
-    def GetChallenge(self, request: pb.GetChallengeRequest, context: grpc.ServicerContext) -> pb.GetChallengeResponse:
+    def GetChallenge(
+        self, request: pb.GetChallengeRequest, context: grpc.ServicerContext
+    ) -> pb.GetChallengeResponse:
         view = self._twofactor.get_challenge(
             requests.user_id(request.user_id),
             requests.bounded(
-                request.challenge_id, field="challenge_id", reason="INVALID_CHALLENGE_ID",
-                max_bytes=requests.MAX_CHALLENGE_ID_BYTES, required=True,
+                request.challenge_id,
+                field="challenge_id",
+                reason="INVALID_CHALLENGE_ID",
+                max_bytes=requests.MAX_CHALLENGE_ID_BYTES,
+                required=True,
             ),
         )
         return pb.GetChallengeResponse(challenge=convert.challenge(view))
@@ -115,7 +129,9 @@ class TwoFactorServicer(pb_grpc.TwoFactorServiceServicer):
         self, request: pb.GetBackupCodesRequest, context: grpc.ServicerContext
     ) -> pb.GetBackupCodesResponse:
         codes = self._twofactor.get_backup_codes(requests.user_id(request.user_id))
-        return pb.GetBackupCodesResponse(codes=codes.codes, generated_at=convert.timestamp(codes.generated_at_ms))
+        return pb.GetBackupCodesResponse(
+            codes=codes.codes, generated_at=convert.timestamp(codes.generated_at_ms)
+        )
 
     def RegenerateBackupCodes(
         self, request: pb.RegenerateBackupCodesRequest, context: grpc.ServicerContext
@@ -129,4 +145,6 @@ class TwoFactorServicer(pb_grpc.TwoFactorServiceServicer):
 
 
 def _locale(value: str) -> str:
-    return requests.bounded(value, field="locale", reason="INVALID_LOCALE", max_bytes=requests.MAX_LOCALE_BYTES)
+    return requests.bounded(
+        value, field="locale", reason="INVALID_LOCALE", max_bytes=requests.MAX_LOCALE_BYTES
+    )

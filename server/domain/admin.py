@@ -41,8 +41,13 @@ class Admin:
             methods = store.methods_of_users(tx, [r["user_id"] for r in page])
             now = self._now_ms()
             users = [
-                user_state(r, methods[r["user_id"]], store.count_unused_backup_codes(tx, r["user_id"]),
-                           self._policy, now)
+                user_state(
+                    r,
+                    methods[r["user_id"]],
+                    store.count_unused_backup_codes(tx, r["user_id"]),
+                    self._policy,
+                    now,
+                )
                 for r in page
             ]
         next_token = _encode_token("u", page[-1]["user_id"]) if len(rows) > limit else ""
@@ -78,24 +83,40 @@ class Admin:
         return page, next_token
 
     def _user(self, tx: Transaction, user_id: str, *, lock: bool = False) -> Row:
-        suffix = " FOR UPDATE" if lock and self._db.dialect == "postgres" else ""
-        user = tx.one(f"SELECT * FROM users WHERE user_id = %(u)s{suffix}", {"u": user_id})  # noqa: S608
+        user = store.get_user(tx, user_id, lock=lock)
         if user is None:
             raise NotFound("USER_NOT_FOUND", "no such user", metadata={"user_id": user_id})
         return user
 
     def _state(self, tx: Transaction, user: Row) -> UserState:
         user_id = user["user_id"]
-        return user_state(user, store.methods_of(tx, user_id), store.count_unused_backup_codes(tx, user_id),
-                          self._policy, self._now_ms())
+        return user_state(
+            user,
+            store.methods_of(tx, user_id),
+            store.count_unused_backup_codes(tx, user_id),
+            self._policy,
+            self._now_ms(),
+        )
 
     def _audit(
-        self, tx: Transaction, caller: Caller, user_id: str, action: str, detail: str, *,
+        self,
+        tx: Transaction,
+        caller: Caller,
+        user_id: str,
+        action: str,
+        detail: str,
+        *,
         outcome: str = "success",
     ) -> None:
         store.add_audit_event(
-            tx, at=self._now_ms(), actor=caller.actor, user_id=user_id, action=action,
-            request_id=caller.request_id, outcome=outcome, detail=detail,
+            tx,
+            at=self._now_ms(),
+            actor=caller.actor,
+            user_id=user_id,
+            action=action,
+            request_id=caller.request_id,
+            outcome=outcome,
+            detail=detail,
         )
 
     def _now_ms(self) -> int:

@@ -6,7 +6,9 @@ import re
 
 # Deliberately simple: one @, no spaces, a dotted domain. Full RFC 5322 accepts
 # addresses no mail relay will take; a typo is caught by the confirmation code.
-_EMAIL = re.compile(r"^[^@\s<>()\[\],;:\"]{1,64}@[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?)+$")
+_EMAIL = re.compile(
+    r"^[^@\s<>()\[\],;:\"]{1,64}@[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?)+$"
+)
 # E.164: a plus, a country code not starting with 0, at most 15 digits in all.
 _E164 = re.compile(r"^\+[1-9][0-9]{6,14}$")
 MAX_EMAIL_BYTES = 254

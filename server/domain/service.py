@@ -38,7 +38,7 @@ log = logging.getLogger(__name__)
 AUTHENTICATOR, EMAIL, SMS = "authenticator", "email", "sms"
 HOUR_MS = 3_600_000
 # Purposes bind each ciphertext and hash to what it is for (keyring associated data).
-TOTP_SECRET = "totp_secret"
+TOTP_SECRET = "totp_secret"  # noqa: S105 - a purpose label, not a secret
 BACKUP_CODE = "backup_code"
 CHALLENGE_CODE = "challenge_code"
 
@@ -64,7 +64,6 @@ class TwoFactor:
         self._policy = policy
         self._dispatcher = dispatcher
         self._clock = clock
-        self._for_update = " FOR UPDATE" if db.dialect == "postgres" else ""
 
     # ---- status and contacts ------------------------------------------------
 
@@ -107,10 +106,16 @@ class TwoFactor:
                 sealed = self._keyring.encrypt(secret, purpose=TOTP_SECRET, user_id=user_id)
                 store.start_method_enrollment(tx, user_id, method, now, pending_secret=sealed)
                 self._audit(tx, caller, user_id, "enrollment_started", detail=method)
-            uri = totp.provisioning_uri(secret, account_name=account_name or user_id, issuer=self._policy.issuer)
-            setup = AuthenticatorSetup(totp.to_base32(secret), uri, qr_codes.qr_png(uri), qr_codes.qr_svg(uri))
+            uri = totp.provisioning_uri(
+                secret, account_name=account_name or user_id, issuer=self._policy.issuer
+            )
+            setup = AuthenticatorSetup(
+                totp.to_base32(secret), uri, qr_codes.qr_png(uri), qr_codes.qr_svg(uri)
+            )
             return EnrollmentStart(method, authenticator=setup)
-        challenge = self._send(user_id, method, "enrollment", idempotency_key="", locale=locale, caller=caller)
+        challenge = self._send(
+            user_id, method, "enrollment", idempotency_key="", locale=locale, caller=caller
+        )
         return EnrollmentStart(method, challenge=challenge)
 
     def confirm_enrollment(self, user_id: str, method: str, code: str, *, caller: Caller) -> Confirmation:
@@ -136,7 +141,9 @@ class TwoFactor:
                 failures = self._count_failure(tx, caller, user_id, now)
                 self._audit(tx, caller, user_id, "enrollment_confirmed", outcome="failure", detail=method)
                 return Confirmation(
-                    False, self._enabled(tx, user_id), attempts_left=lockout.attempts_left(failures, self._policy)
+                    False,
+                    self._enabled(tx, user_id),
+                    attempts_left=lockout.attempts_left(failures, self._policy),
                 )
             first_method = not self._enabled(tx, user_id)
             store.enable_method(tx, user_id, method, now)
@@ -147,7 +154,10 @@ class TwoFactor:
                 codes = self._replace_backup_codes(tx, user_id, now)
                 self._audit(tx, caller, user_id, "backup_codes_generated", detail=f"{len(codes)} codes")
             return Confirmation(
-                True, self._enabled(tx, user_id), backup_codes=codes, attempts_left=self._policy.lockout_threshold
+                True,
+                self._enabled(tx, user_id),
+                backup_codes=codes,
+                attempts_left=self._policy.lockout_threshold,
             )
 
     def disable_method(self, user_id: str, method: str, *, caller: Caller) -> tuple[str, ...]:
@@ -160,7 +170,8 @@ class TwoFactor:
             if self._policy.force_two_factor and not remaining:
                 raise FailedPrecondition(
                     "LAST_METHOD_REQUIRED",
-                    "the policy requires two-factor authentication; enable another method before disabling this one",
+                    "the policy requires two-factor authentication; "
+                    "enable another method before disabling this one",
                 )
             store.delete_method(tx, user_id, method)
             if not remaining:
@@ -176,10 +187,13 @@ class TwoFactor:
     ) -> ChallengeView:
         if method == AUTHENTICATOR:
             raise FailedPrecondition(
-                "METHOD_HAS_NO_CODE_TO_SEND", "authenticator codes come from the app; SendCode is for email and sms"
+                "METHOD_HAS_NO_CODE_TO_SEND",
+                "authenticator codes come from the app; SendCode is for email and sms",
             )
         self._require_allowed(method)
-        return self._send(user_id, method, "login", idempotency_key=idempotency_key, locale=locale, caller=caller)
+        return self._send(
+            user_id, method, "login", idempotency_key=idempotency_key, locale=locale, caller=caller
+        )
 
     def get_challenge(self, user_id: str, challenge_id: str) -> ChallengeView:
         with self._db.transaction() as tx:
@@ -203,11 +217,16 @@ class TwoFactor:
             if not destination:
                 contact = "email" if method == EMAIL else "phone"
                 raise FailedPrecondition(
-                    "CONTACT_MISSING", f"no {contact} is registered; call SetContact first", metadata={"contact": contact}
+                    "CONTACT_MISSING",
+                    f"no {contact} is registered; call SetContact first",
+                    metadata={"contact": contact},
                 )
             if idempotency_key:
                 earlier = store.challenge_by_idempotency_key(tx, user_id, idempotency_key)
-                if earlier is not None and earlier["created_at"] > now - policy.idempotency_window_seconds * 1000:
+                if (
+                    earlier is not None
+                    and earlier["created_at"] > now - policy.idempotency_window_seconds * 1000
+                ):
                     return self._challenge_view(tx, earlier)
                 if earlier is not None:
                     store.forget_idempotency_key(tx, earlier["challenge_id"])
@@ -222,8 +241,12 @@ class TwoFactor:
                 method=method,
                 purpose=purpose,
                 destination=destination,
-                code_hash=self._keyring.keyed_hash(_challenge_data(challenge_id, code), purpose=CHALLENGE_CODE),
-                code_ciphertext=self._keyring.encrypt(code.encode(), purpose=CHALLENGE_CODE, user_id=challenge_id),
+                code_hash=self._keyring.keyed_hash(
+                    _challenge_data(challenge_id, code), purpose=CHALLENGE_CODE
+                ),
+                code_ciphertext=self._keyring.encrypt(
+                    code.encode(), purpose=CHALLENGE_CODE, user_id=challenge_id
+                ),
                 idempotency_key=idempotency_key or None,
                 locale=locale or "en",
                 created_at=now,
@@ -242,7 +265,11 @@ class TwoFactor:
         except Unavailable:
             with self._db.transaction() as tx:
                 store.mark_delivery(
-                    tx, challenge_id, "failed", self._now_ms(), failure_reason="not queued: broker unavailable",
+                    tx,
+                    challenge_id,
+                    "failed",
+                    self._now_ms(),
+                    failure_reason="not queued: broker unavailable",
                     wipe_code=True,
                 )
                 store.forget_idempotency_key(tx, challenge_id)
@@ -258,20 +285,24 @@ class TwoFactor:
         cooldown_ends = (last or 0) + policy.resend_cooldown_seconds * 1000
         if last is not None and cooldown_ends > now:
             raise ResourceExhausted(
-                "RESEND_TOO_SOON", "a code was sent moments ago; wait before sending another",
+                "RESEND_TOO_SOON",
+                "a code was sent moments ago; wait before sending another",
                 retry_after=(cooldown_ends - now) / 1000,
             )
         hour_ago = now - HOUR_MS
         if store.count_sends_since(tx, since_ms=hour_ago, user_id=user_id) >= policy.sends_per_user_per_hour:
             raise ResourceExhausted(
-                "USER_SEND_LIMIT", "too many codes sent to this user in the last hour", retry_after=HOUR_MS / 1000
+                "USER_SEND_LIMIT",
+                "too many codes sent to this user in the last hour",
+                retry_after=HOUR_MS / 1000,
             )
         if (
             store.count_sends_since(tx, since_ms=hour_ago, destination=destination)
             >= policy.sends_per_destination_per_hour
         ):
             raise ResourceExhausted(
-                "DESTINATION_SEND_LIMIT", "too many codes sent to this address in the last hour",
+                "DESTINATION_SEND_LIMIT",
+                "too many codes sent to this address in the last hour",
                 retry_after=HOUR_MS / 1000,
             )
 
@@ -281,7 +312,9 @@ class TwoFactor:
         digits = one_time_codes.normalize(code)
         backup = backup_codes.normalize(code)
         if digits is None and backup is None:
-            raise InvalidArgument("INVALID_CODE", "code must be 6 to 10 digits or a backup code like k7m2q-x9p4w")
+            raise InvalidArgument(
+                "INVALID_CODE", "code must be 6 to 10 digits or a backup code like k7m2q-x9p4w"
+            )
         now = self._now_ms()
         with self._db.transaction() as tx:
             user = self._lock_existing_user(tx, user_id)
@@ -290,7 +323,9 @@ class TwoFactor:
                 raise FailedPrecondition("NOT_ENROLLED", "the user has no second-factor method enabled")
             lock = self._lock_of(user, now)
             if lock is not None:
-                return self._outcome(tx, user_id, VerifyResult.LOCKED, None, user["failed_attempts"], lock, now)
+                return self._outcome(
+                    tx, user_id, VerifyResult.LOCKED, None, user["failed_attempts"], lock, now
+                )
             matched = None
             if digits is not None:
                 if AUTHENTICATOR in methods and len(digits) == totp.DIGITS:
@@ -311,13 +346,21 @@ class TwoFactor:
                 store.record_success(tx, user_id, now)
                 return self._outcome(tx, user_id, VerifyResult.ACCEPTED, matched, 0, None, now)
             failures = self._count_failure(tx, caller, user_id, now)
-            lock = self._lock_of({"failed_attempts": failures, "locked_until": self._lock_until(failures, now)}, now)
+            lock = self._lock_of(
+                {"failed_attempts": failures, "locked_until": self._lock_until(failures, now)}, now
+            )
             result = VerifyResult.LOCKED if lock is not None else VerifyResult.REJECTED
             return self._outcome(tx, user_id, result, None, failures, lock, now)
 
     def _outcome(
-        self, tx: Transaction, user_id: str, result: VerifyResult, matched: CodeKind | None, failures: int,
-        lock: Lock | None, now: int,
+        self,
+        tx: Transaction,
+        user_id: str,
+        result: VerifyResult,
+        matched: CodeKind | None,
+        failures: int,
+        lock: Lock | None,
+        now: int,
     ) -> VerifyOutcome:
         return VerifyOutcome(
             result=result,
@@ -359,7 +402,9 @@ class TwoFactor:
             self._require_enrolled(tx, user_id)
             codes = tuple(
                 backup_codes.display(
-                    self._keyring.decrypt(row["code_ciphertext"], purpose=BACKUP_CODE, user_id=user_id).decode()
+                    self._keyring.decrypt(
+                        row["code_ciphertext"], purpose=BACKUP_CODE, user_id=user_id
+                    ).decode()
                 )
                 for row in store.unused_backup_codes(tx, user_id)
             )
@@ -409,7 +454,7 @@ class TwoFactor:
 
     def _lock_user(self, tx: Transaction, user_id: str) -> Row | None:
         """Read the user's row, holding its lock to the end of the transaction (PostgreSQL)."""
-        return tx.one(f"SELECT * FROM users WHERE user_id = %(u)s{self._for_update}", {"u": user_id})
+        return store.get_user(tx, user_id, lock=True)
 
     def _lock_existing_user(self, tx: Transaction, user_id: str) -> Row:
         user = self._lock_user(tx, user_id)
@@ -419,7 +464,8 @@ class TwoFactor:
 
     def _enabled_rows(self, tx: Transaction, user_id: str) -> list[Row]:
         return [
-            m for m in store.methods_of(tx, user_id)
+            m
+            for m in store.methods_of(tx, user_id)
             if m["enabled_at"] is not None and m["method"] in self._policy.allowed_methods
         ]
 
@@ -458,8 +504,13 @@ class TwoFactor:
         user = store.get_user(tx, user_id)
         if user is None:
             return None
-        return user_state(user, store.methods_of(tx, user_id), store.count_unused_backup_codes(tx, user_id),
-                          self._policy, self._now_ms())
+        return user_state(
+            user,
+            store.methods_of(tx, user_id),
+            store.count_unused_backup_codes(tx, user_id),
+            self._policy,
+            self._now_ms(),
+        )
 
     def _challenge_view(self, tx: Transaction, row: Row) -> ChallengeView:
         status = row["delivery_status"]
@@ -480,16 +531,30 @@ class TwoFactor:
         )
 
     def _audit(
-        self, tx: Transaction, caller: Caller, user_id: str, action: str, *, outcome: str = "success",
+        self,
+        tx: Transaction,
+        caller: Caller,
+        user_id: str,
+        action: str,
+        *,
+        outcome: str = "success",
         detail: str = "",
     ) -> None:
         store.add_audit_event(
-            tx, at=self._now_ms(), actor=caller.actor, user_id=user_id, action=action,
-            request_id=caller.request_id, outcome=outcome, detail=detail,
+            tx,
+            at=self._now_ms(),
+            actor=caller.actor,
+            user_id=user_id,
+            action=action,
+            request_id=caller.request_id,
+            outcome=outcome,
+            detail=detail,
         )
 
 
-def user_state(user: Row, methods: list[Row], backup_left: int, policy: PolicySettings, now: int) -> UserState:
+def user_state(
+    user: Row, methods: list[Row], backup_left: int, policy: PolicySettings, now: int
+) -> UserState:
     permanent = user["failed_attempts"] >= policy.max_consecutive_failures
     until = user["locked_until"]
     lock = Lock(None, True) if permanent else (Lock(until) if until is not None and until > now else None)

@@ -29,6 +29,10 @@ _MIGRATION_LOCK_ID = 0x2FAC7  # pg_advisory_lock key shared by every twofactor s
 
 
 class Transaction(Protocol):
+    # Appended to a SELECT to hold its rows until commit; empty where the
+    # whole transaction is already exclusive (SQLite).
+    row_lock: str
+
     def execute(self, sql: str, params: Params | None = None) -> int:
         """Run a statement; return the number of rows it touched."""
 
@@ -84,6 +88,8 @@ class PostgresDatabase:
 
 
 class _PostgresTransaction:
+    row_lock = " FOR UPDATE"
+
     def __init__(self, conn: psycopg.Connection[Row]) -> None:
         self._conn = conn
 
@@ -133,6 +139,8 @@ class SqliteDatabase:
 
 
 class _SqliteTransaction:
+    row_lock = ""  # BEGIN IMMEDIATE and the connection lock already serialize transactions
+
     def __init__(self, conn: sqlite3.Connection) -> None:
         self._conn = conn
 
@@ -178,9 +186,7 @@ def _apply_migrations(tx: Transaction, dialect: str) -> list[str]:
         sql = text.format(**_DIALECT_TYPES[dialect])
         for statement in _statements(sql):
             tx.execute(statement)
-        tx.execute(
-            "INSERT INTO schema_migrations (version, applied_at) VALUES (%(v)s, 0)", {"v": version}
-        )
+        tx.execute("INSERT INTO schema_migrations (version, applied_at) VALUES (%(v)s, 0)", {"v": version})
         applied.append(version)
         log.info("applied migration %s", version)
     return applied

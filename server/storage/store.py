@@ -22,8 +22,10 @@ def ensure_user(tx: Transaction, user_id: str, now_ms: int) -> None:
     )
 
 
-def get_user(tx: Transaction, user_id: str) -> Row | None:
-    return tx.one("SELECT * FROM users WHERE user_id = %(u)s", {"u": user_id})
+def get_user(tx: Transaction, user_id: str, *, lock: bool = False) -> Row | None:
+    """The user's row; with lock=True, other writers of this user wait until commit."""
+    suffix = tx.row_lock if lock else ""
+    return tx.one(f"SELECT * FROM users WHERE user_id = %(u)s{suffix}", {"u": user_id})  # noqa: S608
 
 
 def set_contact(tx: Transaction, user_id: str, column: str, value: str | None) -> None:
@@ -69,7 +71,9 @@ def advance_totp_step(tx: Transaction, user_id: str, step: int) -> bool:
 
 
 def unlock(tx: Transaction, user_id: str) -> None:
-    tx.execute("UPDATE users SET failed_attempts = 0, locked_until = NULL WHERE user_id = %(u)s", {"u": user_id})
+    tx.execute(
+        "UPDATE users SET failed_attempts = 0, locked_until = NULL WHERE user_id = %(u)s", {"u": user_id}
+    )
 
 
 def reset_user(tx: Transaction, user_id: str) -> None:
@@ -225,7 +229,9 @@ def forget_idempotency_key(tx: Transaction, challenge_id: str) -> None:
     tx.execute("UPDATE challenges SET idempotency_key = NULL WHERE challenge_id = %(c)s", {"c": challenge_id})
 
 
-def supersede_challenges(tx: Transaction, user_id: str, purpose: str, method: str | None, now_ms: int) -> None:
+def supersede_challenges(
+    tx: Transaction, user_id: str, purpose: str, method: str | None, now_ms: int
+) -> None:
     """Older codes stop working when a new one is sent."""
     method_clause = "" if method is None else "AND method = %(m)s"
     tx.execute(
@@ -266,13 +272,16 @@ def count_challenge_attempt(tx: Transaction, challenge_id: str, now_ms: int) -> 
 
 def last_send_ms(tx: Transaction, user_id: str) -> int | None:
     row = tx.one(
-        "SELECT MAX(created_at) AS last FROM challenges WHERE user_id = %(u)s AND delivery_status <> 'failed'",
+        "SELECT MAX(created_at) AS last FROM challenges "
+        "WHERE user_id = %(u)s AND delivery_status <> 'failed'",
         {"u": user_id},
     )
     return None if row is None or row["last"] is None else int(row["last"])
 
 
-def count_sends_since(tx: Transaction, *, since_ms: int, user_id: str | None = None, destination: str | None = None) -> int:
+def count_sends_since(
+    tx: Transaction, *, since_ms: int, user_id: str | None = None, destination: str | None = None
+) -> int:
     column, value = ("user_id", user_id) if user_id is not None else ("destination", destination)
     row = tx.one(
         f"SELECT COUNT(*) AS n FROM challenges WHERE {column} = %(v)s AND created_at > %(since)s",  # noqa: S608

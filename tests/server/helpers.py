@@ -23,7 +23,9 @@ def totp_now(secret: str, clock: Clock, *, offset_steps: int = 0) -> str:
 def enroll_authenticator(h: Harness, clock: Clock, user_id: str) -> tuple[str, list[str]]:
     """Enroll and confirm; return the base32 secret and the backup codes."""
     start = h.twofactor.StartEnrollment(
-        pb.StartEnrollmentRequest(user_id=user_id, method=AUTHENTICATOR, account_name=f"{user_id}@example.com"),
+        pb.StartEnrollmentRequest(
+            user_id=user_id, method=AUTHENTICATOR, account_name=f"{user_id}@example.com"
+        ),
         metadata=h.app_metadata,
     )
     secret = start.authenticator.secret

@@ -32,8 +32,11 @@ def test_enroll_confirm_verify_and_replay_is_rejected(harness: Harness, clock: C
     assert list(pending.pending_methods) == [AUTHENTICATOR] and list(pending.enabled_methods) == []
 
     wrong = harness.twofactor.ConfirmEnrollment(
-        pb.ConfirmEnrollmentRequest(user_id="alice", method=AUTHENTICATOR, code="000000"
-                                    if totp_now(secret, clock) != "000000" else "111111"),
+        pb.ConfirmEnrollmentRequest(
+            user_id="alice",
+            method=AUTHENTICATOR,
+            code="000000" if totp_now(secret, clock) != "000000" else "111111",
+        ),
         metadata=harness.app_metadata,
     )
     assert not wrong.confirmed and wrong.attempts_left == 4
@@ -60,7 +63,9 @@ def test_enroll_confirm_verify_and_replay_is_rejected(harness: Harness, clock: C
 
     # A code from the previous step is older than the last accepted one: also a replay.
     clock.advance(30)
-    assert verify(harness, "alice", totp_now(secret, clock, offset_steps=-1)).result == pb.VERIFY_RESULT_REJECTED
+    assert (
+        verify(harness, "alice", totp_now(secret, clock, offset_steps=-1)).result == pb.VERIFY_RESULT_REJECTED
+    )
     assert verify(harness, "alice", totp_now(secret, clock)).result == pb.VERIFY_RESULT_ACCEPTED
 
     status = harness.twofactor.GetStatus(pb.GetStatusRequest(user_id="alice"), metadata=harness.app_metadata)
@@ -96,7 +101,8 @@ def test_starting_again_replaces_the_pending_secret(harness: Harness, clock: Clo
     old = totp_now(first, clock)
     if old != totp_now(second, clock):
         stale = harness.twofactor.ConfirmEnrollment(
-            pb.ConfirmEnrollmentRequest(user_id="carol", method=AUTHENTICATOR, code=old), metadata=harness.app_metadata
+            pb.ConfirmEnrollmentRequest(user_id="carol", method=AUTHENTICATOR, code=old),
+            metadata=harness.app_metadata,
         )
         assert not stale.confirmed
     ok = harness.twofactor.ConfirmEnrollment(
@@ -143,8 +149,14 @@ def test_wrong_codes_lock_with_growing_retry_after(harness: Harness, clock: Cloc
 
 
 def test_hundred_consecutive_failures_lock_until_unlocked(start_server: ServerFactory, clock: Clock) -> None:
-    h = start_server(policy={"lockout_threshold": 1, "lockout_base_seconds": 1, "lockout_max_seconds": 1,
-                             "max_consecutive_failures": 3})
+    h = start_server(
+        policy={
+            "lockout_threshold": 1,
+            "lockout_base_seconds": 1,
+            "lockout_max_seconds": 1,
+            "max_consecutive_failures": 3,
+        }
+    )
     secret, _ = enroll_authenticator(h, clock, "frank")
     wrong = "000000" if totp_now(secret, clock) != "000000" else "111111"
     for _ in range(3):
@@ -156,8 +168,9 @@ def test_hundred_consecutive_failures_lock_until_unlocked(start_server: ServerFa
 
 
 def test_verify_without_enrollment_is_a_failed_precondition(harness: Harness) -> None:
-    harness.twofactor.SetContact(pb.SetContactRequest(user_id="gina", email="g@example.com"),
-                                 metadata=harness.app_metadata)
+    harness.twofactor.SetContact(
+        pb.SetContactRequest(user_id="gina", email="g@example.com"), metadata=harness.app_metadata
+    )
     with pytest.raises(grpc.RpcError) as raised:
         verify(harness, "gina", "123456")
     assert raised.value.code() == grpc.StatusCode.FAILED_PRECONDITION
@@ -174,8 +187,12 @@ def _all_cells(harness: Harness) -> list[bytes]:
     if settings.database_url:
         url = settings.database_url
         with psycopg.connect(url) as conn:
-            tables = [r[0] for r in conn.execute(
-                "SELECT table_name FROM information_schema.tables WHERE table_schema = current_schema()")]
+            tables = [
+                r[0]
+                for r in conn.execute(
+                    "SELECT table_name FROM information_schema.tables WHERE table_schema = current_schema()"
+                )
+            ]
             rows = [row for t in tables for row in conn.execute(f'SELECT * FROM "{t}"')]  # noqa: S608
     else:
         db = open_database("", data_dir=settings.data_dir)
@@ -198,8 +215,13 @@ def test_no_table_holds_the_totp_secret_in_clear(harness: Harness, clock: Clock)
 
     secret_b32, backup = enroll_authenticator(harness, clock, "henry")
     raw = base64.b32decode(secret_b32 + "=" * (-len(secret_b32) % 8))
-    needles = [raw, secret_b32.encode(), secret_b32.lower().encode(), raw.hex().encode(),
-               base64.b64encode(raw)]
+    needles = [
+        raw,
+        secret_b32.encode(),
+        secret_b32.lower().encode(),
+        raw.hex().encode(),
+        base64.b64encode(raw),
+    ]
     needles += [c.encode() for c in backup] + [c.replace("-", "").encode() for c in backup]
     cells = _all_cells(harness)
     assert cells, "the search found no data at all"

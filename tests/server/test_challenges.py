@@ -4,8 +4,8 @@ SMTP server and a custom SMS class: expiry, attempt limit, cooldown, hourly limi
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import ClassVar
 from concurrent.futures import ThreadPoolExecutor
+from typing import ClassVar
 
 import grpc
 import pytest
@@ -30,11 +30,13 @@ def email_server(start_server: ServerFactory, sink: SmtpSink) -> Harness:
 
 
 def enroll_email(h: Harness, sink: SmtpSink, clock: Clock, user_id: str) -> list[str]:
-    h.twofactor.SetContact(pb.SetContactRequest(user_id=user_id, email=f"{user_id}@example.com"),
-                           metadata=h.app_metadata)
+    h.twofactor.SetContact(
+        pb.SetContactRequest(user_id=user_id, email=f"{user_id}@example.com"), metadata=h.app_metadata
+    )
     before = len(sink.messages)
-    start = h.twofactor.StartEnrollment(pb.StartEnrollmentRequest(user_id=user_id, method=EMAIL),
-                                        metadata=h.app_metadata)
+    start = h.twofactor.StartEnrollment(
+        pb.StartEnrollmentRequest(user_id=user_id, method=EMAIL), metadata=h.app_metadata
+    )
     assert start.WhichOneof("setup") == "challenge"
     assert start.challenge.masked_destination == f"{user_id[0]}***@example.com"
     code = code_in(sink.wait_for_messages(before + 1)[-1])
@@ -48,7 +50,9 @@ def enroll_email(h: Harness, sink: SmtpSink, clock: Clock, user_id: str) -> list
 
 def send_and_read(h: Harness, sink: SmtpSink, user_id: str, **fields: str) -> tuple[pb.SendCodeResponse, str]:
     before = len(sink.messages)
-    sent = h.twofactor.SendCode(pb.SendCodeRequest(user_id=user_id, method=EMAIL, **fields), metadata=h.app_metadata)
+    sent = h.twofactor.SendCode(
+        pb.SendCodeRequest(user_id=user_id, method=EMAIL, **fields), metadata=h.app_metadata
+    )
     return sent, code_in(sink.wait_for_messages(before + 1)[-1])
 
 
@@ -72,7 +76,9 @@ def test_emailed_code_verifies_once(email_server: Harness, sink: SmtpSink, clock
     sent, code = send_and_read(email_server, sink, "ana")
     message = sink.messages[-1]
     assert message["To"] == "ana@example.com" and code not in message["Subject"]
-    delivered = wait_for_delivery(email_server, "ana", sent.challenge.challenge_id, common_pb2.DELIVERY_STATUS_SENT)
+    delivered = wait_for_delivery(
+        email_server, "ana", sent.challenge.challenge_id, common_pb2.DELIVERY_STATUS_SENT
+    )
     assert delivered.provider_message_id == message["Message-ID"]
     first = verify(email_server, "ana", code)
     assert first.result == pb.VERIFY_RESULT_ACCEPTED and first.matched == pb.CODE_KIND_EMAIL
@@ -89,7 +95,9 @@ def test_code_expires_after_ten_minutes(email_server: Harness, sink: SmtpSink, c
         pb.GetChallengeRequest(user_id="ben", challenge_id=sent.challenge.challenge_id),
         metadata=email_server.app_metadata,
     ).challenge
-    assert challenge.delivery_status == common_pb2.DELIVERY_STATUS_SENT  # it was delivered, then expired unused
+    assert (
+        challenge.delivery_status == common_pb2.DELIVERY_STATUS_SENT
+    )  # it was delivered, then expired unused
 
 
 def test_five_wrong_attempts_kill_the_code(start_server: ServerFactory, sink: SmtpSink, clock: Clock) -> None:
@@ -108,8 +116,9 @@ def test_resend_cooldown_and_new_code_supersedes(email_server: Harness, sink: Sm
     first, old_code = send_and_read(email_server, sink, "dan")
     assert first.challenge.resend_after.seconds == int(clock.now) + 30
     with pytest.raises(grpc.RpcError) as raised:
-        email_server.twofactor.SendCode(pb.SendCodeRequest(user_id="dan", method=EMAIL),
-                                        metadata=email_server.app_metadata)
+        email_server.twofactor.SendCode(
+            pb.SendCodeRequest(user_id="dan", method=EMAIL), metadata=email_server.app_metadata
+        )
     assert raised.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
     assert error_info(raised.value).reason == "RESEND_TOO_SOON"
     retry = retry_info(raised.value)
@@ -131,10 +140,14 @@ def test_sending_never_resets_the_failure_budget(email_server: Harness, sink: Sm
     assert verify(email_server, "eve", wrong).attempts_left == 3
 
 
-def test_hourly_limits_per_user_and_per_destination(start_server: ServerFactory, sink: SmtpSink,
-                                                    clock: Clock) -> None:
-    h = start_server(email_provider="smtp", smtp=sink.settings(),
-                     policy={"sends_per_user_per_hour": 3, "sends_per_destination_per_hour": 4})
+def test_hourly_limits_per_user_and_per_destination(
+    start_server: ServerFactory, sink: SmtpSink, clock: Clock
+) -> None:
+    h = start_server(
+        email_provider="smtp",
+        smtp=sink.settings(),
+        policy={"sends_per_user_per_hour": 3, "sends_per_destination_per_hour": 4},
+    )
     enroll_email(h, sink, clock, "fay")  # the enrollment code was the first send
     for _ in range(2):
         send_and_read(h, sink, "fay")
@@ -145,11 +158,17 @@ def test_hourly_limits_per_user_and_per_destination(start_server: ServerFactory,
     assert error_info(raised.value).reason == "USER_SEND_LIMIT"
 
     # Another user with the same address: the destination's limit (4) is reached after one more send.
-    h.twofactor.SetContact(pb.SetContactRequest(user_id="fay2", email="fay@example.com"), metadata=h.app_metadata)
-    h.twofactor.StartEnrollment(pb.StartEnrollmentRequest(user_id="fay2", method=EMAIL), metadata=h.app_metadata)
+    h.twofactor.SetContact(
+        pb.SetContactRequest(user_id="fay2", email="fay@example.com"), metadata=h.app_metadata
+    )
+    h.twofactor.StartEnrollment(
+        pb.StartEnrollmentRequest(user_id="fay2", method=EMAIL), metadata=h.app_metadata
+    )
     clock.advance(31)
     with pytest.raises(grpc.RpcError) as raised:
-        h.twofactor.StartEnrollment(pb.StartEnrollmentRequest(user_id="fay2", method=EMAIL), metadata=h.app_metadata)
+        h.twofactor.StartEnrollment(
+            pb.StartEnrollmentRequest(user_id="fay2", method=EMAIL), metadata=h.app_metadata
+        )
     assert error_info(raised.value).reason == "DESTINATION_SEND_LIMIT"
 
     clock.advance(3600)
@@ -163,7 +182,8 @@ def test_idempotency_key_returns_the_same_challenge_and_sends_nothing(
     first, _ = send_and_read(email_server, sink, "gus", idempotency_key="login-42")
     sent_before = len(sink.messages)
     again = email_server.twofactor.SendCode(
-        pb.SendCodeRequest(user_id="gus", method=EMAIL, idempotency_key="login-42"), metadata=email_server.app_metadata
+        pb.SendCodeRequest(user_id="gus", method=EMAIL, idempotency_key="login-42"),
+        metadata=email_server.app_metadata,
     )
     assert again.challenge.challenge_id == first.challenge.challenge_id
     wait_for_delivery(email_server, "gus", first.challenge.challenge_id, common_pb2.DELIVERY_STATUS_SENT)
@@ -186,23 +206,28 @@ def test_fifty_concurrent_verifies_of_one_emailed_code_accept_one(
 def test_sms_code_through_a_custom_class(start_server: ServerFactory, clock: Clock) -> None:
     h = start_server(sms_provider="tests.server.test_challenges:SharedRecordingSms")
     h.twofactor.SetContact(pb.SetContactRequest(user_id="ivy", phone="+14155550123"), metadata=h.app_metadata)
-    start = h.twofactor.StartEnrollment(pb.StartEnrollmentRequest(user_id="ivy", method=SMS), metadata=h.app_metadata)
+    start = h.twofactor.StartEnrollment(
+        pb.StartEnrollmentRequest(user_id="ivy", method=SMS), metadata=h.app_metadata
+    )
     assert start.challenge.masked_destination == "+1******0123"
     sent = wait_for_delivery(h, "ivy", start.challenge.challenge_id, common_pb2.DELIVERY_STATUS_SENT)
     message = SharedRecordingSms.outbox[-1]
     assert message.to == "+14155550123" and sent.provider_message_id.startswith("recorded-")
     code = message.text.split(" is ")[1][:6]
-    confirm = h.twofactor.ConfirmEnrollment(pb.ConfirmEnrollmentRequest(user_id="ivy", method=SMS, code=code),
-                                            metadata=h.app_metadata)
+    confirm = h.twofactor.ConfirmEnrollment(
+        pb.ConfirmEnrollmentRequest(user_id="ivy", method=SMS, code=code), metadata=h.app_metadata
+    )
     assert confirm.confirmed
 
 
 def test_contact_missing_names_what_is_missing(harness: Harness) -> None:
-    harness.twofactor.SetContact(pb.SetContactRequest(user_id="jo", phone="+14155550100"),
-                                 metadata=harness.app_metadata)
+    harness.twofactor.SetContact(
+        pb.SetContactRequest(user_id="jo", phone="+14155550100"), metadata=harness.app_metadata
+    )
     with pytest.raises(grpc.RpcError) as raised:
-        harness.twofactor.StartEnrollment(pb.StartEnrollmentRequest(user_id="jo", method=EMAIL),
-                                          metadata=harness.app_metadata)
+        harness.twofactor.StartEnrollment(
+            pb.StartEnrollmentRequest(user_id="jo", method=EMAIL), metadata=harness.app_metadata
+        )
     assert raised.value.code() == grpc.StatusCode.FAILED_PRECONDITION
     info = error_info(raised.value)
     assert info.reason == "CONTACT_MISSING" and info.metadata["contact"] == "email"
@@ -210,9 +235,13 @@ def test_contact_missing_names_what_is_missing(harness: Harness) -> None:
 
 def test_method_not_allowed_by_policy(start_server: ServerFactory) -> None:
     h = start_server(policy={"allowed_methods": ("authenticator",)})
-    h.twofactor.SetContact(pb.SetContactRequest(user_id="kim", email="kim@example.com"), metadata=h.app_metadata)
+    h.twofactor.SetContact(
+        pb.SetContactRequest(user_id="kim", email="kim@example.com"), metadata=h.app_metadata
+    )
     with pytest.raises(grpc.RpcError) as raised:
-        h.twofactor.StartEnrollment(pb.StartEnrollmentRequest(user_id="kim", method=EMAIL), metadata=h.app_metadata)
+        h.twofactor.StartEnrollment(
+            pb.StartEnrollmentRequest(user_id="kim", method=EMAIL), metadata=h.app_metadata
+        )
     assert raised.value.code() == grpc.StatusCode.FAILED_PRECONDITION
     assert error_info(raised.value).reason == "METHOD_NOT_ALLOWED"
 
@@ -235,11 +264,14 @@ def test_sms_code_through_sns(start_server: ServerFactory, aws_credentials: None
 
     h = start_server(sms_provider="sns", sns=SnsSettings(region="us-east-2", endpoint_url=moto_endpoint))
     h.twofactor.SetContact(pb.SetContactRequest(user_id="lea", phone="+14155550199"), metadata=h.app_metadata)
-    start = h.twofactor.StartEnrollment(pb.StartEnrollmentRequest(user_id="lea", method=SMS), metadata=h.app_metadata)
+    start = h.twofactor.StartEnrollment(
+        pb.StartEnrollmentRequest(user_id="lea", method=SMS), metadata=h.app_metadata
+    )
     sent = wait_for_delivery(h, "lea", start.challenge.challenge_id, common_pb2.DELIVERY_STATUS_SENT)
     phone, text = sns_backends[DEFAULT_ACCOUNT_ID]["us-east-2"].sms_messages[sent.provider_message_id]
     assert phone == "+14155550199" and "twofactor" in text
     code = text.split(" is ")[1][:6]
-    confirm = h.twofactor.ConfirmEnrollment(pb.ConfirmEnrollmentRequest(user_id="lea", method=SMS, code=code),
-                                            metadata=h.app_metadata)
+    confirm = h.twofactor.ConfirmEnrollment(
+        pb.ConfirmEnrollmentRequest(user_id="lea", method=SMS, code=code), metadata=h.app_metadata
+    )
     assert confirm.confirmed

@@ -26,7 +26,9 @@ TWOFACTOR = str(Path(sys.executable).with_name("twofactor"))
 
 def env_for(tmp_path: Path, **variables: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("TWOFACTOR_")}
-    env.update({"TWOFACTOR_DATA_DIR": str(tmp_path / "data"), **{f"TWOFACTOR_{k}": v for k, v in variables.items()}})
+    env.update(
+        {"TWOFACTOR_DATA_DIR": str(tmp_path / "data"), **{f"TWOFACTOR_{k}": v for k, v in variables.items()}}
+    )
     return env
 
 
@@ -36,8 +38,11 @@ class Served:
     def __init__(self, tmp_path: Path, **variables: str) -> None:
         self.port = free_port()
         self.process = subprocess.Popen(
-            [TWOFACTOR, "serve"], env=env_for(tmp_path, LISTEN=f"127.0.0.1:{self.port}", **variables),
-            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+            [TWOFACTOR, "serve"],
+            env=env_for(tmp_path, LISTEN=f"127.0.0.1:{self.port}", **variables),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+            text=True,
         )
         self.lines: list[str] = []
         # The embedded default prints its development tokens after the address.
@@ -66,9 +71,15 @@ class Served:
 def test_an_sms_class_that_does_not_load_stops_start_up(tmp_path: Path, command: str) -> None:
     result = subprocess.run(
         [TWOFACTOR, command],
-        env=env_for(tmp_path, SMS_PROVIDER="acme_gateway.sms:Sender", BROKER_URL="redis://127.0.0.1:6379/0",
-                    LISTEN="127.0.0.1:0"),
-        capture_output=True, text=True, timeout=120,
+        env=env_for(
+            tmp_path,
+            SMS_PROVIDER="acme_gateway.sms:Sender",
+            BROKER_URL="redis://127.0.0.1:6379/0",
+            LISTEN="127.0.0.1:0",
+        ),
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert result.returncode == 2
     assert "acme_gateway.sms" in result.stderr and "configuration error" in result.stderr
@@ -76,8 +87,11 @@ def test_an_sms_class_that_does_not_load_stops_start_up(tmp_path: Path, command:
 
 def test_production_settings_without_keys_refuse_to_start(tmp_path: Path) -> None:
     result = subprocess.run(
-        [TWOFACTOR, "serve"], env=env_for(tmp_path, DATABASE_URL="postgresql://postgres@127.0.0.1/postgres"),
-        capture_output=True, text=True, timeout=120,
+        [TWOFACTOR, "serve"],
+        env=env_for(tmp_path, DATABASE_URL="postgresql://postgres@127.0.0.1/postgres"),
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert result.returncode == 2 and "TWOFACTOR_KEYS" in result.stderr
 
@@ -86,8 +100,11 @@ def test_embedded_default_prints_development_tokens_that_work(tmp_path: Path) ->
     served = Served(tmp_path)
     with grpc.insecure_channel(f"127.0.0.1:{served.port}") as channel:
         stub = twofactor_service_pb2_grpc.TwoFactorServiceStub(channel)
-        status = stub.GetStatus(pb.GetStatusRequest(user_id="x"), metadata=(("authorization",
-                                f"Bearer {served.app_token}"),), timeout=10)
+        status = stub.GetStatus(
+            pb.GetStatusRequest(user_id="x"),
+            metadata=(("authorization", f"Bearer {served.app_token}"),),
+            timeout=10,
+        )
         assert list(status.enabled_methods) == []
     served.process.send_signal(signal.SIGTERM)
     code, _ = served.finish()
@@ -95,17 +112,24 @@ def test_embedded_default_prints_development_tokens_that_work(tmp_path: Path) ->
 
 
 def test_sigterm_drains_in_flight_calls_then_exits(tmp_path: Path, postgres_url: str) -> None:
-    served = Served(tmp_path, DATABASE_URL=postgres_url, KEYS=TEST_KEYS,
-                    TOKENS=f"backend:app:{hashlib.sha256(APP_TOKEN.encode()).hexdigest()}")
+    served = Served(
+        tmp_path,
+        DATABASE_URL=postgres_url,
+        KEYS=TEST_KEYS,
+        TOKENS=f"backend:app:{hashlib.sha256(APP_TOKEN.encode()).hexdigest()}",
+    )
     metadata = (("authorization", f"Bearer {APP_TOKEN}"),)
-    with grpc.insecure_channel(f"127.0.0.1:{served.port}") as channel, \
-            psycopg.connect(postgres_url) as blocker:
+    with (
+        grpc.insecure_channel(f"127.0.0.1:{served.port}") as channel,
+        psycopg.connect(postgres_url) as blocker,
+    ):
         stub = twofactor_service_pb2_grpc.TwoFactorServiceStub(channel)
         stub.SetContact(pb.SetContactRequest(user_id="drain"), metadata=metadata, timeout=10)
         # Hold the user's row lock, so the next call waits inside the server.
         blocker.execute("SELECT 1 FROM users WHERE user_id = 'drain' FOR UPDATE")
-        future = stub.SetContact.future(pb.SetContactRequest(user_id="drain", email="d@example.com"),
-                                        metadata=metadata, timeout=60)
+        future = stub.SetContact.future(
+            pb.SetContactRequest(user_id="drain", email="d@example.com"), metadata=metadata, timeout=60
+        )
         wait_until_a_query_waits_on_a_lock(blocker)
         served.process.send_signal(signal.SIGTERM)
         served.read_until("draining")
@@ -135,7 +159,11 @@ def test_demo_enrolls_from_the_terminal(tmp_path: Path) -> None:
     served = Served(tmp_path)
     demo = subprocess.Popen(
         [TWOFACTOR, "demo", "--target", f"127.0.0.1:{served.port}", "--user", "terminal-user"],
-        env=env_for(tmp_path), stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        env=env_for(tmp_path),
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
     )
     assert demo.stdin is not None and demo.stdout is not None
     seen = []

@@ -14,11 +14,14 @@ def status(h: Harness, user_id: str) -> pb.GetStatusResponse:
     return h.twofactor.GetStatus(pb.GetStatusRequest(user_id=user_id), metadata=h.app_metadata)
 
 
-def test_disabling_the_last_method_turns_2fa_off_and_drops_backup_codes(harness: Harness, clock: Clock) -> None:
+def test_disabling_the_last_method_turns_2fa_off_and_drops_backup_codes(
+    harness: Harness, clock: Clock
+) -> None:
     secret, backup = enroll_authenticator(harness, clock, "opt-out")
     assert status(harness, "opt-out").backup_codes_remaining == 10
-    response = harness.twofactor.DisableMethod(pb.DisableMethodRequest(user_id="opt-out", method=AUTHENTICATOR),
-                                               metadata=harness.app_metadata)
+    response = harness.twofactor.DisableMethod(
+        pb.DisableMethodRequest(user_id="opt-out", method=AUTHENTICATOR), metadata=harness.app_metadata
+    )
     assert list(response.enabled_methods) == []
     after = status(harness, "opt-out")
     assert list(after.enabled_methods) == [] and after.backup_codes_remaining == 0
@@ -30,21 +33,25 @@ def test_disabling_the_last_method_turns_2fa_off_and_drops_backup_codes(harness:
     assert new_secret != secret
 
 
-def test_forced_policy_requires_enrollment_and_keeps_the_last_method(start_server: ServerFactory,
-                                                                      clock: Clock) -> None:
+def test_forced_policy_requires_enrollment_and_keeps_the_last_method(
+    start_server: ServerFactory, clock: Clock
+) -> None:
     h = start_server(policy={"force_two_factor": True})
     assert status(h, "newcomer").enrollment_required
     enroll_authenticator(h, clock, "newcomer")
     assert not status(h, "newcomer").enrollment_required
     with pytest.raises(grpc.RpcError) as raised:
-        h.twofactor.DisableMethod(pb.DisableMethodRequest(user_id="newcomer", method=AUTHENTICATOR),
-                                  metadata=h.app_metadata)
+        h.twofactor.DisableMethod(
+            pb.DisableMethodRequest(user_id="newcomer", method=AUTHENTICATOR), metadata=h.app_metadata
+        )
     assert raised.value.code() == grpc.StatusCode.FAILED_PRECONDITION
     assert error_info(raised.value).reason == "LAST_METHOD_REQUIRED"
     assert list(status(h, "newcomer").enabled_methods) == [AUTHENTICATOR]
 
 
-def test_a_method_the_policy_no_longer_allows_stops_verifying(start_server: ServerFactory, clock: Clock) -> None:
+def test_a_method_the_policy_no_longer_allows_stops_verifying(
+    start_server: ServerFactory, clock: Clock
+) -> None:
     h = start_server()
     secret, _ = enroll_authenticator(h, clock, "legacy")
     h.server.stop(grace=None)
@@ -60,8 +67,9 @@ def test_confirming_while_locked_is_refused_with_retry_after(harness: Harness, c
     wrong = "000000" if totp_now(secret, clock) != "000000" else "111111"
     for _ in range(5):
         verify(harness, "locked-out", wrong)
-    harness.twofactor.StartEnrollment(pb.StartEnrollmentRequest(user_id="locked-out", method=AUTHENTICATOR),
-                                      metadata=harness.app_metadata)
+    harness.twofactor.StartEnrollment(
+        pb.StartEnrollmentRequest(user_id="locked-out", method=AUTHENTICATOR), metadata=harness.app_metadata
+    )
     with pytest.raises(grpc.RpcError) as raised:
         harness.twofactor.ConfirmEnrollment(
             pb.ConfirmEnrollmentRequest(user_id="locked-out", method=AUTHENTICATOR, code="123456"),

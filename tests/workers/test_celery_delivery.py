@@ -62,7 +62,9 @@ class Workers:
         log = open(self.log_dir / f"worker-{len(self.processes)}.log", "wb")  # noqa: SIM115 - lives with the process
         process = subprocess.Popen(
             [TWOFACTOR, "worker", "--concurrency", str(concurrency), "--loglevel", "INFO"],
-            env=self.env, stdout=log, stderr=subprocess.STDOUT,
+            env=self.env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
         )
         log.close()
         self.processes.append(process)
@@ -72,7 +74,9 @@ class Workers:
         """The pool processes of a worker (the ones that run tasks)."""
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
-            found = subprocess.run(["pgrep", "-P", str(process.pid)], capture_output=True, text=True).stdout.split()
+            found = subprocess.run(
+                ["pgrep", "-P", str(process.pid)], capture_output=True, text=True
+            ).stdout.split()
             if found:
                 return [int(pid) for pid in found]
             time.sleep(0.05)
@@ -102,19 +106,21 @@ def sink() -> Iterator[SmtpSink]:
 def worker_env(h: Harness) -> dict[str, str]:
     s = h.settings
     env = {k: v for k, v in os.environ.items() if not k.startswith("TWOFACTOR_")}
-    env.update({
-        "TWOFACTOR_DATABASE_URL": s.database_url,
-        "TWOFACTOR_BROKER_URL": s.broker_url,
-        "TWOFACTOR_KEYS": TEST_KEYS,
-        "TWOFACTOR_DELIVERY_QUEUE": s.delivery_queue,
-        "TWOFACTOR_DELIVERY_RETRY_BASE_SECONDS": str(s.delivery_retry_base_seconds),
-        "TWOFACTOR_EMAIL_PROVIDER": "smtp",
-        "TWOFACTOR_SMTP_HOST": s.smtp.host,
-        "TWOFACTOR_SMTP_PORT": str(s.smtp.port),
-        "TWOFACTOR_SMTP_SECURITY": "none",
-        "TWOFACTOR_SMTP_FROM": s.smtp.from_address,
-        "TWOFACTOR_LOG_LEVEL": "INFO",
-    })
+    env.update(
+        {
+            "TWOFACTOR_DATABASE_URL": s.database_url,
+            "TWOFACTOR_BROKER_URL": s.broker_url,
+            "TWOFACTOR_KEYS": TEST_KEYS,
+            "TWOFACTOR_DELIVERY_QUEUE": s.delivery_queue,
+            "TWOFACTOR_DELIVERY_RETRY_BASE_SECONDS": str(s.delivery_retry_base_seconds),
+            "TWOFACTOR_EMAIL_PROVIDER": "smtp",
+            "TWOFACTOR_SMTP_HOST": s.smtp.host,
+            "TWOFACTOR_SMTP_PORT": str(s.smtp.port),
+            "TWOFACTOR_SMTP_SECURITY": "none",
+            "TWOFACTOR_SMTP_FROM": s.smtp.from_address,
+            "TWOFACTOR_LOG_LEVEL": "INFO",
+        }
+    )
     return env
 
 
@@ -134,25 +140,32 @@ def workers_for(tmp_path: Path) -> Iterator[Callable[[Harness], Workers]]:
 
 def celery_server(start_server: ServerFactory, sink: SmtpSink, queue: str, **overrides: object) -> Harness:
     return start_server(
-        broker_url=overrides.pop("broker_url", REDIS_URL), delivery_queue=queue, email_provider="smtp",
-        smtp=sink.settings(), delivery_retry_base_seconds=0.2, **overrides,
+        broker_url=overrides.pop("broker_url", REDIS_URL),
+        delivery_queue=queue,
+        email_provider="smtp",
+        smtp=sink.settings(),
+        delivery_retry_base_seconds=0.2,
+        **overrides,
     )
 
 
 def register(h: Harness, user_id: str) -> None:
-    h.twofactor.SetContact(pb.SetContactRequest(user_id=user_id, email=f"{user_id}@example.com"),
-                           metadata=h.app_metadata)
+    h.twofactor.SetContact(
+        pb.SetContactRequest(user_id=user_id, email=f"{user_id}@example.com"), metadata=h.app_metadata
+    )
 
 
 def start_email_enrollment(h: Harness, user_id: str) -> common_pb2.Challenge:
     register(h, user_id)
-    return h.twofactor.StartEnrollment(pb.StartEnrollmentRequest(user_id=user_id, method=EMAIL),
-                                       metadata=h.app_metadata).challenge
+    return h.twofactor.StartEnrollment(
+        pb.StartEnrollmentRequest(user_id=user_id, method=EMAIL), metadata=h.app_metadata
+    ).challenge
 
 
 def challenge_status(h: Harness, user_id: str, challenge_id: str) -> common_pb2.Challenge:
-    return h.twofactor.GetChallenge(pb.GetChallengeRequest(user_id=user_id, challenge_id=challenge_id),
-                                    metadata=h.app_metadata).challenge
+    return h.twofactor.GetChallenge(
+        pb.GetChallengeRequest(user_id=user_id, challenge_id=challenge_id), metadata=h.app_metadata
+    ).challenge
 
 
 def wait_for_status(h: Harness, user_id: str, challenge_id: str, status: int) -> common_pb2.Challenge:
@@ -161,7 +174,9 @@ def wait_for_status(h: Harness, user_id: str, challenge_id: str, status: int) ->
         challenge = challenge_status(h, user_id, challenge_id)
         if challenge.delivery_status == status:
             return challenge
-        assert time.monotonic() < deadline, f"delivery stayed {common_pb2.DeliveryStatus.Name(challenge.delivery_status)}"
+        assert time.monotonic() < deadline, (
+            f"delivery stayed {common_pb2.DeliveryStatus.Name(challenge.delivery_status)}"
+        )
         time.sleep(0.05)
 
 
@@ -195,7 +210,9 @@ def test_email_code_through_redis_and_a_celery_worker(
     challenge = start_email_enrollment(h, "amy")
     assert challenge.delivery_status == common_pb2.DELIVERY_STATUS_QUEUED
     queued = redis_contents(REDIS_URL)
-    assert queue.encode() in queued and challenge.challenge_id.encode() in queued  # the task is waiting in Redis
+    assert (
+        queue.encode() in queued and challenge.challenge_id.encode() in queued
+    )  # the task is waiting in Redis
 
     workers = workers_for(h)
     workers.start()
@@ -208,11 +225,14 @@ def test_email_code_through_redis_and_a_celery_worker(
     assert code.encode() not in queued
     assert code.encode() not in redis_contents(REDIS_URL)
 
-    confirm = h.twofactor.ConfirmEnrollment(pb.ConfirmEnrollmentRequest(user_id="amy", method=EMAIL, code=code),
-                                            metadata=h.app_metadata)
+    confirm = h.twofactor.ConfirmEnrollment(
+        pb.ConfirmEnrollmentRequest(user_id="amy", method=EMAIL, code=code), metadata=h.app_metadata
+    )
     assert confirm.confirmed
     # And a login code, verified once.
-    sent_login = h.twofactor.SendCode(pb.SendCodeRequest(user_id="amy", method=EMAIL), metadata=h.app_metadata)
+    sent_login = h.twofactor.SendCode(
+        pb.SendCodeRequest(user_id="amy", method=EMAIL), metadata=h.app_metadata
+    )
     login_code = code_in(sink.wait_for_messages(2)[-1])
     wait_for_status(h, "amy", sent_login.challenge.challenge_id, common_pb2.DELIVERY_STATUS_SENT)
     assert verify(h, "amy", login_code).result == pb.VERIFY_RESULT_ACCEPTED
@@ -226,9 +246,21 @@ def test_broker_down_answers_unavailable_and_leaves_no_valid_challenge(
 ) -> None:
     port = free_port()
     redis_server = subprocess.Popen(
-        [shutil.which("redis-server") or "redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "",
-         "--appendonly", "no", "--dir", str(tmp_path)],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        [
+            shutil.which("redis-server") or "redis-server",
+            "--port",
+            str(port),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--dir",
+            str(tmp_path),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
     )
     url = f"redis://127.0.0.1:{port}/0"
     try:
@@ -249,12 +281,15 @@ def test_broker_down_answers_unavailable_and_leaves_no_valid_challenge(
 
         with pytest.raises(grpc.RpcError) as raised:
             # The deadline is the requirement: UNAVAILABLE within 2 s, not DEADLINE_EXCEEDED.
-            h.twofactor.StartEnrollment(pb.StartEnrollmentRequest(user_id="bob", method=EMAIL),
-                                        metadata=h.app_metadata, timeout=2)
+            h.twofactor.StartEnrollment(
+                pb.StartEnrollmentRequest(user_id="bob", method=EMAIL), metadata=h.app_metadata, timeout=2
+            )
         assert raised.value.code() == grpc.StatusCode.UNAVAILABLE
         assert error_info(raised.value).reason == "BROKER_UNAVAILABLE"
         with psycopg.connect(h.settings.database_url) as conn:
-            rows = conn.execute("SELECT delivery_status, code_ciphertext FROM challenges WHERE user_id = 'bob'").fetchall()
+            rows = conn.execute(
+                "SELECT delivery_status, code_ciphertext FROM challenges WHERE user_id = 'bob'"
+            ).fetchall()
         assert rows == [("failed", None)]  # nothing valid, nothing to send
     finally:
         if redis_server.poll() is None:
@@ -279,8 +314,9 @@ def test_worker_killed_mid_send_is_delivered_exactly_once(
         assert len(sink.messages) == 1
         assert sent.delivery_attempts == 2
         code = code_in(sink.messages[0])
-        confirm = h.twofactor.ConfirmEnrollment(pb.ConfirmEnrollmentRequest(user_id="cat", method=EMAIL, code=code),
-                                                metadata=h.app_metadata)
+        confirm = h.twofactor.ConfirmEnrollment(
+            pb.ConfirmEnrollmentRequest(user_id="cat", method=EMAIL, code=code), metadata=h.app_metadata
+        )
         assert confirm.confirmed
 
 

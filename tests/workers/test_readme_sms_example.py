@@ -21,7 +21,7 @@ class Gateway(BaseHTTPRequestHandler):
     status = 200
     received: list[dict[str, object]] = []  # noqa: RUF012 - shared with the test
 
-    def do_POST(self) -> None:  # noqa: N802 - http.server's naming
+    def do_POST(self) -> None:
         body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
         type(self).received.append({"auth": self.headers["Authorization"], **body})
         self.send_response(type(self).status)
@@ -64,8 +64,10 @@ def test_readme_sms_class_sends_through_the_gateway(acme_module: None) -> None:
     assert Gateway.received == [{"auth": "Bearer k-123", "to": "+14155550123", "text": "Your code is 123456"}]
 
 
-@pytest.mark.parametrize(("status", "error"), [(503, TransientDeliveryError), (429, TransientDeliveryError),
-                                               (400, PermanentDeliveryError)])
+@pytest.mark.parametrize(
+    ("status", "error"),
+    [(503, TransientDeliveryError), (429, TransientDeliveryError), (400, PermanentDeliveryError)],
+)
 def test_readme_sms_class_maps_gateway_errors(acme_module: None, status: int, error: type[Exception]) -> None:
     Gateway.status = status
     sender = build_sms_sender(Settings(sms_provider="acme_sms:AcmeSmsSender"))

@@ -5,7 +5,6 @@ from __future__ import annotations
 import socket
 import urllib.parse
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
