@@ -7,6 +7,7 @@ import binascii
 import time
 from collections.abc import Callable
 
+from server.domain import audit
 from server.domain.errors import FailedPrecondition, InvalidArgument, NotFound
 from server.domain.models import Caller, UserState
 from server.domain.service import user_state
@@ -108,16 +109,7 @@ class Admin:
         *,
         outcome: str = "success",
     ) -> None:
-        store.add_audit_event(
-            tx,
-            at=self._now_ms(),
-            actor=caller.actor,
-            user_id=user_id,
-            action=action,
-            request_id=caller.request_id,
-            outcome=outcome,
-            detail=detail,
-        )
+        audit.record(tx, caller, self._now_ms(), user_id, action, outcome=outcome, detail=detail)
 
     def _now_ms(self) -> int:
         return int(self._clock() * 1000)

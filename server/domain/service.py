@@ -13,7 +13,7 @@ import uuid
 from collections.abc import Callable
 from typing import Protocol
 
-from server.domain import backup_codes, contacts, lockout, one_time_codes, qr_codes, totp
+from server.domain import audit, backup_codes, contacts, lockout, one_time_codes, qr_codes, totp
 from server.domain.errors import FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted, Unavailable
 from server.domain.keyring import Keyring
 from server.domain.models import (
@@ -540,16 +540,7 @@ class TwoFactor:
         outcome: str = "success",
         detail: str = "",
     ) -> None:
-        store.add_audit_event(
-            tx,
-            at=self._now_ms(),
-            actor=caller.actor,
-            user_id=user_id,
-            action=action,
-            request_id=caller.request_id,
-            outcome=outcome,
-            detail=detail,
-        )
+        audit.record(tx, caller, self._now_ms(), user_id, action, outcome=outcome, detail=detail)
 
 
 def user_state(

@@ -7,15 +7,14 @@ from concurrent.futures import ThreadPoolExecutor
 from urllib.parse import parse_qs, urlparse
 
 import grpc
-import psycopg
 import pytest
 import zxingcpp
 from PIL import Image
 from twofactor.v1 import twofactor_service_pb2 as pb
 
-from server.storage.database import open_database
 from tests.conftest import Clock, Harness, ServerFactory
 from tests.server.helpers import AUTHENTICATOR, enroll_authenticator, error_info, totp_now, verify
+from tests.server.stored_rows import all_cells
 
 
 def test_enroll_confirm_verify_and_replay_is_rejected(harness: Harness, clock: Clock) -> None:
@@ -181,35 +180,6 @@ def test_verify_without_enrollment_is_a_failed_precondition(harness: Harness) ->
     assert error_info(unknown.value).reason == "USER_NOT_FOUND"
 
 
-def _all_cells(harness: Harness) -> list[bytes]:
-    """Every value of every column of every table, as bytes."""
-    settings = harness.settings
-    if settings.database_url:
-        url = settings.database_url
-        with psycopg.connect(url) as conn:
-            tables = [
-                r[0]
-                for r in conn.execute(
-                    "SELECT table_name FROM information_schema.tables WHERE table_schema = current_schema()"
-                )
-            ]
-            rows = [row for t in tables for row in conn.execute(f'SELECT * FROM "{t}"')]  # noqa: S608
-    else:
-        db = open_database("", data_dir=settings.data_dir)
-        with db.transaction() as tx:
-            tables = [r["name"] for r in tx.all("SELECT name FROM sqlite_master WHERE type = 'table'")]
-            rows = [tuple(row.values()) for t in tables for row in tx.all(f'SELECT * FROM "{t}"')]  # noqa: S608
-        db.close()
-    cells = []
-    for row in rows:
-        for value in row:
-            if isinstance(value, (bytes, memoryview)):
-                cells.append(bytes(value))
-            elif value is not None:
-                cells.append(str(value).encode())
-    return cells
-
-
 def test_no_table_holds_the_totp_secret_in_clear(harness: Harness, clock: Clock) -> None:
     import base64
 
@@ -223,7 +193,7 @@ def test_no_table_holds_the_totp_secret_in_clear(harness: Harness, clock: Clock)
         base64.b64encode(raw),
     ]
     needles += [c.encode() for c in backup] + [c.replace("-", "").encode() for c in backup]
-    cells = _all_cells(harness)
+    cells = all_cells(harness.settings)
     assert cells, "the search found no data at all"
     assert any(b"henry" in cell for cell in cells)  # the search does see the user's rows
     for needle in needles:

@@ -1,0 +1,30 @@
+"""The audit log: who did what to which user, and how it went. Never a code or a secret."""
+
+from __future__ import annotations
+
+from server.domain.models import Caller
+from server.storage import store
+from server.storage.database import Transaction
+
+
+def record(
+    tx: Transaction,
+    caller: Caller,
+    at_ms: int,
+    user_id: str,
+    action: str,
+    *,
+    outcome: str = "success",
+    detail: str = "",
+) -> None:
+    """Add an event in the caller's transaction, so it commits (or not) with what it describes."""
+    store.add_audit_event(
+        tx,
+        at=at_ms,
+        actor=caller.actor,
+        user_id=user_id,
+        action=action,
+        request_id=caller.request_id,
+        outcome=outcome,
+        detail=detail,
+    )
