@@ -24,8 +24,10 @@ def sink() -> Iterator[SmtpSink]:
         yield running
 
 
+# The sink is set up before the server so it is torn down after it: the server's
+# delivery threads finish their SMTP sessions before the sink goes away.
 @pytest.fixture
-def email_server(start_server: ServerFactory, sink: SmtpSink) -> Harness:
+def email_server(sink: SmtpSink, start_server: ServerFactory) -> Harness:
     return start_server(email_provider="smtp", smtp=sink.settings())
 
 
@@ -100,7 +102,7 @@ def test_code_expires_after_ten_minutes(email_server: Harness, sink: SmtpSink, c
     )  # it was delivered, then expired unused
 
 
-def test_five_wrong_attempts_kill_the_code(start_server: ServerFactory, sink: SmtpSink, clock: Clock) -> None:
+def test_five_wrong_attempts_kill_the_code(sink: SmtpSink, start_server: ServerFactory, clock: Clock) -> None:
     # A high lockout threshold isolates the per-code limit from the per-user lockout.
     h = start_server(email_provider="smtp", smtp=sink.settings(), policy={"lockout_threshold": 50})
     enroll_email(h, sink, clock, "cid")
@@ -141,7 +143,7 @@ def test_sending_never_resets_the_failure_budget(email_server: Harness, sink: Sm
 
 
 def test_hourly_limits_per_user_and_per_destination(
-    start_server: ServerFactory, sink: SmtpSink, clock: Clock
+    sink: SmtpSink, start_server: ServerFactory, clock: Clock
 ) -> None:
     h = start_server(
         email_provider="smtp",

@@ -203,7 +203,7 @@ def redis_contents(url: str) -> bytes:
 
 
 def test_email_code_through_redis_and_a_celery_worker(
-    start_server: ServerFactory, sink: SmtpSink, queue: str, workers_for: Callable[[Harness], Workers]
+    sink: SmtpSink, start_server: ServerFactory, queue: str, workers_for: Callable[[Harness], Workers]
 ) -> None:
     # The server runs on the real clock here: no resend cooldown, so the login code can follow at once.
     h = celery_server(start_server, sink, queue, policy={"resend_cooldown_seconds": 0})
@@ -242,7 +242,7 @@ def test_email_code_through_redis_and_a_celery_worker(
 
 
 def test_broker_down_answers_unavailable_and_leaves_no_valid_challenge(
-    start_server: ServerFactory, sink: SmtpSink, queue: str, tmp_path: Path
+    sink: SmtpSink, start_server: ServerFactory, queue: str, tmp_path: Path
 ) -> None:
     port = free_port()
     redis_server = subprocess.Popen(
