@@ -133,8 +133,11 @@ class TwoFactor:
             if method == AUTHENTICATOR:
                 secret = self._keyring.decrypt(row["pending_secret"], purpose=TOTP_SECRET, user_id=user_id)
                 step = totp.matching_step(secret, digits, now / 1000) if len(digits) == totp.DIGITS else None
-                # The confirming code must not work again at login (RFC 6238 §5.2).
-                ok = step is not None and store.advance_totp_step(tx, user_id, step)
+                ok = step is not None
+                if ok:
+                    # A new secret starts a new history; the confirming code must not work
+                    # again at login (RFC 6238 §5.2). The row lock makes this race-free.
+                    store.set_totp_step(tx, user_id, step)
             else:
                 ok = self._match_challenge(tx, user_id, "enrollment", digits, now, method=method) is not None
             if not ok:

@@ -70,6 +70,10 @@ def advance_totp_step(tx: Transaction, user_id: str, step: int) -> bool:
     )
 
 
+def set_totp_step(tx: Transaction, user_id: str, step: int) -> None:
+    tx.execute("UPDATE users SET totp_last_step = %(s)s WHERE user_id = %(u)s", {"u": user_id, "s": step})
+
+
 def unlock(tx: Transaction, user_id: str) -> None:
     tx.execute(
         "UPDATE users SET failed_attempts = 0, locked_until = NULL WHERE user_id = %(u)s", {"u": user_id}

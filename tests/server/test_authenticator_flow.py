@@ -198,3 +198,24 @@ def test_no_table_holds_the_totp_secret_in_clear(harness: Harness, clock: Clock)
     assert any(b"henry" in cell for cell in cells)  # the search does see the user's rows
     for needle in needles:
         assert not any(needle in cell for cell in cells), "a secret is stored in clear"
+
+
+def test_re_enrolling_right_after_a_login_accepts_the_new_apps_current_code(
+    harness: Harness, clock: Clock
+) -> None:
+    old_secret, _ = enroll_authenticator(harness, clock, "ivan")
+    assert verify(harness, "ivan", totp_now(old_secret, clock)).result == pb.VERIFY_RESULT_ACCEPTED
+    new_secret = harness.twofactor.StartEnrollment(
+        pb.StartEnrollmentRequest(user_id="ivan", method=AUTHENTICATOR), metadata=harness.app_metadata
+    ).authenticator.secret
+    # Same time step as the login a moment ago, but another secret: not a replay.
+    confirm = harness.twofactor.ConfirmEnrollment(
+        pb.ConfirmEnrollmentRequest(user_id="ivan", method=AUTHENTICATOR, code=totp_now(new_secret, clock)),
+        metadata=harness.app_metadata,
+    )
+    assert confirm.confirmed and list(confirm.backup_codes) == []  # not the first method: codes are kept
+    assert verify(harness, "ivan", totp_now(new_secret, clock)).result == pb.VERIFY_RESULT_REJECTED
+    clock.advance(30)
+    if totp_now(old_secret, clock) != totp_now(new_secret, clock):
+        assert verify(harness, "ivan", totp_now(old_secret, clock)).result == pb.VERIFY_RESULT_REJECTED
+    assert verify(harness, "ivan", totp_now(new_secret, clock)).result == pb.VERIFY_RESULT_ACCEPTED
