@@ -129,6 +129,7 @@ def test_finds_the_details_key_in_trailing_metadata() -> None:
         (grpc.StatusCode.FAILED_PRECONDITION, "CONTACT_MISSING", errors.ContactMissing),
         (grpc.StatusCode.FAILED_PRECONDITION, "LAST_METHOD_REQUIRED", errors.LastMethodRequired),
         (grpc.StatusCode.FAILED_PRECONDITION, "ADMIN_RESET_DISABLED", errors.AdminResetDisabled),
+        (grpc.StatusCode.FAILED_PRECONDITION, "USER_LOCKED", errors.UserLocked),
         (grpc.StatusCode.FAILED_PRECONDITION, "SOMETHING_NEW", errors.FailedPrecondition),
         (grpc.StatusCode.RESOURCE_EXHAUSTED, "RESEND_TOO_SOON", errors.RateLimited),
         (grpc.StatusCode.RESOURCE_EXHAUSTED, "USER_SEND_LIMIT", errors.RateLimited),

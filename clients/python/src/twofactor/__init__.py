@@ -28,6 +28,7 @@ from twofactor.errors import (
     TwoFactorError,
     Unauthenticated,
     Unavailable,
+    UserLocked,
 )
 from twofactor.v1.admin_service_pb2 import UserFilter
 from twofactor.v1.common_pb2 import DeliveryStatus, Method
@@ -61,6 +62,7 @@ __all__ = [
     "Unauthenticated",
     "Unavailable",
     "UserFilter",
+    "UserLocked",
     "VerifyResult",
     "__version__",
 ]

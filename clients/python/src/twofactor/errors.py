@@ -99,6 +99,10 @@ class AdminResetDisabled(FailedPrecondition):
     """The policy forbids AdminService.ResetUser."""
 
 
+class UserLocked(FailedPrecondition):
+    """Too many wrong codes: the user is locked; `retry_after` says how long (unset: until unlocked)."""
+
+
 class RateLimited(TwoFactorError):
     """A send limit was hit; retry after `retry_after` (RESEND_TOO_SOON, USER_SEND_LIMIT, ...)."""
 
@@ -138,6 +142,7 @@ _FAILED_PRECONDITION_BY_REASON: dict[str, type[FailedPrecondition]] = {
     "CONTACT_MISSING": ContactMissing,
     "LAST_METHOD_REQUIRED": LastMethodRequired,
     "ADMIN_RESET_DISABLED": AdminResetDisabled,
+    "USER_LOCKED": UserLocked,
 }
 
 
