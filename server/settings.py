@@ -89,7 +89,7 @@ class Settings:
     tls_cert_file: str = ""
     tls_key_file: str = ""
     tls_client_ca_file: str = ""  # set: clients must present a certificate (mTLS)
-    max_workers: int = 32
+    max_workers: int = 8  # a small pool: fewer threads contend for the GIL (docs/benchmarks.md)
     grace_seconds: float = 10.0
     log_level: str = "INFO"
 

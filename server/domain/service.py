@@ -319,6 +319,10 @@ class TwoFactor:
                 "INVALID_CODE", "code must be 6 to 10 digits or a backup code like k7m2q-x9p4w"
             )
         now = self._now_ms()
+        if digits is not None and len(digits) == totp.DIGITS:
+            accepted = self._accept_authenticator_code(user_id, digits, now)
+            if accepted is not None:
+                return accepted
         with self._db.transaction() as tx:
             user = self._lock_existing_user(tx, user_id)
             methods = {m["method"]: m for m in self._enabled_rows(tx, user_id)}
@@ -354,6 +358,36 @@ class TwoFactor:
             )
             result = VerifyResult.LOCKED if lock is not None else VerifyResult.REJECTED
             return self._outcome(tx, user_id, result, None, failures, lock, now)
+
+    def _accept_authenticator_code(self, user_id: str, digits: str, now: int) -> VerifyOutcome | None:
+        """The common login, a right authenticator code, in two statements and no transaction.
+
+        None hands the call to the locking path in verify(), which gives every other
+        answer (unknown user, lockout, replay, a wrong code counted as a failure).
+        """
+        if AUTHENTICATOR not in self._policy.allowed_methods:
+            return None
+        with self._db.statements() as q:
+            rows = store.verify_snapshot(q, user_id)
+            sealed = next((r["secret"] for r in rows if r["method"] == AUTHENTICATOR), None)
+            if sealed is None or self._lock_of(rows[0], now) is not None:
+                return None
+            secret = self._keyring.decrypt(sealed, purpose=TOTP_SECRET, user_id=user_id)
+            step = totp.matching_step(secret, digits, now / 1000)
+            if step is None:
+                return None
+            left = store.accept_totp_step(
+                q, user_id, step, sealed, now, self._policy.max_consecutive_failures
+            )
+        if left is None:
+            return None
+        return VerifyOutcome(
+            result=VerifyResult.ACCEPTED,
+            matched=CodeKind.AUTHENTICATOR,
+            attempts_left=lockout.attempts_left(0, self._policy),
+            backup_codes_remaining=left,
+            now_ms=now,
+        )
 
     def _outcome(
         self,

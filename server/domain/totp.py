@@ -28,8 +28,14 @@ def time_step(unix_time: float) -> int:
 
 
 def code_at_step(secret: bytes, step: int, digits: int = DIGITS) -> str:
+    """RFC 4226 HOTP of the step: HMAC-SHA1, dynamic truncation, `digits` decimal digits."""
     _refuse_weak(secret)
-    return pyotp.HOTP(to_base32(secret), digits=digits).at(step)
+    if step < 0:
+        raise ValueError("time steps start at 0")
+    mac = hmac.digest(secret, step.to_bytes(8, "big"), "sha1")
+    offset = mac[-1] & 0x0F
+    number = int.from_bytes(mac[offset : offset + 4], "big") & 0x7FFFFFFF
+    return str(number % 10**digits).zfill(digits)
 
 
 def matching_step(secret: bytes, code: str, unix_time: float) -> int | None:

@@ -47,6 +47,10 @@ class Database(Protocol):
     def transaction(self) -> Any:
         """A context manager yielding a Transaction; commits on success, rolls back on error."""
 
+    def statements(self) -> Any:
+        """A context manager yielding a Transaction whose statements each commit on their own:
+        no BEGIN, no COMMIT, for hot paths whose single statements are atomic by themselves."""
+
     def migrate(self) -> list[str]: ...
 
     def close(self) -> None: ...
@@ -60,7 +64,8 @@ class PostgresDatabase:
             url,
             min_size=1,
             max_size=pool_size,
-            kwargs={"row_factory": dict_row},
+            # Autocommit: transaction() opens an explicit BEGIN/COMMIT, statements() needs none.
+            kwargs={"row_factory": dict_row, "autocommit": True},
             timeout=timeout,
             open=True,
             name="twofactor",
@@ -68,12 +73,16 @@ class PostgresDatabase:
 
     @contextmanager
     def transaction(self) -> Iterator[_PostgresTransaction]:
-        with self._pool.connection() as conn:  # commits on clean exit, rolls back on error
+        with self._pool.connection() as conn, conn.transaction():  # COMMIT, or ROLLBACK on error
+            yield _PostgresTransaction(conn)
+
+    @contextmanager
+    def statements(self) -> Iterator[_PostgresTransaction]:
+        with self._pool.connection() as conn:
             yield _PostgresTransaction(conn)
 
     def migrate(self) -> list[str]:
         with self._pool.connection() as conn:
-            conn.autocommit = True
             # Two servers starting at once: the second waits, then finds nothing to do.
             conn.execute("SELECT pg_advisory_lock(%s)", (_MIGRATION_LOCK_ID,))
             try:
@@ -81,7 +90,6 @@ class PostgresDatabase:
                     return _apply_migrations(_PostgresTransaction(conn), self.dialect)
             finally:
                 conn.execute("SELECT pg_advisory_unlock(%s)", (_MIGRATION_LOCK_ID,))
-                conn.autocommit = False
 
     def close(self) -> None:
         self._pool.close()
@@ -128,6 +136,11 @@ class SqliteDatabase:
                 self._conn.execute("ROLLBACK")
                 raise
             self._conn.execute("COMMIT")
+
+    @contextmanager
+    def statements(self) -> Iterator[_SqliteTransaction]:
+        with self._lock:  # the connection is in autocommit mode outside BEGIN
+            yield _SqliteTransaction(self._conn)
 
     def migrate(self) -> list[str]:
         with self.transaction() as tx:

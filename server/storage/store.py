@@ -70,6 +70,39 @@ def advance_totp_step(tx: Transaction, user_id: str, step: int) -> bool:
     )
 
 
+def verify_snapshot(tx: Transaction, user_id: str) -> list[Row]:
+    """The user's lock state with one row per enabled method and its sealed secret (none: unknown user)."""
+    return tx.all(
+        "SELECT u.failed_attempts, u.locked_until, m.method, m.secret FROM users u "
+        "LEFT JOIN methods m ON m.user_id = u.user_id AND m.enabled_at IS NOT NULL "
+        "WHERE u.user_id = %(u)s",
+        {"u": user_id},
+    )
+
+
+def accept_totp_step(
+    tx: Transaction, user_id: str, step: int, sealed_secret: bytes, now_ms: int, max_failures: int
+) -> int | None:
+    """Accept an authenticator code's step in one atomic statement; return the unused backup codes.
+
+    None when the statement changed nothing: the step is not newer than the last accepted one,
+    the user got locked, or the secret was replaced since it was read. The caller then decides
+    under the user's row lock.
+    """
+    row = tx.one(
+        "UPDATE users SET totp_last_step = %(s)s, failed_attempts = 0, locked_until = NULL, "
+        "last_verified_at = %(now)s "
+        "WHERE user_id = %(u)s AND (totp_last_step IS NULL OR totp_last_step < %(s)s) "
+        "AND (locked_until IS NULL OR locked_until <= %(now)s) AND failed_attempts < %(max)s "
+        "AND EXISTS (SELECT 1 FROM methods m WHERE m.user_id = %(u)s AND m.method = 'authenticator' "
+        "AND m.enabled_at IS NOT NULL AND m.secret = %(sealed)s) "
+        "RETURNING (SELECT COUNT(*) FROM backup_codes b WHERE b.user_id = %(u)s AND b.used_at IS NULL) "
+        "AS backup_left",
+        {"u": user_id, "s": step, "now": now_ms, "max": max_failures, "sealed": sealed_secret},
+    )
+    return None if row is None else int(row["backup_left"])
+
+
 def set_totp_step(tx: Transaction, user_id: str, step: int) -> None:
     tx.execute("UPDATE users SET totp_last_step = %(s)s WHERE user_id = %(u)s", {"u": user_id, "s": step})
 
