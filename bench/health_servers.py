@@ -28,7 +28,7 @@ import time
 from concurrent import futures
 from pathlib import Path
 
-from loadgen import HEALTH, ServerProcess, clients, median, wait_serving
+from loadgen import HEALTH, CpuMeter, CpuRecorder, ServerProcess, clients, median, wait_serving
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_SERVERS = "sync:4,sync:8,sync:16,sync:32,sync:64,aio,twofactor:32"
@@ -54,18 +54,27 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     for shape in [s.strip() for s in args.servers.split(",") if s.strip()]:
         with tempfile.TemporaryDirectory(prefix="tf-bench-") as data_dir:
-            server = start(shape, data_dir)
+            server = start_server(shape, data_dir)
             try:
                 port = server.wait_listening(timeout=60)
                 target = f"127.0.0.1:{port}"
                 wait_serving(target, timeout=30)
                 with clients(target, processes=args.clients, threads=args.threads) as load:
-                    load.run(HEALTH, 1.0)  # warm-up
-                    runs = [load.run(HEALTH, args.seconds) for _ in range(args.rounds)]
+                    begin = time.time() + 0.5
+                    phases = [(HEALTH, begin, begin + 1.0)]  # warm-up
+                    for _ in range(args.rounds):
+                        begin = phases[-1][2] + 0.5
+                        phases.append((HEALTH, begin, begin + args.seconds))
+                    cpu = CpuRecorder(CpuMeter(server.pid, load.pids), phases)
+                    runs, usage = [], []
+                    for index, run in enumerate(load.run_schedule(phases)):
+                        if index:
+                            runs.append(run)
+                            usage.append(cpu.usage(index, run.calls))
             finally:
                 server.stop()
-        for run in runs:
-            print(f"  {shape:<14} {run.line()}", flush=True)
+        for run, used in zip(runs, usage, strict=True):
+            print(f"  {shape:<14} {run.line()}\n  {'':<14} {used}", flush=True)
         rows.append(
             (
                 shape,
@@ -83,16 +92,15 @@ def main(argv: list[str] | None = None) -> int:
     return 0 if all(row[4] for row in rows) else 1
 
 
-def start(shape: str, data_dir: str) -> ServerProcess:
+def start_server(shape: str, data_dir: str) -> ServerProcess:
     kind, _, size = shape.partition(":")
     if kind == "twofactor":
         env = {
-            **os.environ,
+            **{key: value for key, value in os.environ.items() if not key.startswith("TWOFACTOR_")},
             "TWOFACTOR_LISTEN": "127.0.0.1:0",
             "TWOFACTOR_DATA_DIR": data_dir,
             "TWOFACTOR_LOG_LEVEL": "WARNING",
         }
-        env.pop("TWOFACTOR_DATABASE_URL", None)
         if size:
             env["TWOFACTOR_MAX_WORKERS"] = size
         return ServerProcess([sys.executable, "-m", "server.cli", "serve"], env, cwd=str(ROOT))

@@ -6,11 +6,12 @@ tells every process the same wall-clock start and end, so all of them load the
 server at once, and collects every call's latency.
 
 Verify needs a fresh correct authenticator code on every call, and the server
-accepts a user's TOTP step once (RFC 6238 §5.2). So each thread owns a disjoint
-slice of the enrolled users and cycles through it, sending each user's code for
-the current 30-second step at most once per step. A thread that comes back to a
-user already used in this step has run out of users: it waits for the next
-step and counts the wait as "starved" (the run then needs more users).
+accepts a user's TOTP step once (RFC 6238 §5.2). So each client process owns a
+disjoint slice of the enrolled users and hands them to its threads in turn,
+sending each user's code for the current 30-second step at most once per step.
+When the turn comes back to a user already used in this step, the process has
+run out of users: its threads wait for the next step and count the wait as
+"starved" (the run then needs more users).
 """
 
 from __future__ import annotations
@@ -121,13 +122,18 @@ class CpuMeter:
     def __init__(self, server_pid: int, client_pids: Sequence[int]) -> None:
         self._server = server_pid
         self._clients = list(client_pids)
-        self._tick = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+        self._tick = os.sysconf("SC_CLK_TCK")
+        # PostgreSQL backends come and go (other sessions' connections too): keep the last
+        # figure of each one seen, so a backend that exits does not make the sum go down.
+        self._postgres: dict[int, float] = {}
 
     def snapshot(self) -> dict[str, float]:
-        postgres = [int(p) for p in os.listdir("/proc") if p.isdigit() and _comm(int(p)) == "postgres"]
+        for pid in (int(p) for p in os.listdir("/proc") if p.isdigit()):
+            if _comm(pid) == "postgres":
+                self._postgres[pid] = max(self._postgres.get(pid, 0.0), self._seconds([pid]))
         return {
             "server": self._seconds([self._server]),
-            "postgres": self._seconds(postgres),
+            "postgres": sum(self._postgres.values()),
             "clients": self._seconds(self._clients),
             "machine_busy": _machine_busy_ticks() / self._tick,
         }
@@ -157,6 +163,33 @@ def cpu_usage(before: dict[str, float], after: dict[str, float], seconds: float,
         f"{key} {used[key] / max(calls, 1) * 1e6:.0f}" for key in ("server", "postgres", "clients")
     )
     return f"cpu % of a core: {share} (of {100 * (os.cpu_count() or 1)});  cpu us/call: {per_call}"
+
+
+class CpuRecorder:
+    """Snapshots of CPU use at the start and end of every phase, taken by a background thread."""
+
+    def __init__(self, meter: CpuMeter, phases: list[tuple[str, float, float]]) -> None:
+        self._meter = meter
+        self._phases = phases
+        self._taken: list[tuple[dict[str, float], dict[str, float]]] = []
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        for _, start, end in self._phases:
+            time.sleep(max(0.0, start - time.time()))
+            before = self._meter.snapshot()
+            time.sleep(max(0.0, end - time.time()))
+            self._taken.append((before, self._meter.snapshot()))
+
+    def usage(self, index: int, calls: int) -> str:
+        deadline = time.monotonic() + 5
+        while len(self._taken) <= index and time.monotonic() < deadline:
+            time.sleep(0.01)
+        if len(self._taken) <= index:
+            return "cpu: not measured"
+        _, start, end = self._phases[index]
+        return cpu_usage(*self._taken[index], end - start, calls)
 
 
 def _comm(pid: int) -> str:
@@ -229,8 +262,8 @@ class PhaseResult:
 @dataclass
 class Enrolled:
     user_id: str
-    secret: str  # base32, as an authenticator app holds it
-    last_step: int  # the newest TOTP step the server has accepted for this user
+    hotp: Any  # pyotp.HOTP over the base32 secret, as an authenticator app holds it
+    last_step: int  # the newest TOTP step a Verify was sent for (accepted, unless counted as rejected)
 
 
 class Clients:
@@ -249,6 +282,7 @@ class Clients:
             child_end.close()
             self._pipes.append(parent_end)
             self._workers.append(worker)
+        self._replies(deadline=time.monotonic() + 60)  # every process has started and made its channels
 
     @property
     def pids(self) -> list[int]:
@@ -259,16 +293,15 @@ class Clients:
             pipe.send(message)
         return self._replies(deadline=time.monotonic() + timeout)
 
+    def retarget(self, target: str) -> None:
+        """Point every client thread at another server (the same users stay enrolled in the database)."""
+        self._ask_all([("retarget", target)] * len(self._pipes), timeout=60)
+
     def enroll(self, user_ids: Sequence[str], timeout: float) -> int:
         """Enroll the users in the authenticator app, spread over the processes; returns how many."""
         count = len(self._pipes)
         slices = [list(user_ids[i::count]) for i in range(count)]
         return sum(self._ask_all([("enroll", s) for s in slices], timeout))
-
-    def run(self, kind: str, seconds: float, *, lead: float = 0.5) -> PhaseResult:
-        """Load the server with `kind` calls from every thread for `seconds`, starting shortly."""
-        start = time.time() + lead
-        return next(iter(self.run_schedule([(kind, start, start + seconds)])))
 
     def run_schedule(self, phases: Sequence[tuple[str, float, float]]) -> Iterator[PhaseResult]:
         """Run (kind, start, end) phases, wall-clock times in order; yields each phase's merged result.
@@ -310,6 +343,7 @@ class Clients:
 def _client_main(pipe: multiprocessing.connection.Connection, target: str, token: str, threads: int) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides when to stop
     client = _ClientProcess(target, token, threads)
+    pipe.send("ready")
     try:
         while True:
             message = pipe.recv()
@@ -318,6 +352,8 @@ def _client_main(pipe: multiprocessing.connection.Connection, target: str, token
                     return
                 if message[0] == "enroll":
                     pipe.send(client.enroll(message[1]))
+                elif message[0] == "retarget":
+                    pipe.send(client.retarget(message[1]))
                 elif message[0] == "run":
                     pipe.send(client.run(*message[1:]))
             except Exception as error:
@@ -337,11 +373,19 @@ class _ClientProcess:
         # One channel per thread: one channel is one HTTP/2 connection, and the
         # server handles each connection's frames in order.
         self._channels = [grpc.insecure_channel(target) for _ in range(threads)]
-        self._users: list[list[Enrolled]] = [[] for _ in range(threads)]
+        # The process's users, handed to its threads in turn, each at most once per TOTP step.
+        self._users: list[Enrolled] = []
+        self._next_user = 0
+        self._users_lock = threading.Lock()
 
     def close(self) -> None:
         for channel in self._channels:
             channel.close()
+
+    def retarget(self, target: str) -> str:
+        self.close()
+        self._channels = [self._grpc.insecure_channel(target) for _ in self._channels]
+        return "ready"
 
     # enrollment: StartEnrollment(AUTHENTICATOR) then ConfirmEnrollment with the app's code
 
@@ -366,8 +410,7 @@ class _ClientProcess:
                 metadata=self._metadata,
                 timeout=CALL_TIMEOUT,
             )
-            secret = start.authenticator.secret
-            hotp = pyotp.HOTP(secret)
+            hotp = pyotp.HOTP(start.authenticator.secret)
             # Confirm with the previous step's code (the server allows one step of drift), so the
             # user's current-step code is still fresh for the measured Verify calls; at a step
             # boundary fall back to the current step's code.
@@ -380,7 +423,8 @@ class _ClientProcess:
                     timeout=CALL_TIMEOUT,
                 )
                 if reply.confirmed:
-                    self._users[index].append(Enrolled(user_id, secret, step))
+                    with self._users_lock:
+                        self._users.append(Enrolled(user_id, hotp, step))
                     break
             else:
                 raise RuntimeError(f"could not confirm the enrollment of {user_id}")
@@ -423,33 +467,38 @@ class _ClientProcess:
             if began + elapsed <= end:
                 result.latencies_ms.append(elapsed * 1000)
 
+    def _next_fresh_user(self, step: int) -> Enrolled | None:
+        """The next user in turn, marked as used in `step`; None when every user was used in this step."""
+        with self._users_lock:
+            user = self._users[self._next_user]
+            if user.last_step >= step:
+                return None
+            self._next_user = (self._next_user + 1) % len(self._users)
+            user.last_step = step
+            return user
+
     def _verify_loop(self, index: int, start: float, end: float) -> PhaseResult:
-        import pyotp
         from twofactor.v1 import twofactor_service_pb2, twofactor_service_pb2_grpc
 
         stub = twofactor_service_pb2_grpc.TwoFactorServiceStub(self._channels[index])
         accepted = twofactor_service_pb2.VERIFY_RESULT_ACCEPTED
-        users = self._users[index]
-        hotps = [pyotp.HOTP(user.secret) for user in users]
         result = PhaseResult(VERIFY, end - start)
-        if not users:
+        if not self._users:
             result.errors["NO_USERS"] += 1
             return result
-        position = 0
         _sleep_until(start)
         while True:
             began = time.time()
             if began >= end:
                 return result
             step = int(began // STEP_SECONDS)
-            user = users[position]
-            if user.last_step >= step:  # every user of this slice has been used in this step
+            user = self._next_fresh_user(step)
+            if user is None:  # this process has used all its users in this step: wait for the next
                 wake = min(end, (step + 1) * STEP_SECONDS + 0.01)
                 result.starved_seconds += max(0.0, wake - began)
                 _sleep_until(wake)
                 continue
-            code = hotps[position].at(step)
-            position = (position + 1) % len(users)
+            code = user.hotp.at(step)
             t0 = time.perf_counter()
             try:
                 reply = stub.Verify(
@@ -462,7 +511,6 @@ class _ClientProcess:
                 time.sleep(0.01)
                 continue
             elapsed = time.perf_counter() - t0
-            user.last_step = step
             if reply.result != accepted:
                 result.rejected += 1
             elif began + elapsed <= end:

@@ -7,10 +7,13 @@ the domain (server.domain.service.TwoFactor), then times
 
   - TwoFactor.verify with a correct code, and the SQL statements it runs
     (each is a round trip to PostgreSQL, plus BEGIN and COMMIT);
-  - its parts: a bare round trip, a committed one-row UPDATE (the WAL flush),
+  - its parts: a bare round trip (also on an AsyncConnection, as a grpc.aio
+    server would make it), a committed one-row UPDATE (the WAL flush),
     decrypting the TOTP secret, and matching the code;
-  - a sketch of the same state change in two round trips (read, then one
-    conditional UPDATE in autocommit), to size what fewer round trips would give;
+  - two sketches of the accepted path with fewer round trips (a read, then one
+    conditional UPDATE in autocommit; or that UPDATE alone, with the sealed
+    secret cached), to size what fewer round trips would give. They are not
+    the server's code;
   - TwoFactor.verify from several threads at once (the GIL, the pool and the
     WAL flush shared), still without gRPC.
 
@@ -21,6 +24,8 @@ fresh code for a newer TOTP step and is accepted.
 from __future__ import annotations
 
 import argparse
+import asyncio
+import os
 import statistics
 import sys
 import threading
@@ -32,6 +37,7 @@ from typing import Any
 
 import psycopg
 import pyotp
+from loadgen import CpuMeter
 
 from server.domain import totp
 from server.domain.keyring import Keyring
@@ -77,12 +83,14 @@ class _CountingTransaction:
         self._tx = tx
         self._owner = owner
 
-    def __getattr__(self, name: str) -> Callable[..., Any]:
-        method = getattr(self._tx, name)
+    def __getattr__(self, name: str) -> Any:
+        attribute = getattr(self._tx, name)
+        if name not in ("execute", "one", "all"):
+            return attribute
 
         def counted(*args: Any, **kwargs: Any) -> Any:
             self._owner.statements += 1
-            return method(*args, **kwargs)
+            return attribute(*args, **kwargs)
 
         return counted
 
@@ -114,15 +122,22 @@ class User:
             raise RuntimeError(f"verify was not accepted: {outcome.result}")
 
 
-def timed(calls: int, action: Callable[[], object]) -> tuple[float, float]:
-    """Median wall and mean CPU (of this process) per call, in microseconds."""
+def timed(calls: int, action: Callable[[], object]) -> str:
+    """Median wall time per call; mean CPU per call of this process and of PostgreSQL (microseconds)."""
     samples = []
-    cpu = time.process_time()
+    meter = CpuMeter(os.getpid(), [])
+    before = meter.snapshot()
     for _ in range(calls):
         t0 = time.perf_counter()
         action()
         samples.append(time.perf_counter() - t0)
-    return statistics.median(samples) * 1e6, (time.process_time() - cpu) / calls * 1e6
+    return describe(samples, before, meter.snapshot())
+
+
+def describe(samples: list[float], before: dict[str, float], after: dict[str, float]) -> str:
+    ours, postgres = ((after[key] - before[key]) / len(samples) * 1e6 for key in ("server", "postgres"))
+    wall = statistics.median(samples) * 1e6
+    return f"{wall:7.1f} us wall, CPU {ours:6.1f} us here + {postgres:6.1f} us in PostgreSQL"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -158,47 +173,69 @@ def run(db: PostgresDatabase, args: argparse.Namespace, thread_counts: list[int]
     user = User(counting, keyring, "bench-path-0")
     user.verify()  # warm up: prepared statements, pool connection
     counting.statements = 0
-    wall, cpu = timed(args.calls, user.verify)
+    print(f"TwoFactor.verify, 1 thread:             {timed(args.calls, user.verify)}")
     per_call = counting.statements / args.calls
-    print(
-        f"TwoFactor.verify, 1 thread: {wall:7.0f} us wall (median), {cpu:5.0f} us CPU of this process (mean)"
-    )
     print(f"  statements per call: {per_call:.0f} (+ BEGIN and COMMIT = {per_call + 2:.0f} round trips)")
 
     with db._pool.connection() as conn:  # the bench looks under the hood; the server never does this
         conn.autocommit = True
-        wall, cpu = timed(args.calls, lambda: conn.execute("SELECT 1").fetchone())
-        print(f"  one round trip (SELECT 1):             {wall:7.0f} us wall, {cpu:5.0f} us CPU")
+        print(
+            f"  one round trip (SELECT 1):            {timed(args.calls, lambda: conn.execute('SELECT 1'))}"
+        )
         update = "UPDATE users SET last_verified_at = %(t)s WHERE user_id = %(u)s"
-        wall, cpu = timed(args.calls, lambda: conn.execute(update, {"t": time.time_ns(), "u": user.user_id}))
-        print(f"  committed one-row UPDATE (WAL flush):  {wall:7.0f} us wall, {cpu:5.0f} us CPU")
-        secret_blob = conn.execute(
+        params = {"t": 0, "u": user.user_id}
+        flush = timed(args.calls, lambda: conn.execute(update, params))
+        print(f"  committed one-row UPDATE (WAL flush): {flush}")
+        blob = conn.execute(
             "SELECT secret FROM methods WHERE user_id = %(u)s", {"u": user.user_id}
-        ).fetchone()["secret"]
+        ).fetchone()
         conn.autocommit = False
-    wall, cpu = timed(
-        args.calls, lambda: keyring.decrypt(secret_blob, purpose=TOTP_SECRET, user_id=user.user_id)
-    )
-    print(f"  decrypt the TOTP secret (AES-GCM):     {wall:7.1f} us wall, {cpu:5.1f} us CPU")
-    secret = keyring.decrypt(secret_blob, purpose=TOTP_SECRET, user_id=user.user_id)
+    assert blob is not None
+
+    print(f"  one round trip, AsyncConnection:      {async_round_trip(args.database_url, args.calls)}")
+
+    def decrypt() -> bytes:
+        return keyring.decrypt(blob["secret"], purpose=TOTP_SECRET, user_id=user.user_id)
+
+    secret = decrypt()
     code = user.hotp.at(totp.time_step(START))
-    wall, cpu = timed(args.calls, lambda: totp.matching_step(secret, code, START))
-    print(f"  match the code (3 HOTP, pyotp):        {wall:7.1f} us wall, {cpu:5.1f} us CPU")
+    print(f"  decrypt the TOTP secret (AES-GCM):    {timed(args.calls, decrypt)}")
+    match = timed(args.calls, lambda: totp.matching_step(secret, code, START))
+    print(f"  match the code (3 HOTP, pyotp):       {match}")
 
     two_trips = TwoRoundTrips(db, keyring, user)
     two_trips.verify()
-    wall, cpu = timed(args.calls, two_trips.verify)
-    print(f"sketch, the same state change in 2 round trips: {wall:7.0f} us wall, {cpu:5.0f} us CPU")
+    print(f"sketch: the same in 2 round trips:      {timed(args.calls, two_trips.verify)}")
+    one_trip = OneRoundTrip(db, keyring, user)
+    one_trip.verify()
+    print(f"sketch: 1 round trip, secret cached:    {timed(args.calls, one_trip.verify)}")
 
-    print(
-        f"TwoFactor.verify from several threads for {args.seconds:g} s each (pool size {max(thread_counts)}):"
-    )
+    print(f"TwoFactor.verify from several threads, {args.seconds:g} s each (pool size {max(thread_counts)}):")
     for threads in thread_counts:
         users = [User(db, keyring, f"bench-path-{threads}-{i}") for i in range(threads)]
         rate, p50, cpu_share = concurrent(users, args.seconds)
         print(
-            f"  {threads:3d} threads: {rate:7.0f} calls/s   p50 {p50 / 1000:6.2f} ms   this process {cpu_share:3.0f}% CPU"
+            f"  {threads:3d} threads: {rate:7.0f} calls/s   p50 {p50 / 1000:6.2f} ms   "
+            f"this process {cpu_share:3.0f}% CPU"
         )
+
+
+def async_round_trip(url: str, calls: int) -> str:
+    """`SELECT 1` on a psycopg AsyncConnection under asyncio: what a grpc.aio server would pay per trip."""
+
+    async def measure() -> str:
+        async with await psycopg.AsyncConnection.connect(url, autocommit=True) as conn:
+            await conn.execute("SELECT 1")
+            samples = []
+            meter = CpuMeter(os.getpid(), [])
+            before = meter.snapshot()
+            for _ in range(calls):
+                t0 = time.perf_counter()
+                await conn.execute("SELECT 1")
+                samples.append(time.perf_counter() - t0)
+            return describe(samples, before, meter.snapshot())
+
+    return asyncio.run(measure())
 
 
 def concurrent(users: list[User], seconds: float) -> tuple[float, float, float]:
@@ -226,25 +263,34 @@ def concurrent(users: list[User], seconds: float) -> tuple[float, float, float]:
     return len(latencies) / took, statistics.median(latencies), (time.process_time() - cpu) / took * 100
 
 
-class TwoRoundTrips:
-    """Not the server's code: the accepted-code path of Verify rewritten as two statements.
+# The accepted-code path: advance the step, clear failures, count backup codes left. The
+# conditions keep the rules that the locking transaction keeps today: a step is accepted once
+# (`totp_last_step <`), a locked user is refused, and the authenticator is still the enrolled one.
+ACCEPT = (
+    "UPDATE users SET totp_last_step = %(s)s, failed_attempts = 0, locked_until = NULL, "
+    "last_verified_at = %(now)s "
+    "WHERE user_id = %(u)s AND (totp_last_step IS NULL OR totp_last_step < %(s)s) "
+    "AND (locked_until IS NULL OR locked_until <= %(now)s) AND failed_attempts < %(max)s "
+    "AND EXISTS (SELECT 1 FROM methods m WHERE m.user_id = users.user_id AND m.method = 'authenticator' "
+    "AND m.enabled_at IS NOT NULL AND m.secret = %(blob)s) "
+    "RETURNING (SELECT COUNT(*) FROM backup_codes b WHERE b.user_id = %(u)s AND b.used_at IS NULL) "
+    "AS backup_codes_left"
+)
 
-    1. In autocommit, read the user's lock state and authenticator secret in one query.
-    2. Match the code in Python, then one conditional UPDATE (autocommit) that advances the
-       step, clears failures and returns the unused backup-code count. The `totp_last_step <`
-       condition keeps the replay guard without a row lock held across round trips.
-    Failures (a wrong code) would still take the locking transaction; they are rare.
+
+class TwoRoundTrips:
+    """Not the server's code: Verify's accepted path in two autocommit statements.
+
+    1. Read the user's lock state and authenticator secret in one query (no BEGIN, no row lock).
+    2. Match the code in Python, then ACCEPT: one conditional UPDATE whose row count says
+       whether this call won. A wrong code (no matching step, or ACCEPT touching no row)
+       would take today's locking transaction to count the failure; that path is rare.
     """
 
     READ = (
         "SELECT u.failed_attempts, u.locked_until, m.secret FROM users u "
-        "JOIN methods m ON m.user_id = u.user_id AND m.method = 'authenticator' AND m.enabled_at IS NOT NULL "
-        "WHERE u.user_id = %(u)s"
-    )
-    ACCEPT = (
-        "UPDATE users SET totp_last_step = %(s)s, failed_attempts = 0, locked_until = NULL, "
-        "last_verified_at = %(now)s WHERE user_id = %(u)s AND (totp_last_step IS NULL OR totp_last_step < %(s)s) "
-        "RETURNING (SELECT COUNT(*) FROM backup_codes b WHERE b.user_id = %(u)s AND b.used_at IS NULL) AS left"
+        "JOIN methods m ON m.user_id = u.user_id AND m.method = 'authenticator' "
+        "AND m.enabled_at IS NOT NULL WHERE u.user_id = %(u)s"
     )
 
     def __init__(self, db: PostgresDatabase, keyring: Keyring, user: User) -> None:
@@ -259,10 +305,50 @@ class TwoRoundTrips:
             conn.autocommit = True
             try:
                 row = conn.execute(self.READ, {"u": self._user.user_id}).fetchone()
+                assert row is not None
                 secret = self._keyring.decrypt(row["secret"], purpose=TOTP_SECRET, user_id=self._user.user_id)
                 step = totp.matching_step(secret, code, now)
-                params = {"u": self._user.user_id, "s": step, "now": int(now * 1000)}
-                accepted = conn.execute(self.ACCEPT, params).fetchone()
+                params = {
+                    "u": self._user.user_id,
+                    "s": step,
+                    "now": int(now * 1000),
+                    "max": 100,
+                    "blob": row["secret"],
+                }
+                accepted = conn.execute(ACCEPT, params).fetchone()
+            finally:
+                conn.autocommit = False
+        if accepted is None:
+            raise RuntimeError("the sketch did not accept the code")
+
+
+class OneRoundTrip:
+    """Not the server's code: as TwoRoundTrips, with the sealed secret kept in memory after the first read.
+
+    Only ACCEPT goes to the database. Its `m.secret = <cached ciphertext>` condition makes a
+    stale cache (re-enrolled, reset or disabled authenticator) fail safe: no row is touched,
+    and the server would fall back to reading the user afresh.
+    """
+
+    def __init__(self, db: PostgresDatabase, keyring: Keyring, user: User) -> None:
+        self._db = db
+        self._keyring = keyring
+        self._user = user
+        with db._pool.connection() as conn:
+            row = conn.execute(TwoRoundTrips.READ, {"u": user.user_id}).fetchone()
+        assert row is not None
+        self._blob = row["secret"]
+
+    def verify(self) -> None:
+        code = self._user.next_code()
+        now = self._user.clock.now
+        secret = self._keyring.decrypt(self._blob, purpose=TOTP_SECRET, user_id=self._user.user_id)
+        step = totp.matching_step(secret, code, now)
+        params = {"u": self._user.user_id, "s": step, "now": int(now * 1000), "max": 100, "blob": self._blob}
+        with self._db._pool.connection() as conn:
+            conn.autocommit = True
+            try:
+                accepted = conn.execute(ACCEPT, params).fetchone()
             finally:
                 conn.autocommit = False
         if accepted is None:
