@@ -26,7 +26,7 @@ from twofactor.v1 import (
 )
 
 from server.api.admin_servicer import AdminServicer
-from server.api.interceptors import CallerInterceptor, ErrorInterceptor
+from server.api.interceptors import ApiInterceptor
 from server.api.twofactor_servicer import TwoFactorServicer
 from server.domain.admin import Admin
 from server.domain.keyring import Keyring
@@ -94,7 +94,7 @@ def create_server(
 
         grpc_server = grpc.server(
             futures.ThreadPoolExecutor(max_workers=settings.max_workers, thread_name_prefix="rpc"),
-            interceptors=[CallerInterceptor(tokens), ErrorInterceptor()],
+            interceptors=[ApiInterceptor(tokens)],
             options=[("grpc.so_reuseport", 0)],
         )
         twofactor_service_pb2_grpc.add_TwoFactorServiceServicer_to_server(

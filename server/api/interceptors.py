@@ -1,9 +1,9 @@
-"""Server interceptors: caller authentication, request ids, and error mapping.
+"""The server interceptor: caller authentication, request ids, and error mapping.
 
-Both wrap unary-unary handlers (every twofactor.v1 RPC is unary); the caller
-check also guards any streaming handler, so nothing is served open. The caller
-found by authentication travels to the servicer in a context variable, since
-a handler runs start to end on one thread.
+It wraps unary-unary handlers (every twofactor.v1 RPC is unary) and guards any
+streaming handler too, so nothing is served open. The caller found by
+authentication travels to the servicer in a context variable, since a handler
+runs start to end on one thread.
 """
 
 from __future__ import annotations
@@ -18,8 +18,8 @@ from typing import Any
 import grpc
 from google.protobuf.message import DecodeError
 
-from server.api.errors import abort_for, status_for
-from server.domain.errors import InvalidArgument, PermissionDenied, TwoFactorError, Unauthenticated
+from server.api.errors import abort_for
+from server.domain.errors import InvalidArgument, PermissionDenied, Unauthenticated
 from server.domain.models import Caller
 from server.settings import TokenSetting
 
@@ -91,36 +91,56 @@ def _tolerant(deserialize: Callable[[bytes], Any] | None) -> Callable[[bytes], A
     return tolerant
 
 
-class CallerInterceptor(grpc.ServerInterceptor):
-    """Checks `authorization: Bearer <token>` against the configured token digests."""
+class ApiInterceptor(grpc.ServerInterceptor):
+    """For every twofactor.v1 RPC: authenticate the caller, then map any failure to its status.
+
+    Checks `authorization: Bearer <token>` against the configured token digests;
+    health and reflection pass untouched. Wrapped handlers are built once per
+    method, so a call pays only for its own checks.
+    """
 
     def __init__(self, tokens: tuple[TokenSetting, ...]) -> None:
         self._tokens = tokens
+        self._wrapped: dict[str, grpc.RpcMethodHandler] = {}
 
     def intercept_service(self, continuation, handler_call_details):  # type: ignore[no-untyped-def]
+        method = handler_call_details.method
+        wrapped = self._wrapped.get(method)
+        if wrapped is not None:
+            return wrapped
         handler = continuation(handler_call_details)
-        service = handler_call_details.method.lstrip("/").rpartition("/")[0]
-        scope = SCOPES.get(service)
-        metadata = dict(handler_call_details.invocation_metadata or ())
-        request_id = str(metadata.get("x-request-id", ""))[:MAX_REQUEST_ID] or uuid.uuid4().hex
-
-        def around(request, context, inner):  # type: ignore[no-untyped-def]
-            try:
-                caller = self._authenticate(str(metadata.get("authorization", "")), scope, request_id)
-            except TwoFactorError as error:
-                context.abort_with_status(status_for(error))
-            token = current_caller.set(caller)
-            try:
-                return inner(request, context)
-            finally:
-                current_caller.reset(token)
-
-        if scope is None or handler is None:
-            return handler
+        scope = SCOPES.get(method.lstrip("/").rpartition("/")[0])
+        if handler is None or scope is None:
+            return handler  # unknown methods (not cached: their names are the caller's) and open services
         if handler.unary_unary is None:
             # No twofactor.v1 RPC streams today; one added later must not be served without a token.
-            return _wrap_streaming(handler, around)
-        return _wrap_unary(handler, around)
+            wrapped = _wrap_streaming(handler, self._around(scope, method))
+        else:
+            wrapped = _wrap_unary(
+                handler, self._around(scope, method), _tolerant(handler.request_deserializer)
+            )
+        self._wrapped[method] = wrapped
+        return wrapped
+
+    def _around(self, scope: str, method: str) -> Callable[[Any, grpc.ServicerContext, Callable], Any]:  # type: ignore[type-arg]
+        def around(request, context, inner):  # type: ignore[no-untyped-def]
+            try:
+                metadata = dict(context.invocation_metadata() or ())
+                request_id = str(metadata.get("x-request-id", ""))[:MAX_REQUEST_ID] or uuid.uuid4().hex
+                caller = self._authenticate(str(metadata.get("authorization", "")), scope, request_id)
+                if isinstance(request, _Undecodable):
+                    raise InvalidArgument("MALFORMED_REQUEST", "the request bytes are not a valid message")
+                token = current_caller.set(caller)
+                try:
+                    return inner(request, context)
+                finally:
+                    current_caller.reset(token)
+            except Exception as exc:
+                if context.code() is not None:  # already aborted by the handler
+                    raise
+                abort_for(exc, context, method)
+
+        return around
 
     def _authenticate(self, header: str, scope: str | None, request_id: str) -> Caller:
         kind, _, presented = header.partition(" ")
@@ -138,25 +158,3 @@ class CallerInterceptor(grpc.ServerInterceptor):
                 "SCOPE_REQUIRED", f"this token lacks the {scope} scope", metadata={"scope": str(scope)}
             )
         return Caller(actor=found.name, request_id=request_id)
-
-
-class ErrorInterceptor(grpc.ServerInterceptor):
-    """Maps every exception a handler raises to a documented status (server/api/errors.py)."""
-
-    def intercept_service(self, continuation, handler_call_details):  # type: ignore[no-untyped-def]
-        handler = continuation(handler_call_details)
-        method = handler_call_details.method
-
-        def around(request, context, inner):  # type: ignore[no-untyped-def]
-            try:
-                if isinstance(request, _Undecodable):
-                    raise InvalidArgument("MALFORMED_REQUEST", "the request bytes are not a valid message")
-                return inner(request, context)
-            except Exception as exc:
-                if context.code() is not None:  # already aborted by the handler
-                    raise
-                abort_for(exc, context, method)
-
-        if handler is None:
-            return None
-        return _wrap_unary(handler, around, _tolerant(handler.request_deserializer))

@@ -18,7 +18,7 @@ from twofactor.v1 import admin_service_pb2 as admin_pb
 from twofactor.v1 import admin_service_pb2_grpc, twofactor_service_pb2_grpc
 from twofactor.v1 import twofactor_service_pb2 as pb
 
-from server.api.interceptors import CallerInterceptor
+from server.api.interceptors import ApiInterceptor
 from server.app import create_server, dev_tokens
 from server.settings import Settings, SettingsError, TokenSetting
 from tests.conftest import ADMIN_TOKEN, APP_TOKEN, TEST_KEYS, TOKENS, Clock, Harness, ServerFactory
@@ -185,27 +185,35 @@ def test_the_caller_check_also_guards_streaming_handlers() -> None:
 
     class Details:
         method = "/twofactor.v1.AdminService/WatchUsers"
-
-        def __init__(self, metadata: tuple[tuple[str, str], ...]) -> None:
-            self.invocation_metadata = metadata
+        invocation_metadata = ()
 
     class Aborted(Exception):
         pass
 
     class Context:
+        def __init__(self, metadata: tuple[tuple[str, str], ...]) -> None:
+            self._metadata = metadata
+
+        def invocation_metadata(self) -> tuple[tuple[str, str], ...]:
+            return self._metadata
+
+        def code(self) -> None:
+            return None
+
         def abort_with_status(self, status: grpc.Status) -> None:
             raise Aborted(status.code)
 
-    interceptor = CallerInterceptor(TOKENS)
+    interceptor = ApiInterceptor(TOKENS)
     original = grpc.unary_stream_rpc_method_handler(stream)
+    handler = interceptor.intercept_service(lambda _details: original, Details())
+    assert handler.unary_stream is not None
     for metadata in ((), bearer("not-a-token"), bearer(APP_TOKEN)):
-        handler = interceptor.intercept_service(lambda _details: original, Details(metadata))
-        assert handler.unary_stream is not None
         with pytest.raises(Aborted):
-            list(handler.unary_stream(None, Context()))
+            list(handler.unary_stream(None, Context(metadata)))
     assert served == []
-    handler = interceptor.intercept_service(lambda _details: original, Details(bearer(ADMIN_TOKEN)))
-    assert list(handler.unary_stream(None, Context())) == ["secret data"] and served == ["stream"]
+    assert list(handler.unary_stream(None, Context(bearer(ADMIN_TOKEN)))) == ["secret data"] and served == [
+        "stream"
+    ]
 
 
 # ---- the embedded default -------------------------------------------------------------------------
