@@ -54,7 +54,7 @@ GAP = 0.5  # seconds between phases, for the client processes to hand in results
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--users", type=int, default=8000, help="users to enroll (default 8000)")
+    parser.add_argument("--users", type=int, default=12000, help="users to enroll (default 12000)")
     parser.add_argument("--clients", type=int, default=4, help="client processes (default 4)")
     parser.add_argument("--threads", type=int, default=4, help="closed-loop threads per client process")
     parser.add_argument("--seconds", type=float, default=5.0, help="length of each measured phase")
