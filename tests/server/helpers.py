@@ -10,6 +10,14 @@ from twofactor.v1 import twofactor_service_pb2 as pb
 
 from tests.conftest import Clock, Harness
 
+# A policy whose lockouts are short, and permanent after the third consecutive failure.
+LOCKED_FOR_GOOD_AFTER_3 = {
+    "lockout_threshold": 1,
+    "lockout_base_seconds": 1,
+    "lockout_max_seconds": 1,
+    "max_consecutive_failures": 3,
+}
+
 AUTHENTICATOR = common_pb2.METHOD_AUTHENTICATOR
 EMAIL = common_pb2.METHOD_EMAIL
 SMS = common_pb2.METHOD_SMS

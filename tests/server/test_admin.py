@@ -14,7 +14,16 @@ from twofactor.v1 import twofactor_service_pb2 as pb
 from server.domain.keyring import Keyring
 from server.domain.service import CHALLENGE_CODE
 from tests.conftest import ADMIN_TOKEN, APP_TOKEN, TEST_KEYS, Clock, Harness, ServerFactory
-from tests.server.helpers import AUTHENTICATOR, EMAIL, SMS, enroll_authenticator, error_info, totp_now, verify
+from tests.server.helpers import (
+    AUTHENTICATOR,
+    EMAIL,
+    LOCKED_FOR_GOOD_AFTER_3,
+    SMS,
+    enroll_authenticator,
+    error_info,
+    totp_now,
+    verify,
+)
 from tests.server.stored_rows import query
 
 Metadata = tuple[tuple[str, str], ...]
@@ -263,14 +272,7 @@ def test_unlock_ends_a_lockout(harness: Harness, clock: Clock) -> None:
 
 
 def test_unlock_ends_a_permanent_lockout(start_server: ServerFactory, clock: Clock) -> None:
-    h = start_server(
-        policy={
-            "lockout_threshold": 1,
-            "lockout_base_seconds": 1,
-            "lockout_max_seconds": 1,
-            "max_consecutive_failures": 3,
-        }
-    )
+    h = start_server(policy=LOCKED_FOR_GOOD_AFTER_3)
     secret, _ = enroll_authenticator(h, clock, "ivan")
     bad = wrong_code(secret, clock)
     for _ in range(3):

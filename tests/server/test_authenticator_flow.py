@@ -13,7 +13,14 @@ from PIL import Image
 from twofactor.v1 import twofactor_service_pb2 as pb
 
 from tests.conftest import Clock, Harness, ServerFactory
-from tests.server.helpers import AUTHENTICATOR, enroll_authenticator, error_info, totp_now, verify
+from tests.server.helpers import (
+    AUTHENTICATOR,
+    LOCKED_FOR_GOOD_AFTER_3,
+    enroll_authenticator,
+    error_info,
+    totp_now,
+    verify,
+)
 from tests.server.stored_rows import all_cells
 
 
@@ -148,14 +155,7 @@ def test_wrong_codes_lock_with_growing_retry_after(harness: Harness, clock: Cloc
 
 
 def test_hundred_consecutive_failures_lock_until_unlocked(start_server: ServerFactory, clock: Clock) -> None:
-    h = start_server(
-        policy={
-            "lockout_threshold": 1,
-            "lockout_base_seconds": 1,
-            "lockout_max_seconds": 1,
-            "max_consecutive_failures": 3,
-        }
-    )
+    h = start_server(policy=LOCKED_FOR_GOOD_AFTER_3)
     secret, _ = enroll_authenticator(h, clock, "frank")
     wrong = "000000" if totp_now(secret, clock) != "000000" else "111111"
     for _ in range(3):
