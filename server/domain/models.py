@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from enum import Enum
 
 
@@ -97,9 +97,3 @@ class VerifyOutcome:
 class BackupCodeSet:
     codes: tuple[str, ...]
     generated_at_ms: int | None
-
-
-@dataclass(frozen=True)
-class Page:
-    items: list = field(default_factory=list)  # type: ignore[type-arg]
-    next_page_token: str = ""
