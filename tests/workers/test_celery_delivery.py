@@ -242,7 +242,11 @@ def test_email_code_through_redis_and_a_celery_worker(
 
 
 def test_broker_down_answers_unavailable_and_leaves_no_valid_challenge(
-    sink: SmtpSink, start_server: ServerFactory, queue: str, tmp_path: Path
+    sink: SmtpSink,
+    start_server: ServerFactory,
+    queue: str,
+    tmp_path: Path,
+    workers_for: Callable[[Harness], Workers],
 ) -> None:
     port = free_port()
     redis_server = subprocess.Popen(
@@ -273,22 +277,33 @@ def test_broker_down_answers_unavailable_and_leaves_no_valid_challenge(
             except redis.ConnectionError:
                 assert time.monotonic() < deadline, "private redis-server did not start"
                 time.sleep(0.05)
-        h = celery_server(start_server, sink, queue, broker_url=url)
-        register(h, "bob")
+        h = celery_server(start_server, sink, queue, broker_url=url, policy={"resend_cooldown_seconds": 0})
+        # Enroll by email while the broker is up.
+        workers = workers_for(h)
+        workers.start()
+        enrollment = start_email_enrollment(h, "bob")
+        code = code_in(sink.wait_for_messages(1)[0])
+        wait_for_status(h, "bob", enrollment.challenge_id, common_pb2.DELIVERY_STATUS_SENT)
+        confirm = h.twofactor.ConfirmEnrollment(
+            pb.ConfirmEnrollmentRequest(user_id="bob", method=EMAIL, code=code), metadata=h.app_metadata
+        )
+        assert confirm.confirmed
+        workers.stop()
         client.shutdown(nosave=True)
         redis_server.wait(timeout=30)
         client.close()
 
         with pytest.raises(grpc.RpcError) as raised:
             # The deadline is the requirement: UNAVAILABLE within 2 s, not DEADLINE_EXCEEDED.
-            h.twofactor.StartEnrollment(
-                pb.StartEnrollmentRequest(user_id="bob", method=EMAIL), metadata=h.app_metadata, timeout=2
+            h.twofactor.SendCode(
+                pb.SendCodeRequest(user_id="bob", method=EMAIL), metadata=h.app_metadata, timeout=2
             )
         assert raised.value.code() == grpc.StatusCode.UNAVAILABLE
         assert error_info(raised.value).reason == "BROKER_UNAVAILABLE"
         with psycopg.connect(h.settings.database_url) as conn:
             rows = conn.execute(
-                "SELECT delivery_status, code_ciphertext FROM challenges WHERE user_id = 'bob'"
+                "SELECT delivery_status, code_ciphertext FROM challenges "
+                "WHERE user_id = 'bob' AND purpose = 'login'"
             ).fetchall()
         assert rows == [("failed", None)]  # nothing valid, nothing to send
     finally:
