@@ -124,7 +124,9 @@ class TwoFactor:
         now = self._now_ms()
         with self._db.transaction() as tx:
             user = self._lock_existing_user(tx, user_id)
-            row = next((m for m in store.methods_of(tx, user_id) if m["method"] == method), None)
+            methods = store.methods_of(tx, user_id)
+            enabled = tuple(m["method"] for m in self._enabled_rows(methods))
+            row = next((m for m in methods if m["method"] == method), None)
             if row is None or row["pending_since"] is None:
                 raise FailedPrecondition(
                     "NO_PENDING_ENROLLMENT", f"no {method} enrollment is pending; call StartEnrollment first"
@@ -145,10 +147,10 @@ class TwoFactor:
                 self._audit(tx, caller, user_id, "enrollment_confirmed", outcome="failure", detail=method)
                 return Confirmation(
                     False,
-                    self._enabled(tx, user_id),
+                    enabled,
                     attempts_left=lockout.attempts_left(failures, self._policy),
                 )
-            first_method = not self._enabled(tx, user_id)
+            first_method = not enabled
             store.enable_method(tx, user_id, method, now)
             store.record_success(tx, user_id, now)
             self._audit(tx, caller, user_id, "enrollment_confirmed", detail=method)
@@ -158,7 +160,7 @@ class TwoFactor:
                 self._audit(tx, caller, user_id, "backup_codes_generated", detail=f"{len(codes)} codes")
             return Confirmation(
                 True,
-                self._enabled(tx, user_id),
+                tuple(sorted({*enabled, method})),  # methods_of's order
                 backup_codes=codes,
                 attempts_left=self._policy.lockout_threshold,
             )
@@ -325,7 +327,7 @@ class TwoFactor:
                 return accepted
         with self._db.transaction() as tx:
             user = self._lock_existing_user(tx, user_id)
-            methods = {m["method"]: m for m in self._enabled_rows(tx, user_id)}
+            methods = {m["method"]: m for m in self._enabled_rows(store.methods_of(tx, user_id))}
             if not methods:
                 raise FailedPrecondition("NOT_ENROLLED", "the user has no second-factor method enabled")
             lock = self._lock_of(user, now)
@@ -499,15 +501,13 @@ class TwoFactor:
             raise NotFound("USER_NOT_FOUND", "no such user", metadata={"user_id": user_id})
         return user
 
-    def _enabled_rows(self, tx: Transaction, user_id: str) -> list[Row]:
-        return [
-            m
-            for m in store.methods_of(tx, user_id)
-            if m["enabled_at"] is not None and m["method"] in self._policy.allowed_methods
-        ]
+    def _enabled_rows(self, methods: list[Row]) -> list[Row]:
+        """Of a user's method rows, the enabled ones the policy still allows."""
+        allowed = self._policy.allowed_methods
+        return [m for m in methods if m["enabled_at"] is not None and m["method"] in allowed]
 
     def _enabled(self, tx: Transaction, user_id: str) -> tuple[str, ...]:
-        return tuple(m["method"] for m in self._enabled_rows(tx, user_id))
+        return tuple(m["method"] for m in self._enabled_rows(store.methods_of(tx, user_id)))
 
     def _lock_until(self, failures: int, now: int) -> int | None:
         seconds = lockout.lock_seconds(failures, self._policy)
