@@ -8,9 +8,9 @@ import time
 from collections.abc import Callable
 
 from server.domain import audit
-from server.domain.errors import FailedPrecondition, InvalidArgument, NotFound
+from server.domain.errors import FailedPrecondition, InvalidArgument
 from server.domain.models import Caller, UserState
-from server.domain.service import user_state
+from server.domain.service import existing_user, load_state, user_state
 from server.settings import PolicySettings
 from server.storage import store
 from server.storage.database import Database, Row, Transaction
@@ -29,7 +29,7 @@ class Admin:
 
     def get_user(self, user_id: str) -> UserState:
         with self._db.transaction() as tx:
-            return self._state(tx, self._user(tx, user_id))
+            return load_state(tx, existing_user(tx, user_id), self._policy, self._now_ms())
 
     def list_users(
         self, *, page_size: int, page_token: str, enabled: bool | None
@@ -62,17 +62,17 @@ class Admin:
                     self._audit(tx, caller, user_id, "user_reset", reason, outcome="failure")
             raise FailedPrecondition("ADMIN_RESET_DISABLED", "the policy does not allow admin resets")
         with self._db.transaction() as tx:
-            self._user(tx, user_id, lock=True)
+            existing_user(tx, user_id, lock=True)
             store.reset_user(tx, user_id)
             self._audit(tx, caller, user_id, "user_reset", reason)
-            return self._state(tx, self._user(tx, user_id))
+            return load_state(tx, existing_user(tx, user_id), self._policy, self._now_ms())
 
     def unlock_user(self, user_id: str, *, caller: Caller) -> UserState:
         with self._db.transaction() as tx:
-            self._user(tx, user_id, lock=True)
+            existing_user(tx, user_id, lock=True)
             store.unlock(tx, user_id)
             self._audit(tx, caller, user_id, "user_unlocked", "")
-            return self._state(tx, self._user(tx, user_id))
+            return load_state(tx, existing_user(tx, user_id), self._policy, self._now_ms())
 
     def list_audit_events(self, *, user_id: str, page_size: int, page_token: str) -> tuple[list[Row], str]:
         limit = _page_size(page_size)
@@ -82,22 +82,6 @@ class Admin:
         page = rows[:limit]
         next_token = _encode_token("e", str(page[-1]["event_id"])) if len(rows) > limit else ""
         return page, next_token
-
-    def _user(self, tx: Transaction, user_id: str, *, lock: bool = False) -> Row:
-        user = store.get_user(tx, user_id, lock=lock)
-        if user is None:
-            raise NotFound("USER_NOT_FOUND", "no such user", metadata={"user_id": user_id})
-        return user
-
-    def _state(self, tx: Transaction, user: Row) -> UserState:
-        user_id = user["user_id"]
-        return user_state(
-            user,
-            store.methods_of(tx, user_id),
-            store.count_unused_backup_codes(tx, user_id),
-            self._policy,
-            self._now_ms(),
-        )
 
     def _audit(
         self,

@@ -79,7 +79,7 @@ class TwoFactor:
         now = self._now_ms()
         with self._db.transaction() as tx:
             store.ensure_user(tx, user_id, now)
-            self._lock_user(tx, user_id)
+            store.get_user(tx, user_id, lock=True)
             changed = []
             for column, value in (("email", email), ("phone", phone)):
                 if value is not None:
@@ -102,7 +102,7 @@ class TwoFactor:
             secret = totp.new_secret()
             with self._db.transaction() as tx:
                 store.ensure_user(tx, user_id, now)
-                self._lock_user(tx, user_id)
+                store.get_user(tx, user_id, lock=True)
                 sealed = self._keyring.encrypt(secret, purpose=TOTP_SECRET, user_id=user_id)
                 store.start_method_enrollment(tx, user_id, method, now, pending_secret=sealed)
                 self._audit(tx, caller, user_id, "enrollment_started", detail=method)
@@ -123,7 +123,7 @@ class TwoFactor:
         digits = _digits_or_raise(code)
         now = self._now_ms()
         with self._db.transaction() as tx:
-            user = self._lock_existing_user(tx, user_id)
+            user = existing_user(tx, user_id, lock=True)
             methods = store.methods_of(tx, user_id)
             enabled = tuple(m["method"] for m in self._enabled_rows(methods))
             row = next((m for m in methods if m["method"] == method), None)
@@ -167,7 +167,7 @@ class TwoFactor:
 
     def disable_method(self, user_id: str, method: str, *, caller: Caller) -> tuple[str, ...]:
         with self._db.transaction() as tx:
-            self._lock_existing_user(tx, user_id)
+            existing_user(tx, user_id, lock=True)
             enabled = self._enabled(tx, user_id)
             if method not in enabled:
                 raise FailedPrecondition("METHOD_NOT_ENABLED", f"{method} is not enabled for this user")
@@ -215,7 +215,7 @@ class TwoFactor:
         with self._db.transaction() as tx:
             if purpose == "enrollment":
                 store.ensure_user(tx, user_id, now)
-            user = self._lock_existing_user(tx, user_id)
+            user = existing_user(tx, user_id, lock=True)
             if purpose == "login" and method not in self._enabled(tx, user_id):
                 raise FailedPrecondition("METHOD_NOT_ENABLED", f"{method} is not enabled for this user")
             destination = user[EMAIL if method == EMAIL else "phone"]
@@ -326,7 +326,7 @@ class TwoFactor:
             if accepted is not None:
                 return accepted
         with self._db.transaction() as tx:
-            user = self._lock_existing_user(tx, user_id)
+            user = existing_user(tx, user_id, lock=True)
             methods = {m["method"]: m for m in self._enabled_rows(store.methods_of(tx, user_id))}
             if not methods:
                 raise FailedPrecondition("NOT_ENROLLED", "the user has no second-factor method enabled")
@@ -437,7 +437,7 @@ class TwoFactor:
 
     def get_backup_codes(self, user_id: str) -> BackupCodeSet:
         with self._db.transaction() as tx:
-            user = self._existing_user(tx, user_id)
+            user = existing_user(tx, user_id)
             self._require_enrolled(tx, user_id)
             codes = tuple(
                 backup_codes.display(
@@ -452,7 +452,7 @@ class TwoFactor:
     def regenerate_backup_codes(self, user_id: str, *, caller: Caller) -> BackupCodeSet:
         now = self._now_ms()
         with self._db.transaction() as tx:
-            self._lock_existing_user(tx, user_id)
+            existing_user(tx, user_id, lock=True)
             self._require_enrolled(tx, user_id)
             codes = self._replace_backup_codes(tx, user_id, now)
             self._audit(tx, caller, user_id, "backup_codes_regenerated", detail=f"{len(codes)} codes")
@@ -484,22 +484,6 @@ class TwoFactor:
     def _require_enrolled(self, tx: Transaction, user_id: str) -> None:
         if not self._enabled(tx, user_id):
             raise FailedPrecondition("NOT_ENROLLED", "the user has no second-factor method enabled")
-
-    def _existing_user(self, tx: Transaction, user_id: str) -> Row:
-        user = store.get_user(tx, user_id)
-        if user is None:
-            raise NotFound("USER_NOT_FOUND", "no such user", metadata={"user_id": user_id})
-        return user
-
-    def _lock_user(self, tx: Transaction, user_id: str) -> Row | None:
-        """Read the user's row, holding its lock to the end of the transaction (PostgreSQL)."""
-        return store.get_user(tx, user_id, lock=True)
-
-    def _lock_existing_user(self, tx: Transaction, user_id: str) -> Row:
-        user = self._lock_user(tx, user_id)
-        if user is None:
-            raise NotFound("USER_NOT_FOUND", "no such user", metadata={"user_id": user_id})
-        return user
 
     def _enabled_rows(self, methods: list[Row]) -> list[Row]:
         """Of a user's method rows, the enabled ones the policy still allows."""
@@ -539,15 +523,7 @@ class TwoFactor:
 
     def _state(self, tx: Transaction, user_id: str) -> UserState | None:
         user = store.get_user(tx, user_id)
-        if user is None:
-            return None
-        return user_state(
-            user,
-            store.methods_of(tx, user_id),
-            store.count_unused_backup_codes(tx, user_id),
-            self._policy,
-            self._now_ms(),
-        )
+        return None if user is None else load_state(tx, user, self._policy, self._now_ms())
 
     def _challenge_view(self, tx: Transaction, row: Row) -> ChallengeView:
         status = row["delivery_status"]
@@ -578,6 +554,21 @@ class TwoFactor:
         detail: str = "",
     ) -> None:
         audit.record(tx, caller, self._now_ms(), user_id, action, outcome=outcome, detail=detail)
+
+
+def existing_user(tx: Transaction, user_id: str, *, lock: bool = False) -> Row:
+    """The user's row (locked to the end of the transaction with lock=True); NOT_FOUND if unknown."""
+    user = store.get_user(tx, user_id, lock=lock)
+    if user is None:
+        raise NotFound("USER_NOT_FOUND", "no such user", metadata={"user_id": user_id})
+    return user
+
+
+def load_state(tx: Transaction, user: Row, policy: PolicySettings, now: int) -> UserState:
+    user_id = user["user_id"]
+    return user_state(
+        user, store.methods_of(tx, user_id), store.count_unused_backup_codes(tx, user_id), policy, now
+    )
 
 
 def user_state(
