@@ -103,7 +103,7 @@ def start_server(shape: str, data_dir: str) -> ServerProcess:
         }
         if size:
             env["TWOFACTOR_MAX_WORKERS"] = size
-        return ServerProcess([sys.executable, "-m", "server.cli", "serve"], env, cwd=str(ROOT))
+        return ServerProcess([sys.executable, "-m", "twofactor_server.cli", "serve"], env, cwd=str(ROOT))
     if kind not in ("sync", "aio"):
         raise SystemExit(f"unknown server {shape!r}: use sync:N, aio or twofactor:N")
     return ServerProcess([sys.executable, str(Path(__file__).resolve()), "--serve", shape], dict(os.environ))

@@ -3,7 +3,7 @@
     .venv/bin/python bench/verify_path.py [--calls N --threads 1,4,16 --database-url URL]
 
 In one process, on a fresh schema (dropped at the end): enrolls users through
-the domain (server.domain.service.TwoFactor), then times
+the domain (twofactor_server.domain.service.TwoFactor), then times
 
   - TwoFactor.verify with a correct code, and the SQL statements it runs
     (each is a round trip to PostgreSQL, plus BEGIN and COMMIT);
@@ -39,12 +39,12 @@ import psycopg
 import pyotp
 from loadgen import CpuMeter
 
-from server.domain import totp
-from server.domain.keyring import Keyring
-from server.domain.models import Caller, VerifyResult
-from server.domain.service import TOTP_SECRET, TwoFactor
-from server.settings import PolicySettings
-from server.storage.database import PostgresDatabase
+from twofactor_server.domain import totp
+from twofactor_server.domain.keyring import Keyring
+from twofactor_server.domain.models import Caller, VerifyResult
+from twofactor_server.domain.service import TOTP_SECRET, TwoFactor
+from twofactor_server.settings import PolicySettings
+from twofactor_server.storage.database import PostgresDatabase
 
 DEFAULT_DATABASE_URL = "postgresql://postgres@127.0.0.1:5432/postgres"
 START = 1_900_000_000.0

@@ -44,7 +44,7 @@ from loadgen import (
     wait_serving,
 )
 
-from server.domain.keyring import Keyring
+from twofactor_server.domain.keyring import Keyring
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_DATABASE_URL = "postgresql://postgres@127.0.0.1:5432/postgres"
@@ -150,10 +150,10 @@ def main(argv: list[str] | None = None) -> int:
 
 def server_command(switch_interval: float | None) -> list[str]:
     if switch_interval is None:
-        return [sys.executable, "-m", "server.cli", "serve"]
+        return [sys.executable, "-m", "twofactor_server.cli", "serve"]
     code = (
         f"import sys; sys.setswitchinterval({switch_interval!r}); "
-        "from server.cli import main; sys.exit(main(['serve']))"
+        "from twofactor_server.cli import main; sys.exit(main(['serve']))"
     )
     return [sys.executable, "-c", code]
 

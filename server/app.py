@@ -25,14 +25,14 @@ from twofactor.v1 import (
     twofactor_service_pb2_grpc,
 )
 
-from server.api.admin_servicer import AdminServicer
-from server.api.interceptors import ApiInterceptor
-from server.api.twofactor_servicer import TwoFactorServicer
-from server.domain.admin import Admin
-from server.domain.keyring import Keyring
-from server.domain.service import Dispatcher, TwoFactor
-from server.settings import Settings, SettingsError, TokenSetting
-from server.storage.database import Database, open_database
+from twofactor_server.api.admin_servicer import AdminServicer
+from twofactor_server.api.interceptors import ApiInterceptor
+from twofactor_server.api.twofactor_servicer import TwoFactorServicer
+from twofactor_server.domain.admin import Admin
+from twofactor_server.domain.keyring import Keyring
+from twofactor_server.domain.service import Dispatcher, TwoFactor
+from twofactor_server.settings import Settings, SettingsError, TokenSetting
+from twofactor_server.storage.database import Database, open_database
 
 log = logging.getLogger(__name__)
 
@@ -85,7 +85,7 @@ def create_server(
     try:
         db.migrate()
         if dispatcher is None:
-            from workers.dispatch import build_dispatcher
+            from twofactor_server.delivery.dispatch import build_dispatcher
 
             dispatcher, close = build_dispatcher(settings, db=db, keyring=keyring, clock=clock)
             on_stop.append(close)

@@ -10,7 +10,7 @@ import signal
 import sys
 import threading
 
-from server.settings import Settings, SettingsError
+from twofactor_server.settings import Settings, SettingsError
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -43,7 +43,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "serve":
             return serve(settings)
         if args.command == "migrate":
-            from server.storage.database import open_database
+            from twofactor_server.storage.database import open_database
 
             db = open_database(settings.database_url, data_dir=settings.data_dir)
             applied = db.migrate()
@@ -53,11 +53,11 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "worker":
             return run_worker(settings, args.concurrency, args.loglevel)
         if args.command == "demo":
-            from server.demo import run_demo
+            from twofactor_server.demo import run_demo
 
             return run_demo(settings, target=args.target, token=args.token, user_id=args.user)
         if args.command == "keygen":
-            from server.domain.keyring import Keyring
+            from twofactor_server.domain.keyring import Keyring
 
             print(Keyring.new_key_spec(1))
             return 0
@@ -76,8 +76,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def serve(settings: Settings) -> int:
-    from server.app import create_server, dev_tokens
-    from workers.providers import ProviderConfigError
+    from twofactor_server.app import create_server, dev_tokens
+    from twofactor_server.delivery.providers import ProviderConfigError
 
     try:
         server, port = create_server(settings)
@@ -111,8 +111,8 @@ def serve(settings: Settings) -> int:
 def run_worker(settings: Settings, concurrency: int, loglevel: str) -> int:
     if not settings.broker_url:
         raise SettingsError("TWOFACTOR_BROKER_URL is required to run a worker")
-    from workers.celery_app import app
-    from workers.providers import ProviderConfigError, build_email_sender, build_sms_sender
+    from twofactor_server.delivery.providers import ProviderConfigError, build_email_sender, build_sms_sender
+    from twofactor_workers.celery_app import app
 
     try:  # refuse to start with a provider that can't load
         build_email_sender(settings)

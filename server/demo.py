@@ -5,13 +5,13 @@ from __future__ import annotations
 import grpc
 from twofactor.v1 import common_pb2, twofactor_service_pb2, twofactor_service_pb2_grpc
 
-from server.domain.qr_codes import qr_terminal
-from server.settings import Settings
+from twofactor_server.domain.qr_codes import qr_terminal
+from twofactor_server.settings import Settings
 
 
 def run_demo(settings: Settings, *, target: str, token: str | None, user_id: str) -> int:
     if token is None:
-        from server.app import dev_tokens
+        from twofactor_server.app import dev_tokens
 
         token = dev_tokens(settings)["app"]
     metadata = (("authorization", f"Bearer {token}"),)

@@ -17,9 +17,9 @@ import pytest
 from moto.server import ThreadedMotoServer
 from twofactor.v1 import admin_service_pb2_grpc, twofactor_service_pb2_grpc
 
-from server.app import TwoFactorServer, create_server
-from server.domain.keyring import Keyring
-from server.settings import PolicySettings, Settings, TokenSetting
+from twofactor_server.app import TwoFactorServer, create_server
+from twofactor_server.domain.keyring import Keyring
+from twofactor_server.settings import PolicySettings, Settings, TokenSetting
 
 POSTGRES_ADMIN_URL = "postgresql://postgres@127.0.0.1:5432/postgres"
 REDIS_URL = "redis://127.0.0.1:6379/0"

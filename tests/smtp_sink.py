@@ -15,7 +15,7 @@ from email.message import EmailMessage
 from aiosmtpd.controller import Controller
 from aiosmtpd.smtp import SMTP, Envelope, Session
 
-from server.settings import SmtpSettings
+from twofactor_server.settings import SmtpSettings
 
 CODE = re.compile(r"\b(\d{6,10})\b")
 

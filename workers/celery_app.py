@@ -1,17 +1,17 @@
 """The Celery application: Redis broker, JSON messages, late acknowledgement.
 
-Start a worker with `twofactor worker` (or `celery -A workers.celery_app worker`).
+Start a worker with `twofactor worker` (or `celery -A twofactor_workers.celery_app worker`).
 """
 
 from __future__ import annotations
 
 from celery import Celery
 
-from server.settings import Settings
+from twofactor_server.settings import Settings
 
 
 def create_celery(settings: Settings) -> Celery:
-    app = Celery("twofactor", broker=settings.broker_url, include=["workers.tasks"])
+    app = Celery("twofactor", broker=settings.broker_url, include=["twofactor_workers.tasks"])
     app.conf.update(
         task_default_queue=settings.delivery_queue,
         task_serializer="json",

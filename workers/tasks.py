@@ -6,7 +6,7 @@ import os
 
 from celery import shared_task
 
-from workers.delivery import Deliverer
+from twofactor_server.delivery.deliverer import Deliverer
 
 _deliverer: tuple[int, Deliverer] | None = None
 
@@ -15,10 +15,10 @@ def deliverer() -> Deliverer:
     """One Deliverer per worker process, built after the fork (a DB pool can't cross a fork)."""
     global _deliverer
     if _deliverer is None or _deliverer[0] != os.getpid():
-        from server.app import load_keyring
-        from server.settings import Settings
-        from server.storage.database import open_database
-        from workers.providers import build_email_sender, build_sms_sender
+        from twofactor_server.app import load_keyring
+        from twofactor_server.delivery.providers import build_email_sender, build_sms_sender
+        from twofactor_server.settings import Settings
+        from twofactor_server.storage.database import open_database
 
         settings = Settings.from_env()
         db = open_database(settings.database_url, data_dir=settings.data_dir, pool_size=2)

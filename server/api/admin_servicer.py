@@ -6,11 +6,11 @@ import grpc
 from twofactor.v1 import admin_service_pb2 as pb
 from twofactor.v1 import admin_service_pb2_grpc as pb_grpc
 
-from server.api import convert, requests
-from server.api.interceptors import current_caller
-from server.domain.admin import Admin
-from server.domain.errors import InvalidArgument
-from server.settings import PolicySettings
+from twofactor_server.api import convert, requests
+from twofactor_server.api.interceptors import current_caller
+from twofactor_server.domain.admin import Admin
+from twofactor_server.domain.errors import InvalidArgument
+from twofactor_server.settings import PolicySettings
 
 _FILTERS = {pb.USER_FILTER_UNSPECIFIED: None, pb.USER_FILTER_ENABLED: True, pb.USER_FILTER_NOT_ENABLED: False}
 

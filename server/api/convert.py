@@ -7,9 +7,9 @@ from twofactor.v1 import admin_service_pb2 as admin_pb
 from twofactor.v1 import common_pb2 as common_pb
 from twofactor.v1 import twofactor_service_pb2 as tf_pb
 
-from server.domain import contacts
-from server.domain.models import ChallengeView, CodeKind, UserState, VerifyOutcome, VerifyResult
-from server.settings import PolicySettings
+from twofactor_server.domain import contacts
+from twofactor_server.domain.models import ChallengeView, CodeKind, UserState, VerifyOutcome, VerifyResult
+from twofactor_server.settings import PolicySettings
 
 METHOD_TO_PROTO = {
     "authenticator": common_pb.METHOD_AUTHENTICATOR,

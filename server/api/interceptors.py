@@ -18,10 +18,10 @@ from typing import Any
 import grpc
 from google.protobuf.message import DecodeError
 
-from server.api.errors import abort_for
-from server.domain.errors import InvalidArgument, PermissionDenied, Unauthenticated
-from server.domain.models import Caller
-from server.settings import TokenSetting
+from twofactor_server.api.errors import abort_for
+from twofactor_server.domain.errors import InvalidArgument, PermissionDenied, Unauthenticated
+from twofactor_server.domain.models import Caller
+from twofactor_server.settings import TokenSetting
 
 # Caller is a frozen dataclass, so one shared default is safe.
 current_caller: contextvars.ContextVar[Caller] = contextvars.ContextVar(

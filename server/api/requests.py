@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from server.api.convert import METHOD_FROM_PROTO
-from server.domain.errors import InvalidArgument
+from twofactor_server.api.convert import METHOD_FROM_PROTO
+from twofactor_server.domain.errors import InvalidArgument
 
 MAX_USER_ID_BYTES = 256
 MAX_ACCOUNT_NAME_BYTES = 256

@@ -6,11 +6,11 @@ import grpc
 from twofactor.v1 import twofactor_service_pb2 as pb
 from twofactor.v1 import twofactor_service_pb2_grpc as pb_grpc
 
-from server.api import convert, requests
-from server.api.interceptors import current_caller
-from server.domain import contacts
-from server.domain.service import TwoFactor
-from server.settings import PolicySettings
+from twofactor_server.api import convert, requests
+from twofactor_server.api.interceptors import current_caller
+from twofactor_server.domain import contacts
+from twofactor_server.domain.service import TwoFactor
+from twofactor_server.settings import PolicySettings
 
 
 class TwoFactorServicer(pb_grpc.TwoFactorServiceServicer):

@@ -7,13 +7,13 @@ import binascii
 import time
 from collections.abc import Callable
 
-from server.domain import audit
-from server.domain.errors import FailedPrecondition, InvalidArgument
-from server.domain.models import Caller, UserState
-from server.domain.service import existing_user, load_state, user_state
-from server.settings import PolicySettings
-from server.storage import store
-from server.storage.database import Database, Row, Transaction
+from twofactor_server.domain import audit
+from twofactor_server.domain.errors import FailedPrecondition, InvalidArgument
+from twofactor_server.domain.models import Caller, UserState
+from twofactor_server.domain.service import existing_user, load_state, user_state
+from twofactor_server.settings import PolicySettings
+from twofactor_server.storage import store
+from twofactor_server.storage.database import Database, Row, Transaction
 
 DEFAULT_PAGE_SIZE = 100
 MAX_PAGE_SIZE = 1000

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from server.domain.models import Caller
-from server.storage import store
-from server.storage.database import Transaction
+from twofactor_server.domain.models import Caller
+from twofactor_server.storage import store
+from twofactor_server.storage.database import Transaction
 
 
 def record(

@@ -7,7 +7,7 @@ after `max_consecutive_failures` the user stays locked until an admin unlocks.
 
 from __future__ import annotations
 
-from server.settings import PolicySettings
+from twofactor_server.settings import PolicySettings
 
 
 def lock_seconds(failures: int, policy: PolicySettings) -> float | None:

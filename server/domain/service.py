@@ -13,10 +13,16 @@ import uuid
 from collections.abc import Callable
 from typing import Protocol
 
-from server.domain import audit, backup_codes, contacts, lockout, one_time_codes, qr_codes, totp
-from server.domain.errors import FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted, Unavailable
-from server.domain.keyring import Keyring
-from server.domain.models import (
+from twofactor_server.domain import audit, backup_codes, contacts, lockout, one_time_codes, qr_codes, totp
+from twofactor_server.domain.errors import (
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    ResourceExhausted,
+    Unavailable,
+)
+from twofactor_server.domain.keyring import Keyring
+from twofactor_server.domain.models import (
     AuthenticatorSetup,
     BackupCodeSet,
     Caller,
@@ -29,9 +35,9 @@ from server.domain.models import (
     VerifyOutcome,
     VerifyResult,
 )
-from server.settings import PolicySettings
-from server.storage import store
-from server.storage.database import Database, Row, Transaction
+from twofactor_server.settings import PolicySettings
+from twofactor_server.storage import store
+from twofactor_server.storage.database import Database, Row, Transaction
 
 log = logging.getLogger(__name__)
 

@@ -184,7 +184,7 @@ _DIALECT_TYPES = {
 
 
 def migrations() -> list[tuple[str, str]]:
-    folder = resources.files("server.storage") / "migrations"
+    folder = resources.files("twofactor_server.storage") / "migrations"
     files = sorted(f for f in folder.iterdir() if f.name.endswith(".sql"))
     return [(f.name.removesuffix(".sql"), f.read_text()) for f in files]
 

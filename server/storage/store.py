@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Any
 
-from server.storage.database import Row, Transaction
+from twofactor_server.storage.database import Row, Transaction
 
 # ---- users -----------------------------------------------------------------
 

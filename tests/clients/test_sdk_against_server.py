@@ -24,7 +24,7 @@ import twofactor
 from twofactor import Method
 
 from tests.conftest import ADMIN_TOKEN, APP_TOKEN, Clock, Harness, ServerFactory
-from workers.providers import SmsMessage
+from twofactor_server.delivery.providers import SmsMessage
 
 WAIT = 10.0  # the bound on every wait in this module, in seconds
 AUTHENTICATOR, EMAIL, SMS = Method.METHOD_AUTHENTICATOR, Method.METHOD_EMAIL, Method.METHOD_SMS

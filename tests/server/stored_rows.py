@@ -7,8 +7,8 @@ from typing import Any
 import psycopg
 from psycopg.rows import dict_row
 
-from server.settings import Settings
-from server.storage.database import open_database
+from twofactor_server.settings import Settings
+from twofactor_server.storage.database import open_database
 
 
 def query(settings: Settings, sql: str, params: dict[str, Any] | None = None) -> list[dict[str, Any]]:

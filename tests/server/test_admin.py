@@ -11,8 +11,6 @@ import pytest
 from twofactor.v1 import admin_service_pb2 as admin_pb
 from twofactor.v1 import twofactor_service_pb2 as pb
 
-from server.domain.keyring import Keyring
-from server.domain.service import CHALLENGE_CODE
 from tests.conftest import ADMIN_TOKEN, APP_TOKEN, TEST_KEYS, Clock, Harness, ServerFactory
 from tests.server.helpers import (
     AUTHENTICATOR,
@@ -25,6 +23,8 @@ from tests.server.helpers import (
     verify,
 )
 from tests.server.stored_rows import query
+from twofactor_server.domain.keyring import Keyring
+from twofactor_server.domain.service import CHALLENGE_CODE
 
 Metadata = tuple[tuple[str, str], ...]
 

@@ -18,11 +18,11 @@ from twofactor.v1 import admin_service_pb2 as admin_pb
 from twofactor.v1 import admin_service_pb2_grpc, twofactor_service_pb2_grpc
 from twofactor.v1 import twofactor_service_pb2 as pb
 
-from server.api.interceptors import ApiInterceptor
-from server.app import create_server, dev_tokens
-from server.settings import Settings, SettingsError, TokenSetting
 from tests.conftest import ADMIN_TOKEN, APP_TOKEN, TEST_KEYS, TOKENS, Clock, Harness, ServerFactory
 from tests.server.helpers import error_info
+from twofactor_server.api.interceptors import ApiInterceptor
+from twofactor_server.app import create_server, dev_tokens
+from twofactor_server.settings import Settings, SettingsError, TokenSetting
 
 # The scope each service needs, and a configured token that has it. A service missing here fails
 # test_every_service_the_server_exposes_is_covered.

@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from server.domain import backup_codes
+from twofactor_server.domain import backup_codes
 
 CANONICAL = st.text(
     alphabet=backup_codes.ALPHABET, min_size=backup_codes.LENGTH, max_size=backup_codes.LENGTH

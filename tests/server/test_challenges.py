@@ -15,7 +15,7 @@ from twofactor.v1 import twofactor_service_pb2 as pb
 from tests.conftest import Clock, Harness, ServerFactory
 from tests.server.helpers import EMAIL, SMS, error_info, retry_info, verify
 from tests.smtp_sink import SmtpSink, code_in, running_sink
-from workers.providers import SmsMessage
+from twofactor_server.delivery.providers import SmsMessage
 
 
 @pytest.fixture
@@ -262,7 +262,7 @@ def test_sms_code_through_sns(start_server: ServerFactory, aws_credentials: None
     from moto.core.models import DEFAULT_ACCOUNT_ID
     from moto.sns.models import sns_backends
 
-    from server.settings import SnsSettings
+    from twofactor_server.settings import SnsSettings
 
     h = start_server(sms_provider="sns", sns=SnsSettings(region="us-east-2", endpoint_url=moto_endpoint))
     h.twofactor.SetContact(pb.SetContactRequest(user_id="lea", phone="+14155550199"), metadata=h.app_metadata)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from server.domain.keyring import Keyring, KeyringError
+from twofactor_server.domain.keyring import Keyring, KeyringError
 
 
 def test_round_trip_bound_to_user_and_purpose() -> None:

@@ -14,11 +14,11 @@ import pytest
 from twofactor.v1 import twofactor_service_pb2 as pb
 from twofactor.v1 import twofactor_service_pb2_grpc
 
-from server import app
-from server.settings import SettingsError
-from server.storage.database import Database, PostgresDatabase, SqliteDatabase, open_database
 from tests.conftest import APP_TOKEN, Harness, ServerFactory
 from tests.pki import Issued, issue, make_ca
+from twofactor_server import app
+from twofactor_server.settings import SettingsError
+from twofactor_server.storage.database import Database, PostgresDatabase, SqliteDatabase, open_database
 
 TIMEOUT = 10.0
 METADATA = (("authorization", f"Bearer {APP_TOKEN}"),)

@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from server.domain import totp
+from twofactor_server.domain import totp
 
 RFC_SECRET = b"12345678901234567890"  # RFC 6238 Appendix B, SHA1 seed
 

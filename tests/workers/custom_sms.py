@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from workers.providers import SmsMessage
+from twofactor_server.delivery.providers import SmsMessage
 
 
 class RecordingSmsSender:

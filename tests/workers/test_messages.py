@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import pytest
 
-from workers.messages import PURPOSES, locale_candidates, render_email, render_sms
+from twofactor_server.delivery.messages import PURPOSES, locale_candidates, render_email, render_sms
 
 CODE = "904217"
 # Every character the GSM 03.38 default alphabet can send in one 7-bit septet.

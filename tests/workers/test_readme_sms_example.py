@@ -11,8 +11,13 @@ from pathlib import Path
 
 import pytest
 
-from server.settings import Settings
-from workers.providers import PermanentDeliveryError, SmsMessage, TransientDeliveryError, build_sms_sender
+from twofactor_server.delivery.providers import (
+    PermanentDeliveryError,
+    SmsMessage,
+    TransientDeliveryError,
+    build_sms_sender,
+)
+from twofactor_server.settings import Settings
 
 README = Path(__file__).resolve().parents[2] / "README.md"
 

@@ -6,9 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from server.settings import Settings, SmtpSettings
 from tests.workers.custom_sms import RecordingSmsSender
-from workers.providers import (
+from twofactor_server.delivery.providers import (
     ConsoleEmailSender,
     ConsoleSmsSender,
     EmailMessage,
@@ -19,6 +18,7 @@ from workers.providers import (
     build_email_sender,
     build_sms_sender,
 )
+from twofactor_server.settings import Settings, SmtpSettings
 
 
 def sms_settings(provider: str) -> Settings:

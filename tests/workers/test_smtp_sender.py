@@ -15,16 +15,16 @@ import pytest
 from aiosmtpd.controller import Controller
 from aiosmtpd.smtp import SMTP, AuthResult, Envelope, LoginPassword, Session
 
-from server.settings import SmtpSettings
 from tests.pki import issue, make_ca
 from tests.smtp_sink import free_port
-from workers.providers import (
+from twofactor_server.delivery.providers import (
     DeliveryError,
     EmailMessage,
     PermanentDeliveryError,
     SmtpEmailSender,
     TransientDeliveryError,
 )
+from twofactor_server.settings import SmtpSettings
 
 CODE = "482913"
 MESSAGE = EmailMessage(

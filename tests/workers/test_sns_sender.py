@@ -12,14 +12,14 @@ from botocore.awsrequest import AWSResponse
 from moto.core.models import DEFAULT_ACCOUNT_ID
 from moto.sns.models import sns_backends
 
-from server.settings import SnsSettings
-from workers.providers import (
+from twofactor_server.delivery.providers import (
     DeliveryError,
     PermanentDeliveryError,
     SmsMessage,
     SnsSmsSender,
     TransientDeliveryError,
 )
+from twofactor_server.settings import SnsSettings
 
 REGION = "eu-west-1"
 CODE = "731954"

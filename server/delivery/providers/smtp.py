@@ -11,8 +11,7 @@ import ssl
 from email.message import EmailMessage as MimeMessage
 from email.utils import formatdate, make_msgid, parseaddr
 
-from server.settings import SmtpSettings
-from workers.providers.base import (
+from twofactor_server.delivery.providers.base import (
     DeliveryError,
     EmailMessage,
     PermanentDeliveryError,
@@ -20,6 +19,7 @@ from workers.providers.base import (
     TransientDeliveryError,
     shorten,
 )
+from twofactor_server.settings import SmtpSettings
 
 SECURITY_MODES = ("starttls", "tls", "none")
 

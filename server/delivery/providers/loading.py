@@ -5,11 +5,11 @@ from __future__ import annotations
 import importlib
 from typing import Any, cast
 
-from server.settings import Settings
-from workers.providers.base import EmailSender, ProviderConfigError, SmsSender
-from workers.providers.console import ConsoleEmailSender, ConsoleSmsSender
-from workers.providers.smtp import SmtpEmailSender
-from workers.providers.sns import SnsSmsSender
+from twofactor_server.delivery.providers.base import EmailSender, ProviderConfigError, SmsSender
+from twofactor_server.delivery.providers.console import ConsoleEmailSender, ConsoleSmsSender
+from twofactor_server.delivery.providers.smtp import SmtpEmailSender
+from twofactor_server.delivery.providers.sns import SnsSmsSender
+from twofactor_server.settings import Settings
 
 
 def build_email_sender(settings: Settings) -> EmailSender:

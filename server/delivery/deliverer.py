@@ -14,12 +14,8 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from server.domain.keyring import Keyring
-from server.domain.service import CHALLENGE_CODE
-from server.storage import store
-from server.storage.database import Database
-from workers.messages import render_email, render_sms
-from workers.providers import (
+from twofactor_server.delivery.messages import render_email, render_sms
+from twofactor_server.delivery.providers import (
     EmailMessage,
     EmailSender,
     PermanentDeliveryError,
@@ -27,6 +23,10 @@ from workers.providers import (
     SmsSender,
     TransientDeliveryError,
 )
+from twofactor_server.domain.keyring import Keyring
+from twofactor_server.domain.service import CHALLENGE_CODE
+from twofactor_server.storage import store
+from twofactor_server.storage.database import Database
 
 log = logging.getLogger(__name__)
 

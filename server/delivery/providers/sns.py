@@ -14,8 +14,7 @@ from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError, HTTPClientError
 from botocore.exceptions import ConnectionError as BotoConnectionError
 
-from server.settings import SnsSettings
-from workers.providers.base import (
+from twofactor_server.delivery.providers.base import (
     DeliveryError,
     PermanentDeliveryError,
     ProviderConfigError,
@@ -23,6 +22,7 @@ from workers.providers.base import (
     TransientDeliveryError,
     shorten,
 )
+from twofactor_server.settings import SnsSettings
 
 # Codes AWS documents for throttling and server-side faults; a retry later can succeed.
 TRANSIENT_ERROR_CODES = frozenset(

@@ -12,7 +12,7 @@ import threading
 import uuid
 from typing import TextIO
 
-from workers.providers.base import EmailMessage, SmsMessage
+from twofactor_server.delivery.providers.base import EmailMessage, SmsMessage
 
 # One lock for every console sender: email and SMS share standard output.
 _WRITE_LOCK = threading.Lock()

@@ -13,12 +13,12 @@ import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
-from server.domain.errors import Unavailable
-from server.domain.keyring import Keyring
-from server.settings import Settings
-from server.storage.database import Database
-from workers.delivery import Deliverer
-from workers.providers import build_email_sender, build_sms_sender
+from twofactor_server.delivery.deliverer import Deliverer
+from twofactor_server.delivery.providers import build_email_sender, build_sms_sender
+from twofactor_server.domain.errors import Unavailable
+from twofactor_server.domain.keyring import Keyring
+from twofactor_server.settings import Settings
+from twofactor_server.storage.database import Database
 
 log = logging.getLogger(__name__)
 
@@ -27,7 +27,7 @@ DELIVER_TASK = "twofactor.deliver_challenge"
 
 class CeleryDispatcher:
     def __init__(self, settings: Settings) -> None:
-        from workers.celery_app import create_celery
+        from twofactor_workers.celery_app import create_celery
 
         self._app = create_celery(settings)
         # Publishing fails fast: one connection attempt, no pause. kombu's default first

@@ -1,6 +1,6 @@
 """Email and SMS senders: one interface, several implementations, configuration picks."""
 
-from workers.providers.base import (
+from twofactor_server.delivery.providers.base import (
     DeliveryError,
     EmailMessage,
     EmailSender,
@@ -10,10 +10,14 @@ from workers.providers.base import (
     SmsSender,
     TransientDeliveryError,
 )
-from workers.providers.console import ConsoleEmailSender, ConsoleSmsSender
-from workers.providers.loading import build_email_sender, build_sms_sender, load_custom_sms_sender
-from workers.providers.smtp import SmtpEmailSender
-from workers.providers.sns import SnsSmsSender
+from twofactor_server.delivery.providers.console import ConsoleEmailSender, ConsoleSmsSender
+from twofactor_server.delivery.providers.loading import (
+    build_email_sender,
+    build_sms_sender,
+    load_custom_sms_sender,
+)
+from twofactor_server.delivery.providers.smtp import SmtpEmailSender
+from twofactor_server.delivery.providers.sns import SnsSmsSender
 
 __all__ = [
     "ConsoleEmailSender",

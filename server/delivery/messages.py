@@ -15,7 +15,7 @@ from string import Template
 
 PURPOSES = ("login", "enrollment")
 DEFAULT_LANGUAGE = "en"
-_TEMPLATES = files("workers") / "templates"
+_TEMPLATES = files("twofactor_server.delivery") / "templates"
 _LOCALE_TAG = re.compile(r"[a-z]{2,3}(?:_[a-z0-9]{2,8})*")
 
 
