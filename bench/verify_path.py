@@ -3,9 +3,9 @@
     .venv/bin/python bench/verify_path.py [--calls N --threads 1,4,16 --database-url URL]
 
 In one process, on a fresh schema (dropped at the end): enrolls users through
-the domain (twofactor_server.domain.service.TwoFactor), then times
+the use cases (twofactor_server.usecases: Enrollment, Verification), then times
 
-  - TwoFactor.verify with a correct code, and the SQL statements it runs
+  - Verification.verify with a correct code, and the SQL statements it runs
     (each is a round trip to PostgreSQL, plus BEGIN and COMMIT);
   - its parts: a bare round trip (also on an AsyncConnection, as a grpc.aio
     server would make it), a committed one-row UPDATE (the WAL flush),
@@ -14,7 +14,7 @@ the domain (twofactor_server.domain.service.TwoFactor), then times
     conditional UPDATE in autocommit; or that UPDATE alone, with the sealed
     secret cached), to size what fewer round trips would give. They are not
     the server's code;
-  - TwoFactor.verify from several threads at once (the GIL, the pool and the
+  - Verification.verify from several threads at once (the GIL, the pool and the
     WAL flush shared), still without gRPC.
 
 Each user gets its own clock that moves 30 s per call, so every call carries a
@@ -40,11 +40,14 @@ import pyotp
 from loadgen import CpuMeter
 
 from twofactor_server.domain import totp
-from twofactor_server.domain.keyring import Keyring
+from twofactor_server.domain.keyring import TOTP_SECRET, Keyring
 from twofactor_server.domain.models import Caller, VerifyResult
-from twofactor_server.domain.service import TOTP_SECRET, TwoFactor
 from twofactor_server.settings import PolicySettings
 from twofactor_server.storage.database import PostgresDatabase
+from twofactor_server.usecases.backup_codes import BackupCodes
+from twofactor_server.usecases.challenges import Challenges
+from twofactor_server.usecases.enrollment import Enrollment
+from twofactor_server.usecases.verification import Verification
 
 DEFAULT_DATABASE_URL = "postgresql://postgres@127.0.0.1:5432/postgres"
 START = 1_900_000_000.0
@@ -107,15 +110,19 @@ class User:
 
     def __init__(self, db: Any, keyring: Keyring, user_id: str) -> None:
         self.clock = Clock()
-        self.twofactor = TwoFactor(db, keyring, PolicySettings(), NoDispatch(), clock=self.clock)
+        policy = PolicySettings()
+        challenges = Challenges(db, keyring, policy, NoDispatch(), self.clock)
+        backup_codes = BackupCodes(db, keyring, policy, self.clock)
+        enrollment = Enrollment(db, keyring, policy, challenges, backup_codes, self.clock)
+        self.verification = Verification(db, keyring, policy, challenges, backup_codes, self.clock)
         self.user_id = user_id
-        setup = self.twofactor.start_enrollment(
+        setup = enrollment.start_enrollment(
             user_id, "authenticator", account_name="", locale="", caller=CALLER
         ).authenticator
         assert setup is not None
         self.hotp = pyotp.HOTP(setup.secret_base32)
         step = totp.time_step(self.clock.now)
-        assert self.twofactor.confirm_enrollment(
+        assert enrollment.confirm_enrollment(
             user_id, "authenticator", self.hotp.at(step), caller=CALLER
         ).confirmed
 
@@ -124,7 +131,7 @@ class User:
         return self.hotp.at(totp.time_step(self.clock.now))
 
     def verify(self) -> None:
-        outcome = self.twofactor.verify(self.user_id, self.next_code(), caller=CALLER)
+        outcome = self.verification.verify(self.user_id, self.next_code(), caller=CALLER)
         if outcome.result != VerifyResult.ACCEPTED:
             raise RuntimeError(f"verify was not accepted: {outcome.result}")
 
@@ -181,7 +188,7 @@ def run(db: PostgresDatabase, args: argparse.Namespace, thread_counts: list[int]
     user.verify()  # warm up: prepared statements, pool connection
     counting.count = 0
     counting.transactions = 0
-    print(f"TwoFactor.verify, 1 thread:             {timed(args.calls, user.verify)}")
+    print(f"Verification.verify, 1 thread:          {timed(args.calls, user.verify)}")
     per_call = counting.count / args.calls
     begins = 2 * counting.transactions / args.calls
     print(f"  statements per call: {per_call:.0f} (+ BEGIN and COMMIT: {per_call + begins:.0f} round trips)")

@@ -7,7 +7,6 @@ import json
 import logging
 import os
 import secrets
-import time
 from collections.abc import Callable
 from concurrent import futures
 from dataclasses import dataclass, field
@@ -28,11 +27,17 @@ from twofactor.v1 import (
 from twofactor_server.api.admin_servicer import AdminServicer
 from twofactor_server.api.interceptors import ApiInterceptor
 from twofactor_server.api.twofactor_servicer import TwoFactorServicer
-from twofactor_server.domain.admin import Admin
+from twofactor_server.delivery.dispatch import build_dispatcher
+from twofactor_server.domain.clock import Clock, system_clock
 from twofactor_server.domain.keyring import Keyring
-from twofactor_server.domain.service import Dispatcher, TwoFactor
 from twofactor_server.settings import Settings, SettingsError, TokenSetting
 from twofactor_server.storage.database import Database, open_database
+from twofactor_server.usecases.admin import Admin
+from twofactor_server.usecases.backup_codes import BackupCodes
+from twofactor_server.usecases.challenges import Challenges, Dispatcher
+from twofactor_server.usecases.enrollment import Enrollment
+from twofactor_server.usecases.users import UserProfiles
+from twofactor_server.usecases.verification import Verification
 
 log = logging.getLogger(__name__)
 
@@ -71,7 +76,7 @@ class TwoFactorServer:
 def create_server(
     settings: Settings,
     *,
-    clock: Callable[[], float] = time.time,
+    clock: Clock = system_clock,
     dispatcher: Dispatcher | None = None,
 ) -> tuple[TwoFactorServer, int]:
     """Build the server from settings and bind it; returns it unstarted with its port (0 picks one)."""
@@ -85,21 +90,27 @@ def create_server(
     try:
         db.migrate()
         if dispatcher is None:
-            from twofactor_server.delivery.dispatch import build_dispatcher
-
             dispatcher, close = build_dispatcher(settings, db=db, keyring=keyring, clock=clock)
             on_stop.append(close)
-        twofactor = TwoFactor(db, keyring, settings.policy, dispatcher, clock)
-        admin = Admin(db, settings.policy, clock)
+        policy = settings.policy
+        challenges = Challenges(db, keyring, policy, dispatcher, clock)
+        backup_codes = BackupCodes(db, keyring, policy, clock)
+        twofactor_servicer = TwoFactorServicer(
+            profiles=UserProfiles(db, policy, clock),
+            enrollment=Enrollment(db, keyring, policy, challenges, backup_codes, clock),
+            challenges=challenges,
+            verification=Verification(db, keyring, policy, challenges, backup_codes, clock),
+            backup_codes=backup_codes,
+            policy=policy,
+        )
+        admin = Admin(db, policy, clock)
 
         grpc_server = grpc.server(
             futures.ThreadPoolExecutor(max_workers=settings.max_workers, thread_name_prefix="rpc"),
             interceptors=[ApiInterceptor(tokens)],
             options=[("grpc.so_reuseport", 0)],
         )
-        twofactor_service_pb2_grpc.add_TwoFactorServiceServicer_to_server(
-            TwoFactorServicer(twofactor, settings.policy), grpc_server
-        )
+        twofactor_service_pb2_grpc.add_TwoFactorServiceServicer_to_server(twofactor_servicer, grpc_server)
         admin_service_pb2_grpc.add_AdminServiceServicer_to_server(
             AdminServicer(admin, settings.policy), grpc_server
         )

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import logging
+import os
 import secrets
 import signal
 import sys
@@ -51,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"applied: {', '.join(applied) or 'nothing, already up to date'}")
             return 0
         if args.command == "worker":
-            return run_worker(settings, args.concurrency, args.loglevel)
+            return run_worker(args.concurrency, args.loglevel)
         if args.command == "demo":
             from twofactor_server.demo import run_demo
 
@@ -108,29 +109,18 @@ def serve(settings: Settings) -> int:
     return 0
 
 
-def run_worker(settings: Settings, concurrency: int, loglevel: str) -> int:
-    if not settings.broker_url:
-        raise SettingsError("TWOFACTOR_BROKER_URL is required to run a worker")
-    from twofactor_server.delivery.providers import ProviderConfigError, build_email_sender, build_sms_sender
-    from twofactor_workers.celery_app import app
-
-    try:  # refuse to start with a provider that can't load
-        build_email_sender(settings)
-        build_sms_sender(settings)
-    except ProviderConfigError as error:
-        raise SettingsError(str(error)) from None
-    app.worker_main(
-        [
-            "worker",
-            f"--queues={settings.delivery_queue}",
-            f"--concurrency={concurrency}",
-            f"--loglevel={loglevel}",
-            "--without-gossip",
-            "--without-mingle",
-            "--without-heartbeat",
-        ]
-    )
-    return 0
+def run_worker(concurrency: int, loglevel: str) -> int:
+    """Become a delivery worker: the worker package runs Celery; the server package never imports it."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    argv = [
+        sys.executable,
+        "-m",
+        "twofactor_workers",
+        f"--concurrency={concurrency}",
+        f"--loglevel={loglevel}",
+    ]
+    os.execv(sys.executable, argv)  # noqa: S606 - same process id: signals and supervisors reach the worker itself
 
 
 if __name__ == "__main__":

@@ -1,1 +1,1 @@
-"""Celery workers: the delivery tasks and the email/SMS providers they call."""
+"""The Celery delivery workers: a thin adapter over twofactor_server.delivery (the task, the app)."""

@@ -1,4 +1,4 @@
-"""The Celery application: Redis broker, JSON messages, late acknowledgement.
+"""The Celery application of the delivery workers: Redis broker, JSON messages, late acknowledgement.
 
 Start a worker with `twofactor worker` (or `celery -A twofactor_workers.celery_app worker`).
 """
@@ -7,35 +7,12 @@ from __future__ import annotations
 
 from celery import Celery
 
+from twofactor_server.delivery.task_queue import celery_config
 from twofactor_server.settings import Settings
 
 
 def create_celery(settings: Settings) -> Celery:
-    app = Celery("twofactor", broker=settings.broker_url, include=["twofactor_workers.tasks"])
-    app.conf.update(
-        task_default_queue=settings.delivery_queue,
-        task_serializer="json",
-        accept_content=["json"],
-        result_backend=None,
-        task_ignore_result=True,
-        # A task is acknowledged after it ran, and requeued if its worker process dies mid-task.
-        task_acks_late=True,
-        task_reject_on_worker_lost=True,
-        worker_prefetch_multiplier=1,
-        broker_connection_timeout=settings.broker_timeout_seconds,
-        broker_connection_retry_on_startup=True,
-        broker_transport_options={
-            "socket_connect_timeout": settings.broker_timeout_seconds,
-            "socket_timeout": settings.broker_timeout_seconds,
-            # A worker node that vanished entirely: its unacknowledged task is redelivered after this.
-            "visibility_timeout": 300,
-        },
-        worker_hijack_root_logger=False,
-        # The console providers print codes to stdout; never let Celery turn that into log records.
-        worker_redirect_stdouts=False,
-        worker_send_task_events=False,
-    )
-    return app
+    return Celery("twofactor", config_source=celery_config(settings), include=["twofactor_workers.tasks"])
 
 
 app = create_celery(Settings.from_env())

@@ -1,4 +1,4 @@
-"""Celery tasks. Thin: the argument is an id, the work is workers/delivery.py."""
+"""Celery tasks. Thin: the argument is an id, the work is twofactor_server.delivery.deliverer."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import os
 from celery import shared_task
 
 from twofactor_server.delivery.deliverer import Deliverer
+from twofactor_server.delivery.task_queue import DELIVER_TASK
 
 _deliverer: tuple[int, Deliverer] | None = None
 
@@ -36,7 +37,7 @@ def deliverer() -> Deliverer:
     return _deliverer[1]
 
 
-@shared_task(bind=True, name="twofactor.deliver_challenge", max_retries=None)
+@shared_task(bind=True, name=DELIVER_TASK, max_retries=None)
 def deliver_challenge(self, challenge_id: str) -> str:  # type: ignore[no-untyped-def]
     outcome = deliverer().deliver(challenge_id)
     if outcome.retry_in is not None:

@@ -8,9 +8,9 @@ from twofactor.v1 import admin_service_pb2_grpc as pb_grpc
 
 from twofactor_server.api import convert, requests
 from twofactor_server.api.interceptors import current_caller
-from twofactor_server.domain.admin import Admin
 from twofactor_server.domain.errors import InvalidArgument
 from twofactor_server.settings import PolicySettings
+from twofactor_server.usecases.admin import Admin
 
 _FILTERS = {pb.USER_FILTER_UNSPECIFIED: None, pb.USER_FILTER_ENABLED: True, pb.USER_FILTER_NOT_ENABLED: False}
 
@@ -58,20 +58,9 @@ class AdminServicer(pb_grpc.AdminServiceServicer):
         self, request: pb.ListAuditEventsRequest, context: grpc.ServicerContext
     ) -> pb.ListAuditEventsResponse:
         user_id = requests.user_id(request.user_id) if request.user_id else ""
-        rows, token = self._admin.list_audit_events(
+        events, token = self._admin.list_audit_events(
             user_id=user_id, page_size=request.page_size, page_token=request.page_token
         )
-        events = [
-            pb.AuditEvent(
-                event_id=row["event_id"],
-                time=convert.timestamp(row["at"]),
-                actor=row["actor"],
-                user_id=row["user_id"],
-                action=row["action"],
-                request_id=row["request_id"],
-                outcome=row["outcome"],
-                detail=row["detail"],
-            )
-            for row in rows
-        ]
-        return pb.ListAuditEventsResponse(events=events, next_page_token=token)
+        return pb.ListAuditEventsResponse(
+            events=[convert.audit_event(e) for e in events], next_page_token=token
+        )

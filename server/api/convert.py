@@ -8,7 +8,14 @@ from twofactor.v1 import common_pb2 as common_pb
 from twofactor.v1 import twofactor_service_pb2 as tf_pb
 
 from twofactor_server.domain import contacts
-from twofactor_server.domain.models import ChallengeView, CodeKind, UserState, VerifyOutcome, VerifyResult
+from twofactor_server.domain.models import (
+    AuditEvent,
+    ChallengeView,
+    CodeKind,
+    UserState,
+    VerifyOutcome,
+    VerifyResult,
+)
 from twofactor_server.settings import PolicySettings
 
 METHOD_TO_PROTO = {
@@ -130,4 +137,17 @@ def policy(settings: PolicySettings) -> common_pb.Policy:
         lockout_threshold=settings.lockout_threshold,
         lockout_base=duration(settings.lockout_base_seconds),
         max_consecutive_failures=settings.max_consecutive_failures,
+    )
+
+
+def audit_event(event: AuditEvent) -> admin_pb.AuditEvent:
+    return admin_pb.AuditEvent(
+        event_id=event.event_id,
+        time=timestamp(event.at),
+        actor=event.actor,
+        user_id=event.user_id,
+        action=event.action,
+        request_id=event.request_id,
+        outcome=event.outcome,
+        detail=event.detail,
     )

@@ -2,18 +2,16 @@
 
 Domain errors carry their status class and reason; they go out as a
 google.rpc.Status with an ErrorInfo (and a RetryInfo when there is a
-retry-after). A database that can't be reached is UNAVAILABLE. Anything else
-is a bug: it is logged with its traceback and answered INTERNAL without detail.
+retry-after); the storage layer already turned a database that can't be reached
+into one (STORAGE_UNAVAILABLE). Anything else is a bug: it is logged with its
+traceback at ERROR and answered INTERNAL without detail.
 """
 
 from __future__ import annotations
 
 import logging
-import sqlite3
 
 import grpc
-import psycopg
-import psycopg_pool
 from google.protobuf import any_pb2, duration_pb2
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
@@ -32,8 +30,6 @@ _CODES = {
     Status.UNAUTHENTICATED: code_pb2.UNAUTHENTICATED,
     Status.PERMISSION_DENIED: code_pb2.PERMISSION_DENIED,
 }
-# Transient storage failures (server gone, pool exhausted, SQLite busy): the caller may retry.
-_STORAGE_UNAVAILABLE = (psycopg.OperationalError, psycopg_pool.PoolTimeout, sqlite3.OperationalError)
 
 
 def status_for(error: TwoFactorError) -> grpc.Status:
@@ -50,11 +46,6 @@ def status_for(error: TwoFactorError) -> grpc.Status:
     return _status(_CODES[error.status], error.message, [info, *details])
 
 
-def unavailable_storage_status() -> grpc.Status:
-    info = error_details_pb2.ErrorInfo(reason="STORAGE_UNAVAILABLE", domain=ERROR_DOMAIN)
-    return _status(code_pb2.UNAVAILABLE, "the database can't be reached; retry later", [info])
-
-
 def internal_status() -> grpc.Status:
     return _status(code_pb2.INTERNAL, "internal error", [])
 
@@ -63,9 +54,6 @@ def abort_for(exc: BaseException, context: grpc.ServicerContext, method: str) ->
     """Abort the call with the status that `exc` maps to (raises)."""
     if isinstance(exc, TwoFactorError):
         context.abort_with_status(status_for(exc))
-    if isinstance(exc, _STORAGE_UNAVAILABLE):
-        log.warning("%s: database unavailable: %s", method, type(exc).__name__)
-        context.abort_with_status(unavailable_storage_status())
     log.exception("%s failed", method)
     context.abort_with_status(internal_status())
 

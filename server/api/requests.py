@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from twofactor_server.api.convert import METHOD_FROM_PROTO
 from twofactor_server.domain.errors import InvalidArgument
+from twofactor_server.domain.models import MAX_USER_ID_BYTES
 
-MAX_USER_ID_BYTES = 256
 MAX_ACCOUNT_NAME_BYTES = 256
 MAX_IDEMPOTENCY_KEY_BYTES = 128
 MAX_LOCALE_BYTES = 35  # BCP 47's practical maximum

@@ -9,23 +9,40 @@ from twofactor.v1 import twofactor_service_pb2_grpc as pb_grpc
 from twofactor_server.api import convert, requests
 from twofactor_server.api.interceptors import current_caller
 from twofactor_server.domain import contacts
-from twofactor_server.domain.service import TwoFactor
 from twofactor_server.settings import PolicySettings
+from twofactor_server.usecases.backup_codes import BackupCodes
+from twofactor_server.usecases.challenges import Challenges
+from twofactor_server.usecases.enrollment import Enrollment
+from twofactor_server.usecases.users import UserProfiles
+from twofactor_server.usecases.verification import Verification
 
 
 class TwoFactorServicer(pb_grpc.TwoFactorServiceServicer):
-    def __init__(self, twofactor: TwoFactor, policy: PolicySettings) -> None:
-        self._twofactor = twofactor
+    def __init__(
+        self,
+        *,
+        profiles: UserProfiles,
+        enrollment: Enrollment,
+        challenges: Challenges,
+        verification: Verification,
+        backup_codes: BackupCodes,
+        policy: PolicySettings,
+    ) -> None:
+        self._profiles = profiles
+        self._enrollment = enrollment
+        self._challenges = challenges
+        self._verification = verification
+        self._backup_codes = backup_codes
         self._policy = policy
 
     def GetStatus(self, request: pb.GetStatusRequest, context: grpc.ServicerContext) -> pb.GetStatusResponse:
-        state = self._twofactor.get_status(requests.user_id(request.user_id))
+        state = self._profiles.get_status(requests.user_id(request.user_id))
         return convert.status(state, self._policy)
 
     def SetContact(
         self, request: pb.SetContactRequest, context: grpc.ServicerContext
     ) -> pb.SetContactResponse:
-        state = self._twofactor.set_contact(
+        state = self._profiles.set_contact(
             requests.user_id(request.user_id),
             email=request.email if request.HasField("email") else None,
             phone=request.phone if request.HasField("phone") else None,
@@ -38,7 +55,7 @@ class TwoFactorServicer(pb_grpc.TwoFactorServiceServicer):
     def StartEnrollment(
         self, request: pb.StartEnrollmentRequest, context: grpc.ServicerContext
     ) -> pb.StartEnrollmentResponse:
-        start = self._twofactor.start_enrollment(
+        start = self._enrollment.start_enrollment(
             requests.user_id(request.user_id),
             requests.method(request.method),
             account_name=requests.bounded(
@@ -68,7 +85,7 @@ class TwoFactorServicer(pb_grpc.TwoFactorServiceServicer):
     def ConfirmEnrollment(
         self, request: pb.ConfirmEnrollmentRequest, context: grpc.ServicerContext
     ) -> pb.ConfirmEnrollmentResponse:
-        confirmation = self._twofactor.confirm_enrollment(
+        confirmation = self._enrollment.confirm_enrollment(
             requests.user_id(request.user_id),
             requests.method(request.method),
             requests.code(request.code),
@@ -84,13 +101,13 @@ class TwoFactorServicer(pb_grpc.TwoFactorServiceServicer):
     def DisableMethod(
         self, request: pb.DisableMethodRequest, context: grpc.ServicerContext
     ) -> pb.DisableMethodResponse:
-        remaining = self._twofactor.disable_method(
+        remaining = self._enrollment.disable_method(
             requests.user_id(request.user_id), requests.method(request.method), caller=current_caller.get()
         )
         return pb.DisableMethodResponse(enabled_methods=convert.methods(remaining))
 
     def SendCode(self, request: pb.SendCodeRequest, context: grpc.ServicerContext) -> pb.SendCodeResponse:
-        view = self._twofactor.send_code(
+        view = self._challenges.send_code(
             requests.user_id(request.user_id),
             requests.method(request.method),
             idempotency_key=requests.bounded(
@@ -107,7 +124,7 @@ class TwoFactorServicer(pb_grpc.TwoFactorServiceServicer):
     def GetChallenge(
         self, request: pb.GetChallengeRequest, context: grpc.ServicerContext
     ) -> pb.GetChallengeResponse:
-        view = self._twofactor.get_challenge(
+        view = self._challenges.get_challenge(
             requests.user_id(request.user_id),
             requests.bounded(
                 request.challenge_id,
@@ -120,7 +137,7 @@ class TwoFactorServicer(pb_grpc.TwoFactorServiceServicer):
         return pb.GetChallengeResponse(challenge=convert.challenge(view))
 
     def Verify(self, request: pb.VerifyRequest, context: grpc.ServicerContext) -> pb.VerifyResponse:
-        outcome = self._twofactor.verify(
+        outcome = self._verification.verify(
             requests.user_id(request.user_id), requests.code(request.code), caller=current_caller.get()
         )
         return convert.verify(outcome)
@@ -128,7 +145,7 @@ class TwoFactorServicer(pb_grpc.TwoFactorServiceServicer):
     def GetBackupCodes(
         self, request: pb.GetBackupCodesRequest, context: grpc.ServicerContext
     ) -> pb.GetBackupCodesResponse:
-        codes = self._twofactor.get_backup_codes(requests.user_id(request.user_id))
+        codes = self._backup_codes.get_backup_codes(requests.user_id(request.user_id))
         return pb.GetBackupCodesResponse(
             codes=codes.codes, generated_at=convert.timestamp(codes.generated_at_ms)
         )
@@ -136,7 +153,7 @@ class TwoFactorServicer(pb_grpc.TwoFactorServiceServicer):
     def RegenerateBackupCodes(
         self, request: pb.RegenerateBackupCodesRequest, context: grpc.ServicerContext
     ) -> pb.RegenerateBackupCodesResponse:
-        codes = self._twofactor.regenerate_backup_codes(
+        codes = self._backup_codes.regenerate_backup_codes(
             requests.user_id(request.user_id), caller=current_caller.get()
         )
         return pb.RegenerateBackupCodesResponse(

@@ -10,8 +10,6 @@ from __future__ import annotations
 import logging
 import math
 import random
-import time
-from collections.abc import Callable
 from dataclasses import dataclass
 
 from twofactor_server.delivery.messages import render_email, render_sms
@@ -23,9 +21,9 @@ from twofactor_server.delivery.providers import (
     SmsSender,
     TransientDeliveryError,
 )
-from twofactor_server.domain.keyring import Keyring
-from twofactor_server.domain.service import CHALLENGE_CODE
-from twofactor_server.storage import store
+from twofactor_server.domain.clock import Clock, now_ms, system_clock
+from twofactor_server.domain.keyring import CHALLENGE_CODE, Keyring
+from twofactor_server.storage import outbox
 from twofactor_server.storage.database import Database
 
 log = logging.getLogger(__name__)
@@ -55,7 +53,7 @@ class Deliverer:
         *,
         issuer: str,
         retry_base_seconds: float = 2.0,
-        clock: Callable[[], float] = time.time,
+        clock: Clock = system_clock,
     ) -> None:
         self._db = db
         self._keyring = keyring
@@ -68,25 +66,35 @@ class Deliverer:
     def deliver(self, challenge_id: str) -> Outcome:
         now = self._now_ms()
         with self._db.transaction() as tx:
-            row = store.claim_delivery(tx, challenge_id, now)
-        if row is None:
+            challenge = outbox.claim_delivery(tx, challenge_id, now)
+        if challenge is None:
             return Outcome("nothing_to_do")
-        if row["expires_at"] <= now or row["superseded_at"] is not None or row["consumed_at"] is not None:
+        if (
+            challenge.expires_at <= now
+            or challenge.superseded_at is not None
+            or challenge.consumed_at is not None
+        ):
             self._record(
                 challenge_id, "expired", failure_reason="the code expired or was replaced before delivery"
             )
             return Outcome("expired")
+        assert challenge.code_ciphertext is not None  # claim_delivery takes only rows that still hold it
         code = self._keyring.decrypt(
-            row["code_ciphertext"], purpose=CHALLENGE_CODE, user_id=challenge_id
+            challenge.code_ciphertext, purpose=CHALLENGE_CODE, user_id=challenge_id
         ).decode()
-        ttl_minutes = max(1, math.ceil((row["expires_at"] - now) / 60_000))
+        ttl_minutes = max(1, math.ceil((challenge.expires_at - now) / 60_000))
         try:
             message_id = self._send(
-                row["method"], row["purpose"], row["destination"], row["locale"], code, ttl_minutes
+                challenge.method,
+                challenge.purpose,
+                challenge.destination,
+                challenge.locale,
+                code,
+                ttl_minutes,
             )
         except TransientDeliveryError as error:
-            retry_in = backoff_seconds(row["delivery_attempts"], self._retry_base)
-            if now + retry_in * 1000 >= row["expires_at"]:
+            retry_in = backoff_seconds(challenge.delivery_attempts, self._retry_base)
+            if now + retry_in * 1000 >= challenge.expires_at:
                 self._record(challenge_id, "expired", failure_reason=f"gave up: {error.reason}")
                 return Outcome("expired")
             log.info(
@@ -99,7 +107,7 @@ class Deliverer:
             self._record(challenge_id, "failed", failure_reason=error.reason)
             return Outcome("failed")
         self._record(challenge_id, "sent", provider_message_id=message_id)
-        log.info("delivered %s by %s as %s", challenge_id, row["method"], message_id)
+        log.info("delivered %s by %s as %s", challenge_id, challenge.method, message_id)
         return Outcome("sent")
 
     def _send(
@@ -125,7 +133,7 @@ class Deliverer:
         wipe_code: bool = True,
     ) -> None:
         with self._db.transaction() as tx:
-            store.mark_delivery(
+            outbox.mark_delivery(
                 tx,
                 challenge_id,
                 status,
@@ -136,4 +144,4 @@ class Deliverer:
             )
 
     def _now_ms(self) -> int:
-        return int(self._clock() * 1000)
+        return now_ms(self._clock)

@@ -1,20 +1,22 @@
 """How the server hands a committed challenge to delivery.
 
 With a broker configured, a Celery task message carrying only the challenge
-id goes to Redis. The embedded default runs the same delivery code on a
-thread pool inside the server.
+id goes to Redis, published by task name (the server never imports the worker
+package). The embedded default runs the same delivery code on a thread pool
+inside the server.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
-import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
 from twofactor_server.delivery.deliverer import Deliverer
 from twofactor_server.delivery.providers import build_email_sender, build_sms_sender
+from twofactor_server.delivery.task_queue import DELIVER_TASK, celery_config
+from twofactor_server.domain.clock import Clock, system_clock
 from twofactor_server.domain.errors import Unavailable
 from twofactor_server.domain.keyring import Keyring
 from twofactor_server.settings import Settings
@@ -22,14 +24,12 @@ from twofactor_server.storage.database import Database
 
 log = logging.getLogger(__name__)
 
-DELIVER_TASK = "twofactor.deliver_challenge"
-
 
 class CeleryDispatcher:
     def __init__(self, settings: Settings) -> None:
-        from twofactor_workers.celery_app import create_celery
+        from celery import Celery  # only with a broker: the embedded default runs without Celery
 
-        self._app = create_celery(settings)
+        self._app = Celery("twofactor", config_source=celery_config(settings))
         # Publishing fails fast: one connection attempt, no pause. kombu's default first
         # waits 2 s before retrying, which would hold the RPC past its budget.
         self._app.conf.broker_transport_options = {
@@ -99,7 +99,7 @@ class InProcessDispatcher:
 
 
 def build_dispatcher(
-    settings: Settings, *, db: Database, keyring: Keyring, clock: Callable[[], float] = time.time
+    settings: Settings, *, db: Database, keyring: Keyring, clock: Clock = system_clock
 ) -> tuple[CeleryDispatcher | InProcessDispatcher, Callable[[], None]]:
     # Built in both modes so a bad provider setting (say, an SMS class that
     # doesn't import) stops the server at start rather than at the first send.

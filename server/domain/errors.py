@@ -65,3 +65,10 @@ class Unauthenticated(TwoFactorError):
 
 class PermissionDenied(TwoFactorError):
     status = Status.PERMISSION_DENIED
+
+
+class StorageUnavailable(Unavailable):
+    """The database can't be reached right now (raised by the storage layer); the caller may retry."""
+
+    def __init__(self) -> None:
+        super().__init__("STORAGE_UNAVAILABLE", "the database can't be reached; retry later", retry_after=1.0)

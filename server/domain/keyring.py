@@ -17,6 +17,11 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
+# Purposes bind each ciphertext and hash to what it is for (associated data / HMAC input).
+TOTP_SECRET = "totp_secret"  # noqa: S105 - a purpose label, not a secret
+BACKUP_CODE = "backup_code"
+CHALLENGE_CODE = "challenge_code"
+
 KEY_BYTES = 32  # AES-256
 NONCE_BYTES = 12  # the GCM standard nonce
 _VERSION = struct.Struct(">I")

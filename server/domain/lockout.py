@@ -7,7 +7,25 @@ after `max_consecutive_failures` the user stays locked until an admin unlocks.
 
 from __future__ import annotations
 
+from twofactor_server.domain.models import Lock
 from twofactor_server.settings import PolicySettings
+
+
+def lock_of(
+    failed_attempts: int, locked_until_ms: int | None, policy: PolicySettings, now_ms: int
+) -> Lock | None:
+    """The lock in force, if any: the one lockout rule, read by every path that checks a code."""
+    if failed_attempts >= policy.max_consecutive_failures:
+        return Lock(None, permanent=True)
+    if locked_until_ms is not None and locked_until_ms > now_ms:
+        return Lock(locked_until_ms)
+    return None
+
+
+def locked_until_after(failures: int, policy: PolicySettings, now_ms: int) -> int | None:
+    """When `failures` consecutive failures, counted now, lock the user until (None: not timed)."""
+    seconds = lock_seconds(failures, policy)
+    return None if not seconds else now_ms + int(seconds * 1000)
 
 
 def lock_seconds(failures: int, policy: PolicySettings) -> float | None:

@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from enum import Enum
 
+MAX_USER_ID_BYTES = 256  # user ids are the caller's; this bounds what we store and index
+
 
 @dataclass(frozen=True)
 class Caller:
@@ -97,3 +99,15 @@ class VerifyOutcome:
 class BackupCodeSet:
     codes: tuple[str, ...]
     generated_at_ms: int | None
+
+
+@dataclass(frozen=True, slots=True)
+class AuditEvent:
+    event_id: int
+    at: int  # ms since the epoch
+    actor: str
+    user_id: str
+    action: str
+    request_id: str
+    outcome: str
+    detail: str

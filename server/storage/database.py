@@ -1,7 +1,13 @@
 """Connections and transactions for the two backends, and schema migrations.
 
 SQL is written once, with psycopg's named placeholders `%(name)s`; the SQLite
-backend rewrites them to `:name`. Rows come back as dicts.
+backend rewrites them to `:name`. Rows come back as dicts, which only the
+storage package reads (store.py turns them into records).
+
+This module owns the drivers' errors: the few that a retry can fix (connection
+lost or refused, pool or lock timeouts, serialization failures, I/O errors)
+become the domain's StorageUnavailable; anything else is a bug and surfaces
+as it is.
 """
 
 from __future__ import annotations
@@ -15,11 +21,13 @@ from contextlib import contextmanager
 from functools import lru_cache
 from importlib import resources
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, NoReturn, Protocol
 
 import psycopg
 from psycopg.rows import dict_row
-from psycopg_pool import ConnectionPool
+from psycopg_pool import ConnectionPool, PoolTimeout
+
+from twofactor_server.domain.errors import StorageUnavailable
 
 log = logging.getLogger(__name__)
 
@@ -73,13 +81,19 @@ class PostgresDatabase:
 
     @contextmanager
     def transaction(self) -> Iterator[_PostgresTransaction]:
-        with self._pool.connection() as conn, conn.transaction():  # COMMIT, or ROLLBACK on error
-            yield _PostgresTransaction(conn)
+        try:
+            with self._pool.connection() as conn, conn.transaction():  # COMMIT, or ROLLBACK on error
+                yield _PostgresTransaction(conn)
+        except (psycopg.OperationalError, PoolTimeout) as error:
+            _unavailable(error)
 
     @contextmanager
     def statements(self) -> Iterator[_PostgresTransaction]:
-        with self._pool.connection() as conn:
-            yield _PostgresTransaction(conn)
+        try:
+            with self._pool.connection() as conn:
+                yield _PostgresTransaction(conn)
+        except (psycopg.OperationalError, PoolTimeout) as error:
+            _unavailable(error)
 
     def migrate(self) -> list[str]:
         with self._pool.connection() as conn:
@@ -127,19 +141,20 @@ class SqliteDatabase:
 
     @contextmanager
     def transaction(self) -> Iterator[_SqliteTransaction]:
-        with self._lock:
+        with self._lock, _sqlite_errors():
             # IMMEDIATE takes the write lock up front, so a read-then-write can't interleave.
             self._conn.execute("BEGIN IMMEDIATE")
             try:
                 yield _SqliteTransaction(self._conn)
             except BaseException:
-                self._conn.execute("ROLLBACK")
+                if self._conn.in_transaction:
+                    self._conn.execute("ROLLBACK")
                 raise
             self._conn.execute("COMMIT")
 
     @contextmanager
     def statements(self) -> Iterator[_SqliteTransaction]:
-        with self._lock:  # the connection is in autocommit mode outside BEGIN
+        with self._lock, _sqlite_errors():  # the connection is in autocommit mode outside BEGIN
             yield _SqliteTransaction(self._conn)
 
     def migrate(self) -> list[str]:
@@ -166,6 +181,28 @@ class _SqliteTransaction:
 
     def all(self, sql: str, params: Params | None = None) -> list[Row]:
         return self._conn.execute(_to_sqlite(sql), params or {}).fetchall()
+
+
+# SQLite's primary result codes that a retry can fix: busy, locked, I/O error, disk
+# full, can't open the file, lock protocol error. "no such table" and syntax
+# errors share sqlite3.OperationalError with these, but are bugs.
+_SQLITE_RETRYABLE = {5, 6, 10, 13, 14, 15}
+
+
+@contextmanager
+def _sqlite_errors() -> Iterator[None]:
+    try:
+        yield
+    except sqlite3.OperationalError as error:
+        if getattr(error, "sqlite_errorcode", 0) & 0xFF in _SQLITE_RETRYABLE:
+            _unavailable(error)
+        raise
+
+
+def _unavailable(error: Exception) -> NoReturn:
+    """Log one line saying what failed, and raise the domain's retryable storage error."""
+    log.warning("storage unavailable: %s: %s", type(error).__name__, " ".join(str(error).split())[:300])
+    raise StorageUnavailable() from error
 
 
 def open_database(url: str, *, data_dir: Path, pool_size: int = 10) -> Database:

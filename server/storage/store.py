@@ -1,16 +1,25 @@
-"""Every SQL statement of the service, as small functions over a Transaction.
+"""The SQL of users, methods, backup codes and the audit log, as small functions over a Transaction.
+
+Challenges and their delivery are in outbox.py.
 
 Times are integer milliseconds since the epoch. Statements that must be
 atomic under concurrency (replay guards, single-use codes, counters) are single
-conditional UPDATEs whose row count says who won.
+conditional UPDATEs whose row count says who won. Rows leave this module as
+records (records.py); no caller sees a column name.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import Any
 
-from twofactor_server.storage.database import Row, Transaction
+from twofactor_server.domain.models import AuditEvent
+from twofactor_server.storage.database import Transaction
+from twofactor_server.storage.records import (
+    BackupCodeRecord,
+    MethodRecord,
+    UserRecord,
+    VerifySnapshot,
+)
 
 # ---- users -----------------------------------------------------------------
 
@@ -22,10 +31,11 @@ def ensure_user(tx: Transaction, user_id: str, now_ms: int) -> None:
     )
 
 
-def get_user(tx: Transaction, user_id: str, *, lock: bool = False) -> Row | None:
+def get_user(tx: Transaction, user_id: str, *, lock: bool = False) -> UserRecord | None:
     """The user's row; with lock=True, other writers of this user wait until commit."""
     suffix = tx.row_lock if lock else ""
-    return tx.one(f"SELECT * FROM users WHERE user_id = %(u)s{suffix}", {"u": user_id})  # noqa: S608
+    row = tx.one(f"SELECT * FROM users WHERE user_id = %(u)s{suffix}", {"u": user_id})  # noqa: S608
+    return None if row is None else UserRecord(**row)
 
 
 def set_contact(tx: Transaction, user_id: str, column: str, value: str | None) -> None:
@@ -58,47 +68,45 @@ def record_success(tx: Transaction, user_id: str, now_ms: int) -> None:
     )
 
 
-def advance_totp_step(tx: Transaction, user_id: str, step: int) -> bool:
-    """Accept a TOTP time step only if it is newer than every step accepted before."""
-    return (
-        tx.execute(
-            "UPDATE users SET totp_last_step = %(s)s WHERE user_id = %(u)s "
-            "AND (totp_last_step IS NULL OR totp_last_step < %(s)s)",
-            {"u": user_id, "s": step},
-        )
-        == 1
-    )
-
-
-def verify_snapshot(tx: Transaction, user_id: str) -> list[Row]:
-    """The user's lock state with one row per enabled method and its sealed secret (none: unknown user)."""
-    return tx.all(
-        "SELECT u.failed_attempts, u.locked_until, m.method, m.secret FROM users u "
-        "LEFT JOIN methods m ON m.user_id = u.user_id AND m.enabled_at IS NOT NULL "
-        "WHERE u.user_id = %(u)s",
+def verify_snapshot(tx: Transaction, user_id: str) -> VerifySnapshot | None:
+    """The user's lock state and enabled authenticator secret, in one read (None: unknown user)."""
+    row = tx.one(
+        "SELECT u.failed_attempts, u.locked_until, m.secret AS authenticator_secret FROM users u "
+        "LEFT JOIN methods m ON m.user_id = u.user_id AND m.method = 'authenticator' "
+        "AND m.enabled_at IS NOT NULL WHERE u.user_id = %(u)s",
         {"u": user_id},
     )
+    return None if row is None else VerifySnapshot(**row)
 
 
 def accept_totp_step(
-    tx: Transaction, user_id: str, step: int, sealed_secret: bytes, now_ms: int, max_failures: int
+    tx: Transaction, user_id: str, step: int, seen: VerifySnapshot, now_ms: int
 ) -> int | None:
-    """Accept an authenticator code's step in one atomic statement; return the unused backup codes.
+    """Accept an authenticator code's time step in one atomic statement; return the unused backup codes.
 
-    None when the statement changed nothing: the step is not newer than the last accepted one,
-    the user got locked, or the secret was replaced since it was read. The caller then decides
-    under the user's row lock.
+    The step is the replay guard (RFC 6238 §5.2): it must be newer than every step accepted
+    before. The rest is compare-and-swap on what the caller read and judged (`seen`): the lock
+    state and the sealed secret. None when anything moved since: the step was used, a failure
+    was counted, or the secret was replaced. The caller then decides under the user's row lock.
     """
     row = tx.one(
         "UPDATE users SET totp_last_step = %(s)s, failed_attempts = 0, locked_until = NULL, "
         "last_verified_at = %(now)s "
         "WHERE user_id = %(u)s AND (totp_last_step IS NULL OR totp_last_step < %(s)s) "
-        "AND (locked_until IS NULL OR locked_until <= %(now)s) AND failed_attempts < %(max)s "
+        "AND failed_attempts = %(failures)s "
+        "AND COALESCE(locked_until, -1) = COALESCE(%(locked)s, -1) "
         "AND EXISTS (SELECT 1 FROM methods m WHERE m.user_id = %(u)s AND m.method = 'authenticator' "
         "AND m.enabled_at IS NOT NULL AND m.secret = %(sealed)s) "
         "RETURNING (SELECT COUNT(*) FROM backup_codes b WHERE b.user_id = %(u)s AND b.used_at IS NULL) "
         "AS backup_left",
-        {"u": user_id, "s": step, "now": now_ms, "max": max_failures, "sealed": sealed_secret},
+        {
+            "u": user_id,
+            "s": step,
+            "now": now_ms,
+            "failures": seen.failed_attempts,
+            "locked": seen.locked_until,
+            "sealed": seen.authenticator_secret,
+        },
     )
     return None if row is None else int(row["backup_left"])
 
@@ -130,27 +138,29 @@ def reset_user(tx: Transaction, user_id: str) -> None:
     )
 
 
-def list_users(tx: Transaction, *, after: str, limit: int, enabled: bool | None) -> list[Row]:
+def list_users(tx: Transaction, *, after: str, limit: int, enabled: bool | None) -> list[UserRecord]:
     condition = ""
     if enabled is not None:
         exists = "EXISTS (SELECT 1 FROM methods m WHERE m.user_id = u.user_id AND m.enabled_at IS NOT NULL)"
         condition = f"AND {'' if enabled else 'NOT '}{exists}"
-    return tx.all(
+    rows = tx.all(
         f"SELECT * FROM users u WHERE u.user_id > %(after)s {condition} ORDER BY u.user_id LIMIT %(n)s",  # noqa: S608
         {"after": after, "n": limit},
     )
+    return [UserRecord(**row) for row in rows]
 
 
 # ---- methods ---------------------------------------------------------------
 
 
-def methods_of(tx: Transaction, user_id: str) -> list[Row]:
-    return tx.all("SELECT * FROM methods WHERE user_id = %(u)s ORDER BY method", {"u": user_id})
+def methods_of(tx: Transaction, user_id: str) -> list[MethodRecord]:
+    rows = tx.all("SELECT * FROM methods WHERE user_id = %(u)s ORDER BY method", {"u": user_id})
+    return [MethodRecord(**row) for row in rows]
 
 
-def methods_of_users(tx: Transaction, user_ids: Iterable[str]) -> dict[str, list[Row]]:
+def methods_of_users(tx: Transaction, user_ids: Iterable[str]) -> dict[str, list[MethodRecord]]:
     ids = list(user_ids)
-    found: dict[str, list[Row]] = {u: [] for u in ids}
+    found: dict[str, list[MethodRecord]] = {u: [] for u in ids}
     if ids:
         placeholders = ", ".join(f"%(u{i})s" for i in range(len(ids)))
         rows = tx.all(
@@ -158,7 +168,7 @@ def methods_of_users(tx: Transaction, user_ids: Iterable[str]) -> dict[str, list
             {f"u{i}": u for i, u in enumerate(ids)},
         )
         for row in rows:
-            found[row["user_id"]].append(row)
+            found[row["user_id"]].append(MethodRecord(**row))
     return found
 
 
@@ -215,12 +225,13 @@ def delete_backup_codes(tx: Transaction, user_id: str) -> None:
     tx.execute("UPDATE users SET backup_codes_generated_at = NULL WHERE user_id = %(u)s", {"u": user_id})
 
 
-def unused_backup_codes(tx: Transaction, user_id: str) -> list[Row]:
-    return tx.all(
+def unused_backup_codes(tx: Transaction, user_id: str) -> list[BackupCodeRecord]:
+    rows = tx.all(
         "SELECT position, code_hash, code_ciphertext FROM backup_codes "
         "WHERE user_id = %(u)s AND used_at IS NULL ORDER BY position",
         {"u": user_id},
     )
+    return [BackupCodeRecord(**row) for row in rows]
 
 
 def count_unused_backup_codes(tx: Transaction, user_id: str) -> int:
@@ -242,150 +253,46 @@ def use_backup_code(tx: Transaction, user_id: str, position: int, now_ms: int) -
     )
 
 
-# ---- challenges (codes sent by email or SMS) and their delivery ------------
+# ---- audit -----------------------------------------------------------------
 
 
-def insert_challenge(tx: Transaction, **columns: Any) -> None:
-    names = ", ".join(columns)
-    values = ", ".join(f"%({name})s" for name in columns)
-    tx.execute(f"INSERT INTO challenges ({names}) VALUES ({values})", columns)  # noqa: S608
-
-
-def get_challenge(tx: Transaction, challenge_id: str) -> Row | None:
-    return tx.one("SELECT * FROM challenges WHERE challenge_id = %(c)s", {"c": challenge_id})
-
-
-def challenge_by_idempotency_key(tx: Transaction, user_id: str, key: str) -> Row | None:
-    return tx.one(
-        "SELECT * FROM challenges WHERE user_id = %(u)s AND idempotency_key = %(k)s",
-        {"u": user_id, "k": key},
-    )
-
-
-def forget_idempotency_key(tx: Transaction, challenge_id: str) -> None:
-    tx.execute("UPDATE challenges SET idempotency_key = NULL WHERE challenge_id = %(c)s", {"c": challenge_id})
-
-
-def supersede_challenges(
-    tx: Transaction, user_id: str, purpose: str, method: str | None, now_ms: int
-) -> None:
-    """Older codes stop working when a new one is sent."""
-    method_clause = "" if method is None else "AND method = %(m)s"
-    tx.execute(
-        "UPDATE challenges SET superseded_at = %(now)s, updated_at = %(now)s "  # noqa: S608
-        f"WHERE user_id = %(u)s AND purpose = %(p)s {method_clause} "
-        "AND superseded_at IS NULL AND consumed_at IS NULL",
-        {"u": user_id, "p": purpose, "m": method, "now": now_ms},
-    )
-
-
-def live_challenges(tx: Transaction, user_id: str, purpose: str, now_ms: int, max_attempts: int) -> list[Row]:
-    """Codes that can still be accepted, newest first."""
-    return tx.all(
-        "SELECT * FROM challenges WHERE user_id = %(u)s AND purpose = %(p)s AND consumed_at IS NULL "
-        "AND superseded_at IS NULL AND expires_at > %(now)s AND attempts < %(max)s "
-        "AND delivery_status <> 'failed' ORDER BY created_at DESC",
-        {"u": user_id, "p": purpose, "now": now_ms, "max": max_attempts},
-    )
-
-
-def consume_challenge(tx: Transaction, challenge_id: str, now_ms: int) -> bool:
-    return (
-        tx.execute(
-            "UPDATE challenges SET consumed_at = %(now)s, updated_at = %(now)s "
-            "WHERE challenge_id = %(c)s AND consumed_at IS NULL AND superseded_at IS NULL",
-            {"c": challenge_id, "now": now_ms},
-        )
-        == 1
-    )
-
-
-def count_challenge_attempt(tx: Transaction, challenge_id: str, now_ms: int) -> None:
-    tx.execute(
-        "UPDATE challenges SET attempts = attempts + 1, updated_at = %(now)s WHERE challenge_id = %(c)s",
-        {"c": challenge_id, "now": now_ms},
-    )
-
-
-def last_send_ms(tx: Transaction, user_id: str) -> int | None:
-    row = tx.one(
-        "SELECT MAX(created_at) AS last FROM challenges "
-        "WHERE user_id = %(u)s AND delivery_status <> 'failed'",
-        {"u": user_id},
-    )
-    return None if row is None or row["last"] is None else int(row["last"])
-
-
-def count_sends_since(
-    tx: Transaction, *, since_ms: int, user_id: str | None = None, destination: str | None = None
-) -> int:
-    column, value = ("user_id", user_id) if user_id is not None else ("destination", destination)
-    row = tx.one(
-        f"SELECT COUNT(*) AS n FROM challenges WHERE {column} = %(v)s AND created_at > %(since)s",  # noqa: S608
-        {"v": value, "since": since_ms},
-    )
-    return int(row["n"]) if row else 0
-
-
-def claim_delivery(tx: Transaction, challenge_id: str, now_ms: int) -> Row | None:
-    """Take a challenge's delivery for one attempt; None when there is nothing to send.
-
-    A delivery left in 'sending' by a worker that died is claimed again: the
-    message was not recorded as sent, so sending it is the only way it arrives.
-    """
-    return tx.one(
-        "UPDATE challenges SET delivery_status = 'sending', delivery_attempts = delivery_attempts + 1, "
-        "updated_at = %(now)s WHERE challenge_id = %(c)s AND delivery_status IN ('queued', 'sending') "
-        "AND code_ciphertext IS NOT NULL RETURNING *",
-        {"c": challenge_id, "now": now_ms},
-    )
-
-
-def mark_delivery(
+def add_audit_event(
     tx: Transaction,
-    challenge_id: str,
-    status: str,
-    now_ms: int,
     *,
-    provider_message_id: str | None = None,
-    failure_reason: str | None = None,
-    wipe_code: bool,
+    at: int,
+    actor: str,
+    user_id: str,
+    action: str,
+    request_id: str,
+    outcome: str,
+    detail: str,
 ) -> None:
     tx.execute(
-        "UPDATE challenges SET delivery_status = %(s)s, updated_at = %(now)s, "
-        "provider_message_id = COALESCE(%(pid)s, provider_message_id), failure_reason = %(why)s, "
-        "code_ciphertext = CASE WHEN %(wipe)s THEN NULL ELSE code_ciphertext END "
-        "WHERE challenge_id = %(c)s",
+        "INSERT INTO audit_events (at, actor, user_id, action, request_id, outcome, detail) "
+        "VALUES (%(at)s, %(actor)s, %(user_id)s, %(action)s, %(request_id)s, %(outcome)s, %(detail)s)",
         {
-            "c": challenge_id,
-            "s": status,
-            "now": now_ms,
-            "pid": provider_message_id,
-            "why": failure_reason,
-            "wipe": wipe_code,
+            "at": at,
+            "actor": actor,
+            "user_id": user_id,
+            "action": action,
+            "request_id": request_id,
+            "outcome": outcome,
+            "detail": detail,
         },
     )
 
 
-# ---- audit -----------------------------------------------------------------
-
-
-def add_audit_event(tx: Transaction, **columns: Any) -> None:
-    tx.execute(
-        "INSERT INTO audit_events (at, actor, user_id, action, request_id, outcome, detail) "
-        "VALUES (%(at)s, %(actor)s, %(user_id)s, %(action)s, %(request_id)s, %(outcome)s, %(detail)s)",
-        columns,
-    )
-
-
-def list_audit_events(tx: Transaction, *, user_id: str, before_id: int | None, limit: int) -> list[Row]:
+def list_audit_events(
+    tx: Transaction, *, user_id: str, before_id: int | None, limit: int
+) -> list[AuditEvent]:
     clauses = []
     if user_id:
         clauses.append("user_id = %(u)s")
     if before_id is not None:
         clauses.append("event_id < %(before)s")
     where = f"WHERE {' AND '.join(clauses)}" if clauses else ""
-    return tx.all(
+    rows = tx.all(
         f"SELECT * FROM audit_events {where} ORDER BY event_id DESC LIMIT %(n)s",  # noqa: S608
         {"u": user_id, "before": before_id, "n": limit},
     )
+    return [AuditEvent(**row) for row in rows]

@@ -23,8 +23,7 @@ from tests.server.helpers import (
     verify,
 )
 from tests.server.stored_rows import query
-from twofactor_server.domain.keyring import Keyring
-from twofactor_server.domain.service import CHALLENGE_CODE
+from twofactor_server.domain.keyring import CHALLENGE_CODE, Keyring
 
 Metadata = tuple[tuple[str, str], ...]
 

@@ -13,8 +13,7 @@ from twofactor.v1 import twofactor_service_pb2 as pb
 from tests.conftest import TEST_KEYS, Clock, Harness, ServerFactory
 from tests.server.helpers import enroll_authenticator, error_info, verify
 from tests.server.stored_rows import all_cells, query
-from twofactor_server.domain.keyring import Keyring
-from twofactor_server.domain.service import BACKUP_CODE
+from twofactor_server.domain.keyring import BACKUP_CODE, Keyring
 
 DISPLAYED = re.compile(r"^[0-9a-hjkmnp-tv-z]{5}-[0-9a-hjkmnp-tv-z]{5}$")
 

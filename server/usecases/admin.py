@@ -4,25 +4,23 @@ from __future__ import annotations
 
 import base64
 import binascii
-import time
-from collections.abc import Callable
 
-from twofactor_server.domain import audit
+from twofactor_server.domain.clock import Clock, now_ms
 from twofactor_server.domain.errors import FailedPrecondition, InvalidArgument
-from twofactor_server.domain.models import Caller, UserState
-from twofactor_server.domain.service import existing_user, load_state, user_state
+from twofactor_server.domain.models import MAX_USER_ID_BYTES, AuditEvent, Caller, UserState
 from twofactor_server.settings import PolicySettings
 from twofactor_server.storage import store
-from twofactor_server.storage.database import Database, Row, Transaction
+from twofactor_server.storage.database import Database, Transaction
+from twofactor_server.usecases import audit
+from twofactor_server.usecases.users import existing_user, load_state, user_state
 
 DEFAULT_PAGE_SIZE = 100
 MAX_PAGE_SIZE = 1000
-MAX_USER_ID_BYTES = 256
 MAX_EVENT_ID = 2**63 - 1  # BIGINT
 
 
 class Admin:
-    def __init__(self, db: Database, policy: PolicySettings, clock: Callable[[], float] = time.time) -> None:
+    def __init__(self, db: Database, policy: PolicySettings, clock: Clock) -> None:
         self._db = db
         self._policy = policy
         self._clock = clock
@@ -39,19 +37,19 @@ class Admin:
         with self._db.transaction() as tx:
             rows = store.list_users(tx, after=str(after), limit=limit + 1, enabled=enabled)
             page = rows[:limit]
-            methods = store.methods_of_users(tx, [r["user_id"] for r in page])
+            methods = store.methods_of_users(tx, [user.user_id for user in page])
             now = self._now_ms()
             users = [
                 user_state(
-                    r,
-                    methods[r["user_id"]],
-                    store.count_unused_backup_codes(tx, r["user_id"]),
+                    user,
+                    methods[user.user_id],
+                    store.count_unused_backup_codes(tx, user.user_id),
                     self._policy,
                     now,
                 )
-                for r in page
+                for user in page
             ]
-        next_token = _encode_token("u", page[-1]["user_id"]) if len(rows) > limit else ""
+        next_token = _encode_token("u", page[-1].user_id) if len(rows) > limit else ""
         return users, next_token
 
     def reset_user(self, user_id: str, *, reason: str, caller: Caller) -> UserState:
@@ -74,13 +72,15 @@ class Admin:
             self._audit(tx, caller, user_id, "user_unlocked", "")
             return load_state(tx, existing_user(tx, user_id), self._policy, self._now_ms())
 
-    def list_audit_events(self, *, user_id: str, page_size: int, page_token: str) -> tuple[list[Row], str]:
+    def list_audit_events(
+        self, *, user_id: str, page_size: int, page_token: str
+    ) -> tuple[list[AuditEvent], str]:
         limit = _page_size(page_size)
         before = int(_decode_token(page_token, "e")) if page_token else None
         with self._db.transaction() as tx:
             rows = store.list_audit_events(tx, user_id=user_id, before_id=before, limit=limit + 1)
         page = rows[:limit]
-        next_token = _encode_token("e", str(page[-1]["event_id"])) if len(rows) > limit else ""
+        next_token = _encode_token("e", str(page[-1].event_id)) if len(rows) > limit else ""
         return page, next_token
 
     def _audit(
@@ -96,7 +96,7 @@ class Admin:
         audit.record(tx, caller, self._now_ms(), user_id, action, outcome=outcome, detail=detail)
 
     def _now_ms(self) -> int:
-        return int(self._clock() * 1000)
+        return now_ms(self._clock)
 
 
 def _page_size(requested: int) -> int:

@@ -1,0 +1,92 @@
+"""Typed rows: what the storage layer hands upward. Nothing above storage knows a column name."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True, slots=True)
+class UserRecord:
+    user_id: str
+    email: str | None
+    phone: str | None
+    created_at: int
+    last_verified_at: int | None
+    failed_attempts: int
+    locked_until: int | None
+    totp_last_step: int | None
+    backup_codes_generated_at: int | None
+
+
+@dataclass(frozen=True, slots=True)
+class MethodRecord:
+    user_id: str
+    method: str
+    enabled_at: int | None
+    pending_since: int | None
+    secret: bytes | None  # authenticator: the sealed TOTP secret
+    pending_secret: bytes | None  # authenticator: the sealed secret being enrolled
+
+    @property
+    def enabled(self) -> bool:
+        return self.enabled_at is not None
+
+    @property
+    def pending(self) -> bool:
+        return self.pending_since is not None
+
+
+@dataclass(frozen=True, slots=True)
+class VerifySnapshot:
+    """What the accepted-authenticator fast path reads: the lock state and the sealed secret."""
+
+    failed_attempts: int
+    locked_until: int | None
+    authenticator_secret: bytes | None
+
+
+@dataclass(frozen=True, slots=True)
+class BackupCodeRecord:
+    position: int
+    code_hash: bytes
+    code_ciphertext: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class ChallengeRecord:
+    challenge_id: str
+    user_id: str
+    method: str
+    purpose: str
+    destination: str
+    code_hash: bytes
+    code_ciphertext: bytes | None
+    idempotency_key: str | None
+    locale: str
+    created_at: int
+    expires_at: int
+    attempts: int
+    consumed_at: int | None
+    superseded_at: int | None
+    delivery_status: str
+    delivery_attempts: int
+    provider_message_id: str | None
+    failure_reason: str | None
+    updated_at: int
+
+
+@dataclass(frozen=True, slots=True)
+class NewChallenge:
+    """A challenge to insert: the columns the sender chooses; the rest start at their defaults."""
+
+    challenge_id: str
+    user_id: str
+    method: str
+    purpose: str
+    destination: str
+    code_hash: bytes
+    code_ciphertext: bytes
+    idempotency_key: str | None
+    locale: str
+    created_at: int
+    expires_at: int

@@ -1,0 +1,73 @@
+"""Backup codes: showing the unused ones again, regenerating the set, using one at login."""
+
+from __future__ import annotations
+
+from twofactor_server.domain import backup_codes
+from twofactor_server.domain.clock import Clock, now_ms
+from twofactor_server.domain.keyring import BACKUP_CODE, Keyring
+from twofactor_server.domain.models import BackupCodeSet, Caller
+from twofactor_server.settings import PolicySettings
+from twofactor_server.storage import store
+from twofactor_server.storage.database import Database, Transaction
+from twofactor_server.usecases import audit
+from twofactor_server.usecases.users import existing_user, require_enrolled
+
+
+def backup_code_data(user_id: str, code: str) -> bytes:
+    """What a backup code's hash covers: the normalized code bound to its user."""
+    return f"{user_id}\0{code}".encode()
+
+
+class BackupCodes:
+    def __init__(self, db: Database, keyring: Keyring, policy: PolicySettings, clock: Clock) -> None:
+        self._db = db
+        self._keyring = keyring
+        self._policy = policy
+        self._clock = clock
+
+    def get_backup_codes(self, user_id: str) -> BackupCodeSet:
+        """The unused codes of the current set, decrypted for display."""
+        with self._db.transaction() as tx:
+            user = existing_user(tx, user_id)
+            require_enrolled(tx, user_id, self._policy)
+            codes = tuple(
+                backup_codes.display(
+                    self._keyring.decrypt(row.code_ciphertext, purpose=BACKUP_CODE, user_id=user_id).decode()
+                )
+                for row in store.unused_backup_codes(tx, user_id)
+            )
+            return BackupCodeSet(codes, user.backup_codes_generated_at)
+
+    def regenerate_backup_codes(self, user_id: str, *, caller: Caller) -> BackupCodeSet:
+        """A new set; every code of the old set stops working in the same transaction."""
+        now = now_ms(self._clock)
+        with self._db.transaction() as tx:
+            existing_user(tx, user_id, lock=True)
+            require_enrolled(tx, user_id, self._policy)
+            codes = self.replace_set(tx, user_id, now)
+            audit.record(tx, caller, now, user_id, "backup_codes_regenerated", detail=f"{len(codes)} codes")
+            return BackupCodeSet(codes, now)
+
+    def replace_set(self, tx: Transaction, user_id: str, now: int) -> tuple[str, ...]:
+        """Store a new set (each code as a keyed hash to check and a ciphertext to show); return it."""
+        codes = backup_codes.new_codes(self._policy.backup_code_count)
+        rows = [
+            (
+                self._keyring.keyed_hash(backup_code_data(user_id, code), purpose=BACKUP_CODE),
+                self._keyring.encrypt(code.encode(), purpose=BACKUP_CODE, user_id=user_id),
+            )
+            for code in codes
+        ]
+        store.replace_backup_codes(tx, user_id, rows, now)
+        return tuple(backup_codes.display(code) for code in codes)
+
+    def use(self, tx: Transaction, user_id: str, code: str, now: int) -> bool:
+        """Whether `code` (normalized) is an unused code of the user's; if so it is used up now.
+
+        Invariant: each code works once, decided by one conditional UPDATE.
+        """
+        data = backup_code_data(user_id, code)
+        for row in store.unused_backup_codes(tx, user_id):
+            if self._keyring.matches(row.code_hash, data, purpose=BACKUP_CODE):
+                return store.use_backup_code(tx, user_id, row.position, now)
+        return False

@@ -1,0 +1,215 @@
+"""Codes sent by email or SMS: issuing one (limits, idempotency, superseding), reading its
+delivery status, and checking a typed code against the newest live one."""
+
+from __future__ import annotations
+
+import uuid
+from typing import Protocol
+
+from twofactor_server.domain import one_time_codes
+from twofactor_server.domain.clock import Clock, now_ms
+from twofactor_server.domain.errors import FailedPrecondition, NotFound, ResourceExhausted, Unavailable
+from twofactor_server.domain.keyring import CHALLENGE_CODE, Keyring
+from twofactor_server.domain.models import Caller, ChallengeView
+from twofactor_server.settings import PolicySettings
+from twofactor_server.storage import outbox, store
+from twofactor_server.storage.database import Database, Transaction
+from twofactor_server.storage.records import ChallengeRecord, NewChallenge
+from twofactor_server.usecases import audit
+from twofactor_server.usecases.users import existing_user, require_allowed, usable_methods
+
+AUTHENTICATOR, EMAIL, SMS = "authenticator", "email", "sms"
+LOGIN, ENROLLMENT = "login", "enrollment"
+HOUR_MS = 3_600_000
+
+
+class Dispatcher(Protocol):
+    """Hands a committed challenge to delivery (a Celery queue, or the in-process runner)."""
+
+    def dispatch(self, challenge_id: str) -> None:
+        """Queue the delivery; raise Unavailable when the queue can't be reached."""
+
+
+def challenge_data(challenge_id: str, code: str) -> bytes:
+    """What a challenge's code hash covers: the code bound to its challenge."""
+    return f"{challenge_id}\0{code}".encode()
+
+
+class Challenges:
+    def __init__(
+        self, db: Database, keyring: Keyring, policy: PolicySettings, dispatcher: Dispatcher, clock: Clock
+    ) -> None:
+        self._db = db
+        self._keyring = keyring
+        self._policy = policy
+        self._dispatcher = dispatcher
+        self._clock = clock
+
+    def send_code(
+        self, user_id: str, method: str, *, idempotency_key: str, locale: str, caller: Caller
+    ) -> ChallengeView:
+        """Send a login code by email or SMS to a user who enabled that method."""
+        if method == AUTHENTICATOR:
+            raise FailedPrecondition(
+                "METHOD_HAS_NO_CODE_TO_SEND",
+                "authenticator codes come from the app; SendCode is for email and sms",
+            )
+        require_allowed(method, self._policy)
+        return self.issue(
+            user_id, method, LOGIN, idempotency_key=idempotency_key, locale=locale, caller=caller
+        )
+
+    def get_challenge(self, user_id: str, challenge_id: str) -> ChallengeView:
+        """A challenge's delivery status, for its own user only."""
+        with self._db.transaction() as tx:
+            challenge = outbox.get_challenge(tx, challenge_id)
+            if challenge is None or challenge.user_id != user_id:
+                raise NotFound("CHALLENGE_NOT_FOUND", "no such challenge for this user")
+            return self._view(tx, challenge)
+
+    def issue(
+        self, user_id: str, method: str, purpose: str, *, idempotency_key: str, locale: str, caller: Caller
+    ) -> ChallengeView:
+        """Commit a new code for `purpose` and hand it to delivery.
+
+        Invariants: the send limits (cooldown, per user and per destination per hour) are
+        checked under the user's row lock; a repeated idempotency key within its window
+        returns the first challenge and sends nothing; a new code supersedes the older live
+        ones of the same purpose; only a committed row is queued, since the worker reads it
+        back by id, and a row that could not be queued is marked failed and wiped.
+        """
+        now = now_ms(self._clock)
+        policy = self._policy
+        with self._db.transaction() as tx:
+            if purpose == ENROLLMENT:
+                store.ensure_user(tx, user_id, now)
+            user = existing_user(tx, user_id, lock=True)
+            if purpose == LOGIN and method not in usable_methods(store.methods_of(tx, user_id), policy):
+                raise FailedPrecondition("METHOD_NOT_ENABLED", f"{method} is not enabled for this user")
+            destination = user.email if method == EMAIL else user.phone
+            if not destination:
+                contact = "email" if method == EMAIL else "phone"
+                raise FailedPrecondition(
+                    "CONTACT_MISSING",
+                    f"no {contact} is registered; call SetContact first",
+                    metadata={"contact": contact},
+                )
+            if idempotency_key:
+                earlier = outbox.challenge_by_idempotency_key(tx, user_id, idempotency_key)
+                if (
+                    earlier is not None
+                    and earlier.created_at > now - policy.idempotency_window_seconds * 1000
+                ):
+                    return self._view(tx, earlier)
+                if earlier is not None:
+                    outbox.forget_idempotency_key(tx, earlier.challenge_id)
+            self._enforce_send_limits(tx, user_id, destination, now)
+            code = one_time_codes.new_code(policy.code_length)
+            challenge_id = uuid.uuid4().hex
+            outbox.supersede_challenges(tx, user_id, purpose, method if purpose == ENROLLMENT else None, now)
+            outbox.insert_challenge(
+                tx,
+                NewChallenge(
+                    challenge_id=challenge_id,
+                    user_id=user_id,
+                    method=method,
+                    purpose=purpose,
+                    destination=destination,
+                    code_hash=self._keyring.keyed_hash(
+                        challenge_data(challenge_id, code), purpose=CHALLENGE_CODE
+                    ),
+                    code_ciphertext=self._keyring.encrypt(
+                        code.encode(), purpose=CHALLENGE_CODE, user_id=challenge_id
+                    ),
+                    idempotency_key=idempotency_key or None,
+                    locale=locale or "en",
+                    created_at=now,
+                    expires_at=now + policy.code_ttl_seconds * 1000,
+                ),
+            )
+            if purpose == ENROLLMENT:
+                store.start_method_enrollment(tx, user_id, method, now)
+                audit.record(tx, caller, now, user_id, "enrollment_started", detail=method)
+            else:
+                audit.record(tx, caller, now, user_id, "code_sent", detail=method)
+        try:
+            self._dispatcher.dispatch(challenge_id)
+        except Unavailable:
+            with self._db.transaction() as tx:
+                outbox.mark_delivery(
+                    tx,
+                    challenge_id,
+                    "failed",
+                    now_ms(self._clock),
+                    failure_reason="not queued: broker unavailable",
+                    wipe_code=True,
+                )
+                outbox.forget_idempotency_key(tx, challenge_id)
+            raise
+        with self._db.transaction() as tx:
+            challenge = outbox.get_challenge(tx, challenge_id)
+            assert challenge is not None
+            return self._view(tx, challenge)
+
+    def match(
+        self, tx: Transaction, user_id: str, purpose: str, digits: str, now: int, *, method: str | None
+    ) -> str | None:
+        """The method of the newest live challenge if `digits` is its code, else None.
+
+        Invariant: a code is accepted once (consumed by a conditional UPDATE), only the
+        newest live code counts, and each wrong try counts against that code's attempts.
+        """
+        live = outbox.live_challenges(tx, user_id, purpose, now, self._policy.max_attempts_per_code)
+        newest = next((c for c in live if method is None or c.method == method), None)
+        if newest is None:
+            return None
+        data = challenge_data(newest.challenge_id, digits)
+        if self._keyring.matches(newest.code_hash, data, purpose=CHALLENGE_CODE):
+            return newest.method if outbox.consume_challenge(tx, newest.challenge_id, now) else None
+        outbox.count_challenge_attempt(tx, newest.challenge_id, now)
+        return None
+
+    def _enforce_send_limits(self, tx: Transaction, user_id: str, destination: str, now: int) -> None:
+        policy = self._policy
+        last = outbox.last_send_ms(tx, user_id)
+        cooldown_ends = (last or 0) + policy.resend_cooldown_seconds * 1000
+        if last is not None and cooldown_ends > now:
+            raise ResourceExhausted(
+                "RESEND_TOO_SOON",
+                "a code was sent moments ago; wait before sending another",
+                retry_after=(cooldown_ends - now) / 1000,
+            )
+        hour_ago = now - HOUR_MS
+        if outbox.count_sends_since(tx, since_ms=hour_ago, user_id=user_id) >= policy.sends_per_user_per_hour:
+            raise ResourceExhausted(
+                "USER_SEND_LIMIT",
+                "too many codes sent to this user in the last hour",
+                retry_after=HOUR_MS / 1000,
+            )
+        if (
+            outbox.count_sends_since(tx, since_ms=hour_ago, destination=destination)
+            >= policy.sends_per_destination_per_hour
+        ):
+            raise ResourceExhausted(
+                "DESTINATION_SEND_LIMIT",
+                "too many codes sent to this address in the last hour",
+                retry_after=HOUR_MS / 1000,
+            )
+
+    def _view(self, tx: Transaction, challenge: ChallengeRecord) -> ChallengeView:
+        status = challenge.delivery_status
+        now = now_ms(self._clock)
+        if status in ("queued", "sending") and challenge.expires_at <= now:
+            status = "expired"
+        last = outbox.last_send_ms(tx, challenge.user_id) or challenge.created_at
+        return ChallengeView(
+            challenge_id=challenge.challenge_id,
+            method=challenge.method,
+            destination=challenge.destination,
+            expires_at_ms=challenge.expires_at,
+            resend_after_ms=last + self._policy.resend_cooldown_seconds * 1000,
+            delivery_status=status,
+            provider_message_id=challenge.provider_message_id or "",
+            failure_reason=challenge.failure_reason or "",
+            delivery_attempts=challenge.delivery_attempts,
+        )

@@ -1,0 +1,138 @@
+"""Enrolling in a method (start, confirm with a first code) and disabling one."""
+
+from __future__ import annotations
+
+from twofactor_server.domain import lockout, one_time_codes, qr_codes, totp
+from twofactor_server.domain.clock import Clock, now_ms
+from twofactor_server.domain.errors import FailedPrecondition, InvalidArgument
+from twofactor_server.domain.keyring import TOTP_SECRET, Keyring
+from twofactor_server.domain.models import AuthenticatorSetup, Caller, Confirmation, EnrollmentStart
+from twofactor_server.settings import PolicySettings
+from twofactor_server.storage import store
+from twofactor_server.storage.database import Database
+from twofactor_server.usecases import audit
+from twofactor_server.usecases.backup_codes import BackupCodes
+from twofactor_server.usecases.challenges import AUTHENTICATOR, ENROLLMENT, Challenges
+from twofactor_server.usecases.users import (
+    count_failure,
+    existing_user,
+    refuse_if_locked,
+    require_allowed,
+    usable_methods,
+)
+
+
+class Enrollment:
+    def __init__(
+        self,
+        db: Database,
+        keyring: Keyring,
+        policy: PolicySettings,
+        challenges: Challenges,
+        backup_codes: BackupCodes,
+        clock: Clock,
+    ) -> None:
+        self._db = db
+        self._keyring = keyring
+        self._policy = policy
+        self._challenges = challenges
+        self._backup_codes = backup_codes
+        self._clock = clock
+
+    def start_enrollment(
+        self, user_id: str, method: str, *, account_name: str, locale: str, caller: Caller
+    ) -> EnrollmentStart:
+        """Begin enrolling: a new authenticator secret (pending until confirmed), or a code sent by
+        email or SMS. A pending enrollment replaces an earlier pending one of the same method."""
+        require_allowed(method, self._policy)
+        if method != AUTHENTICATOR:
+            challenge = self._challenges.issue(
+                user_id, method, ENROLLMENT, idempotency_key="", locale=locale, caller=caller
+            )
+            return EnrollmentStart(method, challenge=challenge)
+        now = now_ms(self._clock)
+        secret = totp.new_secret()
+        with self._db.transaction() as tx:
+            store.ensure_user(tx, user_id, now)
+            store.get_user(tx, user_id, lock=True)
+            sealed = self._keyring.encrypt(secret, purpose=TOTP_SECRET, user_id=user_id)
+            store.start_method_enrollment(tx, user_id, method, now, pending_secret=sealed)
+            audit.record(tx, caller, now, user_id, "enrollment_started", detail=method)
+        uri = totp.provisioning_uri(secret, account_name=account_name or user_id, issuer=self._policy.issuer)
+        setup = AuthenticatorSetup(totp.to_base32(secret), uri, qr_codes.qr_png(uri), qr_codes.qr_svg(uri))
+        return EnrollmentStart(method, authenticator=setup)
+
+    def confirm_enrollment(self, user_id: str, method: str, code: str, *, caller: Caller) -> Confirmation:
+        """Enable a pending method with its first code.
+
+        Invariants: a wrong code counts toward the lockout like a wrong login code, and a
+        locked user can't confirm; the first method enabled brings the first backup codes;
+        the confirming authenticator code starts the secret's replay history, so it can't
+        log in again (RFC 6238 §5.2).
+        """
+        require_allowed(method, self._policy)
+        digits = one_time_codes.normalize(code)
+        if digits is None:
+            raise InvalidArgument("INVALID_CODE", "code must be 6 to 10 digits")
+        now = now_ms(self._clock)
+        with self._db.transaction() as tx:
+            user = existing_user(tx, user_id, lock=True)
+            methods = store.methods_of(tx, user_id)
+            enabled = usable_methods(methods, self._policy)
+            pending = next((m for m in methods if m.method == method and m.pending), None)
+            if pending is None:
+                raise FailedPrecondition(
+                    "NO_PENDING_ENROLLMENT", f"no {method} enrollment is pending; call StartEnrollment first"
+                )
+            refuse_if_locked(user, self._policy, now)
+            if method == AUTHENTICATOR:
+                assert pending.pending_secret is not None
+                secret = self._keyring.decrypt(pending.pending_secret, purpose=TOTP_SECRET, user_id=user_id)
+                step = totp.matching_step(secret, digits, now / 1000) if len(digits) == totp.DIGITS else None
+                ok = step is not None
+                if step is not None:
+                    store.set_totp_step(tx, user_id, step)  # the row lock makes this race-free
+            else:
+                ok = self._challenges.match(tx, user_id, ENROLLMENT, digits, now, method=method) is not None
+            if not ok:
+                failures = count_failure(tx, caller, user_id, self._policy, now)
+                audit.record(
+                    tx, caller, now, user_id, "enrollment_confirmed", outcome="failure", detail=method
+                )
+                return Confirmation(
+                    False, enabled, attempts_left=lockout.attempts_left(failures, self._policy)
+                )
+            store.enable_method(tx, user_id, method, now)
+            store.record_success(tx, user_id, now)
+            audit.record(tx, caller, now, user_id, "enrollment_confirmed", detail=method)
+            codes: tuple[str, ...] = ()
+            if not enabled:
+                codes = self._backup_codes.replace_set(tx, user_id, now)
+                audit.record(tx, caller, now, user_id, "backup_codes_generated", detail=f"{len(codes)} codes")
+            return Confirmation(
+                True,
+                tuple(sorted({*enabled, method})),  # methods_of's order
+                backup_codes=codes,
+                attempts_left=self._policy.lockout_threshold,
+            )
+
+    def disable_method(self, user_id: str, method: str, *, caller: Caller) -> tuple[str, ...]:
+        """Turn a method off; return the methods left. With force-2FA the last one stays;
+        with no method left the backup codes go too (nothing left for them to back up)."""
+        with self._db.transaction() as tx:
+            existing_user(tx, user_id, lock=True)
+            enabled = usable_methods(store.methods_of(tx, user_id), self._policy)
+            if method not in enabled:
+                raise FailedPrecondition("METHOD_NOT_ENABLED", f"{method} is not enabled for this user")
+            remaining = tuple(m for m in enabled if m != method)
+            if self._policy.force_two_factor and not remaining:
+                raise FailedPrecondition(
+                    "LAST_METHOD_REQUIRED",
+                    "the policy requires two-factor authentication; "
+                    "enable another method before disabling this one",
+                )
+            store.delete_method(tx, user_id, method)
+            if not remaining:
+                store.delete_backup_codes(tx, user_id)
+            audit.record(tx, caller, now_ms(self._clock), user_id, "method_disabled", detail=method)
+            return remaining

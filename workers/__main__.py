@@ -1,0 +1,50 @@
+"""`python -m twofactor_workers` (what `twofactor worker` runs): a Celery delivery worker."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from twofactor_server.delivery.providers import ProviderConfigError, build_email_sender, build_sms_sender
+from twofactor_server.settings import Settings, SettingsError
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="twofactor worker", description="Run a Celery delivery worker")
+    parser.add_argument("--concurrency", type=int, default=2)
+    parser.add_argument("--loglevel", default="INFO")
+    args = parser.parse_args(argv)
+    try:
+        settings = Settings.from_env()
+        if not settings.broker_url:
+            raise SettingsError("TWOFACTOR_BROKER_URL is required to run a worker")
+        try:  # refuse to start with a provider that can't load
+            build_email_sender(settings)
+            build_sms_sender(settings)
+        except ProviderConfigError as error:
+            raise SettingsError(str(error)) from None
+    except SettingsError as error:
+        print(f"twofactor: configuration error: {error}", file=sys.stderr)
+        return 2
+    logging.basicConfig(
+        level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
+    )
+    from twofactor_workers.celery_app import app
+
+    app.worker_main(
+        [
+            "worker",
+            f"--queues={settings.delivery_queue}",
+            f"--concurrency={args.concurrency}",
+            f"--loglevel={args.loglevel}",
+            "--without-gossip",
+            "--without-mingle",
+            "--without-heartbeat",
+        ]
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
