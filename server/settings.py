@@ -105,7 +105,7 @@ class Settings:
             allowed_methods=env.methods("ALLOWED_METHODS", defaults.allowed_methods),
             force_two_factor=env.bool("FORCE_2FA", defaults.force_two_factor),
             allow_admin_reset=env.bool("ALLOW_ADMIN_RESET", defaults.allow_admin_reset),
-            issuer=env.str("ISSUER", defaults.issuer),
+            issuer=env.text("ISSUER", defaults.issuer),
             backup_code_count=env.int("BACKUP_CODE_COUNT", defaults.backup_code_count, 1, 100),
             code_length=env.int("CODE_LENGTH", defaults.code_length, 6, 10),
             code_ttl_seconds=env.int("CODE_TTL_SECONDS", defaults.code_ttl_seconds, 30, 600),
@@ -129,44 +129,44 @@ class Settings:
         if policy.lockout_threshold > policy.max_consecutive_failures:
             raise SettingsError("TWOFACTOR_LOCKOUT_THRESHOLD exceeds TWOFACTOR_MAX_CONSECUTIVE_FAILURES")
         smtp = SmtpSettings(
-            host=env.str("SMTP_HOST", SmtpSettings.host),
+            host=env.text("SMTP_HOST", SmtpSettings.host),
             port=env.int("SMTP_PORT", SmtpSettings.port, 1, 65535),
             security=env.choice("SMTP_SECURITY", SmtpSettings.security, ("starttls", "tls", "none")),
-            username=env.str("SMTP_USERNAME", ""),
-            password=env.str("SMTP_PASSWORD", ""),
-            from_address=env.str("SMTP_FROM", SmtpSettings.from_address),
+            username=env.text("SMTP_USERNAME", ""),
+            password=env.text("SMTP_PASSWORD", ""),
+            from_address=env.text("SMTP_FROM", SmtpSettings.from_address),
             timeout_seconds=env.float("SMTP_TIMEOUT_SECONDS", SmtpSettings.timeout_seconds),
-            ca_file=env.str("SMTP_CA_FILE", ""),
+            ca_file=env.text("SMTP_CA_FILE", ""),
         )
         sns = SnsSettings(
-            region=env.str("SNS_REGION", SnsSettings.region),
-            endpoint_url=env.str("SNS_ENDPOINT_URL", ""),
-            sender_id=env.str("SNS_SENDER_ID", ""),
+            region=env.text("SNS_REGION", SnsSettings.region),
+            endpoint_url=env.text("SNS_ENDPOINT_URL", ""),
+            sender_id=env.text("SNS_SENDER_ID", ""),
         )
         return cls(
-            listen=env.str("LISTEN", cls.listen),
-            database_url=env.str("DATABASE_URL", ""),
+            listen=env.text("LISTEN", cls.listen),
+            database_url=env.text("DATABASE_URL", ""),
             database_pool_size=env.int("DATABASE_POOL_SIZE", cls.database_pool_size, 1, 200),
-            data_dir=Path(env.str("DATA_DIR", str(cls.data_dir))),
-            keys=env.str("KEYS", ""),
-            broker_url=env.str("BROKER_URL", ""),
+            data_dir=Path(env.text("DATA_DIR", str(cls.data_dir))),
+            keys=env.text("KEYS", ""),
+            broker_url=env.text("BROKER_URL", ""),
             broker_timeout_seconds=env.float("BROKER_TIMEOUT_SECONDS", cls.broker_timeout_seconds),
-            delivery_queue=env.str("DELIVERY_QUEUE", cls.delivery_queue),
+            delivery_queue=env.text("DELIVERY_QUEUE", cls.delivery_queue),
             delivery_retry_base_seconds=env.float(
                 "DELIVERY_RETRY_BASE_SECONDS", cls.delivery_retry_base_seconds
             ),
             email_provider=env.choice("EMAIL_PROVIDER", cls.email_provider, ("console", "smtp")),
-            sms_provider=env.str("SMS_PROVIDER", cls.sms_provider),
+            sms_provider=env.text("SMS_PROVIDER", cls.sms_provider),
             smtp=smtp,
             sns=sns,
             policy=policy,
             tokens=env.tokens("TOKENS"),
-            tls_cert_file=env.str("TLS_CERT_FILE", ""),
-            tls_key_file=env.str("TLS_KEY_FILE", ""),
-            tls_client_ca_file=env.str("TLS_CLIENT_CA_FILE", ""),
+            tls_cert_file=env.text("TLS_CERT_FILE", ""),
+            tls_key_file=env.text("TLS_KEY_FILE", ""),
+            tls_client_ca_file=env.text("TLS_CLIENT_CA_FILE", ""),
             max_workers=env.int("MAX_WORKERS", cls.max_workers, 1, 1024),
             grace_seconds=env.float("GRACE_SECONDS", cls.grace_seconds),
-            log_level=env.str("LOG_LEVEL", cls.log_level).upper(),
+            log_level=env.text("LOG_LEVEL", cls.log_level).upper(),
         )
 
 
@@ -182,7 +182,7 @@ class _Env:
         value = self._environ.get(self.PREFIX + name)
         return None if value is None or value.strip() == "" else value.strip()
 
-    def str(self, name: str, default: str) -> str:
+    def text(self, name: str, default: str) -> str:
         value = self._raw(name)
         return default if value is None else value
 
@@ -222,7 +222,7 @@ class _Env:
         raise SettingsError(f"{self.PREFIX}{name} must be true or false, got {value!r}")
 
     def choice(self, name: str, default: str, choices: tuple[str, ...]) -> str:
-        value = self.str(name, default).lower()
+        value = self.text(name, default).lower()
         if value not in choices:
             raise SettingsError(f"{self.PREFIX}{name} must be one of {', '.join(choices)}, got {value!r}")
         return value

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 
-from celery import shared_task
+from celery import Task, shared_task
 
 from twofactor_server.delivery.deliverer import Deliverer
 from twofactor_server.delivery.task_queue import DELIVER_TASK
@@ -37,8 +37,8 @@ def deliverer() -> Deliverer:
     return _deliverer[1]
 
 
-@shared_task(bind=True, name=DELIVER_TASK, max_retries=None)
-def deliver_challenge(self, challenge_id: str) -> str:  # type: ignore[no-untyped-def]
+@shared_task(bind=True, name=DELIVER_TASK, max_retries=None)  # type: ignore[untyped-decorator]
+def deliver_challenge(self: Task, challenge_id: str) -> str:
     outcome = deliverer().deliver(challenge_id)
     if outcome.retry_in is not None:
         raise self.retry(countdown=outcome.retry_in)

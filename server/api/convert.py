@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import overload
+
 from google.protobuf import duration_pb2, timestamp_pb2
 from twofactor.v1 import admin_service_pb2 as admin_pb
 from twofactor.v1 import common_pb2 as common_pb
@@ -18,7 +20,7 @@ from twofactor_server.domain.models import (
 )
 from twofactor_server.settings import PolicySettings
 
-METHOD_TO_PROTO = {
+METHOD_TO_PROTO: dict[str, common_pb.Method.ValueType] = {
     "authenticator": common_pb.METHOD_AUTHENTICATOR,
     "email": common_pb.METHOD_EMAIL,
     "sms": common_pb.METHOD_SMS,
@@ -44,10 +46,16 @@ KIND_TO_PROTO = {
 }
 
 
-def methods(names: tuple[str, ...]) -> list[int]:
+def methods(names: tuple[str, ...]) -> list[common_pb.Method.ValueType]:
     return [METHOD_TO_PROTO[n] for n in names]
 
 
+@overload
+def timestamp(ms: int) -> timestamp_pb2.Timestamp: ...
+@overload
+def timestamp(ms: None) -> None: ...
+@overload
+def timestamp(ms: int | None) -> timestamp_pb2.Timestamp | None: ...
 def timestamp(ms: int | None) -> timestamp_pb2.Timestamp | None:
     if ms is None:
         return None

@@ -13,7 +13,7 @@ import hashlib
 import hmac
 import uuid
 from collections.abc import Callable
-from typing import Any
+from typing import Any, TypeAlias
 
 import grpc
 from google.protobuf.message import DecodeError
@@ -34,11 +34,13 @@ SCOPES = {"twofactor.v1.TwoFactorService": "app", "twofactor.v1.AdminService": "
 MAX_REQUEST_ID = 128
 
 
+Handler: TypeAlias = "grpc.RpcMethodHandler[Any, Any]"  # generic only in the type stubs
+Around = Callable[[Any, grpc.ServicerContext, Callable[..., Any]], Any]
+
+
 def _wrap_unary(
-    handler: grpc.RpcMethodHandler,
-    around: Callable[[Any, grpc.ServicerContext, Callable], Any],  # type: ignore[type-arg]
-    request_deserializer: Callable[[bytes], Any] | None = None,
-):  # type: ignore[no-untyped-def]
+    handler: Handler | None, around: Around, request_deserializer: Callable[[bytes], Any] | None = None
+) -> Handler | None:
     if handler is None or handler.unary_unary is None:
         return handler
     inner = handler.unary_unary
@@ -56,10 +58,7 @@ _STREAMING_KINDS = (
 )
 
 
-def _wrap_streaming(
-    handler: grpc.RpcMethodHandler,
-    around: Callable[[Any, grpc.ServicerContext, Callable], Any],  # type: ignore[type-arg]
-):  # type: ignore[no-untyped-def]
+def _wrap_streaming(handler: Handler, around: Around) -> Handler:
     """Run `around` when a streaming call starts (a streaming response is iterated after it returns)."""
     for kind, make_handler in _STREAMING_KINDS:
         inner = getattr(handler, kind)
@@ -101,7 +100,7 @@ class ApiInterceptor(grpc.ServerInterceptor):
 
     def __init__(self, tokens: tuple[TokenSetting, ...]) -> None:
         self._tokens = tokens
-        self._wrapped: dict[str, grpc.RpcMethodHandler] = {}
+        self._wrapped: dict[str, Handler | None] = {}
 
     def intercept_service(self, continuation, handler_call_details):  # type: ignore[no-untyped-def]
         method = handler_call_details.method

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from twofactor.v1 import common_pb2 as common_pb
+
 from twofactor_server.api.convert import METHOD_FROM_PROTO
 from twofactor_server.domain.errors import InvalidArgument
 from twofactor_server.domain.models import MAX_USER_ID_BYTES
@@ -22,7 +24,7 @@ def user_id(value: str) -> str:
     return value
 
 
-def method(value: int) -> str:
+def method(value: common_pb.Method.ValueType) -> str:
     name = METHOD_FROM_PROTO.get(value)
     if name is None:
         raise InvalidArgument(

@@ -111,5 +111,5 @@ def _associated_data(purpose: str, user_id: str, version: int) -> bytes:
 def _version_of(blob: bytes) -> int:
     if len(blob) < _VERSION.size:
         raise KeyringError("value too short to carry a key version")
-    (version,) = _VERSION.unpack_from(blob)
+    version: int = _VERSION.unpack_from(blob)[0]
     return version

@@ -68,7 +68,7 @@ class PostgresDatabase:
     dialect = "postgres"
 
     def __init__(self, url: str, *, pool_size: int = 10, timeout: float = 5.0) -> None:
-        self._pool = ConnectionPool(
+        self._pool: ConnectionPool[psycopg.Connection[Row]] = ConnectionPool(
             url,
             min_size=1,
             max_size=pool_size,
@@ -222,7 +222,7 @@ _DIALECT_TYPES = {
 
 def migrations() -> list[tuple[str, str]]:
     folder = resources.files("twofactor_server.storage") / "migrations"
-    files = sorted(f for f in folder.iterdir() if f.name.endswith(".sql"))
+    files = sorted((f for f in folder.iterdir() if f.name.endswith(".sql")), key=lambda f: f.name)
     return [(f.name.removesuffix(".sql"), f.read_text()) for f in files]
 
 
