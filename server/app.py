@@ -16,7 +16,6 @@ import grpc
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
 from twofactor.v1 import (
     admin_service_pb2,
     admin_service_pb2_grpc,
@@ -24,6 +23,7 @@ from twofactor.v1 import (
     twofactor_service_pb2_grpc,
 )
 
+from twofactor_server.api import reflection
 from twofactor_server.api.admin_servicer import AdminServicer
 from twofactor_server.api.interceptors import ApiInterceptor
 from twofactor_server.api.twofactor_servicer import TwoFactorServicer
