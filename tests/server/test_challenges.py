@@ -91,6 +91,8 @@ def test_code_expires_after_ten_minutes(email_server: Harness, sink: SmtpSink, c
     enroll_email(email_server, sink, clock, "ben")
     sent, code = send_and_read(email_server, sink, "ben")
     assert sent.challenge.expires_at.seconds == int(clock.now) + 600
+    # The sink has the message before the server records it sent: wait for that record.
+    wait_for_delivery(email_server, "ben", sent.challenge.challenge_id, common_pb2.DELIVERY_STATUS_SENT)
     clock.advance(601)
     assert verify(email_server, "ben", code).result == pb.VERIFY_RESULT_REJECTED
     challenge = email_server.twofactor.GetChallenge(
