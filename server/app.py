@@ -30,6 +30,7 @@ from twofactor_server.api.twofactor_servicer import TwoFactorServicer
 from twofactor_server.delivery.dispatch import build_dispatcher
 from twofactor_server.domain.clock import Clock, system_clock
 from twofactor_server.domain.keyring import Keyring
+from twofactor_server.health import StorageHealth
 from twofactor_server.settings import Settings, SettingsError, TokenSetting
 from twofactor_server.storage.database import Database, open_database
 from twofactor_server.usecases.admin import Admin
@@ -54,17 +55,18 @@ class TwoFactorServer:
     grpc_server: grpc.Server
     db: Database
     health: health.HealthServicer
+    storage_health: StorageHealth
     on_stop: list[Callable[[], None]] = field(default_factory=list)
 
     def start(self) -> None:
         self.grpc_server.start()
-        for name in (*SERVICE_NAMES, ""):
-            self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        self.storage_health.start()  # SERVING, then NOT_SERVING whenever the database does not answer
 
     def stop(self, grace: float | None = None) -> None:
         """Refuse new calls, let in-flight ones finish within `grace`, then release resources."""
         self.health.enter_graceful_shutdown()
         self.grpc_server.stop(grace).wait()
+        self.storage_health.stop()
         for close in self.on_stop:
             close()
         self.db.close()
@@ -84,7 +86,10 @@ def create_server(
     tokens = load_tokens(settings)
     credentials = server_credentials(settings)
     db = open_database(
-        settings.database_url, data_dir=settings.data_dir, pool_size=settings.database_pool_size
+        settings.database_url,
+        data_dir=settings.data_dir,
+        pool_size=settings.database_pool_size,
+        timeout=settings.storage_timeout_seconds,
     )
     on_stop: list[Callable[[], None]] = []
     try:
@@ -131,7 +136,8 @@ def create_server(
             close()
         db.close()
         raise
-    return TwoFactorServer(grpc_server, db, health_servicer, on_stop), port
+    storage_health = StorageHealth(db, health_servicer, SERVICE_NAMES, settings.storage_probe_seconds)
+    return TwoFactorServer(grpc_server, db, health_servicer, storage_health, on_stop), port
 
 
 def server_credentials(settings: Settings) -> grpc.ServerCredentials | None:

@@ -72,6 +72,9 @@ class Settings:
     # Empty: the embedded default, a SQLite file under data_dir.
     database_url: str = ""
     database_pool_size: int = 10
+    # Every unit of storage work answers within this, or the call is UNAVAILABLE (STORAGE_UNAVAILABLE).
+    storage_timeout_seconds: float = 2.0
+    storage_probe_seconds: float = 1.0  # how often health checks that the database answers
     data_dir: Path = Path(".twofactor")
     # "version:base64key" pairs; the highest version encrypts, all decrypt.
     keys: str = ""
@@ -147,6 +150,8 @@ class Settings:
             listen=env.text("LISTEN", cls.listen),
             database_url=env.text("DATABASE_URL", ""),
             database_pool_size=env.int("DATABASE_POOL_SIZE", cls.database_pool_size, 1, 200),
+            storage_timeout_seconds=env.float("STORAGE_TIMEOUT_SECONDS", cls.storage_timeout_seconds),
+            storage_probe_seconds=env.float("STORAGE_PROBE_SECONDS", cls.storage_probe_seconds),
             data_dir=Path(env.text("DATA_DIR", str(cls.data_dir))),
             keys=env.text("KEYS", ""),
             broker_url=env.text("BROKER_URL", ""),
