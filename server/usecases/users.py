@@ -100,11 +100,21 @@ class UserProfiles:
             return None if user is None else load_state(tx, user, self._policy, now_ms(self._clock))
 
     def set_contact(self, user_id: str, *, email: str | None, phone: str | None, caller: Caller) -> UserState:
-        """Set or clear (empty string) the email and phone; None leaves one as it is. Creates the user."""
+        """Set or clear (empty string) the email and phone; None leaves one as it is. Creates the user.
+
+        Invariant: a stored email holds no control, format or unassigned character; a stored
+        phone is a number valid in its country's numbering plan, in E.164 form."""
         if email and not contacts.is_valid_email(email):
-            raise InvalidArgument("INVALID_EMAIL", "email is not a valid address")
-        if phone and not contacts.is_valid_phone(phone):
-            raise InvalidArgument("INVALID_PHONE", "phone must be in E.164 form, like +14155550123")
+            raise InvalidArgument(
+                "INVALID_EMAIL", "email must be an address like ana@example.com, without control characters"
+            )
+        if phone:
+            phone = contacts.normalized_phone(phone)
+            if phone is None:
+                raise InvalidArgument(
+                    "INVALID_PHONE",
+                    "phone must be a valid number with its country code, like +14155550123",
+                )
         now = now_ms(self._clock)
         with self._db.transaction() as tx:
             store.ensure_user(tx, user_id, now)
