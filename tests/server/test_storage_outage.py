@@ -7,9 +7,11 @@ stopped or frozen."""
 
 from __future__ import annotations
 
+import sqlite3
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import closing
 from pathlib import Path
 
 import grpc
@@ -17,12 +19,13 @@ import pytest
 from google.protobuf.message import Message
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from twofactor.v1 import admin_service_pb2 as admin_pb
+from twofactor.v1 import admin_service_pb2_grpc, twofactor_service_pb2_grpc
 from twofactor.v1 import twofactor_service_pb2 as pb
 
 from tests.conftest import Clock, Harness, ServerFactory, base_settings
 from tests.private_postgres import PrivatePostgres, private_postgres
 from tests.server.helpers import AUTHENTICATOR, EMAIL, enroll_authenticator, error_info, totp_now, verify
-from twofactor_server.app import SERVICE_NAMES
+from twofactor_server.app import SERVICE_NAMES, create_server
 from twofactor_server.settings import Settings
 from twofactor_server.storage.database import PostgresDatabase
 
@@ -267,3 +270,44 @@ def test_after_a_restart_the_pool_hands_out_no_broken_connection(
     assert [r for r in results if r[0] in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.INTERNAL)] == []
     clock.advance(30)
     assert verify(h, "ana", totp_now(secret, clock)).result == pb.VERIFY_RESULT_ACCEPTED
+
+
+def test_sqlite_waits_for_a_busy_file_no_longer_than_the_storage_timeout(
+    tmp_path: Path, clock: Clock
+) -> None:
+    """The embedded store keeps its busy wait (another process holding the write lock), bounded
+    by the same setting; a busy file is not an unreachable database, so health stays SERVING."""
+    chosen = base_settings(tmp_path, storage_timeout_seconds=0.5, storage_probe_seconds=0.2)
+    server, port = create_server(chosen, clock=clock)
+    server.start()
+    channel = grpc.insecure_channel(f"127.0.0.1:{port}")
+    h = Harness(
+        server,
+        port,
+        channel,
+        twofactor_service_pb2_grpc.TwoFactorServiceStub(channel),
+        admin_service_pb2_grpc.AdminServiceStub(channel),
+        chosen,
+    )
+    try:
+        enroll_authenticator(h, clock, "ana")
+        blocker = sqlite3.connect(chosen.data_dir / "twofactor.sqlite3", isolation_level=None, timeout=0)
+        with closing(blocker):
+            blocker.execute("BEGIN IMMEDIATE")  # another process holds the write lock
+            code, reason, took = outcome(
+                lambda: h.twofactor.SetContact(
+                    pb.SetContactRequest(user_id="ana", email="ana@example.com"),
+                    metadata=h.app_metadata,
+                    timeout=30,
+                )
+            )
+            assert (code, reason) == (grpc.StatusCode.UNAVAILABLE, "STORAGE_UNAVAILABLE")
+            assert 0.4 <= took < 3.0, f"waited {took:.2f} s for a 0.5 s storage timeout"
+            assert all(status == SERVING for status in health_of(h).values())
+            blocker.execute("ROLLBACK")
+        h.twofactor.SetContact(
+            pb.SetContactRequest(user_id="ana", email="ana@example.com"), metadata=h.app_metadata
+        )
+    finally:
+        channel.close()
+        server.stop(grace=None)
