@@ -177,7 +177,8 @@ class PostgresDatabase:
 
     def migrate(self) -> list[str]:
         # At start-up, and possibly behind another server's migration: no statement deadline.
-        with self._pool.connection(timeout=max(self._timeout, _START_UP_SECONDS)) as conn:
+        conn = self._start_up_connection()
+        try:
             # Two servers starting at once: the second waits, then finds nothing to do.
             conn.execute("SELECT pg_advisory_lock(%s)", (_MIGRATION_LOCK_ID,))
             try:
@@ -185,6 +186,18 @@ class PostgresDatabase:
                     return _apply_migrations(_PostgresTransaction(conn), self.dialect)
             finally:
                 conn.execute("SELECT pg_advisory_unlock(%s)", (_MIGRATION_LOCK_ID,))
+        finally:
+            self._pool.putconn(conn)
+
+    def _start_up_connection(self) -> psycopg.Connection[Row]:
+        """A connection, asking again for _START_UP_SECONDS: the database may be starting too."""
+        give_up = monotonic() + _START_UP_SECONDS
+        while True:
+            try:
+                return self._pool.getconn(timeout=self._timeout)
+            except PoolTimeout:
+                if monotonic() >= give_up:
+                    raise
 
     def close(self) -> None:
         self._pool.close()
