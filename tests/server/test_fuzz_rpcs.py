@@ -247,10 +247,3 @@ def test_no_field_values_make_an_rpc_answer_internal_or_unknown(
         assert info.domain == "twofactor.v1" and info.reason, (code, request)
 
     answers_documented_status()
-
-
-def test_every_rpc_is_fuzzed() -> None:
-    """A new RPC is picked up from the descriptors; this proves the list is not empty by accident."""
-    names = {m.name for m in METHODS}
-    assert {"SetContact", "SendCode", "Verify", "ListUsers", "ResetUser", "ListAuditEvents"} <= names
-    assert len(METHODS) == sum(len(s.methods) for s in SERVICES)
