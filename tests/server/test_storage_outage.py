@@ -22,7 +22,7 @@ from twofactor.v1 import admin_service_pb2 as admin_pb
 from twofactor.v1 import admin_service_pb2_grpc, twofactor_service_pb2_grpc
 from twofactor.v1 import twofactor_service_pb2 as pb
 
-from tests.conftest import Clock, Harness, ServerFactory, base_settings
+from tests.conftest import Clock, Harness, ServerFactory, base_settings, require_service
 from tests.private_postgres import PrivatePostgres, private_postgres
 from tests.server.helpers import AUTHENTICATOR, EMAIL, enroll_authenticator, error_info, totp_now, verify
 from twofactor_server.app import SERVICE_NAMES, create_server
@@ -39,8 +39,15 @@ NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
 @pytest.fixture
 def cluster() -> Iterator[PrivatePostgres]:
-    with private_postgres() as pg:
-        yield pg
+    try:
+        pg = private_postgres()
+        started = pg.__enter__()
+    except FileNotFoundError as error:  # no PostgreSQL server binaries on this machine
+        require_service("a private PostgreSQL cluster", error)
+    try:
+        yield started
+    finally:
+        pg.__exit__(None, None, None)
 
 
 @pytest.fixture
