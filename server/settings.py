@@ -36,6 +36,9 @@ class PolicySettings:
     lockout_base_seconds: int = 60
     lockout_max_seconds: int = 86400
     max_consecutive_failures: int = 100  # NIST SP 800-63B §5.2.2
+    # Sensitive calls for an enrolled user need a recent verification_token from Verify.
+    step_up_required: bool = True
+    step_up_seconds: int = 300
 
 
 @dataclass(frozen=True)
@@ -125,6 +128,8 @@ class Settings:
             max_consecutive_failures=env.int(
                 "MAX_CONSECUTIVE_FAILURES", defaults.max_consecutive_failures, 1, 100
             ),
+            step_up_required=env.choice("STEP_UP", "required", ("required", "off")) == "required",
+            step_up_seconds=env.int("STEP_UP_SECONDS", defaults.step_up_seconds, 10, 86400),
         )
         if policy.lockout_threshold > policy.max_consecutive_failures:
             raise SettingsError("TWOFACTOR_LOCKOUT_THRESHOLD exceeds TWOFACTOR_MAX_CONSECUTIVE_FAILURES")

@@ -16,6 +16,7 @@ class UserRecord:
     locked_until: int | None
     totp_last_step: int | None
     backup_codes_generated_at: int | None
+    credential_epoch: int  # moves on with every credential change; step-up proofs carry it
 
 
 @dataclass(frozen=True, slots=True)
@@ -43,6 +44,14 @@ class VerifySnapshot:
     failed_attempts: int
     locked_until: int | None
     authenticator_secret: bytes | None
+
+
+@dataclass(frozen=True, slots=True)
+class AcceptedStep:
+    """What accepting an authenticator code returns: the unused backup codes and the epoch."""
+
+    backup_left: int
+    credential_epoch: int
 
 
 @dataclass(frozen=True, slots=True)

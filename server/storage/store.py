@@ -15,6 +15,7 @@ from collections.abc import Iterable
 from twofactor_server.domain.models import AuditEvent
 from twofactor_server.storage.database import Transaction
 from twofactor_server.storage.records import (
+    AcceptedStep,
     BackupCodeRecord,
     MethodRecord,
     UserRecord,
@@ -22,6 +23,14 @@ from twofactor_server.storage.records import (
 )
 
 # ---- users -----------------------------------------------------------------
+
+# Every statement that changes a credential (a method, a contact, the backup codes, a reset)
+# moves the user's credential epoch on, so step-up proofs issued before it stop working.
+_NEW_EPOCH = "credential_epoch = credential_epoch + 1"
+
+
+def bump_credential_epoch(tx: Transaction, user_id: str) -> None:
+    tx.execute(f"UPDATE users SET {_NEW_EPOCH} WHERE user_id = %(u)s", {"u": user_id})  # noqa: S608
 
 
 def ensure_user(tx: Transaction, user_id: str, now_ms: int) -> None:
@@ -40,7 +49,10 @@ def get_user(tx: Transaction, user_id: str, *, lock: bool = False) -> UserRecord
 
 def set_contact(tx: Transaction, user_id: str, column: str, value: str | None) -> None:
     assert column in ("email", "phone")
-    tx.execute(f"UPDATE users SET {column} = %(v)s WHERE user_id = %(u)s", {"u": user_id, "v": value})  # noqa: S608
+    tx.execute(
+        f"UPDATE users SET {column} = %(v)s, {_NEW_EPOCH} WHERE user_id = %(u)s",  # noqa: S608
+        {"u": user_id, "v": value},
+    )
 
 
 def add_failure(tx: Transaction, user_id: str) -> int:
@@ -81,8 +93,9 @@ def verify_snapshot(tx: Transaction, user_id: str) -> VerifySnapshot | None:
 
 def accept_totp_step(
     tx: Transaction, user_id: str, step: int, seen: VerifySnapshot, now_ms: int
-) -> int | None:
-    """Accept an authenticator code's time step in one atomic statement; return the unused backup codes.
+) -> AcceptedStep | None:
+    """Accept an authenticator code's time step in one atomic statement; return the unused backup
+    codes and the credential epoch.
 
     The step is the replay guard (RFC 6238 §5.2): it must be newer than every step accepted
     before. The rest is compare-and-swap on what the caller read and judged (`seen`): the lock
@@ -98,7 +111,7 @@ def accept_totp_step(
         "AND EXISTS (SELECT 1 FROM methods m WHERE m.user_id = %(u)s AND m.method = 'authenticator' "
         "AND m.enabled_at IS NOT NULL AND m.secret = %(sealed)s) "
         "RETURNING (SELECT COUNT(*) FROM backup_codes b WHERE b.user_id = %(u)s AND b.used_at IS NULL) "
-        "AS backup_left",
+        "AS backup_left, credential_epoch",
         {
             "u": user_id,
             "s": step,
@@ -108,7 +121,7 @@ def accept_totp_step(
             "sealed": seen.authenticator_secret,
         },
     )
-    return None if row is None else int(row["backup_left"])
+    return None if row is None else AcceptedStep(int(row["backup_left"]), int(row["credential_epoch"]))
 
 
 def set_totp_step(tx: Transaction, user_id: str, step: int) -> None:
@@ -132,8 +145,8 @@ def reset_user(tx: Transaction, user_id: str) -> None:
         params,
     )
     tx.execute(
-        "UPDATE users SET failed_attempts = 0, locked_until = NULL, totp_last_step = NULL, "
-        "backup_codes_generated_at = NULL WHERE user_id = %(u)s",
+        "UPDATE users SET failed_attempts = 0, locked_until = NULL, totp_last_step = NULL, "  # noqa: S608
+        f"backup_codes_generated_at = NULL, {_NEW_EPOCH} WHERE user_id = %(u)s",
         params,
     )
 
@@ -185,6 +198,7 @@ def start_method_enrollment(
 
 def enable_method(tx: Transaction, user_id: str, method: str, now_ms: int) -> bool:
     """Turn a pending enrollment into an enabled method (the pending secret becomes the secret)."""
+    bump_credential_epoch(tx, user_id)
     return (
         tx.execute(
             "UPDATE methods SET enabled_at = %(now)s, pending_since = NULL, "
@@ -197,6 +211,7 @@ def enable_method(tx: Transaction, user_id: str, method: str, now_ms: int) -> bo
 
 
 def delete_method(tx: Transaction, user_id: str, method: str) -> None:
+    bump_credential_epoch(tx, user_id)
     tx.execute("DELETE FROM methods WHERE user_id = %(u)s AND method = %(m)s", {"u": user_id, "m": method})
 
 
@@ -215,14 +230,17 @@ def replace_backup_codes(
             {"u": user_id, "p": position, "h": code_hash, "c": ciphertext},
         )
     tx.execute(
-        "UPDATE users SET backup_codes_generated_at = %(now)s WHERE user_id = %(u)s",
+        f"UPDATE users SET backup_codes_generated_at = %(now)s, {_NEW_EPOCH} WHERE user_id = %(u)s",  # noqa: S608
         {"u": user_id, "now": now_ms},
     )
 
 
 def delete_backup_codes(tx: Transaction, user_id: str) -> None:
     tx.execute("DELETE FROM backup_codes WHERE user_id = %(u)s", {"u": user_id})
-    tx.execute("UPDATE users SET backup_codes_generated_at = NULL WHERE user_id = %(u)s", {"u": user_id})
+    tx.execute(
+        f"UPDATE users SET backup_codes_generated_at = NULL, {_NEW_EPOCH} WHERE user_id = %(u)s",  # noqa: S608
+        {"u": user_id},
+    )
 
 
 def unused_backup_codes(tx: Transaction, user_id: str) -> list[BackupCodeRecord]:

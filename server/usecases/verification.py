@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 from twofactor_server.domain import backup_codes, lockout, one_time_codes, totp
 from twofactor_server.domain.clock import Clock, now_ms
 from twofactor_server.domain.errors import FailedPrecondition, InvalidArgument
@@ -10,11 +12,11 @@ from twofactor_server.domain.models import Caller, CodeKind, Lock, VerifyOutcome
 from twofactor_server.settings import PolicySettings
 from twofactor_server.storage import store
 from twofactor_server.storage.database import Database, Transaction
-from twofactor_server.storage.records import VerifySnapshot
+from twofactor_server.storage.records import AcceptedStep, VerifySnapshot
 from twofactor_server.usecases import audit
 from twofactor_server.usecases.backup_codes import BackupCodes
 from twofactor_server.usecases.challenges import AUTHENTICATOR, EMAIL, LOGIN, SMS, Challenges
-from twofactor_server.usecases.users import count_failure, existing_user, usable_methods
+from twofactor_server.usecases.users import count_failure, existing_user, step_up_token, usable_methods
 
 
 class Verification:
@@ -40,7 +42,10 @@ class Verification:
         Invariants: a locked user is answered LOCKED without any code being checked; every
         code is accepted at most once (an authenticator step only moves forward, an emailed
         code and a backup code are consumed by conditional UPDATEs); a wrong code counts one
-        failure toward the lockout, a right one clears the count.
+        failure toward the lockout, a right one clears the count. The authenticator code that
+        was just accepted, sent again (same time step: a double submit), is REJECTED without
+        counting: it proves the user has the secret. An accepted code returns a step-up proof
+        (verification_token) for this user, API token and credential epoch.
         """
         digits = one_time_codes.normalize(code)
         backup = backup_codes.normalize(code)
@@ -50,7 +55,7 @@ class Verification:
             )
         now = now_ms(self._clock)
         if digits is not None and len(digits) == totp.DIGITS:
-            accepted = self._accept_authenticator_code_fast(user_id, digits, now)
+            accepted = self._accept_authenticator_code_fast(user_id, digits, now, caller)
             if accepted is not None:
                 return accepted
         with self._db.transaction() as tx:
@@ -65,9 +70,15 @@ class Verification:
             matched = None
             if digits is not None and AUTHENTICATOR in usable and len(digits) == totp.DIGITS:
                 seen = VerifySnapshot(user.failed_attempts, user.locked_until, methods[AUTHENTICATOR].secret)
-                left = self._accept_authenticator_code(tx, user_id, digits, seen, now)
-                if left is not None:
-                    return self._accepted(CodeKind.AUTHENTICATOR, left, now)
+                step = self._matching_step(user_id, digits, seen, now)
+                if step is not None and step == user.totp_last_step:
+                    # A double submit of the code just accepted: not a guess, so not a failure.
+                    return self._outcome(
+                        tx, user_id, VerifyResult.REJECTED, None, user.failed_attempts, None, now
+                    )
+                step_taken = None if step is None else store.accept_totp_step(tx, user_id, step, seen, now)
+                if step_taken is not None:
+                    return self._accepted(user_id, CodeKind.AUTHENTICATOR, step_taken, now, caller)
             if digits is not None and (EMAIL in usable or SMS in usable):
                 kind = self._challenges.match(tx, user_id, LOGIN, digits, now, method=None)
                 if kind in usable:
@@ -77,7 +88,9 @@ class Verification:
                 audit.record(tx, caller, now, user_id, "backup_code_used")
             if matched is not None:
                 store.record_success(tx, user_id, now)
-                return self._outcome(tx, user_id, VerifyResult.ACCEPTED, matched, 0, None, now)
+                outcome = self._outcome(tx, user_id, VerifyResult.ACCEPTED, matched, 0, None, now)
+                token = step_up_token(self._keyring, user_id, user.credential_epoch, caller, now)
+                return replace(outcome, verification_token=token)
             failures = count_failure(tx, caller, user_id, self._policy, now)
             lock = lockout.lock_of(
                 failures, lockout.locked_until_after(failures, self._policy, now), self._policy, now
@@ -85,7 +98,9 @@ class Verification:
             result = VerifyResult.LOCKED if lock is not None else VerifyResult.REJECTED
             return self._outcome(tx, user_id, result, None, failures, lock, now)
 
-    def _accept_authenticator_code_fast(self, user_id: str, digits: str, now: int) -> VerifyOutcome | None:
+    def _accept_authenticator_code_fast(
+        self, user_id: str, digits: str, now: int, caller: Caller
+    ) -> VerifyOutcome | None:
         """The common login, a right authenticator code, in two statements and no transaction.
 
         One read (lock state and sealed secret), the lock rule and the code checked here, then
@@ -101,32 +116,35 @@ class Verification:
                 return None
             if lockout.lock_of(seen.failed_attempts, seen.locked_until, self._policy, now) is not None:
                 return None
-            left = self._accept_authenticator_code(q, user_id, digits, seen, now)
-        return None if left is None else self._accepted(CodeKind.AUTHENTICATOR, left, now)
+            step = self._matching_step(user_id, digits, seen, now)
+            accepted = None if step is None else store.accept_totp_step(q, user_id, step, seen, now)
+        return (
+            None
+            if accepted is None
+            else self._accepted(user_id, CodeKind.AUTHENTICATOR, accepted, now, caller)
+        )
 
-    def _accept_authenticator_code(
-        self, tx: Transaction, user_id: str, digits: str, seen: VerifySnapshot, now: int
-    ) -> int | None:
-        """Accept `digits` if the sealed secret in `seen` shows them now and their step is new.
+    def _matching_step(self, user_id: str, digits: str, seen: VerifySnapshot, now: int) -> int | None:
+        """The time step at which the sealed secret in `seen` shows `digits` now, if any.
 
-        Invariant: an authenticator code is accepted once: the user's last step only moves
-        forward, decided by one conditional UPDATE that also clears the failure count.
-        Returns the unused backup codes on acceptance, None otherwise.
+        Accepting it is store.accept_totp_step's: an authenticator code is accepted once, the
+        user's last step only moves forward, decided by one conditional UPDATE that also
+        clears the failure count.
         """
         assert seen.authenticator_secret is not None
         secret = self._keyring.decrypt(seen.authenticator_secret, purpose=TOTP_SECRET, user_id=user_id)
-        step = totp.matching_step(secret, digits, now / 1000)
-        if step is None:
-            return None
-        return store.accept_totp_step(tx, user_id, step, seen, now)
+        return totp.matching_step(secret, digits, now / 1000)
 
-    def _accepted(self, kind: CodeKind, backup_left: int, now: int) -> VerifyOutcome:
+    def _accepted(
+        self, user_id: str, kind: CodeKind, accepted: AcceptedStep, now: int, caller: Caller
+    ) -> VerifyOutcome:
         return VerifyOutcome(
             result=VerifyResult.ACCEPTED,
             matched=kind,
             attempts_left=lockout.attempts_left(0, self._policy),
-            backup_codes_remaining=backup_left,
+            backup_codes_remaining=accepted.backup_left,
             now_ms=now,
+            verification_token=step_up_token(self._keyring, user_id, accepted.credential_epoch, caller, now),
         )
 
     def _outcome(
