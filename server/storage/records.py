@@ -39,10 +39,12 @@ class MethodRecord:
 
 @dataclass(frozen=True, slots=True)
 class VerifySnapshot:
-    """What the accepted-authenticator fast path reads: the lock state and the sealed secret."""
+    """What the accepted-authenticator fast path reads: the lock state, the last accepted step and
+    the sealed secret."""
 
     failed_attempts: int
     locked_until: int | None
+    totp_last_step: int | None
     authenticator_secret: bytes | None
 
 

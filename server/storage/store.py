@@ -81,9 +81,11 @@ def record_success(tx: Transaction, user_id: str, now_ms: int) -> None:
 
 
 def verify_snapshot(tx: Transaction, user_id: str) -> VerifySnapshot | None:
-    """The user's lock state and enabled authenticator secret, in one read (None: unknown user)."""
+    """The user's lock state, last accepted step and enabled authenticator secret, in one read
+    (None: unknown user)."""
     row = tx.one(
-        "SELECT u.failed_attempts, u.locked_until, m.secret AS authenticator_secret FROM users u "
+        "SELECT u.failed_attempts, u.locked_until, u.totp_last_step, m.secret AS authenticator_secret "
+        "FROM users u "
         "LEFT JOIN methods m ON m.user_id = u.user_id AND m.method = 'authenticator' "
         "AND m.enabled_at IS NOT NULL WHERE u.user_id = %(u)s",
         {"u": user_id},
@@ -91,35 +93,56 @@ def verify_snapshot(tx: Transaction, user_id: str) -> VerifySnapshot | None:
     return None if row is None else VerifySnapshot(**row)
 
 
+def reserve_attempt(
+    tx: Transaction, user_id: str, seen: VerifySnapshot, *, failed_attempts: int, locked_until: int | None
+) -> bool:
+    """Count an attempt before its code is checked: set the counters to what one more failure
+    makes of `seen`, if they are still what was read. False when another attempt moved them."""
+    return (
+        tx.execute(
+            "UPDATE users SET failed_attempts = %(f)s, locked_until = %(l)s "
+            "WHERE user_id = %(u)s AND failed_attempts = %(seen_f)s "
+            "AND COALESCE(locked_until, -1) = COALESCE(%(seen_l)s, -1)",
+            {
+                "u": user_id,
+                "f": failed_attempts,
+                "l": locked_until,
+                "seen_f": seen.failed_attempts,
+                "seen_l": seen.locked_until,
+            },
+        )
+        == 1
+    )
+
+
+def set_attempts(tx: Transaction, user_id: str, failed_attempts: int, locked_until: int | None) -> None:
+    tx.execute(
+        "UPDATE users SET failed_attempts = %(f)s, locked_until = %(l)s WHERE user_id = %(u)s",
+        {"u": user_id, "f": failed_attempts, "l": locked_until},
+    )
+
+
 def accept_totp_step(
-    tx: Transaction, user_id: str, step: int, seen: VerifySnapshot, now_ms: int
+    tx: Transaction, user_id: str, step: int, sealed_secret: bytes, now_ms: int
 ) -> AcceptedStep | None:
-    """Accept an authenticator code's time step in one atomic statement; return the unused backup
-    codes and the credential epoch.
+    """Accept an authenticator code's time step in one atomic statement, clearing the failure
+    count; return the unused backup codes and the credential epoch.
 
     The step is the replay guard (RFC 6238 §5.2): it must be newer than every step accepted
-    before. The rest is compare-and-swap on what the caller read and judged (`seen`): the lock
-    state and the sealed secret. None when anything moved since: the step was used, a failure
-    was counted, or the secret was replaced. The caller then decides under the user's row lock.
+    before. The sealed secret must still be the enabled one the code was checked against.
+    None when the step was used or the secret replaced. The attempt was counted before the
+    code was checked (reserve_attempt, or the row lock of the locking path), so accepting
+    need not compare the counters.
     """
     row = tx.one(
         "UPDATE users SET totp_last_step = %(s)s, failed_attempts = 0, locked_until = NULL, "
         "last_verified_at = %(now)s "
         "WHERE user_id = %(u)s AND (totp_last_step IS NULL OR totp_last_step < %(s)s) "
-        "AND failed_attempts = %(failures)s "
-        "AND COALESCE(locked_until, -1) = COALESCE(%(locked)s, -1) "
         "AND EXISTS (SELECT 1 FROM methods m WHERE m.user_id = %(u)s AND m.method = 'authenticator' "
         "AND m.enabled_at IS NOT NULL AND m.secret = %(sealed)s) "
         "RETURNING (SELECT COUNT(*) FROM backup_codes b WHERE b.user_id = %(u)s AND b.used_at IS NULL) "
         "AS backup_left, credential_epoch",
-        {
-            "u": user_id,
-            "s": step,
-            "now": now_ms,
-            "failures": seen.failed_attempts,
-            "locked": seen.locked_until,
-            "sealed": seen.authenticator_secret,
-        },
+        {"u": user_id, "s": step, "now": now_ms, "sealed": sealed_secret},
     )
     return None if row is None else AcceptedStep(int(row["backup_left"]), int(row["credential_epoch"]))
 

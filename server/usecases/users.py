@@ -96,13 +96,32 @@ def refuse_if_locked(user: UserRecord, policy: PolicySettings, now: int) -> None
 def count_failure(tx: Transaction, caller: Caller, user_id: str, policy: PolicySettings, now: int) -> int:
     """Count one more consecutive wrong code, locking the user past a threshold; return the count."""
     failures = store.add_failure(tx, user_id)
-    until = lockout.locked_until_after(failures, policy, now)
-    permanent = failures >= policy.max_consecutive_failures
-    if until is not None or permanent:
+    locks, until = lock_after_failures(failures, policy, now)
+    if locks:
         store.set_locked_until(tx, user_id, until)
-        detail = "until unlocked" if permanent else f"{(until or now) - now} ms after {failures} failures"
-        audit.record(tx, caller, now, user_id, "user_locked", detail=detail)
+        audit_lock(tx, caller, user_id, failures, until, policy, now)
     return failures
+
+
+def lock_after_failures(failures: int, policy: PolicySettings, now: int) -> tuple[bool, int | None]:
+    """Whether `failures` consecutive failures, counted now, lock the user, and until when
+    (None with True: until an admin unlocks)."""
+    until = lockout.locked_until_after(failures, policy, now)
+    return until is not None or failures >= policy.max_consecutive_failures, until
+
+
+def audit_lock(
+    tx: Transaction,
+    caller: Caller,
+    user_id: str,
+    failures: int,
+    until: int | None,
+    policy: PolicySettings,
+    now: int,
+) -> None:
+    permanent = failures >= policy.max_consecutive_failures
+    detail = "until unlocked" if permanent else f"{(until or now) - now} ms after {failures} failures"
+    audit.record(tx, caller, now, user_id, "user_locked", detail=detail)
 
 
 def user_state(

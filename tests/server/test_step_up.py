@@ -272,9 +272,12 @@ def test_fifty_concurrent_submits_of_one_right_code_accept_one_and_lock_nobody(
     with ThreadPoolExecutor(max_workers=50) as pool:
         responses = list(pool.map(lambda _: verify(harness, "jon", code), range(50)))
     assert sum(r.result == pb.VERIFY_RESULT_ACCEPTED for r in responses) == 1
-    assert all(
-        r.result == pb.VERIFY_RESULT_REJECTED for r in responses if r.result != pb.VERIFY_RESULT_ACCEPTED
-    )
+    # Every submit is counted before its code is decided on (so concurrency can't widen the
+    # lockout); if five are in flight before the winner settles, a few may meet that passing
+    # lock. None is left counted once all are answered, and none is accepted twice.
+    others = [r for r in responses if r.result != pb.VERIFY_RESULT_ACCEPTED]
+    assert all(r.result in (pb.VERIFY_RESULT_REJECTED, pb.VERIFY_RESULT_LOCKED) for r in others)
+    assert not any(r.verification_token for r in others)
     user = harness.admin.GetUser(admin_pb.GetUserRequest(user_id="jon"), metadata=harness.admin_metadata).user
     assert user.failed_attempts == 0 and not user.HasField("locked_until") and not user.locked_permanently
     clock.advance(30)
