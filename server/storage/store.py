@@ -294,6 +294,30 @@ def use_backup_code(tx: Transaction, user_id: str, position: int, now_ms: int) -
     )
 
 
+# ---- SMS send counts -------------------------------------------------------
+
+
+def take_sms_send(tx: Transaction, hour: int, country: str, cap: int) -> bool:
+    """Count one text in (hour, country) if fewer than `cap` were counted; False at the cap.
+
+    One conditional UPDATE decides, so concurrent senders can't pass the cap; earlier hours
+    are dropped on the way."""
+    tx.execute("DELETE FROM sms_send_counts WHERE hour < %(h)s", {"h": hour})
+    tx.execute(
+        "INSERT INTO sms_send_counts (hour, country, sends) VALUES (%(h)s, %(c)s, 0) "
+        "ON CONFLICT (hour, country) DO NOTHING",
+        {"h": hour, "c": country},
+    )
+    return (
+        tx.execute(
+            "UPDATE sms_send_counts SET sends = sends + 1 "
+            "WHERE hour = %(h)s AND country = %(c)s AND sends < %(cap)s",
+            {"h": hour, "c": country, "cap": cap},
+        )
+        == 1
+    )
+
+
 # ---- audit -----------------------------------------------------------------
 
 

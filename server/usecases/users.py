@@ -13,6 +13,7 @@ from twofactor_server.storage import store
 from twofactor_server.storage.database import Database, Transaction
 from twofactor_server.storage.records import MethodRecord, UserRecord
 from twofactor_server.usecases import audit
+from twofactor_server.usecases.sms_guard import require_sms_country
 
 
 def existing_user(tx: Transaction, user_id: str, *, lock: bool = False) -> UserRecord:
@@ -179,6 +180,8 @@ class UserProfiles:
             raise InvalidArgument("INVALID_EMAIL", "email is not a valid address")
         if phone and not contacts.is_valid_phone(phone):
             raise InvalidArgument("INVALID_PHONE", "phone must be in E.164 form, like +14155550123")
+        if phone:
+            require_sms_country(phone, self._policy)
         now = now_ms(self._clock)
         with self._db.transaction() as tx:
             store.ensure_user(tx, user_id, now)

@@ -14,7 +14,10 @@ whose reason names the problem:
                        CONTACT_MISSING, NO_PENDING_ENROLLMENT, ...).
                        STEP_UP_REQUIRED: a sensitive call for an enrolled
                        user needs a fresh verification_token from Verify.
-  RESOURCE_EXHAUSTED   a send limit; google.rpc.RetryInfo says when to retry.
+                       SMS_COUNTRY_NOT_ALLOWED: the number's country is
+                       not in TWOFACTOR_SMS_ALLOWED_COUNTRIES.
+  RESOURCE_EXHAUSTED   a send limit; google.rpc.RetryInfo says when to retry
+                       (RESEND_TOO_SOON, ..., SMS_COUNTRY_LIMIT, SMS_GLOBAL_LIMIT).
   UNAVAILABLE          retry the same call later (BROKER_UNAVAILABLE, ...).
 A wrong code is not an error: Verify answers VERIFY_RESULT_REJECTED.
 """
