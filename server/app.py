@@ -101,7 +101,7 @@ def create_server(
         challenges = Challenges(db, keyring, policy, dispatcher, clock)
         backup_codes = BackupCodes(db, keyring, policy, clock)
         twofactor_servicer = TwoFactorServicer(
-            profiles=UserProfiles(db, policy, clock),
+            profiles=UserProfiles(db, keyring, policy, clock),
             enrollment=Enrollment(db, keyring, policy, challenges, backup_codes, clock),
             challenges=challenges,
             verification=Verification(db, keyring, policy, challenges, backup_codes, clock),

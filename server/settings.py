@@ -36,6 +36,14 @@ class PolicySettings:
     lockout_base_seconds: int = 60
     lockout_max_seconds: int = 86400
     max_consecutive_failures: int = 100  # NIST SP 800-63B §5.2.2
+    # Sensitive calls for an enrolled user need a recent verification_token from Verify.
+    step_up_required: bool = True
+    step_up_seconds: int = 300
+    # SMS pumping guard: ISO 3166 countries numbers may be in (empty: all), and texts per clock
+    # hour per country and in all (0: no cap).
+    sms_allowed_countries: tuple[str, ...] = ()
+    sms_per_country_per_hour: int = 0
+    sms_per_hour: int = 0
 
 
 @dataclass(frozen=True)
@@ -128,6 +136,11 @@ class Settings:
             max_consecutive_failures=env.int(
                 "MAX_CONSECUTIVE_FAILURES", defaults.max_consecutive_failures, 1, 100
             ),
+            step_up_required=env.choice("STEP_UP", "required", ("required", "off")) == "required",
+            step_up_seconds=env.int("STEP_UP_SECONDS", defaults.step_up_seconds, 10, 86400),
+            sms_allowed_countries=env.countries("SMS_ALLOWED_COUNTRIES"),
+            sms_per_country_per_hour=env.int("SMS_PER_COUNTRY_PER_HOUR", 0, 0, 10**7),
+            sms_per_hour=env.int("SMS_PER_HOUR", 0, 0, 10**7),
         )
         if policy.lockout_threshold > policy.max_consecutive_failures:
             raise SettingsError("TWOFACTOR_LOCKOUT_THRESHOLD exceeds TWOFACTOR_MAX_CONSECUTIVE_FAILURES")
@@ -243,6 +256,22 @@ class _Env:
                 f"{self.PREFIX}{name} must list some of {', '.join(METHOD_NAMES)}, got {value!r}"
             )
         return methods
+
+    def countries(self, name: str) -> tuple[str, ...]:
+        """ISO 3166-1 alpha-2 codes separated by commas, as libphonenumber knows them (GB, not UK)."""
+        import phonenumbers  # only here: the rest of the settings need no phone library
+
+        value = self._raw(name)
+        if value is None:
+            return ()
+        codes = tuple(dict.fromkeys(c.strip().upper() for c in value.split(",") if c.strip()))
+        unknown = [c for c in codes if c not in phonenumbers.SUPPORTED_REGIONS]
+        if unknown:
+            raise SettingsError(
+                f"{self.PREFIX}{name} must list ISO 3166 country codes like US,CA,GB; "
+                f"unknown: {', '.join(unknown)}"
+            )
+        return codes
 
     def tokens(self, name: str) -> tuple[TokenSetting, ...]:
         """TWOFACTOR_TOKENS: `name:scope+scope:sha256hex` entries separated by commas.

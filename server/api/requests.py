@@ -11,6 +11,7 @@ from __future__ import annotations
 from twofactor.v1 import common_pb2 as common_pb
 
 from twofactor_server.api.convert import METHOD_FROM_PROTO
+from twofactor_server.domain import step_up
 from twofactor_server.domain.errors import InvalidArgument
 from twofactor_server.domain.models import MAX_USER_ID_BYTES
 
@@ -44,6 +45,16 @@ def bounded(value: str, *, field: str, reason: str, max_bytes: int, required: bo
         requirement = f"1 to {max_bytes}" if required else f"at most {max_bytes}"
         raise InvalidArgument(reason, f"{field} must be {requirement} bytes of printable text")
     return value
+
+
+def verification_token(value: str) -> str:
+    """A step-up proof as sent; whether it is valid is the use case's question (STEP_UP_REQUIRED)."""
+    return bounded(
+        value,
+        field="verification_token",
+        reason="INVALID_VERIFICATION_TOKEN",
+        max_bytes=step_up.MAX_TOKEN_CHARS,
+    )
 
 
 def code(value: str) -> str:

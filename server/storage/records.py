@@ -16,6 +16,7 @@ class UserRecord:
     locked_until: int | None
     totp_last_step: int | None
     backup_codes_generated_at: int | None
+    credential_epoch: int  # moves on with every credential change; step-up proofs carry it
 
 
 @dataclass(frozen=True, slots=True)
@@ -38,11 +39,21 @@ class MethodRecord:
 
 @dataclass(frozen=True, slots=True)
 class VerifySnapshot:
-    """What the accepted-authenticator fast path reads: the lock state and the sealed secret."""
+    """What the accepted-authenticator fast path reads: the lock state, the last accepted step and
+    the sealed secret."""
 
     failed_attempts: int
     locked_until: int | None
+    totp_last_step: int | None
     authenticator_secret: bytes | None
+
+
+@dataclass(frozen=True, slots=True)
+class AcceptedStep:
+    """What accepting an authenticator code returns: the unused backup codes and the epoch."""
+
+    backup_left: int
+    credential_epoch: int
 
 
 @dataclass(frozen=True, slots=True)

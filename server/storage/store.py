@@ -15,6 +15,7 @@ from collections.abc import Iterable
 from twofactor_server.domain.models import AuditEvent
 from twofactor_server.storage.database import Transaction
 from twofactor_server.storage.records import (
+    AcceptedStep,
     BackupCodeRecord,
     MethodRecord,
     UserRecord,
@@ -22,6 +23,14 @@ from twofactor_server.storage.records import (
 )
 
 # ---- users -----------------------------------------------------------------
+
+# Every statement that changes a credential (a method, a contact, the backup codes, a reset)
+# moves the user's credential epoch on, so step-up proofs issued before it stop working.
+_NEW_EPOCH = "credential_epoch = credential_epoch + 1"
+
+
+def bump_credential_epoch(tx: Transaction, user_id: str) -> None:
+    tx.execute(f"UPDATE users SET {_NEW_EPOCH} WHERE user_id = %(u)s", {"u": user_id})  # noqa: S608
 
 
 def ensure_user(tx: Transaction, user_id: str, now_ms: int) -> None:
@@ -40,7 +49,10 @@ def get_user(tx: Transaction, user_id: str, *, lock: bool = False) -> UserRecord
 
 def set_contact(tx: Transaction, user_id: str, column: str, value: str | None) -> None:
     assert column in ("email", "phone")
-    tx.execute(f"UPDATE users SET {column} = %(v)s WHERE user_id = %(u)s", {"u": user_id, "v": value})  # noqa: S608
+    tx.execute(
+        f"UPDATE users SET {column} = %(v)s, {_NEW_EPOCH} WHERE user_id = %(u)s",  # noqa: S608
+        {"u": user_id, "v": value},
+    )
 
 
 def add_failure(tx: Transaction, user_id: str) -> int:
@@ -69,9 +81,11 @@ def record_success(tx: Transaction, user_id: str, now_ms: int) -> None:
 
 
 def verify_snapshot(tx: Transaction, user_id: str) -> VerifySnapshot | None:
-    """The user's lock state and enabled authenticator secret, in one read (None: unknown user)."""
+    """The user's lock state, last accepted step and enabled authenticator secret, in one read
+    (None: unknown user)."""
     row = tx.one(
-        "SELECT u.failed_attempts, u.locked_until, m.secret AS authenticator_secret FROM users u "
+        "SELECT u.failed_attempts, u.locked_until, u.totp_last_step, m.secret AS authenticator_secret "
+        "FROM users u "
         "LEFT JOIN methods m ON m.user_id = u.user_id AND m.method = 'authenticator' "
         "AND m.enabled_at IS NOT NULL WHERE u.user_id = %(u)s",
         {"u": user_id},
@@ -79,36 +93,58 @@ def verify_snapshot(tx: Transaction, user_id: str) -> VerifySnapshot | None:
     return None if row is None else VerifySnapshot(**row)
 
 
+def reserve_attempt(
+    tx: Transaction, user_id: str, seen: VerifySnapshot, *, failed_attempts: int, locked_until: int | None
+) -> bool:
+    """Count an attempt before its code is checked: set the counters to what one more failure
+    makes of `seen`, if they are still what was read. False when another attempt moved them."""
+    return (
+        tx.execute(
+            "UPDATE users SET failed_attempts = %(f)s, locked_until = %(l)s "
+            "WHERE user_id = %(u)s AND failed_attempts = %(seen_f)s "
+            "AND COALESCE(locked_until, -1) = COALESCE(%(seen_l)s, -1)",
+            {
+                "u": user_id,
+                "f": failed_attempts,
+                "l": locked_until,
+                "seen_f": seen.failed_attempts,
+                "seen_l": seen.locked_until,
+            },
+        )
+        == 1
+    )
+
+
+def set_attempts(tx: Transaction, user_id: str, failed_attempts: int, locked_until: int | None) -> None:
+    tx.execute(
+        "UPDATE users SET failed_attempts = %(f)s, locked_until = %(l)s WHERE user_id = %(u)s",
+        {"u": user_id, "f": failed_attempts, "l": locked_until},
+    )
+
+
 def accept_totp_step(
-    tx: Transaction, user_id: str, step: int, seen: VerifySnapshot, now_ms: int
-) -> int | None:
-    """Accept an authenticator code's time step in one atomic statement; return the unused backup codes.
+    tx: Transaction, user_id: str, step: int, sealed_secret: bytes, now_ms: int
+) -> AcceptedStep | None:
+    """Accept an authenticator code's time step in one atomic statement, clearing the failure
+    count; return the unused backup codes and the credential epoch.
 
     The step is the replay guard (RFC 6238 §5.2): it must be newer than every step accepted
-    before. The rest is compare-and-swap on what the caller read and judged (`seen`): the lock
-    state and the sealed secret. None when anything moved since: the step was used, a failure
-    was counted, or the secret was replaced. The caller then decides under the user's row lock.
+    before. The sealed secret must still be the enabled one the code was checked against.
+    None when the step was used or the secret replaced. The attempt was counted before the
+    code was checked (reserve_attempt, or the row lock of the locking path), so accepting
+    need not compare the counters.
     """
     row = tx.one(
         "UPDATE users SET totp_last_step = %(s)s, failed_attempts = 0, locked_until = NULL, "
         "last_verified_at = %(now)s "
         "WHERE user_id = %(u)s AND (totp_last_step IS NULL OR totp_last_step < %(s)s) "
-        "AND failed_attempts = %(failures)s "
-        "AND COALESCE(locked_until, -1) = COALESCE(%(locked)s, -1) "
         "AND EXISTS (SELECT 1 FROM methods m WHERE m.user_id = %(u)s AND m.method = 'authenticator' "
         "AND m.enabled_at IS NOT NULL AND m.secret = %(sealed)s) "
         "RETURNING (SELECT COUNT(*) FROM backup_codes b WHERE b.user_id = %(u)s AND b.used_at IS NULL) "
-        "AS backup_left",
-        {
-            "u": user_id,
-            "s": step,
-            "now": now_ms,
-            "failures": seen.failed_attempts,
-            "locked": seen.locked_until,
-            "sealed": seen.authenticator_secret,
-        },
+        "AS backup_left, credential_epoch",
+        {"u": user_id, "s": step, "now": now_ms, "sealed": sealed_secret},
     )
-    return None if row is None else int(row["backup_left"])
+    return None if row is None else AcceptedStep(int(row["backup_left"]), int(row["credential_epoch"]))
 
 
 def set_totp_step(tx: Transaction, user_id: str, step: int) -> None:
@@ -132,8 +168,8 @@ def reset_user(tx: Transaction, user_id: str) -> None:
         params,
     )
     tx.execute(
-        "UPDATE users SET failed_attempts = 0, locked_until = NULL, totp_last_step = NULL, "
-        "backup_codes_generated_at = NULL WHERE user_id = %(u)s",
+        "UPDATE users SET failed_attempts = 0, locked_until = NULL, totp_last_step = NULL, "  # noqa: S608
+        f"backup_codes_generated_at = NULL, {_NEW_EPOCH} WHERE user_id = %(u)s",
         params,
     )
 
@@ -185,6 +221,7 @@ def start_method_enrollment(
 
 def enable_method(tx: Transaction, user_id: str, method: str, now_ms: int) -> bool:
     """Turn a pending enrollment into an enabled method (the pending secret becomes the secret)."""
+    bump_credential_epoch(tx, user_id)
     return (
         tx.execute(
             "UPDATE methods SET enabled_at = %(now)s, pending_since = NULL, "
@@ -197,6 +234,7 @@ def enable_method(tx: Transaction, user_id: str, method: str, now_ms: int) -> bo
 
 
 def delete_method(tx: Transaction, user_id: str, method: str) -> None:
+    bump_credential_epoch(tx, user_id)
     tx.execute("DELETE FROM methods WHERE user_id = %(u)s AND method = %(m)s", {"u": user_id, "m": method})
 
 
@@ -215,14 +253,17 @@ def replace_backup_codes(
             {"u": user_id, "p": position, "h": code_hash, "c": ciphertext},
         )
     tx.execute(
-        "UPDATE users SET backup_codes_generated_at = %(now)s WHERE user_id = %(u)s",
+        f"UPDATE users SET backup_codes_generated_at = %(now)s, {_NEW_EPOCH} WHERE user_id = %(u)s",  # noqa: S608
         {"u": user_id, "now": now_ms},
     )
 
 
 def delete_backup_codes(tx: Transaction, user_id: str) -> None:
     tx.execute("DELETE FROM backup_codes WHERE user_id = %(u)s", {"u": user_id})
-    tx.execute("UPDATE users SET backup_codes_generated_at = NULL WHERE user_id = %(u)s", {"u": user_id})
+    tx.execute(
+        f"UPDATE users SET backup_codes_generated_at = NULL, {_NEW_EPOCH} WHERE user_id = %(u)s",  # noqa: S608
+        {"u": user_id},
+    )
 
 
 def unused_backup_codes(tx: Transaction, user_id: str) -> list[BackupCodeRecord]:
@@ -248,6 +289,30 @@ def use_backup_code(tx: Transaction, user_id: str, position: int, now_ms: int) -
             "UPDATE backup_codes SET used_at = %(now)s "
             "WHERE user_id = %(u)s AND position = %(p)s AND used_at IS NULL",
             {"u": user_id, "p": position, "now": now_ms},
+        )
+        == 1
+    )
+
+
+# ---- SMS send counts -------------------------------------------------------
+
+
+def take_sms_send(tx: Transaction, hour: int, country: str, cap: int) -> bool:
+    """Count one text in (hour, country) if fewer than `cap` were counted; False at the cap.
+
+    One conditional UPDATE decides, so concurrent senders can't pass the cap; earlier hours
+    are dropped on the way."""
+    tx.execute("DELETE FROM sms_send_counts WHERE hour < %(h)s", {"h": hour})
+    tx.execute(
+        "INSERT INTO sms_send_counts (hour, country, sends) VALUES (%(h)s, %(c)s, 0) "
+        "ON CONFLICT (hour, country) DO NOTHING",
+        {"h": hour, "c": country},
+    )
+    return (
+        tx.execute(
+            "UPDATE sms_send_counts SET sends = sends + 1 "
+            "WHERE hour = %(h)s AND country = %(c)s AND sends < %(cap)s",
+            {"h": hour, "c": country, "cap": cap},
         )
         == 1
     )

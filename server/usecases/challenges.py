@@ -16,6 +16,7 @@ from twofactor_server.storage import outbox, store
 from twofactor_server.storage.database import Database, Transaction
 from twofactor_server.storage.records import ChallengeRecord, NewChallenge
 from twofactor_server.usecases import audit
+from twofactor_server.usecases.sms_guard import take_sms_quota
 from twofactor_server.usecases.users import existing_user, require_allowed, usable_methods
 
 AUTHENTICATOR, EMAIL, SMS = "authenticator", "email", "sms"
@@ -104,6 +105,8 @@ class Challenges:
                 if earlier is not None:
                     outbox.forget_idempotency_key(tx, earlier.challenge_id)
             self._enforce_send_limits(tx, user_id, destination, now)
+            if method == SMS:
+                take_sms_quota(tx, destination, policy, now)
             code = one_time_codes.new_code(policy.code_length)
             challenge_id = uuid.uuid4().hex
             outbox.supersede_challenges(tx, user_id, purpose, method if purpose == ENROLLMENT else None, now)

@@ -225,9 +225,13 @@ def test_re_enrolling_right_after_a_login_accepts_the_new_apps_current_code(
     harness: Harness, clock: Clock
 ) -> None:
     old_secret, _ = enroll_authenticator(harness, clock, "ivan")
-    assert verify(harness, "ivan", totp_now(old_secret, clock)).result == pb.VERIFY_RESULT_ACCEPTED
+    login = verify(harness, "ivan", totp_now(old_secret, clock))
+    assert login.result == pb.VERIFY_RESULT_ACCEPTED
     new_secret = harness.twofactor.StartEnrollment(
-        pb.StartEnrollmentRequest(user_id="ivan", method=AUTHENTICATOR), metadata=harness.app_metadata
+        pb.StartEnrollmentRequest(
+            user_id="ivan", method=AUTHENTICATOR, verification_token=login.verification_token
+        ),
+        metadata=harness.app_metadata,
     ).authenticator.secret
     # Same time step as the login a moment ago, but another secret: not a replay.
     confirm = harness.twofactor.ConfirmEnrollment(

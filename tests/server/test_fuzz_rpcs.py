@@ -182,11 +182,12 @@ def fuzzed(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFact
 
 def seed(h: Harness, clock: Clock) -> None:
     tf = twofactor_service_pb2
-    enroll_authenticator(h, clock, "ana")
+    # Contacts first: once ana has a method, changing them needs a step-up proof.
     h.twofactor.SetContact(
         tf.SetContactRequest(user_id="ana", email="ana@example.com", phone="+14155550123"),
         metadata=h.app_metadata,
     )
+    enroll_authenticator(h, clock, "ana")
     h.twofactor.SetContact(
         tf.SetContactRequest(user_id="bob", email="bob@example.com", phone="+14155550124"),
         metadata=h.app_metadata,
