@@ -66,9 +66,12 @@ def codes_by_recipient(sink: SmtpSink) -> dict[str, str]:
     return {str(m["To"]): code_in(m) for m in sink.messages}
 
 
-def wait_for_log(workers: Workers, pattern: str, timeout: float = 90) -> None:
+NOTHING_TO_DO = r"succeeded in [\d.]+s: 'nothing_to_do'"
+
+
+def wait_for_log(workers: Workers, pattern: str, *, count: int = 1, timeout: float = 90) -> None:
     deadline = time.monotonic() + timeout
-    while not re.search(pattern, workers.logs()):
+    while len(re.findall(pattern, workers.logs())) < count:
         assert time.monotonic() < deadline, f"no {pattern!r} in the worker logs:\n{workers.logs()[-3000:]}"
         time.sleep(0.1)
 
@@ -187,11 +190,20 @@ def test_two_workers_racing_for_one_challenge_send_it_once(
         workers.start(concurrency=1)
         challenge = start_email_enrollment(h, "fay")
         assert sink.recipient_held.wait(90), "no worker reached the SMTP server"
-        # The same message again, as a redelivery would bring it: the other worker takes it.
+        with psycopg.connect(h.settings.database_url) as conn:
+            row = conn.execute(
+                "SELECT publish_generation, delivery_status FROM challenges WHERE challenge_id = %s",
+                (challenge.challenge_id,),
+            ).fetchone()
+        assert row is not None and row[1] == "sending"
+        # The current message again, as a redelivery would bring it: the other worker takes it.
+        no_ops = len(re.findall(NOTHING_TO_DO, workers.logs()))
         duplicate = CeleryDispatcher(h.settings)
-        duplicate.dispatch(challenge.challenge_id, 0)
+        duplicate.dispatch(challenge.challenge_id, row[0])
         duplicate.close()
-        wait_for_log(workers, r"succeeded in [\d.]+s: 'nothing_to_do'")
+        wait_for_log(workers, NOTHING_TO_DO, count=no_ops + 1)
+        assert sink.recipient_held.is_set() and not sink.release.is_set()
+        assert sink.messages == []  # the other worker did not send while the first held the lease
         sink.release.set()
         sent = wait_for_status(h, "fay", challenge.challenge_id, common_pb2.DELIVERY_STATUS_SENT)
         assert sent.delivery_attempts == 2  # the held attempt (refused with 451), then its retry
