@@ -4,10 +4,12 @@ PostgreSQL stop private instances of their own."""
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import re
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -15,6 +17,7 @@ from pathlib import Path
 import grpc
 import psycopg
 import pytest
+from aiosmtpd.smtp import SMTP, Envelope, Session
 from twofactor.v1 import common_pb2, twofactor_service_pb2_grpc
 from twofactor.v1 import twofactor_service_pb2 as pb
 
@@ -28,6 +31,7 @@ from tests.workers.celery_harness import (
     private_postgres,
     private_redis,
     register,
+    sigkill,
     start_email_enrollment,
     wait_for_status,
 )
@@ -208,6 +212,43 @@ def test_two_workers_racing_for_one_challenge_send_it_once(
         sent = wait_for_status(h, "fay", challenge.challenge_id, common_pb2.DELIVERY_STATUS_SENT)
         assert sent.delivery_attempts == 2  # the held attempt (refused with 451), then its retry
         assert len(sink.messages) == 1
+
+
+class SinkHoldingAfterFirstData(SmtpSink):
+    """Accepts the first message, then holds the session before answering: the sender dies
+    after the relay has the message and before it hears so (a slow SMTP DATA)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.data_held = threading.Event()
+
+    async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
+        reply = await super().handle_DATA(server, session, envelope)
+        if not self.data_held.is_set():
+            self.data_held.set()
+            await asyncio.get_running_loop().run_in_executor(None, self.release.wait, 60)
+        return reply
+
+
+def test_worker_killed_during_data_sends_again_with_the_same_code_and_message_id(
+    start_server: ServerFactory, queue: str, workers_for: Callable[[Harness], Workers]
+) -> None:
+    with running_sink(SinkHoldingAfterFirstData()) as sink:
+        h = celery_server(start_server, sink, queue, delivery_lease_seconds=3.0)
+        workers = workers_for(h)
+        first = workers.start(concurrency=1)
+        challenge = start_email_enrollment(h, "hal")
+        assert sink.data_held.wait(90), "the worker never sent DATA"
+        for pid in workers.children(first):
+            sigkill(pid)  # the relay has the message; the worker never records SENT
+        workers.start(concurrency=1)
+        sent = wait_for_status(h, "hal", challenge.challenge_id, common_pb2.DELIVERY_STATUS_SENT)
+        sink.release.set()
+        # At least once: delivered twice, with one code and one Message-ID.
+        assert len(sink.messages) == 2 and sent.delivery_attempts == 2
+        assert {code_in(m) for m in sink.messages} == {code_in(sink.messages[0])}
+        assert {m["Message-ID"] for m in sink.messages} == {f"<{challenge.challenge_id}@example.com>"}
+        assert confirm(h, "hal", code_in(sink.messages[0]))
 
 
 def test_a_worker_error_is_retried_until_the_code_expires_then_failed_with_the_reason(
