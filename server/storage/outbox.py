@@ -117,11 +117,13 @@ def void_unpublished(tx: Transaction, challenge_id: str, now_ms: int) -> bool:
 def live_challenges(
     tx: Transaction, user_id: str, purpose: str, now_ms: int, max_attempts: int
 ) -> list[ChallengeRecord]:
-    """Published codes that can still be accepted, newest first."""
+    """Codes that can still be accepted, newest first: published ones, and any a worker already
+    took (its message got through though the publish was not recorded yet)."""
     rows = tx.all(
         "SELECT * FROM challenges WHERE user_id = %(u)s AND purpose = %(p)s AND consumed_at IS NULL "
         "AND superseded_at IS NULL AND expires_at > %(now)s AND attempts < %(max)s "
-        "AND published_at IS NOT NULL AND delivery_status NOT IN ('failed', 'void') "
+        "AND (published_at IS NOT NULL OR delivery_status IN ('sending', 'sent')) "
+        "AND delivery_status NOT IN ('failed', 'void') "
         "ORDER BY created_at DESC",
         {"u": user_id, "p": purpose, "now": now_ms, "max": max_attempts},
     )
