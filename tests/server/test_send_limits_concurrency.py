@@ -15,7 +15,7 @@ from twofactor.v1 import twofactor_service_pb2 as pb
 
 from tests.server.helpers import EMAIL, error_info
 from tests.server.serve_process import APP_METADATA, ServeProcess, serve_env
-from tests.smtp_sink import SmtpSink, running_sink
+from tests.smtp_sink import SmtpSink, code_in, running_sink
 
 SHARED = "family@example.com"
 LIMIT = 10  # the default TWOFACTOR_SENDS_PER_DESTINATION_PER_HOUR
@@ -77,6 +77,43 @@ def test_forty_users_sharing_an_address_get_exactly_the_limit_from_two_servers(
                 time.sleep(0.05)
         assert len(sink.messages) == LIMIT
         assert {m["To"] for m in sink.messages} == {SHARED}
+    finally:
+        for server in servers:
+            server.stop()
+
+
+def test_twenty_concurrent_sends_to_one_user_get_exactly_the_user_limit_from_two_servers(
+    sink: SmtpSink, database_url: str, tmp_path: Path
+) -> None:
+    env = serve_env(
+        tmp_path / "data", database_url, sink, RESEND_COOLDOWN_SECONDS="0", SENDS_PER_USER_PER_HOUR="5"
+    )
+    servers = [ServeProcess(env), ServeProcess(env)]
+    try:
+        first = servers[0].twofactor
+        first.SetContact(pb.SetContactRequest(user_id="una", email="una@example.com"), metadata=APP_METADATA)
+        first.StartEnrollment(pb.StartEnrollmentRequest(user_id="una", method=EMAIL), metadata=APP_METADATA)
+        code = code_in(sink.wait_for_messages(1)[0])
+        confirm = first.ConfirmEnrollment(
+            pb.ConfirmEnrollmentRequest(user_id="una", method=EMAIL, code=code), metadata=APP_METADATA
+        )
+        assert confirm.confirmed
+
+        def send(n: int) -> str:
+            try:
+                servers[n % 2].twofactor.SendCode(
+                    pb.SendCodeRequest(user_id="una", method=EMAIL), metadata=APP_METADATA
+                )
+            except grpc.RpcError as error:
+                return error_info(error).reason
+            return "sent"
+
+        with ThreadPoolExecutor(max_workers=20) as pool:
+            results = list(pool.map(send, range(20)))
+        # The enrollment code was the first of the five. A call that read the clock before a
+        # concurrent send committed sees that send as just now: RESEND_TOO_SOON, also a refusal.
+        assert results.count("sent") == 4, results
+        assert "USER_SEND_LIMIT" in results and set(results) <= {"sent", "USER_SEND_LIMIT", "RESEND_TOO_SOON"}
     finally:
         for server in servers:
             server.stop()
