@@ -31,7 +31,12 @@ def _build() -> tuple[Deliverer, OutboxRecovery]:
     from twofactor_server.storage.database import open_database
 
     settings = Settings.from_env()
-    db = open_database(settings.database_url, data_dir=settings.data_dir, pool_size=2)
+    db = open_database(
+        settings.database_url,
+        data_dir=settings.data_dir,
+        pool_size=2,
+        timeout=settings.storage_timeout_seconds,
+    )
     publisher = CeleryDispatcher(settings)
     recovery = OutboxRecovery(db, publisher.dispatch, recovery_seconds=settings.outbox_recovery_seconds)
     return build_deliverer(settings, db=db, keyring=load_keyring(settings)), recovery

@@ -8,14 +8,12 @@ import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 import grpc
-import psycopg
 import redis
 from twofactor.v1 import common_pb2
 from twofactor.v1 import twofactor_service_pb2 as pb
@@ -269,65 +267,6 @@ def private_redis(directory: Path) -> Iterator[PrivateRedis]:
         yield server
     finally:
         server.stop()
-
-
-class PrivatePostgres:
-    """A PostgreSQL cluster of the test's own (initdb into a temp dir), to stop and start again."""
-
-    def __init__(self, directory: Path) -> None:
-        self.bin = Path(sorted(Path("/usr/lib/postgresql").glob("*/bin"))[-1])
-        self.directory = directory
-        self.data = directory / "pgdata"
-        self.port = free_port()
-        self.url = f"postgresql://postgres@127.0.0.1:{self.port}/postgres"
-        self._as_postgres = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
-
-    def _run(self, *command: str) -> None:
-        subprocess.run([*self._as_postgres, *command], check=True, capture_output=True, timeout=120, cwd="/")
-
-    def init(self) -> None:
-        self.directory.mkdir(parents=True, exist_ok=True)
-        if self._as_postgres:
-            shutil.chown(self.directory, "postgres")
-        self._run(str(self.bin / "initdb"), "-D", str(self.data), "-U", "postgres", "--auth=trust", "-N")
-
-    def start(self) -> None:
-        self._run(
-            str(self.bin / "pg_ctl"),
-            "-D",
-            str(self.data),
-            "-o",
-            f"-p {self.port} -k {self.directory} -c listen_addresses=127.0.0.1 -c fsync=off",
-            "-l",
-            str(self.directory / "postgres.log"),
-            "-w",
-            "start",
-        )
-
-    def stop(self) -> None:
-        self._run(str(self.bin / "pg_ctl"), "-D", str(self.data), "-m", "immediate", "-w", "stop")
-
-    def running(self) -> bool:
-        try:
-            with psycopg.connect(self.url, connect_timeout=2):
-                return True
-        except psycopg.OperationalError:
-            return False
-
-
-@contextmanager
-def private_postgres() -> Iterator[PrivatePostgres]:
-    # Not under pytest's tmp_path: as root, the cluster runs as user postgres, who can't enter it.
-    directory = Path(tempfile.mkdtemp(prefix="twofactor-pg-"))
-    cluster = PrivatePostgres(directory)
-    try:
-        cluster.init()
-        cluster.start()
-        yield cluster
-    finally:
-        if cluster.running():
-            cluster.stop()
-        shutil.rmtree(directory, ignore_errors=True)
 
 
 def sigkill(pid: int) -> None:

@@ -11,7 +11,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import grpc
@@ -21,14 +21,14 @@ from aiosmtpd.smtp import SMTP, Envelope, Session
 from twofactor.v1 import common_pb2, twofactor_service_pb2_grpc
 from twofactor.v1 import twofactor_service_pb2 as pb
 
-from tests.conftest import APP_TOKEN, TEST_KEYS, Harness, ServerFactory
+from tests.conftest import APP_TOKEN, TEST_KEYS, Harness, ServerFactory, require_service
+from tests.private_postgres import PrivatePostgres, private_postgres
 from tests.server.helpers import EMAIL
 from tests.smtp_sink import SmtpSink, code_in, free_port, running_sink
 from tests.workers.celery_harness import (
     Workers,
     celery_server,
     challenge_status,
-    private_postgres,
     private_redis,
     register,
     sigkill,
@@ -159,29 +159,43 @@ def test_server_killed_between_commit_and_publish_is_delivered_by_recovery(
     assert confirm(h, "dan", code)
 
 
+@pytest.fixture
+def private_database() -> Iterator[PrivatePostgres]:
+    """A PostgreSQL cluster of the test's own, to stop; set up first, so it goes last."""
+    cluster = private_postgres()
+    try:
+        started = cluster.__enter__()
+    except FileNotFoundError as error:  # no PostgreSQL server binaries on this machine
+        require_service("a private PostgreSQL cluster", error)
+    try:
+        yield started
+    finally:
+        cluster.__exit__(None, None, None)
+
+
 def test_storage_down_during_a_delivery_is_delivered_after_it_returns(
+    private_database: PrivatePostgres,
     sink: SmtpSink,
     start_server: ServerFactory,
     queue: str,
-    tmp_path: Path,
     workers_for: Callable[[Harness], Workers],
 ) -> None:
-    with private_postgres() as database:
-        h = celery_server(start_server, sink, queue, database_url=database.url)
-        challenge = start_email_enrollment(h, "eve")
-        database.stop()
-        workers = workers_for(h)
-        workers.start()
-        # The worker can't claim the delivery: it holds the task back and retries, not acks it.
-        wait_for_log(workers, r"delivery of \w+ waits for storage, retry in")
-        assert sink.messages == []
-        database.start()
-        code = code_in(sink.wait_for_messages(1, timeout=90)[0])
-        sent = wait_for_status(h, "eve", challenge.challenge_id, common_pb2.DELIVERY_STATUS_SENT)
-        assert sent.delivery_attempts == 1
-        assert confirm(h, "eve", code)
-        assert len(sink.messages) == 1
-        assert "Traceback" not in workers.logs()
+    database = private_database
+    h = celery_server(start_server, sink, queue, database_url=database.url)
+    challenge = start_email_enrollment(h, "eve")
+    database.stop()
+    workers = workers_for(h)
+    workers.start()
+    # The worker can't claim the delivery: it holds the task back and retries, not acks it.
+    wait_for_log(workers, r"delivery of \w+ waits for storage, retry in")
+    assert sink.messages == []
+    database.start()
+    code = code_in(sink.wait_for_messages(1, timeout=90)[0])
+    sent = wait_for_status(h, "eve", challenge.challenge_id, common_pb2.DELIVERY_STATUS_SENT)
+    assert sent.delivery_attempts == 1
+    assert confirm(h, "eve", code)
+    assert len(sink.messages) == 1
+    assert "Traceback" not in workers.logs()
 
 
 def test_two_workers_racing_for_one_challenge_send_it_once(
