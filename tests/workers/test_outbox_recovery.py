@@ -108,6 +108,7 @@ def test_redis_restarted_with_deliveries_queued_and_no_worker_delivers_every_cod
             assert sent.delivery_attempts == 1
             assert confirm(h, user, codes[f"{user}@example.com"])
         assert len(sink.messages) == 3  # each once
+        assert re.search(r"outbox recovery: published [1-3] delivery\(ies\) again", workers.logs())
 
 
 def test_server_killed_between_commit_and_publish_is_delivered_by_recovery(
@@ -279,4 +280,5 @@ def test_a_worker_error_is_retried_until_the_code_expires_then_failed_with_the_r
     assert sink.messages == []
     status = challenge_status(h, "gus", challenge.challenge_id)
     assert status.delivery_status == common_pb2.DELIVERY_STATUS_FAILED  # and it stays so
+    assert f"delivery of {challenge.challenge_id} failed with KeyringError" in workers.logs()
     assert "Traceback" not in workers.logs()
