@@ -91,6 +91,10 @@ class Settings:
     broker_timeout_seconds: float = 2.0
     delivery_queue: str = "twofactor"
     delivery_retry_base_seconds: float = 2.0  # first retry after a transient failure; doubles, with jitter
+    # A lost delivery (broker restarted, server or worker died) is published again within about this.
+    outbox_recovery_seconds: float = 10.0
+    # How long one worker holds a claimed delivery; longer than an attempt and any retry countdown.
+    delivery_lease_seconds: float = 120.0
     email_provider: str = "console"  # console | smtp
     sms_provider: str = "console"  # console | sns | package.module:ClassName
     smtp: SmtpSettings = field(default_factory=SmtpSettings)
@@ -173,6 +177,8 @@ class Settings:
             delivery_retry_base_seconds=env.float(
                 "DELIVERY_RETRY_BASE_SECONDS", cls.delivery_retry_base_seconds
             ),
+            outbox_recovery_seconds=env.float("OUTBOX_RECOVERY_SECONDS", cls.outbox_recovery_seconds),
+            delivery_lease_seconds=env.float("DELIVERY_LEASE_SECONDS", cls.delivery_lease_seconds),
             email_provider=env.choice("EMAIL_PROVIDER", cls.email_provider, ("console", "smtp")),
             sms_provider=env.text("SMS_PROVIDER", cls.sms_provider),
             smtp=smtp,

@@ -84,6 +84,10 @@ class ChallengeRecord:
     provider_message_id: str | None
     failure_reason: str | None
     updated_at: int
+    publish_generation: int  # a delivery message of another generation is a no-op
+    published_at: int | None  # None: not known to be queued yet; the code is not live
+    lease_until: int | None  # while 'sending': the worker's claim runs out then
+    next_publish_at: int | None  # while 'queued': recovery publishes again from then
 
 
 @dataclass(frozen=True, slots=True)

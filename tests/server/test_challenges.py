@@ -12,10 +12,13 @@ import pytest
 from twofactor.v1 import common_pb2
 from twofactor.v1 import twofactor_service_pb2 as pb
 
-from tests.conftest import Clock, Harness, ServerFactory
+from tests.conftest import TEST_KEYS, Clock, Harness, ServerFactory
 from tests.server.helpers import EMAIL, SMS, error_info, retry_info, verify
+from tests.server.stored_rows import query
 from tests.smtp_sink import SmtpSink, code_in, running_sink
 from twofactor_server.delivery.providers import SmsMessage
+from twofactor_server.domain.errors import Unavailable
+from twofactor_server.domain.keyring import CHALLENGE_CODE, Keyring
 
 
 @pytest.fixture
@@ -292,3 +295,64 @@ def test_sms_code_through_sns(start_server: ServerFactory, aws_credentials: None
         pb.ConfirmEnrollmentRequest(user_id="lea", method=SMS, code=code), metadata=h.app_metadata
     )
     assert confirm.confirmed
+
+
+class SwitchableQueue:
+    """A delivery queue that can be down; when up it records ids (the test reads codes from the DB)."""
+
+    def __init__(self) -> None:
+        self.down = False
+        self.published: list[str] = []
+
+    def dispatch(self, challenge_id: str) -> None:
+        if self.down:
+            raise Unavailable("BROKER_UNAVAILABLE", "the delivery queue can't be reached; retry later")
+        self.published.append(challenge_id)
+
+
+def stored_code(h: Harness, challenge_id: str) -> str:
+    rows = query(
+        h.settings, "SELECT code_ciphertext FROM challenges WHERE challenge_id = %(c)s", {"c": challenge_id}
+    )
+    sealed = bytes(rows[0]["code_ciphertext"])
+    return Keyring.parse(TEST_KEYS).decrypt(sealed, purpose=CHALLENGE_CODE, user_id=challenge_id).decode()
+
+
+def test_sends_refused_for_a_queue_outage_are_void(start_server: ServerFactory) -> None:
+    queue = SwitchableQueue()
+    h = start_server(dispatcher=queue, policy={"resend_cooldown_seconds": 0, "sends_per_user_per_hour": 3})
+    h.twofactor.SetContact(
+        pb.SetContactRequest(user_id="val", email="val@example.com"), metadata=h.app_metadata
+    )
+    started = h.twofactor.StartEnrollment(
+        pb.StartEnrollmentRequest(user_id="val", method=EMAIL), metadata=h.app_metadata
+    )
+    confirm = h.twofactor.ConfirmEnrollment(
+        pb.ConfirmEnrollmentRequest(
+            user_id="val", method=EMAIL, code=stored_code(h, started.challenge.challenge_id)
+        ),
+        metadata=h.app_metadata,
+    )
+    assert confirm.confirmed
+    live = h.twofactor.SendCode(pb.SendCodeRequest(user_id="val", method=EMAIL), metadata=h.app_metadata)
+    live_code = stored_code(h, live.challenge.challenge_id)
+
+    queue.down = True
+    for _ in range(10):
+        with pytest.raises(grpc.RpcError) as raised:
+            h.twofactor.SendCode(pb.SendCodeRequest(user_id="val", method=EMAIL), metadata=h.app_metadata)
+        assert raised.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert error_info(raised.value).reason == "BROKER_UNAVAILABLE"
+    void = query(
+        h.settings,
+        "SELECT delivery_status, code_ciphertext, published_at FROM challenges "
+        "WHERE user_id = 'val' AND challenge_id <> %(a)s AND challenge_id <> %(b)s",
+        {"a": started.challenge.challenge_id, "b": live.challenge.challenge_id},
+    )
+    assert void == [{"delivery_status": "void", "code_ciphertext": None, "published_at": None}] * 10
+    assert len(queue.published) == 2  # nothing of the void sends was ever queued
+
+    queue.down = False
+    # Not superseded by the void sends, and they counted toward no limit (3 per hour here).
+    assert verify(h, "val", live_code).result == pb.VERIFY_RESULT_ACCEPTED
+    h.twofactor.SendCode(pb.SendCodeRequest(user_id="val", method=EMAIL), metadata=h.app_metadata)
