@@ -41,7 +41,8 @@ def test_rows_from_before_the_migration_are_published_and_recovered(
                 "'queued', 1000)",
                 {"h": b"hash", "s": b"sealed"},
             )
-        assert db.migrate() == ["0002_outbox"]
+        applied = db.migrate()
+        assert applied[0] == "0002_outbox" and "0001_initial" not in applied
         with db.transaction() as tx:
             row = outbox.get_challenge(tx, "c1")
             assert row is not None

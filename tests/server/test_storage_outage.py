@@ -24,7 +24,15 @@ from twofactor.v1 import twofactor_service_pb2 as pb
 
 from tests.conftest import Clock, Harness, ServerFactory, base_settings, require_service
 from tests.private_postgres import PrivatePostgres, private_postgres
-from tests.server.helpers import AUTHENTICATOR, EMAIL, enroll_authenticator, error_info, totp_now, verify
+from tests.server.helpers import (
+    AUTHENTICATOR,
+    EMAIL,
+    enroll_authenticator,
+    error_info,
+    totp_now,
+    verified_token,
+    verify,
+)
 from twofactor_server.app import SERVICE_NAMES, create_server
 from twofactor_server.settings import Settings
 from twofactor_server.storage.database import PostgresDatabase
@@ -171,10 +179,10 @@ def wait_for_health(h: Harness, status: int, bound: float) -> float:
 
 def prepare(h: Harness, clock: Clock) -> str:
     """`ana` enrolled in the authenticator app, with an email; returns her secret."""
-    secret, _ = enroll_authenticator(h, clock, "ana")
-    h.twofactor.SetContact(
+    h.twofactor.SetContact(  # before enrolling: afterwards a contact change needs a step-up proof
         pb.SetContactRequest(user_id="ana", email="ana@example.com"), metadata=h.app_metadata
     )
+    secret, _ = enroll_authenticator(h, clock, "ana")
     assert all(status == SERVING for status in health_of(h).values())
     return secret
 
@@ -297,7 +305,7 @@ def test_sqlite_waits_for_a_busy_file_no_longer_than_the_storage_timeout(
         chosen,
     )
     try:
-        enroll_authenticator(h, clock, "ana")
+        secret, _ = enroll_authenticator(h, clock, "ana")
         blocker = sqlite3.connect(chosen.data_dir / "twofactor.sqlite3", isolation_level=None, timeout=0)
         with closing(blocker):
             blocker.execute("BEGIN IMMEDIATE")  # another process holds the write lock
@@ -312,8 +320,10 @@ def test_sqlite_waits_for_a_busy_file_no_longer_than_the_storage_timeout(
             assert 0.4 <= took < 3.0, f"waited {took:.2f} s for a 0.5 s storage timeout"
             assert all(status == SERVING for status in health_of(h).values())
             blocker.execute("ROLLBACK")
+        token = verified_token(h, clock, "ana", secret)
         h.twofactor.SetContact(
-            pb.SetContactRequest(user_id="ana", email="ana@example.com"), metadata=h.app_metadata
+            pb.SetContactRequest(user_id="ana", email="ana@example.com", verification_token=token),
+            metadata=h.app_metadata,
         )
     finally:
         channel.close()
