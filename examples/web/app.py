@@ -278,7 +278,7 @@ def send_code() -> Response:
     except (twofactor.ContactMissing, twofactor.NotEnrolled):
         flash(f"No {info.label.lower()} is set up for your account: use another method.", "error")
         return redirect(back)
-    sessions.note_code_sent(challenge.masked_destination, challenge.resend_after.ToSeconds())
+    sessions.note_code_sent(challenge.masked_destination, challenge.resend_after.ToNanoseconds() / 1e9)
     flash(f"We sent a code to {challenge.masked_destination}.", "info")
     return redirect(back)
 

@@ -69,7 +69,7 @@ def token() -> str:
     return str(session.get("verification_token", ""))
 
 
-def token_argument(request_type: type[Message], sdk_method: Callable[..., Any], value: str) -> dict[str, str]:
+def token_argument(request_type: type[Message], sdk_method: Callable[..., Any], value: str) -> dict[str, Any]:
     """{"verification_token": value} where the request message and the SDK method take it, else {}."""
     if value and has_token_field(request_type) and TOKEN_FIELD in inspect.signature(sdk_method).parameters:
         return {TOKEN_FIELD: value}

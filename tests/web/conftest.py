@@ -4,7 +4,8 @@ The real twofactor server runs as a subprocess, configured like production
 (keys and tokens from `twofactor keygen` and `twofactor token`) and reached only
 over gRPC, so the server's internals can move without breaking these tests.
 Its emails go to a real SMTP sink. The site runs in a thread of the test
-process (so a test can move its clock), and Debian's Chromium drives it.
+process (so a test can move its clock), and Debian's Chromium drives it. One
+of each serves the whole package; every test has its own users.
 """
 
 from __future__ import annotations
@@ -103,7 +104,7 @@ class TwoFactorServer:
                 raise AssertionError(f"the server did not print {text!r}:\n{''.join(self.output)}")
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="package")
 def mailbox() -> Iterator[Mailbox]:
     box = Mailbox(free_port())
     box.start()
@@ -113,7 +114,7 @@ def mailbox() -> Iterator[Mailbox]:
         box.stop()
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="package")
 def twofactor_server(tmp_path_factory: pytest.TempPathFactory, mailbox: Mailbox) -> Iterator[TwoFactorServer]:
     """`twofactor serve` with production-style secrets; 2FA forced, emails to the sink."""
     app_token, app_entry = new_token("web-example", "app")
@@ -170,7 +171,7 @@ class Site:
     clock: SiteClock
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="package")
 def site(twofactor_server: TwoFactorServer) -> Iterator[Site]:
     clock = SiteClock()
     settings = SiteSettings(
@@ -200,7 +201,7 @@ def _real_site_time(request: pytest.FixtureRequest) -> Iterator[None]:
         request.getfixturevalue("site").clock.offset = 0.0
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="package")
 def browser() -> Iterator[Browser]:
     if not CHROMIUM.exists():
         require("Chromium", f"{CHROMIUM} is missing (apt-get install chromium)")

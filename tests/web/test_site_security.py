@@ -14,7 +14,7 @@ def test_a_post_without_the_csrf_token_is_refused(visitor: VisitorFactory) -> No
     before_login = page.locator('input[name="csrf_token"]').first.get_attribute("value")
     assert before_login
 
-    credentials = {"username": "dave", "password": "dave-demo-password"}
+    credentials: dict[str, str | float | bool] = {"username": "dave", "password": "dave-demo-password"}
     assert page.request.post("/login", form=credentials).status == 403
     assert page.request.post("/login", form={**credentials, "csrf_token": "forged"}).status == 403
 
