@@ -276,7 +276,7 @@ def send_code() -> Response:
         flash("A code was sent moments ago: you can ask for another when the button comes back.", "info")
         return redirect(back)
     except (twofactor.ContactMissing, twofactor.NotEnrolled):
-        flash(f"No {info.label.lower()} is set up for your account: use another method.", "error")
+        flash(f"No {info.noun} is set up for your account: use another method.", "error")
         return redirect(back)
     sessions.note_code_sent(challenge.masked_destination, challenge.resend_after.ToNanoseconds() / 1e9)
     flash(f"We sent a code to {challenge.masked_destination}.", "info")

@@ -27,16 +27,19 @@ from .users import User
 class MethodInfo:
     slug: str  # in URLs and forms
     method: Method.ValueType
-    label: str
+    label: str  # as a heading
+    noun: str  # within a sentence
     contact: str  # "email" or "phone": where its codes go; "" for the authenticator app
 
 
 METHODS = {
     info.slug: info
     for info in (
-        MethodInfo("authenticator", Method.METHOD_AUTHENTICATOR, "Authenticator app", ""),
-        MethodInfo("email", Method.METHOD_EMAIL, "Email", "email"),
-        MethodInfo("sms", Method.METHOD_SMS, "Text message (SMS)", "phone"),
+        MethodInfo(
+            "authenticator", Method.METHOD_AUTHENTICATOR, "Authenticator app", "authenticator app", ""
+        ),
+        MethodInfo("email", Method.METHOD_EMAIL, "Email", "email", "email"),
+        MethodInfo("sms", Method.METHOD_SMS, "Text message (SMS)", "SMS", "phone"),
     )
 }
 BY_METHOD = {info.method: info for info in METHODS.values()}

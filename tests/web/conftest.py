@@ -29,7 +29,7 @@ from werkzeug.serving import make_server
 
 from examples.web.app import create_app
 from examples.web.settings import SiteSettings
-from tests.web.mailbox import Mailbox
+from tests.web.mailbox import CODE, Mailbox
 
 CHROMIUM = Path("/usr/bin/chromium")  # Debian's package; Playwright never downloads a browser here
 CHROMIUM_ARGS = [
@@ -94,6 +94,32 @@ class TwoFactorServer:
                 self.changed.notify_all()
         with self.changed:
             self.changed.notify_all()
+
+    def lines_so_far(self) -> int:
+        with self.changed:
+            return len(self.output)
+
+    def sms_code_to(self, phone: str, *, after: int, timeout: float = 30) -> str:
+        """The code of the first text to `phone` that the console SMS provider printed after line `after`.
+
+        Its block is a "To: <number>" line and, below it, the message (`make serve` shows the same).
+        """
+
+        def code() -> str | None:
+            lines = self.output[after:]
+            for index, line in enumerate(lines):
+                if line.strip() == f"To: {phone}":
+                    found = next(
+                        (CODE.search(text) for text in lines[index + 1 :] if CODE.search(text)), None
+                    )
+                    return found.group(1) if found else None
+            return None
+
+        with self.changed:
+            found = self.changed.wait_for(code, timeout)
+        if found is None:
+            raise AssertionError(f"no text to {phone} within {timeout}s:\n{''.join(self.output[after:])}")
+        return found
 
     def wait_for_output(self, text: str, timeout: float) -> None:
         with self.changed:

@@ -10,7 +10,7 @@ import time
 
 from playwright.sync_api import Locator, Page, expect
 
-from tests.web.conftest import Authenticator, Site, Visitor, VisitorFactory
+from tests.web.conftest import Authenticator, Site, TwoFactorServer, Visitor, VisitorFactory
 from tests.web.mailbox import Mailbox
 
 
@@ -207,7 +207,9 @@ def test_the_whole_journey(visitor: VisitorFactory, mailbox: Mailbox) -> None:
     alice.shot("enrolled-again")
 
 
-def test_sensitive_pages_ask_for_a_fresh_code(visitor: VisitorFactory, site: Site) -> None:
+def test_sensitive_pages_ask_for_a_fresh_code(
+    visitor: VisitorFactory, site: Site, twofactor_server: TwoFactorServer
+) -> None:
     """Sudo mode: five minutes after the last code, backup codes and changes ask for one again."""
     bob = visitor("bob")
     page = bob.page
@@ -240,3 +242,19 @@ def test_sensitive_pages_ask_for_a_fresh_code(visitor: VisitorFactory, site: Sit
     flash(page, "turn on another method first")  # the policy forces 2FA: not the last method
     expect(method_state(page, "authenticator")).to_have_text("On")
     bob.shot("last-method-kept")
+
+    # Within the window nothing asks again: set a mobile number, enroll SMS with the texted code.
+    page.get_by_role("link", name="Change").click()
+    heading(page, "Where codes are sent")
+    page.fill("#phone", "+14155550123")
+    page.get_by_role("button", name="Save").click()
+    flash(page, "phone: +1******0123")
+    bob.shot("phone-saved")
+    page.locator('#methods tr[data-method="sms"]').get_by_role("link", name="Turn on").click()
+    before = twofactor_server.lines_so_far()
+    page.get_by_role("button", name="Send a code by SMS").click()
+    expect(page.get_by_text("We sent a code to +1******0123")).to_be_visible()
+    enter_code(bob, twofactor_server.sms_code_to("+14155550123", after=before), "Turn on SMS")
+    flash(page, "Text message (SMS) is on.")
+    expect(method_state(page, "sms")).to_have_text("On")
+    bob.shot("sms-enrolled")
