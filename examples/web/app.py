@@ -273,10 +273,16 @@ def send_code() -> Response:
     except twofactor.RateLimited as error:
         wait = error.retry_after.total_seconds() if error.retry_after else 60.0
         sessions.note_code_sent(sessions.code_sent_to(), sessions.now() + wait)
-        flash("A code was sent moments ago: you can ask for another when the button comes back.", "info")
+        if error.reason == "RESEND_TOO_SOON":
+            flash("A code was sent moments ago: you can ask for another when the button comes back.", "info")
+        else:  # an hourly limit (USER_SEND_LIMIT, DESTINATION_SEND_LIMIT)
+            flash("Too many codes were sent: use another method or a backup code, or wait a while.", "error")
         return redirect(back)
     except (twofactor.ContactMissing, twofactor.NotEnrolled):
         flash(f"No {info.noun} is set up for your account: use another method.", "error")
+        return redirect(back)
+    except twofactor.UserLocked as error:
+        flash(f"Too many wrong codes: try again in {error.retry_after or 'a while'}.", "error")
         return redirect(back)
     sessions.note_code_sent(challenge.masked_destination, challenge.resend_after.ToNanoseconds() / 1e9)
     flash(f"We sent a code to {challenge.masked_destination}.", "info")
@@ -357,6 +363,8 @@ def disable(slug: str) -> Response:
     except twofactor.LastMethodRequired:
         flash("This site requires two-factor verification: turn on another method first.", "error")
         return redirect(url_for(".account"))
+    except twofactor.NotEnrolled:
+        pass  # already off (a second click, another tab): the outcome the user asked for
     flash(f"{info.label} is off.", "info")
     return redirect(url_for(".account"))
 
@@ -432,7 +440,12 @@ def enroll_by_code(slug: str) -> Response | str:
     except twofactor.RateLimited as error:
         flash(f"A code was sent moments ago: try again in {error.retry_after or 'a minute'}.", "error")
         return redirect(url_for(".enroll_form"))
-    return render_template("enroll_confirm.html", info=info, sent_to=challenge.masked_destination)
+    return render_template(
+        "enroll_confirm.html",
+        info=info,
+        sent_to=challenge.masked_destination,
+        expires_at=challenge.expires_at.ToDatetime(datetime.UTC),
+    )
 
 
 @site.post("/enroll/<slug>/confirm")
@@ -530,7 +543,10 @@ def _http_error(error: HTTPException) -> tuple[str, int]:
 
 def _service_error(error: twofactor.TwoFactorError) -> tuple[str, int]:
     # Fail closed: without an answer from twofactor nobody signs in or changes anything.
-    status = 503 if isinstance(error, twofactor.Unavailable | twofactor.DeadlineExceeded) else 502
     current_app.logger.warning("twofactor call failed: %s [request id %s]", error, error.request_id)
-    message = "The verification service didn't answer. Try again in a moment."
-    return render_template("error.html", title="Try again later", message=message), status
+    if isinstance(error, twofactor.Unavailable | twofactor.DeadlineExceeded):
+        message = "The verification service didn't answer. Try again in a moment."
+        return render_template("error.html", title="Try again later", message=message), 503
+    # The request id finds the call in the twofactor server's log and audit log.
+    message = f"The verification service refused the request (request id {error.request_id})."
+    return render_template("error.html", title="Something went wrong", message=message), 502
