@@ -82,7 +82,7 @@ def prompt() -> Response:
 
 
 def required(view: Callable[P, R]) -> Callable[P, R | Response]:
-    """Guard a view of a signed-in user that shows or changes their second factor."""
+    """Guard a view that shows or changes the user's second factor (below its access check)."""
 
     @functools.wraps(view)
     def guarded(*args: P.args, **kwargs: P.kwargs) -> R | Response:
