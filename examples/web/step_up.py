@@ -78,7 +78,7 @@ def token_argument(request_type: type[Message], sdk_method: Callable[..., Any], 
 
 def prompt() -> Response:
     """Ask for a code, then come back here (GET: a POST's page shows its form again)."""
-    return redirect(url_for("site.step_up_form", next=request.path))
+    return redirect(url_for("login.step_up_form", next=request.path))
 
 
 def required(view: Callable[P, R]) -> Callable[P, R | Response]:
