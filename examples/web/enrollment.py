@@ -27,7 +27,7 @@ def enroll_form() -> str:
 
 @pages.post("/enroll/authenticator")
 @may_enroll
-@step_up.required
+@step_up.required_back_to("enrollment.enroll_form")
 def enroll_authenticator() -> str:
     setup = tf().start_authenticator(current_user(), token=step_up.token())
     return render_template(
@@ -42,7 +42,7 @@ def enroll_authenticator() -> str:
 
 @pages.post("/enroll/<slug>")
 @may_enroll
-@step_up.required
+@step_up.required_back_to("enrollment.enroll_form")
 def enroll_by_code(slug: str) -> Response | str:
     info = method_info(slug)
     user_id = current_user().user_id

@@ -10,9 +10,10 @@ All of the step-up logic of the site is in this module:
   (and the SDK method) has the field, so the site runs against servers before and
   after issue 12.
 - `@required` guards a view: without a fresh check it shows the code prompt, which
-  returns to the same page. So does a FAILED_PRECONDITION with reason
-  STEP_UP_REQUIRED from the server (its own window may be shorter than ours, and a
-  change such as a new backup-code set makes older tokens invalid).
+  returns to the same page (`@required_back_to(endpoint)` for a POST with no page
+  of its own). So does a FAILED_PRECONDITION with reason STEP_UP_REQUIRED from
+  the server: its own window may be shorter than ours, and a change (new backup
+  codes, a method, a contact) makes older tokens invalid.
 
 The site asks on its own even when the server doesn't: the window is the
 site's policy ("sudo mode"), the token is the server's proof.
@@ -76,14 +77,23 @@ def token_argument(request_type: type[Message], sdk_method: Callable[..., Any], 
     return {}
 
 
-def prompt() -> Response:
-    """Ask for a code, then come back here (GET: a POST's page shows its form again)."""
-    return redirect(url_for("login.step_up_form", next=request.path))
+def prompt(back_to: str | None) -> Response:
+    """Ask for a code, then go to the page of endpoint `back_to`, or by default back to this URL
+    (a GET: a POST's form is at the same URL, shown again)."""
+    return redirect(url_for("login.step_up_form", next=url_for(back_to) if back_to else request.path))
 
 
 def required(view: Callable[P, R]) -> Callable[P, R | Response]:
     """Guard a view that shows or changes the user's second factor (below its access check)."""
+    return _guarded(view, back_to=None)
 
+
+def required_back_to(endpoint: str) -> Callable[[Callable[P, R]], Callable[P, R | Response]]:
+    """`required`, for a POST with no page at its own URL: the prompt returns to `endpoint`."""
+    return functools.partial(_guarded, back_to=endpoint)
+
+
+def _guarded(view: Callable[P, R], *, back_to: str | None) -> Callable[P, R | Response]:
     @functools.wraps(view)
     def guarded(*args: P.args, **kwargs: P.kwargs) -> R | Response:
         user_id = sessions.current_user()
@@ -94,13 +104,13 @@ def required(view: Callable[P, R]) -> Callable[P, R | Response]:
             and not is_fresh()
             and current_app.extensions["web.second_factor"].status(user_id).enabled_methods
         ):
-            return prompt()
+            return prompt(back_to)
         try:
             return view(*args, **kwargs)
         except twofactor.FailedPrecondition as error:
             if error.reason != STEP_UP_REQUIRED:
                 raise
-            forget()
-            return prompt()
+            forget()  # the server's window closed, or a change (new codes, a contact) spent the proof
+            return prompt(back_to)
 
     return guarded

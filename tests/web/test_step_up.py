@@ -83,6 +83,9 @@ class StepUpServer:
 
     def start_authenticator(self, user: Any, token: str) -> None:
         self.calls.append(("start_authenticator", token))
+        raise twofactor.FailedPrecondition(
+            grpc.StatusCode.FAILED_PRECONDITION, "a fresh second factor is required", "STEP_UP_REQUIRED"
+        )
 
     def close(self) -> None:
         pass
@@ -117,6 +120,19 @@ def test_step_up_required_from_the_server_shows_the_prompt(client: FlaskClient, 
     with client.session_transaction() as session:
         assert "verification_token" not in session
         assert "second_factor_at" not in session
+
+
+def test_a_form_without_a_page_of_its_own_returns_to_its_page_after_the_prompt(
+    client: FlaskClient, server: StepUpServer
+) -> None:
+    with client.session_transaction() as session:
+        session.update(user="alice", second_factor_at=time.time(), verification_token="spent", csrf="token")
+
+    response = client.post("/enroll/authenticator", data={"csrf_token": "token"})
+
+    assert response.status_code == 302
+    assert response.headers["Location"] == "/step-up?next=/enroll"  # POST /enroll/authenticator has no page
+    assert server.calls == [("start_authenticator", "spent")]
 
 
 def test_a_password_alone_cannot_add_a_method(client: FlaskClient, server: StepUpServer) -> None:
