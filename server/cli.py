@@ -63,7 +63,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "demo":
             from twofactor_server.demo import run_demo
 
-            return run_demo(settings, target=args.target, token=args.token, user_id=args.user)
+            return run_demo(
+                target=args.target, token=args.token, user_id=args.user, data_dir=settings.data_dir
+            )
         if args.command == "code":
             return print_code(args.secret, next_step=args.next)
         if args.command == "keygen":
