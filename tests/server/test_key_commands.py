@@ -160,12 +160,12 @@ def versions(rotation: KeyRotation) -> dict[int, int]:
 def test_an_interrupted_rotation_resumes_and_loses_nothing(settings: Settings, stop_with: int) -> None:
     db = open_database(settings.database_url, data_dir=settings.data_dir)
     db.migrate()
-    seeded = seed(db, 1000)
+    seeded = seed(db, 300)
     both = f"{TEST_KEYS},{KEY_2}"
     watcher = KeyRotation(db, Keyring.parse(both))
     env = env_for(settings, KEYS=both)
     process = subprocess.Popen(
-        [TWOFACTOR, "keys", "rotate", "--batch-size", "5"],
+        [TWOFACTOR, "keys", "rotate", "--batch-size", "3"],
         env=env,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
@@ -188,12 +188,12 @@ def test_an_interrupted_rotation_resumes_and_loses_nothing(settings: Settings, s
     again = run([TWOFACTOR, "keys", "rotate"], env)
     assert again.returncode == 0, again.stderr
     assert "no TOTP secret or backup code uses another key version now" in again.stdout
-    assert versions(watcher) == {2: 1000 * (1 + 10 + 10)}
+    assert versions(watcher) == {2: 300 * (1 + 10 + 10)}
     status = run([TWOFACTOR, "keys", "status"], env)
     assert "key version 1 (in TWOFACTOR_KEYS):" in status.stdout
     assert "unused: it can be removed from TWOFACTOR_KEYS" in status.stdout
     as_json = json.loads(run([TWOFACTOR, "keys", "status", "--json"], env).stdout)
-    assert as_json["versions"]["2"]["backup_code_hash"]["count"] == 10_000
+    assert as_json["versions"]["2"]["backup_code_hash"]["count"] == 3000
 
     # Nothing lost: with key 2 alone, every secret and every backup code is what was seeded.
     new_only = Keyring.parse(KEY_2)
