@@ -49,19 +49,23 @@ def _usage(
     table, column, condition = KINDS[kind]
     key = f"substr({column}, 1, 4)"
     params: dict[str, object] = {"now": now_ms}
-    clauses = [f"{column} IS NOT NULL"]
-    if condition:
-        clauses.append(condition)
-    if versions_outside is not None:
+    where = f"{column} IS NOT NULL" + (f" AND {condition}" if condition else "")
+    expires = "expires_at" if table == "challenges" else "NULL"
+    if versions_outside is None:
+        source = f"SELECT {key} AS prefix, {expires} AS expires_at FROM {table} WHERE {where}"  # noqa: S608
+    else:
+        # One range per gap between the known versions, each a search of the index on `key`.
         known = sorted(versions_outside)
-        ranges = [f"{key} < %(v0)s", f"{key} > %(v{len(known) - 1})s"]
-        ranges += [f"({key} > %(v{i})s AND {key} < %(v{i + 1})s)" for i in range(len(known) - 1)]
         params.update({f"v{i}": version_prefix(v) for i, v in enumerate(known)})
-        clauses.append(f"({' OR '.join(ranges)})")
-    expiry = "MAX(expires_at)" if table == "challenges" else "NULL"
+        ranges = [f"{key} < %(v0)s", f"{key} > %(v{len(known) - 1})s"]
+        ranges += [f"{key} > %(v{i})s AND {key} < %(v{i + 1})s" for i in range(len(known) - 1)]
+        source = " UNION ALL ".join(
+            f"SELECT {key} AS prefix, {expires} AS expires_at FROM {table} WHERE {where} AND {r}"  # noqa: S608
+            for r in ranges
+        )
     rows = tx.all(
-        f"SELECT {key} AS prefix, COUNT(*) AS n, {expiry} AS expires_by FROM {table} "  # noqa: S608
-        f"WHERE {' AND '.join(clauses)} GROUP BY {key}",
+        f"SELECT prefix, COUNT(*) AS n, MAX(expires_at) AS expires_by FROM ({source}) found "  # noqa: S608
+        "GROUP BY prefix",
         params,
     )
     found = [
