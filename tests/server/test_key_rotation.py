@@ -4,12 +4,14 @@ and nobody is rejected; a value under a key the server lacks is an error, never 
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 from typing import ClassVar
 
 import grpc
 import pytest
+from twofactor.v1 import admin_service_pb2 as admin_pb
 from twofactor.v1 import twofactor_service_pb2 as pb
 
 from tests.conftest import TEST_KEYS, Clock, Harness, ServerFactory
@@ -17,14 +19,23 @@ from tests.server.helpers import AUTHENTICATOR, EMAIL, SMS, enroll_authenticator
 from tests.smtp_sink import CODE, SmtpSink, code_in, running_sink
 from twofactor_server.app import create_server
 from twofactor_server.delivery.providers import SmsMessage
-from twofactor_server.domain.keyring import Keyring
+from twofactor_server.domain import totp
+from twofactor_server.domain.keyring import TOTP_SECRET, Keyring
 from twofactor_server.settings import Settings, SettingsError
+from twofactor_server.storage import store
 from twofactor_server.storage.database import open_database
-from twofactor_server.usecases.key_rotation import CHALLENGE_KINDS, KeyRotation, RotationProgress
+from twofactor_server.usecases.key_rotation import (
+    CHALLENGE_KINDS,
+    KeyRotation,
+    RotationProgress,
+    RotationReport,
+)
 
 KEY_2 = Keyring.new_key_spec(2)
 ACCEPTED = pb.VERIFY_RESULT_ACCEPTED
-LOAD_THREADS = 3
+# Each logs in and regenerates its backup codes every round; "reset-0" is reset by an operator
+# and enrolls again instead of regenerating.
+LOAD_USERS = ("load-0", "load-1", "load-2", "reset-0")
 
 
 class RecordingSms:
@@ -90,7 +101,8 @@ def enroll_by_message(h: Harness, sink: SmtpSink, clock: Clock, user_id: str, me
 @dataclass
 class LoadLoop:
     """Threads that each, every round, log a user in with a fresh authenticator code and a backup
-    code, then regenerate the user's backup codes; the clock moves 30 s between rounds."""
+    code, then regenerate the user's backup codes (or reset the user and enroll again); the clock
+    moves 30 s between rounds."""
 
     h: Harness
     clock: Clock
@@ -120,11 +132,14 @@ class LoadLoop:
                     self.failures.append(f"{user_id}: authenticator code answered {r.result}")
                 if (r := verify(self.h, user_id, codes.pop())).result != ACCEPTED:
                     self.failures.append(f"{user_id}: backup code answered {r.result}")
-                codes = list(
-                    self.h.twofactor.RegenerateBackupCodes(
-                        pb.RegenerateBackupCodesRequest(user_id=user_id), metadata=self.h.app_metadata
-                    ).codes
-                )
+                if user_id.startswith("reset-"):
+                    secret, codes = self._reset_and_enroll_again(user_id)
+                else:
+                    codes = list(
+                        self.h.twofactor.RegenerateBackupCodes(
+                            pb.RegenerateBackupCodesRequest(user_id=user_id), metadata=self.h.app_metadata
+                        ).codes
+                    )
             except grpc.RpcError as error:
                 self.failures.append(f"{user_id}: {error.code()} {error.details()}")  # type: ignore[attr-defined]
             except Exception as error:  # reported as a failure; the barrier must not break
@@ -133,6 +148,24 @@ class LoadLoop:
             self.barrier.wait()
             if self.finish:
                 return
+
+    def _reset_and_enroll_again(self, user_id: str) -> tuple[str, list[str]]:
+        """An operator's reset and a new enrollment: a rotation that read the old secret or codes
+        must not write them back over the new ones."""
+        self.h.admin.ResetUser(
+            admin_pb.ResetUserRequest(user_id=user_id, reason="lost phone"), metadata=self.h.admin_metadata
+        )
+        secret = self.h.twofactor.StartEnrollment(
+            pb.StartEnrollmentRequest(user_id=user_id, method=AUTHENTICATOR), metadata=self.h.app_metadata
+        ).authenticator.secret
+        confirm = self.h.twofactor.ConfirmEnrollment(
+            pb.ConfirmEnrollmentRequest(
+                user_id=user_id, method=AUTHENTICATOR, code=totp_now(secret, self.clock)
+            ),
+            metadata=self.h.app_metadata,
+        )
+        assert confirm.confirmed
+        return secret, list(confirm.backup_codes)
 
     def start(self) -> None:
         for thread in self.threads:
@@ -169,7 +202,7 @@ def test_full_rotation_cycle_under_load(
     pending = first.twofactor.StartEnrollment(
         pb.StartEnrollmentRequest(user_id="mail-0", method=AUTHENTICATOR), metadata=first.app_metadata
     ).authenticator.secret
-    load_users = {f"load-{i}": enroll_authenticator(first, clock, f"load-{i}") for i in range(LOAD_THREADS)}
+    load_users = {u: enroll_authenticator(first, clock, u) for u in LOAD_USERS}
     clock.advance(31)
     waiting = len(sink.messages) + 1
     first.twofactor.SendCode(pb.SendCodeRequest(user_id="mail-0", method=EMAIL), metadata=first.app_metadata)
@@ -182,11 +215,11 @@ def test_full_rotation_cycle_under_load(
     load = LoadLoop(second, clock, load_users)
     load.start()
     db = open_database(settings.database_url, data_dir=settings.data_dir)
-    # At most 9 batches (7 secrets, 80 backup codes), each with a 30 s load round: the waiting
+    # At most 10 batches (8 secrets, 90 backup codes), each with a 30 s load round: the waiting
     # login code (10 minutes) outlives the rotation.
     rotation = KeyRotation(db, Keyring.parse(both), clock, batch_size=10)
     before = counts_by_version(rotation)
-    assert before[("totp_secret", 1)] == 3 + LOAD_THREADS
+    assert before[("totp_secret", 1)] == 3 + len(LOAD_USERS)
     assert before[("pending_totp_secret", 1)] == 1
     assert before[("challenge_code_hash", 1)] == 1
 
@@ -247,3 +280,50 @@ def test_a_value_under_a_key_the_server_lacks_is_an_error_not_a_wrong_code(
     accepted = verify(new_active, "alice", totp_now(secret, clock))
     assert accepted.result == ACCEPTED
     assert accepted.attempts_left == new_active.settings.policy.lockout_threshold  # nothing was counted
+
+
+@pytest.mark.parametrize("backend", ["postgres"])
+def test_a_rotation_never_writes_back_over_a_concurrent_change(
+    start_server: ServerFactory, settings: Settings, clock: Clock
+) -> None:
+    """The rotation has read a pending secret and waits to write it re-encrypted; meanwhile the
+    user starts the enrollment again. The compare-and-swap loses, and the new secret stays."""
+    h = start_server()
+    h.twofactor.StartEnrollment(
+        pb.StartEnrollmentRequest(user_id="bob", method=AUTHENTICATOR), metadata=h.app_metadata
+    )
+    both = Keyring.parse(f"{TEST_KEYS},{KEY_2}")
+    rotating_db = open_database(settings.database_url, data_dir=settings.data_dir)
+    writer_db = open_database(settings.database_url, data_dir=settings.data_dir)
+    rotation = KeyRotation(rotating_db, both, clock, batch_size=1)
+    reports: list[RotationReport] = []
+    rotating = threading.Thread(target=lambda: reports.append(rotation.rotate()))
+    new_secret = totp.new_secret()
+    with writer_db.transaction() as tx:
+        # The enrollment holds the row (as StartEnrollment's upsert does) until it commits.
+        writer = tx.one("SELECT pg_backend_pid() AS pid FROM methods WHERE user_id = 'bob' FOR UPDATE")
+        assert writer is not None
+        rotating.start()
+        deadline = time.monotonic() + 60
+        while not tx.one(
+            "SELECT 1 AS blocked FROM pg_stat_activity WHERE %(w)s = ANY(pg_blocking_pids(pid))",
+            {"w": writer["pid"]},
+        ):
+            assert time.monotonic() < deadline and rotating.is_alive(), "the rotation never waited"
+            time.sleep(0.01)
+        sealed = both.encrypt(new_secret, purpose=TOTP_SECRET, user_id="bob")
+        store.start_method_enrollment(
+            tx, "bob", "authenticator", int(clock.now * 1000), pending_secret=sealed
+        )
+    rotating.join(60)
+    (report,) = reports
+    assert (report.progress.rotated, report.progress.superseded, report.remaining) == (0, 1, ())
+    rotating_db.close()
+    writer_db.close()
+    confirmed = start_server(keys=f"{TEST_KEYS},{KEY_2}").twofactor.ConfirmEnrollment(
+        pb.ConfirmEnrollmentRequest(
+            user_id="bob", method=AUTHENTICATOR, code=totp_now(totp.to_base32(new_secret), clock)
+        ),
+        metadata=h.app_metadata,
+    )
+    assert confirmed.confirmed
