@@ -92,18 +92,22 @@ def methods_to_rotate(
     return [MethodRecord(**row) for row in rows]
 
 
-def swap_method_secret(
-    tx: Transaction, user_id: str, method: str, column: str, old: bytes, new: bytes
-) -> bool:
-    """Replace one sealed secret if it still is `old`; False when a concurrent change won."""
+def swap_method_secrets(tx: Transaction, column: str, swaps: list[tuple[str, str, bytes, bytes]]) -> int:
+    """Replace sealed secrets, each (user_id, method, old, new) only if it still is `old`, in one
+    statement; return how many were replaced (the rest lost to a concurrent change)."""
     assert column in _METHOD_COLUMNS
-    return (
-        tx.execute(
-            f"UPDATE methods SET {column} = %(new)s "  # noqa: S608
-            f"WHERE user_id = %(u)s AND method = %(m)s AND {column} = %(old)s",
-            {"u": user_id, "m": method, "old": old, "new": new},
-        )
-        == 1
+    if not swaps:
+        return 0
+    params: dict[str, object] = {}
+    rows = []
+    for i, (user_id, method, old, new) in enumerate(swaps):
+        params.update({f"u{i}": user_id, f"m{i}": method, f"o{i}": old, f"n{i}": new})
+        rows.append(f"(%(u{i})s, %(m{i})s, %(o{i})s, %(n{i})s)")
+    # VALUES columns are column1..column4 on both backends.
+    return tx.execute(
+        f"UPDATE methods SET {column} = v.column4 FROM (VALUES {', '.join(rows)}) AS v "  # noqa: S608
+        f"WHERE methods.user_id = v.column1 AND methods.method = v.column2 AND methods.{column} = v.column3",
+        params,
     )
 
 
@@ -125,22 +129,30 @@ def backup_codes_to_rotate(
     return [StoredBackupCode(**row) for row in rows]
 
 
-def swap_backup_code(tx: Transaction, old: StoredBackupCode, new_hash: bytes, new_ciphertext: bytes) -> bool:
-    """Replace one code's hash and ciphertext if both are still what was read; False when a
-    regeneration or reset won. Whether the code was used is not touched."""
-    return (
-        tx.execute(
-            "UPDATE backup_codes SET code_hash = %(nh)s, code_ciphertext = %(nc)s "
-            "WHERE user_id = %(u)s AND position = %(p)s AND code_hash = %(oh)s "
-            "AND code_ciphertext = %(oc)s",
+def swap_backup_codes(tx: Transaction, swaps: list[tuple[StoredBackupCode, bytes, bytes]]) -> int:
+    """Replace codes' hashes and ciphertexts, each (old row, new hash, new ciphertext) only if both
+    are still what was read, in one statement; return how many were replaced (the rest lost to a
+    regeneration or reset). Whether a code was used is not touched."""
+    if not swaps:
+        return 0
+    params: dict[str, object] = {}
+    rows = []
+    for i, (old, new_hash, new_ciphertext) in enumerate(swaps):
+        params.update(
             {
-                "u": old.user_id,
-                "p": old.position,
-                "oh": old.code_hash,
-                "oc": old.code_ciphertext,
-                "nh": new_hash,
-                "nc": new_ciphertext,
-            },
+                f"u{i}": old.user_id,
+                f"p{i}": old.position,
+                f"oh{i}": old.code_hash,
+                f"oc{i}": old.code_ciphertext,
+                f"nh{i}": new_hash,
+                f"nc{i}": new_ciphertext,
+            }
         )
-        == 1
+        rows.append(f"(%(u{i})s, %(p{i})s, %(oh{i})s, %(oc{i})s, %(nh{i})s, %(nc{i})s)")
+    return tx.execute(
+        "UPDATE backup_codes SET code_hash = v.column5, code_ciphertext = v.column6 "  # noqa: S608
+        f"FROM (VALUES {', '.join(rows)}) AS v "
+        "WHERE backup_codes.user_id = v.column1 AND backup_codes.position = v.column2 "
+        "AND backup_codes.code_hash = v.column3 AND backup_codes.code_ciphertext = v.column4",
+        params,
     )

@@ -122,10 +122,11 @@ class KeyRotation:
                 return False
             swaps = [s for row in rows for s in self._resealed_secrets(row, progress)]
             with self._db.transaction() as tx:
-                for user_id, method, column, old, new in swaps:
-                    won = keys.swap_method_secret(tx, user_id, method, column, old, new)
+                for column in ("secret", "pending_secret"):
+                    of_column = [(u, m, old, new) for u, m, c, old, new in swaps if c == column]
+                    won = keys.swap_method_secrets(tx, column, of_column)
                     progress.rotated += won
-                    progress.superseded += not won
+                    progress.superseded += len(of_column) - won
             after = (rows[-1].user_id, rows[-1].method)
             on_batch(progress)
         return True
@@ -162,10 +163,9 @@ class KeyRotation:
                 return False
             swaps = [s for row in rows if (s := self._resealed_code(row, progress)) is not None]
             with self._db.transaction() as tx:
-                for old, new_hash, new_ciphertext in swaps:
-                    won = keys.swap_backup_code(tx, old, new_hash, new_ciphertext)
-                    progress.rotated += won
-                    progress.superseded += not won
+                won = keys.swap_backup_codes(tx, swaps)
+            progress.rotated += won
+            progress.superseded += len(swaps) - won
             after = (rows[-1].user_id, rows[-1].position)
             on_batch(progress)
         return True
