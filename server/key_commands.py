@@ -19,6 +19,7 @@ from twofactor_server.storage.records import KeyUsageRecord
 from twofactor_server.usecases.key_rotation import CHALLENGE_KINDS, KIND_NAMES, KeyRotation, RotationProgress
 
 _ROTATION_GUIDE = "README, 'Rotating keys and tokens'"
+_SCAN_TIMEOUT_SECONDS = 600.0
 
 
 def print_new_key(version: int) -> int:
@@ -56,7 +57,9 @@ def _rotation(settings: Settings, batch_size: int = 500) -> tuple[KeyRotation, D
     from twofactor_server.storage.database import open_database
 
     keyring = load_keyring(settings)
-    db = open_database(settings.database_url, data_dir=settings.data_dir, pool_size=2)
+    # Counting reads whole tables: longer than a call's storage timeout, bounded all the same.
+    timeout = max(settings.storage_timeout_seconds, _SCAN_TIMEOUT_SECONDS)
+    db = open_database(settings.database_url, data_dir=settings.data_dir, pool_size=2, timeout=timeout)
     try:
         db.migrate()  # the indexes that key status and the start-up check read
     except BaseException:

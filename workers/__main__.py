@@ -17,7 +17,12 @@ def require_readable_store(settings: Settings) -> None:
     from twofactor_server.usecases.key_rotation import require_keys_for_stored_values
 
     keyring = load_keyring(settings)
-    db = open_database(settings.database_url, data_dir=settings.data_dir, pool_size=1)
+    db = open_database(
+        settings.database_url,
+        data_dir=settings.data_dir,
+        pool_size=1,
+        timeout=settings.storage_timeout_seconds,
+    )
     try:
         db.migrate()  # as the server does at start; safe with several processes
         require_keys_for_stored_values(db, keyring)
