@@ -158,7 +158,9 @@ def versions(rotation: KeyRotation) -> dict[int, int]:
 
 @pytest.mark.parametrize("stop_with", [signal.SIGTERM, signal.SIGKILL])
 def test_an_interrupted_rotation_resumes_and_loses_nothing(settings: Settings, stop_with: int) -> None:
-    db = open_database(settings.database_url, data_dir=settings.data_dir)
+    db = open_database(
+        settings.database_url, data_dir=settings.data_dir, timeout=120
+    )  # seeding is one long unit
     db.migrate()
     seeded = seed(db, 300)
     both = f"{TEST_KEYS},{KEY_2}"

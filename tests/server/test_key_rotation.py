@@ -79,7 +79,7 @@ def serve(sink: SmtpSink, start_server: ServerFactory) -> ServerFactory:
 
 
 def enroll_by_message(h: Harness, sink: SmtpSink, clock: Clock, user_id: str, method: int) -> list[str]:
-    contact = {"email": f"{user_id}@example.com"} if method == EMAIL else {"phone": "+15555550100"}
+    contact = {"email": f"{user_id}@example.com"} if method == EMAIL else {"phone": "+14155550123"}
     h.twofactor.SetContact(pb.SetContactRequest(user_id=user_id, **contact), metadata=h.app_metadata)
     before = len(sink.messages) if method == EMAIL else len(RecordingSms.outbox)
     h.twofactor.StartEnrollment(
