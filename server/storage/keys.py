@@ -38,7 +38,7 @@ def usage_outside(tx: Transaction, versions: tuple[int, ...], now_ms: int) -> li
     """Stored values under any version not in `versions`.
 
     Written as ranges between the known versions on `substr(column, 1, 4)`, so the
-    indexes of migration 0002 answer it without reading the tables when nothing is found.
+    indexes of migration 0004 answer it without reading the tables when nothing is found.
     """
     return [usage for kind in KINDS for usage in _usage(tx, kind, now_ms, versions_outside=versions)]
 
