@@ -135,10 +135,11 @@ class LoadLoop:
                 if user_id.startswith("reset-"):
                     secret, codes = self._reset_and_enroll_again(user_id)
                 else:
+                    request = pb.RegenerateBackupCodesRequest(
+                        user_id=user_id, verification_token=r.verification_token
+                    )
                     codes = list(
-                        self.h.twofactor.RegenerateBackupCodes(
-                            pb.RegenerateBackupCodesRequest(user_id=user_id), metadata=self.h.app_metadata
-                        ).codes
+                        self.h.twofactor.RegenerateBackupCodes(request, metadata=self.h.app_metadata).codes
                     )
             except grpc.RpcError as error:
                 self.failures.append(f"{user_id}: {error.code()} {error.details()}")  # type: ignore[attr-defined]
@@ -199,8 +200,10 @@ def test_full_rotation_cycle_under_load(
     users["mail-0"] = (None, enroll_by_message(first, sink, clock, "mail-0", EMAIL))
     clock.advance(31)  # past the resend cooldown
     users["text-0"] = (None, enroll_by_message(first, sink, clock, "text-0", SMS))
+    step_up = verify(first, "mail-0", users["mail-0"][1].pop()).verification_token
     pending = first.twofactor.StartEnrollment(
-        pb.StartEnrollmentRequest(user_id="mail-0", method=AUTHENTICATOR), metadata=first.app_metadata
+        pb.StartEnrollmentRequest(user_id="mail-0", method=AUTHENTICATOR, verification_token=step_up),
+        metadata=first.app_metadata,
     ).authenticator.secret
     load_users = {u: enroll_authenticator(first, clock, u) for u in LOAD_USERS}
     clock.advance(31)
