@@ -217,7 +217,7 @@ def test_full_rotation_cycle_under_load(
     second = serve(keys=both)
     load = LoadLoop(second, clock, load_users)
     load.start()
-    db = open_database(settings.database_url, data_dir=settings.data_dir)
+    db = open_database(settings.database_url, data_dir=settings.data_dir, timeout=60)  # as `keys rotate`
     # At most 10 batches (8 secrets, 90 backup codes), each with a 30 s load round: the waiting
     # login code (10 minutes) outlives the rotation.
     rotation = KeyRotation(db, Keyring.parse(both), clock, batch_size=10)
@@ -296,8 +296,9 @@ def test_a_rotation_never_writes_back_over_a_concurrent_change(
         pb.StartEnrollmentRequest(user_id="bob", method=AUTHENTICATOR), metadata=h.app_metadata
     )
     both = Keyring.parse(f"{TEST_KEYS},{KEY_2}")
-    rotating_db = open_database(settings.database_url, data_dir=settings.data_dir)
-    writer_db = open_database(settings.database_url, data_dir=settings.data_dir)
+    # Units of work that wait on a row lock on purpose: longer than the 2 s storage timeout.
+    rotating_db = open_database(settings.database_url, data_dir=settings.data_dir, timeout=60)
+    writer_db = open_database(settings.database_url, data_dir=settings.data_dir, timeout=60)
     rotation = KeyRotation(rotating_db, both, clock, batch_size=1)
     reports: list[RotationReport] = []
     rotating = threading.Thread(target=lambda: reports.append(rotation.rotate()))
