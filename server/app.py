@@ -31,12 +31,13 @@ from twofactor_server.delivery.dispatch import build_dispatcher
 from twofactor_server.domain.clock import Clock, system_clock
 from twofactor_server.domain.keyring import Keyring
 from twofactor_server.health import StorageHealth
-from twofactor_server.settings import Settings, SettingsError, TokenSetting
+from twofactor_server.settings import Settings, SettingsError, TokenSetting, check_keys
 from twofactor_server.storage.database import Database, open_database
 from twofactor_server.usecases.admin import Admin
 from twofactor_server.usecases.backup_codes import BackupCodes
 from twofactor_server.usecases.challenges import Challenges, Dispatcher
 from twofactor_server.usecases.enrollment import Enrollment
+from twofactor_server.usecases.key_rotation import require_keys_for_stored_values
 from twofactor_server.usecases.users import UserProfiles
 from twofactor_server.usecases.verification import Verification
 
@@ -94,6 +95,7 @@ def create_server(
     on_stop: list[Callable[[], None]] = []
     try:
         db.migrate()
+        require_keys_for_stored_values(db, keyring, clock)
         if dispatcher is None:
             dispatcher, close = build_dispatcher(settings, db=db, keyring=keyring, clock=clock)
             on_stop.append(close)
@@ -186,12 +188,9 @@ def _bind(grpc_server: grpc.Server, listen: str, credentials: grpc.ServerCredent
 
 def load_keyring(settings: Settings) -> Keyring:
     """The configured keys; for the embedded default only, a local development key made on first run."""
-    if settings.keys:
-        return Keyring.parse(settings.keys)
-    if not settings.embedded:
+    if not settings.keys and not settings.embedded:
         raise SettingsError("TWOFACTOR_KEYS is required with TWOFACTOR_DATABASE_URL (run `twofactor keygen`)")
-    dev = _dev_secrets(settings.data_dir)
-    return Keyring.parse(dev["keys"])
+    return check_keys(settings.keys or _dev_secrets(settings.data_dir)["keys"], settings.active_key_version)
 
 
 def load_tokens(settings: Settings) -> tuple[TokenSetting, ...]:

@@ -1,16 +1,17 @@
-"""The `twofactor` command: serve, migrate, worker, demo, keygen, token."""
+"""The `twofactor` command: serve, migrate, worker, demo, code, keygen, token, keys."""
 
 from __future__ import annotations
 
 import argparse
-import hashlib
 import logging
 import os
-import secrets
 import signal
 import sys
 import threading
 
+from twofactor_server import key_commands
+from twofactor_server.domain.errors import TwoFactorError
+from twofactor_server.domain.keyring import MAX_VERSION
 from twofactor_server.settings import Settings, SettingsError
 
 
@@ -35,10 +36,19 @@ def main(argv: list[str] | None = None) -> int:
     code.add_argument(
         "--next", action="store_true", help="the next time step's code (Verify accepts one step of drift)"
     )
-    commands.add_parser("keygen", help="print a new TWOFACTOR_KEYS entry")
+    keygen = commands.add_parser("keygen", help="print a new TWOFACTOR_KEYS entry")
+    keygen.add_argument("--version", type=_key_version, default=1, help="the key's version (default 1)")
     token = commands.add_parser("token", help="print a new API token and its TWOFACTOR_TOKENS entry")
     token.add_argument("name")
     token.add_argument("scopes", help="app, admin or app+admin")
+    keys = commands.add_parser("keys", help="see and rotate the keys stored values are encrypted under")
+    keys_commands = keys.add_subparsers(dest="keys_command", required=True)
+    status = keys_commands.add_parser("status", help="how many stored values use each key version")
+    status.add_argument("--json", action="store_true", help="print JSON")
+    rotate = keys_commands.add_parser(
+        "rotate", help="re-encrypt every secret and backup code under the active key"
+    )
+    rotate.add_argument("--batch-size", type=int, default=500, help="rows per transaction (default 500)")
     args = parser.parse_args(argv)
 
     try:
@@ -69,22 +79,26 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "code":
             return print_code(args.secret, next_step=args.next)
         if args.command == "keygen":
-            from twofactor_server.domain.keyring import Keyring
-
-            print(Keyring.new_key_spec(1))
-            return 0
+            return key_commands.print_new_key(args.version)
         if args.command == "token":
-            value = secrets.token_urlsafe(32)
-            print(f"token: {value}")
-            print(
-                f"TWOFACTOR_TOKENS entry: {args.name}:{args.scopes}:"
-                f"{hashlib.sha256(value.encode()).hexdigest()}"
-            )
-            return 0
+            return key_commands.print_new_token(args.name, args.scopes)
+        if args.command == "keys" and args.keys_command == "status":
+            return key_commands.key_status(settings, as_json=args.json)
+        if args.command == "keys" and args.keys_command == "rotate":
+            return key_commands.rotate_keys(settings, batch_size=max(1, args.batch_size))
     except SettingsError as error:
         print(f"twofactor: configuration error: {error}", file=sys.stderr)
         return 2
+    except TwoFactorError as error:  # the database can't be reached, say
+        print(f"twofactor: {error.message}", file=sys.stderr)
+        return 1
     return 1
+
+
+def _key_version(text: str) -> int:
+    if not text.isdigit() or not 0 < int(text) <= MAX_VERSION:
+        raise argparse.ArgumentTypeError(f"a key version is a whole number from 1 to {MAX_VERSION}")
+    return int(text)
 
 
 def serve(settings: Settings) -> int:

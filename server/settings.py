@@ -11,6 +11,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from twofactor_server.domain.keyring import MAX_VERSION, Keyring, KeyringError
+
 METHOD_NAMES = ("authenticator", "email", "sms")
 
 
@@ -84,8 +86,10 @@ class Settings:
     storage_timeout_seconds: float = 2.0
     storage_probe_seconds: float = 1.0  # how often health checks that the database answers
     data_dir: Path = Path(".twofactor")
-    # "version:base64key" pairs; the highest version encrypts, all decrypt.
+    # "version:base64key" pairs (validated by from_env); every version decrypts.
     keys: str = ""
+    # The version that encrypts and hashes new values; None: the highest in `keys`.
+    active_key_version: int | None = None
     # Empty: the embedded default, delivery tasks run in-process.
     broker_url: str = ""
     broker_timeout_seconds: float = 2.0
@@ -146,6 +150,10 @@ class Settings:
             sms_per_country_per_hour=env.int("SMS_PER_COUNTRY_PER_HOUR", 0, 0, 10**7),
             sms_per_hour=env.int("SMS_PER_HOUR", 0, 0, 10**7),
         )
+        active_key_version = env.optional_int("ACTIVE_KEY_VERSION", 1, MAX_VERSION)
+        keys = env.text("KEYS", "")
+        if keys:
+            check_keys(keys, active_key_version)
         if policy.lockout_threshold > policy.max_consecutive_failures:
             raise SettingsError("TWOFACTOR_LOCKOUT_THRESHOLD exceeds TWOFACTOR_MAX_CONSECUTIVE_FAILURES")
         smtp = SmtpSettings(
@@ -170,7 +178,8 @@ class Settings:
             storage_timeout_seconds=env.float("STORAGE_TIMEOUT_SECONDS", cls.storage_timeout_seconds),
             storage_probe_seconds=env.float("STORAGE_PROBE_SECONDS", cls.storage_probe_seconds),
             data_dir=Path(env.text("DATA_DIR", str(cls.data_dir))),
-            keys=env.text("KEYS", ""),
+            keys=keys,
+            active_key_version=active_key_version,
             broker_url=env.text("BROKER_URL", ""),
             broker_timeout_seconds=env.float("BROKER_TIMEOUT_SECONDS", cls.broker_timeout_seconds),
             delivery_queue=env.text("DELIVERY_QUEUE", cls.delivery_queue),
@@ -194,6 +203,20 @@ class Settings:
         )
 
 
+def check_keys(keys: str, active_version: int | None) -> Keyring:
+    """The keyring of TWOFACTOR_KEYS, or a SettingsError naming the entry (never a key) that is wrong."""
+    try:
+        keyring = Keyring.parse(keys)
+    except KeyringError as error:
+        raise SettingsError(f"TWOFACTOR_KEYS: {error}") from None
+    if active_version is not None and active_version not in keyring.versions:
+        raise SettingsError(
+            f"TWOFACTOR_ACTIVE_KEY_VERSION is {active_version}, but TWOFACTOR_KEYS has only version(s) "
+            f"{', '.join(map(str, keyring.versions))}; add that key first"
+        )
+    return Keyring.parse(keys, active_version)
+
+
 class _Env:
     """Typed access to TWOFACTOR_* variables with messages that name the variable."""
 
@@ -209,6 +232,9 @@ class _Env:
     def text(self, name: str, default: str) -> str:
         value = self._raw(name)
         return default if value is None else value
+
+    def optional_int(self, name: str, low: int, high: int) -> int | None:
+        return None if self._raw(name) is None else self.int(name, 0, low, high)
 
     def int(self, name: str, default: int, low: int, high: int) -> int:
         value = self._raw(name)

@@ -105,3 +105,23 @@ class NewChallenge:
     locale: str
     created_at: int
     expires_at: int
+
+
+@dataclass(frozen=True, slots=True)
+class StoredBackupCode:
+    """A backup code row as key rotation reads it (used or not)."""
+
+    user_id: str
+    position: int
+    code_hash: bytes
+    code_ciphertext: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class KeyUsageRecord:
+    """How many stored values of one kind were made under one key version."""
+
+    kind: str
+    version: int
+    count: int
+    expires_by_ms: int | None  # waiting challenge codes: when the last of them expires
