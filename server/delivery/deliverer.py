@@ -33,6 +33,8 @@ from twofactor_server.storage.database import Database
 from twofactor_server.storage.records import ChallengeRecord
 
 log = logging.getLogger(__name__)
+# Jitter from a generator of our own: the global one belongs to the embedding program (and tests).
+_jitter = random.Random()  # noqa: S311 - jitter, not a secret
 
 RETRY_MAX_SECONDS = 60.0
 
@@ -46,7 +48,7 @@ class Outcome:
 def backoff_seconds(attempt: int, base: float, ceiling: float = RETRY_MAX_SECONDS) -> float:
     """Exponential backoff with jitter (half to all of the step), so retries from many workers spread out."""
     step = min(ceiling, base * 2 ** max(attempt - 1, 0))
-    return random.uniform(step / 2, step)  # noqa: S311 - jitter, not a secret
+    return _jitter.uniform(step / 2, step)
 
 
 class Deliverer:
