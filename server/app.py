@@ -26,10 +26,12 @@ from twofactor.v1 import (
 from twofactor_server.api import reflection
 from twofactor_server.api.admin_servicer import AdminServicer
 from twofactor_server.api.interceptors import ApiInterceptor
+from twofactor_server.api.monitoring import MonitoringInterceptor
 from twofactor_server.api.twofactor_servicer import TwoFactorServicer
 from twofactor_server.delivery.dispatch import build_dispatcher
 from twofactor_server.domain.clock import Clock, system_clock
 from twofactor_server.domain.keyring import Keyring
+from twofactor_server.observability.metrics import serve_metrics
 from twofactor_server.settings import Settings, SettingsError, TokenSetting
 from twofactor_server.storage.database import Database, open_database
 from twofactor_server.usecases.admin import Admin
@@ -55,6 +57,7 @@ class TwoFactorServer:
     db: Database
     health: health.HealthServicer
     on_stop: list[Callable[[], None]] = field(default_factory=list)
+    metrics_port: int = 0  # the /metrics port when TWOFACTOR_METRICS_LISTEN is set
 
     def start(self) -> None:
         self.grpc_server.start()
@@ -107,7 +110,7 @@ def create_server(
 
         grpc_server = grpc.server(
             futures.ThreadPoolExecutor(max_workers=settings.max_workers, thread_name_prefix="rpc"),
-            interceptors=[ApiInterceptor(tokens)],
+            interceptors=[MonitoringInterceptor(), ApiInterceptor(tokens)],
             options=[("grpc.so_reuseport", 0)],
         )
         twofactor_service_pb2_grpc.add_TwoFactorServiceServicer_to_server(twofactor_servicer, grpc_server)
@@ -125,13 +128,28 @@ def create_server(
             grpc_server,
         )
         port = _bind(grpc_server, settings.listen, credentials)
+        metrics_port = _serve_metrics(settings.metrics_listen, on_stop)
     except BaseException:
         # A server that fails to start releases what it opened.
         for close in on_stop:
             close()
         db.close()
         raise
-    return TwoFactorServer(grpc_server, db, health_servicer, on_stop), port
+    return TwoFactorServer(grpc_server, db, health_servicer, on_stop, metrics_port), port
+
+
+def _serve_metrics(listen: str, on_stop: list[Callable[[], None]]) -> int:
+    """Start /metrics on `listen` (empty: none); returns its port, 0 for none."""
+    if not listen:
+        return 0
+    try:
+        endpoint = serve_metrics(listen)
+    except (OSError, ValueError) as error:
+        raise SettingsError(
+            f"TWOFACTOR_METRICS_LISTEN: could not serve metrics on {listen} ({error})"
+        ) from None
+    on_stop.append(endpoint.close)
+    return endpoint.port
 
 
 def server_credentials(settings: Settings) -> grpc.ServerCredentials | None:

@@ -1,4 +1,4 @@
-"""The `twofactor` command: serve, migrate, worker, demo, keygen, token."""
+"""The `twofactor` command: serve, migrate, worker, demo, keygen, token, config, health."""
 
 from __future__ import annotations
 
@@ -11,7 +11,9 @@ import signal
 import sys
 import threading
 
-from twofactor_server.settings import Settings, SettingsError
+from twofactor_server.settings import Settings, SettingsError, effective_configuration, unknown_variables
+
+log = logging.getLogger("twofactor_server.cli")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -32,15 +34,26 @@ def main(argv: list[str] | None = None) -> int:
     token = commands.add_parser("token", help="print a new API token and its TWOFACTOR_TOKENS entry")
     token.add_argument("name")
     token.add_argument("scopes", help="app, admin or app+admin")
+    commands.add_parser("config", help="print the effective configuration, secrets masked")
+    health = commands.add_parser(
+        "health", help="ask a server's gRPC health service; exit 0 when SERVING, 1 otherwise"
+    )
+    health.add_argument("--target", help="HOST:PORT (default: TWOFACTOR_LISTEN)")
+    health.add_argument("--service", default="", help='the health service name (default "": the server)')
+    health.add_argument("--timeout", type=float, default=5.0, help="seconds to wait for the answer")
     args = parser.parse_args(argv)
 
     try:
         settings = Settings.from_env()
-        logging.basicConfig(
-            level=settings.log_level,
-            format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-            stream=sys.stderr,
-        )
+        configure_logging(settings)
+        if args.command == "config":
+            for name, value in effective_configuration():
+                print(f"{name}={value}")
+            return 0
+        if args.command == "health":
+            from twofactor_server.health_probe import probe
+
+            return probe(settings, target=args.target, service=args.service, timeout=args.timeout)
         if args.command == "serve":
             return serve(settings)
         if args.command == "migrate":
@@ -74,6 +87,16 @@ def main(argv: list[str] | None = None) -> int:
         print(f"twofactor: configuration error: {error}", file=sys.stderr)
         return 2
     return 1
+
+
+def configure_logging(settings: Settings) -> None:
+    """Logs as the settings say, and a warning for each TWOFACTOR_* variable no setting reads."""
+    from twofactor_server.observability import logs
+
+    log_format = settings.log_format or logs.default_format(sys.stderr)
+    logs.configure_logging(settings.log_level, log_format)
+    for name in unknown_variables():
+        log.warning("%s is not a twofactor setting and is ignored (a typo?)", name)
 
 
 def serve(settings: Settings) -> int:
@@ -111,6 +134,10 @@ def serve(settings: Settings) -> int:
 
 def run_worker(concurrency: int, loglevel: str) -> int:
     """Become a delivery worker: the worker package runs Celery; the server package never imports it."""
+    if Settings.from_env().metrics_listen:
+        from twofactor_server.observability.metrics import prepare_multiprocess_dir
+
+        prepare_multiprocess_dir()  # pool processes add up in one /metrics (prometheus_client's mode)
     sys.stdout.flush()
     sys.stderr.flush()
     argv = [

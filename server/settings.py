@@ -7,11 +7,15 @@ Settings (or the parts of it it needs) as constructor arguments.
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
 METHOD_NAMES = ("authenticator", "email", "sms")
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+# Shown as **** by `twofactor config`; URLs show everything but their password.
+SECRET_SETTINGS = frozenset({"TWOFACTOR_KEYS", "TWOFACTOR_SMTP_PASSWORD"})
 
 
 class SettingsError(ValueError):
@@ -92,6 +96,9 @@ class Settings:
     max_workers: int = 8  # a small pool: fewer threads contend for the GIL (docs/benchmarks.md)
     grace_seconds: float = 10.0
     log_level: str = "INFO"
+    log_format: str = ""  # json | text; empty: text at a terminal, json otherwise
+    metrics_listen: str = ""  # host:port of /metrics; empty: no metrics endpoint
+    allow_console_delivery: bool = False  # console providers with PostgreSQL (they print codes)
 
     @property
     def embedded(self) -> bool:
@@ -99,7 +106,10 @@ class Settings:
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
-        env = _Env(os.environ if environ is None else environ)
+        return cls._read(_Env(os.environ if environ is None else environ))
+
+    @classmethod
+    def _read(cls, env: _Env) -> Settings:
         defaults = PolicySettings()
         policy = PolicySettings(
             allowed_methods=env.methods("ALLOWED_METHODS", defaults.allowed_methods),
@@ -134,22 +144,22 @@ class Settings:
             security=env.choice("SMTP_SECURITY", SmtpSettings.security, ("starttls", "tls", "none")),
             username=env.text("SMTP_USERNAME", ""),
             password=env.text("SMTP_PASSWORD", ""),
-            from_address=env.text("SMTP_FROM", SmtpSettings.from_address),
+            from_address=env.email("SMTP_FROM", SmtpSettings.from_address),
             timeout_seconds=env.float("SMTP_TIMEOUT_SECONDS", SmtpSettings.timeout_seconds),
             ca_file=env.text("SMTP_CA_FILE", ""),
         )
         sns = SnsSettings(
             region=env.text("SNS_REGION", SnsSettings.region),
-            endpoint_url=env.text("SNS_ENDPOINT_URL", ""),
+            endpoint_url=env.url("SNS_ENDPOINT_URL", ("http", "https")),
             sender_id=env.text("SNS_SENDER_ID", ""),
         )
         return cls(
-            listen=env.text("LISTEN", cls.listen),
-            database_url=env.text("DATABASE_URL", ""),
+            listen=env.address("LISTEN", cls.listen),
+            database_url=env.url("DATABASE_URL", ("postgresql", "postgres")),
             database_pool_size=env.int("DATABASE_POOL_SIZE", cls.database_pool_size, 1, 200),
             data_dir=Path(env.text("DATA_DIR", str(cls.data_dir))),
             keys=env.text("KEYS", ""),
-            broker_url=env.text("BROKER_URL", ""),
+            broker_url=env.url("BROKER_URL", ("redis", "rediss")),
             broker_timeout_seconds=env.float("BROKER_TIMEOUT_SECONDS", cls.broker_timeout_seconds),
             delivery_queue=env.text("DELIVERY_QUEUE", cls.delivery_queue),
             delivery_retry_base_seconds=env.float(
@@ -166,7 +176,10 @@ class Settings:
             tls_client_ca_file=env.text("TLS_CLIENT_CA_FILE", ""),
             max_workers=env.int("MAX_WORKERS", cls.max_workers, 1, 1024),
             grace_seconds=env.float("GRACE_SECONDS", cls.grace_seconds),
-            log_level=env.text("LOG_LEVEL", cls.log_level).upper(),
+            log_level=env.choice("LOG_LEVEL", cls.log_level, LOG_LEVELS),
+            log_format=env.choice("LOG_FORMAT", "", ("json", "text")),
+            metrics_listen=env.address("METRICS_LISTEN", ""),
+            allow_console_delivery=env.bool("ALLOW_CONSOLE_DELIVERY", cls.allow_console_delivery),
         )
 
 
@@ -177,17 +190,55 @@ class _Env:
 
     def __init__(self, environ: Mapping[str, str]) -> None:
         self._environ = environ
+        self.kinds: dict[str, str] = {}  # every variable read, and how it is parsed
+        self.values: dict[str, str] = {}  # the effective value of each, as text
 
-    def _raw(self, name: str) -> str | None:
+    def _raw(self, name: str, kind: str, default: object) -> str | None:
+        self.kinds.setdefault(self.PREFIX + name, kind)
         value = self._environ.get(self.PREFIX + name)
-        return None if value is None or value.strip() == "" else value.strip()
+        value = None if value is None or value.strip() == "" else value.strip()
+        self.values[self.PREFIX + name] = str(default) if value is None else value
+        if value is not None and _CONTROL.search(value):
+            raise SettingsError(f"{self.PREFIX}{name} contains a control character (a stray paste?)")
+        return value
 
-    def text(self, name: str, default: str) -> str:
-        value = self._raw(name)
+    def text(self, name: str, default: str, kind: str = "text") -> str:
+        value = self._raw(name, kind, default)
         return default if value is None else value
 
+    def address(self, name: str, default: str) -> str:
+        """host:port (port 0 to 65535); the host may be empty (every interface) or [ipv6]."""
+        value = self.text(name, default, "address")
+        if value == default:
+            return value
+        host, sep, port = value.rpartition(":")
+        if (
+            not sep
+            or not port.isdigit()
+            or int(port) > 65535
+            or (":" in host.strip("[]") and not host.startswith("["))
+        ):
+            raise SettingsError(f"{self.PREFIX}{name} must be host:port, like 0.0.0.0:9464, got {value!r}")
+        return value
+
+    def url(self, name: str, schemes: tuple[str, ...]) -> str:
+        value = self.text(name, "", "url")
+        if value and value.partition("://")[0].lower() not in schemes:
+            shown = mask_url(value)
+            raise SettingsError(
+                f"{self.PREFIX}{name} must be a {' or '.join(s + '://' for s in schemes)} URL, got {shown!r}"
+            )
+        return value
+
+    def email(self, name: str, default: str) -> str:
+        value = self.text(name, default, "email")
+        local, at, domain = value.rpartition("@")
+        if not (at and local and domain) or any(c.isspace() for c in value):
+            raise SettingsError(f"{self.PREFIX}{name} must be an email address, got {value!r}")
+        return value
+
     def int(self, name: str, default: int, low: int, high: int) -> int:
-        value = self._raw(name)
+        value = self._raw(name, "int", default)
         if value is None:
             return default
         try:
@@ -199,7 +250,7 @@ class _Env:
         return number
 
     def float(self, name: str, default: float) -> float:
-        value = self._raw(name)
+        value = self._raw(name, "float", default)
         if value is None:
             return default
         try:
@@ -211,7 +262,7 @@ class _Env:
         return number
 
     def bool(self, name: str, default: bool) -> bool:
-        value = self._raw(name)
+        value = self._raw(name, "bool", str(default).lower())
         if value is None:
             return default
         lowered = value.lower()
@@ -222,13 +273,14 @@ class _Env:
         raise SettingsError(f"{self.PREFIX}{name} must be true or false, got {value!r}")
 
     def choice(self, name: str, default: str, choices: tuple[str, ...]) -> str:
-        value = self.text(name, default).lower()
-        if value not in choices:
+        value = self.text(name, default, "choice")
+        value = value.upper() if choices == LOG_LEVELS else value.lower()
+        if value not in choices and value != default:
             raise SettingsError(f"{self.PREFIX}{name} must be one of {', '.join(choices)}, got {value!r}")
         return value
 
     def methods(self, name: str, default: tuple[str, ...]) -> tuple[str, ...]:
-        value = self._raw(name)
+        value = self._raw(name, "methods", ",".join(default))
         if value is None:
             return default
         methods = tuple(dict.fromkeys(m.strip().lower() for m in value.split(",") if m.strip()))
@@ -245,7 +297,7 @@ class _Env:
         Only digests are configured, so the environment never holds a usable
         token; `twofactor token` prints a new token and its entry.
         """
-        value = self._raw(name)
+        value = self._raw(name, "tokens", "")
         if value is None:
             return ()
         tokens = []
@@ -268,3 +320,39 @@ class _Env:
                 )
             tokens.append(TokenSetting(token_name, scope_set, sha256))
         return tuple(tokens)
+
+
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+
+def mask_url(url: str) -> str:
+    """The URL with the password of its user part replaced by ****."""
+    return re.sub(r"(://[^:/@]*:)[^@/]*@", r"\1****@", url)
+
+
+def setting_kinds() -> dict[str, str]:
+    """Every TWOFACTOR_* variable the settings read, and how it is parsed (for tests and docs)."""
+    env = _Env({})
+    Settings._read(env)
+    return dict(env.kinds)
+
+
+def unknown_variables(environ: Mapping[str, str] | None = None) -> list[str]:
+    """TWOFACTOR_* variables that no setting reads: most likely typos."""
+    environ = os.environ if environ is None else environ
+    known = setting_kinds()
+    return sorted(n for n in environ if n.startswith(_Env.PREFIX) and n not in known)
+
+
+def effective_configuration(environ: Mapping[str, str] | None = None) -> list[tuple[str, str]]:
+    """(variable, effective value) for every setting, secrets masked; raises SettingsError like from_env."""
+    env = _Env(os.environ if environ is None else environ)
+    Settings._read(env)
+    shown = []
+    for name, value in sorted(env.values.items()):
+        if name in SECRET_SETTINGS and value:
+            value = "****"
+        elif env.kinds[name] == "url":
+            value = mask_url(value)
+        shown.append((name, value))
+    return shown

@@ -88,7 +88,7 @@ def base_settings(tmp_path: Path, **overrides: Any) -> Settings:
         keys=TEST_KEYS,
         tokens=TOKENS,
         max_workers=64,
-        **overrides,
+        **{"allow_console_delivery": True, **overrides},  # tests read codes from console senders
     )
 
 

@@ -27,9 +27,26 @@ def main(argv: list[str] | None = None) -> int:
     except SettingsError as error:
         print(f"twofactor: configuration error: {error}", file=sys.stderr)
         return 2
-    logging.basicConfig(
-        level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
-    )
+    from twofactor_server.observability import logs, metrics
+    from twofactor_workers import observability
+
+    log_format = settings.log_format or logs.default_format(sys.stderr)
+    logs.configure_logging(settings.log_level, log_format)
+    observability.install(settings, log_format)
+    if settings.metrics_listen:
+        if not metrics.multiprocess_enabled():
+            print(
+                "twofactor: configuration error: TWOFACTOR_METRICS_LISTEN needs prometheus_client's "
+                "multiprocess mode: start workers with `twofactor worker` (or set PROMETHEUS_MULTIPROC_DIR)",
+                file=sys.stderr,
+            )
+            return 2
+        try:
+            endpoint = metrics.serve_metrics(settings.metrics_listen, multiprocess=True)
+        except (OSError, ValueError) as error:
+            print(f"twofactor: configuration error: TWOFACTOR_METRICS_LISTEN: {error}", file=sys.stderr)
+            return 2
+        logging.getLogger(__name__).info("metrics on %s:%d/metrics", endpoint.host, endpoint.port)
     from twofactor_workers.celery_app import app
 
     app.worker_main(

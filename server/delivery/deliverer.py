@@ -23,6 +23,7 @@ from twofactor_server.delivery.providers import (
 )
 from twofactor_server.domain.clock import Clock, now_ms, system_clock
 from twofactor_server.domain.keyring import CHALLENGE_CODE, Keyring
+from twofactor_server.observability import metrics
 from twofactor_server.storage import outbox
 from twofactor_server.storage.database import Database
 
@@ -77,6 +78,7 @@ class Deliverer:
             self._record(
                 challenge_id, "expired", failure_reason="the code expired or was replaced before delivery"
             )
+            self._count(challenge.method, "expired")
             return Outcome("expired")
         assert challenge.code_ciphertext is not None  # claim_delivery takes only rows that still hold it
         code = self._keyring.decrypt(
@@ -96,17 +98,21 @@ class Deliverer:
             retry_in = backoff_seconds(challenge.delivery_attempts, self._retry_base)
             if now + retry_in * 1000 >= challenge.expires_at:
                 self._record(challenge_id, "expired", failure_reason=f"gave up: {error.reason}")
+                self._count(challenge.method, "expired")
                 return Outcome("expired")
             log.info(
                 "delivery of %s failed transiently, retry in %.1fs: %s", challenge_id, retry_in, error.reason
             )
             self._record(challenge_id, "sending", failure_reason=error.reason, wipe_code=False)
+            self._count(challenge.method, "retry")
             return Outcome("retry", retry_in)
         except PermanentDeliveryError as error:
             log.warning("delivery of %s failed: %s", challenge_id, error.reason)
             self._record(challenge_id, "failed", failure_reason=error.reason)
+            self._count(challenge.method, "failed")
             return Outcome("failed")
         self._record(challenge_id, "sent", provider_message_id=message_id)
+        self._count(challenge.method, "sent", since_send_ms=self._now_ms() - challenge.created_at)
         log.info("delivered %s by %s as %s", challenge_id, challenge.method, message_id)
         return Outcome("sent")
 
@@ -142,6 +148,15 @@ class Deliverer:
                 failure_reason=failure_reason,
                 wipe_code=wipe_code,
             )
+
+    def _count(self, method: str, outcome: str, *, since_send_ms: int | None = None) -> None:
+        sender = self._email if method == "email" else self._sms
+        metrics.delivery(
+            method,
+            metrics.provider_label(sender),
+            outcome,
+            since_send_seconds=None if since_send_ms is None else since_send_ms / 1000,
+        )
 
     def _now_ms(self) -> int:
         return now_ms(self._clock)

@@ -7,6 +7,7 @@ from twofactor_server.domain import contacts, lockout
 from twofactor_server.domain.clock import Clock, now_ms
 from twofactor_server.domain.errors import FailedPrecondition, InvalidArgument, NotFound
 from twofactor_server.domain.models import Caller, UserState
+from twofactor_server.observability import metrics
 from twofactor_server.settings import PolicySettings
 from twofactor_server.storage import store
 from twofactor_server.storage.database import Database, Transaction
@@ -60,6 +61,7 @@ def count_failure(tx: Transaction, caller: Caller, user_id: str, policy: PolicyS
         store.set_locked_until(tx, user_id, until)
         detail = "until unlocked" if permanent else f"{(until or now) - now} ms after {failures} failures"
         audit.record(tx, caller, now, user_id, "user_locked", detail=detail)
+        metrics.lockout()
     return failures
 
 

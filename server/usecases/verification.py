@@ -7,6 +7,7 @@ from twofactor_server.domain.clock import Clock, now_ms
 from twofactor_server.domain.errors import FailedPrecondition, InvalidArgument
 from twofactor_server.domain.keyring import TOTP_SECRET, Keyring
 from twofactor_server.domain.models import Caller, CodeKind, Lock, VerifyOutcome, VerifyResult
+from twofactor_server.observability import metrics
 from twofactor_server.settings import PolicySettings
 from twofactor_server.storage import store
 from twofactor_server.storage.database import Database, Transaction
@@ -121,6 +122,7 @@ class Verification:
         return store.accept_totp_step(tx, user_id, step, seen, now)
 
     def _accepted(self, kind: CodeKind, backup_left: int, now: int) -> VerifyOutcome:
+        metrics.verification(VerifyResult.ACCEPTED.value, kind.value)
         return VerifyOutcome(
             result=VerifyResult.ACCEPTED,
             matched=kind,
@@ -139,6 +141,7 @@ class Verification:
         lock: Lock | None,
         now: int,
     ) -> VerifyOutcome:
+        metrics.verification(result.value, matched.value if matched is not None else "none")
         return VerifyOutcome(
             result=result,
             matched=matched,
