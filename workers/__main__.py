@@ -49,8 +49,10 @@ def main(argv: list[str] | None = None) -> int:
         logging.getLogger(__name__).info("metrics on %s:%d/metrics", endpoint.host, endpoint.port)
     from twofactor_workers.celery_app import app
 
-    app.worker_main(
+    # `celery [--quiet] worker ...`: with JSON logs, no banner, so every line is a JSON record.
+    app.start(
         [
+            *(["--quiet"] if log_format == "json" else []),
             "worker",
             f"--queues={settings.delivery_queue}",
             f"--concurrency={args.concurrency}",

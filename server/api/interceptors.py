@@ -135,9 +135,10 @@ class ApiInterceptor(grpc.ServerInterceptor):
                 if isinstance(request, _Undecodable):
                     raise InvalidArgument("MALFORMED_REQUEST", "the request bytes are not a valid message")
                 token = current_caller.set(caller)
+                # Into MonitoringInterceptor's scope for this call, so its closing line names the token too.
+                logs.bind_more(token=caller.actor)
                 try:
-                    with logs.bind(token=caller.actor):
-                        return inner(request, context)
+                    return inner(request, context)
                 finally:
                     current_caller.reset(token)
             except Exception as exc:

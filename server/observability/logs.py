@@ -104,4 +104,5 @@ def configure_logging(level: str, log_format: str, stream: TextIO | None = None)
         root.removeHandler(old)
     root.addHandler(handler)
     root.setLevel(level)
+    logging.captureWarnings(True)  # warnings become records, in the same format
     return handler

@@ -1,0 +1,80 @@
+"""A real `twofactor worker` (Celery prefork) serves /metrics that add up its pool processes,
+and writes JSON log lines that carry the challenge id of the task they belong to."""
+
+from __future__ import annotations
+
+import json
+import time
+import urllib.request
+from collections.abc import Callable
+
+from prometheus_client.parser import text_string_to_metric_families
+from twofactor.v1 import common_pb2
+
+from tests.conftest import Harness, ServerFactory
+from tests.smtp_sink import SmtpSink, free_port
+from tests.workers.test_celery_delivery import (  # noqa: F401 - the fixtures come along
+    Workers,
+    backend,
+    celery_server,
+    clock,
+    queue,
+    redis_available,
+    sink,
+    start_email_enrollment,
+    wait_for_status,
+    workers_for,
+)
+
+
+def scrape(port: int) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as response:
+        text = response.read().decode()
+    return {
+        (s.name, frozenset(s.labels.items())): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
+
+
+def test_worker_metrics_and_json_logs_with_the_challenge_id(
+    start_server: ServerFactory,
+    sink: SmtpSink,  # noqa: F811 - the imported fixture
+    queue: str,  # noqa: F811
+    workers_for: Callable[[Harness], Workers],  # noqa: F811
+) -> None:
+    h = celery_server(start_server, sink, queue)
+    workers = workers_for(h)
+    port = free_port()
+    workers.env.update({"TWOFACTOR_METRICS_LISTEN": f"127.0.0.1:{port}", "TWOFACTOR_LOG_FORMAT": "json"})
+    workers.start(concurrency=2)
+
+    challenges = [start_email_enrollment(h, f"wo{n}") for n in range(3)]
+    for n, challenge in enumerate(challenges):
+        wait_for_status(h, f"wo{n}", challenge.challenge_id, common_pb2.DELIVERY_STATUS_SENT)
+
+    sent = (
+        "twofactor_deliveries_total",
+        frozenset({"method": "email", "provider": "smtp", "outcome": "sent"}.items()),
+    )
+    deadline = time.monotonic() + 60
+    while True:  # the endpoint comes up with the worker; the counts follow the deliveries
+        try:
+            samples = scrape(port)
+        except OSError:
+            samples = {}
+        if samples.get(sent) == 3:
+            break
+        assert time.monotonic() < deadline, f"worker metrics never showed 3 deliveries: {samples.get(sent)}"
+        time.sleep(0.1)
+    assert samples[("twofactor_delivery_seconds_count", frozenset())] == 3
+
+    workers.stop()
+    # Celery's signal handler prints its one "worker: Warm shutdown" notice itself, not as a log record.
+    lines = [line for line in workers.logs().splitlines() if line.strip() and not line.startswith("worker: ")]
+    not_json = [line for line in lines if not line.startswith("{")]
+    assert not_json == []
+    records = [json.loads(line) for line in lines]  # every line the worker wrote is one JSON object
+    for challenge in challenges:
+        delivered = [r for r in records if r.get("challenge_id") == challenge.challenge_id]
+        assert any("delivered" in r["message"] for r in delivered), delivered
