@@ -32,12 +32,14 @@ from twofactor_server.delivery.dispatch import build_dispatcher
 from twofactor_server.domain.clock import Clock, system_clock
 from twofactor_server.domain.keyring import Keyring
 from twofactor_server.observability.metrics import serve_metrics
+from twofactor_server.periodic import Periodic
 from twofactor_server.settings import Settings, SettingsError, TokenSetting
 from twofactor_server.storage.database import Database, open_database
 from twofactor_server.usecases.admin import Admin
 from twofactor_server.usecases.backup_codes import BackupCodes
 from twofactor_server.usecases.challenges import Challenges, Dispatcher
 from twofactor_server.usecases.enrollment import Enrollment
+from twofactor_server.usecases.retention import Retention
 from twofactor_server.usecases.users import UserProfiles
 from twofactor_server.usecases.verification import Verification
 
@@ -129,6 +131,13 @@ def create_server(
         )
         port = _bind(grpc_server, settings.listen, credentials)
         metrics_port = _serve_metrics(settings.metrics_listen, on_stop)
+        retention = Periodic(
+            "retention",
+            settings.retention_interval_seconds,
+            Retention(db, settings.audit_retention_days, clock).run_once,
+        )
+        retention.start()
+        on_stop.append(retention.stop)
     except BaseException:
         # A server that fails to start releases what it opened.
         for close in on_stop:

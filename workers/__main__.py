@@ -47,6 +47,10 @@ def main(argv: list[str] | None = None) -> int:
             print(f"twofactor: configuration error: TWOFACTOR_METRICS_LISTEN: {error}", file=sys.stderr)
             return 2
         logging.getLogger(__name__).info("metrics on %s:%d/metrics", endpoint.host, endpoint.port)
+    from twofactor_server.periodic import Periodic
+
+    # Retention runs here too, so a fleet of workers alone keeps the tables trimmed.
+    Periodic("retention", settings.retention_interval_seconds, lambda: run_retention(settings)).start()
     from twofactor_workers.celery_app import app
 
     # `celery [--quiet] worker ...`: with JSON logs, no banner, so every line is a JSON record.
@@ -63,6 +67,19 @@ def main(argv: list[str] | None = None) -> int:
         ]
     )
     return 0
+
+
+def run_retention(settings: Settings) -> None:
+    """One retention run on a connection of its own (opened and closed here: the pool forks)."""
+    from twofactor_server.domain.clock import system_clock
+    from twofactor_server.storage.database import open_database
+    from twofactor_server.usecases.retention import Retention
+
+    db = open_database(settings.database_url, data_dir=settings.data_dir, pool_size=1)
+    try:
+        Retention(db, settings.audit_retention_days, system_clock).run_once()
+    finally:
+        db.close()
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ import time
 import urllib.request
 from collections.abc import Callable
 
+import psycopg
 from prometheus_client.parser import text_string_to_metric_families
 from twofactor.v1 import common_pb2
 
@@ -46,7 +47,18 @@ def test_worker_metrics_and_json_logs_with_the_challenge_id(
     h = celery_server(start_server, sink, queue)
     workers = workers_for(h)
     port = free_port()
-    workers.env.update({"TWOFACTOR_METRICS_LISTEN": f"127.0.0.1:{port}", "TWOFACTOR_LOG_FORMAT": "json"})
+    workers.env.update(
+        {
+            "TWOFACTOR_METRICS_LISTEN": f"127.0.0.1:{port}",
+            "TWOFACTOR_LOG_FORMAT": "json",
+            "TWOFACTOR_RETENTION_INTERVAL_SECONDS": "0.2",
+        }
+    )
+    with psycopg.connect(h.settings.database_url) as conn:  # an audit event from 1970: past any retention
+        conn.execute(
+            "INSERT INTO audit_events (at, actor, user_id, action, request_id, outcome, detail) "
+            "VALUES (0, 'test', 'ancient', 'contact_changed', 'r', 'success', '')"
+        )
     workers.start(concurrency=2)
 
     challenges = [start_email_enrollment(h, f"wo{n}") for n in range(3)]
@@ -69,6 +81,10 @@ def test_worker_metrics_and_json_logs_with_the_challenge_id(
         time.sleep(0.1)
     assert samples[("twofactor_delivery_seconds_count", frozenset())] == 3
 
+    with psycopg.connect(h.settings.database_url) as conn:  # the worker's retention job deletes it
+        while conn.execute("SELECT count(*) FROM audit_events WHERE user_id = 'ancient'").fetchone() != (0,):
+            assert time.monotonic() < deadline, "the worker's retention job never ran"
+            time.sleep(0.1)
     workers.stop()
     # Celery's signal handler prints its one "worker: Warm shutdown" notice itself, not as a log record.
     lines = [line for line in workers.logs().splitlines() if line.strip() and not line.startswith("worker: ")]
