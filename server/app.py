@@ -28,6 +28,7 @@ from twofactor_server.api.admin_servicer import AdminServicer
 from twofactor_server.api.interceptors import ApiInterceptor
 from twofactor_server.api.monitoring import MonitoringInterceptor
 from twofactor_server.api.twofactor_servicer import TwoFactorServicer
+from twofactor_server.delivery.broker_health import CHECK_INTERVAL_SECONDS, BrokerHealth
 from twofactor_server.delivery.dispatch import build_dispatcher
 from twofactor_server.domain.clock import Clock, system_clock
 from twofactor_server.domain.keyring import Keyring
@@ -138,6 +139,12 @@ def create_server(
         )
         retention.start()
         on_stop.append(retention.stop)
+        broker = BrokerHealth(settings, health_servicer)
+        broker.check()
+        if settings.broker_url:
+            broker_checks = Periodic("broker-health", CHECK_INTERVAL_SECONDS, broker.check)
+            broker_checks.start()
+            on_stop.append(broker_checks.stop)
     except BaseException:
         # A server that fails to start releases what it opened.
         for close in on_stop:

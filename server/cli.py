@@ -24,6 +24,12 @@ def main(argv: list[str] | None = None) -> int:
     worker = commands.add_parser("worker", help="run a Celery delivery worker (needs TWOFACTOR_BROKER_URL)")
     worker.add_argument("--concurrency", type=int, default=2)
     worker.add_argument("--loglevel", default="INFO")
+    worker.add_argument("--hostname", help="the worker's node name (Celery's default: celery@<hostname>)")
+    worker_health = commands.add_parser(
+        "worker-health", help="ping this host's delivery worker over the broker; exit 0 when it answers"
+    )
+    worker_health.add_argument("--name", help="the worker's node name (default: celery@<hostname>)")
+    worker_health.add_argument("--timeout", type=float, default=5.0)
     demo = commands.add_parser("demo", help="enroll a user in the authenticator app against a running server")
     demo.add_argument("--target", default="localhost:50051")
     demo.add_argument(
@@ -65,7 +71,10 @@ def main(argv: list[str] | None = None) -> int:
             print(f"applied: {', '.join(applied) or 'nothing, already up to date'}")
             return 0
         if args.command == "worker":
-            return run_worker(args.concurrency, args.loglevel)
+            return run_worker(args.concurrency, args.loglevel, args.hostname)
+        if args.command == "worker-health":
+            options = [f"--timeout={args.timeout}", *([f"--name={args.name}"] if args.name else [])]
+            return exec_module("twofactor_workers.health", options)
         if args.command == "demo":
             from twofactor_server.demo import run_demo
 
@@ -132,7 +141,7 @@ def serve(settings: Settings) -> int:
     return 0
 
 
-def run_worker(concurrency: int, loglevel: str) -> int:
+def run_worker(concurrency: int, loglevel: str, hostname: str | None = None) -> int:
     """Become a delivery worker: the worker package runs Celery; the server package never imports it."""
     if Settings.from_env().metrics_listen:
         from twofactor_server.observability.metrics import prepare_multiprocess_dir
@@ -146,8 +155,17 @@ def run_worker(concurrency: int, loglevel: str) -> int:
         "twofactor_workers",
         f"--concurrency={concurrency}",
         f"--loglevel={loglevel}",
+        *([f"--hostname={hostname}"] if hostname else []),
     ]
     os.execv(sys.executable, argv)  # noqa: S606 - same process id: signals and supervisors reach the worker itself
+
+
+def exec_module(module: str, options: list[str]) -> int:
+    """Become `python -m module options...` (the server package never imports the worker package)."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execv(sys.executable, [sys.executable, "-m", module, *options])  # noqa: S606
+    return 1  # not reached
 
 
 if __name__ == "__main__":

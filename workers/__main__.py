@@ -14,6 +14,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="twofactor worker", description="Run a Celery delivery worker")
     parser.add_argument("--concurrency", type=int, default=2)
     parser.add_argument("--loglevel", default="INFO")
+    parser.add_argument("--hostname", help="the worker's node name (default: celery@<hostname>)")
     args = parser.parse_args(argv)
     try:
         settings = Settings.from_env()
@@ -64,6 +65,7 @@ def main(argv: list[str] | None = None) -> int:
             "--without-gossip",
             "--without-mingle",
             "--without-heartbeat",
+            *([f"--hostname={args.hostname}"] if args.hostname else []),
         ]
     )
     return 0

@@ -4,9 +4,13 @@ and writes JSON log lines that carry the challenge id of the task they belong to
 from __future__ import annotations
 
 import json
+import signal
+import subprocess
 import time
 import urllib.request
+import uuid
 from collections.abc import Callable
+from pathlib import Path
 
 import psycopg
 from prometheus_client.parser import text_string_to_metric_families
@@ -15,6 +19,7 @@ from twofactor.v1 import common_pb2
 from tests.conftest import Harness, ServerFactory
 from tests.smtp_sink import SmtpSink, free_port
 from tests.workers.test_celery_delivery import (  # noqa: F401 - the fixtures come along
+    TWOFACTOR,
     Workers,
     backend,
     celery_server,
@@ -24,6 +29,7 @@ from tests.workers.test_celery_delivery import (  # noqa: F401 - the fixtures co
     sink,
     start_email_enrollment,
     wait_for_status,
+    worker_env,
     workers_for,
 )
 
@@ -94,3 +100,45 @@ def test_worker_metrics_and_json_logs_with_the_challenge_id(
     for challenge in challenges:
         delivered = [r for r in records if r.get("challenge_id") == challenge.challenge_id]
         assert any("delivered" in r["message"] for r in delivered), delivered
+
+
+def test_worker_health_answers_for_a_running_worker_only(
+    start_server: ServerFactory,
+    sink: SmtpSink,  # noqa: F811 - the imported fixture
+    queue: str,  # noqa: F811
+    tmp_path: Path,
+) -> None:
+    h = celery_server(start_server, sink, queue)
+    env = worker_env(h)
+    name = f"probe-{uuid.uuid4().hex[:8]}@localhost"  # unique: other workers may share this broker
+    log = open(tmp_path / "worker.log", "wb")  # noqa: SIM115 - lives with the process
+    worker = subprocess.Popen(
+        [TWOFACTOR, "worker", "--concurrency", "1", "--hostname", name], env=env, stdout=log, stderr=log
+    )
+    log.close()
+    try:
+        deadline = time.monotonic() + 90
+        while True:  # the worker answers once it has started
+            answered = subprocess.run(
+                [TWOFACTOR, "worker-health", "--name", name, "--timeout", "2"],
+                env=env,
+                capture_output=True,
+                text=True,
+                timeout=120,
+            )
+            if answered.returncode == 0:
+                break
+            assert answered.returncode == 1, answered.stderr
+            assert time.monotonic() < deadline, (tmp_path / "worker.log").read_text()
+        assert answered.stdout == f"{name}: ok\n"
+        nobody = subprocess.run(
+            [TWOFACTOR, "worker-health", "--name", f"nobody-{name}", "--timeout", "1"],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert nobody.returncode == 1 and "did not answer" in nobody.stderr
+    finally:
+        worker.send_signal(signal.SIGTERM)
+        worker.wait(60)
