@@ -94,7 +94,8 @@ def create_server(
     )
     on_stop: list[Callable[[], None]] = []
     try:
-        db.migrate()
+        if settings.migrate_on_start:  # off: a fleet's migrate job does it, once, before the rollout
+            db.migrate()
         if dispatcher is None:
             dispatcher, close = build_dispatcher(settings, db=db, keyring=keyring, clock=clock)
             on_stop.append(close)

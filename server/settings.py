@@ -100,6 +100,7 @@ class Settings:
     metrics_listen: str = ""  # host:port of /metrics; empty: no metrics endpoint
     allow_console_delivery: bool = False  # console providers with PostgreSQL (they print codes)
     audit_retention_days: int = 365
+    migrate_on_start: bool = True  # false: `twofactor migrate` (a job) applies migrations
     retention_interval_seconds: float = 3600.0  # how often the retention job runs (server and workers)
 
     @property
@@ -182,6 +183,7 @@ class Settings:
             log_format=env.choice("LOG_FORMAT", "", ("json", "text")),
             metrics_listen=env.address("METRICS_LISTEN", ""),
             allow_console_delivery=env.bool("ALLOW_CONSOLE_DELIVERY", cls.allow_console_delivery),
+            migrate_on_start=env.bool("MIGRATE_ON_START", cls.migrate_on_start),
             audit_retention_days=env.int("AUDIT_RETENTION_DAYS", cls.audit_retention_days, 1, 36500),
             retention_interval_seconds=env.float(
                 "RETENTION_INTERVAL_SECONDS", cls.retention_interval_seconds
