@@ -16,6 +16,7 @@ import logging
 import re
 import sqlite3
 import threading
+import time
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from functools import lru_cache
@@ -227,24 +228,53 @@ def migrations() -> list[tuple[str, str]]:
 
 
 def _apply_migrations(tx: Transaction, dialect: str) -> list[str]:
+    """Apply the migrations not yet recorded, in order, each recorded with the time it was applied.
+
+    Runs inside the caller's transaction and lock, so servers starting together apply each
+    file once. The SQL is never formatted and never split on ";": the backend's own parser
+    finds the statements (PostgreSQL takes the whole file; SQLite's complete_statement()).
+    """
     tx.execute("CREATE TABLE IF NOT EXISTS schema_migrations (version TEXT PRIMARY KEY, applied_at BIGINT)")
     done = {row["version"] for row in tx.all("SELECT version FROM schema_migrations")}
     applied = []
     for version, text in migrations():
         if version in done:
             continue
-        sql = text.format(**_DIALECT_TYPES[dialect])
-        for statement in _statements(sql):
-            tx.execute(statement)
-        tx.execute("INSERT INTO schema_migrations (version, applied_at) VALUES (%(v)s, 0)", {"v": version})
+        sql = with_dialect_types(text, dialect)
+        if dialect == "postgres":
+            tx.execute(sql)  # no parameters: psycopg sends the whole script, statements and all
+        else:
+            for statement in sqlite_statements(sql):
+                tx.execute(statement)
+        tx.execute(
+            "INSERT INTO schema_migrations (version, applied_at) VALUES (%(v)s, %(at)s)",
+            {"v": version, "at": int(time.time() * 1000)},
+        )
         applied.append(version)
         log.info("applied migration %s", version)
     return applied
 
 
-def _statements(sql: str) -> list[str]:
-    without_comments = re.sub(r"--[^\n]*", "", sql)
-    return [s.strip() for s in without_comments.split(";") if s.strip()]
+def with_dialect_types(text: str, dialect: str) -> str:
+    """Replace the literal placeholders {BLOB} and {SERIAL_PK} with the backend's types; nothing else
+    in the text is interpreted (no str.format: braces and percent signs stay as written)."""
+    for placeholder, sql_type in _DIALECT_TYPES[dialect].items():
+        text = text.replace("{" + placeholder + "}", sql_type)
+    return text
+
+
+def sqlite_statements(sql: str) -> list[str]:
+    """The statements of a script, cut where SQLite's own tokenizer says one is complete (so a ";"
+    inside a string or a comment does not cut), for sqlite3, which runs one statement per call."""
+    statements, current = [], ""
+    for line in sql.splitlines(keepends=True):
+        current += line
+        if sqlite3.complete_statement(current):
+            statements.append(current.strip())
+            current = ""
+    if current.strip() and re.sub(r"--[^\n]*", "", current).strip():
+        raise ValueError(f"incomplete SQL statement at the end of a migration: {current.strip()[:80]!r}")
+    return statements
 
 
 @lru_cache(maxsize=512)
