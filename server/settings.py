@@ -40,6 +40,7 @@ class PolicySettings:
     lockout_base_seconds: int = 60
     lockout_max_seconds: int = 86400
     max_consecutive_failures: int = 100  # NIST SP 800-63B §5.2.2
+    audit_verifications: str = "failures"  # failures | all (accepted codes too)
 
 
 @dataclass(frozen=True)
@@ -137,6 +138,9 @@ class Settings:
             lockout_max_seconds=env.int("LOCKOUT_MAX_SECONDS", defaults.lockout_max_seconds, 1, 10**7),
             max_consecutive_failures=env.int(
                 "MAX_CONSECUTIVE_FAILURES", defaults.max_consecutive_failures, 1, 100
+            ),
+            audit_verifications=env.choice(
+                "AUDIT_VERIFICATIONS", defaults.audit_verifications, ("failures", "all")
             ),
         )
         if policy.lockout_threshold > policy.max_consecutive_failures:

@@ -38,6 +38,7 @@ _MIGRATION_LOCK_ID = 0x2FAC7  # pg_advisory_lock key shared by every twofactor s
 
 
 class Transaction(Protocol):
+    dialect: str  # "postgres" | "sqlite"
     # Appended to a SELECT to hold its rows until commit; empty where the
     # whole transaction is already exclusive (SQLite).
     row_lock: str
@@ -111,6 +112,7 @@ class PostgresDatabase:
 
 
 class _PostgresTransaction:
+    dialect = "postgres"
     row_lock = " FOR UPDATE"
 
     def __init__(self, conn: psycopg.Connection[Row]) -> None:
@@ -168,6 +170,7 @@ class SqliteDatabase:
 
 
 class _SqliteTransaction:
+    dialect = "sqlite"
     row_lock = ""  # BEGIN IMMEDIATE and the connection lock already serialize transactions
 
     def __init__(self, conn: sqlite3.Connection) -> None:

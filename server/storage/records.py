@@ -90,3 +90,16 @@ class NewChallenge:
     locale: str
     created_at: int
     expires_at: int
+
+
+@dataclass(frozen=True, slots=True)
+class NewAuditEvent:
+    """An audit event to insert (event_id comes from the database)."""
+
+    at: int
+    actor: str
+    user_id: str
+    action: str
+    request_id: str
+    outcome: str
+    detail: str

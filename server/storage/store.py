@@ -11,12 +11,14 @@ records (records.py); no caller sees a column name.
 from __future__ import annotations
 
 from collections.abc import Iterable
+from dataclasses import asdict
 
 from twofactor_server.domain.models import AuditEvent
 from twofactor_server.storage.database import Transaction
 from twofactor_server.storage.records import (
     BackupCodeRecord,
     MethodRecord,
+    NewAuditEvent,
     UserRecord,
     VerifySnapshot,
 )
@@ -80,7 +82,12 @@ def verify_snapshot(tx: Transaction, user_id: str) -> VerifySnapshot | None:
 
 
 def accept_totp_step(
-    tx: Transaction, user_id: str, step: int, seen: VerifySnapshot, now_ms: int
+    tx: Transaction,
+    user_id: str,
+    step: int,
+    seen: VerifySnapshot,
+    now_ms: int,
+    audit: NewAuditEvent | None = None,
 ) -> int | None:
     """Accept an authenticator code's time step in one atomic statement; return the unused backup codes.
 
@@ -88,7 +95,13 @@ def accept_totp_step(
     before. The rest is compare-and-swap on what the caller read and judged (`seen`): the lock
     state and the sealed secret. None when anything moved since: the step was used, a failure
     was counted, or the secret was replaced. The caller then decides under the user's row lock.
+
+    With `audit`, the acceptance's audit event is written by the same statement on PostgreSQL
+    (a data-modifying CTE: the fast path keeps its statement count); SQLite needs a second
+    statement, so its callers pass `audit` only inside a transaction.
     """
+    if audit is not None and tx.dialect == "postgres":
+        return _accept_totp_step_audited(tx, user_id, step, seen, now_ms, audit)
     row = tx.one(
         "UPDATE users SET totp_last_step = %(s)s, failed_attempts = 0, locked_until = NULL, "
         "last_verified_at = %(now)s "
@@ -106,6 +119,42 @@ def accept_totp_step(
             "failures": seen.failed_attempts,
             "locked": seen.locked_until,
             "sealed": seen.authenticator_secret,
+        },
+    )
+    if row is not None and audit is not None:
+        add_audit_event(tx, **asdict(audit))
+    return None if row is None else int(row["backup_left"])
+
+
+def _accept_totp_step_audited(
+    tx: Transaction,
+    user_id: str,
+    step: int,
+    seen: VerifySnapshot,
+    now_ms: int,
+    audit: NewAuditEvent,
+) -> int | None:
+    row = tx.one(
+        "WITH accepted AS (UPDATE users SET totp_last_step = %(s)s, failed_attempts = 0, "
+        "locked_until = NULL, last_verified_at = %(now)s "
+        "WHERE user_id = %(u)s AND (totp_last_step IS NULL OR totp_last_step < %(s)s) "
+        "AND failed_attempts = %(failures)s "
+        "AND COALESCE(locked_until, -1) = COALESCE(%(locked)s, -1) "
+        "AND EXISTS (SELECT 1 FROM methods m WHERE m.user_id = %(u)s AND m.method = 'authenticator' "
+        "AND m.enabled_at IS NOT NULL AND m.secret = %(sealed)s) RETURNING user_id), "
+        "logged AS (INSERT INTO audit_events (at, actor, user_id, action, request_id, outcome, detail) "
+        "SELECT %(at)s, %(actor)s, user_id, %(action)s, %(request_id)s, %(outcome)s, %(detail)s "
+        "FROM accepted) "
+        "SELECT (SELECT COUNT(*) FROM backup_codes b WHERE b.user_id = %(u)s AND b.used_at IS NULL) "
+        "AS backup_left FROM accepted",
+        {
+            "u": user_id,
+            "s": step,
+            "now": now_ms,
+            "failures": seen.failed_attempts,
+            "locked": seen.locked_until,
+            "sealed": seen.authenticator_secret,
+            **{k: v for k, v in asdict(audit).items() if k != "user_id"},
         },
     )
     return None if row is None else int(row["backup_left"])
@@ -283,16 +332,35 @@ def add_audit_event(
 
 
 def list_audit_events(
-    tx: Transaction, *, user_id: str, before_id: int | None, limit: int
+    tx: Transaction,
+    *,
+    user_id: str,
+    before_id: int | None,
+    limit: int,
+    actions: tuple[str, ...] = (),
+    since_ms: int | None = None,
+    until_ms: int | None = None,
 ) -> list[AuditEvent]:
+    """Newest first; every filter is a bound parameter (the clauses themselves are fixed text)."""
     clauses = []
+    params: dict[str, object] = {"u": user_id, "before": before_id, "n": limit}
     if user_id:
         clauses.append("user_id = %(u)s")
     if before_id is not None:
         clauses.append("event_id < %(before)s")
+    if actions:
+        names = {f"a{i}": action for i, action in enumerate(actions)}
+        clauses.append(f"action IN ({', '.join(f'%({name})s' for name in names)})")
+        params.update(names)
+    if since_ms is not None:
+        clauses.append("at >= %(since)s")
+        params["since"] = since_ms
+    if until_ms is not None:
+        clauses.append("at < %(until)s")
+        params["until"] = until_ms
     where = f"WHERE {' AND '.join(clauses)}" if clauses else ""
     rows = tx.all(
         f"SELECT * FROM audit_events {where} ORDER BY event_id DESC LIMIT %(n)s",  # noqa: S608
-        {"u": user_id, "before": before_id, "n": limit},
+        params,
     )
     return [AuditEvent(**row) for row in rows]

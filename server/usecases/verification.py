@@ -11,7 +11,7 @@ from twofactor_server.observability import metrics
 from twofactor_server.settings import PolicySettings
 from twofactor_server.storage import store
 from twofactor_server.storage.database import Database, Transaction
-from twofactor_server.storage.records import VerifySnapshot
+from twofactor_server.storage.records import NewAuditEvent, VerifySnapshot
 from twofactor_server.usecases import audit
 from twofactor_server.usecases.backup_codes import BackupCodes
 from twofactor_server.usecases.challenges import AUTHENTICATOR, EMAIL, LOGIN, SMS, Challenges
@@ -50,8 +50,13 @@ class Verification:
                 "INVALID_CODE", "code must be 6 to 10 digits or a backup code like k7m2q-x9p4w"
             )
         now = now_ms(self._clock)
+        accepted_event = None
+        if self._policy.audit_verifications == "all":
+            accepted_event = audit.event(
+                caller, now, user_id, audit.VERIFICATION_ACCEPTED, detail=CodeKind.AUTHENTICATOR.value
+            )
         if digits is not None and len(digits) == totp.DIGITS:
-            accepted = self._accept_authenticator_code_fast(user_id, digits, now)
+            accepted = self._accept_authenticator_code_fast(user_id, digits, now, accepted_event)
             if accepted is not None:
                 return accepted
         with self._db.transaction() as tx:
@@ -62,11 +67,12 @@ class Verification:
                 raise FailedPrecondition("NOT_ENROLLED", "the user has no second-factor method enabled")
             lock = lockout.lock_of(user.failed_attempts, user.locked_until, self._policy, now)
             if lock is not None:
+                audit.record(tx, caller, now, user_id, audit.VERIFICATION_LOCKED, outcome="failure")
                 return self._outcome(tx, user_id, VerifyResult.LOCKED, None, user.failed_attempts, lock, now)
             matched = None
             if digits is not None and AUTHENTICATOR in usable and len(digits) == totp.DIGITS:
                 seen = VerifySnapshot(user.failed_attempts, user.locked_until, methods[AUTHENTICATOR].secret)
-                left = self._accept_authenticator_code(tx, user_id, digits, seen, now)
+                left = self._accept_authenticator_code(tx, user_id, digits, seen, now, accepted_event)
                 if left is not None:
                     return self._accepted(CodeKind.AUTHENTICATOR, left, now)
             if digits is not None and (EMAIL in usable or SMS in usable):
@@ -77,6 +83,10 @@ class Verification:
                 matched = CodeKind.BACKUP_CODE
                 audit.record(tx, caller, now, user_id, "backup_code_used")
             if matched is not None:
+                if (
+                    accepted_event is not None and matched != CodeKind.BACKUP_CODE
+                ):  # that one is always logged
+                    audit.record(tx, caller, now, user_id, audit.VERIFICATION_ACCEPTED, detail=matched.value)
                 store.record_success(tx, user_id, now)
                 return self._outcome(tx, user_id, VerifyResult.ACCEPTED, matched, 0, None, now)
             failures = count_failure(tx, caller, user_id, self._policy, now)
@@ -84,17 +94,25 @@ class Verification:
                 failures, lockout.locked_until_after(failures, self._policy, now), self._policy, now
             )
             result = VerifyResult.LOCKED if lock is not None else VerifyResult.REJECTED
+            action = audit.VERIFICATION_LOCKED if lock is not None else audit.VERIFICATION_REJECTED
+            audit.record(tx, caller, now, user_id, action, outcome="failure", detail=f"{failures} failures")
             return self._outcome(tx, user_id, result, None, failures, lock, now)
 
-    def _accept_authenticator_code_fast(self, user_id: str, digits: str, now: int) -> VerifyOutcome | None:
+    def _accept_authenticator_code_fast(
+        self, user_id: str, digits: str, now: int, accepted_event: NewAuditEvent | None
+    ) -> VerifyOutcome | None:
         """The common login, a right authenticator code, in two statements and no transaction.
 
         One read (lock state and sealed secret), the lock rule and the code checked here, then
         the one conditional UPDATE of _accept_authenticator_code, which also checks that nothing
         it read has moved. None hands the call to the locking path in verify(), which gives
         every other answer (unknown user, lockout, replay, a wrong code counted as a failure).
+        With an audit event to write, PostgreSQL writes it in that same UPDATE statement; SQLite
+        (in-process, no round trips to save) takes the locking path, whose transaction holds both.
         """
         if AUTHENTICATOR not in self._policy.allowed_methods:
+            return None
+        if accepted_event is not None and self._db.dialect != "postgres":
             return None
         with self._db.statements() as q:
             seen = store.verify_snapshot(q, user_id)
@@ -102,11 +120,17 @@ class Verification:
                 return None
             if lockout.lock_of(seen.failed_attempts, seen.locked_until, self._policy, now) is not None:
                 return None
-            left = self._accept_authenticator_code(q, user_id, digits, seen, now)
+            left = self._accept_authenticator_code(q, user_id, digits, seen, now, accepted_event)
         return None if left is None else self._accepted(CodeKind.AUTHENTICATOR, left, now)
 
     def _accept_authenticator_code(
-        self, tx: Transaction, user_id: str, digits: str, seen: VerifySnapshot, now: int
+        self,
+        tx: Transaction,
+        user_id: str,
+        digits: str,
+        seen: VerifySnapshot,
+        now: int,
+        accepted_event: NewAuditEvent | None = None,
     ) -> int | None:
         """Accept `digits` if the sealed secret in `seen` shows them now and their step is new.
 
@@ -119,7 +143,7 @@ class Verification:
         step = totp.matching_step(secret, digits, now / 1000)
         if step is None:
             return None
-        return store.accept_totp_step(tx, user_id, step, seen, now)
+        return store.accept_totp_step(tx, user_id, step, seen, now, accepted_event)
 
     def _accepted(self, kind: CodeKind, backup_left: int, now: int) -> VerifyOutcome:
         metrics.verification(VerifyResult.ACCEPTED.value, kind.value)
