@@ -3,14 +3,25 @@ TWOFACTOR_AUDIT_VERIFICATIONS=all), and ListAuditEvents filtered by action and t
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import replace
+from typing import Any
+
 import grpc
 import pytest
 from google.protobuf import timestamp_pb2
 from twofactor.v1 import admin_service_pb2 as admin_pb
 from twofactor.v1 import twofactor_service_pb2 as pb
 
-from tests.conftest import Clock, Harness, ServerFactory
+from tests.conftest import TEST_KEYS, Clock, Harness, ServerFactory
 from tests.server.helpers import enroll_authenticator, error_info, totp_now
+from twofactor_server.domain.keyring import Keyring
+from twofactor_server.domain.models import Caller, VerifyResult
+from twofactor_server.settings import PolicySettings
+from twofactor_server.usecases.backup_codes import BackupCodes
+from twofactor_server.usecases.challenges import Challenges
+from twofactor_server.usecases.verification import Verification
 
 VERIFICATION_ACTIONS = (
     "verification_rejected",
@@ -106,3 +117,68 @@ def test_a_bad_filter_is_invalid_audit_filter(
         events(h, **filters)
     assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert error_info(refused.value).reason == "INVALID_AUDIT_FILTER"
+
+
+class _Counting:
+    """The real database, counting the statements and transactions a use case runs through it."""
+
+    def __init__(self, db: Any) -> None:
+        self._db = db
+        self.dialect = db.dialect
+        self.statements_run = 0
+        self.transactions = 0
+
+    @contextmanager
+    def transaction(self) -> Iterator[Any]:
+        self.transactions += 1
+        with self._db.transaction() as tx:
+            yield _CountedTransaction(tx, self)
+
+    @contextmanager
+    def statements(self) -> Iterator[Any]:
+        with self._db.statements() as tx:
+            yield _CountedTransaction(tx, self)
+
+
+class _CountedTransaction:
+    def __init__(self, tx: Any, owner: _Counting) -> None:
+        self._tx, self._owner = tx, owner
+
+    def __getattr__(self, name: str) -> Any:
+        attribute = getattr(self._tx, name)
+        if name not in ("execute", "one", "all"):
+            return attribute
+
+        def counted(*args: Any, **kwargs: Any) -> Any:
+            self._owner.statements_run += 1
+            return attribute(*args, **kwargs)
+
+        return counted
+
+
+class _NeverDispatched:
+    def dispatch(self, challenge_id: str) -> None:
+        raise AssertionError("Verify sends nothing")
+
+
+@pytest.mark.parametrize("mode", ["failures", "all"])
+def test_the_fast_authenticator_path_keeps_two_statements_when_auditing_acceptances(
+    start_server: ServerFactory, clock: Clock, backend: str, mode: str
+) -> None:
+    if backend != "postgres":
+        return  # the statement count is a PostgreSQL round-trip budget; SQLite audits in a transaction
+    h = start_server()
+    secret, _ = enroll_authenticator(h, clock, "cy")
+    policy = replace(PolicySettings(), audit_verifications=mode)
+    db = _Counting(h.server.db)
+    keyring = Keyring.parse(TEST_KEYS)
+    challenges = Challenges(db, keyring, policy, _NeverDispatched(), clock)  # type: ignore[arg-type]
+    backup = BackupCodes(db, keyring, policy, clock)  # type: ignore[arg-type]
+    verification = Verification(db, keyring, policy, challenges, backup, clock)  # type: ignore[arg-type]
+    outcome = verification.verify(
+        "cy", totp_now(secret, clock), caller=Caller(actor="t", request_id="count-1")
+    )
+    assert outcome.result == VerifyResult.ACCEPTED
+    assert (db.statements_run, db.transactions) == (2, 0)
+    accepted = [e.request_id for e in events(h, actions=["verification_accepted"])]
+    assert accepted == (["count-1"] if mode == "all" else [])
