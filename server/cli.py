@@ -47,6 +47,9 @@ def main(argv: list[str] | None = None) -> int:
     health.add_argument("--target", help="HOST:PORT (default: TWOFACTOR_LISTEN)")
     health.add_argument("--service", default="", help='the health service name (default "": the server)')
     health.add_argument("--timeout", type=float, default=5.0, help="seconds to wait for the answer")
+    health.add_argument("--ca-file", default="", help="CA to trust (default: TWOFACTOR_TLS_CERT_FILE)")
+    health.add_argument("--cert", default="", help="client certificate, when the server requires one")
+    health.add_argument("--key", default="", help="the client certificate's key")
     args = parser.parse_args(argv)
 
     try:
@@ -57,9 +60,10 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"{name}={value}")
             return 0
         if args.command == "health":
-            from twofactor_server.health_probe import probe
+            from twofactor_server.health_probe import TlsOptions, probe
 
-            return probe(settings, target=args.target, service=args.service, timeout=args.timeout)
+            tls = TlsOptions(ca_file=args.ca_file, cert_file=args.cert, key_file=args.key)
+            return probe(settings, target=args.target, service=args.service, timeout=args.timeout, tls=tls)
         if args.command == "serve":
             return serve(settings)
         if args.command == "migrate":

@@ -7,7 +7,7 @@ import logging
 import sys
 
 from twofactor_server.delivery.providers import ProviderConfigError, build_email_sender, build_sms_sender
-from twofactor_server.settings import Settings, SettingsError
+from twofactor_server.settings import Settings, SettingsError, unknown_variables
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -34,6 +34,8 @@ def main(argv: list[str] | None = None) -> int:
     log_format = settings.log_format or logs.default_format(sys.stderr)
     logs.configure_logging(settings.log_level, log_format)
     observability.install(settings, log_format)
+    for name in unknown_variables():
+        logging.getLogger(__name__).warning("%s is not a twofactor setting and is ignored (a typo?)", name)
     if settings.metrics_listen:
         if not metrics.multiprocess_enabled():
             print(
