@@ -166,6 +166,7 @@ def _serve_metrics(listen: str, on_stop: list[Callable[[], None]]) -> int:
             f"TWOFACTOR_METRICS_LISTEN: could not serve metrics on {listen} ({error})"
         ) from None
     on_stop.append(endpoint.close)
+    log.info("metrics on http://%s:%d/metrics", endpoint.host or "0.0.0.0", endpoint.port)  # noqa: S104
     return endpoint.port
 
 

@@ -57,19 +57,23 @@ def main(argv: list[str] | None = None) -> int:
     from twofactor_workers.celery_app import app
 
     # `celery [--quiet] worker ...`: with JSON logs, no banner, so every line is a JSON record.
-    app.start(
-        [
-            *(["--quiet"] if log_format == "json" else []),
-            "worker",
-            f"--queues={settings.delivery_queue}",
-            f"--concurrency={args.concurrency}",
-            f"--loglevel={args.loglevel}",
-            "--without-gossip",
-            "--without-mingle",
-            "--without-heartbeat",
-            *([f"--hostname={args.hostname}"] if args.hostname else []),
-        ]
-    )
+    try:
+        app.start(
+            [
+                *(["--quiet"] if log_format == "json" else []),
+                "worker",
+                f"--queues={settings.delivery_queue}",
+                f"--concurrency={args.concurrency}",
+                f"--loglevel={args.loglevel}",
+                "--without-gossip",
+                "--without-mingle",
+                "--without-heartbeat",
+                *([f"--hostname={args.hostname}"] if args.hostname else []),
+            ]
+        )
+    finally:
+        if settings.metrics_listen:
+            metrics.remove_multiprocess_dir()
     return 0
 
 

@@ -14,9 +14,11 @@ spelled like Go's codes.Code.String()), so dashboards written for it work.
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 import threading
 from dataclasses import dataclass
+from pathlib import Path
 
 import grpc
 from prometheus_client import (
@@ -193,6 +195,13 @@ def prepare_multiprocess_dir() -> str:
     directory = tempfile.mkdtemp(prefix="twofactor-metrics-")
     os.environ[MULTIPROC_VARIABLE] = directory  # the library's own switch, written for the exec'd worker
     return directory
+
+
+def remove_multiprocess_dir() -> None:
+    """Delete the multiprocess directory made by prepare_multiprocess_dir, when the worker exits."""
+    directory = os.environ.get(MULTIPROC_VARIABLE)  # the library's variable, not a TWOFACTOR_ setting
+    if directory and Path(directory).name.startswith("twofactor-metrics-"):
+        shutil.rmtree(directory, ignore_errors=True)
 
 
 def mark_process_dead(pid: int) -> None:
