@@ -35,7 +35,7 @@ from twofactor_server.domain.keyring import Keyring
 from twofactor_server.observability.metrics import serve_metrics
 from twofactor_server.periodic import Periodic
 from twofactor_server.settings import Settings, SettingsError, TokenSetting
-from twofactor_server.storage.database import Database, open_database
+from twofactor_server.storage.database import Database, open_database, pending_migrations
 from twofactor_server.usecases.admin import Admin
 from twofactor_server.usecases.backup_codes import BackupCodes
 from twofactor_server.usecases.challenges import Challenges, Dispatcher
@@ -96,6 +96,11 @@ def create_server(
     try:
         if settings.migrate_on_start:  # off: a fleet's migrate job does it, once, before the rollout
             db.migrate()
+        elif pending := pending_migrations(db):
+            raise SettingsError(
+                f"the database lacks migrations {', '.join(pending)}: run `twofactor migrate` first "
+                "(TWOFACTOR_MIGRATE_ON_START is false)"
+            )
         if dispatcher is None:
             dispatcher, close = build_dispatcher(settings, db=db, keyring=keyring, clock=clock)
             on_stop.append(close)

@@ -258,6 +258,22 @@ def _apply_migrations(tx: Transaction, dialect: str) -> list[str]:
     return applied
 
 
+def pending_migrations(db: Database) -> list[str]:
+    """The migrations this release has that the database has not applied (all of them on an empty one)."""
+    with db.transaction() as tx:
+        if tx.dialect == "postgres":
+            exists = tx.one("SELECT to_regclass('schema_migrations') IS NOT NULL AS found")
+        else:
+            exists = tx.one(
+                "SELECT COUNT(*) > 0 AS found FROM sqlite_master WHERE type = 'table' "
+                "AND name = 'schema_migrations'"
+            )
+        done = set()
+        if exists is not None and exists["found"]:
+            done = {row["version"] for row in tx.all("SELECT version FROM schema_migrations")}
+    return [version for version, _ in migrations() if version not in done]
+
+
 def with_dialect_types(text: str, dialect: str) -> str:
     """Replace the literal placeholders {BLOB} and {SERIAL_PK} with the backend's types; nothing else
     in the text is interpreted (no str.format: braces and percent signs stay as written)."""

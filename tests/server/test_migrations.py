@@ -5,12 +5,17 @@ from __future__ import annotations
 
 import threading
 import time
+from dataclasses import replace
 from pathlib import Path
 
-from twofactor_server.settings import Settings
+import pytest
+
+from twofactor_server.app import create_server
+from twofactor_server.settings import Settings, SettingsError
 from twofactor_server.storage.database import (
     migrations,
     open_database,
+    pending_migrations,
     sqlite_statements,
     with_dialect_types,
 )
@@ -69,3 +74,19 @@ def test_sqlite_statements_are_cut_by_sqlites_own_tokenizer(tmp_path: Path) -> N
     statements = sqlite_statements(script)
     assert len(statements) == 2
     assert statements[1].endswith("VALUES ('x;\n y');")
+
+
+def test_without_migrate_on_start_the_server_refuses_a_database_behind_it(settings: Settings) -> None:
+    off = replace(settings, migrate_on_start=False)
+    with pytest.raises(SettingsError, match=r"lacks migrations 0001_initial.*run `twofactor migrate` first"):
+        create_server(off)
+    db = open_database(settings.database_url, data_dir=settings.data_dir)
+    try:
+        assert pending_migrations(db) == [version for version, _ in migrations()]
+        db.migrate()  # the migrate job
+        assert pending_migrations(db) == []
+    finally:
+        db.close()
+    server, port = create_server(off)
+    server.stop(grace=None)
+    assert port > 0
