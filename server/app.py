@@ -31,7 +31,7 @@ from twofactor_server.api.twofactor_servicer import TwoFactorServicer
 from twofactor_server.delivery.broker_health import CHECK_INTERVAL_SECONDS, BrokerHealth
 from twofactor_server.delivery.dispatch import build_dispatcher
 from twofactor_server.domain.clock import Clock, system_clock
-from twofactor_server.domain.keyring import Keyring
+from twofactor_server.domain.keyring import Keyring, KeyringError
 from twofactor_server.observability.metrics import serve_metrics
 from twofactor_server.periodic import Periodic
 from twofactor_server.settings import Settings, SettingsError, TokenSetting
@@ -86,6 +86,7 @@ def create_server(
     dispatcher: Dispatcher | None = None,
 ) -> tuple[TwoFactorServer, int]:
     """Build the server from settings and bind it; returns it unstarted with its port (0 picks one)."""
+    require_usable_data_dir(settings)
     keyring = load_keyring(settings)
     tokens = load_tokens(settings)
     credentials = server_credentials(settings)
@@ -219,10 +220,27 @@ def _bind(grpc_server: grpc.Server, listen: str, credentials: grpc.ServerCredent
     return port
 
 
+def require_usable_data_dir(settings: Settings) -> None:
+    """The embedded default keeps its database and development secrets in TWOFACTOR_DATA_DIR."""
+    if not settings.embedded:
+        return
+    try:
+        settings.data_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise SettingsError(
+            f"TWOFACTOR_DATA_DIR: cannot create {settings.data_dir} ({error.strerror})"
+        ) from None
+    if not os.access(settings.data_dir, os.W_OK | os.X_OK):
+        raise SettingsError(f"TWOFACTOR_DATA_DIR: {settings.data_dir} is not writable by this user")
+
+
 def load_keyring(settings: Settings) -> Keyring:
     """The configured keys; for the embedded default only, a local development key made on first run."""
     if settings.keys:
-        return Keyring.parse(settings.keys)
+        try:
+            return Keyring.parse(settings.keys)
+        except KeyringError as error:
+            raise SettingsError(f"TWOFACTOR_KEYS: {error} (run `twofactor keygen`)") from None
     if not settings.embedded:
         raise SettingsError("TWOFACTOR_KEYS is required with TWOFACTOR_DATABASE_URL (run `twofactor keygen`)")
     dev = _dev_secrets(settings.data_dir)

@@ -20,6 +20,9 @@ def main(argv: list[str] | None = None) -> int:
         settings = Settings.from_env()
         if not settings.broker_url:
             raise SettingsError("TWOFACTOR_BROKER_URL is required to run a worker")
+        from twofactor_server.app import load_keyring
+
+        load_keyring(settings)  # refuse to start with keys that don't parse
         try:  # refuse to start with a provider that can't load
             build_email_sender(settings)
             build_sms_sender(settings)

@@ -121,3 +121,21 @@ def test_console_delivery_with_postgresql_needs_an_explicit_opt_in(
     last = result.stderr.splitlines()[-1]  # after the start-up lines: the one that says why
     assert last.startswith(f"twofactor: configuration error: TWOFACTOR_{variable}=console prints codes")
     assert "TWOFACTOR_ALLOW_CONSOLE_DELIVERY=true" in result.stderr and "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("command", "variables", "named"),
+    [
+        ("serve", {"KEYS": "not-a-key"}, "TWOFACTOR_KEYS"),
+        ("worker", {"KEYS": "1:not base64!", "BROKER_URL": "redis://127.0.0.1:6379/0"}, "TWOFACTOR_KEYS"),
+        ("serve", {"DATA_DIR": "/proc/no-such-dir/data"}, "TWOFACTOR_DATA_DIR"),
+    ],
+)
+def test_values_checked_when_used_are_one_line_errors_too(
+    tmp_path: Path, command: str, variables: dict[str, str], named: str
+) -> None:
+    env = clean_env(**{"LISTEN": "127.0.0.1:0", "DATA_DIR": str(tmp_path), **variables})
+    result = subprocess.run([TWOFACTOR, command], env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.startswith(f"twofactor: configuration error: {named}"), result.stderr
+    assert result.stderr.count("\n") == 1
