@@ -17,7 +17,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from twofactor.v1 import common_pb2
 
 from tests.conftest import Harness, ServerFactory
-from tests.smtp_sink import SmtpSink, free_port
+from tests.smtp_sink import SmtpSink, code_in, free_port
 from tests.workers.test_celery_delivery import (  # noqa: F401 - the fixtures come along
     TWOFACTOR,
     Workers,
@@ -100,6 +100,9 @@ def test_worker_metrics_and_json_logs_with_the_challenge_id(
     for challenge in challenges:
         delivered = [r for r in records if r.get("challenge_id") == challenge.challenge_id]
         assert any("delivered" in r["message"] for r in delivered), delivered
+    # The codes went to the SMTP server, and nowhere into the worker's log.
+    codes = [code_in(message) for message in sink.messages]
+    assert len(codes) == 3 and not [c for c in codes if c in "\n".join(lines)]
 
 
 def test_worker_health_answers_for_a_running_worker_only(
