@@ -9,6 +9,11 @@ comes next and prints the decision:
 3. Enrolled: ask for the app's code; for email/SMS users send a code first
    (with an idempotency key, so retrying after UNAVAILABLE can't send twice).
    A backup code is accepted at the same prompt.
+4. With --show-backup-codes: right after the accepted code, show the user's
+   backup codes. Sensitive calls (backup codes, disabling or adding a method,
+   changing the contacts) need the step-up proof that the accepted Verify
+   returned (verification_token); it lasts TWOFACTOR_STEP_UP_SECONDS (5 minutes
+   by default), after which the user must type a code again.
 
     pip install clients/python
     python examples/login_flow.py --target localhost:50051 --token <app token> --user alice
@@ -47,7 +52,13 @@ def main(argv: list[str] | None = None) -> int:
         )
     try:
         with TwoFactorClient(args.target, token=args.token, tls=tls) as client:
-            allowed = second_factor(client, args.user, qr_file=args.qr_file, enroll=args.enroll)
+            allowed = second_factor(
+                client,
+                args.user,
+                qr_file=args.qr_file,
+                enroll=args.enroll,
+                show_backup_codes=args.show_backup_codes,
+            )
     except twofactor.TwoFactorError as error:
         # Fail closed: if the service can't answer, the login doesn't go through.
         print(f"2FA service error: {error} [request id {error.request_id}]", file=sys.stderr)
@@ -56,13 +67,23 @@ def main(argv: list[str] | None = None) -> int:
     return 0 if allowed else 1
 
 
-def second_factor(client: TwoFactorClient, user_id: str, *, qr_file: Path | None, enroll: bool) -> bool:
+def second_factor(
+    client: TwoFactorClient,
+    user_id: str,
+    *,
+    qr_file: Path | None,
+    enroll: bool,
+    show_backup_codes: bool = False,
+) -> bool:
     status = client.get_status(user_id=user_id)
     if status.HasField("locked_until"):
         print(f"{user_id} is locked out until {status.locked_until.ToDatetime():%Y-%m-%d %H:%M:%S} UTC")
         return False
     if status.enabled_methods:
-        return verify_login(client, user_id, list(status.enabled_methods))
+        token = verify_login(client, user_id, list(status.enabled_methods))
+        if token is not None and show_backup_codes:
+            show_codes(client, user_id, token)
+        return token is not None
     if status.enrollment_required or enroll:
         return enroll_authenticator(client, user_id, qr_file=qr_file or Path(f"{user_id}-2fa-qr.png"))
     print(f"{user_id} has no second factor and the policy doesn't require one")
@@ -93,7 +114,9 @@ def enroll_authenticator(client: TwoFactorClient, user_id: str, *, qr_file: Path
     return False
 
 
-def verify_login(client: TwoFactorClient, user_id: str, enabled: list[Method.ValueType]) -> bool:
+def verify_login(client: TwoFactorClient, user_id: str, enabled: list[Method.ValueType]) -> str | None:
+    """Ask for a code until one is accepted; return the accepted Verify's verification_token
+    (the step-up proof for sensitive calls), or None when the login is denied."""
     if Method.METHOD_AUTHENTICATOR in enabled:
         prompt = "Code from your authenticator app (or a backup code): "
     else:
@@ -109,15 +132,28 @@ def verify_login(client: TwoFactorClient, user_id: str, enabled: list[Method.Val
         if outcome.result == VerifyResult.VERIFY_RESULT_ACCEPTED:
             if outcome.matched == twofactor.CodeKind.CODE_KIND_BACKUP_CODE:
                 print(f"Backup code used; {outcome.backup_codes_remaining} left. Consider regenerating them.")
-            return True
+            return outcome.verification_token
         if outcome.result == VerifyResult.VERIFY_RESULT_LOCKED:
             if outcome.HasField("retry_after"):
                 print(f"Too many wrong codes: try again in {outcome.retry_after.ToTimedelta()}.")
             else:
                 print("Too many wrong codes: an administrator must unlock this account.")
-            return False
+            return None
         print(f"Wrong code; {outcome.attempts_left} attempts left before a lockout.")
-    return False
+    return None
+
+
+def show_codes(client: TwoFactorClient, user_id: str, verification_token: str) -> None:
+    """ "Show my backup codes", with the proof of the code the user just typed. Later (after
+    TWOFACTOR_STEP_UP_SECONDS) the server answers StepUpRequired: ask for a code again."""
+    try:
+        shown = client.get_backup_codes(user_id=user_id, verification_token=verification_token)
+    except twofactor.StepUpRequired:
+        print("Confirm it's you: log in again with a code to see your backup codes.")
+        return
+    print(f"Your unused backup codes ({len(shown.codes)}):")
+    for backup_code in shown.codes:
+        print(f"  {backup_code}")
 
 
 def send_login_code(client: TwoFactorClient, user_id: str, method: Method.ValueType) -> None:
@@ -154,6 +190,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--token", required=True, help="an API token of scope app")
     parser.add_argument("--user", required=True, help="the user whose password was just accepted")
     parser.add_argument("--enroll", action="store_true", help="enroll even if the policy doesn't require it")
+    parser.add_argument(
+        "--show-backup-codes", action="store_true", help="after the login, show the user's backup codes"
+    )
     parser.add_argument(
         "--qr-file", type=Path, help="where to write the QR code PNG (default <user>-2fa-qr.png)"
     )

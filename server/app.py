@@ -32,6 +32,7 @@ from twofactor_server.delivery.broker_health import CHECK_INTERVAL_SECONDS, Brok
 from twofactor_server.delivery.dispatch import build_dispatcher
 from twofactor_server.domain.clock import Clock, system_clock
 from twofactor_server.domain.keyring import Keyring, KeyringError
+from twofactor_server.health import StorageHealth
 from twofactor_server.observability.metrics import serve_metrics
 from twofactor_server.periodic import Periodic
 from twofactor_server.settings import Settings, SettingsError, TokenSetting
@@ -59,18 +60,19 @@ class TwoFactorServer:
     grpc_server: grpc.Server
     db: Database
     health: health.HealthServicer
+    storage_health: StorageHealth
     on_stop: list[Callable[[], None]] = field(default_factory=list)
     metrics_port: int = 0  # the /metrics port when TWOFACTOR_METRICS_LISTEN is set
 
     def start(self) -> None:
         self.grpc_server.start()
-        for name in (*SERVICE_NAMES, ""):
-            self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        self.storage_health.start()  # SERVING, then NOT_SERVING whenever the database does not answer
 
     def stop(self, grace: float | None = None) -> None:
         """Refuse new calls, let in-flight ones finish within `grace`, then release resources."""
         self.health.enter_graceful_shutdown()
         self.grpc_server.stop(grace).wait()
+        self.storage_health.stop()
         for close in self.on_stop:
             close()
         self.db.close()
@@ -91,7 +93,10 @@ def create_server(
     tokens = load_tokens(settings)
     credentials = server_credentials(settings)
     db = open_database(
-        settings.database_url, data_dir=settings.data_dir, pool_size=settings.database_pool_size
+        settings.database_url,
+        data_dir=settings.data_dir,
+        pool_size=settings.database_pool_size,
+        timeout=settings.storage_timeout_seconds,
     )
     on_stop: list[Callable[[], None]] = []
     try:
@@ -109,7 +114,7 @@ def create_server(
         challenges = Challenges(db, keyring, policy, dispatcher, clock)
         backup_codes = BackupCodes(db, keyring, policy, clock)
         twofactor_servicer = TwoFactorServicer(
-            profiles=UserProfiles(db, policy, clock),
+            profiles=UserProfiles(db, keyring, policy, clock),
             enrollment=Enrollment(db, keyring, policy, challenges, backup_codes, clock),
             challenges=challenges,
             verification=Verification(db, keyring, policy, challenges, backup_codes, clock),
@@ -158,7 +163,8 @@ def create_server(
             close()
         db.close()
         raise
-    return TwoFactorServer(grpc_server, db, health_servicer, on_stop, metrics_port), port
+    storage_health = StorageHealth(db, health_servicer, SERVICE_NAMES, settings.storage_probe_seconds)
+    return TwoFactorServer(grpc_server, db, health_servicer, storage_health, on_stop, metrics_port), port
 
 
 def _serve_metrics(listen: str, on_stop: list[Callable[[], None]]) -> int:

@@ -36,6 +36,13 @@ def main(argv: list[str] | None = None) -> int:
         "--token", help="an app-scope token (default: the embedded default's development token)"
     )
     demo.add_argument("--user", default="alice")
+    code = commands.add_parser(
+        "code", help="print the code an authenticator app shows for a secret (for trying the API by hand)"
+    )
+    code.add_argument("--secret", required=True, help="the base32 secret StartEnrollment returned")
+    code.add_argument(
+        "--next", action="store_true", help="the next time step's code (Verify accepts one step of drift)"
+    )
     commands.add_parser("keygen", help="print a new TWOFACTOR_KEYS entry")
     token = commands.add_parser("token", help="print a new API token and its TWOFACTOR_TOKENS entry")
     token.add_argument("name")
@@ -83,6 +90,8 @@ def main(argv: list[str] | None = None) -> int:
             from twofactor_server.demo import run_demo
 
             return run_demo(settings, target=args.target, token=args.token, user_id=args.user)
+        if args.command == "code":
+            return print_code(args.secret, next_step=args.next)
         if args.command == "keygen":
             from twofactor_server.domain.keyring import Keyring
 
@@ -142,6 +151,21 @@ def serve(settings: Settings) -> int:
     print("draining in-flight calls", flush=True)
     server.stop(settings.grace_seconds)
     print("stopped", flush=True)
+    return 0
+
+
+def print_code(secret_base32: str, *, next_step: bool) -> int:
+    import binascii
+    import time
+
+    from twofactor_server.domain import totp
+
+    try:
+        secret = totp.from_base32(secret_base32)
+    except (binascii.Error, ValueError):
+        print("twofactor code: --secret is not base32 text (copy it from StartEnrollment)", file=sys.stderr)
+        return 2
+    print(totp.code_at_step(secret, totp.time_step(time.time()) + (1 if next_step else 0)))
     return 0
 
 

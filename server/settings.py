@@ -41,6 +41,14 @@ class PolicySettings:
     lockout_max_seconds: int = 86400
     max_consecutive_failures: int = 100  # NIST SP 800-63B §5.2.2
     audit_verifications: str = "failures"  # failures | all (accepted codes too)
+    # Sensitive calls for an enrolled user need a recent verification_token from Verify.
+    step_up_required: bool = True
+    step_up_seconds: int = 300
+    # SMS pumping guard: ISO 3166 countries numbers may be in (empty: all), and texts per clock
+    # hour per country and in all (0: no cap).
+    sms_allowed_countries: tuple[str, ...] = ()
+    sms_per_country_per_hour: int = 0
+    sms_per_hour: int = 0
 
 
 @dataclass(frozen=True)
@@ -77,6 +85,9 @@ class Settings:
     # Empty: the embedded default, a SQLite file under data_dir.
     database_url: str = ""
     database_pool_size: int = 10
+    # Every unit of storage work answers within this, or the call is UNAVAILABLE (STORAGE_UNAVAILABLE).
+    storage_timeout_seconds: float = 2.0
+    storage_probe_seconds: float = 1.0  # how often health checks that the database answers
     data_dir: Path = Path(".twofactor")
     # "version:base64key" pairs; the highest version encrypts, all decrypt.
     keys: str = ""
@@ -85,6 +96,10 @@ class Settings:
     broker_timeout_seconds: float = 2.0
     delivery_queue: str = "twofactor"
     delivery_retry_base_seconds: float = 2.0  # first retry after a transient failure; doubles, with jitter
+    # A lost delivery (broker restarted, server or worker died) is published again within about this.
+    outbox_recovery_seconds: float = 10.0
+    # How long one worker holds a claimed delivery; longer than an attempt and any retry countdown.
+    delivery_lease_seconds: float = 120.0
     email_provider: str = "console"  # console | smtp
     sms_provider: str = "console"  # console | sns | package.module:ClassName
     smtp: SmtpSettings = field(default_factory=SmtpSettings)
@@ -142,6 +157,11 @@ class Settings:
             audit_verifications=env.choice(
                 "AUDIT_VERIFICATIONS", defaults.audit_verifications, ("failures", "all")
             ),
+            step_up_required=env.choice("STEP_UP", "required", ("required", "off")) == "required",
+            step_up_seconds=env.int("STEP_UP_SECONDS", defaults.step_up_seconds, 10, 86400),
+            sms_allowed_countries=env.countries("SMS_ALLOWED_COUNTRIES"),
+            sms_per_country_per_hour=env.int("SMS_PER_COUNTRY_PER_HOUR", 0, 0, 10**7),
+            sms_per_hour=env.int("SMS_PER_HOUR", 0, 0, 10**7),
         )
         if policy.lockout_threshold > policy.max_consecutive_failures:
             raise SettingsError("TWOFACTOR_LOCKOUT_THRESHOLD exceeds TWOFACTOR_MAX_CONSECUTIVE_FAILURES")
@@ -164,6 +184,8 @@ class Settings:
             listen=env.address("LISTEN", cls.listen),
             database_url=env.url("DATABASE_URL", ("postgresql", "postgres")),
             database_pool_size=env.int("DATABASE_POOL_SIZE", cls.database_pool_size, 1, 200),
+            storage_timeout_seconds=env.float("STORAGE_TIMEOUT_SECONDS", cls.storage_timeout_seconds),
+            storage_probe_seconds=env.float("STORAGE_PROBE_SECONDS", cls.storage_probe_seconds),
             data_dir=Path(env.text("DATA_DIR", str(cls.data_dir))),
             keys=env.text("KEYS", ""),
             broker_url=env.url("BROKER_URL", ("redis", "rediss")),
@@ -172,6 +194,8 @@ class Settings:
             delivery_retry_base_seconds=env.float(
                 "DELIVERY_RETRY_BASE_SECONDS", cls.delivery_retry_base_seconds
             ),
+            outbox_recovery_seconds=env.float("OUTBOX_RECOVERY_SECONDS", cls.outbox_recovery_seconds),
+            delivery_lease_seconds=env.float("DELIVERY_LEASE_SECONDS", cls.delivery_lease_seconds),
             email_provider=env.choice("EMAIL_PROVIDER", cls.email_provider, ("console", "smtp")),
             sms_provider=env.text("SMS_PROVIDER", cls.sms_provider),
             smtp=smtp,
@@ -207,8 +231,7 @@ class _Env:
 
     def _raw(self, name: str, kind: str, default: object) -> str | None:
         self.kinds.setdefault(self.PREFIX + name, kind)
-        value = self._environ.get(self.PREFIX + name)
-        value = None if value is None or value.strip() == "" else value.strip()
+        value = (self._environ.get(self.PREFIX + name) or "").strip() or None
         self.values[self.PREFIX + name] = str(default) if value is None else value
         if value is not None and _CONTROL.search(value):
             raise SettingsError(f"{self.PREFIX}{name} contains a control character (a stray paste?)")
@@ -224,28 +247,21 @@ class _Env:
         if value == default:
             return value
         host, sep, port = value.rpartition(":")
-        if (
-            not sep
-            or not port.isdigit()
-            or int(port) > 65535
-            or (":" in host.strip("[]") and not host.startswith("["))
-        ):
+        bare_ipv6 = ":" in host.strip("[]") and not host.startswith("[")
+        if not sep or not port.isdigit() or int(port) > 65535 or bare_ipv6:
             raise SettingsError(f"{self.PREFIX}{name} must be host:port, like 0.0.0.0:9464, got {value!r}")
         return value
 
     def url(self, name: str, schemes: tuple[str, ...]) -> str:
         value = self.text(name, "", "url")
         if value and value.partition("://")[0].lower() not in schemes:
-            shown = mask_url(value)
-            raise SettingsError(
-                f"{self.PREFIX}{name} must be a {' or '.join(s + '://' for s in schemes)} URL, got {shown!r}"
-            )
+            wanted = " or ".join(s + "://" for s in schemes)
+            raise SettingsError(f"{self.PREFIX}{name} must be a {wanted} URL, got {mask_url(value)!r}")
         return value
 
     def email(self, name: str, default: str) -> str:
         value = self.text(name, default, "email")
-        local, at, domain = value.rpartition("@")
-        if not (at and local and domain) or any(c.isspace() for c in value):
+        if not re.fullmatch(r"[^@\s]+@[^@\s]+", value):
             raise SettingsError(f"{self.PREFIX}{name} must be an email address, got {value!r}")
         return value
 
@@ -303,6 +319,22 @@ class _Env:
             )
         return methods
 
+    def countries(self, name: str) -> tuple[str, ...]:
+        """ISO 3166-1 alpha-2 codes separated by commas, as libphonenumber knows them (GB, not UK)."""
+        import phonenumbers  # only here: the rest of the settings need no phone library
+
+        value = self._raw(name)
+        if value is None:
+            return ()
+        codes = tuple(dict.fromkeys(c.strip().upper() for c in value.split(",") if c.strip()))
+        unknown = [c for c in codes if c not in phonenumbers.SUPPORTED_REGIONS]
+        if unknown:
+            raise SettingsError(
+                f"{self.PREFIX}{name} must list ISO 3166 country codes like US,CA,GB; "
+                f"unknown: {', '.join(unknown)}"
+            )
+        return codes
+
     def tokens(self, name: str) -> tuple[TokenSetting, ...]:
         """TWOFACTOR_TOKENS: `name:scope+scope:sha256hex` entries separated by commas.
 
@@ -344,27 +376,25 @@ def mask_url(url: str) -> str:
 
 def setting_kinds() -> dict[str, str]:
     """Every TWOFACTOR_* variable the settings read, and how it is parsed (for tests and docs)."""
-    env = _Env({})
-    Settings._read(env)
+    Settings._read(env := _Env({}))
     return dict(env.kinds)
 
 
 def unknown_variables(environ: Mapping[str, str] | None = None) -> list[str]:
     """TWOFACTOR_* variables that no setting reads: most likely typos."""
-    environ = os.environ if environ is None else environ
     known = setting_kinds()
-    return sorted(n for n in environ if n.startswith(_Env.PREFIX) and n not in known)
+    return sorted(
+        n
+        for n in (os.environ if environ is None else environ)
+        if n.startswith("TWOFACTOR_") and n not in known
+    )
 
 
 def effective_configuration(environ: Mapping[str, str] | None = None) -> list[tuple[str, str]]:
     """(variable, effective value) for every setting, secrets masked; raises SettingsError like from_env."""
     env = _Env(os.environ if environ is None else environ)
     Settings._read(env)
-    shown = []
-    for name, value in sorted(env.values.items()):
-        if name in SECRET_SETTINGS and value:
-            value = "****"
-        elif env.kinds[name] == "url":
-            value = mask_url(value)
-        shown.append((name, value))
-    return shown
+    return [
+        (name, "****" if name in SECRET_SETTINGS and value else mask_url(value))
+        for name, value in sorted(env.values.items())
+    ]

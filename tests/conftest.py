@@ -12,6 +12,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 import grpc
 import psycopg
@@ -24,8 +25,11 @@ from twofactor_server.domain.keyring import Keyring
 from twofactor_server.observability.logs import ContextFilter, JsonFormatter
 from twofactor_server.settings import PolicySettings, Settings, TokenSetting
 
-POSTGRES_ADMIN_URL = "postgresql://postgres@127.0.0.1:5432/postgres"
-REDIS_URL = "redis://127.0.0.1:6379/0"
+# The shared services the suite uses; the environment can point elsewhere (today's values are the defaults).
+POSTGRES_ADMIN_URL = os.environ.get(
+    "TWOFACTOR_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/postgres"
+)
+REDIS_URL = os.environ.get("TWOFACTOR_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
 APP_TOKEN = "test-app-token"
 ADMIN_TOKEN = "test-admin-token"
 TEST_KEYS = Keyring.new_key_spec(1)
@@ -34,6 +38,15 @@ TOKENS = (
     TokenSetting("operator", frozenset({"admin"}), hashlib.sha256(ADMIN_TOKEN.encode()).digest()),
 )
 IN_CI = os.environ.get("CI", "").lower() == "true"
+
+
+def without_password(url: str) -> str:
+    """A service URL fit for a message: any password is masked."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
+    return urlunsplit(parts._replace(netloc=netloc))
 
 
 def require_service(name: str, error: Exception) -> None:
@@ -68,7 +81,7 @@ def postgres_available() -> None:
         with psycopg.connect(POSTGRES_ADMIN_URL, connect_timeout=3):
             pass
     except psycopg.OperationalError as error:
-        require_service("PostgreSQL at 127.0.0.1:5432", error)
+        require_service(f"PostgreSQL at {without_password(POSTGRES_ADMIN_URL)}", error)
 
 
 @pytest.fixture
@@ -78,7 +91,8 @@ def postgres_url(postgres_available: None) -> Iterator[str]:
     with psycopg.connect(POSTGRES_ADMIN_URL, autocommit=True) as conn:
         conn.execute(f'CREATE SCHEMA "{schema}"')
     try:
-        yield f"{POSTGRES_ADMIN_URL}?options=-csearch_path%3D{schema}"
+        separator = "&" if urlsplit(POSTGRES_ADMIN_URL).query else "?"
+        yield f"{POSTGRES_ADMIN_URL}{separator}options=-csearch_path%3D{schema}"
     finally:
         with psycopg.connect(POSTGRES_ADMIN_URL, autocommit=True) as conn:
             conn.execute(f'DROP SCHEMA "{schema}" CASCADE')

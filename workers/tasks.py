@@ -1,45 +1,67 @@
-"""Celery tasks. Thin: the argument is an id, the work is twofactor_server.delivery.deliverer."""
+"""Celery tasks. Thin: the arguments are an id and a publish generation; the work is
+twofactor_server.delivery.deliverer. Each pool process also runs outbox recovery."""
 
 from __future__ import annotations
 
 import os
 
 from celery import Task, shared_task
+from celery.signals import worker_process_init, worker_process_shutdown
 
 from twofactor_server.delivery.deliverer import Deliverer
+from twofactor_server.delivery.recovery import OutboxRecovery
 from twofactor_server.delivery.task_queue import DELIVER_TASK
 
 _deliverer: tuple[int, Deliverer] | None = None
+_recovery: OutboxRecovery | None = None
 
 
 def deliverer() -> Deliverer:
     """One Deliverer per worker process, built after the fork (a DB pool can't cross a fork)."""
     global _deliverer
     if _deliverer is None or _deliverer[0] != os.getpid():
-        from twofactor_server.app import load_keyring
-        from twofactor_server.delivery.providers import build_email_sender, build_sms_sender
-        from twofactor_server.settings import Settings
-        from twofactor_server.storage.database import open_database
-
-        settings = Settings.from_env()
-        db = open_database(settings.database_url, data_dir=settings.data_dir, pool_size=2)
-        _deliverer = (
-            os.getpid(),
-            Deliverer(
-                db,
-                load_keyring(settings),
-                build_email_sender(settings),
-                build_sms_sender(settings),
-                issuer=settings.policy.issuer,
-                retry_base_seconds=settings.delivery_retry_base_seconds,
-            ),
-        )
+        _deliverer = (os.getpid(), _build()[0])
     return _deliverer[1]
 
 
+def _build() -> tuple[Deliverer, OutboxRecovery]:
+    from twofactor_server.app import load_keyring
+    from twofactor_server.delivery.dispatch import CeleryDispatcher, build_deliverer
+    from twofactor_server.settings import Settings
+    from twofactor_server.storage.database import open_database
+
+    settings = Settings.from_env()
+    db = open_database(
+        settings.database_url,
+        data_dir=settings.data_dir,
+        pool_size=2,
+        timeout=settings.storage_timeout_seconds,
+    )
+    publisher = CeleryDispatcher(settings)
+    recovery = OutboxRecovery(db, publisher.dispatch, recovery_seconds=settings.outbox_recovery_seconds)
+    return build_deliverer(settings, db=db, keyring=load_keyring(settings)), recovery
+
+
+@worker_process_init.connect  # type: ignore[untyped-decorator]
+def start_recovery(**_: object) -> None:
+    """Every pool process reconciles the outbox: at start, then every half recovery interval."""
+    global _deliverer, _recovery
+    built, _recovery = _build()
+    _deliverer = (os.getpid(), built)
+    _recovery.start()
+
+
+@worker_process_shutdown.connect  # type: ignore[untyped-decorator]
+def stop_recovery(**_: object) -> None:
+    if _recovery is not None:
+        _recovery.stop()
+
+
 @shared_task(bind=True, name=DELIVER_TASK, max_retries=None)  # type: ignore[untyped-decorator]
-def deliver_challenge(self: Task, challenge_id: str) -> str:
-    outcome = deliverer().deliver(challenge_id)
+def deliver_challenge(self: Task, challenge_id: str, generation: int = 0) -> str:
+    # A retry (a provider error, storage down) is a new message of the same generation with a
+    # countdown: while storage is down the worker holds tasks back instead of acknowledging them.
+    outcome = deliverer().deliver(challenge_id, generation, tries=self.request.retries or 0)
     if outcome.retry_in is not None:
         raise self.retry(countdown=outcome.retry_in)
     return outcome.status

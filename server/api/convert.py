@@ -14,6 +14,8 @@ from twofactor_server.domain.models import (
     AuditEvent,
     ChallengeView,
     CodeKind,
+    Confirmation,
+    ConfirmResult,
     UserState,
     VerifyOutcome,
     VerifyResult,
@@ -37,6 +39,11 @@ RESULT_TO_PROTO = {
     VerifyResult.ACCEPTED: tf_pb.VERIFY_RESULT_ACCEPTED,
     VerifyResult.REJECTED: tf_pb.VERIFY_RESULT_REJECTED,
     VerifyResult.LOCKED: tf_pb.VERIFY_RESULT_LOCKED,
+}
+CONFIRM_TO_PROTO = {
+    ConfirmResult.CONFIRMED: tf_pb.CONFIRM_RESULT_CONFIRMED,
+    ConfirmResult.REJECTED: tf_pb.CONFIRM_RESULT_REJECTED,
+    ConfirmResult.LOCKED: tf_pb.CONFIRM_RESULT_LOCKED,
 }
 KIND_TO_PROTO = {
     CodeKind.AUTHENTICATOR: tf_pb.CODE_KIND_AUTHENTICATOR,
@@ -108,11 +115,23 @@ def verify(outcome: VerifyOutcome) -> tf_pb.VerifyResponse:
         matched=KIND_TO_PROTO[outcome.matched] if outcome.matched else tf_pb.CODE_KIND_UNSPECIFIED,
         attempts_left=outcome.attempts_left,
         backup_codes_remaining=outcome.backup_codes_remaining,
+        verification_token=outcome.verification_token,
     )
     if outcome.lock is not None and outcome.lock.until_ms is not None:
         response.locked_until.CopyFrom(timestamp(outcome.lock.until_ms))
         response.retry_after.CopyFrom(duration((outcome.lock.until_ms - outcome.now_ms) / 1000))
     return response
+
+
+def confirmation(result: Confirmation) -> tf_pb.ConfirmEnrollmentResponse:
+    return tf_pb.ConfirmEnrollmentResponse(
+        confirmed=result.confirmed,
+        result=CONFIRM_TO_PROTO[result.result],
+        enabled_methods=methods(result.enabled_methods),
+        backup_codes=result.backup_codes,
+        attempts_left=result.attempts_left,
+        verification_token=result.verification_token,
+    )
 
 
 def user(state: UserState) -> admin_pb.User:

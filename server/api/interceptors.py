@@ -149,9 +149,14 @@ class ApiInterceptor(grpc.ServerInterceptor):
         return around
 
     def _authenticate(self, header: str, scope: str | None, request_id: str) -> Caller:
-        kind, _, presented = header.partition(" ")
-        if kind.lower() != "bearer" or not presented:
+        kind, _, presented = header.strip().partition(" ")
+        if not kind or (kind.lower() == "bearer" and not presented.strip()):
             raise Unauthenticated("MISSING_TOKEN", "send `authorization: Bearer <token>` metadata")
+        if kind.lower() != "bearer":
+            # A token was sent, but not as a bearer token (another scheme, or none at all).
+            raise Unauthenticated(
+                "INVALID_TOKEN", "the authorization metadata must use the Bearer scheme: `Bearer <token>`"
+            )
         digest = hashlib.sha256(presented.strip().encode()).digest()
         found = None
         for token in self._tokens:  # check them all: the time taken doesn't say which matched

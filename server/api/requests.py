@@ -1,4 +1,10 @@
-"""Checks on request fields that hold whatever the state (INVALID_ARGUMENT)."""
+"""Checks on request fields that hold whatever the state (INVALID_ARGUMENT).
+
+Every free-text field is "printable text": str.isprintable() refuses each character of
+Unicode's "other" categories (controls with NUL, format characters such as U+202E,
+surrogates, private use, unassigned code points) and every separator but the space. So no
+field can carry a NUL, which PostgreSQL refuses, or text that reads differently than it is.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +12,7 @@ from google.protobuf import timestamp_pb2
 from twofactor.v1 import common_pb2 as common_pb
 
 from twofactor_server.api.convert import METHOD_FROM_PROTO
+from twofactor_server.domain import step_up
 from twofactor_server.domain.errors import InvalidArgument
 from twofactor_server.domain.models import MAX_USER_ID_BYTES
 
@@ -19,8 +26,7 @@ MAX_AUDIT_ACTIONS = 50
 
 
 def user_id(value: str) -> str:
-    size = len(value.encode())
-    if size == 0 or size > MAX_USER_ID_BYTES or not value.isprintable():
+    if not value.isprintable() or not 0 < len(value.encode()) <= MAX_USER_ID_BYTES:
         raise InvalidArgument(
             "INVALID_USER_ID", f"user_id must be 1 to {MAX_USER_ID_BYTES} bytes of printable text"
         )
@@ -37,11 +43,21 @@ def method(value: common_pb.Method.ValueType) -> str:
 
 
 def bounded(value: str, *, field: str, reason: str, max_bytes: int, required: bool = False) -> str:
-    size = len(value.encode())
-    if size > max_bytes or (required and size == 0) or (value and not value.isprintable()):
+    # Printable first: encode() would fail on a surrogate.
+    if not value.isprintable() or len(value.encode()) > max_bytes or (required and not value):
         requirement = f"1 to {max_bytes}" if required else f"at most {max_bytes}"
         raise InvalidArgument(reason, f"{field} must be {requirement} bytes of printable text")
     return value
+
+
+def verification_token(value: str) -> str:
+    """A step-up proof as sent; whether it is valid is the use case's question (STEP_UP_REQUIRED)."""
+    return bounded(
+        value,
+        field="verification_token",
+        reason="INVALID_VERIFICATION_TOKEN",
+        max_bytes=step_up.MAX_TOKEN_CHARS,
+    )
 
 
 def code(value: str) -> str:

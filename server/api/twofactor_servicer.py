@@ -46,6 +46,7 @@ class TwoFactorServicer(pb_grpc.TwoFactorServiceServicer):
             requests.user_id(request.user_id),
             email=request.email if request.HasField("email") else None,
             phone=request.phone if request.HasField("phone") else None,
+            verification_token=requests.verification_token(request.verification_token),
             caller=current_caller.get(),
         )
         return pb.SetContactResponse(
@@ -65,6 +66,7 @@ class TwoFactorServicer(pb_grpc.TwoFactorServiceServicer):
                 max_bytes=requests.MAX_ACCOUNT_NAME_BYTES,
             ),
             locale=_locale(request.locale),
+            verification_token=requests.verification_token(request.verification_token),
             caller=current_caller.get(),
         )
         response = pb.StartEnrollmentResponse(method=convert.METHOD_TO_PROTO[start.method])
@@ -91,18 +93,16 @@ class TwoFactorServicer(pb_grpc.TwoFactorServiceServicer):
             requests.code(request.code),
             caller=current_caller.get(),
         )
-        return pb.ConfirmEnrollmentResponse(
-            confirmed=confirmation.confirmed,
-            enabled_methods=convert.methods(confirmation.enabled_methods),
-            backup_codes=confirmation.backup_codes,
-            attempts_left=confirmation.attempts_left,
-        )
+        return convert.confirmation(confirmation)
 
     def DisableMethod(
         self, request: pb.DisableMethodRequest, context: grpc.ServicerContext
     ) -> pb.DisableMethodResponse:
         remaining = self._enrollment.disable_method(
-            requests.user_id(request.user_id), requests.method(request.method), caller=current_caller.get()
+            requests.user_id(request.user_id),
+            requests.method(request.method),
+            verification_token=requests.verification_token(request.verification_token),
+            caller=current_caller.get(),
         )
         return pb.DisableMethodResponse(enabled_methods=convert.methods(remaining))
 
@@ -145,7 +145,11 @@ class TwoFactorServicer(pb_grpc.TwoFactorServiceServicer):
     def GetBackupCodes(
         self, request: pb.GetBackupCodesRequest, context: grpc.ServicerContext
     ) -> pb.GetBackupCodesResponse:
-        codes = self._backup_codes.get_backup_codes(requests.user_id(request.user_id))
+        codes = self._backup_codes.get_backup_codes(
+            requests.user_id(request.user_id),
+            verification_token=requests.verification_token(request.verification_token),
+            caller=current_caller.get(),
+        )
         return pb.GetBackupCodesResponse(
             codes=codes.codes, generated_at=convert.timestamp(codes.generated_at_ms)
         )
@@ -154,7 +158,9 @@ class TwoFactorServicer(pb_grpc.TwoFactorServiceServicer):
         self, request: pb.RegenerateBackupCodesRequest, context: grpc.ServicerContext
     ) -> pb.RegenerateBackupCodesResponse:
         codes = self._backup_codes.regenerate_backup_codes(
-            requests.user_id(request.user_id), caller=current_caller.get()
+            requests.user_id(request.user_id),
+            verification_token=requests.verification_token(request.verification_token),
+            caller=current_caller.get(),
         )
         return pb.RegenerateBackupCodesResponse(
             codes=codes.codes, generated_at=convert.timestamp(codes.generated_at_ms)

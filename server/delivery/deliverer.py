@@ -1,8 +1,12 @@
-"""One delivery attempt of a challenge's code: read the outbox row, send, record.
+"""One delivery attempt of a challenge's code: claim the outbox row under a lease, send, record.
 
-Safe to run twice: a challenge already sent, failed, expired or unknown is a
-no-op, and the code is wiped from the row once the provider accepted it. The
-caller (a Celery task, or the in-process runner) retries when told to.
+Safe to run twice: only a message of the row's current generation claims it,
+only one worker holds its lease at a time, and a challenge already sent,
+failed, expired, void or unknown is a no-op. Any error is retried with
+backoff until the code would expire first: a provider's transient error, a
+template or key that won't load, storage that is down. The row ends SENT,
+FAILED (with the reason) or EXPIRED; none is left claimed, because the lease
+runs out and recovery publishes it again (delivery/recovery.py).
 """
 
 from __future__ import annotations
@@ -22,10 +26,12 @@ from twofactor_server.delivery.providers import (
     TransientDeliveryError,
 )
 from twofactor_server.domain.clock import Clock, now_ms, system_clock
+from twofactor_server.domain.errors import StorageUnavailable
 from twofactor_server.domain.keyring import CHALLENGE_CODE, Keyring
 from twofactor_server.observability import metrics
 from twofactor_server.storage import outbox
 from twofactor_server.storage.database import Database
+from twofactor_server.storage.records import ChallengeRecord
 
 log = logging.getLogger(__name__)
 
@@ -38,10 +44,10 @@ class Outcome:
     retry_in: float | None = None
 
 
-def backoff_seconds(attempt: int, base: float) -> float:
+def backoff_seconds(attempt: int, base: float, ceiling: float = RETRY_MAX_SECONDS) -> float:
     """Exponential backoff with jitter (half to all of the step), so retries from many workers spread out."""
-    ceiling = min(RETRY_MAX_SECONDS, base * 2 ** max(attempt - 1, 0))
-    return random.uniform(ceiling / 2, ceiling)  # noqa: S311 - jitter, not a secret
+    step = min(ceiling, base * 2 ** max(attempt - 1, 0))
+    return random.uniform(step / 2, step)  # noqa: S311 - jitter, not a secret
 
 
 class Deliverer:
@@ -54,6 +60,8 @@ class Deliverer:
         *,
         issuer: str,
         retry_base_seconds: float = 2.0,
+        lease_seconds: float = 120.0,
+        recovery_seconds: float = 10.0,
         clock: Clock = system_clock,
     ) -> None:
         self._db = db
@@ -62,91 +70,137 @@ class Deliverer:
         self._sms = sms_sender
         self._issuer = issuer
         self._retry_base = retry_base_seconds
+        # The lease outlasts the longest retry countdown, and recovery waits for a due retry.
+        self._retry_ceiling = min(RETRY_MAX_SECONDS, lease_seconds)
+        self._lease_ms = int(lease_seconds * 1000)
+        self._recovery_ms = int(recovery_seconds * 1000)
         self._clock = clock
 
-    def deliver(self, challenge_id: str) -> Outcome:
+    def deliver(self, challenge_id: str, generation: int = 0, *, tries: int = 0) -> Outcome:
+        """One attempt for the message (challenge_id, generation); `tries`: earlier runs of this message.
+
+        Storage that is down is a retry for the caller (it can record nothing now): the
+        claim, if it was taken, runs out with its lease and recovery takes over.
+        """
+        try:
+            return self._deliver(challenge_id, generation)
+        except StorageUnavailable:
+            retry_in = backoff_seconds(tries + 1, self._retry_base, self._retry_ceiling)
+            log.warning("delivery of %s waits for storage, retry in %.1fs", challenge_id, retry_in)
+            return Outcome("retry", retry_in)
+
+    def _deliver(self, challenge_id: str, generation: int) -> Outcome:
         now = self._now_ms()
         with self._db.transaction() as tx:
-            challenge = outbox.claim_delivery(tx, challenge_id, now)
+            challenge = outbox.claim_delivery(tx, challenge_id, generation, now, self._lease_ms)
         if challenge is None:
-            return Outcome("nothing_to_do")
+            return Outcome("nothing_to_do")  # stale message, another worker's lease, or done
         if (
             challenge.expires_at <= now
             or challenge.superseded_at is not None
             or challenge.consumed_at is not None
         ):
             self._record(
-                challenge_id, "expired", failure_reason="the code expired or was replaced before delivery"
+                challenge, "expired", failure_reason="the code expired or was replaced before delivery"
             )
             self._count(challenge.method, "expired")
             return Outcome("expired")
-        assert challenge.code_ciphertext is not None  # claim_delivery takes only rows that still hold it
-        code = self._keyring.decrypt(
-            challenge.code_ciphertext, purpose=CHALLENGE_CODE, user_id=challenge_id
-        ).decode()
-        ttl_minutes = max(1, math.ceil((challenge.expires_at - now) / 60_000))
         try:
-            message_id = self._send(
-                challenge.method,
-                challenge.purpose,
-                challenge.destination,
-                challenge.locale,
-                code,
-                ttl_minutes,
-            )
-        except TransientDeliveryError as error:
-            retry_in = backoff_seconds(challenge.delivery_attempts, self._retry_base)
-            if now + retry_in * 1000 >= challenge.expires_at:
-                self._record(challenge_id, "expired", failure_reason=f"gave up: {error.reason}")
-                self._count(challenge.method, "expired")
-                return Outcome("expired")
-            log.info(
-                "delivery of %s failed transiently, retry in %.1fs: %s", challenge_id, retry_in, error.reason
-            )
-            self._record(challenge_id, "sending", failure_reason=error.reason, wipe_code=False)
-            self._count(challenge.method, "retry")
-            return Outcome("retry", retry_in)
+            message_id = self._send(challenge, now)
+        except StorageUnavailable:
+            raise
         except PermanentDeliveryError as error:
             log.warning("delivery of %s failed: %s", challenge_id, error.reason)
-            self._record(challenge_id, "failed", failure_reason=error.reason)
+            self._record(challenge, "failed", failure_reason=error.reason)
             self._count(challenge.method, "failed")
             return Outcome("failed")
-        self._record(challenge_id, "sent", provider_message_id=message_id)
+        except TransientDeliveryError as error:
+            return self._retry_or_give_up(challenge, now, error.reason)
+        except Exception as error:  # a bad template, a key that no longer decrypts, a provider bug
+            log.error(
+                "delivery of %s failed with %s; it is retried until the code expires: "
+                "check the templates, TWOFACTOR_KEYS and the provider",
+                challenge_id,
+                type(error).__name__,
+            )
+            log.debug("delivery of %s failed", challenge_id, exc_info=True)
+            return self._retry_or_give_up(challenge, now, f"delivery error: {type(error).__name__}")
+        self._record(challenge, "sent", provider_message_id=message_id)
         self._count(challenge.method, "sent", since_send_ms=self._now_ms() - challenge.created_at)
         log.info("delivered %s by %s as %s", challenge_id, challenge.method, message_id)
         return Outcome("sent")
 
-    def _send(
-        self, method: str, purpose: str, destination: str, locale: str, code: str, ttl_minutes: int
-    ) -> str:
-        if method == "email":
+    def _retry_or_give_up(self, challenge: ChallengeRecord, now: int, reason: str) -> Outcome:
+        retry_in = backoff_seconds(challenge.delivery_attempts, self._retry_base, self._retry_ceiling)
+        due = now + int(retry_in * 1000)
+        if due >= challenge.expires_at:
+            log.warning("delivery of %s failed, no time left to retry: %s", challenge.challenge_id, reason)
+            self._record(challenge, "failed", failure_reason=f"gave up: {reason}")
+            self._count(challenge.method, "failed")
+            return Outcome("failed")
+        log.info("delivery of %s failed, retry in %.1fs: %s", challenge.challenge_id, retry_in, reason)
+        # Queued again, the lease released; recovery republishes only if the retry goes missing.
+        self._record(
+            challenge,
+            "queued",
+            failure_reason=reason,
+            wipe_code=False,
+            republish_at=due + self._recovery_ms,
+        )
+        self._count(challenge.method, "retry")
+        return Outcome("retry", retry_in)
+
+    def _send(self, challenge: ChallengeRecord, now: int) -> str:
+        assert challenge.code_ciphertext is not None  # claim_delivery takes only rows that still hold it
+        code = self._keyring.decrypt(
+            challenge.code_ciphertext, purpose=CHALLENGE_CODE, user_id=challenge.challenge_id
+        ).decode()
+        ttl_minutes = max(1, math.ceil((challenge.expires_at - now) / 60_000))
+        purpose, locale = challenge.purpose, challenge.locale
+        if challenge.method == "email":
             subject, text, html = render_email(
                 purpose=purpose, code=code, issuer=self._issuer, ttl_minutes=ttl_minutes, locale=locale
             )
-            return self._email.send_email(EmailMessage(to=destination, subject=subject, text=text, html=html))
+            return self._email.send_email(
+                EmailMessage(
+                    to=challenge.destination,
+                    subject=subject,
+                    text=text,
+                    html=html,
+                    message_key=challenge.challenge_id,
+                )
+            )
         text = render_sms(
             purpose=purpose, code=code, issuer=self._issuer, ttl_minutes=ttl_minutes, locale=locale
         )
-        return self._sms.send_sms(SmsMessage(to=destination, text=text))
+        return self._sms.send_sms(SmsMessage(to=challenge.destination, text=text))
 
     def _record(
         self,
-        challenge_id: str,
+        claimed: ChallengeRecord,
         status: str,
         *,
         provider_message_id: str | None = None,
         failure_reason: str | None = None,
         wipe_code: bool = True,
+        republish_at: int | None = None,
     ) -> None:
         with self._db.transaction() as tx:
-            outbox.mark_delivery(
+            recorded = outbox.mark_delivery(
                 tx,
-                challenge_id,
+                claimed,
                 status,
                 self._now_ms(),
                 provider_message_id=provider_message_id,
                 failure_reason=failure_reason,
                 wipe_code=wipe_code,
+                republish_at=republish_at,
+            )
+        if not recorded:
+            log.warning(
+                "delivery of %s outlasted its lease; another attempt took over (%s not recorded)",
+                claimed.challenge_id,
+                status,
             )
 
     def _count(self, method: str, outcome: str, *, since_send_ms: int | None = None) -> None:

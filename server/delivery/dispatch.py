@@ -15,6 +15,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 from twofactor_server.delivery.deliverer import Deliverer
 from twofactor_server.delivery.providers import build_email_sender, build_sms_sender
+from twofactor_server.delivery.recovery import OutboxRecovery
 from twofactor_server.delivery.task_queue import DELIVER_TASK, celery_config
 from twofactor_server.domain.clock import Clock, system_clock
 from twofactor_server.domain.errors import Unavailable
@@ -41,10 +42,10 @@ class CeleryDispatcher:
         }
         self._queue = settings.delivery_queue
 
-    def dispatch(self, challenge_id: str) -> None:
+    def dispatch(self, challenge_id: str, generation: int = 0) -> None:
         try:
             # No publish retries: the caller gets UNAVAILABLE quickly and retries the RPC.
-            self._app.send_task(DELIVER_TASK, args=[challenge_id], queue=self._queue, retry=False)
+            self._app.send_task(DELIVER_TASK, args=[challenge_id, generation], queue=self._queue, retry=False)
         except Exception as error:  # kombu/redis raise many types for "broker unreachable"
             log.warning("could not queue delivery of %s: %s", challenge_id, type(error).__name__)
             raise Unavailable(
@@ -56,7 +57,11 @@ class CeleryDispatcher:
 
 
 class InProcessDispatcher:
-    """The embedded default: deliveries run on a small thread pool, retries on timers."""
+    """The embedded default: deliveries run on a small thread pool, retries on timers.
+
+    Nothing here has to survive a crash: a delivery dropped by a crash or a
+    shutdown is still in the outbox, and recovery publishes it again.
+    """
 
     def __init__(self, deliverer: Deliverer, workers: int = 4) -> None:
         self._deliverer = deliverer
@@ -65,30 +70,38 @@ class InProcessDispatcher:
         self._lock = threading.Lock()
         self._closed = False
 
-    def dispatch(self, challenge_id: str) -> None:
-        self._pool.submit(self._run, challenge_id)
-
-    def _run(self, challenge_id: str) -> None:
+    def dispatch(self, challenge_id: str, generation: int = 0) -> None:
         try:
-            outcome = self._deliverer.deliver(challenge_id)
+            self._pool.submit(self._run, challenge_id, generation, 0)
+        except RuntimeError:  # shut down: recovery publishes it at the next start
+            log.info("delivery of %s left to recovery: shutting down", challenge_id)
+
+    def _run(self, challenge_id: str, generation: int, tries: int) -> None:
+        try:
+            outcome = self._deliverer.deliver(challenge_id, generation, tries=tries)
         except Exception:
-            log.exception("delivery of %s crashed", challenge_id)
+            log.exception("delivery of %s crashed; recovery will publish it again", challenge_id)
             return
         if outcome.retry_in is not None:
             with self._lock:
                 if self._closed:
                     return
-                timer = threading.Timer(outcome.retry_in, self._retry, args=(challenge_id,))
+                timer = threading.Timer(
+                    outcome.retry_in, self._retry, args=(challenge_id, generation, tries + 1)
+                )
                 timer.daemon = True
                 self._timers.add(timer)
                 timer.start()
 
-    def _retry(self, challenge_id: str) -> None:
+    def _retry(self, challenge_id: str, generation: int, tries: int) -> None:
         with self._lock:
             self._timers = {t for t in self._timers if t.is_alive() and t is not threading.current_thread()}
             if self._closed:
                 return
-        self.dispatch(challenge_id)
+            try:
+                self._pool.submit(self._run, challenge_id, generation, tries)
+            except RuntimeError:
+                return
 
     def close(self) -> None:
         with self._lock:
@@ -98,24 +111,45 @@ class InProcessDispatcher:
         self._pool.shutdown(wait=True, cancel_futures=False)
 
 
+def build_deliverer(
+    settings: Settings, *, db: Database, keyring: Keyring, clock: Clock = system_clock
+) -> Deliverer:
+    """The delivery core as configured: providers, retry backoff, lease, recovery interval."""
+    return Deliverer(
+        db,
+        keyring,
+        build_email_sender(settings),
+        build_sms_sender(settings),
+        issuer=settings.policy.issuer,
+        retry_base_seconds=settings.delivery_retry_base_seconds,
+        lease_seconds=settings.delivery_lease_seconds,
+        recovery_seconds=settings.outbox_recovery_seconds,
+        clock=clock,
+    )
+
+
 def build_dispatcher(
     settings: Settings, *, db: Database, keyring: Keyring, clock: Clock = system_clock
 ) -> tuple[CeleryDispatcher | InProcessDispatcher, Callable[[], None]]:
+    """The dispatcher and its close function.
+
+    With a broker, the workers run outbox recovery. In-process, this server does:
+    a round at once, then every half recovery interval, stopped by the close function.
+    """
     # Built in both modes so a bad provider setting (say, an SMS class that
     # doesn't import) stops the server at start rather than at the first send.
-    email_sender = build_email_sender(settings)
-    sms_sender = build_sms_sender(settings)
+    deliverer = build_deliverer(settings, db=db, keyring=keyring, clock=clock)
     if settings.broker_url:
         celery_dispatcher = CeleryDispatcher(settings)
         return celery_dispatcher, celery_dispatcher.close
-    deliverer = Deliverer(
-        db,
-        keyring,
-        email_sender,
-        sms_sender,
-        issuer=settings.policy.issuer,
-        retry_base_seconds=settings.delivery_retry_base_seconds,
-        clock=clock,
-    )
     dispatcher = InProcessDispatcher(deliverer)
-    return dispatcher, dispatcher.close
+    recovery = OutboxRecovery(
+        db, dispatcher.dispatch, recovery_seconds=settings.outbox_recovery_seconds, clock=clock
+    )
+    recovery.start()
+
+    def close() -> None:
+        recovery.stop()
+        dispatcher.close()
+
+    return dispatcher, close

@@ -22,6 +22,12 @@ class VerifyResult(Enum):
     LOCKED = "locked"
 
 
+class ConfirmResult(Enum):
+    CONFIRMED = "confirmed"
+    REJECTED = "rejected"
+    LOCKED = "locked"
+
+
 class CodeKind(Enum):
     AUTHENTICATOR = "authenticator"
     EMAIL = "email"
@@ -79,10 +85,15 @@ class EnrollmentStart:
 
 @dataclass(frozen=True)
 class Confirmation:
-    confirmed: bool
+    result: ConfirmResult
     enabled_methods: tuple[str, ...]
     backup_codes: tuple[str, ...] = ()
     attempts_left: int = 0
+    verification_token: str = ""  # a step-up proof, when confirmed
+
+    @property
+    def confirmed(self) -> bool:
+        return self.result is ConfirmResult.CONFIRMED
 
 
 @dataclass(frozen=True)
@@ -93,6 +104,7 @@ class VerifyOutcome:
     backup_codes_remaining: int
     lock: Lock | None = None
     now_ms: int = 0
+    verification_token: str = ""  # a step-up proof, when accepted
 
 
 @dataclass(frozen=True)

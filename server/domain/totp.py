@@ -49,6 +49,12 @@ def matching_step(secret: bytes, code: str, unix_time: float) -> int | None:
     return found
 
 
+def from_base32(text: str) -> bytes:
+    """The secret an app was given as base32 text (spaces and case as people type them)."""
+    cleaned = "".join(text.split()).upper()
+    return base64.b32decode(cleaned + "=" * (-len(cleaned) % 8))
+
+
 def provisioning_uri(secret: bytes, *, account_name: str, issuer: str) -> str:
     """otpauth://totp/Issuer:account?secret=...&issuer=Issuer (Key Uri Format)."""
     return pyotp.TOTP(to_base32(secret), digits=DIGITS, interval=STEP_SECONDS).provisioning_uri(

@@ -13,6 +13,7 @@ as it is.
 from __future__ import annotations
 
 import logging
+import math
 import re
 import sqlite3
 import threading
@@ -22,19 +23,23 @@ from contextlib import contextmanager
 from functools import lru_cache
 from importlib import resources
 from pathlib import Path
+from time import monotonic
 from typing import Any, NoReturn, Protocol
 
 import psycopg
+from psycopg.pq import TransactionStatus
 from psycopg.rows import dict_row
 from psycopg_pool import ConnectionPool, PoolTimeout
 
 from twofactor_server.domain.errors import StorageUnavailable
+from twofactor_server.storage.deadlines import Watchdog
 
 log = logging.getLogger(__name__)
 
 Row = dict[str, Any]
 Params = Mapping[str, Any]
 _MIGRATION_LOCK_ID = 0x2FAC7  # pg_advisory_lock key shared by every twofactor server
+_START_UP_SECONDS = 10.0  # how long start-up waits for its first connection
 
 
 class Transaction(Protocol):
@@ -53,6 +58,8 @@ class Transaction(Protocol):
 
 class Database(Protocol):
     dialect: str  # "postgres" | "sqlite"
+    # Set whenever a call finds the storage unavailable, so the health probe looks at once.
+    unavailable: threading.Event
 
     def transaction(self) -> Any:
         """A context manager yielding a Transaction; commits on success, rolls back on error."""
@@ -61,44 +68,119 @@ class Database(Protocol):
         """A context manager yielding a Transaction whose statements each commit on their own:
         no BEGIN, no COMMIT, for hot paths whose single statements are atomic by themselves."""
 
+    def ping(self) -> None:
+        """One round trip to the database within the storage timeout; StorageUnavailable if not."""
+
     def migrate(self) -> list[str]: ...
 
     def close(self) -> None: ...
 
 
 class PostgresDatabase:
+    """A pool of connections, each unit of work (the wait for a connection included) bounded by
+    `timeout` seconds on the client's side: a connection that misses it is abandoned, never reused."""
+
     dialect = "postgres"
 
-    def __init__(self, url: str, *, pool_size: int = 10, timeout: float = 5.0) -> None:
+    def __init__(self, url: str, *, pool_size: int = 10, timeout: float = 2.0) -> None:
+        self._url = url
+        self._timeout = timeout
+        # libpq counts connect_timeout in whole seconds, 2 at least.
+        self._connect_timeout = max(2, math.ceil(timeout))
+        self.unavailable = threading.Event()
+        self._watchdog = Watchdog("twofactor-db")
         self._pool: ConnectionPool[psycopg.Connection[Row]] = ConnectionPool(
             url,
             min_size=1,
             max_size=pool_size,
             # Autocommit: transaction() opens an explicit BEGIN/COMMIT, statements() needs none.
-            kwargs={"row_factory": dict_row, "autocommit": True},
+            kwargs={"row_factory": dict_row, "autocommit": True, "connect_timeout": self._connect_timeout},
             timeout=timeout,
+            # A failed background connect gives up soon; the next request that finds no
+            # connection starts another, so the pool comes back as soon as the database does.
+            reconnect_timeout=timeout,
             open=True,
             name="twofactor",
         )
+        self._probe: psycopg.Connection[Row] | None = None
+        self._probe_lock = threading.Lock()
+        self._probe_failed = False
 
     @contextmanager
     def transaction(self) -> Iterator[_PostgresTransaction]:
-        try:
-            with self._pool.connection() as conn, conn.transaction():  # COMMIT, or ROLLBACK on error
-                yield _PostgresTransaction(conn)
-        except (psycopg.OperationalError, PoolTimeout) as error:
-            _unavailable(error)
+        with self._connection() as conn:
+            try:
+                with conn.transaction():  # COMMIT, or ROLLBACK on error
+                    yield _PostgresTransaction(conn)
+            except psycopg.OperationalError as error:
+                self._unavailable(error)
 
     @contextmanager
     def statements(self) -> Iterator[_PostgresTransaction]:
-        try:
-            with self._pool.connection() as conn:
+        with self._connection() as conn:
+            try:
                 yield _PostgresTransaction(conn)
-        except (psycopg.OperationalError, PoolTimeout) as error:
-            _unavailable(error)
+            except psycopg.OperationalError as error:
+                self._unavailable(error)
+
+    @contextmanager
+    def _connection(self) -> Iterator[psycopg.Connection[Row]]:
+        deadline = monotonic() + self._timeout
+        try:
+            conn = self._pool.getconn(timeout=self._timeout)
+        except PoolTimeout as error:
+            self._unavailable(error)
+        try:
+            watch = self._watchdog.watch(conn.pgconn.socket, deadline)
+        except psycopg.OperationalError as error:  # lost while idle in the pool
+            conn.close()
+            self._pool.putconn(conn)
+            self._unavailable(error)
+        try:
+            yield conn
+        finally:
+            missed = self._watchdog.release(watch)
+            if missed or conn.info.transaction_status != TransactionStatus.IDLE:
+                # Past its deadline its socket is shut down; mid-transaction its state is
+                # unknown. Either way it is closed, and the pool replaces it.
+                conn.close()
+            self._pool.putconn(conn)
+
+    def ping(self) -> None:
+        """SELECT 1 on a connection of the probe's own (a busy pool is not an unreachable
+        database), within the storage timeout. Once the database answers again after a
+        failure, the pool's connections, likely broken by the outage, are replaced."""
+        with self._probe_lock:
+            deadline = monotonic() + self._timeout
+            try:
+                if self._probe is None:
+                    self._probe = psycopg.connect(
+                        self._url,
+                        autocommit=True,
+                        row_factory=dict_row,
+                        connect_timeout=self._connect_timeout,
+                    )
+                watch = self._watchdog.watch(self._probe.pgconn.socket, deadline)
+                try:
+                    self._probe.execute("SELECT 1")
+                finally:
+                    if self._watchdog.release(watch):
+                        self._probe.close()
+                        self._probe = None
+            except psycopg.OperationalError as error:
+                if self._probe is not None:
+                    self._probe.close()
+                    self._probe = None
+                self._probe_failed = True
+                raise StorageUnavailable() from error
+            if self._probe_failed:
+                self._probe_failed = False
+                self._pool.drain()
 
     def migrate(self) -> list[str]:
-        with self._pool.connection() as conn:
+        # At start-up, and possibly behind another server's migration: no statement deadline.
+        conn = self._start_up_connection()
+        try:
             # Two servers starting at once: the second waits, then finds nothing to do.
             conn.execute("SELECT pg_advisory_lock(%s)", (_MIGRATION_LOCK_ID,))
             try:
@@ -106,9 +188,30 @@ class PostgresDatabase:
                     return _apply_migrations(_PostgresTransaction(conn), self.dialect)
             finally:
                 conn.execute("SELECT pg_advisory_unlock(%s)", (_MIGRATION_LOCK_ID,))
+        finally:
+            self._pool.putconn(conn)
+
+    def _start_up_connection(self) -> psycopg.Connection[Row]:
+        """A connection, asking again for _START_UP_SECONDS: the database may be starting too."""
+        give_up = monotonic() + _START_UP_SECONDS
+        while True:
+            try:
+                return self._pool.getconn(timeout=self._timeout)
+            except PoolTimeout:
+                if monotonic() >= give_up:
+                    raise
 
     def close(self) -> None:
         self._pool.close()
+        with self._probe_lock:
+            if self._probe is not None:
+                self._probe.close()
+                self._probe = None
+        self._watchdog.close()
+
+    def _unavailable(self, error: Exception) -> NoReturn:
+        self.unavailable.set()
+        _unavailable(error)
 
 
 class _PostgresTransaction:
@@ -129,22 +232,24 @@ class _PostgresTransaction:
 
 
 class SqliteDatabase:
-    """The embedded default: one connection, one transaction at a time."""
+    """The embedded default: one connection, one transaction at a time. Another process holding
+    the file's write lock is waited for at most `timeout` seconds (SQLite's busy timeout)."""
 
     dialect = "sqlite"
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, *, timeout: float = 2.0) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
+        self.unavailable = threading.Event()
         self._conn = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
         self._conn.row_factory = _dict_factory
         self._conn.execute("PRAGMA journal_mode=WAL")
         self._conn.execute("PRAGMA foreign_keys=ON")
-        self._conn.execute("PRAGMA busy_timeout=5000")
+        self._conn.execute(f"PRAGMA busy_timeout={max(1, round(timeout * 1000))}")
         self._lock = threading.Lock()
 
     @contextmanager
     def transaction(self) -> Iterator[_SqliteTransaction]:
-        with self._lock, _sqlite_errors():
+        with self._lock, _sqlite_errors(self.unavailable):
             # IMMEDIATE takes the write lock up front, so a read-then-write can't interleave.
             self._conn.execute("BEGIN IMMEDIATE")
             try:
@@ -157,8 +262,15 @@ class SqliteDatabase:
 
     @contextmanager
     def statements(self) -> Iterator[_SqliteTransaction]:
-        with self._lock, _sqlite_errors():  # the connection is in autocommit mode outside BEGIN
+        with (
+            self._lock,
+            _sqlite_errors(self.unavailable),
+        ):  # the connection is in autocommit mode outside BEGIN
             yield _SqliteTransaction(self._conn)
+
+    def ping(self) -> None:
+        with self.statements() as q:
+            q.one("SELECT 1")
 
     def migrate(self) -> list[str]:
         with self.transaction() as tx:
@@ -194,11 +306,12 @@ _SQLITE_RETRYABLE = {5, 6, 10, 13, 14, 15}
 
 
 @contextmanager
-def _sqlite_errors() -> Iterator[None]:
+def _sqlite_errors(unavailable: threading.Event) -> Iterator[None]:
     try:
         yield
     except sqlite3.OperationalError as error:
         if getattr(error, "sqlite_errorcode", 0) & 0xFF in _SQLITE_RETRYABLE:
+            unavailable.set()
             _unavailable(error)
         raise
 
@@ -209,12 +322,13 @@ def _unavailable(error: Exception) -> NoReturn:
     raise StorageUnavailable() from error
 
 
-def open_database(url: str, *, data_dir: Path, pool_size: int = 10) -> Database:
-    """PostgreSQL for a postgres:// URL; the SQLite file under data_dir when url is empty."""
+def open_database(url: str, *, data_dir: Path, pool_size: int = 10, timeout: float = 2.0) -> Database:
+    """PostgreSQL for a postgres:// URL; the SQLite file under data_dir when url is empty.
+    `timeout` bounds each unit of work (TWOFACTOR_STORAGE_TIMEOUT_SECONDS)."""
     if not url:
-        return SqliteDatabase(data_dir / "twofactor.sqlite3")
+        return SqliteDatabase(data_dir / "twofactor.sqlite3", timeout=timeout)
     if url.startswith(("postgres://", "postgresql://")):
-        return PostgresDatabase(url, pool_size=pool_size)
+        return PostgresDatabase(url, pool_size=pool_size, timeout=timeout)
     raise ValueError("TWOFACTOR_DATABASE_URL must be a postgresql:// URL (or empty for the embedded SQLite)")
 
 

@@ -1,7 +1,14 @@
-"""The SQL of challenges: codes sent by email or SMS, and their delivery (the outbox the workers read).
+"""The SQL of challenges: codes sent by email or SMS, and their delivery (the outbox).
 
 Times are integer milliseconds since the epoch. Single-use and counting rules
 are single conditional UPDATEs whose row count says who won.
+
+A challenge's delivery: inserted 'queued' and unpublished; published (its
+message is known to be in the queue: only then is its code live and does it
+supersede older codes) or 'void' (the publish failed and the caller was told
+UNAVAILABLE); claimed 'sending' by one worker under a lease; then 'sent',
+'failed' or 'expired'. Recovery republishes what was lost, with a new
+generation, so an older message still in some queue is a no-op.
 """
 
 from __future__ import annotations
@@ -13,14 +20,31 @@ from twofactor_server.storage.records import ChallengeRecord, NewChallenge
 
 _NEW_CHALLENGE_COLUMNS = [f.name for f in dataclasses.fields(NewChallenge)]
 _INSERT_CHALLENGE = (
-    f"INSERT INTO challenges ({', '.join(_NEW_CHALLENGE_COLUMNS)}, delivery_status, updated_at) "  # noqa: S608
-    f"VALUES ({', '.join(f'%({c})s' for c in _NEW_CHALLENGE_COLUMNS)}, 'queued', %(created_at)s)"
+    f"INSERT INTO challenges ({', '.join(_NEW_CHALLENGE_COLUMNS)}, delivery_status, updated_at, "  # noqa: S608
+    "publish_generation) "
+    f"VALUES ({', '.join(f'%({c})s' for c in _NEW_CHALLENGE_COLUMNS)}, 'queued', %(created_at)s, 0)"
 )
+_DESTINATION_LOCKS = 0x2FAC8  # first key of pg_advisory_xact_lock(int, int): twofactor's destinations
+VOID_REASON = "not queued: the delivery queue was unavailable and the caller was told to retry"
+EXPIRED_REASON = "the code expired before it could be delivered"
 
 
 def insert_challenge(tx: Transaction, challenge: NewChallenge) -> None:
-    """Store a new challenge, queued for delivery."""
+    """Store a new challenge, queued for delivery but not yet published."""
     tx.execute(_INSERT_CHALLENGE, dataclasses.asdict(challenge))
+
+
+def lock_destination(tx: Transaction, destination: str) -> None:
+    """Serialize senders to one address until commit, so its hourly count is exact.
+
+    PostgreSQL: a transaction-scoped advisory lock on the address (the users who
+    share it hold different row locks). SQLite: BEGIN IMMEDIATE already serializes.
+    """
+    if tx.row_lock:  # only PostgreSQL has row locks, and advisory locks
+        tx.one(
+            "SELECT pg_advisory_xact_lock(%(ns)s, hashtext(%(d)s)) AS locked",
+            {"ns": _DESTINATION_LOCKS, "d": destination},
+        )
 
 
 def get_challenge(tx: Transaction, challenge_id: str) -> ChallengeRecord | None:
@@ -40,27 +64,67 @@ def forget_idempotency_key(tx: Transaction, challenge_id: str) -> None:
     tx.execute("UPDATE challenges SET idempotency_key = NULL WHERE challenge_id = %(c)s", {"c": challenge_id})
 
 
-def supersede_challenges(
-    tx: Transaction, user_id: str, purpose: str, method: str | None, now_ms: int
-) -> None:
-    """Older codes stop working when a new one is sent."""
-    method_clause = "" if method is None else "AND method = %(m)s"
+def mark_published(tx: Transaction, challenge: ChallengeRecord, now_ms: int) -> bool:
+    """Record that the challenge's message is in the queue, and supersede the user's older codes.
+
+    Login codes replace older login codes of any method; an enrollment code replaces
+    older enrollment codes of its method. Only older codes: a newer one published
+    first is left alone. False when it was already recorded (nothing changes).
+    """
+    published = tx.execute(
+        "UPDATE challenges SET published_at = %(now)s, updated_at = %(now)s "
+        "WHERE challenge_id = %(c)s AND published_at IS NULL AND delivery_status <> 'void'",
+        {"c": challenge.challenge_id, "now": now_ms},
+    )
+    if published != 1:
+        return False
+    method_clause = "AND method = %(m)s" if challenge.purpose == "enrollment" else ""
     tx.execute(
         "UPDATE challenges SET superseded_at = %(now)s, updated_at = %(now)s "  # noqa: S608
-        f"WHERE user_id = %(u)s AND purpose = %(p)s {method_clause} "
+        f"WHERE user_id = %(u)s AND purpose = %(p)s {method_clause} AND challenge_id <> %(c)s "
+        "AND (created_at < %(t)s OR (created_at = %(t)s AND challenge_id < %(c)s)) "
         "AND superseded_at IS NULL AND consumed_at IS NULL",
-        {"u": user_id, "p": purpose, "m": method, "now": now_ms},
+        {
+            "u": challenge.user_id,
+            "p": challenge.purpose,
+            "m": challenge.method,
+            "c": challenge.challenge_id,
+            "t": challenge.created_at,
+            "now": now_ms,
+        },
+    )
+    return True
+
+
+def void_unpublished(tx: Transaction, challenge_id: str, now_ms: int) -> bool:
+    """Void a first publish that failed: never delivered, counted nowhere, superseding nothing.
+
+    False when it can't be voided: a worker or recovery already took it (the message
+    did reach the queue, or recovery published it again), so it will be delivered.
+    """
+    return (
+        tx.execute(
+            "UPDATE challenges SET delivery_status = 'void', failure_reason = %(why)s, "
+            "code_ciphertext = NULL, idempotency_key = NULL, updated_at = %(now)s "
+            "WHERE challenge_id = %(c)s AND delivery_status = 'queued' AND published_at IS NULL "
+            "AND publish_generation = 0",
+            {"c": challenge_id, "now": now_ms, "why": VOID_REASON},
+        )
+        == 1
     )
 
 
 def live_challenges(
     tx: Transaction, user_id: str, purpose: str, now_ms: int, max_attempts: int
 ) -> list[ChallengeRecord]:
-    """Codes that can still be accepted, newest first."""
+    """Codes that can still be accepted, newest first: published ones, and any a worker already
+    took (its message got through though the publish was not recorded yet)."""
     rows = tx.all(
         "SELECT * FROM challenges WHERE user_id = %(u)s AND purpose = %(p)s AND consumed_at IS NULL "
         "AND superseded_at IS NULL AND expires_at > %(now)s AND attempts < %(max)s "
-        "AND delivery_status <> 'failed' ORDER BY created_at DESC",
+        "AND (published_at IS NOT NULL OR delivery_status IN ('sending', 'sent')) "
+        "AND delivery_status NOT IN ('failed', 'void') "
+        "ORDER BY created_at DESC",
         {"u": user_id, "p": purpose, "now": now_ms, "max": max_attempts},
     )
     return [ChallengeRecord(**row) for row in rows]
@@ -87,7 +151,7 @@ def count_challenge_attempt(tx: Transaction, challenge_id: str, now_ms: int) -> 
 def last_send_ms(tx: Transaction, user_id: str) -> int | None:
     row = tx.one(
         "SELECT MAX(created_at) AS last FROM challenges "
-        "WHERE user_id = %(u)s AND delivery_status <> 'failed'",
+        "WHERE user_id = %(u)s AND delivery_status NOT IN ('failed', 'void')",
         {"u": user_id},
     )
     return None if row is None or row["last"] is None else int(row["last"])
@@ -96,50 +160,134 @@ def last_send_ms(tx: Transaction, user_id: str) -> int | None:
 def count_sends_since(
     tx: Transaction, *, since_ms: int, user_id: str | None = None, destination: str | None = None
 ) -> int:
+    """Sends that count toward an hourly limit: every one but the void."""
     column, value = ("user_id", user_id) if user_id is not None else ("destination", destination)
     row = tx.one(
-        f"SELECT COUNT(*) AS n FROM challenges WHERE {column} = %(v)s AND created_at > %(since)s",  # noqa: S608
+        f"SELECT COUNT(*) AS n FROM challenges WHERE {column} = %(v)s AND created_at > %(since)s "  # noqa: S608
+        "AND delivery_status <> 'void'",
         {"v": value, "since": since_ms},
     )
     return int(row["n"]) if row else 0
 
 
-def claim_delivery(tx: Transaction, challenge_id: str, now_ms: int) -> ChallengeRecord | None:
-    """Take a challenge's delivery for one attempt; None when there is nothing to send.
+def claim_delivery(
+    tx: Transaction, challenge_id: str, generation: int, now_ms: int, lease_ms: int
+) -> ChallengeRecord | None:
+    """Take a challenge's delivery for one attempt under a lease; None when there is nothing to send.
 
-    A delivery left in 'sending' by a worker that died is claimed again: the
-    message was not recorded as sent, so sending it is the only way it arrives.
+    Only a message of the current generation claims, and only a queued row or one whose
+    lease ran out (its worker died): while a lease is held nobody else can take it.
     """
     row = tx.one(
         "UPDATE challenges SET delivery_status = 'sending', delivery_attempts = delivery_attempts + 1, "
-        "updated_at = %(now)s WHERE challenge_id = %(c)s AND delivery_status IN ('queued', 'sending') "
-        "AND code_ciphertext IS NOT NULL RETURNING *",
-        {"c": challenge_id, "now": now_ms},
+        "lease_until = %(until)s, updated_at = %(now)s "
+        "WHERE challenge_id = %(c)s AND publish_generation = %(g)s AND code_ciphertext IS NOT NULL "
+        "AND (delivery_status = 'queued' OR (delivery_status = 'sending' "
+        "AND (lease_until IS NULL OR lease_until <= %(now)s))) RETURNING *",
+        {"c": challenge_id, "g": generation, "now": now_ms, "until": now_ms + lease_ms},
     )
     return None if row is None else ChallengeRecord(**row)
 
 
 def mark_delivery(
     tx: Transaction,
-    challenge_id: str,
+    claimed: ChallengeRecord,
     status: str,
     now_ms: int,
     *,
     provider_message_id: str | None = None,
     failure_reason: str | None = None,
     wipe_code: bool,
-) -> None:
-    tx.execute(
-        "UPDATE challenges SET delivery_status = %(s)s, updated_at = %(now)s, "
-        "provider_message_id = COALESCE(%(pid)s, provider_message_id), failure_reason = %(why)s, "
-        "code_ciphertext = CASE WHEN %(wipe)s THEN NULL ELSE code_ciphertext END "
-        "WHERE challenge_id = %(c)s",
-        {
-            "c": challenge_id,
-            "s": status,
-            "now": now_ms,
-            "pid": provider_message_id,
-            "why": failure_reason,
-            "wipe": wipe_code,
-        },
+    republish_at: int | None = None,
+) -> bool:
+    """Record the outcome of the attempt that claimed `claimed`, and release its lease.
+
+    'queued' again means a retry is due; recovery republishes from `republish_at`. Only
+    the holder of the claim records: after its lease ran out and another worker took
+    over, a late outcome changes nothing (False).
+    """
+    return (
+        tx.execute(
+            "UPDATE challenges SET delivery_status = %(s)s, updated_at = %(now)s, lease_until = NULL, "
+            "next_publish_at = %(again)s, "
+            "provider_message_id = COALESCE(%(pid)s, provider_message_id), failure_reason = %(why)s, "
+            "code_ciphertext = CASE WHEN %(wipe)s THEN NULL ELSE code_ciphertext END "
+            "WHERE challenge_id = %(c)s AND delivery_status = 'sending' AND publish_generation = %(g)s "
+            "AND delivery_attempts = %(n)s",
+            {
+                "c": claimed.challenge_id,
+                "g": claimed.publish_generation,
+                "n": claimed.delivery_attempts,
+                "s": status,
+                "now": now_ms,
+                "pid": provider_message_id,
+                "why": failure_reason,
+                "wipe": wipe_code,
+                "again": republish_at,
+            },
+        )
+        == 1
     )
+
+
+# ---- recovery: every worker and the embedded server run these; none needs to be the only one ----
+
+
+def _skip_locked(tx: Transaction) -> str:
+    """PostgreSQL: lock the picked rows, skipping those another recoverer holds. SQLite: serialized."""
+    return f"{tx.row_lock} SKIP LOCKED" if tx.row_lock else ""
+
+
+def expire_undelivered(tx: Transaction, now_ms: int) -> int:
+    """Close out queued (or abandoned 'sending') rows whose code expired: EXPIRED, code wiped."""
+    return tx.execute(
+        "UPDATE challenges SET delivery_status = 'expired', code_ciphertext = NULL, lease_until = NULL, "
+        "failure_reason = COALESCE(failure_reason, %(why)s), updated_at = %(now)s "
+        "WHERE expires_at <= %(now)s AND (delivery_status = 'queued' "
+        "OR (delivery_status = 'sending' AND (lease_until IS NULL OR lease_until <= %(now)s)))",
+        {"now": now_ms, "why": EXPIRED_REASON},
+    )
+
+
+def take_for_republish(
+    tx: Transaction, now_ms: int, *, stale_before: int, republish_at: int, limit: int
+) -> list[ChallengeRecord]:
+    """Rows whose message may be lost, moved to a new generation (older messages become no-ops).
+
+    Three kinds: never published though created before `stale_before` (the server
+    died between commit and publish); published before `stale_before` or due for a
+    republish, and still queued (the broker lost the message, or a retry went
+    missing); 'sending' with a lease that ran out (the worker died).
+    """
+    rows = tx.all(
+        "UPDATE challenges SET publish_generation = publish_generation + 1, delivery_status = 'queued', "  # noqa: S608 - no input in the SQL text
+        "lease_until = NULL, next_publish_at = %(again)s, updated_at = %(now)s "
+        "WHERE challenge_id IN (SELECT challenge_id FROM challenges "
+        "WHERE expires_at > %(now)s AND code_ciphertext IS NOT NULL AND ("
+        "(delivery_status = 'queued' AND published_at IS NULL AND created_at <= %(before)s) "
+        "OR (delivery_status = 'queued' AND published_at IS NOT NULL AND (next_publish_at <= %(now)s "
+        "OR (next_publish_at IS NULL AND published_at <= %(before)s))) "
+        "OR (delivery_status = 'sending' AND (lease_until IS NULL OR lease_until <= %(now)s))) "
+        f"ORDER BY expires_at LIMIT %(limit)s{_skip_locked(tx)}) RETURNING *",
+        {"now": now_ms, "before": stale_before, "again": republish_at, "limit": limit},
+    )
+    return [ChallengeRecord(**row) for row in rows]
+
+
+def claimed_but_unpublished(tx: Transaction, *, created_before: int, limit: int) -> list[ChallengeRecord]:
+    """Rows a worker took though the server never recorded the publish (it died right after it)."""
+    rows = tx.all(
+        "SELECT * FROM challenges WHERE published_at IS NULL AND created_at <= %(before)s "  # noqa: S608
+        "AND delivery_status IN ('sending', 'sent') "
+        f"ORDER BY created_at LIMIT %(limit)s{_skip_locked(tx)}",
+        {"before": created_before, "limit": limit},
+    )
+    return [ChallengeRecord(**row) for row in rows]
+
+
+def oldest_waiting_created_at(tx: Transaction) -> int | None:
+    """When the oldest challenge still waiting for delivery (queued or sending) was created."""
+    row = tx.one(
+        "SELECT MIN(created_at) AS oldest FROM challenges WHERE delivery_status IN ('queued', 'sending')"
+    )
+    return None if row is None or row["oldest"] is None else int(row["oldest"])

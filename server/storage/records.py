@@ -16,6 +16,7 @@ class UserRecord:
     locked_until: int | None
     totp_last_step: int | None
     backup_codes_generated_at: int | None
+    credential_epoch: int  # moves on with every credential change; step-up proofs carry it
 
 
 @dataclass(frozen=True, slots=True)
@@ -38,11 +39,21 @@ class MethodRecord:
 
 @dataclass(frozen=True, slots=True)
 class VerifySnapshot:
-    """What the accepted-authenticator fast path reads: the lock state and the sealed secret."""
+    """What the accepted-authenticator fast path reads: the lock state, the last accepted step and
+    the sealed secret."""
 
     failed_attempts: int
     locked_until: int | None
+    totp_last_step: int | None
     authenticator_secret: bytes | None
+
+
+@dataclass(frozen=True, slots=True)
+class AcceptedStep:
+    """What accepting an authenticator code returns: the unused backup codes and the epoch."""
+
+    backup_left: int
+    credential_epoch: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -73,6 +84,10 @@ class ChallengeRecord:
     provider_message_id: str | None
     failure_reason: str | None
     updated_at: int
+    publish_generation: int  # a delivery message of another generation is a no-op
+    published_at: int | None  # None: not known to be queued yet; the code is not live
+    lease_until: int | None  # while 'sending': the worker's claim runs out then
+    next_publish_at: int | None  # while 'queued': recovery publishes again from then
 
 
 @dataclass(frozen=True, slots=True)

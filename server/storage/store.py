@@ -16,6 +16,7 @@ from dataclasses import asdict
 from twofactor_server.domain.models import AuditEvent
 from twofactor_server.storage.database import Transaction
 from twofactor_server.storage.records import (
+    AcceptedStep,
     BackupCodeRecord,
     MethodRecord,
     NewAuditEvent,
@@ -24,6 +25,14 @@ from twofactor_server.storage.records import (
 )
 
 # ---- users -----------------------------------------------------------------
+
+# Every statement that changes a credential (a method, a contact, the backup codes, a reset)
+# moves the user's credential epoch on, so step-up proofs issued before it stop working.
+_NEW_EPOCH = "credential_epoch = credential_epoch + 1"
+
+
+def bump_credential_epoch(tx: Transaction, user_id: str) -> None:
+    tx.execute(f"UPDATE users SET {_NEW_EPOCH} WHERE user_id = %(u)s", {"u": user_id})  # noqa: S608
 
 
 def ensure_user(tx: Transaction, user_id: str, now_ms: int) -> None:
@@ -42,7 +51,10 @@ def get_user(tx: Transaction, user_id: str, *, lock: bool = False) -> UserRecord
 
 def set_contact(tx: Transaction, user_id: str, column: str, value: str | None) -> None:
     assert column in ("email", "phone")
-    tx.execute(f"UPDATE users SET {column} = %(v)s WHERE user_id = %(u)s", {"u": user_id, "v": value})  # noqa: S608
+    tx.execute(
+        f"UPDATE users SET {column} = %(v)s, {_NEW_EPOCH} WHERE user_id = %(u)s",  # noqa: S608
+        {"u": user_id, "v": value},
+    )
 
 
 def add_failure(tx: Transaction, user_id: str) -> int:
@@ -71,9 +83,11 @@ def record_success(tx: Transaction, user_id: str, now_ms: int) -> None:
 
 
 def verify_snapshot(tx: Transaction, user_id: str) -> VerifySnapshot | None:
-    """The user's lock state and enabled authenticator secret, in one read (None: unknown user)."""
+    """The user's lock state, last accepted step and enabled authenticator secret, in one read
+    (None: unknown user)."""
     row = tx.one(
-        "SELECT u.failed_attempts, u.locked_until, m.secret AS authenticator_secret FROM users u "
+        "SELECT u.failed_attempts, u.locked_until, u.totp_last_step, m.secret AS authenticator_secret "
+        "FROM users u "
         "LEFT JOIN methods m ON m.user_id = u.user_id AND m.method = 'authenticator' "
         "AND m.enabled_at IS NOT NULL WHERE u.user_id = %(u)s",
         {"u": user_id},
@@ -81,83 +95,77 @@ def verify_snapshot(tx: Transaction, user_id: str) -> VerifySnapshot | None:
     return None if row is None else VerifySnapshot(**row)
 
 
+def reserve_attempt(
+    tx: Transaction, user_id: str, seen: VerifySnapshot, *, failed_attempts: int, locked_until: int | None
+) -> bool:
+    """Count an attempt before its code is checked: set the counters to what one more failure
+    makes of `seen`, if they are still what was read. False when another attempt moved them."""
+    return (
+        tx.execute(
+            "UPDATE users SET failed_attempts = %(f)s, locked_until = %(l)s "
+            "WHERE user_id = %(u)s AND failed_attempts = %(seen_f)s "
+            "AND COALESCE(locked_until, -1) = COALESCE(%(seen_l)s, -1)",
+            {
+                "u": user_id,
+                "f": failed_attempts,
+                "l": locked_until,
+                "seen_f": seen.failed_attempts,
+                "seen_l": seen.locked_until,
+            },
+        )
+        == 1
+    )
+
+
+def set_attempts(tx: Transaction, user_id: str, failed_attempts: int, locked_until: int | None) -> None:
+    tx.execute(
+        "UPDATE users SET failed_attempts = %(f)s, locked_until = %(l)s WHERE user_id = %(u)s",
+        {"u": user_id, "f": failed_attempts, "l": locked_until},
+    )
+
+
 def accept_totp_step(
     tx: Transaction,
     user_id: str,
     step: int,
-    seen: VerifySnapshot,
+    sealed_secret: bytes,
     now_ms: int,
     audit: NewAuditEvent | None = None,
-) -> int | None:
-    """Accept an authenticator code's time step in one atomic statement; return the unused backup codes.
+) -> AcceptedStep | None:
+    """Accept an authenticator code's time step in one atomic statement, clearing the failure
+    count; return the unused backup codes and the credential epoch.
 
     The step is the replay guard (RFC 6238 §5.2): it must be newer than every step accepted
-    before. The rest is compare-and-swap on what the caller read and judged (`seen`): the lock
-    state and the sealed secret. None when anything moved since: the step was used, a failure
-    was counted, or the secret was replaced. The caller then decides under the user's row lock.
+    before. The sealed secret must still be the enabled one the code was checked against.
+    None when the step was used or the secret replaced. The attempt was counted before the
+    code was checked (reserve_attempt, or the row lock of the locking path), so accepting
+    need not compare the counters.
 
-    With `audit`, the acceptance's audit event is written by the same statement on PostgreSQL
-    (a data-modifying CTE: the fast path keeps its statement count); SQLite needs a second
-    statement, so its callers pass `audit` only inside a transaction.
+    With `audit`, PostgreSQL writes the audit event in that same statement (a data-modifying
+    CTE); SQLite needs a second one, so its callers pass `audit` only inside a transaction.
     """
-    if audit is not None and tx.dialect == "postgres":
-        return _accept_totp_step_audited(tx, user_id, step, seen, now_ms, audit)
-    row = tx.one(
+    params = {"u": user_id, "s": step, "now": now_ms, "sealed": sealed_secret}
+    update = (
         "UPDATE users SET totp_last_step = %(s)s, failed_attempts = 0, locked_until = NULL, "
         "last_verified_at = %(now)s "
         "WHERE user_id = %(u)s AND (totp_last_step IS NULL OR totp_last_step < %(s)s) "
-        "AND failed_attempts = %(failures)s "
-        "AND COALESCE(locked_until, -1) = COALESCE(%(locked)s, -1) "
         "AND EXISTS (SELECT 1 FROM methods m WHERE m.user_id = %(u)s AND m.method = 'authenticator' "
         "AND m.enabled_at IS NOT NULL AND m.secret = %(sealed)s) "
-        "RETURNING (SELECT COUNT(*) FROM backup_codes b WHERE b.user_id = %(u)s AND b.used_at IS NULL) "
-        "AS backup_left",
-        {
-            "u": user_id,
-            "s": step,
-            "now": now_ms,
-            "failures": seen.failed_attempts,
-            "locked": seen.locked_until,
-            "sealed": seen.authenticator_secret,
-        },
     )
-    if row is not None and audit is not None:
-        add_audit_event(tx, **asdict(audit))
-    return None if row is None else int(row["backup_left"])
-
-
-def _accept_totp_step_audited(
-    tx: Transaction,
-    user_id: str,
-    step: int,
-    seen: VerifySnapshot,
-    now_ms: int,
-    audit: NewAuditEvent,
-) -> int | None:
-    row = tx.one(
-        "WITH accepted AS (UPDATE users SET totp_last_step = %(s)s, failed_attempts = 0, "
-        "locked_until = NULL, last_verified_at = %(now)s "
-        "WHERE user_id = %(u)s AND (totp_last_step IS NULL OR totp_last_step < %(s)s) "
-        "AND failed_attempts = %(failures)s "
-        "AND COALESCE(locked_until, -1) = COALESCE(%(locked)s, -1) "
-        "AND EXISTS (SELECT 1 FROM methods m WHERE m.user_id = %(u)s AND m.method = 'authenticator' "
-        "AND m.enabled_at IS NOT NULL AND m.secret = %(sealed)s) RETURNING user_id), "
-        "logged AS (INSERT INTO audit_events (at, actor, user_id, action, request_id, outcome, detail) "
-        "SELECT %(at)s, %(actor)s, user_id, %(action)s, %(request_id)s, %(outcome)s, %(detail)s "
-        "FROM accepted) "
-        "SELECT (SELECT COUNT(*) FROM backup_codes b WHERE b.user_id = %(u)s AND b.used_at IS NULL) "
-        "AS backup_left FROM accepted",
-        {
-            "u": user_id,
-            "s": step,
-            "now": now_ms,
-            "failures": seen.failed_attempts,
-            "locked": seen.locked_until,
-            "sealed": seen.authenticator_secret,
-            **{k: v for k, v in asdict(audit).items() if k != "user_id"},
-        },
-    )
-    return None if row is None else int(row["backup_left"])
+    backup_left = "(SELECT COUNT(*) FROM backup_codes b WHERE b.user_id = %(u)s AND b.used_at IS NULL)"
+    if audit is not None and tx.dialect == "postgres":
+        row = tx.one(  # the f-string parts are fixed SQL text; every value is a bound parameter
+            f"WITH accepted AS ({update}RETURNING user_id, credential_epoch), "  # noqa: S608
+            "logged AS (INSERT INTO audit_events (at, actor, user_id, action, request_id, outcome, detail) "
+            "SELECT %(at)s, %(actor)s, user_id, %(action)s, %(request_id)s, %(outcome)s, %(detail)s "
+            f"FROM accepted) SELECT {backup_left} AS backup_left, credential_epoch FROM accepted",
+            {**params, **{k: v for k, v in asdict(audit).items() if k != "user_id"}},
+        )
+    else:
+        row = tx.one(f"{update}RETURNING {backup_left} AS backup_left, credential_epoch", params)
+        if row is not None and audit is not None:
+            add_audit_event(tx, **asdict(audit))
+    return None if row is None else AcceptedStep(int(row["backup_left"]), int(row["credential_epoch"]))
 
 
 def set_totp_step(tx: Transaction, user_id: str, step: int) -> None:
@@ -181,8 +189,8 @@ def reset_user(tx: Transaction, user_id: str) -> None:
         params,
     )
     tx.execute(
-        "UPDATE users SET failed_attempts = 0, locked_until = NULL, totp_last_step = NULL, "
-        "backup_codes_generated_at = NULL WHERE user_id = %(u)s",
+        "UPDATE users SET failed_attempts = 0, locked_until = NULL, totp_last_step = NULL, "  # noqa: S608
+        f"backup_codes_generated_at = NULL, {_NEW_EPOCH} WHERE user_id = %(u)s",
         params,
     )
 
@@ -234,6 +242,7 @@ def start_method_enrollment(
 
 def enable_method(tx: Transaction, user_id: str, method: str, now_ms: int) -> bool:
     """Turn a pending enrollment into an enabled method (the pending secret becomes the secret)."""
+    bump_credential_epoch(tx, user_id)
     return (
         tx.execute(
             "UPDATE methods SET enabled_at = %(now)s, pending_since = NULL, "
@@ -246,6 +255,7 @@ def enable_method(tx: Transaction, user_id: str, method: str, now_ms: int) -> bo
 
 
 def delete_method(tx: Transaction, user_id: str, method: str) -> None:
+    bump_credential_epoch(tx, user_id)
     tx.execute("DELETE FROM methods WHERE user_id = %(u)s AND method = %(m)s", {"u": user_id, "m": method})
 
 
@@ -264,14 +274,17 @@ def replace_backup_codes(
             {"u": user_id, "p": position, "h": code_hash, "c": ciphertext},
         )
     tx.execute(
-        "UPDATE users SET backup_codes_generated_at = %(now)s WHERE user_id = %(u)s",
+        f"UPDATE users SET backup_codes_generated_at = %(now)s, {_NEW_EPOCH} WHERE user_id = %(u)s",  # noqa: S608
         {"u": user_id, "now": now_ms},
     )
 
 
 def delete_backup_codes(tx: Transaction, user_id: str) -> None:
     tx.execute("DELETE FROM backup_codes WHERE user_id = %(u)s", {"u": user_id})
-    tx.execute("UPDATE users SET backup_codes_generated_at = NULL WHERE user_id = %(u)s", {"u": user_id})
+    tx.execute(
+        f"UPDATE users SET backup_codes_generated_at = NULL, {_NEW_EPOCH} WHERE user_id = %(u)s",  # noqa: S608
+        {"u": user_id},
+    )
 
 
 def unused_backup_codes(tx: Transaction, user_id: str) -> list[BackupCodeRecord]:
@@ -297,6 +310,30 @@ def use_backup_code(tx: Transaction, user_id: str, position: int, now_ms: int) -
             "UPDATE backup_codes SET used_at = %(now)s "
             "WHERE user_id = %(u)s AND position = %(p)s AND used_at IS NULL",
             {"u": user_id, "p": position, "now": now_ms},
+        )
+        == 1
+    )
+
+
+# ---- SMS send counts -------------------------------------------------------
+
+
+def take_sms_send(tx: Transaction, hour: int, country: str, cap: int) -> bool:
+    """Count one text in (hour, country) if fewer than `cap` were counted; False at the cap.
+
+    One conditional UPDATE decides, so concurrent senders can't pass the cap; earlier hours
+    are dropped on the way."""
+    tx.execute("DELETE FROM sms_send_counts WHERE hour < %(h)s", {"h": hour})
+    tx.execute(
+        "INSERT INTO sms_send_counts (hour, country, sends) VALUES (%(h)s, %(c)s, 0) "
+        "ON CONFLICT (hour, country) DO NOTHING",
+        {"h": hour, "c": country},
+    )
+    return (
+        tx.execute(
+            "UPDATE sms_send_counts SET sends = sends + 1 "
+            "WHERE hour = %(h)s AND country = %(c)s AND sends < %(cap)s",
+            {"h": hour, "c": country, "cap": cap},
         )
         == 1
     )
@@ -342,22 +379,19 @@ def list_audit_events(
     until_ms: int | None = None,
 ) -> list[AuditEvent]:
     """Newest first; every filter is a bound parameter (the clauses themselves are fixed text)."""
-    clauses = []
-    params: dict[str, object] = {"u": user_id, "before": before_id, "n": limit}
-    if user_id:
-        clauses.append("user_id = %(u)s")
-    if before_id is not None:
-        clauses.append("event_id < %(before)s")
-    if actions:
-        names = {f"a{i}": action for i, action in enumerate(actions)}
-        clauses.append(f"action IN ({', '.join(f'%({name})s' for name in names)})")
-        params.update(names)
-    if since_ms is not None:
-        clauses.append("at >= %(since)s")
-        params["since"] = since_ms
-    if until_ms is not None:
-        clauses.append("at < %(until)s")
-        params["until"] = until_ms
+    names = {f"a{i}": action for i, action in enumerate(actions)}
+    params = {"u": user_id, "before": before_id, "n": limit, "since": since_ms, "until": until_ms, **names}
+    clauses = [
+        clause
+        for clause, wanted in (
+            ("user_id = %(u)s", user_id),
+            ("event_id < %(before)s", before_id is not None),
+            (f"action IN ({', '.join(f'%({name})s' for name in names)})", names),
+            ("at >= %(since)s", since_ms is not None),
+            ("at < %(until)s", until_ms is not None),
+        )
+        if wanted
+    ]
     where = f"WHERE {' AND '.join(clauses)}" if clauses else ""
     rows = tx.all(
         f"SELECT * FROM audit_events {where} ORDER BY event_id DESC LIMIT %(n)s",  # noqa: S608

@@ -10,7 +10,7 @@ from twofactor_server.settings import PolicySettings
 from twofactor_server.storage import store
 from twofactor_server.storage.database import Database, Transaction
 from twofactor_server.usecases import audit
-from twofactor_server.usecases.users import existing_user, require_enrolled
+from twofactor_server.usecases.users import existing_user, require_enrolled, require_step_up
 
 
 def backup_code_data(user_id: str, code: str) -> bytes:
@@ -25,11 +25,15 @@ class BackupCodes:
         self._policy = policy
         self._clock = clock
 
-    def get_backup_codes(self, user_id: str) -> BackupCodeSet:
-        """The unused codes of the current set, decrypted for display."""
+    def get_backup_codes(self, user_id: str, *, verification_token: str, caller: Caller) -> BackupCodeSet:
+        """The unused codes of the current set, decrypted for display.
+
+        Invariant: shown only with a step-up proof for this user (require_step_up)."""
         with self._db.transaction() as tx:
             user = existing_user(tx, user_id)
-            require_enrolled(tx, user_id, self._policy)
+            enabled = require_enrolled(tx, user_id, self._policy)
+            now = now_ms(self._clock)
+            require_step_up(self._keyring, self._policy, user, enabled, verification_token, caller, now)
             codes = tuple(
                 backup_codes.display(
                     self._keyring.decrypt(row.code_ciphertext, purpose=BACKUP_CODE, user_id=user_id).decode()
@@ -38,12 +42,18 @@ class BackupCodes:
             )
             return BackupCodeSet(codes, user.backup_codes_generated_at)
 
-    def regenerate_backup_codes(self, user_id: str, *, caller: Caller) -> BackupCodeSet:
-        """A new set; every code of the old set stops working in the same transaction."""
+    def regenerate_backup_codes(
+        self, user_id: str, *, verification_token: str, caller: Caller
+    ) -> BackupCodeSet:
+        """A new set; every code of the old set stops working in the same transaction.
+
+        Invariant: only with a step-up proof (require_step_up); the new set moves the
+        credential epoch on, so that proof is spent."""
         now = now_ms(self._clock)
         with self._db.transaction() as tx:
-            existing_user(tx, user_id, lock=True)
-            require_enrolled(tx, user_id, self._policy)
+            user = existing_user(tx, user_id, lock=True)
+            enabled = require_enrolled(tx, user_id, self._policy)
+            require_step_up(self._keyring, self._policy, user, enabled, verification_token, caller, now)
             codes = self.replace_set(tx, user_id, now)
             audit.record(tx, caller, now, user_id, "backup_codes_regenerated", detail=f"{len(codes)} codes")
             return BackupCodeSet(codes, now)

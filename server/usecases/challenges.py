@@ -3,6 +3,7 @@ delivery status, and checking a typed code against the newest live one."""
 
 from __future__ import annotations
 
+import logging
 import uuid
 from typing import Protocol
 
@@ -17,11 +18,14 @@ from twofactor_server.storage import outbox, store
 from twofactor_server.storage.database import Database, Transaction
 from twofactor_server.storage.records import ChallengeRecord, NewChallenge
 from twofactor_server.usecases import audit
+from twofactor_server.usecases.sms_guard import take_sms_quota
 from twofactor_server.usecases.users import existing_user, require_allowed, usable_methods
 
 AUTHENTICATOR, EMAIL, SMS = "authenticator", "email", "sms"
 LOGIN, ENROLLMENT = "login", "enrollment"
 HOUR_MS = 3_600_000
+
+log = logging.getLogger(__name__)
 
 
 class Dispatcher(Protocol):
@@ -74,10 +78,17 @@ class Challenges:
         """Commit a new code for `purpose` and hand it to delivery.
 
         Invariants: the send limits (cooldown, per user and per destination per hour) are
-        checked under the user's row lock; a repeated idempotency key within its window
-        returns the first challenge and sends nothing; a new code supersedes the older live
-        ones of the same purpose; only a committed row is queued, since the worker reads it
-        back by id, and a row that could not be queued is marked failed and wiped.
+        checked under the user's row lock and the destination's lock, so they hold exactly
+        across concurrent calls and server processes; a repeated idempotency key within its
+        window returns the first challenge and sends nothing; only a committed row is
+        published, since the worker reads it back by id.
+
+        A new code becomes live, and supersedes the user's older codes, only once its
+        message is in the queue (a second short transaction). When the publish fails the
+        send is void before the caller hears UNAVAILABLE: never delivered, counted toward
+        no limit, and the user's previous code still works. If this process dies between
+        the commit and that second transaction, the caller heard nothing: outbox recovery
+        publishes the row after a grace and the code is delivered (delivery/recovery.py).
         """
         now = now_ms(self._clock)
         policy = self._policy
@@ -104,10 +115,12 @@ class Challenges:
                     return self._view(tx, earlier)
                 if earlier is not None:
                     outbox.forget_idempotency_key(tx, earlier.challenge_id)
+            outbox.lock_destination(tx, destination)
             self._enforce_send_limits(tx, user_id, destination, now)
+            if method == SMS:
+                take_sms_quota(tx, destination, policy, now)
             code = one_time_codes.new_code(policy.code_length)
             challenge_id = uuid.uuid4().hex
-            outbox.supersede_challenges(tx, user_id, purpose, method if purpose == ENROLLMENT else None, now)
             outbox.insert_challenge(
                 tx,
                 NewChallenge(
@@ -136,22 +149,18 @@ class Challenges:
         try:
             self._dispatcher.dispatch(challenge_id)
         except Unavailable:
-            metrics.code_sent(method, "not_queued")
             with self._db.transaction() as tx:
-                outbox.mark_delivery(
-                    tx,
-                    challenge_id,
-                    "failed",
-                    now_ms(self._clock),
-                    failure_reason="not queued: broker unavailable",
-                    wipe_code=True,
-                )
-                outbox.forget_idempotency_key(tx, challenge_id)
-            raise
+                voided = outbox.void_unpublished(tx, challenge_id, now_ms(self._clock))
+            if voided:
+                metrics.code_sent(method, "not_queued")
+                raise
+            # The message got through after all (a worker took it) or recovery published it.
+            log.info("publish of %s reported failure, but its delivery is under way", challenge_id)
         metrics.code_sent(method, "queued")
         with self._db.transaction() as tx:
             challenge = outbox.get_challenge(tx, challenge_id)
             assert challenge is not None
+            outbox.mark_published(tx, challenge, now_ms(self._clock))
             return self._view(tx, challenge)
 
     def match(
@@ -207,6 +216,8 @@ class Challenges:
         now = now_ms(self._clock)
         if status in ("queued", "sending") and challenge.expires_at <= now:
             status = "expired"
+        elif status == "void":  # a send whose caller was told UNAVAILABLE: it will never be delivered
+            status = "failed"
         last = outbox.last_send_ms(tx, challenge.user_id) or challenge.created_at
         return ChallengeView(
             challenge_id=challenge.challenge_id,

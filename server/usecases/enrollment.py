@@ -6,7 +6,13 @@ from twofactor_server.domain import lockout, one_time_codes, qr_codes, totp
 from twofactor_server.domain.clock import Clock, now_ms
 from twofactor_server.domain.errors import FailedPrecondition, InvalidArgument
 from twofactor_server.domain.keyring import TOTP_SECRET, Keyring
-from twofactor_server.domain.models import AuthenticatorSetup, Caller, Confirmation, EnrollmentStart
+from twofactor_server.domain.models import (
+    AuthenticatorSetup,
+    Caller,
+    Confirmation,
+    ConfirmResult,
+    EnrollmentStart,
+)
 from twofactor_server.settings import PolicySettings
 from twofactor_server.storage import store
 from twofactor_server.storage.database import Database
@@ -18,6 +24,8 @@ from twofactor_server.usecases.users import (
     existing_user,
     refuse_if_locked,
     require_allowed,
+    require_step_up,
+    step_up_token,
     usable_methods,
 )
 
@@ -40,12 +48,32 @@ class Enrollment:
         self._clock = clock
 
     def start_enrollment(
-        self, user_id: str, method: str, *, account_name: str, locale: str, caller: Caller
+        self,
+        user_id: str,
+        method: str,
+        *,
+        account_name: str,
+        locale: str,
+        verification_token: str,
+        caller: Caller,
     ) -> EnrollmentStart:
         """Begin enrolling: a new authenticator secret (pending until confirmed), or a code sent by
-        email or SMS. A pending enrollment replaces an earlier pending one of the same method."""
+        email or SMS. A pending enrollment replaces an earlier pending one of the same method.
+
+        Invariant: a user who already has a usable method adds or replaces one only with a
+        step-up proof (require_step_up); otherwise a caller could enroll its own second factor.
+        """
         require_allowed(method, self._policy)
         if method != AUTHENTICATOR:
+            with self._db.transaction() as tx:
+                # Challenges.issue sends in its own transaction: check the proof first.
+                user = store.get_user(tx, user_id)
+                if user is not None:
+                    enabled = usable_methods(store.methods_of(tx, user_id), self._policy)
+                    now = now_ms(self._clock)
+                    require_step_up(
+                        self._keyring, self._policy, user, enabled, verification_token, caller, now
+                    )
             challenge = self._challenges.issue(
                 user_id, method, ENROLLMENT, idempotency_key="", locale=locale, caller=caller
             )
@@ -54,7 +82,9 @@ class Enrollment:
         secret = totp.new_secret()
         with self._db.transaction() as tx:
             store.ensure_user(tx, user_id, now)
-            store.get_user(tx, user_id, lock=True)
+            user = existing_user(tx, user_id, lock=True)
+            enabled = usable_methods(store.methods_of(tx, user_id), self._policy)
+            require_step_up(self._keyring, self._policy, user, enabled, verification_token, caller, now)
             sealed = self._keyring.encrypt(secret, purpose=TOTP_SECRET, user_id=user_id)
             store.start_method_enrollment(tx, user_id, method, now, pending_secret=sealed)
             audit.record(tx, caller, now, user_id, "enrollment_started", detail=method)
@@ -68,7 +98,8 @@ class Enrollment:
         Invariants: a wrong code counts toward the lockout like a wrong login code, and a
         locked user can't confirm; the first method enabled brings the first backup codes;
         the confirming authenticator code starts the secret's replay history, so it can't
-        log in again (RFC 6238 §5.2).
+        log in again (RFC 6238 §5.2). Enabling moves the credential epoch on and returns a
+        step-up proof at the new epoch, so the new backup codes can be shown at once.
         """
         require_allowed(method, self._policy)
         digits = one_time_codes.normalize(code)
@@ -99,8 +130,13 @@ class Enrollment:
                 audit.record(
                     tx, caller, now, user_id, "enrollment_confirmed", outcome="failure", detail=method
                 )
+                locked = lockout.lock_of(
+                    failures, lockout.locked_until_after(failures, self._policy, now), self._policy, now
+                )
                 return Confirmation(
-                    False, enabled, attempts_left=lockout.attempts_left(failures, self._policy)
+                    ConfirmResult.LOCKED if locked else ConfirmResult.REJECTED,
+                    enabled,
+                    attempts_left=lockout.attempts_left(failures, self._policy),
                 )
             store.enable_method(tx, user_id, method, now)
             store.record_success(tx, user_id, now)
@@ -109,19 +145,27 @@ class Enrollment:
             if not enabled:
                 codes = self._backup_codes.replace_set(tx, user_id, now)
                 audit.record(tx, caller, now, user_id, "backup_codes_generated", detail=f"{len(codes)} codes")
+            epoch = existing_user(tx, user_id).credential_epoch
             return Confirmation(
-                True,
+                ConfirmResult.CONFIRMED,
                 tuple(sorted({*enabled, method})),  # methods_of's order
                 backup_codes=codes,
                 attempts_left=self._policy.lockout_threshold,
+                verification_token=step_up_token(self._keyring, user_id, epoch, caller, now),
             )
 
-    def disable_method(self, user_id: str, method: str, *, caller: Caller) -> tuple[str, ...]:
+    def disable_method(
+        self, user_id: str, method: str, *, verification_token: str, caller: Caller
+    ) -> tuple[str, ...]:
         """Turn a method off; return the methods left. With force-2FA the last one stays;
-        with no method left the backup codes go too (nothing left for them to back up)."""
+        with no method left the backup codes go too (nothing left for them to back up).
+
+        Invariant: only with a step-up proof (require_step_up)."""
         with self._db.transaction() as tx:
-            existing_user(tx, user_id, lock=True)
+            user = existing_user(tx, user_id, lock=True)
             enabled = usable_methods(store.methods_of(tx, user_id), self._policy)
+            now = now_ms(self._clock)
+            require_step_up(self._keyring, self._policy, user, enabled, verification_token, caller, now)
             if method not in enabled:
                 raise FailedPrecondition("METHOD_NOT_ENABLED", f"{method} is not enabled for this user")
             remaining = tuple(m for m in enabled if m != method)
@@ -134,5 +178,5 @@ class Enrollment:
             store.delete_method(tx, user_id, method)
             if not remaining:
                 store.delete_backup_codes(tx, user_id)
-            audit.record(tx, caller, now_ms(self._clock), user_id, "method_disabled", detail=method)
+            audit.record(tx, caller, now, user_id, "method_disabled", detail=method)
             return remaining

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass, replace
+
 from twofactor_server.domain import backup_codes, lockout, one_time_codes, totp
 from twofactor_server.domain.clock import Clock, now_ms
 from twofactor_server.domain.errors import FailedPrecondition, InvalidArgument
@@ -11,11 +13,29 @@ from twofactor_server.observability import metrics
 from twofactor_server.settings import PolicySettings
 from twofactor_server.storage import store
 from twofactor_server.storage.database import Database, Transaction
-from twofactor_server.storage.records import NewAuditEvent, VerifySnapshot
+from twofactor_server.storage.records import AcceptedStep, NewAuditEvent, UserRecord, VerifySnapshot
 from twofactor_server.usecases import audit
 from twofactor_server.usecases.backup_codes import BackupCodes
 from twofactor_server.usecases.challenges import AUTHENTICATOR, EMAIL, LOGIN, SMS, Challenges
-from twofactor_server.usecases.users import count_failure, existing_user, usable_methods
+from twofactor_server.usecases.users import (
+    audit_lock,
+    count_failure,
+    existing_user,
+    lock_after_failures,
+    step_up_token,
+    usable_methods,
+)
+
+
+@dataclass(frozen=True)
+class Reservation:
+    """An attempt counted before its code is checked: the counters before and after."""
+
+    failures_before: int
+    locked_until_before: int | None
+    failures: int
+    locked_until: int | None
+    locks: bool  # whether this attempt's count started a lock
 
 
 class Verification:
@@ -38,10 +58,18 @@ class Verification:
     def verify(self, user_id: str, code: str, *, caller: Caller) -> VerifyOutcome:
         """Check a login code. A wrong code is an answer (REJECTED or LOCKED), not an error.
 
-        Invariants: a locked user is answered LOCKED without any code being checked; every
-        code is accepted at most once (an authenticator step only moves forward, an emailed
-        code and a backup code are consumed by conditional UPDATEs); a wrong code counts one
-        failure toward the lockout, a right one clears the count.
+        Invariants: a locked user is answered LOCKED without any code being accepted or
+        counted (the code just accepted is still recognized, to answer its double submit
+        without counting it: it is spent, so this tells a guesser nothing); a code is
+        counted as an attempt before anything is decided on it (under the user's row lock, or by the fast
+        path's reservation), so however many guesses arrive at once, no more than the lockout
+        threshold are checked per lock window; every code is accepted at most once (an
+        authenticator step only moves forward, an emailed code and a backup code are consumed
+        by conditional UPDATEs); a wrong code stays counted, a right one clears the count. The
+        authenticator code that was just accepted, sent again (same time step: a double
+        submit), is REJECTED without counting: it proves the user has the secret. An accepted
+        code returns a step-up proof (verification_token) for this user, API token and
+        credential epoch.
         """
         digits = one_time_codes.normalize(code)
         backup = backup_codes.normalize(code)
@@ -50,31 +78,49 @@ class Verification:
                 "INVALID_CODE", "code must be 6 to 10 digits or a backup code like k7m2q-x9p4w"
             )
         now = now_ms(self._clock)
-        accepted_event = None
+        accepted_event = None  # with TWOFACTOR_AUDIT_VERIFICATIONS=all, written with the acceptance
         if self._policy.audit_verifications == "all":
             accepted_event = audit.event(
                 caller, now, user_id, audit.VERIFICATION_ACCEPTED, detail=CodeKind.AUTHENTICATOR.value
             )
+        reserved: Reservation | None = None
         if digits is not None and len(digits) == totp.DIGITS:
-            accepted = self._accept_authenticator_code_fast(user_id, digits, now, accepted_event)
-            if accepted is not None:
-                return accepted
+            fast = self._accept_authenticator_code_fast(user_id, digits, now, caller, accepted_event)
+            if isinstance(fast, VerifyOutcome):
+                return fast
+            reserved = fast
         with self._db.transaction() as tx:
             user = existing_user(tx, user_id, lock=True)
             methods = {m.method: m for m in store.methods_of(tx, user_id)}
             usable = usable_methods(list(methods.values()), self._policy)
             if not usable:
                 raise FailedPrecondition("NOT_ENROLLED", "the user has no second-factor method enabled")
+            step = None
+            if digits is not None and AUTHENTICATOR in usable and len(digits) == totp.DIGITS:
+                sealed = methods[AUTHENTICATOR].secret
+                assert sealed is not None
+                step = self._matching_step(user_id, digits, sealed, now)
+                if step is not None and step == user.totp_last_step:
+                    # A double submit of the code just accepted: spent, so worth nothing to a
+                    # guesser; not a failure (and a reserved attempt is taken back).
+                    if reserved is not None:
+                        self._release(tx, user, reserved)
+                        user = existing_user(tx, user_id)
+                    failures = user.failed_attempts
+                    lock = lockout.lock_of(failures, user.locked_until, self._policy, now)
+                    result = VerifyResult.REJECTED if lock is None else VerifyResult.LOCKED
+                    return self._outcome(tx, user_id, result, None, failures, lock, now)
             lock = lockout.lock_of(user.failed_attempts, user.locked_until, self._policy, now)
-            if lock is not None:
+            if lock is not None and reserved is None:  # a reserved attempt was let in before the lock
                 audit.record(tx, caller, now, user_id, audit.VERIFICATION_LOCKED, outcome="failure")
                 return self._outcome(tx, user_id, VerifyResult.LOCKED, None, user.failed_attempts, lock, now)
             matched = None
-            if digits is not None and AUTHENTICATOR in usable and len(digits) == totp.DIGITS:
-                seen = VerifySnapshot(user.failed_attempts, user.locked_until, methods[AUTHENTICATOR].secret)
-                left = self._accept_authenticator_code(tx, user_id, digits, seen, now, accepted_event)
-                if left is not None:
-                    return self._accepted(CodeKind.AUTHENTICATOR, left, now)
+            if step is not None:
+                sealed = methods[AUTHENTICATOR].secret
+                assert sealed is not None
+                step_taken = store.accept_totp_step(tx, user_id, step, sealed, now, accepted_event)
+                if step_taken is not None:
+                    return self._accepted(user_id, CodeKind.AUTHENTICATOR, step_taken, now, caller)
             if digits is not None and (EMAIL in usable or SMS in usable):
                 kind = self._challenges.match(tx, user_id, LOGIN, digits, now, method=None)
                 if kind in usable:
@@ -83,32 +129,47 @@ class Verification:
                 matched = CodeKind.BACKUP_CODE
                 audit.record(tx, caller, now, user_id, "backup_code_used")
             if matched is not None:
-                if (
-                    accepted_event is not None and matched != CodeKind.BACKUP_CODE
-                ):  # that one is always logged
+                if accepted_event is not None and matched != CodeKind.BACKUP_CODE:  # that one always is
                     audit.record(tx, caller, now, user_id, audit.VERIFICATION_ACCEPTED, detail=matched.value)
                 store.record_success(tx, user_id, now)
-                return self._outcome(tx, user_id, VerifyResult.ACCEPTED, matched, 0, None, now)
-            failures = count_failure(tx, caller, user_id, self._policy, now)
-            lock = lockout.lock_of(
-                failures, lockout.locked_until_after(failures, self._policy, now), self._policy, now
-            )
+                outcome = self._outcome(tx, user_id, VerifyResult.ACCEPTED, matched, 0, None, now)
+                token = step_up_token(self._keyring, user_id, user.credential_epoch, caller, now)
+                return replace(outcome, verification_token=token)
+            if reserved is None:
+                failures = count_failure(tx, caller, user_id, self._policy, now)
+                lock = lockout.lock_of(
+                    failures, lockout.locked_until_after(failures, self._policy, now), self._policy, now
+                )
+            else:  # counted when reserved; the row holds every attempt counted since
+                failures = user.failed_attempts
+                if reserved.locks:
+                    audit_lock(
+                        tx, caller, user_id, reserved.failures, reserved.locked_until, self._policy, now
+                    )
             result = VerifyResult.LOCKED if lock is not None else VerifyResult.REJECTED
             action = audit.VERIFICATION_LOCKED if lock is not None else audit.VERIFICATION_REJECTED
             audit.record(tx, caller, now, user_id, action, outcome="failure", detail=f"{failures} failures")
             return self._outcome(tx, user_id, result, None, failures, lock, now)
 
     def _accept_authenticator_code_fast(
-        self, user_id: str, digits: str, now: int, accepted_event: NewAuditEvent | None
-    ) -> VerifyOutcome | None:
-        """The common login, a right authenticator code, in two statements and no transaction.
+        self, user_id: str, digits: str, now: int, caller: Caller, accepted_event: NewAuditEvent | None
+    ) -> VerifyOutcome | Reservation | None:
+        """The common login, a right authenticator code, in three statements and no transaction.
 
-        One read (lock state and sealed secret), the lock rule and the code checked here, then
-        the one conditional UPDATE of _accept_authenticator_code, which also checks that nothing
-        it read has moved. None hands the call to the locking path in verify(), which gives
-        every other answer (unknown user, lockout, replay, a wrong code counted as a failure).
-        With an audit event to write, PostgreSQL writes it in that same UPDATE statement; SQLite
-        (in-process, no round trips to save) takes the locking path, whose transaction holds both.
+        One read (lock state, last step and sealed secret) and the lock rule; then the attempt
+        is counted (reserve_attempt: a conditional UPDATE on the counters just read, as if the
+        code were wrong, lock included) before anything is decided on the code; a right code
+        then settles it with the one conditional UPDATE of accept_totp_step, which clears the
+        count. Counting first is what keeps concurrent guesses from being tried past the
+        lockout threshold: a guess that loses the count goes to the row lock, where it meets
+        the lock the winners' counts set.
+
+        Returns the outcome when accepted; otherwise the reservation the locking path in
+        verify() settles (a wrong code stays counted; a double submit is released), or None
+        when nothing was reserved (unknown user, no authenticator, locked, counters moved).
+        With an acceptance to audit, PostgreSQL writes the event in accept_totp_step's one
+        statement; SQLite (in-process: no round trips to save) takes the locking path, whose
+        transaction holds both.
         """
         if AUTHENTICATOR not in self._policy.allowed_methods:
             return None
@@ -120,39 +181,86 @@ class Verification:
                 return None
             if lockout.lock_of(seen.failed_attempts, seen.locked_until, self._policy, now) is not None:
                 return None
-            left = self._accept_authenticator_code(q, user_id, digits, seen, now, accepted_event)
-        return None if left is None else self._accepted(CodeKind.AUTHENTICATOR, left, now)
+            step = self._matching_step(user_id, digits, seen.authenticator_secret, now)
+            if step is not None and step == seen.totp_last_step:
+                # The code just accepted, sent again: answered without counting (it is spent,
+                # so this tells a guesser nothing). Any other answer waits for the count below.
+                return self._double_submit(q, user_id, seen.failed_attempts, now)
+            reserved = self._reservation(seen, now)
+            counted = store.reserve_attempt(
+                q,
+                user_id,
+                seen,
+                failed_attempts=reserved.failures,
+                locked_until=reserved.locked_until,
+            )
+            if not counted:
+                return None  # another attempt moved the counters first: decide under the row lock
+            if step is None:
+                return reserved
+            accepted = store.accept_totp_step(
+                q, user_id, step, seen.authenticator_secret, now, accepted_event
+            )
+        if accepted is None:
+            return reserved
+        return self._accepted(user_id, CodeKind.AUTHENTICATOR, accepted, now, caller)
 
-    def _accept_authenticator_code(
-        self,
-        tx: Transaction,
-        user_id: str,
-        digits: str,
-        seen: VerifySnapshot,
-        now: int,
-        accepted_event: NewAuditEvent | None = None,
-    ) -> int | None:
-        """Accept `digits` if the sealed secret in `seen` shows them now and their step is new.
+    def _double_submit(self, q: Transaction, user_id: str, failures: int, now: int) -> VerifyOutcome:
+        metrics.verification(VerifyResult.REJECTED.value, "none")
+        return VerifyOutcome(
+            result=VerifyResult.REJECTED,
+            matched=None,
+            attempts_left=lockout.attempts_left(failures, self._policy),
+            backup_codes_remaining=store.count_unused_backup_codes(q, user_id),
+            now_ms=now,
+        )
 
-        Invariant: an authenticator code is accepted once: the user's last step only moves
-        forward, decided by one conditional UPDATE that also clears the failure count.
-        Returns the unused backup codes on acceptance, None otherwise.
+    def _reservation(self, seen: VerifySnapshot, now: int) -> Reservation:
+        """The counters after one more failure, as count_failure would leave them."""
+        failures = seen.failed_attempts + 1
+        locks, until = lock_after_failures(failures, self._policy, now)
+        return Reservation(
+            failures_before=seen.failed_attempts,
+            locked_until_before=seen.locked_until,
+            failures=failures,
+            locked_until=until if locks else seen.locked_until,
+            locks=locks,
+        )
+
+    def _release(self, tx: Transaction, user: UserRecord, reserved: Reservation) -> None:
+        """Take back a reserved attempt that was no guess (a double submit).
+
+        Under the row lock. A success since then already cleared it; if nothing moved since,
+        the counters go back exactly; otherwise one attempt comes off the count.
         """
-        assert seen.authenticator_secret is not None
-        secret = self._keyring.decrypt(seen.authenticator_secret, purpose=TOTP_SECRET, user_id=user_id)
-        step = totp.matching_step(secret, digits, now / 1000)
-        if step is None:
-            return None
-        return store.accept_totp_step(tx, user_id, step, seen, now, accepted_event)
+        if user.failed_attempts == 0:
+            return
+        if (user.failed_attempts, user.locked_until) == (reserved.failures, reserved.locked_until):
+            store.set_attempts(tx, user.user_id, reserved.failures_before, reserved.locked_until_before)
+        else:
+            store.set_attempts(tx, user.user_id, user.failed_attempts - 1, user.locked_until)
 
-    def _accepted(self, kind: CodeKind, backup_left: int, now: int) -> VerifyOutcome:
+    def _matching_step(self, user_id: str, digits: str, sealed: bytes, now: int) -> int | None:
+        """The time step at which the sealed secret shows `digits` now, if any.
+
+        Accepting it is store.accept_totp_step's: an authenticator code is accepted once, the
+        user's last step only moves forward, decided by one conditional UPDATE that also
+        clears the failure count.
+        """
+        secret = self._keyring.decrypt(sealed, purpose=TOTP_SECRET, user_id=user_id)
+        return totp.matching_step(secret, digits, now / 1000)
+
+    def _accepted(
+        self, user_id: str, kind: CodeKind, accepted: AcceptedStep, now: int, caller: Caller
+    ) -> VerifyOutcome:
         metrics.verification(VerifyResult.ACCEPTED.value, kind.value)
         return VerifyOutcome(
             result=VerifyResult.ACCEPTED,
             matched=kind,
             attempts_left=lockout.attempts_left(0, self._policy),
-            backup_codes_remaining=backup_left,
+            backup_codes_remaining=accepted.backup_left,
             now_ms=now,
+            verification_token=step_up_token(self._keyring, user_id, accepted.credential_epoch, caller, now),
         )
 
     def _outcome(

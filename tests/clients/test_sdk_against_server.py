@@ -113,7 +113,7 @@ def test_authenticator_enrollment_verify_and_backup_codes(
     confirm = client.confirm_enrollment(
         user_id="alice", method=AUTHENTICATOR, code=totp(start.authenticator.secret, clock)
     )
-    assert confirm.confirmed
+    assert confirm.confirmed and confirm.result == twofactor.ConfirmResult.CONFIRM_RESULT_CONFIRMED
     assert list(confirm.enabled_methods) == [AUTHENTICATOR]
     assert len(confirm.backup_codes) == 10
 
@@ -122,19 +122,34 @@ def test_authenticator_enrollment_verify_and_backup_codes(
     assert accepted.result == twofactor.VerifyResult.VERIFY_RESULT_ACCEPTED
     assert accepted.matched == twofactor.CodeKind.CODE_KIND_AUTHENTICATOR
 
-    shown = client.get_backup_codes(user_id="alice")
+    with pytest.raises(twofactor.StepUpRequired) as raised:
+        client.get_backup_codes(user_id="alice")
+    assert raised.value.reason == "STEP_UP_REQUIRED"
+    shown = client.get_backup_codes(user_id="alice", verification_token=accepted.verification_token)
     assert sorted(shown.codes) == sorted(confirm.backup_codes)
     backup = client.verify(user_id="alice", code=shown.codes[0])
     assert backup.matched == twofactor.CodeKind.CODE_KIND_BACKUP_CODE
     assert backup.backup_codes_remaining == 9
 
-    regenerated = client.regenerate_backup_codes(user_id="alice")
+    regenerated = client.regenerate_backup_codes(
+        user_id="alice", verification_token=backup.verification_token
+    )
     assert len(regenerated.codes) == 10
     assert set(regenerated.codes).isdisjoint(confirm.backup_codes)
     stale = client.verify(user_id="alice", code=shown.codes[1])
     assert stale.result == twofactor.VerifyResult.VERIFY_RESULT_REJECTED
 
-    assert list(client.disable_method(user_id="alice", method=AUTHENTICATOR).enabled_methods) == []
+    # Regenerating spent the proof: disabling needs a new one.
+    with pytest.raises(twofactor.StepUpRequired):
+        client.disable_method(
+            user_id="alice", method=AUTHENTICATOR, verification_token=backup.verification_token
+        )
+    clock.advance(30)
+    again = client.verify(user_id="alice", code=totp(start.authenticator.secret, clock))
+    disabled = client.disable_method(
+        user_id="alice", method=AUTHENTICATOR, verification_token=again.verification_token
+    )
+    assert list(disabled.enabled_methods) == []
 
 
 def test_sms_enrollment_send_code_challenge_and_verify(
@@ -275,9 +290,10 @@ def test_last_method_required(start_server: ServerFactory, clock: Clock) -> None
 
     with twofactor.TwoFactorClient(server.target, token=APP_TOKEN) as client:
         assert client.get_status(user_id="gina").enrollment_required
-        enroll_authenticator(client, clock, "gina")
+        secret, _ = enroll_authenticator(client, clock, "gina")
+        token = client.verify(user_id="gina", code=totp(secret, clock)).verification_token
         with pytest.raises(twofactor.LastMethodRequired):
-            client.disable_method(user_id="gina", method=AUTHENTICATOR)
+            client.disable_method(user_id="gina", method=AUTHENTICATOR, verification_token=token)
 
 
 def test_admin_reset_disabled(start_server: ServerFactory) -> None:
@@ -492,7 +508,9 @@ def test_async_clients(server: Harness, clock: Clock) -> None:
             verified = await client.verify(user_id="olga", code=totp(secret, clock))
             assert verified.result == twofactor.VerifyResult.VERIFY_RESULT_ACCEPTED
 
-            await client.start_enrollment(user_id="olga", method=SMS)
+            await client.start_enrollment(
+                user_id="olga", method=SMS, verification_token=verified.verification_token
+            )
             code = await asyncio.to_thread(next_sms_code, "+14155550126")
             assert (await client.confirm_enrollment(user_id="olga", method=SMS, code=code)).confirmed
             clock.advance(60)
@@ -502,9 +520,15 @@ def test_async_clients(server: Harness, clock: Clock) -> None:
             verified = await client.verify(user_id="olga", code=code)
             assert verified.matched == twofactor.CodeKind.CODE_KIND_SMS
 
-            codes = (await client.get_backup_codes(user_id="olga")).codes
-            assert len((await client.regenerate_backup_codes(user_id="olga")).codes) == len(codes)
-            disabled = await client.disable_method(user_id="olga", method=SMS)
+            with pytest.raises(twofactor.StepUpRequired):
+                await client.get_backup_codes(user_id="olga")
+            token = verified.verification_token
+            codes = (await client.get_backup_codes(user_id="olga", verification_token=token)).codes
+            regenerated = await client.regenerate_backup_codes(user_id="olga", verification_token=token)
+            assert len(regenerated.codes) == len(codes)
+            clock.advance(30)
+            token = (await client.verify(user_id="olga", code=totp(secret, clock))).verification_token
+            disabled = await client.disable_method(user_id="olga", method=SMS, verification_token=token)
             assert list(disabled.enabled_methods) == [AUTHENTICATOR]
             assert list((await client.get_status(user_id="olga")).enabled_methods) == [AUTHENTICATOR]
             with server_busy(server), pytest.raises(twofactor.DeadlineExceeded):

@@ -110,10 +110,14 @@ def test_enroll_then_log_in_with_app_code_or_backup_code(
     assert len(backup_codes) == 10
 
     clock.advance(30)
-    app_login = example(*args)
+    app_login = example(*args, "--show-backup-codes")
     app_login.answer(pyotp.TOTP(secret).at(clock.now))
     code, out, err = app_login.finish()
     assert (code, decision(out)) == (0, "LOGIN ALLOWED"), out + err
+    # Right after the login the step-up proof shows the backup codes.
+    assert "Your unused backup codes (10):" in out, out + err
+    shown = [line.strip() for line in out.splitlines() if line.startswith("  ")]
+    assert sorted(shown) == sorted(backup_codes)
 
     backup_login = example(*args)
     backup_login.answer("000000")

@@ -47,6 +47,17 @@ def enroll_authenticator(h: Harness, clock: Clock, user_id: str) -> tuple[str, l
     return secret, list(confirm.backup_codes)
 
 
+def verified_token(h: Harness, clock: Clock, user_id: str, secret: str) -> str:
+    """Pass the second factor now (the authenticator's current code) and return the step-up
+    proof (verification_token) that the sensitive calls need; then move to the next time step,
+    so the next login has a fresh code."""
+    response = verify(h, user_id, totp_now(secret, clock))
+    assert response.result == pb.VERIFY_RESULT_ACCEPTED, response
+    assert response.verification_token, "an accepted Verify returns a verification_token"
+    clock.advance(30)
+    return response.verification_token
+
+
 def verify(h: Harness, user_id: str, code: str) -> pb.VerifyResponse:
     return h.twofactor.Verify(pb.VerifyRequest(user_id=user_id, code=code), metadata=h.app_metadata)
 

@@ -172,7 +172,10 @@ def test_reset_drops_pending_enrollments_and_sent_codes(start_server: ServerFact
     login = h.twofactor.SendCode(pb.SendCodeRequest(user_id="carol", method=EMAIL), metadata=h.app_metadata)
     login_code = sent_code(h, login.challenge.challenge_id)
     h.twofactor.StartEnrollment(
-        pb.StartEnrollmentRequest(user_id="carol", method=AUTHENTICATOR), metadata=h.app_metadata
+        pb.StartEnrollmentRequest(
+            user_id="carol", method=AUTHENTICATOR, verification_token=confirmed.verification_token
+        ),
+        metadata=h.app_metadata,
     )
     assert list(status(h, "carol").pending_methods) == [AUTHENTICATOR]
 
@@ -402,14 +405,13 @@ def test_every_action_is_audited_with_actor_request_id_and_outcome(harness: Harn
     )
     codes = list(confirm.backup_codes)
     typed.append(codes[0])
-    assert (
-        h.twofactor.Verify(
-            pb.VerifyRequest(user_id=user, code=codes[0]), metadata=app(h, step("r-backup"))
-        ).matched
-        == pb.CODE_KIND_BACKUP_CODE
+    backup_login = h.twofactor.Verify(
+        pb.VerifyRequest(user_id=user, code=codes[0]), metadata=app(h, step("r-backup"))
     )
+    assert backup_login.matched == pb.CODE_KIND_BACKUP_CODE
     fresh = h.twofactor.RegenerateBackupCodes(
-        pb.RegenerateBackupCodesRequest(user_id=user), metadata=app(h, step("r-regenerate"))
+        pb.RegenerateBackupCodesRequest(user_id=user, verification_token=backup_login.verification_token),
+        metadata=app(h, step("r-regenerate")),
     )
     for i in range(5):
         last = h.twofactor.Verify(
@@ -417,8 +419,17 @@ def test_every_action_is_audited_with_actor_request_id_and_outcome(harness: Harn
         )
     assert last.result == pb.VERIFY_RESULT_LOCKED
     h.admin.UnlockUser(admin_pb.UnlockUserRequest(user_id=user), metadata=admin(h, step("r-unlock")))
+    clock.advance(30)  # the next time step: the confirming code can't log in again
+    typed.append(totp_now(secret, clock))
+    login = h.twofactor.Verify(
+        pb.VerifyRequest(user_id=user, code=typed[-1]), metadata=app(h, step("r-login"))
+    )
+    assert login.result == pb.VERIFY_RESULT_ACCEPTED
     h.twofactor.DisableMethod(
-        pb.DisableMethodRequest(user_id=user, method=AUTHENTICATOR), metadata=app(h, step("r-disable"))
+        pb.DisableMethodRequest(
+            user_id=user, method=AUTHENTICATOR, verification_token=login.verification_token
+        ),
+        metadata=app(h, step("r-disable")),
     )
     h.admin.ResetUser(
         admin_pb.ResetUserRequest(user_id=user, reason="lost phone"), metadata=admin(h, step("r-reset"))
@@ -449,6 +460,7 @@ def test_every_action_is_audited_with_actor_request_id_and_outcome(harness: Harn
 
     # Never a code, a secret or a token, in the API or in the table.
     needles = {secret, secret.lower(), APP_TOKEN, ADMIN_TOKEN, *typed, *codes, *fresh.codes}
+    needles |= {backup_login.verification_token, login.verification_token, confirm.verification_token}
     needles |= {c.replace("-", "") for c in (*codes, *fresh.codes)}
     texts = [f"{e.actor} {e.user_id} {e.action} {e.request_id} {e.outcome} {e.detail}" for e in events]
     rows = query(h.settings, "SELECT actor, user_id, action, request_id, outcome, detail FROM audit_events")

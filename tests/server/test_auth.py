@@ -89,13 +89,23 @@ def test_every_rpc_needs_a_token_with_its_scope(
         (("authorization", ""),),
         (("authorization", "Bearer"),),
         (("authorization", "Bearer "),),
-        (("authorization", f"Basic {TOKEN_OF_SCOPE[scope]}"),),
-        (("authorization", TOKEN_OF_SCOPE[scope]),),
         (("x-api-key", TOKEN_OF_SCOPE[scope]),),
     ):
         missing = refusal(channel, method, metadata)
         assert missing.code() == grpc.StatusCode.UNAUTHENTICATED, metadata
         assert error_info(missing).reason == "MISSING_TOKEN", metadata
+
+    # A token sent without the Bearer scheme is there but not usable: INVALID_TOKEN, and the
+    # message names the scheme the server expects.
+    for metadata in (
+        (("authorization", f"Basic {TOKEN_OF_SCOPE[scope]}"),),
+        (("authorization", f"Token {TOKEN_OF_SCOPE[scope]}"),),
+        (("authorization", TOKEN_OF_SCOPE[scope]),),
+    ):
+        unschemed = refusal(channel, method, metadata)
+        assert unschemed.code() == grpc.StatusCode.UNAUTHENTICATED, metadata
+        assert error_info(unschemed).reason == "INVALID_TOKEN", metadata
+        assert "Bearer" in unschemed.details(), unschemed.details()
 
     for token in (
         "not-a-token",

@@ -24,6 +24,21 @@ from tests.server.helpers import (
 from tests.server.stored_rows import all_cells
 
 
+def step_to_where_only_the_new_secret_matches(clock: Clock, *, old_secret: str, new_secret: str) -> None:
+    """Move the clock, a time step at a time, to the first step (this one if it will do) where
+    the old app's code is none of the codes the new secret accepts (one step of drift each way).
+
+    There a refusal of the old app's code can only mean the old secret is refused; without this,
+    the two random secrets could show the same code by chance (about 3 in a million).
+    """
+    for _ in range(10):
+        accepted = {totp_now(new_secret, clock, offset_steps=offset) for offset in (-1, 0, 1)}
+        if totp_now(old_secret, clock) not in accepted:
+            return
+        clock.advance(30)
+    raise AssertionError("the old and the new secret kept showing the same codes")
+
+
 def test_enroll_confirm_verify_and_replay_is_rejected(harness: Harness, clock: Clock) -> None:
     status = harness.twofactor.GetStatus(pb.GetStatusRequest(user_id="alice"), metadata=harness.app_metadata)
     assert list(status.enabled_methods) == [] and not status.enrollment_required
@@ -104,13 +119,12 @@ def test_starting_again_replaces_the_pending_secret(harness: Harness, clock: Clo
         pb.StartEnrollmentRequest(user_id="carol", method=AUTHENTICATOR), metadata=harness.app_metadata
     ).authenticator.secret
     assert first != second
-    old = totp_now(first, clock)
-    if old != totp_now(second, clock):
-        stale = harness.twofactor.ConfirmEnrollment(
-            pb.ConfirmEnrollmentRequest(user_id="carol", method=AUTHENTICATOR, code=old),
-            metadata=harness.app_metadata,
-        )
-        assert not stale.confirmed
+    step_to_where_only_the_new_secret_matches(clock, old_secret=first, new_secret=second)
+    stale = harness.twofactor.ConfirmEnrollment(
+        pb.ConfirmEnrollmentRequest(user_id="carol", method=AUTHENTICATOR, code=totp_now(first, clock)),
+        metadata=harness.app_metadata,
+    )
+    assert not stale.confirmed
     ok = harness.twofactor.ConfirmEnrollment(
         pb.ConfirmEnrollmentRequest(user_id="carol", method=AUTHENTICATOR, code=totp_now(second, clock)),
         metadata=harness.app_metadata,
@@ -154,13 +168,20 @@ def test_wrong_codes_lock_with_growing_retry_after(harness: Harness, clock: Cloc
     assert verify(harness, "erin", wrong).attempts_left == 4
 
 
-def test_hundred_consecutive_failures_lock_until_unlocked(start_server: ServerFactory, clock: Clock) -> None:
+def test_third_consecutive_failure_locks_for_good_with_a_limit_of_three(
+    start_server: ServerFactory, clock: Clock
+) -> None:
     h = start_server(policy=LOCKED_FOR_GOOD_AFTER_3)
     secret, _ = enroll_authenticator(h, clock, "frank")
     wrong = "000000" if totp_now(secret, clock) != "000000" else "111111"
-    for _ in range(3):
+    # The first two failures lock for a second each (each call comes after the lock ran out).
+    for _ in range(2):
         clock.advance(2)
-        result = verify(h, "frank", wrong)
+        timed = verify(h, "frank", wrong)
+        assert timed.result == pb.VERIFY_RESULT_LOCKED and timed.retry_after.seconds == 1
+    # The third in a row locks for good: no retry_after, and no time ends it.
+    clock.advance(2)
+    result = verify(h, "frank", wrong)
     assert result.result == pb.VERIFY_RESULT_LOCKED and not result.HasField("retry_after")
     clock.advance(10_000)
     assert verify(h, "frank", totp_now(secret, clock)).result == pb.VERIFY_RESULT_LOCKED
@@ -204,9 +225,13 @@ def test_re_enrolling_right_after_a_login_accepts_the_new_apps_current_code(
     harness: Harness, clock: Clock
 ) -> None:
     old_secret, _ = enroll_authenticator(harness, clock, "ivan")
-    assert verify(harness, "ivan", totp_now(old_secret, clock)).result == pb.VERIFY_RESULT_ACCEPTED
+    login = verify(harness, "ivan", totp_now(old_secret, clock))
+    assert login.result == pb.VERIFY_RESULT_ACCEPTED
     new_secret = harness.twofactor.StartEnrollment(
-        pb.StartEnrollmentRequest(user_id="ivan", method=AUTHENTICATOR), metadata=harness.app_metadata
+        pb.StartEnrollmentRequest(
+            user_id="ivan", method=AUTHENTICATOR, verification_token=login.verification_token
+        ),
+        metadata=harness.app_metadata,
     ).authenticator.secret
     # Same time step as the login a moment ago, but another secret: not a replay.
     confirm = harness.twofactor.ConfirmEnrollment(
@@ -216,6 +241,6 @@ def test_re_enrolling_right_after_a_login_accepts_the_new_apps_current_code(
     assert confirm.confirmed and list(confirm.backup_codes) == []  # not the first method: codes are kept
     assert verify(harness, "ivan", totp_now(new_secret, clock)).result == pb.VERIFY_RESULT_REJECTED
     clock.advance(30)
-    if totp_now(old_secret, clock) != totp_now(new_secret, clock):
-        assert verify(harness, "ivan", totp_now(old_secret, clock)).result == pb.VERIFY_RESULT_REJECTED
+    step_to_where_only_the_new_secret_matches(clock, old_secret=old_secret, new_secret=new_secret)
+    assert verify(harness, "ivan", totp_now(old_secret, clock)).result == pb.VERIFY_RESULT_REJECTED
     assert verify(harness, "ivan", totp_now(new_secret, clock)).result == pb.VERIFY_RESULT_ACCEPTED

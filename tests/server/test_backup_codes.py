@@ -11,20 +11,22 @@ import pytest
 from twofactor.v1 import twofactor_service_pb2 as pb
 
 from tests.conftest import TEST_KEYS, Clock, Harness, ServerFactory
-from tests.server.helpers import enroll_authenticator, error_info, verify
+from tests.server.helpers import enroll_authenticator, error_info, verified_token, verify
 from tests.server.stored_rows import all_cells, query
 from twofactor_server.domain.keyring import BACKUP_CODE, Keyring
 
 DISPLAYED = re.compile(r"^[0-9a-hjkmnp-tv-z]{5}-[0-9a-hjkmnp-tv-z]{5}$")
 
 
-def get_codes(h: Harness, user_id: str) -> pb.GetBackupCodesResponse:
-    return h.twofactor.GetBackupCodes(pb.GetBackupCodesRequest(user_id=user_id), metadata=h.app_metadata)
+def get_codes(h: Harness, user_id: str, token: str) -> pb.GetBackupCodesResponse:
+    return h.twofactor.GetBackupCodes(
+        pb.GetBackupCodesRequest(user_id=user_id, verification_token=token), metadata=h.app_metadata
+    )
 
 
-def regenerate(h: Harness, user_id: str) -> pb.RegenerateBackupCodesResponse:
+def regenerate(h: Harness, user_id: str, token: str) -> pb.RegenerateBackupCodesResponse:
     return h.twofactor.RegenerateBackupCodes(
-        pb.RegenerateBackupCodesRequest(user_id=user_id), metadata=h.app_metadata
+        pb.RegenerateBackupCodesRequest(user_id=user_id, verification_token=token), metadata=h.app_metadata
     )
 
 
@@ -36,11 +38,12 @@ def test_first_enrollment_gives_ten_well_formed_codes_that_are_shown_again(
     harness: Harness, clock: Clock
 ) -> None:
     enrolled_at = clock.now
-    _, codes = enroll_authenticator(harness, clock, "alice")
+    secret, codes = enroll_authenticator(harness, clock, "alice")
     assert len(codes) == 10 and len(set(codes)) == 10
     assert all(DISPLAYED.match(c) for c in codes), codes
 
-    shown = get_codes(harness, "alice")
+    token = verified_token(harness, clock, "alice", secret)
+    shown = get_codes(harness, "alice", token)
     assert sorted(shown.codes) == sorted(codes)
     assert shown.generated_at.seconds == int(enrolled_at)
     status = harness.twofactor.GetStatus(pb.GetStatusRequest(user_id="alice"), metadata=harness.app_metadata)
@@ -48,16 +51,16 @@ def test_first_enrollment_gives_ten_well_formed_codes_that_are_shown_again(
 
     # Only unused codes are shown again.
     assert accepted_backup(verify(harness, "alice", codes[3]))
-    again = get_codes(harness, "alice")
+    again = get_codes(harness, "alice", token)
     assert sorted(again.codes) == sorted(codes[:3] + codes[4:])
     assert again.generated_at == shown.generated_at
 
 
 def test_the_count_follows_the_policy(start_server: ServerFactory, clock: Clock) -> None:
     h = start_server(policy={"backup_code_count": 4})
-    _, codes = enroll_authenticator(h, clock, "bob")
+    secret, codes = enroll_authenticator(h, clock, "bob")
     assert len(codes) == 4
-    assert len(regenerate(h, "bob").codes) == 4
+    assert len(regenerate(h, "bob", verified_token(h, clock, "bob", secret)).codes) == 4
 
 
 def test_each_code_works_once_and_verify_reports_how_many_are_left(harness: Harness, clock: Clock) -> None:
@@ -81,15 +84,16 @@ def test_a_code_of_another_user_is_rejected(harness: Harness, clock: Clock) -> N
 
 
 def test_regenerate_replaces_every_old_code_at_once(harness: Harness, clock: Clock) -> None:
-    _, old = enroll_authenticator(harness, clock, "frank")
-    assert accepted_backup(verify(harness, "frank", old[0]))
+    secret, old = enroll_authenticator(harness, clock, "frank")
+    login = verify(harness, "frank", old[0])
+    assert accepted_backup(login)
     clock.advance(5)
-    fresh = regenerate(harness, "frank")
+    fresh = regenerate(harness, "frank", login.verification_token)
     assert fresh.generated_at.seconds == int(clock.now)
     assert len(fresh.codes) == 10 and all(DISPLAYED.match(c) for c in fresh.codes)
     assert not set(fresh.codes) & set(old)
 
-    shown = get_codes(harness, "frank")
+    shown = get_codes(harness, "frank", verified_token(harness, clock, "frank", secret))
     assert sorted(shown.codes) == sorted(fresh.codes) and shown.generated_at == fresh.generated_at
     # Old codes fail; stop before the failures lock the user (threshold 5).
     for code in old[1:4]:
@@ -102,7 +106,7 @@ def test_regenerate_replaces_every_old_code_at_once(harness: Harness, clock: Clo
 def test_codes_are_accepted_whatever_the_case_spacing_dashes_and_look_alikes(
     harness: Harness, clock: Clock
 ) -> None:
-    _, codes = enroll_authenticator(harness, clock, "gina")
+    secret, codes = enroll_authenticator(harness, clock, "gina")
     # Look-alikes need a code holding a 0 and two others holding a 1; a set of ten lacks them with
     # probability ~25%, so draw new sets (bounded: 40 misses in a row has probability ~1e-25).
     for _ in range(40):
@@ -110,7 +114,7 @@ def test_codes_are_accepted_whatever_the_case_spacing_dashes_and_look_alikes(
         ones = [c for c in codes if "1" in c and c != (zeros[0] if zeros else None)]
         if zeros and len(ones) >= 2:
             break
-        codes = list(regenerate(harness, "gina").codes)
+        codes = list(regenerate(harness, "gina", verified_token(harness, clock, "gina", secret)).codes)
     else:
         pytest.fail("no set of codes with a 0 and two 1s in 40 draws: the generator is broken")
     with_zero, with_one, with_another_one = zeros[0], ones[0], ones[1]
@@ -134,7 +138,8 @@ def test_codes_are_accepted_whatever_the_case_spacing_dashes_and_look_alikes(
 
 
 def test_fifty_concurrent_uses_of_one_code_accept_exactly_one(harness: Harness, clock: Clock) -> None:
-    _, codes = enroll_authenticator(harness, clock, "henry")
+    secret, codes = enroll_authenticator(harness, clock, "henry")
+    token = verified_token(harness, clock, "henry", secret)  # before the user is locked out
     with ThreadPoolExecutor(max_workers=50) as pool:
         responses = list(pool.map(lambda _: verify(harness, "henry", codes[0]), range(50)))
     assert len(responses) == 50
@@ -146,15 +151,17 @@ def test_fifty_concurrent_uses_of_one_code_accept_exactly_one(harness: Harness, 
         {"u": "henry"},
     )
     assert used[0]["n"] == 1
-    assert sorted(get_codes(harness, "henry").codes) == sorted(codes[1:])
+    assert sorted(get_codes(harness, "henry", token).codes) == sorted(codes[1:])
 
 
 def test_no_backup_code_is_stored_in_clear(harness: Harness, clock: Clock) -> None:
     _, first = enroll_authenticator(harness, clock, "ivan")
-    assert accepted_backup(verify(harness, "ivan", first[0]))
-    second = list(regenerate(harness, "ivan").codes)
-    assert accepted_backup(verify(harness, "ivan", second[0].upper().replace("-", " ")))
-    get_codes(harness, "ivan")
+    login = verify(harness, "ivan", first[0])
+    assert accepted_backup(login)
+    second = list(regenerate(harness, "ivan", login.verification_token).codes)
+    login = verify(harness, "ivan", second[0].upper().replace("-", " "))
+    assert accepted_backup(login)
+    get_codes(harness, "ivan", login.verification_token)
 
     cells = all_cells(harness.settings)
     assert any(b"ivan" in cell for cell in cells)  # the scan does see the user's rows
@@ -196,10 +203,10 @@ def test_backup_codes_need_an_enrolled_user(harness: Harness, clock: Clock) -> N
     )
     for call in (get_codes, regenerate):
         with pytest.raises(grpc.RpcError) as not_enrolled:
-            call(harness, "judy")
+            call(harness, "judy", "")
         assert not_enrolled.value.code() == grpc.StatusCode.FAILED_PRECONDITION
         assert error_info(not_enrolled.value).reason == "NOT_ENROLLED"
         with pytest.raises(grpc.RpcError) as unknown:
-            call(harness, "nobody")
+            call(harness, "nobody", "")
         assert unknown.value.code() == grpc.StatusCode.NOT_FOUND
         assert error_info(unknown.value).reason == "USER_NOT_FOUND"

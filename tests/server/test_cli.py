@@ -18,7 +18,7 @@ import pytest
 from twofactor.v1 import twofactor_service_pb2 as pb
 from twofactor.v1 import twofactor_service_pb2_grpc
 
-from tests.conftest import APP_TOKEN, POSTGRES_ADMIN_URL, TEST_KEYS
+from tests.conftest import APP_TOKEN, POSTGRES_ADMIN_URL, REDIS_URL, TEST_KEYS
 from tests.smtp_sink import free_port
 
 TWOFACTOR = str(Path(sys.executable).with_name("twofactor"))
@@ -74,7 +74,7 @@ def test_an_sms_class_that_does_not_load_stops_start_up(tmp_path: Path, command:
         env=env_for(
             tmp_path,
             SMS_PROVIDER="acme_gateway.sms:Sender",
-            BROKER_URL="redis://127.0.0.1:6379/0",
+            BROKER_URL=REDIS_URL,
             LISTEN="127.0.0.1:0",
         ),
         capture_output=True,
@@ -88,7 +88,7 @@ def test_an_sms_class_that_does_not_load_stops_start_up(tmp_path: Path, command:
 def test_production_settings_without_keys_refuse_to_start(tmp_path: Path) -> None:
     result = subprocess.run(
         [TWOFACTOR, "serve"],
-        env=env_for(tmp_path, DATABASE_URL="postgresql://postgres@127.0.0.1/postgres"),
+        env=env_for(tmp_path, DATABASE_URL=POSTGRES_ADMIN_URL),
         capture_output=True,
         text=True,
         timeout=120,

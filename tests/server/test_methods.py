@@ -7,7 +7,14 @@ import pytest
 from twofactor.v1 import twofactor_service_pb2 as pb
 
 from tests.conftest import Clock, Harness, ServerFactory
-from tests.server.helpers import AUTHENTICATOR, enroll_authenticator, error_info, totp_now, verify
+from tests.server.helpers import (
+    AUTHENTICATOR,
+    enroll_authenticator,
+    error_info,
+    totp_now,
+    verified_token,
+    verify,
+)
 
 
 def status(h: Harness, user_id: str) -> pb.GetStatusResponse:
@@ -19,8 +26,10 @@ def test_disabling_the_last_method_turns_2fa_off_and_drops_backup_codes(
 ) -> None:
     secret, backup = enroll_authenticator(harness, clock, "opt-out")
     assert status(harness, "opt-out").backup_codes_remaining == 10
+    token = verified_token(harness, clock, "opt-out", secret)
     response = harness.twofactor.DisableMethod(
-        pb.DisableMethodRequest(user_id="opt-out", method=AUTHENTICATOR), metadata=harness.app_metadata
+        pb.DisableMethodRequest(user_id="opt-out", method=AUTHENTICATOR, verification_token=token),
+        metadata=harness.app_metadata,
     )
     assert list(response.enabled_methods) == []
     after = status(harness, "opt-out")
@@ -38,11 +47,13 @@ def test_forced_policy_requires_enrollment_and_keeps_the_last_method(
 ) -> None:
     h = start_server(policy={"force_two_factor": True})
     assert status(h, "newcomer").enrollment_required
-    enroll_authenticator(h, clock, "newcomer")
+    secret, _ = enroll_authenticator(h, clock, "newcomer")
     assert not status(h, "newcomer").enrollment_required
+    token = verified_token(h, clock, "newcomer", secret)
     with pytest.raises(grpc.RpcError) as raised:
         h.twofactor.DisableMethod(
-            pb.DisableMethodRequest(user_id="newcomer", method=AUTHENTICATOR), metadata=h.app_metadata
+            pb.DisableMethodRequest(user_id="newcomer", method=AUTHENTICATOR, verification_token=token),
+            metadata=h.app_metadata,
         )
     assert raised.value.code() == grpc.StatusCode.FAILED_PRECONDITION
     assert error_info(raised.value).reason == "LAST_METHOD_REQUIRED"
@@ -64,11 +75,13 @@ def test_a_method_the_policy_no_longer_allows_stops_verifying(
 
 def test_confirming_while_locked_is_refused_with_retry_after(harness: Harness, clock: Clock) -> None:
     secret, _ = enroll_authenticator(harness, clock, "locked-out")
+    token = verified_token(harness, clock, "locked-out", secret)
     wrong = "000000" if totp_now(secret, clock) != "000000" else "111111"
     for _ in range(5):
         verify(harness, "locked-out", wrong)
     harness.twofactor.StartEnrollment(
-        pb.StartEnrollmentRequest(user_id="locked-out", method=AUTHENTICATOR), metadata=harness.app_metadata
+        pb.StartEnrollmentRequest(user_id="locked-out", method=AUTHENTICATOR, verification_token=token),
+        metadata=harness.app_metadata,
     )
     with pytest.raises(grpc.RpcError) as raised:
         harness.twofactor.ConfirmEnrollment(

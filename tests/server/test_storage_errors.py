@@ -13,7 +13,7 @@ import pytest
 from twofactor.v1 import twofactor_service_pb2 as pb
 
 from tests.conftest import Clock, ServerFactory
-from tests.server.helpers import enroll_authenticator, error_info, totp_now
+from tests.server.helpers import enroll_authenticator, error_info, totp_now, verified_token
 from twofactor_server.domain.errors import StorageUnavailable
 from twofactor_server.storage.database import PostgresDatabase, SqliteDatabase
 
@@ -23,11 +23,14 @@ def test_a_missing_table_is_internal_not_unavailable(
     start_server: ServerFactory, clock: Clock, caplog: pytest.LogCaptureFixture
 ) -> None:
     h = start_server()
-    enroll_authenticator(h, clock, "ana")
+    secret, _ = enroll_authenticator(h, clock, "ana")
+    token = verified_token(h, clock, "ana", secret)
     with closing(sqlite3.connect(h.settings.data_dir / "twofactor.sqlite3", isolation_level=None)) as db:
         db.execute("DROP TABLE backup_codes")  # a bug's stand-in: the schema is not what the code expects
     with caplog.at_level(logging.ERROR), pytest.raises(grpc.RpcError) as raised:
-        h.twofactor.GetBackupCodes(pb.GetBackupCodesRequest(user_id="ana"), metadata=h.app_metadata)
+        h.twofactor.GetBackupCodes(
+            pb.GetBackupCodesRequest(user_id="ana", verification_token=token), metadata=h.app_metadata
+        )
     assert raised.value.code() is grpc.StatusCode.INTERNAL
     assert raised.value.details() == "internal error"  # nothing of the bug reaches the caller
     errors = [r for r in caplog.records if r.levelno == logging.ERROR]

@@ -38,15 +38,18 @@ def test_six_digit_code_matches_an_independent_implementation() -> None:
 
 
 def test_accepts_one_step_of_drift_each_way_and_no_more() -> None:
-    secret = totp.new_secret()
-    now = 1_800_000_000.0
-    step = totp.time_step(now)
-    for offset in (-1, 0, 1):
-        assert totp.matching_step(secret, totp.code_at_step(secret, step + offset), now) == step + offset
-    for offset in (-2, 2):
-        code = totp.code_at_step(secret, step + offset)
-        if all(code != totp.code_at_step(secret, step + o) for o in (-1, 0, 1)):
-            assert totp.matching_step(secret, code, now) is None
+    # A fixed secret and step whose five codes around it all differ, so every assertion
+    # below runs and a code two steps away cannot match by coincidence.
+    secret = RFC_SECRET
+    step = totp.time_step(1_800_000_000)
+    codes = {offset: totp.code_at_step(secret, step + offset) for offset in (-2, -1, 0, 1, 2)}
+    assert len(set(codes.values())) == 5
+    for now in (1_800_000_000.0, 1_800_000_015.5, 1_800_000_029.999):  # start, middle, end of the step
+        assert totp.time_step(now) == step
+        for offset in (-1, 0, 1):
+            assert totp.matching_step(secret, codes[offset], now) == step + offset
+        for offset in (-2, 2):
+            assert totp.matching_step(secret, codes[offset], now) is None
 
 
 def test_refuses_secrets_under_160_bits() -> None:

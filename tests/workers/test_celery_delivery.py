@@ -4,27 +4,29 @@ to a real SMTP server, with the faults the service must survive."""
 from __future__ import annotations
 
 import os
-import shutil
 import signal
-import subprocess
-import sys
 import time
-import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import grpc
 import psycopg
 import pytest
-import redis
 from twofactor.v1 import common_pb2
 from twofactor.v1 import twofactor_service_pb2 as pb
 
-from tests.conftest import REDIS_URL, TEST_KEYS, Harness, ServerFactory, require_service
+from tests.conftest import REDIS_URL, Harness, ServerFactory
 from tests.server.helpers import EMAIL, error_info, verify
-from tests.smtp_sink import SmtpSink, code_in, free_port, running_sink
-
-TWOFACTOR = str(Path(sys.executable).with_name("twofactor"))
+from tests.smtp_sink import SmtpSink, code_in, running_sink
+from tests.workers.celery_harness import (
+    Workers,
+    celery_server,
+    messages_left,
+    private_redis,
+    redis_contents,
+    start_email_enrollment,
+    wait_for_status,
+)
 
 
 @pytest.fixture
@@ -35,172 +37,6 @@ def backend() -> str:
 @pytest.fixture
 def clock() -> Callable[[], float]:
     return time.time  # the workers run on the real clock; so does this server
-
-
-@pytest.fixture(scope="session")
-def redis_available() -> None:
-    try:
-        redis.Redis.from_url(REDIS_URL, socket_connect_timeout=3).ping()
-    except redis.RedisError as error:
-        require_service("Redis at 127.0.0.1:6379", error)
-
-
-@pytest.fixture
-def queue(redis_available: None) -> str:
-    return f"twofactor-test-{uuid.uuid4().hex[:8]}"  # each test has its own queue
-
-
-class Workers:
-    """`twofactor worker` processes started by a test, stopped at its end."""
-
-    def __init__(self, env: dict[str, str], log_dir: Path) -> None:
-        self.env = env
-        self.log_dir = log_dir
-        self.processes: list[subprocess.Popen[bytes]] = []
-
-    def start(self, concurrency: int = 1) -> subprocess.Popen[bytes]:
-        log = open(self.log_dir / f"worker-{len(self.processes)}.log", "wb")  # noqa: SIM115 - lives with the process
-        process = subprocess.Popen(
-            [TWOFACTOR, "worker", "--concurrency", str(concurrency), "--loglevel", "INFO"],
-            env=self.env,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        )
-        log.close()
-        self.processes.append(process)
-        return process
-
-    def children(self, process: subprocess.Popen[bytes]) -> list[int]:
-        """The pool processes of a worker (the ones that run tasks)."""
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            found = subprocess.run(
-                ["pgrep", "-P", str(process.pid)], capture_output=True, text=True
-            ).stdout.split()
-            if found:
-                return [int(pid) for pid in found]
-            time.sleep(0.05)
-        raise AssertionError("the worker started no pool process")
-
-    def stop(self) -> None:
-        for process in self.processes:
-            if process.poll() is None:
-                process.send_signal(signal.SIGTERM)
-        for process in self.processes:
-            try:
-                process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait(timeout=30)
-
-    def logs(self) -> str:
-        return "\n".join(p.read_text(errors="replace") for p in sorted(self.log_dir.glob("worker-*.log")))
-
-
-@pytest.fixture
-def sink() -> Iterator[SmtpSink]:
-    with running_sink(SmtpSink()) as running:
-        yield running
-
-
-def worker_env(h: Harness) -> dict[str, str]:
-    s = h.settings
-    env = {k: v for k, v in os.environ.items() if not k.startswith("TWOFACTOR_")}
-    env.update(
-        {
-            "TWOFACTOR_DATABASE_URL": s.database_url,
-            "TWOFACTOR_BROKER_URL": s.broker_url,
-            "TWOFACTOR_KEYS": TEST_KEYS,
-            "TWOFACTOR_DELIVERY_QUEUE": s.delivery_queue,
-            "TWOFACTOR_DELIVERY_RETRY_BASE_SECONDS": str(s.delivery_retry_base_seconds),
-            "TWOFACTOR_EMAIL_PROVIDER": "smtp",
-            "TWOFACTOR_SMTP_HOST": s.smtp.host,
-            "TWOFACTOR_SMTP_PORT": str(s.smtp.port),
-            "TWOFACTOR_SMTP_SECURITY": "none",
-            "TWOFACTOR_SMTP_FROM": s.smtp.from_address,
-            "TWOFACTOR_LOG_LEVEL": "INFO",
-            "TWOFACTOR_ALLOW_CONSOLE_DELIVERY": "true",  # SMS stays on the console provider
-        }
-    )
-    return env
-
-
-@pytest.fixture
-def workers_for(tmp_path: Path) -> Iterator[Callable[[Harness], Workers]]:
-    made: list[Workers] = []
-
-    def make(h: Harness) -> Workers:
-        workers = Workers(worker_env(h), tmp_path)
-        made.append(workers)
-        return workers
-
-    yield make
-    for workers in made:
-        workers.stop()
-
-
-def celery_server(start_server: ServerFactory, sink: SmtpSink, queue: str, **overrides: object) -> Harness:
-    return start_server(
-        broker_url=overrides.pop("broker_url", REDIS_URL),
-        delivery_queue=queue,
-        email_provider="smtp",
-        smtp=sink.settings(),
-        delivery_retry_base_seconds=0.2,
-        **overrides,
-    )
-
-
-def register(h: Harness, user_id: str) -> None:
-    h.twofactor.SetContact(
-        pb.SetContactRequest(user_id=user_id, email=f"{user_id}@example.com"), metadata=h.app_metadata
-    )
-
-
-def start_email_enrollment(h: Harness, user_id: str) -> common_pb2.Challenge:
-    register(h, user_id)
-    return h.twofactor.StartEnrollment(
-        pb.StartEnrollmentRequest(user_id=user_id, method=EMAIL), metadata=h.app_metadata
-    ).challenge
-
-
-def challenge_status(h: Harness, user_id: str, challenge_id: str) -> common_pb2.Challenge:
-    return h.twofactor.GetChallenge(
-        pb.GetChallengeRequest(user_id=user_id, challenge_id=challenge_id), metadata=h.app_metadata
-    ).challenge
-
-
-def wait_for_status(h: Harness, user_id: str, challenge_id: str, status: int) -> common_pb2.Challenge:
-    deadline = time.monotonic() + 90
-    while True:
-        challenge = challenge_status(h, user_id, challenge_id)
-        if challenge.delivery_status == status:
-            return challenge
-        assert time.monotonic() < deadline, (
-            f"delivery stayed {common_pb2.DeliveryStatus.Name(challenge.delivery_status)}"
-        )
-        time.sleep(0.05)
-
-
-def redis_contents(url: str) -> bytes:
-    """Every key and value in the broker's database, whatever their type."""
-    client = redis.Redis.from_url(url)
-    dump = []
-    for key in client.scan_iter(count=1000):
-        kind = client.type(key)
-        dump.append(key)
-        if kind == b"string":
-            dump.append(client.get(key) or b"")
-        elif kind == b"list":
-            dump.extend(client.lrange(key, 0, -1))
-        elif kind == b"hash":
-            for field, value in client.hgetall(key).items():
-                dump.extend((field, value))
-        elif kind == b"set":
-            dump.extend(client.smembers(key))
-        elif kind == b"zset":
-            dump.extend(member for member, _ in client.zrange(key, 0, -1, withscores=True))
-    client.close()
-    return b"\n".join(dump)
 
 
 def test_email_code_through_redis_and_a_celery_worker(
@@ -242,44 +78,17 @@ def test_email_code_through_redis_and_a_celery_worker(
     assert code not in workers.logs() and login_code not in workers.logs()
 
 
-def test_broker_down_answers_unavailable_and_leaves_no_valid_challenge(
+def test_broker_down_sends_are_void_they_count_nowhere_and_the_live_code_still_works(
     sink: SmtpSink,
     start_server: ServerFactory,
     queue: str,
     tmp_path: Path,
     workers_for: Callable[[Harness], Workers],
 ) -> None:
-    port = free_port()
-    redis_server = subprocess.Popen(
-        [
-            shutil.which("redis-server") or "redis-server",
-            "--port",
-            str(port),
-            "--bind",
-            "127.0.0.1",
-            "--save",
-            "",
-            "--appendonly",
-            "no",
-            "--dir",
-            str(tmp_path),
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    url = f"redis://127.0.0.1:{port}/0"
-    try:
-        client = redis.Redis.from_url(url)
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                client.ping()
-                break
-            except redis.ConnectionError:
-                assert time.monotonic() < deadline, "private redis-server did not start"
-                time.sleep(0.05)
-        h = celery_server(start_server, sink, queue, broker_url=url, policy={"resend_cooldown_seconds": 0})
-        # Enroll by email while the broker is up.
+    with private_redis(tmp_path) as broker:
+        h = celery_server(
+            start_server, sink, queue, broker_url=broker.url, policy={"resend_cooldown_seconds": 0}
+        )
         workers = workers_for(h)
         workers.start()
         enrollment = start_email_enrollment(h, "bob")
@@ -289,35 +98,55 @@ def test_broker_down_answers_unavailable_and_leaves_no_valid_challenge(
             pb.ConfirmEnrollmentRequest(user_id="bob", method=EMAIL, code=code), metadata=h.app_metadata
         )
         assert confirm.confirmed
+        before = h.twofactor.SendCode(
+            pb.SendCodeRequest(user_id="bob", method=EMAIL), metadata=h.app_metadata
+        )
+        live_code = code_in(sink.wait_for_messages(2)[-1])
+        wait_for_status(h, "bob", before.challenge.challenge_id, common_pb2.DELIVERY_STATUS_SENT)
         workers.stop()
-        client.shutdown(nosave=True)
-        redis_server.wait(timeout=30)
-        client.close()
+        broker.stop()
 
-        with pytest.raises(grpc.RpcError) as raised:
-            # The deadline is the requirement: UNAVAILABLE within 2 s, not DEADLINE_EXCEEDED.
-            h.twofactor.SendCode(
-                pb.SendCodeRequest(user_id="bob", method=EMAIL), metadata=h.app_metadata, timeout=2
-            )
-        assert raised.value.code() == grpc.StatusCode.UNAVAILABLE
-        assert error_info(raised.value).reason == "BROKER_UNAVAILABLE"
+        # The README tells callers to retry UNAVAILABLE: 10 retries, with the limit at 10 per hour.
+        for _ in range(10):
+            with pytest.raises(grpc.RpcError) as raised:
+                # The deadline is the requirement: UNAVAILABLE within 2 s, not DEADLINE_EXCEEDED.
+                h.twofactor.SendCode(
+                    pb.SendCodeRequest(user_id="bob", method=EMAIL), metadata=h.app_metadata, timeout=2
+                )
+            assert raised.value.code() == grpc.StatusCode.UNAVAILABLE
+            assert error_info(raised.value).reason == "BROKER_UNAVAILABLE"
         with psycopg.connect(h.settings.database_url) as conn:
             rows = conn.execute(
                 "SELECT delivery_status, code_ciphertext FROM challenges "
-                "WHERE user_id = 'bob' AND purpose = 'login'"
+                "WHERE user_id = 'bob' AND purpose = 'login' AND challenge_id <> %s",
+                (before.challenge.challenge_id,),
             ).fetchall()
-        assert rows == [("failed", None)]  # nothing valid, nothing to send
-    finally:
-        if redis_server.poll() is None:
-            redis_server.kill()
-            redis_server.wait(timeout=30)
+        assert rows == [("void", None)] * 10  # nothing valid, nothing to send
+
+        broker.start()  # back, empty
+        workers.start()
+        # The code received before the outage was not superseded by the void sends.
+        assert verify(h, "bob", live_code).result == pb.VERIFY_RESULT_ACCEPTED
+        # And the void sends counted toward no limit: 2 real sends so far, far below 10.
+        after = h.twofactor.SendCode(pb.SendCodeRequest(user_id="bob", method=EMAIL), metadata=h.app_metadata)
+        wait_for_status(h, "bob", after.challenge.challenge_id, common_pb2.DELIVERY_STATUS_SENT)
+        assert len(sink.messages) == 3  # no void send was ever delivered
+        assert verify(h, "bob", code_in(sink.messages[-1])).result == pb.VERIFY_RESULT_ACCEPTED
 
 
-def test_worker_killed_mid_send_is_delivered_exactly_once(
+def test_at_least_once_worker_killed_before_the_relay_accepted_delivers_once_with_same_code(
     start_server: ServerFactory, queue: str, workers_for: Callable[[Harness], Workers]
 ) -> None:
+    """At-least-once delivery, in the case where it yields one message: the worker's pool
+    process dies while the SMTP relay holds the transaction (before the relay accepted the
+    message); its claim runs out and recovery publishes the delivery again: delivered once,
+    with the challenge's code.
+
+    A crash after the relay accepted the message sends it twice, with the same code and
+    Message-ID: tests/workers/test_outbox_recovery.py covers that case."""
     with running_sink(SmtpSink(hold_first_recipient=True)) as sink:
-        h = celery_server(start_server, sink, queue)
+        # The dead worker's claim runs out after 3 s; then recovery publishes the delivery again.
+        h = celery_server(start_server, sink, queue, delivery_lease_seconds=3.0)
         workers = workers_for(h)
         first = workers.start(concurrency=1)
         challenge = start_email_enrollment(h, "cat")
@@ -327,8 +156,14 @@ def test_worker_killed_mid_send_is_delivered_exactly_once(
         workers.start(concurrency=1)  # another worker is there to take over
         sink.release.set()
         sent = wait_for_status(h, "cat", challenge.challenge_id, common_pb2.DELIVERY_STATUS_SENT)
+        # Stopped workers finish what they hold; then no copy of the task is left to send again.
+        workers.stop()
+        assert messages_left(REDIS_URL, queue) == 0
         assert len(sink.messages) == 1
         assert sent.delivery_attempts == 2
+        assert sent.provider_message_id == sink.messages[0]["Message-ID"]
+        # Stable per challenge: a message sent twice (at-least-once) would carry the same id.
+        assert sink.messages[0]["Message-ID"] == f"<{challenge.challenge_id}@example.com>"
         code = code_in(sink.messages[0])
         confirm = h.twofactor.ConfirmEnrollment(
             pb.ConfirmEnrollmentRequest(user_id="cat", method=EMAIL, code=code), metadata=h.app_metadata

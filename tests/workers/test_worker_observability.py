@@ -13,25 +13,30 @@ from collections.abc import Callable
 from pathlib import Path
 
 import psycopg
+import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from twofactor.v1 import common_pb2
 
 from tests.conftest import Harness, ServerFactory
 from tests.smtp_sink import SmtpSink, code_in, free_port
-from tests.workers.test_celery_delivery import (  # noqa: F401 - the fixtures come along
+from tests.workers.celery_harness import (
     TWOFACTOR,
     Workers,
-    backend,
     celery_server,
-    clock,
-    queue,
-    redis_available,
-    sink,
     start_email_enrollment,
     wait_for_status,
     worker_env,
-    workers_for,
 )
+
+
+@pytest.fixture
+def backend() -> str:
+    return "postgres"  # worker processes and the server share one database
+
+
+@pytest.fixture
+def clock() -> Callable[[], float]:
+    return time.time  # the workers run on the real clock; so does this server
 
 
 def scrape(port: int) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
@@ -46,9 +51,9 @@ def scrape(port: int) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
 
 def test_worker_metrics_and_json_logs_with_the_challenge_id(
     start_server: ServerFactory,
-    sink: SmtpSink,  # noqa: F811 - the imported fixture
-    queue: str,  # noqa: F811
-    workers_for: Callable[[Harness], Workers],  # noqa: F811
+    sink: SmtpSink,
+    queue: str,
+    workers_for: Callable[[Harness], Workers],
 ) -> None:
     h = celery_server(start_server, sink, queue)
     workers = workers_for(h)
@@ -107,8 +112,8 @@ def test_worker_metrics_and_json_logs_with_the_challenge_id(
 
 def test_worker_health_answers_for_a_running_worker_only(
     start_server: ServerFactory,
-    sink: SmtpSink,  # noqa: F811 - the imported fixture
-    queue: str,  # noqa: F811
+    sink: SmtpSink,
+    queue: str,
     tmp_path: Path,
 ) -> None:
     h = celery_server(start_server, sink, queue)

@@ -7,22 +7,28 @@ import signal
 import time
 from collections.abc import Callable
 
+import pytest
 from aiosmtpd.smtp import SMTP, Envelope, Session
 from twofactor.v1 import common_pb2
 
 from tests.conftest import Harness, ServerFactory
 from tests.smtp_sink import SmtpSink, running_sink
-from tests.workers.test_celery_delivery import (  # noqa: F401 - the fixtures come along
+from tests.workers.celery_harness import (
     Workers,
-    backend,
     celery_server,
-    clock,
-    queue,
-    redis_available,
     start_email_enrollment,
     wait_for_status,
-    workers_for,
 )
+
+
+@pytest.fixture
+def backend() -> str:
+    return "postgres"  # worker processes and the server share one database
+
+
+@pytest.fixture
+def clock() -> Callable[[], float]:
+    return time.time  # the workers run on the real clock; so does this server
 
 
 class SlowSink(SmtpSink):
@@ -40,8 +46,8 @@ class SlowSink(SmtpSink):
 
 def test_sigterm_finishes_the_delivery_in_flight(
     start_server: ServerFactory,
-    queue: str,  # noqa: F811 - the imported fixture
-    workers_for: Callable[[Harness], Workers],  # noqa: F811
+    queue: str,
+    workers_for: Callable[[Harness], Workers],
 ) -> None:
     with running_sink(SlowSink()) as sink:
         h = celery_server(start_server, sink, queue)

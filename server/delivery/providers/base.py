@@ -36,6 +36,9 @@ class EmailMessage:
     subject: str
     text: str
     html: str
+    # Stable across retries and duplicates (the challenge id): the Message-ID is derived from it,
+    # so a message sent twice (delivery is at-least-once) carries one Message-ID.
+    message_key: str = ""
 
 
 @dataclass(frozen=True)

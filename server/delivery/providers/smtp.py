@@ -55,7 +55,10 @@ class SmtpEmailSender:
         return message_id
 
     def _build(self, message: EmailMessage) -> tuple[MimeMessage, str]:
-        message_id = make_msgid(domain=self._msgid_domain)
+        if message.message_key:
+            message_id = f"<{message.message_key}@{self._msgid_domain}>"
+        else:
+            message_id = make_msgid(domain=self._msgid_domain)
         mime = MimeMessage()
         try:
             mime["From"] = self._settings.from_address

@@ -25,6 +25,7 @@ from twofactor.errors import (
     NotFound,
     PermissionDenied,
     RateLimited,
+    StepUpRequired,
     TwoFactorError,
     Unauthenticated,
     Unavailable,
@@ -32,7 +33,7 @@ from twofactor.errors import (
 )
 from twofactor.v1.admin_service_pb2 import UserFilter
 from twofactor.v1.common_pb2 import DeliveryStatus, Method
-from twofactor.v1.twofactor_service_pb2 import CodeKind, VerifyResult
+from twofactor.v1.twofactor_service_pb2 import CodeKind, ConfirmResult, VerifyResult
 
 __version__ = "0.1.0"
 
@@ -43,6 +44,7 @@ __all__ = [
     "AsyncAdminClient",
     "AsyncTwoFactorClient",
     "CodeKind",
+    "ConfirmResult",
     "ContactMissing",
     "DeadlineExceeded",
     "DeliveryStatus",
@@ -56,6 +58,7 @@ __all__ = [
     "PermissionDenied",
     "RateLimited",
     "RetryPolicy",
+    "StepUpRequired",
     "TlsConfig",
     "TwoFactorClient",
     "TwoFactorError",

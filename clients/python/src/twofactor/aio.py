@@ -116,11 +116,15 @@ class AsyncTwoFactorClient(_AsyncClient):
         user_id: str,
         email: str | None = None,
         phone: str | None = None,
+        verification_token: str = "",
         timeout: float | None = None,
         request_id: str | None = None,
     ) -> tf.SetContactResponse:
-        """Register the email address and/or E.164 mobile number; None leaves one as is, "" removes it."""
-        request = tf.SetContactRequest(user_id=user_id, email=email, phone=phone)
+        """Register the email address and/or E.164 mobile number; None leaves one as is, "" removes it.
+        Once the user has a method enabled, pass a verification_token from verify() (step-up)."""
+        request = tf.SetContactRequest(
+            user_id=user_id, email=email, phone=phone, verification_token=verification_token
+        )
         return await self._call(self._stub.SetContact, request, timeout, request_id)
 
     async def start_enrollment(
@@ -130,12 +134,18 @@ class AsyncTwoFactorClient(_AsyncClient):
         method: common.Method.ValueType,
         account_name: str = "",
         locale: str = "",
+        verification_token: str = "",
         timeout: float | None = None,
         request_id: str | None = None,
     ) -> tf.StartEnrollmentResponse:
-        """Begin enrolling a method: an authenticator secret and QR code, or a sent confirmation code."""
+        """Begin enrolling a method: an authenticator secret and QR code, or a sent confirmation code.
+        Once the user has a method enabled, pass a verification_token from verify() (step-up)."""
         request = tf.StartEnrollmentRequest(
-            user_id=user_id, method=method, account_name=account_name, locale=locale
+            user_id=user_id,
+            method=method,
+            account_name=account_name,
+            locale=locale,
+            verification_token=verification_token,
         )
         return await self._call(self._stub.StartEnrollment, request, timeout, request_id)
 
@@ -157,11 +167,14 @@ class AsyncTwoFactorClient(_AsyncClient):
         *,
         user_id: str,
         method: common.Method.ValueType,
+        verification_token: str = "",
         timeout: float | None = None,
         request_id: str | None = None,
     ) -> tf.DisableMethodResponse:
-        """Turn a method off."""
-        request = tf.DisableMethodRequest(user_id=user_id, method=method)
+        """Turn a method off. Needs a verification_token from verify() (step-up)."""
+        request = tf.DisableMethodRequest(
+            user_id=user_id, method=method, verification_token=verification_token
+        )
         return await self._call(self._stub.DisableMethod, request, timeout, request_id)
 
     async def send_code(
@@ -203,17 +216,29 @@ class AsyncTwoFactorClient(_AsyncClient):
         )
 
     async def get_backup_codes(
-        self, *, user_id: str, timeout: float | None = None, request_id: str | None = None
+        self,
+        *,
+        user_id: str,
+        verification_token: str = "",
+        timeout: float | None = None,
+        request_id: str | None = None,
     ) -> tf.GetBackupCodesResponse:
-        """The user's unused backup codes."""
-        request = tf.GetBackupCodesRequest(user_id=user_id)
+        """The user's unused backup codes. Needs a verification_token from verify() or an
+        enabling confirm_enrollment() (step-up); without one: StepUpRequired."""
+        request = tf.GetBackupCodesRequest(user_id=user_id, verification_token=verification_token)
         return await self._call(self._stub.GetBackupCodes, request, timeout, request_id)
 
     async def regenerate_backup_codes(
-        self, *, user_id: str, timeout: float | None = None, request_id: str | None = None
+        self,
+        *,
+        user_id: str,
+        verification_token: str = "",
+        timeout: float | None = None,
+        request_id: str | None = None,
     ) -> tf.RegenerateBackupCodesResponse:
-        """Replace the user's backup codes; the old ones stop working."""
-        request = tf.RegenerateBackupCodesRequest(user_id=user_id)
+        """Replace the user's backup codes; the old ones stop working. Needs a verification_token
+        from verify() (step-up), which this call retires."""
+        request = tf.RegenerateBackupCodesRequest(user_id=user_id, verification_token=verification_token)
         return await self._call(self._stub.RegenerateBackupCodes, request, timeout, request_id)
 
 

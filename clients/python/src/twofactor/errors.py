@@ -27,6 +27,7 @@ __all__ = [
     "NotFound",
     "PermissionDenied",
     "RateLimited",
+    "StepUpRequired",
     "TwoFactorError",
     "Unauthenticated",
     "Unavailable",
@@ -103,6 +104,11 @@ class UserLocked(FailedPrecondition):
     """Too many wrong codes: the user is locked; `retry_after` says how long (unset: until unlocked)."""
 
 
+class StepUpRequired(FailedPrecondition):
+    """A sensitive call for an enrolled user needs a fresh verification_token: ask the user for
+    a code, call verify(), and pass the accepted response's verification_token."""
+
+
 class RateLimited(TwoFactorError):
     """A send limit was hit; retry after `retry_after` (RESEND_TOO_SOON, USER_SEND_LIMIT, ...)."""
 
@@ -143,6 +149,7 @@ _FAILED_PRECONDITION_BY_REASON: dict[str, type[FailedPrecondition]] = {
     "LAST_METHOD_REQUIRED": LastMethodRequired,
     "ADMIN_RESET_DISABLED": AdminResetDisabled,
     "USER_LOCKED": UserLocked,
+    "STEP_UP_REQUIRED": StepUpRequired,
 }
 
 

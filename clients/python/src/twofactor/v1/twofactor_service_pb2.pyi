@@ -12,7 +12,12 @@ whose reason names the problem:
   NOT_FOUND            the user has never been seen (USER_NOT_FOUND).
   FAILED_PRECONDITION  fix the state first (NOT_ENROLLED, METHOD_NOT_ALLOWED,
                        CONTACT_MISSING, NO_PENDING_ENROLLMENT, ...).
-  RESOURCE_EXHAUSTED   a send limit; google.rpc.RetryInfo says when to retry.
+                       STEP_UP_REQUIRED: a sensitive call for an enrolled
+                       user needs a fresh verification_token from Verify.
+                       SMS_COUNTRY_NOT_ALLOWED: the number's country is
+                       not in TWOFACTOR_SMS_ALLOWED_COUNTRIES.
+  RESOURCE_EXHAUSTED   a send limit; google.rpc.RetryInfo says when to retry
+                       (RESEND_TOO_SOON, ..., SMS_COUNTRY_LIMIT, SMS_GLOBAL_LIMIT).
   UNAVAILABLE          retry the same call later (BROKER_UNAVAILABLE, ...).
 A wrong code is not an error: Verify answers VERIFY_RESULT_REJECTED.
 """
@@ -35,6 +40,34 @@ else:
     from typing_extensions import TypeAlias as _TypeAlias, Never as _Never
 
 DESCRIPTOR: _descriptor.FileDescriptor
+
+class _ConfirmResult:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _ConfirmResultEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ConfirmResult.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    CONFIRM_RESULT_UNSPECIFIED: _ConfirmResult.ValueType  # 0
+    """Not set."""
+    CONFIRM_RESULT_CONFIRMED: _ConfirmResult.ValueType  # 1
+    """The code is right; the method is enabled."""
+    CONFIRM_RESULT_REJECTED: _ConfirmResult.ValueType  # 2
+    """The code is wrong or expired; the enrollment stays pending."""
+    CONFIRM_RESULT_LOCKED: _ConfirmResult.ValueType  # 3
+    """The code is wrong and the user is now locked out."""
+
+class ConfirmResult(_ConfirmResult, metaclass=_ConfirmResultEnumTypeWrapper):
+    """The outcome of ConfirmEnrollment."""
+
+CONFIRM_RESULT_UNSPECIFIED: ConfirmResult.ValueType  # 0
+"""Not set."""
+CONFIRM_RESULT_CONFIRMED: ConfirmResult.ValueType  # 1
+"""The code is right; the method is enabled."""
+CONFIRM_RESULT_REJECTED: ConfirmResult.ValueType  # 2
+"""The code is wrong or expired; the enrollment stays pending."""
+CONFIRM_RESULT_LOCKED: ConfirmResult.ValueType  # 3
+"""The code is wrong and the user is now locked out."""
+Global___ConfirmResult: _TypeAlias = ConfirmResult  # noqa: Y015
 
 class _VerifyResult:
     ValueType = _typing.NewType("ValueType", _builtins.int)
@@ -181,6 +214,7 @@ class SetContactRequest(_message.Message):
     USER_ID_FIELD_NUMBER: _builtins.int
     EMAIL_FIELD_NUMBER: _builtins.int
     PHONE_FIELD_NUMBER: _builtins.int
+    VERIFICATION_TOKEN_FIELD_NUMBER: _builtins.int
     user_id: _builtins.str
     """The user (1 to 256 bytes)."""
     email: _builtins.str
@@ -189,16 +223,24 @@ class SetContactRequest(_message.Message):
     """Mobile number in E.164 form (+14155550123). Absent leaves it unchanged;
     empty removes it.
     """
+    verification_token: _builtins.str
+    """A verification_token from an accepted Verify (or an enabling ConfirmEnrollment)
+    of this user, by the same API token, within TWOFACTOR_STEP_UP_SECONDS and
+    since the user's last credential change. Required once the user has a
+    method enabled: without a valid one the call fails FAILED_PRECONDITION
+    (STEP_UP_REQUIRED).
+    """
     def __init__(
         self,
         *,
         user_id: _builtins.str = ...,
         email: _builtins.str | None = ...,
         phone: _builtins.str | None = ...,
+        verification_token: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_email", b"_email", "_phone", b"_phone", "email", b"email", "phone", b"phone"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_email", b"_email", "_phone", b"_phone", "email", b"email", "phone", b"phone", "user_id", b"user_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_email", b"_email", "_phone", b"_phone", "email", b"email", "phone", b"phone", "user_id", b"user_id", "verification_token", b"verification_token"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__email: _TypeAlias = _typing.Literal["email"]  # noqa: Y015
     _WhichOneofArgType__email: _TypeAlias = _typing.Literal["_email", b"_email"]  # noqa: Y015
@@ -243,6 +285,7 @@ class StartEnrollmentRequest(_message.Message):
     METHOD_FIELD_NUMBER: _builtins.int
     ACCOUNT_NAME_FIELD_NUMBER: _builtins.int
     LOCALE_FIELD_NUMBER: _builtins.int
+    VERIFICATION_TOKEN_FIELD_NUMBER: _builtins.int
     user_id: _builtins.str
     """The user (1 to 256 bytes)."""
     method: _common_pb2.Method.ValueType
@@ -253,6 +296,13 @@ class StartEnrollmentRequest(_message.Message):
     """
     locale: _builtins.str
     """EMAIL/SMS: BCP 47 language of the message ("en" when empty or unknown)."""
+    verification_token: _builtins.str
+    """A verification_token from an accepted Verify (or an enabling ConfirmEnrollment)
+    of this user, by the same API token, within TWOFACTOR_STEP_UP_SECONDS and
+    since the user's last credential change. Required once the user has a
+    method enabled: without a valid one the call fails FAILED_PRECONDITION
+    (STEP_UP_REQUIRED).
+    """
     def __init__(
         self,
         *,
@@ -260,10 +310,11 @@ class StartEnrollmentRequest(_message.Message):
         method: _common_pb2.Method.ValueType = ...,
         account_name: _builtins.str = ...,
         locale: _builtins.str = ...,
+        verification_token: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["account_name", b"account_name", "locale", b"locale", "method", b"method", "user_id", b"user_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["account_name", b"account_name", "locale", b"locale", "method", b"method", "user_id", b"user_id", "verification_token", b"verification_token"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -373,10 +424,20 @@ class ConfirmEnrollmentResponse(_message.Message):
     ENABLED_METHODS_FIELD_NUMBER: _builtins.int
     BACKUP_CODES_FIELD_NUMBER: _builtins.int
     ATTEMPTS_LEFT_FIELD_NUMBER: _builtins.int
+    RESULT_FIELD_NUMBER: _builtins.int
+    VERIFICATION_TOKEN_FIELD_NUMBER: _builtins.int
     confirmed: _builtins.bool
     """Whether the code confirmed the enrollment. A wrong code leaves it pending."""
     attempts_left: _builtins.int
     """Wrong codes left before the user is locked out, when not confirmed."""
+    result: Global___ConfirmResult.ValueType
+    """What happened: confirmed, rejected (wrong code) or locked (this wrong code
+    locked the user out).
+    """
+    verification_token: _builtins.str
+    """When confirmed: a step-up proof like Verify's, so the new backup codes
+    (GetBackupCodes) can be shown at once.
+    """
     @_builtins.property
     def enabled_methods(self) -> _containers.RepeatedScalarFieldContainer[_common_pb2.Method.ValueType]:
         """The user's enabled methods afterwards."""
@@ -392,10 +453,12 @@ class ConfirmEnrollmentResponse(_message.Message):
         enabled_methods: _abc.Iterable[_common_pb2.Method.ValueType] | None = ...,
         backup_codes: _abc.Iterable[_builtins.str] | None = ...,
         attempts_left: _builtins.int = ...,
+        result: Global___ConfirmResult.ValueType = ...,
+        verification_token: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempts_left", b"attempts_left", "backup_codes", b"backup_codes", "confirmed", b"confirmed", "enabled_methods", b"enabled_methods"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempts_left", b"attempts_left", "backup_codes", b"backup_codes", "confirmed", b"confirmed", "enabled_methods", b"enabled_methods", "result", b"result", "verification_token", b"verification_token"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -407,19 +470,28 @@ class DisableMethodRequest(_message.Message):
 
     USER_ID_FIELD_NUMBER: _builtins.int
     METHOD_FIELD_NUMBER: _builtins.int
+    VERIFICATION_TOKEN_FIELD_NUMBER: _builtins.int
     user_id: _builtins.str
     """The user (1 to 256 bytes)."""
     method: _common_pb2.Method.ValueType
     """The method to turn off."""
+    verification_token: _builtins.str
+    """A verification_token from an accepted Verify (or an enabling ConfirmEnrollment)
+    of this user, by the same API token, within TWOFACTOR_STEP_UP_SECONDS and
+    since the user's last credential change. Required once the user has a
+    method enabled: without a valid one the call fails FAILED_PRECONDITION
+    (STEP_UP_REQUIRED).
+    """
     def __init__(
         self,
         *,
         user_id: _builtins.str = ...,
         method: _common_pb2.Method.ValueType = ...,
+        verification_token: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["method", b"method", "user_id", b"user_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["method", b"method", "user_id", b"user_id", "verification_token", b"verification_token"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -583,6 +655,7 @@ class VerifyResponse(_message.Message):
     RETRY_AFTER_FIELD_NUMBER: _builtins.int
     BACKUP_CODES_REMAINING_FIELD_NUMBER: _builtins.int
     LOCKED_UNTIL_FIELD_NUMBER: _builtins.int
+    VERIFICATION_TOKEN_FIELD_NUMBER: _builtins.int
     result: Global___VerifyResult.ValueType
     """Accepted, rejected or locked."""
     matched: Global___CodeKind.ValueType
@@ -591,6 +664,14 @@ class VerifyResponse(_message.Message):
     """Wrong codes left before the next lockout."""
     backup_codes_remaining: _builtins.int
     """Unused backup codes after this call."""
+    verification_token: _builtins.str
+    """When accepted: a step-up proof for this user, valid for
+    TWOFACTOR_STEP_UP_SECONDS, to pass as verification_token to the sensitive
+    calls (GetBackupCodes, RegenerateBackupCodes, DisableMethod, and
+    StartEnrollment or SetContact for an enrolled user). Opaque; it only works
+    for the same API token and until the user's methods, contacts or backup
+    codes change. It is not a login: never hand it to the browser as one.
+    """
     @_builtins.property
     def retry_after(self) -> _duration_pb2.Duration:
         """When locked: how long until the next attempt is allowed. Unset when the
@@ -610,10 +691,11 @@ class VerifyResponse(_message.Message):
         retry_after: _duration_pb2.Duration | None = ...,
         backup_codes_remaining: _builtins.int = ...,
         locked_until: _timestamp_pb2.Timestamp | None = ...,
+        verification_token: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["locked_until", b"locked_until", "retry_after", b"retry_after"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempts_left", b"attempts_left", "backup_codes_remaining", b"backup_codes_remaining", "locked_until", b"locked_until", "matched", b"matched", "result", b"result", "retry_after", b"retry_after"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempts_left", b"attempts_left", "backup_codes_remaining", b"backup_codes_remaining", "locked_until", b"locked_until", "matched", b"matched", "result", b"result", "retry_after", b"retry_after", "verification_token", b"verification_token"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -624,16 +706,25 @@ class GetBackupCodesRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     USER_ID_FIELD_NUMBER: _builtins.int
+    VERIFICATION_TOKEN_FIELD_NUMBER: _builtins.int
     user_id: _builtins.str
     """The user (1 to 256 bytes)."""
+    verification_token: _builtins.str
+    """A verification_token from an accepted Verify (or an enabling ConfirmEnrollment)
+    of this user, by the same API token, within TWOFACTOR_STEP_UP_SECONDS and
+    since the user's last credential change. Required once the user has a
+    method enabled: without a valid one the call fails FAILED_PRECONDITION
+    (STEP_UP_REQUIRED).
+    """
     def __init__(
         self,
         *,
         user_id: _builtins.str = ...,
+        verification_token: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["user_id", b"user_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["user_id", b"user_id", "verification_token", b"verification_token"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -672,16 +763,25 @@ class RegenerateBackupCodesRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     USER_ID_FIELD_NUMBER: _builtins.int
+    VERIFICATION_TOKEN_FIELD_NUMBER: _builtins.int
     user_id: _builtins.str
     """The user (1 to 256 bytes); must have a method enabled."""
+    verification_token: _builtins.str
+    """A verification_token from an accepted Verify (or an enabling ConfirmEnrollment)
+    of this user, by the same API token, within TWOFACTOR_STEP_UP_SECONDS and
+    since the user's last credential change. Required once the user has a
+    method enabled: without a valid one the call fails FAILED_PRECONDITION
+    (STEP_UP_REQUIRED).
+    """
     def __init__(
         self,
         *,
         user_id: _builtins.str = ...,
+        verification_token: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["user_id", b"user_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["user_id", b"user_id", "verification_token", b"verification_token"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -101,7 +101,8 @@ class TwoFactorServiceServicer:
 
     def SetContact(self, request, context):
         """Registers the email address and mobile number that codes are sent to.
-        Creates the user if needed.
+        Creates the user if needed. For a user with a method enabled it needs a
+        verification_token (step-up).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -110,7 +111,8 @@ class TwoFactorServiceServicer:
     def StartEnrollment(self, request, context):
         """Begins enrolling a method. AUTHENTICATOR returns a new secret and its QR
         code; EMAIL and SMS send a confirmation code to the registered contact.
-        Calling again replaces the pending enrollment of that method.
+        Calling again replaces the pending enrollment of that method. For a user
+        who already has a method enabled it needs a verification_token (step-up).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -118,7 +120,8 @@ class TwoFactorServiceServicer:
 
     def ConfirmEnrollment(self, request, context):
         """Completes a pending enrollment with a code from the app, email or SMS.
-        The first method a user enables also generates their backup codes.
+        The first method a user enables also generates their backup codes. A wrong
+        code is an answer (CONFIRM_RESULT_REJECTED or _LOCKED), not an error.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -126,7 +129,8 @@ class TwoFactorServiceServicer:
 
     def DisableMethod(self, request, context):
         """Turns a method off. FAILED_PRECONDITION (LAST_METHOD_REQUIRED) when the
-        policy forces 2FA and it is the user's last method.
+        policy forces 2FA and it is the user's last method. Needs a
+        verification_token (step-up).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -149,14 +153,15 @@ class TwoFactorServiceServicer:
 
     def Verify(self, request, context):
         """Checks a code: authenticator, emailed or texted code, or backup code.
-        Each code is accepted once.
+        Each code is accepted once. An accepted code returns a verification_token
+        for the sensitive calls (step-up).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def GetBackupCodes(self, request, context):
-        """The user's unused backup codes, to show again.
+        """The user's unused backup codes, to show again. Needs a verification_token.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -164,6 +169,7 @@ class TwoFactorServiceServicer:
 
     def RegenerateBackupCodes(self, request, context):
         """Replaces the user's backup codes; every old code stops working at once.
+        Needs a verification_token, which this call then retires.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -12,7 +12,12 @@ whose reason names the problem:
   NOT_FOUND            the user has never been seen (USER_NOT_FOUND).
   FAILED_PRECONDITION  fix the state first (NOT_ENROLLED, METHOD_NOT_ALLOWED,
                        CONTACT_MISSING, NO_PENDING_ENROLLMENT, ...).
-  RESOURCE_EXHAUSTED   a send limit; google.rpc.RetryInfo says when to retry.
+                       STEP_UP_REQUIRED: a sensitive call for an enrolled
+                       user needs a fresh verification_token from Verify.
+                       SMS_COUNTRY_NOT_ALLOWED: the number's country is
+                       not in TWOFACTOR_SMS_ALLOWED_COUNTRIES.
+  RESOURCE_EXHAUSTED   a send limit; google.rpc.RetryInfo says when to retry
+                       (RESEND_TOO_SOON, ..., SMS_COUNTRY_LIMIT, SMS_GLOBAL_LIMIT).
   UNAVAILABLE          retry the same call later (BROKER_UNAVAILABLE, ...).
 A wrong code is not an error: Verify answers VERIFY_RESULT_REJECTED.
 """
@@ -53,20 +58,24 @@ class TwoFactorServiceStub:
     """
     SetContact: _grpc.UnaryUnaryMultiCallable[_twofactor_service_pb2.SetContactRequest, _twofactor_service_pb2.SetContactResponse]
     """Registers the email address and mobile number that codes are sent to.
-    Creates the user if needed.
+    Creates the user if needed. For a user with a method enabled it needs a
+    verification_token (step-up).
     """
     StartEnrollment: _grpc.UnaryUnaryMultiCallable[_twofactor_service_pb2.StartEnrollmentRequest, _twofactor_service_pb2.StartEnrollmentResponse]
     """Begins enrolling a method. AUTHENTICATOR returns a new secret and its QR
     code; EMAIL and SMS send a confirmation code to the registered contact.
-    Calling again replaces the pending enrollment of that method.
+    Calling again replaces the pending enrollment of that method. For a user
+    who already has a method enabled it needs a verification_token (step-up).
     """
     ConfirmEnrollment: _grpc.UnaryUnaryMultiCallable[_twofactor_service_pb2.ConfirmEnrollmentRequest, _twofactor_service_pb2.ConfirmEnrollmentResponse]
     """Completes a pending enrollment with a code from the app, email or SMS.
-    The first method a user enables also generates their backup codes.
+    The first method a user enables also generates their backup codes. A wrong
+    code is an answer (CONFIRM_RESULT_REJECTED or _LOCKED), not an error.
     """
     DisableMethod: _grpc.UnaryUnaryMultiCallable[_twofactor_service_pb2.DisableMethodRequest, _twofactor_service_pb2.DisableMethodResponse]
     """Turns a method off. FAILED_PRECONDITION (LAST_METHOD_REQUIRED) when the
-    policy forces 2FA and it is the user's last method.
+    policy forces 2FA and it is the user's last method. Needs a
+    verification_token (step-up).
     """
     SendCode: _grpc.UnaryUnaryMultiCallable[_twofactor_service_pb2.SendCodeRequest, _twofactor_service_pb2.SendCodeResponse]
     """Sends a one-time login code by EMAIL or SMS. A repeated idempotency_key
@@ -76,12 +85,15 @@ class TwoFactorServiceStub:
     """The delivery status of a code sent by SendCode or StartEnrollment."""
     Verify: _grpc.UnaryUnaryMultiCallable[_twofactor_service_pb2.VerifyRequest, _twofactor_service_pb2.VerifyResponse]
     """Checks a code: authenticator, emailed or texted code, or backup code.
-    Each code is accepted once.
+    Each code is accepted once. An accepted code returns a verification_token
+    for the sensitive calls (step-up).
     """
     GetBackupCodes: _grpc.UnaryUnaryMultiCallable[_twofactor_service_pb2.GetBackupCodesRequest, _twofactor_service_pb2.GetBackupCodesResponse]
-    """The user's unused backup codes, to show again."""
+    """The user's unused backup codes, to show again. Needs a verification_token."""
     RegenerateBackupCodes: _grpc.UnaryUnaryMultiCallable[_twofactor_service_pb2.RegenerateBackupCodesRequest, _twofactor_service_pb2.RegenerateBackupCodesResponse]
-    """Replaces the user's backup codes; every old code stops working at once."""
+    """Replaces the user's backup codes; every old code stops working at once.
+    Needs a verification_token, which this call then retires.
+    """
 
 @_typing.type_check_only
 class TwoFactorServiceAsyncStub(TwoFactorServiceStub):
@@ -94,20 +106,24 @@ class TwoFactorServiceAsyncStub(TwoFactorServiceStub):
     """
     SetContact: _aio.UnaryUnaryMultiCallable[_twofactor_service_pb2.SetContactRequest, _twofactor_service_pb2.SetContactResponse]  # type: ignore[assignment]
     """Registers the email address and mobile number that codes are sent to.
-    Creates the user if needed.
+    Creates the user if needed. For a user with a method enabled it needs a
+    verification_token (step-up).
     """
     StartEnrollment: _aio.UnaryUnaryMultiCallable[_twofactor_service_pb2.StartEnrollmentRequest, _twofactor_service_pb2.StartEnrollmentResponse]  # type: ignore[assignment]
     """Begins enrolling a method. AUTHENTICATOR returns a new secret and its QR
     code; EMAIL and SMS send a confirmation code to the registered contact.
-    Calling again replaces the pending enrollment of that method.
+    Calling again replaces the pending enrollment of that method. For a user
+    who already has a method enabled it needs a verification_token (step-up).
     """
     ConfirmEnrollment: _aio.UnaryUnaryMultiCallable[_twofactor_service_pb2.ConfirmEnrollmentRequest, _twofactor_service_pb2.ConfirmEnrollmentResponse]  # type: ignore[assignment]
     """Completes a pending enrollment with a code from the app, email or SMS.
-    The first method a user enables also generates their backup codes.
+    The first method a user enables also generates their backup codes. A wrong
+    code is an answer (CONFIRM_RESULT_REJECTED or _LOCKED), not an error.
     """
     DisableMethod: _aio.UnaryUnaryMultiCallable[_twofactor_service_pb2.DisableMethodRequest, _twofactor_service_pb2.DisableMethodResponse]  # type: ignore[assignment]
     """Turns a method off. FAILED_PRECONDITION (LAST_METHOD_REQUIRED) when the
-    policy forces 2FA and it is the user's last method.
+    policy forces 2FA and it is the user's last method. Needs a
+    verification_token (step-up).
     """
     SendCode: _aio.UnaryUnaryMultiCallable[_twofactor_service_pb2.SendCodeRequest, _twofactor_service_pb2.SendCodeResponse]  # type: ignore[assignment]
     """Sends a one-time login code by EMAIL or SMS. A repeated idempotency_key
@@ -117,12 +133,15 @@ class TwoFactorServiceAsyncStub(TwoFactorServiceStub):
     """The delivery status of a code sent by SendCode or StartEnrollment."""
     Verify: _aio.UnaryUnaryMultiCallable[_twofactor_service_pb2.VerifyRequest, _twofactor_service_pb2.VerifyResponse]  # type: ignore[assignment]
     """Checks a code: authenticator, emailed or texted code, or backup code.
-    Each code is accepted once.
+    Each code is accepted once. An accepted code returns a verification_token
+    for the sensitive calls (step-up).
     """
     GetBackupCodes: _aio.UnaryUnaryMultiCallable[_twofactor_service_pb2.GetBackupCodesRequest, _twofactor_service_pb2.GetBackupCodesResponse]  # type: ignore[assignment]
-    """The user's unused backup codes, to show again."""
+    """The user's unused backup codes, to show again. Needs a verification_token."""
     RegenerateBackupCodes: _aio.UnaryUnaryMultiCallable[_twofactor_service_pb2.RegenerateBackupCodesRequest, _twofactor_service_pb2.RegenerateBackupCodesResponse]  # type: ignore[assignment]
-    """Replaces the user's backup codes; every old code stops working at once."""
+    """Replaces the user's backup codes; every old code stops working at once.
+    Needs a verification_token, which this call then retires.
+    """
 
 class TwoFactorServiceServicer(metaclass=_abc_1.ABCMeta):
     """Enrollment in, and verification of, the second factor."""
@@ -144,7 +163,8 @@ class TwoFactorServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_twofactor_service_pb2.SetContactResponse, _abc.Awaitable[_twofactor_service_pb2.SetContactResponse]]:
         """Registers the email address and mobile number that codes are sent to.
-        Creates the user if needed.
+        Creates the user if needed. For a user with a method enabled it needs a
+        verification_token (step-up).
         """
 
     @_abc_1.abstractmethod
@@ -155,7 +175,8 @@ class TwoFactorServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_twofactor_service_pb2.StartEnrollmentResponse, _abc.Awaitable[_twofactor_service_pb2.StartEnrollmentResponse]]:
         """Begins enrolling a method. AUTHENTICATOR returns a new secret and its QR
         code; EMAIL and SMS send a confirmation code to the registered contact.
-        Calling again replaces the pending enrollment of that method.
+        Calling again replaces the pending enrollment of that method. For a user
+        who already has a method enabled it needs a verification_token (step-up).
         """
 
     @_abc_1.abstractmethod
@@ -165,7 +186,8 @@ class TwoFactorServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_twofactor_service_pb2.ConfirmEnrollmentResponse, _abc.Awaitable[_twofactor_service_pb2.ConfirmEnrollmentResponse]]:
         """Completes a pending enrollment with a code from the app, email or SMS.
-        The first method a user enables also generates their backup codes.
+        The first method a user enables also generates their backup codes. A wrong
+        code is an answer (CONFIRM_RESULT_REJECTED or _LOCKED), not an error.
         """
 
     @_abc_1.abstractmethod
@@ -175,7 +197,8 @@ class TwoFactorServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_twofactor_service_pb2.DisableMethodResponse, _abc.Awaitable[_twofactor_service_pb2.DisableMethodResponse]]:
         """Turns a method off. FAILED_PRECONDITION (LAST_METHOD_REQUIRED) when the
-        policy forces 2FA and it is the user's last method.
+        policy forces 2FA and it is the user's last method. Needs a
+        verification_token (step-up).
         """
 
     @_abc_1.abstractmethod
@@ -203,7 +226,8 @@ class TwoFactorServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_twofactor_service_pb2.VerifyResponse, _abc.Awaitable[_twofactor_service_pb2.VerifyResponse]]:
         """Checks a code: authenticator, emailed or texted code, or backup code.
-        Each code is accepted once.
+        Each code is accepted once. An accepted code returns a verification_token
+        for the sensitive calls (step-up).
         """
 
     @_abc_1.abstractmethod
@@ -212,7 +236,7 @@ class TwoFactorServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _twofactor_service_pb2.GetBackupCodesRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_twofactor_service_pb2.GetBackupCodesResponse, _abc.Awaitable[_twofactor_service_pb2.GetBackupCodesResponse]]:
-        """The user's unused backup codes, to show again."""
+        """The user's unused backup codes, to show again. Needs a verification_token."""
 
     @_abc_1.abstractmethod
     def RegenerateBackupCodes(
@@ -220,6 +244,8 @@ class TwoFactorServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _twofactor_service_pb2.RegenerateBackupCodesRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_twofactor_service_pb2.RegenerateBackupCodesResponse, _abc.Awaitable[_twofactor_service_pb2.RegenerateBackupCodesResponse]]:
-        """Replaces the user's backup codes; every old code stops working at once."""
+        """Replaces the user's backup codes; every old code stops working at once.
+        Needs a verification_token, which this call then retires.
+        """
 
 def add_TwoFactorServiceServicer_to_server(servicer: TwoFactorServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -1,0 +1,109 @@
+"""Outbox recovery: publish again every delivery whose message may be lost.
+
+The database can't tell a lost message from one still waiting in a long queue,
+so a republish moves the row to a new generation and the older message, if it
+ever arrives, is a no-op: republishing never multiplies sends. Each worker and
+the embedded server run this loop; no process is special. On PostgreSQL the
+rows are taken FOR UPDATE SKIP LOCKED, so concurrent recoverers split the work;
+SQLite's transactions are serialized anyway.
+
+What a round does, with R = TWOFACTOR_OUTBOX_RECOVERY_SECONDS:
+- a row never published R after it was created (the server died between commit
+  and publish; its caller got no answer): published, then live;
+- a published row still queued R after its publish or after its retry was due
+  (the broker lost it): published again;
+- a 'sending' row whose lease ran out (its worker died): published again;
+- a queued or abandoned row whose code expired: EXPIRED, code wiped.
+Rounds run at start and every R/2, so a lost code is back in the queue within
+about 1.5 R.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import threading
+from collections.abc import Callable
+
+from twofactor_server.domain.clock import Clock, now_ms, system_clock
+from twofactor_server.domain.errors import StorageUnavailable, Unavailable
+from twofactor_server.observability import metrics
+from twofactor_server.storage import outbox
+from twofactor_server.storage.database import Database
+
+log = logging.getLogger(__name__)
+
+Publish = Callable[[str, int], None]  # (challenge_id, generation); raises Unavailable
+BATCH = 200
+
+
+class OutboxRecovery:
+    def __init__(
+        self, db: Database, publish: Publish, *, recovery_seconds: float, clock: Clock = system_clock
+    ) -> None:
+        self._db = db
+        self._publish = publish
+        self._recovery_ms = int(recovery_seconds * 1000)
+        self._interval = recovery_seconds / 2
+        self._clock = clock
+        self._stopped = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def run_once(self) -> int:
+        """One round; returns how many deliveries were published again."""
+        now = now_ms(self._clock)
+        stale_before = now - self._recovery_ms
+        with self._db.transaction() as tx:
+            expired = outbox.expire_undelivered(tx, now)
+            oldest = outbox.oldest_waiting_created_at(tx)
+            # A worker took these though the server died before recording the publish.
+            for challenge in outbox.claimed_but_unpublished(tx, created_before=stale_before, limit=BATCH):
+                outbox.mark_published(tx, challenge, now)
+        metrics.outbox_oldest_queued(0 if oldest is None else (now - oldest) / 1000)
+        if expired:
+            log.info("outbox recovery: %d undelivered code(s) expired", expired)
+        republished = 0
+        while not self._stopped.is_set():
+            with self._db.transaction() as tx:
+                taken = outbox.take_for_republish(
+                    tx, now, stale_before=stale_before, republish_at=now + self._recovery_ms, limit=BATCH
+                )
+            for challenge in taken:
+                # A failure leaves the row due: the next round tries again.
+                self._publish(challenge.challenge_id, challenge.publish_generation)
+                if challenge.published_at is None:
+                    with self._db.transaction() as tx:
+                        outbox.mark_published(tx, challenge, now_ms(self._clock))
+                republished += 1
+            if len(taken) < BATCH:
+                break
+        if republished:
+            metrics.outbox_republished(republished)
+            log.warning(
+                "outbox recovery: published %d delivery(ies) again (lost message, dead worker or server)",
+                republished,
+            )
+        return republished
+
+    def start(self) -> None:
+        """Run rounds on a daemon thread: one now, then every half recovery interval."""
+        self._thread = threading.Thread(target=self._loop, name="outbox-recovery", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stopped.set()
+        if self._thread is not None:
+            self._thread.join(timeout=30)
+
+    def _loop(self) -> None:
+        while not self._stopped.is_set():
+            try:
+                self.run_once()
+            except StorageUnavailable:
+                log.warning("outbox recovery: storage unavailable; trying again in %.1fs", self._interval)
+            except Unavailable as error:
+                log.warning("outbox recovery: %s; trying again in %.1fs", error, self._interval)
+            except Exception:
+                log.exception("outbox recovery round failed; trying again in %.1fs", self._interval)
+            # Jitter spreads the rounds of many workers.
+            self._stopped.wait(self._interval * random.uniform(0.8, 1.2))  # noqa: S311

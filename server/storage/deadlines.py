@@ -1,0 +1,87 @@
+"""The client's own deadline on a database connection.
+
+A frozen PostgreSQL (SIGSTOP, a stalled VM, a hung disk) enforces nothing: its
+statement_timeout never fires, a cancel request is never answered, and its kernel
+keeps ACKing, so TCP keepalives and tcp_user_timeout see a healthy peer. The
+deadline must therefore be kept here. A watchdog thread shuts down the socket of
+every connection still in use when its deadline passes; that wakes the thread
+blocked in the driver with a connection error, and the connection, now broken,
+is closed instead of going back to the pool.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import threading
+from dataclasses import dataclass
+from time import monotonic
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(eq=False)
+class Watch:
+    """One connection's socket and the moment it is abandoned."""
+
+    fd: int
+    deadline: float
+    expired: bool = False
+
+
+class Watchdog:
+    """Shuts down the sockets whose deadline passed; one thread, started on first use."""
+
+    def __init__(self, name: str) -> None:
+        self._name = name
+        self._cond = threading.Condition()
+        self._watched: set[Watch] = set()
+        self._next_wake = float("inf")
+        self._thread: threading.Thread | None = None
+        self._closed = False
+
+    def watch(self, fd: int, deadline: float) -> Watch:
+        """Start watching the socket `fd`: it is shut down at `deadline` unless released before."""
+        watch = Watch(fd, deadline)
+        with self._cond:
+            if self._thread is None and not self._closed:
+                self._thread = threading.Thread(target=self._run, name=f"{self._name}-deadlines", daemon=True)
+                self._thread.start()
+            self._watched.add(watch)
+            if deadline < self._next_wake:
+                self._cond.notify()
+        return watch
+
+    def release(self, watch: Watch) -> bool:
+        """Stop watching; True when the deadline had passed (the socket is shut down: discard it)."""
+        with self._cond:
+            self._watched.discard(watch)
+            return watch.expired
+
+    def close(self) -> None:
+        with self._cond:
+            self._closed = True
+            self._cond.notify()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+
+    def _run(self) -> None:
+        with self._cond:
+            while not self._closed:
+                now = monotonic()
+                for watch in [w for w in self._watched if w.deadline <= now]:
+                    self._watched.discard(watch)
+                    watch.expired = True
+                    _shut_down(watch.fd)
+                self._next_wake = min((w.deadline for w in self._watched), default=float("inf"))
+                self._cond.wait(None if self._next_wake == float("inf") else self._next_wake - now)
+
+
+def _shut_down(fd: int) -> None:
+    """Wake whoever waits on the socket with an error; the file descriptor stays its owner's to close."""
+    try:
+        # fromfd duplicates the descriptor: closing the duplicate leaves the driver's intact.
+        with socket.fromfd(fd, socket.AF_INET, socket.SOCK_STREAM) as sock:
+            sock.shutdown(socket.SHUT_RDWR)
+    except OSError as error:  # already closed by its peer: nothing left to wake
+        log.debug("shutting down a connection past its deadline: %s", error)

@@ -1,0 +1,161 @@
+"""The SMS pumping guard: allowed countries at SetContact and at send, hourly caps per country and
+in all that concurrent sends can't pass, on SQLite and PostgreSQL."""
+
+from __future__ import annotations
+
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
+import grpc
+import pytest
+from twofactor.v1 import twofactor_service_pb2 as pb
+
+from tests.conftest import Clock, Harness, ServerFactory
+from tests.server.helpers import SMS, error_info, retry_info
+from tests.server.stored_rows import query
+from twofactor_server.domain.sms_countries import UNKNOWN, phone_country
+from twofactor_server.settings import Settings, SettingsError
+
+FR = "+3361234{:04d}"  # French mobile numbers
+US = "+1415555{:04d}"
+NO_USER_LIMITS = {"sends_per_user_per_hour": 1000, "sends_per_destination_per_hour": 1000}
+
+
+class RecordingDispatcher:
+    """Queues nothing: these tests are about whether a text may be sent, not its delivery."""
+
+    def __init__(self) -> None:
+        self.challenge_ids: list[str] = []
+        self._lock = threading.Lock()
+
+    def dispatch(self, challenge_id: str) -> None:
+        with self._lock:
+            self.challenge_ids.append(challenge_id)
+
+
+def set_phone(h: Harness, user: str, phone: str) -> pb.SetContactResponse:
+    return h.twofactor.SetContact(pb.SetContactRequest(user_id=user, phone=phone), metadata=h.app_metadata)
+
+
+def text_a_code(h: Harness, user: str, phone: str) -> pb.StartEnrollmentResponse:
+    """A new user (no method yet: no step-up needed) registers `phone` and is sent an SMS code."""
+    set_phone(h, user, phone)
+    return h.twofactor.StartEnrollment(
+        pb.StartEnrollmentRequest(user_id=user, method=SMS), metadata=h.app_metadata
+    )
+
+
+def test_phone_countries() -> None:
+    assert phone_country("+14155550123") == "US"
+    assert phone_country("+15145550123") == "CA"
+    assert phone_country("+18765550123") == "JM"  # +1 is shared: the area code decides
+    assert phone_country("+33612345678") == "FR"
+    assert phone_country("+447700900123") == "GB"  # a reserved UK number: its calling code's country
+    assert phone_country("+999123456") == UNKNOWN
+
+
+def test_settings() -> None:
+    policy = Settings.from_env(
+        {
+            "TWOFACTOR_SMS_ALLOWED_COUNTRIES": "us, ca,US",
+            "TWOFACTOR_SMS_PER_COUNTRY_PER_HOUR": "50",
+            "TWOFACTOR_SMS_PER_HOUR": "200",
+        }
+    ).policy
+    assert (policy.sms_allowed_countries, policy.sms_per_country_per_hour, policy.sms_per_hour) == (
+        ("US", "CA"),
+        50,
+        200,
+    )
+    defaults = Settings.from_env({}).policy
+    assert (defaults.sms_allowed_countries, defaults.sms_per_country_per_hour, defaults.sms_per_hour) == (
+        (),
+        0,
+        0,
+    )
+    with pytest.raises(SettingsError, match=r"TWOFACTOR_SMS_ALLOWED_COUNTRIES must list ISO 3166.*UK"):
+        Settings.from_env({"TWOFACTOR_SMS_ALLOWED_COUNTRIES": "US,UK"})
+
+
+def test_set_contact_refuses_a_number_from_a_country_not_allowed(start_server: ServerFactory) -> None:
+    h = start_server(policy={"sms_allowed_countries": ("US", "CA")})
+    assert set_phone(h, "ana", US.format(1)).masked_phone
+    with pytest.raises(grpc.RpcError) as raised:
+        set_phone(h, "ana", FR.format(1))
+    assert raised.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    info = error_info(raised.value)
+    assert info.reason == "SMS_COUNTRY_NOT_ALLOWED" and info.metadata["country"] == "FR"
+    assert "US, CA" in raised.value.details()
+    status = h.twofactor.GetStatus(pb.GetStatusRequest(user_id="ana"), metadata=h.app_metadata)
+    assert status.phone_registered  # the US number stays
+    set_phone(h, "ana", "")  # removing the number is always allowed
+    # With no list, every country is allowed.
+    open_h = start_server()
+    assert set_phone(open_h, "ben", FR.format(2)).masked_phone
+
+
+def test_a_number_registered_before_the_list_is_refused_at_send(start_server: ServerFactory) -> None:
+    h = start_server(dispatcher=RecordingDispatcher())
+    set_phone(h, "cat", FR.format(3))
+    h.server.stop(grace=None)
+    narrowed = start_server(dispatcher=RecordingDispatcher(), policy={"sms_allowed_countries": ("US",)})
+    with pytest.raises(grpc.RpcError) as raised:
+        narrowed.twofactor.StartEnrollment(
+            pb.StartEnrollmentRequest(user_id="cat", method=SMS), metadata=narrowed.app_metadata
+        )
+    assert error_info(raised.value).reason == "SMS_COUNTRY_NOT_ALLOWED"
+
+
+def test_hourly_caps_per_country_and_in_all(start_server: ServerFactory, clock: Clock) -> None:
+    clock.now = 1_800_000_000.0 - 1_800_000_000.0 % 3600 + 600  # ten minutes into a clock hour
+    dispatcher = RecordingDispatcher()
+    h = start_server(
+        dispatcher=dispatcher, policy={**NO_USER_LIMITS, "sms_per_country_per_hour": 2, "sms_per_hour": 3}
+    )
+    text_a_code(h, "fr-0", FR.format(10))
+    text_a_code(h, "fr-1", FR.format(11))
+    with pytest.raises(grpc.RpcError) as country_cap:
+        text_a_code(h, "fr-2", FR.format(12))
+    assert country_cap.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    info = error_info(country_cap.value)
+    assert info.reason == "SMS_COUNTRY_LIMIT" and info.metadata["country"] == "FR"
+    retry = retry_info(country_cap.value)
+    assert retry is not None and retry.retry_delay.seconds == 3000  # the hour ends in 50 minutes
+
+    text_a_code(h, "us-0", US.format(10))  # another country still gets its texts, up to the total
+    with pytest.raises(grpc.RpcError) as global_cap:
+        text_a_code(h, "us-1", US.format(11))
+    assert error_info(global_cap.value).reason == "SMS_GLOBAL_LIMIT"
+    assert retry_info(global_cap.value) is not None
+    assert len(dispatcher.challenge_ids) == 3  # a refused send queues nothing
+
+    clock.advance(3000)  # the next clock hour
+    text_a_code(h, "fr-2", FR.format(12))
+    assert len(dispatcher.challenge_ids) == 4
+
+
+def test_concurrent_sends_cant_pass_the_caps(start_server: ServerFactory) -> None:
+    dispatcher = RecordingDispatcher()
+    h = start_server(dispatcher=dispatcher, policy={**NO_USER_LIMITS, "sms_per_country_per_hour": 5})
+    users = [(f"u{i}", FR.format(100 + i)) for i in range(20)]
+    for user, phone in users:
+        set_phone(h, user, phone)
+    start = threading.Barrier(len(users), timeout=30)
+
+    def send(user: str) -> str:
+        start.wait()
+        try:
+            h.twofactor.StartEnrollment(
+                pb.StartEnrollmentRequest(user_id=user, method=SMS), metadata=h.app_metadata
+            )
+        except grpc.RpcError as error:
+            return error_info(error).reason
+        return "sent"
+
+    with ThreadPoolExecutor(max_workers=len(users)) as pool:
+        outcomes = list(pool.map(send, [u for u, _ in users]))
+    assert outcomes.count("sent") == 5, outcomes
+    assert outcomes.count("SMS_COUNTRY_LIMIT") == 15, outcomes
+    assert len(dispatcher.challenge_ids) == 5
+    counted = query(h.settings, "SELECT country, sends FROM sms_send_counts")
+    assert [(r["country"], r["sends"]) for r in counted] == [("FR", 5)]

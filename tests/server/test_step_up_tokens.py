@@ -1,0 +1,82 @@
+"""The pure step-up token code (server/domain/step_up.py): what a token binds and what it refuses."""
+
+from __future__ import annotations
+
+import base64
+
+import pytest
+
+from twofactor_server.domain import step_up
+from twofactor_server.domain.keyring import Keyring
+
+NOW = 1_800_000_000_000
+LIFETIME = 300_000
+KEYS = Keyring.parse(Keyring.new_key_spec(1))
+
+
+def token(keyring: Keyring = KEYS, **overrides: object) -> str:
+    fields: dict[str, object] = {"user_id": "alice", "actor": "backend", "epoch": 3, "now_ms": NOW}
+    fields.update(overrides)
+    return step_up.issue_token(keyring, **fields)  # type: ignore[arg-type]
+
+
+def valid(value: str, keyring: Keyring = KEYS, **overrides: object) -> bool:
+    fields: dict[str, object] = {
+        "user_id": "alice",
+        "actor": "backend",
+        "epoch": 3,
+        "now_ms": NOW,
+        "lifetime_ms": LIFETIME,
+    }
+    fields.update(overrides)
+    return step_up.token_is_valid(keyring, value, **fields)  # type: ignore[arg-type]
+
+
+def test_a_token_is_valid_for_its_user_caller_and_epoch_within_its_lifetime() -> None:
+    issued = token()
+    assert valid(issued)
+    assert valid(issued, now_ms=NOW + LIFETIME - 1)
+    assert not valid(issued, now_ms=NOW + LIFETIME)
+    assert not valid(issued, user_id="bob")
+    assert not valid(issued, actor="other-backend")
+    assert not valid(issued, epoch=4)
+    assert not valid(issued, keyring=Keyring.parse(Keyring.new_key_spec(1)))
+
+
+def test_a_token_from_the_future_beyond_clock_skew_is_refused() -> None:
+    assert valid(token(now_ms=NOW + step_up.MAX_CLOCK_SKEW_MS))
+    assert not valid(token(now_ms=NOW + step_up.MAX_CLOCK_SKEW_MS + 1))
+
+
+def test_tokens_are_unique_opaque_and_name_no_user() -> None:
+    first, second = token(user_id="alice@example.com"), token(user_id="alice@example.com")
+    assert first != second
+    raw = base64.urlsafe_b64decode(first.removeprefix(step_up.PREFIX) + "==")
+    assert b"alice" not in raw and b"backend" not in raw
+    assert len(first) < step_up.MAX_TOKEN_CHARS
+
+
+def test_a_changed_byte_anywhere_is_refused() -> None:
+    issued = token()
+    raw = bytearray(base64.urlsafe_b64decode(issued.removeprefix(step_up.PREFIX) + "=="))
+    for i in range(len(raw)):
+        tampered = bytearray(raw)
+        tampered[i] ^= 0x01
+        text = step_up.PREFIX + base64.urlsafe_b64encode(bytes(tampered)).decode().rstrip("=")
+        assert not valid(text), i
+
+
+@pytest.mark.parametrize(
+    "garbage",
+    ["", "tfv1.", "tfv1.!!!!", "tfv1.AAAA", "tfv2." + "A" * 80, "A" * 80, "tfv1." + "A" * 400, "tfv1.=="],
+)
+def test_garbage_is_refused_without_an_error(garbage: str) -> None:
+    assert not valid(garbage)
+
+
+def test_a_token_survives_key_rotation() -> None:
+    old_spec = Keyring.new_key_spec(1)
+    issued = token(keyring=Keyring.parse(old_spec))
+    rotated = Keyring.parse(f"{old_spec},{Keyring.new_key_spec(2)}")
+    assert valid(issued, keyring=rotated)
+    assert valid(token(keyring=rotated), keyring=rotated)

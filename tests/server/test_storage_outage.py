@@ -1,0 +1,320 @@
+"""Storage that fails fast and says so: with PostgreSQL frozen (SIGSTOP) or stopped, every RPC
+that needs it answers UNAVAILABLE (STORAGE_UNAVAILABLE) within the storage timeout, health is
+NOT_SERVING, and once the database is back the same server serves again, without a restart.
+
+Each test runs its own PostgreSQL cluster (tests/private_postgres.py): the shared one is never
+stopped or frozen."""
+
+from __future__ import annotations
+
+import sqlite3
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import closing
+from pathlib import Path
+
+import grpc
+import pytest
+from google.protobuf.message import Message
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from twofactor.v1 import admin_service_pb2 as admin_pb
+from twofactor.v1 import admin_service_pb2_grpc, twofactor_service_pb2_grpc
+from twofactor.v1 import twofactor_service_pb2 as pb
+
+from tests.conftest import Clock, Harness, ServerFactory, base_settings, require_service
+from tests.private_postgres import PrivatePostgres, private_postgres
+from tests.server.helpers import AUTHENTICATOR, EMAIL, enroll_authenticator, error_info, totp_now, verify
+from twofactor_server.app import SERVICE_NAMES, create_server
+from twofactor_server.settings import Settings
+from twofactor_server.storage.database import PostgresDatabase
+
+STORAGE_TIMEOUT = 1.0
+BOUND = 5.0  # generous: the timeout is 1 s, the machine may be loaded
+RECOVERY_BOUND = 60.0
+HEALTH = ("", *SERVICE_NAMES)
+SERVING = health_pb2.HealthCheckResponse.SERVING
+NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+
+
+@pytest.fixture
+def cluster() -> Iterator[PrivatePostgres]:
+    try:
+        pg = private_postgres()
+        started = pg.__enter__()
+    except FileNotFoundError as error:  # no PostgreSQL server binaries on this machine
+        require_service("a private PostgreSQL cluster", error)
+    try:
+        yield started
+    finally:
+        pg.__exit__(None, None, None)
+
+
+@pytest.fixture
+def settings(tmp_path: Path, cluster: PrivatePostgres) -> Settings:
+    return base_settings(
+        tmp_path,
+        database_url=cluster.url,
+        storage_timeout_seconds=STORAGE_TIMEOUT,
+        storage_probe_seconds=0.2,
+    )
+
+
+def every_storage_rpc(h: Harness) -> list[tuple[str, Callable[[], Message]]]:
+    """One call of each RPC that reads or writes the database, for a user `ana` (enrolled, with an
+    email) and `bob` (unknown until a call creates him)."""
+    app, admin = h.app_metadata, h.admin_metadata
+    t, a = h.twofactor, h.admin
+    return [
+        ("GetStatus", lambda: t.GetStatus(pb.GetStatusRequest(user_id="ana"), metadata=app, timeout=30)),
+        (
+            "SetContact",
+            lambda: t.SetContact(
+                pb.SetContactRequest(user_id="ana", email="ana@example.com"), metadata=app, timeout=30
+            ),
+        ),
+        (
+            "StartEnrollment",
+            lambda: t.StartEnrollment(
+                pb.StartEnrollmentRequest(user_id="bob", method=AUTHENTICATOR), metadata=app, timeout=30
+            ),
+        ),
+        (
+            "ConfirmEnrollment",
+            lambda: t.ConfirmEnrollment(
+                pb.ConfirmEnrollmentRequest(user_id="bob", method=AUTHENTICATOR, code="000000"),
+                metadata=app,
+                timeout=30,
+            ),
+        ),
+        (
+            "DisableMethod",
+            lambda: t.DisableMethod(
+                pb.DisableMethodRequest(user_id="bob", method=EMAIL), metadata=app, timeout=30
+            ),
+        ),
+        (
+            "SendCode",
+            lambda: t.SendCode(pb.SendCodeRequest(user_id="ana", method=EMAIL), metadata=app, timeout=30),
+        ),
+        (
+            "GetChallenge",
+            lambda: t.GetChallenge(
+                pb.GetChallengeRequest(user_id="ana", challenge_id="no-such-challenge"),
+                metadata=app,
+                timeout=30,
+            ),
+        ),
+        (
+            "Verify",
+            lambda: t.Verify(pb.VerifyRequest(user_id="ana", code="000000"), metadata=app, timeout=30),
+        ),
+        (
+            "GetBackupCodes",
+            lambda: t.GetBackupCodes(pb.GetBackupCodesRequest(user_id="ana"), metadata=app, timeout=30),
+        ),
+        (
+            "RegenerateBackupCodes",
+            lambda: t.RegenerateBackupCodes(
+                pb.RegenerateBackupCodesRequest(user_id="ana"), metadata=app, timeout=30
+            ),
+        ),
+        ("GetUser", lambda: a.GetUser(admin_pb.GetUserRequest(user_id="ana"), metadata=admin, timeout=30)),
+        ("ListUsers", lambda: a.ListUsers(admin_pb.ListUsersRequest(), metadata=admin, timeout=30)),
+        (
+            "ResetUser",
+            lambda: a.ResetUser(
+                admin_pb.ResetUserRequest(user_id="carol", reason="lost phone"), metadata=admin, timeout=30
+            ),
+        ),
+        (
+            "UnlockUser",
+            lambda: a.UnlockUser(admin_pb.UnlockUserRequest(user_id="ana"), metadata=admin, timeout=30),
+        ),
+        (
+            "ListAuditEvents",
+            lambda: a.ListAuditEvents(admin_pb.ListAuditEventsRequest(), metadata=admin, timeout=30),
+        ),
+    ]
+
+
+def outcome(call: Callable[[], Message]) -> tuple[grpc.StatusCode, str, float]:
+    """The status code, the ErrorInfo reason ("" on success) and how long the call took."""
+    started = time.monotonic()
+    try:
+        call()
+    except grpc.RpcError as error:
+        code = error.code()  # type: ignore[attr-defined]
+        reason = error_info(error).reason if code is not grpc.StatusCode.DEADLINE_EXCEEDED else ""
+        return code, reason, time.monotonic() - started
+    return grpc.StatusCode.OK, "", time.monotonic() - started
+
+
+def health_of(h: Harness) -> dict[str, int]:
+    stub = health_pb2_grpc.HealthStub(h.channel)
+    # Health never waits for the database: a short deadline is part of the claim.
+    return {
+        name: stub.Check(health_pb2.HealthCheckRequest(service=name), timeout=2).status for name in HEALTH
+    }
+
+
+def wait_for_health(h: Harness, status: int, bound: float) -> float:
+    """Seconds until every health name reports `status`; fails past `bound`."""
+    started = time.monotonic()
+    while True:
+        seen = health_of(h)
+        if all(value == status for value in seen.values()):
+            return time.monotonic() - started
+        assert time.monotonic() - started < bound, f"health still {seen} after {bound} s"
+        time.sleep(0.05)
+
+
+def prepare(h: Harness, clock: Clock) -> str:
+    """`ana` enrolled in the authenticator app, with an email; returns her secret."""
+    secret, _ = enroll_authenticator(h, clock, "ana")
+    h.twofactor.SetContact(
+        pb.SetContactRequest(user_id="ana", email="ana@example.com"), metadata=h.app_metadata
+    )
+    assert all(status == SERVING for status in health_of(h).values())
+    return secret
+
+
+def assert_every_rpc_fails_fast(h: Harness) -> None:
+    calls = every_storage_rpc(h) * 2
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        results = list(pool.map(lambda named: (named[0], *outcome(named[1])), calls))
+    slow_or_wrong = [
+        (name, code.name, reason, round(took, 2))
+        for name, code, reason, took in results
+        if code is not grpc.StatusCode.UNAVAILABLE or reason != "STORAGE_UNAVAILABLE" or took > BOUND
+    ]
+    assert slow_or_wrong == [], "each call must be UNAVAILABLE (STORAGE_UNAVAILABLE) within the bound"
+    # GetPolicy needs no database: it still answers.
+    policy = h.admin.GetPolicy(admin_pb.GetPolicyRequest(), metadata=h.admin_metadata, timeout=BOUND)
+    assert policy.policy.code_length == 6
+
+
+def assert_serving_again(h: Harness, clock: Clock, secret: str) -> None:
+    wait_for_health(h, SERVING, RECOVERY_BOUND)
+    # The first calls after recovery succeed: no broken connection is handed out again.
+    for name, call in every_storage_rpc(h):
+        code, reason, _ = outcome(call)
+        assert code not in (
+            grpc.StatusCode.UNAVAILABLE,
+            grpc.StatusCode.INTERNAL,
+            grpc.StatusCode.UNKNOWN,
+            grpc.StatusCode.DEADLINE_EXCEEDED,
+        ), (name, code, reason)
+    clock.advance(30)
+    assert verify(h, "ana", totp_now(secret, clock)).result == pb.VERIFY_RESULT_ACCEPTED
+    assert (
+        h.admin.GetUser(admin_pb.GetUserRequest(user_id="ana"), metadata=h.admin_metadata).user.user_id
+        == "ana"
+    )
+
+
+def test_a_frozen_database_fails_fast_and_the_server_recovers_when_it_thaws(
+    start_server: ServerFactory, clock: Clock, cluster: PrivatePostgres
+) -> None:
+    h = start_server()
+    secret = prepare(h, clock)
+    cluster.freeze()
+    try:
+        assert_every_rpc_fails_fast(h)
+        wait_for_health(h, NOT_SERVING, BOUND)
+    finally:
+        cluster.thaw()
+    assert_serving_again(h, clock, secret)
+
+
+def test_a_stopped_database_fails_fast_and_the_server_recovers_when_it_restarts(
+    start_server: ServerFactory, clock: Clock, cluster: PrivatePostgres
+) -> None:
+    h = start_server()
+    secret = prepare(h, clock)
+    cluster.stop()
+    assert_every_rpc_fails_fast(h)
+    wait_for_health(h, NOT_SERVING, BOUND)
+    # Still down a while later: still fast, the pool's reconnect attempts keep nobody waiting.
+    assert_every_rpc_fails_fast(h)
+    cluster.start()
+    assert_serving_again(h, clock, secret)
+
+
+def test_health_goes_not_serving_while_frozen_without_any_call(
+    start_server: ServerFactory, clock: Clock, cluster: PrivatePostgres
+) -> None:
+    """The probe alone notices: a server nobody calls still reports its storage truthfully."""
+    h = start_server()
+    prepare(h, clock)
+    cluster.freeze()
+    try:
+        assert wait_for_health(h, NOT_SERVING, BOUND) < BOUND
+    finally:
+        cluster.thaw()
+    wait_for_health(h, SERVING, RECOVERY_BOUND)
+
+
+def test_after_a_restart_the_pool_hands_out_no_broken_connection(
+    start_server: ServerFactory, clock: Clock, cluster: PrivatePostgres
+) -> None:
+    """Connections left idle in the pool by an outage are replaced before health says SERVING."""
+    h = start_server()
+    secret = prepare(h, clock)
+    calls = [call for _, call in every_storage_rpc(h)] * 4
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        list(pool.map(outcome, calls))  # the pool grows to serve 8 callers at once
+    db = h.server.db
+    assert isinstance(db, PostgresDatabase)
+    idle = db._pool.get_stats()["pool_available"]
+    assert idle >= 2, "the test needs several idle connections to be meaningful"
+    cluster.stop()
+    wait_for_health(h, NOT_SERVING, BOUND)  # no call in between: the probe alone notices
+    cluster.start()
+    wait_for_health(h, SERVING, RECOVERY_BOUND)
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        results = list(pool.map(outcome, calls))
+    assert [r for r in results if r[0] in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.INTERNAL)] == []
+    clock.advance(30)
+    assert verify(h, "ana", totp_now(secret, clock)).result == pb.VERIFY_RESULT_ACCEPTED
+
+
+def test_sqlite_waits_for_a_busy_file_no_longer_than_the_storage_timeout(
+    tmp_path: Path, clock: Clock
+) -> None:
+    """The embedded store keeps its busy wait (another process holding the write lock), bounded
+    by the same setting; a busy file is not an unreachable database, so health stays SERVING."""
+    chosen = base_settings(tmp_path, storage_timeout_seconds=0.5, storage_probe_seconds=0.2)
+    server, port = create_server(chosen, clock=clock)
+    server.start()
+    channel = grpc.insecure_channel(f"127.0.0.1:{port}")
+    h = Harness(
+        server,
+        port,
+        channel,
+        twofactor_service_pb2_grpc.TwoFactorServiceStub(channel),
+        admin_service_pb2_grpc.AdminServiceStub(channel),
+        chosen,
+    )
+    try:
+        enroll_authenticator(h, clock, "ana")
+        blocker = sqlite3.connect(chosen.data_dir / "twofactor.sqlite3", isolation_level=None, timeout=0)
+        with closing(blocker):
+            blocker.execute("BEGIN IMMEDIATE")  # another process holds the write lock
+            code, reason, took = outcome(
+                lambda: h.twofactor.SetContact(
+                    pb.SetContactRequest(user_id="ana", email="ana@example.com"),
+                    metadata=h.app_metadata,
+                    timeout=30,
+                )
+            )
+            assert (code, reason) == (grpc.StatusCode.UNAVAILABLE, "STORAGE_UNAVAILABLE")
+            assert 0.4 <= took < 3.0, f"waited {took:.2f} s for a 0.5 s storage timeout"
+            assert all(status == SERVING for status in health_of(h).values())
+            blocker.execute("ROLLBACK")
+        h.twofactor.SetContact(
+            pb.SetContactRequest(user_id="ana", email="ana@example.com"), metadata=h.app_metadata
+        )
+    finally:
+        channel.close()
+        server.stop(grace=None)
