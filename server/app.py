@@ -36,7 +36,8 @@ from twofactor_server.health import StorageHealth
 from twofactor_server.observability.metrics import serve_metrics
 from twofactor_server.periodic import Periodic
 from twofactor_server.settings import Settings, SettingsError, TokenSetting
-from twofactor_server.storage.database import Database, open_database, pending_migrations
+from twofactor_server.storage.database import Database, open_database
+from twofactor_server.storage.migrator import pending_migrations
 from twofactor_server.usecases.admin import Admin
 from twofactor_server.usecases.backup_codes import BackupCodes
 from twofactor_server.usecases.challenges import Challenges, Dispatcher

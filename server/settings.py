@@ -323,7 +323,7 @@ class _Env:
         """ISO 3166-1 alpha-2 codes separated by commas, as libphonenumber knows them (GB, not UK)."""
         import phonenumbers  # only here: the rest of the settings need no phone library
 
-        value = self._raw(name)
+        value = self._raw(name, "countries", "")
         if value is None:
             return ()
         codes = tuple(dict.fromkeys(c.strip().upper() for c in value.split(",") if c.strip()))

@@ -12,9 +12,9 @@ import pytest
 
 from twofactor_server.app import create_server
 from twofactor_server.settings import Settings, SettingsError
-from twofactor_server.storage.database import (
+from twofactor_server.storage.database import open_database
+from twofactor_server.storage.migrator import (
     migrations,
-    open_database,
     pending_migrations,
     sqlite_statements,
     with_dialect_types,

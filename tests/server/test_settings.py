@@ -26,6 +26,7 @@ BAD_VALUES = {
     "choice": "bogus",
     "methods": "carrier-pigeon",
     "tokens": "not-a-token",
+    "countries": "US,ZZ",
     "address": "no-port-here",
     "url": "ftp://example.com/x",
     "email": "nobody",
