@@ -20,7 +20,7 @@ from twofactor.v1 import admin_service_pb2 as admin_pb
 from twofactor.v1 import twofactor_service_pb2 as pb
 
 from tests.conftest import ADMIN_TOKEN, APP_TOKEN, TEST_KEYS, Clock, ServerFactory
-from tests.server.helpers import AUTHENTICATOR, EMAIL, enroll_authenticator, totp_now, verify
+from tests.server.helpers import AUTHENTICATOR, EMAIL, enroll_authenticator, totp_now, verified_token, verify
 from tests.smtp_sink import SmtpSink, code_in, free_port, running_sink
 from twofactor_server.observability import logs
 
@@ -136,25 +136,35 @@ def test_no_code_secret_or_token_reaches_a_log_line(
     secrets_seen: list[str] = [APP_TOKEN, ADMIN_TOKEN]
     secret, backup = enroll_authenticator(h, clock, "zoe")
     secrets_seen += [secret, *backup]
-    code = totp_now(secret, clock)
-    secrets_seen.append(code)
-    assert verify(h, "zoe", code).result == pb.VERIFY_RESULT_ACCEPTED
+
+    def fresh_token() -> str:  # a step-up proof, itself a secret
+        code = totp_now(secret, clock)
+        token = verified_token(h, clock, "zoe", secret)
+        secrets_seen.extend((code, token))
+        return token
+
+    fresh_token()
     wrong = totp_now(secret, clock, offset_steps=5)
     secrets_seen.append(wrong)
     verify(h, "zoe", wrong)
-    assert verify(h, "zoe", backup[0]).result == pb.VERIFY_RESULT_ACCEPTED
+    by_backup = verify(h, "zoe", backup[0])
+    assert by_backup.result == pb.VERIFY_RESULT_ACCEPTED
+    secrets_seen.append(by_backup.verification_token)
 
     h.twofactor.SetContact(
-        pb.SetContactRequest(user_id="zoe", email="zoe@example.com"), metadata=h.app_metadata
+        pb.SetContactRequest(user_id="zoe", email="zoe@example.com", verification_token=fresh_token()),
+        metadata=h.app_metadata,
     )
-    start = h.twofactor.StartEnrollment(
-        pb.StartEnrollmentRequest(user_id="zoe", method=EMAIL), metadata=h.app_metadata
+    h.twofactor.StartEnrollment(
+        pb.StartEnrollmentRequest(user_id="zoe", method=EMAIL, verification_token=fresh_token()),
+        metadata=h.app_metadata,
     )
     emailed = code_in(sink.wait_for_messages(1)[-1])
     secrets_seen.append(emailed)
-    h.twofactor.ConfirmEnrollment(
+    confirmed = h.twofactor.ConfirmEnrollment(
         pb.ConfirmEnrollmentRequest(user_id="zoe", method=EMAIL, code=emailed), metadata=h.app_metadata
     )
+    secrets_seen += [confirmed.verification_token, *confirmed.backup_codes]
     clock.advance(31)
     sent = h.twofactor.SendCode(pb.SendCodeRequest(user_id="zoe", method=EMAIL), metadata=h.app_metadata)
     login_code = code_in(sink.wait_for_messages(2)[-1])
@@ -163,16 +173,22 @@ def test_no_code_secret_or_token_reaches_a_log_line(
         pb.GetChallengeRequest(user_id="zoe", challenge_id=sent.challenge.challenge_id),
         metadata=h.app_metadata,
     )
-    assert verify(h, "zoe", login_code).result == pb.VERIFY_RESULT_ACCEPTED
-    assert start.challenge.challenge_id
+    by_email = verify(h, "zoe", login_code)
+    assert by_email.result == pb.VERIFY_RESULT_ACCEPTED
+    secrets_seen.append(by_email.verification_token)
     secrets_seen += h.twofactor.GetBackupCodes(
-        pb.GetBackupCodesRequest(user_id="zoe"), metadata=h.app_metadata
+        pb.GetBackupCodesRequest(user_id="zoe", verification_token=fresh_token()), metadata=h.app_metadata
     ).codes
     secrets_seen += h.twofactor.RegenerateBackupCodes(
-        pb.RegenerateBackupCodesRequest(user_id="zoe"), metadata=h.app_metadata
+        pb.RegenerateBackupCodesRequest(user_id="zoe", verification_token=fresh_token()),
+        metadata=h.app_metadata,
     ).codes
     h.twofactor.GetStatus(pb.GetStatusRequest(user_id="zoe"), metadata=h.app_metadata)
-    h.twofactor.DisableMethod(pb.DisableMethodRequest(user_id="zoe", method=EMAIL), metadata=h.app_metadata)
+    h.twofactor.DisableMethod(
+        pb.DisableMethodRequest(user_id="zoe", method=EMAIL, verification_token=fresh_token()),
+        metadata=h.app_metadata,
+    )
+    code = totp_now(secret, clock)
     for rpc, request in (
         (h.admin.GetUser, admin_pb.GetUserRequest(user_id="zoe")),
         (h.admin.ListUsers, admin_pb.ListUsersRequest()),
