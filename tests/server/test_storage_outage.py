@@ -24,7 +24,15 @@ from twofactor.v1 import twofactor_service_pb2 as pb
 
 from tests.conftest import Clock, Harness, ServerFactory, base_settings, require_service
 from tests.private_postgres import PrivatePostgres, private_postgres
-from tests.server.helpers import AUTHENTICATOR, EMAIL, enroll_authenticator, error_info, totp_now, verify
+from tests.server.helpers import (
+    AUTHENTICATOR,
+    EMAIL,
+    enroll_authenticator,
+    error_info,
+    totp_now,
+    verified_token,
+    verify,
+)
 from twofactor_server.app import SERVICE_NAMES, create_server
 from twofactor_server.settings import Settings
 from twofactor_server.storage.database import PostgresDatabase
@@ -172,8 +180,11 @@ def wait_for_health(h: Harness, status: int, bound: float) -> float:
 def prepare(h: Harness, clock: Clock) -> str:
     """`ana` enrolled in the authenticator app, with an email; returns her secret."""
     secret, _ = enroll_authenticator(h, clock, "ana")
-    h.twofactor.SetContact(
-        pb.SetContactRequest(user_id="ana", email="ana@example.com"), metadata=h.app_metadata
+    h.twofactor.SetContact(  # a sensitive change: it needs the step-up proof of a fresh Verify
+        pb.SetContactRequest(
+            user_id="ana", email="ana@example.com", verification_token=verified_token(h, clock, "ana", secret)
+        ),
+        metadata=h.app_metadata,
     )
     assert all(status == SERVING for status in health_of(h).values())
     return secret
@@ -297,13 +308,14 @@ def test_sqlite_waits_for_a_busy_file_no_longer_than_the_storage_timeout(
         chosen,
     )
     try:
-        enroll_authenticator(h, clock, "ana")
+        secret, _ = enroll_authenticator(h, clock, "ana")
+        token = verified_token(h, clock, "ana", secret)  # SetContact is a sensitive change (step-up)
         blocker = sqlite3.connect(chosen.data_dir / "twofactor.sqlite3", isolation_level=None, timeout=0)
         with closing(blocker):
             blocker.execute("BEGIN IMMEDIATE")  # another process holds the write lock
             code, reason, took = outcome(
                 lambda: h.twofactor.SetContact(
-                    pb.SetContactRequest(user_id="ana", email="ana@example.com"),
+                    pb.SetContactRequest(user_id="ana", email="ana@example.com", verification_token=token),
                     metadata=h.app_metadata,
                     timeout=30,
                 )
@@ -313,7 +325,8 @@ def test_sqlite_waits_for_a_busy_file_no_longer_than_the_storage_timeout(
             assert all(status == SERVING for status in health_of(h).values())
             blocker.execute("ROLLBACK")
         h.twofactor.SetContact(
-            pb.SetContactRequest(user_id="ana", email="ana@example.com"), metadata=h.app_metadata
+            pb.SetContactRequest(user_id="ana", email="ana@example.com", verification_token=token),
+            metadata=h.app_metadata,
         )
     finally:
         channel.close()
