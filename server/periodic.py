@@ -8,6 +8,8 @@ import threading
 from collections.abc import Callable
 
 log = logging.getLogger(__name__)
+# Its own generator: jitter from background threads leaves the global random state alone.
+_JITTER = random.Random()  # noqa: S311 - spreading, not a secret
 
 
 class Periodic:
@@ -25,7 +27,7 @@ class Periodic:
         self._thread.start()
 
     def _loop(self) -> None:
-        delay = random.uniform(0, self._interval)  # noqa: S311 - spreading, not a secret
+        delay = _JITTER.uniform(0, self._interval)
         while not self._stopping.wait(delay):
             try:
                 self._job()
