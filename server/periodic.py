@@ -8,8 +8,8 @@ import threading
 from collections.abc import Callable
 
 log = logging.getLogger(__name__)
-# Its own generator: jitter from background threads leaves the global random state alone.
-_JITTER = random.Random()  # noqa: S311 - spreading, not a secret
+# The OS generator: no state shared across forked workers, and the global random state stays alone.
+_JITTER = random.SystemRandom()
 
 
 class Periodic:

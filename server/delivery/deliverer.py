@@ -34,8 +34,6 @@ from twofactor_server.storage.database import Database
 from twofactor_server.storage.records import ChallengeRecord
 
 log = logging.getLogger(__name__)
-# Its own generator: jitter from background threads leaves the global random state alone.
-_JITTER = random.Random()  # noqa: S311 - spreading, not a secret
 
 RETRY_MAX_SECONDS = 60.0
 
@@ -49,7 +47,7 @@ class Outcome:
 def backoff_seconds(attempt: int, base: float, ceiling: float = RETRY_MAX_SECONDS) -> float:
     """Exponential backoff with jitter (half to all of the step), so retries from many workers spread out."""
     step = min(ceiling, base * 2 ** max(attempt - 1, 0))
-    return _JITTER.uniform(step / 2, step)
+    return random.uniform(step / 2, step)  # noqa: S311 - jitter, not a secret
 
 
 class Deliverer:

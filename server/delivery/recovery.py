@@ -32,8 +32,6 @@ from twofactor_server.storage import outbox
 from twofactor_server.storage.database import Database
 
 log = logging.getLogger(__name__)
-# Its own generator: jitter from background threads leaves the global random state alone.
-_JITTER = random.Random()  # noqa: S311 - spreading, not a secret
 
 Publish = Callable[[str, int], None]  # (challenge_id, generation); raises Unavailable
 BATCH = 200
@@ -108,4 +106,4 @@ class OutboxRecovery:
             except Exception:
                 log.exception("outbox recovery round failed; trying again in %.1fs", self._interval)
             # Jitter spreads the rounds of many workers.
-            self._stopped.wait(self._interval * _JITTER.uniform(0.8, 1.2))
+            self._stopped.wait(self._interval * random.uniform(0.8, 1.2))  # noqa: S311
