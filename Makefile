@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN = $(VENV)/bin
 
-.PHONY: serve test lint generate bench typecheck-links
+.PHONY: serve web test lint generate bench typecheck-links
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -14,12 +14,19 @@ $(VENV)/.runtime: $(BIN)/python pyproject.toml clients/python/pyproject.toml
 	$(BIN)/pip install --quiet -e clients/python -e .
 	touch $@
 
+$(VENV)/.web: $(VENV)/.runtime
+	$(BIN)/pip install --quiet -e '.[web]'
+	touch $@
+
 $(VENV)/.test: $(VENV)/.runtime
 	$(BIN)/pip install --quiet -e '.[test]'
 	touch $@
 
 serve: $(VENV)/.runtime  ## run on the embedded default (SQLite, in-process delivery)
 	$(BIN)/twofactor serve
+
+web: $(VENV)/.web  ## the reference login site (examples/web) on 127.0.0.1:8000, beside `make serve`
+	$(BIN)/python -m examples.web
 
 test: $(VENV)/.test  ## the whole suite (needs PostgreSQL and Redis on 127.0.0.1)
 	$(BIN)/pytest

@@ -4,8 +4,11 @@ Your backend has just accepted the user's password. This script does what
 comes next and prints the decision:
 
 1. GetStatus: is the user locked out, enrolled, required to enroll?
-2. Not enrolled: enroll in an authenticator app (QR code written to a PNG file,
-   otpauth URI printed), confirm with the app's first code, show backup codes.
+2. Not enrolled: when the policy requires two-factor verification
+   (TWOFACTOR_FORCE_2FA), or with --enroll, enroll in an authenticator app (QR
+   code written to a PNG file, otpauth URI printed), confirm with the app's
+   first code, show the backup codes. Otherwise the password alone lets the
+   user in (LOGIN ALLOWED), as the policy allows, and nothing is enrolled.
 3. Enrolled: ask for the app's code; for email/SMS users send a code first
    (with an idempotency key, so retrying after UNAVAILABLE can't send twice).
    A backup code is accepted at the same prompt.

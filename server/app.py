@@ -31,17 +31,18 @@ from twofactor_server.api.twofactor_servicer import TwoFactorServicer
 from twofactor_server.delivery.broker_health import CHECK_INTERVAL_SECONDS, BrokerHealth
 from twofactor_server.delivery.dispatch import build_dispatcher
 from twofactor_server.domain.clock import Clock, system_clock
-from twofactor_server.domain.keyring import Keyring, KeyringError
+from twofactor_server.domain.keyring import Keyring
 from twofactor_server.health import StorageHealth
 from twofactor_server.observability.metrics import serve_metrics
 from twofactor_server.periodic import Periodic
-from twofactor_server.settings import Settings, SettingsError, TokenSetting
+from twofactor_server.settings import Settings, SettingsError, TokenSetting, check_keys
 from twofactor_server.storage.database import Database, open_database
 from twofactor_server.storage.migrator import pending_migrations
 from twofactor_server.usecases.admin import Admin
 from twofactor_server.usecases.backup_codes import BackupCodes
 from twofactor_server.usecases.challenges import Challenges, Dispatcher
 from twofactor_server.usecases.enrollment import Enrollment
+from twofactor_server.usecases.key_rotation import require_keys_for_stored_values
 from twofactor_server.usecases.retention import Retention
 from twofactor_server.usecases.users import UserProfiles
 from twofactor_server.usecases.verification import Verification
@@ -108,6 +109,7 @@ def create_server(
                 f"the database lacks migrations {', '.join(pending)}: run `twofactor migrate` first "
                 "(TWOFACTOR_MIGRATE_ON_START is false)"
             )
+        require_keys_for_stored_values(db, keyring, clock)
         if dispatcher is None:
             dispatcher, close = build_dispatcher(settings, db=db, keyring=keyring, clock=clock)
             on_stop.append(close)
@@ -243,15 +245,9 @@ def require_usable_data_dir(settings: Settings) -> None:
 
 def load_keyring(settings: Settings) -> Keyring:
     """The configured keys; for the embedded default only, a local development key made on first run."""
-    if settings.keys:
-        try:
-            return Keyring.parse(settings.keys)
-        except KeyringError as error:
-            raise SettingsError(f"TWOFACTOR_KEYS: {error} (run `twofactor keygen`)") from None
-    if not settings.embedded:
+    if not settings.keys and not settings.embedded:
         raise SettingsError("TWOFACTOR_KEYS is required with TWOFACTOR_DATABASE_URL (run `twofactor keygen`)")
-    dev = _dev_secrets(settings.data_dir)
-    return Keyring.parse(dev["keys"])
+    return check_keys(settings.keys or _dev_secrets(settings.data_dir)["keys"], settings.active_key_version)
 
 
 def load_tokens(settings: Settings) -> tuple[TokenSetting, ...]:

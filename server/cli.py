@@ -1,16 +1,18 @@
-"""The `twofactor` command: serve, migrate, worker, demo, keygen, token, config, health."""
+"""The `twofactor` command: serve, migrate, worker, worker-health, health, config, demo, code, keygen,
+token, keys."""
 
 from __future__ import annotations
 
 import argparse
-import hashlib
 import logging
 import os
-import secrets
 import signal
 import sys
 import threading
 
+from twofactor_server import key_commands
+from twofactor_server.domain.errors import TwoFactorError
+from twofactor_server.domain.keyring import MAX_VERSION
 from twofactor_server.settings import Settings, SettingsError, effective_configuration, unknown_variables
 
 log = logging.getLogger("twofactor_server.cli")
@@ -43,7 +45,8 @@ def main(argv: list[str] | None = None) -> int:
     code.add_argument(
         "--next", action="store_true", help="the next time step's code (Verify accepts one step of drift)"
     )
-    commands.add_parser("keygen", help="print a new TWOFACTOR_KEYS entry")
+    keygen = commands.add_parser("keygen", help="print a new TWOFACTOR_KEYS entry")
+    keygen.add_argument("--version", type=_key_version, default=1, help="the key's version (default 1)")
     token = commands.add_parser("token", help="print a new API token and its TWOFACTOR_TOKENS entry")
     token.add_argument("name")
     token.add_argument("scopes", help="app, admin or app+admin")
@@ -57,6 +60,14 @@ def main(argv: list[str] | None = None) -> int:
     health.add_argument("--ca-file", default="", help="CA to trust (default: TWOFACTOR_TLS_CERT_FILE)")
     health.add_argument("--cert", default="", help="client certificate, when the server requires one")
     health.add_argument("--key", default="", help="the client certificate's key")
+    keys = commands.add_parser("keys", help="see and rotate the keys stored values are encrypted under")
+    keys_commands = keys.add_subparsers(dest="keys_command", required=True)
+    status = keys_commands.add_parser("status", help="how many stored values use each key version")
+    status.add_argument("--json", action="store_true", help="print JSON")
+    rotate = keys_commands.add_parser(
+        "rotate", help="re-encrypt every secret and backup code under the active key"
+    )
+    rotate.add_argument("--batch-size", type=int, default=500, help="rows per transaction (default 500)")
     args = parser.parse_args(argv)
 
     try:
@@ -89,25 +100,25 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "demo":
             from twofactor_server.demo import run_demo
 
-            return run_demo(settings, target=args.target, token=args.token, user_id=args.user)
+            return run_demo(
+                target=args.target, token=args.token, user_id=args.user, data_dir=settings.data_dir
+            )
         if args.command == "code":
             return print_code(args.secret, next_step=args.next)
         if args.command == "keygen":
-            from twofactor_server.domain.keyring import Keyring
-
-            print(Keyring.new_key_spec(1))
-            return 0
+            return key_commands.print_new_key(args.version)
         if args.command == "token":
-            value = secrets.token_urlsafe(32)
-            print(f"token: {value}")
-            print(
-                f"TWOFACTOR_TOKENS entry: {args.name}:{args.scopes}:"
-                f"{hashlib.sha256(value.encode()).hexdigest()}"
-            )
-            return 0
+            return key_commands.print_new_token(args.name, args.scopes)
+        if args.command == "keys" and args.keys_command == "status":
+            return key_commands.key_status(settings, as_json=args.json)
+        if args.command == "keys" and args.keys_command == "rotate":
+            return key_commands.rotate_keys(settings, batch_size=max(1, args.batch_size))
     except SettingsError as error:
         print(f"twofactor: configuration error: {error}", file=sys.stderr)
         return 2
+    except TwoFactorError as error:  # the database can't be reached, say
+        print(f"twofactor: {error.message}", file=sys.stderr)
+        return 1
     return 1
 
 
@@ -119,6 +130,12 @@ def configure_logging(settings: Settings) -> None:
     logs.configure_logging(settings.log_level, log_format)
     for name in unknown_variables():
         log.warning("%s is not a twofactor setting and is ignored (a typo?)", name)
+
+
+def _key_version(text: str) -> int:
+    if not text.isdigit() or not 0 < int(text) <= MAX_VERSION:
+        raise argparse.ArgumentTypeError(f"a key version is a whole number from 1 to {MAX_VERSION}")
+    return int(text)
 
 
 def serve(settings: Settings) -> int:

@@ -12,10 +12,10 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from twofactor_server.domain.keyring import MAX_VERSION, Keyring, KeyringError
+
 METHOD_NAMES = ("authenticator", "email", "sms")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
-# Shown as **** by `twofactor config`; URLs show everything but their password.
-SECRET_SETTINGS = frozenset({"TWOFACTOR_KEYS", "TWOFACTOR_SMTP_PASSWORD"})
 
 
 class SettingsError(ValueError):
@@ -89,8 +89,10 @@ class Settings:
     storage_timeout_seconds: float = 2.0
     storage_probe_seconds: float = 1.0  # how often health checks that the database answers
     data_dir: Path = Path(".twofactor")
-    # "version:base64key" pairs; the highest version encrypts, all decrypt.
+    # "version:base64key" pairs (validated by from_env); every version decrypts.
     keys: str = ""
+    # The version that encrypts and hashes new values; None: the highest in `keys`.
+    active_key_version: int | None = None
     # Empty: the embedded default, delivery tasks run in-process.
     broker_url: str = ""
     broker_timeout_seconds: float = 2.0
@@ -163,6 +165,10 @@ class Settings:
             sms_per_country_per_hour=env.int("SMS_PER_COUNTRY_PER_HOUR", 0, 0, 10**7),
             sms_per_hour=env.int("SMS_PER_HOUR", 0, 0, 10**7),
         )
+        active_key_version = env.optional_int("ACTIVE_KEY_VERSION", 1, MAX_VERSION)
+        keys = env.text("KEYS", "")
+        if keys:
+            check_keys(keys, active_key_version)
         if policy.lockout_threshold > policy.max_consecutive_failures:
             raise SettingsError("TWOFACTOR_LOCKOUT_THRESHOLD exceeds TWOFACTOR_MAX_CONSECUTIVE_FAILURES")
         smtp = SmtpSettings(
@@ -171,24 +177,29 @@ class Settings:
             security=env.choice("SMTP_SECURITY", SmtpSettings.security, ("starttls", "tls", "none")),
             username=env.text("SMTP_USERNAME", ""),
             password=env.text("SMTP_PASSWORD", ""),
-            from_address=env.email("SMTP_FROM", SmtpSettings.from_address),
+            from_address=env.matching(
+                "SMTP_FROM", SmtpSettings.from_address, "email", r"\S+@\S+", "an email"
+            ),
             timeout_seconds=env.float("SMTP_TIMEOUT_SECONDS", SmtpSettings.timeout_seconds),
             ca_file=env.text("SMTP_CA_FILE", ""),
         )
         sns = SnsSettings(
             region=env.text("SNS_REGION", SnsSettings.region),
-            endpoint_url=env.url("SNS_ENDPOINT_URL", ("http", "https")),
+            endpoint_url=env.matching("SNS_ENDPOINT_URL", "", "url", r"https?://.+", "an http(s):// URL"),
             sender_id=env.text("SNS_SENDER_ID", ""),
         )
         return cls(
-            listen=env.address("LISTEN", cls.listen),
-            database_url=env.url("DATABASE_URL", ("postgresql", "postgres")),
+            listen=env.matching("LISTEN", cls.listen, "address", ADDRESS, "host:port"),
+            database_url=env.matching(
+                "DATABASE_URL", "", "url", r"postgres(ql)?://.+", "a postgresql:// URL"
+            ),
             database_pool_size=env.int("DATABASE_POOL_SIZE", cls.database_pool_size, 1, 200),
             storage_timeout_seconds=env.float("STORAGE_TIMEOUT_SECONDS", cls.storage_timeout_seconds),
             storage_probe_seconds=env.float("STORAGE_PROBE_SECONDS", cls.storage_probe_seconds),
             data_dir=Path(env.text("DATA_DIR", str(cls.data_dir))),
-            keys=env.text("KEYS", ""),
-            broker_url=env.url("BROKER_URL", ("redis", "rediss")),
+            keys=keys,
+            active_key_version=active_key_version,
+            broker_url=env.matching("BROKER_URL", "", "url", r"rediss?://.+", "a redis:// or rediss:// URL"),
             broker_timeout_seconds=env.float("BROKER_TIMEOUT_SECONDS", cls.broker_timeout_seconds),
             delivery_queue=env.text("DELIVERY_QUEUE", cls.delivery_queue),
             delivery_retry_base_seconds=env.float(
@@ -209,7 +220,7 @@ class Settings:
             grace_seconds=env.float("GRACE_SECONDS", cls.grace_seconds),
             log_level=env.choice("LOG_LEVEL", cls.log_level, LOG_LEVELS),
             log_format=env.choice("LOG_FORMAT", "", ("json", "text")),
-            metrics_listen=env.address("METRICS_LISTEN", ""),
+            metrics_listen=env.matching("METRICS_LISTEN", "", "address", ADDRESS, "host:port, like :9464"),
             allow_console_delivery=env.bool("ALLOW_CONSOLE_DELIVERY", cls.allow_console_delivery),
             migrate_on_start=env.bool("MIGRATE_ON_START", cls.migrate_on_start),
             audit_retention_days=env.int("AUDIT_RETENTION_DAYS", cls.audit_retention_days, 1, 36500),
@@ -217,6 +228,20 @@ class Settings:
                 "RETENTION_INTERVAL_SECONDS", cls.retention_interval_seconds
             ),
         )
+
+
+def check_keys(keys: str, active_version: int | None) -> Keyring:
+    """The keyring of TWOFACTOR_KEYS, or a SettingsError naming the entry (never a key) that is wrong."""
+    try:
+        keyring = Keyring.parse(keys)
+    except KeyringError as error:
+        raise SettingsError(f"TWOFACTOR_KEYS: {error}") from None
+    if active_version is not None and active_version not in keyring.versions:
+        raise SettingsError(
+            f"TWOFACTOR_ACTIVE_KEY_VERSION is {active_version}, but TWOFACTOR_KEYS has only version(s) "
+            f"{', '.join(map(str, keyring.versions))}; add that key first"
+        )
+    return Keyring.parse(keys, active_version)
 
 
 class _Env:
@@ -241,29 +266,14 @@ class _Env:
         value = self._raw(name, kind, default)
         return default if value is None else value
 
-    def address(self, name: str, default: str) -> str:
-        """host:port (port 0 to 65535); the host may be empty (every interface) or [ipv6]."""
-        value = self.text(name, default, "address")
-        if value == default:
-            return value
-        host, sep, port = value.rpartition(":")
-        bare_ipv6 = ":" in host.strip("[]") and not host.startswith("[")
-        if not sep or not port.isdigit() or int(port) > 65535 or bare_ipv6:
-            raise SettingsError(f"{self.PREFIX}{name} must be host:port, like 0.0.0.0:9464, got {value!r}")
+    def matching(self, name: str, default: str, kind: str, pattern: str, wanted: str) -> str:
+        value = self.text(name, default, kind)
+        if value != default and not re.fullmatch(pattern, value, re.IGNORECASE):
+            raise SettingsError(f"{self.PREFIX}{name} must be {wanted}, got {mask_url(value)!r}")
         return value
 
-    def url(self, name: str, schemes: tuple[str, ...]) -> str:
-        value = self.text(name, "", "url")
-        if value and value.partition("://")[0].lower() not in schemes:
-            wanted = " or ".join(s + "://" for s in schemes)
-            raise SettingsError(f"{self.PREFIX}{name} must be a {wanted} URL, got {mask_url(value)!r}")
-        return value
-
-    def email(self, name: str, default: str) -> str:
-        value = self.text(name, default, "email")
-        if not re.fullmatch(r"[^@\s]+@[^@\s]+", value):
-            raise SettingsError(f"{self.PREFIX}{name} must be an email address, got {value!r}")
-        return value
+    def optional_int(self, name: str, low: int, high: int) -> int | None:
+        return None if self._raw(name, "int", "") is None else self.int(name, 0, low, high)
 
     def int(self, name: str, default: int, low: int, high: int) -> int:
         value = self._raw(name, "int", default)
@@ -367,6 +377,7 @@ class _Env:
 
 
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+ADDRESS = r"(\[[0-9a-f:.]+\]|[^:\[\]\s]*):\d{1,5}"  # host:port, [ipv6]:port, or :port
 
 
 def mask_url(url: str) -> str:
@@ -374,27 +385,15 @@ def mask_url(url: str) -> str:
     return re.sub(r"(://[^:/@]*:)[^@/]*@", r"\1****@", url)
 
 
-def setting_kinds() -> dict[str, str]:
-    """Every TWOFACTOR_* variable the settings read, and how it is parsed (for tests and docs)."""
-    Settings._read(env := _Env({}))
-    return dict(env.kinds)
+def unknown_variables() -> list[str]:
+    """TWOFACTOR_* variables in the environment that no setting reads: most likely typos."""
+    from twofactor_server.configuration import unknown_in
+
+    return unknown_in(os.environ)
 
 
-def unknown_variables(environ: Mapping[str, str] | None = None) -> list[str]:
-    """TWOFACTOR_* variables that no setting reads: most likely typos."""
-    known = setting_kinds()
-    return sorted(
-        n
-        for n in (os.environ if environ is None else environ)
-        if n.startswith("TWOFACTOR_") and n not in known
-    )
+def effective_configuration() -> list[tuple[str, str]]:
+    """(variable, effective value) of every setting from the environment, secrets masked."""
+    from twofactor_server.configuration import effective_in
 
-
-def effective_configuration(environ: Mapping[str, str] | None = None) -> list[tuple[str, str]]:
-    """(variable, effective value) for every setting, secrets masked; raises SettingsError like from_env."""
-    env = _Env(os.environ if environ is None else environ)
-    Settings._read(env)
-    return [
-        (name, "****" if name in SECRET_SETTINGS and value else mask_url(value))
-        for name, value in sorted(env.values.items())
-    ]
+    return effective_in(os.environ)

@@ -10,6 +10,33 @@ from twofactor_server.delivery.providers import ProviderConfigError, build_email
 from twofactor_server.settings import Settings, SettingsError, unknown_variables
 
 
+def require_readable_store(settings: Settings) -> None:
+    """Refuse to start when stored codes need a key version this worker's keyring lacks."""
+    from twofactor_server.app import load_keyring
+    from twofactor_server.storage.database import open_database
+    from twofactor_server.usecases.key_rotation import require_keys_for_stored_values
+
+    keyring = load_keyring(settings)
+    db = open_database(
+        settings.database_url,
+        data_dir=settings.data_dir,
+        pool_size=1,
+        timeout=settings.storage_timeout_seconds,
+    )
+    try:
+        db.migrate()  # as the server does at start; safe with several processes
+        require_keys_for_stored_values(db, keyring)
+    except SettingsError:
+        raise
+    except Exception as error:  # the database can't be reached: one line, no traceback
+        raise SettingsError(
+            f"can't check which key versions stored values use ({type(error).__name__}: {error}); "
+            "check that TWOFACTOR_DATABASE_URL is reachable"
+        ) from None
+    finally:
+        db.close()
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="twofactor worker", description="Run a Celery delivery worker")
     parser.add_argument("--concurrency", type=int, default=2)
@@ -28,6 +55,7 @@ def main(argv: list[str] | None = None) -> int:
             build_sms_sender(settings)
         except ProviderConfigError as error:
             raise SettingsError(str(error)) from None
+        require_readable_store(settings)
     except SettingsError as error:
         print(f"twofactor: configuration error: {error}", file=sys.stderr)
         return 2

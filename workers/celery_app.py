@@ -9,10 +9,13 @@ from celery import Celery
 
 from twofactor_server.delivery.task_queue import celery_config
 from twofactor_server.settings import Settings
+from twofactor_workers.storage_pause import StoragePause
 
 
 def create_celery(settings: Settings) -> Celery:
-    return Celery("twofactor", config_source=celery_config(settings), include=["twofactor_workers.tasks"])
+    app = Celery("twofactor", config_source=celery_config(settings), include=["twofactor_workers.tasks"])
+    app.steps["consumer"].add(StoragePause)
+    return app
 
 
 app = create_celery(Settings.from_env())

@@ -15,7 +15,7 @@ import binascii
 import os
 import struct
 
-from twofactor_server.domain.keyring import Keyring, KeyringError
+from twofactor_server.domain.keyring import Keyring, KeyringError, KeyVersionMissing
 
 STEP_UP = "step_up"  # the keyring purpose: a step-up MAC can't pass for any other keyed hash
 PREFIX = "tfv1."
@@ -62,6 +62,8 @@ def token_is_valid(
     try:
         return keyring.matches(mac, _mac_data(user_id, actor, epoch, issued_ms, nonce), purpose=STEP_UP)
     except KeyringError:  # too short to carry a key version: not one of ours
+        return False
+    except KeyVersionMissing:  # made under a retired key (or forged): the caller verifies again
         return False
 
 

@@ -118,3 +118,23 @@ class NewAuditEvent:
     request_id: str
     outcome: str
     detail: str
+
+
+@dataclass(frozen=True, slots=True)
+class StoredBackupCode:
+    """A backup code row as key rotation reads it (used or not)."""
+
+    user_id: str
+    position: int
+    code_hash: bytes
+    code_ciphertext: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class KeyUsageRecord:
+    """How many stored values of one kind were made under one key version."""
+
+    kind: str
+    version: int
+    count: int
+    expires_by_ms: int | None  # waiting challenge codes: when the last of them expires

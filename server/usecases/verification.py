@@ -118,7 +118,7 @@ class Verification:
             if step is not None:
                 sealed = methods[AUTHENTICATOR].secret
                 assert sealed is not None
-                step_taken = store.accept_totp_step(tx, user_id, step, sealed, now, accepted_event)
+                step_taken = self._accept_step_locked(tx, user_id, step, sealed, now, accepted_event)
                 if step_taken is not None:
                     return self._accepted(user_id, CodeKind.AUTHENTICATOR, step_taken, now, caller)
             if digits is not None and (EMAIL in usable or SMS in usable):
@@ -204,6 +204,32 @@ class Verification:
         if accepted is None:
             return reserved
         return self._accepted(user_id, CodeKind.AUTHENTICATOR, accepted, now, caller)
+
+    def _accept_step_locked(
+        self,
+        tx: Transaction,
+        user_id: str,
+        step: int,
+        sealed: bytes,
+        now: int,
+        accepted_event: NewAuditEvent | None = None,
+    ) -> AcceptedStep | None:
+        """store.accept_totp_step under the user's row lock, re-reading the sealed secret when
+        `twofactor keys rotate` re-encrypted it meanwhile: the rotation takes no user lock, and
+        the plaintext (so the step) is the same. A rotation never turns a right code into a
+        counted failure; a replayed step still finds the same secret and is refused."""
+        for _ in range(3):  # each retry needs another re-encryption of this secret: a bounded race
+            taken = store.accept_totp_step(tx, user_id, step, sealed, now, accepted_event)
+            if taken is not None:
+                return taken
+            reread = next(
+                (m.secret for m in store.methods_of(tx, user_id) if m.method == AUTHENTICATOR and m.enabled),
+                None,
+            )
+            if reread is None or reread == sealed:
+                return None
+            sealed = reread
+        return None
 
     def _double_submit(self, q: Transaction, user_id: str, failures: int, now: int) -> VerifyOutcome:
         metrics.verification(VerifyResult.REJECTED.value, "none")

@@ -158,3 +158,19 @@ def test_service_error_fails_closed(server: Harness, example: Callable[..., Run]
     assert code == 2
     assert "UNAUTHENTICATED" in err
     assert "LOGIN ALLOWED" not in out
+
+
+def test_a_user_without_a_second_factor_is_let_in_only_when_the_policy_allows(
+    start_server: ServerFactory, example: Callable[..., Run]
+) -> None:
+    """What the docstring says: no enrollment unless the policy forces it (or --enroll)."""
+    relaxed = start_server()
+    run = example("--target", relaxed.target, "--token", APP_TOKEN, "--user", "nia")
+    code, out, err = run.finish()
+    assert (code, decision(out)) == (0, "LOGIN ALLOWED"), out + err
+    assert "nia has no second factor and the policy doesn't require one" in out
+    assert "secret (for typing in):" not in out
+
+    forced = start_server(policy={"force_two_factor": True})
+    enroll = example("--target", forced.target, "--token", APP_TOKEN, "--user", "nia")
+    assert enroll.read_until("secret (for typing in):")

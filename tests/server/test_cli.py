@@ -181,6 +181,6 @@ def test_demo_enrolls_from_the_terminal(tmp_path: Path) -> None:
     now = time.time()
     out, err = demo.communicate(f"{totp.at(now)}\n{totp.at(now + 30)}\n", timeout=60)
     assert demo.returncode == 0, err
-    assert "Backup codes" in out and "VERIFY_RESULT_ACCEPTED" in out
+    assert "Backup codes" in out and "Logged in: terminal-user passed the second factor." in out
     served.process.send_signal(signal.SIGTERM)
     served.finish()

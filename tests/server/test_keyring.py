@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from twofactor_server.domain.keyring import Keyring, KeyringError
+from twofactor_server.domain.keyring import Keyring, KeyringError, KeyVersionMissing, version_of
 
 
 def test_round_trip_bound_to_user_and_purpose() -> None:
@@ -28,12 +28,31 @@ def test_rotation_newest_encrypts_all_decrypt() -> None:
     sealed_old = before.encrypt(b"a", purpose="p", user_id="u")
     hash_old = before.keyed_hash(b"code", purpose="p")
     after = Keyring.parse(f"{old},{new}")
-    assert after.current_version == 2
+    assert after.active_version == 2
     assert after.decrypt(sealed_old, purpose="p", user_id="u") == b"a"
     assert after.matches(hash_old, b"code", purpose="p")
     assert after.encrypt(b"a", purpose="p", user_id="u")[:4] == (2).to_bytes(4, "big")
-    with pytest.raises(KeyringError, match="no key version 2"):
+    with pytest.raises(KeyVersionMissing, match="key version 2, which TWOFACTOR_KEYS lacks") as missing:
         Keyring.parse(old).decrypt(after.encrypt(b"a", purpose="p", user_id="u"), purpose="p", user_id="u")
+    assert missing.value.reason == "KEY_VERSION_MISSING"
+    # A hash under a missing version is an error too, never a mismatch counted as a wrong code.
+    with pytest.raises(KeyVersionMissing, match="key version 2"):
+        Keyring.parse(old).matches(after.keyed_hash(b"code", purpose="p"), b"code", purpose="p")
+
+
+def test_an_explicit_active_version_encrypts_while_newer_keys_only_decrypt() -> None:
+    old, new = Keyring.new_key_spec(1), Keyring.new_key_spec(2)
+    staged = Keyring.parse(f"{old},{new}", active_version=1)
+    activated = Keyring.parse(f"{old},{new}")
+    assert staged.active_version == 1 and staged.versions == (1, 2)
+    assert version_of(staged.encrypt(b"a", purpose="p", user_id="u")) == 1
+    assert version_of(staged.keyed_hash(b"a", purpose="p")) == 1
+    # Each process reads what the other writes: the staged rollout has no unreadable moment.
+    assert staged.decrypt(activated.encrypt(b"a", purpose="p", user_id="u"), purpose="p", user_id="u") == b"a"
+    assert staged.matches(activated.keyed_hash(b"c", purpose="p"), b"c", purpose="p")
+    assert activated.decrypt(staged.encrypt(b"b", purpose="p", user_id="u"), purpose="p", user_id="u") == b"b"
+    with pytest.raises(KeyringError, match="active key version 3 is not in the keyring"):
+        Keyring.parse(f"{old},{new}", active_version=3)
 
 
 def test_keyed_hash_depends_on_key_purpose_and_data() -> None:
@@ -45,7 +64,29 @@ def test_keyed_hash_depends_on_key_purpose_and_data() -> None:
     assert not Keyring.parse(Keyring.new_key_spec(1)).matches(stored, b"123456", purpose="challenge_code")
 
 
-@pytest.mark.parametrize("spec", ["", "1", "x:AAAA", "1:not-base64!", "1:AAAA"])
-def test_refuses_malformed_or_short_keys(spec: str) -> None:
-    with pytest.raises(KeyringError):
+KEY_1 = Keyring.new_key_spec(1)
+KEY_2 = Keyring.new_key_spec(2)
+
+
+@pytest.mark.parametrize(
+    ("spec", "message"),
+    [
+        ("", "entry 1 of 1 is empty"),
+        ("1", "entry 1 of 1 is not version:base64key"),
+        ("x:AAAA", "entry 1 of 1 is not version:base64key"),
+        (f"{KEY_1},", "entry 2 of 2 is empty"),
+        ("1:not-base64!", r"entry 1 of 1 \(version 1\): the key is not valid base64"),
+        ("1:AAAA", r"entry 1 of 1 \(version 1\): the key is 3 bytes, it must be 32"),
+        ("1:", r"entry 1 of 1 \(version 1\) has an empty key"),
+        ("0:" + KEY_1.partition(":")[2], "the version must be between 1 and"),
+        (
+            f"{KEY_1},{KEY_2},1:{KEY_2.partition(':')[2]}",
+            r"entry 3 of 3 \(version 1\): version 1 appears twice",
+        ),
+    ],
+)
+def test_refuses_malformed_short_or_duplicate_keys_naming_the_entry(spec: str, message: str) -> None:
+    with pytest.raises(KeyringError, match=message) as refused:
         Keyring.parse(spec)
+    for key in (KEY_1, KEY_2):  # the message names the entry, never a key
+        assert key.partition(":")[2] not in str(refused.value)

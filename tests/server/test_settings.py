@@ -14,7 +14,7 @@ import pytest
 
 from tests.conftest import APP_TOKEN, TEST_KEYS
 from twofactor_server.cli import main
-from twofactor_server.settings import setting_kinds
+from twofactor_server.configuration import setting_kinds
 
 TWOFACTOR = str(Path(sys.executable).with_name("twofactor"))
 

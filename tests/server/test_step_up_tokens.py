@@ -80,3 +80,13 @@ def test_a_token_survives_key_rotation() -> None:
     rotated = Keyring.parse(f"{old_spec},{Keyring.new_key_spec(2)}")
     assert valid(issued, keyring=rotated)
     assert valid(token(keyring=rotated), keyring=rotated)
+
+
+def test_a_token_made_under_a_key_the_server_lacks_is_simply_not_valid() -> None:
+    """After key 1 is retired, a token it made is refused like an expired one (the caller
+    verifies again), not answered KEY_VERSION_MISSING; the staged rollout's servers accept
+    each other's tokens."""
+    old, new = Keyring.new_key_spec(1), Keyring.new_key_spec(2)
+    staged, activated = Keyring.parse(f"{old},{new}", active_version=1), Keyring.parse(f"{old},{new}")
+    assert valid(token(activated), staged) and valid(token(staged), activated)
+    assert not valid(token(Keyring.parse(old)), Keyring.parse(new))

@@ -179,13 +179,10 @@ def wait_for_health(h: Harness, status: int, bound: float) -> float:
 
 def prepare(h: Harness, clock: Clock) -> str:
     """`ana` enrolled in the authenticator app, with an email; returns her secret."""
-    secret, _ = enroll_authenticator(h, clock, "ana")
-    h.twofactor.SetContact(  # a sensitive change: it needs the step-up proof of a fresh Verify
-        pb.SetContactRequest(
-            user_id="ana", email="ana@example.com", verification_token=verified_token(h, clock, "ana", secret)
-        ),
-        metadata=h.app_metadata,
+    h.twofactor.SetContact(  # before enrolling: afterwards a contact change needs a step-up proof
+        pb.SetContactRequest(user_id="ana", email="ana@example.com"), metadata=h.app_metadata
     )
+    secret, _ = enroll_authenticator(h, clock, "ana")
     assert all(status == SERVING for status in health_of(h).values())
     return secret
 
@@ -309,13 +306,12 @@ def test_sqlite_waits_for_a_busy_file_no_longer_than_the_storage_timeout(
     )
     try:
         secret, _ = enroll_authenticator(h, clock, "ana")
-        token = verified_token(h, clock, "ana", secret)  # SetContact is a sensitive change (step-up)
         blocker = sqlite3.connect(chosen.data_dir / "twofactor.sqlite3", isolation_level=None, timeout=0)
         with closing(blocker):
             blocker.execute("BEGIN IMMEDIATE")  # another process holds the write lock
             code, reason, took = outcome(
                 lambda: h.twofactor.SetContact(
-                    pb.SetContactRequest(user_id="ana", email="ana@example.com", verification_token=token),
+                    pb.SetContactRequest(user_id="ana", email="ana@example.com"),
                     metadata=h.app_metadata,
                     timeout=30,
                 )
@@ -324,6 +320,7 @@ def test_sqlite_waits_for_a_busy_file_no_longer_than_the_storage_timeout(
             assert 0.4 <= took < 3.0, f"waited {took:.2f} s for a 0.5 s storage timeout"
             assert all(status == SERVING for status in health_of(h).values())
             blocker.execute("ROLLBACK")
+        token = verified_token(h, clock, "ana", secret)
         h.twofactor.SetContact(
             pb.SetContactRequest(user_id="ana", email="ana@example.com", verification_token=token),
             metadata=h.app_metadata,

@@ -1,0 +1,102 @@
+"""The account panel: methods on and off, contacts, the backup-codes dialog."""
+
+from __future__ import annotations
+
+import twofactor
+from flask import Blueprint, flash, redirect, render_template, request, url_for
+from werkzeug.wrappers import Response
+
+from . import step_up
+from .access import current_user, method_info, signed_in, tf
+from .second_factor import BY_METHOD
+
+pages = Blueprint("account", __name__)
+
+
+@pages.get("/account")
+@signed_in
+def account() -> str:
+    status = tf().status(current_user().user_id)
+    methods = [
+        {
+            "info": BY_METHOD[m],
+            "enabled": m in status.enabled_methods,
+            "pending": m in status.pending_methods,
+        }
+        for m in status.allowed_methods
+    ]
+    return render_template("account.html", status=status, methods=methods, fresh=step_up.is_fresh())
+
+
+@pages.get("/contacts")
+@signed_in
+@step_up.required
+def contacts_form() -> str:
+    return render_template("contacts.html", status=tf().status(current_user().user_id))
+
+
+@pages.post("/contacts")
+@signed_in
+@step_up.required
+def contacts() -> Response | str:
+    email, phone = request.form.get("email", "").strip(), request.form.get("phone", "").strip()
+    try:
+        result = tf().set_contact(
+            current_user().user_id,
+            # Empty leaves a contact as it is; the "remove" box sends "" (removes it).
+            email="" if request.form.get("remove_email") else (email or None),
+            phone="" if request.form.get("remove_phone") else (phone or None),
+            token=step_up.token(),
+        )
+    except twofactor.InvalidArgument as error:
+        flash(
+            "That email address doesn't look right."
+            if error.reason == "INVALID_EMAIL"
+            else "Give the mobile number with its country code, like +14155550123.",
+            "error",
+        )
+        return redirect(url_for(".contacts_form"))
+    flash(f"Saved. Email: {result.masked_email or 'none'}; phone: {result.masked_phone or 'none'}.", "info")
+    return redirect(url_for(".account"))
+
+
+@pages.get("/methods/<slug>/disable")
+@signed_in
+@step_up.required
+def disable_form(slug: str) -> str:
+    return render_template("disable.html", info=method_info(slug))
+
+
+@pages.post("/methods/<slug>/disable")
+@signed_in
+@step_up.required
+def disable(slug: str) -> Response:
+    info = method_info(slug)
+    try:
+        tf().disable_method(current_user().user_id, info.method, token=step_up.token())
+    except twofactor.LastMethodRequired:
+        flash("This site requires two-factor verification: turn on another method first.", "error")
+        return redirect(url_for(".account"))
+    except twofactor.NotEnrolled:
+        pass  # already off (a second click, another tab): the outcome the user asked for
+    flash(f"{info.label} is off.", "info")
+    return redirect(url_for(".account"))
+
+
+@pages.get("/backup-codes")
+@signed_in
+@step_up.required
+def backup_codes() -> str:
+    codes = tf().backup_codes(current_user().user_id, token=step_up.token())
+    return render_template("backup_codes.html", codes=codes, fresh_set=False)
+
+
+@pages.post("/backup-codes")
+@signed_in
+@step_up.required
+def regenerate_backup_codes() -> str:
+    # Rendered from the response, not redirected: the new set is in hand, and on a server
+    # with step-up tokens the regeneration has made the session's token stale.
+    codes = tf().regenerate_backup_codes(current_user().user_id, token=step_up.token())
+    flash("New backup codes: the old ones no longer work.", "info")
+    return render_template("backup_codes.html", codes=codes, fresh_set=True)

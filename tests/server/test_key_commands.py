@@ -1,0 +1,214 @@
+"""`twofactor keygen`, `token` and `keys status | rotate` as operators run them, and the keyring
+checks every command makes at start (configuration errors, exit status 2, no traceback)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import APP_TOKEN, TEST_KEYS, Clock, ServerFactory
+from tests.server.helpers import enroll_authenticator
+from twofactor_server.domain import backup_codes
+from twofactor_server.domain.keyring import BACKUP_CODE, TOTP_SECRET, Keyring
+from twofactor_server.settings import PolicySettings, Settings
+from twofactor_server.storage import store
+from twofactor_server.storage.database import Database, open_database
+from twofactor_server.usecases.backup_codes import BackupCodes, backup_code_data
+from twofactor_server.usecases.key_rotation import KeyRotation
+
+TWOFACTOR = str(Path(sys.executable).with_name("twofactor"))
+KEY_2 = Keyring.new_key_spec(2)
+TOKENS = f"backend:app:{hashlib.sha256(APP_TOKEN.encode()).hexdigest()}"
+BAD_KEYRINGS = {
+    "duplicate": (
+        f"{TEST_KEYS},{KEY_2},1:{KEY_2.partition(':')[2]}",
+        "entry 3 of 3 (version 1): version 1 appears twice",
+    ),
+    "wrong length": (
+        f"{TEST_KEYS},2:AAAAAAAAAAAAAAAAAAAAAA==",
+        "entry 2 of 2 (version 2): the key is 16 bytes",
+    ),
+    "bad base64": (f"{TEST_KEYS},2:not*base64", "entry 2 of 2 (version 2): the key is not valid base64"),
+}
+COMMANDS = {
+    "serve": [TWOFACTOR, "serve"],
+    "worker": [TWOFACTOR, "worker"],
+    "worker module": [sys.executable, "-m", "twofactor_workers"],
+    "migrate": [TWOFACTOR, "migrate"],
+    "keys status": [TWOFACTOR, "keys", "status"],
+    "keys rotate": [TWOFACTOR, "keys", "rotate"],
+}
+
+
+def env_for(settings: Settings, **variables: str) -> dict[str, str]:
+    """The environment of a `twofactor` process on the test's store."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TWOFACTOR_")}
+    store_vars = {"DATABASE_URL": settings.database_url} if settings.database_url else {}
+    values = {"DATA_DIR": str(settings.data_dir), "TOKENS": TOKENS, **store_vars, **variables}
+    env.update({f"TWOFACTOR_{k}": v for k, v in values.items()})
+    return env
+
+
+def run(command: list[str], env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(command, env=env, capture_output=True, text=True, timeout=120)
+
+
+def test_keygen_prints_an_entry_of_the_asked_version_and_says_how_to_add_it() -> None:
+    made = run([TWOFACTOR, "keygen", "--version", "7"], dict(os.environ))
+    assert made.returncode == 0
+    entry = made.stdout.strip()
+    assert entry.startswith("7:") and len(made.stdout.splitlines()) == 1
+    keyring = Keyring.parse(f"{TEST_KEYS},{entry}")  # appends as it is
+    assert keyring.versions == (1, 7)
+    assert "TWOFACTOR_KEYS" in made.stderr and "TWOFACTOR_ACTIVE_KEY_VERSION" in made.stderr
+    assert run([TWOFACTOR, "keygen"], dict(os.environ)).stdout.startswith("1:")
+    refused = run([TWOFACTOR, "keygen", "--version", "0"], dict(os.environ))
+    assert refused.returncode == 2 and "Traceback" not in refused.stderr
+
+
+def test_token_prints_an_entry_ready_to_append(tmp_path: Path) -> None:
+    made = run([TWOFACTOR, "token", "new-backend", "app"], dict(os.environ))
+    assert made.returncode == 0
+    token = next(line.split()[-1] for line in made.stdout.splitlines() if line.startswith("token:"))
+    entry = next(line.split()[-1] for line in made.stdout.splitlines() if line.startswith("TWOFACTOR_TOKENS"))
+    settings = Settings.from_env({"TWOFACTOR_TOKENS": f"{TOKENS},{entry}"})
+    assert [t.name for t in settings.tokens] == ["backend", "new-backend"]
+    assert settings.tokens[1].sha256 == hashlib.sha256(token.encode()).digest()
+    assert "remove the old entry" in made.stderr
+
+
+@pytest.mark.parametrize("command", list(COMMANDS))
+@pytest.mark.parametrize("keyring", list(BAD_KEYRINGS))
+def test_a_bad_keyring_stops_every_command_with_one_line(
+    tmp_path: Path, base_settings_for_cli: Settings, command: str, keyring: str
+) -> None:
+    spec, message = BAD_KEYRINGS[keyring]
+    result = run(
+        COMMANDS[command], env_for(base_settings_for_cli, KEYS=spec, BROKER_URL="redis://127.0.0.1:1/0")
+    )
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.startswith(f"twofactor: configuration error: TWOFACTOR_KEYS: {message}")
+    assert len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.stderr
+    assert KEY_2.partition(":")[2] not in result.stderr  # never a key in the message
+
+
+def test_an_active_version_missing_from_the_keyring_stops_start_up(base_settings_for_cli: Settings) -> None:
+    result = run([TWOFACTOR, "serve"], env_for(base_settings_for_cli, KEYS=TEST_KEYS, ACTIVE_KEY_VERSION="2"))
+    assert result.returncode == 2
+    assert "TWOFACTOR_ACTIVE_KEY_VERSION is 2, but TWOFACTOR_KEYS has only version(s) 1" in result.stderr
+
+
+@pytest.fixture
+def base_settings_for_cli(tmp_path: Path) -> Settings:
+    return Settings(data_dir=tmp_path / "data")
+
+
+@pytest.mark.parametrize("command", ["serve", "worker"])
+def test_a_keyring_missing_a_version_still_in_use_refuses_to_start(
+    start_server: ServerFactory, settings: Settings, clock: Clock, command: str
+) -> None:
+    h = start_server()
+    enroll_authenticator(h, clock, "alice")
+    h.server.stop(grace=None)
+    result = run(
+        [TWOFACTOR, command],
+        env_for(settings, KEYS=KEY_2, LISTEN="127.0.0.1:0", BROKER_URL="redis://127.0.0.1:6379/0"),
+    )
+    assert result.returncode == 2, result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.stderr
+    assert (
+        "stored values need key version 1 (1 TOTP secrets, 10 backup-code ciphertexts, "
+        "10 backup-code hashes), which TWOFACTOR_KEYS lacks"
+    ) in result.stderr
+
+
+def seed(db: Database, users: int) -> dict[str, tuple[bytes, list[str]]]:
+    """Users with an authenticator secret and ten backup codes under key 1, written by the use case's
+    own storage calls (faster than enrolling each through the API); returns what each must still hold."""
+    keyring = Keyring.parse(TEST_KEYS)
+    codes = BackupCodes(db, keyring, PolicySettings(), Clock())
+    seeded = {}
+    with db.transaction() as tx:
+        for i in range(users):
+            user_id = f"user-{i:05d}"
+            secret = os.urandom(20)
+            store.ensure_user(tx, user_id, 0)
+            sealed = keyring.encrypt(secret, purpose=TOTP_SECRET, user_id=user_id)
+            store.start_method_enrollment(tx, user_id, "authenticator", 0, pending_secret=sealed)
+            store.enable_method(tx, user_id, "authenticator", 0)
+            shown = codes.replace_set(tx, user_id, 0)
+            seeded[user_id] = (secret, [backup_codes.normalize(c) or "" for c in shown])
+    return seeded
+
+
+def versions(rotation: KeyRotation) -> dict[int, int]:
+    found: dict[int, int] = {}
+    for usage in rotation.status():
+        found[usage.version] = found.get(usage.version, 0) + usage.count
+    return found
+
+
+@pytest.mark.parametrize("stop_with", [signal.SIGTERM, signal.SIGKILL])
+def test_an_interrupted_rotation_resumes_and_loses_nothing(settings: Settings, stop_with: int) -> None:
+    db = open_database(
+        settings.database_url, data_dir=settings.data_dir, timeout=120
+    )  # seeding is one long unit
+    db.migrate()
+    seeded = seed(db, 300)
+    both = f"{TEST_KEYS},{KEY_2}"
+    watcher = KeyRotation(db, Keyring.parse(both))
+    env = env_for(settings, KEYS=both)
+    process = subprocess.Popen(
+        [TWOFACTOR, "keys", "rotate", "--batch-size", "3"],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    deadline = time.monotonic() + 120
+    while versions(watcher).get(2, 0) < 1000:  # wait until it is well under way (backup codes)
+        assert process.poll() is None and time.monotonic() < deadline, "the rotation never started"
+        time.sleep(0.005)
+    process.send_signal(stop_with)
+    _, err = process.communicate(timeout=120)
+    midway = versions(watcher)
+    assert midway.get(1, 0) > 0 and midway.get(2, 0) > 0, midway  # it was stopped part-way
+    if stop_with == signal.SIGTERM:
+        assert process.returncode == 1
+        assert "interrupted: run `twofactor keys rotate` again to finish" in err and "Traceback" not in err
+    else:
+        assert process.returncode == -signal.SIGKILL
+
+    again = run([TWOFACTOR, "keys", "rotate"], env)
+    assert again.returncode == 0, again.stderr
+    assert "no TOTP secret or backup code uses another key version now" in again.stdout
+    assert versions(watcher) == {2: 300 * (1 + 10 + 10)}
+    status = run([TWOFACTOR, "keys", "status"], env)
+    assert "key version 1 (in TWOFACTOR_KEYS):" in status.stdout
+    assert "unused: it can be removed from TWOFACTOR_KEYS" in status.stdout
+    as_json = json.loads(run([TWOFACTOR, "keys", "status", "--json"], env).stdout)
+    assert as_json["versions"]["2"]["backup_code_hash"]["count"] == 3000
+
+    # Nothing lost: with key 2 alone, every secret and every backup code is what was seeded.
+    new_only = Keyring.parse(KEY_2)
+    with db.transaction() as tx:
+        for user_id, (secret, codes) in seeded.items():
+            (method,) = store.methods_of(tx, user_id)
+            assert method.secret is not None
+            assert new_only.decrypt(method.secret, purpose=TOTP_SECRET, user_id=user_id) == secret
+            rows = store.unused_backup_codes(tx, user_id)
+            assert [
+                new_only.decrypt(r.code_ciphertext, purpose=BACKUP_CODE, user_id=user_id).decode()
+                for r in rows
+            ] == codes
+            for row, code in zip(rows, codes, strict=True):
+                assert new_only.matches(row.code_hash, backup_code_data(user_id, code), purpose=BACKUP_CODE)
+    db.close()

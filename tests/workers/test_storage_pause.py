@@ -1,0 +1,64 @@
+"""The worker stops taking delivery tasks while its storage is down and takes them again when it
+answers (a private PostgreSQL cluster, stopped and started; the shared one is never touched)."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+import pytest
+
+from tests.conftest import REDIS_URL, ServerFactory
+from tests.private_postgres import PrivatePostgres
+from tests.smtp_sink import SmtpSink, code_in
+from tests.workers.celery_harness import Workers, celery_server, messages_left, start_email_enrollment
+from tests.workers.test_outbox_recovery import private_database, wait_for_log
+from twofactor_server.delivery.dispatch import CeleryDispatcher
+
+__all__ = ["private_database"]  # a fixture, used by name below
+
+PAUSED = r"storage unavailable: not taking delivery tasks from \S+ until it answers"
+RESUMED = r"storage answers again: taking delivery tasks from \S+"
+
+
+def wait_until(condition: Callable[[], bool], what: str, timeout: float = 90) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, what
+        time.sleep(0.1)
+
+
+@pytest.mark.parametrize("backend", ["postgres"], indirect=True)  # the private cluster, not a shared schema
+def test_the_worker_takes_no_task_while_its_storage_is_down(
+    private_database: PrivatePostgres,
+    sink: SmtpSink,
+    start_server: ServerFactory,
+    queue: str,
+    workers_for: Callable[..., Workers],
+) -> None:
+    database = private_database
+    h = celery_server(start_server, sink, queue, database_url=database.url)
+    workers = workers_for(h)
+    workers.env.update({"TWOFACTOR_STORAGE_PROBE_SECONDS": "0.2", "TWOFACTOR_STORAGE_TIMEOUT_SECONDS": "1"})
+    workers.start()
+    start_email_enrollment(h, "ivy")
+    assert code_in(sink.wait_for_messages(1, timeout=90)[0])  # it takes tasks while storage answers
+
+    database.stop()
+    wait_for_log(workers, PAUSED)
+    publisher = CeleryDispatcher(h.settings)
+    try:
+        publisher.dispatch("0" * 32, 0)  # a task arrives during the outage
+    finally:
+        publisher.close()
+    wait_until(lambda: messages_left(REDIS_URL, queue) == 1, "the message never reached the queue")
+    # Several probe periods later it is still waiting in the broker, not taken and retried.
+    watched_until = time.monotonic() + 3
+    while time.monotonic() < watched_until:
+        assert messages_left(REDIS_URL, queue) == 1, "a worker took a task while its storage was down"
+        time.sleep(0.1)
+
+    database.start()
+    wait_for_log(workers, RESUMED)
+    wait_until(lambda: messages_left(REDIS_URL, queue) == 0, "the waiting task was never taken")
+    assert "Traceback" not in workers.logs()
