@@ -11,7 +11,8 @@ from twofactor_server.settings import Settings, SettingsError, unknown_variables
 
 
 def require_readable_store(settings: Settings) -> None:
-    """Refuse to start when stored codes need a key version this worker's keyring lacks."""
+    """Refuse to start when stored codes need a key version this worker's keyring lacks
+    (checked when the database answers at start; a worker started during an outage waits)."""
     from twofactor_server.app import load_keyring
     from twofactor_server.storage.database import open_database
     from twofactor_server.usecases.key_rotation import require_keys_for_stored_values
@@ -29,10 +30,13 @@ def require_readable_store(settings: Settings) -> None:
     except SettingsError:
         raise
     except Exception as error:  # the database can't be reached: one line, no traceback
-        raise SettingsError(
-            f"can't check which key versions stored values use ({type(error).__name__}: {error}); "
-            "check that TWOFACTOR_DATABASE_URL is reachable"
-        ) from None
+        # Start anyway: the worker takes no task until its storage answers (storage_pause.py),
+        # and a stored value under a missing key then fails that delivery with its reason.
+        print(
+            f"twofactor worker: can't check which key versions stored values use yet "
+            f"({type(error).__name__}); starting, and taking no task until the database answers",
+            file=sys.stderr,
+        )
     finally:
         db.close()
 
