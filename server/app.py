@@ -26,18 +26,24 @@ from twofactor.v1 import (
 from twofactor_server.api import reflection
 from twofactor_server.api.admin_servicer import AdminServicer
 from twofactor_server.api.interceptors import ApiInterceptor
+from twofactor_server.api.monitoring import MonitoringInterceptor
 from twofactor_server.api.twofactor_servicer import TwoFactorServicer
+from twofactor_server.delivery.broker_health import CHECK_INTERVAL_SECONDS, BrokerHealth
 from twofactor_server.delivery.dispatch import build_dispatcher
 from twofactor_server.domain.clock import Clock, system_clock
 from twofactor_server.domain.keyring import Keyring
 from twofactor_server.health import StorageHealth
+from twofactor_server.observability.metrics import serve_metrics
+from twofactor_server.periodic import Periodic
 from twofactor_server.settings import Settings, SettingsError, TokenSetting, check_keys
 from twofactor_server.storage.database import Database, open_database
+from twofactor_server.storage.migrator import pending_migrations
 from twofactor_server.usecases.admin import Admin
 from twofactor_server.usecases.backup_codes import BackupCodes
 from twofactor_server.usecases.challenges import Challenges, Dispatcher
 from twofactor_server.usecases.enrollment import Enrollment
 from twofactor_server.usecases.key_rotation import require_keys_for_stored_values
+from twofactor_server.usecases.retention import Retention
 from twofactor_server.usecases.users import UserProfiles
 from twofactor_server.usecases.verification import Verification
 
@@ -58,6 +64,7 @@ class TwoFactorServer:
     health: health.HealthServicer
     storage_health: StorageHealth
     on_stop: list[Callable[[], None]] = field(default_factory=list)
+    metrics_port: int = 0  # the /metrics port when TWOFACTOR_METRICS_LISTEN is set
 
     def start(self) -> None:
         self.grpc_server.start()
@@ -83,6 +90,7 @@ def create_server(
     dispatcher: Dispatcher | None = None,
 ) -> tuple[TwoFactorServer, int]:
     """Build the server from settings and bind it; returns it unstarted with its port (0 picks one)."""
+    require_usable_data_dir(settings)
     keyring = load_keyring(settings)
     tokens = load_tokens(settings)
     credentials = server_credentials(settings)
@@ -94,7 +102,13 @@ def create_server(
     )
     on_stop: list[Callable[[], None]] = []
     try:
-        db.migrate()
+        if settings.migrate_on_start:  # off: a fleet's migrate job does it, once, before the rollout
+            db.migrate()
+        elif pending := pending_migrations(db):
+            raise SettingsError(
+                f"the database lacks migrations {', '.join(pending)}: run `twofactor migrate` first "
+                "(TWOFACTOR_MIGRATE_ON_START is false)"
+            )
         require_keys_for_stored_values(db, keyring, clock)
         if dispatcher is None:
             dispatcher, close = build_dispatcher(settings, db=db, keyring=keyring, clock=clock)
@@ -114,7 +128,7 @@ def create_server(
 
         grpc_server = grpc.server(
             futures.ThreadPoolExecutor(max_workers=settings.max_workers, thread_name_prefix="rpc"),
-            interceptors=[ApiInterceptor(tokens)],
+            interceptors=[MonitoringInterceptor(), ApiInterceptor(tokens)],
             options=[("grpc.so_reuseport", 0)],
         )
         twofactor_service_pb2_grpc.add_TwoFactorServiceServicer_to_server(twofactor_servicer, grpc_server)
@@ -132,6 +146,20 @@ def create_server(
             grpc_server,
         )
         port = _bind(grpc_server, settings.listen, credentials)
+        metrics_port = _serve_metrics(settings.metrics_listen, on_stop)
+        retention = Periodic(
+            "retention",
+            settings.retention_interval_seconds,
+            Retention(db, settings.audit_retention_days, clock).run_once,
+        )
+        retention.start()
+        on_stop.append(retention.stop)
+        broker = BrokerHealth(settings, health_servicer)
+        broker.check()
+        if settings.broker_url:
+            broker_checks = Periodic("broker-health", CHECK_INTERVAL_SECONDS, broker.check)
+            broker_checks.start()
+            on_stop.append(broker_checks.stop)
     except BaseException:
         # A server that fails to start releases what it opened.
         for close in on_stop:
@@ -139,7 +167,22 @@ def create_server(
         db.close()
         raise
     storage_health = StorageHealth(db, health_servicer, SERVICE_NAMES, settings.storage_probe_seconds)
-    return TwoFactorServer(grpc_server, db, health_servicer, storage_health, on_stop), port
+    return TwoFactorServer(grpc_server, db, health_servicer, storage_health, on_stop, metrics_port), port
+
+
+def _serve_metrics(listen: str, on_stop: list[Callable[[], None]]) -> int:
+    """Start /metrics on `listen` (empty: none); returns its port, 0 for none."""
+    if not listen:
+        return 0
+    try:
+        endpoint = serve_metrics(listen)
+    except (OSError, ValueError) as error:
+        raise SettingsError(
+            f"TWOFACTOR_METRICS_LISTEN: could not serve metrics on {listen} ({error})"
+        ) from None
+    on_stop.append(endpoint.close)
+    log.info("metrics on http://%s:%d/metrics", endpoint.host or "0.0.0.0", endpoint.port)  # noqa: S104
+    return endpoint.port
 
 
 def server_credentials(settings: Settings) -> grpc.ServerCredentials | None:
@@ -184,6 +227,20 @@ def _bind(grpc_server: grpc.Server, listen: str, credentials: grpc.ServerCredent
     if port == 0:
         raise SettingsError(f"could not listen on {listen} (address in use or not valid)")
     return port
+
+
+def require_usable_data_dir(settings: Settings) -> None:
+    """The embedded default keeps its database and development secrets in TWOFACTOR_DATA_DIR."""
+    if not settings.embedded:
+        return
+    try:
+        settings.data_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise SettingsError(
+            f"TWOFACTOR_DATA_DIR: cannot create {settings.data_dir} ({error.strerror})"
+        ) from None
+    if not os.access(settings.data_dir, os.W_OK | os.X_OK):
+        raise SettingsError(f"TWOFACTOR_DATA_DIR: {settings.data_dir} is not writable by this user")
 
 
 def load_keyring(settings: Settings) -> Keyring:

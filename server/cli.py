@@ -1,4 +1,5 @@
-"""The `twofactor` command: serve, migrate, worker, demo, code, keygen, token, keys."""
+"""The `twofactor` command: serve, migrate, worker, worker-health, health, config, demo, code, keygen,
+token, keys."""
 
 from __future__ import annotations
 
@@ -12,7 +13,9 @@ import threading
 from twofactor_server import key_commands
 from twofactor_server.domain.errors import TwoFactorError
 from twofactor_server.domain.keyring import MAX_VERSION
-from twofactor_server.settings import Settings, SettingsError
+from twofactor_server.settings import Settings, SettingsError, effective_configuration, unknown_variables
+
+log = logging.getLogger("twofactor_server.cli")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -23,6 +26,12 @@ def main(argv: list[str] | None = None) -> int:
     worker = commands.add_parser("worker", help="run a Celery delivery worker (needs TWOFACTOR_BROKER_URL)")
     worker.add_argument("--concurrency", type=int, default=2)
     worker.add_argument("--loglevel", default="INFO")
+    worker.add_argument("--hostname", help="the worker's node name (Celery's default: celery@<hostname>)")
+    worker_health = commands.add_parser(
+        "worker-health", help="ping this host's delivery worker over the broker; exit 0 when it answers"
+    )
+    worker_health.add_argument("--name", help="the worker's node name (default: celery@<hostname>)")
+    worker_health.add_argument("--timeout", type=float, default=5.0)
     demo = commands.add_parser("demo", help="enroll a user in the authenticator app against a running server")
     demo.add_argument("--target", default="localhost:50051")
     demo.add_argument(
@@ -41,6 +50,16 @@ def main(argv: list[str] | None = None) -> int:
     token = commands.add_parser("token", help="print a new API token and its TWOFACTOR_TOKENS entry")
     token.add_argument("name")
     token.add_argument("scopes", help="app, admin or app+admin")
+    commands.add_parser("config", help="print the effective configuration, secrets masked")
+    health = commands.add_parser(
+        "health", help="ask a server's gRPC health service; exit 0 when SERVING, 1 otherwise"
+    )
+    health.add_argument("--target", help="HOST:PORT (default: TWOFACTOR_LISTEN)")
+    health.add_argument("--service", default="", help='the health service name (default "": the server)')
+    health.add_argument("--timeout", type=float, default=5.0, help="seconds to wait for the answer")
+    health.add_argument("--ca-file", default="", help="CA to trust (default: TWOFACTOR_TLS_CERT_FILE)")
+    health.add_argument("--cert", default="", help="client certificate, when the server requires one")
+    health.add_argument("--key", default="", help="the client certificate's key")
     keys = commands.add_parser("keys", help="see and rotate the keys stored values are encrypted under")
     keys_commands = keys.add_subparsers(dest="keys_command", required=True)
     status = keys_commands.add_parser("status", help="how many stored values use each key version")
@@ -53,11 +72,16 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         settings = Settings.from_env()
-        logging.basicConfig(
-            level=settings.log_level,
-            format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-            stream=sys.stderr,
-        )
+        configure_logging(settings)
+        if args.command == "config":
+            for name, value in effective_configuration():
+                print(f"{name}={value}")
+            return 0
+        if args.command == "health":
+            from twofactor_server.health_probe import TlsOptions, probe
+
+            tls = TlsOptions(ca_file=args.ca_file, cert_file=args.cert, key_file=args.key)
+            return probe(settings, target=args.target, service=args.service, timeout=args.timeout, tls=tls)
         if args.command == "serve":
             return serve(settings)
         if args.command == "migrate":
@@ -69,7 +93,10 @@ def main(argv: list[str] | None = None) -> int:
             print(f"applied: {', '.join(applied) or 'nothing, already up to date'}")
             return 0
         if args.command == "worker":
-            return run_worker(args.concurrency, args.loglevel)
+            return run_worker(args.concurrency, args.loglevel, args.hostname)
+        if args.command == "worker-health":
+            options = [f"--timeout={args.timeout}", *([f"--name={args.name}"] if args.name else [])]
+            return exec_module("twofactor_workers.health", options)
         if args.command == "demo":
             from twofactor_server.demo import run_demo
 
@@ -93,6 +120,16 @@ def main(argv: list[str] | None = None) -> int:
         print(f"twofactor: {error.message}", file=sys.stderr)
         return 1
     return 1
+
+
+def configure_logging(settings: Settings) -> None:
+    """Logs as the settings say, and a warning for each TWOFACTOR_* variable no setting reads."""
+    from twofactor_server.observability import logs
+
+    log_format = settings.log_format or logs.default_format(sys.stderr)
+    logs.configure_logging(settings.log_level, log_format)
+    for name in unknown_variables():
+        log.warning("%s is not a twofactor setting and is ignored (a typo?)", name)
 
 
 def _key_version(text: str) -> int:
@@ -149,8 +186,12 @@ def print_code(secret_base32: str, *, next_step: bool) -> int:
     return 0
 
 
-def run_worker(concurrency: int, loglevel: str) -> int:
+def run_worker(concurrency: int, loglevel: str, hostname: str | None = None) -> int:
     """Become a delivery worker: the worker package runs Celery; the server package never imports it."""
+    if Settings.from_env().metrics_listen:
+        from twofactor_server.observability.metrics import prepare_multiprocess_dir
+
+        prepare_multiprocess_dir()  # pool processes add up in one /metrics (prometheus_client's mode)
     sys.stdout.flush()
     sys.stderr.flush()
     argv = [
@@ -159,8 +200,17 @@ def run_worker(concurrency: int, loglevel: str) -> int:
         "twofactor_workers",
         f"--concurrency={concurrency}",
         f"--loglevel={loglevel}",
+        *([f"--hostname={hostname}"] if hostname else []),
     ]
     os.execv(sys.executable, argv)  # noqa: S606 - same process id: signals and supervisors reach the worker itself
+
+
+def exec_module(module: str, options: list[str]) -> int:
+    """Become `python -m module options...` (the server package never imports the worker package)."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execv(sys.executable, [sys.executable, "-m", module, *options])  # noqa: S606
+    return 1  # not reached
 
 
 if __name__ == "__main__":

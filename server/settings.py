@@ -7,6 +7,7 @@ Settings (or the parts of it it needs) as constructor arguments.
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -14,6 +15,7 @@ from pathlib import Path
 from twofactor_server.domain.keyring import MAX_VERSION, Keyring, KeyringError
 
 METHOD_NAMES = ("authenticator", "email", "sms")
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 
 
 class SettingsError(ValueError):
@@ -38,6 +40,7 @@ class PolicySettings:
     lockout_base_seconds: int = 60
     lockout_max_seconds: int = 86400
     max_consecutive_failures: int = 100  # NIST SP 800-63B §5.2.2
+    audit_verifications: str = "failures"  # failures | all (accepted codes too)
     # Sensitive calls for an enrolled user need a recent verification_token from Verify.
     step_up_required: bool = True
     step_up_seconds: int = 300
@@ -111,6 +114,12 @@ class Settings:
     max_workers: int = 8  # a small pool: fewer threads contend for the GIL (docs/benchmarks.md)
     grace_seconds: float = 10.0
     log_level: str = "INFO"
+    log_format: str = ""  # json | text; empty: text at a terminal, json otherwise
+    metrics_listen: str = ""  # host:port of /metrics; empty: no metrics endpoint
+    allow_console_delivery: bool = False  # console providers with PostgreSQL (they print codes)
+    audit_retention_days: int = 365
+    migrate_on_start: bool = True  # false: `twofactor migrate` (a job) applies migrations
+    retention_interval_seconds: float = 3600.0  # how often the retention job runs (server and workers)
 
     @property
     def embedded(self) -> bool:
@@ -118,7 +127,10 @@ class Settings:
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
-        env = _Env(os.environ if environ is None else environ)
+        return cls._read(_Env(os.environ if environ is None else environ))
+
+    @classmethod
+    def _read(cls, env: _Env) -> Settings:
         defaults = PolicySettings()
         policy = PolicySettings(
             allowed_methods=env.methods("ALLOWED_METHODS", defaults.allowed_methods),
@@ -144,6 +156,9 @@ class Settings:
             max_consecutive_failures=env.int(
                 "MAX_CONSECUTIVE_FAILURES", defaults.max_consecutive_failures, 1, 100
             ),
+            audit_verifications=env.choice(
+                "AUDIT_VERIFICATIONS", defaults.audit_verifications, ("failures", "all")
+            ),
             step_up_required=env.choice("STEP_UP", "required", ("required", "off")) == "required",
             step_up_seconds=env.int("STEP_UP_SECONDS", defaults.step_up_seconds, 10, 86400),
             sms_allowed_countries=env.countries("SMS_ALLOWED_COUNTRIES"),
@@ -162,25 +177,29 @@ class Settings:
             security=env.choice("SMTP_SECURITY", SmtpSettings.security, ("starttls", "tls", "none")),
             username=env.text("SMTP_USERNAME", ""),
             password=env.text("SMTP_PASSWORD", ""),
-            from_address=env.text("SMTP_FROM", SmtpSettings.from_address),
+            from_address=env.matching(
+                "SMTP_FROM", SmtpSettings.from_address, "email", r"\S+@\S+", "an email"
+            ),
             timeout_seconds=env.float("SMTP_TIMEOUT_SECONDS", SmtpSettings.timeout_seconds),
             ca_file=env.text("SMTP_CA_FILE", ""),
         )
         sns = SnsSettings(
             region=env.text("SNS_REGION", SnsSettings.region),
-            endpoint_url=env.text("SNS_ENDPOINT_URL", ""),
+            endpoint_url=env.matching("SNS_ENDPOINT_URL", "", "url", r"https?://.+", "an http(s):// URL"),
             sender_id=env.text("SNS_SENDER_ID", ""),
         )
         return cls(
-            listen=env.text("LISTEN", cls.listen),
-            database_url=env.text("DATABASE_URL", ""),
+            listen=env.matching("LISTEN", cls.listen, "address", ADDRESS, "host:port"),
+            database_url=env.matching(
+                "DATABASE_URL", "", "url", r"postgres(ql)?://.+", "a postgresql:// URL"
+            ),
             database_pool_size=env.int("DATABASE_POOL_SIZE", cls.database_pool_size, 1, 200),
             storage_timeout_seconds=env.float("STORAGE_TIMEOUT_SECONDS", cls.storage_timeout_seconds),
             storage_probe_seconds=env.float("STORAGE_PROBE_SECONDS", cls.storage_probe_seconds),
             data_dir=Path(env.text("DATA_DIR", str(cls.data_dir))),
             keys=keys,
             active_key_version=active_key_version,
-            broker_url=env.text("BROKER_URL", ""),
+            broker_url=env.matching("BROKER_URL", "", "url", r"rediss?://.+", "a redis:// or rediss:// URL"),
             broker_timeout_seconds=env.float("BROKER_TIMEOUT_SECONDS", cls.broker_timeout_seconds),
             delivery_queue=env.text("DELIVERY_QUEUE", cls.delivery_queue),
             delivery_retry_base_seconds=env.float(
@@ -199,7 +218,15 @@ class Settings:
             tls_client_ca_file=env.text("TLS_CLIENT_CA_FILE", ""),
             max_workers=env.int("MAX_WORKERS", cls.max_workers, 1, 1024),
             grace_seconds=env.float("GRACE_SECONDS", cls.grace_seconds),
-            log_level=env.text("LOG_LEVEL", cls.log_level).upper(),
+            log_level=env.choice("LOG_LEVEL", cls.log_level, LOG_LEVELS),
+            log_format=env.choice("LOG_FORMAT", "", ("json", "text")),
+            metrics_listen=env.matching("METRICS_LISTEN", "", "address", ADDRESS, "host:port, like :9464"),
+            allow_console_delivery=env.bool("ALLOW_CONSOLE_DELIVERY", cls.allow_console_delivery),
+            migrate_on_start=env.bool("MIGRATE_ON_START", cls.migrate_on_start),
+            audit_retention_days=env.int("AUDIT_RETENTION_DAYS", cls.audit_retention_days, 1, 36500),
+            retention_interval_seconds=env.float(
+                "RETENTION_INTERVAL_SECONDS", cls.retention_interval_seconds
+            ),
         )
 
 
@@ -224,20 +251,32 @@ class _Env:
 
     def __init__(self, environ: Mapping[str, str]) -> None:
         self._environ = environ
+        self.kinds: dict[str, str] = {}  # every variable read, and how it is parsed
+        self.values: dict[str, str] = {}  # the effective value of each, as text
 
-    def _raw(self, name: str) -> str | None:
-        value = self._environ.get(self.PREFIX + name)
-        return None if value is None or value.strip() == "" else value.strip()
+    def _raw(self, name: str, kind: str, default: object) -> str | None:
+        self.kinds.setdefault(self.PREFIX + name, kind)
+        value = (self._environ.get(self.PREFIX + name) or "").strip() or None
+        self.values[self.PREFIX + name] = str(default) if value is None else value
+        if value is not None and _CONTROL.search(value):
+            raise SettingsError(f"{self.PREFIX}{name} contains a control character (a stray paste?)")
+        return value
 
-    def text(self, name: str, default: str) -> str:
-        value = self._raw(name)
+    def text(self, name: str, default: str, kind: str = "text") -> str:
+        value = self._raw(name, kind, default)
         return default if value is None else value
 
+    def matching(self, name: str, default: str, kind: str, pattern: str, wanted: str) -> str:
+        value = self.text(name, default, kind)
+        if value != default and not re.fullmatch(pattern, value, re.IGNORECASE):
+            raise SettingsError(f"{self.PREFIX}{name} must be {wanted}, got {mask_url(value)!r}")
+        return value
+
     def optional_int(self, name: str, low: int, high: int) -> int | None:
-        return None if self._raw(name) is None else self.int(name, 0, low, high)
+        return None if self._raw(name, "int", "") is None else self.int(name, 0, low, high)
 
     def int(self, name: str, default: int, low: int, high: int) -> int:
-        value = self._raw(name)
+        value = self._raw(name, "int", default)
         if value is None:
             return default
         try:
@@ -249,7 +288,7 @@ class _Env:
         return number
 
     def float(self, name: str, default: float) -> float:
-        value = self._raw(name)
+        value = self._raw(name, "float", default)
         if value is None:
             return default
         try:
@@ -261,7 +300,7 @@ class _Env:
         return number
 
     def bool(self, name: str, default: bool) -> bool:
-        value = self._raw(name)
+        value = self._raw(name, "bool", str(default).lower())
         if value is None:
             return default
         lowered = value.lower()
@@ -272,13 +311,14 @@ class _Env:
         raise SettingsError(f"{self.PREFIX}{name} must be true or false, got {value!r}")
 
     def choice(self, name: str, default: str, choices: tuple[str, ...]) -> str:
-        value = self.text(name, default).lower()
-        if value not in choices:
+        value = self.text(name, default, "choice")
+        value = value.upper() if choices == LOG_LEVELS else value.lower()
+        if value not in choices and value != default:
             raise SettingsError(f"{self.PREFIX}{name} must be one of {', '.join(choices)}, got {value!r}")
         return value
 
     def methods(self, name: str, default: tuple[str, ...]) -> tuple[str, ...]:
-        value = self._raw(name)
+        value = self._raw(name, "methods", ",".join(default))
         if value is None:
             return default
         methods = tuple(dict.fromkeys(m.strip().lower() for m in value.split(",") if m.strip()))
@@ -293,7 +333,7 @@ class _Env:
         """ISO 3166-1 alpha-2 codes separated by commas, as libphonenumber knows them (GB, not UK)."""
         import phonenumbers  # only here: the rest of the settings need no phone library
 
-        value = self._raw(name)
+        value = self._raw(name, "countries", "")
         if value is None:
             return ()
         codes = tuple(dict.fromkeys(c.strip().upper() for c in value.split(",") if c.strip()))
@@ -311,7 +351,7 @@ class _Env:
         Only digests are configured, so the environment never holds a usable
         token; `twofactor token` prints a new token and its entry.
         """
-        value = self._raw(name)
+        value = self._raw(name, "tokens", "")
         if value is None:
             return ()
         tokens = []
@@ -334,3 +374,26 @@ class _Env:
                 )
             tokens.append(TokenSetting(token_name, scope_set, sha256))
         return tuple(tokens)
+
+
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+ADDRESS = r"(\[[0-9a-f:.]+\]|[^:\[\]\s]*):\d{1,5}"  # host:port, [ipv6]:port, or :port
+
+
+def mask_url(url: str) -> str:
+    """The URL with the password of its user part replaced by ****."""
+    return re.sub(r"(://[^:/@]*:)[^@/]*@", r"\1****@", url)
+
+
+def unknown_variables() -> list[str]:
+    """TWOFACTOR_* variables in the environment that no setting reads: most likely typos."""
+    from twofactor_server.configuration import unknown_in
+
+    return unknown_in(os.environ)
+
+
+def effective_configuration() -> list[tuple[str, str]]:
+    """(variable, effective value) of every setting from the environment, secrets masked."""
+    from twofactor_server.configuration import effective_in
+
+    return effective_in(os.environ)

@@ -4,7 +4,9 @@ store, and the gRPC server on a free port over a real channel."""
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
+import re
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
@@ -20,6 +22,7 @@ from twofactor.v1 import admin_service_pb2_grpc, twofactor_service_pb2_grpc
 
 from twofactor_server.app import TwoFactorServer, create_server
 from twofactor_server.domain.keyring import Keyring
+from twofactor_server.observability.logs import ContextFilter, JsonFormatter
 from twofactor_server.settings import PolicySettings, Settings, TokenSetting
 
 # The shared services the suite uses; the environment can point elsewhere (today's values are the defaults).
@@ -102,7 +105,7 @@ def base_settings(tmp_path: Path, **overrides: Any) -> Settings:
         keys=TEST_KEYS,
         tokens=TOKENS,
         max_workers=64,
-        **overrides,
+        **{"allow_console_delivery": True, **overrides},  # tests read codes from console senders
     )
 
 
@@ -197,3 +200,49 @@ def moto_endpoint() -> Iterator[str]:
         server.stop()
         # stop() shuts the loop down but leaves the listening socket open (a ResourceWarning).
         server._server.server_close()  # type: ignore[union-attr]
+
+
+class _LogLines(logging.Handler):
+    """Every record the service's own loggers write during a test, at DEBUG, formatted as JSON."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.lines: list[str] = []
+        self.setFormatter(JsonFormatter())
+        self.addFilter(ContextFilter())
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.lines.append(self.format(record))
+
+
+# What a secret looks like in a line: the test tokens, a backup code, a base32 TOTP secret.
+_LEAKS = re.compile(
+    "|".join(
+        [
+            re.escape(APP_TOKEN),
+            re.escape(ADMIN_TOKEN),
+            r"\b[0-9abcdefghjkmnpqrstvwxyz]{5}-[0-9abcdefghjkmnpqrstvwxyz]{5}\b",
+            r"\b[A-Z2-7]{32,}\b",
+        ]
+    )
+)
+
+
+@pytest.fixture(autouse=True)
+def no_secret_in_any_log_line() -> Iterator[None]:
+    """Scans every line the server and workers log in every test (tests/server/test_logs.py also
+    checks each code and secret it exchanged by value)."""
+    handler = _LogLines()
+    loggers = [logging.getLogger(name) for name in ("twofactor_server", "twofactor_workers")]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.addHandler(handler)
+        logger.setLevel(logging.DEBUG)
+    try:
+        yield
+    finally:
+        for logger, level in zip(loggers, levels, strict=True):
+            logger.removeHandler(handler)
+            logger.setLevel(level)
+    leaks = [line for line in handler.lines if _LEAKS.search(line)]
+    assert leaks == [], f"secrets in log lines: {leaks[:5]}"

@@ -7,7 +7,7 @@ import logging
 import sys
 
 from twofactor_server.delivery.providers import ProviderConfigError, build_email_sender, build_sms_sender
-from twofactor_server.settings import Settings, SettingsError
+from twofactor_server.settings import Settings, SettingsError, unknown_variables
 
 
 def require_readable_store(settings: Settings) -> None:
@@ -45,11 +45,15 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="twofactor worker", description="Run a Celery delivery worker")
     parser.add_argument("--concurrency", type=int, default=2)
     parser.add_argument("--loglevel", default="INFO")
+    parser.add_argument("--hostname", help="the worker's node name (default: celery@<hostname>)")
     args = parser.parse_args(argv)
     try:
         settings = Settings.from_env()
         if not settings.broker_url:
             raise SettingsError("TWOFACTOR_BROKER_URL is required to run a worker")
+        from twofactor_server.app import load_keyring
+
+        load_keyring(settings)  # refuse to start with keys that don't parse
         try:  # refuse to start with a provider that can't load
             build_email_sender(settings)
             build_sms_sender(settings)
@@ -59,23 +63,66 @@ def main(argv: list[str] | None = None) -> int:
     except SettingsError as error:
         print(f"twofactor: configuration error: {error}", file=sys.stderr)
         return 2
-    logging.basicConfig(
-        level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
-    )
+    from twofactor_server.observability import logs, metrics
+    from twofactor_workers import observability
+
+    log_format = settings.log_format or logs.default_format(sys.stderr)
+    logs.configure_logging(settings.log_level, log_format)
+    observability.install(settings, log_format)
+    for name in unknown_variables():
+        logging.getLogger(__name__).warning("%s is not a twofactor setting and is ignored (a typo?)", name)
+    if settings.metrics_listen:
+        if not metrics.multiprocess_enabled():
+            print(
+                "twofactor: configuration error: TWOFACTOR_METRICS_LISTEN needs prometheus_client's "
+                "multiprocess mode: start workers with `twofactor worker` (or set PROMETHEUS_MULTIPROC_DIR)",
+                file=sys.stderr,
+            )
+            return 2
+        try:
+            endpoint = metrics.serve_metrics(settings.metrics_listen, multiprocess=True)
+        except (OSError, ValueError) as error:
+            print(f"twofactor: configuration error: TWOFACTOR_METRICS_LISTEN: {error}", file=sys.stderr)
+            return 2
+        logging.getLogger(__name__).info("metrics on %s:%d/metrics", endpoint.host, endpoint.port)
+    from twofactor_server.periodic import Periodic
+
+    # Retention runs here too, so a fleet of workers alone keeps the tables trimmed.
+    Periodic("retention", settings.retention_interval_seconds, lambda: run_retention(settings)).start()
     from twofactor_workers.celery_app import app
 
-    app.worker_main(
-        [
-            "worker",
-            f"--queues={settings.delivery_queue}",
-            f"--concurrency={args.concurrency}",
-            f"--loglevel={args.loglevel}",
-            "--without-gossip",
-            "--without-mingle",
-            "--without-heartbeat",
-        ]
-    )
+    # `celery [--quiet] worker ...`: with JSON logs, no banner, so every line is a JSON record.
+    try:
+        app.start(
+            [
+                *(["--quiet"] if log_format == "json" else []),
+                "worker",
+                f"--queues={settings.delivery_queue}",
+                f"--concurrency={args.concurrency}",
+                f"--loglevel={args.loglevel}",
+                "--without-gossip",
+                "--without-mingle",
+                "--without-heartbeat",
+                *([f"--hostname={args.hostname}"] if args.hostname else []),
+            ]
+        )
+    finally:
+        if settings.metrics_listen:
+            metrics.remove_multiprocess_dir()
     return 0
+
+
+def run_retention(settings: Settings) -> None:
+    """One retention run on a connection of its own (opened and closed here: the pool forks)."""
+    from twofactor_server.domain.clock import system_clock
+    from twofactor_server.storage.database import open_database
+    from twofactor_server.usecases.retention import Retention
+
+    db = open_database(settings.database_url, data_dir=settings.data_dir, pool_size=1)
+    try:
+        Retention(db, settings.audit_retention_days, system_clock).run_once()
+    finally:
+        db.close()
 
 
 if __name__ == "__main__":

@@ -58,8 +58,17 @@ class AdminServicer(pb_grpc.AdminServiceServicer):
         self, request: pb.ListAuditEventsRequest, context: grpc.ServicerContext
     ) -> pb.ListAuditEventsResponse:
         user_id = requests.user_id(request.user_id) if request.user_id else ""
+        since, until = requests.time_range(
+            request.since if request.HasField("since") else None,
+            request.until if request.HasField("until") else None,
+        )
         events, token = self._admin.list_audit_events(
-            user_id=user_id, page_size=request.page_size, page_token=request.page_token
+            user_id=user_id,
+            page_size=request.page_size,
+            page_token=request.page_token,
+            actions=requests.audit_actions(list(request.actions)),
+            since_ms=since,
+            until_ms=until,
         )
         return pb.ListAuditEventsResponse(
             events=[convert.audit_event(e) for e in events], next_page_token=token

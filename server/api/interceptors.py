@@ -21,6 +21,7 @@ from google.protobuf.message import DecodeError
 from twofactor_server.api.errors import abort_for
 from twofactor_server.domain.errors import InvalidArgument, PermissionDenied, Unauthenticated
 from twofactor_server.domain.models import Caller
+from twofactor_server.observability import logs
 from twofactor_server.settings import TokenSetting
 
 # Caller is a frozen dataclass, so one shared default is safe.
@@ -125,11 +126,17 @@ class ApiInterceptor(grpc.ServerInterceptor):
         def around(request, context, inner):  # type: ignore[no-untyped-def]
             try:
                 metadata = dict(context.invocation_metadata() or ())
-                request_id = str(metadata.get("x-request-id", ""))[:MAX_REQUEST_ID] or uuid.uuid4().hex
+                request_id = (  # MonitoringInterceptor bound it, and sent it back to the caller
+                    logs.bound().get("request_id")
+                    or str(metadata.get("x-request-id", ""))[:MAX_REQUEST_ID]
+                    or uuid.uuid4().hex
+                )
                 caller = self._authenticate(str(metadata.get("authorization", "")), scope, request_id)
                 if isinstance(request, _Undecodable):
                     raise InvalidArgument("MALFORMED_REQUEST", "the request bytes are not a valid message")
                 token = current_caller.set(caller)
+                # Into MonitoringInterceptor's scope for this call, so its closing line names the token too.
+                logs.bind_more(token=caller.actor)
                 try:
                     return inner(request, context)
                 finally:

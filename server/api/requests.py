@@ -8,6 +8,7 @@ field can carry a NUL, which PostgreSQL refuses, or text that reads differently 
 
 from __future__ import annotations
 
+from google.protobuf import timestamp_pb2
 from twofactor.v1 import common_pb2 as common_pb
 
 from twofactor_server.api.convert import METHOD_FROM_PROTO
@@ -20,6 +21,8 @@ MAX_IDEMPOTENCY_KEY_BYTES = 128
 MAX_LOCALE_BYTES = 35  # BCP 47's practical maximum
 MAX_REASON_BYTES = 1024
 MAX_CHALLENGE_ID_BYTES = 64
+MAX_AUDIT_ACTION_BYTES = 64
+MAX_AUDIT_ACTIONS = 50
 
 
 def user_id(value: str) -> str:
@@ -62,3 +65,25 @@ def code(value: str) -> str:
     if not value or len(value) > 32:
         raise InvalidArgument("INVALID_CODE", "code must be 6 to 10 digits or a backup code like k7m2q-x9p4w")
     return value
+
+
+def audit_actions(values: list[str]) -> tuple[str, ...]:
+    if len(values) > MAX_AUDIT_ACTIONS or any(
+        not 0 < len(v.encode()) <= MAX_AUDIT_ACTION_BYTES or not v.isprintable() for v in values
+    ):
+        raise InvalidArgument(
+            "INVALID_AUDIT_FILTER",
+            f"actions must be at most {MAX_AUDIT_ACTIONS} names of 1 to {MAX_AUDIT_ACTION_BYTES} bytes",
+        )
+    return tuple(dict.fromkeys(values))
+
+
+def time_range(
+    since: timestamp_pb2.Timestamp | None, until: timestamp_pb2.Timestamp | None
+) -> tuple[int | None, int | None]:
+    """[since, until) in milliseconds; until must come after since."""
+    since_ms = None if since is None else since.seconds * 1000 + since.nanos // 1_000_000
+    until_ms = None if until is None else until.seconds * 1000 + until.nanos // 1_000_000
+    if since_ms is not None and until_ms is not None and until_ms <= since_ms:
+        raise InvalidArgument("INVALID_AUDIT_FILTER", "until must be after since")
+    return since_ms, until_ms

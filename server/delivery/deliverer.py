@@ -28,6 +28,7 @@ from twofactor_server.delivery.providers import (
 from twofactor_server.domain.clock import Clock, now_ms, system_clock
 from twofactor_server.domain.errors import StorageUnavailable
 from twofactor_server.domain.keyring import CHALLENGE_CODE, Keyring
+from twofactor_server.observability import metrics
 from twofactor_server.storage import outbox
 from twofactor_server.storage.database import Database
 from twofactor_server.storage.records import ChallengeRecord
@@ -104,6 +105,7 @@ class Deliverer:
             self._record(
                 challenge, "expired", failure_reason="the code expired or was replaced before delivery"
             )
+            self._count(challenge.method, "expired")
             return Outcome("expired")
         try:
             message_id = self._send(challenge, now)
@@ -112,6 +114,7 @@ class Deliverer:
         except PermanentDeliveryError as error:
             log.warning("delivery of %s failed: %s", challenge_id, error.reason)
             self._record(challenge, "failed", failure_reason=error.reason)
+            self._count(challenge.method, "failed")
             return Outcome("failed")
         except TransientDeliveryError as error:
             return self._retry_or_give_up(challenge, now, error.reason)
@@ -125,6 +128,7 @@ class Deliverer:
             log.debug("delivery of %s failed", challenge_id, exc_info=True)
             return self._retry_or_give_up(challenge, now, f"delivery error: {type(error).__name__}")
         self._record(challenge, "sent", provider_message_id=message_id)
+        self._count(challenge.method, "sent", since_send_ms=self._now_ms() - challenge.created_at)
         log.info("delivered %s by %s as %s", challenge_id, challenge.method, message_id)
         return Outcome("sent")
 
@@ -134,6 +138,7 @@ class Deliverer:
         if due >= challenge.expires_at:
             log.warning("delivery of %s failed, no time left to retry: %s", challenge.challenge_id, reason)
             self._record(challenge, "failed", failure_reason=f"gave up: {reason}")
+            self._count(challenge.method, "failed")
             return Outcome("failed")
         log.info("delivery of %s failed, retry in %.1fs: %s", challenge.challenge_id, retry_in, reason)
         # Queued again, the lease released; recovery republishes only if the retry goes missing.
@@ -144,6 +149,7 @@ class Deliverer:
             wipe_code=False,
             republish_at=due + self._recovery_ms,
         )
+        self._count(challenge.method, "retry")
         return Outcome("retry", retry_in)
 
     def _send(self, challenge: ChallengeRecord, now: int) -> str:
@@ -198,6 +204,15 @@ class Deliverer:
                 claimed.challenge_id,
                 status,
             )
+
+    def _count(self, method: str, outcome: str, *, since_send_ms: int | None = None) -> None:
+        sender = self._email if method == "email" else self._sms
+        metrics.delivery(
+            method,
+            metrics.provider_label(sender),
+            outcome,
+            since_send_seconds=None if since_send_ms is None else since_send_ms / 1000,
+        )
 
     def _now_ms(self) -> int:
         return now_ms(self._clock)

@@ -27,6 +27,7 @@ from collections.abc import Callable
 
 from twofactor_server.domain.clock import Clock, now_ms, system_clock
 from twofactor_server.domain.errors import StorageUnavailable, Unavailable
+from twofactor_server.observability import metrics
 from twofactor_server.storage import outbox
 from twofactor_server.storage.database import Database
 
@@ -56,9 +57,11 @@ class OutboxRecovery:
         stale_before = now - self._recovery_ms
         with self._db.transaction() as tx:
             expired = outbox.expire_undelivered(tx, now)
+            oldest = outbox.oldest_waiting_created_at(tx)
             # A worker took these though the server died before recording the publish.
             for challenge in outbox.claimed_but_unpublished(tx, created_before=stale_before, limit=BATCH):
                 outbox.mark_published(tx, challenge, now)
+        metrics.outbox_oldest_queued(0 if oldest is None else (now - oldest) / 1000)
         if expired:
             log.info("outbox recovery: %d undelivered code(s) expired", expired)
         republished = 0
@@ -77,6 +80,7 @@ class OutboxRecovery:
             if len(taken) < BATCH:
                 break
         if republished:
+            metrics.outbox_republished(republished)
             log.warning(
                 "outbox recovery: published %d delivery(ies) again (lost message, dead worker or server)",
                 republished,

@@ -20,7 +20,6 @@ import threading
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from functools import lru_cache
-from importlib import resources
 from pathlib import Path
 from time import monotonic
 from typing import Any, NoReturn, Protocol
@@ -32,6 +31,8 @@ from psycopg_pool import ConnectionPool, PoolTimeout
 
 from twofactor_server.domain.errors import StorageUnavailable
 from twofactor_server.storage.deadlines import Watchdog
+from twofactor_server.storage.migrator import apply_migrations
+from twofactor_server.storage.migrator import migrations as migrations  # re-exported
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +43,7 @@ _START_UP_SECONDS = 10.0  # how long start-up waits for its first connection
 
 
 class Transaction(Protocol):
+    dialect: str  # "postgres" | "sqlite"
     # Appended to a SELECT to hold its rows until commit; empty where the
     # whole transaction is already exclusive (SQLite).
     row_lock: str
@@ -183,7 +185,7 @@ class PostgresDatabase:
             conn.execute("SELECT pg_advisory_lock(%s)", (_MIGRATION_LOCK_ID,))
             try:
                 with conn.transaction():
-                    return _apply_migrations(_PostgresTransaction(conn), self.dialect)
+                    return apply_migrations(_PostgresTransaction(conn), self.dialect)
             finally:
                 conn.execute("SELECT pg_advisory_unlock(%s)", (_MIGRATION_LOCK_ID,))
         finally:
@@ -213,6 +215,7 @@ class PostgresDatabase:
 
 
 class _PostgresTransaction:
+    dialect = "postgres"
     row_lock = " FOR UPDATE"
 
     def __init__(self, conn: psycopg.Connection[Row]) -> None:
@@ -271,7 +274,7 @@ class SqliteDatabase:
 
     def migrate(self) -> list[str]:
         with self.transaction() as tx:
-            return _apply_migrations(tx, self.dialect)
+            return apply_migrations(tx, self.dialect)
 
     def close(self) -> None:
         with self._lock:
@@ -279,6 +282,7 @@ class SqliteDatabase:
 
 
 class _SqliteTransaction:
+    dialect = "sqlite"
     row_lock = ""  # BEGIN IMMEDIATE and the connection lock already serialize transactions
 
     def __init__(self, conn: sqlite3.Connection) -> None:
@@ -326,39 +330,6 @@ def open_database(url: str, *, data_dir: Path, pool_size: int = 10, timeout: flo
     if url.startswith(("postgres://", "postgresql://")):
         return PostgresDatabase(url, pool_size=pool_size, timeout=timeout)
     raise ValueError("TWOFACTOR_DATABASE_URL must be a postgresql:// URL (or empty for the embedded SQLite)")
-
-
-_DIALECT_TYPES = {
-    "postgres": {"BLOB": "BYTEA", "SERIAL_PK": "BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY"},
-    "sqlite": {"BLOB": "BLOB", "SERIAL_PK": "INTEGER PRIMARY KEY AUTOINCREMENT"},
-}
-
-
-def migrations() -> list[tuple[str, str]]:
-    folder = resources.files("twofactor_server.storage") / "migrations"
-    files = sorted((f for f in folder.iterdir() if f.name.endswith(".sql")), key=lambda f: f.name)
-    return [(f.name.removesuffix(".sql"), f.read_text()) for f in files]
-
-
-def _apply_migrations(tx: Transaction, dialect: str) -> list[str]:
-    tx.execute("CREATE TABLE IF NOT EXISTS schema_migrations (version TEXT PRIMARY KEY, applied_at BIGINT)")
-    done = {row["version"] for row in tx.all("SELECT version FROM schema_migrations")}
-    applied = []
-    for version, text in migrations():
-        if version in done:
-            continue
-        sql = text.format(**_DIALECT_TYPES[dialect])
-        for statement in _statements(sql):
-            tx.execute(statement)
-        tx.execute("INSERT INTO schema_migrations (version, applied_at) VALUES (%(v)s, 0)", {"v": version})
-        applied.append(version)
-        log.info("applied migration %s", version)
-    return applied
-
-
-def _statements(sql: str) -> list[str]:
-    without_comments = re.sub(r"--[^\n]*", "", sql)
-    return [s.strip() for s in without_comments.split(";") if s.strip()]
 
 
 @lru_cache(maxsize=512)

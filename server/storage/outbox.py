@@ -283,3 +283,11 @@ def claimed_but_unpublished(tx: Transaction, *, created_before: int, limit: int)
         {"before": created_before, "limit": limit},
     )
     return [ChallengeRecord(**row) for row in rows]
+
+
+def oldest_waiting_created_at(tx: Transaction) -> int | None:
+    """When the oldest challenge still waiting for delivery (queued or sending) was created."""
+    row = tx.one(
+        "SELECT MIN(created_at) AS oldest FROM challenges WHERE delivery_status IN ('queued', 'sending')"
+    )
+    return None if row is None or row["oldest"] is None else int(row["oldest"])

@@ -108,6 +108,19 @@ class NewChallenge:
 
 
 @dataclass(frozen=True, slots=True)
+class NewAuditEvent:
+    """An audit event to insert (event_id comes from the database)."""
+
+    at: int
+    actor: str
+    user_id: str
+    action: str
+    request_id: str
+    outcome: str
+    detail: str
+
+
+@dataclass(frozen=True, slots=True)
 class StoredBackupCode:
     """A backup code row as key rotation reads it (used or not)."""
 

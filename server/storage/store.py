@@ -11,6 +11,7 @@ records (records.py); no caller sees a column name.
 from __future__ import annotations
 
 from collections.abc import Iterable
+from dataclasses import asdict
 
 from twofactor_server.domain.models import AuditEvent
 from twofactor_server.storage.database import Transaction
@@ -18,6 +19,7 @@ from twofactor_server.storage.records import (
     AcceptedStep,
     BackupCodeRecord,
     MethodRecord,
+    NewAuditEvent,
     UserRecord,
     VerifySnapshot,
 )
@@ -123,7 +125,12 @@ def set_attempts(tx: Transaction, user_id: str, failed_attempts: int, locked_unt
 
 
 def accept_totp_step(
-    tx: Transaction, user_id: str, step: int, sealed_secret: bytes, now_ms: int
+    tx: Transaction,
+    user_id: str,
+    step: int,
+    sealed_secret: bytes,
+    now_ms: int,
+    audit: NewAuditEvent | None = None,
 ) -> AcceptedStep | None:
     """Accept an authenticator code's time step in one atomic statement, clearing the failure
     count; return the unused backup codes and the credential epoch.
@@ -133,17 +140,31 @@ def accept_totp_step(
     None when the step was used or the secret replaced. The attempt was counted before the
     code was checked (reserve_attempt, or the row lock of the locking path), so accepting
     need not compare the counters.
+
+    With `audit`, PostgreSQL writes the audit event in that same statement (a data-modifying
+    CTE); SQLite needs a second one, so its callers pass `audit` only inside a transaction.
     """
-    row = tx.one(
+    params = {"u": user_id, "s": step, "now": now_ms, "sealed": sealed_secret}
+    update = (
         "UPDATE users SET totp_last_step = %(s)s, failed_attempts = 0, locked_until = NULL, "
         "last_verified_at = %(now)s "
         "WHERE user_id = %(u)s AND (totp_last_step IS NULL OR totp_last_step < %(s)s) "
         "AND EXISTS (SELECT 1 FROM methods m WHERE m.user_id = %(u)s AND m.method = 'authenticator' "
         "AND m.enabled_at IS NOT NULL AND m.secret = %(sealed)s) "
-        "RETURNING (SELECT COUNT(*) FROM backup_codes b WHERE b.user_id = %(u)s AND b.used_at IS NULL) "
-        "AS backup_left, credential_epoch",
-        {"u": user_id, "s": step, "now": now_ms, "sealed": sealed_secret},
     )
+    backup_left = "(SELECT COUNT(*) FROM backup_codes b WHERE b.user_id = %(u)s AND b.used_at IS NULL)"
+    if audit is not None and tx.dialect == "postgres":
+        row = tx.one(  # the f-string parts are fixed SQL text; every value is a bound parameter
+            f"WITH accepted AS ({update}RETURNING user_id, credential_epoch), "  # noqa: S608
+            "logged AS (INSERT INTO audit_events (at, actor, user_id, action, request_id, outcome, detail) "
+            "SELECT %(at)s, %(actor)s, user_id, %(action)s, %(request_id)s, %(outcome)s, %(detail)s "
+            f"FROM accepted) SELECT {backup_left} AS backup_left, credential_epoch FROM accepted",
+            {**params, **{k: v for k, v in asdict(audit).items() if k != "user_id"}},
+        )
+    else:
+        row = tx.one(f"{update}RETURNING {backup_left} AS backup_left, credential_epoch", params)
+        if row is not None and audit is not None:
+            add_audit_event(tx, **asdict(audit))
     return None if row is None else AcceptedStep(int(row["backup_left"]), int(row["credential_epoch"]))
 
 
@@ -348,16 +369,32 @@ def add_audit_event(
 
 
 def list_audit_events(
-    tx: Transaction, *, user_id: str, before_id: int | None, limit: int
+    tx: Transaction,
+    *,
+    user_id: str,
+    before_id: int | None,
+    limit: int,
+    actions: tuple[str, ...] = (),
+    since_ms: int | None = None,
+    until_ms: int | None = None,
 ) -> list[AuditEvent]:
-    clauses = []
-    if user_id:
-        clauses.append("user_id = %(u)s")
-    if before_id is not None:
-        clauses.append("event_id < %(before)s")
+    """Newest first; every filter is a bound parameter (the clauses themselves are fixed text)."""
+    names = {f"a{i}": action for i, action in enumerate(actions)}
+    params = {"u": user_id, "before": before_id, "n": limit, "since": since_ms, "until": until_ms, **names}
+    clauses = [
+        clause
+        for clause, wanted in (
+            ("user_id = %(u)s", user_id),
+            ("event_id < %(before)s", before_id is not None),
+            (f"action IN ({', '.join(f'%({name})s' for name in names)})", names),
+            ("at >= %(since)s", since_ms is not None),
+            ("at < %(until)s", until_ms is not None),
+        )
+        if wanted
+    ]
     where = f"WHERE {' AND '.join(clauses)}" if clauses else ""
     rows = tx.all(
         f"SELECT * FROM audit_events {where} ORDER BY event_id DESC LIMIT %(n)s",  # noqa: S608
-        {"u": user_id, "before": before_id, "n": limit},
+        params,
     )
     return [AuditEvent(**row) for row in rows]

@@ -73,12 +73,28 @@ class Admin:
             return load_state(tx, existing_user(tx, user_id), self._policy, self._now_ms())
 
     def list_audit_events(
-        self, *, user_id: str, page_size: int, page_token: str
+        self,
+        *,
+        user_id: str,
+        page_size: int,
+        page_token: str,
+        actions: tuple[str, ...] = (),
+        since_ms: int | None = None,
+        until_ms: int | None = None,
     ) -> tuple[list[AuditEvent], str]:
+        """Newest first, filtered by user, actions and time range [since, until); a page at a time."""
         limit = _page_size(page_size)
         before = int(_decode_token(page_token, "e")) if page_token else None
         with self._db.transaction() as tx:
-            rows = store.list_audit_events(tx, user_id=user_id, before_id=before, limit=limit + 1)
+            rows = store.list_audit_events(
+                tx,
+                user_id=user_id,
+                before_id=before,
+                limit=limit + 1,
+                actions=actions,
+                since_ms=since_ms,
+                until_ms=until_ms,
+            )
         page = rows[:limit]
         next_token = _encode_token("e", str(page[-1].event_id)) if len(rows) > limit else ""
         return page, next_token

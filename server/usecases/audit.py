@@ -5,6 +5,13 @@ from __future__ import annotations
 from twofactor_server.domain.models import Caller
 from twofactor_server.storage import store
 from twofactor_server.storage.database import Transaction
+from twofactor_server.storage.records import NewAuditEvent
+
+# Verify answers that are audit events: every failure, and acceptances with
+# TWOFACTOR_AUDIT_VERIFICATIONS=all (backup codes always: backup_code_used).
+VERIFICATION_REJECTED = "verification_rejected"
+VERIFICATION_LOCKED = "verification_locked"
+VERIFICATION_ACCEPTED = "verification_accepted"
 
 
 def record(
@@ -20,6 +27,21 @@ def record(
     """Add an event in the caller's transaction, so it commits (or not) with what it describes."""
     store.add_audit_event(
         tx,
+        at=at_ms,
+        actor=caller.actor,
+        user_id=user_id,
+        action=action,
+        request_id=caller.request_id,
+        outcome=outcome,
+        detail=detail,
+    )
+
+
+def event(
+    caller: Caller, at_ms: int, user_id: str, action: str, *, outcome: str = "success", detail: str = ""
+) -> NewAuditEvent:
+    """An event for storage to write within a statement of its own choosing (the fast Verify path)."""
+    return NewAuditEvent(
         at=at_ms,
         actor=caller.actor,
         user_id=user_id,

@@ -12,6 +12,7 @@ from twofactor_server.domain.clock import Clock, now_ms
 from twofactor_server.domain.errors import FailedPrecondition, NotFound, ResourceExhausted, Unavailable
 from twofactor_server.domain.keyring import CHALLENGE_CODE, Keyring
 from twofactor_server.domain.models import Caller, ChallengeView
+from twofactor_server.observability import metrics
 from twofactor_server.settings import PolicySettings
 from twofactor_server.storage import outbox, store
 from twofactor_server.storage.database import Database, Transaction
@@ -151,9 +152,11 @@ class Challenges:
             with self._db.transaction() as tx:
                 voided = outbox.void_unpublished(tx, challenge_id, now_ms(self._clock))
             if voided:
+                metrics.code_sent(method, "not_queued")
                 raise
             # The message got through after all (a worker took it) or recovery published it.
             log.info("publish of %s reported failure, but its delivery is under way", challenge_id)
+        metrics.code_sent(method, "queued")
         with self._db.transaction() as tx:
             challenge = outbox.get_challenge(tx, challenge_id)
             assert challenge is not None
@@ -183,6 +186,7 @@ class Challenges:
         last = outbox.last_send_ms(tx, user_id)
         cooldown_ends = (last or 0) + policy.resend_cooldown_seconds * 1000
         if last is not None and cooldown_ends > now:
+            metrics.send_refused("RESEND_TOO_SOON")
             raise ResourceExhausted(
                 "RESEND_TOO_SOON",
                 "a code was sent moments ago; wait before sending another",
@@ -190,6 +194,7 @@ class Challenges:
             )
         hour_ago = now - HOUR_MS
         if outbox.count_sends_since(tx, since_ms=hour_ago, user_id=user_id) >= policy.sends_per_user_per_hour:
+            metrics.send_refused("USER_SEND_LIMIT")
             raise ResourceExhausted(
                 "USER_SEND_LIMIT",
                 "too many codes sent to this user in the last hour",
@@ -199,6 +204,7 @@ class Challenges:
             outbox.count_sends_since(tx, since_ms=hour_ago, destination=destination)
             >= policy.sends_per_destination_per_hour
         ):
+            metrics.send_refused("DESTINATION_SEND_LIMIT")
             raise ResourceExhausted(
                 "DESTINATION_SEND_LIMIT",
                 "too many codes sent to this address in the last hour",

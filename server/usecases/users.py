@@ -8,6 +8,7 @@ from twofactor_server.domain.clock import Clock, now_ms
 from twofactor_server.domain.errors import FailedPrecondition, InvalidArgument, NotFound
 from twofactor_server.domain.keyring import Keyring
 from twofactor_server.domain.models import Caller, UserState
+from twofactor_server.observability import metrics
 from twofactor_server.settings import PolicySettings
 from twofactor_server.storage import store
 from twofactor_server.storage.database import Database, Transaction
@@ -123,6 +124,7 @@ def audit_lock(
     permanent = failures >= policy.max_consecutive_failures
     detail = "until unlocked" if permanent else f"{(until or now) - now} ms after {failures} failures"
     audit.record(tx, caller, now, user_id, "user_locked", detail=detail)
+    metrics.lockout()
 
 
 def user_state(

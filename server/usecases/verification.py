@@ -9,10 +9,11 @@ from twofactor_server.domain.clock import Clock, now_ms
 from twofactor_server.domain.errors import FailedPrecondition, InvalidArgument
 from twofactor_server.domain.keyring import TOTP_SECRET, Keyring
 from twofactor_server.domain.models import Caller, CodeKind, Lock, VerifyOutcome, VerifyResult
+from twofactor_server.observability import metrics
 from twofactor_server.settings import PolicySettings
 from twofactor_server.storage import store
 from twofactor_server.storage.database import Database, Transaction
-from twofactor_server.storage.records import AcceptedStep, UserRecord, VerifySnapshot
+from twofactor_server.storage.records import AcceptedStep, NewAuditEvent, UserRecord, VerifySnapshot
 from twofactor_server.usecases import audit
 from twofactor_server.usecases.backup_codes import BackupCodes
 from twofactor_server.usecases.challenges import AUTHENTICATOR, EMAIL, LOGIN, SMS, Challenges
@@ -77,9 +78,14 @@ class Verification:
                 "INVALID_CODE", "code must be 6 to 10 digits or a backup code like k7m2q-x9p4w"
             )
         now = now_ms(self._clock)
+        accepted_event = None  # with TWOFACTOR_AUDIT_VERIFICATIONS=all, written with the acceptance
+        if self._policy.audit_verifications == "all":
+            accepted_event = audit.event(
+                caller, now, user_id, audit.VERIFICATION_ACCEPTED, detail=CodeKind.AUTHENTICATOR.value
+            )
         reserved: Reservation | None = None
         if digits is not None and len(digits) == totp.DIGITS:
-            fast = self._accept_authenticator_code_fast(user_id, digits, now, caller)
+            fast = self._accept_authenticator_code_fast(user_id, digits, now, caller, accepted_event)
             if isinstance(fast, VerifyOutcome):
                 return fast
             reserved = fast
@@ -106,12 +112,13 @@ class Verification:
                     return self._outcome(tx, user_id, result, None, failures, lock, now)
             lock = lockout.lock_of(user.failed_attempts, user.locked_until, self._policy, now)
             if lock is not None and reserved is None:  # a reserved attempt was let in before the lock
+                audit.record(tx, caller, now, user_id, audit.VERIFICATION_LOCKED, outcome="failure")
                 return self._outcome(tx, user_id, VerifyResult.LOCKED, None, user.failed_attempts, lock, now)
             matched = None
             if step is not None:
                 sealed = methods[AUTHENTICATOR].secret
                 assert sealed is not None
-                step_taken = self._accept_step_locked(tx, user_id, step, sealed, now)
+                step_taken = self._accept_step_locked(tx, user_id, step, sealed, now, accepted_event)
                 if step_taken is not None:
                     return self._accepted(user_id, CodeKind.AUTHENTICATOR, step_taken, now, caller)
             if digits is not None and (EMAIL in usable or SMS in usable):
@@ -122,6 +129,8 @@ class Verification:
                 matched = CodeKind.BACKUP_CODE
                 audit.record(tx, caller, now, user_id, "backup_code_used")
             if matched is not None:
+                if accepted_event is not None and matched != CodeKind.BACKUP_CODE:  # that one always is
+                    audit.record(tx, caller, now, user_id, audit.VERIFICATION_ACCEPTED, detail=matched.value)
                 store.record_success(tx, user_id, now)
                 outcome = self._outcome(tx, user_id, VerifyResult.ACCEPTED, matched, 0, None, now)
                 token = step_up_token(self._keyring, user_id, user.credential_epoch, caller, now)
@@ -138,10 +147,12 @@ class Verification:
                         tx, caller, user_id, reserved.failures, reserved.locked_until, self._policy, now
                     )
             result = VerifyResult.LOCKED if lock is not None else VerifyResult.REJECTED
+            action = audit.VERIFICATION_LOCKED if lock is not None else audit.VERIFICATION_REJECTED
+            audit.record(tx, caller, now, user_id, action, outcome="failure", detail=f"{failures} failures")
             return self._outcome(tx, user_id, result, None, failures, lock, now)
 
     def _accept_authenticator_code_fast(
-        self, user_id: str, digits: str, now: int, caller: Caller
+        self, user_id: str, digits: str, now: int, caller: Caller, accepted_event: NewAuditEvent | None
     ) -> VerifyOutcome | Reservation | None:
         """The common login, a right authenticator code, in three statements and no transaction.
 
@@ -156,8 +167,13 @@ class Verification:
         Returns the outcome when accepted; otherwise the reservation the locking path in
         verify() settles (a wrong code stays counted; a double submit is released), or None
         when nothing was reserved (unknown user, no authenticator, locked, counters moved).
+        With an acceptance to audit, PostgreSQL writes the event in accept_totp_step's one
+        statement; SQLite (in-process: no round trips to save) takes the locking path, whose
+        transaction holds both.
         """
         if AUTHENTICATOR not in self._policy.allowed_methods:
+            return None
+        if accepted_event is not None and self._db.dialect != "postgres":
             return None
         with self._db.statements() as q:
             seen = store.verify_snapshot(q, user_id)
@@ -182,20 +198,28 @@ class Verification:
                 return None  # another attempt moved the counters first: decide under the row lock
             if step is None:
                 return reserved
-            accepted = store.accept_totp_step(q, user_id, step, seen.authenticator_secret, now)
+            accepted = store.accept_totp_step(
+                q, user_id, step, seen.authenticator_secret, now, accepted_event
+            )
         if accepted is None:
             return reserved
         return self._accepted(user_id, CodeKind.AUTHENTICATOR, accepted, now, caller)
 
     def _accept_step_locked(
-        self, tx: Transaction, user_id: str, step: int, sealed: bytes, now: int
+        self,
+        tx: Transaction,
+        user_id: str,
+        step: int,
+        sealed: bytes,
+        now: int,
+        accepted_event: NewAuditEvent | None = None,
     ) -> AcceptedStep | None:
         """store.accept_totp_step under the user's row lock, re-reading the sealed secret when
         `twofactor keys rotate` re-encrypted it meanwhile: the rotation takes no user lock, and
         the plaintext (so the step) is the same. A rotation never turns a right code into a
         counted failure; a replayed step still finds the same secret and is refused."""
         for _ in range(3):  # each retry needs another re-encryption of this secret: a bounded race
-            taken = store.accept_totp_step(tx, user_id, step, sealed, now)
+            taken = store.accept_totp_step(tx, user_id, step, sealed, now, accepted_event)
             if taken is not None:
                 return taken
             reread = next(
@@ -208,6 +232,7 @@ class Verification:
         return None
 
     def _double_submit(self, q: Transaction, user_id: str, failures: int, now: int) -> VerifyOutcome:
+        metrics.verification(VerifyResult.REJECTED.value, "none")
         return VerifyOutcome(
             result=VerifyResult.REJECTED,
             matched=None,
@@ -254,6 +279,7 @@ class Verification:
     def _accepted(
         self, user_id: str, kind: CodeKind, accepted: AcceptedStep, now: int, caller: Caller
     ) -> VerifyOutcome:
+        metrics.verification(VerifyResult.ACCEPTED.value, kind.value)
         return VerifyOutcome(
             result=VerifyResult.ACCEPTED,
             matched=kind,
@@ -273,6 +299,7 @@ class Verification:
         lock: Lock | None,
         now: int,
     ) -> VerifyOutcome:
+        metrics.verification(result.value, matched.value if matched is not None else "none")
         return VerifyOutcome(
             result=result,
             matched=matched,

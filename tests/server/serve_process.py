@@ -35,6 +35,7 @@ def serve_env(data_dir: Path, database_url: str, sink: SmtpSink, **variables: st
             "TWOFACTOR_SMTP_PORT": str(sink.port),
             "TWOFACTOR_SMTP_SECURITY": "none",
             "TWOFACTOR_SMTP_FROM": "twofactor@example.com",
+            "TWOFACTOR_ALLOW_CONSOLE_DELIVERY": "true",  # SMS stays on the console provider
             **{f"TWOFACTOR_{k}": v for k, v in variables.items()},
         }
     )

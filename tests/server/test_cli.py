@@ -117,6 +117,7 @@ def test_sigterm_drains_in_flight_calls_then_exits(tmp_path: Path, postgres_url:
         DATABASE_URL=postgres_url,
         KEYS=TEST_KEYS,
         TOKENS=f"backend:app:{hashlib.sha256(APP_TOKEN.encode()).hexdigest()}",
+        ALLOW_CONSOLE_DELIVERY="true",
     )
     metadata = (("authorization", f"Bearer {APP_TOKEN}"),)
     with (

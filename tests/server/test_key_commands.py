@@ -51,7 +51,11 @@ COMMANDS = {
 def env_for(settings: Settings, **variables: str) -> dict[str, str]:
     """The environment of a `twofactor` process on the test's store."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("TWOFACTOR_")}
-    store_vars = {"DATABASE_URL": settings.database_url} if settings.database_url else {}
+    store_vars = (  # console delivery with PostgreSQL needs the explicit opt-in
+        {"DATABASE_URL": settings.database_url, "ALLOW_CONSOLE_DELIVERY": "true"}
+        if settings.database_url
+        else {}
+    )
     values = {"DATA_DIR": str(settings.data_dir), "TOKENS": TOKENS, **store_vars, **variables}
     env.update({f"TWOFACTOR_{k}": v for k, v in values.items()})
     return env

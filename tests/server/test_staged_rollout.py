@@ -44,6 +44,7 @@ class ServerProcess:
                 "TWOFACTOR_DATABASE_URL": postgres_url,
                 "TWOFACTOR_DATA_DIR": str(tmp_path / "data"),
                 "TWOFACTOR_LISTEN": f"127.0.0.1:{port}",
+                "TWOFACTOR_ALLOW_CONSOLE_DELIVERY": "true",  # codes go to the console provider
                 "TWOFACTOR_TOKENS": f"backend:app:{hashlib.sha256(APP_TOKEN.encode()).hexdigest()}",
                 **{f"TWOFACTOR_{k}": v for k, v in variables.items()},
             }

@@ -90,6 +90,7 @@ def worker_env(h: Harness) -> dict[str, str]:
             "TWOFACTOR_SMTP_SECURITY": "none",
             "TWOFACTOR_SMTP_FROM": s.smtp.from_address,
             "TWOFACTOR_LOG_LEVEL": "INFO",
+            "TWOFACTOR_ALLOW_CONSOLE_DELIVERY": "true",  # SMS stays on the console provider
         }
     )
     return env

@@ -40,6 +40,8 @@ class _ConsoleWriter:
 class ConsoleEmailSender:
     """Writes the plain-text part of each email to `stream` (default: standard output)."""
 
+    provider_name = "console"  # the `provider` label of twofactor_deliveries_total
+
     def __init__(self, stream: TextIO | None = None) -> None:
         self._writer = _ConsoleWriter(stream)
 
@@ -49,6 +51,8 @@ class ConsoleEmailSender:
 
 class ConsoleSmsSender:
     """Writes each SMS to `stream` (default: standard output)."""
+
+    provider_name = "console"
 
     def __init__(self, stream: TextIO | None = None) -> None:
         self._writer = _ConsoleWriter(stream)

@@ -12,8 +12,18 @@ from twofactor_server.delivery.providers.sns import SnsSmsSender
 from twofactor_server.settings import Settings
 
 
+def refuse_console_in_production(settings: Settings, variable: str) -> None:
+    """Console providers print codes; with PostgreSQL (production) they need an explicit opt-in."""
+    if not settings.embedded and not settings.allow_console_delivery:
+        raise ProviderConfigError(
+            f"{variable}=console prints codes to standard output, refused with TWOFACTOR_DATABASE_URL set; "
+            "configure a real provider, or set TWOFACTOR_ALLOW_CONSOLE_DELIVERY=true for a test setup"
+        )
+
+
 def build_email_sender(settings: Settings) -> EmailSender:
     if settings.email_provider == "console":
+        refuse_console_in_production(settings, "TWOFACTOR_EMAIL_PROVIDER")
         return ConsoleEmailSender()
     if settings.email_provider == "smtp":
         return SmtpEmailSender(settings.smtp)
@@ -23,6 +33,7 @@ def build_email_sender(settings: Settings) -> EmailSender:
 def build_sms_sender(settings: Settings) -> SmsSender:
     """console, sns, or a custom class named "package.module:ClassName" built with no arguments."""
     if settings.sms_provider == "console":
+        refuse_console_in_production(settings, "TWOFACTOR_SMS_PROVIDER")
         return ConsoleSmsSender()
     if settings.sms_provider == "sns":
         return SnsSmsSender(settings.sns)

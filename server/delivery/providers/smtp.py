@@ -25,6 +25,8 @@ SECURITY_MODES = ("starttls", "tls", "none")
 
 
 class SmtpEmailSender:
+    provider_name = "smtp"  # the `provider` label of twofactor_deliveries_total
+
     def __init__(self, settings: SmtpSettings) -> None:
         if settings.security not in SECURITY_MODES:
             raise ProviderConfigError(

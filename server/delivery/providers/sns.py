@@ -47,6 +47,8 @@ _CLIENT_CONFIG = Config(
 
 
 class SnsSmsSender:
+    provider_name = "sns"  # the `provider` label of twofactor_deliveries_total
+
     def __init__(self, settings: SnsSettings, client: Any = None) -> None:
         if client is None:
             try:

@@ -362,9 +362,11 @@ class AuditEvent(_message.Message):
     user_id: _builtins.str
     """The user acted on."""
     action: _builtins.str
-    """What happened: enrollment_started, enrollment_confirmed, method_disabled,
-    user_reset, user_unlocked, user_locked, backup_code_used,
-    backup_codes_regenerated, ...
+    """What happened: verification_rejected, verification_locked,
+    verification_accepted (with TWOFACTOR_AUDIT_VERIFICATIONS=all),
+    backup_code_used, code_sent, enrollment_started, enrollment_confirmed,
+    method_disabled, contact_changed, user_locked, user_unlocked, user_reset,
+    backup_codes_generated, backup_codes_regenerated.
     """
     request_id: _builtins.str
     """The x-request-id metadata of the call, or a generated id."""
@@ -403,22 +405,42 @@ class ListAuditEventsRequest(_message.Message):
     USER_ID_FIELD_NUMBER: _builtins.int
     PAGE_SIZE_FIELD_NUMBER: _builtins.int
     PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    ACTIONS_FIELD_NUMBER: _builtins.int
+    SINCE_FIELD_NUMBER: _builtins.int
+    UNTIL_FIELD_NUMBER: _builtins.int
     user_id: _builtins.str
     """Only this user's events; empty for all users."""
     page_size: _builtins.int
     """At most this many events (1 to 1000; 0 means 100)."""
     page_token: _builtins.str
     """next_page_token of the previous page; empty for the first page."""
+    @_builtins.property
+    def actions(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Only events with one of these actions (for example "verification_rejected",
+        "user_locked"); empty for every action. Each 1 to 64 bytes, at most 50.
+        """
+
+    @_builtins.property
+    def since(self) -> _timestamp_pb2.Timestamp:
+        """Only events at or after this time; unset for no lower bound."""
+
+    @_builtins.property
+    def until(self) -> _timestamp_pb2.Timestamp:
+        """Only events before this time; unset for no upper bound. Must be after since."""
+
     def __init__(
         self,
         *,
         user_id: _builtins.str = ...,
         page_size: _builtins.int = ...,
         page_token: _builtins.str = ...,
+        actions: _abc.Iterable[_builtins.str] | None = ...,
+        since: _timestamp_pb2.Timestamp | None = ...,
+        until: _timestamp_pb2.Timestamp | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["since", b"since", "until", b"until"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["page_size", b"page_size", "page_token", b"page_token", "user_id", b"user_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["actions", b"actions", "page_size", b"page_size", "page_token", b"page_token", "since", b"since", "until", b"until", "user_id", b"user_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -1,0 +1,131 @@
+"""The outer server interceptor: a request id, log context and go-grpc-prometheus metrics for every call.
+
+It runs before ApiInterceptor (authentication, error mapping), so it sees the
+final status of every call, including refused ones, and the request id is
+bound for every log line the call writes. The id is the caller's
+`x-request-id` metadata (bounded), or a new one; it goes back to the caller in
+the response's initial metadata.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import grpc
+
+from twofactor_server.observability import logs, metrics
+
+log = logging.getLogger(__name__)
+
+MAX_REQUEST_ID = 128
+REQUEST_ID_HEADER = "x-request-id"
+
+_KINDS = (
+    ("unary_unary", "unary", grpc.unary_unary_rpc_method_handler),
+    ("unary_stream", "server_stream", grpc.unary_stream_rpc_method_handler),
+    ("stream_unary", "client_stream", grpc.stream_unary_rpc_method_handler),
+    ("stream_stream", "bidi_stream", grpc.stream_stream_rpc_method_handler),
+)
+
+
+def request_id_of(context: grpc.ServicerContext) -> str:
+    """The caller's x-request-id (printable ASCII, at most 128 characters), or a new random one."""
+    for key, value in context.invocation_metadata() or ():
+        if key == REQUEST_ID_HEADER and isinstance(value, str):
+            cleaned = "".join(c for c in value if 32 < ord(c) < 127)[:MAX_REQUEST_ID]
+            if cleaned:
+                return cleaned
+    return uuid.uuid4().hex
+
+
+def _code_of(context: grpc.ServicerContext, failed: bool) -> grpc.StatusCode:
+    # Set by abort() or set_code(); None when the handler just returned. (Not in the type stubs.)
+    code = context.code()  # type: ignore[attr-defined]
+    if isinstance(code, grpc.StatusCode):
+        return code
+    return grpc.StatusCode.UNKNOWN if failed else grpc.StatusCode.OK
+
+
+class MonitoringInterceptor(grpc.ServerInterceptor):
+    """Request ids, log context and the grpc_server_* metrics, for every service (health too)."""
+
+    def __init__(self) -> None:
+        self._wrapped: dict[str, Any] = {}
+
+    def intercept_service(self, continuation, handler_call_details):  # type: ignore[no-untyped-def]
+        method = handler_call_details.method
+        wrapped = self._wrapped.get(method)
+        if wrapped is not None:
+            return wrapped
+        handler = continuation(handler_call_details)
+        if handler is None:
+            return None  # unknown method: grpcio answers UNIMPLEMENTED (not cached: the name is the caller's)
+        service, _, name = method.lstrip("/").rpartition("/")
+        for attribute, grpc_type, make_handler in _KINDS:
+            inner = getattr(handler, attribute)
+            if inner is not None:
+                around = _unary if grpc_type in ("unary", "client_stream") else _streaming
+                wrapped = make_handler(
+                    around(inner, method, (grpc_type, service, name)),
+                    request_deserializer=handler.request_deserializer,
+                    response_serializer=handler.response_serializer,
+                )
+                self._wrapped[method] = wrapped
+                return wrapped
+        return handler
+
+
+def _start(context: grpc.ServicerContext, method: str, labels: tuple[str, str, str]) -> str:
+    request_id = request_id_of(context)
+    context.send_initial_metadata(((REQUEST_ID_HEADER, request_id),))
+    metrics.grpc_started(*labels)
+    return request_id
+
+
+def _unary(inner: Callable[..., Any], method: str, labels: tuple[str, str, str]) -> Callable[..., Any]:
+    def handle(request: Any, context: grpc.ServicerContext) -> Any:
+        started = time.perf_counter()
+        with logs.bind(request_id=_start(context, method, labels), method=method):
+            failed = True
+            try:
+                response = inner(request, context)
+                failed = False
+                return response
+            finally:
+                _handled(labels, _code_of(context, failed), started)
+
+    return handle
+
+
+def _handled(labels: tuple[str, str, str], code: grpc.StatusCode, started: float) -> None:
+    seconds = time.perf_counter() - started
+    metrics.grpc_handled(*labels, code, seconds)
+    log.debug("handled %s/%s: %s in %.1f ms", labels[1], labels[2], code.name, seconds * 1000)
+
+
+def _streaming(inner: Callable[..., Any], method: str, labels: tuple[str, str, str]) -> Callable[..., Any]:
+    def handle(request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
+        started = time.perf_counter()
+        request_id = _start(context, method, labels)
+        failed = True
+        try:
+            with logs.bind(request_id=request_id, method=method):
+                responses = inner(request, context)
+            while True:
+                # Each response is produced inside the call's log context.
+                with logs.bind(request_id=request_id, method=method):
+                    try:
+                        response = next(responses)
+                    except StopIteration:
+                        break
+                yield response
+            failed = False
+        finally:
+            with logs.bind(request_id=request_id, method=method):
+                _handled(labels, _code_of(context, failed), started)
+
+    return handle

@@ -1,0 +1,54 @@
+"""The delivery broker's health, reported apart from the server's: the health service name
+`twofactor.v1.Delivery` and the twofactor_broker_up gauge.
+
+Authenticator and backup-code logins need no broker, so an unreachable Redis never
+takes "" or twofactor.v1.TwoFactorService down: only this name, and SendCode's
+BROKER_UNAVAILABLE answers.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import redis
+from grpc_health.v1 import health, health_pb2
+
+from twofactor_server.observability import metrics
+from twofactor_server.settings import Settings
+
+log = logging.getLogger(__name__)
+
+DELIVERY_SERVICE = "twofactor.v1.Delivery"
+CHECK_INTERVAL_SECONDS = 5.0
+
+
+class BrokerHealth:
+    """Pings the broker and sets twofactor.v1.Delivery; SERVING for in-process delivery (no broker)."""
+
+    def __init__(self, settings: Settings, servicer: health.HealthServicer) -> None:
+        self._url = settings.broker_url
+        self._timeout = settings.broker_timeout_seconds
+        self._servicer = servicer
+        self._up: bool | None = None
+
+    def check(self) -> bool:
+        up = True
+        if self._url:
+            client = redis.Redis.from_url(
+                self._url, socket_timeout=self._timeout, socket_connect_timeout=self._timeout
+            )
+            try:
+                client.ping()
+            except (redis.RedisError, OSError) as error:
+                up = False
+                if self._up is not False:
+                    log.warning("delivery broker unreachable: %s", type(error).__name__)
+            finally:
+                client.close()
+        if up and self._up is False:
+            log.info("delivery broker reachable again")
+        self._up = up
+        metrics.broker_reachable(up)
+        status = health_pb2.HealthCheckResponse.SERVING if up else health_pb2.HealthCheckResponse.NOT_SERVING
+        self._servicer.set(DELIVERY_SERVICE, status)
+        return up

@@ -1,0 +1,1 @@
+"""Metrics and logs: what operators see of a running server or worker."""

@@ -1,0 +1,108 @@
+"""Log lines as JSON or text, each carrying the context of the call or task it belongs to.
+
+`bind(...)` puts fields (request_id, method, token, challenge_id) into a context
+variable for the current call; a filter copies them onto every record written
+while they are bound, and both formats print them. Handlers run a call from
+start to end on one thread, so a context variable is exactly a call's scope.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import json
+import logging
+import sys
+import time
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from typing import TextIO
+
+CONTEXT_FIELDS = ("request_id", "method", "token", "challenge_id")
+
+_context: contextvars.ContextVar[Mapping[str, str]] = contextvars.ContextVar("log_context", default={})  # noqa: B039 - never mutated
+
+
+def bound() -> Mapping[str, str]:
+    """The fields bound for the current call or task."""
+    return _context.get()
+
+
+@contextmanager
+def bind(**fields: str) -> Iterator[None]:
+    """Add fields to every log line written inside the block (nested blocks add to the outer ones)."""
+    token = _context.set({**_context.get(), **fields})
+    try:
+        yield
+    finally:
+        _context.reset(token)
+
+
+def bind_more(**fields: str) -> None:
+    """Add fields to the block already bound (the caller's token name, known after authentication)."""
+    _context.set({**_context.get(), **fields})
+
+
+class ContextFilter(logging.Filter):
+    """Copies the bound fields onto each record, so formatters (and tests) can read them."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        for name, value in _context.get().items():
+            setattr(record, name, value)
+        return True
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line: time, level, logger, message, the bound fields, and any traceback."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        line: dict[str, object] = {
+            "time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
+            + f".{int(record.msecs):03d}Z",
+            "level": record.levelname,
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        for name in CONTEXT_FIELDS:
+            value = getattr(record, name, None)
+            if value:
+                line[name] = value
+        if record.exc_info:
+            line["exception"] = self.formatException(record.exc_info)
+        return json.dumps(line, ensure_ascii=False)
+
+
+class TextFormatter(logging.Formatter):
+    """The classic line, with the bound fields appended as key=value."""
+
+    def __init__(self) -> None:
+        super().__init__("%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+    def format(self, record: logging.LogRecord) -> str:
+        text = super().format(record)
+        extra = " ".join(
+            f"{name}={getattr(record, name)}" for name in CONTEXT_FIELDS if getattr(record, name, None)
+        )
+        if not extra:
+            return text
+        first, newline, rest = text.partition("\n")  # keep a traceback below the line
+        return f"{first} [{extra}]{newline}{rest}"
+
+
+def default_format(stream: TextIO) -> str:
+    """text for a person at a terminal, json for a log collector."""
+    return "text" if stream.isatty() else "json"
+
+
+def configure_logging(level: str, log_format: str, stream: TextIO | None = None) -> logging.Handler:
+    """Send every log record to `stream` (default stderr) in `log_format`; returns the handler."""
+    stream = stream if stream is not None else sys.stderr
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(JsonFormatter() if log_format == "json" else TextFormatter())
+    handler.addFilter(ContextFilter())
+    root = logging.getLogger()
+    for old in list(root.handlers):
+        root.removeHandler(old)
+    root.addHandler(handler)
+    root.setLevel(level)
+    logging.captureWarnings(True)  # warnings become records, in the same format
+    return handler

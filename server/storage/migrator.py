@@ -1,0 +1,93 @@
+"""Schema migrations: the numbered files of migrations/, applied in order, once, each recorded
+with the time it was applied. The caller (database.py) provides the transaction and the lock."""
+
+from __future__ import annotations
+
+import logging
+import re
+import sqlite3
+import time
+from importlib import resources
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from twofactor_server.storage.database import Database, Transaction
+
+log = logging.getLogger(__name__)
+
+_DIALECT_TYPES = {
+    "postgres": {"BLOB": "BYTEA", "SERIAL_PK": "BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY"},
+    "sqlite": {"BLOB": "BLOB", "SERIAL_PK": "INTEGER PRIMARY KEY AUTOINCREMENT"},
+}
+
+
+def migrations() -> list[tuple[str, str]]:
+    folder = resources.files("twofactor_server.storage") / "migrations"
+    files = sorted((f for f in folder.iterdir() if f.name.endswith(".sql")), key=lambda f: f.name)
+    return [(f.name.removesuffix(".sql"), f.read_text()) for f in files]
+
+
+def apply_migrations(tx: Transaction, dialect: str) -> list[str]:
+    """Apply the migrations not yet recorded, in order, each recorded with the time it was applied.
+
+    Runs inside the caller's transaction and lock, so servers starting together apply each
+    file once. The SQL is never formatted and never split on ";": the backend's own parser
+    finds the statements (PostgreSQL takes the whole file; SQLite's complete_statement()).
+    """
+    tx.execute("CREATE TABLE IF NOT EXISTS schema_migrations (version TEXT PRIMARY KEY, applied_at BIGINT)")
+    done = {row["version"] for row in tx.all("SELECT version FROM schema_migrations")}
+    applied = []
+    for version, text in migrations():
+        if version in done:
+            continue
+        sql = with_dialect_types(text, dialect)
+        if dialect == "postgres":
+            tx.execute(sql)  # no parameters: psycopg sends the whole script, statements and all
+        else:
+            for statement in sqlite_statements(sql):
+                tx.execute(statement)
+        tx.execute(
+            "INSERT INTO schema_migrations (version, applied_at) VALUES (%(v)s, %(at)s)",
+            {"v": version, "at": int(time.time() * 1000)},
+        )
+        applied.append(version)
+        log.info("applied migration %s", version)
+    return applied
+
+
+def pending_migrations(db: Database) -> list[str]:
+    """The migrations this release has that the database has not applied (all of them on an empty one)."""
+    with db.transaction() as tx:
+        if tx.dialect == "postgres":
+            exists = tx.one("SELECT to_regclass('schema_migrations') IS NOT NULL AS found")
+        else:
+            exists = tx.one(
+                "SELECT COUNT(*) > 0 AS found FROM sqlite_master WHERE type = 'table' "
+                "AND name = 'schema_migrations'"
+            )
+        done = set()
+        if exists is not None and exists["found"]:
+            done = {row["version"] for row in tx.all("SELECT version FROM schema_migrations")}
+    return [version for version, _ in migrations() if version not in done]
+
+
+def with_dialect_types(text: str, dialect: str) -> str:
+    """Replace the literal placeholders {BLOB} and {SERIAL_PK} with the backend's types; nothing else
+    in the text is interpreted (no str.format: braces and percent signs stay as written)."""
+    for placeholder, sql_type in _DIALECT_TYPES[dialect].items():
+        text = text.replace("{" + placeholder + "}", sql_type)
+    return text
+
+
+def sqlite_statements(sql: str) -> list[str]:
+    """The statements of a script, cut where SQLite's own tokenizer says one is complete (so a ";"
+    inside a string or a comment does not cut), for sqlite3, which runs one statement per call."""
+    statements, current = [], ""
+    for line in sql.splitlines(keepends=True):
+        current += line
+        if sqlite3.complete_statement(current):
+            statements.append(current.strip())
+            current = ""
+    if current.strip() and re.sub(r"--[^\n]*", "", current).strip():
+        raise ValueError(f"incomplete SQL statement at the end of a migration: {current.strip()[:80]!r}")
+    return statements

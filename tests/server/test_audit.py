@@ -1,0 +1,184 @@
+"""Audit events for verification outcomes (failures by default, everything with
+TWOFACTOR_AUDIT_VERIFICATIONS=all), and ListAuditEvents filtered by action and time."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import replace
+from typing import Any
+
+import grpc
+import pytest
+from google.protobuf import timestamp_pb2
+from twofactor.v1 import admin_service_pb2 as admin_pb
+from twofactor.v1 import twofactor_service_pb2 as pb
+
+from tests.conftest import TEST_KEYS, Clock, Harness, ServerFactory
+from tests.server.helpers import enroll_authenticator, error_info, totp_now
+from twofactor_server.domain.keyring import Keyring
+from twofactor_server.domain.models import Caller, VerifyResult
+from twofactor_server.settings import PolicySettings
+from twofactor_server.usecases.backup_codes import BackupCodes
+from twofactor_server.usecases.challenges import Challenges
+from twofactor_server.usecases.verification import Verification
+
+VERIFICATION_ACTIONS = (
+    "verification_rejected",
+    "verification_locked",
+    "verification_accepted",
+    "backup_code_used",
+)
+
+
+def events(h: Harness, **filters: object) -> list[admin_pb.AuditEvent]:
+    return list(
+        h.admin.ListAuditEvents(
+            admin_pb.ListAuditEventsRequest(page_size=1000, **filters),  # type: ignore[arg-type]
+            metadata=h.admin_metadata,
+        ).events
+    )
+
+
+def verify_as(h: Harness, user_id: str, code: str, request_id: str) -> int:
+    return int(
+        h.twofactor.Verify(
+            pb.VerifyRequest(user_id=user_id, code=code),
+            metadata=(*h.app_metadata, ("x-request-id", request_id)),
+        ).result
+    )
+
+
+def at_ms(seconds: float) -> timestamp_pb2.Timestamp:
+    return timestamp_pb2.Timestamp(seconds=int(seconds), nanos=int(seconds % 1 * 1e9))
+
+
+def test_failures_are_audited_and_acceptances_are_not_by_default(
+    start_server: ServerFactory, clock: Clock
+) -> None:
+    h = start_server(policy={"lockout_threshold": 2, "max_consecutive_failures": 10})
+    secret, backup = enroll_authenticator(h, clock, "ada")
+    assert verify_as(h, "ada", totp_now(secret, clock), "ok-1") == pb.VERIFY_RESULT_ACCEPTED
+    assert verify_as(h, "ada", backup[0], "backup-1") == pb.VERIFY_RESULT_ACCEPTED
+    assert verify_as(h, "ada", "000000", "wrong-1") == pb.VERIFY_RESULT_REJECTED
+    assert verify_as(h, "ada", "000001", "wrong-2") == pb.VERIFY_RESULT_LOCKED
+    assert verify_as(h, "ada", "000002", "while-locked") == pb.VERIFY_RESULT_LOCKED
+
+    found = [(e.action, e.request_id, e.outcome, e.actor) for e in events(h, actions=VERIFICATION_ACTIONS)]
+    assert list(reversed(found)) == [
+        ("backup_code_used", "backup-1", "success", "backend"),
+        ("verification_rejected", "wrong-1", "failure", "backend"),
+        ("verification_locked", "wrong-2", "failure", "backend"),
+        ("verification_locked", "while-locked", "failure", "backend"),
+    ]
+    assert [e.request_id for e in events(h, actions=["user_locked"])] == ["wrong-2"]
+
+
+def test_with_all_an_accepted_code_is_audited_in_the_same_statement(
+    start_server: ServerFactory, clock: Clock
+) -> None:
+    h = start_server(policy={"audit_verifications": "all"})
+    secret, _ = enroll_authenticator(h, clock, "bo")
+    assert verify_as(h, "bo", totp_now(secret, clock), "fast-1") == pb.VERIFY_RESULT_ACCEPTED
+    # A replay is refused: the fast path's conditional UPDATE wrote nothing, so no second event.
+    assert verify_as(h, "bo", totp_now(secret, clock), "replay-1") == pb.VERIFY_RESULT_REJECTED
+    found = [(e.action, e.request_id, e.detail) for e in events(h, actions=["verification_accepted"])]
+    assert found == [("verification_accepted", "fast-1", "authenticator")]
+
+
+def test_list_audit_events_filters_by_time_range(start_server: ServerFactory, clock: Clock) -> None:
+    h = start_server()
+    start = clock.now
+    for n in range(3):
+        h.twofactor.SetContact(
+            pb.SetContactRequest(user_id=f"t{n}", email=f"t{n}@example.com"), metadata=h.app_metadata
+        )
+        clock.advance(60)
+    users = [e.user_id for e in events(h, since=at_ms(start + 60), until=at_ms(start + 120))]
+    assert users == ["t1"]  # [since, until): t2 happened exactly at until
+    assert [e.user_id for e in events(h, since=at_ms(start + 60))] == ["t2", "t1"]
+    assert [e.user_id for e in events(h, until=at_ms(start + 60))] == ["t0"]
+
+
+@pytest.mark.parametrize(
+    "filters",
+    [
+        {"since": at_ms(100), "until": at_ms(100)},
+        {"actions": ["x" * 65]},
+        {"actions": [""]},
+        {"actions": [f"a{n}" for n in range(51)]},
+    ],
+)
+def test_a_bad_filter_is_invalid_audit_filter(
+    start_server: ServerFactory, filters: dict[str, object]
+) -> None:
+    h = start_server()
+    with pytest.raises(grpc.RpcError) as refused:
+        events(h, **filters)
+    assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert error_info(refused.value).reason == "INVALID_AUDIT_FILTER"
+
+
+class _Counting:
+    """The real database, counting the statements and transactions a use case runs through it."""
+
+    def __init__(self, db: Any) -> None:
+        self._db = db
+        self.dialect = db.dialect
+        self.statements_run = 0
+        self.transactions = 0
+
+    @contextmanager
+    def transaction(self) -> Iterator[Any]:
+        self.transactions += 1
+        with self._db.transaction() as tx:
+            yield _CountedTransaction(tx, self)
+
+    @contextmanager
+    def statements(self) -> Iterator[Any]:
+        with self._db.statements() as tx:
+            yield _CountedTransaction(tx, self)
+
+
+class _CountedTransaction:
+    def __init__(self, tx: Any, owner: _Counting) -> None:
+        self._tx, self._owner = tx, owner
+
+    def __getattr__(self, name: str) -> Any:
+        attribute = getattr(self._tx, name)
+        if name not in ("execute", "one", "all"):
+            return attribute
+
+        def counted(*args: Any, **kwargs: Any) -> Any:
+            self._owner.statements_run += 1
+            return attribute(*args, **kwargs)
+
+        return counted
+
+
+class _NeverDispatched:
+    def dispatch(self, challenge_id: str) -> None:
+        raise AssertionError("Verify sends nothing")
+
+
+@pytest.mark.parametrize("mode", ["failures", "all"])
+def test_the_fast_authenticator_path_keeps_its_statement_count_when_auditing_acceptances(
+    start_server: ServerFactory, clock: Clock, backend: str, mode: str
+) -> None:
+    if backend != "postgres":
+        return  # the statement count is a PostgreSQL round-trip budget; SQLite audits in a transaction
+    h = start_server()
+    secret, _ = enroll_authenticator(h, clock, "cy")
+    policy = replace(PolicySettings(), audit_verifications=mode)
+    db = _Counting(h.server.db)
+    keyring = Keyring.parse(TEST_KEYS)
+    challenges = Challenges(db, keyring, policy, _NeverDispatched(), clock)  # type: ignore[arg-type]
+    backup = BackupCodes(db, keyring, policy, clock)  # type: ignore[arg-type]
+    verification = Verification(db, keyring, policy, challenges, backup, clock)  # type: ignore[arg-type]
+    outcome = verification.verify(
+        "cy", totp_now(secret, clock), caller=Caller(actor="t", request_id="count-1")
+    )
+    assert outcome.result == VerifyResult.ACCEPTED
+    assert (db.statements_run, db.transactions) == (3, 0)  # read, count the attempt, accept (+ audit)
+    accepted = [e.request_id for e in events(h, actions=["verification_accepted"])]
+    assert accepted == (["count-1"] if mode == "all" else [])

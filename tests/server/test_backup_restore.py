@@ -1,0 +1,68 @@
+"""Backup and restore, as the README says: pg_dump the database, pg_restore it into a new one,
+start a server on it with the same keyring, and every user still verifies."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import psycopg
+import pytest
+from twofactor.v1 import twofactor_service_pb2 as pb
+
+from tests.conftest import POSTGRES_ADMIN_URL, Clock, ServerFactory, require_service
+from tests.server.helpers import enroll_authenticator, totp_now, verify
+
+
+@pytest.fixture
+def backend() -> str:
+    return "postgres"
+
+
+@pytest.fixture
+def databases(postgres_available: None) -> Iterator[tuple[str, str]]:
+    """Two fresh databases: the original and the one it is restored into."""
+    names = [f"tf_backup_{uuid.uuid4().hex[:10]}", f"tf_restored_{uuid.uuid4().hex[:10]}"]
+    with psycopg.connect(POSTGRES_ADMIN_URL, autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{names[0]}"')
+    try:
+        yield names[0], names[1]
+    finally:
+        with psycopg.connect(POSTGRES_ADMIN_URL, autocommit=True) as conn:
+            for name in names:
+                conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+def run(*command: str) -> None:
+    binary = shutil.which(command[0])
+    if binary is None:
+        require_service(command[0], FileNotFoundError(command[0]))
+    result = subprocess.run([binary or command[0], *command[1:]], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+
+
+def url_of(database: str) -> str:
+    return POSTGRES_ADMIN_URL.rsplit("/", 1)[0] + f"/{database}"
+
+
+def test_a_dump_restored_with_the_same_keyring_verifies_every_user(
+    start_server: ServerFactory, clock: Clock, databases: tuple[str, str], tmp_path: Path
+) -> None:
+    original, restored = databases
+    h = start_server(database_url=url_of(original))
+    users = {f"user{n}": enroll_authenticator(h, clock, f"user{n}") for n in range(3)}
+    h.channel.close()
+    h.server.stop(grace=None)
+
+    dump = tmp_path / "twofactor.dump"
+    run("pg_dump", "--format=custom", "--no-owner", f"--file={dump}", url_of(original))
+    run("createdb", "--host=127.0.0.1", "--username=postgres", restored)
+    run("pg_restore", "--no-owner", f"--dbname={url_of(restored)}", str(dump))
+
+    back = start_server(database_url=url_of(restored))  # the same TWOFACTOR_KEYS as the original
+    for user_id, (secret, backup_codes) in users.items():
+        assert verify(back, user_id, totp_now(secret, clock)).result == pb.VERIFY_RESULT_ACCEPTED
+        assert verify(back, user_id, backup_codes[0]).result == pb.VERIFY_RESULT_ACCEPTED

@@ -1,0 +1,83 @@
+"""`twofactor health` for container probes, and the broker reported apart (twofactor.v1.Delivery)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import redis
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from tests.conftest import Harness, ServerFactory
+from tests.smtp_sink import free_port
+
+TWOFACTOR = str(Path(sys.executable).with_name("twofactor"))
+SERVING = health_pb2.HealthCheckResponse.SERVING
+NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+
+
+@pytest.fixture
+def backend() -> str:
+    return "sqlite"  # health of storage is tested with the storage; here: the probe and the broker
+
+
+def health_cli(*args: str, listen: str = "") -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TWOFACTOR_")}
+    if listen:
+        env["TWOFACTOR_LISTEN"] = listen
+    return subprocess.run([TWOFACTOR, "health", *args], env=env, capture_output=True, text=True, timeout=120)
+
+
+def status_of(h: Harness, service: str) -> int:
+    return int(
+        health_pb2_grpc.HealthStub(h.channel).Check(health_pb2.HealthCheckRequest(service=service)).status
+    )
+
+
+def test_health_exits_0_when_serving_and_1_otherwise(start_server: ServerFactory) -> None:
+    h = start_server()
+    served = health_cli(listen=f"0.0.0.0:{h.port}")  # the default target: TWOFACTOR_LISTEN, on loopback
+    assert served.returncode == 0 and served.stdout == f'127.0.0.1:{h.port} "": SERVING\n', served
+    delivery = health_cli("--target", h.target, "--service", "twofactor.v1.Delivery")
+    assert delivery.returncode == 0, delivery.stderr
+    unknown = health_cli("--target", h.target, "--service", "no.such.Service")
+    assert unknown.returncode == 1 and "NOT_FOUND" in unknown.stderr
+    closed = health_cli("--target", f"127.0.0.1:{free_port()}", "--timeout", "2")
+    assert closed.returncode == 1 and closed.stderr.count("\n") == 1 and "Traceback" not in closed.stderr
+
+
+def test_the_broker_is_reported_apart_and_never_takes_the_server_down(
+    start_server: ServerFactory, tmp_path: Path
+) -> None:
+    port = free_port()
+    h = start_server(broker_url=f"redis://127.0.0.1:{port}/0", broker_timeout_seconds=0.5)
+    assert status_of(h, "twofactor.v1.Delivery") == NOT_SERVING
+    assert status_of(h, "") == SERVING
+    assert status_of(h, "twofactor.v1.TwoFactorService") == SERVING
+    assert health_cli("--target", h.target, "--service", "twofactor.v1.Delivery").returncode == 1
+    assert health_cli("--target", h.target).returncode == 0
+
+    server = subprocess.Popen(
+        [
+            shutil.which("redis-server") or "redis-server",
+            *("--port", str(port), "--bind", "127.0.0.1", "--save", ""),
+            *("--appendonly", "no", "--dir", str(tmp_path)),
+        ],
+        stdout=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while True:  # the check runs every few seconds: SERVING once the broker answers
+            if status_of(h, "twofactor.v1.Delivery") == SERVING:
+                break
+            assert time.monotonic() < deadline, "twofactor.v1.Delivery never became SERVING"
+            time.sleep(0.1)
+        redis.Redis(port=port).ping()
+    finally:
+        server.terminate()
+        server.wait(30)

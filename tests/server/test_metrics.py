@@ -1,0 +1,135 @@
+"""/metrics over HTTP, parsed with prometheus_client's own parser: the counters move as calls are made,
+with go-grpc-prometheus's names and labels."""
+
+from __future__ import annotations
+
+import time
+import urllib.request
+from collections.abc import Iterator
+
+import grpc
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+from twofactor.v1 import twofactor_service_pb2 as pb
+
+from tests.conftest import Clock, Harness, ServerFactory
+from tests.server.helpers import EMAIL, enroll_authenticator, totp_now, verify
+from tests.smtp_sink import SmtpSink, running_sink
+
+SERVICE = "twofactor.v1.TwoFactorService"
+Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
+
+
+@pytest.fixture
+def backend() -> str:
+    return "sqlite"  # metrics don't depend on the store; one backend keeps the test quick
+
+
+@pytest.fixture
+def sink() -> Iterator[SmtpSink]:
+    with running_sink(SmtpSink()) as running:
+        yield running
+
+
+def scrape(h: Harness) -> Samples:
+    port = h.server.metrics_port
+    assert port > 0
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as response:
+        assert response.status == 200
+        text = response.read().decode()
+    return {
+        (sample.name, frozenset(sample.labels.items())): sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+    }
+
+
+def value(samples: Samples, name: str, **labels: str) -> float:
+    return samples.get((name, frozenset(labels.items())), 0.0)
+
+
+def grpc_labels(method: str, **more: str) -> dict[str, str]:
+    return {"grpc_type": "unary", "grpc_service": SERVICE, "grpc_method": method, **more}
+
+
+def test_grpc_and_domain_metrics_move_as_calls_are_made(
+    start_server: ServerFactory, sink: SmtpSink, clock: Clock
+) -> None:
+    h = start_server(
+        metrics_listen="127.0.0.1:0",
+        email_provider="smtp",
+        smtp=sink.settings(),
+        policy={"lockout_threshold": 2, "max_consecutive_failures": 10},
+    )
+    before = scrape(h)
+    secret, _ = enroll_authenticator(h, clock, "mia")
+    assert verify(h, "mia", totp_now(secret, clock)).result == pb.VERIFY_RESULT_ACCEPTED
+    assert verify(h, "mia", "000000").result == pb.VERIFY_RESULT_REJECTED
+    assert verify(h, "mia", "000001").result == pb.VERIFY_RESULT_LOCKED
+    with pytest.raises(grpc.RpcError) as refused:
+        h.twofactor.Verify(pb.VerifyRequest(user_id="mia", code="x"), metadata=h.app_metadata)
+    assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    with pytest.raises(grpc.RpcError) as unauthenticated:
+        h.twofactor.GetStatus(pb.GetStatusRequest(user_id="mia"))
+    assert unauthenticated.value.code() == grpc.StatusCode.UNAUTHENTICATED
+
+    h.twofactor.SetContact(
+        pb.SetContactRequest(user_id="eva", email="eva@example.com"), metadata=h.app_metadata
+    )
+    h.twofactor.StartEnrollment(
+        pb.StartEnrollmentRequest(user_id="eva", method=EMAIL), metadata=h.app_metadata
+    )
+    sink.wait_for_messages(1)
+    with pytest.raises(grpc.RpcError) as too_soon:
+        h.twofactor.StartEnrollment(
+            pb.StartEnrollmentRequest(user_id="eva", method=EMAIL), metadata=h.app_metadata
+        )
+    assert too_soon.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+
+    # The delivery is counted just after the provider accepted it: wait for that (bounded).
+    deadline = time.monotonic() + 60
+    after = scrape(h)
+    while value(after, "twofactor_delivery_seconds_count") == value(
+        before, "twofactor_delivery_seconds_count"
+    ):
+        assert time.monotonic() < deadline, "the delivery was never counted"
+        time.sleep(0.05)
+        after = scrape(h)
+
+    def moved(name: str, **labels: str) -> float:
+        return value(after, name, **labels) - value(before, name, **labels)
+
+    assert moved("grpc_server_started_total", **grpc_labels("Verify")) == 4
+    assert moved("grpc_server_handled_total", **grpc_labels("Verify", grpc_code="OK")) == 3
+    assert moved("grpc_server_handled_total", **grpc_labels("Verify", grpc_code="InvalidArgument")) == 1
+    assert moved("grpc_server_handled_total", **grpc_labels("GetStatus", grpc_code="Unauthenticated")) == 1
+    assert (
+        moved("grpc_server_handled_total", **grpc_labels("StartEnrollment", grpc_code="ResourceExhausted"))
+        == 1
+    )
+    assert moved("grpc_server_handling_seconds_count", **grpc_labels("Verify")) == 4
+    assert moved("grpc_server_handling_seconds_bucket", **grpc_labels("Verify", le="+Inf")) == 4
+    assert moved("twofactor_verifications_total", result="accepted", kind="authenticator") == 1
+    assert moved("twofactor_verifications_total", result="rejected", kind="none") == 1
+    assert moved("twofactor_verifications_total", result="locked", kind="none") == 1
+    assert moved("twofactor_lockouts_total") == 1
+    assert moved("twofactor_codes_sent_total", method="email", outcome="queued") == 1
+    assert moved("twofactor_send_refusals_total", reason="RESEND_TOO_SOON") == 1
+    # The enrollment code's delivery is recorded once the provider accepted it.
+    assert moved("twofactor_deliveries_total", method="email", provider="smtp", outcome="sent") == 1
+    assert moved("twofactor_delivery_seconds_count") == 1
+    # Defined for outbox recovery and the broker check, present from the start.
+    assert ("twofactor_outbox_oldest_queued_seconds", frozenset()) in after
+    assert ("twofactor_outbox_republished_total", frozenset()) in after
+
+
+def test_no_metrics_endpoint_unless_configured(start_server: ServerFactory) -> None:
+    assert start_server().server.metrics_port == 0
+
+
+def test_a_metrics_address_in_use_is_a_configuration_error(start_server: ServerFactory) -> None:
+    from twofactor_server.settings import SettingsError
+
+    h = start_server(metrics_listen="127.0.0.1:0")
+    with pytest.raises(SettingsError, match="TWOFACTOR_METRICS_LISTEN"):
+        start_server(metrics_listen=f"127.0.0.1:{h.server.metrics_port}")

@@ -1,0 +1,92 @@
+"""Migrations: applied once under a lock on both stores, each recorded with the time it was applied;
+the SQL is neither formatted nor split on ";"."""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+from twofactor_server.app import create_server
+from twofactor_server.settings import Settings, SettingsError
+from twofactor_server.storage.database import open_database
+from twofactor_server.storage.migrator import (
+    migrations,
+    pending_migrations,
+    sqlite_statements,
+    with_dialect_types,
+)
+
+
+def test_migrations_apply_once_with_the_time_they_were_applied(settings: Settings) -> None:
+    versions = [version for version, _ in migrations()]
+    before = int(time.time() * 1000)
+    db = open_database(settings.database_url, data_dir=settings.data_dir)
+    try:
+        assert db.migrate() == versions
+        assert db.migrate() == []  # idempotent
+        with db.transaction() as tx:
+            rows = tx.all("SELECT version, applied_at FROM schema_migrations ORDER BY version")
+    finally:
+        db.close()
+    after = int(time.time() * 1000)
+    assert [r["version"] for r in rows] == versions
+    assert all(before <= r["applied_at"] <= after for r in rows), rows
+
+
+def test_servers_migrating_at_once_apply_each_file_once(settings: Settings) -> None:
+    dbs = [open_database(settings.database_url, data_dir=settings.data_dir) for _ in range(4)]
+    applied: list[list[str]] = []
+    start = threading.Barrier(len(dbs))
+
+    def migrate(index: int) -> None:
+        start.wait(30)
+        applied.append(dbs[index].migrate())
+
+    threads = [threading.Thread(target=migrate, args=(i,)) for i in range(len(dbs))]
+    try:
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(120)
+    finally:
+        for db in dbs:
+            db.close()
+    assert sorted(applied, key=len) == [[], [], [], [version for version, _ in migrations()]]
+
+
+def test_placeholders_are_replaced_literally_and_nothing_else_is_interpreted() -> None:
+    text = "CREATE TABLE t (b {BLOB}, s TEXT DEFAULT '{kept} 100%');"
+    assert with_dialect_types(text, "postgres") == "CREATE TABLE t (b BYTEA, s TEXT DEFAULT '{kept} 100%');"
+    assert with_dialect_types(text, "sqlite").startswith("CREATE TABLE t (b BLOB,")
+
+
+def test_sqlite_statements_are_cut_by_sqlites_own_tokenizer(tmp_path: Path) -> None:
+    script = (
+        "-- a comment; with a semicolon\n"
+        "CREATE TABLE notes (body TEXT DEFAULT 'a; b');\n"
+        "INSERT INTO notes (body) VALUES ('x;\n y');\n"
+        "-- trailing comment\n"
+    )
+    statements = sqlite_statements(script)
+    assert len(statements) == 2
+    assert statements[1].endswith("VALUES ('x;\n y');")
+
+
+def test_without_migrate_on_start_the_server_refuses_a_database_behind_it(settings: Settings) -> None:
+    off = replace(settings, migrate_on_start=False)
+    with pytest.raises(SettingsError, match=r"lacks migrations 0001_initial.*run `twofactor migrate` first"):
+        create_server(off)
+    db = open_database(settings.database_url, data_dir=settings.data_dir)
+    try:
+        assert pending_migrations(db) == [version for version, _ in migrations()]
+        db.migrate()  # the migrate job
+        assert pending_migrations(db) == []
+    finally:
+        db.close()
+    server, port = create_server(off)
+    server.stop(grace=None)
+    assert port > 0

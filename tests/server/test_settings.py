@@ -1,0 +1,142 @@
+"""Configuration: every TWOFACTOR_* setting refuses a bad value with one line and exit status 2,
+`twofactor config` shows the effective values with secrets masked, console delivery needs an opt-in
+with PostgreSQL."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import APP_TOKEN, TEST_KEYS
+from twofactor_server.cli import main
+from twofactor_server.configuration import setting_kinds
+
+TWOFACTOR = str(Path(sys.executable).with_name("twofactor"))
+
+# A value each kind of setting refuses.
+BAD_VALUES = {
+    "int": "twelve",
+    "float": "soon",
+    "bool": "maybe",
+    "choice": "bogus",
+    "methods": "carrier-pigeon",
+    "tokens": "not-a-token",
+    "countries": "US,ZZ",
+    "address": "no-port-here",
+    "url": "ftp://example.com/x",
+    "email": "nobody",
+    "text": "line\x07break",  # a control character: a stray paste
+}
+SETTINGS = sorted(setting_kinds().items())
+
+
+def clean_env(**variables: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TWOFACTOR_")}
+    env.update({f"TWOFACTOR_{k}": v for k, v in variables.items()})
+    return env
+
+
+def test_every_setting_has_a_bad_value_to_try() -> None:
+    assert len(SETTINGS) > 40
+    assert {kind for _, kind in SETTINGS} <= BAD_VALUES.keys()
+
+
+@pytest.mark.parametrize(("variable", "kind"), SETTINGS, ids=[name for name, _ in SETTINGS])
+def test_a_bad_value_is_a_one_line_configuration_error(
+    variable: str, kind: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    for name in list(os.environ):
+        if name.startswith("TWOFACTOR_"):
+            monkeypatch.delenv(name)
+    monkeypatch.setenv(variable, BAD_VALUES[kind])
+    assert main(["config"]) == 2
+    out, err = capsys.readouterr()
+    assert out == ""
+    assert err.count("\n") == 1 and err.startswith(f"twofactor: configuration error: {variable}"), err
+
+
+def test_a_bad_log_level_stops_the_server_without_a_traceback(tmp_path: Path) -> None:
+    result = subprocess.run(
+        [TWOFACTOR, "serve"],
+        env=clean_env(LOG_LEVEL="bogus", DATA_DIR=str(tmp_path)),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 2
+    assert result.stderr == (
+        "twofactor: configuration error: TWOFACTOR_LOG_LEVEL must be one of "
+        "DEBUG, INFO, WARNING, ERROR, CRITICAL, got 'BOGUS'\n"
+    )
+
+
+def test_config_prints_every_setting_with_secrets_masked(tmp_path: Path) -> None:
+    result = subprocess.run(
+        [TWOFACTOR, "config"],
+        env=clean_env(
+            KEYS=TEST_KEYS,
+            SMTP_PASSWORD="hunter2-smtp",
+            DATABASE_URL="postgresql://twofactor:db-pass-9@db.internal:5432/twofactor",
+            BROKER_URL="redis://:redis-pass-7@redis.internal:6379/0",
+            LOG_LEVEL="debug",
+            LOG_FORMAT="text",
+            DATA_DIR=str(tmp_path),
+        ),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr
+    shown = dict(line.split("=", 1) for line in result.stdout.splitlines())
+    assert set(shown) == {name for name, _ in SETTINGS}
+    assert shown["TWOFACTOR_KEYS"] == "****"
+    assert shown["TWOFACTOR_SMTP_PASSWORD"] == "****"
+    assert shown["TWOFACTOR_DATABASE_URL"] == "postgresql://twofactor:****@db.internal:5432/twofactor"
+    assert shown["TWOFACTOR_BROKER_URL"] == "redis://:****@redis.internal:6379/0"
+    assert shown["TWOFACTOR_LOG_LEVEL"] == "debug" and shown["TWOFACTOR_LISTEN"] == "127.0.0.1:50051"
+    for secret in (TEST_KEYS.partition(":")[2], "hunter2-smtp", "db-pass-9", "redis-pass-7"):
+        assert secret not in result.stdout + result.stderr
+
+
+@pytest.mark.parametrize(("variable", "command"), [("EMAIL_PROVIDER", "serve"), ("SMS_PROVIDER", "worker")])
+def test_console_delivery_with_postgresql_needs_an_explicit_opt_in(
+    tmp_path: Path, postgres_url: str, variable: str, command: str
+) -> None:
+    env = clean_env(
+        DATABASE_URL=postgres_url,
+        KEYS=TEST_KEYS,
+        TOKENS=f"backend:app:{hashlib.sha256(APP_TOKEN.encode()).hexdigest()}",
+        BROKER_URL="redis://127.0.0.1:6379/0",
+        LISTEN="127.0.0.1:0",
+        EMAIL_PROVIDER="smtp" if variable == "SMS_PROVIDER" else "console",
+        SMS_PROVIDER="sns" if variable == "EMAIL_PROVIDER" else "console",
+        DATA_DIR=str(tmp_path),
+    )
+    result = subprocess.run([TWOFACTOR, command], env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2
+    last = result.stderr.splitlines()[-1]  # after the start-up lines: the one that says why
+    assert last.startswith(f"twofactor: configuration error: TWOFACTOR_{variable}=console prints codes")
+    assert "TWOFACTOR_ALLOW_CONSOLE_DELIVERY=true" in result.stderr and "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("command", "variables", "named"),
+    [
+        ("serve", {"KEYS": "not-a-key"}, "TWOFACTOR_KEYS"),
+        ("worker", {"KEYS": "1:not base64!", "BROKER_URL": "redis://127.0.0.1:6379/0"}, "TWOFACTOR_KEYS"),
+        ("serve", {"DATA_DIR": "/proc/no-such-dir/data"}, "TWOFACTOR_DATA_DIR"),
+    ],
+)
+def test_values_checked_when_used_are_one_line_errors_too(
+    tmp_path: Path, command: str, variables: dict[str, str], named: str
+) -> None:
+    env = clean_env(**{"LISTEN": "127.0.0.1:0", "DATA_DIR": str(tmp_path), **variables})
+    result = subprocess.run([TWOFACTOR, command], env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.startswith(f"twofactor: configuration error: {named}"), result.stderr
+    assert result.stderr.count("\n") == 1

@@ -1,0 +1,34 @@
+"""Worker logs and metrics: our log format instead of Celery's, the challenge id on every
+line of a task, and prometheus_client's multiprocess bookkeeping for the pool."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from celery import signals
+
+from twofactor_server.observability import logs, metrics
+from twofactor_server.settings import Settings
+
+
+def install(settings: Settings, log_format: str) -> None:
+    """Connect the Celery signals; call in the main worker process, before the pool forks."""
+
+    @signals.setup_logging.connect(weak=False)  # type: ignore[untyped-decorator]
+    def setup_logging(**_: Any) -> None:
+        # Connected, this replaces Celery's own logging set-up ("hijacking" the root logger).
+        logs.configure_logging(settings.log_level, log_format)
+
+    @signals.task_prerun.connect(weak=False)  # type: ignore[untyped-decorator]
+    def bind_challenge(args: Any = None, **_: Any) -> None:
+        challenge_id = str(args[0]) if args else ""
+        logs.bind_more(challenge_id=challenge_id)
+
+    @signals.task_postrun.connect(weak=False)  # type: ignore[untyped-decorator]
+    def unbind_challenge(**_: Any) -> None:
+        logs.bind_more(challenge_id="")
+
+    @signals.worker_process_shutdown.connect(weak=False)  # type: ignore[untyped-decorator]
+    def forget_process(pid: int | None = None, **_: Any) -> None:
+        if pid is not None:
+            metrics.mark_process_dead(pid)
