@@ -28,7 +28,7 @@ from twofactor_server.delivery.providers import (
 from twofactor_server.domain.clock import Clock, now_ms, system_clock
 from twofactor_server.domain.errors import StorageUnavailable
 from twofactor_server.domain.keyring import CHALLENGE_CODE, Keyring
-from twofactor_server.observability import metrics
+from twofactor_server.observability import logs, metrics
 from twofactor_server.storage import outbox
 from twofactor_server.storage.database import Database
 from twofactor_server.storage.records import ChallengeRecord
@@ -85,7 +85,8 @@ class Deliverer:
         claim, if it was taken, runs out with its lease and recovery takes over.
         """
         try:
-            return self._deliver(challenge_id, generation)
+            with logs.bind(challenge_id=challenge_id):  # every line of the attempt names it
+                return self._deliver(challenge_id, generation)
         except StorageUnavailable:
             retry_in = backoff_seconds(tries + 1, self._retry_base, self._retry_ceiling)
             log.warning("delivery of %s waits for storage, retry in %.1fs", challenge_id, retry_in)

@@ -1,5 +1,6 @@
 """Backup and restore, as the README says: pg_dump the database, pg_restore it into a new one,
-start a server on it with the same keyring, and every user still verifies."""
+start a server on it with the same keyring, and every user still verifies; with another keyring
+the server refuses to start."""
 
 from __future__ import annotations
 
@@ -15,6 +16,8 @@ from twofactor.v1 import twofactor_service_pb2 as pb
 
 from tests.conftest import POSTGRES_ADMIN_URL, Clock, ServerFactory, require_service
 from tests.server.helpers import enroll_authenticator, totp_now, verify
+from twofactor_server.domain.keyring import Keyring
+from twofactor_server.settings import SettingsError
 
 
 @pytest.fixture
@@ -66,3 +69,10 @@ def test_a_dump_restored_with_the_same_keyring_verifies_every_user(
     for user_id, (secret, backup_codes) in users.items():
         assert verify(back, user_id, totp_now(secret, clock)).result == pb.VERIFY_RESULT_ACCEPTED
         assert verify(back, user_id, backup_codes[0]).result == pb.VERIFY_RESULT_ACCEPTED
+    back.channel.close()
+    back.server.stop(grace=None)
+
+    # With another keyring (a key of another version) the restored database is refused at start,
+    # naming the key version its values need, rather than answering every Verify with an error.
+    with pytest.raises(SettingsError, match=r"key version 1 \("):
+        start_server(database_url=url_of(restored), keys=Keyring.new_key_spec(2))

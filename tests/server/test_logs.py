@@ -11,6 +11,7 @@ import re
 import signal
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -216,3 +217,30 @@ def test_no_code_secret_or_token_reaches_a_log_line(
     leaked = sorted({s for s in secrets_seen if s and s in text})
     where = [line for line in captured.lines if any(s in line for s in leaked)][:6]
     assert leaked == [], f"found in the logs: {leaked}: {where}"
+
+
+@pytest.mark.parametrize("backend", ["sqlite"], indirect=True)
+def test_embedded_delivery_lines_carry_the_challenge_id(
+    start_server: ServerFactory, captured: Captured
+) -> None:
+    """On the embedded default deliveries run in the server's threads: their lines name the
+    challenge as a worker's do."""
+    h = start_server()
+    h.twofactor.SetContact(
+        pb.SetContactRequest(user_id="lia", email="lia@example.com"), metadata=h.app_metadata
+    )
+    start = h.twofactor.StartEnrollment(
+        pb.StartEnrollmentRequest(user_id="lia", method=EMAIL),
+        metadata=h.app_metadata,
+    )
+    challenge_id = start.challenge.challenge_id
+    deadline = time.monotonic() + 60
+    delivered: list[dict[str, str]] = []
+    while not delivered:
+        assert time.monotonic() < deadline, "no delivery line was logged"
+        lines = [json.loads(line) for line in list(captured.lines) if line.startswith("{")]
+        delivered = [
+            line for line in lines if line["logger"].endswith("deliverer") and "delivered" in line["message"]
+        ]
+        time.sleep(0.05)
+    assert delivered[0].get("challenge_id") == challenge_id
