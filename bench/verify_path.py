@@ -117,7 +117,7 @@ class User:
         self.verification = Verification(db, keyring, policy, challenges, backup_codes, self.clock)
         self.user_id = user_id
         setup = enrollment.start_enrollment(
-            user_id, "authenticator", account_name="", locale="", caller=CALLER
+            user_id, "authenticator", account_name="", locale="", verification_token="", caller=CALLER
         ).authenticator
         assert setup is not None
         self.hotp = pyotp.HOTP(setup.secret_base32)
