@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN = $(VENV)/bin
 
-.PHONY: serve web test lint generate bench typecheck-links
+.PHONY: serve web test lint generate bench bench-quick typecheck-links
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -46,5 +46,9 @@ lint: $(VENV)/.test typecheck-links
 generate: $(VENV)/.test  ## regenerate clients/python/src/twofactor/v1 from protos/
 	$(BIN)/python scripts/gen_protos.py
 
-bench: $(VENV)/.test
-	$(BIN)/python bench/verify_vs_health.py
+# Needs PostgreSQL and Redis on 127.0.0.1; starts its own server, worker and SMTP sink (bench/README.md).
+bench: $(VENV)/.test  ## every figure of issue 13 in one table (about 10 minutes, mostly enrolling users)
+	$(BIN)/python bench/suite.py
+
+bench-quick: $(VENV)/.test  ## the same table from a short run (about a minute; figures are rougher)
+	$(BIN)/python bench/suite.py --quick

@@ -35,6 +35,9 @@ from typing import Any
 STEP_SECONDS = 30
 CALL_TIMEOUT = 10.0
 HEALTH, VERIFY = "health", "verify"
+REJECTED = "rejected"  # Verify with a wrong code for an enrolled user
+SENDCODE = "sendcode"  # SendCode(METHOD_EMAIL) for a user who enabled email
+WRONG_STEP_OFFSET = 10  # a code from 5 minutes ahead: outside the accepted drift, so always wrong
 
 
 # ---- the server under test, as a separate process ------------------------------
@@ -117,10 +120,16 @@ def wait_serving(target: str, timeout: float) -> None:
 
 
 class CpuMeter:
-    """CPU seconds used so far by the server, by every postgres process, and by the client processes."""
+    """CPU seconds used so far by the server, every postgres process, the workers, Redis and the clients.
 
-    def __init__(self, server_pid: int, client_pids: Sequence[int]) -> None:
+    The server and the worker count with every process of their session (both are
+    started with start_new_session): a supervisor's children and a Celery worker's
+    pool processes are in the figure.
+    """
+
+    def __init__(self, server_pid: int, client_pids: Sequence[int], worker_pid: int | None = None) -> None:
         self._server = server_pid
+        self._worker = worker_pid
         self._clients = list(client_pids)
         self._tick = os.sysconf("SC_CLK_TCK")
         # PostgreSQL backends come and go (other sessions' connections too): keep the last
@@ -128,12 +137,26 @@ class CpuMeter:
         self._postgres: dict[int, float] = {}
 
     def snapshot(self) -> dict[str, float]:
+        server: list[int] = []
+        worker: list[int] = []
+        redis: list[int] = []
         for pid in (int(p) for p in os.listdir("/proc") if p.isdigit()):
-            if _comm(pid) == "postgres":
+            comm = _comm(pid)
+            if comm == "postgres":
                 self._postgres[pid] = max(self._postgres.get(pid, 0.0), self._seconds([pid]))
+            elif comm == "redis-server":
+                redis.append(pid)
+            else:
+                session = _session(pid)
+                if session == self._server:
+                    server.append(pid)
+                elif self._worker is not None and session == self._worker:
+                    worker.append(pid)
         return {
-            "server": self._seconds([self._server]),
+            "server": self._seconds(server or [self._server]),
             "postgres": sum(self._postgres.values()),
+            "workers": self._seconds(worker),
+            "redis": self._seconds(redis),
             "clients": self._seconds(self._clients),
             "machine_busy": _machine_busy_ticks() / self._tick,
         }
@@ -156,11 +179,11 @@ def cpu_usage(before: dict[str, float], after: dict[str, float], seconds: float,
     `other` is everything else on the machine: with it well above zero, something
     besides the bench competed for the CPU and the figures are not clean.
     """
-    used = {key: after[key] - before[key] for key in ("server", "postgres", "clients")}
+    used = {key: after[key] - before[key] for key in ("server", "postgres", "workers", "redis", "clients")}
     used["other"] = max(0.0, after["machine_busy"] - before["machine_busy"] - sum(used.values()))
     share = "  ".join(f"{key} {value / seconds * 100:.0f}" for key, value in used.items())
     per_call = "  ".join(
-        f"{key} {used[key] / max(calls, 1) * 1e6:.0f}" for key in ("server", "postgres", "clients")
+        f"{key} {used[key] / max(calls, 1) * 1e6:.0f}" for key in ("server", "postgres", "workers", "clients")
     )
     return f"cpu % of a core: {share} (of {100 * (os.cpu_count() or 1)});  cpu us/call: {per_call}"
 
@@ -182,6 +205,13 @@ class CpuRecorder:
             time.sleep(max(0.0, end - time.time()))
             self._taken.append((before, self._meter.snapshot()))
 
+    def taken(self, index: int) -> tuple[dict[str, float], dict[str, float]] | None:
+        """The (before, after) snapshots of phase `index`, once taken (waits at most 5 s)."""
+        deadline = time.monotonic() + 5
+        while len(self._taken) <= index and time.monotonic() < deadline:
+            time.sleep(0.01)
+        return self._taken[index] if len(self._taken) > index else None
+
     def usage(self, index: int, calls: int) -> str:
         deadline = time.monotonic() + 5
         while len(self._taken) <= index and time.monotonic() < deadline:
@@ -198,6 +228,14 @@ def _comm(pid: int) -> str:
             return comm.read().strip()
     except OSError:
         return ""
+
+
+def _session(pid: int) -> int:
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return int(stat.read().rpartition(")")[2].split()[3])
+    except (OSError, ValueError, IndexError):
+        return -1
 
 
 def _machine_busy_ticks() -> int:
@@ -217,9 +255,11 @@ class PhaseResult:
     rejected: int = 0
     errors: Counter[str] = field(default_factory=Counter)
     starved_seconds: float = 0.0
+    late: int = 0  # successful calls that ended after the phase (not in calls/s; SendCode still sent)
 
     def add(self, other: PhaseResult) -> None:
         self.latencies_ms.extend(other.latencies_ms)
+        self.late += other.late
         self.rejected += other.rejected
         self.errors.update(other.errors)
         self.starved_seconds += other.starved_seconds
@@ -297,11 +337,22 @@ class Clients:
         """Point every client thread at another server (the same users stay enrolled in the database)."""
         self._ask_all([("retarget", target)] * len(self._pipes), timeout=60)
 
-    def enroll(self, user_ids: Sequence[str], timeout: float) -> int:
-        """Enroll the users in the authenticator app, spread over the processes; returns how many."""
+    def enroll(self, user_ids: Sequence[str], timeout: float) -> array:
+        """Enroll the users in the authenticator app, spread over the processes.
+
+        Returns the latency (ms) of each enrollment: StartEnrollment plus ConfirmEnrollment.
+        """
         count = len(self._pipes)
         slices = [list(user_ids[i::count]) for i in range(count)]
-        return sum(self._ask_all([("enroll", s) for s in slices], timeout))
+        latencies = array("d")
+        for part in self._ask_all([("enroll", s) for s in slices], timeout):
+            latencies.extend(part)
+        return latencies
+
+    def set_email_users(self, user_ids: Sequence[str]) -> None:
+        """The users SendCode phases send to (email enabled), spread over the processes."""
+        count = len(self._pipes)
+        self._ask_all([("email_users", list(user_ids[i::count])) for i in range(count)], timeout=60)
 
     def run_schedule(self, phases: Sequence[tuple[str, float, float]]) -> Iterator[PhaseResult]:
         """Run (kind, start, end) phases, wall-clock times in order; yields each phase's merged result.
@@ -352,6 +403,8 @@ def _client_main(pipe: multiprocessing.connection.Connection, target: str, token
                     return
                 if message[0] == "enroll":
                     pipe.send(client.enroll(message[1]))
+                elif message[0] == "email_users":
+                    pipe.send(client.set_email_users(message[1]))
                 elif message[0] == "retarget":
                     pipe.send(client.retarget(message[1]))
                 elif message[0] == "run":
@@ -377,6 +430,13 @@ class _ClientProcess:
         self._users: list[Enrolled] = []
         self._next_user = 0
         self._users_lock = threading.Lock()
+        self._email_users: list[str] = []
+        self._next_email_user = 0
+        self._next_wrong_user = 0
+
+    def set_email_users(self, user_ids: list[str]) -> str:
+        self._email_users = user_ids
+        return "ready"
 
     def close(self) -> None:
         for channel in self._channels:
@@ -389,20 +449,25 @@ class _ClientProcess:
 
     # enrollment: StartEnrollment(AUTHENTICATOR) then ConfirmEnrollment with the app's code
 
-    def enroll(self, user_ids: list[str]) -> int:
+    def enroll(self, user_ids: list[str]) -> array:
         threads = len(self._channels)
         with ThreadPoolExecutor(threads) as pool:
             done = list(
                 pool.map(self._enroll_slice, range(threads), [user_ids[i::threads] for i in range(threads)])
             )
-        return sum(done)
+        latencies = array("d")
+        for part in done:
+            latencies.extend(part)
+        return latencies
 
-    def _enroll_slice(self, index: int, user_ids: list[str]) -> int:
+    def _enroll_slice(self, index: int, user_ids: list[str]) -> array:
         import pyotp
         from twofactor.v1 import common_pb2, twofactor_service_pb2, twofactor_service_pb2_grpc
 
         stub = twofactor_service_pb2_grpc.TwoFactorServiceStub(self._channels[index])
+        latencies = array("d")
         for user_id in user_ids:
+            t0 = time.perf_counter()
             start = stub.StartEnrollment(
                 twofactor_service_pb2.StartEnrollmentRequest(
                     user_id=user_id, method=common_pb2.METHOD_AUTHENTICATOR
@@ -423,19 +488,25 @@ class _ClientProcess:
                     timeout=CALL_TIMEOUT,
                 )
                 if reply.confirmed:
+                    latencies.append((time.perf_counter() - t0) * 1000)
                     with self._users_lock:
                         self._users.append(Enrolled(user_id, hotp, step))
                     break
             else:
                 raise RuntimeError(f"could not confirm the enrollment of {user_id}")
-        return len(user_ids)
+        return latencies
 
     # the measured phases
 
     def run(self, kind: str, start: float, end: float) -> PhaseResult:
         threads = len(self._channels)
         late = time.time() > start  # the previous phase overran: this one would be measured short
-        loop = self._health_loop if kind == HEALTH else self._verify_loop
+        loop = {
+            HEALTH: self._health_loop,
+            VERIFY: self._verify_loop,
+            REJECTED: self._rejected_loop,
+            SENDCODE: self._sendcode_loop,
+        }[kind]
         with ThreadPoolExecutor(threads) as pool:
             parts = list(pool.map(lambda i: loop(i, start, end), range(threads)))
         total = PhaseResult(kind, end - start)
@@ -515,6 +586,76 @@ class _ClientProcess:
                 result.rejected += 1
             elif began + elapsed <= end:
                 result.latencies_ms.append(elapsed * 1000)
+
+    def _rejected_loop(self, index: int, start: float, end: float) -> PhaseResult:
+        """Verify with a wrong code, the users in turn (each wrong code counts toward a lockout:
+        the server runs with a high threshold, and an accepted Verify resets the count)."""
+        from twofactor.v1 import twofactor_service_pb2, twofactor_service_pb2_grpc
+
+        stub = twofactor_service_pb2_grpc.TwoFactorServiceStub(self._channels[index])
+        rejected = twofactor_service_pb2.VERIFY_RESULT_REJECTED
+        result = PhaseResult(REJECTED, end - start)
+        if not self._users:
+            result.errors["NO_USERS"] += 1
+            return result
+        _sleep_until(start)
+        while True:
+            began = time.time()
+            if began >= end:
+                return result
+            with self._users_lock:
+                user = self._users[self._next_wrong_user]
+                self._next_wrong_user = (self._next_wrong_user + 1) % len(self._users)
+            code = user.hotp.at(int(began // STEP_SECONDS) + WRONG_STEP_OFFSET)
+            t0 = time.perf_counter()
+            try:
+                reply = stub.Verify(
+                    twofactor_service_pb2.VerifyRequest(user_id=user.user_id, code=code),
+                    metadata=self._metadata,
+                    timeout=CALL_TIMEOUT,
+                )
+            except self._grpc.RpcError as error:
+                result.errors[error.code().name] += 1
+                time.sleep(0.01)
+                continue
+            elapsed = time.perf_counter() - t0
+            if reply.result != rejected:  # accepted or locked: not what this phase measures
+                result.errors[twofactor_service_pb2.VerifyResult.Name(reply.result)] += 1
+            elif began + elapsed <= end:
+                result.latencies_ms.append(elapsed * 1000)
+
+    def _sendcode_loop(self, index: int, start: float, end: float) -> PhaseResult:
+        from twofactor.v1 import common_pb2, twofactor_service_pb2, twofactor_service_pb2_grpc
+
+        stub = twofactor_service_pb2_grpc.TwoFactorServiceStub(self._channels[index])
+        result = PhaseResult(SENDCODE, end - start)
+        if not self._email_users:
+            result.errors["NO_EMAIL_USERS"] += 1
+            return result
+        _sleep_until(start)
+        while True:
+            began = time.time()
+            if began >= end:
+                return result
+            with self._users_lock:
+                user_id = self._email_users[self._next_email_user]
+                self._next_email_user = (self._next_email_user + 1) % len(self._email_users)
+            t0 = time.perf_counter()
+            try:
+                stub.SendCode(
+                    twofactor_service_pb2.SendCodeRequest(user_id=user_id, method=common_pb2.METHOD_EMAIL),
+                    metadata=self._metadata,
+                    timeout=CALL_TIMEOUT,
+                )
+            except self._grpc.RpcError as error:
+                result.errors[error.code().name] += 1
+                time.sleep(0.01)
+                continue
+            elapsed = time.perf_counter() - t0
+            if began + elapsed <= end:
+                result.latencies_ms.append(elapsed * 1000)
+            else:
+                result.late += 1
 
 
 def _step() -> int:

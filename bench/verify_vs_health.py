@@ -162,7 +162,7 @@ def server_command(switch_interval: float | None) -> list[str]:
 def enroll(load: Clients, users: int) -> None:
     began = time.monotonic()
     run_id = uuid.uuid4().hex[:8]
-    enrolled = load.enroll([f"bench-{run_id}-{i:06d}" for i in range(users)], timeout=3600)
+    enrolled = len(load.enroll([f"bench-{run_id}-{i:06d}" for i in range(users)], timeout=3600))
     took = time.monotonic() - began
     print(f"enrolled {enrolled} users in {took:.1f} s ({enrolled / took:.0f}/s)", flush=True)
 

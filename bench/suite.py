@@ -1,0 +1,541 @@
+"""The whole bench in one run and one table: `make bench`, or `make bench-quick` (about a minute).
+
+    .venv/bin/python bench/suite.py [--quick] [--users N --email-users E --clients P --threads T
+                                     --seconds S --rounds R --worker-concurrency C --processes N]
+
+On a fresh PostgreSQL schema, a private Redis queue and a local SMTP sink
+(aiosmtpd, in this process), starts `twofactor serve` and one `twofactor worker`
+as separate processes, then measures, each with calls/s, p50/p99 and CPU µs per
+call of the server, PostgreSQL, the workers and the client processes:
+
+- enrollment: StartEnrollment(AUTHENTICATOR) + ConfirmEnrollment for N users;
+- Health/Check, Verify with a fresh correct code (accepted), Verify with a wrong
+  code (rejected), in R rounds of S seconds (medians);
+- one committed single-row UPDATE from this process (the PostgreSQL floor);
+- SendCode(EMAIL) flood, then the delivery rate of the worker until the sink
+  has every message (worker CPU per email, SMTP connections per email);
+- end-to-end latency SendCode -> SMTP acceptance, one message at a time.
+
+Prints the table and the issue's ratios with their targets. Exits 1 when a
+phase had errors, rejected codes or too few users. Figures on a shared or
+loaded machine are indicative only: the `other` CPU column says how loaded.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import hashlib
+import math
+import os
+import secrets
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import psycopg
+from loadgen import (
+    HEALTH,
+    REJECTED,
+    SENDCODE,
+    STEP_SECONDS,
+    VERIFY,
+    Clients,
+    CpuMeter,
+    CpuRecorder,
+    PhaseResult,
+    ServerProcess,
+    clients,
+    wait_serving,
+)
+from psycopg import sql
+from sink import BenchSink
+
+from twofactor_server.domain.keyring import Keyring
+
+ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_DATABASE_URL = "postgresql://postgres@127.0.0.1:5432/postgres"
+DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
+PRIVACYIDEA_CALLS_PER_SECOND = 16.0  # issue 13: privacyIDEA 3.14, correct TOTP, same machine kind
+GAP = 0.5
+KINDS = ("server", "postgres", "workers", "clients")
+COLUMNS = (*KINDS, "other")  # other: everything else on the machine (a loaded machine shows here)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse(argv)
+    # A SIGTERM (timeout, kill) unwinds like Ctrl-C: the server, worker and schema are cleaned up.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    run = uuid.uuid4().hex[:10]
+    schema, queue = f"tf_bench_{run}", f"tf_bench_{run}"
+    token = "bench-" + secrets.token_urlsafe(24)
+    sink = BenchSink()
+    sink.start()
+    env = {
+        **{key: value for key, value in os.environ.items() if not key.startswith("TWOFACTOR_")},
+        "TWOFACTOR_DATABASE_URL": f"{args.database_url}?options=-csearch_path%3D{schema}",
+        "TWOFACTOR_KEYS": Keyring.new_key_spec(1),
+        "TWOFACTOR_TOKENS": f"bench:app:{hashlib.sha256(token.encode()).hexdigest()}",
+        "TWOFACTOR_LISTEN": "127.0.0.1:0",
+        "TWOFACTOR_LOG_LEVEL": "WARNING",
+        "TWOFACTOR_BROKER_URL": args.redis_url,
+        "TWOFACTOR_DELIVERY_QUEUE": queue,
+        "TWOFACTOR_EMAIL_PROVIDER": "smtp",
+        "TWOFACTOR_SMTP_HOST": "127.0.0.1",
+        "TWOFACTOR_SMTP_PORT": str(sink.port),
+        "TWOFACTOR_SMTP_SECURITY": "none",
+        "TWOFACTOR_SMTP_FROM": "bench@example.com",
+        # SMS stays on the console provider; with PostgreSQL the server wants this said out loud.
+        "TWOFACTOR_ALLOW_CONSOLE_DELIVERY": "true",
+        # The rejected phase sends many wrong codes per user, SendCode many codes per user.
+        "TWOFACTOR_LOCKOUT_THRESHOLD": "100",
+        "TWOFACTOR_MAX_CONSECUTIVE_FAILURES": "100",
+        "TWOFACTOR_RESEND_COOLDOWN_SECONDS": "0",
+        "TWOFACTOR_SENDS_PER_USER_PER_HOUR": "1000",
+        "TWOFACTOR_SENDS_PER_DESTINATION_PER_HOUR": "1000",
+    }
+    with psycopg.connect(args.database_url, autocommit=True) as conn:
+        conn.execute(f'CREATE SCHEMA "{schema}"')
+    rows: dict[str, Row] = {}
+    valid = True
+    try:
+        with contextlib.ExitStack() as stack:
+            server = ServerProcess(server_command(args.processes), env, cwd=str(ROOT))
+            stack.callback(server.stop)
+            target = f"127.0.0.1:{server.wait_listening(timeout=60)}"
+            wait_serving(target, timeout=30)
+            worker = stack.enter_context(running_worker(env, args.worker_concurrency))
+            load = stack.enter_context(
+                clients(target, processes=args.clients, threads=args.threads, token=token)
+            )
+            meter = CpuMeter(server.pid, load.pids, worker.pid)
+            print(
+                f"server pid {server.pid} ({args.processes} process(es)) on {target}; worker pid "
+                f"{worker.pid} (concurrency {args.worker_concurrency}); schema {schema}; "
+                f"{args.clients} client processes x {args.threads} threads; {os.cpu_count()} CPUs",
+                flush=True,
+            )
+            rows["enrollment"], ok = measure_enrollment(load, meter, args.users)
+            valid &= ok
+            email_users = enroll_email_users(target, token, sink, args.email_users)
+            load.set_email_users(email_users)
+            for kind, row in measure_rpcs(load, meter, args).items():
+                rows[kind] = row
+                valid &= row.valid
+            rows["update"] = measure_updates(args, schema, meter)
+            rows[SENDCODE], rows["delivery"] = measure_sendcode(load, meter, sink, args, schema, worker.pid)
+            valid &= rows[SENDCODE].valid and rows["delivery"].valid
+            rows["e2e"] = measure_end_to_end(target, token, sink, email_users, args.e2e_messages)
+            valid &= rows["e2e"].valid
+    finally:
+        sink.stop()
+        with psycopg.connect(args.database_url, autocommit=True) as conn:
+            conn.execute(f'DROP SCHEMA "{schema}" CASCADE')
+        forget_queue(args.redis_url, queue)
+    print_table(rows, args)
+    if not valid:
+        print("INVALID RUN: a phase had errors, rejected codes or too few users (see the lines above)")
+    return 0 if valid else 1
+
+
+def parse(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="about one minute: fewer users, shorter phases")
+    parser.add_argument("--users", type=int, help="authenticator users (default 12000; quick 600)")
+    parser.add_argument("--email-users", type=int, help="users with email enabled (default 1000; quick 150)")
+    parser.add_argument("--clients", type=int, help="client processes (default 4; quick 2)")
+    parser.add_argument("--threads", type=int, default=4, help="closed-loop threads per client process")
+    parser.add_argument("--seconds", type=float, help="length of each measured phase (default 5; quick 1)")
+    parser.add_argument("--rounds", type=int, help="rounds of Health/Verify phases (default 3; quick 1)")
+    parser.add_argument("--e2e-messages", type=int, help="end-to-end samples (default 100; quick 20)")
+    parser.add_argument("--worker-concurrency", type=int, default=4, help="the worker's pool processes")
+    parser.add_argument("--processes", default="1", help="`twofactor serve --processes` (when supported)")
+    parser.add_argument("--database-url", default=DEFAULT_DATABASE_URL)
+    parser.add_argument("--redis-url", default=DEFAULT_REDIS_URL)
+    args = parser.parse_args(argv)
+    defaults = (
+        {"users": 600, "email_users": 150, "clients": 2, "seconds": 1.0, "rounds": 1, "e2e_messages": 20}
+        if args.quick
+        else {
+            "users": 12000,
+            "email_users": 200,
+            "clients": 4,
+            "seconds": 5.0,
+            "rounds": 3,
+            "e2e_messages": 100,
+        }
+    )
+    for key, value in defaults.items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    if not 0 < args.seconds <= 25 or args.users < args.clients * args.threads or args.email_users < 1:
+        parser.error("need 0 < --seconds <= 25, a user per client thread and at least one email user")
+    return args
+
+
+def server_command(processes: str) -> list[str]:
+    command = [sys.executable, "-m", "twofactor_server.cli", "serve"]
+    return command if processes == "1" else [*command, "--processes", processes]
+
+
+class Row:
+    """One line of the table."""
+
+    def __init__(
+        self, label: str, result: PhaseResult | None, cpu: dict[str, float] | None, count: int
+    ) -> None:
+        self.label = label
+        self.result = result
+        self.cpu_us = {k: (cpu or {}).get(k, 0.0) / max(count, 1) * 1e6 for k in COLUMNS}
+        self.rate = result.throughput if result else 0.0
+        self.p50 = result.percentile(0.5) if result else float("nan")
+        self.p99 = result.percentile(0.99) if result else float("nan")
+        self.valid = result.valid if result else False
+        self.note = ""
+
+
+def used(before: dict[str, float], after: dict[str, float]) -> dict[str, float]:
+    spent = {key: after[key] - before[key] for key in ("server", "postgres", "workers", "redis", "clients")}
+    spent["other"] = max(0.0, after["machine_busy"] - before["machine_busy"] - sum(spent.values()))
+    return spent
+
+
+def measure_enrollment(load: Clients, meter: CpuMeter, users: int) -> tuple[Row, bool]:
+    run = uuid.uuid4().hex[:8]
+    before, began = meter.snapshot(), time.monotonic()
+    latencies = load.enroll([f"bench-{run}-{i:06d}" for i in range(users)], timeout=3600)
+    took, after = time.monotonic() - began, meter.snapshot()
+    result = PhaseResult("enroll", took, latencies)
+    print(f"enrollment  {result.line()}", flush=True)
+    return Row("enrollment (Start + Confirm)", result, used(before, after), result.calls), result.valid
+
+
+def enroll_email_users(target: str, token: str, sink: BenchSink, count: int) -> list[str]:
+    """Users with email enabled, through the API: SetContact, StartEnrollment(EMAIL), code from the sink."""
+    import grpc
+    from twofactor.v1 import common_pb2, twofactor_service_pb2_grpc
+    from twofactor.v1 import twofactor_service_pb2 as pb
+
+    run = uuid.uuid4().hex[:8]
+    metadata = (("authorization", f"Bearer {token}"),)
+
+    def enroll(index: int) -> str:
+        user_id, address = f"bench-mail-{run}-{index:05d}", f"user{index}-{run}@bench.invalid"
+        with grpc.insecure_channel(target) as channel:
+            stub = twofactor_service_pb2_grpc.TwoFactorServiceStub(channel)
+            stub.SetContact(
+                pb.SetContactRequest(user_id=user_id, email=address), metadata=metadata, timeout=10
+            )
+            stub.StartEnrollment(
+                pb.StartEnrollmentRequest(user_id=user_id, method=common_pb2.METHOD_EMAIL),
+                metadata=metadata,
+                timeout=10,
+            )
+            with sink.changed:
+                if not sink.changed.wait_for(lambda: address in sink.codes, 60):
+                    raise RuntimeError(
+                        f"no enrollment email for {address} within 60 s: is the worker running?"
+                    )
+                code = sink.codes[address].decode()
+            reply = stub.ConfirmEnrollment(
+                pb.ConfirmEnrollmentRequest(user_id=user_id, method=common_pb2.METHOD_EMAIL, code=code),
+                metadata=metadata,
+                timeout=10,
+            )
+            if not reply.confirmed:
+                raise RuntimeError(f"the emailed code did not confirm {user_id}")
+        return user_id
+
+    with ThreadPoolExecutor(8) as pool:
+        return list(pool.map(enroll, range(count)))
+
+
+def measure_rpcs(load: Clients, meter: CpuMeter, args: argparse.Namespace) -> dict[str, Row]:
+    """Health/Check, Verify accepted, Verify rejected: R rounds after a warm-up; the median round of each."""
+    phases = schedule(args)
+    recorder = CpuRecorder(meter, phases)
+    runs: dict[str, list[tuple[PhaseResult, dict[str, float]]]] = {HEALTH: [], VERIFY: [], REJECTED: []}
+    for index, result in enumerate(load.run_schedule(phases)):
+        taken = recorder.taken(index)
+        spent = used(*taken) if taken else {}
+        warmup = index < 3
+        print(f"{'warm-up' if warmup else 'round':<8} {result.line()}", flush=True)
+        if not warmup:
+            runs[result.kind].append((result, spent))
+    labels = {HEALTH: "Health/Check", VERIFY: "Verify (accepted)", REJECTED: "Verify (rejected)"}
+    rows = {}
+    for kind, measured in runs.items():
+        measured.sort(key=lambda pair: pair[0].throughput)
+        result, spent = measured[len(measured) // 2]  # the median round by throughput
+        row = Row(labels[kind], result, spent, result.calls)
+        row.valid = all(r.valid for r, _ in measured)
+        rows[kind] = row
+    return rows
+
+
+def schedule(args: argparse.Namespace) -> list[tuple[str, float, float]]:
+    """A warm-up of each kind, then per round Health/Check, Verify (just after a TOTP step
+    boundary, so every user is fresh) and Verify with wrong codes."""
+    phases = []
+    t = time.time() + 1.0
+    warm = min(1.0, args.seconds)
+    boundary = math.ceil((t + warm + GAP) / STEP_SECONDS) * STEP_SECONDS
+    phases += [
+        (HEALTH, boundary - GAP - warm, boundary - GAP),
+        (VERIFY, boundary + GAP, boundary + GAP + warm),
+    ]
+    phases.append((REJECTED, boundary + 2 * GAP + warm, boundary + 2 * GAP + 2 * warm))
+    t = boundary + 3 * GAP + 2 * warm
+    for _ in range(args.rounds):
+        boundary = math.ceil((t + args.seconds + GAP) / STEP_SECONDS) * STEP_SECONDS
+        phases.append((HEALTH, boundary - GAP - args.seconds, boundary - GAP))
+        phases.append((VERIFY, boundary + GAP, boundary + GAP + args.seconds))
+        phases.append((REJECTED, boundary + 2 * GAP + args.seconds, boundary + 2 * GAP + 2 * args.seconds))
+        t = boundary + 3 * GAP + 2 * args.seconds
+    return phases
+
+
+def measure_updates(args: argparse.Namespace, schema: str, meter: CpuMeter) -> Row:
+    """Committed single-row UPDATEs (autocommit, one row per connection) from this process."""
+    connections = args.clients * args.threads
+    with psycopg.connect(args.database_url, autocommit=True) as conn:
+        conn.execute(f'CREATE TABLE "{schema}".bench_row (id int PRIMARY KEY, n bigint NOT NULL)')
+        conn.execute(
+            sql.SQL("INSERT INTO {}.bench_row SELECT i, 0 FROM generate_series(0, %s) i").format(
+                sql.Identifier(schema)
+            ),
+            (connections - 1,),
+        )
+    start = time.time() + 0.5
+    end = start + args.seconds
+    result = PhaseResult("update", args.seconds)
+    lock = threading.Lock()
+
+    def loop(index: int) -> None:
+        mine = []
+        with psycopg.connect(args.database_url, autocommit=True) as conn:
+            statement = sql.SQL("UPDATE {}.bench_row SET n = n + 1 WHERE id = %s").format(
+                sql.Identifier(schema)
+            )
+            conn.execute(statement, (index,), prepare=True)
+            time.sleep(max(0.0, start - time.time()))
+            while (began := time.time()) < end:
+                t0 = time.perf_counter()
+                conn.execute(statement, (index,), prepare=True)
+                elapsed = time.perf_counter() - t0
+                if began + elapsed <= end:
+                    mine.append(elapsed * 1000)
+        with lock:
+            result.latencies_ms.extend(mine)
+
+    threads = [threading.Thread(target=loop, args=(i,)) for i in range(connections)]
+    for thread in threads:
+        thread.start()
+    time.sleep(max(0.0, start - time.time()))
+    before = meter.snapshot()
+    time.sleep(max(0.0, end - time.time()))
+    after = meter.snapshot()
+    for thread in threads:
+        thread.join()
+    print(f"update   {result.line()}", flush=True)
+    row = Row("committed 1-row UPDATE (floor)", result, used(before, after), result.calls)
+    row.cpu_us["clients"] = float("nan")  # the UPDATE clients are threads of this process
+    return row
+
+
+def measure_sendcode(
+    load: Clients, meter: CpuMeter, sink: BenchSink, args: argparse.Namespace, schema: str, worker_pid: int
+) -> tuple[Row, Row]:
+    """A SendCode flood with the worker stopped (SIGSTOP); then the worker, resumed, drains the backlog.
+
+    SendCode is measured alone; the delivery rate and the workers' CPU per email are
+    those of one worker emptying a full queue. A SendCode to a user whose earlier code
+    is still unsent supersedes it and the worker skips it: the rate counts the emails
+    the sink accepted (enough email users make that rare).
+    """
+    arrived_before = len(sink.arrivals)
+    connections_before = sink.connections
+    os.killpg(worker_pid, signal.SIGSTOP)
+    try:
+        start = time.time() + 1.0
+        phases = [(SENDCODE, start, start + args.seconds)]
+        recorder = CpuRecorder(meter, phases)
+        result = next(iter(load.run_schedule(phases)))
+        print(f"sendcode {result.line()}", flush=True)
+        taken = recorder.taken(0)
+        send_row = Row("SendCode (email)", result, used(*taken) if taken else {}, result.calls)
+        before = meter.snapshot()
+        resumed = time.time()
+    finally:
+        os.killpg(worker_pid, signal.SIGCONT)
+    drained = wait_drained(args.database_url, schema, timeout=180)
+    after = meter.snapshot()
+    with sink.changed:
+        arrivals = sink.arrivals[arrived_before:]
+        opened = sink.connections - connections_before
+    window = (arrivals[-1] - resumed) if arrivals else 0.0
+    delivery_row = Row("delivery (worker -> SMTP)", None, used(before, after), len(arrivals))
+    delivery_row.rate = len(arrivals) / window if window > 0 else 0.0
+    delivery_row.valid = drained and bool(arrivals)
+    sent = result.calls + result.late
+    delivery_row.note = f"{len(arrivals)} emails of {sent} SendCode, {opened} SMTP connections"
+    if not drained:
+        delivery_row.note += "; NOT DRAINED within 180 s"
+    print(f"delivery {delivery_row.rate:9.1f} emails/s   {delivery_row.note}", flush=True)
+    return send_row, delivery_row
+
+
+def wait_drained(database_url: str, schema: str, timeout: float) -> bool:
+    """Whether every challenge's delivery is settled (sent, failed or superseded) within `timeout`."""
+    query = sql.SQL(
+        "SELECT count(*) FROM {}.challenges WHERE delivery_status IN ('queued', 'sending') "
+        "AND superseded_at IS NULL AND expires_at > %s"
+    ).format(sql.Identifier(schema))
+    deadline = time.monotonic() + timeout
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        while time.monotonic() < deadline:
+            row = conn.execute(query, (int(time.time() * 1000),)).fetchone()
+            if row is not None and row[0] == 0:
+                return True
+            time.sleep(0.05)  # polling the database from the bench, bounded by the deadline
+    return False
+
+
+def measure_end_to_end(target: str, token: str, sink: BenchSink, users: list[str], count: int) -> Row:
+    """SendCode, then wait until the sink accepted that message; one at a time, the queue idle."""
+    import grpc
+    from twofactor.v1 import common_pb2, twofactor_service_pb2_grpc
+    from twofactor.v1 import twofactor_service_pb2 as pb
+
+    metadata = (("authorization", f"Bearer {token}"),)
+    result = PhaseResult("e2e", 1.0)
+    began = time.monotonic()
+    with grpc.insecure_channel(target) as channel:
+        stub = twofactor_service_pb2_grpc.TwoFactorServiceStub(channel)
+        for index in range(count):
+            expected = len(sink.arrivals) + 1
+            t0 = time.time()
+            try:
+                stub.SendCode(
+                    pb.SendCodeRequest(user_id=users[index % len(users)], method=common_pb2.METHOD_EMAIL),
+                    metadata=metadata,
+                    timeout=10,
+                )
+            except grpc.RpcError as error:
+                result.errors[error.code().name] += 1
+                continue
+            if not sink.wait_for(expected, timeout=30):
+                result.errors["NOT_DELIVERED_IN_30_S"] += 1
+                continue
+            result.latencies_ms.append((sink.arrivals[expected - 1] - t0) * 1000)
+    result.seconds = time.monotonic() - began
+    print(f"e2e      {result.line()}", flush=True)
+    row = Row("end-to-end SendCode -> SMTP", result, None, 1)
+    row.rate = float("nan")
+    row.cpu_us = dict.fromkeys(COLUMNS, float("nan"))
+    return row
+
+
+@contextlib.contextmanager
+def running_worker(env: dict[str, str], concurrency: int) -> Iterator[subprocess.Popen[bytes]]:
+    log = tempfile.NamedTemporaryFile(prefix="twofactor-bench-worker-", suffix=".log", delete=False)  # noqa: SIM115
+    print(f"worker log: {log.name}", flush=True)
+    worker = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "twofactor_server.cli",
+            "worker",
+            f"--concurrency={concurrency}",
+            "--loglevel=WARNING",
+        ],
+        env=env,
+        cwd=str(ROOT),
+        stdin=subprocess.DEVNULL,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    try:
+        yield worker
+    finally:
+        if worker.poll() is None:
+            worker.send_signal(signal.SIGTERM)
+            try:
+                worker.wait(30)
+            except subprocess.TimeoutExpired:
+                os.killpg(worker.pid, signal.SIGKILL)
+                worker.wait(5)
+        log.close()
+
+
+def forget_queue(redis_url: str, queue: str) -> None:
+    """Delete this run's queue keys (only ours: Redis is shared)."""
+    with contextlib.suppress(Exception):
+        import redis
+
+        client = redis.Redis.from_url(redis_url, socket_timeout=5)
+        client.delete(queue, f"_kombu.binding.{queue}")
+        client.close()
+
+
+def print_table(rows: dict[str, Row], args: argparse.Namespace) -> None:
+    shape = f"{args.clients} x {args.threads} closed-loop clients, {args.seconds:g} s phases"
+    print(f"\n{shape}; {os.cpu_count()} CPUs; CPU in µs per call (per email for delivery)")
+    head = f"{'':<32} {'calls/s':>9} {'p50 ms':>8} {'p99 ms':>8}" + "".join(f" {k:>9}" for k in COLUMNS)
+    print(head)
+    for row in rows.values():
+        cells = f"{row.label:<32} {row.rate:9.1f} {row.p50:8.2f} {row.p99:8.2f}"
+        cells += "".join(f" {row.cpu_us[k]:9.0f}" for k in COLUMNS)
+        print(cells + (f"  {row.note}" if row.note else ""))
+    print("\ntargets (issue 13):")
+    health, verify, update = rows.get(HEALTH), rows.get(VERIFY), rows.get("update")
+    checks = []
+    if health and verify:
+        checks.append(
+            (
+                "server CPU per accepted Verify / per Health/Check",
+                verify.cpu_us["server"] / health.cpu_us["server"],
+                "<=",
+                1.5,
+            )
+        )
+        checks.append(
+            (
+                "Verify throughput / privacyIDEA's 16 calls/s",
+                verify.rate / PRIVACYIDEA_CALLS_PER_SECOND,
+                ">=",
+                100.0,
+            )
+        )
+    if verify and update:
+        checks.append(
+            (
+                "PostgreSQL CPU per accepted Verify / per committed UPDATE",
+                verify.cpu_us["postgres"] / update.cpu_us["postgres"],
+                "<=",
+                1.2,
+            )
+        )
+    if "enrollment" in rows:
+        checks.append(("enrollments/s (one server process)", rows["enrollment"].rate, ">=", 300.0))
+    if SENDCODE in rows:
+        checks.append(("server CPU µs per SendCode", rows[SENDCODE].cpu_us["server"], "<=", 1000.0))
+    if "delivery" in rows:
+        checks.append(("emails/s delivered by one worker", rows["delivery"].rate, ">=", 300.0))
+    if "e2e" in rows:
+        checks.append(("end-to-end p50 ms, idle queue", rows["e2e"].p50, "<=", 100.0))
+    for label, value, sense, target in checks:
+        met = value <= target if sense == "<=" else value >= target
+        print(f"  {label:<58} {value:9.2f}  target {sense} {target:g}  {'met' if met else 'NOT MET'}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
