@@ -11,6 +11,7 @@ import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from email.message import EmailMessage
+from typing import Any
 
 from aiosmtpd.controller import Controller
 from aiosmtpd.smtp import SMTP, Envelope, Session
@@ -30,6 +31,11 @@ class SmtpSink:
         self.release = threading.Event()
         self._changed = threading.Condition()
         self.port = 0
+        self.connections = 0  # SMTP connections accepted so far
+
+    def connection_opened(self) -> None:
+        with self._changed:
+            self.connections += 1
 
     # aiosmtpd handler hooks
     async def handle_RCPT(
@@ -87,11 +93,26 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+class CountingController(Controller):
+    """An aiosmtpd controller whose handler hears of every new connection (`connection_opened`)."""
+
+    def factory(self) -> SMTP:
+        return _CountingSMTP(self.handler, **self.SMTP_kwargs)
+
+
+class _CountingSMTP(SMTP):
+    def connection_made(self, transport: Any) -> None:
+        self.event_handler.connection_opened()
+        super().connection_made(transport)
+
+
 @contextmanager
 def running_sink(sink: SmtpSink) -> Iterator[SmtpSink]:
     sink.port = free_port()
-    controller = Controller(sink, hostname="127.0.0.1", port=sink.port)
+    controller = CountingController(sink, hostname="127.0.0.1", port=sink.port)
     controller.start()
+    with sink._changed:
+        sink.connections = 0  # start() connected once itself, to see the server answer
     try:
         yield sink
     finally:

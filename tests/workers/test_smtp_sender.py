@@ -5,6 +5,7 @@ from __future__ import annotations
 import email
 import email.policy
 import ssl
+import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from email.message import EmailMessage as MimeMessage
@@ -16,7 +17,7 @@ from aiosmtpd.controller import Controller
 from aiosmtpd.smtp import SMTP, AuthResult, Envelope, LoginPassword, Session
 
 from tests.pki import issue, make_ca
-from tests.smtp_sink import free_port
+from tests.smtp_sink import CountingController, free_port
 from twofactor_server.delivery.providers import (
     DeliveryError,
     EmailMessage,
@@ -66,6 +67,21 @@ class Handler:
     rcpt_reply: str | None = None
     data_reply: str | None = None
     received: list[tuple[Envelope, MimeMessage]] = field(default_factory=list)
+    mail_reply_once: str | None = None
+    connections: int = 0
+
+    def connection_opened(self) -> None:
+        self.connections += 1
+
+    async def handle_MAIL(
+        self, server: SMTP, session: Session, envelope: Envelope, address: str, options: list[str]
+    ) -> str:
+        if self.mail_reply_once:
+            reply, self.mail_reply_once = self.mail_reply_once, None
+            return reply
+        envelope.mail_from = address
+        envelope.mail_options.extend(options)
+        return "250 OK"
 
     async def handle_RCPT(
         self, server: SMTP, session: Session, envelope: Envelope, address: str, options: list[str]
@@ -113,7 +129,7 @@ def smtp_server() -> Iterator[StartServer]:
     def start(handler: Handler | None = None, **options: Any) -> tuple[Handler, int]:
         handler = handler or Handler()
         port = free_port()
-        controller = Controller(
+        controller = CountingController(
             handler,
             hostname="127.0.0.1",
             port=port,
@@ -122,6 +138,7 @@ def smtp_server() -> Iterator[StartServer]:
             **options,
         )
         controller.start()
+        handler.connections = 0  # start() connected once itself, to see the server answer
         controllers.append(controller)
         return handler, port
 
@@ -296,3 +313,88 @@ def test_header_injection_through_the_recipient_is_refused(smtp_server: StartSer
     with pytest.raises(PermanentDeliveryError, match="invalid email header"):
         SmtpEmailSender(settings(port)).send_email(bad)
     assert handler.received == []
+
+
+def test_one_connection_carries_many_messages(smtp_server: StartServer) -> None:
+    handler, port = smtp_server()
+    sender = SmtpEmailSender(settings(port))
+
+    for _ in range(5):
+        sender.send_email(MESSAGE)
+
+    assert len(handler.received) == 5
+    assert handler.connections == 1 and sender.connections_opened == 1
+
+
+def test_a_refused_recipient_leaves_the_connection_usable(smtp_server: StartServer) -> None:
+    handler, port = smtp_server(Handler(rcpt_reply="550 5.1.1 No such user"))
+    sender = SmtpEmailSender(settings(port))
+    with pytest.raises(PermanentDeliveryError):
+        sender.send_email(MESSAGE)
+
+    handler.rcpt_reply = None
+    sender.send_email(MESSAGE)
+
+    assert len(handler.received) == 1 and handler.connections == 1
+
+
+def test_a_session_the_relay_dropped_is_replaced_for_the_same_message() -> None:
+    port = free_port()
+    first, second = Handler(), Handler()
+    relay = CountingController(first, hostname="127.0.0.1", port=port, server_hostname="mx.test")
+    relay.start()
+    first.connections = 0  # start() connected once itself, to see the server answer
+    sender = SmtpEmailSender(settings(port))
+    sender.send_email(MESSAGE)
+    # The relay restarts: the kept session is dead, which the sender learns only on the next send.
+    relay.stop()
+    relay = CountingController(second, hostname="127.0.0.1", port=port, server_hostname="mx.test")
+    relay.start()
+    second.connections = 0
+    try:
+        message_id = sender.send_email(MESSAGE)
+    finally:
+        relay.stop()
+
+    assert_delivered(second, message_id)
+    assert len(first.received) == 1 and second.connections == 1 and sender.connections_opened == 2
+
+
+def test_a_session_that_answers_421_is_replaced_for_the_same_message(smtp_server: StartServer) -> None:
+    handler, port = smtp_server()
+    sender = SmtpEmailSender(settings(port))
+    sender.send_email(MESSAGE)
+    handler.received.clear()
+    handler.mail_reply_once = "421 4.3.2 Service shutting down"
+
+    message_id = sender.send_email(MESSAGE)
+
+    assert_delivered(handler, message_id)
+    assert handler.connections == 2
+
+
+def test_threads_never_share_a_connection(smtp_server: StartServer) -> None:
+    handler, port = smtp_server()
+    sender = SmtpEmailSender(settings(port))
+    threads, per_thread = 4, 10
+    barrier = threading.Barrier(threads)
+    failures: list[BaseException] = []
+
+    def send_some() -> None:
+        barrier.wait(timeout=30)
+        try:
+            for _ in range(per_thread):
+                sender.send_email(MESSAGE)
+        except BaseException as error:  # reported below; a thread's exception is otherwise lost
+            failures.append(error)
+
+    workers = [threading.Thread(target=send_some) for _ in range(threads)]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join(timeout=60)
+
+    assert failures == [] and not any(worker.is_alive() for worker in workers)
+    assert len(handler.received) == threads * per_thread
+    # One session per thread at most: interleaved commands on a shared one would have failed above.
+    assert handler.connections <= threads

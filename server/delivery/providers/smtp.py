@@ -1,13 +1,23 @@
-"""Email delivery through an SMTP relay, one connection per message.
+"""Email delivery through an SMTP relay, over a connection kept open and reused.
 
-A connection per message keeps the sender stateless and safe to share between
-worker threads; OTP mail is low-volume, so connection reuse buys little.
+Each thread of each process keeps its own connection (a Celery pool process has
+one thread; the embedded dispatcher's thread pool one per thread), so no
+connection is ever shared. A connection idle for longer than IDLE_SECONDS, or
+that carried MESSAGES_PER_CONNECTION messages, is closed and a new one opened;
+a reused connection that turns out dead (the relay closed it, or answered 421)
+is replaced once, at once, for the same message. Opening a connection per
+message cost a TCP (and TLS) handshake, EHLO and AUTH for every email: at
+fleet speed the handshakes, not the messages, were the work (bench/suite.py).
 """
 
 from __future__ import annotations
 
+import os
 import smtplib
 import ssl
+import threading
+import time
+import weakref
 from email.message import EmailMessage as MimeMessage
 from email.utils import formatdate, make_msgid, parseaddr
 
@@ -22,6 +32,22 @@ from twofactor_server.delivery.providers.base import (
 from twofactor_server.settings import SmtpSettings
 
 SECURITY_MODES = ("starttls", "tls", "none")
+# Relays close idle sessions (RFC 5321 §4.5.3.2.7 suggests 5 minutes); well before that we stop trusting one.
+IDLE_SECONDS = 30.0
+# Some relays cap the messages of one session; a modest cap also spreads load over a relay pool.
+MESSAGES_PER_CONNECTION = 100
+# Replies that mean "this session is over, try again on a new one".
+_SESSION_OVER = (421,)
+
+
+class _Connection:
+    """An open SMTP session, with who opened it and how much it has carried."""
+
+    def __init__(self, smtp: smtplib.SMTP) -> None:
+        self.smtp = smtp
+        self.pid = os.getpid()
+        self.messages = 0
+        self.last_used = time.monotonic()
 
 
 class SmtpEmailSender:
@@ -45,6 +71,18 @@ class SmtpEmailSender:
                 raise ProviderConfigError(f"SMTP CA file {settings.ca_file!r} is unusable: {exc}") from exc
         # make_msgid would otherwise call socket.getfqdn(), a DNS lookup per message.
         self._msgid_domain = parseaddr(settings.from_address)[1].rpartition("@")[2] or "localhost"
+        self._local = threading.local()  # .connection: this thread's open session, if any
+        self.connections_opened = 0  # in this process, for the bench and tests
+        # Every session this sender holds open, so that they are closed when the sender goes.
+        self._open_sessions: set[smtplib.SMTP] = set()
+        self._sessions_lock = threading.Lock()
+        weakref.finalize(self, _close_all, self._open_sessions, self._sessions_lock)
+
+    def close(self) -> None:
+        """Say goodbye on this thread's connection, if one is open (a worker shutting down)."""
+        connection = self._take()
+        if connection is not None:
+            self._quit(connection.smtp)
 
     def send_email(self, message: EmailMessage) -> str:
         mime, message_id = self._build(message)
@@ -74,21 +112,96 @@ class SmtpEmailSender:
         return mime, message_id
 
     def _deliver(self, mime: MimeMessage) -> None:
+        connection = self._reusable()
+        if connection is not None:
+            try:
+                self._send_on(connection, mime)
+                return
+            except (smtplib.SMTPServerDisconnected, ConnectionError) as exc:
+                del exc  # the relay dropped the idle session: a new one below, for the same message
+            except smtplib.SMTPResponseException as exc:
+                if exc.smtp_code not in _SESSION_OVER:
+                    raise
+        self._send_on(self._open(), mime)
+
+    def _send_on(self, connection: _Connection, mime: MimeMessage) -> None:
+        """Send on `connection`, and keep it for the next message unless this failed oddly.
+
+        After a refused sender or recipient or a refused DATA, smtplib has reset the
+        transaction (RSET) and the session stays usable, unless the reply was 421 (it
+        then closed the socket); after anything else the session is closed.
+        """
+        try:
+            connection.smtp.send_message(mime)
+        except (smtplib.SMTPRecipientsRefused, smtplib.SMTPSenderRefused, smtplib.SMTPDataError):
+            if connection.smtp.sock is not None:
+                self._keep(connection)
+            raise
+        except BaseException:
+            self._quit(connection.smtp)
+            raise
+        self._keep(connection)
+
+    def _keep(self, connection: _Connection) -> None:
+        connection.messages += 1
+        connection.last_used = time.monotonic()
+        if connection.messages >= MESSAGES_PER_CONNECTION:
+            self._quit(connection.smtp)
+        else:
+            self._local.connection = connection
+
+    def _take(self) -> _Connection | None:
+        connection: _Connection | None = getattr(self._local, "connection", None)
+        self._local.connection = None
+        if connection is not None and connection.pid != os.getpid():
+            # Inherited through fork: the socket is the parent's session; close our copy, say nothing.
+            with self._sessions_lock:
+                self._open_sessions.discard(connection.smtp)
+            connection.smtp.close()
+            return None
+        return connection
+
+    def _reusable(self) -> _Connection | None:
+        """This thread's open session if it is fresh enough to trust, else None (and it is closed)."""
+        connection = self._take()
+        if connection is not None and time.monotonic() - connection.last_used > IDLE_SECONDS:
+            self._quit(connection.smtp)
+            return None
+        return connection
+
+    def _open(self) -> _Connection:
         s = self._settings
         smtp: smtplib.SMTP
         if s.security == "tls":
             smtp = smtplib.SMTP_SSL(s.host, s.port, timeout=s.timeout_seconds, context=self._tls)
         else:
             smtp = smtplib.SMTP(s.host, s.port, timeout=s.timeout_seconds)
+        self.connections_opened += 1
+        with self._sessions_lock:
+            self._open_sessions.add(smtp)
         try:
             if s.security == "starttls":
                 # Never fall back to plain text: a relay without STARTTLS is an error.
                 smtp.starttls(context=self._tls)
             if s.username:
                 smtp.login(s.username, s.password)
-            smtp.send_message(mime)
-        finally:
-            _quit_quietly(smtp)
+        except BaseException:
+            self._quit(smtp)
+            raise
+        return _Connection(smtp)
+
+    def _quit(self, smtp: smtplib.SMTP) -> None:
+        with self._sessions_lock:
+            self._open_sessions.discard(smtp)
+        _quit_quietly(smtp)
+
+
+def _close_all(sessions: set[smtplib.SMTP], lock: threading.Lock) -> None:
+    """Close the sockets of a sender that is going away (no QUIT: this may run in a finalizer)."""
+    with lock:
+        for smtp in sessions:
+            smtp.close()
+        sessions.clear()
 
 
 def _quit_quietly(smtp: smtplib.SMTP) -> None:
