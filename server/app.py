@@ -88,8 +88,13 @@ def create_server(
     *,
     clock: Clock = system_clock,
     dispatcher: Dispatcher | None = None,
+    reuse_port: bool = False,
 ) -> tuple[TwoFactorServer, int]:
-    """Build the server from settings and bind it; returns it unstarted with its port (0 picks one)."""
+    """Build the server from settings and bind it; returns it unstarted with its port (0 picks one).
+
+    reuse_port joins the port's SO_REUSEPORT group: only for the children of
+    `serve --processes`, whose supervisor holds the port (server/supervisor.py).
+    """
     require_usable_data_dir(settings)
     keyring = load_keyring(settings)
     tokens = load_tokens(settings)
@@ -129,7 +134,7 @@ def create_server(
         grpc_server = grpc.server(
             futures.ThreadPoolExecutor(max_workers=settings.max_workers, thread_name_prefix="rpc"),
             interceptors=[MonitoringInterceptor(), ApiInterceptor(tokens)],
-            options=[("grpc.so_reuseport", 0)],
+            options=[("grpc.so_reuseport", 1 if reuse_port else 0)],
         )
         twofactor_service_pb2_grpc.add_TwoFactorServiceServicer_to_server(twofactor_servicer, grpc_server)
         admin_service_pb2_grpc.add_AdminServiceServicer_to_server(

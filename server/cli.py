@@ -4,6 +4,7 @@ token, keys."""
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import os
 import signal
@@ -21,7 +22,16 @@ log = logging.getLogger("twofactor_server.cli")
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="twofactor", description="Two-factor verification service")
     commands = parser.add_subparsers(dest="command", required=True)
-    commands.add_parser("serve", help="run the gRPC server (configured by TWOFACTOR_* variables)")
+    serve_command = commands.add_parser(
+        "serve", help="run the gRPC server (configured by TWOFACTOR_* variables)"
+    )
+    serve_command.add_argument(
+        "--processes",
+        default="1",
+        help="server processes sharing the port (SO_REUSEPORT); 'auto' is the CPU count (default 1)",
+    )
+    # Set by the supervisor of --processes for its children: listen here, in the port's group.
+    serve_command.add_argument("--supervised-listen", help=argparse.SUPPRESS)
     commands.add_parser("migrate", help="apply database migrations and exit")
     worker = commands.add_parser("worker", help="run a Celery delivery worker (needs TWOFACTOR_BROKER_URL)")
     worker.add_argument("--concurrency", type=int, default=2)
@@ -83,7 +93,12 @@ def main(argv: list[str] | None = None) -> int:
             tls = TlsOptions(ca_file=args.ca_file, cert_file=args.cert, key_file=args.key)
             return probe(settings, target=args.target, service=args.service, timeout=args.timeout, tls=tls)
         if args.command == "serve":
-            return serve(settings)
+            if args.supervised_listen:
+                return serve(dataclasses.replace(settings, listen=args.supervised_listen), reuse_port=True)
+            from twofactor_server.supervisor import process_count, supervise
+
+            processes = process_count(args.processes)
+            return serve(settings) if processes == 1 else supervise(settings, processes)
         if args.command == "migrate":
             from twofactor_server.storage.database import open_database
 
@@ -138,12 +153,12 @@ def _key_version(text: str) -> int:
     return int(text)
 
 
-def serve(settings: Settings) -> int:
+def serve(settings: Settings, *, reuse_port: bool = False) -> int:
     from twofactor_server.app import create_server, dev_tokens
     from twofactor_server.delivery.providers import ProviderConfigError
 
     try:
-        server, port = create_server(settings)
+        server, port = create_server(settings, reuse_port=reuse_port)
     except ProviderConfigError as error:
         raise SettingsError(str(error)) from None
     server.start()

@@ -1,0 +1,173 @@
+"""`twofactor serve --processes N`: children on one port, SIGTERM drains them all, a taken port fails."""
+
+from __future__ import annotations
+
+import hashlib
+import signal
+import socket
+import subprocess
+from pathlib import Path
+
+import grpc
+import psycopg
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from twofactor.v1 import twofactor_service_pb2 as pb
+from twofactor.v1 import twofactor_service_pb2_grpc
+
+from tests.conftest import APP_TOKEN, TEST_KEYS
+from tests.server.test_cli import TWOFACTOR, env_for, wait_until_a_query_waits_on_a_lock
+from tests.smtp_sink import free_port
+
+METADATA = (("authorization", f"Bearer {APP_TOKEN}"),)
+
+
+def production_env(tmp_path: Path, postgres_url: str, port: int) -> dict[str, str]:
+    return env_for(
+        tmp_path,
+        LISTEN=f"127.0.0.1:{port}",
+        DATABASE_URL=postgres_url,
+        KEYS=TEST_KEYS,
+        TOKENS=f"backend:app:{hashlib.sha256(APP_TOKEN.encode()).hexdigest()}",
+        ALLOW_CONSOLE_DELIVERY="true",
+    )
+
+
+class Supervised:
+    """`twofactor serve --processes N` in a subprocess, read up to its `listening on` line."""
+
+    def __init__(self, env: dict[str, str], processes: str) -> None:
+        self.process = subprocess.Popen(
+            [TWOFACTOR, "serve", "--processes", processes],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        self.lines: list[str] = []
+        self.read_until("twofactor listening on")
+
+    def read_until(self, prefix: str) -> str:
+        assert self.process.stdout is not None
+        for line in self.process.stdout:  # ends if the process exits; pytest-timeout bounds it
+            self.lines.append(line)
+            if line.startswith(prefix):
+                return line
+        raise AssertionError(f"exited before printing {prefix!r}: {''.join(self.lines)}")
+
+    def children(self) -> list[int]:
+        found = subprocess.run(
+            ["pgrep", "-P", str(self.process.pid)], capture_output=True, text=True, timeout=30
+        ).stdout.split()
+        return [int(pid) for pid in found]
+
+    def finish(self) -> tuple[int, str]:
+        out, _ = self.process.communicate(timeout=120)
+        return self.process.returncode, "".join(self.lines) + out
+
+
+def listening_inodes(port: int) -> set[str]:
+    """Socket inodes in LISTEN state on `port`, from /proc/net/tcp and tcp6 (gRPC listens on IPv6
+    sockets with IPv4-mapped addresses)."""
+    inodes = set()
+    for name in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with open(name) as table:
+            next(table)
+            for line in table:
+                fields = line.split()
+                if int(fields[1].rpartition(":")[2], 16) == port and fields[3] == "0A":
+                    inodes.add(fields[9])
+    return inodes
+
+
+def socket_inodes(pid: int) -> set[str]:
+    found = set()
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
+        try:
+            target = fd.readlink().name
+        except OSError:
+            continue
+        if target.startswith("socket:["):
+            found.add(target[len("socket:[") : -1])
+    return found
+
+
+def test_every_child_listens_on_the_one_port_and_answers(tmp_path: Path, postgres_url: str) -> None:
+    port = free_port()
+    served = Supervised(production_env(tmp_path, postgres_url, port), "2")
+    try:
+        children = served.children()
+        assert len(children) == 2
+        listening = listening_inodes(port)
+        # Each child holds a listening socket of the port's SO_REUSEPORT group; the supervisor none.
+        assert all(socket_inodes(child) & listening for child in children), (children, listening)
+        assert not socket_inodes(served.process.pid) & listening
+        for _ in range(4):  # new connections: the kernel spreads them over the children
+            with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+                reply = health_pb2_grpc.HealthStub(channel).Check(
+                    health_pb2.HealthCheckRequest(service=""), timeout=10
+                )
+                assert reply.status == health_pb2.HealthCheckResponse.SERVING
+    finally:
+        served.process.send_signal(signal.SIGTERM)
+    code, output = served.finish()
+    assert code == 0, output
+    assert "Traceback" not in output
+
+
+def test_sigterm_drains_the_in_flight_calls_of_the_children(tmp_path: Path, postgres_url: str) -> None:
+    port = free_port()
+    served = Supervised(production_env(tmp_path, postgres_url, port), "2")
+    children = served.children()
+    with (
+        grpc.insecure_channel(f"127.0.0.1:{port}") as channel,
+        psycopg.connect(postgres_url) as blocker,
+    ):
+        stub = twofactor_service_pb2_grpc.TwoFactorServiceStub(channel)
+        stub.SetContact(pb.SetContactRequest(user_id="drain"), metadata=METADATA, timeout=10)
+        # Hold the user's row lock, so the next call waits inside whichever child took it.
+        blocker.execute("SELECT 1 FROM users WHERE user_id = 'drain' FOR UPDATE")
+        future = stub.SetContact.future(
+            pb.SetContactRequest(user_id="drain", email="d@example.com"), metadata=METADATA, timeout=60
+        )
+        wait_until_a_query_waits_on_a_lock(blocker)
+        served.process.send_signal(signal.SIGTERM)
+        served.read_until("draining")
+        assert not future.done()
+        blocker.commit()  # the in-flight call can now finish
+        response = future.result(timeout=60)
+    assert response.masked_email == "d***@example.com"
+    code, output = served.finish()
+    assert code == 0, output
+    # Every child drained and stopped (each prints `stopped`), then the supervisor.
+    assert output.splitlines().count("stopped") == 3, output
+    assert not any(Path(f"/proc/{child}").exists() for child in children)  # reaped by the supervisor
+
+
+def test_a_port_another_program_holds_fails_at_start(tmp_path: Path, postgres_url: str) -> None:
+    with socket.socket() as other:
+        other.bind(("127.0.0.1", 0))
+        other.listen()
+        port = other.getsockname()[1]
+        result = subprocess.run(
+            [TWOFACTOR, "serve", "--processes", "2"],
+            env=production_env(tmp_path, postgres_url, port),
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+    assert result.returncode == 2
+    assert f"could not listen on 127.0.0.1:{port}" in result.stderr
+    assert "another program holds the port" in result.stderr
+    assert "Traceback" not in result.stderr + result.stdout
+
+
+def test_processes_must_be_a_count_or_auto(tmp_path: Path, postgres_url: str) -> None:
+    result = subprocess.run(
+        [TWOFACTOR, "serve", "--processes", "many"],
+        env=production_env(tmp_path, postgres_url, free_port()),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 2
+    assert "--processes takes a number from 1 to 256 or 'auto', got 'many'" in result.stderr
