@@ -80,7 +80,9 @@ def main(argv: list[str] | None = None) -> int:
     sink.start()
     env = {
         **{key: value for key, value in os.environ.items() if not key.startswith("TWOFACTOR_")},
-        "TWOFACTOR_DATABASE_URL": f"{args.database_url}?options=-csearch_path%3D{schema}",
+        # application_name tells this run's backends from other sessions' on a shared PostgreSQL.
+        "TWOFACTOR_DATABASE_URL": f"{args.database_url}?options=-csearch_path%3D{schema}"
+        f"&application_name={schema}",
         "TWOFACTOR_KEYS": Keyring.new_key_spec(1),
         "TWOFACTOR_TOKENS": f"bench:app:{hashlib.sha256(token.encode()).hexdigest()}",
         "TWOFACTOR_LISTEN": "127.0.0.1:0",
@@ -115,7 +117,8 @@ def main(argv: list[str] | None = None) -> int:
             load = stack.enter_context(
                 clients(target, processes=args.clients, threads=args.threads, token=token)
             )
-            meter = CpuMeter(server.pid, load.pids, worker.pid)
+            backends = stack.enter_context(PostgresPids(args.database_url, schema))
+            meter = CpuMeter(server.pid, load.pids, worker.pid, backends)
             print(
                 f"server pid {server.pid} ({args.processes} process(es)) on {target}; worker pid "
                 f"{worker.pid} (concurrency {args.worker_concurrency}); schema {schema}; "
@@ -207,6 +210,32 @@ def used(before: dict[str, float], after: dict[str, float]) -> dict[str, float]:
     return spent
 
 
+class PostgresPids:
+    """The postgres processes that count for this run: the backends whose application_name is the
+    run's (the server's, the worker's, the UPDATE floor's) and PostgreSQL's background processes
+    (WAL writer, checkpointer...); other sessions on a shared PostgreSQL are left out."""
+
+    def __init__(self, database_url: str, application_name: str) -> None:
+        self._conn = psycopg.connect(database_url, autocommit=True)
+        self._name = application_name
+        self._lock = threading.Lock()
+
+    def __enter__(self) -> PostgresPids:
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self._conn.close()
+
+    def __call__(self) -> set[int]:
+        with self._lock:
+            rows = self._conn.execute(
+                "SELECT pid FROM pg_stat_activity WHERE application_name = %s "
+                "OR backend_type <> 'client backend'",
+                (self._name,),
+            ).fetchall()
+        return {int(pid) for (pid,) in rows}
+
+
 def measure_enrollment(load: Clients, meter: CpuMeter, users: int) -> tuple[Row, bool]:
     run = uuid.uuid4().hex[:8]
     before, began = meter.snapshot(), time.monotonic()
@@ -259,13 +288,13 @@ def enroll_email_users(target: str, token: str, sink: BenchSink, count: int) -> 
 
 def measure_rpcs(load: Clients, meter: CpuMeter, args: argparse.Namespace) -> dict[str, Row]:
     """Health/Check, Verify accepted, Verify rejected: R rounds after a warm-up; the median round of each."""
-    phases = schedule(args)
+    phases, warmups = schedule(args)
     recorder = CpuRecorder(meter, phases)
     runs: dict[str, list[tuple[PhaseResult, dict[str, float]]]] = {HEALTH: [], VERIFY: [], REJECTED: []}
     for index, result in enumerate(load.run_schedule(phases)):
         taken = recorder.taken(index)
         spent = used(*taken) if taken else {}
-        warmup = index < 3
+        warmup = index < warmups
         print(f"{'warm-up' if warmup else 'round':<8} {result.line()}", flush=True)
         if not warmup:
             runs[result.kind].append((result, spent))
@@ -280,26 +309,34 @@ def measure_rpcs(load: Clients, meter: CpuMeter, args: argparse.Namespace) -> di
     return rows
 
 
-def schedule(args: argparse.Namespace) -> list[tuple[str, float, float]]:
-    """A warm-up of each kind, then per round Health/Check, Verify (just after a TOTP step
-    boundary, so every user is fresh) and Verify with wrong codes."""
+def schedule(args: argparse.Namespace) -> tuple[list[tuple[str, float, float]], int]:
+    """The phases, and how many of them at the start are warm-up.
+
+    A warm-up of each kind (Health/Check only with --quick: a Verify warm-up would
+    use up the users of a TOTP step, and waiting for the next costs up to 30 s), then
+    per round Health/Check, Verify (just after a step boundary, so every user is
+    fresh) and Verify with wrong codes.
+    """
     phases = []
     t = time.time() + 1.0
     warm = min(1.0, args.seconds)
-    boundary = math.ceil((t + warm + GAP) / STEP_SECONDS) * STEP_SECONDS
-    phases += [
-        (HEALTH, boundary - GAP - warm, boundary - GAP),
-        (VERIFY, boundary + GAP, boundary + GAP + warm),
-    ]
-    phases.append((REJECTED, boundary + 2 * GAP + warm, boundary + 2 * GAP + 2 * warm))
-    t = boundary + 3 * GAP + 2 * warm
+    if args.quick:
+        phases.append((HEALTH, t, t + warm))
+        t += warm + GAP
+    else:
+        boundary = math.ceil((t + warm + GAP) / STEP_SECONDS) * STEP_SECONDS
+        phases.append((HEALTH, boundary - GAP - warm, boundary - GAP))
+        phases.append((VERIFY, boundary + GAP, boundary + GAP + warm))
+        phases.append((REJECTED, boundary + 2 * GAP + warm, boundary + 2 * GAP + 2 * warm))
+        t = boundary + 3 * GAP + 2 * warm
+    warmups = len(phases)
     for _ in range(args.rounds):
         boundary = math.ceil((t + args.seconds + GAP) / STEP_SECONDS) * STEP_SECONDS
         phases.append((HEALTH, boundary - GAP - args.seconds, boundary - GAP))
         phases.append((VERIFY, boundary + GAP, boundary + GAP + args.seconds))
         phases.append((REJECTED, boundary + 2 * GAP + args.seconds, boundary + 2 * GAP + 2 * args.seconds))
         t = boundary + 3 * GAP + 2 * args.seconds
-    return phases
+    return phases, warmups
 
 
 def measure_updates(args: argparse.Namespace, schema: str, meter: CpuMeter) -> Row:
@@ -313,14 +350,15 @@ def measure_updates(args: argparse.Namespace, schema: str, meter: CpuMeter) -> R
             ),
             (connections - 1,),
         )
-    start = time.time() + 0.5
+    start = time.time() + 1.0
     end = start + args.seconds
     result = PhaseResult("update", args.seconds)
+    finished: list[float] = []  # when each UPDATE in the phase returned
     lock = threading.Lock()
 
     def loop(index: int) -> None:
-        mine = []
-        with psycopg.connect(args.database_url, autocommit=True) as conn:
+        mine, times = [], []
+        with psycopg.connect(args.database_url, autocommit=True, application_name=schema) as conn:
             statement = sql.SQL("UPDATE {}.bench_row SET n = n + 1 WHERE id = %s").format(
                 sql.Identifier(schema)
             )
@@ -332,20 +370,27 @@ def measure_updates(args: argparse.Namespace, schema: str, meter: CpuMeter) -> R
                 elapsed = time.perf_counter() - t0
                 if began + elapsed <= end:
                     mine.append(elapsed * 1000)
+                    times.append(began + elapsed)
         with lock:
             result.latencies_ms.extend(mine)
+            finished.extend(times)
 
     threads = [threading.Thread(target=loop, args=(i,)) for i in range(connections)]
     for thread in threads:
         thread.start()
     time.sleep(max(0.0, start - time.time()))
     before = meter.snapshot()
-    time.sleep(max(0.0, end - time.time()))
+    # The snapshots take a while (and share this process with the UPDATE threads): the CPU
+    # per UPDATE counts the UPDATEs that returned between the two, not the whole phase's.
+    measured_from = time.time()
+    time.sleep(max(0.0, end - 0.2 - time.time()))
+    measured_to = time.time()
     after = meter.snapshot()
     for thread in threads:
         thread.join()
+    between = sum(measured_from <= t <= measured_to for t in finished)
     print(f"update   {result.line()}", flush=True)
-    row = Row("committed 1-row UPDATE (floor)", result, used(before, after), result.calls)
+    row = Row("committed 1-row UPDATE (floor)", result, used(before, after), between)
     row.cpu_us["clients"] = float("nan")  # the UPDATE clients are threads of this process
     return row
 
