@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import os
 import signal
 import socket
 import subprocess
@@ -171,3 +172,15 @@ def test_processes_must_be_a_count_or_auto(tmp_path: Path, postgres_url: str) ->
     )
     assert result.returncode == 2
     assert "--processes takes a number from 1 to 256 or 'auto', got 'many'" in result.stderr
+
+
+def test_a_child_that_dies_stops_the_others_and_the_supervisor_fails(
+    tmp_path: Path, postgres_url: str
+) -> None:
+    served = Supervised(production_env(tmp_path, postgres_url, free_port()), "2")
+    first, second = served.children()
+    os.kill(first, signal.SIGKILL)
+    code, output = served.finish()
+    assert code == 1
+    assert f"server process {first} exited with status -9; stopping the others" in output
+    assert not Path(f"/proc/{second}").exists()  # drained, stopped and reaped
