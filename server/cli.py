@@ -94,7 +94,9 @@ def main(argv: list[str] | None = None) -> int:
             return probe(settings, target=args.target, service=args.service, timeout=args.timeout, tls=tls)
         if args.command == "serve":
             if args.supervised_listen:
-                return serve(dataclasses.replace(settings, listen=args.supervised_listen), reuse_port=True)
+                # A child: its supervisor serves the one /metrics of all children (multiprocess mode).
+                child = dataclasses.replace(settings, listen=args.supervised_listen, metrics_listen="")
+                return serve(child, reuse_port=True)
             from twofactor_server.supervisor import process_count, supervise
 
             processes = process_count(args.processes)

@@ -11,6 +11,11 @@ prints one `listening on` line, forwards SIGTERM/SIGINT to every child and
 waits while each drains its in-flight calls. When a child dies on its own, the
 supervisor stops the others and exits 1: a half-sized server should be
 restarted whole by whatever runs it (systemd, Kubernetes).
+
+With TWOFACTOR_METRICS_LISTEN set, the supervisor serves /metrics for all
+children on that one port: prometheus-client's multiprocess mode, its
+directory made before the children start (they inherit it) and removed at the
+end; the children serve none of their own.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 
 from twofactor_server.settings import Settings, SettingsError
 
@@ -102,6 +108,11 @@ def supervise(settings: Settings, processes: int) -> int:
             "the embedded SQLite store serves one process"
         )
     reserved, listen = reserve_port(settings.listen)
+    try:
+        metrics = _metrics_endpoint(settings)
+    except BaseException:
+        reserved.close()
+        raise
     wake = threading.Event()
     stopping = threading.Event()
 
@@ -145,6 +156,34 @@ def supervise(settings: Settings, processes: int) -> int:
         return _stop_all(children, settings, status=1)
     finally:
         reserved.close()
+        if metrics is not None:
+            metrics()
+
+
+def _metrics_endpoint(settings: Settings) -> Callable[[], None] | None:
+    """Serve /metrics for every child (multiprocess mode); returns what closes it, or None without metrics."""
+    if not settings.metrics_listen:
+        return None
+    from twofactor_server.observability.metrics import (
+        prepare_multiprocess_dir,
+        remove_multiprocess_dir,
+        serve_metrics,
+    )
+
+    prepare_multiprocess_dir()  # before the children start: they inherit it and write their files there
+    try:
+        endpoint = serve_metrics(settings.metrics_listen, multiprocess=True)
+    except (OSError, ValueError) as error:
+        remove_multiprocess_dir()
+        raise SettingsError(
+            f"TWOFACTOR_METRICS_LISTEN: could not serve metrics on {settings.metrics_listen} ({error})"
+        ) from None
+
+    def close() -> None:
+        endpoint.close()
+        remove_multiprocess_dir()
+
+    return close
 
 
 def _wake_on_exit(child: _Child, wake: threading.Event) -> None:

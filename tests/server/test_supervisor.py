@@ -7,6 +7,7 @@ import os
 import signal
 import socket
 import subprocess
+import urllib.request
 from pathlib import Path
 
 import grpc
@@ -184,3 +185,42 @@ def test_a_child_that_dies_stops_the_others_and_the_supervisor_fails(
     assert code == 1
     assert f"server process {first} exited with status -9; stopping the others" in output
     assert not Path(f"/proc/{second}").exists()  # drained, stopped and reaped
+
+
+def test_one_metrics_port_counts_the_calls_of_every_child(tmp_path: Path, postgres_url: str) -> None:
+    port, metrics_port = free_port(), free_port()
+    env = production_env(tmp_path, postgres_url, port)
+    env["TWOFACTOR_METRICS_LISTEN"] = f"127.0.0.1:{metrics_port}"
+    served = Supervised(env, "2")
+    calls = 20
+    try:
+        for _ in range(calls):  # a new connection each: the kernel spreads them over the children
+            with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+                health_pb2_grpc.HealthStub(channel).Check(
+                    health_pb2.HealthCheckRequest(service=""), timeout=10
+                )
+        directories = {
+            entry.split("=", 1)[1]
+            for child in served.children()
+            for entry in Path(f"/proc/{child}/environ").read_text().split("\0")
+            if entry.startswith("PROMETHEUS_MULTIPROC_DIR=")
+        }
+        [directory] = directories  # one directory, shared by the children
+        writers = {path.stem.rpartition("_")[2] for path in Path(directory).glob("counter_*.db")}
+        assert {str(child) for child in served.children()} <= writers
+        scrape = (
+            urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10).read().decode()
+        )
+    finally:
+        served.process.send_signal(signal.SIGTERM)
+    handled = [
+        line
+        for line in scrape.splitlines()
+        if line.startswith("grpc_server_handled_total{")
+        and 'grpc_service="grpc.health.v1.Health"' in line
+        and 'grpc_method="Check"' in line
+    ]
+    assert handled and sum(float(line.rsplit(" ", 1)[1]) for line in handled) == calls, scrape
+    code, output = served.finish()
+    assert code == 0, output
+    assert not Path(directory).exists()  # removed at the end
