@@ -3,6 +3,8 @@ and how many connections were opened."""
 
 from __future__ import annotations
 
+import email
+import email.policy
 import re
 import socket
 import threading
@@ -12,25 +14,25 @@ from typing import Any
 from aiosmtpd.controller import Controller
 from aiosmtpd.smtp import SMTP, Envelope, Session
 
-CODE = re.compile(rb"\b(\d{6,10})\b")
+CODE = re.compile(r"^\s*(\d{6,10})\s*$", re.MULTILINE)  # the code stands on a line of its own
 
 
 class BenchSink:
     def __init__(self) -> None:
         self.arrivals: list[float] = []  # time.time() of each accepted message
         self.connections = 0
-        self.codes: dict[str, bytes] = {}  # recipient -> the last code sent to it
+        self.codes: dict[str, str] = {}  # recipient -> the last code sent to it
         self.changed = threading.Condition()
         self.port = 0
         self._controller: Controller | None = None
 
     async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
-        found = CODE.search(envelope.content if isinstance(envelope.content, bytes) else b"")
+        found = _code_in(envelope.content if isinstance(envelope.content, bytes) else b"")
         with self.changed:
             self.arrivals.append(time.time())
             for rcpt in envelope.rcpt_tos:
                 if found:
-                    self.codes[rcpt] = found.group(1)
+                    self.codes[rcpt] = found
             self.changed.notify_all()
         return "250 2.0.0 accepted"
 
@@ -57,6 +59,14 @@ class BenchSink:
     def stop(self) -> None:
         if self._controller is not None:
             self._controller.stop()
+
+
+def _code_in(content: bytes) -> str | None:
+    """The code in the message's plain-text part (whatever its transfer encoding)."""
+    message = email.message_from_bytes(content, policy=email.policy.default)
+    body = message.get_body(preferencelist=("plain",))  # type: ignore[attr-defined]
+    found = CODE.search(body.get_content()) if body is not None else None
+    return found.group(1) if found else None
 
 
 class _CountingSMTP(SMTP):

@@ -272,7 +272,7 @@ def enroll_email_users(target: str, token: str, sink: BenchSink, count: int) -> 
                     raise RuntimeError(
                         f"no enrollment email for {address} within 60 s: is the worker running?"
                     )
-                code = sink.codes[address].decode()
+                code = sink.codes[address]
             reply = stub.ConfirmEnrollment(
                 pb.ConfirmEnrollmentRequest(user_id=user_id, method=common_pb2.METHOD_EMAIL, code=code),
                 metadata=metadata,
@@ -570,7 +570,9 @@ def print_table(rows: dict[str, Row], args: argparse.Namespace) -> None:
             )
         )
     if "enrollment" in rows:
-        checks.append(("enrollments/s (one server process)", rows["enrollment"].rate, ">=", 300.0))
+        processes = (os.cpu_count() or 1) if args.processes == "auto" else int(args.processes)
+        per_process = rows["enrollment"].rate / processes
+        checks.append(("enrollments/s per server process", per_process, ">=", 300.0))
     if SENDCODE in rows:
         checks.append(("server CPU µs per SendCode", rows[SENDCODE].cpu_us["server"], "<=", 1000.0))
     if "delivery" in rows:
