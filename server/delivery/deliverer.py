@@ -171,6 +171,7 @@ class Deliverer:
                     text=text,
                     html=html,
                     message_key=challenge.challenge_id,
+                    sender_name=self._issuer,
                 )
             )
         text = render_sms(

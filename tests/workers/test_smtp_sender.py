@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import email
 import email.policy
 import ssl
@@ -398,3 +399,22 @@ def test_threads_never_share_a_connection(smtp_server: StartServer) -> None:
     assert len(handler.received) == threads * per_thread
     # One session per thread at most: interleaved commands on a shared one would have failed above.
     assert handler.connections <= threads
+
+
+@pytest.mark.parametrize(
+    ("configured", "issuer", "shown"),
+    [
+        ("security@acme.test", "Acme Corp", "Acme Corp <security@acme.test>"),
+        ("Acme Security <security@acme.test>", "Acme Corp", "Acme Security <security@acme.test>"),
+        ("security@acme.test", "", "security@acme.test"),
+    ],
+)
+def test_the_sender_is_named_after_the_issuer_unless_the_address_names_someone(
+    smtp_server: StartServer, configured: str, issuer: str, shown: str
+) -> None:
+    handler, port = smtp_server()
+    message = dataclasses.replace(MESSAGE, sender_name=issuer)
+    SmtpEmailSender(settings(port, from_address=configured)).send_email(message)
+    [(envelope, received)] = handler.received
+    assert received["From"] == shown
+    assert envelope.mail_from == "security@acme.test"

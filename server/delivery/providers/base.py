@@ -39,6 +39,8 @@ class EmailMessage:
     # Stable across retries and duplicates (the challenge id): the Message-ID is derived from it,
     # so a message sent twice (delivery is at-least-once) carries one Message-ID.
     message_key: str = ""
+    # Who the reader sees it from (the issuer) when TWOFACTOR_SMTP_FROM names no display name.
+    sender_name: str = ""
 
 
 @dataclass(frozen=True)

@@ -19,7 +19,7 @@ import threading
 import time
 import weakref
 from email.message import EmailMessage as MimeMessage
-from email.utils import formatdate, make_msgid, parseaddr
+from email.utils import formataddr, formatdate, make_msgid, parseaddr
 
 from twofactor_server.delivery.providers.base import (
     DeliveryError,
@@ -99,7 +99,7 @@ class SmtpEmailSender:
             message_id = make_msgid(domain=self._msgid_domain)
         mime = MimeMessage()
         try:
-            mime["From"] = self._settings.from_address
+            mime["From"] = sender(self._settings.from_address, message.sender_name)
             mime["To"] = message.to
             mime["Subject"] = message.subject
         except (ValueError, TypeError) as exc:
@@ -253,3 +253,12 @@ def _reply(code: int, text: bytes | str) -> str:
     if isinstance(text, bytes):
         text = text.decode("utf-8", "replace")
     return shorten(f"{code} {text}")
+
+
+def sender(from_address: str, name: str) -> str:
+    """The From header: the configured address as it is when it names someone
+    ("Acme Security <security@acme.example>"), else the issuer's name before the bare address."""
+    display, address = parseaddr(from_address)
+    if display or not name or not address:
+        return from_address
+    return formataddr((" ".join(name.split()), address))
