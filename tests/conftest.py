@@ -141,6 +141,21 @@ class Harness:
 ServerFactory = Callable[..., Harness]
 
 
+def started_harness(chosen: Settings, clock: Clock, *, dispatcher: Any = None) -> Harness:
+    """A server started from these settings, with stubs on a real channel to it (the caller stops it)."""
+    server, port = create_server(chosen, clock=clock, dispatcher=dispatcher)
+    server.start()
+    channel = grpc.insecure_channel(f"127.0.0.1:{port}")
+    return Harness(
+        server,
+        port,
+        channel,
+        twofactor_service_pb2_grpc.TwoFactorServiceStub(channel),
+        admin_service_pb2_grpc.AdminServiceStub(channel),
+        chosen,
+    )
+
+
 @pytest.fixture
 def start_server(settings: Settings, clock: Clock) -> Iterator[ServerFactory]:
     """Start a server; keyword arguments replace Settings fields (`policy=` takes policy fields)."""
@@ -151,17 +166,7 @@ def start_server(settings: Settings, clock: Clock) -> Iterator[ServerFactory]:
         chosen = replace(settings, **overrides)
         if policy:
             chosen = replace(chosen, policy=replace(PolicySettings(), **policy))
-        server, port = create_server(chosen, clock=clock, dispatcher=dispatcher)
-        server.start()
-        channel = grpc.insecure_channel(f"127.0.0.1:{port}")
-        harness = Harness(
-            server,
-            port,
-            channel,
-            twofactor_service_pb2_grpc.TwoFactorServiceStub(channel),
-            admin_service_pb2_grpc.AdminServiceStub(channel),
-            chosen,
-        )
+        harness = started_harness(chosen, clock, dispatcher=dispatcher)
         started.append(harness)
         return harness
 

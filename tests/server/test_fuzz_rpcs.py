@@ -24,14 +24,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from twofactor.v1 import (
     admin_service_pb2,
-    admin_service_pb2_grpc,
     twofactor_service_pb2,
-    twofactor_service_pb2_grpc,
 )
 
-from tests.conftest import POSTGRES_ADMIN_URL, Clock, Harness, base_settings
+from tests.conftest import POSTGRES_ADMIN_URL, Clock, Harness, base_settings, started_harness
 from tests.server.helpers import EMAIL, enroll_authenticator, error_info
-from twofactor_server.app import create_server
 
 SERVICES = [
     twofactor_service_pb2.DESCRIPTOR.services_by_name["TwoFactorService"],
@@ -158,23 +155,13 @@ def fuzzed(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFact
         url = f"{POSTGRES_ADMIN_URL}?options=-csearch_path%3D{schema}"
     chosen = base_settings(Path(tmp_path_factory.mktemp("fuzz")), database_url=url)
     clock = Clock()
-    server, port = create_server(chosen, clock=clock)
-    server.start()
-    channel = grpc.insecure_channel(f"127.0.0.1:{port}")
-    h = Harness(
-        server,
-        port,
-        channel,
-        twofactor_service_pb2_grpc.TwoFactorServiceStub(channel),
-        admin_service_pb2_grpc.AdminServiceStub(channel),
-        chosen,
-    )
+    h = started_harness(chosen, clock)
     try:
         seed(h, clock)
         yield h
     finally:
-        channel.close()
-        server.stop(grace=None)
+        h.channel.close()
+        h.server.stop(grace=None)
         if schema:
             with psycopg.connect(POSTGRES_ADMIN_URL, autocommit=True) as conn:
                 conn.execute(f'DROP SCHEMA "{schema}" CASCADE')

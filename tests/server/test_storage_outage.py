@@ -19,10 +19,9 @@ import pytest
 from google.protobuf.message import Message
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from twofactor.v1 import admin_service_pb2 as admin_pb
-from twofactor.v1 import admin_service_pb2_grpc, twofactor_service_pb2_grpc
 from twofactor.v1 import twofactor_service_pb2 as pb
 
-from tests.conftest import Clock, Harness, ServerFactory, base_settings, require_service
+from tests.conftest import Clock, Harness, ServerFactory, base_settings, require_service, started_harness
 from tests.private_postgres import PrivatePostgres, private_postgres
 from tests.server.helpers import (
     AUTHENTICATOR,
@@ -33,7 +32,7 @@ from tests.server.helpers import (
     verified_token,
     verify,
 )
-from twofactor_server.app import SERVICE_NAMES, create_server
+from twofactor_server.app import SERVICE_NAMES
 from twofactor_server.settings import Settings
 from twofactor_server.storage.database import PostgresDatabase
 
@@ -293,17 +292,7 @@ def test_sqlite_waits_for_a_busy_file_no_longer_than_the_storage_timeout(
     """The embedded store keeps its busy wait (another process holding the write lock), bounded
     by the same setting; a busy file is not an unreachable database, so health stays SERVING."""
     chosen = base_settings(tmp_path, storage_timeout_seconds=0.5, storage_probe_seconds=0.2)
-    server, port = create_server(chosen, clock=clock)
-    server.start()
-    channel = grpc.insecure_channel(f"127.0.0.1:{port}")
-    h = Harness(
-        server,
-        port,
-        channel,
-        twofactor_service_pb2_grpc.TwoFactorServiceStub(channel),
-        admin_service_pb2_grpc.AdminServiceStub(channel),
-        chosen,
-    )
+    h = started_harness(chosen, clock)
     try:
         secret, _ = enroll_authenticator(h, clock, "ana")
         blocker = sqlite3.connect(chosen.data_dir / "twofactor.sqlite3", isolation_level=None, timeout=0)
@@ -326,5 +315,5 @@ def test_sqlite_waits_for_a_busy_file_no_longer_than_the_storage_timeout(
             metadata=h.app_metadata,
         )
     finally:
-        channel.close()
-        server.stop(grace=None)
+        h.channel.close()
+        h.server.stop(grace=None)
