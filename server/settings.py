@@ -53,6 +53,8 @@ class PolicySettings:
     sms_allowed_countries: tuple[str, ...] = ()
     sms_per_country_per_hour: int = 0
     sms_per_hour: int = 0
+    # Email the user about every sensitive change to their second factor (usecases/notices.py).
+    notify_users: bool = True
 
 
 @dataclass(frozen=True)
@@ -159,6 +161,7 @@ class Settings:
             sms_allowed_countries=env.countries("SMS_ALLOWED_COUNTRIES"),
             sms_per_country_per_hour=env.int("SMS_PER_COUNTRY_PER_HOUR", 0, 0, 10**7),
             sms_per_hour=env.int("SMS_PER_HOUR", 0, 0, 10**7),
+            notify_users=env.bool("NOTIFY_USERS", defaults.notify_users),
         )
         active_key_version = env.optional_int("ACTIVE_KEY_VERSION", 1, MAX_VERSION)
         keys = env.text("KEYS", "")

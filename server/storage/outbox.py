@@ -3,6 +3,10 @@
 Times are integer milliseconds since the epoch. Single-use and counting rules
 are single conditional UPDATEs whose row count says who won.
 
+Purposes: 'login' and 'enrollment' codes; 'contact', a code to a new address that takes
+effect once confirmed; 'notice', an email telling the user of a change (no code: it
+counts toward no send limit and supersedes nothing).
+
 A challenge's delivery: inserted 'queued' and unpublished; published (its
 message is known to be in the queue: only then is its code live and does it
 supersede older codes) or 'void' (the publish failed and the caller was told
@@ -67,9 +71,9 @@ def forget_idempotency_key(tx: Transaction, challenge_id: str) -> None:
 def mark_published(tx: Transaction, challenge: ChallengeRecord, now_ms: int) -> bool:
     """Record that the challenge's message is in the queue, and supersede the user's older codes.
 
-    Login codes replace older login codes of any method; an enrollment code replaces
-    older enrollment codes of its method. Only older codes: a newer one published
-    first is left alone. False when it was already recorded (nothing changes).
+    Login codes replace older login codes of any method; an enrollment or contact code
+    replaces older codes of its purpose and method; a notice replaces nothing. Only older
+    codes: a newer one published first is left alone. False when it was already recorded.
     """
     published = tx.execute(
         "UPDATE challenges SET published_at = %(now)s, updated_at = %(now)s "
@@ -78,7 +82,9 @@ def mark_published(tx: Transaction, challenge: ChallengeRecord, now_ms: int) -> 
     )
     if published != 1:
         return False
-    method_clause = "AND method = %(m)s" if challenge.purpose == "enrollment" else ""
+    if challenge.purpose == "notice":
+        return True
+    method_clause = "AND method = %(m)s" if challenge.purpose != "login" else ""
     tx.execute(
         "UPDATE challenges SET superseded_at = %(now)s, updated_at = %(now)s "  # noqa: S608
         f"WHERE user_id = %(u)s AND purpose = %(p)s {method_clause} AND challenge_id <> %(c)s "
@@ -151,7 +157,7 @@ def count_challenge_attempt(tx: Transaction, challenge_id: str, now_ms: int) -> 
 def last_send_ms(tx: Transaction, user_id: str) -> int | None:
     row = tx.one(
         "SELECT MAX(created_at) AS last FROM challenges "
-        "WHERE user_id = %(u)s AND delivery_status NOT IN ('failed', 'void')",
+        "WHERE user_id = %(u)s AND delivery_status NOT IN ('failed', 'void') AND purpose <> 'notice'",
         {"u": user_id},
     )
     return None if row is None or row["last"] is None else int(row["last"])
@@ -160,11 +166,11 @@ def last_send_ms(tx: Transaction, user_id: str) -> int | None:
 def count_sends_since(
     tx: Transaction, *, since_ms: int, user_id: str | None = None, destination: str | None = None
 ) -> int:
-    """Sends that count toward an hourly limit: every one but the void."""
+    """Sends that count toward an hourly limit: every code but the void (notices are no codes)."""
     column, value = ("user_id", user_id) if user_id is not None else ("destination", destination)
     row = tx.one(
         f"SELECT COUNT(*) AS n FROM challenges WHERE {column} = %(v)s AND created_at > %(since)s "  # noqa: S608
-        "AND delivery_status <> 'void'",
+        "AND delivery_status <> 'void' AND purpose <> 'notice'",
         {"v": value, "since": since_ms},
     )
     return int(row["n"]) if row else 0
