@@ -16,6 +16,7 @@ from tests.conftest import Clock, Harness, ServerFactory
 from tests.server.helpers import AUTHENTICATOR, EMAIL, enroll_authenticator, totp_now, verified_token, verify
 from tests.server.stored_rows import query
 from tests.smtp_sink import SmtpSink, code_in, running_sink
+from twofactor_server.storage import keys
 
 # The subject of each notice, as the English templates word it (issuer "twofactor").
 SUBJECTS = {
@@ -133,6 +134,10 @@ def test_every_sensitive_change_is_mailed_to_the_user(
     assert {r["delivery_status"] for r in rows} == {"sent"} and all(
         r["code_ciphertext"] is None for r in rows
     )
+    # Nor do they hold a key version in use: retiring a key never waits for a notice sent.
+    with h.server.db.statements() as q:
+        usage = keys.key_usage(q, int(clock() * 1000))
+    assert [u for u in usage if u.kind.startswith("challenge_")] == []
 
 
 def test_no_address_or_notices_off_means_no_mail(
