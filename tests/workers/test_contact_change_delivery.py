@@ -4,10 +4,8 @@ codes until the code sent to the new one is confirmed, and hears of the change."
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable
 
-import pytest
 from twofactor.v1 import common_pb2
 from twofactor.v1 import twofactor_service_pb2 as pb
 
@@ -15,16 +13,6 @@ from tests.conftest import Harness, ServerFactory
 from tests.server.helpers import EMAIL, verify
 from tests.smtp_sink import SmtpSink, code_in
 from tests.workers.celery_harness import Workers, celery_server, start_email_enrollment, wait_for_status
-
-
-@pytest.fixture
-def backend() -> str:
-    return "postgres"  # worker processes and the server share one database
-
-
-@pytest.fixture
-def clock() -> Callable[[], float]:
-    return time.time  # the workers run on the real clock; so does this server
 
 
 def login_code(h: Harness, sink: SmtpSink, user: str) -> tuple[str, str]:
