@@ -74,7 +74,7 @@ def message_bytes(
     if text_part is None or html_part is None:
         return None
     if boundary is None:
-        boundary = "=" * 15 + f"{_boundaries.randrange(sys.maxsize):0{_TOKEN_WIDTH}d}" + "=="
+        boundary = "=" * 15 + f"{_boundaries.getrandbits(63):0{_TOKEN_WIDTH}d}" + "=="
     if date is None:
         # formatdate's names are English whatever the locale; the header registry writes UTC as +0000.
         date = formatdate(usegmt=True).removesuffix("GMT") + "+0000"

@@ -83,6 +83,7 @@ class SmtpEmailSender:
                 raise ProviderConfigError(f"SMTP CA file {settings.ca_file!r} is unusable: {exc}") from exc
         # make_msgid would otherwise call socket.getfqdn(), a DNS lookup per message.
         self._msgid_domain = parseaddr(settings.from_address)[1].rpartition("@")[2] or "localhost"
+        self._from_headers: dict[str, str] = {}
         self._local = threading.local()  # .connection: this thread's open session, if any
         self.connections_opened = 0  # in this process, for the bench and tests
         # Every session this sender holds open, so that they are closed when the sender goes.
@@ -109,7 +110,7 @@ class SmtpEmailSender:
             message_id = f"<{message.message_key}@{self._msgid_domain}>"
         else:
             message_id = make_msgid(domain=self._msgid_domain)
-        from_header = sender(self._settings.from_address, message.sender_name)
+        from_header = self._from_header(message.sender_name)
         raw = message_bytes(
             from_header=from_header,
             to=message.to,
@@ -134,6 +135,15 @@ class SmtpEmailSender:
         mime.set_content(message.text)
         mime.add_alternative(message.html, subtype="html")
         return Outgoing(mime=mime), message_id
+
+    def _from_header(self, name: str) -> str:
+        """sender(), kept per issuer name: there is one issuer, and parsing the address costs."""
+        header = self._from_headers.get(name)
+        if header is None:
+            header = sender(self._settings.from_address, name)
+            if len(self._from_headers) < 64:
+                self._from_headers[name] = header
+        return header
 
     def _deliver(self, outgoing: Outgoing) -> None:
         connection = self._reusable()
