@@ -7,7 +7,7 @@ in a child process: queues N enrollment emails through the use cases
 (SetContact, StartEnrollment(EMAIL), with a dispatcher that only records),
 then runs `Deliverer.deliver` for each one after another (what a Celery task
 does, without Celery), and apart from it the parts: rendering the templates,
-building the MIME message, and `SmtpEmailSender.send_email` over its kept
+building the message's bytes, and `SmtpEmailSender.send_email` over its kept
 connection. Prints wall time and CPU per email of this process and of this
 run's PostgreSQL backends. The difference between a worker's CPU per email in
 `make bench` and `Deliverer.deliver` here is Celery's.
@@ -135,7 +135,7 @@ def run(db: PostgresDatabase, emails: int, port: int, meter: CpuMeter) -> None:
 
     for label, action in (
         ("render_email (the templates)", render),
-        ("build the MIME message (EmailMessage, default policy)", build),
+        ("build the message (providers/mime.py; else the email package)", build),
         ("SmtpEmailSender.send_email (build + send, kept session)", send),
     ):
         print(f"  {label + ':':<66}", timed(meter, [()] * len(rest), action))

@@ -95,8 +95,9 @@ class Deliverer:
 
     def _deliver(self, challenge_id: str, generation: int) -> Outcome:
         now = self._now_ms()
-        with self._db.transaction() as tx:
-            challenge = outbox.claim_delivery(tx, challenge_id, generation, now, self._lease_ms)
+        # The claim and the record are one conditional UPDATE each: atomic without BEGIN/COMMIT.
+        with self._db.statements() as q:
+            challenge = outbox.claim_delivery(q, challenge_id, generation, now, self._lease_ms)
         if challenge is None:
             return Outcome("nothing_to_do")  # stale message, another worker's lease, or done
         if (
@@ -202,9 +203,9 @@ class Deliverer:
         wipe_code: bool = True,
         republish_at: int | None = None,
     ) -> None:
-        with self._db.transaction() as tx:
+        with self._db.statements() as q:
             recorded = outbox.mark_delivery(
-                tx,
+                q,
                 claimed,
                 status,
                 self._now_ms(),

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import html
 import re
+from functools import lru_cache
 from importlib.resources import files
 from string import Template
 
@@ -94,9 +95,15 @@ def _render(purpose: str, name: str, variables: dict[str, str], locale: str) -> 
 
 
 def _render_plain(name: str, variables: dict[str, str], locale: str) -> str:
+    # substitute(), not safe_substitute(): a template naming an unknown variable is a bug.
+    return _template(name, locale).substitute(variables)
+
+
+@lru_cache(maxsize=1024)
+def _template(name: str, locale: str) -> Template:
+    """The template `name` for `locale`, read once per process: the files ship with the package."""
     for language in locale_candidates(locale):
         resource = _TEMPLATES / language / name
         if resource.is_file():
-            # substitute(), not safe_substitute(): a template naming an unknown variable is a bug.
-            return Template(resource.read_text(encoding="utf-8")).substitute(variables)
+            return Template(resource.read_text(encoding="utf-8"))
     raise FileNotFoundError(f"no template {name!r} for locale {locale!r}")

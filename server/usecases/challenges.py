@@ -169,10 +169,12 @@ class Challenges:
             log.info("publish of %s reported failure, but its delivery is under way", challenge_id)
         metrics.code_sent(method, "queued")
         with self._db.transaction() as tx:
-            challenge = outbox.get_challenge(tx, challenge_id)
-            assert challenge is not None
-            outbox.mark_published(tx, challenge, now_ms(self._clock))
-            return self._view(tx, challenge)
+            published = outbox.publish_new(tx, challenge_id, user_id, now_ms(self._clock))
+            if published is not None:
+                return self._view(tx, published[0], last_send=published[1])
+            recorded = outbox.get_challenge(tx, challenge_id)  # recovery recorded the publish first
+            assert recorded is not None
+            return self._view(tx, recorded)
 
     def match(
         self, tx: Transaction, user_id: str, purpose: str, digits: str, now: int, *, method: str | None
@@ -203,7 +205,9 @@ class Challenges:
 
     def _enforce_send_limits(self, tx: Transaction, user_id: str, destination: str, now: int) -> None:
         policy = self._policy
-        last = outbox.last_send_ms(tx, user_id)
+        hour_ago = now - HOUR_MS
+        recent = outbox.recent_sends(tx, user_id, destination, since_ms=hour_ago)
+        last = recent.last_ms
         cooldown_ends = (last or 0) + policy.resend_cooldown_seconds * 1000
         if last is not None and cooldown_ends > now:
             metrics.send_refused("RESEND_TOO_SOON")
@@ -212,18 +216,14 @@ class Challenges:
                 "a code was sent moments ago; wait before sending another",
                 retry_after=(cooldown_ends - now) / 1000,
             )
-        hour_ago = now - HOUR_MS
-        if outbox.count_sends_since(tx, since_ms=hour_ago, user_id=user_id) >= policy.sends_per_user_per_hour:
+        if recent.to_user >= policy.sends_per_user_per_hour:
             metrics.send_refused("USER_SEND_LIMIT")
             raise ResourceExhausted(
                 "USER_SEND_LIMIT",
                 "too many codes sent to this user in the last hour",
                 retry_after=HOUR_MS / 1000,
             )
-        if (
-            outbox.count_sends_since(tx, since_ms=hour_ago, destination=destination)
-            >= policy.sends_per_destination_per_hour
-        ):
+        if recent.to_destination >= policy.sends_per_destination_per_hour:
             metrics.send_refused("DESTINATION_SEND_LIMIT")
             raise ResourceExhausted(
                 "DESTINATION_SEND_LIMIT",
@@ -231,14 +231,18 @@ class Challenges:
                 retry_after=HOUR_MS / 1000,
             )
 
-    def _view(self, tx: Transaction, challenge: ChallengeRecord) -> ChallengeView:
+    def _view(
+        self, tx: Transaction, challenge: ChallengeRecord, *, last_send: int | None = None
+    ) -> ChallengeView:
         status = challenge.delivery_status
         now = now_ms(self._clock)
         if status in ("queued", "sending") and challenge.expires_at <= now:
             status = "expired"
         elif status == "void":  # a send whose caller was told UNAVAILABLE: it will never be delivered
             status = "failed"
-        last = outbox.last_send_ms(tx, challenge.user_id) or challenge.created_at
+        if last_send is None:
+            last_send = outbox.last_send_ms(tx, challenge.user_id)
+        last = last_send or challenge.created_at
         return ChallengeView(
             challenge_id=challenge.challenge_id,
             method=challenge.method,
