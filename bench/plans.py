@@ -50,6 +50,7 @@ from twofactor_server.storage.database import PostgresDatabase
 from twofactor_server.usecases.backup_codes import BackupCodes
 from twofactor_server.usecases.challenges import Challenges
 from twofactor_server.usecases.enrollment import Enrollment
+from twofactor_server.usecases.notices import Notices
 from twofactor_server.usecases.verification import Verification
 
 CALLER = Caller(actor="bench", request_id="bench-plans")
@@ -149,9 +150,10 @@ def explain_all(
             sent.append(challenge_id)
 
     challenges = Challenges(db, keyring, policy, Recording(), clock)  # type: ignore[arg-type]
-    backup = BackupCodes(db, keyring, policy, clock)  # type: ignore[arg-type]
-    verification = Verification(db, keyring, policy, challenges, backup, clock)  # type: ignore[arg-type]
-    enrollment = Enrollment(db, keyring, policy, challenges, backup, clock)  # type: ignore[arg-type]
+    notices = Notices(db, keyring, policy, Recording(), clock)  # type: ignore[arg-type]
+    backup = BackupCodes(db, keyring, policy, notices, clock)  # type: ignore[arg-type]
+    verification = Verification(db, keyring, policy, challenges, backup, notices, clock)  # type: ignore[arg-type]
+    enrollment = Enrollment(db, keyring, policy, challenges, backup, notices, clock)  # type: ignore[arg-type]
     try:
         hotp = pyotp.HOTP(user.secret_base32)
         recorder.operation = "Verify, accepted (authenticator code)"
