@@ -163,10 +163,12 @@ class Verification:
         With the user's sealed secret cached in this process, a matching code goes straight to
         accept_totp_step with the lock rule in its WHERE clause: one conditional UPDATE that
         accepts only if the user is not locked, the step is new and the secret is still the
-        cached one, serialized by the row lock against the UPDATEs that count wrong codes. So a
-        right code is accepted only when no count that locks the user came before it, as if
-        every guess were checked one at a time. Anything else (no match, a step already used, a
-        lock, a stale cache) reads the user afresh (_decide_from_snapshot).
+        cached one. A code that doesn't match is counted by one UPDATE with the same two
+        conditions (count_failure_unlocked), and the locking path settles it. Right or wrong,
+        a guess takes the same path to the one statement the row lock orders, so a right code
+        is accepted only when no count that locks the user came before it, as if every guess
+        were checked one at a time. Anything else (a step already used, a lock, a stale cache:
+        no row touched) reads the user afresh (_decide_from_snapshot).
 
         Returns the outcome when decided here; otherwise the reservation the locking path in
         verify() settles (a wrong code stays counted), or None when nothing was reserved
