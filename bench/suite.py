@@ -348,7 +348,13 @@ def measure_rpcs(load: Clients, meter: CpuMeter, args: argparse.Namespace) -> di
         taken = recorder.taken(index)
         spent = used(*taken) if taken else {}
         warmup = index < warmups
-        print(f"{'warm-up' if warmup else 'round':<8} {result.line()}", flush=True)
+        cpu = "".join(
+            f"  {name} {spent[name] / result.calls * 1e6:.0f}"
+            for name in ("server", "postgres")
+            if name in spent and result.calls
+        )
+        cpu = f"   cpu us/call:{cpu}" if cpu else ""
+        print(f"{'warm-up' if warmup else 'round':<8} {result.line()}{cpu}", flush=True)
         if not warmup:
             runs[result.kind].append((result, spent))
     labels = {HEALTH: "Health/Check", VERIFY: "Verify (accepted)", REJECTED: "Verify (rejected)"}

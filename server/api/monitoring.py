@@ -79,38 +79,44 @@ class MonitoringInterceptor(grpc.ServerInterceptor):
         return handler
 
 
-def _start(context: grpc.ServicerContext, method: str, labels: tuple[str, str, str]) -> str:
+def _start(context: grpc.ServicerContext, series: metrics.GrpcMethodMetrics) -> str:
     request_id = request_id_of(context)
     context.send_initial_metadata(((REQUEST_ID_HEADER, request_id),))
-    metrics.grpc_started(*labels)
+    series.started()
     return request_id
 
 
 def _unary(inner: Callable[..., Any], method: str, labels: tuple[str, str, str]) -> Callable[..., Any]:
+    series = metrics.GrpcMethodMetrics(*labels)
+
     def handle(request: Any, context: grpc.ServicerContext) -> Any:
         started = time.perf_counter()
-        with logs.bind(request_id=_start(context, method, labels), method=method):
+        with logs.bind(request_id=_start(context, series), method=method):
             failed = True
             try:
                 response = inner(request, context)
                 failed = False
                 return response
             finally:
-                _handled(labels, _code_of(context, failed), started)
+                _handled(series, labels, _code_of(context, failed), started)
 
     return handle
 
 
-def _handled(labels: tuple[str, str, str], code: grpc.StatusCode, started: float) -> None:
+def _handled(
+    series: metrics.GrpcMethodMetrics, labels: tuple[str, str, str], code: grpc.StatusCode, started: float
+) -> None:
     seconds = time.perf_counter() - started
-    metrics.grpc_handled(*labels, code, seconds)
+    series.handled(code, seconds)
     log.debug("handled %s/%s: %s in %.1f ms", labels[1], labels[2], code.name, seconds * 1000)
 
 
 def _streaming(inner: Callable[..., Any], method: str, labels: tuple[str, str, str]) -> Callable[..., Any]:
+    series = metrics.GrpcMethodMetrics(*labels)
+
     def handle(request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
         started = time.perf_counter()
-        request_id = _start(context, method, labels)
+        request_id = _start(context, series)
         failed = True
         try:
             with logs.bind(request_id=request_id, method=method):
@@ -126,6 +132,6 @@ def _streaming(inner: Callable[..., Any], method: str, labels: tuple[str, str, s
             failed = False
         finally:
             with logs.bind(request_id=request_id, method=method):
-                _handled(labels, _code_of(context, failed), started)
+                _handled(series, labels, _code_of(context, failed), started)
 
     return handle

@@ -45,3 +45,20 @@ def attempts_left(failures: int, policy: PolicySettings) -> int:
     if failures < policy.lockout_threshold:
         return policy.lockout_threshold - failures
     return 1 if failures < policy.max_consecutive_failures else 0
+
+
+def lock_schedule(
+    policy: PolicySettings, now_ms: int
+) -> tuple[tuple[tuple[int, int | None], ...], int | None]:
+    """locked_until_after for every failure count from the threshold on, counted now, in a form
+    one UPDATE can apply (storage's count_failure_unlocked): (count, locked_until) pairs while
+    the lock still grows, then the one lock of every later count below max_consecutive_failures.
+    None means no timed lock (counts below the threshold set none either)."""
+    pairs: list[tuple[int, int | None]] = []
+    failures = policy.lockout_threshold
+    while failures + 1 < policy.max_consecutive_failures and lock_seconds(failures, policy) != lock_seconds(
+        failures + 1, policy
+    ):
+        pairs.append((failures, locked_until_after(failures, policy, now_ms)))
+        failures += 1
+    return tuple(pairs), locked_until_after(failures, policy, now_ms)

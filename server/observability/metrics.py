@@ -99,18 +99,37 @@ broker_up = Gauge(
 )
 
 
-def grpc_started(grpc_type: str, service: str, method: str) -> None:
-    grpc_server_started_total.labels(grpc_type, service, method).inc()
+class GrpcMethodMetrics:
+    """The grpc_server_* series of one method. Their label children are looked up once per
+    method and status code, not per call (labels() takes a lock and builds a key each time)."""
+
+    def __init__(self, grpc_type: str, service: str, method: str) -> None:
+        self._labels = (grpc_type, service, method)
+        self._started = grpc_server_started_total.labels(*self._labels)
+        self._seconds = grpc_server_handling_seconds.labels(*self._labels)
+        self._handled: dict[grpc.StatusCode, Counter] = {}
+
+    def started(self) -> None:
+        self._started.inc()
+
+    def handled(self, code: grpc.StatusCode, seconds: float) -> None:
+        counter = self._handled.get(code)
+        if counter is None:
+            counter = grpc_server_handled_total.labels(*self._labels, GO_CODE_NAMES[code])
+            self._handled[code] = counter
+        counter.inc()
+        self._seconds.observe(seconds)
 
 
-def grpc_handled(grpc_type: str, service: str, method: str, code: grpc.StatusCode, seconds: float) -> None:
-    grpc_server_handled_total.labels(grpc_type, service, method, GO_CODE_NAMES[code]).inc()
-    grpc_server_handling_seconds.labels(grpc_type, service, method).observe(seconds)
+_verification_counters: dict[tuple[str, str], Counter] = {}  # label children, made once each
 
 
 def verification(result: str, kind: str) -> None:
     """A Verify answer: result accepted|rejected|locked, kind authenticator|email|sms|backup_code|none."""
-    verifications_total.labels(result, kind).inc()
+    counter = _verification_counters.get((result, kind))
+    if counter is None:
+        counter = _verification_counters[(result, kind)] = verifications_total.labels(result, kind)
+    counter.inc()
 
 
 def lockout() -> None:

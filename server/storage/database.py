@@ -80,6 +80,13 @@ class Database(Protocol):
     def close(self) -> None: ...
 
 
+class _Connection(psycopg.Connection[Row]):
+    """A pooled connection that keeps one cursor for all the statements run on it: a new
+    cursor per statement (what Connection.execute makes) costs about 20 µs of Python."""
+
+    statement_cursor: psycopg.Cursor[Row] | None = None
+
+
 class PostgresDatabase:
     """A pool of connections, each unit of work (the wait for a connection included) bounded by
     `timeout` seconds on the client's side: a connection that misses it is abandoned, never reused."""
@@ -93,8 +100,9 @@ class PostgresDatabase:
         self._connect_timeout = max(2, math.ceil(timeout))
         self.unavailable = threading.Event()
         self._watchdog = Watchdog("twofactor-db")
-        self._pool: ConnectionPool[psycopg.Connection[Row]] = ConnectionPool(
+        self._pool: ConnectionPool[_Connection] = ConnectionPool(
             url,
+            connection_class=_Connection,
             min_size=1,
             max_size=pool_size,
             # Autocommit: transaction() opens an explicit BEGIN/COMMIT, statements() needs none.
@@ -132,7 +140,7 @@ class PostgresDatabase:
         _run_after_commit(tx)
 
     @contextmanager
-    def _connection(self) -> Iterator[psycopg.Connection[Row]]:
+    def _connection(self) -> Iterator[_Connection]:
         deadline = monotonic() + self._timeout
         try:
             conn = self._pool.getconn(timeout=self._timeout)
@@ -199,7 +207,7 @@ class PostgresDatabase:
         finally:
             self._pool.putconn(conn)
 
-    def _start_up_connection(self) -> psycopg.Connection[Row]:
+    def _start_up_connection(self) -> _Connection:
         """A connection, asking again for _START_UP_SECONDS: the database may be starting too."""
         give_up = monotonic() + _START_UP_SECONDS
         while True:
@@ -226,21 +234,24 @@ class _PostgresTransaction:
     dialect = "postgres"
     row_lock = " FOR UPDATE"
 
-    def __init__(self, conn: psycopg.Connection[Row]) -> None:
-        self._conn = conn
+    def __init__(self, conn: _Connection) -> None:
+        cursor = conn.statement_cursor
+        if cursor is None:
+            cursor = conn.statement_cursor = conn.cursor()
+        self._cursor = cursor
         self.committed_actions: list[Callable[[], None]] = []
 
     def after_commit(self, action: Callable[[], None]) -> None:
         self.committed_actions.append(action)
 
     def execute(self, sql: str, params: Params | None = None) -> int:
-        return self._conn.execute(sql, params).rowcount
+        return self._cursor.execute(sql, params).rowcount
 
     def one(self, sql: str, params: Params | None = None) -> Row | None:
-        return self._conn.execute(sql, params).fetchone()
+        return self._cursor.execute(sql, params).fetchone()
 
     def all(self, sql: str, params: Params | None = None) -> list[Row]:
-        return self._conn.execute(sql, params).fetchall()
+        return self._cursor.execute(sql, params).fetchall()
 
 
 class SqliteDatabase:

@@ -11,17 +11,13 @@ records (records.py); no caller sees a column name.
 from __future__ import annotations
 
 from collections.abc import Iterable
-from dataclasses import asdict
 
 from twofactor_server.domain.models import AuditEvent
 from twofactor_server.storage.database import Transaction
 from twofactor_server.storage.records import (
-    AcceptedStep,
     BackupCodeRecord,
     MethodRecord,
-    NewAuditEvent,
     UserRecord,
-    VerifySnapshot,
 )
 
 # ---- users -----------------------------------------------------------------
@@ -80,92 +76,6 @@ def record_success(tx: Transaction, user_id: str, now_ms: int) -> None:
         "WHERE user_id = %(u)s",
         {"u": user_id, "now": now_ms},
     )
-
-
-def verify_snapshot(tx: Transaction, user_id: str) -> VerifySnapshot | None:
-    """The user's lock state, last accepted step and enabled authenticator secret, in one read
-    (None: unknown user)."""
-    row = tx.one(
-        "SELECT u.failed_attempts, u.locked_until, u.totp_last_step, m.secret AS authenticator_secret "
-        "FROM users u "
-        "LEFT JOIN methods m ON m.user_id = u.user_id AND m.method = 'authenticator' "
-        "AND m.enabled_at IS NOT NULL WHERE u.user_id = %(u)s",
-        {"u": user_id},
-    )
-    return None if row is None else VerifySnapshot(**row)
-
-
-def reserve_attempt(
-    tx: Transaction, user_id: str, seen: VerifySnapshot, *, failed_attempts: int, locked_until: int | None
-) -> bool:
-    """Count an attempt before its code is checked: set the counters to what one more failure
-    makes of `seen`, if they are still what was read. False when another attempt moved them."""
-    return (
-        tx.execute(
-            "UPDATE users SET failed_attempts = %(f)s, locked_until = %(l)s "
-            "WHERE user_id = %(u)s AND failed_attempts = %(seen_f)s "
-            "AND COALESCE(locked_until, -1) = COALESCE(%(seen_l)s, -1)",
-            {
-                "u": user_id,
-                "f": failed_attempts,
-                "l": locked_until,
-                "seen_f": seen.failed_attempts,
-                "seen_l": seen.locked_until,
-            },
-        )
-        == 1
-    )
-
-
-def set_attempts(tx: Transaction, user_id: str, failed_attempts: int, locked_until: int | None) -> None:
-    tx.execute(
-        "UPDATE users SET failed_attempts = %(f)s, locked_until = %(l)s WHERE user_id = %(u)s",
-        {"u": user_id, "f": failed_attempts, "l": locked_until},
-    )
-
-
-def accept_totp_step(
-    tx: Transaction,
-    user_id: str,
-    step: int,
-    sealed_secret: bytes,
-    now_ms: int,
-    audit: NewAuditEvent | None = None,
-) -> AcceptedStep | None:
-    """Accept an authenticator code's time step in one atomic statement, clearing the failure
-    count; return the unused backup codes and the credential epoch.
-
-    The step is the replay guard (RFC 6238 §5.2): it must be newer than every step accepted
-    before. The sealed secret must still be the enabled one the code was checked against.
-    None when the step was used or the secret replaced. The attempt was counted before the
-    code was checked (reserve_attempt, or the row lock of the locking path), so accepting
-    need not compare the counters.
-
-    With `audit`, PostgreSQL writes the audit event in that same statement (a data-modifying
-    CTE); SQLite needs a second one, so its callers pass `audit` only inside a transaction.
-    """
-    params = {"u": user_id, "s": step, "now": now_ms, "sealed": sealed_secret}
-    update = (
-        "UPDATE users SET totp_last_step = %(s)s, failed_attempts = 0, locked_until = NULL, "
-        "last_verified_at = %(now)s "
-        "WHERE user_id = %(u)s AND (totp_last_step IS NULL OR totp_last_step < %(s)s) "
-        "AND EXISTS (SELECT 1 FROM methods m WHERE m.user_id = %(u)s AND m.method = 'authenticator' "
-        "AND m.enabled_at IS NOT NULL AND m.secret = %(sealed)s) "
-    )
-    backup_left = "(SELECT COUNT(*) FROM backup_codes b WHERE b.user_id = %(u)s AND b.used_at IS NULL)"
-    if audit is not None and tx.dialect == "postgres":
-        row = tx.one(  # the f-string parts are fixed SQL text; every value is a bound parameter
-            f"WITH accepted AS ({update}RETURNING user_id, credential_epoch), "  # noqa: S608
-            "logged AS (INSERT INTO audit_events (at, actor, user_id, action, request_id, outcome, detail) "
-            "SELECT %(at)s, %(actor)s, user_id, %(action)s, %(request_id)s, %(outcome)s, %(detail)s "
-            f"FROM accepted) SELECT {backup_left} AS backup_left, credential_epoch FROM accepted",
-            {**params, **{k: v for k, v in asdict(audit).items() if k != "user_id"}},
-        )
-    else:
-        row = tx.one(f"{update}RETURNING {backup_left} AS backup_left, credential_epoch", params)
-        if row is not None and audit is not None:
-            add_audit_event(tx, **asdict(audit))
-    return None if row is None else AcceptedStep(int(row["backup_left"]), int(row["credential_epoch"]))
 
 
 def set_totp_step(tx: Transaction, user_id: str, step: int) -> None:

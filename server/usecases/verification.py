@@ -7,17 +7,18 @@ from dataclasses import dataclass, replace
 from twofactor_server.domain import backup_codes, lockout, one_time_codes, totp
 from twofactor_server.domain.clock import Clock, now_ms
 from twofactor_server.domain.errors import FailedPrecondition, InvalidArgument
-from twofactor_server.domain.keyring import TOTP_SECRET, Keyring
+from twofactor_server.domain.keyring import TOTP_SECRET, Keyring, KeyringError, KeyVersionMissing
 from twofactor_server.domain.models import Caller, CodeKind, Lock, VerifyOutcome, VerifyResult
 from twofactor_server.observability import metrics
 from twofactor_server.settings import PolicySettings
-from twofactor_server.storage import store
+from twofactor_server.storage import attempts, store
 from twofactor_server.storage.database import Database, Transaction
 from twofactor_server.storage.records import AcceptedStep, NewAuditEvent, UserRecord, VerifySnapshot
 from twofactor_server.usecases import audit
 from twofactor_server.usecases.backup_codes import BackupCodes
 from twofactor_server.usecases.challenges import AUTHENTICATOR, EMAIL, LOGIN, SMS, Challenges
 from twofactor_server.usecases.notices import Notices
+from twofactor_server.usecases.sealed_secrets import SealedSecrets
 from twofactor_server.usecases.users import (
     audit_lock,
     count_failure,
@@ -49,8 +50,10 @@ class Verification:
         backup_codes: BackupCodes,
         notices: Notices,
         clock: Clock,
+        sealed_secrets: SealedSecrets | None = None,
     ) -> None:
         self._db = db
+        self._sealed = sealed_secrets if sealed_secrets is not None else SealedSecrets()
         self._keyring = keyring
         self._policy = policy
         self._challenges = challenges
@@ -64,14 +67,15 @@ class Verification:
         Invariants: a locked user is answered LOCKED without any code being accepted or
         counted (the code just accepted is still recognized, to answer its double submit
         without counting it: it is spent, so this tells a guesser nothing); a code is
-        counted as an attempt before anything is decided on it (under the user's row lock, or by the fast
-        path's reservation), so however many guesses arrive at once, no more than the lockout
-        threshold are checked per lock window; every code is accepted at most once (an
-        authenticator step only moves forward, an emailed code and a backup code are consumed
-        by conditional UPDATEs); a wrong code stays counted, a right one clears the count. The
-        authenticator code that was just accepted, sent again (same time step: a double
-        submit), is REJECTED without counting: it proves the user has the secret. An accepted
-        code returns a step-up proof (verification_token) for this user, API token and
+        decided by one statement that the user's row lock orders against every other guess (the
+        locking transaction, or on the fast path one conditional UPDATE that accepts or counts
+        it, the same path whether the code is right or wrong), so however many guesses arrive
+        at once, no more than the lockout threshold are tried per lock window; every code is
+        accepted at most once (an authenticator step only moves forward, an emailed code and a
+        backup code are consumed by conditional UPDATEs); a wrong code stays counted, a right
+        one clears the count. The authenticator code that was just accepted, sent again (same
+        time step: a double submit), is REJECTED without counting: it proves the user has the
+        secret. An accepted code returns a step-up proof (verification_token) for this user, API token and
         credential epoch.
         """
         digits = one_time_codes.normalize(code)
@@ -164,19 +168,21 @@ class Verification:
     def _accept_authenticator_code_fast(
         self, user_id: str, digits: str, now: int, caller: Caller, accepted_event: NewAuditEvent | None
     ) -> VerifyOutcome | Reservation | None:
-        """The common login, a right authenticator code, in three statements and no transaction.
+        """The common login, a right authenticator code: one statement, no transaction.
 
-        One read (lock state, last step and sealed secret) and the lock rule; then the attempt
-        is counted (reserve_attempt: a conditional UPDATE on the counters just read, as if the
-        code were wrong, lock included) before anything is decided on the code; a right code
-        then settles it with the one conditional UPDATE of accept_totp_step, which clears the
-        count. Counting first is what keeps concurrent guesses from being tried past the
-        lockout threshold: a guess that loses the count goes to the row lock, where it meets
-        the lock the winners' counts set.
+        With the user's sealed secret cached in this process, a matching code goes straight to
+        accept_totp_step with the lock rule in its WHERE clause: one conditional UPDATE that
+        accepts only if the user is not locked, the step is new and the secret is still the
+        cached one. A code that doesn't match is counted by one UPDATE with the same two
+        conditions (count_failure_unlocked), and the locking path settles it. Right or wrong,
+        a guess takes the same path to the one statement the row lock orders, so a right code
+        is accepted only when no count that locks the user came before it, as if every guess
+        were checked one at a time. Anything else (a step already used, a lock, a stale cache:
+        no row touched) reads the user afresh (_decide_from_snapshot).
 
-        Returns the outcome when accepted; otherwise the reservation the locking path in
-        verify() settles (a wrong code stays counted; a double submit is released), or None
-        when nothing was reserved (unknown user, no authenticator, locked, counters moved).
+        Returns the outcome when decided here; otherwise the reservation the locking path in
+        verify() settles (a wrong code stays counted), or None when nothing was reserved
+        (unknown user, no authenticator, locked, counters moved, not accepted).
         With an acceptance to audit, PostgreSQL writes the event in accept_totp_step's one
         statement; SQLite (in-process: no round trips to save) takes the locking path, whose
         transaction holds both.
@@ -185,35 +191,107 @@ class Verification:
             return None
         if accepted_event is not None and self._db.dialect != "postgres":
             return None
+        cached = self._sealed.get(user_id)
+        cached_step = None
+        if cached is not None:
+            try:
+                cached_step = self._matching_step(user_id, digits, cached, now)
+            except (KeyringError, KeyVersionMissing):
+                cached = None  # not checkable here: the snapshot read decides (and reports it)
+        if cached is not None:
+            with self._db.statements() as q:
+                if cached_step is not None:
+                    accepted = self._accept_unlocked(q, user_id, cached_step, cached, now, accepted_event)
+                    if accepted is not None:
+                        return self._accepted(user_id, CodeKind.AUTHENTICATOR, accepted, now, caller)
+                else:
+                    counted = self._count_unlocked(q, user_id, cached, now)
+                    if counted is not None:
+                        return counted
         with self._db.statements() as q:
-            seen = store.verify_snapshot(q, user_id)
-            if seen is None or seen.authenticator_secret is None:
-                return None
-            if lockout.lock_of(seen.failed_attempts, seen.locked_until, self._policy, now) is not None:
-                return None
-            step = self._matching_step(user_id, digits, seen.authenticator_secret, now)
-            if step is not None and step == seen.totp_last_step:
-                # The code just accepted, sent again: answered without counting (it is spent,
-                # so this tells a guesser nothing). Any other answer waits for the count below.
-                return self._double_submit(q, user_id, seen.failed_attempts, now)
-            reserved = self._reservation(seen, now)
-            counted = store.reserve_attempt(
-                q,
-                user_id,
-                seen,
-                failed_attempts=reserved.failures,
-                locked_until=reserved.locked_until,
+            return self._decide_from_snapshot(
+                q, user_id, digits, now, caller, accepted_event, cached, cached_step
             )
-            if not counted:
-                return None  # another attempt moved the counters first: decide under the row lock
-            if step is None:
-                return reserved
-            accepted = store.accept_totp_step(
-                q, user_id, step, seen.authenticator_secret, now, accepted_event
-            )
-        if accepted is None:
-            return reserved
-        return self._accepted(user_id, CodeKind.AUTHENTICATOR, accepted, now, caller)
+
+    def _decide_from_snapshot(
+        self,
+        q: Transaction,
+        user_id: str,
+        digits: str,
+        now: int,
+        caller: Caller,
+        accepted_event: NewAuditEvent | None,
+        cached: bytes | None,
+        cached_step: int | None,
+    ) -> VerifyOutcome | Reservation | None:
+        """One read (lock state, last step, sealed secret) and the lock rule; a right code is then
+        accepted by the lock-checking UPDATE, a wrong one counted before anything is decided on
+        it (reserve_attempt: a conditional UPDATE on the counters just read, lock included).
+        Counting first is what keeps concurrent guesses from being tried past the lockout
+        threshold: a guess that loses the count goes to the row lock, where it meets the lock
+        the winners' counts set; a right code that comes after a count meets it in its UPDATE."""
+        seen = attempts.verify_snapshot(q, user_id)
+        sealed = None if seen is None else seen.authenticator_secret
+        if seen is None or sealed is None:
+            self._sealed.put(user_id, None)
+            return None
+        if lockout.lock_of(seen.failed_attempts, seen.locked_until, self._policy, now) is not None:
+            return None
+        # Matched again only if the secret is not the cached one just tried (KEY_VERSION_MISSING
+        # raises here, as on the locking path: never a wrong code).
+        step = cached_step if sealed == cached else self._matching_step(user_id, digits, sealed, now)
+        self._sealed.put(user_id, sealed)
+        if step is not None and step == seen.totp_last_step:
+            # The code just accepted, sent again: answered without counting (it is spent,
+            # so this tells a guesser nothing).
+            return self._double_submit(q, user_id, seen.failed_attempts, now)
+        if step is not None:
+            accepted = self._accept_unlocked(q, user_id, step, sealed, now, accepted_event)
+            if accepted is None:
+                return None  # locked, used or replaced meanwhile: decide under the row lock
+            return self._accepted(user_id, CodeKind.AUTHENTICATOR, accepted, now, caller)
+        reserved = self._reservation(seen, now)
+        counted = attempts.reserve_attempt(
+            q, user_id, seen, failed_attempts=reserved.failures, locked_until=reserved.locked_until
+        )
+        return reserved if counted else None  # not counted: another attempt moved the counters first
+
+    def _accept_unlocked(
+        self,
+        q: Transaction,
+        user_id: str,
+        step: int,
+        sealed: bytes,
+        now: int,
+        accepted_event: NewAuditEvent | None,
+    ) -> AcceptedStep | None:
+        max_failures = self._policy.max_consecutive_failures
+        return attempts.accept_totp_step(
+            q, user_id, step, sealed, now, accepted_event, unlocked_below=max_failures
+        )
+
+    def _count_unlocked(self, q: Transaction, user_id: str, sealed: bytes, now: int) -> Reservation | None:
+        """A wrong code counted in one statement (attempts.count_failure_unlocked), as a right one
+        is accepted: the same path up to the one UPDATE that the row lock orders, whatever the
+        code. None when nothing was counted (locked, secret replaced): the snapshot decides."""
+        schedule, later = lockout.lock_schedule(self._policy, now)
+        counted = attempts.count_failure_unlocked(
+            q,
+            user_id,
+            sealed,
+            now,
+            unlocked_below=self._policy.max_consecutive_failures,
+            threshold=self._policy.lockout_threshold,
+            schedule=schedule,
+            later=later,
+        )
+        if counted is None:
+            return None
+        failures, until = counted
+        locks, _ = lock_after_failures(failures, self._policy, now)
+        # Counted only when unlocked: a lock it replaced had expired, as good as none.
+        before = None if locks else until
+        return Reservation(failures - 1, before, failures, until, locks)
 
     def _accept_step_locked(
         self,
@@ -229,7 +307,7 @@ class Verification:
         the plaintext (so the step) is the same. A rotation never turns a right code into a
         counted failure; a replayed step still finds the same secret and is refused."""
         for _ in range(3):  # each retry needs another re-encryption of this secret: a bounded race
-            taken = store.accept_totp_step(tx, user_id, step, sealed, now, accepted_event)
+            taken = attempts.accept_totp_step(tx, user_id, step, sealed, now, accepted_event)
             if taken is not None:
                 return taken
             reread = next(
@@ -272,9 +350,9 @@ class Verification:
         if user.failed_attempts == 0:
             return
         if (user.failed_attempts, user.locked_until) == (reserved.failures, reserved.locked_until):
-            store.set_attempts(tx, user.user_id, reserved.failures_before, reserved.locked_until_before)
+            attempts.set_attempts(tx, user.user_id, reserved.failures_before, reserved.locked_until_before)
         else:
-            store.set_attempts(tx, user.user_id, user.failed_attempts - 1, user.locked_until)
+            attempts.set_attempts(tx, user.user_id, user.failed_attempts - 1, user.locked_until)
 
     def _matching_step(self, user_id: str, digits: str, sealed: bytes, now: int) -> int | None:
         """The time step at which the sealed secret shows `digits` now, if any.

@@ -1,0 +1,169 @@
+"""The statements of a Verify attempt with an authenticator code, as small functions over a Transaction.
+
+The accepted path is one statement: accept_totp_step with `unlocked_below` decides, in one
+conditional UPDATE serialized by the user's row lock, that the user is not locked, that the
+time step is newer than every step accepted before and that the sealed secret the code was
+checked against is still the enabled one; it clears the failure count and returns what the
+answer needs. The rest (the snapshot read, the attempt counted before a wrong code is settled)
+is the path of wrong codes, locks and stale caches.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+from functools import lru_cache
+
+from twofactor_server.storage.database import Transaction
+from twofactor_server.storage.records import AcceptedStep, NewAuditEvent, VerifySnapshot
+from twofactor_server.storage.store import add_audit_event
+
+# The sealed secret a code was checked against is still the user's enabled one.
+_STILL_ENABLED = (
+    "AND EXISTS (SELECT 1 FROM methods m WHERE m.user_id = %(u)s AND m.method = 'authenticator' "
+    "AND m.enabled_at IS NOT NULL AND m.secret = %(sealed)s) "
+)
+# The lock rule of domain/lockout.lock_of, for a statement that decides without the row lock held.
+_UNLOCKED = "AND failed_attempts < %(max_failures)s AND (locked_until IS NULL OR locked_until <= %(now)s) "
+_ACCEPT = (  # fixed SQL text: every value is a bound parameter
+    "UPDATE users SET totp_last_step = %(s)s, failed_attempts = 0, locked_until = NULL, "  # noqa: S608
+    f"last_verified_at = %(now)s WHERE user_id = %(u)s "
+    f"AND (totp_last_step IS NULL OR totp_last_step < %(s)s) {_STILL_ENABLED}"
+)
+
+
+def verify_snapshot(tx: Transaction, user_id: str) -> VerifySnapshot | None:
+    """The user's lock state, last accepted step and enabled authenticator secret, in one read
+    (None: unknown user)."""
+    row = tx.one(
+        "SELECT u.failed_attempts, u.locked_until, u.totp_last_step, m.secret AS authenticator_secret "
+        "FROM users u "
+        "LEFT JOIN methods m ON m.user_id = u.user_id AND m.method = 'authenticator' "
+        "AND m.enabled_at IS NOT NULL WHERE u.user_id = %(u)s",
+        {"u": user_id},
+    )
+    return None if row is None else VerifySnapshot(**row)
+
+
+def reserve_attempt(
+    tx: Transaction, user_id: str, seen: VerifySnapshot, *, failed_attempts: int, locked_until: int | None
+) -> bool:
+    """Count an attempt before its code is settled: set the counters to what one more failure
+    makes of `seen`, if they are still what was read. False when another attempt moved them."""
+    return (
+        tx.execute(
+            "UPDATE users SET failed_attempts = %(f)s, locked_until = %(l)s "
+            "WHERE user_id = %(u)s AND failed_attempts = %(seen_f)s "
+            "AND COALESCE(locked_until, -1) = COALESCE(%(seen_l)s, -1)",
+            {
+                "u": user_id,
+                "f": failed_attempts,
+                "l": locked_until,
+                "seen_f": seen.failed_attempts,
+                "seen_l": seen.locked_until,
+            },
+        )
+        == 1
+    )
+
+
+def count_failure_unlocked(
+    tx: Transaction,
+    user_id: str,
+    sealed_secret: bytes,
+    now_ms: int,
+    *,
+    unlocked_below: int,
+    threshold: int,
+    schedule: tuple[tuple[int, int | None], ...],
+    later: int | None,
+) -> tuple[int, int | None] | None:
+    """Count a wrong authenticator code in one statement, under the same conditions as
+    accept_totp_step(unlocked_below=...) accepts a right one: the user is not locked and
+    `sealed_secret` is still the enabled secret. The new count sets locked_until as
+    count_failure would (domain/lockout.lock_schedule: `schedule` pairs, `later` past them;
+    None keeps it; a count at `unlocked_below` locks for good and clears it).
+
+    Returns the new (failed_attempts, locked_until), or None when nothing was counted (locked,
+    secret replaced, unknown user): the caller reads the user afresh.
+    """
+    params: dict[str, object] = {
+        "u": user_id,
+        "now": now_ms,
+        "sealed": sealed_secret,
+        "max_failures": unlocked_below,
+        "threshold": threshold,
+        "later": later,
+    }
+    for i, (failures, until) in enumerate(schedule):
+        params[f"k{i}"], params[f"l{i}"] = failures, until
+    row = tx.one(_count_sql(len(schedule)), params)
+    return None if row is None else (int(row["failed_attempts"]), row["locked_until"])
+
+
+@lru_cache(maxsize=8)
+def _count_sql(steps: int) -> str:
+    """The counting UPDATE for a schedule of `steps` pairs (fixed per policy: one prepared statement)."""
+    grows = "".join(
+        f"WHEN failed_attempts + 1 = %(k{i})s THEN COALESCE(%(l{i})s, locked_until) " for i in range(steps)
+    )
+    return (  # fixed SQL text: every value is a bound parameter
+        "UPDATE users SET failed_attempts = failed_attempts + 1, locked_until = CASE "  # noqa: S608
+        "WHEN failed_attempts + 1 >= %(max_failures)s THEN NULL "
+        "WHEN failed_attempts + 1 < %(threshold)s THEN locked_until "
+        f"{grows}ELSE COALESCE(%(later)s, locked_until) END "
+        f"WHERE user_id = %(u)s {_UNLOCKED}{_STILL_ENABLED} RETURNING failed_attempts, locked_until"
+    )
+
+
+def set_attempts(tx: Transaction, user_id: str, failed_attempts: int, locked_until: int | None) -> None:
+    tx.execute(
+        "UPDATE users SET failed_attempts = %(f)s, locked_until = %(l)s WHERE user_id = %(u)s",
+        {"u": user_id, "f": failed_attempts, "l": locked_until},
+    )
+
+
+_BACKUP_LEFT = "(SELECT COUNT(*) FROM backup_codes b WHERE b.user_id = %(u)s AND b.used_at IS NULL)"
+
+
+def accept_totp_step(
+    tx: Transaction,
+    user_id: str,
+    step: int,
+    sealed_secret: bytes,
+    now_ms: int,
+    audit: NewAuditEvent | None = None,
+    *,
+    unlocked_below: int | None = None,
+) -> AcceptedStep | None:
+    """Accept an authenticator code's time step in one atomic statement, clearing the failure
+    count; return the unused backup codes and the credential epoch.
+
+    The step is the replay guard (RFC 6238 §5.2): it must be newer than every step accepted
+    before. The sealed secret must still be the enabled one the code was checked against (a
+    cached copy that a reset, a new enrollment or a key rotation replaced touches no row).
+    None when the step was used, the secret replaced, or (with `unlocked_below`) the user locked.
+
+    `unlocked_below` (the policy's max_consecutive_failures) makes the statement check the lock
+    itself, for callers that hold no row lock: PostgreSQL re-checks the condition on the newest
+    row version once a concurrent UPDATE that counts a wrong code commits, so a right code is
+    accepted only if no count that locks the user came first. Under the row lock the caller has
+    checked the lock already and passes None.
+
+    With `audit`, PostgreSQL writes the audit event in that same statement (a data-modifying
+    CTE); SQLite needs a second one, so its callers pass `audit` only inside a transaction.
+    """
+    params = {"u": user_id, "s": step, "now": now_ms, "sealed": sealed_secret, "max_failures": unlocked_below}
+    update = _ACCEPT if unlocked_below is None else _ACCEPT + _UNLOCKED
+    if audit is not None and tx.dialect == "postgres":
+        row = tx.one(  # the f-string parts are fixed SQL text; every value is a bound parameter
+            f"WITH accepted AS ({update}RETURNING user_id, credential_epoch), "  # noqa: S608
+            "logged AS (INSERT INTO audit_events (at, actor, user_id, action, request_id, outcome, detail) "
+            "SELECT %(at)s, %(actor)s, user_id, %(action)s, %(request_id)s, %(outcome)s, %(detail)s "
+            f"FROM accepted) SELECT {_BACKUP_LEFT} AS backup_left, credential_epoch FROM accepted",
+            {**params, **{k: v for k, v in asdict(audit).items() if k != "user_id"}},
+        )
+    else:
+        row = tx.one(f"{update}RETURNING {_BACKUP_LEFT} AS backup_left, credential_epoch", params)
+        if row is not None and audit is not None:
+            add_audit_event(tx, **asdict(audit))
+    return None if row is None else AcceptedStep(int(row["backup_left"]), int(row["credential_epoch"]))

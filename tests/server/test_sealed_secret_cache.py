@@ -1,0 +1,232 @@
+"""A server process keeps the sealed authenticator secrets it read (usecases/sealed_secrets.py),
+so an accepted Verify is one statement. A cached copy is never trusted over the database:
+after a reset, a new enrollment or a key rotation done by another server or connection, the
+process holding the cache answers as if it had none (its statements touch no row for a
+secret that is no longer the enabled one, and it reads the user afresh)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import replace
+
+import grpc
+import pytest
+from twofactor.v1 import admin_service_pb2 as admin_pb
+from twofactor.v1 import twofactor_service_pb2 as pb
+
+from tests.conftest import TEST_KEYS, Clock, ServerFactory
+from tests.server.helpers import (
+    AUTHENTICATOR,
+    enroll_authenticator,
+    error_info,
+    totp_now,
+    verified_token,
+    verify,
+)
+from twofactor_server.domain import lockout, totp
+from twofactor_server.domain.clock import now_ms
+from twofactor_server.domain.keyring import Keyring, version_of
+from twofactor_server.domain.models import Caller, VerifyResult
+from twofactor_server.settings import PolicySettings, Settings
+from twofactor_server.storage import attempts, store
+from twofactor_server.storage.database import Database, open_database
+from twofactor_server.usecases.backup_codes import BackupCodes
+from twofactor_server.usecases.challenges import Challenges
+from twofactor_server.usecases.key_rotation import KeyRotation
+from twofactor_server.usecases.notices import Notices
+from twofactor_server.usecases.sealed_secrets import SealedSecrets
+from twofactor_server.usecases.users import lock_after_failures
+from twofactor_server.usecases.verification import Verification
+
+ACCEPTED = pb.VERIFY_RESULT_ACCEPTED
+KEY_2 = Keyring.new_key_spec(2)
+CALLER = Caller(actor="test", request_id="test")
+
+
+class NoDispatch:
+    def dispatch(self, challenge_id: str) -> None:
+        raise AssertionError("nothing is sent in these tests")
+
+
+@pytest.fixture
+def other_connection(settings: Settings) -> Iterator[Database]:
+    """A database connection of the test's own, as another process (`twofactor keys rotate`) has."""
+    db = open_database(settings.database_url, data_dir=settings.data_dir, timeout=30)
+    db.migrate()  # a no-op behind a server that migrated first
+    yield db
+    db.close()
+
+
+def test_an_admin_reset_by_another_server_leaves_no_cached_secret_to_accept(
+    start_server: ServerFactory, clock: Clock
+) -> None:
+    holder, other = start_server(), start_server()
+    secret, _ = enroll_authenticator(holder, clock, "ana")
+    assert verify(holder, "ana", totp_now(secret, clock)).result == ACCEPTED  # now cached by `holder`
+    clock.advance(30)
+    other.admin.ResetUser(
+        admin_pb.ResetUserRequest(user_id="ana", reason="lost phone"), metadata=other.admin_metadata
+    )
+    with pytest.raises(grpc.RpcError) as raised:
+        verify(holder, "ana", totp_now(secret, clock))
+    assert raised.value.code() == grpc.StatusCode.FAILED_PRECONDITION  # type: ignore[attr-defined]
+    assert error_info(raised.value).reason == "NOT_ENROLLED"
+
+
+def test_a_new_enrollment_on_another_server_makes_the_cached_secrets_codes_wrong(
+    start_server: ServerFactory, clock: Clock
+) -> None:
+    holder, other = start_server(), start_server()
+    old, _ = enroll_authenticator(holder, clock, "ben")
+    assert verify(holder, "ben", totp_now(old, clock)).result == ACCEPTED  # now cached by `holder`
+    clock.advance(30)
+    token = verified_token(other, clock, "ben", old)
+    new = other.twofactor.StartEnrollment(
+        pb.StartEnrollmentRequest(user_id="ben", method=AUTHENTICATOR, verification_token=token),
+        metadata=other.app_metadata,
+    ).authenticator.secret
+    confirm = other.twofactor.ConfirmEnrollment(
+        pb.ConfirmEnrollmentRequest(user_id="ben", method=AUTHENTICATOR, code=totp_now(new, clock)),
+        metadata=other.app_metadata,
+    )
+    assert confirm.confirmed
+    clock.advance(30)
+    assert totp_now(old, clock) != totp_now(new, clock)
+
+    stale = verify(holder, "ben", totp_now(old, clock))
+    assert stale.result == pb.VERIFY_RESULT_REJECTED and not stale.verification_token
+    threshold = holder.settings.policy.lockout_threshold
+    assert stale.attempts_left == threshold - 1, "a code of the replaced secret is a wrong code"
+    fresh = verify(holder, "ben", totp_now(new, clock))
+    assert fresh.result == ACCEPTED and fresh.attempts_left == threshold
+
+
+def verification_with(db: Database, keyring: Keyring, clock: Clock, cache: SealedSecrets) -> Verification:
+    policy = PolicySettings(notify_users=False)
+    challenges = Challenges(db, keyring, policy, NoDispatch(), clock)
+    notices = Notices(db, keyring, policy, NoDispatch(), clock)
+    backup_codes = BackupCodes(db, keyring, policy, notices, clock)
+    return Verification(db, keyring, policy, challenges, backup_codes, notices, clock, cache)
+
+
+def enabled_secret(db: Database, user_id: str) -> bytes:
+    with db.transaction() as tx:
+        [method] = [m for m in store.methods_of(tx, user_id) if m.method == "authenticator"]
+    assert method.secret is not None
+    return method.secret
+
+
+def test_a_key_rotation_by_another_connection_is_followed_not_trusted(
+    start_server: ServerFactory, settings: Settings, other_connection: Database, clock: Clock
+) -> None:
+    """The cache-holding process has both keys (a rotation's middle stage). After `keys rotate`
+    re-encrypts the secret, the cached ciphertext is refused by both one-statement decisions;
+    the right code is still accepted (read afresh), the cache follows, a replay is refused."""
+    enrolling = start_server()  # key 1 only: the secret is sealed under key 1
+    secret, _ = enroll_authenticator(enrolling, clock, "cy")
+    both = Keyring.parse(f"{TEST_KEYS},{KEY_2}")
+    cache = SealedSecrets()
+    holder_db = open_database(settings.database_url, data_dir=settings.data_dir)
+    try:
+        holder = verification_with(holder_db, both, clock, cache)
+        assert holder.verify("cy", totp_now(secret, clock), caller=CALLER).result == VerifyResult.ACCEPTED
+        cached = cache.get("cy")
+        assert cached is not None and version_of(cached) == 1
+        clock.advance(30)
+
+        report = KeyRotation(other_connection, both, clock, batch_size=10).rotate()
+        assert report.remaining == ()
+        rotated = enabled_secret(other_connection, "cy")
+        assert version_of(rotated) == 2 and rotated != cached
+
+        now = now_ms(clock)
+        step = totp.time_step(clock())
+        policy = PolicySettings()
+        with other_connection.statements() as q:  # the stale copy decides nothing
+            unlocked = policy.max_consecutive_failures
+            assert attempts.accept_totp_step(q, "cy", step, cached, now, unlocked_below=unlocked) is None
+            schedule, later = lockout.lock_schedule(policy, now)
+            counted = attempts.count_failure_unlocked(
+                q,
+                "cy",
+                cached,
+                now,
+                unlocked_below=unlocked,
+                threshold=policy.lockout_threshold,
+                schedule=schedule,
+                later=later,
+            )
+            assert counted is None
+
+        code = totp_now(secret, clock)
+        outcome = holder.verify("cy", code, caller=CALLER)
+        assert outcome.result == VerifyResult.ACCEPTED and outcome.verification_token
+        assert cache.get("cy") == rotated, "the cache holds what the database holds now"
+        replay = holder.verify("cy", code, caller=CALLER)
+        assert replay.result == VerifyResult.REJECTED
+        assert replay.attempts_left == policy.lockout_threshold, "a double submit is not counted"
+    finally:
+        holder_db.close()
+
+
+def test_the_one_statement_count_locks_as_count_failure_does(
+    settings: Settings, other_connection: Database, clock: Clock
+) -> None:
+    """count_failure_unlocked (a wrong code on the fast path) leaves the counters exactly as
+    count_failure's rule says, for every failure count up to the permanent lock."""
+    db = other_connection
+    policy = replace(
+        PolicySettings(),
+        lockout_threshold=3,
+        lockout_base_seconds=2,
+        lockout_max_seconds=20,
+        max_consecutive_failures=12,
+    )
+    sealed = Keyring.parse(TEST_KEYS).encrypt(b"x" * 20, purpose="totp_secret", user_id="dee")
+    now = now_ms(clock)
+    with db.transaction() as tx:
+        store.ensure_user(tx, "dee", now)
+        store.start_method_enrollment(tx, "dee", "authenticator", now, pending_secret=sealed)
+        assert store.enable_method(tx, "dee", "authenticator", now)
+    schedule, later = lockout.lock_schedule(policy, now)
+    for failures in range(1, policy.max_consecutive_failures + 1):
+        with db.transaction() as tx:
+            attempts.set_attempts(tx, "dee", failures - 1, None)
+        with db.statements() as q:
+            counted = attempts.count_failure_unlocked(
+                q,
+                "dee",
+                sealed,
+                now,
+                unlocked_below=policy.max_consecutive_failures,
+                threshold=policy.lockout_threshold,
+                schedule=schedule,
+                later=later,
+            )
+        locks, until = lock_after_failures(failures, policy, now)
+        assert counted == (failures, until if locks else None), failures
+    with db.statements() as q:  # locked for good: nothing more is counted
+        assert (
+            attempts.count_failure_unlocked(
+                q,
+                "dee",
+                sealed,
+                now,
+                unlocked_below=policy.max_consecutive_failures,
+                threshold=policy.lockout_threshold,
+                schedule=schedule,
+                later=later,
+            )
+            is None
+        )
+
+
+def test_the_cache_is_bounded_and_forgets_the_oldest_first() -> None:
+    cache = SealedSecrets(max_entries=2)
+    cache.put("a", b"1")
+    cache.put("b", b"2")
+    cache.put("a", b"3")  # written again: now the newest
+    cache.put("c", b"4")  # full: "b" goes
+    assert (cache.get("a"), cache.get("b"), cache.get("c"), len(cache)) == (b"3", None, b"4", 2)
+    cache.put("c", None)
+    assert cache.get("c") is None and len(cache) == 1
