@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Collection
+
 from twofactor_server.domain import lockout, one_time_codes, qr_codes, totp
 from twofactor_server.domain.clock import Clock, now_ms
 from twofactor_server.domain.errors import FailedPrecondition, InvalidArgument
@@ -56,14 +58,18 @@ class Enrollment:
         locale: str,
         verification_token: str,
         caller: Caller,
+        qr_formats: Collection[str] = (),
     ) -> EnrollmentStart:
-        """Begin enrolling: a new authenticator secret (pending until confirmed), or a code sent by
-        email or SMS. A pending enrollment replaces an earlier pending one of the same method.
+        """Begin enrolling: a new authenticator secret (pending until confirmed) with the QR code
+        images in `qr_formats` (qr_codes.FORMATS; none by default, drawn after the commit), or a
+        code sent by email or SMS. A pending enrollment replaces an earlier pending one of the
+        same method.
 
         Invariant: a user who already has a usable method adds or replaces one only with a
         step-up proof (require_step_up); otherwise a caller could enroll its own second factor.
         """
         require_allowed(method, self._policy)
+        qr_codes.require_known(qr_formats)
         if method != AUTHENTICATOR:
             with self._db.transaction() as tx:
                 # Challenges.issue sends in its own transaction: check the proof first.
@@ -89,7 +95,8 @@ class Enrollment:
             store.start_method_enrollment(tx, user_id, method, now, pending_secret=sealed)
             audit.record(tx, caller, now, user_id, "enrollment_started", detail=method)
         uri = totp.provisioning_uri(secret, account_name=account_name or user_id, issuer=self._policy.issuer)
-        setup = AuthenticatorSetup(totp.to_base32(secret), uri, qr_codes.qr_png(uri), qr_codes.qr_svg(uri))
+        images = qr_codes.qr_images(uri, qr_formats)
+        setup = AuthenticatorSetup(totp.to_base32(secret), uri, qr_png=images.png, qr_svg=images.svg)
         return EnrollmentStart(method, authenticator=setup)
 
     def confirm_enrollment(self, user_id: str, method: str, code: str, *, caller: Caller) -> Confirmation:

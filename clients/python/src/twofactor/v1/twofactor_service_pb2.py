@@ -27,19 +27,21 @@ from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__
 from twofactor.v1 import common_pb2 as twofactor_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n$twofactor/v1/twofactor_service.proto\x12\x0ctwofactor.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x19twofactor/v1/common.proto\"#\n\x10GetStatusRequest\x12\x0f\n\x07user_id\x18\x01 \x01(\t\"\xc3\x02\n\x11GetStatusResponse\x12-\n\x0f\x65nabled_methods\x18\x01 \x03(\x0e\x32\x14.twofactor.v1.Method\x12\x1b\n\x13\x65nrollment_required\x18\x02 \x01(\x08\x12-\n\x0fpending_methods\x18\x03 \x03(\x0e\x32\x14.twofactor.v1.Method\x12\x1e\n\x16\x62\x61\x63kup_codes_remaining\x18\x04 \x01(\x05\x12\x30\n\x0clocked_until\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x18\n\x10\x65mail_registered\x18\x06 \x01(\x08\x12\x18\n\x10phone_registered\x18\x07 \x01(\x08\x12-\n\x0f\x61llowed_methods\x18\x08 \x03(\x0e\x32\x14.twofactor.v1.Method\"|\n\x11SetContactRequest\x12\x0f\n\x07user_id\x18\x01 \x01(\t\x12\x12\n\x05\x65mail\x18\x02 \x01(\tH\x00\x88\x01\x01\x12\x12\n\x05phone\x18\x03 \x01(\tH\x01\x88\x01\x01\x12\x1a\n\x12verification_token\x18\x04 \x01(\tB\x08\n\x06_emailB\x08\n\x06_phone\"@\n\x12SetContactResponse\x12\x14\n\x0cmasked_email\x18\x01 \x01(\t\x12\x14\n\x0cmasked_phone\x18\x02 \x01(\t\"\x91\x01\n\x16StartEnrollmentRequest\x12\x0f\n\x07user_id\x18\x01 \x01(\t\x12$\n\x06method\x18\x02 \x01(\x0e\x32\x14.twofactor.v1.Method\x12\x14\n\x0c\x61\x63\x63ount_name\x18\x03 \x01(\t\x12\x0e\n\x06locale\x18\x04 \x01(\t\x12\x1a\n\x12verification_token\x18\x05 \x01(\t\"Y\n\x12\x41uthenticatorSetup\x12\x0e\n\x06secret\x18\x01 \x01(\t\x12\x13\n\x0botpauth_uri\x18\x02 \x01(\t\x12\x0e\n\x06qr_png\x18\x03 \x01(\x0c\x12\x0e\n\x06qr_svg\x18\x04 \x01(\t\"\xb1\x01\n\x17StartEnrollmentResponse\x12$\n\x06method\x18\x01 \x01(\x0e\x32\x14.twofactor.v1.Method\x12\x39\n\rauthenticator\x18\x02 \x01(\x0b\x32 .twofactor.v1.AuthenticatorSetupH\x00\x12,\n\tchallenge\x18\x03 \x01(\x0b\x32\x17.twofactor.v1.ChallengeH\x00\x42\x07\n\x05setup\"_\n\x18\x43onfirmEnrollmentRequest\x12\x0f\n\x07user_id\x18\x01 \x01(\t\x12$\n\x06method\x18\x02 \x01(\x0e\x32\x14.twofactor.v1.Method\x12\x0c\n\x04\x63ode\x18\x03 \x01(\t\"\xd3\x01\n\x19\x43onfirmEnrollmentResponse\x12\x11\n\tconfirmed\x18\x01 \x01(\x08\x12-\n\x0f\x65nabled_methods\x18\x02 \x03(\x0e\x32\x14.twofactor.v1.Method\x12\x14\n\x0c\x62\x61\x63kup_codes\x18\x03 \x03(\t\x12\x15\n\rattempts_left\x18\x04 \x01(\x05\x12+\n\x06result\x18\x05 \x01(\x0e\x32\x1b.twofactor.v1.ConfirmResult\x12\x1a\n\x12verification_token\x18\x06 \x01(\t\"i\n\x14\x44isableMethodRequest\x12\x0f\n\x07user_id\x18\x01 \x01(\t\x12$\n\x06method\x18\x02 \x01(\x0e\x32\x14.twofactor.v1.Method\x12\x1a\n\x12verification_token\x18\x03 \x01(\t\"F\n\x15\x44isableMethodResponse\x12-\n\x0f\x65nabled_methods\x18\x01 \x03(\x0e\x32\x14.twofactor.v1.Method\"q\n\x0fSendCodeRequest\x12\x0f\n\x07user_id\x18\x01 \x01(\t\x12$\n\x06method\x18\x02 \x01(\x0e\x32\x14.twofactor.v1.Method\x12\x17\n\x0fidempotency_key\x18\x03 \x01(\t\x12\x0e\n\x06locale\x18\x04 \x01(\t\">\n\x10SendCodeResponse\x12*\n\tchallenge\x18\x01 \x01(\x0b\x32\x17.twofactor.v1.Challenge\"<\n\x13GetChallengeRequest\x12\x0f\n\x07user_id\x18\x01 \x01(\t\x12\x14\n\x0c\x63hallenge_id\x18\x02 \x01(\t\"B\n\x14GetChallengeResponse\x12*\n\tchallenge\x18\x01 \x01(\x0b\x32\x17.twofactor.v1.Challenge\".\n\rVerifyRequest\x12\x0f\n\x07user_id\x18\x01 \x01(\t\x12\x0c\n\x04\x63ode\x18\x02 \x01(\t\"\x9a\x02\n\x0eVerifyResponse\x12*\n\x06result\x18\x01 \x01(\x0e\x32\x1a.twofactor.v1.VerifyResult\x12\'\n\x07matched\x18\x02 \x01(\x0e\x32\x16.twofactor.v1.CodeKind\x12\x15\n\rattempts_left\x18\x03 \x01(\x05\x12.\n\x0bretry_after\x18\x04 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x1e\n\x16\x62\x61\x63kup_codes_remaining\x18\x05 \x01(\x05\x12\x30\n\x0clocked_until\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x1a\n\x12verification_token\x18\x07 \x01(\t\"D\n\x15GetBackupCodesRequest\x12\x0f\n\x07user_id\x18\x01 \x01(\t\x12\x1a\n\x12verification_token\x18\x02 \x01(\t\"Y\n\x16GetBackupCodesResponse\x12\r\n\x05\x63odes\x18\x01 \x03(\t\x12\x30\n\x0cgenerated_at\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"K\n\x1cRegenerateBackupCodesRequest\x12\x0f\n\x07user_id\x18\x01 \x01(\t\x12\x1a\n\x12verification_token\x18\x02 \x01(\t\"`\n\x1dRegenerateBackupCodesResponse\x12\r\n\x05\x63odes\x18\x01 \x03(\t\x12\x30\n\x0cgenerated_at\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp*\x85\x01\n\rConfirmResult\x12\x1e\n\x1a\x43ONFIRM_RESULT_UNSPECIFIED\x10\x00\x12\x1c\n\x18\x43ONFIRM_RESULT_CONFIRMED\x10\x01\x12\x1b\n\x17\x43ONFIRM_RESULT_REJECTED\x10\x02\x12\x19\n\x15\x43ONFIRM_RESULT_LOCKED\x10\x03*\x7f\n\x0cVerifyResult\x12\x1d\n\x19VERIFY_RESULT_UNSPECIFIED\x10\x00\x12\x1a\n\x16VERIFY_RESULT_ACCEPTED\x10\x01\x12\x1a\n\x16VERIFY_RESULT_REJECTED\x10\x02\x12\x18\n\x14VERIFY_RESULT_LOCKED\x10\x03*\x85\x01\n\x08\x43odeKind\x12\x19\n\x15\x43ODE_KIND_UNSPECIFIED\x10\x00\x12\x1b\n\x17\x43ODE_KIND_AUTHENTICATOR\x10\x01\x12\x13\n\x0f\x43ODE_KIND_EMAIL\x10\x02\x12\x11\n\rCODE_KIND_SMS\x10\x03\x12\x19\n\x15\x43ODE_KIND_BACKUP_CODE\x10\x04\x32\x87\x07\n\x10TwoFactorService\x12L\n\tGetStatus\x12\x1e.twofactor.v1.GetStatusRequest\x1a\x1f.twofactor.v1.GetStatusResponse\x12O\n\nSetContact\x12\x1f.twofactor.v1.SetContactRequest\x1a .twofactor.v1.SetContactResponse\x12^\n\x0fStartEnrollment\x12$.twofactor.v1.StartEnrollmentRequest\x1a%.twofactor.v1.StartEnrollmentResponse\x12\x64\n\x11\x43onfirmEnrollment\x12&.twofactor.v1.ConfirmEnrollmentRequest\x1a\'.twofactor.v1.ConfirmEnrollmentResponse\x12X\n\rDisableMethod\x12\".twofactor.v1.DisableMethodRequest\x1a#.twofactor.v1.DisableMethodResponse\x12I\n\x08SendCode\x12\x1d.twofactor.v1.SendCodeRequest\x1a\x1e.twofactor.v1.SendCodeResponse\x12U\n\x0cGetChallenge\x12!.twofactor.v1.GetChallengeRequest\x1a\".twofactor.v1.GetChallengeResponse\x12\x43\n\x06Verify\x12\x1b.twofactor.v1.VerifyRequest\x1a\x1c.twofactor.v1.VerifyResponse\x12[\n\x0eGetBackupCodes\x12#.twofactor.v1.GetBackupCodesRequest\x1a$.twofactor.v1.GetBackupCodesResponse\x12p\n\x15RegenerateBackupCodes\x12*.twofactor.v1.RegenerateBackupCodesRequest\x1a+.twofactor.v1.RegenerateBackupCodesResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n$twofactor/v1/twofactor_service.proto\x12\x0ctwofactor.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x19twofactor/v1/common.proto\"#\n\x10GetStatusRequest\x12\x0f\n\x07user_id\x18\x01 \x01(\t\"\xc3\x02\n\x11GetStatusResponse\x12-\n\x0f\x65nabled_methods\x18\x01 \x03(\x0e\x32\x14.twofactor.v1.Method\x12\x1b\n\x13\x65nrollment_required\x18\x02 \x01(\x08\x12-\n\x0fpending_methods\x18\x03 \x03(\x0e\x32\x14.twofactor.v1.Method\x12\x1e\n\x16\x62\x61\x63kup_codes_remaining\x18\x04 \x01(\x05\x12\x30\n\x0clocked_until\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x18\n\x10\x65mail_registered\x18\x06 \x01(\x08\x12\x18\n\x10phone_registered\x18\x07 \x01(\x08\x12-\n\x0f\x61llowed_methods\x18\x08 \x03(\x0e\x32\x14.twofactor.v1.Method\"|\n\x11SetContactRequest\x12\x0f\n\x07user_id\x18\x01 \x01(\t\x12\x12\n\x05\x65mail\x18\x02 \x01(\tH\x00\x88\x01\x01\x12\x12\n\x05phone\x18\x03 \x01(\tH\x01\x88\x01\x01\x12\x1a\n\x12verification_token\x18\x04 \x01(\tB\x08\n\x06_emailB\x08\n\x06_phone\"@\n\x12SetContactResponse\x12\x14\n\x0cmasked_email\x18\x01 \x01(\t\x12\x14\n\x0cmasked_phone\x18\x02 \x01(\t\"\xc1\x01\n\x16StartEnrollmentRequest\x12\x0f\n\x07user_id\x18\x01 \x01(\t\x12$\n\x06method\x18\x02 \x01(\x0e\x32\x14.twofactor.v1.Method\x12\x14\n\x0c\x61\x63\x63ount_name\x18\x03 \x01(\t\x12\x0e\n\x06locale\x18\x04 \x01(\t\x12\x1a\n\x12verification_token\x18\x05 \x01(\t\x12.\n\nqr_formats\x18\x06 \x03(\x0e\x32\x1a.twofactor.v1.QrCodeFormat\"Y\n\x12\x41uthenticatorSetup\x12\x0e\n\x06secret\x18\x01 \x01(\t\x12\x13\n\x0botpauth_uri\x18\x02 \x01(\t\x12\x0e\n\x06qr_png\x18\x03 \x01(\x0c\x12\x0e\n\x06qr_svg\x18\x04 \x01(\t\"\xb1\x01\n\x17StartEnrollmentResponse\x12$\n\x06method\x18\x01 \x01(\x0e\x32\x14.twofactor.v1.Method\x12\x39\n\rauthenticator\x18\x02 \x01(\x0b\x32 .twofactor.v1.AuthenticatorSetupH\x00\x12,\n\tchallenge\x18\x03 \x01(\x0b\x32\x17.twofactor.v1.ChallengeH\x00\x42\x07\n\x05setup\"_\n\x18\x43onfirmEnrollmentRequest\x12\x0f\n\x07user_id\x18\x01 \x01(\t\x12$\n\x06method\x18\x02 \x01(\x0e\x32\x14.twofactor.v1.Method\x12\x0c\n\x04\x63ode\x18\x03 \x01(\t\"\xd3\x01\n\x19\x43onfirmEnrollmentResponse\x12\x11\n\tconfirmed\x18\x01 \x01(\x08\x12-\n\x0f\x65nabled_methods\x18\x02 \x03(\x0e\x32\x14.twofactor.v1.Method\x12\x14\n\x0c\x62\x61\x63kup_codes\x18\x03 \x03(\t\x12\x15\n\rattempts_left\x18\x04 \x01(\x05\x12+\n\x06result\x18\x05 \x01(\x0e\x32\x1b.twofactor.v1.ConfirmResult\x12\x1a\n\x12verification_token\x18\x06 \x01(\t\"i\n\x14\x44isableMethodRequest\x12\x0f\n\x07user_id\x18\x01 \x01(\t\x12$\n\x06method\x18\x02 \x01(\x0e\x32\x14.twofactor.v1.Method\x12\x1a\n\x12verification_token\x18\x03 \x01(\t\"F\n\x15\x44isableMethodResponse\x12-\n\x0f\x65nabled_methods\x18\x01 \x03(\x0e\x32\x14.twofactor.v1.Method\"q\n\x0fSendCodeRequest\x12\x0f\n\x07user_id\x18\x01 \x01(\t\x12$\n\x06method\x18\x02 \x01(\x0e\x32\x14.twofactor.v1.Method\x12\x17\n\x0fidempotency_key\x18\x03 \x01(\t\x12\x0e\n\x06locale\x18\x04 \x01(\t\">\n\x10SendCodeResponse\x12*\n\tchallenge\x18\x01 \x01(\x0b\x32\x17.twofactor.v1.Challenge\"<\n\x13GetChallengeRequest\x12\x0f\n\x07user_id\x18\x01 \x01(\t\x12\x14\n\x0c\x63hallenge_id\x18\x02 \x01(\t\"B\n\x14GetChallengeResponse\x12*\n\tchallenge\x18\x01 \x01(\x0b\x32\x17.twofactor.v1.Challenge\".\n\rVerifyRequest\x12\x0f\n\x07user_id\x18\x01 \x01(\t\x12\x0c\n\x04\x63ode\x18\x02 \x01(\t\"\x9a\x02\n\x0eVerifyResponse\x12*\n\x06result\x18\x01 \x01(\x0e\x32\x1a.twofactor.v1.VerifyResult\x12\'\n\x07matched\x18\x02 \x01(\x0e\x32\x16.twofactor.v1.CodeKind\x12\x15\n\rattempts_left\x18\x03 \x01(\x05\x12.\n\x0bretry_after\x18\x04 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x1e\n\x16\x62\x61\x63kup_codes_remaining\x18\x05 \x01(\x05\x12\x30\n\x0clocked_until\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x1a\n\x12verification_token\x18\x07 \x01(\t\"D\n\x15GetBackupCodesRequest\x12\x0f\n\x07user_id\x18\x01 \x01(\t\x12\x1a\n\x12verification_token\x18\x02 \x01(\t\"Y\n\x16GetBackupCodesResponse\x12\r\n\x05\x63odes\x18\x01 \x03(\t\x12\x30\n\x0cgenerated_at\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"K\n\x1cRegenerateBackupCodesRequest\x12\x0f\n\x07user_id\x18\x01 \x01(\t\x12\x1a\n\x12verification_token\x18\x02 \x01(\t\"`\n\x1dRegenerateBackupCodesResponse\x12\r\n\x05\x63odes\x18\x01 \x03(\t\x12\x30\n\x0cgenerated_at\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp*^\n\x0cQrCodeFormat\x12\x1e\n\x1aQR_CODE_FORMAT_UNSPECIFIED\x10\x00\x12\x16\n\x12QR_CODE_FORMAT_PNG\x10\x01\x12\x16\n\x12QR_CODE_FORMAT_SVG\x10\x02*\x85\x01\n\rConfirmResult\x12\x1e\n\x1a\x43ONFIRM_RESULT_UNSPECIFIED\x10\x00\x12\x1c\n\x18\x43ONFIRM_RESULT_CONFIRMED\x10\x01\x12\x1b\n\x17\x43ONFIRM_RESULT_REJECTED\x10\x02\x12\x19\n\x15\x43ONFIRM_RESULT_LOCKED\x10\x03*\x7f\n\x0cVerifyResult\x12\x1d\n\x19VERIFY_RESULT_UNSPECIFIED\x10\x00\x12\x1a\n\x16VERIFY_RESULT_ACCEPTED\x10\x01\x12\x1a\n\x16VERIFY_RESULT_REJECTED\x10\x02\x12\x18\n\x14VERIFY_RESULT_LOCKED\x10\x03*\x85\x01\n\x08\x43odeKind\x12\x19\n\x15\x43ODE_KIND_UNSPECIFIED\x10\x00\x12\x1b\n\x17\x43ODE_KIND_AUTHENTICATOR\x10\x01\x12\x13\n\x0f\x43ODE_KIND_EMAIL\x10\x02\x12\x11\n\rCODE_KIND_SMS\x10\x03\x12\x19\n\x15\x43ODE_KIND_BACKUP_CODE\x10\x04\x32\x87\x07\n\x10TwoFactorService\x12L\n\tGetStatus\x12\x1e.twofactor.v1.GetStatusRequest\x1a\x1f.twofactor.v1.GetStatusResponse\x12O\n\nSetContact\x12\x1f.twofactor.v1.SetContactRequest\x1a .twofactor.v1.SetContactResponse\x12^\n\x0fStartEnrollment\x12$.twofactor.v1.StartEnrollmentRequest\x1a%.twofactor.v1.StartEnrollmentResponse\x12\x64\n\x11\x43onfirmEnrollment\x12&.twofactor.v1.ConfirmEnrollmentRequest\x1a\'.twofactor.v1.ConfirmEnrollmentResponse\x12X\n\rDisableMethod\x12\".twofactor.v1.DisableMethodRequest\x1a#.twofactor.v1.DisableMethodResponse\x12I\n\x08SendCode\x12\x1d.twofactor.v1.SendCodeRequest\x1a\x1e.twofactor.v1.SendCodeResponse\x12U\n\x0cGetChallenge\x12!.twofactor.v1.GetChallengeRequest\x1a\".twofactor.v1.GetChallengeResponse\x12\x43\n\x06Verify\x12\x1b.twofactor.v1.VerifyRequest\x1a\x1c.twofactor.v1.VerifyResponse\x12[\n\x0eGetBackupCodes\x12#.twofactor.v1.GetBackupCodesRequest\x1a$.twofactor.v1.GetBackupCodesResponse\x12p\n\x15RegenerateBackupCodes\x12*.twofactor.v1.RegenerateBackupCodesRequest\x1a+.twofactor.v1.RegenerateBackupCodesResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'twofactor.v1.twofactor_service_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_CONFIRMRESULT']._serialized_start=2589
-  _globals['_CONFIRMRESULT']._serialized_end=2722
-  _globals['_VERIFYRESULT']._serialized_start=2724
-  _globals['_VERIFYRESULT']._serialized_end=2851
-  _globals['_CODEKIND']._serialized_start=2854
-  _globals['_CODEKIND']._serialized_end=2987
+  _globals['_QRCODEFORMAT']._serialized_start=2636
+  _globals['_QRCODEFORMAT']._serialized_end=2730
+  _globals['_CONFIRMRESULT']._serialized_start=2733
+  _globals['_CONFIRMRESULT']._serialized_end=2866
+  _globals['_VERIFYRESULT']._serialized_start=2868
+  _globals['_VERIFYRESULT']._serialized_end=2995
+  _globals['_CODEKIND']._serialized_start=2998
+  _globals['_CODEKIND']._serialized_end=3131
   _globals['_GETSTATUSREQUEST']._serialized_start=146
   _globals['_GETSTATUSREQUEST']._serialized_end=181
   _globals['_GETSTATUSRESPONSE']._serialized_start=184
@@ -49,39 +51,39 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_SETCONTACTRESPONSE']._serialized_start=635
   _globals['_SETCONTACTRESPONSE']._serialized_end=699
   _globals['_STARTENROLLMENTREQUEST']._serialized_start=702
-  _globals['_STARTENROLLMENTREQUEST']._serialized_end=847
-  _globals['_AUTHENTICATORSETUP']._serialized_start=849
-  _globals['_AUTHENTICATORSETUP']._serialized_end=938
-  _globals['_STARTENROLLMENTRESPONSE']._serialized_start=941
-  _globals['_STARTENROLLMENTRESPONSE']._serialized_end=1118
-  _globals['_CONFIRMENROLLMENTREQUEST']._serialized_start=1120
-  _globals['_CONFIRMENROLLMENTREQUEST']._serialized_end=1215
-  _globals['_CONFIRMENROLLMENTRESPONSE']._serialized_start=1218
-  _globals['_CONFIRMENROLLMENTRESPONSE']._serialized_end=1429
-  _globals['_DISABLEMETHODREQUEST']._serialized_start=1431
-  _globals['_DISABLEMETHODREQUEST']._serialized_end=1536
-  _globals['_DISABLEMETHODRESPONSE']._serialized_start=1538
-  _globals['_DISABLEMETHODRESPONSE']._serialized_end=1608
-  _globals['_SENDCODEREQUEST']._serialized_start=1610
-  _globals['_SENDCODEREQUEST']._serialized_end=1723
-  _globals['_SENDCODERESPONSE']._serialized_start=1725
-  _globals['_SENDCODERESPONSE']._serialized_end=1787
-  _globals['_GETCHALLENGEREQUEST']._serialized_start=1789
-  _globals['_GETCHALLENGEREQUEST']._serialized_end=1849
-  _globals['_GETCHALLENGERESPONSE']._serialized_start=1851
-  _globals['_GETCHALLENGERESPONSE']._serialized_end=1917
-  _globals['_VERIFYREQUEST']._serialized_start=1919
-  _globals['_VERIFYREQUEST']._serialized_end=1965
-  _globals['_VERIFYRESPONSE']._serialized_start=1968
-  _globals['_VERIFYRESPONSE']._serialized_end=2250
-  _globals['_GETBACKUPCODESREQUEST']._serialized_start=2252
-  _globals['_GETBACKUPCODESREQUEST']._serialized_end=2320
-  _globals['_GETBACKUPCODESRESPONSE']._serialized_start=2322
-  _globals['_GETBACKUPCODESRESPONSE']._serialized_end=2411
-  _globals['_REGENERATEBACKUPCODESREQUEST']._serialized_start=2413
-  _globals['_REGENERATEBACKUPCODESREQUEST']._serialized_end=2488
-  _globals['_REGENERATEBACKUPCODESRESPONSE']._serialized_start=2490
-  _globals['_REGENERATEBACKUPCODESRESPONSE']._serialized_end=2586
-  _globals['_TWOFACTORSERVICE']._serialized_start=2990
-  _globals['_TWOFACTORSERVICE']._serialized_end=3893
+  _globals['_STARTENROLLMENTREQUEST']._serialized_end=895
+  _globals['_AUTHENTICATORSETUP']._serialized_start=897
+  _globals['_AUTHENTICATORSETUP']._serialized_end=986
+  _globals['_STARTENROLLMENTRESPONSE']._serialized_start=989
+  _globals['_STARTENROLLMENTRESPONSE']._serialized_end=1166
+  _globals['_CONFIRMENROLLMENTREQUEST']._serialized_start=1168
+  _globals['_CONFIRMENROLLMENTREQUEST']._serialized_end=1263
+  _globals['_CONFIRMENROLLMENTRESPONSE']._serialized_start=1266
+  _globals['_CONFIRMENROLLMENTRESPONSE']._serialized_end=1477
+  _globals['_DISABLEMETHODREQUEST']._serialized_start=1479
+  _globals['_DISABLEMETHODREQUEST']._serialized_end=1584
+  _globals['_DISABLEMETHODRESPONSE']._serialized_start=1586
+  _globals['_DISABLEMETHODRESPONSE']._serialized_end=1656
+  _globals['_SENDCODEREQUEST']._serialized_start=1658
+  _globals['_SENDCODEREQUEST']._serialized_end=1771
+  _globals['_SENDCODERESPONSE']._serialized_start=1773
+  _globals['_SENDCODERESPONSE']._serialized_end=1835
+  _globals['_GETCHALLENGEREQUEST']._serialized_start=1837
+  _globals['_GETCHALLENGEREQUEST']._serialized_end=1897
+  _globals['_GETCHALLENGERESPONSE']._serialized_start=1899
+  _globals['_GETCHALLENGERESPONSE']._serialized_end=1965
+  _globals['_VERIFYREQUEST']._serialized_start=1967
+  _globals['_VERIFYREQUEST']._serialized_end=2013
+  _globals['_VERIFYRESPONSE']._serialized_start=2016
+  _globals['_VERIFYRESPONSE']._serialized_end=2298
+  _globals['_GETBACKUPCODESREQUEST']._serialized_start=2300
+  _globals['_GETBACKUPCODESREQUEST']._serialized_end=2368
+  _globals['_GETBACKUPCODESRESPONSE']._serialized_start=2370
+  _globals['_GETBACKUPCODESRESPONSE']._serialized_end=2459
+  _globals['_REGENERATEBACKUPCODESREQUEST']._serialized_start=2461
+  _globals['_REGENERATEBACKUPCODESREQUEST']._serialized_end=2536
+  _globals['_REGENERATEBACKUPCODESRESPONSE']._serialized_start=2538
+  _globals['_REGENERATEBACKUPCODESRESPONSE']._serialized_end=2634
+  _globals['_TWOFACTORSERVICE']._serialized_start=3134
+  _globals['_TWOFACTORSERVICE']._serialized_end=4037
 # @@protoc_insertion_point(module_scope)
