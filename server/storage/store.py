@@ -267,12 +267,12 @@ def replace_backup_codes(
 ) -> None:
     """Store a new set of (hash, ciphertext); the old set is gone in the same transaction."""
     tx.execute("DELETE FROM backup_codes WHERE user_id = %(u)s", {"u": user_id})
-    for position, (code_hash, ciphertext) in enumerate(codes):
-        tx.execute(
-            "INSERT INTO backup_codes (user_id, position, code_hash, code_ciphertext) "
-            "VALUES (%(u)s, %(p)s, %(h)s, %(c)s)",
-            {"u": user_id, "p": position, "h": code_hash, "c": ciphertext},
-        )
+    params: dict[str, object] = {"u": user_id}  # at least one code (settings: 1 to 100); one round trip
+    for p, (code_hash, ciphertext) in enumerate(codes):
+        params |= {f"h{p}": code_hash, f"c{p}": ciphertext}
+    values = ", ".join(f"(%(u)s, {p}, %(h{p})s, %(c{p})s)" for p in range(len(codes)))
+    insert = f"INSERT INTO backup_codes (user_id, position, code_hash, code_ciphertext) VALUES {values}"  # noqa: S608
+    tx.execute(insert, params)
     tx.execute(
         f"UPDATE users SET backup_codes_generated_at = %(now)s, {_NEW_EPOCH} WHERE user_id = %(u)s",  # noqa: S608
         {"u": user_id, "now": now_ms},
