@@ -8,7 +8,7 @@ N with the PNG, N with the SVG, and Enrollment.confirm_enrollment for the users
 of the first batch (the first method, so it brings the 10 backup codes and a
 step-up token). Prints the CPU per call of this process and of this run's
 PostgreSQL backends (told by application_name; /proc/PID/schedstat), and apart
-from them the QR code pieces (segno's encoding, our PNG, segno's SVG) and the
+from them the QR code pieces (encoding the symbol, drawing the PNG and the SVG) and the
 backup-code set (generating, hashing and sealing 10 codes). With --profile,
 cProfile (CPU time) of the last round's confirmations and starts.
 """
@@ -24,7 +24,6 @@ from collections.abc import Callable
 
 import psycopg
 import pyotp
-import segno
 
 from twofactor_server.domain import backup_codes, qr_codes
 from twofactor_server.domain.keyring import BACKUP_CODE, Keyring
@@ -106,14 +105,11 @@ def run(db: PostgresDatabase, meter: Meter, args: argparse.Namespace) -> None:
     for number in range(1, args.rounds + 1):
         one_round(enrollment, meter, number, args.users, profile=args.profile and number == args.rounds)
 
-    symbol = segno.make(URI, error="m", micro=False)
+    rows = qr_codes.module_rows(URI)
     print("apart (CPU µs per call, this process):")
-    print(f"  segno.make (8 masks scored)       {cpu(lambda: segno.make(URI, error='m', micro=False)):8.0f}")
-    fixed = cpu(lambda: segno.make(URI, error="m", micro=False, mask=0))
-    print(f"  segno.make with a fixed mask      {fixed:8.0f}")
-    print(f"  our PNG from the matrix           {cpu(lambda: qr_codes.png_image(symbol.matrix)):8.0f}")
-    print(f"  segno's PNG writer                {cpu(lambda: symbol.png_data_uri(scale=6, border=4)):8.0f}")
-    print(f"  segno's SVG writer                {cpu(lambda: qr_codes.svg_document(symbol)):8.0f}")
+    print(f"  encode the symbol (zxing-cpp)     {cpu(lambda: qr_codes.module_rows(URI)):8.0f}")
+    print(f"  draw the PNG                      {cpu(lambda: qr_codes.png_image(rows)):8.0f}")
+    print(f"  draw the SVG                      {cpu(lambda: qr_codes.svg_document(rows)):8.0f}")
     print(f"  10 new backup codes               {cpu(lambda: backup_codes.new_codes(10)):8.0f}")
     print(f"  hash and seal 10 codes            {cpu(lambda: seal(keyring)):8.0f}")
 

@@ -101,25 +101,20 @@ def decoded(image: Image.Image) -> list[str]:
 
 
 def decoded_svg(svg: str) -> list[str]:
-    """Draw the SVG's one path as pixels and decode that: the path is segno's, a run of dark
-    modules per `h` segment, moved between with `M`/`m`, under a `scale(n)` transform."""
+    """Draw the SVG as pixels and decode that. The document is a white square and one black path
+    of rectangles, `M x y h w v1 h-w z` each (a run of dark modules), in a viewBox of modules."""
     assert svg.startswith("<svg") and svg.rstrip().endswith("</svg>")
-    width = int(re.search(r'width="(\d+)"', svg).group(1))  # type: ignore[union-attr]
-    scale = int(re.search(r'transform="scale\((\d+)\)"', svg).group(1))  # type: ignore[union-attr]
-    path = re.search(r' d="([^"]+)"', svg).group(1)  # type: ignore[union-attr]
-    image = Image.new("L", (width, width), 255)
-    x = y = 0.0
-    for command, numbers in re.findall(r"([Mmh])([-\d. ]+)", path):
-        values = [float(v) for v in numbers.split()]
-        if command == "M":
-            x, y = values
-        elif command == "m":
-            x, y = x + values[0], y + values[1]
-        else:
-            end = x + values[0]
-            top = int(y - 0.5) * scale
-            image.paste(0, (int(x) * scale, top, int(end) * scale, top + scale))
-            x = end
+    size = re.search(r'viewBox="0 0 (\d+) (\d+)"', svg)
+    width = re.search(r' width="(\d+)"', svg)
+    dark = re.search(r'<path fill="#000" d="([^"]*)"/>', svg)
+    assert size and width and dark and size[1] == size[2], svg
+    assert f'<path fill="#fff" d="M0 0h{size[1]}v{size[1]}H0z"/>' in svg  # the light square, quiet zone in
+    assert re.fullmatch(r"(M\d+ \d+h\d+v1h-\d+z)*", dark[1]), "a path this test can't draw"
+    scale = int(width[1]) // int(size[1])
+    image = Image.new("L", (int(width[1]), int(width[1])), 255)
+    for x, y, w in re.findall(r"M(\d+) (\d+)h(\d+)", dark[1]):
+        left, top = int(x) * scale, int(y) * scale
+        image.paste(0, (left, top, left + int(w) * scale, top + scale))
     return decoded(image)
 
 
