@@ -3,13 +3,11 @@
 from __future__ import annotations
 
 import io
-import re
 from concurrent.futures import ThreadPoolExecutor
 from urllib.parse import parse_qs, urlparse
 
 import grpc
 import pytest
-import zxingcpp
 from PIL import Image
 from twofactor.v1 import twofactor_service_pb2 as pb
 
@@ -22,6 +20,7 @@ from tests.server.helpers import (
     totp_now,
     verify,
 )
+from tests.server.qr_decoding import decoded, decoded_svg
 from tests.server.stored_rows import all_cells
 
 
@@ -92,30 +91,6 @@ def test_enroll_confirm_verify_and_replay_is_rejected(harness: Harness, clock: C
 
     status = harness.twofactor.GetStatus(pb.GetStatusRequest(user_id="alice"), metadata=harness.app_metadata)
     assert list(status.enabled_methods) == [AUTHENTICATOR] and list(status.pending_methods) == []
-
-
-def decoded(image: Image.Image) -> list[str]:
-    found = zxingcpp.read_barcodes(image)
-    assert all(d.format == zxingcpp.BarcodeFormat.QRCode for d in found)
-    return [d.text for d in found]
-
-
-def decoded_svg(svg: str) -> list[str]:
-    """Draw the SVG as pixels and decode that. The document is a white square and one black path
-    of rectangles, `M x y h w v1 h-w z` each (a run of dark modules), in a viewBox of modules."""
-    assert svg.startswith("<svg") and svg.rstrip().endswith("</svg>")
-    size = re.search(r'viewBox="0 0 (\d+) (\d+)"', svg)
-    width = re.search(r' width="(\d+)"', svg)
-    dark = re.search(r'<path fill="#000" d="([^"]*)"/>', svg)
-    assert size and width and dark and size[1] == size[2], svg
-    assert f'<path fill="#fff" d="M0 0h{size[1]}v{size[1]}H0z"/>' in svg  # the light square, quiet zone in
-    assert re.fullmatch(r"(M\d+ \d+h\d+v1h-\d+z)*", dark[1]), "a path this test can't draw"
-    scale = int(width[1]) // int(size[1])
-    image = Image.new("L", (int(width[1]), int(width[1])), 255)
-    for x, y, w in re.findall(r"M(\d+) (\d+)h(\d+)", dark[1]):
-        left, top = int(x) * scale, int(y) * scale
-        image.paste(0, (left, top, left + int(w) * scale, top + scale))
-    return decoded(image)
 
 
 @pytest.mark.parametrize(
