@@ -15,6 +15,7 @@ from dataclasses import asdict
 
 from twofactor_server.domain.models import AuditEvent
 from twofactor_server.storage.database import Transaction
+from twofactor_server.storage.enrollments import enable_pending_method, store_backup_code_rows
 from twofactor_server.storage.records import (
     AcceptedStep,
     BackupCodeRecord,
@@ -168,10 +169,6 @@ def accept_totp_step(
     return None if row is None else AcceptedStep(int(row["backup_left"]), int(row["credential_epoch"]))
 
 
-def set_totp_step(tx: Transaction, user_id: str, step: int) -> None:
-    tx.execute("UPDATE users SET totp_last_step = %(s)s WHERE user_id = %(u)s", {"u": user_id, "s": step})
-
-
 def unlock(tx: Transaction, user_id: str) -> None:
     tx.execute(
         "UPDATE users SET failed_attempts = 0, locked_until = NULL WHERE user_id = %(u)s", {"u": user_id}
@@ -243,15 +240,7 @@ def start_method_enrollment(
 def enable_method(tx: Transaction, user_id: str, method: str, now_ms: int) -> bool:
     """Turn a pending enrollment into an enabled method (the pending secret becomes the secret)."""
     bump_credential_epoch(tx, user_id)
-    return (
-        tx.execute(
-            "UPDATE methods SET enabled_at = %(now)s, pending_since = NULL, "
-            "secret = COALESCE(pending_secret, secret), pending_secret = NULL "
-            "WHERE user_id = %(u)s AND method = %(m)s AND pending_since IS NOT NULL",
-            {"u": user_id, "m": method, "now": now_ms},
-        )
-        == 1
-    )
+    return enable_pending_method(tx, user_id, method, now_ms)
 
 
 def delete_method(tx: Transaction, user_id: str, method: str) -> None:
@@ -266,13 +255,7 @@ def replace_backup_codes(
     tx: Transaction, user_id: str, codes: list[tuple[bytes, bytes]], now_ms: int
 ) -> None:
     """Store a new set of (hash, ciphertext); the old set is gone in the same transaction."""
-    tx.execute("DELETE FROM backup_codes WHERE user_id = %(u)s", {"u": user_id})
-    params: dict[str, object] = {"u": user_id}  # at least one code (settings: 1 to 100); one round trip
-    for p, (code_hash, ciphertext) in enumerate(codes):
-        params |= {f"h{p}": code_hash, f"c{p}": ciphertext}
-    values = ", ".join(f"(%(u)s, {p}, %(h{p})s, %(c{p})s)" for p in range(len(codes)))
-    insert = f"INSERT INTO backup_codes (user_id, position, code_hash, code_ciphertext) VALUES {values}"  # noqa: S608
-    tx.execute(insert, params)
+    store_backup_code_rows(tx, user_id, codes)
     tx.execute(
         f"UPDATE users SET backup_codes_generated_at = %(now)s, {_NEW_EPOCH} WHERE user_id = %(u)s",  # noqa: S608
         {"u": user_id, "now": now_ms},
