@@ -1,9 +1,10 @@
 """The writes of a confirmed enrollment, in as few statements as its invariants allow.
 
-ConfirmEnrollment ran 12 statements for a first method (four UPDATEs of the user's row, an
-INSERT per backup code, two audit rows apart, a read of the epoch at the end); these write
-the same rows in 5: the method, the backup-code set (its DELETE and one INSERT), one UPDATE
-of the user that returns the new credential epoch, and the audit rows in one INSERT.
+A first confirmation ran 21 statements (four UPDATEs of the user's row, an INSERT per backup
+code, two audit rows apart, a read of the epoch at the end); these write the same rows in 5:
+the method, the backup-code set (its DELETE and one INSERT), one UPDATE of the user that
+returns the new credential epoch, and the audit rows in one INSERT. With its two reads (the
+user, locked, and the methods) a first confirmation runs 7.
 """
 
 from __future__ import annotations

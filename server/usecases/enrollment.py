@@ -144,8 +144,8 @@ class Enrollment:
                     enabled,
                     attempts_left=lockout.attempts_left(failures, self._policy),
                 )
-            # The same rows as enable_method, record_success, set_totp_step, replace_backup_codes
-            # and two audit.record would write, in 5 statements instead of 10 (storage/enrollments.py).
+            # The same rows as enable_method, record_success, set_totp_step, replace_backup_codes and
+            # two audit.record would write, in 5 statements instead of 9 and a read of the epoch.
             enrollments.enable_pending_method(tx, user_id, method, now)
             events = [audit.event(caller, now, user_id, "enrollment_confirmed", detail=method)]
             codes: tuple[str, ...] = ()
