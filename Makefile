@@ -47,8 +47,10 @@ generate: $(VENV)/.test  ## regenerate clients/python/src/twofactor/v1 from prot
 	$(BIN)/python scripts/gen_protos.py
 
 # Needs PostgreSQL and Redis on 127.0.0.1; starts its own server, worker and SMTP sink (bench/README.md).
+# POPULATION=1000000 first enrolls that many users in bulk (bench/populate.py) and draws the Verify and
+# SendCode users from all of them: the flat-cost check (docs/benchmarks.md).
 bench: $(VENV)/.test  ## every figure of issue 13 in one table (about 10 minutes, mostly enrolling users)
-	$(BIN)/python bench/suite.py
+	$(BIN)/python bench/suite.py $(if $(POPULATION),--population $(POPULATION))
 
 bench-quick: $(VENV)/.test  ## the same table from a short run (about a minute; figures are rougher)
 	$(BIN)/python bench/suite.py --quick

@@ -7,7 +7,7 @@ in a child process: queues N enrollment emails through the use cases
 (SetContact, StartEnrollment(EMAIL), with a dispatcher that only records),
 then runs `Deliverer.deliver` for each one after another (what a Celery task
 does, without Celery), and apart from it the parts: rendering the templates,
-building the MIME message, and `SmtpEmailSender.send_email` over its kept
+building the message's bytes, and `SmtpEmailSender.send_email` over its kept
 connection. Prints wall time and CPU per email of this process and of this
 run's PostgreSQL backends. The difference between a worker's CPU per email in
 `make bench` and `Deliverer.deliver` here is Celery's.
@@ -41,7 +41,8 @@ from twofactor_server.storage.database import PostgresDatabase
 from twofactor_server.usecases.backup_codes import BackupCodes
 from twofactor_server.usecases.challenges import Challenges
 from twofactor_server.usecases.enrollment import Enrollment
-from twofactor_server.usecases.users import UserProfiles
+from twofactor_server.usecases.notices import Notices
+from twofactor_server.usecases.profiles import UserProfiles
 
 DEFAULT_DATABASE_URL = "postgresql://postgres@127.0.0.1:5432/postgres"
 CALLER = Caller(actor="bench", request_id="bench")
@@ -94,10 +95,10 @@ def run(db: PostgresDatabase, emails: int, port: int, meter: CpuMeter) -> None:
     keyring = Keyring.parse(Keyring.new_key_spec(1))
     recorder = RecordingDispatch()
     challenges = Challenges(db, keyring, policy, recorder, system_clock)
-    enrollment = Enrollment(
-        db, keyring, policy, challenges, BackupCodes(db, keyring, policy, system_clock), system_clock
-    )
-    profiles = UserProfiles(db, keyring, policy, system_clock)
+    notices = Notices(db, keyring, policy, recorder, system_clock)
+    backup_codes = BackupCodes(db, keyring, policy, notices, system_clock)
+    enrollment = Enrollment(db, keyring, policy, challenges, backup_codes, notices, system_clock)
+    profiles = UserProfiles(db, keyring, policy, challenges, notices, system_clock)
     run_id = uuid.uuid4().hex[:8]
     for index in range(emails + 1):
         user_id = f"bench-mail-{run_id}-{index}"
@@ -134,7 +135,7 @@ def run(db: PostgresDatabase, emails: int, port: int, meter: CpuMeter) -> None:
 
     for label, action in (
         ("render_email (the templates)", render),
-        ("build the MIME message (EmailMessage, default policy)", build),
+        ("build the message (providers/mime.py; else the email package)", build),
         ("SmtpEmailSender.send_email (build + send, kept session)", send),
     ):
         print(f"  {label + ':':<66}", timed(meter, [()] * len(rest), action))

@@ -33,6 +33,7 @@ from twofactor_server.storage.database import PostgresDatabase
 from twofactor_server.usecases.backup_codes import BackupCodes, backup_code_data
 from twofactor_server.usecases.challenges import Challenges
 from twofactor_server.usecases.enrollment import Enrollment
+from twofactor_server.usecases.notices import Notices
 
 DEFAULT_DATABASE_URL = "postgresql://postgres@127.0.0.1:5432/postgres"
 CALLER = Caller(actor="bench", request_id="bench")
@@ -100,8 +101,9 @@ def run(db: PostgresDatabase, meter: Meter, args: argparse.Namespace) -> None:
     keyring = Keyring.parse(Keyring.new_key_spec(1))
     policy = PolicySettings()
     challenges = Challenges(db, keyring, policy, NoDispatch(), time.time)
-    codes = BackupCodes(db, keyring, policy, time.time)
-    enrollment = Enrollment(db, keyring, policy, challenges, codes, time.time)
+    notices = Notices(db, keyring, policy, NoDispatch(), time.time)  # the users have no email address
+    codes = BackupCodes(db, keyring, policy, notices, time.time)
+    enrollment = Enrollment(db, keyring, policy, challenges, codes, notices, time.time)
     for number in range(1, args.rounds + 1):
         one_round(enrollment, meter, number, args.users, profile=args.profile and number == args.rounds)
 

@@ -377,6 +377,12 @@ class Clients:
             latencies.extend(part)
         return latencies
 
+    def set_users(self, users: Sequence[tuple[str, str, int]]) -> None:
+        """Replace the Verify phases' users with these (user id, base32 secret, last accepted step),
+        spread over the processes: users enrolled in bulk (bench/populate.py)."""
+        count = len(self._pipes)
+        self._ask_all([("users", list(users[i::count])) for i in range(count)], timeout=60)
+
     def set_email_users(self, user_ids: Sequence[str]) -> None:
         """The users SendCode phases send to (email enabled), spread over the processes."""
         count = len(self._pipes)
@@ -431,6 +437,8 @@ def _client_main(pipe: multiprocessing.connection.Connection, target: str, token
                     return
                 if message[0] == "enroll":
                     pipe.send(client.enroll(message[1], message[2]))
+                elif message[0] == "users":
+                    pipe.send(client.set_users(message[1]))
                 elif message[0] == "email_users":
                     pipe.send(client.set_email_users(message[1]))
                 elif message[0] == "retarget":
@@ -464,6 +472,14 @@ class _ClientProcess:
 
     def set_email_users(self, user_ids: list[str]) -> str:
         self._email_users = user_ids
+        return "ready"
+
+    def set_users(self, users: list[tuple[str, str, int]]) -> str:
+        import pyotp
+
+        with self._users_lock:
+            self._users = [Enrolled(user_id, pyotp.HOTP(secret), step) for user_id, secret, step in users]
+            self._next_user = self._next_wrong_user = 0
         return "ready"
 
     def close(self) -> None:

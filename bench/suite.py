@@ -55,6 +55,8 @@ from loadgen import (
     clients,
     wait_serving,
 )
+from plans import explain_all, print_plans
+from populate import PopulatedUser, Population, email_indices, populate, print_sizes, spread
 from psycopg import sql
 from sink import BenchSink
 from twofactor.v1 import twofactor_service_pb2
@@ -120,6 +122,7 @@ def main(argv: list[str] | None = None) -> int:
             stack.callback(server.stop)
             target = f"127.0.0.1:{server.wait_listening(timeout=60)}"
             wait_serving(target, timeout=30)
+            population = populated(args, env, schema) if args.population else None
             worker = stack.enter_context(running_worker(env, args.worker_concurrency))
             load = stack.enter_context(
                 clients(target, processes=args.clients, threads=args.threads, token=token)
@@ -134,7 +137,11 @@ def main(argv: list[str] | None = None) -> int:
             )
             rows["enrollment"], ok = measure_enrollment(load, meter, args.users, args.qr_format)
             valid &= ok
-            email_users = enroll_email_users(target, token, sink, args.email_users)
+            if population is None:
+                email_users = enroll_email_users(target, token, sink, args.email_users)
+            else:  # the Verify and SendCode phases use users spread over the whole population
+                load.set_users([(u.user_id, u.secret_base32, u.last_step) for u in population if not u.email])
+                email_users = [u.user_id for u in population if u.email]
             load.set_email_users(email_users)
             for kind, row in measure_rpcs(load, meter, args).items():
                 rows[kind] = row
@@ -144,6 +151,12 @@ def main(argv: list[str] | None = None) -> int:
             valid &= rows[SENDCODE].valid and rows["delivery"].valid
             rows["e2e"] = measure_end_to_end(target, token, sink, email_users, args.e2e_messages)
             valid &= rows["e2e"].valid
+            if args.plans and population:
+                url = env["TWOFACTOR_DATABASE_URL"]
+                print_sizes(args.database_url, schema, args.population + args.users)
+                user = next(u for u in population if not u.email)
+                mail = next(u for u in population if u.email)
+                print_plans(explain_all(url, env["TWOFACTOR_KEYS"], user, mail))
     finally:
         sink.stop()
         with psycopg.connect(args.database_url, autocommit=True) as conn:
@@ -174,6 +187,19 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
         "the bench computes codes from the secret; a login page asks for the one it shows)",
     )
     parser.add_argument("--processes", default="1", help="`twofactor serve --processes` (when supported)")
+    parser.add_argument(
+        "--population",
+        type=int,
+        default=0,
+        help="first enroll this many users in bulk (bench/populate.py); Verify and SendCode then use "
+        "--sample of them, spread over the whole population",
+    )
+    parser.add_argument(
+        "--sample", type=int, default=10000, help="with --population: users the Verify phases use"
+    )
+    parser.add_argument(
+        "--plans", action="store_true", help="with --population: bytes per user and query plans"
+    )
     parser.add_argument("--database-url", default=DEFAULT_DATABASE_URL)
     parser.add_argument("--redis-url", default=DEFAULT_REDIS_URL)
     args = parser.parse_args(argv)
@@ -195,6 +221,30 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     if not 0 < args.seconds <= 25 or args.users < args.clients * args.threads or args.email_users < 1:
         parser.error("need 0 < --seconds <= 25, a user per client thread and at least one email user")
     return args
+
+
+def populated(args: argparse.Namespace, env: dict[str, str], schema: str) -> list[PopulatedUser]:
+    """Enroll --population users in bulk into the server's schema (it migrated it at start); return
+    the sample the phases use: --sample authenticator users and --email-users email users, each
+    spread evenly over the population (not only its newest rows)."""
+    url = env["TWOFACTOR_DATABASE_URL"]
+    population = Population(
+        args.population,
+        prefix=f"pop-{uuid.uuid4().hex[:6]}-",
+        keys=env["TWOFACTOR_KEYS"],
+        now_ms=int(time.time() * 1000),
+        actor="bench",
+    )
+    mail = list(email_indices(population))
+    plain = [i for i in range(args.population) if not population.has_email(i)]
+    keep = {*spread(len(plain), args.sample, among=plain), *spread(len(mail), args.email_users, among=mail)}
+    began = time.monotonic()
+    users = populate(url, population, keep=keep, processes=os.cpu_count() or 1, progress=True)
+    with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute("VACUUM ANALYZE")  # as autovacuum leaves a table that grew slowly
+        conn.execute("CHECKPOINT")  # the load's dirty pages written now, not during the phases
+    print(f"population: {args.population:,} users in bulk in {time.monotonic() - began:.0f} s", flush=True)
+    return users
 
 
 def server_command(processes: str) -> list[str]:

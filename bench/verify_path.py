@@ -47,6 +47,7 @@ from twofactor_server.storage.database import PostgresDatabase
 from twofactor_server.usecases.backup_codes import BackupCodes
 from twofactor_server.usecases.challenges import Challenges
 from twofactor_server.usecases.enrollment import Enrollment
+from twofactor_server.usecases.notices import Notices
 from twofactor_server.usecases.verification import Verification
 
 DEFAULT_DATABASE_URL = "postgresql://postgres@127.0.0.1:5432/postgres"
@@ -112,9 +113,10 @@ class User:
         self.clock = Clock()
         policy = PolicySettings()
         challenges = Challenges(db, keyring, policy, NoDispatch(), self.clock)
-        backup_codes = BackupCodes(db, keyring, policy, self.clock)
-        enrollment = Enrollment(db, keyring, policy, challenges, backup_codes, self.clock)
-        self.verification = Verification(db, keyring, policy, challenges, backup_codes, self.clock)
+        notices = Notices(db, keyring, policy, NoDispatch(), self.clock)
+        backup_codes = BackupCodes(db, keyring, policy, notices, self.clock)
+        enrollment = Enrollment(db, keyring, policy, challenges, backup_codes, notices, self.clock)
+        self.verification = Verification(db, keyring, policy, challenges, backup_codes, notices, self.clock)
         self.user_id = user_id
         setup = enrollment.start_enrollment(
             user_id, "authenticator", account_name="", locale="", verification_token="", caller=CALLER

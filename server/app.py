@@ -43,8 +43,9 @@ from twofactor_server.usecases.backup_codes import BackupCodes
 from twofactor_server.usecases.challenges import Challenges, Dispatcher
 from twofactor_server.usecases.enrollment import Enrollment
 from twofactor_server.usecases.key_rotation import require_keys_for_stored_values
+from twofactor_server.usecases.notices import Notices
+from twofactor_server.usecases.profiles import UserProfiles
 from twofactor_server.usecases.retention import Retention
-from twofactor_server.usecases.users import UserProfiles
 from twofactor_server.usecases.verification import Verification
 
 log = logging.getLogger(__name__)
@@ -120,16 +121,17 @@ def create_server(
             on_stop.append(close)
         policy = settings.policy
         challenges = Challenges(db, keyring, policy, dispatcher, clock)
-        backup_codes = BackupCodes(db, keyring, policy, clock)
+        notices = Notices(db, keyring, policy, dispatcher, clock)
+        backup_codes = BackupCodes(db, keyring, policy, notices, clock)
         twofactor_servicer = TwoFactorServicer(
-            profiles=UserProfiles(db, keyring, policy, clock),
-            enrollment=Enrollment(db, keyring, policy, challenges, backup_codes, clock),
+            profiles=UserProfiles(db, keyring, policy, challenges, notices, clock),
+            enrollment=Enrollment(db, keyring, policy, challenges, backup_codes, notices, clock),
             challenges=challenges,
-            verification=Verification(db, keyring, policy, challenges, backup_codes, clock),
+            verification=Verification(db, keyring, policy, challenges, backup_codes, notices, clock),
             backup_codes=backup_codes,
             policy=policy,
         )
-        admin = Admin(db, policy, clock)
+        admin = Admin(db, policy, notices, clock)
 
         grpc_server = grpc.server(
             futures.ThreadPoolExecutor(max_workers=settings.max_workers, thread_name_prefix="rpc"),

@@ -5,7 +5,8 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-from twofactor_server.settings import Settings, _Env, mask_url
+from twofactor_server.setting_values import EnvValues, mask_url
+from twofactor_server.settings import Settings
 
 # Shown as **** by `twofactor config`; URLs show everything but their password.
 SECRET_SETTINGS = frozenset({"TWOFACTOR_KEYS", "TWOFACTOR_SMTP_PASSWORD"})
@@ -13,7 +14,7 @@ SECRET_SETTINGS = frozenset({"TWOFACTOR_KEYS", "TWOFACTOR_SMTP_PASSWORD"})
 
 def setting_kinds() -> dict[str, str]:
     """Every TWOFACTOR_* variable the settings read, and how it is parsed (for tests and docs)."""
-    Settings._read(env := _Env({}))
+    Settings._read(env := EnvValues({}))
     return dict(env.kinds)
 
 
@@ -24,7 +25,7 @@ def unknown_in(environ: Mapping[str, str]) -> list[str]:
 
 def effective_in(environ: Mapping[str, str]) -> list[tuple[str, str]]:
     """Raises SettingsError like Settings.from_env."""
-    env = _Env(environ)
+    env = EnvValues(environ)
     Settings._read(env)
     return [
         (name, "****" if name in SECRET_SETTINGS and value else mask_url(value))

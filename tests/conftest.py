@@ -98,6 +98,11 @@ def postgres_url(postgres_available: None) -> Iterator[str]:
             conn.execute(f'DROP SCHEMA "{schema}" CASCADE')
 
 
+# Notices (emails about changes) are off unless a test is about them: the tests that count
+# the messages reaching a sink count codes. tests/server/test_notices.py turns them on.
+TEST_POLICY = PolicySettings(notify_users=False)
+
+
 def base_settings(tmp_path: Path, **overrides: Any) -> Settings:
     return Settings(
         listen="127.0.0.1:0",
@@ -105,7 +110,8 @@ def base_settings(tmp_path: Path, **overrides: Any) -> Settings:
         keys=TEST_KEYS,
         tokens=TOKENS,
         max_workers=64,
-        **{"allow_console_delivery": True, **overrides},  # tests read codes from console senders
+        # tests read codes from console senders
+        **{"allow_console_delivery": True, "policy": TEST_POLICY, **overrides},
     )
 
 
@@ -165,7 +171,7 @@ def start_server(settings: Settings, clock: Clock) -> Iterator[ServerFactory]:
         policy = overrides.pop("policy", None)
         chosen = replace(settings, **overrides)
         if policy:
-            chosen = replace(chosen, policy=replace(PolicySettings(), **policy))
+            chosen = replace(chosen, policy=replace(TEST_POLICY, **policy))
         harness = started_harness(chosen, clock, dispatcher=dispatcher)
         started.append(harness)
         return harness

@@ -69,6 +69,31 @@ class SmtpSink:
                 )
             return list(self.messages)
 
+    def message_to(
+        self, address: str, subject: str = "", *, after: int = 0, timeout: float = 60
+    ) -> EmailMessage:
+        """The first message from index `after` on to `address` whose subject contains `subject`."""
+
+        def found() -> EmailMessage | None:
+            return next(
+                (
+                    m
+                    for m in self.messages[after:]
+                    if address in (None, m["To"]) and subject in str(m["Subject"])
+                ),
+                None,
+            )
+
+        with self._changed:
+            if not self._changed.wait_for(lambda: found() is not None, timeout):
+                seen = [(m["To"], m["Subject"]) for m in self.messages[after:]]
+                raise AssertionError(
+                    f"no message to {address} about {subject!r} within {timeout}s; got {seen}"
+                )
+            message = found()
+            assert message is not None
+            return message
+
     def settings(self) -> SmtpSettings:
         return SmtpSettings(
             host="127.0.0.1",

@@ -8,7 +8,7 @@ from werkzeug.wrappers import Response
 
 from . import step_up
 from .access import current_user, method_info, signed_in, tf
-from .second_factor import BY_METHOD
+from .second_factor import BY_METHOD, METHODS
 
 pages = Blueprint("account", __name__)
 
@@ -56,7 +56,47 @@ def contacts() -> Response | str:
             "error",
         )
         return redirect(url_for(".contacts_form"))
+    except twofactor.ContactInUse as error:
+        noun = "email codes" if error.contact == "email" else "text message codes"
+        flash(f"Your {noun} go there: turn them off before removing it.", "error")
+        return redirect(url_for(".contacts_form"))
+    except twofactor.RateLimited as error:
+        flash(f"A code was sent moments ago: try again in {error.retry_after or 'a minute'}.", "error")
+        return redirect(url_for(".contacts_form"))
+    # A new address for a method that is on is in force only once the code sent to it comes back.
+    for slug, field in (("email", "email_confirmation"), ("sms", "phone_confirmation")):
+        if result.HasField(field):
+            sent = getattr(result, field)
+            return render_template(
+                "contact_confirm.html", info=METHODS[slug], sent_to=sent.masked_destination
+            )
     flash(f"Saved. Email: {result.masked_email or 'none'}; phone: {result.masked_phone or 'none'}.", "info")
+    return redirect(url_for(".account"))
+
+
+@pages.post("/contacts/<slug>/confirm")
+@signed_in
+def confirm_contact(slug: str) -> Response | str:
+    info = method_info(slug)
+    try:
+        result = tf().confirm_contact(
+            current_user().user_id, info.method, request.form.get("code", "").strip()
+        )
+    except twofactor.InvalidArgument:
+        flash("That is not a code: type the digits you were given.", "error")
+        return render_template("contact_confirm.html", info=info)
+    except twofactor.NoPendingContactChange:
+        flash("That change has expired or was replaced: make it again.", "error")
+        return redirect(url_for(".contacts_form"))
+    except twofactor.UserLocked:
+        flash("Too many wrong codes: try again later.", "error")
+        return redirect(url_for(".account"))
+    if result.result != twofactor.ConfirmResult.CONFIRM_RESULT_CONFIRMED:
+        flash(f"Wrong code. {result.attempts_left} attempts left before a lockout.", "error")
+        return render_template("contact_confirm.html", info=info)
+    step_up.record(result)  # the code proved the new address: a fresh check
+    new = result.masked_email if info.contact == "email" else result.masked_phone
+    flash(f"Your {info.contact} is now {new}.", "info")
     return redirect(url_for(".account"))
 
 

@@ -114,6 +114,11 @@ class SecondFactor:
         extra = step_up.token_argument(tf_pb.SetContactRequest, call, token)
         return call(user_id=user_id, email=email, phone=phone, **extra)
 
+    def confirm_contact(
+        self, user_id: str, method: Method.ValueType, code: str
+    ) -> tf_pb.ConfirmContactResponse:
+        return self._app.confirm_contact(user_id=user_id, method=method, code=code)
+
     # -- backup codes ----------------------------------------------------------------------------
 
     def backup_codes(self, user_id: str, token: str) -> list[str]:

@@ -16,6 +16,8 @@ from twofactor_server.domain.models import (
     CodeKind,
     Confirmation,
     ConfirmResult,
+    ContactChange,
+    ContactConfirmation,
     UserState,
     VerifyOutcome,
     VerifyResult,
@@ -134,6 +136,27 @@ def confirmation(result: Confirmation) -> tf_pb.ConfirmEnrollmentResponse:
         enabled_methods=methods(result.enabled_methods),
         backup_codes=result.backup_codes,
         attempts_left=result.attempts_left,
+        verification_token=result.verification_token,
+    )
+
+
+def contact_change(change: ContactChange) -> tf_pb.SetContactResponse:
+    response = tf_pb.SetContactResponse(
+        masked_email=contacts.mask_email(change.state.email),
+        masked_phone=contacts.mask_phone(change.state.phone),
+    )
+    for view in change.confirmations:
+        target = response.email_confirmation if view.method == "email" else response.phone_confirmation
+        target.CopyFrom(challenge(view))
+    return response
+
+
+def contact_confirmation(result: ContactConfirmation) -> tf_pb.ConfirmContactResponse:
+    return tf_pb.ConfirmContactResponse(
+        result=CONFIRM_TO_PROTO[result.result],
+        attempts_left=result.attempts_left,
+        masked_email=contacts.mask_email(result.state.email),
+        masked_phone=contacts.mask_phone(result.state.phone),
         verification_token=result.verification_token,
     )
 

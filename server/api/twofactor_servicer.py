@@ -8,12 +8,11 @@ from twofactor.v1 import twofactor_service_pb2_grpc as pb_grpc
 
 from twofactor_server.api import convert, requests
 from twofactor_server.api.interceptors import current_caller
-from twofactor_server.domain import contacts
 from twofactor_server.settings import PolicySettings
 from twofactor_server.usecases.backup_codes import BackupCodes
 from twofactor_server.usecases.challenges import Challenges
 from twofactor_server.usecases.enrollment import Enrollment
-from twofactor_server.usecases.users import UserProfiles
+from twofactor_server.usecases.profiles import UserProfiles
 from twofactor_server.usecases.verification import Verification
 
 
@@ -42,16 +41,26 @@ class TwoFactorServicer(pb_grpc.TwoFactorServiceServicer):
     def SetContact(
         self, request: pb.SetContactRequest, context: grpc.ServicerContext
     ) -> pb.SetContactResponse:
-        state = self._profiles.set_contact(
+        change = self._profiles.set_contact(
             requests.user_id(request.user_id),
             email=request.email if request.HasField("email") else None,
             phone=request.phone if request.HasField("phone") else None,
+            locale=_locale(request.locale),
             verification_token=requests.verification_token(request.verification_token),
             caller=current_caller.get(),
         )
-        return pb.SetContactResponse(
-            masked_email=contacts.mask_email(state.email), masked_phone=contacts.mask_phone(state.phone)
+        return convert.contact_change(change)
+
+    def ConfirmContact(
+        self, request: pb.ConfirmContactRequest, context: grpc.ServicerContext
+    ) -> pb.ConfirmContactResponse:
+        confirmation = self._profiles.confirm_contact(
+            requests.user_id(request.user_id),
+            requests.method(request.method),
+            requests.code(request.code),
+            caller=current_caller.get(),
         )
+        return convert.contact_confirmation(confirmation)
 
     def StartEnrollment(
         self, request: pb.StartEnrollmentRequest, context: grpc.ServicerContext

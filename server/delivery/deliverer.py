@@ -11,12 +11,13 @@ runs out and recovery publishes it again (delivery/recovery.py).
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import random
 from dataclasses import dataclass
 
-from twofactor_server.delivery.messages import render_email, render_sms
+from twofactor_server.delivery.messages import render_email, render_notice, render_sms
 from twofactor_server.delivery.providers import (
     EmailMessage,
     EmailSender,
@@ -94,8 +95,9 @@ class Deliverer:
 
     def _deliver(self, challenge_id: str, generation: int) -> Outcome:
         now = self._now_ms()
-        with self._db.transaction() as tx:
-            challenge = outbox.claim_delivery(tx, challenge_id, generation, now, self._lease_ms)
+        # The claim and the record are one conditional UPDATE each: atomic without BEGIN/COMMIT.
+        with self._db.statements() as q:
+            challenge = outbox.claim_delivery(q, challenge_id, generation, now, self._lease_ms)
         if challenge is None:
             return Outcome("nothing_to_do")  # stale message, another worker's lease, or done
         if (
@@ -155,29 +157,41 @@ class Deliverer:
 
     def _send(self, challenge: ChallengeRecord, now: int) -> str:
         assert challenge.code_ciphertext is not None  # claim_delivery takes only rows that still hold it
-        code = self._keyring.decrypt(
+        payload = self._keyring.decrypt(
             challenge.code_ciphertext, purpose=CHALLENGE_CODE, user_id=challenge.challenge_id
         ).decode()
+        if challenge.notice is not None:
+            subject, text, html = render_notice(
+                notice=challenge.notice,
+                variables=json.loads(payload),
+                issuer=self._issuer,
+                locale=challenge.locale,
+            )
+            return self._send_email(challenge, subject, text, html)
+        code = payload
         ttl_minutes = max(1, math.ceil((challenge.expires_at - now) / 60_000))
         purpose, locale = challenge.purpose, challenge.locale
         if challenge.method == "email":
             subject, text, html = render_email(
                 purpose=purpose, code=code, issuer=self._issuer, ttl_minutes=ttl_minutes, locale=locale
             )
-            return self._email.send_email(
-                EmailMessage(
-                    to=challenge.destination,
-                    subject=subject,
-                    text=text,
-                    html=html,
-                    message_key=challenge.challenge_id,
-                    sender_name=self._issuer,
-                )
-            )
+            return self._send_email(challenge, subject, text, html)
         text = render_sms(
             purpose=purpose, code=code, issuer=self._issuer, ttl_minutes=ttl_minutes, locale=locale
         )
         return self._sms.send_sms(SmsMessage(to=challenge.destination, text=text))
+
+    def _send_email(self, challenge: ChallengeRecord, subject: str, text: str, html: str) -> str:
+        return self._email.send_email(
+            EmailMessage(
+                to=challenge.destination,
+                subject=subject,
+                text=text,
+                html=html,
+                message_key=challenge.challenge_id,
+                sender_name=self._issuer,
+            )
+        )
 
     def _record(
         self,
@@ -189,9 +203,9 @@ class Deliverer:
         wipe_code: bool = True,
         republish_at: int | None = None,
     ) -> None:
-        with self._db.transaction() as tx:
+        with self._db.statements() as q:
             recorded = outbox.mark_delivery(
-                tx,
+                q,
                 claimed,
                 status,
                 self._now_ms(),

@@ -2,8 +2,9 @@
 
 With a broker configured, a Celery task message carrying only the challenge
 id goes to Redis, published by task name (the server never imports the worker
-package). The embedded default runs the same delivery code on a thread pool
-inside the server.
+package): one LPUSH of the message Celery would write (task_queue.py), over a
+redis-py connection pool kept for the process. The embedded default runs the
+same delivery code on a thread pool inside the server.
 """
 
 from __future__ import annotations
@@ -13,10 +14,14 @@ import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
+import redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
+
 from twofactor_server.delivery.deliverer import Deliverer
 from twofactor_server.delivery.providers import build_email_sender, build_sms_sender
 from twofactor_server.delivery.recovery import OutboxRecovery
-from twofactor_server.delivery.task_queue import DELIVER_TASK, celery_config
+from twofactor_server.delivery.task_queue import deliver_message
 from twofactor_server.domain.clock import Clock, system_clock
 from twofactor_server.domain.errors import Unavailable
 from twofactor_server.domain.keyring import Keyring
@@ -27,33 +32,31 @@ log = logging.getLogger(__name__)
 
 
 class CeleryDispatcher:
-    def __init__(self, settings: Settings) -> None:
-        from celery import Celery  # only with a broker: the embedded default runs without Celery
+    """Publishes the Celery deliver task to the Redis broker, by name, without Celery."""
 
-        self._app = Celery("twofactor", config_source=celery_config(settings))
-        # Publishing fails fast: one connection attempt, no pause. kombu's default first
-        # waits 2 s before retrying, which would hold the RPC past its budget.
-        self._app.conf.broker_transport_options = {
-            **self._app.conf.broker_transport_options,
-            "max_retries": 1,
-            "interval_start": 0,
-            "interval_step": 0.1,
-            "interval_max": 0.1,
-        }
+    def __init__(self, settings: Settings) -> None:
+        timeout = settings.broker_timeout_seconds
+        # Publishing fails fast: a kept connection the broker dropped is replaced once, at
+        # once; a broker that does not answer within the timeout is UNAVAILABLE for the RPC.
+        self._redis = redis.Redis.from_url(
+            settings.broker_url,
+            socket_timeout=timeout,
+            socket_connect_timeout=timeout,
+            retry=Retry(NoBackoff(), 1),
+        )
         self._queue = settings.delivery_queue
 
     def dispatch(self, challenge_id: str, generation: int = 0) -> None:
         try:
-            # No publish retries: the caller gets UNAVAILABLE quickly and retries the RPC.
-            self._app.send_task(DELIVER_TASK, args=[challenge_id, generation], queue=self._queue, retry=False)
-        except Exception as error:  # kombu/redis raise many types for "broker unreachable"
+            self._redis.lpush(self._queue, deliver_message(challenge_id, generation, self._queue))
+        except (redis.RedisError, OSError) as error:
             log.warning("could not queue delivery of %s: %s", challenge_id, type(error).__name__)
             raise Unavailable(
                 "BROKER_UNAVAILABLE", "the delivery queue can't be reached; retry later", retry_after=1.0
             ) from None
 
     def close(self) -> None:
-        self._app.close()
+        self._redis.close()
 
 
 class InProcessDispatcher:

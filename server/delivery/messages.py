@@ -10,10 +10,21 @@ from __future__ import annotations
 
 import html
 import re
+from functools import lru_cache
 from importlib.resources import files
 from string import Template
 
-PURPOSES = ("login", "enrollment")
+PURPOSES = ("login", "enrollment", "contact")
+# The changes a user is told of by email (usecases/notices.py), a subject and a text each.
+NOTICES = (
+    "method_added",
+    "method_disabled",
+    "contact_changed",
+    "backup_codes_viewed",
+    "backup_codes_regenerated",
+    "admin_reset",
+    "locked_out",
+)
 DEFAULT_LANGUAGE = "en"
 _TEMPLATES = files("twofactor_server.delivery") / "templates"
 _LOCALE_TAG = re.compile(r"[a-z]{2,3}(?:_[a-z0-9]{2,8})*")
@@ -36,6 +47,25 @@ def render_sms(*, purpose: str, code: str, issuer: str, ttl_minutes: int, locale
     """Return one short line; the English text fits one 160-character GSM segment."""
     variables = _variables(purpose, code, issuer, ttl_minutes, locale)
     return " ".join(_render(purpose, "sms.txt", variables, locale).split())
+
+
+def render_notice(
+    *, notice: str, variables: dict[str, str], issuer: str, locale: str
+) -> tuple[str, str, str]:
+    """Return (subject, text, html) of a notice. The HTML is the text's paragraphs, escaped, in
+    one shared layout: a translator writes each notice once."""
+    if notice not in NOTICES:
+        raise ValueError(f"notice must be one of {', '.join(NOTICES)}, got {notice!r}")
+    values = {**variables, "issuer": issuer}
+    subject = " ".join(_render_plain(f"notice.{notice}.subject.txt", values, locale).split())
+    text = _render_plain(f"notice.{notice}.email.txt", values, locale)
+    body = text.split("\n-- \n")[0]  # the signature is the layout's
+    paragraphs = "\n".join(
+        f"<p>{html.escape(' '.join(p.split()), quote=True)}</p>" for p in body.split("\n\n") if p.strip()
+    )
+    layout = {"subject": html.escape(subject, quote=True), "issuer": html.escape(issuer, quote=True)}
+    page = _render_plain("notice.email.html", {**layout, "paragraphs": paragraphs}, locale)
+    return subject, text, page
 
 
 def locale_candidates(locale: str) -> tuple[str, ...]:
@@ -65,9 +95,15 @@ def _render(purpose: str, name: str, variables: dict[str, str], locale: str) -> 
 
 
 def _render_plain(name: str, variables: dict[str, str], locale: str) -> str:
+    # substitute(), not safe_substitute(): a template naming an unknown variable is a bug.
+    return _template(name, locale).substitute(variables)
+
+
+@lru_cache(maxsize=1024)
+def _template(name: str, locale: str) -> Template:
+    """The template `name` for `locale`, read once per process: the files ship with the package."""
     for language in locale_candidates(locale):
         resource = _TEMPLATES / language / name
         if resource.is_file():
-            # substitute(), not safe_substitute(): a template naming an unknown variable is a bug.
-            return Template(resource.read_text(encoding="utf-8")).substitute(variables)
+            return Template(resource.read_text(encoding="utf-8"))
     raise FileNotFoundError(f"no template {name!r} for locale {locale!r}")

@@ -97,6 +97,23 @@ class Confirmation:
 
 
 @dataclass(frozen=True)
+class ContactChange:
+    """SetContact's answer: the contacts in force, and a confirmation code sent to each new
+    address of an enabled method (in force only once ConfirmContact accepts it)."""
+
+    state: UserState
+    confirmations: tuple[ChallengeView, ...] = ()
+
+
+@dataclass(frozen=True)
+class ContactConfirmation:
+    result: ConfirmResult
+    state: UserState
+    attempts_left: int = 0
+    verification_token: str = ""  # a step-up proof, when confirmed
+
+
+@dataclass(frozen=True)
 class VerifyOutcome:
     result: VerifyResult
     matched: CodeKind | None

@@ -66,6 +66,11 @@ codes_sent_total = Counter(
     "Codes issued for delivery by email or SMS (queued, or not_queued when the broker was unreachable).",
     ("method", "outcome"),
 )
+notices_total = Counter(
+    "twofactor_notices",
+    "Emails telling a user of a change to their second factor, queued, by change.",
+    ("notice",),
+)
 send_refusals_total = Counter(
     "twofactor_send_refusals", "SendCode calls refused by a send limit, by error reason.", ("reason",)
 )
@@ -114,6 +119,10 @@ def lockout() -> None:
 
 def code_sent(method: str, outcome: str) -> None:
     codes_sent_total.labels(method, outcome).inc()
+
+
+def notice_queued(notice: str) -> None:
+    notices_total.labels(notice).inc()
 
 
 def send_refused(reason: str) -> None:

@@ -17,7 +17,7 @@ import math
 import re
 import sqlite3
 import threading
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from functools import lru_cache
 from pathlib import Path
@@ -54,6 +54,10 @@ class Transaction(Protocol):
     def one(self, sql: str, params: Params | None = None) -> Row | None: ...
 
     def all(self, sql: str, params: Params | None = None) -> list[Row]: ...
+
+    def after_commit(self, action: Callable[[], None]) -> None:
+        """Run `action` once the transaction has committed and its connection is back in the
+        pool (never on rollback): work that must not hold a connection, like publishing."""
 
 
 class Database(Protocol):
@@ -111,17 +115,21 @@ class PostgresDatabase:
         with self._connection() as conn:
             try:
                 with conn.transaction():  # COMMIT, or ROLLBACK on error
-                    yield _PostgresTransaction(conn)
+                    tx = _PostgresTransaction(conn)
+                    yield tx
             except psycopg.OperationalError as error:
                 self._unavailable(error)
+        _run_after_commit(tx)
 
     @contextmanager
     def statements(self) -> Iterator[_PostgresTransaction]:
         with self._connection() as conn:
             try:
-                yield _PostgresTransaction(conn)
+                tx = _PostgresTransaction(conn)
+                yield tx
             except psycopg.OperationalError as error:
                 self._unavailable(error)
+        _run_after_commit(tx)
 
     @contextmanager
     def _connection(self) -> Iterator[psycopg.Connection[Row]]:
@@ -220,6 +228,10 @@ class _PostgresTransaction:
 
     def __init__(self, conn: psycopg.Connection[Row]) -> None:
         self._conn = conn
+        self.committed_actions: list[Callable[[], None]] = []
+
+    def after_commit(self, action: Callable[[], None]) -> None:
+        self.committed_actions.append(action)
 
     def execute(self, sql: str, params: Params | None = None) -> int:
         return self._conn.execute(sql, params).rowcount
@@ -252,13 +264,15 @@ class SqliteDatabase:
         with self._lock, _sqlite_errors(self.unavailable):
             # IMMEDIATE takes the write lock up front, so a read-then-write can't interleave.
             self._conn.execute("BEGIN IMMEDIATE")
+            tx = _SqliteTransaction(self._conn)
             try:
-                yield _SqliteTransaction(self._conn)
+                yield tx
             except BaseException:
                 if self._conn.in_transaction:
                     self._conn.execute("ROLLBACK")
                 raise
             self._conn.execute("COMMIT")
+        _run_after_commit(tx)
 
     @contextmanager
     def statements(self) -> Iterator[_SqliteTransaction]:
@@ -266,7 +280,9 @@ class SqliteDatabase:
             self._lock,
             _sqlite_errors(self.unavailable),
         ):  # the connection is in autocommit mode outside BEGIN
-            yield _SqliteTransaction(self._conn)
+            tx = _SqliteTransaction(self._conn)
+            yield tx
+        _run_after_commit(tx)
 
     def ping(self) -> None:
         with self.statements() as q:
@@ -287,6 +303,10 @@ class _SqliteTransaction:
 
     def __init__(self, conn: sqlite3.Connection) -> None:
         self._conn = conn
+        self.committed_actions: list[Callable[[], None]] = []
+
+    def after_commit(self, action: Callable[[], None]) -> None:
+        self.committed_actions.append(action)
 
     def execute(self, sql: str, params: Params | None = None) -> int:
         return self._conn.execute(_to_sqlite(sql), params or {}).rowcount
@@ -314,6 +334,11 @@ def _sqlite_errors(unavailable: threading.Event) -> Iterator[None]:
             unavailable.set()
             _unavailable(error)
         raise
+
+
+def _run_after_commit(tx: _PostgresTransaction | _SqliteTransaction) -> None:
+    for action in tx.committed_actions:
+        action()
 
 
 def _unavailable(error: Exception) -> NoReturn:

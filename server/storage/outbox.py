@@ -3,6 +3,10 @@
 Times are integer milliseconds since the epoch. Single-use and counting rules
 are single conditional UPDATEs whose row count says who won.
 
+Purposes: 'login' and 'enrollment' codes; 'contact', a code to a new address that takes
+effect once confirmed; 'notice', an email telling the user of a change (no code: it
+counts toward no send limit and supersedes nothing).
+
 A challenge's delivery: inserted 'queued' and unpublished; published (its
 message is known to be in the queue: only then is its code live and does it
 supersede older codes) or 'void' (the publish failed and the caller was told
@@ -14,6 +18,7 @@ generation, so an older message still in some queue is a no-op.
 from __future__ import annotations
 
 import dataclasses
+from dataclasses import dataclass
 
 from twofactor_server.storage.database import Transaction
 from twofactor_server.storage.records import ChallengeRecord, NewChallenge
@@ -23,6 +28,21 @@ _INSERT_CHALLENGE = (
     f"INSERT INTO challenges ({', '.join(_NEW_CHALLENGE_COLUMNS)}, delivery_status, updated_at, "  # noqa: S608
     "publish_generation) "
     f"VALUES ({', '.join(f'%({c})s' for c in _NEW_CHALLENGE_COLUMNS)}, 'queued', %(created_at)s, 0)"
+)
+# The user's last send that counts for the resend cooldown (%(u)s: the user).
+_LAST_SEND = (
+    "SELECT MAX(created_at) FROM challenges "
+    "WHERE user_id = %(u)s AND delivery_status NOT IN ('failed', 'void') AND purpose <> 'notice'"
+)
+# Sends that count toward an hourly limit: every code but the void (notices are no codes).
+_COUNT_SENDS = (
+    "SELECT COUNT(*) FROM challenges WHERE {column} = %({value})s AND created_at > %(since)s "
+    "AND delivery_status <> 'void' AND purpose <> 'notice'"
+)
+# Published: the message is known to be in the queue (%(c)s: the challenge).
+_PUBLISH = (
+    "published_at = %(now)s, updated_at = %(now)s "
+    "WHERE challenge_id = %(c)s AND published_at IS NULL AND delivery_status <> 'void'"
 )
 _DESTINATION_LOCKS = 0x2FAC8  # first key of pg_advisory_xact_lock(int, int): twofactor's destinations
 VOID_REASON = "not queued: the delivery queue was unavailable and the caller was told to retry"
@@ -67,18 +87,42 @@ def forget_idempotency_key(tx: Transaction, challenge_id: str) -> None:
 def mark_published(tx: Transaction, challenge: ChallengeRecord, now_ms: int) -> bool:
     """Record that the challenge's message is in the queue, and supersede the user's older codes.
 
-    Login codes replace older login codes of any method; an enrollment code replaces
-    older enrollment codes of its method. Only older codes: a newer one published
-    first is left alone. False when it was already recorded (nothing changes).
+    Login codes replace older login codes of any method; an enrollment or contact code
+    replaces older codes of its purpose and method; a notice replaces nothing. Only older
+    codes: a newer one published first is left alone. False when it was already recorded.
     """
     published = tx.execute(
-        "UPDATE challenges SET published_at = %(now)s, updated_at = %(now)s "
-        "WHERE challenge_id = %(c)s AND published_at IS NULL AND delivery_status <> 'void'",
+        f"UPDATE challenges SET {_PUBLISH}",  # noqa: S608 - constants only
         {"c": challenge.challenge_id, "now": now_ms},
     )
     if published != 1:
         return False
-    method_clause = "AND method = %(m)s" if challenge.purpose == "enrollment" else ""
+    _supersede_older(tx, challenge, now_ms)
+    return True
+
+
+def publish_new(
+    tx: Transaction, challenge_id: str, user_id: str, now_ms: int
+) -> tuple[ChallengeRecord, int | None] | None:
+    """mark_published for a challenge this caller just created, in one statement fewer: the row
+    as published and the user's last send (MAX(created_at) of last_send_ms), or None when the
+    publish was already recorded (or the send is void)."""
+    row = tx.one(
+        f"UPDATE challenges SET {_PUBLISH} RETURNING *, ({_LAST_SEND}) AS last_send",  # noqa: S608
+        {"c": challenge_id, "u": user_id, "now": now_ms},
+    )
+    if row is None:
+        return None
+    last_send = row.pop("last_send")
+    challenge = ChallengeRecord(**row)
+    _supersede_older(tx, challenge, now_ms)
+    return challenge, None if last_send is None else int(last_send)
+
+
+def _supersede_older(tx: Transaction, challenge: ChallengeRecord, now_ms: int) -> None:
+    if challenge.purpose == "notice":
+        return
+    method_clause = "AND method = %(m)s" if challenge.purpose != "login" else ""
     tx.execute(
         "UPDATE challenges SET superseded_at = %(now)s, updated_at = %(now)s "  # noqa: S608
         f"WHERE user_id = %(u)s AND purpose = %(p)s {method_clause} AND challenge_id <> %(c)s "
@@ -93,7 +137,6 @@ def mark_published(tx: Transaction, challenge: ChallengeRecord, now_ms: int) -> 
             "now": now_ms,
         },
     )
-    return True
 
 
 def void_unpublished(tx: Transaction, challenge_id: str, now_ms: int) -> bool:
@@ -149,23 +192,38 @@ def count_challenge_attempt(tx: Transaction, challenge_id: str, now_ms: int) -> 
 
 
 def last_send_ms(tx: Transaction, user_id: str) -> int | None:
-    row = tx.one(
-        "SELECT MAX(created_at) AS last FROM challenges "
-        "WHERE user_id = %(u)s AND delivery_status NOT IN ('failed', 'void')",
-        {"u": user_id},
-    )
+    row = tx.one(f"SELECT ({_LAST_SEND}) AS last", {"u": user_id})
     return None if row is None or row["last"] is None else int(row["last"])
+
+
+@dataclass(frozen=True)
+class RecentSends:
+    """What the send limits look at, read in one statement."""
+
+    last_ms: int | None  # last_send_ms
+    to_user: int  # count_sends_since the hour for the user
+    to_destination: int  # and for the destination
+
+
+def recent_sends(tx: Transaction, user_id: str, destination: str, *, since_ms: int) -> RecentSends:
+    """last_send_ms and the two count_sends_since of the send limits, in one round trip."""
+    row = tx.one(
+        f"SELECT ({_LAST_SEND}) AS last, ({_COUNT_SENDS.format(column='user_id', value='u')}) AS to_user, "
+        f"({_COUNT_SENDS.format(column='destination', value='d')}) AS to_destination",
+        {"u": user_id, "d": destination, "since": since_ms},
+    )
+    assert row is not None
+    last = row["last"]
+    return RecentSends(None if last is None else int(last), int(row["to_user"]), int(row["to_destination"]))
 
 
 def count_sends_since(
     tx: Transaction, *, since_ms: int, user_id: str | None = None, destination: str | None = None
 ) -> int:
-    """Sends that count toward an hourly limit: every one but the void."""
+    """Sends that count toward an hourly limit: every code but the void (notices are no codes)."""
     column, value = ("user_id", user_id) if user_id is not None else ("destination", destination)
     row = tx.one(
-        f"SELECT COUNT(*) AS n FROM challenges WHERE {column} = %(v)s AND created_at > %(since)s "  # noqa: S608
-        "AND delivery_status <> 'void'",
-        {"v": value, "since": since_ms},
+        f"SELECT ({_COUNT_SENDS.format(column=column, value='v')}) AS n", {"v": value, "since": since_ms}
     )
     return int(row["n"]) if row else 0
 

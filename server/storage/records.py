@@ -88,6 +88,7 @@ class ChallengeRecord:
     published_at: int | None  # None: not known to be queued yet; the code is not live
     lease_until: int | None  # while 'sending': the worker's claim runs out then
     next_publish_at: int | None  # while 'queued': recovery publishes again from then
+    notice: str | None  # purpose 'notice': which change the email tells of
 
 
 @dataclass(frozen=True, slots=True)
@@ -100,11 +101,12 @@ class NewChallenge:
     purpose: str
     destination: str
     code_hash: bytes
-    code_ciphertext: bytes
+    code_ciphertext: bytes  # the sealed code; for a notice, its sealed detail
     idempotency_key: str | None
     locale: str
     created_at: int
     expires_at: int
+    notice: str | None = None
 
 
 @dataclass(frozen=True, slots=True)

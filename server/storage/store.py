@@ -182,7 +182,7 @@ def reset_user(tx: Transaction, user_id: str) -> None:
     tx.execute("DELETE FROM backup_codes WHERE user_id = %(u)s", params)
     tx.execute(
         "UPDATE challenges SET superseded_at = COALESCE(superseded_at, updated_at), code_ciphertext = NULL "
-        "WHERE user_id = %(u)s AND consumed_at IS NULL",
+        "WHERE user_id = %(u)s AND consumed_at IS NULL AND purpose <> 'notice'",
         params,
     )
     tx.execute(

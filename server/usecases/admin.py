@@ -12,6 +12,7 @@ from twofactor_server.settings import PolicySettings
 from twofactor_server.storage import store
 from twofactor_server.storage.database import Database, Transaction
 from twofactor_server.usecases import audit
+from twofactor_server.usecases.notices import Notices
 from twofactor_server.usecases.users import existing_user, load_state, user_state
 
 DEFAULT_PAGE_SIZE = 100
@@ -20,9 +21,10 @@ MAX_EVENT_ID = 2**63 - 1  # BIGINT
 
 
 class Admin:
-    def __init__(self, db: Database, policy: PolicySettings, clock: Clock) -> None:
+    def __init__(self, db: Database, policy: PolicySettings, notices: Notices, clock: Clock) -> None:
         self._db = db
         self._policy = policy
+        self._notices = notices
         self._clock = clock
 
     def get_user(self, user_id: str) -> UserState:
@@ -60,9 +62,10 @@ class Admin:
                     self._audit(tx, caller, user_id, "user_reset", reason, outcome="failure")
             raise FailedPrecondition("ADMIN_RESET_DISABLED", "the policy does not allow admin resets")
         with self._db.transaction() as tx:
-            existing_user(tx, user_id, lock=True)
+            user = existing_user(tx, user_id, lock=True)
             store.reset_user(tx, user_id)
             self._audit(tx, caller, user_id, "user_reset", reason)
+            self._notices.add(tx, user.email, user_id, "admin_reset", self._now_ms())
             return load_state(tx, existing_user(tx, user_id), self._policy, self._now_ms())
 
     def unlock_user(self, user_id: str, *, caller: Caller) -> UserState:

@@ -10,6 +10,7 @@ from twofactor_server.settings import PolicySettings
 from twofactor_server.storage import store
 from twofactor_server.storage.database import Database, Transaction
 from twofactor_server.usecases import audit
+from twofactor_server.usecases.notices import Notices
 from twofactor_server.usecases.users import existing_user, require_enrolled, require_step_up
 
 
@@ -19,16 +20,20 @@ def backup_code_data(user_id: str, code: str) -> bytes:
 
 
 class BackupCodes:
-    def __init__(self, db: Database, keyring: Keyring, policy: PolicySettings, clock: Clock) -> None:
+    def __init__(
+        self, db: Database, keyring: Keyring, policy: PolicySettings, notices: Notices, clock: Clock
+    ) -> None:
         self._db = db
         self._keyring = keyring
         self._policy = policy
+        self._notices = notices
         self._clock = clock
 
     def get_backup_codes(self, user_id: str, *, verification_token: str, caller: Caller) -> BackupCodeSet:
         """The unused codes of the current set, decrypted for display.
 
-        Invariant: shown only with a step-up proof for this user (require_step_up)."""
+        Invariant: shown only with a step-up proof for this user (require_step_up), and the
+        user is told by email (a notice)."""
         with self._db.transaction() as tx:
             user = existing_user(tx, user_id)
             enabled = require_enrolled(tx, user_id, self._policy)
@@ -40,6 +45,7 @@ class BackupCodes:
                 )
                 for row in store.unused_backup_codes(tx, user_id)
             )
+            self._notices.add(tx, user.email, user_id, "backup_codes_viewed", now)
             return BackupCodeSet(codes, user.backup_codes_generated_at)
 
     def regenerate_backup_codes(
@@ -56,6 +62,7 @@ class BackupCodes:
             require_step_up(self._keyring, self._policy, user, enabled, verification_token, caller, now)
             codes = self.replace_set(tx, user_id, now)
             audit.record(tx, caller, now, user_id, "backup_codes_regenerated", detail=f"{len(codes)} codes")
+            self._notices.add(tx, user.email, user_id, "backup_codes_regenerated", now)
             return BackupCodeSet(codes, now)
 
     def replace_set(self, tx: Transaction, user_id: str, now: int) -> tuple[str, ...]:

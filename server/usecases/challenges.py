@@ -22,7 +22,7 @@ from twofactor_server.usecases.sms_guard import take_sms_quota
 from twofactor_server.usecases.users import existing_user, require_allowed, usable_methods
 
 AUTHENTICATOR, EMAIL, SMS = "authenticator", "email", "sms"
-LOGIN, ENROLLMENT = "login", "enrollment"
+LOGIN, ENROLLMENT, CONTACT = "login", "enrollment", "contact"
 HOUR_MS = 3_600_000
 
 log = logging.getLogger(__name__)
@@ -73,9 +73,18 @@ class Challenges:
             return self._view(tx, challenge)
 
     def issue(
-        self, user_id: str, method: str, purpose: str, *, idempotency_key: str, locale: str, caller: Caller
+        self,
+        user_id: str,
+        method: str,
+        purpose: str,
+        *,
+        idempotency_key: str,
+        locale: str,
+        caller: Caller,
+        new_destination: str | None = None,
     ) -> ChallengeView:
-        """Commit a new code for `purpose` and hand it to delivery.
+        """Commit a new code for `purpose` and hand it to delivery: to the registered contact, or
+        for purpose CONTACT to `new_destination`, the address it confirms.
 
         Invariants: the send limits (cooldown, per user and per destination per hour) are
         checked under the user's row lock and the destination's lock, so they hold exactly
@@ -98,7 +107,7 @@ class Challenges:
             user = existing_user(tx, user_id, lock=True)
             if purpose == LOGIN and method not in usable_methods(store.methods_of(tx, user_id), policy):
                 raise FailedPrecondition("METHOD_NOT_ENABLED", f"{method} is not enabled for this user")
-            destination = user.email if method == EMAIL else user.phone
+            destination = new_destination or (user.email if method == EMAIL else user.phone)
             if not destination:
                 contact = "email" if method == EMAIL else "phone"
                 raise FailedPrecondition(
@@ -144,6 +153,8 @@ class Challenges:
             if purpose == ENROLLMENT:
                 store.start_method_enrollment(tx, user_id, method, now)
                 audit.record(tx, caller, now, user_id, "enrollment_started", detail=method)
+            elif purpose == CONTACT:
+                audit.record(tx, caller, now, user_id, "contact_change_started", detail=method)
             else:
                 audit.record(tx, caller, now, user_id, "code_sent", detail=method)
         try:
@@ -158,10 +169,12 @@ class Challenges:
             log.info("publish of %s reported failure, but its delivery is under way", challenge_id)
         metrics.code_sent(method, "queued")
         with self._db.transaction() as tx:
-            challenge = outbox.get_challenge(tx, challenge_id)
-            assert challenge is not None
-            outbox.mark_published(tx, challenge, now_ms(self._clock))
-            return self._view(tx, challenge)
+            published = outbox.publish_new(tx, challenge_id, user_id, now_ms(self._clock))
+            if published is not None:
+                return self._view(tx, published[0], last_send=published[1])
+            recorded = outbox.get_challenge(tx, challenge_id)  # recovery recorded the publish first
+            assert recorded is not None
+            return self._view(tx, recorded)
 
     def match(
         self, tx: Transaction, user_id: str, purpose: str, digits: str, now: int, *, method: str | None
@@ -171,19 +184,30 @@ class Challenges:
         Invariant: a code is accepted once (consumed by a conditional UPDATE), only the
         newest live code counts, and each wrong try counts against that code's attempts.
         """
+        newest = self.newest_live(tx, user_id, purpose, now, method=method)
+        return None if newest is None or not self.check(tx, newest, digits, now) else newest.method
+
+    def newest_live(
+        self, tx: Transaction, user_id: str, purpose: str, now: int, *, method: str | None
+    ) -> ChallengeRecord | None:
+        """The newest code of `purpose` (and `method`) that can still be accepted."""
         live = outbox.live_challenges(tx, user_id, purpose, now, self._policy.max_attempts_per_code)
-        newest = next((c for c in live if method is None or c.method == method), None)
-        if newest is None:
-            return None
-        data = challenge_data(newest.challenge_id, digits)
-        if self._keyring.matches(newest.code_hash, data, purpose=CHALLENGE_CODE):
-            return newest.method if outbox.consume_challenge(tx, newest.challenge_id, now) else None
-        outbox.count_challenge_attempt(tx, newest.challenge_id, now)
-        return None
+        return next((c for c in live if method is None or c.method == method), None)
+
+    def check(self, tx: Transaction, challenge: ChallengeRecord, digits: str, now: int) -> bool:
+        """Whether `digits` is the challenge's code; a right one is consumed (once), a wrong one
+        counts against the code's attempts."""
+        data = challenge_data(challenge.challenge_id, digits)
+        if self._keyring.matches(challenge.code_hash, data, purpose=CHALLENGE_CODE):
+            return outbox.consume_challenge(tx, challenge.challenge_id, now)
+        outbox.count_challenge_attempt(tx, challenge.challenge_id, now)
+        return False
 
     def _enforce_send_limits(self, tx: Transaction, user_id: str, destination: str, now: int) -> None:
         policy = self._policy
-        last = outbox.last_send_ms(tx, user_id)
+        hour_ago = now - HOUR_MS
+        recent = outbox.recent_sends(tx, user_id, destination, since_ms=hour_ago)
+        last = recent.last_ms
         cooldown_ends = (last or 0) + policy.resend_cooldown_seconds * 1000
         if last is not None and cooldown_ends > now:
             metrics.send_refused("RESEND_TOO_SOON")
@@ -192,18 +216,14 @@ class Challenges:
                 "a code was sent moments ago; wait before sending another",
                 retry_after=(cooldown_ends - now) / 1000,
             )
-        hour_ago = now - HOUR_MS
-        if outbox.count_sends_since(tx, since_ms=hour_ago, user_id=user_id) >= policy.sends_per_user_per_hour:
+        if recent.to_user >= policy.sends_per_user_per_hour:
             metrics.send_refused("USER_SEND_LIMIT")
             raise ResourceExhausted(
                 "USER_SEND_LIMIT",
                 "too many codes sent to this user in the last hour",
                 retry_after=HOUR_MS / 1000,
             )
-        if (
-            outbox.count_sends_since(tx, since_ms=hour_ago, destination=destination)
-            >= policy.sends_per_destination_per_hour
-        ):
+        if recent.to_destination >= policy.sends_per_destination_per_hour:
             metrics.send_refused("DESTINATION_SEND_LIMIT")
             raise ResourceExhausted(
                 "DESTINATION_SEND_LIMIT",
@@ -211,14 +231,18 @@ class Challenges:
                 retry_after=HOUR_MS / 1000,
             )
 
-    def _view(self, tx: Transaction, challenge: ChallengeRecord) -> ChallengeView:
+    def _view(
+        self, tx: Transaction, challenge: ChallengeRecord, *, last_send: int | None = None
+    ) -> ChallengeView:
         status = challenge.delivery_status
         now = now_ms(self._clock)
         if status in ("queued", "sending") and challenge.expires_at <= now:
             status = "expired"
         elif status == "void":  # a send whose caller was told UNAVAILABLE: it will never be delivered
             status = "failed"
-        last = outbox.last_send_ms(tx, challenge.user_id) or challenge.created_at
+        if last_send is None:
+            last_send = outbox.last_send_ms(tx, challenge.user_id)
+        last = last_send or challenge.created_at
         return ChallengeView(
             challenge_id=challenge.challenge_id,
             method=challenge.method,

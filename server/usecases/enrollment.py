@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Collection
 
-from twofactor_server.domain import lockout, one_time_codes, qr_codes, totp
+from twofactor_server.domain import one_time_codes, qr_codes, totp
 from twofactor_server.domain.clock import Clock, now_ms
 from twofactor_server.domain.errors import FailedPrecondition, InvalidArgument
 from twofactor_server.domain.keyring import TOTP_SECRET, Keyring
@@ -21,14 +21,15 @@ from twofactor_server.storage.database import Database
 from twofactor_server.usecases import audit
 from twofactor_server.usecases.backup_codes import BackupCodes
 from twofactor_server.usecases.challenges import AUTHENTICATOR, ENROLLMENT, Challenges
+from twofactor_server.usecases.notices import Notices, method_name
 from twofactor_server.usecases.users import (
-    count_failure,
     existing_user,
     refuse_if_locked,
     require_allowed,
     require_step_up,
     step_up_token,
     usable_methods,
+    wrong_confirmation_code,
 )
 
 
@@ -40,6 +41,7 @@ class Enrollment:
         policy: PolicySettings,
         challenges: Challenges,
         backup_codes: BackupCodes,
+        notices: Notices,
         clock: Clock,
     ) -> None:
         self._db = db
@@ -47,6 +49,7 @@ class Enrollment:
         self._policy = policy
         self._challenges = challenges
         self._backup_codes = backup_codes
+        self._notices = notices
         self._clock = clock
 
     def start_enrollment(
@@ -132,22 +135,15 @@ class Enrollment:
                 step = None
                 ok = self._challenges.match(tx, user_id, ENROLLMENT, digits, now, method=method) is not None
             if not ok:
-                failures = count_failure(tx, caller, user_id, self._policy, now)
                 audit.record(
                     tx, caller, now, user_id, "enrollment_confirmed", outcome="failure", detail=method
                 )
-                locked = lockout.lock_of(
-                    failures, lockout.locked_until_after(failures, self._policy, now), self._policy, now
-                )
-                return Confirmation(
-                    ConfirmResult.LOCKED if locked else ConfirmResult.REJECTED,
-                    enabled,
-                    attempts_left=lockout.attempts_left(failures, self._policy),
-                )
+                return wrong_confirmation_code(tx, caller, user_id, enabled, self._policy, now, self._notices)
             # The same rows as enable_method, record_success, set_totp_step, replace_backup_codes and
             # two audit.record would write, in 5 statements instead of 9 and a read of the epoch.
             enrollments.enable_pending_method(tx, user_id, method, now)
             events = [audit.event(caller, now, user_id, "enrollment_confirmed", detail=method)]
+            self._notices.add(tx, user.email, user_id, "method_added", now, method=method_name(method))
             codes: tuple[str, ...] = ()
             if not enabled:
                 rows, codes = self._backup_codes.new_set(user_id)
@@ -191,4 +187,5 @@ class Enrollment:
             if not remaining:
                 store.delete_backup_codes(tx, user_id)
             audit.record(tx, caller, now, user_id, "method_disabled", detail=method)
+            self._notices.add(tx, user.email, user_id, "method_disabled", now, method=method_name(method))
             return remaining

@@ -1,20 +1,19 @@
-"""What every use case reads of a user (the row, the enabled methods, the lock), and the
-user's own status and contacts (GetStatus, SetContact)."""
+"""What every use case reads of a user (the row, the enabled methods, the lock) and the rules
+they share: step-up, counting wrong codes, the lockout."""
 
 from __future__ import annotations
 
-from twofactor_server.domain import contacts, lockout, step_up
-from twofactor_server.domain.clock import Clock, now_ms
-from twofactor_server.domain.errors import FailedPrecondition, InvalidArgument, NotFound
+from twofactor_server.domain import lockout, step_up
+from twofactor_server.domain.errors import FailedPrecondition, NotFound
 from twofactor_server.domain.keyring import Keyring
-from twofactor_server.domain.models import Caller, UserState
+from twofactor_server.domain.models import Caller, Confirmation, ConfirmResult, UserState
 from twofactor_server.observability import metrics
 from twofactor_server.settings import PolicySettings
 from twofactor_server.storage import store
-from twofactor_server.storage.database import Database, Transaction
+from twofactor_server.storage.database import Transaction
 from twofactor_server.storage.records import MethodRecord, UserRecord
 from twofactor_server.usecases import audit
-from twofactor_server.usecases.sms_guard import require_sms_country
+from twofactor_server.usecases.notices import Notices, lock_text
 
 
 def existing_user(tx: Transaction, user_id: str, *, lock: bool = False) -> UserRecord:
@@ -95,14 +94,36 @@ def refuse_if_locked(user: UserRecord, policy: PolicySettings, now: int) -> None
         )
 
 
-def count_failure(tx: Transaction, caller: Caller, user_id: str, policy: PolicySettings, now: int) -> int:
+def count_failure(
+    tx: Transaction, caller: Caller, user_id: str, policy: PolicySettings, now: int, notices: Notices
+) -> int:
     """Count one more consecutive wrong code, locking the user past a threshold; return the count."""
     failures = store.add_failure(tx, user_id)
     locks, until = lock_after_failures(failures, policy, now)
     if locks:
         store.set_locked_until(tx, user_id, until)
-        audit_lock(tx, caller, user_id, failures, until, policy, now)
+        audit_lock(tx, caller, user_id, failures, until, policy, now, notices)
     return failures
+
+
+def wrong_confirmation_code(
+    tx: Transaction,
+    caller: Caller,
+    user_id: str,
+    enabled: tuple[str, ...],
+    policy: PolicySettings,
+    now: int,
+    notices: Notices,
+) -> Confirmation:
+    """A wrong code confirming an enrollment or a new contact: counted toward the lockout like a
+    wrong login code; REJECTED, or LOCKED when this one locked the user."""
+    failures = count_failure(tx, caller, user_id, policy, now, notices)
+    locked = lockout.lock_of(failures, lockout.locked_until_after(failures, policy, now), policy, now)
+    return Confirmation(
+        ConfirmResult.LOCKED if locked else ConfirmResult.REJECTED,
+        enabled,
+        attempts_left=lockout.attempts_left(failures, policy),
+    )
 
 
 def lock_after_failures(failures: int, policy: PolicySettings, now: int) -> tuple[bool, int | None]:
@@ -120,11 +141,18 @@ def audit_lock(
     until: int | None,
     policy: PolicySettings,
     now: int,
+    notices: Notices,
 ) -> None:
+    """Record that the user was just locked: audit, metric, and an email to the user."""
     permanent = failures >= policy.max_consecutive_failures
     detail = "until unlocked" if permanent else f"{(until or now) - now} ms after {failures} failures"
     audit.record(tx, caller, now, user_id, "user_locked", detail=detail)
     metrics.lockout()
+    user = store.get_user(tx, user_id)
+    if user is not None:
+        notices.add(
+            tx, user.email, user_id, "locked_out", now, lock=lock_text(None if permanent else until, now)
+        )
 
 
 def user_state(
@@ -147,62 +175,3 @@ def user_state(
 def load_state(tx: Transaction, user: UserRecord, policy: PolicySettings, now: int) -> UserState:
     methods = store.methods_of(tx, user.user_id)
     return user_state(user, methods, store.count_unused_backup_codes(tx, user.user_id), policy, now)
-
-
-class UserProfiles:
-    """GetStatus and SetContact."""
-
-    def __init__(self, db: Database, keyring: Keyring, policy: PolicySettings, clock: Clock) -> None:
-        self._db = db
-        self._keyring = keyring
-        self._policy = policy
-        self._clock = clock
-
-    def get_status(self, user_id: str) -> UserState | None:
-        """The user's methods, contacts and lock; None for a user never seen (not an error: not enrolled)."""
-        with self._db.transaction() as tx:
-            user = store.get_user(tx, user_id)
-            return None if user is None else load_state(tx, user, self._policy, now_ms(self._clock))
-
-    def set_contact(
-        self,
-        user_id: str,
-        *,
-        email: str | None,
-        phone: str | None,
-        verification_token: str,
-        caller: Caller,
-    ) -> UserState:
-        """Set or clear (empty string) the email and phone; None leaves one as it is. Creates the user.
-
-        Invariants: a stored email holds no control, format or unassigned character; a stored
-        phone is a number valid in its country's numbering plan, in E.164 form, from an allowed
-        country; for a user with a usable method this needs a step-up proof (require_step_up),
-        and any change moves the credential epoch on.
-        """
-        if email and not contacts.is_valid_email(email):
-            raise InvalidArgument(
-                "INVALID_EMAIL", "email must be an address like ana@example.com, without control characters"
-            )
-        if phone:
-            phone = contacts.normalized_phone(phone)
-            if phone is None:
-                raise InvalidArgument(
-                    "INVALID_PHONE",
-                    "phone must be a valid number with its country code, like +14155550123",
-                )
-            require_sms_country(phone, self._policy)
-        now = now_ms(self._clock)
-        with self._db.transaction() as tx:
-            store.ensure_user(tx, user_id, now)
-            user = existing_user(tx, user_id, lock=True)
-            enabled = usable_methods(store.methods_of(tx, user_id), self._policy)
-            require_step_up(self._keyring, self._policy, user, enabled, verification_token, caller, now)
-            changed = []
-            for column, value in (("email", email), ("phone", phone)):
-                if value is not None:
-                    store.set_contact(tx, user_id, column, value or None)
-                    changed.append(column)
-            if changed:
-                audit.record(tx, caller, now, user_id, "contact_changed", detail=",".join(changed))
-            return load_state(tx, existing_user(tx, user_id), self._policy, now)

@@ -17,6 +17,7 @@ from twofactor_server.storage.records import AcceptedStep, NewAuditEvent, UserRe
 from twofactor_server.usecases import audit
 from twofactor_server.usecases.backup_codes import BackupCodes
 from twofactor_server.usecases.challenges import AUTHENTICATOR, EMAIL, LOGIN, SMS, Challenges
+from twofactor_server.usecases.notices import Notices
 from twofactor_server.usecases.users import (
     audit_lock,
     count_failure,
@@ -46,6 +47,7 @@ class Verification:
         policy: PolicySettings,
         challenges: Challenges,
         backup_codes: BackupCodes,
+        notices: Notices,
         clock: Clock,
     ) -> None:
         self._db = db
@@ -53,6 +55,7 @@ class Verification:
         self._policy = policy
         self._challenges = challenges
         self._backup_codes = backup_codes
+        self._notices = notices
         self._clock = clock
 
     def verify(self, user_id: str, code: str, *, caller: Caller) -> VerifyOutcome:
@@ -136,7 +139,7 @@ class Verification:
                 token = step_up_token(self._keyring, user_id, user.credential_epoch, caller, now)
                 return replace(outcome, verification_token=token)
             if reserved is None:
-                failures = count_failure(tx, caller, user_id, self._policy, now)
+                failures = count_failure(tx, caller, user_id, self._policy, now, self._notices)
                 lock = lockout.lock_of(
                     failures, lockout.locked_until_after(failures, self._policy, now), self._policy, now
                 )
@@ -144,7 +147,14 @@ class Verification:
                 failures = user.failed_attempts
                 if reserved.locks:
                     audit_lock(
-                        tx, caller, user_id, reserved.failures, reserved.locked_until, self._policy, now
+                        tx,
+                        caller,
+                        user_id,
+                        reserved.failures,
+                        reserved.locked_until,
+                        self._policy,
+                        now,
+                        self._notices,
                     )
             result = VerifyResult.LOCKED if lock is not None else VerifyResult.REJECTED
             action = audit.VERIFICATION_LOCKED if lock is not None else audit.VERIFICATION_REJECTED

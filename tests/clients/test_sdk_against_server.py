@@ -556,3 +556,47 @@ def test_async_clients(server: Harness, clock: Clock) -> None:
                 await admin.get_user(user_id="nobody")
 
     asyncio.run(scenario())
+
+
+def test_a_new_phone_for_sms_is_confirmed_through_the_sdk(
+    client: twofactor.TwoFactorClient, clock: Clock
+) -> None:
+    client.set_contact(user_id="mia", phone="+14155550126")
+    client.start_enrollment(user_id="mia", method=SMS)
+    enabled = client.confirm_enrollment(user_id="mia", method=SMS, code=next_sms_code("+14155550126"))
+
+    with pytest.raises(twofactor.ContactInUse) as in_use:
+        client.set_contact(user_id="mia", phone="", verification_token=enabled.verification_token)
+    assert in_use.value.contact == "phone"
+    with pytest.raises(twofactor.NoPendingContactChange):
+        client.confirm_contact(user_id="mia", method=SMS, code="123456")
+
+    clock.advance(31)  # the confirmation code is a send: past the resend cooldown
+    change = client.set_contact(
+        user_id="mia", phone="+14155550127", verification_token=enabled.verification_token
+    )
+    assert change.masked_phone == "+1******0126"
+    assert change.phone_confirmation.masked_destination == "+1******0127"
+    confirmed = client.confirm_contact(user_id="mia", method=SMS, code=next_sms_code("+14155550127"))
+    assert confirmed.result == twofactor.ConfirmResult.CONFIRM_RESULT_CONFIRMED
+    assert confirmed.masked_phone == "+1******0127" and confirmed.verification_token
+
+
+def test_the_async_client_confirms_a_contact_too(server: Harness, clock: Clock) -> None:
+    async def scenario() -> twofactor.ConfirmResult.ValueType:
+        async with twofactor.AsyncTwoFactorClient(server.target, token=APP_TOKEN) as client:
+            await client.set_contact(user_id="ned", phone="+14155550128")
+            await client.start_enrollment(user_id="ned", method=SMS)
+            code = await asyncio.to_thread(next_sms_code, "+14155550128")
+            enabled = await client.confirm_enrollment(user_id="ned", method=SMS, code=code)
+            clock.advance(31)
+            await client.set_contact(
+                user_id="ned", phone="+14155550129", verification_token=enabled.verification_token
+            )
+            code = await asyncio.to_thread(next_sms_code, "+14155550129")
+            wrong = "000000" if code != "000000" else "111111"
+            rejected = await client.confirm_contact(user_id="ned", method=SMS, code=wrong)
+            assert rejected.result == twofactor.ConfirmResult.CONFIRM_RESULT_REJECTED
+            return (await client.confirm_contact(user_id="ned", method=SMS, code=code)).result
+
+    assert asyncio.run(scenario()) == twofactor.ConfirmResult.CONFIRM_RESULT_CONFIRMED

@@ -147,6 +147,10 @@ TWOFACTOR_CALLS: dict[str, tuple[str, dict[str, Any]]] = {
         "confirm_enrollment",
         {"user_id": "alice", "method": twofactor.Method.METHOD_EMAIL, "code": "123456"},
     ),
+    "ConfirmContact": (
+        "confirm_contact",
+        {"user_id": "alice", "method": twofactor.Method.METHOD_EMAIL, "code": "123456"},
+    ),
     "DisableMethod": ("disable_method", {"user_id": "alice", "method": twofactor.Method.METHOD_SMS}),
     "SendCode": ("send_code", {"user_id": "alice", "method": twofactor.Method.METHOD_EMAIL}),
     "GetChallenge": ("get_challenge", {"user_id": "alice", "challenge_id": "c1"}),

@@ -21,6 +21,7 @@ from twofactor_server.domain.models import Caller, VerifyResult
 from twofactor_server.settings import PolicySettings
 from twofactor_server.usecases.backup_codes import BackupCodes
 from twofactor_server.usecases.challenges import Challenges
+from twofactor_server.usecases.notices import Notices
 from twofactor_server.usecases.verification import Verification
 
 VERIFICATION_ACTIONS = (
@@ -173,8 +174,9 @@ def test_the_fast_authenticator_path_keeps_its_statement_count_when_auditing_acc
     db = _Counting(h.server.db)
     keyring = Keyring.parse(TEST_KEYS)
     challenges = Challenges(db, keyring, policy, _NeverDispatched(), clock)  # type: ignore[arg-type]
-    backup = BackupCodes(db, keyring, policy, clock)  # type: ignore[arg-type]
-    verification = Verification(db, keyring, policy, challenges, backup, clock)  # type: ignore[arg-type]
+    notices = Notices(db, keyring, policy, _NeverDispatched(), clock)  # type: ignore[arg-type]
+    backup = BackupCodes(db, keyring, policy, notices, clock)  # type: ignore[arg-type]
+    verification = Verification(db, keyring, policy, challenges, backup, notices, clock)  # type: ignore[arg-type]
     outcome = verification.verify(
         "cy", totp_now(secret, clock), caller=Caller(actor="t", request_id="count-1")
     )

@@ -23,6 +23,7 @@ from twofactor_server.storage import store
 from twofactor_server.storage.database import Database, open_database
 from twofactor_server.usecases.backup_codes import BackupCodes, backup_code_data
 from twofactor_server.usecases.key_rotation import KeyRotation
+from twofactor_server.usecases.notices import Notices
 
 TWOFACTOR = str(Path(sys.executable).with_name("twofactor"))
 KEY_2 = Keyring.new_key_spec(2)
@@ -134,11 +135,17 @@ def test_a_keyring_missing_a_version_still_in_use_refuses_to_start(
     ) in result.stderr
 
 
+class NoDispatch:
+    def dispatch(self, challenge_id: str) -> None:
+        raise AssertionError("seeding sends nothing")
+
+
 def seed(db: Database, users: int) -> dict[str, tuple[bytes, list[str]]]:
     """Users with an authenticator secret and ten backup codes under key 1, written by the use case's
     own storage calls (faster than enrolling each through the API); returns what each must still hold."""
     keyring = Keyring.parse(TEST_KEYS)
-    codes = BackupCodes(db, keyring, PolicySettings(), Clock())
+    quiet = PolicySettings(notify_users=False)
+    codes = BackupCodes(db, keyring, quiet, Notices(db, keyring, quiet, NoDispatch(), Clock()), Clock())
     seeded = {}
     with db.transaction() as tx:
         for i in range(users):

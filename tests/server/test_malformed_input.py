@@ -177,7 +177,35 @@ CASES: list[tuple[str, str, Message, grpc.StatusCode, str]] = [
         INVALID,
         "INVALID_USER_ID",
     ),
+    (
+        "app",
+        "ConfirmContact",
+        pb.ConfirmContactRequest(user_id="known", method=AUTHENTICATOR, code="123456"),
+        INVALID,
+        "INVALID_METHOD",
+    ),
+    (
+        "app",
+        "ConfirmContact",
+        pb.ConfirmContactRequest(user_id="known", method=EMAIL, code="12 34"),
+        INVALID,
+        "INVALID_CODE",
+    ),
     # State, not shape: documented statuses other than INVALID_ARGUMENT.
+    (
+        "app",
+        "ConfirmContact",
+        pb.ConfirmContactRequest(user_id="ghost", method=EMAIL, code="123456"),
+        grpc.StatusCode.NOT_FOUND,
+        "USER_NOT_FOUND",
+    ),
+    (
+        "app",
+        "ConfirmContact",
+        pb.ConfirmContactRequest(user_id="known", method=SMS, code="123456"),
+        grpc.StatusCode.FAILED_PRECONDITION,
+        "NO_PENDING_CONTACT_CHANGE",
+    ),
     (
         "app",
         "ConfirmEnrollment",

@@ -81,6 +81,12 @@ def every_storage_rpc(h: Harness) -> list[tuple[str, Callable[[], Message]]]:
             ),
         ),
         (
+            "ConfirmContact",
+            lambda: t.ConfirmContact(
+                pb.ConfirmContactRequest(user_id="ana", method=EMAIL, code="000000"), metadata=app, timeout=30
+            ),
+        ),
+        (
             "StartEnrollment",
             lambda: t.StartEnrollment(
                 pb.StartEnrollmentRequest(user_id="bob", method=AUTHENTICATOR), metadata=app, timeout=30

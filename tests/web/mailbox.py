@@ -49,7 +49,8 @@ class Mailbox:
         """The code in the first message to `address` among those received after the first `after`."""
 
         def arrived() -> EmailMessage | None:
-            return next((m for m in self._messages[after:] if address in str(m["To"])), None)
+            # A code, not a notice of a change (those carry no code).
+            return next((m for m in self._messages[after:] if address in str(m["To"]) and has_code(m)), None)
 
         with self._changed:
             message = self._changed.wait_for(arrived, timeout)
@@ -60,3 +61,8 @@ class Mailbox:
         found = CODE.search(body.get_content())
         assert found, f"no code in the message to {address}"
         return found.group(1)
+
+
+def has_code(message: EmailMessage) -> bool:
+    body = message.get_body(preferencelist=("plain",))
+    return body is not None and CODE.search(body.get_content()) is not None

@@ -73,6 +73,31 @@ def step_up_if_asked(visitor: Visitor, then: str, code: str) -> bool:
     return True
 
 
+def save_new_phone(visitor: Visitor, phone: str, step_up_code: str) -> None:
+    """Save a new number on the contacts page until the site asks for the code texted to it.
+
+    The text to the new number is a send like any other: within the server's resend cooldown
+    (5 s here) of the last code the site says so, and the form is saved again (bounded)."""
+    page = visitor.page
+    deadline = time.monotonic() + 30
+    while True:
+        heading(page, "Where codes are sent")
+        page.fill("#phone", phone)
+        page.get_by_role("button", name="Save").click()
+        title = page.get_by_role("heading", level=1)
+        expect(title).to_have_text(
+            re.compile("^(Confirm your new phone|Confirm it's you|Where codes are sent)$")
+        )
+        if title.inner_text() == "Confirm your new phone":
+            return
+        if title.inner_text() == "Confirm it's you":
+            enter_code(visitor, step_up_code)
+            continue
+        flash(page, "A code was sent moments ago")
+        assert time.monotonic() < deadline, "the site kept refusing the new number"
+        page.wait_for_timeout(500)
+
+
 def backup_codes_on(page: Page) -> list[str]:
     expect(page.locator("#backup-codes li").first).to_be_visible()
     return [code.strip() for code in page.locator("#backup-codes li").all_inner_texts()]
@@ -279,3 +304,18 @@ def test_sensitive_pages_ask_for_a_fresh_code(
     flash(page, "Text message (SMS) is on.")
     expect(method_state(page, "sms")).to_have_text("On")
     bob.shot("sms-enrolled")
+
+    # A new number for SMS, which is on: a text goes to it first, and a wrong code changes nothing.
+    page.get_by_role("link", name="Change").click()
+    before = twofactor_server.lines_so_far()
+    save_new_phone(bob, "+14155550124", step_up_code=codes[2])
+    expect(page.get_by_text("We sent a code to +1******0124")).to_be_visible()
+    bob.shot("new-phone-code-sent")
+    code = twofactor_server.sms_code_to("+14155550124", after=before)
+    page.fill("#code", "000000" if code != "000000" else "111111")
+    page.get_by_role("button", name="Use this phone").click()
+    flash(page, "Wrong code.")
+    page.fill("#code", code)
+    page.get_by_role("button", name="Use this phone").click()
+    flash(page, "Your phone is now +1******0124.")
+    bob.shot("new-phone-confirmed")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -12,6 +13,16 @@ import redis
 from tests.conftest import REDIS_URL, Harness, require_service, without_password
 from tests.smtp_sink import SmtpSink, running_sink
 from tests.workers.celery_harness import Workers, remove_queue_keys, worker_env
+
+
+@pytest.fixture
+def backend() -> str:
+    return "postgres"  # worker processes and the server share one database
+
+
+@pytest.fixture
+def clock() -> Callable[[], float]:
+    return time.time  # the workers run on the real clock; so does the server they work for
 
 
 @pytest.fixture(scope="session")

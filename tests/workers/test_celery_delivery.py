@@ -29,16 +29,6 @@ from tests.workers.celery_harness import (
 )
 
 
-@pytest.fixture
-def backend() -> str:
-    return "postgres"  # worker processes and the server share one database
-
-
-@pytest.fixture
-def clock() -> Callable[[], float]:
-    return time.time  # the workers run on the real clock; so does this server
-
-
 def test_email_code_through_redis_and_a_celery_worker(
     sink: SmtpSink, start_server: ServerFactory, queue: str, workers_for: Callable[[Harness], Workers]
 ) -> None:

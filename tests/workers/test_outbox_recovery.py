@@ -39,16 +39,6 @@ from twofactor_server.delivery.dispatch import CeleryDispatcher
 from twofactor_server.domain.keyring import Keyring
 
 
-@pytest.fixture
-def backend() -> str:
-    return "postgres"  # worker processes and the server share one database
-
-
-@pytest.fixture
-def clock() -> Callable[[], float]:
-    return time.time  # the workers run on the real clock; so does this server
-
-
 def confirm(h: Harness, user_id: str, code: str) -> bool:
     """ConfirmEnrollment, asked again on UNAVAILABLE (a server connection left over from a DB restart)."""
     deadline = time.monotonic() + 30

@@ -2,25 +2,13 @@
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable
 
-import pytest
 from twofactor.v1 import common_pb2
 
 from tests.conftest import Harness, ServerFactory
 from tests.smtp_sink import SmtpSink
 from tests.workers.celery_harness import Workers, celery_server, start_email_enrollment, wait_for_status
-
-
-@pytest.fixture
-def backend() -> str:
-    return "postgres"  # worker processes and the server share one database
-
-
-@pytest.fixture
-def clock() -> Callable[[], float]:
-    return time.time  # the workers run on the real clock; so does this server
 
 
 def test_one_worker_sends_many_emails_over_one_connection(

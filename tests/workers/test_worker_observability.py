@@ -13,7 +13,6 @@ from collections.abc import Callable
 from pathlib import Path
 
 import psycopg
-import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from twofactor.v1 import common_pb2
 
@@ -27,16 +26,6 @@ from tests.workers.celery_harness import (
     wait_for_status,
     worker_env,
 )
-
-
-@pytest.fixture
-def backend() -> str:
-    return "postgres"  # worker processes and the server share one database
-
-
-@pytest.fixture
-def clock() -> Callable[[], float]:
-    return time.time  # the workers run on the real clock; so does this server
 
 
 def scrape(port: int) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:

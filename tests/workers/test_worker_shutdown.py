@@ -7,7 +7,6 @@ import signal
 import time
 from collections.abc import Callable
 
-import pytest
 from aiosmtpd.smtp import SMTP, Envelope, Session
 from twofactor.v1 import common_pb2
 
@@ -19,16 +18,6 @@ from tests.workers.celery_harness import (
     start_email_enrollment,
     wait_for_status,
 )
-
-
-@pytest.fixture
-def backend() -> str:
-    return "postgres"  # worker processes and the server share one database
-
-
-@pytest.fixture
-def clock() -> Callable[[], float]:
-    return time.time  # the workers run on the real clock; so does this server
 
 
 class SlowSink(SmtpSink):

@@ -115,15 +115,32 @@ class TwoFactorClient(_Client):
         email: str | None = None,
         phone: str | None = None,
         verification_token: str = "",
+        locale: str = "",
         timeout: float | None = None,
         request_id: str | None = None,
     ) -> tf.SetContactResponse:
         """Register the email address and/or E.164 mobile number; None leaves one as is, "" removes it.
-        Once the user has a method enabled, pass a verification_token from verify() (step-up)."""
+        Once the user has a method enabled, pass a verification_token from verify() (step-up).
+        A new address for an enabled email or SMS method gets a code (the response's
+        email_confirmation / phone_confirmation) and is in force only after confirm_contact()."""
         request = tf.SetContactRequest(
-            user_id=user_id, email=email, phone=phone, verification_token=verification_token
+            user_id=user_id, email=email, phone=phone, verification_token=verification_token, locale=locale
         )
         return self._call(self._stub.SetContact, request, timeout, request_id)
+
+    def confirm_contact(
+        self,
+        *,
+        user_id: str,
+        method: common.Method.ValueType,
+        code: str,
+        timeout: float | None = None,
+        request_id: str | None = None,
+    ) -> tf.ConfirmContactResponse:
+        """Put a new email address (METHOD_EMAIL) or mobile number (METHOD_SMS) in force with the
+        code set_contact() sent to it. A wrong code is an answer (result REJECTED or LOCKED)."""
+        request = tf.ConfirmContactRequest(user_id=user_id, method=method, code=code)
+        return self._call(self._stub.ConfirmContact, request, timeout, request_id)
 
     def start_enrollment(
         self,

@@ -17,12 +17,14 @@ from twofactor._status import status_from_metadata
 
 __all__ = [
     "AdminResetDisabled",
+    "ContactInUse",
     "ContactMissing",
     "DeadlineExceeded",
     "FailedPrecondition",
     "InvalidArgument",
     "LastMethodRequired",
     "MethodNotAllowed",
+    "NoPendingContactChange",
     "NotEnrolled",
     "NotFound",
     "PermissionDenied",
@@ -92,6 +94,20 @@ class ContactMissing(FailedPrecondition):
         return self.metadata.get("contact", "")
 
 
+class ContactInUse(FailedPrecondition):
+    """The contact receives an enabled method's codes and can't be removed: disable the method
+    first. `contact` says which ("email" or "phone")."""
+
+    @property
+    def contact(self) -> str:
+        return self.metadata.get("contact", "")
+
+
+class NoPendingContactChange(FailedPrecondition):
+    """confirm_contact() without a change waiting for its code (none made, or it expired or
+    was used up): call set_contact() again."""
+
+
 class LastMethodRequired(FailedPrecondition):
     """The policy forces 2FA and this is the user's last method."""
 
@@ -146,6 +162,8 @@ _FAILED_PRECONDITION_BY_REASON: dict[str, type[FailedPrecondition]] = {
     "NO_PENDING_ENROLLMENT": NotEnrolled,
     "METHOD_NOT_ALLOWED": MethodNotAllowed,
     "CONTACT_MISSING": ContactMissing,
+    "CONTACT_IN_USE": ContactInUse,
+    "NO_PENDING_CONTACT_CHANGE": NoPendingContactChange,
     "LAST_METHOD_REQUIRED": LastMethodRequired,
     "ADMIN_RESET_DISABLED": AdminResetDisabled,
     "USER_LOCKED": UserLocked,

@@ -16,6 +16,8 @@ whose reason names the problem:
                        user needs a fresh verification_token from Verify.
                        SMS_COUNTRY_NOT_ALLOWED: the number's country is
                        not in TWOFACTOR_SMS_ALLOWED_COUNTRIES.
+                       CONTACT_IN_USE: the contact receives the codes of
+                       an enabled method; disable the method first.
   RESOURCE_EXHAUSTED   a send limit; google.rpc.RetryInfo says when to retry
                        (RESEND_TOO_SOON, ..., SMS_COUNTRY_LIMIT, SMS_GLOBAL_LIMIT).
   UNAVAILABLE          retry the same call later (BROKER_UNAVAILABLE, ...).
@@ -247,6 +249,7 @@ class SetContactRequest(_message.Message):
     EMAIL_FIELD_NUMBER: _builtins.int
     PHONE_FIELD_NUMBER: _builtins.int
     VERIFICATION_TOKEN_FIELD_NUMBER: _builtins.int
+    LOCALE_FIELD_NUMBER: _builtins.int
     user_id: _builtins.str
     """The user (1 to 256 bytes)."""
     email: _builtins.str
@@ -262,6 +265,8 @@ class SetContactRequest(_message.Message):
     method enabled: without a valid one the call fails FAILED_PRECONDITION
     (STEP_UP_REQUIRED).
     """
+    locale: _builtins.str
+    """BCP 47 language of a confirmation message ("en" when empty or unknown)."""
     def __init__(
         self,
         *,
@@ -269,10 +274,11 @@ class SetContactRequest(_message.Message):
         email: _builtins.str | None = ...,
         phone: _builtins.str | None = ...,
         verification_token: _builtins.str = ...,
+        locale: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_email", b"_email", "_phone", b"_phone", "email", b"email", "phone", b"phone"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_email", b"_email", "_phone", b"_phone", "email", b"email", "phone", b"phone", "user_id", b"user_id", "verification_token", b"verification_token"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_email", b"_email", "_phone", b"_phone", "email", b"email", "locale", b"locale", "phone", b"phone", "user_id", b"user_id", "verification_token", b"verification_token"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__email: _TypeAlias = _typing.Literal["email"]  # noqa: Y015
     _WhichOneofArgType__email: _TypeAlias = _typing.Literal["_email", b"_email"]  # noqa: Y015
@@ -291,23 +297,105 @@ class SetContactResponse(_message.Message):
 
     MASKED_EMAIL_FIELD_NUMBER: _builtins.int
     MASKED_PHONE_FIELD_NUMBER: _builtins.int
+    EMAIL_CONFIRMATION_FIELD_NUMBER: _builtins.int
+    PHONE_CONFIRMATION_FIELD_NUMBER: _builtins.int
     masked_email: _builtins.str
-    """The registered address, masked."""
+    """The address in force, masked: until a new one is confirmed, the old one."""
     masked_phone: _builtins.str
-    """The registered mobile number, masked."""
+    """The mobile number in force, masked."""
+    @_builtins.property
+    def email_confirmation(self) -> _common_pb2.Challenge:
+        """Set when the new email address receives EMAIL codes: the code sent to it,
+        to pass to ConfirmContact. The old address stays in force until then.
+        """
+
+    @_builtins.property
+    def phone_confirmation(self) -> _common_pb2.Challenge:
+        """Set when the new mobile number receives SMS codes: the code sent to it."""
+
     def __init__(
         self,
         *,
         masked_email: _builtins.str = ...,
         masked_phone: _builtins.str = ...,
+        email_confirmation: _common_pb2.Challenge | None = ...,
+        phone_confirmation: _common_pb2.Challenge | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["email_confirmation", b"email_confirmation", "phone_confirmation", b"phone_confirmation"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["masked_email", b"masked_email", "masked_phone", b"masked_phone"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["email_confirmation", b"email_confirmation", "masked_email", b"masked_email", "masked_phone", b"masked_phone", "phone_confirmation", b"phone_confirmation"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___SetContactResponse: _TypeAlias = SetContactResponse  # noqa: Y015
+
+@_typing.final
+class ConfirmContactRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    USER_ID_FIELD_NUMBER: _builtins.int
+    METHOD_FIELD_NUMBER: _builtins.int
+    CODE_FIELD_NUMBER: _builtins.int
+    user_id: _builtins.str
+    """The user (1 to 256 bytes)."""
+    method: _common_pb2.Method.ValueType
+    """METHOD_EMAIL (a new email address) or METHOD_SMS (a new mobile number)."""
+    code: _builtins.str
+    """The code sent to the new address (digits only)."""
+    def __init__(
+        self,
+        *,
+        user_id: _builtins.str = ...,
+        method: _common_pb2.Method.ValueType = ...,
+        code: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["code", b"code", "method", b"method", "user_id", b"user_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ConfirmContactRequest: _TypeAlias = ConfirmContactRequest  # noqa: Y015
+
+@_typing.final
+class ConfirmContactResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RESULT_FIELD_NUMBER: _builtins.int
+    ATTEMPTS_LEFT_FIELD_NUMBER: _builtins.int
+    MASKED_EMAIL_FIELD_NUMBER: _builtins.int
+    MASKED_PHONE_FIELD_NUMBER: _builtins.int
+    VERIFICATION_TOKEN_FIELD_NUMBER: _builtins.int
+    result: Global___ConfirmResult.ValueType
+    """Confirmed (the new address is in force), rejected (wrong or expired code)
+    or locked (this wrong code locked the user out).
+    """
+    attempts_left: _builtins.int
+    """Wrong codes left before the user is locked out."""
+    masked_email: _builtins.str
+    """The address in force afterwards, masked."""
+    masked_phone: _builtins.str
+    """The mobile number in force afterwards, masked."""
+    verification_token: _builtins.str
+    """When confirmed: a step-up proof like Verify's (the change moved the
+    user's credential epoch on, so older tokens no longer work).
+    """
+    def __init__(
+        self,
+        *,
+        result: Global___ConfirmResult.ValueType = ...,
+        attempts_left: _builtins.int = ...,
+        masked_email: _builtins.str = ...,
+        masked_phone: _builtins.str = ...,
+        verification_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempts_left", b"attempts_left", "masked_email", b"masked_email", "masked_phone", b"masked_phone", "result", b"result", "verification_token", b"verification_token"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ConfirmContactResponse: _TypeAlias = ConfirmContactResponse  # noqa: Y015
 
 @_typing.final
 class StartEnrollmentRequest(_message.Message):

@@ -45,6 +45,11 @@ class TwoFactorServiceStub:
                 request_serializer=twofactor_dot_v1_dot_twofactor__service__pb2.SetContactRequest.SerializeToString,
                 response_deserializer=twofactor_dot_v1_dot_twofactor__service__pb2.SetContactResponse.FromString,
                 _registered_method=True)
+        self.ConfirmContact = channel.unary_unary(
+                '/twofactor.v1.TwoFactorService/ConfirmContact',
+                request_serializer=twofactor_dot_v1_dot_twofactor__service__pb2.ConfirmContactRequest.SerializeToString,
+                response_deserializer=twofactor_dot_v1_dot_twofactor__service__pb2.ConfirmContactResponse.FromString,
+                _registered_method=True)
         self.StartEnrollment = channel.unary_unary(
                 '/twofactor.v1.TwoFactorService/StartEnrollment',
                 request_serializer=twofactor_dot_v1_dot_twofactor__service__pb2.StartEnrollmentRequest.SerializeToString,
@@ -102,7 +107,21 @@ class TwoFactorServiceServicer:
     def SetContact(self, request, context):
         """Registers the email address and mobile number that codes are sent to.
         Creates the user if needed. For a user with a method enabled it needs a
-        verification_token (step-up).
+        verification_token (step-up). A new address for an enabled EMAIL or SMS
+        method is not used at once: a code goes to it (email_confirmation,
+        phone_confirmation) and the old address stays in force until
+        ConfirmContact accepts that code. Every change is emailed to the old
+        address (TWOFACTOR_NOTIFY_USERS).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ConfirmContact(self, request, context):
+        """Puts a new email address or mobile number in force with the code that
+        SetContact sent to it. A wrong code is an answer (CONFIRM_RESULT_REJECTED
+        or _LOCKED) and counts toward the lockout; FAILED_PRECONDITION
+        (NO_PENDING_CONTACT_CHANGE) when no change is waiting.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -188,6 +207,11 @@ def add_TwoFactorServiceServicer_to_server(servicer, server):
                     servicer.SetContact,
                     request_deserializer=twofactor_dot_v1_dot_twofactor__service__pb2.SetContactRequest.FromString,
                     response_serializer=twofactor_dot_v1_dot_twofactor__service__pb2.SetContactResponse.SerializeToString,
+            ),
+            'ConfirmContact': grpc.unary_unary_rpc_method_handler(
+                    servicer.ConfirmContact,
+                    request_deserializer=twofactor_dot_v1_dot_twofactor__service__pb2.ConfirmContactRequest.FromString,
+                    response_serializer=twofactor_dot_v1_dot_twofactor__service__pb2.ConfirmContactResponse.SerializeToString,
             ),
             'StartEnrollment': grpc.unary_unary_rpc_method_handler(
                     servicer.StartEnrollment,
@@ -285,6 +309,33 @@ class TwoFactorService:
             '/twofactor.v1.TwoFactorService/SetContact',
             twofactor_dot_v1_dot_twofactor__service__pb2.SetContactRequest.SerializeToString,
             twofactor_dot_v1_dot_twofactor__service__pb2.SetContactResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ConfirmContact(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/twofactor.v1.TwoFactorService/ConfirmContact',
+            twofactor_dot_v1_dot_twofactor__service__pb2.ConfirmContactRequest.SerializeToString,
+            twofactor_dot_v1_dot_twofactor__service__pb2.ConfirmContactResponse.FromString,
             options,
             channel_credentials,
             insecure,

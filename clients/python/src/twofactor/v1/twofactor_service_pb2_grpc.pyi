@@ -16,6 +16,8 @@ whose reason names the problem:
                        user needs a fresh verification_token from Verify.
                        SMS_COUNTRY_NOT_ALLOWED: the number's country is
                        not in TWOFACTOR_SMS_ALLOWED_COUNTRIES.
+                       CONTACT_IN_USE: the contact receives the codes of
+                       an enabled method; disable the method first.
   RESOURCE_EXHAUSTED   a send limit; google.rpc.RetryInfo says when to retry
                        (RESEND_TOO_SOON, ..., SMS_COUNTRY_LIMIT, SMS_GLOBAL_LIMIT).
   UNAVAILABLE          retry the same call later (BROKER_UNAVAILABLE, ...).
@@ -59,7 +61,17 @@ class TwoFactorServiceStub:
     SetContact: _grpc.UnaryUnaryMultiCallable[_twofactor_service_pb2.SetContactRequest, _twofactor_service_pb2.SetContactResponse]
     """Registers the email address and mobile number that codes are sent to.
     Creates the user if needed. For a user with a method enabled it needs a
-    verification_token (step-up).
+    verification_token (step-up). A new address for an enabled EMAIL or SMS
+    method is not used at once: a code goes to it (email_confirmation,
+    phone_confirmation) and the old address stays in force until
+    ConfirmContact accepts that code. Every change is emailed to the old
+    address (TWOFACTOR_NOTIFY_USERS).
+    """
+    ConfirmContact: _grpc.UnaryUnaryMultiCallable[_twofactor_service_pb2.ConfirmContactRequest, _twofactor_service_pb2.ConfirmContactResponse]
+    """Puts a new email address or mobile number in force with the code that
+    SetContact sent to it. A wrong code is an answer (CONFIRM_RESULT_REJECTED
+    or _LOCKED) and counts toward the lockout; FAILED_PRECONDITION
+    (NO_PENDING_CONTACT_CHANGE) when no change is waiting.
     """
     StartEnrollment: _grpc.UnaryUnaryMultiCallable[_twofactor_service_pb2.StartEnrollmentRequest, _twofactor_service_pb2.StartEnrollmentResponse]
     """Begins enrolling a method. AUTHENTICATOR returns a new secret, its otpauth
@@ -108,7 +120,17 @@ class TwoFactorServiceAsyncStub(TwoFactorServiceStub):
     SetContact: _aio.UnaryUnaryMultiCallable[_twofactor_service_pb2.SetContactRequest, _twofactor_service_pb2.SetContactResponse]  # type: ignore[assignment]
     """Registers the email address and mobile number that codes are sent to.
     Creates the user if needed. For a user with a method enabled it needs a
-    verification_token (step-up).
+    verification_token (step-up). A new address for an enabled EMAIL or SMS
+    method is not used at once: a code goes to it (email_confirmation,
+    phone_confirmation) and the old address stays in force until
+    ConfirmContact accepts that code. Every change is emailed to the old
+    address (TWOFACTOR_NOTIFY_USERS).
+    """
+    ConfirmContact: _aio.UnaryUnaryMultiCallable[_twofactor_service_pb2.ConfirmContactRequest, _twofactor_service_pb2.ConfirmContactResponse]  # type: ignore[assignment]
+    """Puts a new email address or mobile number in force with the code that
+    SetContact sent to it. A wrong code is an answer (CONFIRM_RESULT_REJECTED
+    or _LOCKED) and counts toward the lockout; FAILED_PRECONDITION
+    (NO_PENDING_CONTACT_CHANGE) when no change is waiting.
     """
     StartEnrollment: _aio.UnaryUnaryMultiCallable[_twofactor_service_pb2.StartEnrollmentRequest, _twofactor_service_pb2.StartEnrollmentResponse]  # type: ignore[assignment]
     """Begins enrolling a method. AUTHENTICATOR returns a new secret, its otpauth
@@ -166,7 +188,23 @@ class TwoFactorServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_twofactor_service_pb2.SetContactResponse, _abc.Awaitable[_twofactor_service_pb2.SetContactResponse]]:
         """Registers the email address and mobile number that codes are sent to.
         Creates the user if needed. For a user with a method enabled it needs a
-        verification_token (step-up).
+        verification_token (step-up). A new address for an enabled EMAIL or SMS
+        method is not used at once: a code goes to it (email_confirmation,
+        phone_confirmation) and the old address stays in force until
+        ConfirmContact accepts that code. Every change is emailed to the old
+        address (TWOFACTOR_NOTIFY_USERS).
+        """
+
+    @_abc_1.abstractmethod
+    def ConfirmContact(
+        self,
+        request: _twofactor_service_pb2.ConfirmContactRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_twofactor_service_pb2.ConfirmContactResponse, _abc.Awaitable[_twofactor_service_pb2.ConfirmContactResponse]]:
+        """Puts a new email address or mobile number in force with the code that
+        SetContact sent to it. A wrong code is an answer (CONFIRM_RESULT_REJECTED
+        or _LOCKED) and counts toward the lockout; FAILED_PRECONDITION
+        (NO_PENDING_CONTACT_CHANGE) when no change is waiting.
         """
 
     @_abc_1.abstractmethod

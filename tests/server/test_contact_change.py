@@ -1,0 +1,265 @@
+"""A new address for an enabled email or SMS method is confirmed before it is used: the old one
+stays in force until the code sent to the new one comes back through ConfirmContact (issue 12).
+In-process delivery to a real SMTP sink and an operator's SMS class, on SQLite and PostgreSQL."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import grpc
+import pytest
+from twofactor.v1 import twofactor_service_pb2 as pb
+
+from tests.conftest import Clock, Harness, ServerFactory
+from tests.server.helpers import (
+    AUTHENTICATOR,
+    EMAIL,
+    SMS,
+    enroll_authenticator,
+    error_info,
+    verified_token,
+    verify,
+)
+from tests.server.test_challenges import SharedRecordingSms
+from tests.smtp_sink import SmtpSink, code_in, running_sink
+
+
+@pytest.fixture
+def sink() -> Iterator[SmtpSink]:
+    with running_sink(SmtpSink()) as running:
+        yield running
+
+
+@pytest.fixture
+def h(sink: SmtpSink, start_server: ServerFactory) -> Harness:
+    return start_server(
+        email_provider="smtp",
+        smtp=sink.settings(),
+        sms_provider="tests.server.test_challenges:SharedRecordingSms",
+        policy={"resend_cooldown_seconds": 0, "notify_users": True},
+    )
+
+
+def enroll_email(h: Harness, sink: SmtpSink, user: str, address: str) -> None:
+    h.twofactor.SetContact(pb.SetContactRequest(user_id=user, email=address), metadata=h.app_metadata)
+    before = len(sink.messages)
+    h.twofactor.StartEnrollment(
+        pb.StartEnrollmentRequest(user_id=user, method=EMAIL), metadata=h.app_metadata
+    )
+    code = code_in(sink.message_to(address, "Confirm", after=before))
+    confirm = h.twofactor.ConfirmEnrollment(
+        pb.ConfirmEnrollmentRequest(user_id=user, method=EMAIL, code=code), metadata=h.app_metadata
+    )
+    assert confirm.confirmed
+
+
+def login_code_by_email(h: Harness, sink: SmtpSink, user: str) -> tuple[str, str]:
+    """SendCode by email; return the address it reached and the code."""
+    before = len(sink.messages)
+    h.twofactor.SendCode(pb.SendCodeRequest(user_id=user, method=EMAIL), metadata=h.app_metadata)
+    message = sink.message_to(None, "verification code", after=before)
+    return str(message["To"]), code_in(message)
+
+
+def email_token(h: Harness, sink: SmtpSink, user: str) -> str:
+    _, code = login_code_by_email(h, sink, user)
+    answer = verify(h, user, code)
+    assert answer.result == pb.VERIFY_RESULT_ACCEPTED
+    return answer.verification_token
+
+
+def confirm_contact(h: Harness, user: str, method: int, code: str) -> pb.ConfirmContactResponse:
+    return h.twofactor.ConfirmContact(
+        pb.ConfirmContactRequest(user_id=user, method=method, code=code), metadata=h.app_metadata
+    )
+
+
+def failed(call: object) -> grpc.RpcError:
+    with pytest.raises(grpc.RpcError) as raised:
+        call()  # type: ignore[operator]
+    return raised.value
+
+
+def test_a_new_email_is_confirmed_first_and_the_old_one_works_until_then(h: Harness, sink: SmtpSink) -> None:
+    enroll_email(h, sink, "ana", "ana@example.com")
+    token = email_token(h, sink, "ana")
+
+    before = len(sink.messages)
+    change = h.twofactor.SetContact(
+        pb.SetContactRequest(user_id="ana", email="nina@example.com", verification_token=token),
+        metadata=h.app_metadata,
+    )
+    # Still the old address in force; a code went to the new one.
+    assert change.masked_email == "a***@example.com"
+    assert change.HasField("email_confirmation") and not change.HasField("phone_confirmation")
+    assert change.email_confirmation.masked_destination == "n***@example.com"  # where the code went
+    assert change.email_confirmation.method == EMAIL
+    confirmation_code = code_in(sink.message_to("nina@example.com", "Confirm your new address", after=before))
+
+    # Until it is confirmed, login codes go to the old address and work there.
+    to, code = login_code_by_email(h, sink, "ana")
+    assert to == "ana@example.com"
+    assert verify(h, "ana", code).result == pb.VERIFY_RESULT_ACCEPTED
+
+    wrong = confirm_contact(h, "ana", EMAIL, "000000" if confirmation_code != "000000" else "111111")
+    assert wrong.result == pb.CONFIRM_RESULT_REJECTED and wrong.attempts_left == 4
+    assert wrong.masked_email == "a***@example.com" and not wrong.verification_token
+
+    confirmed = confirm_contact(h, "ana", EMAIL, confirmation_code)
+    assert confirmed.result == pb.CONFIRM_RESULT_CONFIRMED
+    assert confirmed.masked_email == "n***@example.com"
+    assert confirmed.verification_token
+    status = h.twofactor.GetStatus(pb.GetStatusRequest(user_id="ana"), metadata=h.app_metadata)
+    assert status.email_registered and list(status.enabled_methods) == [EMAIL]
+
+    # Login codes now go to the new address; the code is spent.
+    to, code = login_code_by_email(h, sink, "ana")
+    assert to == "nina@example.com"
+    assert verify(h, "ana", code).result == pb.VERIFY_RESULT_ACCEPTED
+    error = failed(lambda: confirm_contact(h, "ana", EMAIL, confirmation_code))
+    assert error.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert error_info(error).reason == "NO_PENDING_CONTACT_CHANGE"
+
+    # The change moved the credential epoch on: the old proof is spent, the new one works.
+    refused = failed(
+        lambda: h.twofactor.GetBackupCodes(
+            pb.GetBackupCodesRequest(user_id="ana", verification_token=token), metadata=h.app_metadata
+        )
+    )
+    assert error_info(refused).reason == "STEP_UP_REQUIRED"
+    shown = h.twofactor.GetBackupCodes(
+        pb.GetBackupCodesRequest(user_id="ana", verification_token=confirmed.verification_token),
+        metadata=h.app_metadata,
+    )
+    assert len(shown.codes) == 10
+
+    # The old address was told, once the change was made.
+    notice = sink.message_to("ana@example.com", "The email address for your", after=before)
+    text = notice.get_body(preferencelist=("plain",)).get_content()  # type: ignore[union-attr]
+    assert "n***@example.com" in text and confirmation_code not in text
+
+
+def test_only_the_newest_pending_change_can_be_confirmed(h: Harness, sink: SmtpSink) -> None:
+    enroll_email(h, sink, "bo", "bo@example.com")
+    token = email_token(h, sink, "bo")
+    codes = []
+    for address in ("first@example.com", "second@example.com"):
+        before = len(sink.messages)
+        h.twofactor.SetContact(
+            pb.SetContactRequest(user_id="bo", email=address, verification_token=token),
+            metadata=h.app_metadata,
+        )
+        codes.append(code_in(sink.message_to(address, "Confirm", after=before)))
+    if codes[0] != codes[1]:
+        assert confirm_contact(h, "bo", EMAIL, codes[0]).result == pb.CONFIRM_RESULT_REJECTED
+    assert confirm_contact(h, "bo", EMAIL, codes[1]).result == pb.CONFIRM_RESULT_CONFIRMED
+    to, _ = login_code_by_email(h, sink, "bo")
+    assert to == "second@example.com"
+
+
+def test_a_new_phone_for_enabled_sms_is_confirmed_by_a_text_to_it(h: Harness, clock: Clock) -> None:
+    h.twofactor.SetContact(pb.SetContactRequest(user_id="cy", phone="+14155550101"), metadata=h.app_metadata)
+    h.twofactor.StartEnrollment(pb.StartEnrollmentRequest(user_id="cy", method=SMS), metadata=h.app_metadata)
+    enroll_text = wait_for_text("+14155550101")
+    confirm = h.twofactor.ConfirmEnrollment(
+        pb.ConfirmEnrollmentRequest(user_id="cy", method=SMS, code=sms_code(enroll_text)),
+        metadata=h.app_metadata,
+    )
+    assert confirm.confirmed
+
+    change = h.twofactor.SetContact(
+        pb.SetContactRequest(
+            user_id="cy", phone="+1 415 555 0102", verification_token=confirm.verification_token
+        ),
+        metadata=h.app_metadata,
+    )
+    assert (
+        change.masked_phone == "+1******0101"
+        and change.phone_confirmation.masked_destination == "+1******0102"
+    )
+    code = sms_code(wait_for_text("+14155550102"))
+    # The old number still gets the login codes.
+    h.twofactor.SendCode(pb.SendCodeRequest(user_id="cy", method=SMS), metadata=h.app_metadata)
+    assert wait_for_text("+14155550101", after=enroll_text).startswith("Your twofactor verification code")
+    confirmed = confirm_contact(h, "cy", SMS, code)
+    assert confirmed.result == pb.CONFIRM_RESULT_CONFIRMED and confirmed.masked_phone == "+1******0102"
+
+
+def test_the_contact_of_an_enabled_method_cannot_be_removed(h: Harness, sink: SmtpSink) -> None:
+    enroll_email(h, sink, "di", "di@example.com")
+    token = email_token(h, sink, "di")
+    error = failed(
+        lambda: h.twofactor.SetContact(
+            pb.SetContactRequest(user_id="di", email="", verification_token=token), metadata=h.app_metadata
+        )
+    )
+    assert error.code() == grpc.StatusCode.FAILED_PRECONDITION
+    info = error_info(error)
+    assert info.reason == "CONTACT_IN_USE" and info.metadata["contact"] == "email"
+    assert "disable email first" in str(error.details())
+
+
+def test_a_contact_no_enabled_method_uses_changes_at_once_and_the_old_email_hears_of_it(
+    h: Harness, sink: SmtpSink, clock: Clock
+) -> None:
+    h.twofactor.SetContact(
+        pb.SetContactRequest(user_id="ed", email="ed@example.com"), metadata=h.app_metadata
+    )
+    secret, _ = enroll_authenticator(h, clock, "ed")
+    token = verified_token(h, clock, "ed", secret)
+    before = len(sink.messages)
+    change = h.twofactor.SetContact(
+        pb.SetContactRequest(user_id="ed", email="edward@example.com", verification_token=token),
+        metadata=h.app_metadata,
+    )
+    assert change.masked_email == "e***@example.com" and not change.HasField("email_confirmation")
+    notice = sink.message_to("ed@example.com", "The email address for your", after=before)
+    assert "e***@example.com" in notice.get_body(preferencelist=("plain",)).get_content()  # type: ignore[union-attr]
+
+
+def test_confirm_contact_refuses_what_it_cannot_do(h: Harness, sink: SmtpSink) -> None:
+    h.twofactor.SetContact(
+        pb.SetContactRequest(user_id="fa", email="fa@example.com"), metadata=h.app_metadata
+    )
+    for method, code, reason, status in (
+        (EMAIL, "123456", "NO_PENDING_CONTACT_CHANGE", grpc.StatusCode.FAILED_PRECONDITION),
+        (AUTHENTICATOR, "123456", "INVALID_METHOD", grpc.StatusCode.INVALID_ARGUMENT),
+        (EMAIL, "12ab", "INVALID_CODE", grpc.StatusCode.INVALID_ARGUMENT),
+    ):
+        error = failed(lambda m=method, c=code: confirm_contact(h, "fa", m, c))  # type: ignore[misc]
+        assert (error.code(), error_info(error).reason) == (status, reason)
+    error = failed(lambda: confirm_contact(h, "nobody", EMAIL, "123456"))
+    assert error.code() == grpc.StatusCode.NOT_FOUND
+
+
+def test_wrong_confirmation_codes_count_toward_the_lockout(h: Harness, sink: SmtpSink) -> None:
+    enroll_email(h, sink, "gus", "gus@example.com")
+    token = email_token(h, sink, "gus")
+    before = len(sink.messages)
+    h.twofactor.SetContact(
+        pb.SetContactRequest(user_id="gus", email="gus2@example.com", verification_token=token),
+        metadata=h.app_metadata,
+    )
+    right = code_in(sink.message_to("gus2@example.com", "Confirm", after=before))
+    wrong = "000000" if right != "000000" else "111111"
+    answers = [confirm_contact(h, "gus", EMAIL, wrong) for _ in range(5)]
+    assert [a.result for a in answers] == [pb.CONFIRM_RESULT_REJECTED] * 4 + [pb.CONFIRM_RESULT_LOCKED]
+    error = failed(lambda: confirm_contact(h, "gus", EMAIL, right))
+    assert error_info(error).reason == "USER_LOCKED"
+
+
+def wait_for_text(number: str, *, after: str | None = None) -> str:
+    """The newest text to `number` (other than `after`), waited for (bounded)."""
+    import time
+
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        texts = [m.text for m in SharedRecordingSms.outbox if m.to == number and m.text != after]
+        if texts:
+            return texts[-1]
+        time.sleep(0.02)
+    raise AssertionError(f"no text to {number}")
+
+
+def sms_code(text: str) -> str:
+    return text.split(" is ")[1][:6]

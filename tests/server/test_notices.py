@@ -1,0 +1,196 @@
+"""Users hear about changes to their second factor (issue 12): every sensitive change is mailed
+to the registered address through the outbox, on SQLite and PostgreSQL, in-process delivery to
+a real SMTP sink."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from email.message import EmailMessage
+
+import pytest
+from twofactor.v1 import admin_service_pb2 as admin_pb
+from twofactor.v1 import twofactor_service_pb2 as pb
+
+from tests.conftest import Clock, Harness, ServerFactory
+from tests.server.helpers import AUTHENTICATOR, EMAIL, enroll_authenticator, totp_now, verified_token, verify
+from tests.server.stored_rows import query
+from tests.smtp_sink import SmtpSink, code_in, running_sink
+from twofactor_server.storage import keys
+
+# The subject of each notice, as the English templates word it (issuer "twofactor").
+SUBJECTS = {
+    "method_added": "A sign-in method was added to your twofactor account",
+    "method_disabled": "A sign-in method was turned off for your twofactor account",
+    "contact_changed": "The mobile number for your twofactor codes changed",
+    "backup_codes_viewed": "Your twofactor backup codes were viewed",
+    "backup_codes_regenerated": "New backup codes for your twofactor account",
+    "admin_reset": "Your twofactor two-factor verification was reset",
+    "locked_out": "Too many wrong codes for your twofactor account",
+}
+
+
+@pytest.fixture
+def sink() -> Iterator[SmtpSink]:
+    with running_sink(SmtpSink()) as running:
+        yield running
+
+
+def start(start_server: ServerFactory, sink: SmtpSink, **policy: object) -> Harness:
+    return start_server(
+        email_provider="smtp",
+        smtp=sink.settings(),
+        policy={"notify_users": True, "lockout_threshold": 3, **policy},
+    )
+
+
+def body(message: EmailMessage) -> str:
+    part = message.get_body(preferencelist=("plain",))
+    assert part is not None
+    return str(part.get_content())
+
+
+def subjects_to(sink: SmtpSink, address: str) -> list[str]:
+    return [str(m["Subject"]) for m in sink.messages if m["To"] == address]
+
+
+def wait_until_all_sent(h: Harness) -> None:
+    """Until every notice's delivery is recorded (the sink sees a message just before that)."""
+    deadline = time.monotonic() + 30
+    sql = "SELECT COUNT(*) AS n FROM challenges WHERE purpose = 'notice' AND delivery_status <> 'sent'"
+    while query(h.settings, sql)[0]["n"]:
+        assert time.monotonic() < deadline, "notices not all recorded as sent"
+        time.sleep(0.05)
+
+
+def test_every_sensitive_change_is_mailed_to_the_user(
+    start_server: ServerFactory, sink: SmtpSink, clock: Clock
+) -> None:
+    h = start(start_server, sink)
+    app = h.app_metadata
+    h.twofactor.SetContact(pb.SetContactRequest(user_id="ana", email="ana@example.com"), metadata=app)
+    secret, _ = enroll_authenticator(h, clock, "ana")
+    added = sink.message_to("ana@example.com", SUBJECTS["method_added"])
+    assert "authenticator app" in body(added) and "If this was not you" in body(added)
+    assert added.get_body(preferencelist=("html",)) is not None
+
+    token = verified_token(h, clock, "ana", secret)
+    shown = h.twofactor.GetBackupCodes(
+        pb.GetBackupCodesRequest(user_id="ana", verification_token=token), metadata=app
+    )
+    viewed = sink.message_to("ana@example.com", SUBJECTS["backup_codes_viewed"])
+    assert not any(code in body(viewed) for code in shown.codes)  # a notice never carries a code
+
+    h.twofactor.RegenerateBackupCodes(
+        pb.RegenerateBackupCodesRequest(user_id="ana", verification_token=token), metadata=app
+    )
+    sink.message_to("ana@example.com", SUBJECTS["backup_codes_regenerated"])
+
+    token = verified_token(h, clock, "ana", secret)
+    h.twofactor.SetContact(
+        pb.SetContactRequest(user_id="ana", phone="+14155550123", verification_token=token), metadata=app
+    )
+    changed = sink.message_to("ana@example.com", SUBJECTS["contact_changed"])
+    assert "+1******0123" in body(changed) and "+14155550123" not in body(changed)
+
+    wrong = "000000" if totp_now(secret, clock) != "000000" else "111111"
+    answers = [verify(h, "ana", wrong).result for _ in range(3)]
+    assert answers == [pb.VERIFY_RESULT_REJECTED] * 2 + [pb.VERIFY_RESULT_LOCKED]
+    locked = sink.message_to("ana@example.com", SUBJECTS["locked_out"])
+    assert "minute" in body(locked)
+    h.admin.UnlockUser(admin_pb.UnlockUserRequest(user_id="ana"), metadata=h.admin_metadata)
+
+    token = verified_token(h, clock, "ana", secret)
+    h.twofactor.StartEnrollment(
+        pb.StartEnrollmentRequest(user_id="ana", method=EMAIL, verification_token=token), metadata=app
+    )
+    code = code_in(sink.message_to("ana@example.com", "Confirm your email address"))
+    h.twofactor.ConfirmEnrollment(
+        pb.ConfirmEnrollmentRequest(user_id="ana", method=EMAIL, code=code), metadata=app
+    )
+    token = verified_token(h, clock, "ana", secret)
+    h.twofactor.DisableMethod(
+        pb.DisableMethodRequest(user_id="ana", method=AUTHENTICATOR, verification_token=token), metadata=app
+    )
+    disabled = sink.message_to("ana@example.com", SUBJECTS["method_disabled"])
+    assert "authenticator app" in body(disabled)
+
+    h.admin.ResetUser(
+        admin_pb.ResetUserRequest(user_id="ana", reason="lost phone"), metadata=h.admin_metadata
+    )
+    sink.message_to("ana@example.com", SUBJECTS["admin_reset"])
+
+    # Exactly one of each (two "method added": the app, then email), and nothing else but codes.
+    received = subjects_to(sink, "ana@example.com")
+    notices = [s for s in received if s in SUBJECTS.values()]
+    assert sorted(notices) == sorted([*SUBJECTS.values(), SUBJECTS["method_added"]])
+    assert all("verification code" in s or s.startswith("Confirm") for s in received if s not in notices)
+    # Sent notices keep nothing but their kind: the sealed detail is wiped like a code.
+    wait_until_all_sent(h)
+    rows = query(
+        h.settings, "SELECT notice, delivery_status, code_ciphertext FROM challenges WHERE purpose = 'notice'"
+    )
+    assert sorted(r["notice"] for r in rows) == sorted([*SUBJECTS, "method_added"])
+    assert {r["delivery_status"] for r in rows} == {"sent"} and all(
+        r["code_ciphertext"] is None for r in rows
+    )
+    # Nor do they hold a key version in use: retiring a key never waits for a notice sent.
+    with h.server.db.statements() as q:
+        usage = keys.key_usage(q, int(clock() * 1000))
+    assert [u for u in usage if u.kind.startswith("challenge_")] == []
+
+
+def test_no_address_or_notices_off_means_no_mail(
+    start_server: ServerFactory, sink: SmtpSink, clock: Clock
+) -> None:
+    quiet = start(start_server, sink, notify_users=False)
+    quiet.twofactor.SetContact(
+        pb.SetContactRequest(user_id="bo", email="bo@example.com"), metadata=quiet.app_metadata
+    )
+    enroll_authenticator(quiet, clock, "bo")
+    enroll_authenticator(quiet, clock, "cy")  # no email registered
+    assert query(quiet.settings, "SELECT COUNT(*) AS n FROM challenges WHERE purpose = 'notice'")[0]["n"] == 0
+
+    loud = start(start_server, sink)
+    enroll_authenticator(loud, clock, "di")  # no email registered: nothing to send to
+    assert (
+        query(
+            loud.settings, "SELECT COUNT(*) AS n FROM challenges WHERE purpose = 'notice' AND user_id = 'di'"
+        )[0]["n"]
+        == 0
+    )
+
+
+def test_notices_count_toward_no_send_limit_and_replace_no_code(
+    start_server: ServerFactory, sink: SmtpSink, clock: Clock
+) -> None:
+    h = start(start_server, sink, sends_per_user_per_hour=3, sends_per_destination_per_hour=3)
+    app = h.app_metadata
+    h.twofactor.SetContact(pb.SetContactRequest(user_id="ed", email="ed@example.com"), metadata=app)
+    secret, _ = enroll_authenticator(h, clock, "ed")
+    before = len(sink.messages)
+    h.twofactor.StartEnrollment(
+        pb.StartEnrollmentRequest(
+            user_id="ed", method=EMAIL, verification_token=verified_token(h, clock, "ed", secret)
+        ),
+        metadata=app,
+    )
+    code = code_in(sink.message_to("ed@example.com", "Confirm", after=before))
+    h.twofactor.ConfirmEnrollment(
+        pb.ConfirmEnrollmentRequest(user_id="ed", method=EMAIL, code=code), metadata=app
+    )
+    clock.advance(31)
+    # A login code, then notices (backup codes viewed, twice) while it waits: it still works.
+    # And with the enrollment code and two login codes at a limit of 3, four notices by then
+    # would have exhausted it, were they counted.
+    before = len(sink.messages)
+    h.twofactor.SendCode(pb.SendCodeRequest(user_id="ed", method=EMAIL), metadata=app)
+    login_code = code_in(sink.message_to("ed@example.com", "verification code", after=before))
+    for _ in range(2):
+        token = verified_token(h, clock, "ed", secret)
+        h.twofactor.GetBackupCodes(
+            pb.GetBackupCodesRequest(user_id="ed", verification_token=token), metadata=app
+        )
+    assert verify(h, "ed", login_code).result == pb.VERIFY_RESULT_ACCEPTED
+    clock.advance(31)
+    h.twofactor.SendCode(pb.SendCodeRequest(user_id="ed", method=EMAIL), metadata=app)  # not USER_SEND_LIMIT
