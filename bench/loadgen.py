@@ -364,15 +364,16 @@ class Clients:
         """Point every client thread at another server (the same users stay enrolled in the database)."""
         self._ask_all([("retarget", target)] * len(self._pipes), timeout=60)
 
-    def enroll(self, user_ids: Sequence[str], timeout: float) -> array:
-        """Enroll the users in the authenticator app, spread over the processes.
+    def enroll(self, user_ids: Sequence[str], timeout: float, qr_formats: Sequence[int] = ()) -> array:
+        """Enroll the users in the authenticator app, spread over the processes; StartEnrollment
+        asks for the QR code images in `qr_formats` (twofactor.v1 QrCodeFormat values; none by default).
 
         Returns the latency (ms) of each enrollment: StartEnrollment plus ConfirmEnrollment.
         """
         count = len(self._pipes)
         slices = [list(user_ids[i::count]) for i in range(count)]
         latencies = array("d")
-        for part in self._ask_all([("enroll", s) for s in slices], timeout):
+        for part in self._ask_all([("enroll", s, list(qr_formats)) for s in slices], timeout):
             latencies.extend(part)
         return latencies
 
@@ -435,7 +436,7 @@ def _client_main(pipe: multiprocessing.connection.Connection, target: str, token
                 if message[0] == "stop":
                     return
                 if message[0] == "enroll":
-                    pipe.send(client.enroll(message[1]))
+                    pipe.send(client.enroll(message[1], message[2]))
                 elif message[0] == "users":
                     pipe.send(client.set_users(message[1]))
                 elif message[0] == "email_users":
@@ -492,18 +493,23 @@ class _ClientProcess:
 
     # enrollment: StartEnrollment(AUTHENTICATOR) then ConfirmEnrollment with the app's code
 
-    def enroll(self, user_ids: list[str]) -> array:
+    def enroll(self, user_ids: list[str], qr_formats: list[int]) -> array:
         threads = len(self._channels)
         with ThreadPoolExecutor(threads) as pool:
             done = list(
-                pool.map(self._enroll_slice, range(threads), [user_ids[i::threads] for i in range(threads)])
+                pool.map(
+                    self._enroll_slice,
+                    range(threads),
+                    [user_ids[i::threads] for i in range(threads)],
+                    [qr_formats] * threads,
+                )
             )
         latencies = array("d")
         for part in done:
             latencies.extend(part)
         return latencies
 
-    def _enroll_slice(self, index: int, user_ids: list[str]) -> array:
+    def _enroll_slice(self, index: int, user_ids: list[str], qr_formats: list[int]) -> array:
         import pyotp
         from twofactor.v1 import common_pb2, twofactor_service_pb2, twofactor_service_pb2_grpc
 
@@ -513,7 +519,7 @@ class _ClientProcess:
             t0 = time.perf_counter()
             start = stub.StartEnrollment(
                 twofactor_service_pb2.StartEnrollmentRequest(
-                    user_id=user_id, method=common_pb2.METHOD_AUTHENTICATOR
+                    user_id=user_id, method=common_pb2.METHOD_AUTHENTICATOR, qr_formats=qr_formats
                 ),
                 metadata=self._metadata,
                 timeout=CALL_TIMEOUT,

@@ -191,7 +191,7 @@ def user_rows(population: Population, keyring: Keyring, index: int, chunk: Chunk
     audit.append(
         (confirmed, p.actor, user_id, "backup_codes_generated", request, "success", f"{len(codes)} codes")
     )
-    epoch = 2  # enabling a method, and the new set of backup codes
+    epoch = 1  # the first confirmation moves it on once (the method and its backup codes together)
     email = None
     last_verified = confirmed
     if p.has_email(index):
@@ -208,7 +208,7 @@ def user_rows(population: Population, keyring: Keyring, index: int, chunk: Chunk
             (mail_confirmed, p.actor, user_id, "enrollment_confirmed", uuid.uuid4().hex, "success", "email")
         )
         chunk.rows["methods"].append((user_id, "email", mail_confirmed, None, None, None))
-        epoch += 2
+        epoch += 2  # SetContact, then enabling email
         # A login code by email within the last day: sent, delivered, used.
         sent = p.now_ms - _ms(2 * 3_600_000, DAY_MS)
         used = sent + _ms(5_000, 60_000)

@@ -59,6 +59,7 @@ from plans import explain_all, print_plans
 from populate import PopulatedUser, Population, email_indices, populate, print_sizes, spread
 from psycopg import sql
 from sink import BenchSink
+from twofactor.v1 import twofactor_service_pb2
 
 from twofactor_server.domain.keyring import Keyring
 
@@ -69,6 +70,12 @@ PRIVACYIDEA_CALLS_PER_SECOND = 16.0  # issue 13: privacyIDEA 3.14, correct TOTP,
 GAP = 0.5
 KINDS = ("server", "postgres", "workers", "clients")
 COLUMNS = (*KINDS, "other")  # other: everything else on the machine (a loaded machine shows here)
+# --qr-format: the QR code images StartEnrollment asks for in the enrollment phase.
+QR_FORMATS: dict[str, list[int]] = {
+    "none": [],
+    "png": [twofactor_service_pb2.QR_CODE_FORMAT_PNG],
+    "svg": [twofactor_service_pb2.QR_CODE_FORMAT_SVG],
+}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -128,7 +135,7 @@ def main(argv: list[str] | None = None) -> int:
                 f"{args.clients} client processes x {args.threads} threads; {os.cpu_count()} CPUs",
                 flush=True,
             )
-            rows["enrollment"], ok = measure_enrollment(load, meter, args.users)
+            rows["enrollment"], ok = measure_enrollment(load, meter, args.users, args.qr_format)
             valid &= ok
             if population is None:
                 email_users = enroll_email_users(target, token, sink, args.email_users)
@@ -175,6 +182,13 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--rounds", type=int, help="rounds of Health/Verify phases (default 3; quick 1)")
     parser.add_argument("--e2e-messages", type=int, help="end-to-end samples (default 100; quick 20)")
     parser.add_argument("--worker-concurrency", type=int, default=4, help="the worker's pool processes")
+    parser.add_argument(
+        "--qr-format",
+        choices=sorted(QR_FORMATS),
+        default="none",
+        help="the QR code image StartEnrollment asks for in the enrollment phase (default none: "
+        "the bench computes codes from the secret; a login page asks for the one it shows)",
+    )
     parser.add_argument("--processes", default="1", help="`twofactor serve --processes` (when supported)")
     parser.add_argument(
         "--population",
@@ -289,14 +303,18 @@ class PostgresPids:
         return {int(pid) for (pid,) in rows}
 
 
-def measure_enrollment(load: Clients, meter: CpuMeter, users: int) -> tuple[Row, bool]:
+def measure_enrollment(load: Clients, meter: CpuMeter, users: int, qr_format: str) -> tuple[Row, bool]:
     run = uuid.uuid4().hex[:8]
     before, began = meter.snapshot(), time.monotonic()
-    latencies = load.enroll([f"bench-{run}-{i:06d}" for i in range(users)], timeout=3600)
+    latencies = load.enroll(
+        [f"bench-{run}-{i:06d}" for i in range(users)], timeout=3600, qr_formats=QR_FORMATS[qr_format]
+    )
     took, after = time.monotonic() - began, meter.snapshot()
     result = PhaseResult("enroll", took, latencies)
     print(f"enrollment  {result.line()}", flush=True)
-    return Row("enrollment (Start + Confirm)", result, used(before, after), result.calls), result.valid
+    drawn = "" if qr_format == "none" else f" + {qr_format.upper()}"
+    label = f"enrollment (Start{drawn} + Confirm)"
+    return Row(label, result, used(before, after), result.calls), result.valid
 
 
 def enroll_email_users(target: str, token: str, sink: BenchSink, count: int) -> list[str]:

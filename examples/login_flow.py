@@ -33,7 +33,7 @@ import uuid
 from pathlib import Path
 
 import twofactor
-from twofactor import Method, TwoFactorClient, VerifyResult
+from twofactor import Method, QrCodeFormat, TwoFactorClient, VerifyResult
 
 METHOD_NAMES = {
     Method.METHOD_AUTHENTICATOR: "authenticator app",
@@ -94,7 +94,12 @@ def second_factor(
 
 
 def enroll_authenticator(client: TwoFactorClient, user_id: str, *, qr_file: Path) -> bool:
-    start = client.start_enrollment(user_id=user_id, method=Method.METHOD_AUTHENTICATOR, account_name=user_id)
+    start = client.start_enrollment(
+        user_id=user_id,
+        method=Method.METHOD_AUTHENTICATOR,
+        account_name=user_id,
+        qr_formats=[QrCodeFormat.QR_CODE_FORMAT_PNG],  # the one image this script writes
+    )
     setup = start.authenticator
     qr_file.write_bytes(setup.qr_png)
     print(f"Scan the QR code in {qr_file} with your authenticator app, or open: {setup.otpauth_uri}")

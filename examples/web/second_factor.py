@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from twofactor import AdminClient, Method, TwoFactorClient
+from twofactor import AdminClient, Method, QrCodeFormat, TwoFactorClient
 from twofactor.v1 import admin_service_pb2 as admin_pb
 from twofactor.v1 import common_pb2 as common_pb
 from twofactor.v1 import twofactor_service_pb2 as tf_pb
@@ -81,8 +81,13 @@ class SecondFactor:
     def start_authenticator(self, user: User, token: str) -> tf_pb.AuthenticatorSetup:
         call = self._app.start_enrollment
         extra = step_up.token_argument(tf_pb.StartEnrollmentRequest, call, token)
+        # The page shows the PNG only: ask for that one (drawing an image is most of the call's cost).
         return call(
-            user_id=user.user_id, method=Method.METHOD_AUTHENTICATOR, account_name=user.email, **extra
+            user_id=user.user_id,
+            method=Method.METHOD_AUTHENTICATOR,
+            account_name=user.email,
+            qr_formats=[QrCodeFormat.QR_CODE_FORMAT_PNG],
+            **extra,
         ).authenticator
 
     def start_code_enrollment(

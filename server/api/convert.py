@@ -9,7 +9,7 @@ from twofactor.v1 import admin_service_pb2 as admin_pb
 from twofactor.v1 import common_pb2 as common_pb
 from twofactor.v1 import twofactor_service_pb2 as tf_pb
 
-from twofactor_server.domain import contacts
+from twofactor_server.domain import contacts, qr_codes
 from twofactor_server.domain.models import (
     AuditEvent,
     ChallengeView,
@@ -30,6 +30,10 @@ METHOD_TO_PROTO: dict[str, common_pb.Method.ValueType] = {
     "sms": common_pb.METHOD_SMS,
 }
 METHOD_FROM_PROTO = {v: k for k, v in METHOD_TO_PROTO.items()}
+QR_FORMAT_FROM_PROTO: dict[tf_pb.QrCodeFormat.ValueType, str] = {
+    tf_pb.QR_CODE_FORMAT_PNG: qr_codes.PNG,
+    tf_pb.QR_CODE_FORMAT_SVG: qr_codes.SVG,
+}
 DELIVERY_TO_PROTO = {
     "queued": common_pb.DELIVERY_STATUS_QUEUED,
     "sending": common_pb.DELIVERY_STATUS_SENDING,

@@ -8,10 +8,13 @@ field can carry a NUL, which PostgreSQL refuses, or text that reads differently 
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 from google.protobuf import timestamp_pb2
 from twofactor.v1 import common_pb2 as common_pb
+from twofactor.v1 import twofactor_service_pb2 as tf_pb
 
-from twofactor_server.api.convert import METHOD_FROM_PROTO
+from twofactor_server.api.convert import METHOD_FROM_PROTO, QR_FORMAT_FROM_PROTO
 from twofactor_server.domain import step_up
 from twofactor_server.domain.errors import InvalidArgument
 from twofactor_server.domain.models import MAX_USER_ID_BYTES
@@ -40,6 +43,15 @@ def method(value: common_pb.Method.ValueType) -> str:
             "INVALID_METHOD", "method must be METHOD_AUTHENTICATOR, METHOD_EMAIL or METHOD_SMS"
         )
     return name
+
+
+def qr_formats(values: Iterable[tf_pb.QrCodeFormat.ValueType]) -> frozenset[str]:
+    names = frozenset(QR_FORMAT_FROM_PROTO.get(value, "") for value in values)
+    if "" in names:
+        raise InvalidArgument(
+            "INVALID_QR_CODE_FORMAT", "qr_formats may hold QR_CODE_FORMAT_PNG and QR_CODE_FORMAT_SVG"
+        )
+    return names
 
 
 def bounded(value: str, *, field: str, reason: str, max_bytes: int, required: bool = False) -> str:

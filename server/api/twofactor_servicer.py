@@ -77,6 +77,7 @@ class TwoFactorServicer(pb_grpc.TwoFactorServiceServicer):
             locale=_locale(request.locale),
             verification_token=requests.verification_token(request.verification_token),
             caller=current_caller.get(),
+            qr_formats=requests.qr_formats(request.qr_formats),
         )
         response = pb.StartEnrollmentResponse(method=convert.METHOD_TO_PROTO[start.method])
         if start.authenticator is not None:

@@ -17,8 +17,12 @@ _IGNORED = str.maketrans("", "", " -\t")
 
 
 def new_code() -> str:
-    """A new code in canonical form (lower case, no separator)."""
-    return "".join(secrets.choice(ALPHABET) for _ in range(LENGTH))
+    """A new code in canonical form (lower case, no separator).
+
+    One draw of 50 random bits, 5 per symbol: the alphabet has 32 symbols, so each is uniform,
+    as with a secrets.choice per symbol, at a tenth of the cost."""
+    bits = secrets.randbits(5 * LENGTH)
+    return "".join(ALPHABET[(bits >> (5 * i)) & 31] for i in range(LENGTH))
 
 
 def new_codes(count: int) -> list[str]:

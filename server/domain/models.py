@@ -59,8 +59,8 @@ class UserState:
 class AuthenticatorSetup:
     secret_base32: str
     otpauth_uri: str
-    qr_png: bytes
-    qr_svg: str
+    qr_png: bytes = b""  # empty unless asked for
+    qr_svg: str = ""
 
 
 @dataclass(frozen=True)

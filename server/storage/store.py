@@ -14,6 +14,7 @@ from collections.abc import Iterable
 
 from twofactor_server.domain.models import AuditEvent
 from twofactor_server.storage.database import Transaction
+from twofactor_server.storage.enrollments import enable_pending_method, store_backup_code_rows
 from twofactor_server.storage.records import (
     BackupCodeRecord,
     MethodRecord,
@@ -76,10 +77,6 @@ def record_success(tx: Transaction, user_id: str, now_ms: int) -> None:
         "WHERE user_id = %(u)s",
         {"u": user_id, "now": now_ms},
     )
-
-
-def set_totp_step(tx: Transaction, user_id: str, step: int) -> None:
-    tx.execute("UPDATE users SET totp_last_step = %(s)s WHERE user_id = %(u)s", {"u": user_id, "s": step})
 
 
 def unlock(tx: Transaction, user_id: str) -> None:
@@ -153,15 +150,7 @@ def start_method_enrollment(
 def enable_method(tx: Transaction, user_id: str, method: str, now_ms: int) -> bool:
     """Turn a pending enrollment into an enabled method (the pending secret becomes the secret)."""
     bump_credential_epoch(tx, user_id)
-    return (
-        tx.execute(
-            "UPDATE methods SET enabled_at = %(now)s, pending_since = NULL, "
-            "secret = COALESCE(pending_secret, secret), pending_secret = NULL "
-            "WHERE user_id = %(u)s AND method = %(m)s AND pending_since IS NOT NULL",
-            {"u": user_id, "m": method, "now": now_ms},
-        )
-        == 1
-    )
+    return enable_pending_method(tx, user_id, method, now_ms)
 
 
 def delete_method(tx: Transaction, user_id: str, method: str) -> None:
@@ -176,13 +165,7 @@ def replace_backup_codes(
     tx: Transaction, user_id: str, codes: list[tuple[bytes, bytes]], now_ms: int
 ) -> None:
     """Store a new set of (hash, ciphertext); the old set is gone in the same transaction."""
-    tx.execute("DELETE FROM backup_codes WHERE user_id = %(u)s", {"u": user_id})
-    for position, (code_hash, ciphertext) in enumerate(codes):
-        tx.execute(
-            "INSERT INTO backup_codes (user_id, position, code_hash, code_ciphertext) "
-            "VALUES (%(u)s, %(p)s, %(h)s, %(c)s)",
-            {"u": user_id, "p": position, "h": code_hash, "c": ciphertext},
-        )
+    store_backup_code_rows(tx, user_id, codes)
     tx.execute(
         f"UPDATE users SET backup_codes_generated_at = %(now)s, {_NEW_EPOCH} WHERE user_id = %(u)s",  # noqa: S608
         {"u": user_id, "now": now_ms},

@@ -67,6 +67,12 @@ class BackupCodes:
 
     def replace_set(self, tx: Transaction, user_id: str, now: int) -> tuple[str, ...]:
         """Store a new set (each code as a keyed hash to check and a ciphertext to show); return it."""
+        rows, shown = self.new_set(user_id)
+        store.replace_backup_codes(tx, user_id, rows, now)
+        return shown
+
+    def new_set(self, user_id: str) -> tuple[list[tuple[bytes, bytes]], tuple[str, ...]]:
+        """A new set: the rows to store (keyed hash, ciphertext) and the codes as shown."""
         codes = backup_codes.new_codes(self._policy.backup_code_count)
         rows = [
             (
@@ -75,8 +81,7 @@ class BackupCodes:
             )
             for code in codes
         ]
-        store.replace_backup_codes(tx, user_id, rows, now)
-        return tuple(backup_codes.display(code) for code in codes)
+        return rows, tuple(backup_codes.display(code) for code in codes)
 
     def use(self, tx: Transaction, user_id: str, code: str, now: int) -> bool:
         """Whether `code` (normalized) is an unused code of the user's; if so it is used up now.

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Collection
+
 from twofactor_server.domain import one_time_codes, qr_codes, totp
 from twofactor_server.domain.clock import Clock, now_ms
 from twofactor_server.domain.errors import FailedPrecondition, InvalidArgument
@@ -14,7 +16,7 @@ from twofactor_server.domain.models import (
     EnrollmentStart,
 )
 from twofactor_server.settings import PolicySettings
-from twofactor_server.storage import store
+from twofactor_server.storage import enrollments, store
 from twofactor_server.storage.database import Database
 from twofactor_server.usecases import audit
 from twofactor_server.usecases.backup_codes import BackupCodes
@@ -59,14 +61,18 @@ class Enrollment:
         locale: str,
         verification_token: str,
         caller: Caller,
+        qr_formats: Collection[str] = (),
     ) -> EnrollmentStart:
-        """Begin enrolling: a new authenticator secret (pending until confirmed), or a code sent by
-        email or SMS. A pending enrollment replaces an earlier pending one of the same method.
+        """Begin enrolling: a new authenticator secret (pending until confirmed) with the QR code
+        images in `qr_formats` (qr_codes.FORMATS; none by default, drawn after the commit), or a
+        code sent by email or SMS. A pending enrollment replaces an earlier pending one of the
+        same method.
 
         Invariant: a user who already has a usable method adds or replaces one only with a
         step-up proof (require_step_up); otherwise a caller could enroll its own second factor.
         """
         require_allowed(method, self._policy)
+        qr_codes.require_known(qr_formats)
         if method != AUTHENTICATOR:
             with self._db.transaction() as tx:
                 # Challenges.issue sends in its own transaction: check the proof first.
@@ -92,7 +98,8 @@ class Enrollment:
             store.start_method_enrollment(tx, user_id, method, now, pending_secret=sealed)
             audit.record(tx, caller, now, user_id, "enrollment_started", detail=method)
         uri = totp.provisioning_uri(secret, account_name=account_name or user_id, issuer=self._policy.issuer)
-        setup = AuthenticatorSetup(totp.to_base32(secret), uri, qr_codes.qr_png(uri), qr_codes.qr_svg(uri))
+        images = qr_codes.qr_images(uri, qr_formats)
+        setup = AuthenticatorSetup(totp.to_base32(secret), uri, qr_png=images.png, qr_svg=images.svg)
         return EnrollmentStart(method, authenticator=setup)
 
     def confirm_enrollment(self, user_id: str, method: str, code: str, *, caller: Caller) -> Confirmation:
@@ -124,24 +131,29 @@ class Enrollment:
                 secret = self._keyring.decrypt(pending.pending_secret, purpose=TOTP_SECRET, user_id=user_id)
                 step = totp.matching_step(secret, digits, now / 1000) if len(digits) == totp.DIGITS else None
                 ok = step is not None
-                if step is not None:
-                    store.set_totp_step(tx, user_id, step)  # the row lock makes this race-free
             else:
+                step = None
                 ok = self._challenges.match(tx, user_id, ENROLLMENT, digits, now, method=method) is not None
             if not ok:
                 audit.record(
                     tx, caller, now, user_id, "enrollment_confirmed", outcome="failure", detail=method
                 )
                 return wrong_confirmation_code(tx, caller, user_id, enabled, self._policy, now, self._notices)
-            store.enable_method(tx, user_id, method, now)
-            store.record_success(tx, user_id, now)
-            audit.record(tx, caller, now, user_id, "enrollment_confirmed", detail=method)
+            # The same rows as enable_method, record_success, set_totp_step, replace_backup_codes and
+            # two audit.record would write, in 5 statements instead of 9 and a read of the epoch.
+            enrollments.enable_pending_method(tx, user_id, method, now)
+            events = [audit.event(caller, now, user_id, "enrollment_confirmed", detail=method)]
             self._notices.add(tx, user.email, user_id, "method_added", now, method=method_name(method))
             codes: tuple[str, ...] = ()
             if not enabled:
-                codes = self._backup_codes.replace_set(tx, user_id, now)
-                audit.record(tx, caller, now, user_id, "backup_codes_generated", detail=f"{len(codes)} codes")
-            epoch = existing_user(tx, user_id).credential_epoch
+                rows, codes = self._backup_codes.new_set(user_id)
+                enrollments.store_backup_code_rows(tx, user_id, rows)
+                events.append(
+                    audit.event(caller, now, user_id, "backup_codes_generated", detail=f"{len(codes)} codes")
+                )
+            # The row lock makes the step's record race-free; the epoch moves on once for both changes.
+            epoch = enrollments.confirm_user(tx, user_id, now, totp_step=step, new_backup_codes=bool(codes))
+            enrollments.add_audit_events(tx, events)
             return Confirmation(
                 ConfirmResult.CONFIRMED,
                 tuple(sorted({*enabled, method})),  # methods_of's order

@@ -238,4 +238,4 @@ def test_bulk_rows_have_the_shape_of_an_enrollment_through_the_server(
     assert rows["backup_codes"] == expected["backup_codes"]
     assert rows["audit_events"] == expected["audit_events"][:3]
     assert rows["challenges"] == []
-    assert rows["users"][0] == {**expected["users"][0], "email": None, "credential_epoch": 2}
+    assert rows["users"][0] == {**expected["users"][0], "email": None, "credential_epoch": 1}

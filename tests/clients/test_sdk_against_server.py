@@ -103,11 +103,16 @@ def test_authenticator_enrollment_verify_and_backup_codes(
     assert list(status.enabled_methods) == []
     assert set(status.allowed_methods) == {AUTHENTICATOR, EMAIL, SMS}
 
-    start = client.start_enrollment(user_id="alice", method=AUTHENTICATOR, account_name="alice@example.com")
+    start = client.start_enrollment(
+        user_id="alice",
+        method=AUTHENTICATOR,
+        account_name="alice@example.com",
+        qr_formats=[twofactor.QrCodeFormat.QR_CODE_FORMAT_PNG],
+    )
     assert start.method == AUTHENTICATOR
     assert start.WhichOneof("setup") == "authenticator"
     assert start.authenticator.otpauth_uri.startswith("otpauth://totp/")
-    assert start.authenticator.qr_png.startswith(b"\x89PNG")
+    assert start.authenticator.qr_png.startswith(b"\x89PNG") and start.authenticator.qr_svg == ""
     assert list(client.get_status(user_id="alice").pending_methods) == [AUTHENTICATOR]
 
     confirm = client.confirm_enrollment(
@@ -498,7 +503,10 @@ def test_async_clients(server: Harness, clock: Clock) -> None:
                 await client.start_enrollment(user_id="olga", method=EMAIL)
             assert raised.value.contact == "email"
 
-            start = await client.start_enrollment(user_id="olga", method=AUTHENTICATOR)
+            start = await client.start_enrollment(
+                user_id="olga", method=AUTHENTICATOR, qr_formats=[twofactor.QrCodeFormat.QR_CODE_FORMAT_SVG]
+            )
+            assert start.authenticator.qr_svg.startswith("<svg") and start.authenticator.qr_png == b""
             secret = start.authenticator.secret
             confirm = await client.confirm_enrollment(
                 user_id="olga", method=AUTHENTICATOR, code=totp(secret, clock)

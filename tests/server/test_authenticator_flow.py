@@ -8,7 +8,6 @@ from urllib.parse import parse_qs, urlparse
 
 import grpc
 import pytest
-import zxingcpp
 from PIL import Image
 from twofactor.v1 import twofactor_service_pb2 as pb
 
@@ -21,6 +20,7 @@ from tests.server.helpers import (
     totp_now,
     verify,
 )
+from tests.server.qr_decoding import decoded, decoded_svg
 from tests.server.stored_rows import all_cells
 
 
@@ -93,22 +93,52 @@ def test_enroll_confirm_verify_and_replay_is_rejected(harness: Harness, clock: C
     assert list(status.enabled_methods) == [AUTHENTICATOR] and list(status.pending_methods) == []
 
 
-def test_qr_code_decodes_to_the_otpauth_uri(harness: Harness) -> None:
+@pytest.mark.parametrize(
+    ("formats", "png", "svg"),
+    [
+        ([], False, False),
+        ([pb.QR_CODE_FORMAT_PNG], True, False),
+        ([pb.QR_CODE_FORMAT_SVG], False, True),
+        ([pb.QR_CODE_FORMAT_SVG, pb.QR_CODE_FORMAT_PNG, pb.QR_CODE_FORMAT_SVG], True, True),
+    ],
+    ids=["none by default", "png", "svg", "both, asked twice"],
+)
+def test_each_qr_code_format_asked_for_and_only_those_decode_to_the_otpauth_uri(
+    harness: Harness, formats: list[pb.QrCodeFormat.ValueType], png: bool, svg: bool
+) -> None:
     start = harness.twofactor.StartEnrollment(
-        pb.StartEnrollmentRequest(user_id="bob", method=AUTHENTICATOR, account_name="bob@example.com"),
+        pb.StartEnrollmentRequest(
+            user_id="bob", method=AUTHENTICATOR, account_name="bob@example.com", qr_formats=formats
+        ),
         metadata=harness.app_metadata,
     )
     setup = start.authenticator
-    decoded = zxingcpp.read_barcodes(Image.open(io.BytesIO(setup.qr_png)))
-    assert [d.text for d in decoded] == [setup.otpauth_uri]
-    assert [d.format for d in decoded] == [zxingcpp.BarcodeFormat.QRCode]
-
     uri = urlparse(setup.otpauth_uri)
     assert (uri.scheme, uri.netloc, uri.path) == ("otpauth", "totp", "/twofactor:bob%40example.com")
     query = parse_qs(uri.query)
     assert query["secret"] == [setup.secret] and query["issuer"] == ["twofactor"]
     assert len(setup.secret) == 32 and "=" not in setup.secret  # 160 bits, base32 without padding
-    assert setup.qr_svg.startswith("<svg") and "</svg>" in setup.qr_svg
+
+    assert setup.qr_png.startswith(b"\x89PNG\r\n\x1a\n") == png and (setup.qr_png == b"") != png
+    assert setup.qr_svg.startswith("<svg") == svg and (setup.qr_svg == "") != svg
+    if png:
+        assert decoded(Image.open(io.BytesIO(setup.qr_png))) == [setup.otpauth_uri]
+        assert Image.open(io.BytesIO(setup.qr_png)).size[0] >= 200  # 6 pixels a module, quiet zone included
+    if svg:
+        assert decoded_svg(setup.qr_svg) == [setup.otpauth_uri]
+
+
+def test_an_unknown_qr_code_format_is_refused_before_anything_is_enrolled(harness: Harness) -> None:
+    for formats in ([pb.QR_CODE_FORMAT_UNSPECIFIED], [pb.QR_CODE_FORMAT_PNG, 7]):
+        with pytest.raises(grpc.RpcError) as caught:
+            harness.twofactor.StartEnrollment(
+                pb.StartEnrollmentRequest(user_id="dan", method=AUTHENTICATOR, qr_formats=formats),
+                metadata=harness.app_metadata,
+            )
+        assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert error_info(caught.value).reason == "INVALID_QR_CODE_FORMAT"
+    status = harness.twofactor.GetStatus(pb.GetStatusRequest(user_id="dan"), metadata=harness.app_metadata)
+    assert list(status.pending_methods) == []
 
 
 def test_starting_again_replaces_the_pending_secret(harness: Harness, clock: Clock) -> None:

@@ -34,19 +34,21 @@ def test_new_code_is_canonical_and_displays_in_two_groups() -> None:
         assert DISPLAYED.match(backup_codes.display(code))
 
 
-def test_new_code_draws_from_secrets(monkeypatch: pytest.MonkeyPatch) -> None:
-    drawn: list[str] = []
+def test_new_code_draws_its_50_bits_from_secrets_5_per_symbol(monkeypatch: pytest.MonkeyPatch) -> None:
+    drawn: list[int] = []
+    # Symbol i (from the low bits up) gets the value 31 - 3 * i: every symbol differs, 31 included.
+    bits = sum((31 - 3 * i) << (5 * i) for i in range(backup_codes.LENGTH))
 
     class FakeSecrets:
         @staticmethod
-        def choice(seq: str) -> str:
-            drawn.append(seq)
-            return seq[len(drawn) % len(seq)]
+        def randbits(k: int) -> int:
+            drawn.append(k)
+            return bits
 
     monkeypatch.setattr(backup_codes, "secrets", FakeSecrets)
     code = backup_codes.new_code()
-    assert drawn == [backup_codes.ALPHABET] * backup_codes.LENGTH
-    assert code == "".join(backup_codes.ALPHABET[i % 32] for i in range(1, backup_codes.LENGTH + 1))
+    assert drawn == [5 * backup_codes.LENGTH]  # one draw, 5 bits a symbol: 32 symbols, each uniform
+    assert code == "".join(backup_codes.ALPHABET[31 - 3 * i] for i in range(backup_codes.LENGTH))
 
 
 @pytest.mark.parametrize("count", [1, 5, 10, 100])

@@ -44,6 +44,15 @@ CASES: list[tuple[str, str, Message, grpc.StatusCode, str]] = [
     (
         "app",
         "StartEnrollment",
+        pb.StartEnrollmentRequest(
+            user_id="a", method=AUTHENTICATOR, qr_formats=[pb.QR_CODE_FORMAT_UNSPECIFIED]
+        ),
+        INVALID,
+        "INVALID_QR_CODE_FORMAT",
+    ),
+    (
+        "app",
+        "StartEnrollment",
         pb.StartEnrollmentRequest(user_id="a", method=UNKNOWN_METHOD),
         INVALID,
         "INVALID_METHOD",

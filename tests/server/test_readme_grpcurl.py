@@ -56,5 +56,7 @@ def test_the_readme_grpcurl_block_runs_as_written(live_target: str, tmp_path: Pa
     out = result.stdout
     assert "twofactor.v1.TwoFactorService" in out and "rpc Verify (" in out
     assert re.search(r'"confirmed": true', out), out
+    # The one image the block asks for (grpcurl writes "<" as \u003c).
+    assert re.search(r'"qr_svg": "(<|\\u003c)svg', out) and '"qr_png"' not in out, out
     assert '"VERIFY_RESULT_ACCEPTED"' in out
     assert '"action": "user_reset"' in out

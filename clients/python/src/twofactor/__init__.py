@@ -35,7 +35,7 @@ from twofactor.errors import (
 )
 from twofactor.v1.admin_service_pb2 import UserFilter
 from twofactor.v1.common_pb2 import DeliveryStatus, Method
-from twofactor.v1.twofactor_service_pb2 import CodeKind, ConfirmResult, VerifyResult
+from twofactor.v1.twofactor_service_pb2 import CodeKind, ConfirmResult, QrCodeFormat, VerifyResult
 
 __version__ = "0.1.0"
 
@@ -60,6 +60,7 @@ __all__ = [
     "NotEnrolled",
     "NotFound",
     "PermissionDenied",
+    "QrCodeFormat",
     "RateLimited",
     "RetryPolicy",
     "StepUpRequired",

@@ -152,10 +152,13 @@ class AsyncTwoFactorClient(_AsyncClient):
         account_name: str = "",
         locale: str = "",
         verification_token: str = "",
+        qr_formats: Sequence[tf.QrCodeFormat.ValueType] = (),
         timeout: float | None = None,
         request_id: str | None = None,
     ) -> tf.StartEnrollmentResponse:
-        """Begin enrolling a method: an authenticator secret and QR code, or a sent confirmation code.
+        """Begin enrolling a method: an authenticator secret and its otpauth URI, or a sent
+        confirmation code. `qr_formats` names the QR code images to draw (QrCodeFormat.QR_CODE_FORMAT_PNG
+        fills authenticator.qr_png, _SVG qr_svg); by default none: draw your own from otpauth_uri.
         Once the user has a method enabled, pass a verification_token from verify() (step-up)."""
         request = tf.StartEnrollmentRequest(
             user_id=user_id,
@@ -163,6 +166,7 @@ class AsyncTwoFactorClient(_AsyncClient):
             account_name=account_name,
             locale=locale,
             verification_token=verification_token,
+            qr_formats=qr_formats,
         )
         return await self._call(self._stub.StartEnrollment, request, timeout, request_id)
 

@@ -27,19 +27,21 @@ from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__
 from twofactor.v1 import common_pb2 as twofactor_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n$twofactor/v1/twofactor_service.proto\x12\x0ctwofactor.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x19twofactor/v1/common.proto\"#\n\x10GetStatusRequest\x12\x0f\n\x07user_id\x18\x01 \x01(\t\"\xc3\x02\n\x11GetStatusResponse\x12-\n\x0f\x65nabled_methods\x18\x01 \x03(\x0e\x32\x14.twofactor.v1.Method\x12\x1b\n\x13\x65nrollment_required\x18\x02 \x01(\x08\x12-\n\x0fpending_methods\x18\x03 \x03(\x0e\x32\x14.twofactor.v1.Method\x12\x1e\n\x16\x62\x61\x63kup_codes_remaining\x18\x04 \x01(\x05\x12\x30\n\x0clocked_until\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x18\n\x10\x65mail_registered\x18\x06 \x01(\x08\x12\x18\n\x10phone_registered\x18\x07 \x01(\x08\x12-\n\x0f\x61llowed_methods\x18\x08 \x03(\x0e\x32\x14.twofactor.v1.Method\"\x8c\x01\n\x11SetContactRequest\x12\x0f\n\x07user_id\x18\x01 \x01(\t\x12\x12\n\x05\x65mail\x18\x02 \x01(\tH\x00\x88\x01\x01\x12\x12\n\x05phone\x18\x03 \x01(\tH\x01\x88\x01\x01\x12\x1a\n\x12verification_token\x18\x04 \x01(\t\x12\x0e\n\x06locale\x18\x05 \x01(\tB\x08\n\x06_emailB\x08\n\x06_phone\"\xaa\x01\n\x12SetContactResponse\x12\x14\n\x0cmasked_email\x18\x01 \x01(\t\x12\x14\n\x0cmasked_phone\x18\x02 \x01(\t\x12\x33\n\x12\x65mail_confirmation\x18\x03 \x01(\x0b\x32\x17.twofactor.v1.Challenge\x12\x33\n\x12phone_confirmation\x18\x04 \x01(\x0b\x32\x17.twofactor.v1.Challenge\"\\\n\x15\x43onfirmContactRequest\x12\x0f\n\x07user_id\x18\x01 \x01(\t\x12$\n\x06method\x18\x02 \x01(\x0e\x32\x14.twofactor.v1.Method\x12\x0c\n\x04\x63ode\x18\x03 \x01(\t\"\xa4\x01\n\x16\x43onfirmContactResponse\x12+\n\x06result\x18\x01 \x01(\x0e\x32\x1b.twofactor.v1.ConfirmResult\x12\x15\n\rattempts_left\x18\x02 \x01(\x05\x12\x14\n\x0cmasked_email\x18\x03 \x01(\t\x12\x14\n\x0cmasked_phone\x18\x04 \x01(\t\x12\x1a\n\x12verification_token\x18\x05 \x01(\t\"\x91\x01\n\x16StartEnrollmentRequest\x12\x0f\n\x07user_id\x18\x01 \x01(\t\x12$\n\x06method\x18\x02 \x01(\x0e\x32\x14.twofactor.v1.Method\x12\x14\n\x0c\x61\x63\x63ount_name\x18\x03 \x01(\t\x12\x0e\n\x06locale\x18\x04 \x01(\t\x12\x1a\n\x12verification_token\x18\x05 \x01(\t\"Y\n\x12\x41uthenticatorSetup\x12\x0e\n\x06secret\x18\x01 \x01(\t\x12\x13\n\x0botpauth_uri\x18\x02 \x01(\t\x12\x0e\n\x06qr_png\x18\x03 \x01(\x0c\x12\x0e\n\x06qr_svg\x18\x04 \x01(\t\"\xb1\x01\n\x17StartEnrollmentResponse\x12$\n\x06method\x18\x01 \x01(\x0e\x32\x14.twofactor.v1.Method\x12\x39\n\rauthenticator\x18\x02 \x01(\x0b\x32 .twofactor.v1.AuthenticatorSetupH\x00\x12,\n\tchallenge\x18\x03 \x01(\x0b\x32\x17.twofactor.v1.ChallengeH\x00\x42\x07\n\x05setup\"_\n\x18\x43onfirmEnrollmentRequest\x12\x0f\n\x07user_id\x18\x01 \x01(\t\x12$\n\x06method\x18\x02 \x01(\x0e\x32\x14.twofactor.v1.Method\x12\x0c\n\x04\x63ode\x18\x03 \x01(\t\"\xd3\x01\n\x19\x43onfirmEnrollmentResponse\x12\x11\n\tconfirmed\x18\x01 \x01(\x08\x12-\n\x0f\x65nabled_methods\x18\x02 \x03(\x0e\x32\x14.twofactor.v1.Method\x12\x14\n\x0c\x62\x61\x63kup_codes\x18\x03 \x03(\t\x12\x15\n\rattempts_left\x18\x04 \x01(\x05\x12+\n\x06result\x18\x05 \x01(\x0e\x32\x1b.twofactor.v1.ConfirmResult\x12\x1a\n\x12verification_token\x18\x06 \x01(\t\"i\n\x14\x44isableMethodRequest\x12\x0f\n\x07user_id\x18\x01 \x01(\t\x12$\n\x06method\x18\x02 \x01(\x0e\x32\x14.twofactor.v1.Method\x12\x1a\n\x12verification_token\x18\x03 \x01(\t\"F\n\x15\x44isableMethodResponse\x12-\n\x0f\x65nabled_methods\x18\x01 \x03(\x0e\x32\x14.twofactor.v1.Method\"q\n\x0fSendCodeRequest\x12\x0f\n\x07user_id\x18\x01 \x01(\t\x12$\n\x06method\x18\x02 \x01(\x0e\x32\x14.twofactor.v1.Method\x12\x17\n\x0fidempotency_key\x18\x03 \x01(\t\x12\x0e\n\x06locale\x18\x04 \x01(\t\">\n\x10SendCodeResponse\x12*\n\tchallenge\x18\x01 \x01(\x0b\x32\x17.twofactor.v1.Challenge\"<\n\x13GetChallengeRequest\x12\x0f\n\x07user_id\x18\x01 \x01(\t\x12\x14\n\x0c\x63hallenge_id\x18\x02 \x01(\t\"B\n\x14GetChallengeResponse\x12*\n\tchallenge\x18\x01 \x01(\x0b\x32\x17.twofactor.v1.Challenge\".\n\rVerifyRequest\x12\x0f\n\x07user_id\x18\x01 \x01(\t\x12\x0c\n\x04\x63ode\x18\x02 \x01(\t\"\x9a\x02\n\x0eVerifyResponse\x12*\n\x06result\x18\x01 \x01(\x0e\x32\x1a.twofactor.v1.VerifyResult\x12\'\n\x07matched\x18\x02 \x01(\x0e\x32\x16.twofactor.v1.CodeKind\x12\x15\n\rattempts_left\x18\x03 \x01(\x05\x12.\n\x0bretry_after\x18\x04 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x1e\n\x16\x62\x61\x63kup_codes_remaining\x18\x05 \x01(\x05\x12\x30\n\x0clocked_until\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x1a\n\x12verification_token\x18\x07 \x01(\t\"D\n\x15GetBackupCodesRequest\x12\x0f\n\x07user_id\x18\x01 \x01(\t\x12\x1a\n\x12verification_token\x18\x02 \x01(\t\"Y\n\x16GetBackupCodesResponse\x12\r\n\x05\x63odes\x18\x01 \x03(\t\x12\x30\n\x0cgenerated_at\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"K\n\x1cRegenerateBackupCodesRequest\x12\x0f\n\x07user_id\x18\x01 \x01(\t\x12\x1a\n\x12verification_token\x18\x02 \x01(\t\"`\n\x1dRegenerateBackupCodesResponse\x12\r\n\x05\x63odes\x18\x01 \x03(\t\x12\x30\n\x0cgenerated_at\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp*\x85\x01\n\rConfirmResult\x12\x1e\n\x1a\x43ONFIRM_RESULT_UNSPECIFIED\x10\x00\x12\x1c\n\x18\x43ONFIRM_RESULT_CONFIRMED\x10\x01\x12\x1b\n\x17\x43ONFIRM_RESULT_REJECTED\x10\x02\x12\x19\n\x15\x43ONFIRM_RESULT_LOCKED\x10\x03*\x7f\n\x0cVerifyResult\x12\x1d\n\x19VERIFY_RESULT_UNSPECIFIED\x10\x00\x12\x1a\n\x16VERIFY_RESULT_ACCEPTED\x10\x01\x12\x1a\n\x16VERIFY_RESULT_REJECTED\x10\x02\x12\x18\n\x14VERIFY_RESULT_LOCKED\x10\x03*\x85\x01\n\x08\x43odeKind\x12\x19\n\x15\x43ODE_KIND_UNSPECIFIED\x10\x00\x12\x1b\n\x17\x43ODE_KIND_AUTHENTICATOR\x10\x01\x12\x13\n\x0f\x43ODE_KIND_EMAIL\x10\x02\x12\x11\n\rCODE_KIND_SMS\x10\x03\x12\x19\n\x15\x43ODE_KIND_BACKUP_CODE\x10\x04\x32\xe4\x07\n\x10TwoFactorService\x12L\n\tGetStatus\x12\x1e.twofactor.v1.GetStatusRequest\x1a\x1f.twofactor.v1.GetStatusResponse\x12O\n\nSetContact\x12\x1f.twofactor.v1.SetContactRequest\x1a .twofactor.v1.SetContactResponse\x12[\n\x0e\x43onfirmContact\x12#.twofactor.v1.ConfirmContactRequest\x1a$.twofactor.v1.ConfirmContactResponse\x12^\n\x0fStartEnrollment\x12$.twofactor.v1.StartEnrollmentRequest\x1a%.twofactor.v1.StartEnrollmentResponse\x12\x64\n\x11\x43onfirmEnrollment\x12&.twofactor.v1.ConfirmEnrollmentRequest\x1a\'.twofactor.v1.ConfirmEnrollmentResponse\x12X\n\rDisableMethod\x12\".twofactor.v1.DisableMethodRequest\x1a#.twofactor.v1.DisableMethodResponse\x12I\n\x08SendCode\x12\x1d.twofactor.v1.SendCodeRequest\x1a\x1e.twofactor.v1.SendCodeResponse\x12U\n\x0cGetChallenge\x12!.twofactor.v1.GetChallengeRequest\x1a\".twofactor.v1.GetChallengeResponse\x12\x43\n\x06Verify\x12\x1b.twofactor.v1.VerifyRequest\x1a\x1c.twofactor.v1.VerifyResponse\x12[\n\x0eGetBackupCodes\x12#.twofactor.v1.GetBackupCodesRequest\x1a$.twofactor.v1.GetBackupCodesResponse\x12p\n\x15RegenerateBackupCodes\x12*.twofactor.v1.RegenerateBackupCodesRequest\x1a+.twofactor.v1.RegenerateBackupCodesResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n$twofactor/v1/twofactor_service.proto\x12\x0ctwofactor.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x19twofactor/v1/common.proto\"#\n\x10GetStatusRequest\x12\x0f\n\x07user_id\x18\x01 \x01(\t\"\xc3\x02\n\x11GetStatusResponse\x12-\n\x0f\x65nabled_methods\x18\x01 \x03(\x0e\x32\x14.twofactor.v1.Method\x12\x1b\n\x13\x65nrollment_required\x18\x02 \x01(\x08\x12-\n\x0fpending_methods\x18\x03 \x03(\x0e\x32\x14.twofactor.v1.Method\x12\x1e\n\x16\x62\x61\x63kup_codes_remaining\x18\x04 \x01(\x05\x12\x30\n\x0clocked_until\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x18\n\x10\x65mail_registered\x18\x06 \x01(\x08\x12\x18\n\x10phone_registered\x18\x07 \x01(\x08\x12-\n\x0f\x61llowed_methods\x18\x08 \x03(\x0e\x32\x14.twofactor.v1.Method\"\x8c\x01\n\x11SetContactRequest\x12\x0f\n\x07user_id\x18\x01 \x01(\t\x12\x12\n\x05\x65mail\x18\x02 \x01(\tH\x00\x88\x01\x01\x12\x12\n\x05phone\x18\x03 \x01(\tH\x01\x88\x01\x01\x12\x1a\n\x12verification_token\x18\x04 \x01(\t\x12\x0e\n\x06locale\x18\x05 \x01(\tB\x08\n\x06_emailB\x08\n\x06_phone\"\xaa\x01\n\x12SetContactResponse\x12\x14\n\x0cmasked_email\x18\x01 \x01(\t\x12\x14\n\x0cmasked_phone\x18\x02 \x01(\t\x12\x33\n\x12\x65mail_confirmation\x18\x03 \x01(\x0b\x32\x17.twofactor.v1.Challenge\x12\x33\n\x12phone_confirmation\x18\x04 \x01(\x0b\x32\x17.twofactor.v1.Challenge\"\\\n\x15\x43onfirmContactRequest\x12\x0f\n\x07user_id\x18\x01 \x01(\t\x12$\n\x06method\x18\x02 \x01(\x0e\x32\x14.twofactor.v1.Method\x12\x0c\n\x04\x63ode\x18\x03 \x01(\t\"\xa4\x01\n\x16\x43onfirmContactResponse\x12+\n\x06result\x18\x01 \x01(\x0e\x32\x1b.twofactor.v1.ConfirmResult\x12\x15\n\rattempts_left\x18\x02 \x01(\x05\x12\x14\n\x0cmasked_email\x18\x03 \x01(\t\x12\x14\n\x0cmasked_phone\x18\x04 \x01(\t\x12\x1a\n\x12verification_token\x18\x05 \x01(\t\"\xc1\x01\n\x16StartEnrollmentRequest\x12\x0f\n\x07user_id\x18\x01 \x01(\t\x12$\n\x06method\x18\x02 \x01(\x0e\x32\x14.twofactor.v1.Method\x12\x14\n\x0c\x61\x63\x63ount_name\x18\x03 \x01(\t\x12\x0e\n\x06locale\x18\x04 \x01(\t\x12\x1a\n\x12verification_token\x18\x05 \x01(\t\x12.\n\nqr_formats\x18\x06 \x03(\x0e\x32\x1a.twofactor.v1.QrCodeFormat\"Y\n\x12\x41uthenticatorSetup\x12\x0e\n\x06secret\x18\x01 \x01(\t\x12\x13\n\x0botpauth_uri\x18\x02 \x01(\t\x12\x0e\n\x06qr_png\x18\x03 \x01(\x0c\x12\x0e\n\x06qr_svg\x18\x04 \x01(\t\"\xb1\x01\n\x17StartEnrollmentResponse\x12$\n\x06method\x18\x01 \x01(\x0e\x32\x14.twofactor.v1.Method\x12\x39\n\rauthenticator\x18\x02 \x01(\x0b\x32 .twofactor.v1.AuthenticatorSetupH\x00\x12,\n\tchallenge\x18\x03 \x01(\x0b\x32\x17.twofactor.v1.ChallengeH\x00\x42\x07\n\x05setup\"_\n\x18\x43onfirmEnrollmentRequest\x12\x0f\n\x07user_id\x18\x01 \x01(\t\x12$\n\x06method\x18\x02 \x01(\x0e\x32\x14.twofactor.v1.Method\x12\x0c\n\x04\x63ode\x18\x03 \x01(\t\"\xd3\x01\n\x19\x43onfirmEnrollmentResponse\x12\x11\n\tconfirmed\x18\x01 \x01(\x08\x12-\n\x0f\x65nabled_methods\x18\x02 \x03(\x0e\x32\x14.twofactor.v1.Method\x12\x14\n\x0c\x62\x61\x63kup_codes\x18\x03 \x03(\t\x12\x15\n\rattempts_left\x18\x04 \x01(\x05\x12+\n\x06result\x18\x05 \x01(\x0e\x32\x1b.twofactor.v1.ConfirmResult\x12\x1a\n\x12verification_token\x18\x06 \x01(\t\"i\n\x14\x44isableMethodRequest\x12\x0f\n\x07user_id\x18\x01 \x01(\t\x12$\n\x06method\x18\x02 \x01(\x0e\x32\x14.twofactor.v1.Method\x12\x1a\n\x12verification_token\x18\x03 \x01(\t\"F\n\x15\x44isableMethodResponse\x12-\n\x0f\x65nabled_methods\x18\x01 \x03(\x0e\x32\x14.twofactor.v1.Method\"q\n\x0fSendCodeRequest\x12\x0f\n\x07user_id\x18\x01 \x01(\t\x12$\n\x06method\x18\x02 \x01(\x0e\x32\x14.twofactor.v1.Method\x12\x17\n\x0fidempotency_key\x18\x03 \x01(\t\x12\x0e\n\x06locale\x18\x04 \x01(\t\">\n\x10SendCodeResponse\x12*\n\tchallenge\x18\x01 \x01(\x0b\x32\x17.twofactor.v1.Challenge\"<\n\x13GetChallengeRequest\x12\x0f\n\x07user_id\x18\x01 \x01(\t\x12\x14\n\x0c\x63hallenge_id\x18\x02 \x01(\t\"B\n\x14GetChallengeResponse\x12*\n\tchallenge\x18\x01 \x01(\x0b\x32\x17.twofactor.v1.Challenge\".\n\rVerifyRequest\x12\x0f\n\x07user_id\x18\x01 \x01(\t\x12\x0c\n\x04\x63ode\x18\x02 \x01(\t\"\x9a\x02\n\x0eVerifyResponse\x12*\n\x06result\x18\x01 \x01(\x0e\x32\x1a.twofactor.v1.VerifyResult\x12\'\n\x07matched\x18\x02 \x01(\x0e\x32\x16.twofactor.v1.CodeKind\x12\x15\n\rattempts_left\x18\x03 \x01(\x05\x12.\n\x0bretry_after\x18\x04 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x1e\n\x16\x62\x61\x63kup_codes_remaining\x18\x05 \x01(\x05\x12\x30\n\x0clocked_until\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x1a\n\x12verification_token\x18\x07 \x01(\t\"D\n\x15GetBackupCodesRequest\x12\x0f\n\x07user_id\x18\x01 \x01(\t\x12\x1a\n\x12verification_token\x18\x02 \x01(\t\"Y\n\x16GetBackupCodesResponse\x12\r\n\x05\x63odes\x18\x01 \x03(\t\x12\x30\n\x0cgenerated_at\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"K\n\x1cRegenerateBackupCodesRequest\x12\x0f\n\x07user_id\x18\x01 \x01(\t\x12\x1a\n\x12verification_token\x18\x02 \x01(\t\"`\n\x1dRegenerateBackupCodesResponse\x12\r\n\x05\x63odes\x18\x01 \x03(\t\x12\x30\n\x0cgenerated_at\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp*^\n\x0cQrCodeFormat\x12\x1e\n\x1aQR_CODE_FORMAT_UNSPECIFIED\x10\x00\x12\x16\n\x12QR_CODE_FORMAT_PNG\x10\x01\x12\x16\n\x12QR_CODE_FORMAT_SVG\x10\x02*\x85\x01\n\rConfirmResult\x12\x1e\n\x1a\x43ONFIRM_RESULT_UNSPECIFIED\x10\x00\x12\x1c\n\x18\x43ONFIRM_RESULT_CONFIRMED\x10\x01\x12\x1b\n\x17\x43ONFIRM_RESULT_REJECTED\x10\x02\x12\x19\n\x15\x43ONFIRM_RESULT_LOCKED\x10\x03*\x7f\n\x0cVerifyResult\x12\x1d\n\x19VERIFY_RESULT_UNSPECIFIED\x10\x00\x12\x1a\n\x16VERIFY_RESULT_ACCEPTED\x10\x01\x12\x1a\n\x16VERIFY_RESULT_REJECTED\x10\x02\x12\x18\n\x14VERIFY_RESULT_LOCKED\x10\x03*\x85\x01\n\x08\x43odeKind\x12\x19\n\x15\x43ODE_KIND_UNSPECIFIED\x10\x00\x12\x1b\n\x17\x43ODE_KIND_AUTHENTICATOR\x10\x01\x12\x13\n\x0f\x43ODE_KIND_EMAIL\x10\x02\x12\x11\n\rCODE_KIND_SMS\x10\x03\x12\x19\n\x15\x43ODE_KIND_BACKUP_CODE\x10\x04\x32\xe4\x07\n\x10TwoFactorService\x12L\n\tGetStatus\x12\x1e.twofactor.v1.GetStatusRequest\x1a\x1f.twofactor.v1.GetStatusResponse\x12O\n\nSetContact\x12\x1f.twofactor.v1.SetContactRequest\x1a .twofactor.v1.SetContactResponse\x12[\n\x0e\x43onfirmContact\x12#.twofactor.v1.ConfirmContactRequest\x1a$.twofactor.v1.ConfirmContactResponse\x12^\n\x0fStartEnrollment\x12$.twofactor.v1.StartEnrollmentRequest\x1a%.twofactor.v1.StartEnrollmentResponse\x12\x64\n\x11\x43onfirmEnrollment\x12&.twofactor.v1.ConfirmEnrollmentRequest\x1a\'.twofactor.v1.ConfirmEnrollmentResponse\x12X\n\rDisableMethod\x12\".twofactor.v1.DisableMethodRequest\x1a#.twofactor.v1.DisableMethodResponse\x12I\n\x08SendCode\x12\x1d.twofactor.v1.SendCodeRequest\x1a\x1e.twofactor.v1.SendCodeResponse\x12U\n\x0cGetChallenge\x12!.twofactor.v1.GetChallengeRequest\x1a\".twofactor.v1.GetChallengeResponse\x12\x43\n\x06Verify\x12\x1b.twofactor.v1.VerifyRequest\x1a\x1c.twofactor.v1.VerifyResponse\x12[\n\x0eGetBackupCodes\x12#.twofactor.v1.GetBackupCodesRequest\x1a$.twofactor.v1.GetBackupCodesResponse\x12p\n\x15RegenerateBackupCodes\x12*.twofactor.v1.RegenerateBackupCodesRequest\x1a+.twofactor.v1.RegenerateBackupCodesResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'twofactor.v1.twofactor_service_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_CONFIRMRESULT']._serialized_start=2974
-  _globals['_CONFIRMRESULT']._serialized_end=3107
-  _globals['_VERIFYRESULT']._serialized_start=3109
-  _globals['_VERIFYRESULT']._serialized_end=3236
-  _globals['_CODEKIND']._serialized_start=3239
-  _globals['_CODEKIND']._serialized_end=3372
+  _globals['_QRCODEFORMAT']._serialized_start=3021
+  _globals['_QRCODEFORMAT']._serialized_end=3115
+  _globals['_CONFIRMRESULT']._serialized_start=3118
+  _globals['_CONFIRMRESULT']._serialized_end=3251
+  _globals['_VERIFYRESULT']._serialized_start=3253
+  _globals['_VERIFYRESULT']._serialized_end=3380
+  _globals['_CODEKIND']._serialized_start=3383
+  _globals['_CODEKIND']._serialized_end=3516
   _globals['_GETSTATUSREQUEST']._serialized_start=146
   _globals['_GETSTATUSREQUEST']._serialized_end=181
   _globals['_GETSTATUSRESPONSE']._serialized_start=184
@@ -53,39 +55,39 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_CONFIRMCONTACTRESPONSE']._serialized_start=920
   _globals['_CONFIRMCONTACTRESPONSE']._serialized_end=1084
   _globals['_STARTENROLLMENTREQUEST']._serialized_start=1087
-  _globals['_STARTENROLLMENTREQUEST']._serialized_end=1232
-  _globals['_AUTHENTICATORSETUP']._serialized_start=1234
-  _globals['_AUTHENTICATORSETUP']._serialized_end=1323
-  _globals['_STARTENROLLMENTRESPONSE']._serialized_start=1326
-  _globals['_STARTENROLLMENTRESPONSE']._serialized_end=1503
-  _globals['_CONFIRMENROLLMENTREQUEST']._serialized_start=1505
-  _globals['_CONFIRMENROLLMENTREQUEST']._serialized_end=1600
-  _globals['_CONFIRMENROLLMENTRESPONSE']._serialized_start=1603
-  _globals['_CONFIRMENROLLMENTRESPONSE']._serialized_end=1814
-  _globals['_DISABLEMETHODREQUEST']._serialized_start=1816
-  _globals['_DISABLEMETHODREQUEST']._serialized_end=1921
-  _globals['_DISABLEMETHODRESPONSE']._serialized_start=1923
-  _globals['_DISABLEMETHODRESPONSE']._serialized_end=1993
-  _globals['_SENDCODEREQUEST']._serialized_start=1995
-  _globals['_SENDCODEREQUEST']._serialized_end=2108
-  _globals['_SENDCODERESPONSE']._serialized_start=2110
-  _globals['_SENDCODERESPONSE']._serialized_end=2172
-  _globals['_GETCHALLENGEREQUEST']._serialized_start=2174
-  _globals['_GETCHALLENGEREQUEST']._serialized_end=2234
-  _globals['_GETCHALLENGERESPONSE']._serialized_start=2236
-  _globals['_GETCHALLENGERESPONSE']._serialized_end=2302
-  _globals['_VERIFYREQUEST']._serialized_start=2304
-  _globals['_VERIFYREQUEST']._serialized_end=2350
-  _globals['_VERIFYRESPONSE']._serialized_start=2353
-  _globals['_VERIFYRESPONSE']._serialized_end=2635
-  _globals['_GETBACKUPCODESREQUEST']._serialized_start=2637
-  _globals['_GETBACKUPCODESREQUEST']._serialized_end=2705
-  _globals['_GETBACKUPCODESRESPONSE']._serialized_start=2707
-  _globals['_GETBACKUPCODESRESPONSE']._serialized_end=2796
-  _globals['_REGENERATEBACKUPCODESREQUEST']._serialized_start=2798
-  _globals['_REGENERATEBACKUPCODESREQUEST']._serialized_end=2873
-  _globals['_REGENERATEBACKUPCODESRESPONSE']._serialized_start=2875
-  _globals['_REGENERATEBACKUPCODESRESPONSE']._serialized_end=2971
-  _globals['_TWOFACTORSERVICE']._serialized_start=3375
-  _globals['_TWOFACTORSERVICE']._serialized_end=4371
+  _globals['_STARTENROLLMENTREQUEST']._serialized_end=1280
+  _globals['_AUTHENTICATORSETUP']._serialized_start=1282
+  _globals['_AUTHENTICATORSETUP']._serialized_end=1371
+  _globals['_STARTENROLLMENTRESPONSE']._serialized_start=1374
+  _globals['_STARTENROLLMENTRESPONSE']._serialized_end=1551
+  _globals['_CONFIRMENROLLMENTREQUEST']._serialized_start=1553
+  _globals['_CONFIRMENROLLMENTREQUEST']._serialized_end=1648
+  _globals['_CONFIRMENROLLMENTRESPONSE']._serialized_start=1651
+  _globals['_CONFIRMENROLLMENTRESPONSE']._serialized_end=1862
+  _globals['_DISABLEMETHODREQUEST']._serialized_start=1864
+  _globals['_DISABLEMETHODREQUEST']._serialized_end=1969
+  _globals['_DISABLEMETHODRESPONSE']._serialized_start=1971
+  _globals['_DISABLEMETHODRESPONSE']._serialized_end=2041
+  _globals['_SENDCODEREQUEST']._serialized_start=2043
+  _globals['_SENDCODEREQUEST']._serialized_end=2156
+  _globals['_SENDCODERESPONSE']._serialized_start=2158
+  _globals['_SENDCODERESPONSE']._serialized_end=2220
+  _globals['_GETCHALLENGEREQUEST']._serialized_start=2222
+  _globals['_GETCHALLENGEREQUEST']._serialized_end=2282
+  _globals['_GETCHALLENGERESPONSE']._serialized_start=2284
+  _globals['_GETCHALLENGERESPONSE']._serialized_end=2350
+  _globals['_VERIFYREQUEST']._serialized_start=2352
+  _globals['_VERIFYREQUEST']._serialized_end=2398
+  _globals['_VERIFYRESPONSE']._serialized_start=2401
+  _globals['_VERIFYRESPONSE']._serialized_end=2683
+  _globals['_GETBACKUPCODESREQUEST']._serialized_start=2685
+  _globals['_GETBACKUPCODESREQUEST']._serialized_end=2753
+  _globals['_GETBACKUPCODESRESPONSE']._serialized_start=2755
+  _globals['_GETBACKUPCODESRESPONSE']._serialized_end=2844
+  _globals['_REGENERATEBACKUPCODESREQUEST']._serialized_start=2846
+  _globals['_REGENERATEBACKUPCODESREQUEST']._serialized_end=2921
+  _globals['_REGENERATEBACKUPCODESRESPONSE']._serialized_start=2923
+  _globals['_REGENERATEBACKUPCODESRESPONSE']._serialized_end=3019
+  _globals['_TWOFACTORSERVICE']._serialized_start=3519
+  _globals['_TWOFACTORSERVICE']._serialized_end=4515
 # @@protoc_insertion_point(module_scope)

@@ -43,6 +43,38 @@ else:
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
+class _QrCodeFormat:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _QrCodeFormatEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_QrCodeFormat.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    QR_CODE_FORMAT_UNSPECIFIED: _QrCodeFormat.ValueType  # 0
+    """Not set. Rejected with INVALID_ARGUMENT (reason INVALID_QR_CODE_FORMAT)."""
+    QR_CODE_FORMAT_PNG: _QrCodeFormat.ValueType  # 1
+    """A PNG image (AuthenticatorSetup.qr_png): black on white, 6 pixels per
+    module, the 4-module quiet zone included.
+    """
+    QR_CODE_FORMAT_SVG: _QrCodeFormat.ValueType  # 2
+    """An SVG document (AuthenticatorSetup.qr_svg): one path, 4 user units per
+    module, the 4-module quiet zone included, no XML declaration.
+    """
+
+class QrCodeFormat(_QrCodeFormat, metaclass=_QrCodeFormatEnumTypeWrapper):
+    """An image format for the QR code of an authenticator enrollment."""
+
+QR_CODE_FORMAT_UNSPECIFIED: QrCodeFormat.ValueType  # 0
+"""Not set. Rejected with INVALID_ARGUMENT (reason INVALID_QR_CODE_FORMAT)."""
+QR_CODE_FORMAT_PNG: QrCodeFormat.ValueType  # 1
+"""A PNG image (AuthenticatorSetup.qr_png): black on white, 6 pixels per
+module, the 4-module quiet zone included.
+"""
+QR_CODE_FORMAT_SVG: QrCodeFormat.ValueType  # 2
+"""An SVG document (AuthenticatorSetup.qr_svg): one path, 4 user units per
+module, the 4-module quiet zone included, no XML declaration.
+"""
+Global___QrCodeFormat: _TypeAlias = QrCodeFormat  # noqa: Y015
+
 class _ConfirmResult:
     ValueType = _typing.NewType("ValueType", _builtins.int)
     V: _TypeAlias = ValueType  # noqa: Y015
@@ -374,6 +406,7 @@ class StartEnrollmentRequest(_message.Message):
     ACCOUNT_NAME_FIELD_NUMBER: _builtins.int
     LOCALE_FIELD_NUMBER: _builtins.int
     VERIFICATION_TOKEN_FIELD_NUMBER: _builtins.int
+    QR_FORMATS_FIELD_NUMBER: _builtins.int
     user_id: _builtins.str
     """The user (1 to 256 bytes)."""
     method: _common_pb2.Method.ValueType
@@ -391,6 +424,16 @@ class StartEnrollmentRequest(_message.Message):
     method enabled: without a valid one the call fails FAILED_PRECONDITION
     (STEP_UP_REQUIRED).
     """
+    @_builtins.property
+    def qr_formats(self) -> _containers.RepeatedScalarFieldContainer[Global___QrCodeFormat.ValueType]:
+        """AUTHENTICATOR: the QR code images to draw, each at most once. Empty (the
+        default) draws none: AuthenticatorSetup always carries the otpauth_uri and
+        the secret, from which a caller can draw its own QR code; drawing one costs
+        the server more than the rest of the enrollment, so ask only for what is
+        shown. An unknown or UNSPECIFIED format is INVALID_ARGUMENT
+        (INVALID_QR_CODE_FORMAT). Ignored for EMAIL and SMS.
+        """
+
     def __init__(
         self,
         *,
@@ -399,10 +442,11 @@ class StartEnrollmentRequest(_message.Message):
         account_name: _builtins.str = ...,
         locale: _builtins.str = ...,
         verification_token: _builtins.str = ...,
+        qr_formats: _abc.Iterable[Global___QrCodeFormat.ValueType] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["account_name", b"account_name", "locale", b"locale", "method", b"method", "user_id", b"user_id", "verification_token", b"verification_token"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["account_name", b"account_name", "locale", b"locale", "method", b"method", "qr_formats", b"qr_formats", "user_id", b"user_id", "verification_token", b"verification_token"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -423,9 +467,13 @@ class AuthenticatorSetup(_message.Message):
     otpauth_uri: _builtins.str
     """otpauth://totp/Issuer:account?secret=...&issuer=..."""
     qr_png: _builtins.bytes
-    """The otpauth URI as a QR code, PNG image."""
+    """The otpauth URI as a QR code, PNG image; empty unless
+    StartEnrollmentRequest.qr_formats asked for QR_CODE_FORMAT_PNG.
+    """
     qr_svg: _builtins.str
-    """The otpauth URI as a QR code, SVG document."""
+    """The otpauth URI as a QR code, SVG document; empty unless
+    StartEnrollmentRequest.qr_formats asked for QR_CODE_FORMAT_SVG.
+    """
     def __init__(
         self,
         *,

@@ -128,8 +128,9 @@ class TwoFactorServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def StartEnrollment(self, request, context):
-        """Begins enrolling a method. AUTHENTICATOR returns a new secret and its QR
-        code; EMAIL and SMS send a confirmation code to the registered contact.
+        """Begins enrolling a method. AUTHENTICATOR returns a new secret, its otpauth
+        URI and the QR code images that qr_formats asks for; EMAIL and SMS send a
+        confirmation code to the registered contact.
         Calling again replaces the pending enrollment of that method. For a user
         who already has a method enabled it needs a verification_token (step-up).
         """

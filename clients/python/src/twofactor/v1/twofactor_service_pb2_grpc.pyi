@@ -74,8 +74,9 @@ class TwoFactorServiceStub:
     (NO_PENDING_CONTACT_CHANGE) when no change is waiting.
     """
     StartEnrollment: _grpc.UnaryUnaryMultiCallable[_twofactor_service_pb2.StartEnrollmentRequest, _twofactor_service_pb2.StartEnrollmentResponse]
-    """Begins enrolling a method. AUTHENTICATOR returns a new secret and its QR
-    code; EMAIL and SMS send a confirmation code to the registered contact.
+    """Begins enrolling a method. AUTHENTICATOR returns a new secret, its otpauth
+    URI and the QR code images that qr_formats asks for; EMAIL and SMS send a
+    confirmation code to the registered contact.
     Calling again replaces the pending enrollment of that method. For a user
     who already has a method enabled it needs a verification_token (step-up).
     """
@@ -132,8 +133,9 @@ class TwoFactorServiceAsyncStub(TwoFactorServiceStub):
     (NO_PENDING_CONTACT_CHANGE) when no change is waiting.
     """
     StartEnrollment: _aio.UnaryUnaryMultiCallable[_twofactor_service_pb2.StartEnrollmentRequest, _twofactor_service_pb2.StartEnrollmentResponse]  # type: ignore[assignment]
-    """Begins enrolling a method. AUTHENTICATOR returns a new secret and its QR
-    code; EMAIL and SMS send a confirmation code to the registered contact.
+    """Begins enrolling a method. AUTHENTICATOR returns a new secret, its otpauth
+    URI and the QR code images that qr_formats asks for; EMAIL and SMS send a
+    confirmation code to the registered contact.
     Calling again replaces the pending enrollment of that method. For a user
     who already has a method enabled it needs a verification_token (step-up).
     """
@@ -211,8 +213,9 @@ class TwoFactorServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _twofactor_service_pb2.StartEnrollmentRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_twofactor_service_pb2.StartEnrollmentResponse, _abc.Awaitable[_twofactor_service_pb2.StartEnrollmentResponse]]:
-        """Begins enrolling a method. AUTHENTICATOR returns a new secret and its QR
-        code; EMAIL and SMS send a confirmation code to the registered contact.
+        """Begins enrolling a method. AUTHENTICATOR returns a new secret, its otpauth
+        URI and the QR code images that qr_formats asks for; EMAIL and SMS send a
+        confirmation code to the registered contact.
         Calling again replaces the pending enrollment of that method. For a user
         who already has a method enabled it needs a verification_token (step-up).
         """

@@ -1,0 +1,76 @@
+"""The writes of a confirmed enrollment, in as few statements as its invariants allow.
+
+A first confirmation ran 21 statements (four UPDATEs of the user's row, an INSERT per backup
+code, two audit rows apart, a read of the epoch at the end); these write the same rows in 5:
+the method, the backup-code set (its DELETE and one INSERT), one UPDATE of the user that
+returns the new credential epoch, and the audit rows in one INSERT. With its two reads (the
+user, locked, and the methods) a first confirmation runs 7.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+
+from twofactor_server.storage.database import Transaction
+from twofactor_server.storage.records import NewAuditEvent
+
+_AUDIT_COLUMNS = ("at", "actor", "user_id", "action", "request_id", "outcome", "detail")
+
+
+def enable_pending_method(tx: Transaction, user_id: str, method: str, now_ms: int) -> bool:
+    """The pending enrollment becomes the enabled method (the pending secret the secret).
+    The caller moves the credential epoch on in the same transaction (confirm_user)."""
+    return (
+        tx.execute(
+            "UPDATE methods SET enabled_at = %(now)s, pending_since = NULL, "
+            "secret = COALESCE(pending_secret, secret), pending_secret = NULL "
+            "WHERE user_id = %(u)s AND method = %(m)s AND pending_since IS NOT NULL",
+            {"u": user_id, "m": method, "now": now_ms},
+        )
+        == 1
+    )
+
+
+def store_backup_code_rows(tx: Transaction, user_id: str, codes: list[tuple[bytes, bytes]]) -> None:
+    """The user's backup codes become `codes`, (keyed hash, ciphertext) each, in one INSERT;
+    the old set is gone in the same transaction. At least one code (settings: 1 to 100)."""
+    tx.execute("DELETE FROM backup_codes WHERE user_id = %(u)s", {"u": user_id})
+    params: dict[str, object] = {"u": user_id}
+    for position, (code_hash, ciphertext) in enumerate(codes):
+        params |= {f"h{position}": code_hash, f"c{position}": ciphertext}
+    values = ", ".join(f"(%(u)s, {p}, %(h{p})s, %(c{p})s)" for p in range(len(codes)))
+    tx.execute(
+        f"INSERT INTO backup_codes (user_id, position, code_hash, code_ciphertext) VALUES {values}",  # noqa: S608
+        params,
+    )
+
+
+def confirm_user(
+    tx: Transaction, user_id: str, now_ms: int, *, totp_step: int | None, new_backup_codes: bool
+) -> int:
+    """One UPDATE of the user who just proved a new method: failures and lock cleared, last
+    verified now, the authenticator's accepted step recorded (it can't log in again), the
+    backup set's time when a new set was stored, and the credential epoch moved on, so step-up
+    proofs from before stop working. Returns the new epoch."""
+    row = tx.one(
+        "UPDATE users SET failed_attempts = 0, locked_until = NULL, last_verified_at = %(now)s, "
+        "totp_last_step = COALESCE(%(step)s, totp_last_step), "
+        "backup_codes_generated_at = CASE WHEN %(codes)s THEN %(now)s ELSE backup_codes_generated_at END, "
+        "credential_epoch = credential_epoch + 1 WHERE user_id = %(u)s RETURNING credential_epoch",
+        {"u": user_id, "now": now_ms, "step": totp_step, "codes": new_backup_codes},
+    )
+    assert row is not None, "the caller holds the user's row lock"
+    return int(row["credential_epoch"])
+
+
+def add_audit_events(tx: Transaction, events: list[NewAuditEvent]) -> None:
+    """The events in one INSERT."""
+    params: dict[str, object] = {}
+    rows = []
+    for i, event in enumerate(events):
+        params |= {f"{column}{i}": value for column, value in asdict(event).items()}
+        rows.append("(" + ", ".join(f"%({column}{i})s" for column in _AUDIT_COLUMNS) + ")")
+    tx.execute(
+        f"INSERT INTO audit_events ({', '.join(_AUDIT_COLUMNS)}) VALUES {', '.join(rows)}",  # noqa: S608
+        params,
+    )
