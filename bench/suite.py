@@ -174,7 +174,7 @@ def main(argv: list[str] | None = None) -> int:
 def parse(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="about one minute: fewer users, shorter phases")
-    parser.add_argument("--users", type=int, help="authenticator users (default 12000; quick 600)")
+    parser.add_argument("--users", type=int, help="authenticator users (default 12000; quick 2000)")
     parser.add_argument("--email-users", type=int, help="users with email enabled (default 1000; quick 150)")
     parser.add_argument("--clients", type=int, help="client processes (default 4; quick 2)")
     parser.add_argument("--threads", type=int, default=4, help="closed-loop threads per client process")
@@ -207,7 +207,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--redis-url", default=DEFAULT_REDIS_URL)
     args = parser.parse_args(argv)
     defaults = (
-        {"users": 600, "email_users": 150, "clients": 2, "seconds": 1.0, "rounds": 1, "e2e_messages": 20}
+        {"users": 2000, "email_users": 150, "clients": 2, "seconds": 1.0, "rounds": 1, "e2e_messages": 20}
         if args.quick
         else {
             "users": 12000,
