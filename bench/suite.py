@@ -39,6 +39,7 @@ import uuid
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import psycopg
 from loadgen import (
@@ -530,11 +531,20 @@ def wait_drained(database_url: str, schema: str, timeout: float) -> bool:
     return False
 
 
+def send_email_code(stub: Any, metadata: tuple[tuple[str, str], ...], user_id: str) -> None:
+    """One SendCode by email (grpc.RpcError when refused)."""
+    from twofactor.v1 import common_pb2
+    from twofactor.v1 import twofactor_service_pb2 as pb
+
+    stub.SendCode(
+        pb.SendCodeRequest(user_id=user_id, method=common_pb2.METHOD_EMAIL), metadata=metadata, timeout=10
+    )
+
+
 def measure_end_to_end(target: str, token: str, sink: BenchSink, users: list[str], count: int) -> Row:
     """SendCode, then wait until the sink accepted that message; one at a time, the queue idle."""
     import grpc
-    from twofactor.v1 import common_pb2, twofactor_service_pb2_grpc
-    from twofactor.v1 import twofactor_service_pb2 as pb
+    from twofactor.v1 import twofactor_service_pb2_grpc
 
     metadata = (("authorization", f"Bearer {token}"),)
     result = PhaseResult("e2e", 1.0)
@@ -545,11 +555,7 @@ def measure_end_to_end(target: str, token: str, sink: BenchSink, users: list[str
             expected = len(sink.arrivals) + 1
             t0 = time.time()
             try:
-                stub.SendCode(
-                    pb.SendCodeRequest(user_id=users[index % len(users)], method=common_pb2.METHOD_EMAIL),
-                    metadata=metadata,
-                    timeout=10,
-                )
+                send_email_code(stub, metadata, users[index % len(users)])
             except grpc.RpcError as error:
                 result.errors[error.code().name] += 1
                 continue
@@ -569,8 +575,7 @@ def measure_paced_sendcode(target: str, token: str, users: list[str], rate: floa
     """SendCode at a fixed rate (open loop: each call starts on its schedule, whatever the others
     do), the worker delivering meanwhile: the latency a login sees at that load."""
     import grpc
-    from twofactor.v1 import common_pb2, twofactor_service_pb2_grpc
-    from twofactor.v1 import twofactor_service_pb2 as pb
+    from twofactor.v1 import twofactor_service_pb2_grpc
 
     metadata = (("authorization", f"Bearer {token}"),)
     result = PhaseResult("paced", seconds)
@@ -582,11 +587,7 @@ def measure_paced_sendcode(target: str, token: str, users: list[str], rate: floa
         def send(index: int) -> None:
             t0 = time.monotonic()
             try:
-                stub.SendCode(
-                    pb.SendCodeRequest(user_id=users[index % len(users)], method=common_pb2.METHOD_EMAIL),
-                    metadata=metadata,
-                    timeout=10,
-                )
+                send_email_code(stub, metadata, users[index % len(users)])
             except grpc.RpcError as error:
                 with lock:
                     result.errors[error.code().name] += 1
