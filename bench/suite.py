@@ -280,14 +280,17 @@ def used(before: dict[str, float], after: dict[str, float]) -> dict[str, float]:
     return spent
 
 
-BUFFER_KEYS = ("blks_hit", "blks_read")
+BUFFER_KEYS = ("blks_hit", "blks_read", "wal_fpi", "wal_bytes")  # WAL: pg_stat_statements only
 
 
 def buffers_per_call(spent: dict[str, float], calls: int) -> str:
     """Shared buffers found (hit) and read from the OS (read) per call in the phase, when counted."""
-    if not calls or not all(key in spent for key in BUFFER_KEYS):
+    if not calls or not all(key in spent for key in BUFFER_KEYS[:2]):
         return ""
-    return f"  blks/call hit {spent['blks_hit'] / calls:.1f} read {spent['blks_read'] / calls:.2f}"
+    text = f"  blks/call hit {spent['blks_hit'] / calls:.1f} read {spent['blks_read'] / calls:.2f}"
+    if "wal_bytes" in spent:  # full-page images: the first change of a page after a checkpoint
+        text += f"  wal/call {spent['wal_bytes'] / calls:.0f} B, fpi {spent['wal_fpi'] / calls:.2f}"
+    return text
 
 
 class PostgresPids:
@@ -330,13 +333,13 @@ class PostgresPids:
                     ).fetchone()
                 )
             query = (
-                "SELECT sum(shared_blks_hit), sum(shared_blks_read) FROM pg_stat_statements"
+                "SELECT sum(shared_blks_hit), sum(shared_blks_read), sum(wal_fpi), sum(wal_bytes) "
+                "FROM pg_stat_statements"
                 if self._statements
                 else "SELECT blks_hit, blks_read FROM pg_stat_database WHERE datname = current_database()"
             )
             row = self._conn.execute(query).fetchone()
-        hit, read = row if row else (0, 0)
-        return {"blks_hit": float(hit or 0), "blks_read": float(read or 0)}
+        return {key: float(value or 0) for key, value in zip(BUFFER_KEYS, row or (), strict=False)}
 
 
 class BufferMeter(CpuMeter):
