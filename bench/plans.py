@@ -118,7 +118,7 @@ class _ExplainingTransaction:
             return attribute
 
         def explained(statement: str, params: Any = None) -> Any:
-            self._recorder.explain(self._tx._conn, statement, params)  # the bench looks under the hood
+            self._recorder.explain(self._tx._cursor.connection, statement, params)  # under the hood
             return attribute(statement, params)
 
         return explained

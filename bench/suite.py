@@ -129,7 +129,7 @@ def main(argv: list[str] | None = None) -> int:
                 clients(target, processes=args.clients, threads=args.threads, token=token)
             )
             backends = stack.enter_context(PostgresPids(args.database_url, schema))
-            meter = CpuMeter(server.pid, load.pids, worker.pid, backends)
+            meter = BufferMeter(server.pid, load.pids, worker.pid, backends)
             print(
                 f"server pid {server.pid} ({args.processes} process(es)) on {target}; worker pid "
                 f"{worker.pid} (concurrency {args.worker_concurrency}); schema {schema}; "
@@ -275,7 +275,23 @@ class Row:
 def used(before: dict[str, float], after: dict[str, float]) -> dict[str, float]:
     spent = {key: after[key] - before[key] for key in ("server", "postgres", "workers", "redis", "clients")}
     spent["other"] = max(0.0, after["machine_busy"] - before["machine_busy"] - sum(spent.values()))
+    for key in BUFFER_KEYS:  # not CPU: kept out of `other`
+        if key in before and key in after:
+            spent[key] = after[key] - before[key]
     return spent
+
+
+BUFFER_KEYS = ("blks_hit", "blks_read", "wal_fpi", "wal_bytes")  # WAL: pg_stat_statements only
+
+
+def buffers_per_call(spent: dict[str, float], calls: int) -> str:
+    """Shared buffers found (hit) and read from the OS (read) per call in the phase, when counted."""
+    if not calls or not all(key in spent for key in BUFFER_KEYS[:2]):
+        return ""
+    text = f"  blks/call hit {spent['blks_hit'] / calls:.1f} read {spent['blks_read'] / calls:.2f}"
+    if "wal_bytes" in spent:  # full-page images: the first change of a page after a checkpoint
+        text += f"  wal/call {spent['wal_bytes'] / calls:.0f} B, fpi {spent['wal_fpi'] / calls:.2f}"
+    return text
 
 
 class PostgresPids:
@@ -287,6 +303,7 @@ class PostgresPids:
         self._conn = psycopg.connect(database_url, autocommit=True)
         self._name = application_name
         self._lock = threading.Lock()
+        self._statements: bool | None = None  # whether pg_stat_statements is there
 
     def __enter__(self) -> PostgresPids:
         return self
@@ -303,6 +320,41 @@ class PostgresPids:
             ).fetchall()
         return {int(pid) for (pid,) in rows}
 
+    def buffers(self) -> dict[str, float]:
+        """Shared-buffer hits and reads (pages not in shared buffers: from the OS cache or the
+        disk) so far, of every statement in the database. From pg_stat_statements when the
+        extension is there (counted as each statement ends), else from pg_stat_database (each
+        backend reports about once a second: a phase's figure may be off by a second's calls).
+        On a shared PostgreSQL other sessions' statements count too: use a private cluster."""
+        with self._lock:
+            if self._statements is None:
+                self._statements = bool(
+                    self._conn.execute(
+                        "SELECT 1 FROM pg_extension WHERE extname = 'pg_stat_statements'"
+                    ).fetchone()
+                )
+            query = (
+                "SELECT sum(shared_blks_hit), sum(shared_blks_read), sum(wal_fpi), sum(wal_bytes) "
+                "FROM pg_stat_statements"
+                if self._statements
+                else "SELECT blks_hit, blks_read FROM pg_stat_database WHERE datname = current_database()"
+            )
+            row = self._conn.execute(query).fetchone()
+        return {key: float(value or 0) for key, value in zip(BUFFER_KEYS, row or (), strict=False)}
+
+
+class BufferMeter(CpuMeter):
+    """CpuMeter whose snapshots also carry PostgreSQL's shared-buffer hits and reads."""
+
+    def __init__(
+        self, server_pid: int, client_pids: list[int], worker_pid: int, backends: PostgresPids
+    ) -> None:
+        super().__init__(server_pid, client_pids, worker_pid, backends)
+        self._backends = backends
+
+    def snapshot(self) -> dict[str, float]:
+        return {**super().snapshot(), **self._backends.buffers()}
+
 
 def measure_enrollment(load: Clients, meter: CpuMeter, users: int, qr_format: str) -> tuple[Row, bool]:
     run = uuid.uuid4().hex[:8]
@@ -312,7 +364,7 @@ def measure_enrollment(load: Clients, meter: CpuMeter, users: int, qr_format: st
     )
     took, after = time.monotonic() - began, meter.snapshot()
     result = PhaseResult("enroll", took, latencies)
-    print(f"enrollment  {result.line()}", flush=True)
+    print(f"enrollment  {result.line()}{buffers_per_call(used(before, after), result.calls)}", flush=True)
     drawn = "" if qr_format == "none" else f" + {qr_format.upper()}"
     label = f"enrollment (Start{drawn} + Confirm)"
     return Row(label, result, used(before, after), result.calls), result.valid
@@ -373,6 +425,7 @@ def measure_rpcs(load: Clients, meter: CpuMeter, args: argparse.Namespace) -> di
             if name in spent and result.calls
         )
         cpu = f"   cpu us/call:{cpu}" if cpu else ""
+        cpu += buffers_per_call(spent, result.calls)
         print(f"{'warm-up' if warmup else 'round':<8} {result.line()}{cpu}", flush=True)
         if not warmup:
             runs[result.kind].append((result, spent))
@@ -491,9 +544,10 @@ def measure_sendcode(
         phases = [(SENDCODE, start, start + args.seconds)]
         recorder = CpuRecorder(meter, phases)
         result = next(iter(load.run_schedule(phases)))
-        print(f"sendcode {result.line()}", flush=True)
         taken = recorder.taken(0)
-        send_row = Row("SendCode (email)", result, used(*taken) if taken else {}, result.calls)
+        spent = used(*taken) if taken else {}
+        print(f"sendcode {result.line()}{buffers_per_call(spent, result.calls)}", flush=True)
+        send_row = Row("SendCode (email)", result, spent, result.calls)
         before = meter.snapshot()
         resumed = time.time()
     finally:
