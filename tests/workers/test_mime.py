@@ -91,7 +91,9 @@ _address = st.one_of(
 )
 
 
-@settings(max_examples=300, deadline=None)
+# derandomize: the same examples on every run, as the RPC fuzz does, so a red CI is always a
+# real regression (a fresh clone has no example database to replay).
+@settings(max_examples=300, deadline=None, derandomize=True)
 @given(
     name=st.one_of(st.just(""), st.from_regex(r"[A-Za-z0-9 -]{1,30}", fullmatch=True), _printable),
     address=_address,
@@ -101,6 +103,9 @@ _address = st.one_of(
     html=_body,
 )
 @example(name="", address="a@b.c", to="ada@example.com", subject="x", text="", html="")
+@example(name="", address="ada@example.com", to="0@", subject="", text="", html="")
+@example(name="", address="ada@example.com", to=":;0", subject="", text="", html="")
+@example(name=".", address="ada@example.com", to="ada@example.com", subject="", text="", html="")
 @example(name="Acme", address="a@b.c", to="ada@example.com", subject="x", text="a" * 79, html="é" * 79)
 @example(name="Acme", address="a@b.c", to="ada@example.com", subject="=?utf-8?q?x?=", text="", html="")
 def test_generated_messages_are_identical_whenever_written_directly(
@@ -109,7 +114,10 @@ def test_generated_messages_are_identical_whenever_written_directly(
     from_header = f"{name} <{address}>" if name else address
     try:
         package_bytes(from_header, to, subject, "<k@acme.test>", text, html)
-    except (ValueError, TypeError):  # refused by the package (CR/LF in a header): refused here too
+    # Refused by the package (ValueError for CR/LF in a header), or a header its parser can't
+    # take: "0@", ":;0" or a name of "." make email._header_value_parser itself fail (IndexError,
+    # AttributeError). Not written directly either. (The product validates addresses first.)
+    except Exception:
         assert (
             message_bytes(
                 from_header=from_header,
