@@ -125,6 +125,10 @@ class Challenges:
                 if earlier is not None:
                     outbox.forget_idempotency_key(tx, earlier.challenge_id)
             outbox.lock_destination(tx, destination)
+            # The clock read again now that both locks are held: a send that committed while this
+            # call waited for them is never "later" than this one, so a zero cooldown can't refuse
+            # it as too soon, and created_at follows the order the locks gave the sends.
+            now = now_ms(self._clock)
             self._enforce_send_limits(tx, user_id, destination, now)
             if method == SMS:
                 take_sms_quota(tx, destination, policy, now)
