@@ -201,12 +201,12 @@ class RecentSends:
     """What the send limits look at, read in one statement."""
 
     last_ms: int | None  # last_send_ms
-    to_user: int  # count_sends_since the hour for the user
-    to_destination: int  # and for the destination
+    to_user: int  # sends counting toward the hourly limit, to the user
+    to_destination: int  # and to the destination
 
 
 def recent_sends(tx: Transaction, user_id: str, destination: str, *, since_ms: int) -> RecentSends:
-    """last_send_ms and the two count_sends_since of the send limits, in one round trip."""
+    """last_send_ms and the two hourly counts of the send limits, in one round trip."""
     row = tx.one(
         f"SELECT ({_LAST_SEND}) AS last, ({_COUNT_SENDS.format(column='user_id', value='u')}) AS to_user, "
         f"({_COUNT_SENDS.format(column='destination', value='d')}) AS to_destination",
@@ -215,17 +215,6 @@ def recent_sends(tx: Transaction, user_id: str, destination: str, *, since_ms: i
     assert row is not None
     last = row["last"]
     return RecentSends(None if last is None else int(last), int(row["to_user"]), int(row["to_destination"]))
-
-
-def count_sends_since(
-    tx: Transaction, *, since_ms: int, user_id: str | None = None, destination: str | None = None
-) -> int:
-    """Sends that count toward an hourly limit: every code but the void (notices are no codes)."""
-    column, value = ("user_id", user_id) if user_id is not None else ("destination", destination)
-    row = tx.one(
-        f"SELECT ({_COUNT_SENDS.format(column=column, value='v')}) AS n", {"v": value, "since": since_ms}
-    )
-    return int(row["n"]) if row else 0
 
 
 def claim_delivery(

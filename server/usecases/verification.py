@@ -198,17 +198,15 @@ class Verification:
                 cached_step = self._matching_step(user_id, digits, cached, now)
             except (KeyringError, KeyVersionMissing):
                 cached = None  # not checkable here: the snapshot read decides (and reports it)
-        if cached is not None:
-            with self._db.statements() as q:
-                if cached_step is not None:
-                    accepted = self._accept_unlocked(q, user_id, cached_step, cached, now, accepted_event)
-                    if accepted is not None:
-                        return self._accepted(user_id, CodeKind.AUTHENTICATOR, accepted, now, caller)
-                else:
-                    counted = self._count_unlocked(q, user_id, cached, now)
-                    if counted is not None:
-                        return counted
-        with self._db.statements() as q:
+        with self._db.statements() as q:  # one connection for the try and the fallback
+            if cached is not None and cached_step is not None:
+                accepted = self._accept_unlocked(q, user_id, cached_step, cached, now, accepted_event)
+                if accepted is not None:
+                    return self._accepted(user_id, CodeKind.AUTHENTICATOR, accepted, now, caller)
+            elif cached is not None:
+                counted = self._count_unlocked(q, user_id, cached, now)
+                if counted is not None:
+                    return counted
             return self._decide_from_snapshot(
                 q, user_id, digits, now, caller, accepted_event, cached, cached_step
             )
