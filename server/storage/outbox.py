@@ -39,6 +39,10 @@ _COUNT_SENDS = (
     "SELECT COUNT(*) FROM challenges WHERE {column} = %({value})s AND created_at > %(since)s "
     "AND delivery_status <> 'void' AND purpose <> 'notice'"
 )
+_RECENT_SENDS = (  # the three figures the send limits look at, one statement (built once)
+    f"SELECT ({_LAST_SEND}) AS last, ({_COUNT_SENDS.format(column='user_id', value='u')}) AS to_user, "
+    f"({_COUNT_SENDS.format(column='destination', value='d')}) AS to_destination"
+)
 # Published: the message is known to be in the queue (%(c)s: the challenge).
 _PUBLISH = (
     "published_at = %(now)s, updated_at = %(now)s "
@@ -208,8 +212,7 @@ class RecentSends:
 def recent_sends(tx: Transaction, user_id: str, destination: str, *, since_ms: int) -> RecentSends:
     """last_send_ms and the two hourly counts of the send limits, in one round trip."""
     row = tx.one(
-        f"SELECT ({_LAST_SEND}) AS last, ({_COUNT_SENDS.format(column='user_id', value='u')}) AS to_user, "
-        f"({_COUNT_SENDS.format(column='destination', value='d')}) AS to_destination",
+        _RECENT_SENDS,
         {"u": user_id, "d": destination, "since": since_ms},
     )
     assert row is not None
