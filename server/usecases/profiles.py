@@ -117,6 +117,8 @@ class UserProfiles:
                 )
             if changed:
                 audit.record(tx, caller, now, user_id, "contact_changed", detail=",".join(changed))
+            # What sending the confirmation codes below leaves as it is: no contact, method or lock.
+            state = load_state(tx, existing_user(tx, user_id), self._policy, now)
         confirmations: list[ChallengeView] = []
         for method, destination in to_confirm:
             confirmations.append(
@@ -130,8 +132,6 @@ class UserProfiles:
                     new_destination=destination,
                 )
             )
-        with self._db.transaction() as tx:
-            state = load_state(tx, existing_user(tx, user_id), self._policy, now_ms(self._clock))
         return ContactChange(state, tuple(confirmations))
 
     def confirm_contact(self, user_id: str, method: str, code: str, *, caller: Caller) -> ContactConfirmation:
