@@ -127,7 +127,7 @@ class PostgresDatabase:
                     yield tx
             except psycopg.OperationalError as error:
                 self._unavailable(error)
-        _run_after_commit(tx)
+        tx.run_committed_actions()
 
     @contextmanager
     def statements(self) -> Iterator[_PostgresTransaction]:
@@ -137,7 +137,7 @@ class PostgresDatabase:
                 yield tx
             except psycopg.OperationalError as error:
                 self._unavailable(error)
-        _run_after_commit(tx)
+        tx.run_committed_actions()
 
     @contextmanager
     def _connection(self) -> Iterator[_Connection]:
@@ -230,19 +230,31 @@ class PostgresDatabase:
         _unavailable(error)
 
 
-class _PostgresTransaction:
+class _CommitActions:
+    """What both backends' transactions keep for after the commit (Transaction.after_commit)."""
+
+    def __init__(self) -> None:
+        self._committed_actions: list[Callable[[], None]] = []
+
+    def after_commit(self, action: Callable[[], None]) -> None:
+        self._committed_actions.append(action)
+
+    def run_committed_actions(self) -> None:
+        """Called by the Database once the commit is done and the connection given back."""
+        for action in self._committed_actions:
+            action()
+
+
+class _PostgresTransaction(_CommitActions):
     dialect = "postgres"
     row_lock = " FOR UPDATE"
 
     def __init__(self, conn: _Connection) -> None:
+        super().__init__()
         cursor = conn.statement_cursor
         if cursor is None:
             cursor = conn.statement_cursor = conn.cursor()
         self._cursor = cursor
-        self.committed_actions: list[Callable[[], None]] = []
-
-    def after_commit(self, action: Callable[[], None]) -> None:
-        self.committed_actions.append(action)
 
     def execute(self, sql: str, params: Params | None = None) -> int:
         return self._cursor.execute(sql, params).rowcount
@@ -283,7 +295,7 @@ class SqliteDatabase:
                     self._conn.execute("ROLLBACK")
                 raise
             self._conn.execute("COMMIT")
-        _run_after_commit(tx)
+        tx.run_committed_actions()
 
     @contextmanager
     def statements(self) -> Iterator[_SqliteTransaction]:
@@ -293,7 +305,7 @@ class SqliteDatabase:
         ):  # the connection is in autocommit mode outside BEGIN
             tx = _SqliteTransaction(self._conn)
             yield tx
-        _run_after_commit(tx)
+        tx.run_committed_actions()
 
     def ping(self) -> None:
         with self.statements() as q:
@@ -308,16 +320,13 @@ class SqliteDatabase:
             self._conn.close()
 
 
-class _SqliteTransaction:
+class _SqliteTransaction(_CommitActions):
     dialect = "sqlite"
     row_lock = ""  # BEGIN IMMEDIATE and the connection lock already serialize transactions
 
     def __init__(self, conn: sqlite3.Connection) -> None:
+        super().__init__()
         self._conn = conn
-        self.committed_actions: list[Callable[[], None]] = []
-
-    def after_commit(self, action: Callable[[], None]) -> None:
-        self.committed_actions.append(action)
 
     def execute(self, sql: str, params: Params | None = None) -> int:
         return self._conn.execute(_to_sqlite(sql), params or {}).rowcount
@@ -345,11 +354,6 @@ def _sqlite_errors(unavailable: threading.Event) -> Iterator[None]:
             unavailable.set()
             _unavailable(error)
         raise
-
-
-def _run_after_commit(tx: _PostgresTransaction | _SqliteTransaction) -> None:
-    for action in tx.committed_actions:
-        action()
 
 
 def _unavailable(error: Exception) -> NoReturn:
