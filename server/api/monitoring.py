@@ -98,17 +98,16 @@ def _unary(inner: Callable[..., Any], method: str, labels: tuple[str, str, str])
                 failed = False
                 return response
             finally:
-                _handled(series, labels, _code_of(context, failed), started)
+                _handled(series, _code_of(context, failed), started)
 
     return handle
 
 
-def _handled(
-    series: metrics.GrpcMethodMetrics, labels: tuple[str, str, str], code: grpc.StatusCode, started: float
-) -> None:
+def _handled(series: metrics.GrpcMethodMetrics, code: grpc.StatusCode, started: float) -> None:
     seconds = time.perf_counter() - started
     series.handled(code, seconds)
-    log.debug("handled %s/%s: %s in %.1f ms", labels[1], labels[2], code.name, seconds * 1000)
+    _, service, method = series.labels
+    log.debug("handled %s/%s: %s in %.1f ms", service, method, code.name, seconds * 1000)
 
 
 def _streaming(inner: Callable[..., Any], method: str, labels: tuple[str, str, str]) -> Callable[..., Any]:
@@ -132,6 +131,6 @@ def _streaming(inner: Callable[..., Any], method: str, labels: tuple[str, str, s
             failed = False
         finally:
             with logs.bind(request_id=request_id, method=method):
-                _handled(series, labels, _code_of(context, failed), started)
+                _handled(series, _code_of(context, failed), started)
 
     return handle

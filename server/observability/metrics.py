@@ -104,9 +104,9 @@ class GrpcMethodMetrics:
     method and status code, not per call (labels() takes a lock and builds a key each time)."""
 
     def __init__(self, grpc_type: str, service: str, method: str) -> None:
-        self._labels = (grpc_type, service, method)
-        self._started = grpc_server_started_total.labels(*self._labels)
-        self._seconds = grpc_server_handling_seconds.labels(*self._labels)
+        self.labels = (grpc_type, service, method)
+        self._started = grpc_server_started_total.labels(*self.labels)
+        self._seconds = grpc_server_handling_seconds.labels(*self.labels)
         self._handled: dict[grpc.StatusCode, Counter] = {}
 
     def started(self) -> None:
@@ -115,7 +115,7 @@ class GrpcMethodMetrics:
     def handled(self, code: grpc.StatusCode, seconds: float) -> None:
         counter = self._handled.get(code)
         if counter is None:
-            counter = grpc_server_handled_total.labels(*self._labels, GO_CODE_NAMES[code])
+            counter = grpc_server_handled_total.labels(*self.labels, GO_CODE_NAMES[code])
             self._handled[code] = counter
         counter.inc()
         self._seconds.observe(seconds)
