@@ -59,7 +59,11 @@ class OutboxRecovery:
             expired = outbox.expire_undelivered(tx, now)
             oldest = outbox.oldest_waiting_created_at(tx)
             # A worker took these though the server died before recording the publish.
-            for challenge in outbox.claimed_but_unpublished(tx, created_before=stale_before, limit=BATCH):
+            claimed = outbox.claimed_but_unpublished(tx, created_before=stale_before, limit=BATCH)
+        for challenge in claimed:
+            # One transaction each: a publish locks its user's row before the user's codes
+            # (as SendCode does), so it must hold no other user's row or code meanwhile.
+            with self._db.transaction() as tx:
                 outbox.mark_published(tx, challenge, now)
         metrics.outbox_oldest_queued(0 if oldest is None else (now - oldest) / 1000)
         if expired:

@@ -226,6 +226,15 @@ class PostgresDatabase:
         self._watchdog.close()
 
     def _unavailable(self, error: Exception) -> NoReturn:
+        if isinstance(error, (psycopg.errors.DeadlockDetected, psycopg.errors.SerializationFailure)):
+            # A deadlock or serialization failure: the database is up (no probe needed), and
+            # the caller may retry; but twofactor orders its locks so this should not happen.
+            log.error(
+                "storage conflict, answered UNAVAILABLE (retryable): %s: %s; this is a bug, report it",
+                type(error).__name__,
+                " ".join(str(error).split())[:300],
+            )
+            raise StorageUnavailable() from error
         self.unavailable.set()
         _unavailable(error)
 

@@ -43,11 +43,17 @@ _RECENT_SENDS = (  # the three figures the send limits look at, one statement (b
     f"SELECT ({_LAST_SEND}) AS last, ({_COUNT_SENDS.format(column='user_id', value='u')}) AS to_user, "
     f"({_COUNT_SENDS.format(column='destination', value='d')}) AS to_destination"
 )
-# Published: the message is known to be in the queue (%(c)s: the challenge).
+# Published: the message is known to be in the queue (%(c)s: the challenge, %(u)s: its user).
+# The user's row is locked first, in the same statement (an uncorrelated sub-select runs
+# before any challenge row is locked): a publish then supersedes the user's older codes
+# under the same lock SendCode takes first. Without it two publishes for one user lock
+# each other's older rows in scan order, and PostgreSQL aborts one as a deadlock.
 _PUBLISH = (
     "published_at = %(now)s, updated_at = %(now)s "
-    "WHERE challenge_id = %(c)s AND published_at IS NULL AND delivery_status <> 'void'"
+    "WHERE challenge_id = %(c)s AND published_at IS NULL AND delivery_status <> 'void' "
+    "AND EXISTS (SELECT 1 FROM users WHERE user_id = %(u)s{row_lock})"
 )
+_PUBLISH_BY_ROW_LOCK = {lock: _PUBLISH.format(row_lock=lock) for lock in ("", " FOR UPDATE")}
 _DESTINATION_LOCKS = 0x2FAC8  # first key of pg_advisory_xact_lock(int, int): twofactor's destinations
 VOID_REASON = "not queued: the delivery queue was unavailable and the caller was told to retry"
 EXPIRED_REASON = "the code expired before it could be delivered"
@@ -96,8 +102,8 @@ def mark_published(tx: Transaction, challenge: ChallengeRecord, now_ms: int) -> 
     codes: a newer one published first is left alone. False when it was already recorded.
     """
     published = tx.execute(
-        f"UPDATE challenges SET {_PUBLISH}",  # noqa: S608 - constants only
-        {"c": challenge.challenge_id, "now": now_ms},
+        f"UPDATE challenges SET {_PUBLISH_BY_ROW_LOCK[tx.row_lock]}",  # noqa: S608 - constants only
+        {"c": challenge.challenge_id, "u": challenge.user_id, "now": now_ms},
     )
     if published != 1:
         return False
@@ -112,7 +118,7 @@ def publish_new(
     as published and the user's last send (MAX(created_at) of last_send_ms), or None when the
     publish was already recorded (or the send is void)."""
     row = tx.one(
-        f"UPDATE challenges SET {_PUBLISH} RETURNING *, ({_LAST_SEND}) AS last_send",  # noqa: S608
+        f"UPDATE challenges SET {_PUBLISH_BY_ROW_LOCK[tx.row_lock]} RETURNING *, ({_LAST_SEND}) AS last_send",  # noqa: S608
         {"c": challenge_id, "u": user_id, "now": now_ms},
     )
     if row is None:

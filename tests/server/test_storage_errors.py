@@ -6,7 +6,9 @@ from __future__ import annotations
 import logging
 import socket
 import sqlite3
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import closing
+from threading import Barrier
 
 import grpc
 import pytest
@@ -78,5 +80,37 @@ def test_a_postgres_programming_error_is_not_unavailable(postgres_url: str) -> N
         with pytest.raises(Exception) as raised, db.transaction() as tx:
             tx.one("SELECT * FROM no_such_table")
         assert not isinstance(raised.value, StorageUnavailable)
+    finally:
+        db.close()
+
+
+def test_a_postgres_deadlock_is_retryable_and_logged_as_a_conflict_not_an_outage(
+    postgres_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Two transactions lock two rows in opposite order; PostgreSQL aborts one. Its caller hears
+    STORAGE_UNAVAILABLE (a retry succeeds), and the log says it was a lock conflict, not a
+    database that can't be reached, so nobody at 3 a.m. goes looking for a dead server."""
+    db = PostgresDatabase(postgres_url, timeout=30.0)
+    try:
+        with db.transaction() as tx:
+            tx.execute("CREATE TABLE pair (id INT PRIMARY KEY)")
+            tx.execute("INSERT INTO pair VALUES (1), (2)")
+        both_hold_one = Barrier(2)
+
+        def lock(first: int, second: int) -> None:
+            with db.transaction() as tx:
+                tx.one("SELECT id FROM pair WHERE id = %(i)s FOR UPDATE", {"i": first})
+                both_hold_one.wait(timeout=30)
+                tx.one("SELECT id FROM pair WHERE id = %(i)s FOR UPDATE", {"i": second})
+
+        with caplog.at_level(logging.WARNING), ThreadPoolExecutor(max_workers=2) as pool:
+            outcomes = [pool.submit(lock, 1, 2), pool.submit(lock, 2, 1)]
+            failures = [f.exception(timeout=60) for f in outcomes]
+        refused = [e for e in failures if e is not None]
+        assert len(refused) == 1 and isinstance(refused[0], StorageUnavailable), failures
+        lines = [r.getMessage() for r in caplog.records if r.name == "twofactor_server.storage.database"]
+        assert len(lines) == 1 and lines[0].startswith("storage conflict"), lines
+        assert "DeadlockDetected" in lines[0] and "\n" not in lines[0]
+        assert not db.unavailable.is_set(), "a conflict is no outage: the health probe isn't woken"
     finally:
         db.close()

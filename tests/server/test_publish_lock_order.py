@@ -1,0 +1,151 @@
+"""A publish locks its user's row before any of the user's codes, as SendCode does.
+
+Publishing a code supersedes the user's older ones. Two publishes for one user used to lock
+those older rows in whatever order each UPDATE scanned them, and PostgreSQL aborted one of
+them as a deadlock: the caller of SendCode heard STORAGE_UNAVAILABLE (seen in CI, two
+servers, twenty concurrent sends). These tests hold the user's row and watch a publish wait
+for it, then run many publishes for one user at once.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from threading import Barrier
+
+import psycopg
+import pytest
+
+from twofactor_server.storage import outbox, store
+from twofactor_server.storage.database import Database, open_database
+from twofactor_server.storage.records import ChallengeRecord, NewChallenge
+
+WAIT_LIMIT = 30.0  # seconds; every wait below is for a condition, bounded by this
+USER = "pia"
+T0 = 1_800_000_000_000
+
+
+@pytest.fixture
+def db(postgres_url: str, tmp_path: Path) -> Iterator[Database]:
+    database = open_database(postgres_url, data_dir=tmp_path, timeout=WAIT_LIMIT)
+    database.migrate()
+    with database.transaction() as tx:
+        store.ensure_user(tx, USER, T0)
+    yield database
+    database.close()
+
+
+def insert_codes(db: Database, n: int) -> list[str]:
+    """n unpublished login codes for USER, oldest first."""
+    ids = [uuid.uuid4().hex for _ in range(n)]
+    with db.transaction() as tx:
+        for i, challenge_id in enumerate(ids):
+            outbox.insert_challenge(
+                tx,
+                NewChallenge(
+                    challenge_id=challenge_id,
+                    user_id=USER,
+                    method="email",
+                    purpose="login",
+                    destination="pia@example.com",
+                    code_hash=b"h" * 32,
+                    code_ciphertext=b"c" * 32,
+                    idempotency_key=None,
+                    locale="en",
+                    created_at=T0 + i,
+                    expires_at=T0 + 600_000,
+                ),
+            )
+    return ids
+
+
+def challenge(db: Database, challenge_id: str) -> ChallengeRecord:
+    with db.transaction() as tx:
+        found = outbox.get_challenge(tx, challenge_id)
+    assert found is not None
+    return found
+
+
+def publish_new(db: Database, challenge_id: str) -> None:
+    with db.transaction() as tx:
+        assert outbox.publish_new(tx, challenge_id, USER, T0 + 1_000) is not None
+
+
+def mark_published(db: Database, challenge_id: str) -> None:
+    record = challenge(db, challenge_id)
+    with db.transaction() as tx:
+        assert outbox.mark_published(tx, record, T0 + 1_000)
+
+
+PUBLISHES: dict[str, Callable[[Database, str], None]] = {
+    "publish_new": publish_new,  # SendCode
+    "mark_published": mark_published,  # outbox recovery and notices
+}
+
+
+def publish_after(start: Barrier, publish: str, db: Database, challenge_id: str) -> None:
+    start.wait(timeout=WAIT_LIMIT)
+    PUBLISHES[publish](db, challenge_id)
+
+
+def wait_until(condition: Callable[[], bool], what: str) -> None:
+    deadline = time.monotonic() + WAIT_LIMIT
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting until {what}")
+        time.sleep(0.01)  # polling a condition, not a synchronization by time
+
+
+@pytest.mark.parametrize("publish", PUBLISHES)
+def test_a_publish_waits_for_the_users_row_before_locking_any_of_their_codes(
+    db: Database, postgres_url: str, publish: str
+) -> None:
+    older, newest = insert_codes(db, 2)
+    with (
+        psycopg.connect(postgres_url) as holder,
+        psycopg.connect(postgres_url, autocommit=True) as monitor,
+        ThreadPoolExecutor(max_workers=1) as pool,
+    ):
+        holder_pid = holder.execute("SELECT pg_backend_pid()").fetchone()[0]  # type: ignore[index]
+        holder.execute("SELECT 1 FROM users WHERE user_id = %s FOR UPDATE", (USER,))
+        done = pool.submit(PUBLISHES[publish], db, newest)
+
+        def publish_waits_on_holder() -> bool:
+            rows = monitor.execute(
+                "SELECT 1 FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
+                "AND %s = ANY(pg_blocking_pids(pid))",
+                (holder_pid,),
+            ).fetchall()
+            return bool(rows) or done.done()
+
+        wait_until(publish_waits_on_holder, "the publish waits for the user's row")
+        assert not done.done(), "the publish went ahead without the user's row lock"
+        # While it waits it holds none of the user's codes: NOWAIT would fail on a locked one.
+        with monitor.transaction():
+            locked = monitor.execute(
+                "SELECT challenge_id FROM challenges WHERE user_id = %s FOR UPDATE NOWAIT", (USER,)
+            ).fetchall()
+        assert {row[0] for row in locked} == {older, newest}
+        holder.rollback()
+        done.result(timeout=WAIT_LIMIT)
+    assert challenge(db, newest).published_at is not None
+    assert challenge(db, older).superseded_at is not None
+
+
+@pytest.mark.parametrize("publish", PUBLISHES)
+def test_many_publishes_for_one_user_at_once_all_commit_and_only_the_newest_code_stays_live(
+    db: Database, publish: str
+) -> None:
+    rounds, at_once = 5, 8
+    for _ in range(rounds):
+        ids = insert_codes(db, at_once)
+        start = Barrier(at_once)
+        with ThreadPoolExecutor(max_workers=at_once) as pool:
+            # .result() re-raises a StorageUnavailable: a deadlock fails the test here.
+            for future in [pool.submit(publish_after, start, publish, db, c) for c in reversed(ids)]:
+                future.result(timeout=WAIT_LIMIT)
+        live = [c for c in ids if challenge(db, c).superseded_at is None]
+        assert live == [ids[-1]]
