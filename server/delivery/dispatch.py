@@ -2,21 +2,21 @@
 
 With a broker configured, a Celery task message carrying only the challenge
 id goes to Redis, published by task name (the server never imports the worker
-package): one LPUSH of the message Celery would write (task_queue.py), over a
-redis-py connection pool kept for the process. The embedded default runs the
+package): one LPUSH of the message Celery would write (task_queue.py), on a Redis
+connection each thread keeps. The embedded default runs the
 same delivery code on a thread pool inside the server.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Protocol, cast
 
 import redis
-from redis.backoff import NoBackoff
-from redis.retry import Retry
 
 from twofactor_server.delivery.deliverer import Deliverer
 from twofactor_server.delivery.providers import build_email_sender, build_sms_sender
@@ -31,32 +31,77 @@ from twofactor_server.storage.database import Database
 log = logging.getLogger(__name__)
 
 
+class _KeptConnection(Protocol):
+    """What the dispatcher uses of a redis-py connection (its methods carry no annotations)."""
+
+    def send_command(self, *args: Any) -> None: ...
+
+    def read_response(self) -> Any: ...
+
+    def disconnect(self) -> None: ...
+
+
 class CeleryDispatcher:
-    """Publishes the Celery deliver task to the Redis broker, by name, without Celery."""
+    """Publishes the Celery deliver task to the Redis broker, by name, without Celery.
+
+    Each thread keeps one Redis connection of its own and sends its LPUSH on it directly:
+    redis-py's client checks a connection out of its pool and back for every command
+    (locks, a readability poll, retry and metrics wrappers), about 3 times the CPU of
+    the LPUSH itself (docs/benchmarks.md, SendCode).
+    """
 
     def __init__(self, settings: Settings) -> None:
         timeout = settings.broker_timeout_seconds
         # Publishing fails fast: a kept connection the broker dropped is replaced once, at
         # once; a broker that does not answer within the timeout is UNAVAILABLE for the RPC.
-        self._redis = redis.Redis.from_url(
-            settings.broker_url,
-            socket_timeout=timeout,
-            socket_connect_timeout=timeout,
-            retry=Retry(NoBackoff(), 1),
+        self._pool = redis.ConnectionPool.from_url(
+            settings.broker_url, socket_timeout=timeout, socket_connect_timeout=timeout
         )
         self._queue = settings.delivery_queue
+        self._kept = threading.local()
+        self._connections: list[_KeptConnection] = []  # every thread's, for close()
+        self._lock = threading.Lock()
 
     def dispatch(self, challenge_id: str, generation: int = 0) -> None:
+        message = deliver_message(challenge_id, generation, self._queue)
         try:
-            self._redis.lpush(self._queue, deliver_message(challenge_id, generation, self._queue))
+            try:
+                self._lpush(message)
+            except (redis.ConnectionError, redis.TimeoutError, OSError):
+                self._lpush(message)  # once more, on a new connection
         except (redis.RedisError, OSError) as error:
             log.warning("could not queue delivery of %s: %s", challenge_id, type(error).__name__)
             raise Unavailable(
                 "BROKER_UNAVAILABLE", "the delivery queue can't be reached; retry later", retry_after=1.0
             ) from None
 
+    def _lpush(self, message: bytes) -> None:
+        connection = self._connection()
+        try:
+            connection.send_command("LPUSH", self._queue, message)
+            connection.read_response()
+        except (redis.ConnectionError, redis.TimeoutError, OSError):
+            # Its state is unknown (a reply may still come): the next command connects afresh.
+            connection.disconnect()
+            raise
+
+    def _connection(self) -> _KeptConnection:
+        """This thread's connection (connected on first use; a forked child makes its own)."""
+        kept: tuple[int, _KeptConnection] | None = getattr(self._kept, "connection", None)
+        if kept is not None and kept[0] == os.getpid():
+            return kept[1]
+        connection = cast(_KeptConnection, self._pool.make_connection())
+        self._kept.connection = (os.getpid(), connection)
+        with self._lock:
+            self._connections.append(connection)
+        return connection
+
     def close(self) -> None:
-        self._redis.close()
+        with self._lock:
+            connections, self._connections = self._connections, []
+        for connection in connections:
+            connection.disconnect()
+        self._pool.disconnect()
 
 
 class InProcessDispatcher:

@@ -28,7 +28,7 @@ from collections.abc import Callable
 from twofactor_server.domain.clock import Clock, now_ms, system_clock
 from twofactor_server.domain.errors import StorageUnavailable, Unavailable
 from twofactor_server.observability import metrics
-from twofactor_server.storage import outbox
+from twofactor_server.storage import outbox, outbox_recovery
 from twofactor_server.storage.database import Database
 
 log = logging.getLogger(__name__)
@@ -56,10 +56,10 @@ class OutboxRecovery:
         now = now_ms(self._clock)
         stale_before = now - self._recovery_ms
         with self._db.transaction() as tx:
-            expired = outbox.expire_undelivered(tx, now)
-            oldest = outbox.oldest_waiting_created_at(tx)
+            expired = outbox_recovery.expire_undelivered(tx, now)
+            oldest = outbox_recovery.oldest_waiting_created_at(tx)
             # A worker took these though the server died before recording the publish.
-            claimed = outbox.claimed_but_unpublished(tx, created_before=stale_before, limit=BATCH)
+            claimed = outbox_recovery.claimed_but_unpublished(tx, created_before=stale_before, limit=BATCH)
         for challenge in claimed:
             # One transaction each: a publish locks its user's row before the user's codes
             # (as SendCode does), so it must hold no other user's row or code meanwhile.
@@ -71,7 +71,7 @@ class OutboxRecovery:
         republished = 0
         while not self._stopped.is_set():
             with self._db.transaction() as tx:
-                taken = outbox.take_for_republish(
+                taken = outbox_recovery.take_for_republish(
                     tx, now, stale_before=stale_before, republish_at=now + self._recovery_ms, limit=BATCH
                 )
             for challenge in taken:

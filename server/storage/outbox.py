@@ -20,14 +20,20 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
+from twofactor_server.storage import store
 from twofactor_server.storage.database import Transaction
-from twofactor_server.storage.records import ChallengeRecord, NewChallenge
+from twofactor_server.storage.records import ChallengeRecord, NewAuditEvent, NewChallenge, UserRecord
 
 _NEW_CHALLENGE_COLUMNS = [f.name for f in dataclasses.fields(NewChallenge)]
 _INSERT_CHALLENGE = (
     f"INSERT INTO challenges ({', '.join(_NEW_CHALLENGE_COLUMNS)}, delivery_status, updated_at, "  # noqa: S608
     "publish_generation) "
     f"VALUES ({', '.join(f'%({c})s' for c in _NEW_CHALLENGE_COLUMNS)}, 'queued', %(created_at)s, 0)"
+)
+_AUDIT_COLUMNS = [f.name for f in dataclasses.fields(NewAuditEvent)]
+_INSERT_CHALLENGE_AUDITED = (  # the challenge and its audit event in one statement (PostgreSQL)
+    f"WITH inserted AS ({_INSERT_CHALLENGE}) INSERT INTO audit_events ({', '.join(_AUDIT_COLUMNS)}) "  # noqa: S608
+    f"VALUES ({', '.join(f'%(audit_{c})s' for c in _AUDIT_COLUMNS)})"
 )
 # The user's last send that counts for the resend cooldown (%(u)s: the user).
 _LAST_SEND = (
@@ -39,9 +45,11 @@ _COUNT_SENDS = (
     "SELECT COUNT(*) FROM challenges WHERE {column} = %({value})s AND created_at > %(since)s "
     "AND delivery_status <> 'void' AND purpose <> 'notice'"
 )
-_RECENT_SENDS = (  # the three figures the send limits look at, one statement (built once)
-    f"SELECT ({_LAST_SEND}) AS last, ({_COUNT_SENDS.format(column='user_id', value='u')}) AS to_user, "
-    f"({_COUNT_SENDS.format(column='destination', value='d')}) AS to_destination"
+_RECENT_SENDS = (  # the figures the send limits look at, and the method's state: one statement
+    f"SELECT ({_LAST_SEND}) AS last, ({_COUNT_SENDS.format(column='user_id', value='u')}) AS to_user, "  # noqa: S608
+    f"({_COUNT_SENDS.format(column='destination', value='d')}) AS to_destination, "
+    "EXISTS (SELECT 1 FROM methods WHERE user_id = %(u)s AND method = %(m)s "
+    "AND enabled_at IS NOT NULL) AS method_enabled"
 )
 # Published: the message is known to be in the queue (%(c)s: the challenge, %(u)s: its user).
 # The user's row is locked first, in the same statement (an uncorrelated sub-select runs
@@ -54,14 +62,46 @@ _PUBLISH = (
     "AND EXISTS (SELECT 1 FROM users WHERE user_id = %(u)s{row_lock})"
 )
 _PUBLISH_BY_ROW_LOCK = {lock: _PUBLISH.format(row_lock=lock) for lock in ("", " FOR UPDATE")}
+# publish_new on PostgreSQL: the publish and the superseding in one statement. The same lock
+# order as mark_published: the publish UPDATE locks the user's row (its sub-select, an InitPlan,
+# runs before its scan), then the new row; the superseding UPDATE, which no part of the main
+# query reads, runs to completion after it (PostgreSQL runs such a CTE once the main query is
+# done) and only then locks the older rows. Same login / purpose and method rules as
+# _supersede_older.
+_PUBLISH_AND_SUPERSEDE = (
+    f"WITH published AS (UPDATE challenges SET {_PUBLISH_BY_ROW_LOCK[' FOR UPDATE']} RETURNING *), "  # noqa: S608
+    "superseded AS (UPDATE challenges AS older SET superseded_at = %(now)s, updated_at = %(now)s "
+    "FROM published WHERE published.purpose <> 'notice' AND older.user_id = published.user_id "
+    "AND older.purpose = published.purpose "
+    "AND (published.purpose = 'login' OR older.method = published.method) "
+    "AND older.challenge_id <> published.challenge_id AND (older.created_at < published.created_at "
+    "OR (older.created_at = published.created_at AND older.challenge_id < published.challenge_id)) "
+    "AND older.superseded_at IS NULL AND older.consumed_at IS NULL) "
+    f"SELECT published.*, ({_LAST_SEND}) AS last_send FROM published"
+)
+_PUBLISH_RETURNING_LAST_SEND = (  # publish_new on SQLite, before _supersede_older
+    f"UPDATE challenges SET {_PUBLISH_BY_ROW_LOCK['']} RETURNING *, ({_LAST_SEND}) AS last_send"  # noqa: S608
+)
 _DESTINATION_LOCKS = 0x2FAC8  # first key of pg_advisory_xact_lock(int, int): twofactor's destinations
 VOID_REASON = "not queued: the delivery queue was unavailable and the caller was told to retry"
-EXPIRED_REASON = "the code expired before it could be delivered"
 
 
-def insert_challenge(tx: Transaction, challenge: NewChallenge) -> None:
-    """Store a new challenge, queued for delivery but not yet published."""
-    tx.execute(_INSERT_CHALLENGE, dataclasses.asdict(challenge))
+def insert_challenge(tx: Transaction, challenge: NewChallenge, audit: NewAuditEvent | None = None) -> None:
+    """Store a new challenge, queued for delivery but not yet published; with `audit`, the event
+    that records it too (PostgreSQL: in the same statement, a data-modifying CTE)."""
+    # A shallow dict: dataclasses.asdict deep-copies every value (the bytes too), 10 times the cost.
+    params = {name: getattr(challenge, name) for name in _NEW_CHALLENGE_COLUMNS}
+    if audit is None:
+        tx.execute(_INSERT_CHALLENGE, params)
+    elif tx.dialect == "postgres":
+        tx.execute(_INSERT_CHALLENGE_AUDITED, {**params, **_audit_params(audit)})
+    else:
+        tx.execute(_INSERT_CHALLENGE, params)
+        store.add_audit_event(tx, **dataclasses.asdict(audit))
+
+
+def _audit_params(event: NewAuditEvent) -> dict[str, object]:
+    return {f"audit_{name}": getattr(event, name) for name in _AUDIT_COLUMNS}
 
 
 def lock_destination(tx: Transaction, destination: str) -> None:
@@ -75,6 +115,38 @@ def lock_destination(tx: Transaction, destination: str) -> None:
             "SELECT pg_advisory_xact_lock(%(ns)s, hashtext(%(d)s)) AS locked",
             {"ns": _DESTINATION_LOCKS, "d": destination},
         )
+
+
+def lock_sender(
+    tx: Transaction, user_id: str, contact: str, new_destination: str | None
+) -> tuple[UserRecord, str | None] | None:
+    """Lock the user's row, then the destination (lock_destination), in one round trip: the user
+    and where a code goes, `new_destination` or the user's `contact` ("email" or "phone"); None
+    for an unknown user. No destination (the contact is missing): no destination lock.
+
+    The advisory lock is taken above the row lock in the plan (a FOR UPDATE sub-select is never
+    flattened), so the order is the one every sender keeps: the user's row, then the address.
+    The next statement reads the send counts with a snapshot taken after both waits.
+    """
+    assert contact in ("email", "phone")
+    params = {"u": user_id, "d": new_destination, "ns": _DESTINATION_LOCKS}
+    if not tx.row_lock:  # SQLite: the transaction is exclusive already
+        row = tx.one("SELECT * FROM users WHERE user_id = %(u)s", params)
+        if row is None:
+            return None
+        user = UserRecord(**row)
+        return user, new_destination or getattr(user, contact)
+    row = tx.one(
+        "SELECT locked.*, pg_advisory_xact_lock(%(ns)s, hashtext(locked.sends_to)) AS destination_lock "  # noqa: S608
+        f"FROM (SELECT users.*, COALESCE(%(d)s::text, {contact}) AS sends_to FROM users "
+        "WHERE user_id = %(u)s FOR UPDATE) AS locked",
+        params,
+    )
+    if row is None:
+        return None
+    row.pop("destination_lock")
+    destination = row.pop("sends_to")
+    return UserRecord(**row), destination
 
 
 def get_challenge(tx: Transaction, challenge_id: str) -> ChallengeRecord | None:
@@ -114,18 +186,24 @@ def mark_published(tx: Transaction, challenge: ChallengeRecord, now_ms: int) -> 
 def publish_new(
     tx: Transaction, challenge_id: str, user_id: str, now_ms: int
 ) -> tuple[ChallengeRecord, int | None] | None:
-    """mark_published for a challenge this caller just created, in one statement fewer: the row
-    as published and the user's last send (MAX(created_at) of last_send_ms), or None when the
-    publish was already recorded (or the send is void)."""
-    row = tx.one(
-        f"UPDATE challenges SET {_PUBLISH_BY_ROW_LOCK[tx.row_lock]} RETURNING *, ({_LAST_SEND}) AS last_send",  # noqa: S608
-        {"c": challenge_id, "u": user_id, "now": now_ms},
-    )
+    """mark_published for a challenge this caller just created: the row as published and the
+    user's last send (MAX(created_at) of last_send_ms), or None when the publish was already
+    recorded (or the send is void).
+
+    PostgreSQL: one statement (_PUBLISH_AND_SUPERSEDE), atomic by itself, so the caller may run
+    it outside a transaction (Database.statements). SQLite: two, in the caller's transaction.
+    """
+    params = {"c": challenge_id, "u": user_id, "now": now_ms}
+    if tx.dialect == "postgres":
+        row = tx.one(_PUBLISH_AND_SUPERSEDE, params)
+    else:
+        row = tx.one(_PUBLISH_RETURNING_LAST_SEND, params)
     if row is None:
         return None
     last_send = row.pop("last_send")
     challenge = ChallengeRecord(**row)
-    _supersede_older(tx, challenge, now_ms)
+    if tx.dialect != "postgres":
+        _supersede_older(tx, challenge, now_ms)
     return challenge, None if last_send is None else int(last_send)
 
 
@@ -213,17 +291,26 @@ class RecentSends:
     last_ms: int | None  # last_send_ms
     to_user: int  # sends counting toward the hourly limit, to the user
     to_destination: int  # and to the destination
+    method_enabled: bool  # whether the user has `method` enabled
 
 
-def recent_sends(tx: Transaction, user_id: str, destination: str, *, since_ms: int) -> RecentSends:
-    """last_send_ms and the two hourly counts of the send limits, in one round trip."""
+def recent_sends(
+    tx: Transaction, user_id: str, destination: str | None, *, since_ms: int, method: str = ""
+) -> RecentSends:
+    """last_send_ms, the two hourly counts of the send limits, and whether the user has `method`
+    enabled, in one round trip."""
     row = tx.one(
         _RECENT_SENDS,
-        {"u": user_id, "d": destination, "since": since_ms},
+        {"u": user_id, "d": destination, "since": since_ms, "m": method},
     )
     assert row is not None
     last = row["last"]
-    return RecentSends(None if last is None else int(last), int(row["to_user"]), int(row["to_destination"]))
+    return RecentSends(
+        None if last is None else int(last),
+        int(row["to_user"]),
+        int(row["to_destination"]),
+        bool(row["method_enabled"]),
+    )
 
 
 def claim_delivery(
@@ -284,66 +371,3 @@ def mark_delivery(
         )
         == 1
     )
-
-
-# ---- recovery: every worker and the embedded server run these; none needs to be the only one ----
-
-
-def _skip_locked(tx: Transaction) -> str:
-    """PostgreSQL: lock the picked rows, skipping those another recoverer holds. SQLite: serialized."""
-    return f"{tx.row_lock} SKIP LOCKED" if tx.row_lock else ""
-
-
-def expire_undelivered(tx: Transaction, now_ms: int) -> int:
-    """Close out queued (or abandoned 'sending') rows whose code expired: EXPIRED, code wiped."""
-    return tx.execute(
-        "UPDATE challenges SET delivery_status = 'expired', code_ciphertext = NULL, lease_until = NULL, "
-        "failure_reason = COALESCE(failure_reason, %(why)s), updated_at = %(now)s "
-        "WHERE expires_at <= %(now)s AND (delivery_status = 'queued' "
-        "OR (delivery_status = 'sending' AND (lease_until IS NULL OR lease_until <= %(now)s)))",
-        {"now": now_ms, "why": EXPIRED_REASON},
-    )
-
-
-def take_for_republish(
-    tx: Transaction, now_ms: int, *, stale_before: int, republish_at: int, limit: int
-) -> list[ChallengeRecord]:
-    """Rows whose message may be lost, moved to a new generation (older messages become no-ops).
-
-    Three kinds: never published though created before `stale_before` (the server
-    died between commit and publish); published before `stale_before` or due for a
-    republish, and still queued (the broker lost the message, or a retry went
-    missing); 'sending' with a lease that ran out (the worker died).
-    """
-    rows = tx.all(
-        "UPDATE challenges SET publish_generation = publish_generation + 1, delivery_status = 'queued', "  # noqa: S608 - no input in the SQL text
-        "lease_until = NULL, next_publish_at = %(again)s, updated_at = %(now)s "
-        "WHERE challenge_id IN (SELECT challenge_id FROM challenges "
-        "WHERE expires_at > %(now)s AND code_ciphertext IS NOT NULL AND ("
-        "(delivery_status = 'queued' AND published_at IS NULL AND created_at <= %(before)s) "
-        "OR (delivery_status = 'queued' AND published_at IS NOT NULL AND (next_publish_at <= %(now)s "
-        "OR (next_publish_at IS NULL AND published_at <= %(before)s))) "
-        "OR (delivery_status = 'sending' AND (lease_until IS NULL OR lease_until <= %(now)s))) "
-        f"ORDER BY expires_at LIMIT %(limit)s{_skip_locked(tx)}) RETURNING *",
-        {"now": now_ms, "before": stale_before, "again": republish_at, "limit": limit},
-    )
-    return [ChallengeRecord(**row) for row in rows]
-
-
-def claimed_but_unpublished(tx: Transaction, *, created_before: int, limit: int) -> list[ChallengeRecord]:
-    """Rows a worker took though the server never recorded the publish (it died right after it)."""
-    rows = tx.all(
-        "SELECT * FROM challenges WHERE published_at IS NULL AND created_at <= %(before)s "  # noqa: S608
-        "AND delivery_status IN ('sending', 'sent') "
-        f"ORDER BY created_at LIMIT %(limit)s{_skip_locked(tx)}",
-        {"before": created_before, "limit": limit},
-    )
-    return [ChallengeRecord(**row) for row in rows]
-
-
-def oldest_waiting_created_at(tx: Transaction) -> int | None:
-    """When the oldest challenge still waiting for delivery (queued or sending) was created."""
-    row = tx.one(
-        "SELECT MIN(created_at) AS oldest FROM challenges WHERE delivery_status IN ('queued', 'sending')"
-    )
-    return None if row is None or row["oldest"] is None else int(row["oldest"])

@@ -19,13 +19,15 @@ from twofactor_server.storage.database import Database, Transaction
 from twofactor_server.storage.records import ChallengeRecord, NewChallenge
 from twofactor_server.usecases import audit
 from twofactor_server.usecases.sms_guard import take_sms_quota
-from twofactor_server.usecases.users import existing_user, require_allowed, usable_methods
+from twofactor_server.usecases.users import require_allowed, unknown_user
 
 AUTHENTICATOR, EMAIL, SMS = "authenticator", "email", "sms"
 LOGIN, ENROLLMENT, CONTACT = "login", "enrollment", "contact"
 HOUR_MS = 3_600_000
 
 log = logging.getLogger(__name__)
+# The audit action of a send, by purpose.
+_SEND_ACTIONS = {ENROLLMENT: "enrollment_started", CONTACT: "contact_change_started"}
 
 
 class Dispatcher(Protocol):
@@ -99,17 +101,26 @@ class Challenges:
         the commit and that second transaction, the caller heard nothing: outbox recovery
         publishes the row after a grace and the code is delivered (delivery/recovery.py).
         """
-        now = now_ms(self._clock)
+        requested = now_ms(self._clock)
         policy = self._policy
+        contact = "email" if method == EMAIL else "phone"
         with self._db.transaction() as tx:
             if purpose == ENROLLMENT:
-                store.ensure_user(tx, user_id, now)
-            user = existing_user(tx, user_id, lock=True)
-            if purpose == LOGIN and method not in usable_methods(store.methods_of(tx, user_id), policy):
+                store.ensure_user(tx, user_id, requested)
+            # The user's row, then the destination's lock: one round trip (outbox.lock_sender).
+            locked = outbox.lock_sender(tx, user_id, contact, new_destination)
+            if locked is None:
+                raise unknown_user(user_id)
+            _user, destination = locked
+            # The clock read again now that both locks are held: a send that committed while this
+            # call waited for them is never "later" than this one, so a zero cooldown can't refuse
+            # it as too soon, and created_at follows the order the locks gave the sends.
+            now = now_ms(self._clock)
+            # Read after both locks (a statement of its own: a snapshot taken after the waits).
+            recent = outbox.recent_sends(tx, user_id, destination, since_ms=now - HOUR_MS, method=method)
+            if purpose == LOGIN and not (recent.method_enabled and method in policy.allowed_methods):
                 raise FailedPrecondition("METHOD_NOT_ENABLED", f"{method} is not enabled for this user")
-            destination = new_destination or (user.email if method == EMAIL else user.phone)
             if not destination:
-                contact = "email" if method == EMAIL else "phone"
                 raise FailedPrecondition(
                     "CONTACT_MISSING",
                     f"no {contact} is registered; call SetContact first",
@@ -119,21 +130,17 @@ class Challenges:
                 earlier = outbox.challenge_by_idempotency_key(tx, user_id, idempotency_key)
                 if (
                     earlier is not None
-                    and earlier.created_at > now - policy.idempotency_window_seconds * 1000
+                    and earlier.created_at > requested - policy.idempotency_window_seconds * 1000
                 ):
                     return self._view(tx, earlier)
                 if earlier is not None:
                     outbox.forget_idempotency_key(tx, earlier.challenge_id)
-            outbox.lock_destination(tx, destination)
-            # The clock read again now that both locks are held: a send that committed while this
-            # call waited for them is never "later" than this one, so a zero cooldown can't refuse
-            # it as too soon, and created_at follows the order the locks gave the sends.
-            now = now_ms(self._clock)
-            self._enforce_send_limits(tx, user_id, destination, now)
+            self._enforce_send_limits(recent, now)
             if method == SMS:
                 take_sms_quota(tx, destination, policy, now)
             code = one_time_codes.new_code(policy.code_length)
             challenge_id = uuid.uuid4().hex
+            action = _SEND_ACTIONS.get(purpose, "code_sent")
             outbox.insert_challenge(
                 tx,
                 NewChallenge(
@@ -153,14 +160,10 @@ class Challenges:
                     created_at=now,
                     expires_at=now + policy.code_ttl_seconds * 1000,
                 ),
+                audit.event(caller, now, user_id, action, detail=method),
             )
             if purpose == ENROLLMENT:
                 store.start_method_enrollment(tx, user_id, method, now)
-                audit.record(tx, caller, now, user_id, "enrollment_started", detail=method)
-            elif purpose == CONTACT:
-                audit.record(tx, caller, now, user_id, "contact_change_started", detail=method)
-            else:
-                audit.record(tx, caller, now, user_id, "code_sent", detail=method)
         try:
             self._dispatcher.dispatch(challenge_id)
         except Unavailable:
@@ -172,7 +175,9 @@ class Challenges:
             # The message got through after all (a worker took it) or recovery published it.
             log.info("publish of %s reported failure, but its delivery is under way", challenge_id)
         metrics.code_sent(method, "queued")
-        with self._db.transaction() as tx:
+        # PostgreSQL publishes in one statement, atomic by itself: no BEGIN and COMMIT around it.
+        publishing = self._db.statements() if self._db.dialect == "postgres" else self._db.transaction()
+        with publishing as tx:
             published = outbox.publish_new(tx, challenge_id, user_id, now_ms(self._clock))
             if published is not None:
                 return self._view(tx, published[0], last_send=published[1])
@@ -207,10 +212,8 @@ class Challenges:
         outbox.count_challenge_attempt(tx, challenge.challenge_id, now)
         return False
 
-    def _enforce_send_limits(self, tx: Transaction, user_id: str, destination: str, now: int) -> None:
+    def _enforce_send_limits(self, recent: outbox.RecentSends, now: int) -> None:
         policy = self._policy
-        hour_ago = now - HOUR_MS
-        recent = outbox.recent_sends(tx, user_id, destination, since_ms=hour_ago)
         last = recent.last_ms
         cooldown_ends = (last or 0) + policy.resend_cooldown_seconds * 1000
         if last is not None and cooldown_ends > now:

@@ -20,8 +20,12 @@ def existing_user(tx: Transaction, user_id: str, *, lock: bool = False) -> UserR
     """The user's row (locked to the end of the transaction with lock=True); NOT_FOUND if unknown."""
     user = store.get_user(tx, user_id, lock=lock)
     if user is None:
-        raise NotFound("USER_NOT_FOUND", "no such user", metadata={"user_id": user_id})
+        raise unknown_user(user_id)
     return user
+
+
+def unknown_user(user_id: str) -> NotFound:
+    return NotFound("USER_NOT_FOUND", "no such user", metadata={"user_id": user_id})
 
 
 def usable_methods(methods: list[MethodRecord], policy: PolicySettings) -> tuple[str, ...]:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from twofactor_server.storage import outbox
+from twofactor_server.storage import outbox, outbox_recovery
 from twofactor_server.storage.database import migrations, open_database
 
 
@@ -48,7 +48,9 @@ def test_rows_from_before_the_migration_are_published_and_recovered(
             assert row is not None
             assert (row.published_at, row.publish_generation, row.lease_until) == (1000, 0, None)
             assert [c.challenge_id for c in outbox.live_challenges(tx, "old", "login", 2000, 5)] == ["c1"]
-            taken = outbox.take_for_republish(tx, 20_000, stale_before=10_000, republish_at=30_000, limit=10)
+            taken = outbox_recovery.take_for_republish(
+                tx, 20_000, stale_before=10_000, republish_at=30_000, limit=10
+            )
             assert [(c.challenge_id, c.publish_generation) for c in taken] == [("c1", 1)]
             # The old message (generation 0) can no longer claim it; the new one can.
             assert outbox.claim_delivery(tx, "c1", 0, 20_000, 5_000) is None
@@ -56,15 +58,17 @@ def test_rows_from_before_the_migration_are_published_and_recovered(
             assert claimed is not None and claimed.lease_until == 25_000
             # While the lease is held, nobody else claims; after it ran out, recovery takes it back.
             assert outbox.claim_delivery(tx, "c1", 1, 24_000, 5_000) is None
-            assert outbox.take_for_republish(tx, 24_000, stale_before=0, republish_at=0, limit=10) == []
-            again = outbox.take_for_republish(tx, 25_000, stale_before=0, republish_at=0, limit=10)
+            assert (
+                outbox_recovery.take_for_republish(tx, 24_000, stale_before=0, republish_at=0, limit=10) == []
+            )
+            again = outbox_recovery.take_for_republish(tx, 25_000, stale_before=0, republish_at=0, limit=10)
             assert [(c.challenge_id, c.publish_generation) for c in again] == [("c1", 2)]
             # Never delivered before its code expired (storage or every worker down): EXPIRED, wiped.
-            assert outbox.expire_undelivered(tx, 599_999) == 0
-            assert outbox.expire_undelivered(tx, 600_000) == 1
+            assert outbox_recovery.expire_undelivered(tx, 599_999) == 0
+            assert outbox_recovery.expire_undelivered(tx, 600_000) == 1
             expired = outbox.get_challenge(tx, "c1")
             assert expired is not None
             assert (expired.delivery_status, expired.code_ciphertext) == ("expired", None)
-            assert expired.failure_reason == outbox.EXPIRED_REASON
+            assert expired.failure_reason == outbox_recovery.EXPIRED_REASON
     finally:
         db.close()

@@ -74,6 +74,11 @@ def publish_new(db: Database, challenge_id: str) -> None:
         assert outbox.publish_new(tx, challenge_id, USER, T0 + 1_000) is not None
 
 
+def publish_new_alone(db: Database, challenge_id: str) -> None:
+    with db.statements() as q:  # as SendCode runs it on PostgreSQL: one statement, no transaction
+        assert outbox.publish_new(q, challenge_id, USER, T0 + 1_000) is not None
+
+
 def mark_published(db: Database, challenge_id: str) -> None:
     record = challenge(db, challenge_id)
     with db.transaction() as tx:
@@ -81,7 +86,8 @@ def mark_published(db: Database, challenge_id: str) -> None:
 
 
 PUBLISHES: dict[str, Callable[[Database, str], None]] = {
-    "publish_new": publish_new,  # SendCode
+    "publish_new": publish_new,
+    "publish_new_alone": publish_new_alone,  # SendCode
     "mark_published": mark_published,  # outbox recovery and notices
 }
 
@@ -149,3 +155,56 @@ def test_many_publishes_for_one_user_at_once_all_commit_and_only_the_newest_code
                 future.result(timeout=WAIT_LIMIT)
         live = [c for c in ids if challenge(db, c).superseded_at is None]
         assert live == [ids[-1]]
+
+
+def test_a_sender_waits_for_the_users_row_before_it_locks_the_destination(
+    db: Database, postgres_url: str
+) -> None:
+    """SendCode's first statement (outbox.lock_sender) takes the user's row, then the address's
+    advisory lock: while it waits for the row it holds no advisory lock, and once it has the row
+    it holds the address's until its transaction ends."""
+    with db.transaction() as tx:
+        store.set_contact(tx, USER, "email", "pia@example.com")
+    release = Barrier(2)
+
+    def send() -> str | None:
+        with db.transaction() as tx:
+            locked = outbox.lock_sender(tx, USER, "email", None)
+            assert locked is not None
+            release.wait(timeout=WAIT_LIMIT)  # hold the transaction until the test has looked
+            release.wait(timeout=WAIT_LIMIT)
+            return locked[1]
+
+    def address_is_free(monitor: psycopg.Connection[tuple[object, ...]]) -> bool:
+        with monitor.transaction():
+            row = monitor.execute(
+                "SELECT pg_try_advisory_xact_lock(%s, hashtext(%s))",
+                (outbox._DESTINATION_LOCKS, "pia@example.com"),
+            ).fetchone()
+        return bool(row and row[0])
+
+    with (
+        psycopg.connect(postgres_url) as holder,
+        psycopg.connect(postgres_url, autocommit=True) as monitor,
+        ThreadPoolExecutor(max_workers=1) as pool,
+    ):
+        holder_pid = holder.execute("SELECT pg_backend_pid()").fetchone()[0]  # type: ignore[index]
+        holder.execute("SELECT 1 FROM users WHERE user_id = %s FOR UPDATE", (USER,))
+        done = pool.submit(send)
+
+        def sender_waits_on_holder() -> bool:
+            rows = monitor.execute(
+                "SELECT 1 FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
+                "AND %s = ANY(pg_blocking_pids(pid))",
+                (holder_pid,),
+            ).fetchall()
+            return bool(rows) or done.done()
+
+        wait_until(sender_waits_on_holder, "the sender waits for the user's row")
+        assert not done.done(), "the sender went ahead without the user's row lock"
+        assert address_is_free(monitor), "the sender locked the address before the user's row"
+        holder.rollback()
+        release.wait(timeout=WAIT_LIMIT)  # the sender has the row now, inside its transaction
+        assert not address_is_free(monitor), "the sender does not hold the address's lock"
+        release.wait(timeout=WAIT_LIMIT)
+        assert done.result(timeout=WAIT_LIMIT) == "pia@example.com"

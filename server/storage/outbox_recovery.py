@@ -1,0 +1,69 @@
+"""The outbox's recovery SQL: every worker and the embedded server run these; none needs to be the
+only one (delivery/recovery.py). What the states mean: storage/outbox.py."""
+
+from __future__ import annotations
+
+from twofactor_server.storage.database import Transaction
+from twofactor_server.storage.records import ChallengeRecord
+
+EXPIRED_REASON = "the code expired before it could be delivered"
+
+
+def _skip_locked(tx: Transaction) -> str:
+    """PostgreSQL: lock the picked rows, skipping those another recoverer holds. SQLite: serialized."""
+    return f"{tx.row_lock} SKIP LOCKED" if tx.row_lock else ""
+
+
+def expire_undelivered(tx: Transaction, now_ms: int) -> int:
+    """Close out queued (or abandoned 'sending') rows whose code expired: EXPIRED, code wiped."""
+    return tx.execute(
+        "UPDATE challenges SET delivery_status = 'expired', code_ciphertext = NULL, lease_until = NULL, "
+        "failure_reason = COALESCE(failure_reason, %(why)s), updated_at = %(now)s "
+        "WHERE expires_at <= %(now)s AND (delivery_status = 'queued' "
+        "OR (delivery_status = 'sending' AND (lease_until IS NULL OR lease_until <= %(now)s)))",
+        {"now": now_ms, "why": EXPIRED_REASON},
+    )
+
+
+def take_for_republish(
+    tx: Transaction, now_ms: int, *, stale_before: int, republish_at: int, limit: int
+) -> list[ChallengeRecord]:
+    """Rows whose message may be lost, moved to a new generation (older messages become no-ops).
+
+    Three kinds: never published though created before `stale_before` (the server
+    died between commit and publish); published before `stale_before` or due for a
+    republish, and still queued (the broker lost the message, or a retry went
+    missing); 'sending' with a lease that ran out (the worker died).
+    """
+    rows = tx.all(
+        "UPDATE challenges SET publish_generation = publish_generation + 1, delivery_status = 'queued', "  # noqa: S608 - no input in the SQL text
+        "lease_until = NULL, next_publish_at = %(again)s, updated_at = %(now)s "
+        "WHERE challenge_id IN (SELECT challenge_id FROM challenges "
+        "WHERE expires_at > %(now)s AND code_ciphertext IS NOT NULL AND ("
+        "(delivery_status = 'queued' AND published_at IS NULL AND created_at <= %(before)s) "
+        "OR (delivery_status = 'queued' AND published_at IS NOT NULL AND (next_publish_at <= %(now)s "
+        "OR (next_publish_at IS NULL AND published_at <= %(before)s))) "
+        "OR (delivery_status = 'sending' AND (lease_until IS NULL OR lease_until <= %(now)s))) "
+        f"ORDER BY expires_at LIMIT %(limit)s{_skip_locked(tx)}) RETURNING *",
+        {"now": now_ms, "before": stale_before, "again": republish_at, "limit": limit},
+    )
+    return [ChallengeRecord(**row) for row in rows]
+
+
+def claimed_but_unpublished(tx: Transaction, *, created_before: int, limit: int) -> list[ChallengeRecord]:
+    """Rows a worker took though the server never recorded the publish (it died right after it)."""
+    rows = tx.all(
+        "SELECT * FROM challenges WHERE published_at IS NULL AND created_at <= %(before)s "  # noqa: S608
+        "AND delivery_status IN ('sending', 'sent') "
+        f"ORDER BY created_at LIMIT %(limit)s{_skip_locked(tx)}",
+        {"before": created_before, "limit": limit},
+    )
+    return [ChallengeRecord(**row) for row in rows]
+
+
+def oldest_waiting_created_at(tx: Transaction) -> int | None:
+    """When the oldest challenge still waiting for delivery (queued or sending) was created."""
+    row = tx.one(
+        "SELECT MIN(created_at) AS oldest FROM challenges WHERE delivery_status IN ('queued', 'sending')"
+    )
+    return None if row is None or row["oldest"] is None else int(row["oldest"])
