@@ -37,6 +37,9 @@ def main(argv: list[str] | None = None) -> int:
     worker.add_argument("--concurrency", type=int, default=2)
     worker.add_argument("--loglevel", default="INFO")
     worker.add_argument("--hostname", help="the worker's node name (Celery's default: celery@<hostname>)")
+    worker.add_argument(
+        "celery_options", nargs="*", metavar="-- CELERY_OPTION", help="after --: options of `celery worker`"
+    )
     worker_health = commands.add_parser(
         "worker-health", help="ping this host's delivery worker over the broker; exit 0 when it answers"
     )
@@ -110,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"applied: {', '.join(applied) or 'nothing, already up to date'}")
             return 0
         if args.command == "worker":
-            return run_worker(args.concurrency, args.loglevel, args.hostname)
+            return run_worker(args.concurrency, args.loglevel, args.hostname, args.celery_options)
         if args.command == "worker-health":
             options = [f"--timeout={args.timeout}", *([f"--name={args.name}"] if args.name else [])]
             return exec_module("twofactor_workers.health", options)
@@ -203,7 +206,9 @@ def print_code(secret_base32: str, *, next_step: bool) -> int:
     return 0
 
 
-def run_worker(concurrency: int, loglevel: str, hostname: str | None = None) -> int:
+def run_worker(
+    concurrency: int, loglevel: str, hostname: str | None = None, celery_options: list[str] | None = None
+) -> int:
     """Become a delivery worker: the worker package runs Celery; the server package never imports it."""
     if Settings.from_env().metrics_listen:
         from twofactor_server.observability.metrics import prepare_multiprocess_dir
@@ -218,6 +223,7 @@ def run_worker(concurrency: int, loglevel: str, hostname: str | None = None) -> 
         f"--concurrency={concurrency}",
         f"--loglevel={loglevel}",
         *([f"--hostname={hostname}"] if hostname else []),
+        *(["--", *celery_options] if celery_options else []),
     ]
     os.execv(sys.executable, argv)  # noqa: S606 - same process id: signals and supervisors reach the worker itself
 

@@ -46,6 +46,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--concurrency", type=int, default=2)
     parser.add_argument("--loglevel", default="INFO")
     parser.add_argument("--hostname", help="the worker's node name (default: celery@<hostname>)")
+    parser.add_argument("celery_options", nargs="*", help="after --: options of `celery worker`")
     args = parser.parse_args(argv)
     try:
         settings = Settings.from_env()
@@ -104,6 +105,7 @@ def main(argv: list[str] | None = None) -> int:
                 "--without-mingle",
                 "--without-heartbeat",
                 *([f"--hostname={args.hostname}"] if args.hostname else []),
+                *args.celery_options,
             ]
         )
     finally:

@@ -14,6 +14,10 @@ from twofactor_workers.storage_pause import StoragePause
 
 def create_celery(settings: Settings) -> Celery:
     app = Celery("twofactor", config_source=celery_config(settings), include=["twofactor_workers.tasks"])
+    if settings.broker_url.startswith("redis://"):
+        # One redis-py client per channel (redis_transport.py). rediss:// keeps kombu's own
+        # transport: kombu chooses its TLS settings by that scheme's name.
+        app.conf.broker_transport = "twofactor_workers.redis_transport:Transport"
     app.steps["consumer"].add(StoragePause)
     return app
 

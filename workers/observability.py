@@ -3,12 +3,15 @@ line of a task, and prometheus_client's multiprocess bookkeeping for the pool.""
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 from celery import signals
 
 from twofactor_server.observability import logs, metrics
 from twofactor_server.settings import Settings
+
+_PER_TASK_LOGGERS = ("celery.worker.strategy", "celery.app.trace")
 
 
 def install(settings: Settings, log_format: str) -> None:
@@ -18,6 +21,12 @@ def install(settings: Settings, log_format: str) -> None:
     def setup_logging(**_: Any) -> None:
         # Connected, this replaces Celery's own logging set-up ("hijacking" the root logger).
         logs.configure_logging(settings.log_level, log_format)
+        if logging.getLogger().getEffectiveLevel() > logging.DEBUG:
+            # Celery's own INFO lines for every task ("received", "succeeded in"): the deliverer
+            # logs each outcome itself, with the challenge id, and the two lines cost about 6 % of
+            # the worker's instructions per email (docs/benchmarks.md, Worker). Shown at DEBUG.
+            for name in _PER_TASK_LOGGERS:
+                logging.getLogger(name).setLevel(logging.WARNING)
 
     @signals.task_prerun.connect(weak=False)  # type: ignore[untyped-decorator]
     def bind_challenge(args: Any = None, **_: Any) -> None:

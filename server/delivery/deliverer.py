@@ -98,8 +98,11 @@ class Deliverer:
         # The claim and the record are one conditional UPDATE each: atomic without BEGIN/COMMIT.
         with self._db.statements() as q:
             challenge = outbox.claim_delivery(q, challenge_id, generation, now, self._lease_ms)
-        if challenge is None:
-            return Outcome("nothing_to_do")  # stale message, another worker's lease, or done
+        if challenge is None:  # stale message, another worker's lease, or done
+            log.info(
+                "delivery of %s: nothing to do (settled, held by another attempt, or replaced)", challenge_id
+            )
+            return Outcome("nothing_to_do")
         if (
             challenge.expires_at <= now
             or challenge.superseded_at is not None

@@ -1,0 +1,50 @@
+"""The worker's Redis transport keeps one redis-py client per channel; the late-acknowledgement
+bookkeeping it carries (unacked message recorded on arrival, removed on ack) still happens."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import redis
+from kombu import Connection
+
+from tests.conftest import REDIS_URL
+from twofactor_server.settings import Settings
+from twofactor_workers.celery_app import create_celery
+from twofactor_workers.redis_transport import Transport
+
+
+def test_the_worker_app_uses_the_transport(queue: str) -> None:
+    settings = dataclasses.replace(Settings(), broker_url=REDIS_URL, delivery_queue=queue)
+    with create_celery(settings).connection_for_read() as connection:
+        assert isinstance(connection.transport, Transport)
+
+
+def test_one_client_per_channel_until_its_pool_is_replaced(queue: str) -> None:
+    with Connection(REDIS_URL, transport=Transport) as connection:
+        channel = connection.default_channel
+        with channel.conn_or_acquire() as first, channel.conn_or_acquire() as second:
+            assert first is second
+        channel._disconnect_pools()  # what the channel does after a lost connection
+        with channel.conn_or_acquire() as after:
+            assert after is not first
+            assert after.connection_pool is channel.pool
+            assert after.ping()
+
+
+def test_unacknowledged_until_acked(queue: str) -> None:
+    client = redis.Redis.from_url(REDIS_URL)
+    with Connection(REDIS_URL, transport=Transport) as connection:
+        producer = connection.Producer()
+        channel = connection.default_channel
+        channel.queue_declare(queue)
+        producer.publish({"n": 1}, routing_key=queue, exchange="")
+        message = channel.basic_get(queue, no_ack=False)
+        assert message is not None and message.payload == {"n": 1}
+        tag = message.delivery_tag
+        assert client.hexists(channel.unacked_key, tag)  # would come back if the worker died
+        assert client.zscore(channel.unacked_index_key, tag) is not None
+        message.ack()
+        assert not client.hexists(channel.unacked_key, tag)
+        assert client.zscore(channel.unacked_index_key, tag) is None
+    client.close()
