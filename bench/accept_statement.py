@@ -1,0 +1,115 @@
+"""PostgreSQL CPU of the accepted-Verify statement alone, against a bare committed 1-row UPDATE.
+
+    .venv/bin/python bench/accept_statement.py [--users 2000 --calls 1000 --rounds 12 --database-url URL]
+
+On a fresh schema migrated by this tree, --users users written by bench/populate.py (an
+authenticator and 10 backup codes each), one connection in autocommit runs, in interleaved
+rounds: --calls `attempts.accept_totp_step` as the Verify fast path sends it (the users in
+turn, each with a newer step; `unlocked_below` set; no audit row), then --calls
+`UPDATE users SET created_at = $1 WHERE user_id = $2` on the same users. The CPU is that of the
+connection's one backend, read from /proc/PID/schedstat (ns) around each batch, so other
+sessions on a shared PostgreSQL and its background processes don't count. Prints each round and
+the median ratio (the issue's "PostgreSQL CPU per accepted Verify / per committed UPDATE", for
+the statement alone). Run it in two trees to compare them: each measures its own statement on
+its own schema.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+import uuid
+from typing import Any
+
+import psycopg
+from loadgen import _on_cpu_seconds
+from populate import Population, populate, schema_url
+
+from twofactor_server.domain.keyring import Keyring
+from twofactor_server.storage import attempts
+from twofactor_server.storage.database import PostgresDatabase
+
+DEFAULT_DATABASE_URL = "postgresql://postgres@127.0.0.1:5432/postgres"
+MAX_FAILURES = 100
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--users", type=int, default=2000)
+    parser.add_argument("--calls", type=int, default=1000, help="statements of each kind per round")
+    parser.add_argument("--rounds", type=int, default=12)
+    parser.add_argument("--database-url", default=DEFAULT_DATABASE_URL)
+    args = parser.parse_args(argv)
+    schema = f"tf_bench_{uuid.uuid4().hex[:12]}"
+    with psycopg.connect(args.database_url, autocommit=True) as conn:
+        conn.execute(f'CREATE SCHEMA "{schema}"')
+    url = schema_url(args.database_url, schema)
+    db = PostgresDatabase(url, pool_size=1, timeout=3600)  # one unit of work for the whole run
+    try:
+        db.migrate()
+        keys = Keyring.new_key_spec(1)
+        population = Population(args.users, prefix="stmt-", keys=keys, now_ms=int(time.time() * 1000))
+        users = populate(url, population, keep=range(args.users), processes=1)
+        with psycopg.connect(url, autocommit=True) as conn:
+            conn.execute("VACUUM ANALYZE")
+        run(db, users, args)
+    finally:
+        db.close()
+        with psycopg.connect(args.database_url, autocommit=True) as conn:
+            conn.execute(f'DROP SCHEMA "{schema}" CASCADE')
+    return 0
+
+
+def run(db: PostgresDatabase, users: list[Any], args: argparse.Namespace) -> None:
+    with db.statements() as q:
+        sealed = {
+            row["user_id"]: row["secret"]
+            for row in q.all("SELECT user_id, secret FROM methods WHERE method = 'authenticator'")
+        }
+        backend = int(q.one("SELECT pg_backend_pid() AS pid")["pid"])  # type: ignore[index]
+        steps = {u.user_id: u.last_step for u in users}
+        now = int(time.time() * 1000)
+        turn = 0
+
+        def accept() -> None:
+            nonlocal turn
+            user = users[turn % len(users)].user_id
+            turn += 1
+            steps[user] += 1
+            taken = attempts.accept_totp_step(
+                q, user, steps[user], sealed[user], now, unlocked_below=MAX_FAILURES
+            )
+            if taken is None:
+                raise RuntimeError(f"not accepted: {user}")
+
+        def update() -> None:
+            nonlocal turn
+            user = users[turn % len(users)].user_id
+            turn += 1
+            q.execute("UPDATE users SET created_at = %(now)s WHERE user_id = %(u)s", {"u": user, "now": now})
+
+        def batch(action: Any) -> float:
+            before = _on_cpu_seconds(backend)
+            for _ in range(args.calls):
+                action()
+            return (_on_cpu_seconds(backend) - before) / args.calls * 1e6
+
+        batch(accept)  # warm-up: prepared statements, caches
+        batch(update)
+        ratios = []
+        for index in range(args.rounds):
+            first, second = (accept, update) if index % 2 == 0 else (update, accept)
+            spent = {first: batch(first), second: batch(second)}
+            ratios.append(spent[accept] / spent[update])
+            print(
+                f"round {index + 1:2d}  accept {spent[accept]:6.1f} us  update {spent[update]:6.1f} us  "
+                f"ratio {ratios[-1]:.2f}",
+                flush=True,
+            )
+        print(f"median ratio over {args.rounds} rounds of {args.calls}: {statistics.median(ratios):.2f}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
