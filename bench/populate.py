@@ -21,7 +21,8 @@ enrolled through the real server, and that populated users verify over gRPC.
 Bulk, not one transaction per user: `--processes` processes each COPY chunks of
 `--chunk` users (every table of a chunk in one transaction). The foreign keys
 hold by construction (a user's rows go in with the user), so the loading
-sessions skip their per-row checks (session_replication_role = replica); the
+sessions skip their per-row checks and triggers (session_replication_role = replica: the
+backup-code counts the triggers keep are written here); the
 indexes are in place while loading, so they grow as under real enrollments.
 User ids are `<prefix>` plus a keyed hash of the index: they arrive in random
 key order, as real ids do.
@@ -72,6 +73,8 @@ USER_COLUMNS = (
 )
 METHOD_COLUMNS = ("user_id", "method", "enabled_at", "pending_since", "secret", "pending_secret")
 BACKUP_COLUMNS = ("user_id", "position", "code_hash", "code_ciphertext", "used_at")
+# What the triggers on backup_codes keep (migration 0008); triggers don't fire under replica.
+COUNT_COLUMNS = ("user_id", "unused")
 AUDIT_COLUMNS = ("at", "actor", "user_id", "action", "request_id", "outcome", "detail")
 CHALLENGE_COLUMNS = (
     "challenge_id",
@@ -102,6 +105,7 @@ TABLES = {
     "users": USER_COLUMNS,
     "methods": METHOD_COLUMNS,
     "backup_codes": BACKUP_COLUMNS,
+    "backup_code_counts": COUNT_COLUMNS,
     "audit_events": AUDIT_COLUMNS,
     "challenges": CHALLENGE_COLUMNS,
 }
@@ -188,6 +192,7 @@ def user_rows(population: Population, keyring: Keyring, index: int, chunk: Chunk
                 None,
             )
         )
+    chunk.rows["backup_code_counts"].append((user_id, len(codes)))
     audit.append(
         (confirmed, p.actor, user_id, "backup_codes_generated", request, "success", f"{len(codes)} codes")
     )

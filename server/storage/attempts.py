@@ -122,7 +122,9 @@ def set_attempts(tx: Transaction, user_id: str, failed_attempts: int, locked_unt
     )
 
 
-_BACKUP_LEFT = "(SELECT COUNT(*) FROM backup_codes b WHERE b.user_id = %(u)s AND b.used_at IS NULL)"
+# The user's unused backup codes: one primary-key probe of the count the database keeps
+# (migration 0008: triggers on backup_codes, whoever writes them), not a count of backup_codes.
+_BACKUP_LEFT = "COALESCE((SELECT c.unused FROM backup_code_counts c WHERE c.user_id = %(u)s), 0)"
 
 
 def accept_totp_step(

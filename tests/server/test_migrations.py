@@ -90,3 +90,46 @@ def test_without_migrate_on_start_the_server_refuses_a_database_behind_it(settin
     server, port = create_server(off)
     server.stop(grace=None)
     assert port > 0
+
+
+def test_a_migration_split_per_backend_has_the_same_versions_on_both() -> None:
+    postgres, sqlite = migrations("postgres"), migrations("sqlite")
+    assert [v for v, _ in postgres] == [v for v, _ in sqlite]
+    assert "0008_backup_codes_left" in dict(postgres)
+    assert dict(postgres)["0008_backup_codes_left"] != dict(sqlite)["0008_backup_codes_left"]
+
+
+def test_the_backup_code_counts_start_from_the_codes_already_stored(settings: Settings) -> None:
+    """0008 applied to a database that has codes: each user's unused ones, counted once."""
+    db = open_database(settings.database_url, data_dir=settings.data_dir)
+    try:
+        db.migrate()
+        with db.transaction() as tx:  # back to before 0008
+            if tx.dialect == "postgres":
+                tx.execute("DROP FUNCTION backup_codes_added, backup_codes_removed, backup_code_used CASCADE")
+            else:
+                for trigger in ("backup_codes_added", "backup_codes_removed", "backup_code_used"):
+                    tx.execute(f"DROP TRIGGER {trigger}")
+            tx.execute("DROP TABLE backup_code_counts")
+            tx.execute("DELETE FROM schema_migrations WHERE version = '0008_backup_codes_left'")
+            for user, used in (("ana", [0, 3]), ("ben", list(range(10))), ("cy", [])):
+                tx.execute("INSERT INTO users (user_id, created_at) VALUES (%(u)s, 0)", {"u": user})
+                for position in range(10):
+                    tx.execute(
+                        "INSERT INTO backup_codes (user_id, position, code_hash, code_ciphertext, used_at) "
+                        "VALUES (%(u)s, %(p)s, %(h)s, %(h)s, %(used)s)",
+                        {
+                            "u": user,
+                            "p": position,
+                            "h": bytes([position]) * 8,
+                            "used": 1 if position in used else None,
+                        },
+                    )
+        assert db.migrate() == ["0008_backup_codes_left"]
+        with db.transaction() as tx:
+            counts = {
+                r["user_id"]: r["unused"] for r in tx.all("SELECT user_id, unused FROM backup_code_counts")
+            }
+    finally:
+        db.close()
+    assert counts == {"ana": 8, "cy": 10}  # no row: no unused code
