@@ -4,16 +4,18 @@
 
 On a fresh schema migrated by this tree, --users users written by bench/populate.py (an
 authenticator and 10 backup codes each), one connection in autocommit runs, in interleaved
-rounds: --calls `attempts.accept_totp_step` as the Verify fast path sends it (the users in
-turn, each with a newer step; `unlocked_below` set; no audit row), then --calls
-`UPDATE users SET created_at = $1 WHERE user_id = $2` on the same users. The CPU is that of the
-connection's one backend, read from /proc/PID/schedstat (ns) around each batch, so other
-sessions on a shared PostgreSQL and its background processes don't count. Prints the ratio of
-the two kinds' total CPU (the issue's "PostgreSQL CPU per accepted Verify / per committed
-UPDATE", for the statement alone) and the quartiles of the per-round ratios. Short batches,
-finely interleaved (the order alternating from round to round), see the same load from other
-work on a shared machine, so the ratio of totals holds up where one batch's figure does not.
-Run it in two trees to compare them: each measures its own statement on its own schema.
+rounds: --calls of the tree's accepting statement as the Verify fast path sends it, with the
+user's sealed secret cached (`attempts.accept_totp_step_unlocked`, or on older trees
+`accept_totp_step` with `unlocked_below`; the users in turn, each with a newer step; no audit
+row), then --calls `UPDATE users SET created_at = $1 WHERE user_id = $2` on the same users. The
+CPU is that of the connection's one backend, read from /proc/PID/schedstat (ns) around each
+batch, so other sessions on a shared PostgreSQL and its background processes don't count.
+Prints the ratio of the two kinds' total CPU (the issue's "PostgreSQL CPU per accepted Verify /
+per committed UPDATE", for the statement alone) and the quartiles of the per-round ratios.
+Short batches, finely interleaved (the order alternating from round to round), see the same
+load from other work on a shared machine, so the ratio of totals holds up where one batch's
+figure does not. Run it in two trees to compare them: each measures its own statement on its
+own schema.
 """
 
 from __future__ import annotations
@@ -68,23 +70,30 @@ def main(argv: list[str] | None = None) -> int:
 
 def run(db: PostgresDatabase, users: list[Any], args: argparse.Namespace) -> None:
     with db.statements() as q:
-        sealed = {
-            row["user_id"]: row["secret"]
-            for row in q.all("SELECT user_id, secret FROM methods WHERE method = 'authenticator'")
-        }
+        known = {u.user_id: attempts.verify_snapshot(q, u.user_id) for u in users}
         backend = int(q.one("SELECT pg_backend_pid() AS pid")["pid"])  # type: ignore[index]
         steps = {u.user_id: u.last_step for u in users}
         now = int(time.time() * 1000)
         turn = 0
+        # The tree's fast-path statement: checked against the methods version where the tree keeps
+        # one (verify_state), else against the sealed secret itself.
+        unlocked = getattr(attempts, "accept_totp_step_unlocked", None)
 
         def accept() -> None:
             nonlocal turn
             user = users[turn % len(users)].user_id
             turn += 1
             steps[user] += 1
-            taken = attempts.accept_totp_step(
-                q, user, steps[user], sealed[user], now, unlocked_below=MAX_FAILURES
-            )
+            seen = known[user]
+            assert seen is not None and seen.authenticator_secret is not None
+            if unlocked is not None:
+                version = seen.secret_version  # type: ignore[attr-defined, unused-ignore]
+                taken = unlocked(q, user, steps[user], version, now, unlocked_below=MAX_FAILURES)
+            else:
+                sealed = seen.authenticator_secret
+                taken = attempts.accept_totp_step(
+                    q, user, steps[user], sealed, now, unlocked_below=MAX_FAILURES
+                )  # type: ignore[call-arg, unused-ignore]
             if taken is None:
                 raise RuntimeError(f"not accepted: {user}")
 

@@ -1,4 +1,4 @@
-"""The number of unused backup codes the database keeps per user (backup_code_counts, migration
+"""The number of unused backup codes the database keeps per user (verify_state, migration
 0008): an accepted authenticator Verify returns it with one primary-key probe instead of counting
 backup_codes. Triggers keep it, so it is right after every writer of backup_codes, on both
 stores: this release's use cases, a statement of the previous release (which knows nothing of
@@ -28,7 +28,11 @@ ACCEPTED = pb.VERIFY_RESULT_ACCEPTED
 
 def unused(settings: Settings, user_id: str) -> int:
     """The kept count, checked against a count of the codes themselves."""
-    kept = query(settings, "SELECT unused FROM backup_code_counts WHERE user_id = %(u)s", {"u": user_id})
+    kept = query(
+        settings,
+        "SELECT backup_codes_unused AS unused FROM verify_state WHERE user_id = %(u)s",
+        {"u": user_id},
+    )
     counted = query(
         settings,
         "SELECT COUNT(*) AS n FROM backup_codes WHERE user_id = %(u)s AND used_at IS NULL",
