@@ -15,7 +15,9 @@
 -- decides). No foreign key: a user's deletion cascades to methods, whose trigger would then
 -- write a row for a user already gone; a row left behind holds 0 codes and a number.
 -- The triggers come before the backfill: creating them takes the tables' locks, so no writer
--- slips in between. SQLite's version: 0008_verify_state.sqlite.sql.
+-- slips in between; methods first, then backup_codes, the order in which the servers' own
+-- transactions write them (a confirmation, a reset), so a server's transaction and this one
+-- wait for each other at most one way. SQLite's version: 0008_verify_state.sqlite.sql.
 
 CREATE TABLE verify_state (
     user_id TEXT PRIMARY KEY,
@@ -56,6 +58,10 @@ BEGIN
     RETURN NULL;
 END $$;
 
+-- Any method row added or removed, any secret or enabled time written (a pending enrollment's
+-- own columns don't count: they decide no login).
+CREATE TRIGGER method_changed AFTER INSERT OR DELETE OR UPDATE OF secret, enabled_at ON methods
+    FOR EACH ROW EXECUTE FUNCTION method_changed();
 -- One statement per set of codes (a regeneration inserts 10 rows in one INSERT).
 CREATE TRIGGER backup_codes_added AFTER INSERT ON backup_codes
     REFERENCING NEW TABLE AS added FOR EACH STATEMENT EXECUTE FUNCTION backup_codes_added();
@@ -64,10 +70,6 @@ CREATE TRIGGER backup_codes_removed AFTER DELETE ON backup_codes
 -- A code is used one at a time; key rotation's UPDATE of the hash and ciphertext doesn't fire it.
 CREATE TRIGGER backup_code_used AFTER UPDATE OF used_at ON backup_codes FOR EACH ROW
     WHEN ((OLD.used_at IS NULL) <> (NEW.used_at IS NULL)) EXECUTE FUNCTION backup_code_used();
--- Any method row added or removed, any secret or enabled time written (a pending enrollment's
--- own columns don't count: they decide no login).
-CREATE TRIGGER method_changed AFTER INSERT OR DELETE OR UPDATE OF secret, enabled_at ON methods
-    FOR EACH ROW EXECUTE FUNCTION method_changed();
 
 INSERT INTO verify_state (user_id, backup_codes_unused)
 SELECT u.user_id, (SELECT COUNT(*) FROM backup_codes b WHERE b.user_id = u.user_id AND b.used_at IS NULL)
