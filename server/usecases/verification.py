@@ -173,18 +173,18 @@ class Verification:
         With the user's sealed secret cached in this process, a matching code goes straight to
         accept_totp_step_unlocked with the lock rule in its WHERE clause: one conditional UPDATE
         that accepts only if the user is not locked, the step is new and the user's methods are
-        still at the version the cached secret was read at. A code that doesn't match is
-        counted by one UPDATE with the same two conditions (count_failure_unlocked), and the
-        locking path settles it. Right or wrong,
-        a guess takes the same path to the one statement the row lock orders, so a right code
-        is accepted only when no count that locks the user came before it, as if every guess
-        were checked one at a time. Anything else (a step already used, a lock, a stale cache:
-        no row touched) reads the user afresh (_decide_from_snapshot).
+        still at the version the cached secret was read at. A code that doesn't match is counted
+        by one UPDATE with the same two conditions (count_failure_unlocked), and the locking
+        path settles it. Right or wrong, a guess takes the same path to the one statement the
+        row lock orders, so a right code is accepted only when no count that locks the user came
+        before it, as if every guess were checked one at a time. Anything else (a step already
+        used, a lock, a stale cache: no row touched) reads the user afresh
+        (_decide_from_snapshot).
 
         Returns the outcome when decided here; otherwise the reservation the locking path in
         verify() settles (a wrong code stays counted), or None when nothing was reserved
         (unknown user, no authenticator, locked, counters moved, not accepted).
-        With an acceptance to audit, PostgreSQL writes the event in accept_totp_step's one
+        With an acceptance to audit, PostgreSQL writes the event in accept_totp_step_unlocked's one
         statement; SQLite (in-process: no round trips to save) takes the locking path, whose
         transaction holds both.
         """
@@ -271,9 +271,7 @@ class Verification:
             q, user_id, step, secret_version, now, accepted_event, unlocked_below=max_failures
         )
 
-    def _count_unlocked(
-        self, q: Transaction, user_id: str, secret_version: int, now: int
-    ) -> Reservation | None:
+    def _count_unlocked(self, q: Transaction, user_id: str, version: int, now: int) -> Reservation | None:
         """A wrong code counted in one statement (attempts.count_failure_unlocked), as a right one
         is accepted: the same path up to the one UPDATE that the row lock orders, whatever the
         code. None when nothing was counted (locked, secret replaced): the snapshot decides."""
@@ -281,7 +279,7 @@ class Verification:
         counted = attempts.count_failure_unlocked(
             q,
             user_id,
-            secret_version,
+            version,
             now,
             unlocked_below=self._policy.max_consecutive_failures,
             threshold=self._policy.lockout_threshold,
