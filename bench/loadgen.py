@@ -133,10 +133,15 @@ class CpuMeter:
         client_pids: Sequence[int],
         worker_pid: int | None = None,
         postgres_pids: Callable[[], set[int]] | None = None,
+        postgres_backends: Callable[[], set[int]] | None = None,
     ) -> None:
         """`postgres_pids`, when given, names the postgres processes to count (on a shared
-        PostgreSQL: this run's backends and the server's own background processes)."""
+        PostgreSQL: this run's backends and the server's own background processes).
+        `postgres_backends`, called after it, names those of them that are this run's own
+        backends: their CPU is also given apart, as "pg_backends" (within "postgres")."""
         self._postgres_pids = postgres_pids
+        self._postgres_backends = postgres_backends
+        self._backend_pids: set[int] = set()  # every pid seen as one of this run's backends
         self._server = server_pid
         self._worker = worker_pid
         self._clients = list(client_pids)
@@ -150,6 +155,8 @@ class CpuMeter:
         worker: list[int] = []
         redis: list[int] = []
         counted = self._postgres_pids() if self._postgres_pids is not None else None
+        if self._postgres_backends is not None:
+            self._backend_pids |= self._postgres_backends()
         for pid in (int(p) for p in os.listdir("/proc") if p.isdigit()):
             comm = _comm(pid)
             if comm == "postgres":
@@ -167,6 +174,7 @@ class CpuMeter:
         return {
             "server": self._seconds(server or [self._server]),
             "postgres": sum(self._postgres.values()),
+            "pg_backends": sum(v for pid, v in self._postgres.items() if pid in self._backend_pids),
             "workers": self._seconds(worker),
             "redis": self._seconds(redis),
             "clients": self._seconds(self._clients),
@@ -556,6 +564,14 @@ class _ClientProcess:
             REJECTED: self._rejected_loop,
             SENDCODE: self._sendcode_loop,
         }[kind]
+        if kind == VERIFY:
+            # Every Verify phase starts from the process's first user (all fresh again: a phase
+            # starts just after a step boundary). So a round after the first meets users the server
+            # has seen, as a long-running server mostly does (its sealed-secret cache warm: one
+            # statement per accepted code), where carrying on down the list met only users it saw
+            # for the first time (a read, then the statement).
+            with self._users_lock:
+                self._next_user = 0
         with ThreadPoolExecutor(threads) as pool:
             parts = list(pool.map(lambda i: loop(i, start, end), range(threads)))
         total = PhaseResult(kind, end - start)

@@ -21,7 +21,8 @@ enrolled through the real server, and that populated users verify over gRPC.
 Bulk, not one transaction per user: `--processes` processes each COPY chunks of
 `--chunk` users (every table of a chunk in one transaction). The foreign keys
 hold by construction (a user's rows go in with the user), so the loading
-sessions skip their per-row checks (session_replication_role = replica); the
+sessions skip their per-row checks and triggers (session_replication_role = replica: the
+verify_state rows the triggers keep are written here); the
 indexes are in place while loading, so they grow as under real enrollments.
 User ids are `<prefix>` plus a keyed hash of the index: they arrive in random
 key order, as real ids do.
@@ -72,6 +73,8 @@ USER_COLUMNS = (
 )
 METHOD_COLUMNS = ("user_id", "method", "enabled_at", "pending_since", "secret", "pending_secret")
 BACKUP_COLUMNS = ("user_id", "position", "code_hash", "code_ciphertext", "used_at")
+# What the triggers on backup_codes and methods keep (migration 0008); they don't fire under replica.
+VERIFY_STATE_COLUMNS = ("user_id", "backup_codes_unused", "secret_version")
 AUDIT_COLUMNS = ("at", "actor", "user_id", "action", "request_id", "outcome", "detail")
 CHALLENGE_COLUMNS = (
     "challenge_id",
@@ -102,6 +105,7 @@ TABLES = {
     "users": USER_COLUMNS,
     "methods": METHOD_COLUMNS,
     "backup_codes": BACKUP_COLUMNS,
+    "verify_state": VERIFY_STATE_COLUMNS,
     "audit_events": AUDIT_COLUMNS,
     "challenges": CHALLENGE_COLUMNS,
 }
@@ -192,6 +196,7 @@ def user_rows(population: Population, keyring: Keyring, index: int, chunk: Chunk
         (confirmed, p.actor, user_id, "backup_codes_generated", request, "success", f"{len(codes)} codes")
     )
     epoch = 1  # the first confirmation moves it on once (the method and its backup codes together)
+    methods_version = 2  # the methods row inserted (StartEnrollment), then enabled (ConfirmEnrollment)
     email = None
     last_verified = confirmed
     if p.has_email(index):
@@ -209,6 +214,7 @@ def user_rows(population: Population, keyring: Keyring, index: int, chunk: Chunk
         )
         chunk.rows["methods"].append((user_id, "email", mail_confirmed, None, None, None))
         epoch += 2  # SetContact, then enabling email
+        methods_version += 2  # the email method inserted, then enabled
         # A login code by email within the last day: sent, delivered, used.
         sent = p.now_ms - _ms(2 * 3_600_000, DAY_MS)
         used = sent + _ms(5_000, 60_000)
@@ -246,6 +252,7 @@ def user_rows(population: Population, keyring: Keyring, index: int, chunk: Chunk
     chunk.rows["users"].append(
         (user_id, email, None, started, last_verified, 0, None, step, confirmed, epoch)
     )
+    chunk.rows["verify_state"].append((user_id, len(codes), methods_version))
     if keep:
         chunk.kept.append(
             PopulatedUser(

@@ -1,11 +1,13 @@
 """The statements of a Verify attempt with an authenticator code, as small functions over a Transaction.
 
-The accepted path is one statement: accept_totp_step with `unlocked_below` decides, in one
-conditional UPDATE serialized by the user's row lock, that the user is not locked, that the
-time step is newer than every step accepted before and that the sealed secret the code was
-checked against is still the enabled one; it clears the failure count and returns what the
-answer needs. The rest (the snapshot read, the attempt counted before a wrong code is settled)
-is the path of wrong codes, locks and stale caches.
+The accepted path is one statement: accept_totp_step_unlocked decides, in one conditional
+UPDATE serialized by the user's row lock, that the user is not locked, that the time step is
+newer than every step accepted before and that the user's methods are still as they were when
+the sealed secret the code was checked against was read (verify_state.secret_version, which
+triggers move on with every change of them: migration 0008); it clears the failure count and
+returns what the answer needs. The rest (the snapshot read, the attempt counted before a wrong
+code is settled, the decision under the row lock) is the path of wrong codes, locks and stale
+caches.
 """
 
 from __future__ import annotations
@@ -17,28 +19,44 @@ from twofactor_server.storage.database import Transaction
 from twofactor_server.storage.records import AcceptedStep, NewAuditEvent, VerifySnapshot
 from twofactor_server.storage.store import add_audit_event
 
-# The sealed secret a code was checked against is still the user's enabled one.
+# The sealed secret a code was checked against is still the user's enabled one (under the row
+# lock, where the caller read the methods rows in the same transaction).
 _STILL_ENABLED = (
     "AND EXISTS (SELECT 1 FROM methods m WHERE m.user_id = %(u)s AND m.method = 'authenticator' "
     "AND m.enabled_at IS NOT NULL AND m.secret = %(sealed)s) "
 )
 # The lock rule of domain/lockout.lock_of, for a statement that decides without the row lock held.
 _UNLOCKED = "AND failed_attempts < %(max_failures)s AND (locked_until IS NULL OR locked_until <= %(now)s) "
-_ACCEPT = (  # fixed SQL text: every value is a bound parameter
-    "UPDATE users SET totp_last_step = %(s)s, failed_attempts = 0, locked_until = NULL, "  # noqa: S608
-    f"last_verified_at = %(now)s WHERE user_id = %(u)s "
-    f"AND (totp_last_step IS NULL OR totp_last_step < %(s)s) {_STILL_ENABLED}"
+# Without the row lock: the user's methods rows are as they were when the secret was read with
+# this version (one key probe of verify_state instead of the methods row and its ciphertext).
+_SAME_METHODS = (
+    "AND EXISTS (SELECT 1 FROM verify_state v WHERE v.user_id = %(u)s AND v.secret_version = %(version)s) "
 )
+# Fixed SQL text below: every value is a bound parameter.
+_SET_ACCEPTED = (
+    "UPDATE users SET totp_last_step = %(s)s, failed_attempts = 0, locked_until = NULL, "
+    "last_verified_at = %(now)s "
+)
+_NEWER_STEP = "AND (totp_last_step IS NULL OR totp_last_step < %(s)s) "
+_ACCEPT = f"{_SET_ACCEPTED}WHERE user_id = %(u)s {_NEWER_STEP}{_STILL_ENABLED}"
+# PostgreSQL: the version checked and the backup codes returned from one probe of verify_state.
+# (SQLite's RETURNING can't name a table of UPDATE ... FROM: there, an EXISTS and a sub-select.)
+_ACCEPT_UNLOCKED_POSTGRES = (
+    f"{_SET_ACCEPTED}FROM verify_state v WHERE users.user_id = %(u)s AND v.user_id = %(u)s "
+    f"AND v.secret_version = %(version)s {_NEWER_STEP}{_UNLOCKED}"
+)
+_ACCEPT_UNLOCKED_SQLITE = f"{_SET_ACCEPTED}WHERE user_id = %(u)s {_NEWER_STEP}{_SAME_METHODS}{_UNLOCKED}"
 
 
 def verify_snapshot(tx: Transaction, user_id: str) -> VerifySnapshot | None:
     """The user's lock state, last accepted step and enabled authenticator secret, in one read
     (None: unknown user)."""
     row = tx.one(
-        "SELECT u.failed_attempts, u.locked_until, u.totp_last_step, m.secret AS authenticator_secret "
-        "FROM users u "
+        "SELECT u.failed_attempts, u.locked_until, u.totp_last_step, m.secret AS authenticator_secret, "
+        "v.secret_version FROM users u "
         "LEFT JOIN methods m ON m.user_id = u.user_id AND m.method = 'authenticator' "
-        "AND m.enabled_at IS NOT NULL WHERE u.user_id = %(u)s",
+        "AND m.enabled_at IS NOT NULL LEFT JOIN verify_state v ON v.user_id = u.user_id "
+        "WHERE u.user_id = %(u)s",
         {"u": user_id},
     )
     return None if row is None else VerifySnapshot(**row)
@@ -69,7 +87,7 @@ def reserve_attempt(
 def count_failure_unlocked(
     tx: Transaction,
     user_id: str,
-    sealed_secret: bytes,
+    secret_version: int,
     now_ms: int,
     *,
     unlocked_below: int,
@@ -78,8 +96,9 @@ def count_failure_unlocked(
     later: int | None,
 ) -> tuple[int, int | None] | None:
     """Count a wrong authenticator code in one statement, under the same conditions as
-    accept_totp_step(unlocked_below=...) accepts a right one: the user is not locked and
-    `sealed_secret` is still the enabled secret. The new count sets locked_until as
+    accept_totp_step_unlocked accepts a right one: the user is not locked and the user's methods
+    are still at `secret_version` (as when the secret the code was checked against was read).
+    The new count sets locked_until as
     count_failure would (domain/lockout.lock_schedule: `schedule` pairs, `later` past them;
     None keeps it; a count at `unlocked_below` locks for good and clears it).
 
@@ -89,7 +108,7 @@ def count_failure_unlocked(
     params: dict[str, object] = {
         "u": user_id,
         "now": now_ms,
-        "sealed": sealed_secret,
+        "version": secret_version,
         "max_failures": unlocked_below,
         "threshold": threshold,
         "later": later,
@@ -111,7 +130,7 @@ def _count_sql(steps: int) -> str:
         "WHEN failed_attempts + 1 >= %(max_failures)s THEN NULL "
         "WHEN failed_attempts + 1 < %(threshold)s THEN locked_until "
         f"{grows}ELSE COALESCE(%(later)s, locked_until) END "
-        f"WHERE user_id = %(u)s {_UNLOCKED}{_STILL_ENABLED} RETURNING failed_attempts, locked_until"
+        f"WHERE user_id = %(u)s {_UNLOCKED}{_SAME_METHODS}RETURNING failed_attempts, locked_until"
     )
 
 
@@ -122,7 +141,9 @@ def set_attempts(tx: Transaction, user_id: str, failed_attempts: int, locked_unt
     )
 
 
-_BACKUP_LEFT = "(SELECT COUNT(*) FROM backup_codes b WHERE b.user_id = %(u)s AND b.used_at IS NULL)"
+# The user's unused backup codes: one key probe of the count the database keeps (migration
+# 0008: triggers on backup_codes, whoever writes them), not a count of backup_codes.
+_BACKUP_LEFT = "COALESCE((SELECT c.backup_codes_unused FROM verify_state c WHERE c.user_id = %(u)s), 0)"
 
 
 def accept_totp_step(
@@ -132,38 +153,71 @@ def accept_totp_step(
     sealed_secret: bytes,
     now_ms: int,
     audit: NewAuditEvent | None = None,
-    *,
-    unlocked_below: int | None = None,
 ) -> AcceptedStep | None:
-    """Accept an authenticator code's time step in one atomic statement, clearing the failure
-    count; return the unused backup codes and the credential epoch.
+    """Accept an authenticator code's time step under the user's row lock (the caller checked
+    the lock and read the methods in this transaction), clearing the failure count; return the
+    unused backup codes and the credential epoch.
 
     The step is the replay guard (RFC 6238 §5.2): it must be newer than every step accepted
     before. The sealed secret must still be the enabled one the code was checked against (a
-    cached copy that a reset, a new enrollment or a key rotation replaced touches no row).
-    None when the step was used, the secret replaced, or (with `unlocked_below`) the user locked.
-
-    `unlocked_below` (the policy's max_consecutive_failures) makes the statement check the lock
-    itself, for callers that hold no row lock: PostgreSQL re-checks the condition on the newest
-    row version once a concurrent UPDATE that counts a wrong code commits, so a right code is
-    accepted only if no count that locks the user came first. Under the row lock the caller has
-    checked the lock already and passes None.
-
-    With `audit`, PostgreSQL writes the audit event in that same statement (a data-modifying
-    CTE); SQLite needs a second one, so its callers pass `audit` only inside a transaction.
+    key rotation takes no user lock). None when the step was used or the secret replaced.
+    With `audit`, PostgreSQL writes the audit event in the same statement; SQLite in a second.
     """
-    params = {"u": user_id, "s": step, "now": now_ms, "sealed": sealed_secret, "max_failures": unlocked_below}
-    update = _ACCEPT if unlocked_below is None else _ACCEPT + _UNLOCKED
+    params = {"u": user_id, "s": step, "now": now_ms, "sealed": sealed_secret}
+    return _accepted(tx, _ACCEPT, params, audit, f"RETURNING {_BACKUP_LEFT} AS backup_left, ")
+
+
+def accept_totp_step_unlocked(
+    tx: Transaction,
+    user_id: str,
+    step: int,
+    secret_version: int,
+    now_ms: int,
+    audit: NewAuditEvent | None = None,
+    *,
+    unlocked_below: int,
+) -> AcceptedStep | None:
+    """Accept an authenticator code's time step in one atomic statement, for a caller that holds
+    no row lock (the Verify fast path): the step is newer than every step accepted before, the
+    user is not locked (failures below `unlocked_below`, the policy's max_consecutive_failures,
+    and no lock in force), and the user's methods are still at `secret_version`, the version
+    read with the sealed secret the code was checked against (a reset, a new enrollment, a
+    disabled method or a key rotation moves it on: a stale cache touches no row). Clears the
+    failure count; returns the unused backup codes and the credential epoch, or None.
+
+    PostgreSQL re-checks the condition on the newest row version once a concurrent UPDATE that
+    counts a wrong code commits, so a right code is accepted only if no count that locks the
+    user came first. With `audit`, PostgreSQL writes the audit event in that same statement (a
+    data-modifying CTE); SQLite needs a second one, so its callers pass `audit` only inside a
+    transaction.
+    """
+    params = {
+        "u": user_id,
+        "s": step,
+        "now": now_ms,
+        "version": secret_version,
+        "max_failures": unlocked_below,
+    }
+    if tx.dialect == "postgres":
+        returning = "RETURNING v.backup_codes_unused AS backup_left, "
+        return _accepted(tx, _ACCEPT_UNLOCKED_POSTGRES, params, audit, returning)
+    return _accepted(tx, _ACCEPT_UNLOCKED_SQLITE, params, audit, f"RETURNING {_BACKUP_LEFT} AS backup_left, ")
+
+
+def _accepted(
+    tx: Transaction, update: str, params: dict[str, object], audit: NewAuditEvent | None, returning: str
+) -> AcceptedStep | None:
+    """Run an accepting UPDATE (with its audit event) and read what it returns."""
     if audit is not None and tx.dialect == "postgres":
         row = tx.one(  # the f-string parts are fixed SQL text; every value is a bound parameter
-            f"WITH accepted AS ({update}RETURNING user_id, credential_epoch), "  # noqa: S608
+            f"WITH accepted AS ({update}{returning}credential_epoch), "  # noqa: S608
             "logged AS (INSERT INTO audit_events (at, actor, user_id, action, request_id, outcome, detail) "
-            "SELECT %(at)s, %(actor)s, user_id, %(action)s, %(request_id)s, %(outcome)s, %(detail)s "
-            f"FROM accepted) SELECT {_BACKUP_LEFT} AS backup_left, credential_epoch FROM accepted",
+            "SELECT %(at)s, %(actor)s, %(u)s, %(action)s, %(request_id)s, %(outcome)s, %(detail)s "
+            "FROM accepted) SELECT backup_left, credential_epoch FROM accepted",
             {**params, **{k: v for k, v in asdict(audit).items() if k != "user_id"}},
         )
     else:
-        row = tx.one(f"{update}RETURNING {_BACKUP_LEFT} AS backup_left, credential_epoch", params)
+        row = tx.one(f"{update}{returning}credential_epoch", params)
         if row is not None and audit is not None:
             add_audit_event(tx, **asdict(audit))
     return None if row is None else AcceptedStep(int(row["backup_left"]), int(row["credential_epoch"]))

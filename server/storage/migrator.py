@@ -21,10 +21,23 @@ _DIALECT_TYPES = {
 }
 
 
-def migrations() -> list[tuple[str, str]]:
+DIALECTS = tuple(_DIALECT_TYPES)
+
+
+def migrations(dialect: str = "postgres") -> list[tuple[str, str]]:
+    """(version, SQL) of every migration for `dialect`, in order. Most are one file for both
+    backends (NNNN_name.sql); one whose SQL can't be shared (triggers) is a file per backend,
+    NNNN_name.postgres.sql and NNNN_name.sqlite.sql, under the one version NNNN_name."""
+    assert dialect in DIALECTS
     folder = resources.files("twofactor_server.storage") / "migrations"
-    files = sorted((f for f in folder.iterdir() if f.name.endswith(".sql")), key=lambda f: f.name)
-    return [(f.name.removesuffix(".sql"), f.read_text()) for f in files]
+    found: dict[str, str] = {}
+    for file in folder.iterdir():
+        if not file.name.endswith(".sql"):
+            continue
+        version, _, only = file.name.removesuffix(".sql").partition(".")
+        if only in ("", dialect):
+            found[version] = file.read_text()
+    return sorted(found.items())
 
 
 def apply_migrations(tx: Transaction, dialect: str) -> list[str]:
@@ -37,7 +50,7 @@ def apply_migrations(tx: Transaction, dialect: str) -> list[str]:
     tx.execute("CREATE TABLE IF NOT EXISTS schema_migrations (version TEXT PRIMARY KEY, applied_at BIGINT)")
     done = {row["version"] for row in tx.all("SELECT version FROM schema_migrations")}
     applied = []
-    for version, text in migrations():
+    for version, text in migrations(dialect):
         if version in done:
             continue
         sql = with_dialect_types(text, dialect)
@@ -68,7 +81,7 @@ def pending_migrations(db: Database) -> list[str]:
         done = set()
         if exists is not None and exists["found"]:
             done = {row["version"] for row in tx.all("SELECT version FROM schema_migrations")}
-    return [version for version, _ in migrations() if version not in done]
+    return [version for version, _ in migrations(db.dialect) if version not in done]
 
 
 def with_dialect_types(text: str, dialect: str) -> str:

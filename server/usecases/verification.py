@@ -18,7 +18,7 @@ from twofactor_server.usecases import audit
 from twofactor_server.usecases.backup_codes import BackupCodes
 from twofactor_server.usecases.challenges import AUTHENTICATOR, EMAIL, LOGIN, SMS, Challenges
 from twofactor_server.usecases.notices import Notices
-from twofactor_server.usecases.sealed_secrets import SealedSecrets
+from twofactor_server.usecases.sealed_secrets import CachedSecret, SealedSecrets
 from twofactor_server.usecases.users import (
     audit_lock,
     count_failure,
@@ -171,19 +171,20 @@ class Verification:
         """The common login, a right authenticator code: one statement, no transaction.
 
         With the user's sealed secret cached in this process, a matching code goes straight to
-        accept_totp_step with the lock rule in its WHERE clause: one conditional UPDATE that
-        accepts only if the user is not locked, the step is new and the secret is still the
-        cached one. A code that doesn't match is counted by one UPDATE with the same two
-        conditions (count_failure_unlocked), and the locking path settles it. Right or wrong,
-        a guess takes the same path to the one statement the row lock orders, so a right code
-        is accepted only when no count that locks the user came before it, as if every guess
-        were checked one at a time. Anything else (a step already used, a lock, a stale cache:
-        no row touched) reads the user afresh (_decide_from_snapshot).
+        accept_totp_step_unlocked with the lock rule in its WHERE clause: one conditional UPDATE
+        that accepts only if the user is not locked, the step is new and the user's methods are
+        still at the version the cached secret was read at. A code that doesn't match is counted
+        by one UPDATE with the same two conditions (count_failure_unlocked), and the locking
+        path settles it. Right or wrong, a guess takes the same path to the one statement the
+        row lock orders, so a right code is accepted only when no count that locks the user came
+        before it, as if every guess were checked one at a time. Anything else (a step already
+        used, a lock, a stale cache: no row touched) reads the user afresh
+        (_decide_from_snapshot).
 
         Returns the outcome when decided here; otherwise the reservation the locking path in
         verify() settles (a wrong code stays counted), or None when nothing was reserved
         (unknown user, no authenticator, locked, counters moved, not accepted).
-        With an acceptance to audit, PostgreSQL writes the event in accept_totp_step's one
+        With an acceptance to audit, PostgreSQL writes the event in accept_totp_step_unlocked's one
         statement; SQLite (in-process: no round trips to save) takes the locking path, whose
         transaction holds both.
         """
@@ -195,16 +196,16 @@ class Verification:
         cached_step = None
         if cached is not None:
             try:
-                cached_step = self._matching_step(user_id, digits, cached, now)
+                cached_step = self._matching_step(user_id, digits, cached.sealed, now)
             except (KeyringError, KeyVersionMissing):
                 cached = None  # not checkable here: the snapshot read decides (and reports it)
         with self._db.statements() as q:  # one connection for the try and the fallback
             if cached is not None and cached_step is not None:
-                accepted = self._accept_unlocked(q, user_id, cached_step, cached, now, accepted_event)
+                accepted = self._accept_unlocked(q, user_id, cached_step, cached.version, now, accepted_event)
                 if accepted is not None:
                     return self._accepted(user_id, CodeKind.AUTHENTICATOR, accepted, now, caller)
             elif cached is not None:
-                counted = self._count_unlocked(q, user_id, cached, now)
+                counted = self._count_unlocked(q, user_id, cached.version, now)
                 if counted is not None:
                     return counted
             return self._decide_from_snapshot(
@@ -219,7 +220,7 @@ class Verification:
         now: int,
         caller: Caller,
         accepted_event: NewAuditEvent | None,
-        cached: bytes | None,
+        cached: CachedSecret | None,
         cached_step: int | None,
     ) -> VerifyOutcome | Reservation | None:
         """One read (lock state, last step, sealed secret) and the lock rule; a right code is then
@@ -230,21 +231,23 @@ class Verification:
         the winners' counts set; a right code that comes after a count meets it in its UPDATE."""
         seen = attempts.verify_snapshot(q, user_id)
         sealed = None if seen is None else seen.authenticator_secret
-        if seen is None or sealed is None:
+        version = None if seen is None else seen.secret_version
+        if seen is None or sealed is None or version is None:
             self._sealed.put(user_id, None)
             return None
         if lockout.lock_of(seen.failed_attempts, seen.locked_until, self._policy, now) is not None:
             return None
         # Matched again only if the secret is not the cached one just tried (KEY_VERSION_MISSING
         # raises here, as on the locking path: never a wrong code).
-        step = cached_step if sealed == cached else self._matching_step(user_id, digits, sealed, now)
-        self._sealed.put(user_id, sealed)
+        same = cached is not None and sealed == cached.sealed
+        step = cached_step if same else self._matching_step(user_id, digits, sealed, now)
+        self._sealed.put(user_id, CachedSecret(sealed, version))
         if step is not None and step == seen.totp_last_step:
             # The code just accepted, sent again: answered without counting (it is spent,
             # so this tells a guesser nothing).
             return self._double_submit(q, user_id, seen.failed_attempts, now)
         if step is not None:
-            accepted = self._accept_unlocked(q, user_id, step, sealed, now, accepted_event)
+            accepted = self._accept_unlocked(q, user_id, step, version, now, accepted_event)
             if accepted is None:
                 return None  # locked, used or replaced meanwhile: decide under the row lock
             return self._accepted(user_id, CodeKind.AUTHENTICATOR, accepted, now, caller)
@@ -259,16 +262,16 @@ class Verification:
         q: Transaction,
         user_id: str,
         step: int,
-        sealed: bytes,
+        secret_version: int,
         now: int,
         accepted_event: NewAuditEvent | None,
     ) -> AcceptedStep | None:
         max_failures = self._policy.max_consecutive_failures
-        return attempts.accept_totp_step(
-            q, user_id, step, sealed, now, accepted_event, unlocked_below=max_failures
+        return attempts.accept_totp_step_unlocked(
+            q, user_id, step, secret_version, now, accepted_event, unlocked_below=max_failures
         )
 
-    def _count_unlocked(self, q: Transaction, user_id: str, sealed: bytes, now: int) -> Reservation | None:
+    def _count_unlocked(self, q: Transaction, user_id: str, version: int, now: int) -> Reservation | None:
         """A wrong code counted in one statement (attempts.count_failure_unlocked), as a right one
         is accepted: the same path up to the one UPDATE that the row lock orders, whatever the
         code. None when nothing was counted (locked, secret replaced): the snapshot decides."""
@@ -276,7 +279,7 @@ class Verification:
         counted = attempts.count_failure_unlocked(
             q,
             user_id,
-            sealed,
+            version,
             now,
             unlocked_below=self._policy.max_consecutive_failures,
             threshold=self._policy.lockout_threshold,

@@ -133,6 +133,8 @@ COUNTS = {
     "attempts",
     "delivery_attempts",
     "publish_generation",
+    "backup_codes_unused",
+    "secret_version",
 }
 LITERAL = {"method", "purpose", "locale", "delivery_status", "actor", "action", "outcome", "detail"}
 
@@ -163,6 +165,7 @@ def rows_of(settings: Settings, user_id: str) -> dict[str, list[dict[str, Any]]]
         "users": "SELECT * FROM users WHERE user_id = %(u)s",
         "methods": "SELECT * FROM methods WHERE user_id = %(u)s ORDER BY method",
         "backup_codes": "SELECT * FROM backup_codes WHERE user_id = %(u)s ORDER BY position",
+        "verify_state": "SELECT * FROM verify_state WHERE user_id = %(u)s",
         "audit_events": "SELECT * FROM audit_events WHERE user_id = %(u)s ORDER BY event_id",
         # Retention keeps challenges a day past expiry: the bulk rows hold the last login code only.
         "challenges": "SELECT * FROM challenges WHERE user_id = %(u)s AND purpose = 'login'",
@@ -236,6 +239,7 @@ def test_bulk_rows_have_the_shape_of_an_enrollment_through_the_server(
     rows = rows_of(server.settings, plain.user_id(0))
     assert rows["methods"] == [expected["methods"][0]]
     assert rows["backup_codes"] == expected["backup_codes"]
+    assert rows["verify_state"] == [{**expected["verify_state"][0], "secret_version": 2}]
     assert rows["audit_events"] == expected["audit_events"][:3]
     assert rows["challenges"] == []
     assert rows["users"][0] == {**expected["users"][0], "email": None, "credential_epoch": 1}

@@ -90,3 +90,58 @@ def test_without_migrate_on_start_the_server_refuses_a_database_behind_it(settin
     server, port = create_server(off)
     server.stop(grace=None)
     assert port > 0
+
+
+def test_a_migration_split_per_backend_has_the_same_versions_on_both() -> None:
+    postgres, sqlite = migrations("postgres"), migrations("sqlite")
+    assert [v for v, _ in postgres] == [v for v, _ in sqlite]
+    assert "0008_verify_state" in dict(postgres)
+    assert dict(postgres)["0008_verify_state"] != dict(sqlite)["0008_verify_state"]
+
+
+def test_the_backup_code_counts_start_from_the_codes_already_stored(settings: Settings) -> None:
+    """0008 applied to a database that has codes: each user's unused ones, counted once; a row
+    for every user with codes or methods."""
+    db = open_database(settings.database_url, data_dir=settings.data_dir)
+    try:
+        db.migrate()
+        with db.transaction() as tx:  # back to before 0008
+            if tx.dialect == "postgres":
+                tx.execute(
+                    "DROP FUNCTION backup_codes_added, backup_codes_removed, backup_code_used, "
+                    "method_changed CASCADE"
+                )
+            else:
+                for trigger in (
+                    "backup_codes_added",
+                    "backup_codes_removed",
+                    "backup_code_used",
+                    "method_added",
+                    "method_removed",
+                    "method_changed",
+                ):
+                    tx.execute(f"DROP TRIGGER {trigger}")
+            tx.execute("DROP TABLE verify_state")
+            tx.execute("DELETE FROM schema_migrations WHERE version = '0008_verify_state'")
+            for user, used in (("ana", [0, 3]), ("ben", list(range(10))), ("cy", [])):
+                tx.execute("INSERT INTO users (user_id, created_at) VALUES (%(u)s, 0)", {"u": user})
+                for position in range(10):
+                    tx.execute(
+                        "INSERT INTO backup_codes (user_id, position, code_hash, code_ciphertext, used_at) "
+                        "VALUES (%(u)s, %(p)s, %(h)s, %(h)s, %(used)s)",
+                        {
+                            "u": user,
+                            "p": position,
+                            "h": bytes([position]) * 8,
+                            "used": 1 if position in used else None,
+                        },
+                    )
+            tx.execute("INSERT INTO users (user_id, created_at) VALUES ('dee', 0)")  # no method, no code
+            tx.execute("INSERT INTO methods (user_id, method, enabled_at) VALUES ('cy', 'email', 0)")
+        assert db.migrate() == ["0008_verify_state"]
+        with db.transaction() as tx:
+            rows = tx.all("SELECT user_id, backup_codes_unused, secret_version FROM verify_state")
+    finally:
+        db.close()
+    counts = {r["user_id"]: (r["backup_codes_unused"], r["secret_version"]) for r in rows}
+    assert counts == {"ana": (8, 0), "ben": (0, 0), "cy": (10, 0)}  # "dee": no row, nothing to count

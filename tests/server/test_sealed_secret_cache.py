@@ -34,7 +34,7 @@ from twofactor_server.usecases.backup_codes import BackupCodes
 from twofactor_server.usecases.challenges import Challenges
 from twofactor_server.usecases.key_rotation import KeyRotation
 from twofactor_server.usecases.notices import Notices
-from twofactor_server.usecases.sealed_secrets import SealedSecrets
+from twofactor_server.usecases.sealed_secrets import CachedSecret, SealedSecrets
 from twofactor_server.usecases.users import lock_after_failures
 from twofactor_server.usecases.verification import Verification
 
@@ -120,7 +120,7 @@ def test_a_key_rotation_by_another_connection_is_followed_not_trusted(
     start_server: ServerFactory, settings: Settings, other_connection: Database, clock: Clock
 ) -> None:
     """The cache-holding process has both keys (a rotation's middle stage). After `keys rotate`
-    re-encrypts the secret, the cached ciphertext is refused by both one-statement decisions;
+    re-encrypts the secret, the cached copy (its version) is refused by both one-statement decisions;
     the right code is still accepted (read afresh), the cache follows, a replay is refused."""
     enrolling = start_server()  # key 1 only: the secret is sealed under key 1
     secret, _ = enroll_authenticator(enrolling, clock, "cy")
@@ -131,25 +131,28 @@ def test_a_key_rotation_by_another_connection_is_followed_not_trusted(
         holder = verification_with(holder_db, both, clock, cache)
         assert holder.verify("cy", totp_now(secret, clock), caller=CALLER).result == VerifyResult.ACCEPTED
         cached = cache.get("cy")
-        assert cached is not None and version_of(cached) == 1
+        assert cached is not None and version_of(cached.sealed) == 1
         clock.advance(30)
 
         report = KeyRotation(other_connection, both, clock, batch_size=10).rotate()
         assert report.remaining == ()
         rotated = enabled_secret(other_connection, "cy")
-        assert version_of(rotated) == 2 and rotated != cached
+        assert version_of(rotated) == 2 and rotated != cached.sealed
 
         now = now_ms(clock)
         step = totp.time_step(clock())
         policy = PolicySettings()
         with other_connection.statements() as q:  # the stale copy decides nothing
             unlocked = policy.max_consecutive_failures
-            assert attempts.accept_totp_step(q, "cy", step, cached, now, unlocked_below=unlocked) is None
+            stale = attempts.accept_totp_step_unlocked(
+                q, "cy", step, cached.version, now, unlocked_below=unlocked
+            )
+            assert stale is None
             schedule, later = lockout.lock_schedule(policy, now)
             counted = attempts.count_failure_unlocked(
                 q,
                 "cy",
-                cached,
+                cached.version,
                 now,
                 unlocked_below=unlocked,
                 threshold=policy.lockout_threshold,
@@ -161,7 +164,11 @@ def test_a_key_rotation_by_another_connection_is_followed_not_trusted(
         code = totp_now(secret, clock)
         outcome = holder.verify("cy", code, caller=CALLER)
         assert outcome.result == VerifyResult.ACCEPTED and outcome.verification_token
-        assert cache.get("cy") == rotated, "the cache holds what the database holds now"
+        now_cached = cache.get("cy")
+        assert now_cached is not None and now_cached.sealed == rotated, (
+            "the cache holds what the database holds"
+        )
+        assert now_cached.version > cached.version
         replay = holder.verify("cy", code, caller=CALLER)
         assert replay.result == VerifyResult.REJECTED
         assert replay.attempts_left == policy.lockout_threshold, "a double submit is not counted"
@@ -188,6 +195,10 @@ def test_the_one_statement_count_locks_as_count_failure_does(
         store.ensure_user(tx, "dee", now)
         store.start_method_enrollment(tx, "dee", "authenticator", now, pending_secret=sealed)
         assert store.enable_method(tx, "dee", "authenticator", now)
+        snapshot = attempts.verify_snapshot(tx, "dee")
+    assert snapshot is not None and snapshot.authenticator_secret == sealed
+    version = snapshot.secret_version
+    assert version is not None
     schedule, later = lockout.lock_schedule(policy, now)
     for failures in range(1, policy.max_consecutive_failures + 1):
         with db.transaction() as tx:
@@ -196,7 +207,7 @@ def test_the_one_statement_count_locks_as_count_failure_does(
             counted = attempts.count_failure_unlocked(
                 q,
                 "dee",
-                sealed,
+                version,
                 now,
                 unlocked_below=policy.max_consecutive_failures,
                 threshold=policy.lockout_threshold,
@@ -210,7 +221,7 @@ def test_the_one_statement_count_locks_as_count_failure_does(
             attempts.count_failure_unlocked(
                 q,
                 "dee",
-                sealed,
+                version,
                 now,
                 unlocked_below=policy.max_consecutive_failures,
                 threshold=policy.lockout_threshold,
@@ -223,10 +234,11 @@ def test_the_one_statement_count_locks_as_count_failure_does(
 
 def test_the_cache_is_bounded_and_forgets_the_oldest_first() -> None:
     cache = SealedSecrets(max_entries=2)
-    cache.put("a", b"1")
-    cache.put("b", b"2")
-    cache.put("a", b"3")  # written again: now the newest
-    cache.put("c", b"4")  # full: "b" goes
-    assert (cache.get("a"), cache.get("b"), cache.get("c"), len(cache)) == (b"3", None, b"4", 2)
+    one, two, three, four = (CachedSecret(bytes([i]), i) for i in range(1, 5))
+    cache.put("a", one)
+    cache.put("b", two)
+    cache.put("a", three)  # written again: now the newest
+    cache.put("c", four)  # full: "b" goes
+    assert (cache.get("a"), cache.get("b"), cache.get("c"), len(cache)) == (three, None, four, 2)
     cache.put("c", None)
     assert cache.get("c") is None and len(cache) == 1

@@ -1,0 +1,131 @@
+"""PostgreSQL CPU of the accepted-Verify statement alone, against a bare committed 1-row UPDATE.
+
+    cd bench && ../.venv/bin/python accept_statement.py [--users 2000 --calls 200 --rounds 60]
+
+On a fresh schema migrated by this tree, --users users written by bench/populate.py (an
+authenticator and 10 backup codes each), one connection in autocommit runs, in interleaved
+rounds: --calls of the tree's accepting statement as the Verify fast path sends it, with the
+user's sealed secret cached (`attempts.accept_totp_step_unlocked`, or on older trees
+`accept_totp_step` with `unlocked_below`; the users in turn, each with a newer step; no audit
+row), then --calls `UPDATE users SET created_at = $1 WHERE user_id = $2` on the same users. The
+CPU is that of the connection's one backend, read from /proc/PID/schedstat (ns) around each
+batch, so other sessions on a shared PostgreSQL and its background processes don't count.
+Prints the ratio of the two kinds' total CPU (the issue's "PostgreSQL CPU per accepted Verify /
+per committed UPDATE", for the statement alone) and the quartiles of the per-round ratios.
+Short batches, finely interleaved (the order alternating from round to round), see the same
+load from other work on a shared machine, so the ratio of totals holds up where one batch's
+figure does not. Run it in two trees to compare them: each measures its own statement on its
+own schema.
+"""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import statistics
+import sys
+import time
+import uuid
+from typing import Any
+
+import psycopg
+from loadgen import _on_cpu_seconds
+from populate import Population, populate, schema_url
+
+from twofactor_server.domain.keyring import Keyring
+from twofactor_server.storage import attempts
+from twofactor_server.storage.database import PostgresDatabase
+
+DEFAULT_DATABASE_URL = "postgresql://postgres@127.0.0.1:5432/postgres"
+MAX_FAILURES = 100
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--users", type=int, default=2000)
+    parser.add_argument("--calls", type=int, default=200, help="statements of each kind per round")
+    parser.add_argument("--rounds", type=int, default=60)
+    parser.add_argument("--database-url", default=DEFAULT_DATABASE_URL)
+    args = parser.parse_args(argv)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # unwinds: the schema is dropped
+    schema = f"tf_bench_{uuid.uuid4().hex[:12]}"
+    with psycopg.connect(args.database_url, autocommit=True) as conn:
+        conn.execute(f'CREATE SCHEMA "{schema}"')
+    url = schema_url(args.database_url, schema)
+    db = PostgresDatabase(url, pool_size=1, timeout=3600)  # one unit of work for the whole run
+    try:
+        db.migrate()
+        keys = Keyring.new_key_spec(1)
+        population = Population(args.users, prefix="stmt-", keys=keys, now_ms=int(time.time() * 1000))
+        users = populate(url, population, keep=range(args.users), processes=1)
+        with psycopg.connect(url, autocommit=True) as conn:
+            conn.execute("VACUUM ANALYZE")
+        run(db, users, args)
+    finally:
+        db.close()
+        with psycopg.connect(args.database_url, autocommit=True) as conn:
+            conn.execute(f'DROP SCHEMA "{schema}" CASCADE')
+    return 0
+
+
+def run(db: PostgresDatabase, users: list[Any], args: argparse.Namespace) -> None:
+    with db.statements() as q:
+        known = {u.user_id: attempts.verify_snapshot(q, u.user_id) for u in users}
+        backend = int(q.one("SELECT pg_backend_pid() AS pid")["pid"])  # type: ignore[index]
+        steps = {u.user_id: u.last_step for u in users}
+        now = int(time.time() * 1000)
+        turn = 0
+        # The tree's fast-path statement: checked against the methods version where the tree keeps
+        # one (verify_state), else against the sealed secret itself.
+        unlocked = getattr(attempts, "accept_totp_step_unlocked", None)
+
+        def accept() -> None:
+            nonlocal turn
+            user = users[turn % len(users)].user_id
+            turn += 1
+            steps[user] += 1
+            seen = known[user]
+            assert seen is not None and seen.authenticator_secret is not None
+            if unlocked is not None:
+                version = seen.secret_version  # type: ignore[attr-defined, unused-ignore]
+                taken = unlocked(q, user, steps[user], version, now, unlocked_below=MAX_FAILURES)
+            else:
+                sealed = seen.authenticator_secret
+                taken = attempts.accept_totp_step(
+                    q, user, steps[user], sealed, now, unlocked_below=MAX_FAILURES
+                )  # type: ignore[call-arg, unused-ignore]
+            if taken is None:
+                raise RuntimeError(f"not accepted: {user}")
+
+        def update() -> None:
+            nonlocal turn
+            user = users[turn % len(users)].user_id
+            turn += 1
+            q.execute("UPDATE users SET created_at = %(now)s WHERE user_id = %(u)s", {"u": user, "now": now})
+
+        def batch(action: Any) -> float:
+            before = _on_cpu_seconds(backend)
+            for _ in range(args.calls):
+                action()
+            return (_on_cpu_seconds(backend) - before) / args.calls * 1e6
+
+        batch(accept)  # warm-up: prepared statements, caches
+        batch(update)
+        ratios, totals = [], {accept: 0.0, update: 0.0}
+        for index in range(args.rounds):
+            first, second = (accept, update) if index % 2 == 0 else (update, accept)
+            spent = {first: batch(first), second: batch(second)}
+            ratios.append(spent[accept] / spent[update])
+            for kind in totals:
+                totals[kind] += spent[kind] / args.rounds
+        quartiles = statistics.quantiles(ratios, n=4)
+        print(
+            f"{args.rounds} rounds of {args.calls}: accept {totals[accept]:.1f} us, update "
+            f"{totals[update]:.1f} us per statement; ratio {totals[accept] / totals[update]:.3f} "
+            f"(per round: quartiles {quartiles[0]:.2f} / {quartiles[1]:.2f} / {quartiles[2]:.2f})",
+            flush=True,
+        )
+
+
+if __name__ == "__main__":
+    sys.exit(main())
