@@ -1,0 +1,263 @@
+"""Server cost of an accepted Verify against a Health/Check, in instructions or CPU µs per call.
+
+    .venv/bin/python bench/verify_instructions.py [--users N --rounds R --threads T]
+        [--callgrind DIR] [--database-url URL]
+
+Repeatable where calls/s are not: under `--callgrind DIR` the server runs in valgrind's
+callgrind, which counts the instructions every thread of the process executes whatever
+else runs on the machine. Without it the server runs natively and the CPU it used is
+read from /proc (ns precision, every thread), as bench/suite.py does.
+
+On a fresh schema (dropped at the end): N x R users enrolled in the authenticator app
+through the use cases in this process (the server's keyring, a clock an hour behind, so
+their last accepted step is old), then `twofactor serve` started as a child process
+(whatever `twofactor_server` the interpreter imports: PYTHONPATH picks another tree).
+Every user verifies once with the current step's code (unmeasured: it fills the
+server's cache of sealed secrets, as a user's first Verify in a process does), then R
+rounds of N Health/Check calls and N accepted Verify calls of that round's users, with
+the next step's code (always newer than the warm-up's), from T client threads. Each
+phase's figure is the server's (instructions or CPU µs) divided by its calls; a wrong
+answer or an RPC error stops the run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import hashlib
+import os
+import re
+import secrets
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import grpc
+import psycopg
+import pyotp
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from loadgen import ServerProcess, wait_serving
+from twofactor.v1 import twofactor_service_pb2 as pb
+from twofactor.v1 import twofactor_service_pb2_grpc as pb_grpc
+
+from twofactor_server.domain import totp
+from twofactor_server.domain.keyring import Keyring
+from twofactor_server.domain.models import Caller
+from twofactor_server.settings import PolicySettings
+from twofactor_server.storage.database import PostgresDatabase
+from twofactor_server.usecases.backup_codes import BackupCodes
+from twofactor_server.usecases.challenges import Challenges
+from twofactor_server.usecases.enrollment import Enrollment
+from twofactor_server.usecases.notices import Notices
+
+ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_DATABASE_URL = "postgresql://postgres@127.0.0.1:5432/postgres"
+CALLER = Caller(actor="bench", request_id="bench")
+
+
+class NoDispatch:
+    def dispatch(self, challenge_id: str) -> None:
+        raise AssertionError("the bench sends no email or SMS")
+
+
+def enroll(url: str, keyring: Keyring, user_ids: list[str]) -> dict[str, pyotp.HOTP]:
+    """Enroll through the use cases, an hour in the past: the users' last step is far behind."""
+    db = PostgresDatabase(url, pool_size=2)
+    try:
+        db.migrate()
+        policy = PolicySettings()
+
+        def clock() -> float:
+            return time.time() - 3600
+
+        challenges = Challenges(db, keyring, policy, NoDispatch(), clock)
+        notices = Notices(db, keyring, policy, NoDispatch(), clock)
+        backup_codes = BackupCodes(db, keyring, policy, notices, clock)
+        enrollment = Enrollment(db, keyring, policy, challenges, backup_codes, notices, clock)
+        hotps = {}
+        for user_id in user_ids:
+            setup = enrollment.start_enrollment(
+                user_id, "authenticator", account_name="", locale="", verification_token="", caller=CALLER
+            ).authenticator
+            assert setup is not None
+            hotp = pyotp.HOTP(setup.secret_base32)
+            code = hotp.at(totp.time_step(clock()))
+            assert enrollment.confirm_enrollment(user_id, "authenticator", code, caller=CALLER).confirmed
+            hotps[user_id] = hotp
+        return hotps
+    finally:
+        db.close()
+
+
+class Calls:
+    def __init__(self, target: str, token: str, threads: int) -> None:
+        self._channels = [grpc.insecure_channel(target) for _ in range(threads)]
+        self._verify = [pb_grpc.TwoFactorServiceStub(c) for c in self._channels]
+        self._health = [health_pb2_grpc.HealthStub(c) for c in self._channels]
+        self._metadata = (("authorization", f"Bearer {token}"),)
+        self._pool = concurrent.futures.ThreadPoolExecutor(threads)
+        self._threads = threads
+
+    def health(self, calls: int) -> None:
+        def run(index: int) -> None:
+            stub = self._health[index]
+            for _ in range(index, calls, self._threads):
+                reply = stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=30)
+                assert reply.status == health_pb2.HealthCheckResponse.SERVING
+
+        list(self._pool.map(run, range(self._threads)))
+
+    def verify(self, users: list[tuple[str, pyotp.HOTP]], step_offset: int) -> None:
+        def run(index: int) -> None:
+            stub = self._verify[index]
+            for user_id, hotp in users[index :: self._threads]:
+                code = hotp.at(totp.time_step(time.time()) + step_offset)
+                reply = stub.Verify(
+                    pb.VerifyRequest(user_id=user_id, code=code), metadata=self._metadata, timeout=30
+                )
+                if reply.result != pb.VERIFY_RESULT_ACCEPTED:
+                    raise RuntimeError(f"{user_id}: {pb.VerifyResult.Name(reply.result)}")
+
+        list(self._pool.map(run, range(self._threads)))
+
+    def close(self) -> None:
+        self._pool.shutdown()
+        for channel in self._channels:
+            channel.close()
+
+
+def cpu_ns(pid: int) -> int:
+    """On-CPU ns of every thread of `pid` (schedstat's first field)."""
+    total = 0
+    for task in os.listdir(f"/proc/{pid}/task"):
+        try:
+            with open(f"/proc/{pid}/task/{task}/schedstat") as f:
+                total += int(f.read().split()[0])
+        except (FileNotFoundError, ProcessLookupError):
+            pass  # a thread that ended: its time is lost either way, for both phases alike
+    return total
+
+
+class Callgrind:
+    def __init__(self, pid: int, directory: Path) -> None:
+        self._pid = pid
+        self._directory = directory
+        self._dumps = 0
+
+    def zero(self) -> None:
+        subprocess.run(["callgrind_control", "--zero", str(self._pid)], check=True, capture_output=True)
+
+    def dump(self, name: str) -> int:
+        """Dump the counts since zero(); return the instructions (Ir) of the dump."""
+        before = set(self._directory.glob("callgrind.out.*"))
+        subprocess.run(
+            ["callgrind_control", f"--dump={name}", str(self._pid)], check=True, capture_output=True
+        )
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            new = set(self._directory.glob("callgrind.out.*")) - before
+            for path in new:
+                text = path.read_text(errors="replace")
+                found = re.search(r"^totals: (\d+)", text, re.M) or re.search(r"^summary: (\d+)", text, re.M)
+                if found:
+                    target = self._directory / f"{self._dumps:02d}-{name}.callgrind"
+                    path.rename(target)
+                    self._dumps += 1
+                    return int(found.group(1))
+            time.sleep(0.2)
+        raise RuntimeError("callgrind wrote no dump")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--users", type=int, default=300, help="users (and Health/Check calls) per round")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=2, help="client threads")
+    parser.add_argument("--callgrind", type=Path, help="run the server in callgrind, dumps in this directory")
+    parser.add_argument("--database-url", default=DEFAULT_DATABASE_URL)
+    args = parser.parse_args(argv)
+    if not (1 <= args.users <= 5000 and 1 <= args.rounds <= 20 and 1 <= args.threads <= 32):
+        parser.error("need 1-5000 users, 1-20 rounds, 1-32 threads")
+
+    schema = f"tf_bench_{uuid.uuid4().hex[:12]}"
+    url = f"{args.database_url}?options=-csearch_path%3D{schema}"
+    spec = Keyring.new_key_spec(1)
+    token = "bench-" + secrets.token_urlsafe(24)
+    import twofactor_server
+
+    print(f"twofactor_server from {Path(twofactor_server.__file__).parent}", flush=True)
+    with psycopg.connect(args.database_url, autocommit=True) as conn:
+        conn.execute(f'CREATE SCHEMA "{schema}"')
+    try:
+        run_id = uuid.uuid4().hex[:8]
+        ids = [f"bench-{run_id}-{i:05d}" for i in range(args.users * args.rounds)]
+        hotps = enroll(url, Keyring.parse(spec), ids)
+        users = list(hotps.items())
+        env = {
+            **{k: v for k, v in os.environ.items() if not k.startswith("TWOFACTOR_")},
+            "TWOFACTOR_DATABASE_URL": url,
+            "TWOFACTOR_KEYS": spec,
+            "TWOFACTOR_TOKENS": f"bench:app:{hashlib.sha256(token.encode()).hexdigest()}",
+            "TWOFACTOR_LISTEN": "127.0.0.1:0",
+            "TWOFACTOR_LOG_LEVEL": "WARNING",
+            "TWOFACTOR_ALLOW_CONSOLE_DELIVERY": "true",
+        }
+        command = [sys.executable, "-m", "twofactor_server.cli", "serve"]
+        if args.callgrind:
+            env["TWOFACTOR_STORAGE_TIMEOUT_SECONDS"] = "60"  # ~50 times slower in valgrind
+            args.callgrind.mkdir(parents=True, exist_ok=True)
+            command = [
+                "valgrind",
+                "--tool=callgrind",
+                f"--callgrind-out-file={args.callgrind}/callgrind.out.%p",
+                *command,
+            ]
+        server = ServerProcess(command, env, cwd=str(ROOT))
+        try:
+            target = f"127.0.0.1:{server.wait_listening(timeout=600)}"
+            wait_serving(target, timeout=300)
+            calls = Calls(target, token, args.threads)
+            calls.health(args.users)
+            calls.verify(users, step_offset=0)  # the cache of sealed secrets filled
+            meter = Callgrind(server.pid, args.callgrind) if args.callgrind else None
+            figures: dict[str, list[float]] = {"health": [], "verify": []}
+            unit = "instructions" if meter else "CPU µs"
+            for number in range(args.rounds):
+                mine = users[number * args.users : (number + 1) * args.users]
+                for kind, action in (
+                    ("health", lambda: calls.health(args.users)),
+                    ("verify", lambda mine=mine: calls.verify(mine, step_offset=1)),
+                ):
+                    if meter:
+                        meter.zero()
+                        action()
+                        per_call = meter.dump(f"r{number + 1}-{kind}") / args.users
+                    else:
+                        before = cpu_ns(server.pid)
+                        action()
+                        per_call = (cpu_ns(server.pid) - before) / 1000 / args.users
+                    figures[kind].append(per_call)
+                    print(f"round {number + 1} {kind:<7} {per_call:12,.0f} {unit} per call", flush=True)
+            calls.close()
+            health, verify = (statistics.median(figures[k]) for k in ("health", "verify"))
+            print(
+                f"median of {args.rounds}: Health/Check {health:,.0f}, accepted Verify {verify:,.0f} "
+                f"{unit} per call; ratio {verify / health:.2f}",
+                flush=True,
+            )
+        finally:
+            server.stop(timeout=120)
+    finally:
+        with psycopg.connect(args.database_url, autocommit=True) as conn:
+            conn.execute(f'DROP SCHEMA "{schema}" CASCADE')
+    if args.callgrind and shutil.which("callgrind_annotate"):
+        print(f"per-function counts: callgrind_annotate {args.callgrind}/NN-rK-verify.callgrind")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
