@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import base64
+
 import pytest
 
 from twofactor_server.domain.keyring import Keyring, KeyringError, KeyVersionMissing, version_of
@@ -62,6 +64,22 @@ def test_keyed_hash_depends_on_key_purpose_and_data() -> None:
     assert not keyring.matches(stored, b"123457", purpose="challenge_code")
     assert not keyring.matches(stored, b"123456", purpose="backup_code")
     assert not Keyring.parse(Keyring.new_key_spec(1)).matches(stored, b"123456", purpose="challenge_code")
+
+
+@pytest.mark.parametrize(
+    ("data", "purpose", "expected"),
+    [
+        (b"k7m2q-x9p4w", "backup_code", "424bda65b9e14325c26e48bca1b6fa0e31fe7930c5ff1d0d9c78ee2799cc5b58"),
+        (b"", "step_up", "8eff482663072f187277876f94d17383bac59e0f7bcd27294dc234f6a84fbf93"),
+        (b"x" * 200, "challenge_code", "4644e194a00199c4a218cbeecbfacee76146a97c2e11e00a592ffd1d2832c3f1"),
+    ],
+)
+def test_keyed_hashes_are_the_bytes_earlier_releases_stored(data: bytes, purpose: str, expected: str) -> None:
+    # Backup-code and sent-code hashes are stored: any change to how a keyed hash is made
+    # (the pepper's derivation, the purpose prefix, the MAC) would stop them matching.
+    keyring = Keyring.parse("7:" + base64.b64encode(bytes(range(32))).decode())
+    assert keyring.keyed_hash(data, purpose=purpose) == bytes.fromhex("00000007" + expected)
+    assert keyring.matches(bytes.fromhex("00000007" + expected), data, purpose=purpose)
 
 
 KEY_1 = Keyring.new_key_spec(1)

@@ -7,7 +7,7 @@ from urllib.parse import parse_qs, urlparse
 
 import pyotp
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from twofactor_server.domain import totp
@@ -35,6 +35,23 @@ def test_six_digit_code_matches_an_independent_implementation() -> None:
     reference = pyotp.TOTP(base64.b32encode(secret).decode())
     for t in (0, 29, 30, 1_700_000_000, 1_800_000_015):
         assert totp.code_at_step(secret, totp.time_step(t)) == reference.at(t)
+
+
+@settings(deadline=None, derandomize=True, database=None)  # the same examples on every run
+@given(
+    st.binary(min_size=20, max_size=100),
+    st.integers(min_value=30, max_value=2**40),
+    st.sampled_from([-1, 0, 1]),
+)
+def test_matching_finds_the_codes_of_an_independent_implementation(
+    secret: bytes, unix_time: int, offset: int
+) -> None:
+    # Keys longer than SHA-1's 64-byte block are hashed first (RFC 2104); pyotp is the reference.
+    reference = pyotp.HOTP(base64.b32encode(secret).decode())
+    step = totp.time_step(unix_time) + offset
+    found = totp.matching_step(secret, reference.at(step), unix_time)
+    assert found is not None
+    assert reference.at(found) == reference.at(step)  # another step of the window may share the code
 
 
 def test_accepts_one_step_of_drift_each_way_and_no_more() -> None:
