@@ -32,6 +32,10 @@ def sink() -> Iterator[SmtpSink]:
 
 @pytest.fixture
 def h(sink: SmtpSink, start_server: ServerFactory) -> Harness:
+    # The recorded texts are shared by every test of the process, and the [sqlite] and [postgres]
+    # runs of a test text the same numbers: without this, wait_for_text could return the other
+    # run's text (with its code) before this run's is delivered.
+    SharedRecordingSms.outbox.clear()
     return start_server(
         email_provider="smtp",
         smtp=sink.settings(),
