@@ -36,6 +36,9 @@ def serve_env(data_dir: Path, database_url: str, sink: SmtpSink, **variables: st
             "TWOFACTOR_SMTP_SECURITY": "none",
             "TWOFACTOR_SMTP_FROM": "twofactor@example.com",
             "TWOFACTOR_ALLOW_CONSOLE_DELIVERY": "true",  # SMS stays on the console provider
+            # As in tests/conftest.py's TEST_POLICY: the tests count the codes reaching the sink,
+            # and a notice (say, "a method was added" after ConfirmEnrollment) would race them.
+            "TWOFACTOR_NOTIFY_USERS": "false",
             **{f"TWOFACTOR_{k}": v for k, v in variables.items()},
         }
     )
