@@ -24,6 +24,7 @@ from twofactor_server.app import TwoFactorServer, create_server
 from twofactor_server.domain.keyring import Keyring
 from twofactor_server.observability.logs import ContextFilter, JsonFormatter
 from twofactor_server.settings import PolicySettings, Settings, TokenSetting
+from twofactor_server.storage.database import Database, open_database
 
 # The shared services the suite uses; the environment can point elsewhere (today's values are the defaults).
 POSTGRES_ADMIN_URL = os.environ.get(
@@ -185,6 +186,15 @@ def start_server(settings: Settings, clock: Clock) -> Iterator[ServerFactory]:
 @pytest.fixture
 def harness(start_server: ServerFactory) -> Harness:
     return start_server()
+
+
+@pytest.fixture
+def other_connection(settings: Settings) -> Iterator[Database]:
+    """A database connection of the test's own, as another process (`twofactor keys rotate`) has."""
+    db = open_database(settings.database_url, data_dir=settings.data_dir, timeout=30)
+    db.migrate()  # a no-op behind a server that migrated first
+    yield db
+    db.close()
 
 
 @pytest.fixture

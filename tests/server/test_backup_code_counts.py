@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterator
 
 import psycopg
 import pytest
@@ -20,7 +19,7 @@ from tests.server.helpers import AUTHENTICATOR, enroll_authenticator, totp_now, 
 from tests.server.stored_rows import query
 from twofactor_server.domain.keyring import Keyring
 from twofactor_server.settings import Settings
-from twofactor_server.storage.database import Database, open_database
+from twofactor_server.storage.database import Database
 from twofactor_server.usecases.key_rotation import KeyRotation
 
 ACCEPTED = pb.VERIFY_RESULT_ACCEPTED
@@ -49,14 +48,6 @@ def fast_verify(h: Harness, clock: Clock, user_id: str, secret: str) -> pb.Verif
     answer = verify(h, user_id, totp_now(secret, clock))
     assert answer.result == ACCEPTED
     return answer
-
-
-@pytest.fixture
-def other_connection(settings: Settings) -> Iterator[Database]:
-    db = open_database(settings.database_url, data_dir=settings.data_dir, timeout=30)
-    db.migrate()  # a no-op behind a server that migrated first
-    yield db
-    db.close()
 
 
 def test_the_count_is_right_after_every_writer_of_backup_codes(

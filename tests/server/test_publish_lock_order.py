@@ -12,9 +12,10 @@ from __future__ import annotations
 import time
 import uuid
 from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from threading import Barrier
+from typing import Any
 
 import psycopg
 import pytest
@@ -105,6 +106,23 @@ def wait_until(condition: Callable[[], bool], what: str) -> None:
         time.sleep(0.01)  # polling a condition, not a synchronization by time
 
 
+def wait_until_blocked_by(
+    monitor: psycopg.Connection[tuple[object, ...]], holder_pid: int, done: Future[Any], what: str
+) -> None:
+    """Until a session waits for a lock that session `holder_pid` holds (or `done` is, meaning
+    the work under test never waited: the caller's assertion then says so)."""
+
+    def blocked() -> bool:
+        rows = monitor.execute(
+            "SELECT 1 FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
+            "AND %s = ANY(pg_blocking_pids(pid))",
+            (holder_pid,),
+        ).fetchall()
+        return bool(rows) or done.done()
+
+    wait_until(blocked, what)
+
+
 @pytest.mark.parametrize("publish", PUBLISHES)
 def test_a_publish_waits_for_the_users_row_before_locking_any_of_their_codes(
     db: Database, postgres_url: str, publish: str
@@ -119,15 +137,7 @@ def test_a_publish_waits_for_the_users_row_before_locking_any_of_their_codes(
         holder.execute("SELECT 1 FROM users WHERE user_id = %s FOR UPDATE", (USER,))
         done = pool.submit(PUBLISHES[publish], db, newest)
 
-        def publish_waits_on_holder() -> bool:
-            rows = monitor.execute(
-                "SELECT 1 FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
-                "AND %s = ANY(pg_blocking_pids(pid))",
-                (holder_pid,),
-            ).fetchall()
-            return bool(rows) or done.done()
-
-        wait_until(publish_waits_on_holder, "the publish waits for the user's row")
+        wait_until_blocked_by(monitor, holder_pid, done, "the publish waits for the user's row")
         assert not done.done(), "the publish went ahead without the user's row lock"
         # While it waits it holds none of the user's codes: NOWAIT would fail on a locked one.
         with monitor.transaction():
@@ -192,15 +202,7 @@ def test_a_sender_waits_for_the_users_row_before_it_locks_the_destination(
         holder.execute("SELECT 1 FROM users WHERE user_id = %s FOR UPDATE", (USER,))
         done = pool.submit(send)
 
-        def sender_waits_on_holder() -> bool:
-            rows = monitor.execute(
-                "SELECT 1 FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
-                "AND %s = ANY(pg_blocking_pids(pid))",
-                (holder_pid,),
-            ).fetchall()
-            return bool(rows) or done.done()
-
-        wait_until(sender_waits_on_holder, "the sender waits for the user's row")
+        wait_until_blocked_by(monitor, holder_pid, done, "the sender waits for the user's row")
         assert not done.done(), "the sender went ahead without the user's row lock"
         assert address_is_free(monitor), "the sender locked the address before the user's row"
         holder.rollback()

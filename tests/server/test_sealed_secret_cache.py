@@ -6,7 +6,6 @@ secret that is no longer the enabled one, and it reads the user afresh)."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from dataclasses import replace
 
 import grpc
@@ -46,15 +45,6 @@ CALLER = Caller(actor="test", request_id="test")
 class NoDispatch:
     def dispatch(self, challenge_id: str) -> None:
         raise AssertionError("nothing is sent in these tests")
-
-
-@pytest.fixture
-def other_connection(settings: Settings) -> Iterator[Database]:
-    """A database connection of the test's own, as another process (`twofactor keys rotate`) has."""
-    db = open_database(settings.database_url, data_dir=settings.data_dir, timeout=30)
-    db.migrate()  # a no-op behind a server that migrated first
-    yield db
-    db.close()
 
 
 def test_an_admin_reset_by_another_server_leaves_no_cached_secret_to_accept(
