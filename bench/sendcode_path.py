@@ -30,13 +30,12 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
-from typing import Any
+from collections.abc import Callable
 
 import psycopg
 import redis
 from loadgen import CpuMeter
+from verify_path import CountingDatabase
 
 from twofactor_server.delivery.dispatch import CeleryDispatcher
 from twofactor_server.delivery.task_queue import deliver_message
@@ -50,48 +49,6 @@ from twofactor_server.usecases.challenges import Challenges, challenge_data
 DEFAULT_DATABASE_URL = "postgresql://postgres@127.0.0.1:5432/postgres"
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
 CALLER = Caller(actor="bench", request_id="bench")
-
-
-class CountingDatabase:
-    """Wraps the real database and counts the statements and transactions of the calls."""
-
-    def __init__(self, db: PostgresDatabase) -> None:
-        self._db = db
-        self.dialect = db.dialect
-        self.unavailable = db.unavailable
-        self.statements_run = 0
-        self.transactions = 0
-
-    @contextmanager
-    def transaction(self) -> Iterator[Any]:
-        self.transactions += 1
-        with self._db.transaction() as tx:
-            yield _Counting(tx, self)
-
-    @contextmanager
-    def statements(self) -> Iterator[Any]:
-        with self._db.statements() as tx:
-            yield _Counting(tx, self)
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._db, name)
-
-
-class _Counting:
-    def __init__(self, tx: Any, owner: CountingDatabase) -> None:
-        self._tx = tx
-        self._owner = owner
-
-    def __getattr__(self, name: str) -> Any:
-        attribute = getattr(self._tx, name)
-        if name not in ("execute", "one", "all"):
-            return attribute
-
-        def counted(*args: Any, **kwargs: Any) -> Any:
-            self._owner.statements_run += 1
-            return attribute(*args, **kwargs)
-
-        return counted
 
 
 def make_users(db: PostgresDatabase, run: str, count: int) -> list[str]:
@@ -214,9 +171,9 @@ def run_bench(
 
     for index in range(50):  # warm up: the pool's connections, prepared statements
         send(index)
-    counting.statements_run = counting.transactions = 0
+    counting.count = counting.transactions = 0
     print(f"Challenges.send_code, 1 thread:   {timed(meter, args.calls, send)}")
-    statements = counting.statements_run / args.calls
+    statements = counting.count / args.calls
     transactions = counting.transactions / args.calls
     print(
         f"  per call: {statements:.1f} statements in {transactions:.1f} transactions "

@@ -88,6 +88,9 @@ class CountingDatabase:
         with self._db.statements() as tx:
             yield _CountingTransaction(tx, self)
 
+    def __getattr__(self, name: str) -> Any:  # everything else (unavailable, ping...) as the real one
+        return getattr(self._db, name)
+
 
 class _CountingTransaction:
     def __init__(self, tx: Any, owner: CountingDatabase) -> None:
