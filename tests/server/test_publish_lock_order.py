@@ -13,6 +13,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path
 from threading import Barrier
 from typing import Any
@@ -24,6 +25,7 @@ from twofactor_server.storage import outbox, store
 from twofactor_server.storage.database import Database, open_database
 from twofactor_server.storage.records import ChallengeRecord, NewChallenge
 
+Connection = psycopg.Connection[tuple[object, ...]]
 WAIT_LIMIT = 30.0  # seconds; every wait below is for a condition, bounded by this
 USER = "pia"
 T0 = 1_800_000_000_000
@@ -106,28 +108,13 @@ def wait_until(condition: Callable[[], bool], what: str) -> None:
         time.sleep(0.01)  # polling a condition, not a synchronization by time
 
 
-def wait_until_blocked_by(
-    monitor: psycopg.Connection[tuple[object, ...]], holder_pid: int, done: Future[Any], what: str
-) -> None:
-    """Until a session waits for a lock that session `holder_pid` holds (or `done` is, meaning
-    the work under test never waited: the caller's assertion then says so)."""
-
-    def blocked() -> bool:
-        rows = monitor.execute(
-            "SELECT 1 FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
-            "AND %s = ANY(pg_blocking_pids(pid))",
-            (holder_pid,),
-        ).fetchall()
-        return bool(rows) or done.done()
-
-    wait_until(blocked, what)
-
-
-@pytest.mark.parametrize("publish", PUBLISHES)
-def test_a_publish_waits_for_the_users_row_before_locking_any_of_their_codes(
-    db: Database, postgres_url: str, publish: str
-) -> None:
-    older, newest = insert_codes(db, 2)
+@contextmanager
+def waiting_for_the_users_row(
+    postgres_url: str, work: Callable[[], object], who: str
+) -> Iterator[tuple[Connection, Connection, Future[Any]]]:
+    """`work` started on a thread while a connection of the test's own holds USER's row lock,
+    and seen waiting for it: yields that holder (roll it back to let the work go on), a monitor
+    connection (autocommit) and the work's future."""
     with (
         psycopg.connect(postgres_url) as holder,
         psycopg.connect(postgres_url, autocommit=True) as monitor,
@@ -135,10 +122,31 @@ def test_a_publish_waits_for_the_users_row_before_locking_any_of_their_codes(
     ):
         holder_pid = holder.execute("SELECT pg_backend_pid()").fetchone()[0]  # type: ignore[index]
         holder.execute("SELECT 1 FROM users WHERE user_id = %s FOR UPDATE", (USER,))
-        done = pool.submit(PUBLISHES[publish], db, newest)
+        done = pool.submit(work)
 
-        wait_until_blocked_by(monitor, holder_pid, done, "the publish waits for the user's row")
-        assert not done.done(), "the publish went ahead without the user's row lock"
+        def blocked() -> bool:  # or done: the work never waited, and the assertion below says so
+            rows = monitor.execute(
+                "SELECT 1 FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
+                "AND %s = ANY(pg_blocking_pids(pid))",
+                (holder_pid,),
+            ).fetchall()
+            return bool(rows) or done.done()
+
+        wait_until(blocked, f"{who} waits for the user's row")
+        assert not done.done(), f"{who} went ahead without the user's row lock"
+        yield holder, monitor, done
+
+
+@pytest.mark.parametrize("publish", PUBLISHES)
+def test_a_publish_waits_for_the_users_row_before_locking_any_of_their_codes(
+    db: Database, postgres_url: str, publish: str
+) -> None:
+    older, newest = insert_codes(db, 2)
+    with waiting_for_the_users_row(postgres_url, lambda: PUBLISHES[publish](db, newest), "the publish") as (
+        holder,
+        monitor,
+        done,
+    ):
         # While it waits it holds none of the user's codes: NOWAIT would fail on a locked one.
         with monitor.transaction():
             locked = monitor.execute(
@@ -185,7 +193,7 @@ def test_a_sender_waits_for_the_users_row_before_it_locks_the_destination(
             release.wait(timeout=WAIT_LIMIT)
             return locked[1]
 
-    def address_is_free(monitor: psycopg.Connection[tuple[object, ...]]) -> bool:
+    def address_is_free(monitor: Connection) -> bool:
         with monitor.transaction():
             row = monitor.execute(
                 "SELECT pg_try_advisory_xact_lock(%s, hashtext(%s))",
@@ -193,17 +201,7 @@ def test_a_sender_waits_for_the_users_row_before_it_locks_the_destination(
             ).fetchone()
         return bool(row and row[0])
 
-    with (
-        psycopg.connect(postgres_url) as holder,
-        psycopg.connect(postgres_url, autocommit=True) as monitor,
-        ThreadPoolExecutor(max_workers=1) as pool,
-    ):
-        holder_pid = holder.execute("SELECT pg_backend_pid()").fetchone()[0]  # type: ignore[index]
-        holder.execute("SELECT 1 FROM users WHERE user_id = %s FOR UPDATE", (USER,))
-        done = pool.submit(send)
-
-        wait_until_blocked_by(monitor, holder_pid, done, "the sender waits for the user's row")
-        assert not done.done(), "the sender went ahead without the user's row lock"
+    with waiting_for_the_users_row(postgres_url, send, "the sender") as (holder, monitor, done):
         assert address_is_free(monitor), "the sender locked the address before the user's row"
         holder.rollback()
         release.wait(timeout=WAIT_LIMIT)  # the sender has the row now, inside its transaction
