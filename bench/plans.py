@@ -114,11 +114,12 @@ class _ExplainingTransaction:
 
     def __getattr__(self, name: str) -> Any:
         attribute = getattr(self._tx, name)
-        if name not in ("execute", "one", "all"):
+        if name not in ("execute", "one", "all", "hot_row"):
             return attribute
 
-        def explained(statement: str, params: Any = None) -> Any:
-            self._recorder.explain(self._tx._cursor.connection, statement, params)  # under the hood
+        def explained(statement: Any, params: Any = None) -> Any:
+            text = statement if isinstance(statement, str) else statement.sql  # a HotStatement's SQL
+            self._recorder.explain(self._tx._cursor.connection, text, params)  # under the hood
             return attribute(statement, params)
 
         return explained

@@ -15,7 +15,7 @@ from __future__ import annotations
 from dataclasses import asdict
 from functools import lru_cache
 
-from twofactor_server.storage.database import Transaction
+from twofactor_server.storage.database import HotStatement, Transaction
 from twofactor_server.storage.records import AcceptedStep, NewAuditEvent, VerifySnapshot
 from twofactor_server.storage.store import add_audit_event
 
@@ -46,6 +46,30 @@ _ACCEPT_UNLOCKED_POSTGRES = (
     f"AND v.secret_version = %(version)s {_NEWER_STEP}{_UNLOCKED}"
 )
 _ACCEPT_UNLOCKED_SQLITE = f"{_SET_ACCEPTED}WHERE user_id = %(u)s {_NEWER_STEP}{_SAME_METHODS}{_UNLOCKED}"
+
+
+def _audited(accepting: str) -> str:
+    """An accepting UPDATE (returning backup_left and credential_epoch) that writes its audit
+    event in the same statement, a data-modifying CTE: only when it accepted."""
+    return (  # the f-string part is fixed SQL text; every value is a bound parameter
+        f"WITH accepted AS ({accepting}), "  # noqa: S608
+        "logged AS (INSERT INTO audit_events (at, actor, user_id, action, request_id, outcome, detail) "
+        "SELECT %(at)s, %(actor)s, %(u)s, %(action)s, %(request_id)s, %(outcome)s, %(detail)s "
+        "FROM accepted) SELECT backup_left, credential_epoch FROM accepted"
+    )
+
+
+def _audit_params(audit: NewAuditEvent) -> dict[str, object]:
+    return {k: v for k, v in asdict(audit).items() if k != "user_id"}  # the statement's %(u)s is the user
+
+
+_ACCEPTING_UNLOCKED_POSTGRES = (
+    f"{_ACCEPT_UNLOCKED_POSTGRES}RETURNING v.backup_codes_unused AS backup_left, credential_epoch"
+)
+_ACCEPT_UNLOCKED_HOT = HotStatement("twofactor_accept_unlocked", _ACCEPTING_UNLOCKED_POSTGRES)
+_ACCEPT_UNLOCKED_AUDITED_HOT = HotStatement(
+    "twofactor_accept_unlocked_audited", _audited(_ACCEPTING_UNLOCKED_POSTGRES)
+)
 
 
 def verify_snapshot(tx: Transaction, user_id: str) -> VerifySnapshot | None:
@@ -198,9 +222,12 @@ def accept_totp_step_unlocked(
         "version": secret_version,
         "max_failures": unlocked_below,
     }
-    if tx.dialect == "postgres":
-        returning = "RETURNING v.backup_codes_unused AS backup_left, "
-        return _accepted(tx, _ACCEPT_UNLOCKED_POSTGRES, params, audit, returning)
+    if tx.dialect == "postgres":  # the one statement of the common login: run as a HotStatement
+        if audit is None:
+            row = tx.hot_row(_ACCEPT_UNLOCKED_HOT, params)
+        else:
+            row = tx.hot_row(_ACCEPT_UNLOCKED_AUDITED_HOT, {**params, **_audit_params(audit)})
+        return None if row is None else AcceptedStep(*row)
     return _accepted(tx, _ACCEPT_UNLOCKED_SQLITE, params, audit, f"RETURNING {_BACKUP_LEFT} AS backup_left, ")
 
 
@@ -209,13 +236,7 @@ def _accepted(
 ) -> AcceptedStep | None:
     """Run an accepting UPDATE (with its audit event) and read what it returns."""
     if audit is not None and tx.dialect == "postgres":
-        row = tx.one(  # the f-string parts are fixed SQL text; every value is a bound parameter
-            f"WITH accepted AS ({update}{returning}credential_epoch), "  # noqa: S608
-            "logged AS (INSERT INTO audit_events (at, actor, user_id, action, request_id, outcome, detail) "
-            "SELECT %(at)s, %(actor)s, %(u)s, %(action)s, %(request_id)s, %(outcome)s, %(detail)s "
-            "FROM accepted) SELECT backup_left, credential_epoch FROM accepted",
-            {**params, **{k: v for k, v in asdict(audit).items() if k != "user_id"}},
-        )
+        row = tx.one(_audited(f"{update}{returning}credential_epoch"), {**params, **_audit_params(audit)})
     else:
         row = tx.one(f"{update}{returning}credential_epoch", params)
         if row is not None and audit is not None:

@@ -19,18 +19,19 @@ import sqlite3
 import threading
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
 from time import monotonic
 from typing import Any, NoReturn, Protocol
 
 import psycopg
-from psycopg.pq import TransactionStatus
+from psycopg.pq import ConnStatus, DiagnosticField, ExecStatus, TransactionStatus
 from psycopg.rows import dict_row
 from psycopg_pool import ConnectionPool, PoolTimeout
 
 from twofactor_server.domain.errors import StorageUnavailable
-from twofactor_server.storage.deadlines import Watchdog
+from twofactor_server.storage.deadlines import Watch, Watchdog
 from twofactor_server.storage.migrator import apply_migrations
 from twofactor_server.storage.migrator import migrations as migrations  # re-exported
 
@@ -40,6 +41,35 @@ Row = dict[str, Any]
 Params = Mapping[str, Any]
 _MIGRATION_LOCK_ID = 0x2FAC7  # pg_advisory_lock key shared by every twofactor server
 _START_UP_SECONDS = 10.0  # how long start-up waits for its first connection
+
+
+_INT8_OID = 20
+_NO_SUCH_PREPARED_STATEMENT = b"26000"  # invalid_sql_statement_name
+
+
+@dataclass(frozen=True)
+class HotStatement:
+    """A statement on the hottest path (the accepted Verify), run without psycopg's cursor:
+    prepared by name once per connection, its parameters sent as text, its one row read as
+    integers. Through Cursor.execute a statement costs the server ~130,000 instructions of
+    Python (query conversion, parameter dumping, the row maker) against ~20,000 this way
+    (docs/benchmarks.md). Written with the same `%(name)s` placeholders as every statement."""
+
+    name: str  # the prepared statement's name on each connection; unique per statement
+    sql: str
+    param_names: tuple[str, ...] = field(init=False)
+    postgres_sql: bytes = field(init=False)
+
+    def __post_init__(self) -> None:
+        names: list[str] = []
+
+        def positional(match: re.Match[str]) -> str:
+            if match[1] not in names:
+                names.append(match[1])
+            return f"${names.index(match[1]) + 1}"
+
+        object.__setattr__(self, "postgres_sql", re.sub(r"%\((\w+)\)s", positional, self.sql).encode())
+        object.__setattr__(self, "param_names", tuple(names))
 
 
 class Transaction(Protocol):
@@ -54,6 +84,10 @@ class Transaction(Protocol):
     def one(self, sql: str, params: Params | None = None) -> Row | None: ...
 
     def all(self, sql: str, params: Params | None = None) -> list[Row]: ...
+
+    def hot_row(self, statement: HotStatement, params: Params) -> tuple[int, ...] | None:
+        """Run a HotStatement (parameters: str, int or None); its first row's values, integers
+        and never NULL, or None when it returns no row."""
 
     def after_commit(self, action: Callable[[], None]) -> None:
         """Run `action` once the transaction has committed and its connection is back in the
@@ -85,6 +119,7 @@ class _Connection(psycopg.Connection[Row]):
     cursor per statement (what Connection.execute makes) costs about 20 µs of Python."""
 
     statement_cursor: psycopg.Cursor[Row] | None = None
+    hot_prepared: frozenset[str] = frozenset()  # the HotStatements prepared on this connection
 
 
 class PostgresDatabase:
@@ -129,38 +164,39 @@ class PostgresDatabase:
                 self._unavailable(error)
         tx.run_committed_actions()
 
-    @contextmanager
-    def statements(self) -> Iterator[_PostgresTransaction]:
-        with self._connection() as conn:
-            try:
-                tx = _PostgresTransaction(conn)
-                yield tx
-            except psycopg.OperationalError as error:
-                self._unavailable(error)
-        tx.run_committed_actions()
+    def statements(self) -> _Statements:
+        return _Statements(self)
 
     @contextmanager
     def _connection(self) -> Iterator[_Connection]:
+        conn, watch = self._checkout()
+        try:
+            yield conn
+        finally:
+            self._checkin(conn, watch)
+
+    def _checkout(self) -> tuple[_Connection, Watch]:
+        """A pooled connection, watched until its deadline: the unit of work's whole budget,
+        the wait for the connection included."""
         deadline = monotonic() + self._timeout
         try:
             conn = self._pool.getconn(timeout=self._timeout)
         except PoolTimeout as error:
             self._unavailable(error)
         try:
-            watch = self._watchdog.watch(conn.pgconn.socket, deadline)
+            return conn, self._watchdog.watch(conn.pgconn.socket, deadline)
         except psycopg.OperationalError as error:  # lost while idle in the pool
             conn.close()
             self._pool.putconn(conn)
             self._unavailable(error)
-        try:
-            yield conn
-        finally:
-            missed = self._watchdog.release(watch)
-            if missed or conn.info.transaction_status != TransactionStatus.IDLE:
-                # Past its deadline its socket is shut down; mid-transaction its state is
-                # unknown. Either way it is closed, and the pool replaces it.
-                conn.close()
-            self._pool.putconn(conn)
+
+    def _checkin(self, conn: _Connection, watch: Watch) -> None:
+        missed = self._watchdog.release(watch)
+        if missed or conn.pgconn.transaction_status != TransactionStatus.IDLE:
+            # Past its deadline its socket is shut down; mid-transaction its state is
+            # unknown. Either way it is closed, and the pool replaces it.
+            conn.close()
+        self._pool.putconn(conn)
 
     def ping(self) -> None:
         """SELECT 1 on a connection of the probe's own (a busy pool is not an unreachable
@@ -239,14 +275,35 @@ class PostgresDatabase:
         _unavailable(error)
 
 
+class _Statements:
+    """statements() of PostgresDatabase, a plain context manager: every Verify pays for it, and
+    two generator-based ones (contextlib) cost more Python than the statement's own libpq call."""
+
+    __slots__ = ("_conn", "_db", "_tx", "_watch")
+
+    def __init__(self, db: PostgresDatabase) -> None:
+        self._db = db
+
+    def __enter__(self) -> _PostgresTransaction:
+        self._conn, self._watch = self._db._checkout()
+        self._tx = _PostgresTransaction(self._conn)
+        return self._tx
+
+    def __exit__(self, kind: type[BaseException] | None, error: BaseException | None, _: object) -> None:
+        self._db._checkin(self._conn, self._watch)
+        if isinstance(error, psycopg.OperationalError):
+            self._db._unavailable(error)
+        if error is None:
+            self._tx.run_committed_actions()
+
+
 class _CommitActions:
     """What both backends' transactions keep for after the commit (Transaction.after_commit)."""
 
-    def __init__(self) -> None:
-        self._committed_actions: list[Callable[[], None]] = []
+    _committed_actions: tuple[Callable[[], None], ...] = ()  # few, and mostly none
 
     def after_commit(self, action: Callable[[], None]) -> None:
-        self._committed_actions.append(action)
+        self._committed_actions = (*self._committed_actions, action)
 
     def run_committed_actions(self) -> None:
         """Called by the Database once the commit is done and the connection given back."""
@@ -259,11 +316,11 @@ class _PostgresTransaction(_CommitActions):
     row_lock = " FOR UPDATE"
 
     def __init__(self, conn: _Connection) -> None:
-        super().__init__()
         cursor = conn.statement_cursor
         if cursor is None:
             cursor = conn.statement_cursor = conn.cursor()
         self._cursor = cursor
+        self._conn = conn
 
     def execute(self, sql: str, params: Params | None = None) -> int:
         return self._cursor.execute(sql, params).rowcount
@@ -273,6 +330,55 @@ class _PostgresTransaction(_CommitActions):
 
     def all(self, sql: str, params: Params | None = None) -> list[Row]:
         return self._cursor.execute(sql, params).fetchall()
+
+    def hot_row(self, statement: HotStatement, params: Params) -> tuple[int, ...] | None:
+        conn = self._conn
+        pgconn = conn.pgconn
+        values = [_as_text(params[name]) for name in statement.param_names]
+        if pgconn.transaction_status != TransactionStatus.IDLE:
+            # Inside BEGIN, through the cursor: a failed statement can't be sent again there.
+            row = self.one(statement.sql, params)
+            return None if row is None else tuple(int(value) for value in row.values())
+        # libpq's blocking calls release the GIL and wait on the socket, so the deadline
+        # watchdog's shutdown wakes them as it wakes psycopg's own waits.
+        name = statement.name.encode()
+        if statement.name in conn.hot_prepared:
+            result = pgconn.exec_prepared(name, values)  # type: ignore[arg-type]  # None: NULL
+            if result.error_field(DiagnosticField.SQLSTATE) == _NO_SUCH_PREPARED_STATEMENT:
+                # psycopg's upkeep of its own prepared statements sends DEALLOCATE ALL after a
+                # ROLLBACK or a DROP on this connection, which drops ours too: prepare it again.
+                conn.hot_prepared = conn.hot_prepared - {statement.name}
+        if statement.name not in conn.hot_prepared:
+            # ints typed int8 (an INSERT ... SELECT can't infer them); text left for the server to infer
+            types = [_INT8_OID if isinstance(params[key], int) else 0 for key in statement.param_names]
+            _check(conn, pgconn.prepare(name, statement.postgres_sql, types), ExecStatus.COMMAND_OK)
+            conn.hot_prepared = conn.hot_prepared | {statement.name}
+            result = pgconn.exec_prepared(name, values)  # type: ignore[arg-type]
+        _check(conn, result, ExecStatus.TUPLES_OK)
+        if result.ntuples == 0:
+            return None
+        return tuple(int(result.get_value(0, column)) for column in range(result.nfields))  # type: ignore[arg-type]
+
+
+def _as_text(value: object) -> bytes | None:
+    if value is None:
+        return None
+    if isinstance(value, str):
+        return value.encode()
+    if isinstance(value, int) and not isinstance(value, bool):
+        return str(value).encode()
+    raise TypeError(f"a HotStatement parameter must be str, int or None, not {type(value).__name__}")
+
+
+def _check(conn: _Connection, result: psycopg.pq.abc.PGresult, expected: ExecStatus) -> None:
+    """Raise what psycopg's cursor would for a failed libpq call: OperationalError for a lost
+    connection, the SQLSTATE's class (DeadlockDetected, ...) for an error of the statement."""
+    if result.status == expected:
+        return
+    if conn.pgconn.status == ConnStatus.BAD:
+        message = conn.pgconn.error_message.decode(errors="replace").strip()
+        raise psycopg.OperationalError(message or "connection lost")
+    raise psycopg.errors.error_from_result(result, encoding=conn.info.encoding)
 
 
 class SqliteDatabase:
@@ -334,7 +440,6 @@ class _SqliteTransaction(_CommitActions):
     row_lock = ""  # BEGIN IMMEDIATE and the connection lock already serialize transactions
 
     def __init__(self, conn: sqlite3.Connection) -> None:
-        super().__init__()
         self._conn = conn
 
     def execute(self, sql: str, params: Params | None = None) -> int:
@@ -346,6 +451,12 @@ class _SqliteTransaction(_CommitActions):
 
     def all(self, sql: str, params: Params | None = None) -> list[Row]:
         return self._conn.execute(_to_sqlite(sql), params or {}).fetchall()
+
+    def hot_row(self, statement: HotStatement, params: Params) -> tuple[int, ...] | None:
+        for name in statement.param_names:
+            _as_text(params[name])  # the same parameters as on PostgreSQL, or the same TypeError
+        row = self.one(statement.sql, params)
+        return None if row is None else tuple(int(value) for value in row.values())
 
 
 # SQLite's primary result codes that a retry can fix: busy, locked, I/O error, disk

@@ -34,7 +34,10 @@ class Watchdog:
 
     def __init__(self, name: str) -> None:
         self._name = name
-        self._cond = threading.Condition()
+        # watch() and release() take the plain lock (a C call), not the Condition's Python methods:
+        # they run around every statement.
+        self._lock = threading.Lock()
+        self._cond = threading.Condition(self._lock)
         self._watched: set[Watch] = set()
         self._next_wake = float("inf")
         self._thread: threading.Thread | None = None
@@ -43,7 +46,7 @@ class Watchdog:
     def watch(self, fd: int, deadline: float) -> Watch:
         """Start watching the socket `fd`: it is shut down at `deadline` unless released before."""
         watch = Watch(fd, deadline)
-        with self._cond:
+        with self._lock:
             if self._thread is None and not self._closed:
                 self._thread = threading.Thread(target=self._run, name=f"{self._name}-deadlines", daemon=True)
                 self._thread.start()
@@ -54,7 +57,7 @@ class Watchdog:
 
     def release(self, watch: Watch) -> bool:
         """Stop watching; True when the deadline had passed (the socket is shut down: discard it)."""
-        with self._cond:
+        with self._lock:
             self._watched.discard(watch)
             return watch.expired
 

@@ -1,0 +1,163 @@
+"""HotStatement: the accepted Verify's one statement, run through libpq without psycopg's cursor.
+It must answer as the cursor would (rows, NULLs, a statement's error as its SQLSTATE's class, a
+lost connection as StorageUnavailable) on both backends, and keep every connection usable."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import psycopg
+import pytest
+
+from twofactor_server.domain.errors import StorageUnavailable
+from twofactor_server.storage.database import Database, HotStatement, PostgresDatabase, SqliteDatabase
+
+BUMP = HotStatement(
+    "test_bump",
+    "UPDATE counter SET n = n + %(by)s WHERE id = %(id)s AND CAST(%(note)s AS TEXT) IS NULL RETURNING n, id",
+)
+
+
+@pytest.fixture(params=["postgres", "sqlite"])
+def db(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Database]:
+    store: Database
+    if request.param == "postgres":
+        store = PostgresDatabase(request.getfixturevalue("postgres_url"), timeout=30.0)
+    else:
+        store = SqliteDatabase(tmp_path / "hot.sqlite3", timeout=5.0)
+    try:
+        with store.transaction() as tx:
+            tx.execute("CREATE TABLE counter (id INTEGER PRIMARY KEY, n INTEGER NOT NULL)")
+            tx.execute("INSERT INTO counter VALUES (1, 10), (2, 20)")
+        yield store
+    finally:
+        store.close()
+
+
+def test_placeholders_become_positional_parameters_once_per_name() -> None:
+    statement = HotStatement("x", "SELECT %(a)s::int + %(b)s::int + %(a)s::int")
+    assert statement.postgres_sql == b"SELECT $1::int + $2::int + $1::int"
+    assert statement.param_names == ("a", "b")
+
+
+def test_a_hot_statement_answers_as_the_cursor_does(db: Database) -> None:
+    with db.statements() as q:
+        assert q.hot_row(BUMP, {"by": 5, "id": 1, "note": None}) == (15, 1)
+        assert q.hot_row(BUMP, {"by": 5, "id": 1, "note": None}) == (20, 1)  # prepared: run again
+        assert q.hot_row(BUMP, {"by": 5, "id": 3, "note": None}) is None  # no row
+        assert q.hot_row(BUMP, {"by": 5, "id": 2, "note": "text"}) is None  # a text parameter
+        assert q.one("SELECT n FROM counter WHERE id = %(id)s", {"id": 1}) == {"n": 20}
+        with pytest.raises(TypeError):
+            q.hot_row(BUMP, {"by": True, "id": 1, "note": None})  # only str, int and None
+    with db.transaction() as tx:  # inside a transaction too, and rolled back with it
+        assert tx.hot_row(BUMP, {"by": 1, "id": 2, "note": None}) == (21, 2)
+
+
+def test_a_failed_hot_statement_raises_its_sqlstate_class_and_the_connection_stays_usable(
+    postgres_url: str,
+) -> None:
+    db = PostgresDatabase(postgres_url, timeout=30.0)
+    divide = HotStatement("test_divide", "SELECT 1 / %(d)s::int AS q")
+    try:
+        with pytest.raises(psycopg.errors.DivisionByZero), db.statements() as q:
+            q.hot_row(divide, {"d": 0})
+        with db.statements() as q:  # the same (only) connection, prepared already
+            assert q.hot_row(divide, {"d": 1}) == (1,)
+    finally:
+        db.close()
+
+
+def test_a_hot_statement_on_a_lost_connection_is_storage_unavailable_and_the_pool_recovers(
+    postgres_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    db = PostgresDatabase(postgres_url, pool_size=1, timeout=30.0)
+    pid = HotStatement("test_pid", "SELECT pg_backend_pid() + %(zero)s AS pid")
+    try:
+        with db.statements() as q:
+            (backend,) = q.hot_row(pid, {"zero": 0}) or (0,)
+        with psycopg.connect(postgres_url, autocommit=True) as other:
+            other.execute("SELECT pg_terminate_backend(%s)", (backend,))
+        with caplog.at_level(logging.WARNING), pytest.raises(StorageUnavailable), db.statements() as q:
+            q.hot_row(pid, {"zero": 0})
+        assert any(r.getMessage().startswith("storage unavailable: OperationalError") for r in caplog.records)
+        with db.statements() as q:  # a new connection: the statement is prepared on it again
+            (replacement,) = q.hot_row(pid, {"zero": 0}) or (0,)
+        assert replacement not in (0, backend)
+    finally:
+        db.close()
+
+
+def test_a_hot_statement_dropped_by_psycopgs_deallocate_all_is_prepared_again(postgres_url: str) -> None:
+    """psycopg sends DEALLOCATE ALL after a ROLLBACK on a connection where it prepared statements
+    of its own; ours go with them, and the next call prepares its statement again."""
+    db = PostgresDatabase(postgres_url, pool_size=1, timeout=30.0)
+    pid = HotStatement("test_pid_again", "SELECT pg_backend_pid() + %(zero)s AS pid")
+    try:
+        with db.statements() as q:
+            (backend,) = q.hot_row(pid, {"zero": 0}) or (0,)
+            for _ in range(6):  # past psycopg's prepare threshold: it prepares one of its own
+                q.one("SELECT 1 AS one")
+        with pytest.raises(ZeroDivisionError), db.transaction() as tx:
+            tx.one("SELECT 1 AS one")
+            raise ZeroDivisionError  # rolled back
+        with db.statements() as q:
+            assert q.all("SELECT name FROM pg_prepared_statements") == [], "DEALLOCATE ALL was sent"
+            assert q.hot_row(pid, {"zero": 0}) == (backend,)  # the same connection, prepared again
+            assert q.one(
+                "SELECT count(*) AS n FROM pg_prepared_statements WHERE name = 'test_pid_again'"
+            ) == {"n": 1}
+    finally:
+        db.close()
+
+
+def test_a_deadlock_in_a_hot_statement_is_a_retryable_conflict(
+    postgres_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """As through the cursor: the statement's DeadlockDetected is STORAGE_UNAVAILABLE, logged as a
+    conflict (test_storage_errors.py), not an outage. The hot UPDATE locks row 1, then waits for
+    row 2, which a transaction holds; that transaction then asks for row 1."""
+    db = PostgresDatabase(postgres_url, pool_size=1, timeout=60.0)
+    both = HotStatement("test_both", "UPDATE pair SET n = n + %(by)s WHERE id IN (1, 2) RETURNING n")
+    try:
+        with db.statements() as q:
+            q.execute("CREATE TABLE pair (id INT PRIMARY KEY, n INT NOT NULL)")
+            q.execute("INSERT INTO pair VALUES (1, 0), (2, 0)")
+            # The one pool connection finds the cycle (3 s after it starts waiting: the holder
+            # below is waiting too by then), the holder would only after a minute: the hot
+            # statement is the one PostgreSQL aborts.
+            q.execute("SET deadlock_timeout = '3s'")
+
+        def hot() -> None:
+            with db.statements() as q:
+                q.hot_row(both, {"by": 1})
+
+        with (
+            caplog.at_level(logging.WARNING),
+            psycopg.connect(postgres_url) as holder,
+            psycopg.connect(postgres_url, autocommit=True) as monitor,
+            ThreadPoolExecutor(max_workers=1) as pool,
+        ):
+            holder.execute("SET deadlock_timeout = '60s'")
+            holder.execute("SELECT id FROM pair WHERE id = 2 FOR UPDATE")
+            outcome = pool.submit(hot)
+            give_up = time.monotonic() + 30
+            while not monitor.execute(
+                "SELECT 1 FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND query LIKE 'UPDATE pair%'"
+            ).fetchone():
+                assert time.monotonic() < give_up, "the hot UPDATE never waited for row 2"
+                time.sleep(0.01)
+            holder.execute("SELECT id FROM pair WHERE id = 1 FOR UPDATE")  # the cycle; waits until aborted
+            holder.rollback()
+            error = outcome.exception(timeout=60)
+        assert isinstance(error, StorageUnavailable), error
+        assert isinstance(error.__cause__, psycopg.errors.DeadlockDetected)
+        lines = [r.getMessage() for r in caplog.records if r.name == "twofactor_server.storage.database"]
+        assert len(lines) == 1, lines
+        assert lines[0].startswith("storage conflict, answered UNAVAILABLE (retryable): DeadlockDetected")
+        assert not db.unavailable.is_set()
+    finally:
+        db.close()
