@@ -11,7 +11,8 @@ call of the server, PostgreSQL, the workers and the client processes:
 - enrollment: StartEnrollment(AUTHENTICATOR) + ConfirmEnrollment for N users;
 - Health/Check, Verify with a fresh correct code (accepted), Verify with a wrong
   code (rejected), in R rounds of S seconds (medians);
-- one committed single-row UPDATE from this process (the PostgreSQL floor);
+- one committed single-row UPDATE from this process (the PostgreSQL floor), back to back and
+  at the accepted-Verify rate over as many connections as the server's pool used;
 - SendCode(EMAIL) flood, then the delivery rate of the worker until the sink
   has every message (worker CPU per email, SMTP connections per email);
 - end-to-end latency SendCode -> SMTP acceptance, one message at a time.
