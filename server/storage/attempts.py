@@ -15,7 +15,8 @@ from __future__ import annotations
 from dataclasses import asdict
 from functools import lru_cache
 
-from twofactor_server.storage.database import HotStatement, Transaction
+from twofactor_server.storage.database import Transaction
+from twofactor_server.storage.hot_statements import HotStatement
 from twofactor_server.storage.records import AcceptedStep, NewAuditEvent, VerifySnapshot
 from twofactor_server.storage.store import add_audit_event
 

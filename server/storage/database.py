@@ -1,8 +1,8 @@
-"""Connections and transactions for the two backends, and schema migrations.
+"""Connections and transactions: the PostgreSQL backend, and open_database, which picks it or the
+embedded SQLite (sqlite.py) by the configured URL.
 
-SQL is written once, with psycopg's named placeholders `%(name)s`; the SQLite
-backend rewrites them to `:name`. Rows come back as dicts, which only the
-storage package reads (store.py turns them into records).
+SQL is written once, with psycopg's named placeholders `%(name)s`. Rows come back as dicts,
+which only the storage package reads (store.py turns them into records).
 
 This module owns the drivers' errors: the few that a retry can fix (connection
 lost or refused, pool or lock timeouts, serialization failures, I/O errors)
@@ -14,104 +14,32 @@ from __future__ import annotations
 
 import logging
 import math
-import re
-import sqlite3
 import threading
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
-from functools import lru_cache
 from pathlib import Path
 from time import monotonic
-from typing import Any, NoReturn, Protocol
+from typing import NoReturn
 
 import psycopg
-from psycopg.pq import ConnStatus, DiagnosticField, ExecStatus, TransactionStatus
+from psycopg.pq import TransactionStatus
 from psycopg.rows import dict_row
 from psycopg_pool import ConnectionPool, PoolTimeout
 
 from twofactor_server.domain.errors import StorageUnavailable
 from twofactor_server.storage.deadlines import Watch, Watchdog
+from twofactor_server.storage.hot_statements import HotStatement, check_params, run_prepared
 from twofactor_server.storage.migrator import apply_migrations
 from twofactor_server.storage.migrator import migrations as migrations  # re-exported
+from twofactor_server.storage.sqlite import SqliteDatabase as SqliteDatabase  # re-exported
+from twofactor_server.storage.units import CommitActions, Params, Row, raise_unavailable
+from twofactor_server.storage.units import Database as Database  # re-exported
+from twofactor_server.storage.units import Transaction as Transaction  # re-exported
 
 log = logging.getLogger(__name__)
 
-Row = dict[str, Any]
-Params = Mapping[str, Any]
 _MIGRATION_LOCK_ID = 0x2FAC7  # pg_advisory_lock key shared by every twofactor server
 _START_UP_SECONDS = 10.0  # how long start-up waits for its first connection
-
-
-_INT8_OID = 20
-_NO_SUCH_PREPARED_STATEMENT = b"26000"  # invalid_sql_statement_name
-
-
-@dataclass(frozen=True)
-class HotStatement:
-    """A statement on the hottest path (the accepted Verify), run without psycopg's cursor:
-    prepared by name once per connection, its parameters sent as text, its one row read as
-    integers. Through Cursor.execute a statement costs the server ~130,000 instructions of
-    Python (query conversion, parameter dumping, the row maker) against ~20,000 this way
-    (docs/benchmarks.md). Written with the same `%(name)s` placeholders as every statement."""
-
-    name: str  # the prepared statement's name on each connection; unique per statement
-    sql: str
-    param_names: tuple[str, ...] = field(init=False)
-    postgres_sql: bytes = field(init=False)
-
-    def __post_init__(self) -> None:
-        names: list[str] = []
-
-        def positional(match: re.Match[str]) -> str:
-            if match[1] not in names:
-                names.append(match[1])
-            return f"${names.index(match[1]) + 1}"
-
-        object.__setattr__(self, "postgres_sql", re.sub(r"%\((\w+)\)s", positional, self.sql).encode())
-        object.__setattr__(self, "param_names", tuple(names))
-
-
-class Transaction(Protocol):
-    dialect: str  # "postgres" | "sqlite"
-    # Appended to a SELECT to hold its rows until commit; empty where the
-    # whole transaction is already exclusive (SQLite).
-    row_lock: str
-
-    def execute(self, sql: str, params: Params | None = None) -> int:
-        """Run a statement; return the number of rows it touched."""
-
-    def one(self, sql: str, params: Params | None = None) -> Row | None: ...
-
-    def all(self, sql: str, params: Params | None = None) -> list[Row]: ...
-
-    def hot_row(self, statement: HotStatement, params: Params) -> tuple[int, ...] | None:
-        """Run a HotStatement (parameters: str, int or None); its first row's values, integers
-        and never NULL, or None when it returns no row."""
-
-    def after_commit(self, action: Callable[[], None]) -> None:
-        """Run `action` once the transaction has committed and its connection is back in the
-        pool (never on rollback): work that must not hold a connection, like publishing."""
-
-
-class Database(Protocol):
-    dialect: str  # "postgres" | "sqlite"
-    # Set whenever a call finds the storage unavailable, so the health probe looks at once.
-    unavailable: threading.Event
-
-    def transaction(self) -> Any:
-        """A context manager yielding a Transaction; commits on success, rolls back on error."""
-
-    def statements(self) -> Any:
-        """A context manager yielding a Transaction whose statements each commit on their own:
-        no BEGIN, no COMMIT, for hot paths whose single statements are atomic by themselves."""
-
-    def ping(self) -> None:
-        """One round trip to the database within the storage timeout; StorageUnavailable if not."""
-
-    def migrate(self) -> list[str]: ...
-
-    def close(self) -> None: ...
 
 
 class _Connection(psycopg.Connection[Row]):
@@ -272,7 +200,7 @@ class PostgresDatabase:
             )
             raise StorageUnavailable() from error
         self.unavailable.set()
-        _unavailable(error)
+        raise_unavailable(error)
 
 
 class _Statements:
@@ -297,21 +225,7 @@ class _Statements:
             self._tx.run_committed_actions()
 
 
-class _CommitActions:
-    """What both backends' transactions keep for after the commit (Transaction.after_commit)."""
-
-    _committed_actions: tuple[Callable[[], None], ...] = ()  # few, and mostly none
-
-    def after_commit(self, action: Callable[[], None]) -> None:
-        self._committed_actions = (*self._committed_actions, action)
-
-    def run_committed_actions(self) -> None:
-        """Called by the Database once the commit is done and the connection given back."""
-        for action in self._committed_actions:
-            action()
-
-
-class _PostgresTransaction(_CommitActions):
+class _PostgresTransaction(CommitActions):
     dialect = "postgres"
     row_lock = " FOR UPDATE"
 
@@ -332,154 +246,12 @@ class _PostgresTransaction(_CommitActions):
         return self._cursor.execute(sql, params).fetchall()
 
     def hot_row(self, statement: HotStatement, params: Params) -> tuple[int, ...] | None:
-        conn = self._conn
-        pgconn = conn.pgconn
-        values = [_as_text(params[name]) for name in statement.param_names]
-        if pgconn.transaction_status != TransactionStatus.IDLE:
+        if self._conn.pgconn.transaction_status != TransactionStatus.IDLE:
             # Inside BEGIN, through the cursor: a failed statement can't be sent again there.
+            check_params(statement, params)
             row = self.one(statement.sql, params)
             return None if row is None else tuple(int(value) for value in row.values())
-        # libpq's blocking calls release the GIL and wait on the socket, so the deadline
-        # watchdog's shutdown wakes them as it wakes psycopg's own waits.
-        name = statement.name.encode()
-        if statement.name in conn.hot_prepared:
-            result = pgconn.exec_prepared(name, values)  # type: ignore[arg-type]  # None: NULL
-            if result.error_field(DiagnosticField.SQLSTATE) == _NO_SUCH_PREPARED_STATEMENT:
-                # psycopg's upkeep of its own prepared statements sends DEALLOCATE ALL after a
-                # ROLLBACK or a DROP on this connection, which drops ours too: prepare it again.
-                conn.hot_prepared = conn.hot_prepared - {statement.name}
-        if statement.name not in conn.hot_prepared:
-            # ints typed int8 (an INSERT ... SELECT can't infer them); text left for the server to infer
-            types = [_INT8_OID if isinstance(params[key], int) else 0 for key in statement.param_names]
-            _check(conn, pgconn.prepare(name, statement.postgres_sql, types), ExecStatus.COMMAND_OK)
-            conn.hot_prepared = conn.hot_prepared | {statement.name}
-            result = pgconn.exec_prepared(name, values)  # type: ignore[arg-type]
-        _check(conn, result, ExecStatus.TUPLES_OK)
-        if result.ntuples == 0:
-            return None
-        return tuple(int(result.get_value(0, column)) for column in range(result.nfields))  # type: ignore[arg-type]
-
-
-def _as_text(value: object) -> bytes | None:
-    if value is None:
-        return None
-    if isinstance(value, str):
-        return value.encode()
-    if isinstance(value, int) and not isinstance(value, bool):
-        return str(value).encode()
-    raise TypeError(f"a HotStatement parameter must be str, int or None, not {type(value).__name__}")
-
-
-def _check(conn: _Connection, result: psycopg.pq.abc.PGresult, expected: ExecStatus) -> None:
-    """Raise what psycopg's cursor would for a failed libpq call: OperationalError for a lost
-    connection, the SQLSTATE's class (DeadlockDetected, ...) for an error of the statement."""
-    if result.status == expected:
-        return
-    if conn.pgconn.status == ConnStatus.BAD:
-        message = conn.pgconn.error_message.decode(errors="replace").strip()
-        raise psycopg.OperationalError(message or "connection lost")
-    raise psycopg.errors.error_from_result(result, encoding=conn.info.encoding)
-
-
-class SqliteDatabase:
-    """The embedded default: one connection, one transaction at a time. Another process holding
-    the file's write lock is waited for at most `timeout` seconds (SQLite's busy timeout)."""
-
-    dialect = "sqlite"
-
-    def __init__(self, path: Path, *, timeout: float = 2.0) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self.unavailable = threading.Event()
-        self._conn = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
-        self._conn.row_factory = _dict_factory
-        self._conn.execute("PRAGMA journal_mode=WAL")
-        self._conn.execute("PRAGMA foreign_keys=ON")
-        self._conn.execute(f"PRAGMA busy_timeout={max(1, round(timeout * 1000))}")
-        self._lock = threading.Lock()
-
-    @contextmanager
-    def transaction(self) -> Iterator[_SqliteTransaction]:
-        with self._lock, _sqlite_errors(self.unavailable):
-            # IMMEDIATE takes the write lock up front, so a read-then-write can't interleave.
-            self._conn.execute("BEGIN IMMEDIATE")
-            tx = _SqliteTransaction(self._conn)
-            try:
-                yield tx
-            except BaseException:
-                if self._conn.in_transaction:
-                    self._conn.execute("ROLLBACK")
-                raise
-            self._conn.execute("COMMIT")
-        tx.run_committed_actions()
-
-    @contextmanager
-    def statements(self) -> Iterator[_SqliteTransaction]:
-        with (
-            self._lock,
-            _sqlite_errors(self.unavailable),
-        ):  # the connection is in autocommit mode outside BEGIN
-            tx = _SqliteTransaction(self._conn)
-            yield tx
-        tx.run_committed_actions()
-
-    def ping(self) -> None:
-        with self.statements() as q:
-            q.one("SELECT 1")
-
-    def migrate(self) -> list[str]:
-        with self.transaction() as tx:
-            return apply_migrations(tx, self.dialect)
-
-    def close(self) -> None:
-        with self._lock:
-            self._conn.close()
-
-
-class _SqliteTransaction(_CommitActions):
-    dialect = "sqlite"
-    row_lock = ""  # BEGIN IMMEDIATE and the connection lock already serialize transactions
-
-    def __init__(self, conn: sqlite3.Connection) -> None:
-        self._conn = conn
-
-    def execute(self, sql: str, params: Params | None = None) -> int:
-        return self._conn.execute(_to_sqlite(sql), params or {}).rowcount
-
-    def one(self, sql: str, params: Params | None = None) -> Row | None:
-        row: Row | None = self._conn.execute(_to_sqlite(sql), params or {}).fetchone()
-        return row
-
-    def all(self, sql: str, params: Params | None = None) -> list[Row]:
-        return self._conn.execute(_to_sqlite(sql), params or {}).fetchall()
-
-    def hot_row(self, statement: HotStatement, params: Params) -> tuple[int, ...] | None:
-        for name in statement.param_names:
-            _as_text(params[name])  # the same parameters as on PostgreSQL, or the same TypeError
-        row = self.one(statement.sql, params)
-        return None if row is None else tuple(int(value) for value in row.values())
-
-
-# SQLite's primary result codes that a retry can fix: busy, locked, I/O error, disk
-# full, can't open the file, lock protocol error. "no such table" and syntax
-# errors share sqlite3.OperationalError with these, but are bugs.
-_SQLITE_RETRYABLE = {5, 6, 10, 13, 14, 15}
-
-
-@contextmanager
-def _sqlite_errors(unavailable: threading.Event) -> Iterator[None]:
-    try:
-        yield
-    except sqlite3.OperationalError as error:
-        if getattr(error, "sqlite_errorcode", 0) & 0xFF in _SQLITE_RETRYABLE:
-            unavailable.set()
-            _unavailable(error)
-        raise
-
-
-def _unavailable(error: Exception) -> NoReturn:
-    """Log one line saying what failed, and raise the domain's retryable storage error."""
-    log.warning("storage unavailable: %s: %s", type(error).__name__, " ".join(str(error).split())[:300])
-    raise StorageUnavailable() from error
+        return run_prepared(self._conn, statement, params)
 
 
 def open_database(url: str, *, data_dir: Path, pool_size: int = 10, timeout: float = 2.0) -> Database:
@@ -490,12 +262,3 @@ def open_database(url: str, *, data_dir: Path, pool_size: int = 10, timeout: flo
     if url.startswith(("postgres://", "postgresql://")):
         return PostgresDatabase(url, pool_size=pool_size, timeout=timeout)
     raise ValueError("TWOFACTOR_DATABASE_URL must be a postgresql:// URL (or empty for the embedded SQLite)")
-
-
-@lru_cache(maxsize=512)
-def _to_sqlite(sql: str) -> str:
-    return re.sub(r"%\((\w+)\)s", r":\1", sql)
-
-
-def _dict_factory(cursor: sqlite3.Cursor, row: tuple[Any, ...]) -> Row:
-    return {col[0]: value for col, value in zip(cursor.description, row, strict=True)}

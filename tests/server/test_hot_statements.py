@@ -14,7 +14,8 @@ import psycopg
 import pytest
 
 from twofactor_server.domain.errors import StorageUnavailable
-from twofactor_server.storage.database import Database, HotStatement, PostgresDatabase, SqliteDatabase
+from twofactor_server.storage.database import Database, PostgresDatabase, SqliteDatabase
+from twofactor_server.storage.hot_statements import HotStatement
 
 BUMP = HotStatement(
     "test_bump",

@@ -1,0 +1,122 @@
+"""The embedded default backend: SQLite, one connection, one transaction at a time.
+
+SQL is written once, with psycopg's named placeholders `%(name)s`; this backend rewrites them to
+`:name`."""
+
+from __future__ import annotations
+
+import re
+import sqlite3
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+from twofactor_server.storage.hot_statements import HotStatement, check_params
+from twofactor_server.storage.migrator import apply_migrations
+from twofactor_server.storage.units import CommitActions, Params, Row, raise_unavailable
+
+
+class SqliteDatabase:
+    """The embedded default: one connection, one transaction at a time. Another process holding
+    the file's write lock is waited for at most `timeout` seconds (SQLite's busy timeout)."""
+
+    dialect = "sqlite"
+
+    def __init__(self, path: Path, *, timeout: float = 2.0) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.unavailable = threading.Event()
+        self._conn = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+        self._conn.row_factory = _dict_factory
+        self._conn.execute("PRAGMA journal_mode=WAL")
+        self._conn.execute("PRAGMA foreign_keys=ON")
+        self._conn.execute(f"PRAGMA busy_timeout={max(1, round(timeout * 1000))}")
+        self._lock = threading.Lock()
+
+    @contextmanager
+    def transaction(self) -> Iterator[_SqliteTransaction]:
+        with self._lock, _sqlite_errors(self.unavailable):
+            # IMMEDIATE takes the write lock up front, so a read-then-write can't interleave.
+            self._conn.execute("BEGIN IMMEDIATE")
+            tx = _SqliteTransaction(self._conn)
+            try:
+                yield tx
+            except BaseException:
+                if self._conn.in_transaction:
+                    self._conn.execute("ROLLBACK")
+                raise
+            self._conn.execute("COMMIT")
+        tx.run_committed_actions()
+
+    @contextmanager
+    def statements(self) -> Iterator[_SqliteTransaction]:
+        with (
+            self._lock,
+            _sqlite_errors(self.unavailable),
+        ):  # the connection is in autocommit mode outside BEGIN
+            tx = _SqliteTransaction(self._conn)
+            yield tx
+        tx.run_committed_actions()
+
+    def ping(self) -> None:
+        with self.statements() as q:
+            q.one("SELECT 1")
+
+    def migrate(self) -> list[str]:
+        with self.transaction() as tx:
+            return apply_migrations(tx, self.dialect)
+
+    def close(self) -> None:
+        with self._lock:
+            self._conn.close()
+
+
+class _SqliteTransaction(CommitActions):
+    dialect = "sqlite"
+    row_lock = ""  # BEGIN IMMEDIATE and the connection lock already serialize transactions
+
+    def __init__(self, conn: sqlite3.Connection) -> None:
+        self._conn = conn
+
+    def execute(self, sql: str, params: Params | None = None) -> int:
+        return self._conn.execute(_to_sqlite(sql), params or {}).rowcount
+
+    def one(self, sql: str, params: Params | None = None) -> Row | None:
+        row: Row | None = self._conn.execute(_to_sqlite(sql), params or {}).fetchone()
+        return row
+
+    def all(self, sql: str, params: Params | None = None) -> list[Row]:
+        return self._conn.execute(_to_sqlite(sql), params or {}).fetchall()
+
+    def hot_row(self, statement: HotStatement, params: Params) -> tuple[int, ...] | None:
+        check_params(statement, params)
+        row = self.one(statement.sql, params)
+        return None if row is None else tuple(int(value) for value in row.values())
+
+
+# SQLite's primary result codes that a retry can fix: busy, locked, I/O error, disk
+# full, can't open the file, lock protocol error. "no such table" and syntax
+# errors share sqlite3.OperationalError with these, but are bugs.
+_SQLITE_RETRYABLE = {5, 6, 10, 13, 14, 15}
+
+
+@contextmanager
+def _sqlite_errors(unavailable: threading.Event) -> Iterator[None]:
+    try:
+        yield
+    except sqlite3.OperationalError as error:
+        if getattr(error, "sqlite_errorcode", 0) & 0xFF in _SQLITE_RETRYABLE:
+            unavailable.set()
+            raise_unavailable(error)
+        raise
+
+
+@lru_cache(maxsize=512)
+def _to_sqlite(sql: str) -> str:
+    return re.sub(r"%\((\w+)\)s", r":\1", sql)
+
+
+def _dict_factory(cursor: sqlite3.Cursor, row: tuple[Any, ...]) -> Row:
+    return {col[0]: value for col, value in zip(cursor.description, row, strict=True)}

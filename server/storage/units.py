@@ -1,0 +1,79 @@
+"""What both storage backends share: the Transaction and Database protocols, rows, the actions
+run after a commit, and the one line logged when storage is unavailable."""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable, Mapping
+from typing import Any, NoReturn, Protocol
+
+from twofactor_server.domain.errors import StorageUnavailable
+from twofactor_server.storage.hot_statements import HotStatement
+
+log = logging.getLogger(__name__)
+
+Row = dict[str, Any]
+Params = Mapping[str, Any]
+
+
+class Transaction(Protocol):
+    dialect: str  # "postgres" | "sqlite"
+    # Appended to a SELECT to hold its rows until commit; empty where the
+    # whole transaction is already exclusive (SQLite).
+    row_lock: str
+
+    def execute(self, sql: str, params: Params | None = None) -> int:
+        """Run a statement; return the number of rows it touched."""
+
+    def one(self, sql: str, params: Params | None = None) -> Row | None: ...
+
+    def all(self, sql: str, params: Params | None = None) -> list[Row]: ...
+
+    def hot_row(self, statement: HotStatement, params: Params) -> tuple[int, ...] | None:
+        """Run a HotStatement (parameters: str, int or None); its first row's values, integers
+        and never NULL, or None when it returns no row."""
+
+    def after_commit(self, action: Callable[[], None]) -> None:
+        """Run `action` once the transaction has committed and its connection is back in the
+        pool (never on rollback): work that must not hold a connection, like publishing."""
+
+
+class Database(Protocol):
+    dialect: str  # "postgres" | "sqlite"
+    # Set whenever a call finds the storage unavailable, so the health probe looks at once.
+    unavailable: threading.Event
+
+    def transaction(self) -> Any:
+        """A context manager yielding a Transaction; commits on success, rolls back on error."""
+
+    def statements(self) -> Any:
+        """A context manager yielding a Transaction whose statements each commit on their own:
+        no BEGIN, no COMMIT, for hot paths whose single statements are atomic by themselves."""
+
+    def ping(self) -> None:
+        """One round trip to the database within the storage timeout; StorageUnavailable if not."""
+
+    def migrate(self) -> list[str]: ...
+
+    def close(self) -> None: ...
+
+
+class CommitActions:
+    """What both backends' transactions keep for after the commit (Transaction.after_commit)."""
+
+    _committed_actions: tuple[Callable[[], None], ...] = ()  # few, and mostly none
+
+    def after_commit(self, action: Callable[[], None]) -> None:
+        self._committed_actions = (*self._committed_actions, action)
+
+    def run_committed_actions(self) -> None:
+        """Called by the Database once the commit is done and the connection given back."""
+        for action in self._committed_actions:
+            action()
+
+
+def raise_unavailable(error: Exception) -> NoReturn:
+    """Log one line saying what failed, and raise the domain's retryable storage error."""
+    log.warning("storage unavailable: %s: %s", type(error).__name__, " ".join(str(error).split())[:300])
+    raise StorageUnavailable() from error
