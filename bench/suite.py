@@ -582,7 +582,7 @@ def measure_updates(
     """
     start = time.time() + 1.0
     end = start + args.seconds
-    result = PhaseResult("update" if rate is None else "paced", args.seconds)
+    result = PhaseResult("update" if rate is None else "update@", args.seconds)
     finished: list[float] = []  # when each UPDATE in the phase returned
     lock = threading.Lock()
 
@@ -764,7 +764,7 @@ def measure_paced_sendcode(target: str, token: str, users: list[str], rate: floa
             time.sleep(max(0.0, began + index / rate - time.monotonic()))  # the schedule, not a wait
             pool.submit(send, index)
     result.seconds = seconds
-    print(f"paced    {result.line()}  (target {rate:.1f} calls/s)", flush=True)
+    print(f"sendcode@ {result.line()}  (target {rate:.1f} calls/s)", flush=True)
     row = Row(f"SendCode at {rate:.0f}/s (half the max)", result, None, 1)
     row.cpu_us = dict.fromkeys(COLUMNS, float("nan"))
     return row
