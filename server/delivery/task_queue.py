@@ -87,7 +87,8 @@ def _envelope_template(queue: str, origin: str) -> str:
         "properties": properties,
     }
     template = json.dumps(envelope).replace("{", "{{").replace("}", "}}")
-    for stand_in, field in ((_ID, '"{id}"'), (_TAG, '"{tag}"'), (_BODY, '"{body}"'), (_ARGSREPR, "{argsrepr}")):
+    fields = {_ID: '"{id}"', _TAG: '"{tag}"', _BODY: '"{body}"', _ARGSREPR: "{argsrepr}"}
+    for stand_in, field in fields.items():
         template = template.replace(json.dumps(stand_in), field)
     return template
 
