@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 from twofactor_server.storage import store
 from twofactor_server.storage.database import Transaction
-from twofactor_server.storage.records import ChallengeRecord, NewAuditEvent, NewChallenge, UserRecord
+from twofactor_server.storage.records import ChallengeRecord, NewAuditEvent, NewChallenge
 
 _NEW_CHALLENGE_COLUMNS = [f.name for f in dataclasses.fields(NewChallenge)]
 _INSERT_CHALLENGE = (
@@ -117,36 +117,28 @@ def lock_destination(tx: Transaction, destination: str) -> None:
         )
 
 
-def lock_sender(
-    tx: Transaction, user_id: str, contact: str, new_destination: str | None
-) -> tuple[UserRecord, str | None] | None:
-    """Lock the user's row, then the destination (lock_destination), in one round trip: the user
-    and where a code goes, `new_destination` or the user's `contact` ("email" or "phone"); None
-    for an unknown user. No destination (the contact is missing): no destination lock.
+def lock_sender(tx: Transaction, user_id: str, contact: str, new_destination: str | None) -> str | None:
+    """Lock the user's row, then the destination (lock_destination), in one round trip; return
+    where a code goes, `new_destination` or the user's `contact` ("email" or "phone"): "" when
+    that contact is missing (then no destination lock), None for an unknown user.
 
     The advisory lock is taken above the row lock in the plan (a FOR UPDATE sub-select is never
     flattened), so the order is the one every sender keeps: the user's row, then the address.
-    The next statement reads the send counts with a snapshot taken after both waits.
+    The next statement reads the send counts with a snapshot taken after both waits. Only the
+    address comes back: the row's other columns would cost their decoding on every send.
     """
     assert contact in ("email", "phone")
     params = {"u": user_id, "d": new_destination, "ns": _DESTINATION_LOCKS}
     if not tx.row_lock:  # SQLite: the transaction is exclusive already
-        row = tx.one("SELECT * FROM users WHERE user_id = %(u)s", params)
-        if row is None:
-            return None
-        user = UserRecord(**row)
-        return user, new_destination or getattr(user, contact)
-    row = tx.one(
-        "SELECT locked.*, pg_advisory_xact_lock(%(ns)s, hashtext(locked.sends_to)) AS destination_lock "  # noqa: S608
-        f"FROM (SELECT users.*, COALESCE(%(d)s::text, {contact}) AS sends_to FROM users "
-        "WHERE user_id = %(u)s FOR UPDATE) AS locked",
-        params,
-    )
-    if row is None:
-        return None
-    row.pop("destination_lock")
-    destination = row.pop("sends_to")
-    return UserRecord(**row), destination
+        sql = f"SELECT COALESCE(%(d)s, {contact}) AS sends_to FROM users WHERE user_id = %(u)s"  # noqa: S608
+    else:
+        sql = (
+            "SELECT sends_to, pg_advisory_xact_lock(%(ns)s, hashtext(sends_to)) AS destination_lock "  # noqa: S608
+            f"FROM (SELECT COALESCE(%(d)s::text, {contact}) AS sends_to FROM users "
+            "WHERE user_id = %(u)s FOR UPDATE) AS locked"
+        )
+    row = tx.one(sql, params)
+    return None if row is None else row["sends_to"] or ""
 
 
 def get_challenge(tx: Transaction, challenge_id: str) -> ChallengeRecord | None:

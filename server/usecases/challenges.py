@@ -108,10 +108,9 @@ class Challenges:
             if purpose == ENROLLMENT:
                 store.ensure_user(tx, user_id, requested)
             # The user's row, then the destination's lock: one round trip (outbox.lock_sender).
-            locked = outbox.lock_sender(tx, user_id, contact, new_destination)
-            if locked is None:
+            destination = outbox.lock_sender(tx, user_id, contact, new_destination)
+            if destination is None:
                 raise unknown_user(user_id)
-            _user, destination = locked
             # The clock read again now that both locks are held: a send that committed while this
             # call waited for them is never "later" than this one, so a zero cooldown can't refuse
             # it as too soon, and created_at follows the order the locks gave the sends.
