@@ -22,9 +22,10 @@ from dataclasses import dataclass
 
 from twofactor_server.storage import store
 from twofactor_server.storage.database import Row, Transaction
-from twofactor_server.storage.records import ChallengeRecord, NewAuditEvent, NewChallenge
+from twofactor_server.storage.records import ChallengeRecord, ChallengeStatus, NewAuditEvent, NewChallenge
 
 _NEW_CHALLENGE_COLUMNS = [f.name for f in dataclasses.fields(NewChallenge)]
+_STATUS_COLUMNS = [f.name for f in dataclasses.fields(ChallengeStatus)]
 _INSERT_CHALLENGE = (
     f"INSERT INTO challenges ({', '.join(_NEW_CHALLENGE_COLUMNS)}, delivery_status, updated_at, "  # noqa: S608
     "publish_generation) "
@@ -76,7 +77,8 @@ _PUBLISH_BY_ROW_LOCK = {lock: _PUBLISH.format(row_lock=lock) for lock in ("", " 
 # runs before its scan), then the new row; the superseding UPDATE, which no part of the main
 # query reads, runs to completion after it (PostgreSQL runs such a CTE once the main query is
 # done) and only then locks the older rows. Same login / purpose and method rules as
-# _supersede_older.
+# _supersede_older. Only the status columns come back: the whole row (24 columns, the code's
+# hash and seal among them) cost its decoding on every send.
 _PUBLISH_AND_SUPERSEDE = (
     f"WITH published AS (UPDATE challenges SET {_PUBLISH_BY_ROW_LOCK[' FOR UPDATE']} RETURNING *), "  # noqa: S608
     "superseded AS (UPDATE challenges AS older SET superseded_at = %(now)s, updated_at = %(now)s "
@@ -86,7 +88,8 @@ _PUBLISH_AND_SUPERSEDE = (
     "AND older.challenge_id <> published.challenge_id AND (older.created_at < published.created_at "
     "OR (older.created_at = published.created_at AND older.challenge_id < published.challenge_id)) "
     "AND older.superseded_at IS NULL AND older.consumed_at IS NULL) "
-    f"SELECT published.*, ({_LAST_SEND}) AS last_send FROM published"
+    f"SELECT {', '.join(f'published.{c}' for c in _STATUS_COLUMNS)}, ({_LAST_SEND}) AS last_send "
+    "FROM published"
 )
 _PUBLISH_RETURNING_LAST_SEND = (  # publish_new on SQLite, before _supersede_older
     f"UPDATE challenges SET {_PUBLISH_BY_ROW_LOCK['']} RETURNING *, ({_LAST_SEND}) AS last_send"  # noqa: S608
@@ -202,8 +205,8 @@ def mark_published(tx: Transaction, challenge: ChallengeRecord, now_ms: int) -> 
 
 def publish_new(
     tx: Transaction, challenge_id: str, user_id: str, now_ms: int
-) -> tuple[ChallengeRecord, int | None] | None:
-    """mark_published for a challenge this caller just created: the row as published and the
+) -> tuple[ChallengeStatus, int | None] | None:
+    """mark_published for a challenge this caller just created: its status as published and the
     user's last send (MAX(created_at) of last_send_ms), or None when the publish was already
     recorded (or the send is void).
 
@@ -213,15 +216,19 @@ def publish_new(
     params = {"c": challenge_id, "u": user_id, "now": now_ms}
     if tx.dialect == "postgres":
         row = tx.one(_PUBLISH_AND_SUPERSEDE, params)
+        if row is None:
+            return None
+        last_send = row.pop("last_send")
+        status = ChallengeStatus(**row)
     else:
         row = tx.one(_PUBLISH_RETURNING_LAST_SEND, params)
-    if row is None:
-        return None
-    last_send = row.pop("last_send")
-    challenge = ChallengeRecord(**row)
-    if tx.dialect != "postgres":
+        if row is None:
+            return None
+        last_send = row.pop("last_send")
+        challenge = ChallengeRecord(**row)
         _supersede_older(tx, challenge, now_ms)
-    return challenge, None if last_send is None else int(last_send)
+        status = ChallengeStatus(**{c: getattr(challenge, c) for c in _STATUS_COLUMNS})
+    return status, None if last_send is None else int(last_send)
 
 
 def _supersede_older(tx: Transaction, challenge: ChallengeRecord, now_ms: int) -> None:

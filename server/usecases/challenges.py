@@ -16,7 +16,7 @@ from twofactor_server.observability import metrics
 from twofactor_server.settings import PolicySettings
 from twofactor_server.storage import outbox, store
 from twofactor_server.storage.database import Database, Transaction
-from twofactor_server.storage.records import ChallengeRecord, NewChallenge
+from twofactor_server.storage.records import ChallengeRecord, ChallengeStatus, NewChallenge
 from twofactor_server.usecases import audit
 from twofactor_server.usecases.sms_guard import take_sms_quota
 from twofactor_server.usecases.users import require_allowed, unknown_user
@@ -260,7 +260,7 @@ class Challenges:
             )
 
     def _view(
-        self, tx: Transaction, challenge: ChallengeRecord, *, last_send: int | None = None
+        self, tx: Transaction, challenge: ChallengeRecord | ChallengeStatus, *, last_send: int | None = None
     ) -> ChallengeView:
         status = challenge.delivery_status
         now = now_ms(self._clock)
