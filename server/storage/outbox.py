@@ -124,8 +124,8 @@ def insert_challenge_reading_recent(
         insert_challenge(tx, challenge, audit)
         return recent
     params = {name: getattr(challenge, name) for name in _NEW_CHALLENGE_COLUMNS}
-    recent = {"u": challenge.user_id, "d": challenge.destination, "since": since_ms, "m": challenge.method}
-    return _recent_sends(tx.one(_INSERT_READING_RECENT, {**params, **_audit_params(audit), **recent}))
+    counted = {"u": challenge.user_id, "d": challenge.destination, "since": since_ms, "m": challenge.method}
+    return _recent_sends(tx.one(_INSERT_READING_RECENT, {**params, **_audit_params(audit), **counted}))
 
 
 def _audit_params(event: NewAuditEvent) -> dict[str, object]:
