@@ -34,7 +34,7 @@ log = logging.getLogger(__name__)
 class _KeptConnection(Protocol):
     """What the dispatcher uses of a redis-py connection (its methods carry no annotations)."""
 
-    def send_command(self, *args: Any) -> None: ...
+    def send_packed_command(self, command: list[bytes]) -> None: ...
 
     def read_response(self) -> Any: ...
 
@@ -58,6 +58,10 @@ class CeleryDispatcher:
             settings.broker_url, socket_timeout=timeout, socket_connect_timeout=timeout
         )
         self._queue = settings.delivery_queue
+        # LPUSH <queue> <message> in Redis's protocol up to the message's length: written once,
+        # where redis-py's packer would encode the whole command again for every publish.
+        queue = self._queue.encode()
+        self._lpush_head = b"*3\r\n$5\r\nLPUSH\r\n$%d\r\n%s\r\n" % (len(queue), queue)
         self._kept = threading.local()
         self._connections: list[_KeptConnection] = []  # every thread's, for close()
         self._lock = threading.Lock()
@@ -78,7 +82,7 @@ class CeleryDispatcher:
     def _lpush(self, message: bytes) -> None:
         connection = self._connection()
         try:
-            connection.send_command("LPUSH", self._queue, message)
+            connection.send_packed_command([b"%s$%d\r\n%s\r\n" % (self._lpush_head, len(message), message)])
             connection.read_response()
         except (redis.ConnectionError, redis.TimeoutError, OSError):
             # Its state is unknown (a reply may still come): the next command connects afresh.

@@ -136,8 +136,14 @@ def lockout() -> None:
     lockouts_total.inc()
 
 
+_code_sent_counters: dict[tuple[str, str], Counter] = {}  # label children, made once each
+
+
 def code_sent(method: str, outcome: str) -> None:
-    codes_sent_total.labels(method, outcome).inc()
+    counter = _code_sent_counters.get((method, outcome))
+    if counter is None:
+        counter = _code_sent_counters[(method, outcome)] = codes_sent_total.labels(method, outcome)
+    counter.inc()
 
 
 def notice_queued(notice: str) -> None:

@@ -21,10 +21,11 @@ import dataclasses
 from dataclasses import dataclass
 
 from twofactor_server.storage import store
-from twofactor_server.storage.database import Transaction
-from twofactor_server.storage.records import ChallengeRecord, NewAuditEvent, NewChallenge, UserRecord
+from twofactor_server.storage.database import Row, Transaction
+from twofactor_server.storage.records import ChallengeRecord, ChallengeStatus, NewAuditEvent, NewChallenge
 
 _NEW_CHALLENGE_COLUMNS = [f.name for f in dataclasses.fields(NewChallenge)]
+_STATUS_COLUMNS = [f.name for f in dataclasses.fields(ChallengeStatus)]
 _INSERT_CHALLENGE = (
     f"INSERT INTO challenges ({', '.join(_NEW_CHALLENGE_COLUMNS)}, delivery_status, updated_at, "  # noqa: S608
     "publish_generation) "
@@ -51,6 +52,15 @@ _RECENT_SENDS = (  # the figures the send limits look at, and the method's state
     "EXISTS (SELECT 1 FROM methods WHERE user_id = %(u)s AND method = %(m)s "
     "AND enabled_at IS NOT NULL) AS method_enabled"
 )
+# insert_challenge_reading_recent on PostgreSQL: the challenge and its audit event inserted by
+# data-modifying CTEs, the figures read by the main query, which sees the snapshot the statement
+# began with (PostgreSQL: no part of a statement sees the rows its own CTEs insert), so they
+# leave the new row out.
+_INSERT_READING_RECENT = (
+    f"WITH challenge AS ({_INSERT_CHALLENGE}), audit AS (INSERT INTO audit_events "  # noqa: S608
+    f"({', '.join(_AUDIT_COLUMNS)}) VALUES ({', '.join(f'%(audit_{c})s' for c in _AUDIT_COLUMNS)})) "
+    f"{_RECENT_SENDS}"
+)
 # Published: the message is known to be in the queue (%(c)s: the challenge, %(u)s: its user).
 # The user's row is locked first, in the same statement (an uncorrelated sub-select runs
 # before any challenge row is locked): a publish then supersedes the user's older codes
@@ -67,7 +77,8 @@ _PUBLISH_BY_ROW_LOCK = {lock: _PUBLISH.format(row_lock=lock) for lock in ("", " 
 # runs before its scan), then the new row; the superseding UPDATE, which no part of the main
 # query reads, runs to completion after it (PostgreSQL runs such a CTE once the main query is
 # done) and only then locks the older rows. Same login / purpose and method rules as
-# _supersede_older.
+# _supersede_older. Only the status columns come back: the whole row (24 columns, the code's
+# hash and seal among them) cost its decoding on every send.
 _PUBLISH_AND_SUPERSEDE = (
     f"WITH published AS (UPDATE challenges SET {_PUBLISH_BY_ROW_LOCK[' FOR UPDATE']} RETURNING *), "  # noqa: S608
     "superseded AS (UPDATE challenges AS older SET superseded_at = %(now)s, updated_at = %(now)s "
@@ -77,7 +88,8 @@ _PUBLISH_AND_SUPERSEDE = (
     "AND older.challenge_id <> published.challenge_id AND (older.created_at < published.created_at "
     "OR (older.created_at = published.created_at AND older.challenge_id < published.challenge_id)) "
     "AND older.superseded_at IS NULL AND older.consumed_at IS NULL) "
-    f"SELECT published.*, ({_LAST_SEND}) AS last_send FROM published"
+    f"SELECT {', '.join(f'published.{c}' for c in _STATUS_COLUMNS)}, ({_LAST_SEND}) AS last_send "
+    "FROM published"
 )
 _PUBLISH_RETURNING_LAST_SEND = (  # publish_new on SQLite, before _supersede_older
     f"UPDATE challenges SET {_PUBLISH_BY_ROW_LOCK['']} RETURNING *, ({_LAST_SEND}) AS last_send"  # noqa: S608
@@ -100,6 +112,22 @@ def insert_challenge(tx: Transaction, challenge: NewChallenge, audit: NewAuditEv
         store.add_audit_event(tx, **dataclasses.asdict(audit))
 
 
+def insert_challenge_reading_recent(
+    tx: Transaction, challenge: NewChallenge, audit: NewAuditEvent, *, since_ms: int
+) -> RecentSends:
+    """insert_challenge (with its audit event), and recent_sends for its user, destination and
+    method as they were before it (the new row not counted): one round trip on PostgreSQL."""
+    if tx.dialect != "postgres":
+        recent = recent_sends(
+            tx, challenge.user_id, challenge.destination, since_ms=since_ms, method=challenge.method
+        )
+        insert_challenge(tx, challenge, audit)
+        return recent
+    params = {name: getattr(challenge, name) for name in _NEW_CHALLENGE_COLUMNS}
+    counted = {"u": challenge.user_id, "d": challenge.destination, "since": since_ms, "m": challenge.method}
+    return _recent_sends(tx.one(_INSERT_READING_RECENT, {**params, **_audit_params(audit), **counted}))
+
+
 def _audit_params(event: NewAuditEvent) -> dict[str, object]:
     return {f"audit_{name}": getattr(event, name) for name in _AUDIT_COLUMNS}
 
@@ -117,36 +145,28 @@ def lock_destination(tx: Transaction, destination: str) -> None:
         )
 
 
-def lock_sender(
-    tx: Transaction, user_id: str, contact: str, new_destination: str | None
-) -> tuple[UserRecord, str | None] | None:
-    """Lock the user's row, then the destination (lock_destination), in one round trip: the user
-    and where a code goes, `new_destination` or the user's `contact` ("email" or "phone"); None
-    for an unknown user. No destination (the contact is missing): no destination lock.
+def lock_sender(tx: Transaction, user_id: str, contact: str, new_destination: str | None) -> str | None:
+    """Lock the user's row, then the destination (lock_destination), in one round trip; return
+    where a code goes, `new_destination` or the user's `contact` ("email" or "phone"): "" when
+    that contact is missing (then no destination lock), None for an unknown user.
 
     The advisory lock is taken above the row lock in the plan (a FOR UPDATE sub-select is never
     flattened), so the order is the one every sender keeps: the user's row, then the address.
-    The next statement reads the send counts with a snapshot taken after both waits.
+    The next statement reads the send counts with a snapshot taken after both waits. Only the
+    address comes back: the row's other columns would cost their decoding on every send.
     """
     assert contact in ("email", "phone")
     params = {"u": user_id, "d": new_destination, "ns": _DESTINATION_LOCKS}
     if not tx.row_lock:  # SQLite: the transaction is exclusive already
-        row = tx.one("SELECT * FROM users WHERE user_id = %(u)s", params)
-        if row is None:
-            return None
-        user = UserRecord(**row)
-        return user, new_destination or getattr(user, contact)
-    row = tx.one(
-        "SELECT locked.*, pg_advisory_xact_lock(%(ns)s, hashtext(locked.sends_to)) AS destination_lock "  # noqa: S608
-        f"FROM (SELECT users.*, COALESCE(%(d)s::text, {contact}) AS sends_to FROM users "
-        "WHERE user_id = %(u)s FOR UPDATE) AS locked",
-        params,
-    )
-    if row is None:
-        return None
-    row.pop("destination_lock")
-    destination = row.pop("sends_to")
-    return UserRecord(**row), destination
+        sql = f"SELECT COALESCE(%(d)s, {contact}) AS sends_to FROM users WHERE user_id = %(u)s"  # noqa: S608
+    else:
+        sql = (
+            "SELECT sends_to, pg_advisory_xact_lock(%(ns)s, hashtext(sends_to)) AS destination_lock "  # noqa: S608
+            f"FROM (SELECT COALESCE(%(d)s::text, {contact}) AS sends_to FROM users "
+            "WHERE user_id = %(u)s FOR UPDATE) AS locked"
+        )
+    row = tx.one(sql, params)
+    return None if row is None else row["sends_to"] or ""
 
 
 def get_challenge(tx: Transaction, challenge_id: str) -> ChallengeRecord | None:
@@ -185,8 +205,8 @@ def mark_published(tx: Transaction, challenge: ChallengeRecord, now_ms: int) -> 
 
 def publish_new(
     tx: Transaction, challenge_id: str, user_id: str, now_ms: int
-) -> tuple[ChallengeRecord, int | None] | None:
-    """mark_published for a challenge this caller just created: the row as published and the
+) -> tuple[ChallengeStatus, int | None] | None:
+    """mark_published for a challenge this caller just created: its status as published and the
     user's last send (MAX(created_at) of last_send_ms), or None when the publish was already
     recorded (or the send is void).
 
@@ -196,15 +216,19 @@ def publish_new(
     params = {"c": challenge_id, "u": user_id, "now": now_ms}
     if tx.dialect == "postgres":
         row = tx.one(_PUBLISH_AND_SUPERSEDE, params)
+        if row is None:
+            return None
+        last_send = row.pop("last_send")
+        status = ChallengeStatus(**row)
     else:
         row = tx.one(_PUBLISH_RETURNING_LAST_SEND, params)
-    if row is None:
-        return None
-    last_send = row.pop("last_send")
-    challenge = ChallengeRecord(**row)
-    if tx.dialect != "postgres":
+        if row is None:
+            return None
+        last_send = row.pop("last_send")
+        challenge = ChallengeRecord(**row)
         _supersede_older(tx, challenge, now_ms)
-    return challenge, None if last_send is None else int(last_send)
+        status = ChallengeStatus(**{c: getattr(challenge, c) for c in _STATUS_COLUMNS})
+    return status, None if last_send is None else int(last_send)
 
 
 def _supersede_older(tx: Transaction, challenge: ChallengeRecord, now_ms: int) -> None:
@@ -299,10 +323,12 @@ def recent_sends(
 ) -> RecentSends:
     """last_send_ms, the two hourly counts of the send limits, and whether the user has `method`
     enabled, in one round trip."""
-    row = tx.one(
-        _RECENT_SENDS,
-        {"u": user_id, "d": destination, "since": since_ms, "m": method},
+    return _recent_sends(
+        tx.one(_RECENT_SENDS, {"u": user_id, "d": destination, "since": since_ms, "m": method})
     )
+
+
+def _recent_sends(row: Row | None) -> RecentSends:
     assert row is not None
     last = row["last"]
     return RecentSends(

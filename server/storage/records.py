@@ -93,6 +93,22 @@ class ChallengeRecord:
 
 
 @dataclass(frozen=True, slots=True)
+class ChallengeStatus:
+    """What a caller is told of a challenge: the columns of ChallengeRecord a ChallengeView shows."""
+
+    challenge_id: str
+    user_id: str
+    method: str
+    destination: str
+    created_at: int
+    expires_at: int
+    delivery_status: str
+    delivery_attempts: int
+    provider_message_id: str | None
+    failure_reason: str | None
+
+
+@dataclass(frozen=True, slots=True)
 class NewChallenge:
     """A challenge to insert: the columns the sender chooses; the rest start at their defaults."""
 

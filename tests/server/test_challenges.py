@@ -195,6 +195,33 @@ def test_hourly_limits_per_user_and_per_destination(
     send_and_read(h, sink, "fay")  # an hour later the window has moved on
 
 
+def test_a_refused_send_leaves_no_row_behind(
+    sink: SmtpSink, start_server: ServerFactory, clock: Clock
+) -> None:
+    """The common send writes its row in the statement that reads the limits' figures; a refusal
+    rolls it back with its audit event: nothing stored, nothing counted toward a later send."""
+    h = start_server(email_provider="smtp", smtp=sink.settings(), policy={"sends_per_user_per_hour": 2})
+    enroll_email(h, sink, clock, "gil")  # the enrollment code was the first send
+    send_and_read(h, sink, "gil")
+
+    def stored() -> tuple[int, int]:
+        challenges = query(h.settings, "SELECT COUNT(*) AS n FROM challenges WHERE user_id = 'gil'")
+        events = query(h.settings, "SELECT COUNT(*) AS n FROM audit_events WHERE user_id = 'gil'")
+        return int(challenges[0]["n"]), int(events[0]["n"])
+
+    before = stored()
+    # The last refusal is not RESEND_TOO_SOON: the refused send before it left no send to wait for.
+    for advance, reason in ((0, "RESEND_TOO_SOON"), (31, "USER_SEND_LIMIT"), (0, "USER_SEND_LIMIT")):
+        clock.advance(advance)
+        with pytest.raises(grpc.RpcError) as raised:
+            h.twofactor.SendCode(pb.SendCodeRequest(user_id="gil", method=EMAIL), metadata=h.app_metadata)
+        assert error_info(raised.value).reason == reason
+    assert stored() == before
+    clock.advance(3600)
+    send_and_read(h, sink, "gil")  # the refusals counted toward nothing: the window moved on
+    assert stored() == (before[0] + 1, before[1] + 1)
+
+
 def test_idempotency_key_returns_the_same_challenge_and_sends_nothing(
     email_server: Harness, sink: SmtpSink, clock: Clock
 ) -> None:

@@ -1,0 +1,197 @@
+"""Server cost of a whole SendCode RPC against a Health/Check, in instructions or CPU µs per call.
+
+    .venv/bin/python bench/sendcode_instructions.py [--users N --calls C --rounds R --threads T]
+        [--callgrind DIR] [--database-url URL] [--redis-url URL]
+
+What bench/sendcode_path.py measures in-process, with gRPC, the interceptor and the servicer
+around it: on a fresh schema and a Redis queue of its own (both removed at the end), N users
+with email enabled (written with the storage functions), then `twofactor serve` as a child
+process (whatever `twofactor_server` the interpreter imports: PYTHONPATH picks another tree)
+publishing to that queue, no worker, no resend cooldown and high send limits. A warm-up of
+N SendCode calls (unmeasured), then R rounds of C Health/Check calls and C SendCode calls by
+email, to the users in turn, from T client threads; the queue is emptied after each round.
+Under `--callgrind DIR` the server runs in valgrind's callgrind and each phase's figure is its
+instructions (every thread, user space) per call, as in bench/verify_instructions.py; without
+it, the server's CPU per call from /proc.
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import hashlib
+import os
+import secrets
+import statistics
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import grpc
+import psycopg
+import redis
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from loadgen import ServerProcess, wait_serving
+from twofactor.v1 import common_pb2
+from twofactor.v1 import twofactor_service_pb2 as pb
+from twofactor.v1 import twofactor_service_pb2_grpc as pb_grpc
+from verify_instructions import Callgrind, cpu_ns
+
+from twofactor_server.domain.keyring import Keyring
+from twofactor_server.storage import store
+from twofactor_server.storage.database import PostgresDatabase
+
+ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_DATABASE_URL = "postgresql://postgres@127.0.0.1:5432/postgres"
+DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
+
+
+def make_users(url: str, run: str, count: int) -> list[str]:
+    db = PostgresDatabase(url, pool_size=1)
+    try:
+        db.migrate()
+        users = [f"bench-send-{run}-{i:05d}" for i in range(count)]
+        now = int(time.time() * 1000)
+        with db.transaction() as tx:
+            for index, user_id in enumerate(users):
+                store.ensure_user(tx, user_id, now)
+                store.set_contact(tx, user_id, "email", f"user{index}-{run}@bench.invalid")
+                store.start_method_enrollment(tx, user_id, "email", now)
+                store.enable_method(tx, user_id, "email", now)
+        return users
+    finally:
+        db.close()
+
+
+class Calls:
+    def __init__(self, target: str, token: str, threads: int) -> None:
+        self._channels = [grpc.insecure_channel(target) for _ in range(threads)]
+        self._service = [pb_grpc.TwoFactorServiceStub(c) for c in self._channels]
+        self._health = [health_pb2_grpc.HealthStub(c) for c in self._channels]
+        self._metadata = (("authorization", f"Bearer {token}"),)
+        self._pool = concurrent.futures.ThreadPoolExecutor(threads)
+        self._threads = threads
+
+    def health(self, calls: int) -> None:
+        def run(index: int) -> None:
+            for _ in range(index, calls, self._threads):
+                reply = self._health[index].Check(health_pb2.HealthCheckRequest(service=""), timeout=60)
+                assert reply.status == health_pb2.HealthCheckResponse.SERVING
+
+        list(self._pool.map(run, range(self._threads)))
+
+    def send_code(self, users: list[str], calls: int) -> None:
+        def run(index: int) -> None:
+            for number in range(index, calls, self._threads):
+                reply = self._service[index].SendCode(
+                    pb.SendCodeRequest(user_id=users[number % len(users)], method=common_pb2.METHOD_EMAIL),
+                    metadata=self._metadata,
+                    timeout=60,
+                )
+                assert reply.challenge.challenge_id
+
+        list(self._pool.map(run, range(self._threads)))
+
+    def close(self) -> None:
+        self._pool.shutdown()
+        for channel in self._channels:
+            channel.close()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--users", type=int, default=100, help="email users the calls go to in turn")
+    parser.add_argument("--calls", type=int, default=300, help="calls of each kind per round")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=2, help="client threads")
+    parser.add_argument("--callgrind", type=Path, help="run the server in callgrind, dumps in this directory")
+    parser.add_argument("--database-url", default=DEFAULT_DATABASE_URL)
+    parser.add_argument("--redis-url", default=DEFAULT_REDIS_URL)
+    args = parser.parse_args(argv)
+    if not (1 <= args.users <= 5000 and 1 <= args.calls <= 20000 and 1 <= args.rounds <= 20):
+        parser.error("need 1-5000 users, 1-20000 calls, 1-20 rounds")
+
+    run = uuid.uuid4().hex[:12]
+    schema = queue = f"tf_bench_{run}"
+    url = f"{args.database_url}?options=-csearch_path%3D{schema}"
+    token = "bench-" + secrets.token_urlsafe(24)
+    import twofactor_server
+
+    print(f"twofactor_server from {Path(twofactor_server.__file__).parent}", flush=True)
+    broker = redis.Redis.from_url(args.redis_url, socket_timeout=5)
+    with psycopg.connect(args.database_url, autocommit=True) as conn:
+        conn.execute(f'CREATE SCHEMA "{schema}"')
+    try:
+        users = make_users(url, run, args.users)
+        env = {
+            **{k: v for k, v in os.environ.items() if not k.startswith("TWOFACTOR_")},
+            "TWOFACTOR_DATABASE_URL": url,
+            "TWOFACTOR_KEYS": Keyring.new_key_spec(1),
+            "TWOFACTOR_TOKENS": f"bench:app:{hashlib.sha256(token.encode()).hexdigest()}",
+            "TWOFACTOR_LISTEN": "127.0.0.1:0",
+            "TWOFACTOR_LOG_LEVEL": "WARNING",
+            "TWOFACTOR_BROKER_URL": args.redis_url,
+            "TWOFACTOR_DELIVERY_QUEUE": queue,
+            "TWOFACTOR_ALLOW_CONSOLE_DELIVERY": "true",
+            "TWOFACTOR_RESEND_COOLDOWN_SECONDS": "0",
+            "TWOFACTOR_SENDS_PER_USER_PER_HOUR": "1000",
+            "TWOFACTOR_SENDS_PER_DESTINATION_PER_HOUR": "1000",
+        }
+        command = [sys.executable, "-m", "twofactor_server.cli", "serve"]
+        if args.callgrind:
+            env["TWOFACTOR_STORAGE_TIMEOUT_SECONDS"] = "60"  # ~50 times slower in valgrind
+            env["TWOFACTOR_BROKER_TIMEOUT_SECONDS"] = "60"
+            args.callgrind.mkdir(parents=True, exist_ok=True)
+            command = [
+                "valgrind",
+                "--tool=callgrind",
+                "--dump-instr=no",
+                f"--callgrind-out-file={args.callgrind}/callgrind.out.%p",
+                *command,
+            ]
+        server = ServerProcess(command, env, cwd=str(ROOT))
+        try:
+            target = f"127.0.0.1:{server.wait_listening(timeout=600)}"
+            wait_serving(target, timeout=300)
+            calls = Calls(target, token, args.threads)
+            calls.health(args.users)
+            calls.send_code(users, args.users)  # warm-up: connections, prepared statements
+            broker.delete(queue)
+            meter = Callgrind(server.pid, args.callgrind) if args.callgrind else None
+            figures: dict[str, list[float]] = {"health": [], "sendcode": []}
+            unit = "instructions" if meter else "CPU µs"
+            for number in range(args.rounds):
+                for kind, action in (
+                    ("health", lambda: calls.health(args.calls)),
+                    ("sendcode", lambda: calls.send_code(users, args.calls)),
+                ):
+                    if meter:
+                        meter.zero()
+                        action()
+                        per_call = meter.dump(f"r{number + 1}-{kind}") / args.calls
+                    else:
+                        before = cpu_ns(server.pid)
+                        action()
+                        per_call = (cpu_ns(server.pid) - before) / 1000 / args.calls
+                    figures[kind].append(per_call)
+                    print(f"round {number + 1} {kind:<8} {per_call:12,.0f} {unit} per call", flush=True)
+                broker.delete(queue)
+            calls.close()
+            health, send = (statistics.median(figures[k]) for k in ("health", "sendcode"))
+            print(
+                f"median of {args.rounds}: Health/Check {health:,.0f}, SendCode {send:,.0f} {unit} per call",
+                flush=True,
+            )
+        finally:
+            server.stop(timeout=120)
+    finally:
+        broker.delete(queue)
+        broker.close()
+        with psycopg.connect(args.database_url, autocommit=True) as conn:
+            conn.execute(f'DROP SCHEMA "{schema}" CASCADE')
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
