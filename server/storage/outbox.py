@@ -21,7 +21,7 @@ import dataclasses
 from dataclasses import dataclass
 
 from twofactor_server.storage import store
-from twofactor_server.storage.database import Row, Transaction
+from twofactor_server.storage.database import Transaction
 from twofactor_server.storage.records import ChallengeRecord, ChallengeStatus, NewAuditEvent, NewChallenge
 
 _NEW_CHALLENGE_COLUMNS = [f.name for f in dataclasses.fields(NewChallenge)]
@@ -51,15 +51,6 @@ _RECENT_SENDS = (  # the figures the send limits look at, and the method's state
     f"({_COUNT_SENDS.format(column='destination', value='d')}) AS to_destination, "
     "EXISTS (SELECT 1 FROM methods WHERE user_id = %(u)s AND method = %(m)s "
     "AND enabled_at IS NOT NULL) AS method_enabled"
-)
-# insert_challenge_reading_recent on PostgreSQL: the challenge and its audit event inserted by
-# data-modifying CTEs, the figures read by the main query, which sees the snapshot the statement
-# began with (PostgreSQL: no part of a statement sees the rows its own CTEs insert), so they
-# leave the new row out.
-_INSERT_READING_RECENT = (
-    f"WITH challenge AS ({_INSERT_CHALLENGE}), audit AS (INSERT INTO audit_events "  # noqa: S608
-    f"({', '.join(_AUDIT_COLUMNS)}) VALUES ({', '.join(f'%(audit_{c})s' for c in _AUDIT_COLUMNS)})) "
-    f"{_RECENT_SENDS}"
 )
 # Published: the message is known to be in the queue (%(c)s: the challenge, %(u)s: its user).
 # The user's row is locked first, in the same statement (an uncorrelated sub-select runs
@@ -110,22 +101,6 @@ def insert_challenge(tx: Transaction, challenge: NewChallenge, audit: NewAuditEv
     else:
         tx.execute(_INSERT_CHALLENGE, params)
         store.add_audit_event(tx, **dataclasses.asdict(audit))
-
-
-def insert_challenge_reading_recent(
-    tx: Transaction, challenge: NewChallenge, audit: NewAuditEvent, *, since_ms: int
-) -> RecentSends:
-    """insert_challenge (with its audit event), and recent_sends for its user, destination and
-    method as they were before it (the new row not counted): one round trip on PostgreSQL."""
-    if tx.dialect != "postgres":
-        recent = recent_sends(
-            tx, challenge.user_id, challenge.destination, since_ms=since_ms, method=challenge.method
-        )
-        insert_challenge(tx, challenge, audit)
-        return recent
-    params = {name: getattr(challenge, name) for name in _NEW_CHALLENGE_COLUMNS}
-    counted = {"u": challenge.user_id, "d": challenge.destination, "since": since_ms, "m": challenge.method}
-    return _recent_sends(tx.one(_INSERT_READING_RECENT, {**params, **_audit_params(audit), **counted}))
 
 
 def _audit_params(event: NewAuditEvent) -> dict[str, object]:
@@ -323,12 +298,10 @@ def recent_sends(
 ) -> RecentSends:
     """last_send_ms, the two hourly counts of the send limits, and whether the user has `method`
     enabled, in one round trip."""
-    return _recent_sends(
-        tx.one(_RECENT_SENDS, {"u": user_id, "d": destination, "since": since_ms, "m": method})
+    row = tx.one(
+        _RECENT_SENDS,
+        {"u": user_id, "d": destination, "since": since_ms, "m": method},
     )
-
-
-def _recent_sends(row: Row | None) -> RecentSends:
     assert row is not None
     last = row["last"]
     return RecentSends(

@@ -115,28 +115,17 @@ class Challenges:
             # call waited for them is never "later" than this one, so a zero cooldown can't refuse
             # it as too soon, and created_at follows the order the locks gave the sends.
             now = now_ms(self._clock)
-            since = now - HOUR_MS
-            challenge = self._new_challenge(
-                user_id, method, purpose, destination, idempotency_key, locale, now
-            )
-            event = audit.event(caller, now, user_id, _SEND_ACTIONS.get(purpose, "code_sent"), detail=method)
-            # The figures the limits look at are read after both locks (a statement of its own: a
-            # snapshot taken after the waits). The common send writes its row in that statement,
-            # one round trip fewer (docs/benchmarks.md, SendCode, second pass); its figures leave
-            # the new row out, and a refusal below rolls the row back with the transaction.
-            if destination and not idempotency_key:
-                recent = outbox.insert_challenge_reading_recent(tx, challenge, event, since_ms=since)
-                self._require_method(recent, purpose, method)
-                self._enforce_send_limits(recent, now)
-            else:  # no contact, or an idempotency key: the checks that come first run before any insert
-                recent = outbox.recent_sends(tx, user_id, destination, since_ms=since, method=method)
-                self._require_method(recent, purpose, method)
-                if not destination:
-                    raise FailedPrecondition(
-                        "CONTACT_MISSING",
-                        f"no {contact} is registered; call SetContact first",
-                        metadata={"contact": contact},
-                    )
+            # Read after both locks (a statement of its own: a snapshot taken after the waits).
+            recent = outbox.recent_sends(tx, user_id, destination, since_ms=now - HOUR_MS, method=method)
+            if purpose == LOGIN and not (recent.method_enabled and method in policy.allowed_methods):
+                raise FailedPrecondition("METHOD_NOT_ENABLED", f"{method} is not enabled for this user")
+            if not destination:
+                raise FailedPrecondition(
+                    "CONTACT_MISSING",
+                    f"no {contact} is registered; call SetContact first",
+                    metadata={"contact": contact},
+                )
+            if idempotency_key:
                 earlier = outbox.challenge_by_idempotency_key(tx, user_id, idempotency_key)
                 if (
                     earlier is not None
@@ -145,30 +134,53 @@ class Challenges:
                     return self._view(tx, earlier)
                 if earlier is not None:
                     outbox.forget_idempotency_key(tx, earlier.challenge_id)
-                self._enforce_send_limits(recent, now)
-                outbox.insert_challenge(tx, challenge, event)
+            self._enforce_send_limits(recent, now)
             if method == SMS:
                 take_sms_quota(tx, destination, policy, now)
+            code = one_time_codes.new_code(policy.code_length)
+            challenge_id = uuid.uuid4().hex
+            action = _SEND_ACTIONS.get(purpose, "code_sent")
+            outbox.insert_challenge(
+                tx,
+                NewChallenge(
+                    challenge_id=challenge_id,
+                    user_id=user_id,
+                    method=method,
+                    purpose=purpose,
+                    destination=destination,
+                    code_hash=self._keyring.keyed_hash(
+                        challenge_data(challenge_id, code), purpose=CHALLENGE_CODE
+                    ),
+                    code_ciphertext=self._keyring.encrypt(
+                        code.encode(), purpose=CHALLENGE_CODE, user_id=challenge_id
+                    ),
+                    idempotency_key=idempotency_key or None,
+                    locale=locale or "en",
+                    created_at=now,
+                    expires_at=now + policy.code_ttl_seconds * 1000,
+                ),
+                audit.event(caller, now, user_id, action, detail=method),
+            )
             if purpose == ENROLLMENT:
                 store.start_method_enrollment(tx, user_id, method, now)
         try:
-            self._dispatcher.dispatch(challenge.challenge_id)
+            self._dispatcher.dispatch(challenge_id)
         except Unavailable:
             with self._db.transaction() as tx:
-                voided = outbox.void_unpublished(tx, challenge.challenge_id, now_ms(self._clock))
+                voided = outbox.void_unpublished(tx, challenge_id, now_ms(self._clock))
             if voided:
                 metrics.code_sent(method, "not_queued")
                 raise
             # The message got through after all (a worker took it) or recovery published it.
-            log.info("publish of %s reported failure, but its delivery is under way", challenge.challenge_id)
+            log.info("publish of %s reported failure, but its delivery is under way", challenge_id)
         metrics.code_sent(method, "queued")
         # PostgreSQL publishes in one statement, atomic by itself: no BEGIN and COMMIT around it.
         publishing = self._db.statements() if self._db.dialect == "postgres" else self._db.transaction()
         with publishing as tx:
-            published = outbox.publish_new(tx, challenge.challenge_id, user_id, now_ms(self._clock))
+            published = outbox.publish_new(tx, challenge_id, user_id, now_ms(self._clock))
             if published is not None:
                 return self._view(tx, published[0], last_send=published[1])
-            recorded = outbox.get_challenge(tx, challenge.challenge_id)  # recovery recorded the publish first
+            recorded = outbox.get_challenge(tx, challenge_id)  # recovery recorded the publish first
             assert recorded is not None
             return self._view(tx, recorded)
 
@@ -198,40 +210,6 @@ class Challenges:
             return outbox.consume_challenge(tx, challenge.challenge_id, now)
         outbox.count_challenge_attempt(tx, challenge.challenge_id, now)
         return False
-
-    def _new_challenge(
-        self,
-        user_id: str,
-        method: str,
-        purpose: str,
-        destination: str,
-        idempotency_key: str,
-        locale: str,
-        now: int,
-    ) -> NewChallenge:
-        """A new code's row: the code itself only hashed and sealed (bound to the challenge's id)."""
-        code = one_time_codes.new_code(self._policy.code_length)
-        challenge_id = uuid.uuid4().hex
-        return NewChallenge(
-            challenge_id=challenge_id,
-            user_id=user_id,
-            method=method,
-            purpose=purpose,
-            destination=destination,
-            code_hash=self._keyring.keyed_hash(challenge_data(challenge_id, code), purpose=CHALLENGE_CODE),
-            code_ciphertext=self._keyring.encrypt(
-                code.encode(), purpose=CHALLENGE_CODE, user_id=challenge_id
-            ),
-            idempotency_key=idempotency_key or None,
-            locale=locale or "en",
-            created_at=now,
-            expires_at=now + self._policy.code_ttl_seconds * 1000,
-        )
-
-    def _require_method(self, recent: outbox.RecentSends, purpose: str, method: str) -> None:
-        """A login code goes only by a method the user enabled and the policy allows."""
-        if purpose == LOGIN and not (recent.method_enabled and method in self._policy.allowed_methods):
-            raise FailedPrecondition("METHOD_NOT_ENABLED", f"{method} is not enabled for this user")
 
     def _enforce_send_limits(self, recent: outbox.RecentSends, now: int) -> None:
         policy = self._policy

@@ -198,8 +198,8 @@ def test_hourly_limits_per_user_and_per_destination(
 def test_a_refused_send_leaves_no_row_behind(
     sink: SmtpSink, start_server: ServerFactory, clock: Clock
 ) -> None:
-    """The common send writes its row in the statement that reads the limits' figures; a refusal
-    rolls it back with its audit event: nothing stored, nothing counted toward a later send."""
+    """A refused send stores nothing (no challenge row, no audit event) and counts toward
+    nothing: the limits are checked before anything is written."""
     h = start_server(email_provider="smtp", smtp=sink.settings(), policy={"sends_per_user_per_hour": 2})
     enroll_email(h, sink, clock, "gil")  # the enrollment code was the first send
     send_and_read(h, sink, "gil")
