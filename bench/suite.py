@@ -168,9 +168,21 @@ def main(argv: list[str] | None = None) -> int:
             valid &= rows[SENDCODE].valid and rows["delivery"].valid
             rows["e2e"] = measure_end_to_end(target, token, sink, email_users, args.e2e_messages)
             valid &= rows["e2e"].valid
+            # Half the maximum, which was measured with the worker stopped: once so again (the
+            # server's latency at half its load), once with the worker delivering on the same cores.
             half = rows[SENDCODE].rate / 2
-            rows["paced"] = measure_paced_sendcode(target, token, email_users, half, args.seconds)
-            valid &= rows["paced"].valid
+            os.killpg(worker.pid, signal.SIGSTOP)
+            try:
+                rows["paced"] = measure_paced_sendcode(
+                    target, token, email_users, half, args.seconds, "worker stopped"
+                )
+            finally:
+                os.killpg(worker.pid, signal.SIGCONT)
+            valid &= rows["paced"].valid and wait_drained(args.database_url, schema, timeout=180)
+            rows["paced delivering"] = measure_paced_sendcode(
+                target, token, email_users, half, args.seconds, "delivering"
+            )
+            valid &= rows["paced delivering"].valid
             if args.plans and population:
                 url = env["TWOFACTOR_DATABASE_URL"]
                 print_sizes(args.database_url, schema, args.population + args.users)
@@ -735,9 +747,12 @@ def measure_end_to_end(target: str, token: str, sink: BenchSink, users: list[str
     return row
 
 
-def measure_paced_sendcode(target: str, token: str, users: list[str], rate: float, seconds: float) -> Row:
+def measure_paced_sendcode(
+    target: str, token: str, users: list[str], rate: float, seconds: float, worker: str
+) -> Row:
     """SendCode at a fixed rate (open loop: each call starts on its schedule, whatever the others
-    do), the worker delivering meanwhile: the latency a login sees at that load."""
+    do): the latency a login sees at that load (the caller says whether the worker delivers meanwhile,
+    on the same cores, with the SMTP sink in this process)."""
     import grpc
     from twofactor.v1 import twofactor_service_pb2_grpc
 
@@ -764,8 +779,8 @@ def measure_paced_sendcode(target: str, token: str, users: list[str], rate: floa
             time.sleep(max(0.0, began + index / rate - time.monotonic()))  # the schedule, not a wait
             pool.submit(send, index)
     result.seconds = seconds
-    print(f"sendcode@ {result.line()}  (target {rate:.1f} calls/s)", flush=True)
-    row = Row(f"SendCode at {rate:.0f}/s (half the max)", result, None, 1)
+    print(f"sendcode@ {result.line()}  (target {rate:.1f} calls/s, {worker})", flush=True)
+    row = Row(f"SendCode @{rate:.0f}/s, {worker}", result, None, 1)
     row.cpu_us = dict.fromkeys(COLUMNS, float("nan"))
     return row
 
@@ -878,7 +893,10 @@ def print_table(rows: dict[str, Row], args: argparse.Namespace) -> None:
     if "e2e" in rows:
         checks.append(("end-to-end p50 ms, idle queue", rows["e2e"].p50, "<=", 100.0))
     if "paced" in rows:
-        checks.append(("SendCode p99 ms at half the maximum SendCode rate", rows["paced"].p99, "<=", 20.0))
+        checks.append(("SendCode p99 ms at half the max rate, worker stopped", rows["paced"].p99, "<=", 20.0))
+    if "paced delivering" in rows:
+        delivering = rows["paced delivering"].p99
+        checks.append(("SendCode p99 ms at half the max rate, worker delivering", delivering, "<=", 20.0))
     for label, value, sense, target in checks:
         met = value <= target if sense == "<=" else value >= target
         print(f"  {label:<64} {value:9.2f}  target {sense} {target:g}  {'met' if met else 'NOT MET'}")
