@@ -58,6 +58,7 @@ class StoragePause(bootsteps.StartStopStep):  # type: ignore[misc]
         self._probe: StorageProbe | None = None
         self._timer: Any = None
         self._paused = False
+        self._announced = False  # the pause logged (after the last receive in flight returned)
 
     def start(self, c: Any) -> None:
         settings = self._settings
@@ -84,8 +85,20 @@ class StoragePause(bootsteps.StartStopStep):  # type: ignore[misc]
         if not self._probe.available and not self._paused:
             c.cancel_task_queue(queue)
             self._paused = True
-            log.warning("storage unavailable: not taking delivery tasks from %s until it answers", queue)
+            self._announced = False
         elif self._probe.available and self._paused:
             c.add_task_queue(queue)
             self._paused = False
-            log.warning("storage answers again: taking delivery tasks from %s", queue)
+            if self._announced:
+                log.warning("storage answers again: taking delivery tasks from %s", queue)
+        if self._paused and not self._announced and not _receiving(c):
+            # Said once no receive is in flight: a BRPOP sent before the cancel can still
+            # return a message for up to its timeout (kombu then puts it back in the queue).
+            self._announced = True
+            log.warning("storage unavailable: not taking delivery tasks from %s until it answers", queue)
+
+
+def _receiving(c: Any) -> bool:
+    """Whether the consumer's channel waits on a receive (a Redis BRPOP) sent earlier."""
+    channel = getattr(c.task_consumer, "channel", None)
+    return bool(getattr(channel, "_in_poll", False))  # kombu's Redis channel; other brokers: never
