@@ -18,28 +18,24 @@ it, the server's CPU per call from /proc.
 from __future__ import annotations
 
 import argparse
-import concurrent.futures
 import hashlib
 import os
 import secrets
 import statistics
 import sys
-import time
 import uuid
 from pathlib import Path
 
-import grpc
 import psycopg
 import redis
-from grpc_health.v1 import health_pb2, health_pb2_grpc
+import sendcode_path
+import verify_instructions
 from loadgen import ServerProcess, wait_serving
 from twofactor.v1 import common_pb2
 from twofactor.v1 import twofactor_service_pb2 as pb
-from twofactor.v1 import twofactor_service_pb2_grpc as pb_grpc
 from verify_instructions import Callgrind, cpu_ns
 
 from twofactor_server.domain.keyring import Keyring
-from twofactor_server.storage import store
 from twofactor_server.storage.database import PostgresDatabase
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -51,40 +47,18 @@ def make_users(url: str, run: str, count: int) -> list[str]:
     db = PostgresDatabase(url, pool_size=1)
     try:
         db.migrate()
-        users = [f"bench-send-{run}-{i:05d}" for i in range(count)]
-        now = int(time.time() * 1000)
-        with db.transaction() as tx:
-            for index, user_id in enumerate(users):
-                store.ensure_user(tx, user_id, now)
-                store.set_contact(tx, user_id, "email", f"user{index}-{run}@bench.invalid")
-                store.start_method_enrollment(tx, user_id, "email", now)
-                store.enable_method(tx, user_id, "email", now)
-        return users
+        return sendcode_path.make_users(db, run, count)
     finally:
         db.close()
 
 
-class Calls:
-    def __init__(self, target: str, token: str, threads: int) -> None:
-        self._channels = [grpc.insecure_channel(target) for _ in range(threads)]
-        self._service = [pb_grpc.TwoFactorServiceStub(c) for c in self._channels]
-        self._health = [health_pb2_grpc.HealthStub(c) for c in self._channels]
-        self._metadata = (("authorization", f"Bearer {token}"),)
-        self._pool = concurrent.futures.ThreadPoolExecutor(threads)
-        self._threads = threads
-
-    def health(self, calls: int) -> None:
-        def run(index: int) -> None:
-            for _ in range(index, calls, self._threads):
-                reply = self._health[index].Check(health_pb2.HealthCheckRequest(service=""), timeout=60)
-                assert reply.status == health_pb2.HealthCheckResponse.SERVING
-
-        list(self._pool.map(run, range(self._threads)))
+class Calls(verify_instructions.Calls):
+    """Health/Check (verify_instructions.Calls) and SendCode by email, from the client threads."""
 
     def send_code(self, users: list[str], calls: int) -> None:
         def run(index: int) -> None:
             for number in range(index, calls, self._threads):
-                reply = self._service[index].SendCode(
+                reply = self._verify[index].SendCode(  # the TwoFactorService stub of this thread
                     pb.SendCodeRequest(user_id=users[number % len(users)], method=common_pb2.METHOD_EMAIL),
                     metadata=self._metadata,
                     timeout=60,
@@ -92,11 +66,6 @@ class Calls:
                 assert reply.challenge.challenge_id
 
         list(self._pool.map(run, range(self._threads)))
-
-    def close(self) -> None:
-        self._pool.shutdown()
-        for channel in self._channels:
-            channel.close()
 
 
 def main(argv: list[str] | None = None) -> int:
