@@ -36,6 +36,11 @@ _TOKEN_WIDTH = len(repr(sys.maxsize - 1))  # as email.generator's boundaries
 _boundaries = random.Random()  # noqa: S311 - a MIME boundary, not a secret
 
 
+def bare_address(value: str) -> bool:
+    """Whether `value` is a dot-atom address alone ("a@b.c"), nothing to quote or parse."""
+    return _ADDRESS.fullmatch(value) is not None
+
+
 def plain_address(value: str) -> str | None:
     """The address of a From or To value written the simple way ("a@b.c" or "Name <a@b.c>"),
     else None (the email package handles the rest)."""
