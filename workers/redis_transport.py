@@ -12,7 +12,7 @@ channel makes a new pool (after a lost connection).
 The two transactions themselves (MULTI ZADD HSET EXEC on arrival, MULTI ZREM HDEL EXEC on
 ack) were then about 40 % of the consumer's CPU, most of it redis-py packing and parsing
 them through its general pipeline. `QoS` sends the same four commands, in one write on a
-connection from the same pool, and reads the four replies; anything unexpected (an error
+connection it keeps from the same pool, and reads the four replies; anything unexpected (an error
 reply, a lost connection) hands the message to kombu's own code, which sends them again
 with its retries: the commands are idempotent, so a transaction that did run is harmless
 to repeat.
@@ -20,6 +20,7 @@ to repeat.
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from time import time
@@ -45,6 +46,11 @@ _EXEC = _command("EXEC")
 
 
 class QoS(kombu_redis.QoS):
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._lock = threading.Lock()
+        self._kept: tuple[Any, Any] | None = None  # (pool, connection)
+
     def append(self, message: Any, delivery_tag: str) -> None:
         delivery = message.delivery_info
         record = dumps([message._raw, delivery["exchange"], delivery["routing_key"]])
@@ -69,21 +75,32 @@ class QoS(kombu_redis.QoS):
         """MULTI, the commands, EXEC in one write; whether every reply came back as expected."""
         if self.channel.global_keyprefix:  # kombu's prefixing client rewrites the keys
             return False
-        pool = self.channel.pool
-        try:
-            connection = pool.get_connection()
-        except (redis.RedisError, OSError):
-            return False
-        try:
-            connection.send_packed_command([b"".join((_MULTI, *commands, _EXEC))])
-            replies = [connection.read_response() for _ in range(len(commands) + 2)]
-        except (redis.RedisError, OSError):
-            connection.disconnect()  # replies may be left unread: never reuse it
-            return False
-        finally:
-            pool.release(connection)
+        with self._lock:  # acknowledgements may come from the pool's threads (-P threads)
+            try:
+                connection = self._connection()
+                connection.send_packed_command([b"".join((_MULTI, *commands, _EXEC))])
+                replies = [connection.read_response() for _ in range(len(commands) + 2)]
+            except (redis.RedisError, OSError):
+                self._drop_connection()  # replies may be left unread: never reuse it
+                return False
         executed = replies[-1]
         return isinstance(executed, list) and not any(isinstance(r, Exception) for r in executed)
+
+    def _connection(self) -> Any:
+        """A connection of the channel's pool kept for these transactions: taking one from the
+        pool and giving it back each time (a poll of the socket, redis-py's connection events)
+        cost about as much as the transaction. A new one comes with a new pool."""
+        pool = self.channel.pool
+        if self._kept is None or self._kept[0] is not pool:
+            self._kept = (pool, pool.get_connection())
+        return self._kept[1]
+
+    def _drop_connection(self) -> None:
+        if self._kept is not None:
+            pool, connection = self._kept
+            self._kept = None
+            connection.disconnect()
+            pool.release(connection)
 
 
 class Channel(kombu_redis.Channel):

@@ -85,3 +85,29 @@ def test_a_key_prefix_keeps_kombus_own_bookkeeping(queue: str) -> None:
         assert not client.hexists(f"{queue}:{channel.unacked_key}", tag)
         client.delete(f"{queue}:{channel.unacked_index_key}", f"{queue}:{channel.unacked_key}")
     client.close()
+
+
+def test_the_bookkeeping_survives_a_lost_connection(queue: str) -> None:
+    """The connection the transport keeps for it is dropped by Redis: the acknowledgement
+    still removes the record (kombu's own code sends it on a new connection)."""
+    client = redis.Redis.from_url(REDIS_URL)
+    with Connection(REDIS_URL, transport=Transport) as connection:
+        producer = connection.Producer()
+        channel = connection.default_channel
+        channel.queue_declare(queue)
+        producer.publish({"n": 4}, routing_key=queue, exchange="")
+        message = channel.basic_get(queue, no_ack=False)
+        assert message is not None
+        tag = message.delivery_tag
+        assert client.hexists(channel.unacked_key, tag)
+        host, port = channel.qos._connection()._sock.getsockname()[:2]
+        assert client.client_kill(f"{host}:{port}")
+        message.ack()
+        assert not client.hexists(channel.unacked_key, tag)
+        assert client.zscore(channel.unacked_index_key, tag) is None
+        producer.publish({"n": 5}, routing_key=queue, exchange="")  # and the next message's too
+        message = channel.basic_get(queue, no_ack=False)
+        assert message is not None and client.hexists(channel.unacked_key, message.delivery_tag)
+        message.ack()
+        assert not client.hexists(channel.unacked_key, message.delivery_tag)
+    client.close()
