@@ -47,29 +47,30 @@ _EXEC = _command("EXEC")
 
 class QoS(kombu_redis.QoS):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
+        super().__init__(*args, **kwargs)  # type: ignore[no-untyped-call]
         self._lock = threading.Lock()
         self._kept: tuple[Any, Any] | None = None  # (pool, connection)
 
     def append(self, message: Any, delivery_tag: str) -> None:
         delivery = message.delivery_info
-        record = dumps([message._raw, delivery["exchange"], delivery["routing_key"]])
+        # What kombu's QoS.append writes, and its restore_by_tag reads back.
+        record = dumps([message._raw, delivery["exchange"], delivery["routing_key"]])  # type: ignore[no-untyped-call]
         if not self._transaction(
             _command("ZADD", self.unacked_index_key, repr(time()), delivery_tag),
             _command("HSET", self.unacked_key, delivery_tag, record),
         ):
-            super().append(message, delivery_tag)  # kombu's pipeline, with its retries
+            super().append(message, delivery_tag)  # type: ignore[no-untyped-call]  # kombu's, with retries
             return
-        virtual.QoS.append(self, message, delivery_tag)
+        virtual.QoS.append(self, message, delivery_tag)  # type: ignore[no-untyped-call]  # in memory
 
     def ack(self, delivery_tag: str) -> None:
         if not self._transaction(
             _command("ZREM", self.unacked_index_key, delivery_tag),
             _command("HDEL", self.unacked_key, delivery_tag),
         ):
-            super().ack(delivery_tag)
+            super().ack(delivery_tag)  # type: ignore[no-untyped-call]
             return
-        virtual.QoS.ack(self, delivery_tag)
+        virtual.QoS.ack(self, delivery_tag)  # type: ignore[no-untyped-call]
 
     def _transaction(self, *commands: bytes) -> bool:
         """MULTI, the commands, EXEC in one write; whether every reply came back as expected."""
