@@ -57,7 +57,7 @@ class _Session(smtplib.SMTP):
     """smtplib's MAIL FROM and RCPT TO, with a bare address quoted without parsing it again.
 
     smtplib's `quoteaddr` runs `email.utils.parseaddr` on both addresses of every message
-    (about 5 % of a pool process's instructions per email, docs/benchmarks.md) only to
+    (8 % of a pool process's instructions per email, docs/benchmarks.md) only to
     write "<address>" for the dot-atom addresses `message_bytes` has already checked.
     """
 
