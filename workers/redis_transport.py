@@ -1,4 +1,5 @@
-"""kombu's Redis transport with one redis-py client per channel, not one per command.
+"""kombu's Redis transport with one redis-py client per channel, not one per command, and
+its late-acknowledgement bookkeeping written without redis-py's pipeline machinery.
 
 kombu's Redis channel makes a new `redis.Redis` for every command it sends outside its
 BRPOP loop; with late acknowledgement that is two per task (recording the message as
@@ -7,18 +8,104 @@ its ~170 response callbacks into a case-insensitive dict when made: about 120 µ
 consumer's CPU each (docs/benchmarks.md, Worker). The commands themselves are the same,
 on connections from the channel's pool as before; a client is made again when the
 channel makes a new pool (after a lost connection).
+
+The two transactions themselves (MULTI ZADD HSET EXEC on arrival, MULTI ZREM HDEL EXEC on
+ack) then cost a fifth of the consumer's instructions per email, most of it redis-py's
+general pipeline (packing, parsing, taking a connection from the pool and returning it).
+`QoS` sends the same four commands in one write, on a connection it keeps from the same
+pool, and reads the four replies. Anything unexpected (an error reply, a lost connection)
+hands the message to kombu's own code, which sends them again with its retries: a
+transaction that did run is harmless to repeat (the same record, a later score).
 """
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
+from time import time
 from typing import Any
 
+import redis
 from kombu.transport import redis as kombu_redis
+from kombu.transport import virtual
+from kombu.utils.json import dumps
+
+
+def _command(*args: str | bytes) -> bytes:
+    """One command in the Redis protocol (RESP): an array of bulk strings."""
+    parts = [b"*%d\r\n" % len(args)]
+    for arg in args:
+        data = arg if isinstance(arg, bytes) else arg.encode()
+        parts.append(b"$%d\r\n%s\r\n" % (len(data), data))
+    return b"".join(parts)
+
+
+_MULTI = _command("MULTI")
+_EXEC = _command("EXEC")
+
+
+class QoS(kombu_redis.QoS):
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)  # type: ignore[no-untyped-call]
+        self._lock = threading.Lock()
+        self._kept: tuple[Any, Any] | None = None  # (pool, connection)
+
+    def append(self, message: Any, delivery_tag: str) -> None:
+        delivery = message.delivery_info
+        # What kombu's QoS.append writes, and its restore_by_tag reads back.
+        record = dumps([message._raw, delivery["exchange"], delivery["routing_key"]])  # type: ignore[no-untyped-call]
+        if not self._transaction(
+            _command("ZADD", self.unacked_index_key, repr(time()), delivery_tag),
+            _command("HSET", self.unacked_key, delivery_tag, record),
+        ):
+            super().append(message, delivery_tag)  # type: ignore[no-untyped-call]  # kombu's, with retries
+            return
+        virtual.QoS.append(self, message, delivery_tag)  # type: ignore[no-untyped-call]  # in memory
+
+    def ack(self, delivery_tag: str) -> None:
+        if not self._transaction(
+            _command("ZREM", self.unacked_index_key, delivery_tag),
+            _command("HDEL", self.unacked_key, delivery_tag),
+        ):
+            super().ack(delivery_tag)  # type: ignore[no-untyped-call]
+            return
+        virtual.QoS.ack(self, delivery_tag)  # type: ignore[no-untyped-call]
+
+    def _transaction(self, *commands: bytes) -> bool:
+        """MULTI, the commands, EXEC in one write; whether every reply came back as expected."""
+        if self.channel.global_keyprefix:  # kombu's prefixing client rewrites the keys
+            return False
+        with self._lock:  # acknowledgements may come from the pool's threads (-P threads)
+            try:
+                connection = self._connection()
+                connection.send_packed_command([b"".join((_MULTI, *commands, _EXEC))])
+                replies = [connection.read_response() for _ in range(len(commands) + 2)]
+            except (redis.RedisError, OSError):
+                self._drop_connection()  # replies may be left unread: never reuse it
+                return False
+        executed = replies[-1]
+        return isinstance(executed, list) and not any(isinstance(r, Exception) for r in executed)
+
+    def _connection(self) -> Any:
+        """A connection of the channel's pool kept for these transactions: taking one from the
+        pool and giving it back each time (a poll of the socket, redis-py's connection events)
+        cost about as much as the transaction. A new one comes with a new pool."""
+        pool = self.channel.pool
+        if self._kept is None or self._kept[0] is not pool:
+            self._kept = (pool, pool.get_connection())
+        return self._kept[1]
+
+    def _drop_connection(self) -> None:
+        if self._kept is not None:
+            pool, connection = self._kept
+            self._kept = None
+            connection.disconnect()
+            pool.release(connection)
 
 
 class Channel(kombu_redis.Channel):
+    QoS = QoS
     _kept_client: Any = None
 
     @contextmanager

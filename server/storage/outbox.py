@@ -22,6 +22,7 @@ from dataclasses import dataclass
 
 from twofactor_server.storage import store
 from twofactor_server.storage.database import Transaction
+from twofactor_server.storage.hot_statements import HotStatement
 from twofactor_server.storage.records import ChallengeRecord, ChallengeStatus, NewAuditEvent, NewChallenge
 
 _NEW_CHALLENGE_COLUMNS = [f.name for f in dataclasses.fields(NewChallenge)]
@@ -348,25 +349,30 @@ def mark_delivery(
     the holder of the claim records: after its lease ran out and another worker took
     over, a late outcome changes nothing (False).
     """
-    return (
-        tx.execute(
-            "UPDATE challenges SET delivery_status = %(s)s, updated_at = %(now)s, lease_until = NULL, "
-            "next_publish_at = %(again)s, "
-            "provider_message_id = COALESCE(%(pid)s, provider_message_id), failure_reason = %(why)s, "
-            "code_ciphertext = CASE WHEN %(wipe)s THEN NULL ELSE code_ciphertext END "
-            "WHERE challenge_id = %(c)s AND delivery_status = 'sending' AND publish_generation = %(g)s "
-            "AND delivery_attempts = %(n)s",
-            {
-                "c": claimed.challenge_id,
-                "g": claimed.publish_generation,
-                "n": claimed.delivery_attempts,
-                "s": status,
-                "now": now_ms,
-                "pid": provider_message_id,
-                "why": failure_reason,
-                "wipe": wipe_code,
-                "again": republish_at,
-            },
-        )
-        == 1
+    # A HotStatement (prepared by name, run through libpq): every delivery records once.
+    recorded = tx.hot_row(
+        _MARK_DELIVERY,
+        {
+            "c": claimed.challenge_id,
+            "g": claimed.publish_generation,
+            "n": claimed.delivery_attempts,
+            "s": status,
+            "now": now_ms,
+            "pid": provider_message_id,
+            "why": failure_reason,
+            "wipe": int(wipe_code),
+            "again": republish_at,
+        },
     )
+    return recorded is not None
+
+
+_MARK_DELIVERY = HotStatement(
+    "twofactor_mark_delivery",
+    "UPDATE challenges SET delivery_status = %(s)s, updated_at = %(now)s, lease_until = NULL, "
+    "next_publish_at = %(again)s, "
+    "provider_message_id = COALESCE(%(pid)s, provider_message_id), failure_reason = %(why)s, "
+    "code_ciphertext = CASE WHEN %(wipe)s = 1 THEN NULL ELSE code_ciphertext END "
+    "WHERE challenge_id = %(c)s AND delivery_status = 'sending' AND publish_generation = %(g)s "
+    "AND delivery_attempts = %(n)s RETURNING 1",
+)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import re
+import smtplib
 from email.generator import BytesGenerator
 from email.message import EmailMessage as MimeMessage
 
@@ -14,6 +15,7 @@ from hypothesis import strategies as st
 
 from twofactor_server.delivery.messages import render_email, render_notice
 from twofactor_server.delivery.providers.mime import message_bytes, plain_address
+from twofactor_server.delivery.providers.smtp import quoted
 
 DATE = "Mon, 30 Nov 2026 00:01:02 +0000"
 
@@ -166,3 +168,16 @@ def test_a_header_injection_is_never_written_directly() -> None:
         )
         is None
     )
+
+
+@settings(max_examples=300, deadline=None, derandomize=True)
+@given(
+    address=st.one_of(
+        _address, _printable, st.from_regex(r"[A-Za-z -]{1,10} <[a-z.@]{1,10}>", fullmatch=True)
+    )
+)
+@example(address="<>")
+@example(address="a@b.c")
+def test_smtp_quotes_addresses_as_smtplib_does(address: str) -> None:
+    # MAIL FROM and RCPT TO quote a bare address without parsing it (smtp._Session).
+    assert quoted(address) == smtplib.quoteaddr(address)

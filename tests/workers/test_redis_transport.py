@@ -48,3 +48,66 @@ def test_unacknowledged_until_acked(queue: str) -> None:
         assert not client.hexists(channel.unacked_key, tag)
         assert client.zscore(channel.unacked_index_key, tag) is None
     client.close()
+
+
+def test_kombu_restores_what_the_transport_recorded(queue: str) -> None:
+    """The record written on arrival is the one kombu reads back when a worker goes away
+    without acknowledging (restore at shutdown, or after the visibility timeout)."""
+    with Connection(REDIS_URL, transport=Transport) as connection:
+        producer = connection.Producer()
+        channel = connection.default_channel
+        channel.queue_declare(queue)
+        producer.publish({"n": 2}, routing_key=queue, exchange="")
+        message = channel.basic_get(queue, no_ack=False)
+        assert message is not None
+        assert channel._size(queue) == 0
+        channel.qos.restore_unacked()  # what kombu does for unacked messages at shutdown
+        assert channel._size(queue) == 1
+        again = channel.basic_get(queue, no_ack=False)
+        assert again is not None and again.payload == {"n": 2}
+        again.ack()
+
+
+def test_a_key_prefix_keeps_kombus_own_bookkeeping(queue: str) -> None:
+    client = redis.Redis.from_url(REDIS_URL)
+    options = {"global_keyprefix": f"{queue}:"}
+    with Connection(REDIS_URL, transport=Transport, transport_options=options) as connection:
+        producer = connection.Producer()
+        channel = connection.default_channel
+        channel.queue_declare(queue)
+        producer.publish({"n": 3}, routing_key=queue, exchange="")
+        message = channel.basic_get(queue, no_ack=False)
+        assert message is not None
+        tag = message.delivery_tag
+        assert client.hexists(f"{queue}:{channel.unacked_key}", tag)
+        assert not client.hexists(channel.unacked_key, tag)
+        message.ack()
+        assert not client.hexists(f"{queue}:{channel.unacked_key}", tag)
+        client.delete(f"{queue}:{channel.unacked_index_key}", f"{queue}:{channel.unacked_key}")
+    client.close()
+
+
+def test_the_bookkeeping_survives_a_lost_connection(queue: str) -> None:
+    """The connection the transport keeps for it is dropped by Redis: the acknowledgement
+    still removes the record (kombu's own code sends it on a new connection)."""
+    client = redis.Redis.from_url(REDIS_URL)
+    with Connection(REDIS_URL, transport=Transport) as connection:
+        producer = connection.Producer()
+        channel = connection.default_channel
+        channel.queue_declare(queue)
+        producer.publish({"n": 4}, routing_key=queue, exchange="")
+        message = channel.basic_get(queue, no_ack=False)
+        assert message is not None
+        tag = message.delivery_tag
+        assert client.hexists(channel.unacked_key, tag)
+        host, port = channel.qos._connection()._sock.getsockname()[:2]
+        assert client.client_kill(f"{host}:{port}")
+        message.ack()
+        assert not client.hexists(channel.unacked_key, tag)
+        assert client.zscore(channel.unacked_index_key, tag) is None
+        producer.publish({"n": 5}, routing_key=queue, exchange="")  # and the next message's too
+        message = channel.basic_get(queue, no_ack=False)
+        assert message is not None and client.hexists(channel.unacked_key, message.delivery_tag)
+        message.ack()
+        assert not client.hexists(channel.unacked_key, message.delivery_tag)
+    client.close()

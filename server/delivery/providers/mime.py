@@ -36,6 +36,11 @@ _TOKEN_WIDTH = len(repr(sys.maxsize - 1))  # as email.generator's boundaries
 _boundaries = random.Random()  # noqa: S311 - a MIME boundary, not a secret
 
 
+def bare_address(value: str) -> bool:
+    """Whether `value` is a dot-atom address alone ("a@b.c"), nothing to quote or parse."""
+    return _ADDRESS.fullmatch(value) is not None
+
+
 def plain_address(value: str) -> str | None:
     """The address of a From or To value written the simple way ("a@b.c" or "Name <a@b.c>"),
     else None (the email package handles the rest)."""
@@ -120,11 +125,14 @@ def _encoded(content: str) -> tuple[str, str] | None:
         except UnicodeDecodeError:
             return None  # the default policy sends it 8bit: left to the email package
     sniff = b"\n".join(lines[:10]) + b"\n"
-    if len(quoprimime.body_encode(sniff.decode("latin-1"), MAX_LINE)) > len(binascii.b2a_base64(sniff)):
+    sniffed = quoprimime.body_encode(sniff.decode("latin-1"), MAX_LINE)
+    if len(sniffed) > len(binascii.b2a_base64(sniff)):
         step = MAX_LINE // 4 * 3
         chunks = (binascii.b2a_base64(body[i : i + step]).decode("ascii") for i in range(0, len(body), step))
         return "base64", _lf_lines("".join(chunks))
-    return "quoted-printable", _lf_lines(quoprimime.body_encode(body.decode("latin-1"), MAX_LINE))
+    # Ten lines or fewer: the sniff was the whole body, already encoded (most text parts).
+    encoded = sniffed if len(lines) <= 10 else quoprimime.body_encode(body.decode("latin-1"), MAX_LINE)
+    return "quoted-printable", _lf_lines(encoded)
 
 
 def _lf_lines(payload: str) -> str:
