@@ -214,7 +214,13 @@ class _Statements:
 
     def __enter__(self) -> _PostgresTransaction:
         self._conn, self._watch = self._db._checkout()
-        self._tx = _PostgresTransaction(self._conn)
+        try:
+            self._tx = _PostgresTransaction(self._conn)  # its first cursor checks the connection
+        except BaseException as error:  # __exit__ won't run: give the connection and its watch back
+            self._db._checkin(self._conn, self._watch)
+            if isinstance(error, psycopg.OperationalError):
+                self._db._unavailable(error)
+            raise
         return self._tx
 
     def __exit__(self, kind: type[BaseException] | None, error: BaseException | None, _: object) -> None:
