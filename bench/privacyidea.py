@@ -70,6 +70,7 @@ import psycopg
 from loadgen import (
     STEP_SECONDS,
     VERIFY,
+    Clients,
     CpuMeter,
     CpuRecorder,
     PhaseResult,
@@ -223,7 +224,8 @@ class Http:
         status, reply = self.send(method, path, fields)
         if status != 200 or not reply.get("result", {}).get("status"):
             raise RuntimeError(f"privacyIDEA {method} {path}: HTTP {status} {json.dumps(reply)[:400]}")
-        return reply["result"]
+        result: dict[str, Any] = reply["result"]
+        return result
 
     def send(self, method: str, path: str, fields: dict[str, str]) -> tuple[int, dict[str, Any]]:
         headers = {"Content-Type": "application/x-www-form-urlencoded"}
@@ -447,7 +449,7 @@ def _check_client_main(pipe: multiprocessing.connection.Connection, url: str, th
 
 
 @contextlib.contextmanager
-def running_twofactor(args: argparse.Namespace) -> Iterator[tuple[str, int, PostgresPids, Any]]:
+def running_twofactor(args: argparse.Namespace) -> Iterator[tuple[str, int, PostgresPids, Clients]]:
     """(target, server pid, its PostgreSQL pids, the Verify clients with M users enrolled)."""
     schema = f"tf_bench_{uuid.uuid4().hex[:10]}"
     token = "bench-" + secrets.token_urlsafe(24)
@@ -537,7 +539,7 @@ def measure(
     pi_load: CheckClients,
     tf_pid: int,
     tf_backends: PostgresPids,
-    tf_load: Any,
+    tf_load: Clients,
 ) -> list[Measured]:
     check_phases, verify_phases = schedule(args)
     first = check_phases[0][1]
