@@ -12,6 +12,7 @@ is closed instead of going back to the pool.
 from __future__ import annotations
 
 import logging
+import os
 import socket
 import threading
 from dataclasses import dataclass
@@ -26,6 +27,7 @@ class Watch:
 
     fd: int
     deadline: float
+    inode: int  # the socket's identity: a descriptor number is reused once its socket is closed
     expired: bool = False
 
 
@@ -45,7 +47,11 @@ class Watchdog:
 
     def watch(self, fd: int, deadline: float) -> Watch:
         """Start watching the socket `fd`: it is shut down at `deadline` unless released before."""
-        watch = Watch(fd, deadline)
+        try:
+            inode = os.fstat(fd).st_ino
+        except OSError:  # not an open descriptor: the statement will fail by itself
+            inode = -1
+        watch = Watch(fd, deadline, inode)
         with self._lock:
             if self._thread is None and not self._closed:
                 self._thread = threading.Thread(target=self._run, name=f"{self._name}-deadlines", daemon=True)
@@ -75,16 +81,22 @@ class Watchdog:
                 for watch in [w for w in self._watched if w.deadline <= now]:
                     self._watched.discard(watch)
                     watch.expired = True
-                    _shut_down(watch.fd)
+                    _shut_down(watch)
                 self._next_wake = min((w.deadline for w in self._watched), default=float("inf"))
                 self._cond.wait(None if self._next_wake == float("inf") else self._next_wake - now)
 
 
-def _shut_down(fd: int) -> None:
+def _shut_down(watch: Watch) -> None:
     """Wake whoever waits on the socket with an error; the file descriptor stays its owner's to close."""
     try:
+        if os.fstat(watch.fd).st_ino != watch.inode:
+            # Its socket was closed while watched, and the number now names another one: a
+            # bug (every watch is released before its connection closes), never to be paid for
+            # by whichever connection holds the number now.
+            log.error("a deadline watch outlived its connection (descriptor %d reused); left alone", watch.fd)
+            return
         # fromfd duplicates the descriptor: closing the duplicate leaves the driver's intact.
-        with socket.fromfd(fd, socket.AF_INET, socket.SOCK_STREAM) as sock:
+        with socket.fromfd(watch.fd, socket.AF_INET, socket.SOCK_STREAM) as sock:
             sock.shutdown(socket.SHUT_RDWR)
     except OSError as error:  # already closed by its peer: nothing left to wake
         log.debug("shutting down a connection past its deadline: %s", error)

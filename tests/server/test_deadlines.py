@@ -1,0 +1,64 @@
+"""The client-side deadline (storage/deadlines.py): a socket still in use past its deadline is shut
+down, which wakes whoever waits on it; a watch whose socket was closed meanwhile never touches the
+socket that has taken its descriptor number since."""
+
+from __future__ import annotations
+
+import logging
+import socket
+import time
+
+import pytest
+
+from twofactor_server.storage.deadlines import Watch, Watchdog
+
+
+def wait_expired(watch: Watch, bound: float = 10.0) -> None:
+    give_up = time.monotonic() + bound
+    while not watch.expired:
+        assert time.monotonic() < give_up, "the watchdog never reached the deadline"
+        time.sleep(0.01)
+
+
+def test_a_socket_past_its_deadline_is_shut_down_and_its_reader_woken() -> None:
+    watchdog = Watchdog("test")
+    ours, peer = socket.socketpair()
+    try:
+        ours.settimeout(30)  # bounds the test if the shutdown never comes
+        watch = watchdog.watch(ours.fileno(), time.monotonic() + 0.1)
+        assert ours.recv(1) == b""  # blocked until the watchdog shut the socket down
+        assert watch.expired and watchdog.release(watch)
+    finally:
+        watchdog.close()
+        ours.close()
+        peer.close()
+
+
+def test_a_watch_that_outlived_its_socket_leaves_the_descriptors_new_owner_alone(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    watchdog = Watchdog("test")
+    first, first_peer = socket.socketpair()
+    number = first.fileno()
+    watch = watchdog.watch(number, time.monotonic() + 0.3)
+    first.close()  # a bug's stand-in: the connection closed without releasing its watch
+    first_peer.close()
+    taken = [socket.socketpair() for _ in range(4)]  # the lowest free number is handed out again
+    try:
+        reused = [pair for pair in taken if number in (pair[0].fileno(), pair[1].fileno())]
+        assert reused, "the descriptor number was not reused: the test proves nothing"
+        with caplog.at_level(logging.ERROR):
+            wait_expired(watch)
+        a, b = reused[0]
+        a.sendall(b"x")  # still connected both ways: not shut down
+        b.settimeout(5)
+        assert b.recv(1) == b"x"
+        b.sendall(b"y")
+        a.settimeout(5)
+        assert a.recv(1) == b"y"
+        assert any("outlived its connection" in r.getMessage() for r in caplog.records)
+    finally:
+        watchdog.close()
+        for a, b in taken:
+            a.close()
+            b.close()
