@@ -470,7 +470,7 @@ def create_email_users(database_url: str, count: int) -> list[str]:
     layer (as an enrollment leaves them), not through the API: enough of them that the SendCode
     flood sends each at most one code or so, so the worker's backlog is emails to send, not codes
     superseded by a newer one (which it skips, and the delivery rate would not count)."""
-    db = PostgresDatabase(database_url, pool_size=1)
+    db = PostgresDatabase(database_url, pool_size=1, timeout=600)  # one transaction for them all
     try:
         return make_email_users(db, uuid.uuid4().hex[:8], count)
     finally:
