@@ -44,7 +44,7 @@ DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
 
 
 def make_users(url: str, run: str, count: int) -> list[str]:
-    db = PostgresDatabase(url, pool_size=1)
+    db = PostgresDatabase(url, pool_size=1, timeout=600)  # one transaction for them all
     try:
         db.migrate()
         return sendcode_path.make_users(db, run, count)

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field, replace
 from typing import ClassVar
 
 import grpc
+import psycopg
 import pytest
 from twofactor.v1 import admin_service_pb2 as admin_pb
 from twofactor.v1 import twofactor_service_pb2 as pb
@@ -304,16 +305,18 @@ def test_a_rotation_never_writes_back_over_a_concurrent_change(
     reports: list[RotationReport] = []
     rotating = threading.Thread(target=lambda: reports.append(rotation.rotate()))
     new_secret = totp.new_secret()
-    with writer_db.transaction() as tx:
+    # Watched from a connection of its own in autocommit: inside the writer's transaction
+    # pg_stat_activity is read once and kept, so a rotation connection opened after the first
+    # look would never be seen waiting.
+    with writer_db.transaction() as tx, psycopg.connect(settings.database_url, autocommit=True) as monitor:
         # The enrollment holds the row (as StartEnrollment's upsert does) until it commits.
         writer = tx.one("SELECT pg_backend_pid() AS pid FROM methods WHERE user_id = 'bob' FOR UPDATE")
         assert writer is not None
         rotating.start()
-        deadline = time.monotonic() + 60
-        while not tx.one(
-            "SELECT 1 AS blocked FROM pg_stat_activity WHERE %(w)s = ANY(pg_blocking_pids(pid))",
-            {"w": writer["pid"]},
-        ):
+        deadline = time.monotonic() + 30
+        while not monitor.execute(
+            "SELECT 1 FROM pg_stat_activity WHERE %s = ANY(pg_blocking_pids(pid))", (writer["pid"],)
+        ).fetchone():
             assert time.monotonic() < deadline and rotating.is_alive(), "the rotation never waited"
             time.sleep(0.01)
         sealed = both.encrypt(new_secret, purpose=TOTP_SECRET, user_id="bob")
