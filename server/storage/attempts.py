@@ -15,6 +15,7 @@ from __future__ import annotations
 from dataclasses import asdict
 from functools import lru_cache
 
+from twofactor_server.storage.audit_rows import INSERT_AUDIT_EVENT, audit_params, audit_placeholders
 from twofactor_server.storage.database import Transaction
 from twofactor_server.storage.hot_statements import HotStatement
 from twofactor_server.storage.records import AcceptedStep, NewAuditEvent, VerifySnapshot
@@ -54,14 +55,9 @@ def _audited(accepting: str) -> str:
     event in the same statement, a data-modifying CTE: only when it accepted."""
     return (  # the f-string part is fixed SQL text; every value is a bound parameter
         f"WITH accepted AS ({accepting}), "  # noqa: S608
-        "logged AS (INSERT INTO audit_events (at, actor, user_id, action, request_id, outcome, detail) "
-        "SELECT %(at)s, %(actor)s, %(u)s, %(action)s, %(request_id)s, %(outcome)s, %(detail)s "
-        "FROM accepted) SELECT backup_left, credential_epoch FROM accepted"
+        f"logged AS ({INSERT_AUDIT_EVENT}SELECT {audit_placeholders('audit_')} FROM accepted) "
+        "SELECT backup_left, credential_epoch FROM accepted"
     )
-
-
-def _audit_params(audit: NewAuditEvent) -> dict[str, object]:
-    return {k: v for k, v in asdict(audit).items() if k != "user_id"}  # the statement's %(u)s is the user
 
 
 _ACCEPTING_UNLOCKED_POSTGRES = (
@@ -227,7 +223,7 @@ def accept_totp_step_unlocked(
         if audit is None:
             row = tx.hot_row(_ACCEPT_UNLOCKED_HOT, params)
         else:
-            row = tx.hot_row(_ACCEPT_UNLOCKED_AUDITED_HOT, {**params, **_audit_params(audit)})
+            row = tx.hot_row(_ACCEPT_UNLOCKED_AUDITED_HOT, {**params, **audit_params(audit, "audit_")})
         return None if row is None else AcceptedStep(*row)
     return _accepted(tx, _ACCEPT_UNLOCKED_SQLITE, params, audit, f"RETURNING {_BACKUP_LEFT} AS backup_left, ")
 
@@ -237,7 +233,9 @@ def _accepted(
 ) -> AcceptedStep | None:
     """Run an accepting UPDATE (with its audit event) and read what it returns."""
     if audit is not None and tx.dialect == "postgres":
-        row = tx.one(_audited(f"{update}{returning}credential_epoch"), {**params, **_audit_params(audit)})
+        row = tx.one(
+            _audited(f"{update}{returning}credential_epoch"), {**params, **audit_params(audit, "audit_")}
+        )
     else:
         row = tx.one(f"{update}{returning}credential_epoch", params)
         if row is not None and audit is not None:

@@ -9,12 +9,9 @@ user, locked, and the methods) a first confirmation runs 7.
 
 from __future__ import annotations
 
-from dataclasses import asdict
-
+from twofactor_server.storage.audit_rows import INSERT_AUDIT_EVENT, audit_params, audit_placeholders
 from twofactor_server.storage.database import Transaction
 from twofactor_server.storage.records import NewAuditEvent
-
-_AUDIT_COLUMNS = ("at", "actor", "user_id", "action", "request_id", "outcome", "detail")
 
 
 def enable_pending_method(tx: Transaction, user_id: str, method: str, now_ms: int) -> bool:
@@ -68,9 +65,6 @@ def add_audit_events(tx: Transaction, events: list[NewAuditEvent]) -> None:
     params: dict[str, object] = {}
     rows = []
     for i, event in enumerate(events):
-        params |= {f"{column}{i}": value for column, value in asdict(event).items()}
-        rows.append("(" + ", ".join(f"%({column}{i})s" for column in _AUDIT_COLUMNS) + ")")
-    tx.execute(
-        f"INSERT INTO audit_events ({', '.join(_AUDIT_COLUMNS)}) VALUES {', '.join(rows)}",  # noqa: S608
-        params,
-    )
+        params |= audit_params(event, f"e{i}_")
+        rows.append(f"({audit_placeholders(f'e{i}_')})")
+    tx.execute(f"{INSERT_AUDIT_EVENT}VALUES {', '.join(rows)}", params)

@@ -21,6 +21,7 @@ import dataclasses
 from dataclasses import dataclass
 
 from twofactor_server.storage import store
+from twofactor_server.storage.audit_rows import INSERT_AUDIT_EVENT, audit_params, audit_placeholders
 from twofactor_server.storage.database import Transaction
 from twofactor_server.storage.hot_statements import HotStatement
 from twofactor_server.storage.records import ChallengeRecord, ChallengeStatus, NewAuditEvent, NewChallenge
@@ -32,10 +33,8 @@ _INSERT_CHALLENGE = (
     "publish_generation) "
     f"VALUES ({', '.join(f'%({c})s' for c in _NEW_CHALLENGE_COLUMNS)}, 'queued', %(created_at)s, 0)"
 )
-_AUDIT_COLUMNS = [f.name for f in dataclasses.fields(NewAuditEvent)]
 _INSERT_CHALLENGE_AUDITED = (  # the challenge and its audit event in one statement (PostgreSQL)
-    f"WITH inserted AS ({_INSERT_CHALLENGE}) INSERT INTO audit_events ({', '.join(_AUDIT_COLUMNS)}) "  # noqa: S608
-    f"VALUES ({', '.join(f'%(audit_{c})s' for c in _AUDIT_COLUMNS)})"
+    f"WITH inserted AS ({_INSERT_CHALLENGE}) {INSERT_AUDIT_EVENT}VALUES ({audit_placeholders('audit_')})"
 )
 # The user's last send that counts for the resend cooldown (%(u)s: the user).
 _LAST_SEND = (
@@ -98,14 +97,10 @@ def insert_challenge(tx: Transaction, challenge: NewChallenge, audit: NewAuditEv
     if audit is None:
         tx.execute(_INSERT_CHALLENGE, params)
     elif tx.dialect == "postgres":
-        tx.execute(_INSERT_CHALLENGE_AUDITED, {**params, **_audit_params(audit)})
+        tx.execute(_INSERT_CHALLENGE_AUDITED, {**params, **audit_params(audit, "audit_")})
     else:
         tx.execute(_INSERT_CHALLENGE, params)
         store.add_audit_event(tx, **dataclasses.asdict(audit))
-
-
-def _audit_params(event: NewAuditEvent) -> dict[str, object]:
-    return {f"audit_{name}": getattr(event, name) for name in _AUDIT_COLUMNS}
 
 
 def lock_destination(tx: Transaction, destination: str) -> None:

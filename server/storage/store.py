@@ -13,11 +13,13 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 from twofactor_server.domain.models import AuditEvent
+from twofactor_server.storage.audit_rows import INSERT_AUDIT_EVENT, audit_params, audit_placeholders
 from twofactor_server.storage.database import Transaction
 from twofactor_server.storage.enrollments import enable_pending_method, store_backup_code_rows
 from twofactor_server.storage.records import (
     BackupCodeRecord,
     MethodRecord,
+    NewAuditEvent,
     UserRecord,
 )
 
@@ -26,6 +28,7 @@ from twofactor_server.storage.records import (
 # Every statement that changes a credential (a method, a contact, the backup codes, a reset)
 # moves the user's credential epoch on, so step-up proofs issued before it stop working.
 _NEW_EPOCH = "credential_epoch = credential_epoch + 1"
+_INSERT_AUDIT_EVENT = f"{INSERT_AUDIT_EVENT}VALUES ({audit_placeholders('')})"
 
 
 def bump_credential_epoch(tx: Transaction, user_id: str) -> None:
@@ -246,19 +249,16 @@ def add_audit_event(
     outcome: str,
     detail: str,
 ) -> None:
-    tx.execute(
-        "INSERT INTO audit_events (at, actor, user_id, action, request_id, outcome, detail) "
-        "VALUES (%(at)s, %(actor)s, %(user_id)s, %(action)s, %(request_id)s, %(outcome)s, %(detail)s)",
-        {
-            "at": at,
-            "actor": actor,
-            "user_id": user_id,
-            "action": action,
-            "request_id": request_id,
-            "outcome": outcome,
-            "detail": detail,
-        },
+    event = NewAuditEvent(
+        at=at,
+        actor=actor,
+        user_id=user_id,
+        action=action,
+        request_id=request_id,
+        outcome=outcome,
+        detail=detail,
     )
+    tx.execute(_INSERT_AUDIT_EVENT, audit_params(event, ""))
 
 
 def list_audit_events(
