@@ -121,29 +121,30 @@ class GrpcMethodMetrics:
         self._seconds.observe(seconds)
 
 
-_verification_counters: dict[tuple[str, str], Counter] = {}  # label children, made once each
+_label_children: dict[tuple[Counter, str, str], Counter] = {}
+
+
+def _child(metric: Counter, first: str, second: str) -> Counter:
+    """metric.labels(first, second), made once per label values: labels() takes a lock and
+    builds a key on every call, and these count every login and every send."""
+    key = (metric, first, second)
+    child = _label_children.get(key)
+    if child is None:
+        child = _label_children[key] = metric.labels(first, second)
+    return child
 
 
 def verification(result: str, kind: str) -> None:
     """A Verify answer: result accepted|rejected|locked, kind authenticator|email|sms|backup_code|none."""
-    counter = _verification_counters.get((result, kind))
-    if counter is None:
-        counter = _verification_counters[(result, kind)] = verifications_total.labels(result, kind)
-    counter.inc()
+    _child(verifications_total, result, kind).inc()
 
 
 def lockout() -> None:
     lockouts_total.inc()
 
 
-_code_sent_counters: dict[tuple[str, str], Counter] = {}  # label children, made once each
-
-
 def code_sent(method: str, outcome: str) -> None:
-    counter = _code_sent_counters.get((method, outcome))
-    if counter is None:
-        counter = _code_sent_counters[(method, outcome)] = codes_sent_total.labels(method, outcome)
-    counter.inc()
+    _child(codes_sent_total, method, outcome).inc()
 
 
 def notice_queued(notice: str) -> None:
