@@ -31,18 +31,10 @@ from kombu.transport import redis as kombu_redis
 from kombu.transport import virtual
 from kombu.utils.json import dumps
 
+from twofactor_server.delivery.task_queue import redis_command
 
-def _command(*args: str | bytes) -> bytes:
-    """One command in the Redis protocol (RESP): an array of bulk strings."""
-    parts = [b"*%d\r\n" % len(args)]
-    for arg in args:
-        data = arg if isinstance(arg, bytes) else arg.encode()
-        parts.append(b"$%d\r\n%s\r\n" % (len(data), data))
-    return b"".join(parts)
-
-
-_MULTI = _command("MULTI")
-_EXEC = _command("EXEC")
+_MULTI = redis_command("MULTI")
+_EXEC = redis_command("EXEC")
 
 
 class QoS(kombu_redis.QoS):
@@ -56,8 +48,8 @@ class QoS(kombu_redis.QoS):
         # What kombu's QoS.append writes, and its restore_by_tag reads back.
         record = dumps([message._raw, delivery["exchange"], delivery["routing_key"]])  # type: ignore[no-untyped-call]
         if not self._transaction(
-            _command("ZADD", self.unacked_index_key, repr(time()), delivery_tag),
-            _command("HSET", self.unacked_key, delivery_tag, record),
+            redis_command("ZADD", self.unacked_index_key, repr(time()), delivery_tag),
+            redis_command("HSET", self.unacked_key, delivery_tag, record),
         ):
             super().append(message, delivery_tag)  # type: ignore[no-untyped-call]  # kombu's, with retries
             return
@@ -65,8 +57,8 @@ class QoS(kombu_redis.QoS):
 
     def ack(self, delivery_tag: str) -> None:
         if not self._transaction(
-            _command("ZREM", self.unacked_index_key, delivery_tag),
-            _command("HDEL", self.unacked_key, delivery_tag),
+            redis_command("ZREM", self.unacked_index_key, delivery_tag),
+            redis_command("HDEL", self.unacked_key, delivery_tag),
         ):
             super().ack(delivery_tag)  # type: ignore[no-untyped-call]
             return

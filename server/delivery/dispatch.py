@@ -21,7 +21,7 @@ import redis
 from twofactor_server.delivery.deliverer import Deliverer
 from twofactor_server.delivery.providers import build_email_sender, build_sms_sender
 from twofactor_server.delivery.recovery import OutboxRecovery
-from twofactor_server.delivery.task_queue import deliver_message
+from twofactor_server.delivery.task_queue import deliver_message, redis_bulk
 from twofactor_server.domain.clock import Clock, system_clock
 from twofactor_server.domain.errors import Unavailable
 from twofactor_server.domain.keyring import Keyring
@@ -60,8 +60,7 @@ class CeleryDispatcher:
         self._queue = settings.delivery_queue
         # LPUSH <queue> <message> in Redis's protocol up to the message's length: written once,
         # where redis-py's packer would encode the whole command again for every publish.
-        queue = self._queue.encode()
-        self._lpush_head = b"*3\r\n$5\r\nLPUSH\r\n$%d\r\n%s\r\n" % (len(queue), queue)
+        self._lpush_head = b"*3\r\n" + redis_bulk(b"LPUSH") + redis_bulk(self._queue.encode())
         self._kept = threading.local()
         self._connections: list[_KeptConnection] = []  # every thread's, for close()
         self._lock = threading.Lock()
@@ -82,7 +81,7 @@ class CeleryDispatcher:
     def _lpush(self, message: bytes) -> None:
         connection = self._connection()
         try:
-            connection.send_packed_command([b"%s$%d\r\n%s\r\n" % (self._lpush_head, len(message), message)])
+            connection.send_packed_command([self._lpush_head + redis_bulk(message)])
             connection.read_response()
         except (redis.ConnectionError, redis.TimeoutError, OSError):
             # Its state is unknown (a reply may still come): the next command connects afresh.

@@ -101,6 +101,19 @@ def _origin() -> str:
 _HOST = socket.gethostname()
 
 
+def redis_bulk(data: bytes) -> bytes:
+    """One bulk string of Redis's protocol (RESP): what the server's LPUSH and the worker's
+    acknowledgement bookkeeping write straight to a connection, without redis-py's packer."""
+    return b"$%d\r\n%s\r\n" % (len(data), data)
+
+
+def redis_command(*args: str | bytes) -> bytes:
+    """One command in Redis's protocol: an array of bulk strings."""
+    return b"*%d\r\n" % len(args) + b"".join(
+        redis_bulk(arg if isinstance(arg, bytes) else arg.encode()) for arg in args
+    )
+
+
 def celery_config(settings: Settings) -> dict[str, Any]:
     """Celery settings shared by the publishing server and the workers."""
     return {
