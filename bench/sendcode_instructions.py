@@ -33,7 +33,7 @@ import verify_instructions
 from loadgen import ServerProcess, wait_serving
 from twofactor.v1 import common_pb2
 from twofactor.v1 import twofactor_service_pb2 as pb
-from verify_instructions import Callgrind, cpu_ns
+from verify_instructions import Callgrind, in_callgrind, measured
 
 from twofactor_server.domain.keyring import Keyring
 from twofactor_server.storage.database import PostgresDatabase
@@ -111,14 +111,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.callgrind:
             env["TWOFACTOR_STORAGE_TIMEOUT_SECONDS"] = "60"  # ~50 times slower in valgrind
             env["TWOFACTOR_BROKER_TIMEOUT_SECONDS"] = "60"
-            args.callgrind.mkdir(parents=True, exist_ok=True)
-            command = [
-                "valgrind",
-                "--tool=callgrind",
-                "--dump-instr=no",
-                f"--callgrind-out-file={args.callgrind}/callgrind.out.%p",
-                *command,
-            ]
+            command = in_callgrind(args.callgrind, command, "--dump-instr=no")
         server = ServerProcess(command, env, cwd=str(ROOT))
         try:
             target = f"127.0.0.1:{server.wait_listening(timeout=600)}"
@@ -135,14 +128,7 @@ def main(argv: list[str] | None = None) -> int:
                     ("health", lambda: calls.health(args.calls)),
                     ("sendcode", lambda: calls.send_code(users, args.calls)),
                 ):
-                    if meter:
-                        meter.zero()
-                        action()
-                        per_call = meter.dump(f"r{number + 1}-{kind}") / args.calls
-                    else:
-                        before = cpu_ns(server.pid)
-                        action()
-                        per_call = (cpu_ns(server.pid) - before) / 1000 / args.calls
+                    per_call = measured(server.pid, meter, f"r{number + 1}-{kind}", args.calls, action)
                     figures[kind].append(per_call)
                     print(f"round {number + 1} {kind:<8} {per_call:12,.0f} {unit} per call", flush=True)
                 broker.delete(queue)

@@ -34,6 +34,7 @@ import subprocess
 import sys
 import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 
 import grpc
@@ -172,6 +173,29 @@ class Callgrind:
         raise RuntimeError("callgrind wrote no dump")
 
 
+def in_callgrind(directory: Path, command: list[str], *options: str) -> list[str]:
+    """`command` run in valgrind's callgrind, its dumps in `directory` (Callgrind reads them)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    return [
+        "valgrind",
+        "--tool=callgrind",
+        *options,
+        f"--callgrind-out-file={directory}/callgrind.out.%p",
+        *command,
+    ]
+
+
+def measured(pid: int, meter: Callgrind | None, name: str, calls: int, action: Callable[[], object]) -> float:
+    """The server's instructions (under callgrind, dumped as `name`) or CPU µs per call of `action`."""
+    if meter:
+        meter.zero()
+        action()
+        return meter.dump(name) / calls
+    before = cpu_ns(pid)
+    action()
+    return (cpu_ns(pid) - before) / 1000 / calls
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--users", type=int, default=300, help="users (and Health/Check calls) per round")
@@ -209,13 +233,7 @@ def main(argv: list[str] | None = None) -> int:
         command = [sys.executable, "-m", "twofactor_server.cli", "serve"]
         if args.callgrind:
             env["TWOFACTOR_STORAGE_TIMEOUT_SECONDS"] = "60"  # ~50 times slower in valgrind
-            args.callgrind.mkdir(parents=True, exist_ok=True)
-            command = [
-                "valgrind",
-                "--tool=callgrind",
-                f"--callgrind-out-file={args.callgrind}/callgrind.out.%p",
-                *command,
-            ]
+            command = in_callgrind(args.callgrind, command)
         server = ServerProcess(command, env, cwd=str(ROOT))
         try:
             target = f"127.0.0.1:{server.wait_listening(timeout=600)}"
@@ -232,14 +250,7 @@ def main(argv: list[str] | None = None) -> int:
                     ("health", lambda: calls.health(args.users)),
                     ("verify", lambda mine=mine: calls.verify(mine, step_offset=1)),
                 ):
-                    if meter:
-                        meter.zero()
-                        action()
-                        per_call = meter.dump(f"r{number + 1}-{kind}") / args.users
-                    else:
-                        before = cpu_ns(server.pid)
-                        action()
-                        per_call = (cpu_ns(server.pid) - before) / 1000 / args.users
+                    per_call = measured(server.pid, meter, f"r{number + 1}-{kind}", args.users, action)
                     figures[kind].append(per_call)
                     print(f"round {number + 1} {kind:<7} {per_call:12,.0f} {unit} per call", flush=True)
             calls.close()
