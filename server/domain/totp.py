@@ -8,11 +8,14 @@ import hmac
 import secrets
 
 import pyotp
+from cryptography.hazmat.primitives.hashes import SHA1
+from cryptography.hazmat.primitives.hmac import HMAC
 
 SECRET_BYTES = 20  # 160 bits, RFC 4226 §4's recommendation
 STEP_SECONDS = 30
 DIGITS = 6
 ACCEPTED_DRIFT_STEPS = 1  # the current step, one before and one after
+_SHA1 = SHA1()  # noqa: S303 - HOTP is HMAC-SHA1 (RFC 4226), what authenticator apps compute
 
 
 def new_secret() -> bytes:
@@ -29,24 +32,37 @@ def time_step(unix_time: float) -> int:
 
 def code_at_step(secret: bytes, step: int, digits: int = DIGITS) -> str:
     """RFC 4226 HOTP of the step: HMAC-SHA1, dynamic truncation, `digits` decimal digits."""
-    _refuse_weak(secret)
-    if step < 0:
-        raise ValueError("time steps start at 0")
-    mac = hmac.digest(secret, step.to_bytes(8, "big"), "sha1")
-    offset = mac[-1] & 0x0F
-    number = int.from_bytes(mac[offset : offset + 4], "big") & 0x7FFFFFFF
-    return str(number % 10**digits).zfill(digits)
+    return _code(_keyed(secret), step, digits)
 
 
 def matching_step(secret: bytes, code: str, unix_time: float) -> int | None:
     """The time step whose code equals `code`, within the accepted drift, or None."""
     now = time_step(unix_time)
+    keyed = _keyed(secret)  # the key's HMAC pads, computed once for every candidate step
+    typed = code.encode()
     found = None
     # Compare every candidate in constant time; no early exit on the first match.
     for step in range(max(now - ACCEPTED_DRIFT_STEPS, 0), now + ACCEPTED_DRIFT_STEPS + 1):
-        if hmac.compare_digest(code_at_step(secret, step).encode(), code.encode()):
+        if hmac.compare_digest(_code(keyed, step, DIGITS).encode(), typed):
             found = step
     return found
+
+
+def _keyed(secret: bytes) -> HMAC:
+    _refuse_weak(secret)
+    return HMAC(secret, _SHA1)
+
+
+def _code(keyed: HMAC, step: int, digits: int) -> str:
+    if step < 0:
+        raise ValueError("time steps start at 0")
+    # A copy of the keyed state costs a third of a fresh HMAC (cryptography's HMAC.copy).
+    mac = keyed.copy()
+    mac.update(step.to_bytes(8, "big"))
+    digest = mac.finalize()
+    offset = digest[-1] & 0x0F
+    number = int.from_bytes(digest[offset : offset + 4], "big") & 0x7FFFFFFF
+    return str(number % 10**digits).zfill(digits)
 
 
 def from_base32(text: str) -> bytes:
