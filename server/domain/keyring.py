@@ -11,13 +11,13 @@ from __future__ import annotations
 
 import base64
 import binascii
-import hashlib
 import hmac
 import os
 import struct
 
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from cryptography.hazmat.primitives.hmac import HMAC
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from twofactor_server.domain.errors import FailedPrecondition
@@ -68,6 +68,9 @@ class Keyring:
         self._aead = {v: AESGCM(k) for v, k in keys.items()}
         # A separate key for hashing, so the encryption key is never used for two jobs.
         self._peppers = {v: _derive_pepper(k) for v, k in keys.items()}
+        # HMAC(pepper, purpose || 0 || data) with its key and prefix absorbed once: each hash
+        # starts from a copy (keyed_hash runs on every login, send and backup code).
+        self._keyed: dict[tuple[int, str], HMAC] = {}
         self.active_version = active
         self.versions = tuple(sorted(keys))
 
@@ -142,7 +145,7 @@ class Keyring:
     def keyed_hash(self, data: bytes, *, purpose: str) -> bytes:
         """HMAC-SHA256 with the active pepper, prefixed with its version."""
         version = self.active_version
-        return _VERSION.pack(version) + _mac(self._peppers[version], purpose, data)
+        return _VERSION.pack(version) + self._mac(version, purpose, data)
 
     def matches(self, stored_hash: bytes, data: bytes, *, purpose: str) -> bool:
         """Whether `data` hashes to `stored_hash`, compared in constant time.
@@ -151,10 +154,19 @@ class Keyring:
         checked, and answering False would count a right code as a wrong one.
         """
         version = version_of(stored_hash)
-        pepper = self._peppers.get(version)
-        if pepper is None:
+        if version not in self._peppers:
             raise KeyVersionMissing(version)
-        return hmac.compare_digest(stored_hash[_VERSION.size :], _mac(pepper, purpose, data))
+        return hmac.compare_digest(stored_hash[_VERSION.size :], self._mac(version, purpose, data))
+
+    def _mac(self, version: int, purpose: str, data: bytes) -> bytes:
+        keyed = self._keyed.get((version, purpose))
+        if keyed is None:  # purposes are a handful of constants: a few entries per key version
+            keyed = HMAC(self._peppers[version], hashes.SHA256())
+            keyed.update(purpose.encode() + b"\0")
+            self._keyed[(version, purpose)] = keyed
+        mac = keyed.copy()  # never updated once stored, so threads share it safely
+        mac.update(data)
+        return mac.finalize()
 
     def is_active(self, blob: bytes) -> bool:
         """Whether a stored value is already under the active key."""
@@ -180,10 +192,6 @@ def _listed(keys: dict[int, bytes]) -> str:
 
 def _derive_pepper(key: bytes) -> bytes:
     return HKDF(algorithm=hashes.SHA256(), length=32, salt=None, info=b"twofactor pepper").derive(key)
-
-
-def _mac(pepper: bytes, purpose: str, data: bytes) -> bytes:
-    return hmac.new(pepper, purpose.encode() + b"\0" + data, hashlib.sha256).digest()
 
 
 def _associated_data(purpose: str, user_id: str, version: int) -> bytes:
