@@ -75,7 +75,10 @@ def run_prepared(
     name = statement.name.encode()
     if statement.name in conn.hot_prepared:
         result = pgconn.exec_prepared(name, values)  # type: ignore[arg-type]  # None: NULL
-        if result.error_field(DiagnosticField.SQLSTATE) == _NO_SUCH_PREPARED_STATEMENT:
+        if (
+            result.status == ExecStatus.FATAL_ERROR
+            and result.error_field(DiagnosticField.SQLSTATE) == _NO_SUCH_PREPARED_STATEMENT
+        ):
             # psycopg's upkeep of its own prepared statements sends DEALLOCATE ALL after a
             # ROLLBACK or a DROP on this connection, which drops ours too: prepare it again.
             conn.hot_prepared = conn.hot_prepared - {statement.name}
@@ -92,12 +95,14 @@ def run_prepared(
 
 
 def _as_text(value: object) -> bytes | None:
-    if value is None:
-        return None
+    if type(value) is int:  # the common case first, by exact type (a bool is an int too)
+        return b"%d" % value
     if isinstance(value, str):
         return value.encode()
+    if value is None:
+        return None
     if isinstance(value, int) and not isinstance(value, bool):
-        return str(value).encode()
+        return b"%d" % value
     raise TypeError(f"a HotStatement parameter must be str, int or None, not {type(value).__name__}")
 
 
