@@ -27,7 +27,7 @@ from psycopg.rows import dict_row
 from psycopg_pool import ConnectionPool, PoolTimeout
 
 from twofactor_server.domain.errors import StorageUnavailable
-from twofactor_server.storage.deadlines import Watch, Watchdog
+from twofactor_server.storage.deadlines import Watch, Watchdog, socket_inode
 from twofactor_server.storage.hot_statements import HotStatement, check_params, run_prepared
 from twofactor_server.storage.migrator import apply_migrations
 from twofactor_server.storage.migrator import migrations as migrations  # re-exported
@@ -48,6 +48,7 @@ class _Connection(psycopg.Connection[Row]):
 
     statement_cursor: psycopg.Cursor[Row] | None = None
     hot_prepared: frozenset[str] = frozenset()  # the HotStatements prepared on this connection
+    socket_inode: int | None = None  # its socket's identity, for the deadline watch (read once)
 
 
 class PostgresDatabase:
@@ -112,7 +113,12 @@ class PostgresDatabase:
         except PoolTimeout as error:
             self._unavailable(error)
         try:
-            return conn, self._watchdog.watch(conn.pgconn.socket, deadline)
+            fd = conn.pgconn.socket
+            inode = conn.socket_inode
+            if inode is None:
+                inode = socket_inode(fd)
+                conn.socket_inode = inode if inode != -1 else None
+            return conn, self._watchdog.watch(fd, deadline, inode)
         except psycopg.OperationalError as error:  # lost while idle in the pool
             conn.close()
             self._pool.putconn(conn)

@@ -21,7 +21,7 @@ from time import monotonic
 log = logging.getLogger(__name__)
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class Watch:
     """One connection's socket and the moment it is abandoned."""
 
@@ -45,13 +45,10 @@ class Watchdog:
         self._thread: threading.Thread | None = None
         self._closed = False
 
-    def watch(self, fd: int, deadline: float) -> Watch:
-        """Start watching the socket `fd`: it is shut down at `deadline` unless released before."""
-        try:
-            inode = os.fstat(fd).st_ino
-        except OSError:  # not an open descriptor: the statement will fail by itself
-            inode = -1
-        watch = Watch(fd, deadline, inode)
+    def watch(self, fd: int, deadline: float, inode: int | None = None) -> Watch:
+        """Start watching the socket `fd`: it is shut down at `deadline` unless released before.
+        `inode` is the socket's (socket_inode), when the caller keeps it for the connection's life."""
+        watch = Watch(fd, deadline, socket_inode(fd) if inode is None else inode)
         with self._lock:
             if self._thread is None and not self._closed:
                 self._thread = threading.Thread(target=self._run, name=f"{self._name}-deadlines", daemon=True)
@@ -84,6 +81,15 @@ class Watchdog:
                     _shut_down(watch)
                 self._next_wake = min((w.deadline for w in self._watched), default=float("inf"))
                 self._cond.wait(None if self._next_wake == float("inf") else self._next_wake - now)
+
+
+def socket_inode(fd: int) -> int:
+    """The identity of the socket behind descriptor `fd` (-1: not an open descriptor, and
+    the statement on it will fail by itself)."""
+    try:
+        return os.fstat(fd).st_ino
+    except OSError:
+        return -1
 
 
 def _shut_down(watch: Watch) -> None:
