@@ -39,19 +39,6 @@ Handler: TypeAlias = "grpc.RpcMethodHandler[Any, Any]"  # generic only in the ty
 Around = Callable[[Any, grpc.ServicerContext, Callable[..., Any]], Any]
 
 
-def _wrap_unary(
-    handler: Handler | None, around: Around, request_deserializer: Callable[[bytes], Any] | None = None
-) -> Handler | None:
-    if handler is None or handler.unary_unary is None:
-        return handler
-    inner = handler.unary_unary
-    return grpc.unary_unary_rpc_method_handler(
-        lambda request, context: around(request, context, inner),
-        request_deserializer=request_deserializer or handler.request_deserializer,
-        response_serializer=handler.response_serializer,
-    )
-
-
 _STREAMING_KINDS = (
     ("unary_stream", grpc.unary_stream_rpc_method_handler),
     ("stream_unary", grpc.stream_unary_rpc_method_handler),
@@ -70,25 +57,6 @@ def _wrap_streaming(handler: Handler, around: Around) -> Handler:
                 response_serializer=handler.response_serializer,
             )
     return handler
-
-
-class _Undecodable:
-    """Stands in for a request whose bytes are not a valid message."""
-
-
-def _tolerant(deserialize: Callable[[bytes], Any] | None) -> Callable[[bytes], Any] | None:
-    """A deserializer that turns a decode error into a value the handler answers INVALID_ARGUMENT to
-    (grpcio itself would answer INTERNAL)."""
-    if deserialize is None:
-        return None
-
-    def tolerant(raw: bytes) -> Any:
-        try:
-            return deserialize(raw)
-        except DecodeError:
-            return _Undecodable()
-
-    return tolerant
 
 
 class ApiInterceptor(grpc.ServerInterceptor):
@@ -116,26 +84,55 @@ class ApiInterceptor(grpc.ServerInterceptor):
             # No twofactor.v1 RPC streams today; one added later must not be served without a token.
             wrapped = _wrap_streaming(handler, self._around(scope, method))
         else:
-            wrapped = _wrap_unary(
-                handler, self._around(scope, method), _tolerant(handler.request_deserializer)
+            # grpcio hands the handler the request's bytes (no deserializer): they are decoded
+            # after authentication, where a decode error can be answered INVALID_ARGUMENT
+            # (grpcio's own decoding would answer INTERNAL).
+            wrapped = grpc.unary_unary_rpc_method_handler(
+                self._unary(scope, method, handler.unary_unary, handler.request_deserializer),
+                response_serializer=handler.response_serializer,
             )
         self._wrapped[method] = wrapped
         return wrapped
 
-    def _around(self, scope: str, method: str) -> Callable[[Any, grpc.ServicerContext, Callable], Any]:  # type: ignore[type-arg]
-        def around(request, context, inner):  # type: ignore[no-untyped-def]
+    def _unary(
+        self,
+        scope: str,
+        method: str,
+        inner: Callable[[Any, grpc.ServicerContext], Any],
+        deserialize: Callable[[bytes], Any] | None,
+    ) -> Callable[[bytes, grpc.ServicerContext], Any]:
+        """The handler of a unary RPC: one call of ours around the servicer's, the hot path of every login."""
+
+        def handle(raw: bytes, context: grpc.ServicerContext) -> Any:
             try:
-                metadata = dict(context.invocation_metadata() or ())
-                request_id = (  # MonitoringInterceptor bound it, and sent it back to the caller
-                    logs.bound().get("request_id")
-                    or str(metadata.get("x-request-id", ""))[:MAX_REQUEST_ID]
-                    or uuid.uuid4().hex
-                )
-                caller = self._authenticate(str(metadata.get("authorization", "")), scope, request_id)
-                if isinstance(request, _Undecodable):
-                    raise InvalidArgument("MALFORMED_REQUEST", "the request bytes are not a valid message")
+                caller = self._caller(context, scope)
+                try:
+                    request = raw if deserialize is None else deserialize(raw)
+                except DecodeError:
+                    raise InvalidArgument(
+                        "MALFORMED_REQUEST", "the request bytes are not a valid message"
+                    ) from None
                 token = current_caller.set(caller)
                 # Into MonitoringInterceptor's scope for this call, so its closing line names the token too.
+                logs.bind_more(token=caller.actor)
+                try:
+                    return inner(request, context)
+                finally:
+                    current_caller.reset(token)
+            except Exception as exc:
+                if context.code() is not None:  # type: ignore[attr-defined]  # already aborted by the handler
+                    raise
+                abort_for(exc, context, method)
+
+        return handle
+
+    def _around(self, scope: str, method: str) -> Callable[[Any, grpc.ServicerContext, Callable], Any]:  # type: ignore[type-arg]
+        """For a streaming RPC: authentication and error mapping when the call starts."""
+
+        def around(request, context, inner):  # type: ignore[no-untyped-def]
+            try:
+                caller = self._caller(context, scope)
+                token = current_caller.set(caller)
                 logs.bind_more(token=caller.actor)
                 try:
                     return inner(request, context)
@@ -147,6 +144,16 @@ class ApiInterceptor(grpc.ServerInterceptor):
                 abort_for(exc, context, method)
 
         return around
+
+    def _caller(self, context: grpc.ServicerContext, scope: str) -> Caller:
+        """The authenticated caller of this call, with its request id."""
+        metadata = dict(context.invocation_metadata() or ())
+        request_id = (  # MonitoringInterceptor bound it, and sent it back to the caller
+            logs.bound().get("request_id")
+            or str(metadata.get("x-request-id", ""))[:MAX_REQUEST_ID]
+            or uuid.uuid4().hex
+        )
+        return self._authenticate(str(metadata.get("authorization", "")), scope, request_id)
 
     def _authenticate(self, header: str, scope: str | None, request_id: str) -> Caller:
         kind, _, presented = header.strip().partition(" ")
