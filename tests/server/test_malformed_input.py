@@ -342,3 +342,17 @@ def test_undecodable_request_bytes_are_not_internal(harness: Harness) -> None:
         call(b"\xff\xff\xff\xff", metadata=harness.app_metadata, timeout=10)
     assert raised.value.code() == INVALID
     assert error_info(raised.value).reason == "MALFORMED_REQUEST"
+
+
+def test_undecodable_request_bytes_without_a_token_are_unauthenticated(harness: Harness) -> None:
+    # The caller is authenticated before the request is decoded: a caller without a token
+    # learns nothing about what the server makes of its bytes.
+    call = harness.channel.unary_unary(
+        "/twofactor.v1.TwoFactorService/Verify",
+        request_serializer=lambda raw: raw,
+        response_deserializer=lambda raw: raw,
+    )
+    with pytest.raises(grpc.RpcError) as raised:
+        call(b"\xff\xff\xff\xff", timeout=10)
+    assert raised.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    assert error_info(raised.value).reason == "MISSING_TOKEN"
