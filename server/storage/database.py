@@ -48,7 +48,9 @@ class _Connection(psycopg.Connection[Row]):
 
     statement_cursor: psycopg.Cursor[Row] | None = None
     hot_prepared: frozenset[str] = frozenset()  # the HotStatements prepared on this connection
-    socket_inode: int | None = None  # its socket's identity, for the deadline watch (read once)
+    # (descriptor, inode) of its socket, for the deadline watch: read once, and again only if
+    # libpq ever moved the connection to another descriptor.
+    socket_identity: tuple[int, int] | None = None
 
 
 class PostgresDatabase:
@@ -114,10 +116,12 @@ class PostgresDatabase:
             self._unavailable(error)
         try:
             fd = conn.pgconn.socket
-            inode = conn.socket_inode
-            if inode is None:
+            known = conn.socket_identity
+            if known is not None and known[0] == fd:
+                inode = known[1]
+            else:
                 inode = socket_inode(fd)
-                conn.socket_inode = inode if inode != -1 else None
+                conn.socket_identity = (fd, inode) if inode != -1 else None
             return conn, self._watchdog.watch(fd, deadline, inode)
         except psycopg.OperationalError as error:  # lost while idle in the pool
             conn.close()

@@ -5,11 +5,13 @@ socket that has taken its descriptor number since."""
 from __future__ import annotations
 
 import logging
+import os
 import socket
 import time
 
 import pytest
 
+from twofactor_server.storage.database import PostgresDatabase
 from twofactor_server.storage.deadlines import Watchdog
 
 
@@ -58,3 +60,26 @@ def test_a_watch_that_outlived_its_socket_leaves_the_descriptors_new_owner_alone
         for a, b in taken:
             a.close()
             b.close()
+
+
+def test_a_pooled_connections_watch_names_its_socket_even_if_its_descriptor_moved(postgres_url: str) -> None:
+    # The socket's inode is read once per connection, and again whenever the connection's
+    # descriptor is not the one it was read for: a stale inode would make the watchdog leave a
+    # frozen connection alone (as a reused descriptor), and the unit of work would hang.
+    db = PostgresDatabase(postgres_url, pool_size=1, timeout=30.0)
+    try:
+        conn, watch = db._checkout()
+        fd = conn.pgconn.socket
+        real = os.fstat(fd).st_ino
+        assert (watch.fd, watch.inode) == (fd, real)
+        assert conn.socket_identity == (fd, real)
+        db._checkin(conn, watch)
+
+        conn.socket_identity = (fd + 1000, real + 1)  # as if read for another descriptor
+        again, watch = db._checkout()
+        assert again is conn
+        assert (watch.fd, watch.inode) == (fd, real)
+        assert conn.socket_identity == (fd, real)
+        db._checkin(again, watch)
+    finally:
+        db.close()
