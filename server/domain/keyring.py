@@ -31,6 +31,7 @@ KEY_BYTES = 32  # AES-256
 NONCE_BYTES = 12  # the GCM standard nonce
 MAX_VERSION = 2**32 - 1
 _VERSION = struct.Struct(">I")
+_MAX_KEYED_STATES = 64  # kept HMAC states: key versions x purposes
 
 
 class KeyringError(ValueError):
@@ -160,10 +161,11 @@ class Keyring:
 
     def _mac(self, version: int, purpose: str, data: bytes) -> bytes:
         keyed = self._keyed.get((version, purpose))
-        if keyed is None:  # purposes are a handful of constants: a few entries per key version
+        if keyed is None:
             keyed = HMAC(self._peppers[version], hashes.SHA256())
             keyed.update(purpose.encode() + b"\0")
-            self._keyed[(version, purpose)] = keyed
+            if len(self._keyed) < _MAX_KEYED_STATES:  # purposes are a few constants; bounded anyway
+                self._keyed[(version, purpose)] = keyed
         mac = keyed.copy()  # never updated once stored, so threads share it safely
         mac.update(data)
         return mac.finalize()
