@@ -226,6 +226,51 @@ def test_the_caller_check_also_guards_streaming_handlers() -> None:
     ]
 
 
+def test_a_unary_request_is_decoded_only_for_an_authenticated_caller() -> None:
+    """The request's bytes reach the deserializer after the token is checked: a caller without
+    a valid token has nothing of its parsed, and bytes that don't decode are INVALID_ARGUMENT."""
+    decoded: list[bytes] = []
+
+    def deserialize(raw: bytes) -> pb.VerifyRequest:
+        decoded.append(raw)
+        return pb.VerifyRequest.FromString(raw)
+
+    class Details:
+        method = "/twofactor.v1.TwoFactorService/Verify"
+        invocation_metadata = ()
+
+    class Aborted(Exception):
+        pass
+
+    class Context:
+        def __init__(self, metadata: tuple[tuple[str, str], ...]) -> None:
+            self._metadata = metadata
+
+        def invocation_metadata(self) -> tuple[tuple[str, str], ...]:
+            return self._metadata
+
+        def code(self) -> None:
+            return None
+
+        def abort_with_status(self, status: grpc.Status) -> None:
+            raise Aborted(status.code)
+
+    original = grpc.unary_unary_rpc_method_handler(
+        lambda request, context: request.user_id, request_deserializer=deserialize
+    )
+    handler = ApiInterceptor(TOKENS).intercept_service(lambda _details: original, Details())
+    assert handler.unary_unary is not None and handler.request_deserializer is None  # bytes to us
+    raw = pb.VerifyRequest(user_id="alice", code="123456").SerializeToString()
+    for metadata in ((), bearer("not-a-token"), bearer(ADMIN_TOKEN)):  # none, wrong, wrong scope
+        with pytest.raises(Aborted):
+            handler.unary_unary(raw, Context(metadata))
+    assert decoded == []
+    assert handler.unary_unary(raw, Context(bearer(APP_TOKEN))) == "alice" and decoded == [raw]
+    with pytest.raises(Aborted) as refused:
+        handler.unary_unary(b"\xff\xff\xff\xff", Context(bearer(APP_TOKEN)))
+    assert refused.value.args == (grpc.StatusCode.INVALID_ARGUMENT,)
+
+
 # ---- the embedded default -------------------------------------------------------------------------
 
 

@@ -345,8 +345,8 @@ def test_undecodable_request_bytes_are_not_internal(harness: Harness) -> None:
 
 
 def test_undecodable_request_bytes_without_a_token_are_unauthenticated(harness: Harness) -> None:
-    # The caller is authenticated before the request is decoded: a caller without a token
-    # learns nothing about what the server makes of its bytes.
+    # End to end through grpcio: without a token, the answer is about the token, whatever the
+    # bytes (test_auth checks that they are not even decoded).
     call = harness.channel.unary_unary(
         "/twofactor.v1.TwoFactorService/Verify",
         request_serializer=lambda raw: raw,
