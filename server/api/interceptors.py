@@ -36,7 +36,6 @@ MAX_REQUEST_ID = 128
 
 
 Handler: TypeAlias = "grpc.RpcMethodHandler[Any, Any]"  # generic only in the type stubs
-Around = Callable[[Any, grpc.ServicerContext, Callable[..., Any]], Any]
 
 
 _STREAMING_KINDS = (
@@ -46,13 +45,14 @@ _STREAMING_KINDS = (
 )
 
 
-def _wrap_streaming(handler: Handler, around: Around) -> Handler:
-    """Run `around` when a streaming call starts (a streaming response is iterated after it returns)."""
+def _wrap_streaming(handler: Handler, guard: Callable[[Callable[..., Any]], Callable[..., Any]]) -> Handler:
+    """The streaming handler run through `guard` when its call starts (a streaming response is
+    iterated after the guard returns)."""
     for kind, make_handler in _STREAMING_KINDS:
         inner = getattr(handler, kind)
         if inner is not None:
             return make_handler(
-                lambda request, context, inner=inner: around(request, context, inner),
+                guard(inner),
                 request_deserializer=handler.request_deserializer,
                 response_serializer=handler.response_serializer,
             )
@@ -82,28 +82,30 @@ class ApiInterceptor(grpc.ServerInterceptor):
             return handler  # unknown methods (not cached: their names are the caller's) and open services
         if handler.unary_unary is None:
             # No twofactor.v1 RPC streams today; one added later must not be served without a token.
-            wrapped = _wrap_streaming(handler, self._around(scope, method))
+            wrapped = _wrap_streaming(handler, lambda inner: self._guarded(scope, method, inner, None))
         else:
             # grpcio hands the handler the request's bytes (no deserializer): they are decoded
             # after authentication, where a decode error can be answered INVALID_ARGUMENT
             # (grpcio's own decoding would answer INTERNAL).
             wrapped = grpc.unary_unary_rpc_method_handler(
-                self._unary(scope, method, handler.unary_unary, handler.request_deserializer),
+                self._guarded(scope, method, handler.unary_unary, handler.request_deserializer),
                 response_serializer=handler.response_serializer,
             )
         self._wrapped[method] = wrapped
         return wrapped
 
-    def _unary(
+    def _guarded(
         self,
         scope: str,
         method: str,
         inner: Callable[[Any, grpc.ServicerContext], Any],
         deserialize: Callable[[bytes], Any] | None,
-    ) -> Callable[[bytes, grpc.ServicerContext], Any]:
-        """The handler of a unary RPC: one call of ours around the servicer's, the hot path of every login."""
+    ) -> Callable[[Any, grpc.ServicerContext], Any]:
+        """`inner` behind the caller check and the error mapping: one call of ours around the
+        servicer's, the hot path of every login. `deserialize` decodes a unary request's bytes
+        once the caller is known (None: grpcio decoded the request, as for a streaming RPC)."""
 
-        def handle(raw: bytes, context: grpc.ServicerContext) -> Any:
+        def handle(raw: Any, context: grpc.ServicerContext) -> Any:
             try:
                 caller = self._caller(context, scope)
                 try:
@@ -125,25 +127,6 @@ class ApiInterceptor(grpc.ServerInterceptor):
                 abort_for(exc, context, method)
 
         return handle
-
-    def _around(self, scope: str, method: str) -> Callable[[Any, grpc.ServicerContext, Callable], Any]:  # type: ignore[type-arg]
-        """For a streaming RPC: authentication and error mapping when the call starts."""
-
-        def around(request, context, inner):  # type: ignore[no-untyped-def]
-            try:
-                caller = self._caller(context, scope)
-                token = current_caller.set(caller)
-                logs.bind_more(token=caller.actor)
-                try:
-                    return inner(request, context)
-                finally:
-                    current_caller.reset(token)
-            except Exception as exc:
-                if context.code() is not None:  # already aborted by the handler
-                    raise
-                abort_for(exc, context, method)
-
-        return around
 
     def _caller(self, context: grpc.ServicerContext, scope: str) -> Caller:
         """The authenticated caller of this call, with its request id."""

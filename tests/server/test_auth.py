@@ -185,6 +185,32 @@ def test_health_and_reflection_need_no_token(harness: Harness) -> None:
     assert "twofactor.v1.AdminService" in services
 
 
+class _Aborted(Exception):
+    """Raised by _Context's abort, with the status code."""
+
+
+class _Context:
+    """What ApiInterceptor uses of a grpc.ServicerContext: the metadata, code() and abort."""
+
+    def __init__(self, metadata: tuple[tuple[str, str], ...]) -> None:
+        self._metadata = metadata
+
+    def invocation_metadata(self) -> tuple[tuple[str, str], ...]:
+        return self._metadata
+
+    def code(self) -> None:
+        return None
+
+    def abort_with_status(self, status: grpc.Status) -> None:
+        raise _Aborted(status.code)
+
+
+class _Details:
+    def __init__(self, method: str) -> None:
+        self.method = method
+        self.invocation_metadata = ()
+
+
 def test_the_caller_check_also_guards_streaming_handlers() -> None:
     """No twofactor.v1 RPC streams yet; one added later must not be served without a token."""
     served: list[str] = []
@@ -193,35 +219,16 @@ def test_the_caller_check_also_guards_streaming_handlers() -> None:
         served.append("stream")
         yield "secret data"
 
-    class Details:
-        method = "/twofactor.v1.AdminService/WatchUsers"
-        invocation_metadata = ()
-
-    class Aborted(Exception):
-        pass
-
-    class Context:
-        def __init__(self, metadata: tuple[tuple[str, str], ...]) -> None:
-            self._metadata = metadata
-
-        def invocation_metadata(self) -> tuple[tuple[str, str], ...]:
-            return self._metadata
-
-        def code(self) -> None:
-            return None
-
-        def abort_with_status(self, status: grpc.Status) -> None:
-            raise Aborted(status.code)
-
     interceptor = ApiInterceptor(TOKENS)
     original = grpc.unary_stream_rpc_method_handler(stream)
-    handler = interceptor.intercept_service(lambda _details: original, Details())
+    details = _Details("/twofactor.v1.AdminService/WatchUsers")
+    handler = interceptor.intercept_service(lambda _details: original, details)
     assert handler.unary_stream is not None
     for metadata in ((), bearer("not-a-token"), bearer(APP_TOKEN)):
-        with pytest.raises(Aborted):
-            list(handler.unary_stream(None, Context(metadata)))
+        with pytest.raises(_Aborted):
+            list(handler.unary_stream(None, _Context(metadata)))
     assert served == []
-    assert list(handler.unary_stream(None, Context(bearer(ADMIN_TOKEN)))) == ["secret data"] and served == [
+    assert list(handler.unary_stream(None, _Context(bearer(ADMIN_TOKEN)))) == ["secret data"] and served == [
         "stream"
     ]
 
@@ -235,39 +242,20 @@ def test_a_unary_request_is_decoded_only_for_an_authenticated_caller() -> None:
         decoded.append(raw)
         return pb.VerifyRequest.FromString(raw)
 
-    class Details:
-        method = "/twofactor.v1.TwoFactorService/Verify"
-        invocation_metadata = ()
-
-    class Aborted(Exception):
-        pass
-
-    class Context:
-        def __init__(self, metadata: tuple[tuple[str, str], ...]) -> None:
-            self._metadata = metadata
-
-        def invocation_metadata(self) -> tuple[tuple[str, str], ...]:
-            return self._metadata
-
-        def code(self) -> None:
-            return None
-
-        def abort_with_status(self, status: grpc.Status) -> None:
-            raise Aborted(status.code)
-
     original = grpc.unary_unary_rpc_method_handler(
         lambda request, context: request.user_id, request_deserializer=deserialize
     )
-    handler = ApiInterceptor(TOKENS).intercept_service(lambda _details: original, Details())
+    details = _Details("/twofactor.v1.TwoFactorService/Verify")
+    handler = ApiInterceptor(TOKENS).intercept_service(lambda _details: original, details)
     assert handler.unary_unary is not None and handler.request_deserializer is None  # bytes to us
     raw = pb.VerifyRequest(user_id="alice", code="123456").SerializeToString()
     for metadata in ((), bearer("not-a-token"), bearer(ADMIN_TOKEN)):  # none, wrong, wrong scope
-        with pytest.raises(Aborted):
-            handler.unary_unary(raw, Context(metadata))
+        with pytest.raises(_Aborted):
+            handler.unary_unary(raw, _Context(metadata))
     assert decoded == []
-    assert handler.unary_unary(raw, Context(bearer(APP_TOKEN))) == "alice" and decoded == [raw]
-    with pytest.raises(Aborted) as refused:
-        handler.unary_unary(b"\xff\xff\xff\xff", Context(bearer(APP_TOKEN)))
+    assert handler.unary_unary(raw, _Context(bearer(APP_TOKEN))) == "alice" and decoded == [raw]
+    with pytest.raises(_Aborted) as refused:
+        handler.unary_unary(b"\xff\xff\xff\xff", _Context(bearer(APP_TOKEN)))
     assert refused.value.args == (grpc.StatusCode.INVALID_ARGUMENT,)
 
 

@@ -332,27 +332,24 @@ def test_every_rpc_has_a_malformed_input_case() -> None:
                     assert method.name in covered, f"{service.name}/{method.name} has no malformed-input case"
 
 
-def test_undecodable_request_bytes_are_not_internal(harness: Harness) -> None:
+@pytest.mark.parametrize(
+    ("with_token", "code", "reason"),
+    [
+        (True, INVALID, "MALFORMED_REQUEST"),
+        # Without a token the answer is about the token, whatever the bytes (test_auth checks
+        # that they are not even decoded).
+        (False, grpc.StatusCode.UNAUTHENTICATED, "MISSING_TOKEN"),
+    ],
+)
+def test_undecodable_request_bytes_are_not_internal(
+    harness: Harness, with_token: bool, code: grpc.StatusCode, reason: str
+) -> None:
     call = harness.channel.unary_unary(
         "/twofactor.v1.TwoFactorService/Verify",
         request_serializer=lambda raw: raw,
         response_deserializer=lambda raw: raw,
     )
     with pytest.raises(grpc.RpcError) as raised:
-        call(b"\xff\xff\xff\xff", metadata=harness.app_metadata, timeout=10)
-    assert raised.value.code() == INVALID
-    assert error_info(raised.value).reason == "MALFORMED_REQUEST"
-
-
-def test_undecodable_request_bytes_without_a_token_are_unauthenticated(harness: Harness) -> None:
-    # End to end through grpcio: without a token, the answer is about the token, whatever the
-    # bytes (test_auth checks that they are not even decoded).
-    call = harness.channel.unary_unary(
-        "/twofactor.v1.TwoFactorService/Verify",
-        request_serializer=lambda raw: raw,
-        response_deserializer=lambda raw: raw,
-    )
-    with pytest.raises(grpc.RpcError) as raised:
-        call(b"\xff\xff\xff\xff", timeout=10)
-    assert raised.value.code() == grpc.StatusCode.UNAUTHENTICATED
-    assert error_info(raised.value).reason == "MISSING_TOKEN"
+        call(b"\xff\xff\xff\xff", metadata=harness.app_metadata if with_token else None, timeout=10)
+    assert raised.value.code() == code
+    assert error_info(raised.value).reason == reason
