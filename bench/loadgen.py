@@ -341,23 +341,24 @@ class Enrolled:
     last_step: int  # the newest TOTP step a Verify was sent for (accepted, unless counted as rejected)
 
 
-class Clients:
-    """`processes` client processes with `threads` closed-loop threads each."""
+class ClientProcesses:
+    """`processes` spawned child processes, each running `main(pipe, *args)`: it says "ready" once
+    set up, then answers every message the parent sends with one reply (an exception: it failed).
+    ("run", kind, start, end) runs a phase of closed-loop calls and replies with its PhaseResult;
+    ("stop",) ends it. Clients (gRPC) and privacyidea.py's CheckClients (HTTP) are two of these."""
 
-    def __init__(self, target: str, *, processes: int, threads: int, token: str = "") -> None:
+    def __init__(self, main: Callable[..., None], args: tuple[Any, ...], processes: int) -> None:
         context = multiprocessing.get_context("spawn")  # no fork after grpc is initialised
         self._pipes: list[multiprocessing.connection.Connection] = []
         self._workers = []
         for _ in range(processes):
             parent_end, child_end = context.Pipe()
-            worker = context.Process(
-                target=_client_main, args=(child_end, target, token, threads), daemon=True
-            )
+            worker = context.Process(target=main, args=(child_end, *args), daemon=True)
             worker.start()
             child_end.close()
             self._pipes.append(parent_end)
             self._workers.append(worker)
-        self._replies(deadline=time.monotonic() + 60)  # every process has started and made its channels
+        self._replies(deadline=time.monotonic() + 60)  # every process has started and is set up
 
     @property
     def pids(self) -> list[int]:
@@ -368,33 +369,10 @@ class Clients:
             pipe.send(message)
         return self._replies(deadline=time.monotonic() + timeout)
 
-    def retarget(self, target: str) -> None:
-        """Point every client thread at another server (the same users stay enrolled in the database)."""
-        self._ask_all([("retarget", target)] * len(self._pipes), timeout=60)
-
-    def enroll(self, user_ids: Sequence[str], timeout: float, qr_formats: Sequence[int] = ()) -> array:
-        """Enroll the users in the authenticator app, spread over the processes; StartEnrollment
-        asks for the QR code images in `qr_formats` (twofactor.v1 QrCodeFormat values; none by default).
-
-        Returns the latency (ms) of each enrollment: StartEnrollment plus ConfirmEnrollment.
-        """
+    def _deal(self, kind: str, items: Sequence[Any], timeout: float = 60) -> list[Any]:
+        """Send (kind, its share of `items`) to each process: dealt out in turn."""
         count = len(self._pipes)
-        slices = [list(user_ids[i::count]) for i in range(count)]
-        latencies = array("d")
-        for part in self._ask_all([("enroll", s, list(qr_formats)) for s in slices], timeout):
-            latencies.extend(part)
-        return latencies
-
-    def set_users(self, users: Sequence[tuple[str, str, int]]) -> None:
-        """Replace the Verify phases' users with these (user id, base32 secret, last accepted step),
-        spread over the processes: users enrolled in bulk (bench/populate.py)."""
-        count = len(self._pipes)
-        self._ask_all([("users", list(users[i::count])) for i in range(count)], timeout=60)
-
-    def set_email_users(self, user_ids: Sequence[str]) -> None:
-        """The users SendCode phases send to (email enabled), spread over the processes."""
-        count = len(self._pipes)
-        self._ask_all([("email_users", list(user_ids[i::count])) for i in range(count)], timeout=60)
+        return self._ask_all([(kind, list(items[i::count])) for i in range(count)], timeout)
 
     def run_schedule(self, phases: Sequence[tuple[str, float, float]]) -> Iterator[PhaseResult]:
         """Run (kind, start, end) phases, wall-clock times in order; yields each phase's merged result.
@@ -431,6 +409,39 @@ class Clients:
             if worker.is_alive():
                 worker.terminate()
                 worker.join(5)
+
+
+class Clients(ClientProcesses):
+    """`processes` client processes with `threads` closed-loop gRPC threads each."""
+
+    def __init__(self, target: str, *, processes: int, threads: int, token: str = "") -> None:
+        super().__init__(_client_main, (target, token, threads), processes)
+
+    def retarget(self, target: str) -> None:
+        """Point every client thread at another server (the same users stay enrolled in the database)."""
+        self._ask_all([("retarget", target)] * len(self._pipes), timeout=60)
+
+    def enroll(self, user_ids: Sequence[str], timeout: float, qr_formats: Sequence[int] = ()) -> array:
+        """Enroll the users in the authenticator app, spread over the processes; StartEnrollment
+        asks for the QR code images in `qr_formats` (twofactor.v1 QrCodeFormat values; none by default).
+
+        Returns the latency (ms) of each enrollment: StartEnrollment plus ConfirmEnrollment.
+        """
+        count = len(self._pipes)
+        slices = [list(user_ids[i::count]) for i in range(count)]
+        latencies = array("d")
+        for part in self._ask_all([("enroll", s, list(qr_formats)) for s in slices], timeout):
+            latencies.extend(part)
+        return latencies
+
+    def set_users(self, users: Sequence[tuple[str, str, int]]) -> None:
+        """Replace the Verify phases' users with these (user id, base32 secret, last accepted step),
+        spread over the processes: users enrolled in bulk (bench/populate.py)."""
+        self._deal("users", users)
+
+    def set_email_users(self, user_ids: Sequence[str]) -> None:
+        """The users SendCode phases send to (email enabled), spread over the processes."""
+        self._deal("email_users", user_ids)
 
 
 def _client_main(pipe: multiprocessing.connection.Connection, target: str, token: str, threads: int) -> None:

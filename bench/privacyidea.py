@@ -70,6 +70,7 @@ import psycopg
 from loadgen import (
     STEP_SECONDS,
     VERIFY,
+    ClientProcesses,
     Clients,
     CpuMeter,
     CpuRecorder,
@@ -321,55 +322,15 @@ def wait_answering(url: str, server: ServerProcess, timeout: float) -> None:
 # ---- the client processes for privacyIDEA (the shape of bench/loadgen.py, over HTTP) -----
 
 
-class CheckClients:
+class CheckClients(ClientProcesses):
     """`processes` client processes of `threads` closed-loop threads, each sending /validate/check."""
 
     def __init__(self, url: str, processes: int, threads: int) -> None:
-        context = multiprocessing.get_context("spawn")
-        self._pipes: list[multiprocessing.connection.Connection] = []
-        self._workers = []
-        for _ in range(processes):
-            parent_end, child_end = context.Pipe()
-            worker = context.Process(target=_check_client_main, args=(child_end, url, threads), daemon=True)
-            worker.start()
-            child_end.close()
-            self._pipes.append(parent_end)
-            self._workers.append(worker)
-
-    @property
-    def pids(self) -> list[int]:
-        return [worker.pid for worker in self._workers if worker.pid is not None]
+        super().__init__(_check_client_main, (url, threads), processes)
 
     def set_users(self, users: Sequence[tuple[str, str, str]]) -> None:
         """(user, base32 secret, PIN) of each, dealt out to the processes."""
-        count = len(self._pipes)
-        for index, pipe in enumerate(self._pipes):
-            pipe.send(("users", list(users[index::count])))
-        for pipe in self._pipes:
-            pipe.recv()
-
-    def run_schedule(self, phases: Sequence[tuple[str, float, float]]) -> list[PhaseResult]:
-        for pipe in self._pipes:
-            for phase in phases:
-                pipe.send(("run", *phase))
-        results = []
-        for kind, start, end in phases:
-            total = PhaseResult(kind, end - start)
-            for pipe in self._pipes:
-                if not pipe.poll(max(0.0, end - time.time()) + 60):
-                    raise RuntimeError("a privacyIDEA client process did not answer in time")
-                total.add(pipe.recv())
-            results.append(total)
-        return results
-
-    def close(self) -> None:
-        for pipe in self._pipes:
-            with contextlib.suppress(OSError):
-                pipe.send(("stop",))
-        for worker in self._workers:
-            worker.join(10)
-            if worker.is_alive():
-                worker.terminate()
+        self._deal("users", users)
 
 
 @contextlib.contextmanager
@@ -427,20 +388,24 @@ def _check_client_main(pipe: multiprocessing.connection.Connection, url: str, th
                 result.latencies_ms.append(elapsed * 1000)
         return result
 
+    pipe.send("ready")
     try:
         while (message := pipe.recv())[0] != "stop":
-            if message[0] == "users":
-                users[:] = [[name, pyotp.HOTP(secret), pin, -1] for name, secret, pin in message[1]]
-                pipe.send("ready")
-            elif message[0] == "run":
-                _, _, start, end = message
-                turn[0] = 0
-                with ThreadPoolExecutor(threads) as pool:
-                    parts = list(pool.map(loop, [start] * threads, [end] * threads))
-                total = PhaseResult(CHECK, end - start)
-                for part in parts:
-                    total.add(part)
-                pipe.send(total)
+            try:
+                if message[0] == "users":
+                    users[:] = [[name, pyotp.HOTP(secret), pin, -1] for name, secret, pin in message[1]]
+                    pipe.send("ready")
+                elif message[0] == "run":
+                    _, _, start, end = message
+                    turn[0] = 0
+                    with ThreadPoolExecutor(threads) as pool:
+                        parts = list(pool.map(loop, [start] * threads, [end] * threads))
+                    total = PhaseResult(CHECK, end - start)
+                    for part in parts:
+                        total.add(part)
+                    pipe.send(total)
+            except Exception as error:  # reported to the parent, which stops the run (ClientProcesses)
+                pipe.send(RuntimeError(f"privacyIDEA client {os.getpid()}: {type(error).__name__}: {error}"))
     except (EOFError, KeyboardInterrupt):
         return
 
@@ -556,7 +521,7 @@ def measure(
             target=lambda: verify_results.extend(tf_load.run_schedule(verify_phases)), daemon=True
         )
         verify_thread.start()
-        check_results = pi_load.run_schedule(check_phases)
+        check_results = list(pi_load.run_schedule(check_phases))
         verify_thread.join()
         rows = []
         for number, (check, verify) in enumerate(zip(check_results, verify_results, strict=True)):
