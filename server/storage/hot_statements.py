@@ -30,6 +30,7 @@ class HotStatement:
     sql: str
     param_names: tuple[str, ...] = field(init=False)
     postgres_sql: bytes = field(init=False)
+    wire_name: bytes = field(init=False)  # `name` as libpq takes it
 
     def __post_init__(self) -> None:
         names: list[str] = []
@@ -41,6 +42,7 @@ class HotStatement:
 
         object.__setattr__(self, "postgres_sql", re.sub(r"%\((\w+)\)s", positional, self.sql).encode())
         object.__setattr__(self, "param_names", tuple(names))
+        object.__setattr__(self, "wire_name", self.name.encode())
 
 
 class PreparingConnection(Protocol):
@@ -72,7 +74,7 @@ def run_prepared(
     shutdown (deadlines.py) wakes them as it wakes psycopg's own waits."""
     pgconn = conn.pgconn
     values = [_as_text(params[name]) for name in statement.param_names]
-    name = statement.name.encode()
+    name = statement.wire_name
     if statement.name in conn.hot_prepared:
         result = pgconn.exec_prepared(name, values)  # type: ignore[arg-type]  # None: NULL
         if (
