@@ -28,7 +28,7 @@ from psycopg_pool import ConnectionPool, PoolTimeout
 
 from twofactor_server.domain.errors import StorageUnavailable
 from twofactor_server.storage.deadlines import Watch, Watchdog, socket_inode
-from twofactor_server.storage.hot_statements import HotStatement, check_params, run_prepared
+from twofactor_server.storage.hot_statements import HotStatement, run_as_query, run_prepared
 from twofactor_server.storage.migrator import apply_migrations
 from twofactor_server.storage.migrator import migrations as migrations  # re-exported
 from twofactor_server.storage.sqlite import SqliteDatabase as SqliteDatabase  # re-exported
@@ -264,9 +264,7 @@ class _PostgresTransaction(CommitActions):
     def hot_row(self, statement: HotStatement, params: Params) -> tuple[int, ...] | None:
         if self._conn.pgconn.transaction_status != TransactionStatus.IDLE:
             # Inside BEGIN, through the cursor: a failed statement can't be sent again there.
-            check_params(statement, params)
-            row = self.one(statement.sql, params)
-            return None if row is None else tuple(int(value) for value in row.values())
+            return run_as_query(self.one, statement, params)
         return run_prepared(self._conn, statement, params)
 
 

@@ -10,7 +10,7 @@ them as it maps every other statement's.
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -57,10 +57,18 @@ class PreparingConnection(Protocol):
     def info(self) -> Any: ...
 
 
-def check_params(statement: HotStatement, params: Mapping[str, Any]) -> None:
-    """The parameters a HotStatement takes (str, int, None), on either backend alike."""
+def run_as_query(
+    one: Callable[[str, Mapping[str, Any]], Mapping[str, Any] | None],
+    statement: HotStatement,
+    params: Mapping[str, Any],
+) -> tuple[int, ...] | None:
+    """`statement` through a transaction's ordinary `one` (SQLite, or PostgreSQL inside BEGIN),
+    its row read as run_prepared reads it; the parameters checked as run_prepared would send
+    them (str, int, None), on either backend alike."""
     for name in statement.param_names:
         _as_text(params[name])
+    row = one(statement.sql, params)
+    return None if row is None else tuple(int(value) for value in row.values())
 
 
 def run_prepared(

@@ -14,7 +14,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-from twofactor_server.storage.hot_statements import HotStatement, check_params
+from twofactor_server.storage.hot_statements import HotStatement, run_as_query
 from twofactor_server.storage.migrator import apply_migrations
 from twofactor_server.storage.units import CommitActions, Params, Row, raise_unavailable
 
@@ -91,9 +91,7 @@ class _SqliteTransaction(CommitActions):
         return self._conn.execute(_to_sqlite(sql), params or {}).fetchall()
 
     def hot_row(self, statement: HotStatement, params: Params) -> tuple[int, ...] | None:
-        check_params(statement, params)
-        row = self.one(statement.sql, params)
-        return None if row is None else tuple(int(value) for value in row.values())
+        return run_as_query(self.one, statement, params)
 
 
 # SQLite's primary result codes that a retry can fix: busy, locked, I/O error, disk
