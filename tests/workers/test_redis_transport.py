@@ -4,6 +4,7 @@ bookkeeping it carries (unacked message recorded on arrival, removed on ack) sti
 from __future__ import annotations
 
 import dataclasses
+from typing import Any
 
 import redis
 from kombu import Connection
@@ -12,6 +13,17 @@ from tests.conftest import REDIS_URL
 from twofactor_server.settings import Settings
 from twofactor_workers.celery_app import create_celery
 from twofactor_workers.redis_transport import Transport
+
+
+def _taken_unacknowledged(connection: Connection, queue: str, payload: dict[str, int]) -> tuple[Any, Any]:
+    """The connection's channel, and `payload` published to `queue` and taken back from it without
+    acknowledging it (late acknowledgement: the transport records it as unacked)."""
+    channel = connection.default_channel
+    channel.queue_declare(queue)
+    connection.Producer().publish(payload, routing_key=queue, exchange="")
+    message = channel.basic_get(queue, no_ack=False)
+    assert message is not None and message.payload == payload
+    return channel, message
 
 
 def test_the_worker_app_uses_the_transport(queue: str) -> None:
@@ -35,12 +47,7 @@ def test_one_client_per_channel_until_its_pool_is_replaced(queue: str) -> None:
 def test_unacknowledged_until_acked(queue: str) -> None:
     client = redis.Redis.from_url(REDIS_URL)
     with Connection(REDIS_URL, transport=Transport) as connection:
-        producer = connection.Producer()
-        channel = connection.default_channel
-        channel.queue_declare(queue)
-        producer.publish({"n": 1}, routing_key=queue, exchange="")
-        message = channel.basic_get(queue, no_ack=False)
-        assert message is not None and message.payload == {"n": 1}
+        channel, message = _taken_unacknowledged(connection, queue, {"n": 1})
         tag = message.delivery_tag
         assert client.hexists(channel.unacked_key, tag)  # would come back if the worker died
         assert client.zscore(channel.unacked_index_key, tag) is not None
@@ -54,12 +61,7 @@ def test_kombu_restores_what_the_transport_recorded(queue: str) -> None:
     """The record written on arrival is the one kombu reads back when a worker goes away
     without acknowledging (restore at shutdown, or after the visibility timeout)."""
     with Connection(REDIS_URL, transport=Transport) as connection:
-        producer = connection.Producer()
-        channel = connection.default_channel
-        channel.queue_declare(queue)
-        producer.publish({"n": 2}, routing_key=queue, exchange="")
-        message = channel.basic_get(queue, no_ack=False)
-        assert message is not None
+        channel, _message = _taken_unacknowledged(connection, queue, {"n": 2})
         assert channel._size(queue) == 0
         channel.qos.restore_unacked()  # what kombu does for unacked messages at shutdown
         assert channel._size(queue) == 1
@@ -72,12 +74,7 @@ def test_a_key_prefix_keeps_kombus_own_bookkeeping(queue: str) -> None:
     client = redis.Redis.from_url(REDIS_URL)
     options = {"global_keyprefix": f"{queue}:"}
     with Connection(REDIS_URL, transport=Transport, transport_options=options) as connection:
-        producer = connection.Producer()
-        channel = connection.default_channel
-        channel.queue_declare(queue)
-        producer.publish({"n": 3}, routing_key=queue, exchange="")
-        message = channel.basic_get(queue, no_ack=False)
-        assert message is not None
+        channel, message = _taken_unacknowledged(connection, queue, {"n": 3})
         tag = message.delivery_tag
         assert client.hexists(f"{queue}:{channel.unacked_key}", tag)
         assert not client.hexists(channel.unacked_key, tag)
@@ -92,12 +89,7 @@ def test_the_bookkeeping_survives_a_lost_connection(queue: str) -> None:
     still removes the record (kombu's own code sends it on a new connection)."""
     client = redis.Redis.from_url(REDIS_URL)
     with Connection(REDIS_URL, transport=Transport) as connection:
-        producer = connection.Producer()
-        channel = connection.default_channel
-        channel.queue_declare(queue)
-        producer.publish({"n": 4}, routing_key=queue, exchange="")
-        message = channel.basic_get(queue, no_ack=False)
-        assert message is not None
+        channel, message = _taken_unacknowledged(connection, queue, {"n": 4})
         tag = message.delivery_tag
         assert client.hexists(channel.unacked_key, tag)
         host, port = channel.qos._connection()._sock.getsockname()[:2]
@@ -105,9 +97,8 @@ def test_the_bookkeeping_survives_a_lost_connection(queue: str) -> None:
         message.ack()
         assert not client.hexists(channel.unacked_key, tag)
         assert client.zscore(channel.unacked_index_key, tag) is None
-        producer.publish({"n": 5}, routing_key=queue, exchange="")  # and the next message's too
-        message = channel.basic_get(queue, no_ack=False)
-        assert message is not None and client.hexists(channel.unacked_key, message.delivery_tag)
+        _, message = _taken_unacknowledged(connection, queue, {"n": 5})  # and the next message's too
+        assert client.hexists(channel.unacked_key, message.delivery_tag)
         message.ack()
         assert not client.hexists(channel.unacked_key, message.delivery_tag)
     client.close()
