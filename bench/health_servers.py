@@ -28,7 +28,7 @@ import time
 from concurrent import futures
 from pathlib import Path
 
-from loadgen import HEALTH, CpuMeter, CpuRecorder, ServerProcess, clients, median, wait_serving
+from loadgen import HEALTH, SERVE, CpuMeter, CpuRecorder, ServerProcess, clients, median, wait_serving
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_SERVERS = "sync:4,sync:8,sync:16,sync:32,sync:64,aio,twofactor:32"
@@ -103,7 +103,7 @@ def start_server(shape: str, data_dir: str) -> ServerProcess:
         }
         if size:
             env["TWOFACTOR_MAX_WORKERS"] = size
-        return ServerProcess([sys.executable, "-m", "twofactor_server.cli", "serve"], env, cwd=str(ROOT))
+        return ServerProcess([*SERVE], env, cwd=str(ROOT))
     if kind not in ("sync", "aio"):
         raise SystemExit(f"unknown server {shape!r}: use sync:N, aio or twofactor:N")
     return ServerProcess([sys.executable, str(Path(__file__).resolve()), "--serve", shape], dict(os.environ))

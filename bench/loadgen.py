@@ -17,17 +17,19 @@ run out of users: its threads wait for the next step and count the wait as
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import multiprocessing
 import multiprocessing.connection
 import os
 import queue
 import signal
 import subprocess
+import sys
 import threading
 import time
 from array import array
 from collections import Counter
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
@@ -41,6 +43,23 @@ WRONG_STEP_OFFSET = 10  # a code from 5 minutes ahead: outside the accepted drif
 
 
 # ---- the server under test, as a separate process ------------------------------
+
+SERVE = (sys.executable, "-m", "twofactor_server.cli", "serve")  # `twofactor serve`, this interpreter's
+
+
+def server_env(database_url: str, keys: str, token: str, settings: Mapping[str, str] = {}) -> dict[str, str]:
+    """The environment of a `twofactor serve` under bench: this process's own without any
+    TWOFACTOR_ setting, then the database, the keys, the bench's one app token (by its digest),
+    any free port, warnings only; then `settings`."""
+    return {
+        **{key: value for key, value in os.environ.items() if not key.startswith("TWOFACTOR_")},
+        "TWOFACTOR_DATABASE_URL": database_url,
+        "TWOFACTOR_KEYS": keys,
+        "TWOFACTOR_TOKENS": f"bench:app:{hashlib.sha256(token.encode()).hexdigest()}",
+        "TWOFACTOR_LISTEN": "127.0.0.1:0",
+        "TWOFACTOR_LOG_LEVEL": "WARNING",
+        **settings,
+    }
 
 
 class ServerProcess:

@@ -43,7 +43,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import hashlib
 import http.client
 import json
 import math
@@ -68,6 +67,7 @@ from typing import Any
 
 import psycopg
 from loadgen import (
+    SERVE,
     STEP_SECONDS,
     VERIFY,
     ClientProcesses,
@@ -77,6 +77,7 @@ from loadgen import (
     PhaseResult,
     ServerProcess,
     clients,
+    server_env,
     wait_serving,
 )
 from suite import PostgresPids
@@ -418,24 +419,18 @@ def running_twofactor(args: argparse.Namespace) -> Iterator[tuple[str, int, Post
     """(target, server pid, its PostgreSQL pids, the Verify clients with M users enrolled)."""
     schema = f"tf_bench_{uuid.uuid4().hex[:10]}"
     token = "bench-" + secrets.token_urlsafe(24)
-    env = {
-        **{key: value for key, value in os.environ.items() if not key.startswith("TWOFACTOR_")},
+    env = server_env(
         # application_name tells the server's backends from other sessions' (suite.PostgresPids)
-        "TWOFACTOR_DATABASE_URL": f"{args.database_url}?options=-csearch_path%3D{schema}"
-        f"&application_name={schema}",
-        "TWOFACTOR_KEYS": Keyring.new_key_spec(1),
-        "TWOFACTOR_TOKENS": f"bench:app:{hashlib.sha256(token.encode()).hexdigest()}",
-        "TWOFACTOR_LISTEN": "127.0.0.1:0",
-        "TWOFACTOR_LOG_LEVEL": "WARNING",
-        "TWOFACTOR_ALLOW_CONSOLE_DELIVERY": "true",  # the bench sends no codes
-    }
+        f"{args.database_url}?options=-csearch_path%3D{schema}&application_name={schema}",
+        Keyring.new_key_spec(1),
+        token,
+        {"TWOFACTOR_ALLOW_CONSOLE_DELIVERY": "true"},  # the bench sends no codes
+    )
     with psycopg.connect(args.database_url, autocommit=True) as conn:
         conn.execute(f'CREATE SCHEMA "{schema}"')
     try:
         with contextlib.ExitStack() as stack:
-            server = ServerProcess(
-                [sys.executable, "-m", "twofactor_server.cli", "serve"], env, cwd=str(ROOT)
-            )
+            server = ServerProcess([*SERVE], env, cwd=str(ROOT))
             stack.callback(server.stop)
             target = f"127.0.0.1:{server.wait_listening(timeout=60)}"
             wait_serving(target, timeout=30)

@@ -18,8 +18,6 @@ it, the server's CPU per call from /proc.
 from __future__ import annotations
 
 import argparse
-import hashlib
-import os
 import secrets
 import statistics
 import sys
@@ -30,10 +28,10 @@ import psycopg
 import redis
 import sendcode_path
 import verify_instructions
-from loadgen import ServerProcess, wait_serving
+from loadgen import ServerProcess, server_env, wait_serving
 from twofactor.v1 import common_pb2
 from twofactor.v1 import twofactor_service_pb2 as pb
-from verify_instructions import Callgrind, in_callgrind, measured
+from verify_instructions import Callgrind, measured, serve_command
 
 from twofactor_server.domain.keyring import Keyring
 from twofactor_server.storage.database import PostgresDatabase
@@ -93,25 +91,20 @@ def main(argv: list[str] | None = None) -> int:
         conn.execute(f'CREATE SCHEMA "{schema}"')
     try:
         users = make_users(url, run, args.users)
-        env = {
-            **{k: v for k, v in os.environ.items() if not k.startswith("TWOFACTOR_")},
-            "TWOFACTOR_DATABASE_URL": url,
-            "TWOFACTOR_KEYS": Keyring.new_key_spec(1),
-            "TWOFACTOR_TOKENS": f"bench:app:{hashlib.sha256(token.encode()).hexdigest()}",
-            "TWOFACTOR_LISTEN": "127.0.0.1:0",
-            "TWOFACTOR_LOG_LEVEL": "WARNING",
-            "TWOFACTOR_BROKER_URL": args.redis_url,
-            "TWOFACTOR_DELIVERY_QUEUE": queue,
-            "TWOFACTOR_ALLOW_CONSOLE_DELIVERY": "true",
-            "TWOFACTOR_RESEND_COOLDOWN_SECONDS": "0",
-            "TWOFACTOR_SENDS_PER_USER_PER_HOUR": "1000",
-            "TWOFACTOR_SENDS_PER_DESTINATION_PER_HOUR": "1000",
-        }
-        command = [sys.executable, "-m", "twofactor_server.cli", "serve"]
-        if args.callgrind:
-            env["TWOFACTOR_STORAGE_TIMEOUT_SECONDS"] = "60"  # ~50 times slower in valgrind
-            env["TWOFACTOR_BROKER_TIMEOUT_SECONDS"] = "60"
-            command = in_callgrind(args.callgrind, command, "--dump-instr=no")
+        env = server_env(
+            url,
+            Keyring.new_key_spec(1),
+            token,
+            {
+                "TWOFACTOR_BROKER_URL": args.redis_url,
+                "TWOFACTOR_DELIVERY_QUEUE": queue,
+                "TWOFACTOR_ALLOW_CONSOLE_DELIVERY": "true",
+                "TWOFACTOR_RESEND_COOLDOWN_SECONDS": "0",
+                "TWOFACTOR_SENDS_PER_USER_PER_HOUR": "1000",
+                "TWOFACTOR_SENDS_PER_DESTINATION_PER_HOUR": "1000",
+            },
+        )
+        command = serve_command(env, args.callgrind, "--dump-instr=no")
         server = ServerProcess(command, env, cwd=str(ROOT))
         try:
             target = f"127.0.0.1:{server.wait_listening(timeout=600)}"

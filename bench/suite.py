@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import hashlib
 import itertools
 import math
 import os
@@ -48,6 +47,7 @@ from loadgen import (
     HEALTH,
     REJECTED,
     SENDCODE,
+    SERVE,
     STEP_SECONDS,
     VERIFY,
     Clients,
@@ -57,6 +57,7 @@ from loadgen import (
     ServerProcess,
     _on_cpu_seconds,
     clients,
+    server_env,
     wait_serving,
 )
 from plans import explain_all, print_plans
@@ -98,30 +99,29 @@ def main(argv: list[str] | None = None) -> int:
     token = "bench-" + secrets.token_urlsafe(24)
     sink = BenchSink()
     sink.start()
-    env = {
-        **{key: value for key, value in os.environ.items() if not key.startswith("TWOFACTOR_")},
-        # application_name tells this run's backends from other sessions' on a shared PostgreSQL.
-        "TWOFACTOR_DATABASE_URL": database_url(args, schema, schema),
-        "TWOFACTOR_KEYS": Keyring.new_key_spec(1),
-        "TWOFACTOR_TOKENS": f"bench:app:{hashlib.sha256(token.encode()).hexdigest()}",
-        "TWOFACTOR_LISTEN": "127.0.0.1:0",
-        "TWOFACTOR_LOG_LEVEL": "WARNING",
-        "TWOFACTOR_BROKER_URL": args.redis_url,
-        "TWOFACTOR_DELIVERY_QUEUE": queue,
-        "TWOFACTOR_EMAIL_PROVIDER": "smtp",
-        "TWOFACTOR_SMTP_HOST": "127.0.0.1",
-        "TWOFACTOR_SMTP_PORT": str(sink.port),
-        "TWOFACTOR_SMTP_SECURITY": "none",
-        "TWOFACTOR_SMTP_FROM": "bench@example.com",
-        # SMS stays on the console provider; with PostgreSQL the server wants this said out loud.
-        "TWOFACTOR_ALLOW_CONSOLE_DELIVERY": "true",
-        # The rejected phase sends many wrong codes per user, SendCode many codes per user.
-        "TWOFACTOR_LOCKOUT_THRESHOLD": "100",
-        "TWOFACTOR_MAX_CONSECUTIVE_FAILURES": "100",
-        "TWOFACTOR_RESEND_COOLDOWN_SECONDS": "0",
-        "TWOFACTOR_SENDS_PER_USER_PER_HOUR": "1000",
-        "TWOFACTOR_SENDS_PER_DESTINATION_PER_HOUR": "1000",
-    }
+    # application_name tells this run's backends from other sessions' on a shared PostgreSQL.
+    env = server_env(
+        database_url(args, schema, schema),
+        Keyring.new_key_spec(1),
+        token,
+        {
+            "TWOFACTOR_BROKER_URL": args.redis_url,
+            "TWOFACTOR_DELIVERY_QUEUE": queue,
+            "TWOFACTOR_EMAIL_PROVIDER": "smtp",
+            "TWOFACTOR_SMTP_HOST": "127.0.0.1",
+            "TWOFACTOR_SMTP_PORT": str(sink.port),
+            "TWOFACTOR_SMTP_SECURITY": "none",
+            "TWOFACTOR_SMTP_FROM": "bench@example.com",
+            # SMS stays on the console provider; with PostgreSQL the server wants this said out loud.
+            "TWOFACTOR_ALLOW_CONSOLE_DELIVERY": "true",
+            # The rejected phase sends many wrong codes per user, SendCode many codes per user.
+            "TWOFACTOR_LOCKOUT_THRESHOLD": "100",
+            "TWOFACTOR_MAX_CONSECUTIVE_FAILURES": "100",
+            "TWOFACTOR_RESEND_COOLDOWN_SECONDS": "0",
+            "TWOFACTOR_SENDS_PER_USER_PER_HOUR": "1000",
+            "TWOFACTOR_SENDS_PER_DESTINATION_PER_HOUR": "1000",
+        },
+    )
     with psycopg.connect(args.database_url, autocommit=True) as conn:
         conn.execute(f'CREATE SCHEMA "{schema}"')
     rows: dict[str, Row] = {}
@@ -301,8 +301,7 @@ def worker_application_name(schema: str) -> str:
 
 
 def server_command(processes: str) -> list[str]:
-    command = [sys.executable, "-m", "twofactor_server.cli", "serve"]
-    return command if processes == "1" else [*command, "--processes", processes]
+    return [*SERVE] if processes == "1" else [*SERVE, "--processes", processes]
 
 
 class Row:

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures
-import hashlib
 import os
 import re
 import secrets
@@ -41,7 +40,7 @@ import grpc
 import psycopg
 import pyotp
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from loadgen import ServerProcess, wait_serving
+from loadgen import SERVE, ServerProcess, server_env, wait_serving
 from twofactor.v1 import twofactor_service_pb2 as pb
 from twofactor.v1 import twofactor_service_pb2_grpc as pb_grpc
 
@@ -185,6 +184,16 @@ def in_callgrind(directory: Path, command: list[str], *options: str) -> list[str
     ]
 
 
+def serve_command(env: dict[str, str], callgrind: Path | None, *options: str) -> list[str]:
+    """`twofactor serve`, in callgrind (with `options`) when given a dump directory; then the
+    storage and broker timeouts in `env` are made long: the server runs ~50 times slower."""
+    if callgrind is None:
+        return [*SERVE]
+    env["TWOFACTOR_STORAGE_TIMEOUT_SECONDS"] = "60"
+    env["TWOFACTOR_BROKER_TIMEOUT_SECONDS"] = "60"
+    return in_callgrind(callgrind, [*SERVE], *options)
+
+
 def measured(pid: int, meter: Callgrind | None, name: str, calls: int, action: Callable[[], object]) -> float:
     """The server's instructions (under callgrind, dumped as `name`) or CPU µs per call of `action`."""
     if meter:
@@ -221,19 +230,8 @@ def main(argv: list[str] | None = None) -> int:
         ids = [f"bench-{run_id}-{i:05d}" for i in range(args.users * args.rounds)]
         hotps = enroll(url, Keyring.parse(spec), ids)
         users = list(hotps.items())
-        env = {
-            **{k: v for k, v in os.environ.items() if not k.startswith("TWOFACTOR_")},
-            "TWOFACTOR_DATABASE_URL": url,
-            "TWOFACTOR_KEYS": spec,
-            "TWOFACTOR_TOKENS": f"bench:app:{hashlib.sha256(token.encode()).hexdigest()}",
-            "TWOFACTOR_LISTEN": "127.0.0.1:0",
-            "TWOFACTOR_LOG_LEVEL": "WARNING",
-            "TWOFACTOR_ALLOW_CONSOLE_DELIVERY": "true",
-        }
-        command = [sys.executable, "-m", "twofactor_server.cli", "serve"]
-        if args.callgrind:
-            env["TWOFACTOR_STORAGE_TIMEOUT_SECONDS"] = "60"  # ~50 times slower in valgrind
-            command = in_callgrind(args.callgrind, command)
+        env = server_env(url, spec, token, {"TWOFACTOR_ALLOW_CONSOLE_DELIVERY": "true"})
+        command = serve_command(env, args.callgrind)
         server = ServerProcess(command, env, cwd=str(ROOT))
         try:
             target = f"127.0.0.1:{server.wait_listening(timeout=600)}"

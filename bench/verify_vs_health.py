@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import hashlib
 import math
 import os
 import secrets
@@ -32,6 +31,7 @@ from pathlib import Path
 import psycopg
 from loadgen import (
     HEALTH,
+    SERVE,
     STEP_SECONDS,
     VERIFY,
     Clients,
@@ -41,6 +41,7 @@ from loadgen import (
     ServerProcess,
     clients,
     median,
+    server_env,
     wait_serving,
 )
 
@@ -95,15 +96,12 @@ def main(argv: list[str] | None = None) -> int:
 
     schema = f"tf_bench_{uuid.uuid4().hex[:12]}"
     token = "bench-" + secrets.token_urlsafe(24)
-    env = {
-        **{key: value for key, value in os.environ.items() if not key.startswith("TWOFACTOR_")},
-        "TWOFACTOR_DATABASE_URL": f"{args.database_url}?options=-csearch_path%3D{schema}",
-        "TWOFACTOR_KEYS": Keyring.new_key_spec(1),
-        "TWOFACTOR_TOKENS": f"bench:app:{hashlib.sha256(token.encode()).hexdigest()}",
-        "TWOFACTOR_LISTEN": "127.0.0.1:0",
-        "TWOFACTOR_LOG_LEVEL": "WARNING",
-        "TWOFACTOR_ALLOW_CONSOLE_DELIVERY": "true",  # the bench sends no codes
-    }
+    env = server_env(
+        f"{args.database_url}?options=-csearch_path%3D{schema}",
+        Keyring.new_key_spec(1),
+        token,
+        {"TWOFACTOR_ALLOW_CONSOLE_DELIVERY": "true"},  # the bench sends no codes
+    )
     if args.pool_size:
         env["TWOFACTOR_DATABASE_POOL_SIZE"] = str(args.pool_size)
 
@@ -151,7 +149,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def server_command(switch_interval: float | None) -> list[str]:
     if switch_interval is None:
-        return [sys.executable, "-m", "twofactor_server.cli", "serve"]
+        return [*SERVE]
     code = (
         f"import sys; sys.setswitchinterval({switch_interval!r}); "
         "from twofactor_server.cli import main; sys.exit(main(['serve']))"
