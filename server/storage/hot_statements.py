@@ -1,10 +1,16 @@
-"""HotStatement: a statement on the hottest path (the accepted Verify), run without psycopg's cursor.
+"""HotStatement: a statement on a hot path (the accepted Verify, SendCode, the worker's delivery
+record), run without psycopg's cursor.
 
 Through Cursor.execute a statement costs the server about 130,000 instructions of Python (query
 conversion, parameter dumping, the row maker) against about 20,000 this way: prepared by name
-once per connection, its parameters sent as text, its one row read as integers
-(docs/benchmarks.md). Errors are psycopg's, as the cursor would raise them, so database.py maps
-them as it maps every other statement's.
+once per connection, its parameters sent as text (bytes as binary bytea), its one row read by
+each column's type (docs/benchmarks.md). Errors are psycopg's, as the cursor would raise them,
+so database.py maps them as it maps every other statement's.
+
+A statement runs prepared inside a transaction block as outside one. psycopg follows a ROLLBACK,
+DROP or ALTER that it sees, on a connection where it prepared statements of its own, with
+DEALLOCATE ALL, which would drop ours too: database.py sends BEGIN, COMMIT and ROLLBACK through
+libpq, out of psycopg's sight, and forgets the prepared names after migrations.
 """
 
 from __future__ import annotations
@@ -15,22 +21,42 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import psycopg
-from psycopg.pq import ConnStatus, DiagnosticField, ExecStatus
+from psycopg.pq import ConnStatus, DiagnosticField, ExecStatus, TransactionStatus
 from psycopg.pq.abc import PGconn, PGresult
 
-_INT8_OID = 20
+_BYTEA_OID, _INT8_OID = 17, 20
 _NO_SUCH_PREPARED_STATEMENT = b"26000"  # invalid_sql_statement_name
+
+
+def _hex_bytes(text: bytes) -> bytes:
+    return bytes.fromhex(text[2:].decode())  # bytea's text output: \x, then hex digits
+
+
+# A result column's type (OID) -> its value from PostgreSQL's text output.
+_FROM_TEXT: dict[int, Callable[[bytes], Any]] = {
+    16: lambda text: text == b"t",  # bool
+    17: _hex_bytes,  # bytea
+    20: int,  # int8
+    21: int,  # int2
+    23: int,  # int4
+    25: bytes.decode,  # text
+    1043: bytes.decode,  # varchar
+    2278: lambda _: None,  # void: a function called for what it does (a lock), not what it returns
+}
 
 
 @dataclass(frozen=True)
 class HotStatement:
-    """Written with the same `%(name)s` placeholders as every statement; PostgreSQL gets `$n`."""
+    """Written with the same `%(name)s` placeholders as every statement; PostgreSQL gets `$n`.
+    Parameters are str, int or None; those named in `binary` are bytes (or None), sent as bytea."""
 
     name: str  # the prepared statement's name on each connection; unique per statement
     sql: str
+    binary: frozenset[str] = frozenset()
     param_names: tuple[str, ...] = field(init=False)
     postgres_sql: bytes = field(init=False)
     wire_name: bytes = field(init=False)  # `name` as libpq takes it
+    param_formats: tuple[int, ...] | None = field(init=False)  # None: every parameter as text
 
     def __post_init__(self) -> None:
         names: list[str] = []
@@ -43,6 +69,19 @@ class HotStatement:
         object.__setattr__(self, "postgres_sql", re.sub(r"%\((\w+)\)s", positional, self.sql).encode())
         object.__setattr__(self, "param_names", tuple(names))
         object.__setattr__(self, "wire_name", self.name.encode())
+        if not self.binary <= set(names):
+            raise ValueError(f"{self.name}: binary names no parameter: {sorted(self.binary - set(names))}")
+        formats = tuple(1 if name in self.binary else 0 for name in names) if self.binary else None
+        object.__setattr__(self, "param_formats", formats)
+
+    def wire_values(self, params: Mapping[str, Any]) -> list[bytes | None]:
+        """The parameters as libpq sends them, in `$n` order; TypeError for a value of another type."""
+        if self.param_formats is None:
+            return [_as_text(params[name]) for name in self.param_names]
+        return [
+            _as_binary(params[name]) if binary else _as_text(params[name])
+            for name, binary in zip(self.param_names, self.param_formats, strict=True)
+        ]
 
 
 class PreparingConnection(Protocol):
@@ -61,47 +100,73 @@ def run_as_query(
     one: Callable[[str, Mapping[str, Any]], Mapping[str, Any] | None],
     statement: HotStatement,
     params: Mapping[str, Any],
-) -> tuple[int, ...] | None:
-    """`statement` through a transaction's ordinary `one` (SQLite, or PostgreSQL inside BEGIN),
-    its row read as run_prepared reads it; the parameters checked as run_prepared would send
-    them (str, int, None), on either backend alike."""
-    for name in statement.param_names:
-        _as_text(params[name])
+) -> tuple[Any, ...] | None:
+    """`statement` through a transaction's ordinary `one` (SQLite); its first row's values as the
+    driver gives them, or None; the parameters checked as run_prepared would send them, so a
+    wrong type fails on either backend alike."""
+    statement.wire_values(params)
     row = one(statement.sql, params)
-    return None if row is None else tuple(int(value) for value in row.values())
+    return None if row is None else tuple(row.values())
 
 
 def run_prepared(
     conn: PreparingConnection, statement: HotStatement, params: Mapping[str, Any]
-) -> tuple[int, ...] | None:
-    """Run `statement` on `conn`, outside any transaction block (a failed statement is sent
-    again once prepared: inside BEGIN it could not be); its first row's values, integers and
-    never NULL, or None when it returns no row.
+) -> tuple[Any, ...] | None:
+    """Run `statement` on `conn`, in a transaction block or outside one; its first row's values
+    (int, bool, str, bytes, None for NULL), or None when it returns no row (or none at all: an
+    INSERT without RETURNING).
+
+    A statement whose name the server no longer knows is prepared and sent again outside a
+    transaction block; inside one the error stands (the block is aborted), and the name is
+    prepared again on its next use. psycopg never sends DEALLOCATE ALL where one is used
+    (database.py), so that takes a hand from outside (DEALLOCATE or DISCARD run by another).
 
     libpq's blocking calls release the GIL and wait on the socket, so the deadline watchdog's
     shutdown (deadlines.py) wakes them as it wakes psycopg's own waits."""
     pgconn = conn.pgconn
-    values = [_as_text(params[name]) for name in statement.param_names]
+    values = statement.wire_values(params)
     name = statement.wire_name
+    formats = statement.param_formats
     if statement.name in conn.hot_prepared:
-        result = pgconn.exec_prepared(name, values)  # type: ignore[arg-type]  # None: NULL
+        result = pgconn.exec_prepared(name, values, formats)  # type: ignore[arg-type]  # None: NULL
         if (
             result.status == ExecStatus.FATAL_ERROR
             and result.error_field(DiagnosticField.SQLSTATE) == _NO_SUCH_PREPARED_STATEMENT
         ):
-            # psycopg's upkeep of its own prepared statements sends DEALLOCATE ALL after a
-            # ROLLBACK or a DROP on this connection, which drops ours too: prepare it again.
             conn.hot_prepared = conn.hot_prepared - {statement.name}
+            if pgconn.transaction_status != TransactionStatus.IDLE:
+                _check(conn, result, ExecStatus.TUPLES_OK)  # raises: the block is aborted
     if statement.name not in conn.hot_prepared:
-        # ints typed int8 (an INSERT ... SELECT can't infer them); text left for the server to infer
-        types = [_INT8_OID if isinstance(params[key], int) else 0 for key in statement.param_names]
+        # ints typed int8 (an INSERT ... SELECT can't infer them), bytes bytea; text left for
+        # the server to infer from where the parameter stands
+        types = [
+            _BYTEA_OID if key in statement.binary else _INT8_OID if isinstance(params[key], int) else 0
+            for key in statement.param_names
+        ]
         _check(conn, pgconn.prepare(name, statement.postgres_sql, types), ExecStatus.COMMAND_OK)
         conn.hot_prepared = conn.hot_prepared | {statement.name}
-        result = pgconn.exec_prepared(name, values)  # type: ignore[arg-type]
+        result = pgconn.exec_prepared(name, values, formats)  # type: ignore[arg-type]
+    if result.status == ExecStatus.COMMAND_OK:  # a statement that returns no rows (no RETURNING)
+        return None
     _check(conn, result, ExecStatus.TUPLES_OK)
     if result.ntuples == 0:
         return None
-    return tuple(int(result.get_value(0, column)) for column in range(result.nfields))  # type: ignore[arg-type]
+    row = []
+    for column in range(result.nfields):
+        value = result.get_value(0, column)
+        if value is not None:
+            convert = _FROM_TEXT.get(result.ftype(column))
+            if convert is None:
+                raise TypeError(f"{statement.name}: column {column + 1} has a type HotStatement can't read")
+            value = convert(value)
+        row.append(value)
+    return tuple(row)
+
+
+def _as_binary(value: object) -> bytes | None:
+    if value is None or type(value) is bytes:
+        return value
+    raise TypeError(f"a binary HotStatement parameter must be bytes or None, not {type(value).__name__}")
 
 
 def _as_text(value: object) -> bytes | None:
@@ -114,6 +179,11 @@ def _as_text(value: object) -> bytes | None:
     if isinstance(value, int) and not isinstance(value, bool):
         return b"%d" % value
     raise TypeError(f"a HotStatement parameter must be str, int or None, not {type(value).__name__}")
+
+
+def check_command(conn: PreparingConnection, result: PGresult) -> None:
+    """Raise as the cursor would for a failed command sent through libpq (BEGIN, COMMIT)."""
+    _check(conn, result, ExecStatus.COMMAND_OK)
 
 
 def _check(conn: PreparingConnection, result: PGresult, expected: ExecStatus) -> None:

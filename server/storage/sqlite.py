@@ -90,7 +90,7 @@ class _SqliteTransaction(CommitActions):
     def all(self, sql: str, params: Params | None = None) -> list[Row]:
         return self._conn.execute(_to_sqlite(sql), params or {}).fetchall()
 
-    def hot_row(self, statement: HotStatement, params: Params) -> tuple[int, ...] | None:
+    def hot_row(self, statement: HotStatement, params: Params) -> tuple[Any, ...] | None:
         return run_as_query(self.one, statement, params)
 
 

@@ -30,9 +30,11 @@ class Transaction(Protocol):
 
     def all(self, sql: str, params: Params | None = None) -> list[Row]: ...
 
-    def hot_row(self, statement: HotStatement, params: Params) -> tuple[int, ...] | None:
-        """Run a HotStatement (parameters: str, int or None); its first row's values, integers
-        and never NULL, or None when it returns no row."""
+    def hot_row(self, statement: HotStatement, params: Params) -> tuple[Any, ...] | None:
+        """Run a HotStatement (parameters: str, int or None; bytes where it says binary); its
+        first row's values, or None when it returns no row. PostgreSQL reads each column by its
+        type (int, bool, str, bytes; None for NULL); SQLite's values are its own (a boolean is
+        0 or 1), so callers convert what they read as they would a row of `one`."""
 
     def after_commit(self, action: Callable[[], None]) -> None:
         """Run `action` once the transaction has committed and its connection is back in the

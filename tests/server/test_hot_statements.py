@@ -54,8 +54,11 @@ def test_a_hot_statement_answers_as_the_cursor_does(db: Database) -> None:
         assert q.one("SELECT n FROM counter WHERE id = %(id)s", {"id": 1}) == {"n": 20}
         with pytest.raises(TypeError):
             q.hot_row(BUMP, {"by": True, "id": 1, "note": None})  # only str, int and None
-    with db.transaction() as tx:  # inside a transaction too, and rolled back with it
+    with db.transaction() as tx:  # inside a transaction too
         assert tx.hot_row(BUMP, {"by": 1, "id": 2, "note": None}) == (21, 2)
+        if db.dialect == "postgres":  # prepared there as well, not run through the cursor
+            prepared = tx.one("SELECT count(*) AS n FROM pg_prepared_statements WHERE name = 'test_bump'")
+            assert prepared == {"n": 1}
 
 
 def test_a_failed_hot_statement_raises_its_sqlstate_class_and_the_connection_stays_usable(
@@ -92,27 +95,89 @@ def test_a_hot_statement_on_a_lost_connection_is_storage_unavailable_and_the_poo
         db.close()
 
 
-def test_a_hot_statement_dropped_by_psycopgs_deallocate_all_is_prepared_again(postgres_url: str) -> None:
-    """psycopg sends DEALLOCATE ALL after a ROLLBACK on a connection where it prepared statements
-    of its own; ours go with them, and the next call prepares its statement again."""
+def test_a_rolled_back_transaction_keeps_every_prepared_statement(postgres_url: str) -> None:
+    """psycopg follows a ROLLBACK it sees, on a connection where it prepared statements of its
+    own, with DEALLOCATE ALL, which would drop ours too; the next transaction's first hot call
+    would then fail inside BEGIN. Transactions end through libpq, out of its sight: after a
+    rollback, its statements and ours are all still there, and ours runs inside the next one."""
     db = PostgresDatabase(postgres_url, pool_size=1, timeout=30.0)
-    pid = HotStatement("test_pid_again", "SELECT pg_backend_pid() + %(zero)s AS pid")
+    pid = HotStatement("test_pid_kept", "SELECT pg_backend_pid() + %(zero)s AS pid")
+    names = "SELECT name FROM pg_prepared_statements ORDER BY name"
     try:
         with db.statements() as q:
             (backend,) = q.hot_row(pid, {"zero": 0}) or (0,)
-            for _ in range(6):  # past psycopg's prepare threshold: it prepares one of its own
-                q.one("SELECT 1 AS one")
+            for _ in range(6):  # past psycopg's prepare threshold (5): it prepares one of its own
+                q.all(names)
+            prepared = q.all(names)
+        assert {"name": "test_pid_kept"} in prepared and len(prepared) == 2, prepared
         with pytest.raises(ZeroDivisionError), db.transaction() as tx:
-            tx.one("SELECT 1 AS one")
+            assert tx.hot_row(pid, {"zero": 0}) == (backend,)
             raise ZeroDivisionError  # rolled back
-        with db.statements() as q:
-            assert q.all("SELECT name FROM pg_prepared_statements") == [], "DEALLOCATE ALL was sent"
-            assert q.hot_row(pid, {"zero": 0}) == (backend,)  # the same connection, prepared again
-            assert q.one(
-                "SELECT count(*) AS n FROM pg_prepared_statements WHERE name = 'test_pid_again'"
-            ) == {"n": 1}
+        with db.transaction() as tx:
+            assert tx.all(names) == prepared, "DEALLOCATE ALL was sent"
+            assert tx.hot_row(pid, {"zero": 0}) == (backend,)  # the same connection, still prepared
+        with pytest.raises(psycopg.errors.DivisionByZero), db.transaction() as tx:
+            tx.one("SELECT 1 / 0 AS failed")  # a failed statement: the block aborted, then rolled back
+        with db.transaction() as tx:
+            assert tx.all(names) == prepared
+            assert tx.hot_row(pid, {"zero": 0}) == (backend,)
     finally:
         db.close()
+
+
+def test_a_statement_deallocated_by_another_hand_is_prepared_again(postgres_url: str) -> None:
+    """Outside a transaction the call is sent again, prepared anew; inside one the error stands
+    (the block is aborted and rolled back) and the next use prepares it again."""
+    db = PostgresDatabase(postgres_url, pool_size=1, timeout=30.0)
+    pid = HotStatement("test_pid_gone", "SELECT pg_backend_pid() + %(zero)s AS pid")
+    try:
+        with db.statements() as q:
+            (backend,) = q.hot_row(pid, {"zero": 0}) or (0,)
+            q.execute("DEALLOCATE test_pid_gone")
+            assert q.hot_row(pid, {"zero": 0}) == (backend,)
+            q.execute("DEALLOCATE test_pid_gone")
+        with pytest.raises(psycopg.errors.InvalidSqlStatementName), db.transaction() as tx:
+            tx.hot_row(pid, {"zero": 0})
+        with db.transaction() as tx:  # the same connection: rolled back, and the name prepared again
+            assert tx.hot_row(pid, {"zero": 0}) == (backend,)
+    finally:
+        db.close()
+
+
+def test_binary_parameters_and_the_columns_read_by_their_type(db: Database) -> None:
+    """bytes go as bytea, every byte value intact; PostgreSQL's text output is read by each
+    column's type, NULL as None (SQLite's values are its own: a boolean is 0 or 1)."""
+    echo = HotStatement(
+        "test_echo",
+        "SELECT %(blob)s AS blob, %(n)s + 1 AS n, CAST(%(t)s AS TEXT) AS t, "
+        "%(n)s > 0 AS positive, CAST(%(none)s AS BIGINT) AS none",
+        binary=frozenset({"blob"}),
+    )
+    every_byte = bytes(range(256))
+    with db.statements() as q:
+        for _ in range(2):  # prepared, then run again
+            blob, n, t, positive, none = (
+                q.hot_row(echo, {"blob": every_byte, "n": 41, "t": "é", "none": None}) or ()
+            )
+            assert (blob, n, t, bool(positive), none) == (every_byte, 42, "é", True, None)
+        with pytest.raises(TypeError):
+            q.hot_row(echo, {"blob": "not bytes", "n": 1, "t": "", "none": None})
+        with pytest.raises(TypeError):
+            q.hot_row(echo, {"blob": b"", "n": 1, "t": b"bytes where text goes", "none": None})
+    if db.dialect == "postgres":
+        with db.statements() as q:
+            assert q.hot_row(echo, {"blob": b"", "n": -1, "t": None, "none": None}) == (
+                b"",
+                0,
+                None,
+                False,
+                None,
+            )
+
+
+def test_a_binary_name_that_is_no_parameter_is_refused() -> None:
+    with pytest.raises(ValueError, match="blob"):
+        HotStatement("test_typo", "SELECT %(a)s", binary=frozenset({"blob"}))
 
 
 def test_a_deadlock_in_a_hot_statement_is_a_retryable_conflict(
@@ -160,5 +225,24 @@ def test_a_deadlock_in_a_hot_statement_is_a_retryable_conflict(
         assert len(lines) == 1, lines
         assert lines[0].startswith("storage conflict, answered UNAVAILABLE (retryable): DeadlockDetected")
         assert not db.unavailable.is_set()
+    finally:
+        db.close()
+
+
+def test_a_statement_without_rows_answers_none(db: Database) -> None:
+    """An INSERT without RETURNING (SendCode's) has no row to read; its change is made."""
+    insert = HotStatement("test_insert", "INSERT INTO counter (id, n) VALUES (%(id)s, %(n)s)")
+    with db.transaction() as tx:
+        assert tx.hot_row(insert, {"id": 3, "n": 30}) is None
+        assert tx.one("SELECT n FROM counter WHERE id = 3") == {"n": 30}
+
+
+def test_a_void_column_reads_as_none(postgres_url: str) -> None:
+    """SendCode's sender lock selects pg_advisory_xact_lock, which returns void."""
+    db = PostgresDatabase(postgres_url, timeout=30.0)
+    lock = HotStatement("test_void", "SELECT pg_advisory_xact_lock(%(key)s) AS locked, 'held' AS state")
+    try:
+        with db.transaction() as tx:
+            assert tx.hot_row(lock, {"key": 0x7E57}) == (None, "held")
     finally:
         db.close()
