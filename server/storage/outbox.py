@@ -88,18 +88,39 @@ _PUBLISH_RETURNING_LAST_SEND = (  # publish_new on SQLite, before _supersede_old
 _DESTINATION_LOCKS = 0x2FAC8  # first key of pg_advisory_xact_lock(int, int): twofactor's destinations
 VOID_REASON = "not queued: the delivery queue was unavailable and the caller was told to retry"
 
+# SendCode's statements, prepared by name and run through libpq (hot_statements.py).
+_SEALED = frozenset({"code_hash", "code_ciphertext"})
+_INSERT_CHALLENGE_HOT = HotStatement("twofactor_insert_challenge", _INSERT_CHALLENGE, binary=_SEALED)
+_INSERT_CHALLENGE_AUDITED_HOT = HotStatement(
+    "twofactor_insert_challenge_audited", _INSERT_CHALLENGE_AUDITED, binary=_SEALED
+)
+_LOCK_SENDER_HOT = {  # lock_sender on PostgreSQL, by the contact column a code goes to
+    contact: HotStatement(
+        f"twofactor_lock_sender_{contact}",
+        "SELECT sends_to, "  # noqa: S608
+        f"pg_advisory_xact_lock({_DESTINATION_LOCKS}, hashtext(sends_to)) AS destination_lock "
+        f"FROM (SELECT COALESCE(%(d)s::text, {contact}) AS sends_to FROM users "
+        "WHERE user_id = %(u)s FOR UPDATE) AS locked",
+    )
+    for contact in ("email", "phone")
+}
+_RECENT_SENDS_HOT = HotStatement("twofactor_recent_sends", _RECENT_SENDS)
+_PUBLISH_AND_SUPERSEDE_HOT = HotStatement("twofactor_publish_new", _PUBLISH_AND_SUPERSEDE)
+
 
 def insert_challenge(tx: Transaction, challenge: NewChallenge, audit: NewAuditEvent | None = None) -> None:
     """Store a new challenge, queued for delivery but not yet published; with `audit`, the event
     that records it too (PostgreSQL: in the same statement, a data-modifying CTE)."""
     # A shallow dict: dataclasses.asdict deep-copies every value (the bytes too), 10 times the cost.
     params = {name: getattr(challenge, name) for name in _NEW_CHALLENGE_COLUMNS}
-    if audit is None:
-        tx.execute(_INSERT_CHALLENGE, params)
-    elif tx.dialect == "postgres":
-        tx.execute(_INSERT_CHALLENGE_AUDITED, {**params, **audit_params(audit, "audit_")})
-    else:
-        tx.execute(_INSERT_CHALLENGE, params)
+    if tx.dialect == "postgres":  # every SendCode inserts: run as a HotStatement
+        if audit is None:
+            tx.hot_row(_INSERT_CHALLENGE_HOT, params)
+        else:
+            tx.hot_row(_INSERT_CHALLENGE_AUDITED_HOT, {**params, **audit_params(audit, "audit_")})
+        return
+    tx.execute(_INSERT_CHALLENGE, params)
+    if audit is not None:
         store.add_audit_event(tx, **dataclasses.asdict(audit))
 
 
@@ -126,17 +147,13 @@ def lock_sender(tx: Transaction, user_id: str, contact: str, new_destination: st
     The next statement reads the send counts with a snapshot taken after both waits. Only the
     address comes back: the row's other columns would cost their decoding on every send.
     """
+    params = {"u": user_id, "d": new_destination}
+    if tx.row_lock:  # PostgreSQL; every SendCode locks: run as a HotStatement
+        locked = tx.hot_row(_LOCK_SENDER_HOT[contact], params)
+        return None if locked is None else locked[0] or ""
+    # SQLite: the transaction is exclusive already
     assert contact in ("email", "phone")
-    params = {"u": user_id, "d": new_destination, "ns": _DESTINATION_LOCKS}
-    if not tx.row_lock:  # SQLite: the transaction is exclusive already
-        sql = f"SELECT COALESCE(%(d)s, {contact}) AS sends_to FROM users WHERE user_id = %(u)s"  # noqa: S608
-    else:
-        sql = (
-            "SELECT sends_to, pg_advisory_xact_lock(%(ns)s, hashtext(sends_to)) AS destination_lock "  # noqa: S608
-            f"FROM (SELECT COALESCE(%(d)s::text, {contact}) AS sends_to FROM users "
-            "WHERE user_id = %(u)s FOR UPDATE) AS locked"
-        )
-    row = tx.one(sql, params)
+    row = tx.one(f"SELECT COALESCE(%(d)s, {contact}) AS sends_to FROM users WHERE user_id = %(u)s", params)  # noqa: S608
     return None if row is None else row["sends_to"] or ""
 
 
@@ -185,12 +202,12 @@ def publish_new(
     it outside a transaction (Database.statements). SQLite: two, in the caller's transaction.
     """
     params = {"c": challenge_id, "u": user_id, "now": now_ms}
-    if tx.dialect == "postgres":
-        row = tx.one(_PUBLISH_AND_SUPERSEDE, params)
-        if row is None:
+    if tx.dialect == "postgres":  # every SendCode publishes: run as a HotStatement
+        published = tx.hot_row(_PUBLISH_AND_SUPERSEDE_HOT, params)
+        if published is None:
             return None
-        last_send = row.pop("last_send")
-        status = ChallengeStatus(**row)
+        *status_values, last_send = published
+        status = ChallengeStatus(*status_values)
     else:
         row = tx.one(_PUBLISH_RETURNING_LAST_SEND, params)
         if row is None:
@@ -294,17 +311,11 @@ def recent_sends(
 ) -> RecentSends:
     """last_send_ms, the two hourly counts of the send limits, and whether the user has `method`
     enabled, in one round trip."""
-    row = tx.one(
-        _RECENT_SENDS,
-        {"u": user_id, "d": destination, "since": since_ms, "m": method},
-    )
+    row = tx.hot_row(_RECENT_SENDS_HOT, {"u": user_id, "d": destination, "since": since_ms, "m": method})
     assert row is not None
-    last = row["last"]
+    last, to_user, to_destination, method_enabled = row
     return RecentSends(
-        None if last is None else int(last),
-        int(row["to_user"]),
-        int(row["to_destination"]),
-        bool(row["method_enabled"]),
+        None if last is None else int(last), int(to_user), int(to_destination), bool(method_enabled)
     )
 
 
