@@ -40,6 +40,7 @@ from populate import (
     spread,
 )
 from psycopg import sql
+from psycopg.pq import TransactionStatus
 
 from twofactor_server.delivery.recovery import OutboxRecovery
 from twofactor_server.domain import totp
@@ -76,14 +77,17 @@ class Recorder:
     def explain(self, conn: psycopg.Connection[Any], statement: str, params: Any) -> None:
         if any(e.sql == statement for e in self.seen.setdefault(self.operation, [])):
             return
+        # A savepoint inside the use case's transaction, BEGIN outside one, rolled back through
+        # libpq as the product ends its transactions: a ROLLBACK that psycopg saw would make it
+        # send DEALLOCATE ALL, dropping the product's prepared statements mid-transaction.
+        inside = conn.pgconn.transaction_status != TransactionStatus.IDLE
+        conn.pgconn.exec_(b"SAVEPOINT twofactor_explain" if inside else b"BEGIN")
         try:
-            with conn.transaction():  # a savepoint inside the use case's transaction; BEGIN outside one
-                rows = conn.execute(f"EXPLAIN (ANALYZE, BUFFERS, COSTS OFF) {statement}", params).fetchall()
-                raise psycopg.Rollback
-        except psycopg.Rollback:
-            pass
+            rows = conn.execute(f"EXPLAIN (ANALYZE, BUFFERS, COSTS OFF) {statement}", params).fetchall()
         except psycopg.Error as error:
             rows = [{"QUERY PLAN": f"(not explained: {type(error).__name__}: {error})"}]
+        finally:
+            conn.pgconn.exec_(b"ROLLBACK TO SAVEPOINT twofactor_explain" if inside else b"ROLLBACK")
         self.seen[self.operation].append(Explained(statement, [str(next(iter(r.values()))) for r in rows]))
 
 

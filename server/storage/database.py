@@ -95,7 +95,7 @@ class PostgresDatabase:
                 except BaseException:
                     _roll_back(conn)
                     raise
-                _command(conn, b"COMMIT")
+                _commit(conn)
             except psycopg.OperationalError as error:
                 self._unavailable(error)
         tx.run_committed_actions()
@@ -220,19 +220,35 @@ class PostgresDatabase:
 
 
 def _command(conn: _Connection, command: bytes) -> None:
-    """BEGIN or COMMIT through libpq, as HotStatements run (psycopg's Transaction costs about
-    25 µs more of Python per transaction); a failure raised as psycopg's cursor would raise it."""
+    """BEGIN through libpq, as HotStatements run (psycopg's Transaction costs about 25 µs more of
+    Python per transaction); a failure raised as psycopg's cursor would raise it."""
     check_command(conn, conn.pgconn.exec_(command))
+
+
+def _commit(conn: _Connection) -> None:
+    """COMMIT through libpq. A block that a failed statement aborted is rolled back by its COMMIT,
+    without an error: if a unit of work ever swallowed that statement's error, raising here keeps
+    it from counting as committed (its after-commit actions don't run)."""
+    result = conn.pgconn.exec_(b"COMMIT")
+    check_command(conn, result)
+    if result.command_status != b"COMMIT":
+        raise psycopg.errors.InFailedSqlTransaction(
+            "rolled back at COMMIT: a statement in the transaction failed, and its error was not raised"
+        )
 
 
 def _roll_back(conn: _Connection) -> None:
     """ROLLBACK after a failed unit of work, through libpq. psycopg never sees it, so it doesn't
     follow it with DEALLOCATE ALL (its rule for a ROLLBACK, in case the rollback undid an object
-    a prepared statement uses; nothing here creates objects outside migrations): its prepared
-    statements and ours stay. If the connection is lost, or the ROLLBACK fails, the connection
-    is left out of IDLE, and _checkin closes it."""
-    if conn.pgconn.status == ConnStatus.OK:
+    a prepared statement uses; the service creates none outside migrations): its prepared
+    statements and ours stay. The unit of work's own error is the one raised: if the ROLLBACK
+    fails, or the connection is lost, the connection is left out of IDLE and _checkin closes it."""
+    if conn.pgconn.status != ConnStatus.OK:
+        return
+    try:
         conn.pgconn.exec_(b"ROLLBACK")
+    except psycopg.Error as error:
+        log.warning("ROLLBACK failed (%s); the connection is closed", " ".join(str(error).split())[:200])
 
 
 def _deallocate_all(conn: _Connection) -> None:
@@ -293,7 +309,18 @@ class _PostgresTransaction(CommitActions):
         return self._cursor.execute(sql, params).fetchall()
 
     def hot_row(self, statement: HotStatement, params: Params) -> tuple[Any, ...] | None:
-        return run_prepared(self._conn, statement, params)
+        try:
+            return run_prepared(self._conn, statement, params)
+        except (psycopg.errors.InvalidSqlStatementName, psycopg.errors.DuplicatePreparedStatement) as error:
+            # Inside a transaction, the connection's record of its prepared statements was wrong
+            # (run_prepared): it is right again, so a retry succeeds.
+            log.error(
+                "storage: prepared statement %s was missing or already there inside a transaction "
+                "(a DEALLOCATE or DISCARD that twofactor did not send, on a pooled connection); "
+                "answered UNAVAILABLE (retryable)",
+                statement.name,
+            )
+            raise StorageUnavailable() from error
 
 
 def open_database(url: str, *, data_dir: Path, pool_size: int = 10, timeout: float = 2.0) -> Database:

@@ -26,10 +26,14 @@ from psycopg.pq.abc import PGconn, PGresult
 
 _BYTEA_OID, _INT8_OID = 17, 20
 _NO_SUCH_PREPARED_STATEMENT = b"26000"  # invalid_sql_statement_name
+_PREPARED_ALREADY = b"42P05"  # duplicate_prepared_statement
 
 
 def _hex_bytes(text: bytes) -> bytes:
-    return bytes.fromhex(text[2:].decode())  # bytea's text output: \x, then hex digits
+    """bytea's text output in PostgreSQL's default format: \\x, then hex digits."""
+    if not text.startswith(b"\\x"):
+        raise ValueError("a HotStatement reads bytea in hex: set bytea_output = 'hex' (PostgreSQL's default)")
+    return bytes.fromhex(text[2:].decode())
 
 
 # A result column's type (OID) -> its value from PostgreSQL's text output.
@@ -116,10 +120,13 @@ def run_prepared(
     (int, bool, str, bytes, None for NULL), or None when it returns no row (or none at all: an
     INSERT without RETURNING).
 
-    A statement whose name the server no longer knows is prepared and sent again outside a
-    transaction block; inside one the error stands (the block is aborted), and the name is
-    prepared again on its next use. psycopg never sends DEALLOCATE ALL where one is used
-    (database.py), so that takes a hand from outside (DEALLOCATE or DISCARD run by another).
+    The record of what is prepared (conn.hot_prepared) and the server's can part only by a
+    DEALLOCATE or DISCARD that we don't send: psycopg's, after DDL or a savepoint's rollback it
+    saw on the connection (none of which the service runs on a pooled connection), or anyone's.
+    A statement the server no longer knows makes the whole record go (whatever dropped it may
+    have dropped the others), and one it knows already is recorded; outside a transaction block
+    the call then goes on, inside one the error stands, as the block is aborted
+    (database.py answers it UNAVAILABLE: a retry finds the record right).
 
     libpq's blocking calls release the GIL and wait on the socket, so the deadline watchdog's
     shutdown (deadlines.py) wakes them as it wakes psycopg's own waits."""
@@ -133,7 +140,7 @@ def run_prepared(
             result.status == ExecStatus.FATAL_ERROR
             and result.error_field(DiagnosticField.SQLSTATE) == _NO_SUCH_PREPARED_STATEMENT
         ):
-            conn.hot_prepared = conn.hot_prepared - {statement.name}
+            conn.hot_prepared = frozenset()
             if pgconn.transaction_status != TransactionStatus.IDLE:
                 _check(conn, result, ExecStatus.TUPLES_OK)  # raises: the block is aborted
     if statement.name not in conn.hot_prepared:
@@ -143,8 +150,17 @@ def run_prepared(
             _BYTEA_OID if key in statement.binary else _INT8_OID if isinstance(params[key], int) else 0
             for key in statement.param_names
         ]
-        _check(conn, pgconn.prepare(name, statement.postgres_sql, types), ExecStatus.COMMAND_OK)
-        conn.hot_prepared = conn.hot_prepared | {statement.name}
+        prepared = pgconn.prepare(name, statement.postgres_sql, types)
+        if (
+            prepared.status == ExecStatus.FATAL_ERROR
+            and prepared.error_field(DiagnosticField.SQLSTATE) == _PREPARED_ALREADY
+        ):  # prepared before its record was written (an interrupt between the two): recorded now
+            conn.hot_prepared = conn.hot_prepared | {statement.name}
+            if pgconn.transaction_status != TransactionStatus.IDLE:
+                _check(conn, prepared, ExecStatus.COMMAND_OK)  # raises: the block is aborted
+        else:
+            _check(conn, prepared, ExecStatus.COMMAND_OK)
+            conn.hot_prepared = conn.hot_prepared | {statement.name}
         result = pgconn.exec_prepared(name, values, formats)  # type: ignore[arg-type]
     if result.status == ExecStatus.COMMAND_OK:  # a statement that returns no rows (no RETURNING)
         return None
@@ -173,7 +189,10 @@ def _as_text(value: object) -> bytes | None:
     if type(value) is int:  # the common case first, by exact type (a bool is an int too)
         return b"%d" % value
     if isinstance(value, str):
-        return value.encode()
+        text = value.encode()
+        if b"\0" in text:  # libpq would end the value there; the cursor refuses it
+            raise psycopg.DataError("PostgreSQL text fields cannot contain NUL (0x00) bytes")
+        return text
     if value is None:
         return None
     if isinstance(value, int) and not isinstance(value, bool):

@@ -4,6 +4,7 @@ lost connection as StorageUnavailable) on both backends, and keep every connecti
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from collections.abc import Iterator
@@ -54,10 +55,13 @@ def test_a_hot_statement_answers_as_the_cursor_does(db: Database) -> None:
         assert q.one("SELECT n FROM counter WHERE id = %(id)s", {"id": 1}) == {"n": 20}
         with pytest.raises(TypeError):
             q.hot_row(BUMP, {"by": True, "id": 1, "note": None})  # only str, int and None
+    first_in_a_transaction = HotStatement("test_bump_in_tx", BUMP.sql)
     with db.transaction() as tx:  # inside a transaction too
-        assert tx.hot_row(BUMP, {"by": 1, "id": 2, "note": None}) == (21, 2)
-        if db.dialect == "postgres":  # prepared there as well, not run through the cursor
-            prepared = tx.one("SELECT count(*) AS n FROM pg_prepared_statements WHERE name = 'test_bump'")
+        assert tx.hot_row(first_in_a_transaction, {"by": 1, "id": 2, "note": None}) == (21, 2)
+        if db.dialect == "postgres":  # prepared there, on this connection, not run through the cursor
+            prepared = tx.one(
+                "SELECT count(*) AS n FROM pg_prepared_statements WHERE name = 'test_bump_in_tx'"
+            )
             assert prepared == {"n": 1}
 
 
@@ -125,9 +129,11 @@ def test_a_rolled_back_transaction_keeps_every_prepared_statement(postgres_url: 
         db.close()
 
 
-def test_a_statement_deallocated_by_another_hand_is_prepared_again(postgres_url: str) -> None:
-    """Outside a transaction the call is sent again, prepared anew; inside one the error stands
-    (the block is aborted and rolled back) and the next use prepares it again."""
+def test_a_statement_deallocated_by_another_hand_is_prepared_again(
+    postgres_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Outside a transaction the call is sent again, prepared anew; inside one the block is
+    aborted: UNAVAILABLE (retryable), one line in the log, and the retry prepares it again."""
     db = PostgresDatabase(postgres_url, pool_size=1, timeout=30.0)
     pid = HotStatement("test_pid_gone", "SELECT pg_backend_pid() + %(zero)s AS pid")
     try:
@@ -136,10 +142,78 @@ def test_a_statement_deallocated_by_another_hand_is_prepared_again(postgres_url:
             q.execute("DEALLOCATE test_pid_gone")
             assert q.hot_row(pid, {"zero": 0}) == (backend,)
             q.execute("DEALLOCATE test_pid_gone")
-        with pytest.raises(psycopg.errors.InvalidSqlStatementName), db.transaction() as tx:
+        with caplog.at_level(logging.ERROR), pytest.raises(StorageUnavailable), db.transaction() as tx:
             tx.hot_row(pid, {"zero": 0})
+        assert [r.getMessage().split(" (")[0] for r in caplog.records] == [
+            "storage: prepared statement test_pid_gone was missing or already there inside a transaction"
+        ]
         with db.transaction() as tx:  # the same connection: rolled back, and the name prepared again
             assert tx.hot_row(pid, {"zero": 0}) == (backend,)
+        assert not db.unavailable.is_set()  # the database answered throughout: no outage
+    finally:
+        db.close()
+
+
+def test_ddl_inside_a_transaction_that_makes_psycopg_deallocate_all_is_a_retryable_answer(
+    postgres_url: str,
+) -> None:
+    """psycopg follows a DROP it sees (on a connection where it prepared statements of its own)
+    with DEALLOCATE ALL, mid-transaction. The service runs no DDL on pooled connections, but if
+    anything did, the hot statement after it answers UNAVAILABLE and the retry succeeds."""
+    db = PostgresDatabase(postgres_url, pool_size=1, timeout=30.0)
+    pid = HotStatement("test_pid_after_ddl", "SELECT pg_backend_pid() + %(zero)s AS pid")
+    try:
+        with db.statements() as q:
+            (backend,) = q.hot_row(pid, {"zero": 0}) or (0,)
+            for _ in range(6):  # past psycopg's prepare threshold: it prepares one of its own
+                q.one("SELECT 1 AS one")
+        with pytest.raises(StorageUnavailable), db.transaction() as tx:
+            tx.execute("CREATE TEMP TABLE scratch (n INT)")
+            tx.execute("DROP TABLE scratch")
+            tx.hot_row(pid, {"zero": 0})
+        with db.transaction() as tx:
+            assert tx.hot_row(pid, {"zero": 0}) == (backend,)
+    finally:
+        db.close()
+
+
+def test_migrations_leave_no_stale_record_of_prepared_statements(postgres_url: str) -> None:
+    """Migrations run DDL in psycopg's own Transaction, and psycopg follows it with DEALLOCATE ALL
+    on a connection where it prepared statements of its own; afterwards our record must agree
+    with the server, or the next transaction's hot statement would find its name gone."""
+    db = PostgresDatabase(postgres_url, pool_size=1, timeout=30.0)
+    pid = HotStatement("test_pid_migrated", "SELECT pg_backend_pid() + %(zero)s AS pid")
+    try:
+        with db.statements() as q:
+            (backend,) = q.hot_row(pid, {"zero": 0}) or (0,)
+            for _ in range(6):  # past psycopg's prepare threshold: it prepares one of its own
+                q.one("SELECT 1 AS one")
+        assert db.migrate()  # every migration, on the same (only) connection
+        with db.transaction() as tx:
+            assert tx.hot_row(pid, {"zero": 0}) == (backend,)
+    finally:
+        db.close()
+
+
+def test_a_transaction_whose_failed_statement_was_swallowed_does_not_count_as_committed(
+    postgres_url: str,
+) -> None:
+    """PostgreSQL answers COMMIT of an aborted block with ROLLBACK and no error. No unit of work
+    swallows a statement's error, but if one did, the transaction raises and its after-commit
+    actions (a publish) don't run."""
+    db = PostgresDatabase(postgres_url, timeout=30.0)
+    published: list[str] = []
+    try:
+        with db.transaction() as tx:
+            tx.execute("CREATE TABLE counter (id INTEGER PRIMARY KEY, n INTEGER NOT NULL)")
+        with pytest.raises(psycopg.errors.InFailedSqlTransaction), db.transaction() as tx:
+            tx.after_commit(lambda: published.append("sent"))
+            tx.execute("INSERT INTO counter VALUES (1, 10)")
+            with contextlib.suppress(psycopg.errors.DivisionByZero):
+                tx.one("SELECT 1 / 0 AS q")
+        assert published == []
+        with db.statements() as q:
+            assert q.all("SELECT id FROM counter") == []
     finally:
         db.close()
 
@@ -244,5 +318,35 @@ def test_a_void_column_reads_as_none(postgres_url: str) -> None:
     try:
         with db.transaction() as tx:
             assert tx.hot_row(lock, {"key": 0x7E57}) == (None, "held")
+    finally:
+        db.close()
+
+
+def test_text_with_a_nul_byte_is_refused_as_the_cursor_refuses_it(postgres_url: str) -> None:
+    """libpq would end the value at the NUL: 'ab' would be stored for 'ab\\0cd'."""
+    db = PostgresDatabase(postgres_url, timeout=30.0)
+    echo = HotStatement("test_nul", "SELECT CAST(%(t)s AS TEXT) AS t")
+    try:
+        with db.statements() as q:
+            with pytest.raises(psycopg.DataError):
+                q.one("SELECT CAST(%(t)s AS TEXT) AS t", {"t": "ab\0cd"})
+            with pytest.raises(psycopg.DataError):
+                q.hot_row(echo, {"t": "ab\0cd"})
+            assert q.hot_row(echo, {"t": "abcd"}) == ("abcd",)
+    finally:
+        db.close()
+
+
+def test_bytea_read_in_another_output_format_is_refused(postgres_url: str) -> None:
+    """bytea's 'escape' output would read as other bytes: refused, not misread."""
+    db = PostgresDatabase(postgres_url, timeout=30.0)
+    blob = HotStatement("test_blob", "SELECT CAST(%(b)s AS BYTEA) AS b", binary=frozenset({"b"}))
+    try:
+        with db.statements() as q:
+            assert q.hot_row(blob, {"b": b"ab"}) == (b"ab",)
+            q.execute("SET bytea_output = 'escape'")
+            with pytest.raises(ValueError, match="bytea_output"):
+                q.hot_row(blob, {"b": b"ab"})
+            q.execute("RESET bytea_output")
     finally:
         db.close()
