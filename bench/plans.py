@@ -118,7 +118,7 @@ class _ExplainingTransaction:
 
     def __getattr__(self, name: str) -> Any:
         attribute = getattr(self._tx, name)
-        if name not in ("execute", "one", "all", "hot_row"):
+        if name not in ("execute", "one", "all", "hot_row", "hot_rows"):
             return attribute
 
         def explained(statement: Any, params: Any = None) -> Any:

@@ -1,7 +1,7 @@
 """Server cost of an accepted Verify against a Health/Check, in instructions or CPU µs per call.
 
     .venv/bin/python bench/verify_instructions.py [--users N --rounds R --threads T]
-        [--callgrind DIR] [--database-url URL]
+        [--rejected] [--callgrind DIR] [--database-url URL]
 
 Repeatable where calls/s are not: under `--callgrind DIR` the server runs in valgrind's
 callgrind, which counts the instructions every thread of the process executes whatever
@@ -15,9 +15,10 @@ their last accepted step is old), then `twofactor serve` started as a child proc
 Every user verifies once with the current step's code (unmeasured: it fills the
 server's cache of sealed secrets, as a user's first Verify in a process does), then R
 rounds of N Health/Check calls and N accepted Verify calls of that round's users, with
-the next step's code (always newer than the warm-up's), from T client threads. Each
-phase's figure is the server's (instructions or CPU µs) divided by its calls; a wrong
-answer or an RPC error stops the run.
+the next step's code (always newer than the warm-up's), from T client threads. With
+--rejected, the Verify phases send a wrong code instead (each user's first failure: counted,
+no lock) and expect REJECTED. Each phase's figure is the server's (instructions or CPU µs)
+divided by its calls; a wrong answer or an RPC error stops the run.
 """
 
 from __future__ import annotations
@@ -111,15 +112,27 @@ class Calls:
 
         list(self._pool.map(run, range(self._threads)))
 
-    def verify(self, users: list[tuple[str, pyotp.HOTP]], step_offset: int) -> None:
+    def verify(self, users: list[tuple[str, pyotp.HOTP]], step_offset: int, *, wrong: bool = False) -> None:
+        """Each user's code for the step `step_offset` from now: ACCEPTED; or, `wrong`, that code
+        with its last digit changed, REJECTED (it matches none of the three steps checked)."""
+        expected = pb.VERIFY_RESULT_REJECTED if wrong else pb.VERIFY_RESULT_ACCEPTED
+
         def run(index: int) -> None:
             stub = self._verify[index]
             for user_id, hotp in users[index :: self._threads]:
-                code = hotp.at(totp.time_step(time.time()) + step_offset)
+                step = totp.time_step(time.time()) + step_offset
+                code = hotp.at(step)
+                if wrong:
+                    near = {hotp.at(step + delta) for delta in (-2, -1, 0, 1, 2)}
+                    code = next(
+                        c
+                        for d in range(1, 10)
+                        if (c := code[:-1] + str((int(code[-1]) + d) % 10)) not in near
+                    )
                 reply = stub.Verify(
                     pb.VerifyRequest(user_id=user_id, code=code), metadata=self._metadata, timeout=30
                 )
-                if reply.result != pb.VERIFY_RESULT_ACCEPTED:
+                if reply.result != expected:
                     raise RuntimeError(f"{user_id}: {pb.VerifyResult.Name(reply.result)}")
 
         list(self._pool.map(run, range(self._threads)))
@@ -210,6 +223,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--users", type=int, default=300, help="users (and Health/Check calls) per round")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2, help="client threads")
+    parser.add_argument("--rejected", action="store_true", help="measure a rejected Verify (a wrong code)")
     parser.add_argument("--callgrind", type=Path, help="run the server in callgrind, dumps in this directory")
     parser.add_argument("--database-url", default=DEFAULT_DATABASE_URL)
     args = parser.parse_args(argv)
@@ -246,7 +260,7 @@ def main(argv: list[str] | None = None) -> int:
                 mine = users[number * args.users : (number + 1) * args.users]
                 for kind, action in (
                     ("health", lambda: calls.health(args.users)),
-                    ("verify", lambda mine=mine: calls.verify(mine, step_offset=1)),
+                    ("verify", lambda mine=mine: calls.verify(mine, step_offset=1, wrong=args.rejected)),
                 ):
                     per_call = measured(server.pid, meter, f"r{number + 1}-{kind}", args.users, action)
                     figures[kind].append(per_call)
@@ -254,7 +268,8 @@ def main(argv: list[str] | None = None) -> int:
             calls.close()
             health, verify = (statistics.median(figures[k]) for k in ("health", "verify"))
             print(
-                f"median of {args.rounds}: Health/Check {health:,.0f}, accepted Verify {verify:,.0f} "
+                f"median of {args.rounds}: Health/Check {health:,.0f}, "
+                f"{'rejected' if args.rejected else 'accepted'} Verify {verify:,.0f} "
                 f"{unit} per call; ratio {verify / health:.2f}",
                 flush=True,
             )

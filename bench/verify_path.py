@@ -99,7 +99,7 @@ class _CountingTransaction:
 
     def __getattr__(self, name: str) -> Any:
         attribute = getattr(self._tx, name)
-        if name not in ("execute", "one", "all", "hot_row"):
+        if name not in ("execute", "one", "all", "hot_row", "hot_rows"):
             return attribute
 
         def counted(*args: Any, **kwargs: Any) -> Any:

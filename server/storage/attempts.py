@@ -136,13 +136,17 @@ def count_failure_unlocked(
     }
     for i, (failures, until) in enumerate(schedule):
         params[f"k{i}"], params[f"l{i}"] = failures, until
-    row = tx.one(_count_sql(len(schedule)), params)
-    return None if row is None else (int(row["failed_attempts"]), row["locked_until"])
+    row = tx.hot_row(_count_statement(len(schedule)), params)
+    return None if row is None else (int(row[0]), None if row[1] is None else int(row[1]))
 
 
 @lru_cache(maxsize=8)
-def _count_sql(steps: int) -> str:
+def _count_statement(steps: int) -> HotStatement:
     """The counting UPDATE for a schedule of `steps` pairs (fixed per policy: one prepared statement)."""
+    return HotStatement(f"twofactor_count_failure_{steps}", _count_sql(steps))
+
+
+def _count_sql(steps: int) -> str:
     grows = "".join(
         f"WHEN failed_attempts + 1 = %(k{i})s THEN COALESCE(%(l{i})s, locked_until) " for i in range(steps)
     )

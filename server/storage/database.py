@@ -28,7 +28,12 @@ from psycopg_pool import ConnectionPool, PoolTimeout
 
 from twofactor_server.domain.errors import StorageUnavailable
 from twofactor_server.storage.deadlines import Watch, Watchdog, socket_inode
-from twofactor_server.storage.hot_statements import HotStatement, check_command, run_prepared
+from twofactor_server.storage.hot_statements import (
+    HotStatement,
+    check_command,
+    run_prepared,
+    run_prepared_rows,
+)
 from twofactor_server.storage.migrator import apply_migrations
 from twofactor_server.storage.migrator import migrations as migrations  # re-exported
 from twofactor_server.storage.sqlite import SqliteDatabase as SqliteDatabase  # re-exported
@@ -311,16 +316,29 @@ class _PostgresTransaction(CommitActions):
     def hot_row(self, statement: HotStatement, params: Params) -> tuple[Any, ...] | None:
         try:
             return run_prepared(self._conn, statement, params)
-        except (psycopg.errors.InvalidSqlStatementName, psycopg.errors.DuplicatePreparedStatement) as error:
-            # Inside a transaction, the connection's record of its prepared statements was wrong
-            # (run_prepared): it is right again, so a retry succeeds.
-            log.error(
-                "storage: prepared statement %s was missing or already there inside a transaction "
-                "(a DEALLOCATE or DISCARD that twofactor did not send, on a pooled connection); "
-                "answered UNAVAILABLE (retryable)",
-                statement.name,
-            )
-            raise StorageUnavailable() from error
+        except _RECORD_WAS_WRONG as error:
+            _record_was_wrong(statement, error)
+
+    def hot_rows(self, statement: HotStatement, params: Params) -> list[tuple[Any, ...]]:
+        try:
+            return run_prepared_rows(self._conn, statement, params)
+        except _RECORD_WAS_WRONG as error:
+            _record_was_wrong(statement, error)
+
+
+_RECORD_WAS_WRONG = (psycopg.errors.InvalidSqlStatementName, psycopg.errors.DuplicatePreparedStatement)
+
+
+def _record_was_wrong(statement: HotStatement, error: Exception) -> NoReturn:
+    """Inside a transaction, the connection's record of its prepared statements was wrong
+    (run_prepared): it is right again, so a retry succeeds."""
+    log.error(
+        "storage: prepared statement %s was missing or already there inside a transaction "
+        "(a DEALLOCATE or DISCARD that twofactor did not send, on a pooled connection); "
+        "answered UNAVAILABLE (retryable)",
+        statement.name,
+    )
+    raise StorageUnavailable() from error
 
 
 def open_database(url: str, *, data_dir: Path, pool_size: int = 10, timeout: float = 2.0) -> Database:

@@ -16,7 +16,7 @@ libpq, out of psycopg's sight, and forgets the prepared names after migrations.
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -113,12 +113,30 @@ def run_as_query(
     return None if row is None else tuple(row.values())
 
 
+def run_as_query_rows(
+    all_rows: Callable[[str, Mapping[str, Any]], Sequence[Mapping[str, Any]]],
+    statement: HotStatement,
+    params: Mapping[str, Any],
+) -> list[tuple[Any, ...]]:
+    """run_as_query for every row (a transaction's ordinary `all`)."""
+    statement.wire_values(params)
+    return [tuple(row.values()) for row in all_rows(statement.sql, params)]
+
+
 def run_prepared(
     conn: PreparingConnection, statement: HotStatement, params: Mapping[str, Any]
 ) -> tuple[Any, ...] | None:
-    """Run `statement` on `conn`, in a transaction block or outside one; its first row's values
-    (int, bool, str, bytes, None for NULL), or None when it returns no row (or none at all: an
-    INSERT without RETURNING).
+    """Run `statement` on `conn` (run_prepared_rows); its first row's values, or None when it
+    returns no row (or none at all: an INSERT without RETURNING)."""
+    result = _run(conn, statement, params)
+    return None if result is None or result.ntuples == 0 else _row(statement, result, 0)
+
+
+def run_prepared_rows(
+    conn: PreparingConnection, statement: HotStatement, params: Mapping[str, Any]
+) -> list[tuple[Any, ...]]:
+    """Run `statement` on `conn`, in a transaction block or outside one; every row's values
+    (int, bool, str, bytes, None for NULL), in the order the statement gives them.
 
     The record of what is prepared (conn.hot_prepared) and the server's can part only by a
     DEALLOCATE or DISCARD that we don't send: psycopg's, after DDL or a savepoint's rollback it
@@ -130,6 +148,12 @@ def run_prepared(
 
     libpq's blocking calls release the GIL and wait on the socket, so the deadline watchdog's
     shutdown (deadlines.py) wakes them as it wakes psycopg's own waits."""
+    result = _run(conn, statement, params)
+    return [] if result is None else [_row(statement, result, index) for index in range(result.ntuples)]
+
+
+def _run(conn: PreparingConnection, statement: HotStatement, params: Mapping[str, Any]) -> PGresult | None:
+    """The statement's result with its rows, or None for a statement that returns none."""
     pgconn = conn.pgconn
     values = statement.wire_values(params)
     name = statement.wire_name
@@ -165,11 +189,14 @@ def run_prepared(
     if result.status == ExecStatus.COMMAND_OK:  # a statement that returns no rows (no RETURNING)
         return None
     _check(conn, result, ExecStatus.TUPLES_OK)
-    if result.ntuples == 0:
-        return None
+    return result
+
+
+def _row(statement: HotStatement, result: PGresult, index: int) -> tuple[Any, ...]:
+    """Row `index` of `result`, each column read by its type."""
     row = []
     for column in range(result.nfields):
-        value = result.get_value(0, column)
+        value = result.get_value(index, column)
         if value is not None:
             convert = _FROM_TEXT.get(result.ftype(column))
             if convert is None:

@@ -106,6 +106,16 @@ _LOCK_SENDER_HOT = {  # lock_sender on PostgreSQL, by the contact column a code 
 }
 _RECENT_SENDS_HOT = HotStatement("twofactor_recent_sends", _RECENT_SENDS)
 _PUBLISH_AND_SUPERSEDE_HOT = HotStatement("twofactor_publish_new", _PUBLISH_AND_SUPERSEDE)
+# The worker's claim: every delivery claims once (the row's columns in ChallengeRecord's order).
+_CLAIM_DELIVERY = HotStatement(
+    "twofactor_claim_delivery",
+    "UPDATE challenges SET delivery_status = 'sending', delivery_attempts = delivery_attempts + 1, "  # noqa: S608
+    "lease_until = %(until)s, updated_at = %(now)s "
+    "WHERE challenge_id = %(c)s AND publish_generation = %(g)s AND code_ciphertext IS NOT NULL "
+    "AND (delivery_status = 'queued' OR (delivery_status = 'sending' "
+    "AND (lease_until IS NULL OR lease_until <= %(now)s))) "
+    f"RETURNING {', '.join(f.name for f in dataclasses.fields(ChallengeRecord))}",
+)
 
 
 def insert_challenge(tx: Transaction, challenge: NewChallenge, audit: NewAuditEvent | None = None) -> None:
@@ -327,15 +337,10 @@ def claim_delivery(
     Only a message of the current generation claims, and only a queued row or one whose
     lease ran out (its worker died): while a lease is held nobody else can take it.
     """
-    row = tx.one(
-        "UPDATE challenges SET delivery_status = 'sending', delivery_attempts = delivery_attempts + 1, "
-        "lease_until = %(until)s, updated_at = %(now)s "
-        "WHERE challenge_id = %(c)s AND publish_generation = %(g)s AND code_ciphertext IS NOT NULL "
-        "AND (delivery_status = 'queued' OR (delivery_status = 'sending' "
-        "AND (lease_until IS NULL OR lease_until <= %(now)s))) RETURNING *",
-        {"c": challenge_id, "g": generation, "now": now_ms, "until": now_ms + lease_ms},
+    row = tx.hot_row(
+        _CLAIM_DELIVERY, {"c": challenge_id, "g": generation, "now": now_ms, "until": now_ms + lease_ms}
     )
-    return None if row is None else ChallengeRecord(**row)
+    return None if row is None else ChallengeRecord(*row)
 
 
 def mark_delivery(

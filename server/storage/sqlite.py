@@ -14,7 +14,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-from twofactor_server.storage.hot_statements import HotStatement, run_as_query
+from twofactor_server.storage.hot_statements import HotStatement, run_as_query, run_as_query_rows
 from twofactor_server.storage.migrator import apply_migrations
 from twofactor_server.storage.units import CommitActions, Params, Row, raise_unavailable
 
@@ -92,6 +92,9 @@ class _SqliteTransaction(CommitActions):
 
     def hot_row(self, statement: HotStatement, params: Params) -> tuple[Any, ...] | None:
         return run_as_query(self.one, statement, params)
+
+    def hot_rows(self, statement: HotStatement, params: Params) -> list[tuple[Any, ...]]:
+        return run_as_query_rows(self.all, statement, params)
 
 
 # SQLite's primary result codes that a retry can fix: busy, locked, I/O error, disk

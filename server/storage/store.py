@@ -10,12 +10,14 @@ records (records.py); no caller sees a column name.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterable
 
 from twofactor_server.domain.models import AuditEvent
 from twofactor_server.storage.audit_rows import INSERT_AUDIT_EVENT, audit_params, audit_placeholders
 from twofactor_server.storage.database import Transaction
 from twofactor_server.storage.enrollments import enable_pending_method, store_backup_code_rows
+from twofactor_server.storage.hot_statements import HotStatement
 from twofactor_server.storage.records import (
     BackupCodeRecord,
     MethodRecord,
@@ -29,6 +31,26 @@ from twofactor_server.storage.records import (
 # moves the user's credential epoch on, so step-up proofs issued before it stop working.
 _NEW_EPOCH = "credential_epoch = credential_epoch + 1"
 _INSERT_AUDIT_EVENT = f"{INSERT_AUDIT_EVENT}VALUES ({audit_placeholders('')})"
+# Statements that most calls run (every rejected Verify: the user's row, its audit event, the
+# backup codes left), prepared by name and run through libpq on PostgreSQL (hot_statements.py).
+_USER_COLUMNS = ", ".join(f.name for f in dataclasses.fields(UserRecord))
+_GET_USER = {
+    lock: HotStatement(
+        f"twofactor_get_user{'_locked' if lock else ''}",
+        f"SELECT {_USER_COLUMNS} FROM users WHERE user_id = %(u)s{' FOR UPDATE' if lock else ''}",  # noqa: S608
+    )
+    for lock in (False, True)
+}
+_METHODS_OF = HotStatement(
+    "twofactor_methods_of",
+    f"SELECT {', '.join(f.name for f in dataclasses.fields(MethodRecord))} FROM methods "  # noqa: S608
+    "WHERE user_id = %(u)s ORDER BY method",
+)
+_INSERT_AUDIT_EVENT_HOT = HotStatement("twofactor_insert_audit_event", _INSERT_AUDIT_EVENT)
+_COUNT_UNUSED_BACKUP_CODES = HotStatement(
+    "twofactor_count_unused_backup_codes",
+    "SELECT COUNT(*) AS n FROM backup_codes WHERE user_id = %(u)s AND used_at IS NULL",
+)
 
 
 def bump_credential_epoch(tx: Transaction, user_id: str) -> None:
@@ -44,9 +66,8 @@ def ensure_user(tx: Transaction, user_id: str, now_ms: int) -> None:
 
 def get_user(tx: Transaction, user_id: str, *, lock: bool = False) -> UserRecord | None:
     """The user's row; with lock=True, other writers of this user wait until commit."""
-    suffix = tx.row_lock if lock else ""
-    row = tx.one(f"SELECT * FROM users WHERE user_id = %(u)s{suffix}", {"u": user_id})  # noqa: S608
-    return None if row is None else UserRecord(**row)
+    row = tx.hot_row(_GET_USER[lock and bool(tx.row_lock)], {"u": user_id})  # SQLite has no row locks
+    return None if row is None else UserRecord(*row)
 
 
 def set_contact(tx: Transaction, user_id: str, column: str, value: str | None) -> None:
@@ -121,8 +142,7 @@ def list_users(tx: Transaction, *, after: str, limit: int, enabled: bool | None)
 
 
 def methods_of(tx: Transaction, user_id: str) -> list[MethodRecord]:
-    rows = tx.all("SELECT * FROM methods WHERE user_id = %(u)s ORDER BY method", {"u": user_id})
-    return [MethodRecord(**row) for row in rows]
+    return [MethodRecord(*row) for row in tx.hot_rows(_METHODS_OF, {"u": user_id})]
 
 
 def methods_of_users(tx: Transaction, user_ids: Iterable[str]) -> dict[str, list[MethodRecord]]:
@@ -193,10 +213,8 @@ def unused_backup_codes(tx: Transaction, user_id: str) -> list[BackupCodeRecord]
 
 
 def count_unused_backup_codes(tx: Transaction, user_id: str) -> int:
-    row = tx.one(
-        "SELECT COUNT(*) AS n FROM backup_codes WHERE user_id = %(u)s AND used_at IS NULL", {"u": user_id}
-    )
-    return int(row["n"]) if row else 0
+    row = tx.hot_row(_COUNT_UNUSED_BACKUP_CODES, {"u": user_id})
+    return int(row[0]) if row else 0
 
 
 def use_backup_code(tx: Transaction, user_id: str, position: int, now_ms: int) -> bool:
@@ -258,7 +276,7 @@ def add_audit_event(
         outcome=outcome,
         detail=detail,
     )
-    tx.execute(_INSERT_AUDIT_EVENT, audit_params(event, ""))
+    tx.hot_row(_INSERT_AUDIT_EVENT_HOT, audit_params(event, ""))
 
 
 def list_audit_events(

@@ -36,6 +36,9 @@ class Transaction(Protocol):
         type (int, bool, str, bytes; None for NULL); SQLite's values are its own (a boolean is
         0 or 1), so callers convert what they read as they would a row of `one`."""
 
+    def hot_rows(self, statement: HotStatement, params: Params) -> list[tuple[Any, ...]]:
+        """hot_row for every row the statement returns, in its order."""
+
     def after_commit(self, action: Callable[[], None]) -> None:
         """Run `action` once the transaction has committed and its connection is back in the
         pool (never on rollback): work that must not hold a connection, like publishing."""

@@ -350,3 +350,15 @@ def test_bytea_read_in_another_output_format_is_refused(postgres_url: str) -> No
             q.execute("RESET bytea_output")
     finally:
         db.close()
+
+
+def test_every_row_in_the_statements_order(db: Database) -> None:
+    """hot_rows: all the rows, as `all` gives them; none is an empty list."""
+    rows = HotStatement("test_rows", "SELECT id, n FROM counter WHERE n >= %(least)s ORDER BY id DESC")
+    with db.statements() as q:
+        assert q.hot_rows(rows, {"least": 0}) == [(2, 20), (1, 10)]
+        assert q.hot_rows(rows, {"least": 15}) == [(2, 20)]  # prepared: run again
+        assert q.hot_rows(rows, {"least": 99}) == []
+    with db.transaction() as tx:
+        tx.execute("INSERT INTO counter VALUES (3, 30)")
+        assert tx.hot_rows(rows, {"least": 20}) == [(3, 30), (2, 20)]
