@@ -216,10 +216,11 @@ def _as_text(value: object) -> bytes | None:
     if type(value) is int:  # the common case first, by exact type (a bool is an int too)
         return b"%d" % value
     if isinstance(value, str):
-        text = value.encode()
-        if b"\0" in text:  # libpq would end the value there; the cursor refuses it
+        # libpq would end the value at a NUL; the cursor refuses it. (Looked for in the str:
+        # `b"\0" in bytes` first tries the needle as an integer, and pays for that TypeError.)
+        if "\0" in value:
             raise psycopg.DataError("PostgreSQL text fields cannot contain NUL (0x00) bytes")
-        return text
+        return value.encode()
     if value is None:
         return None
     if isinstance(value, int) and not isinstance(value, bool):
