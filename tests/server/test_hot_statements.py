@@ -40,6 +40,17 @@ def db(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Database]:
         store.close()
 
 
+def _prepared_beside_psycopgs_own(db: PostgresDatabase, pid: HotStatement) -> int:
+    """On the pool's one connection: `pid` (pg_backend_pid() + %(zero)s) prepared by us, and a
+    statement run past psycopg's prepare threshold (5), so psycopg holds one of its own; the
+    backend's pid."""
+    with db.statements() as q:
+        (backend,) = q.hot_row(pid, {"zero": 0}) or (0,)
+        for _ in range(6):
+            q.one("SELECT 1 AS one")
+    return int(backend)
+
+
 def test_placeholders_become_positional_parameters_once_per_name() -> None:
     statement = HotStatement("x", "SELECT %(a)s::int + %(b)s::int + %(a)s::int")
     assert statement.postgres_sql == b"SELECT $1::int + $2::int + $1::int"
@@ -108,10 +119,8 @@ def test_a_rolled_back_transaction_keeps_every_prepared_statement(postgres_url: 
     pid = HotStatement("test_pid_kept", "SELECT pg_backend_pid() + %(zero)s AS pid")
     names = "SELECT name FROM pg_prepared_statements ORDER BY name"
     try:
+        backend = _prepared_beside_psycopgs_own(db, pid)
         with db.statements() as q:
-            (backend,) = q.hot_row(pid, {"zero": 0}) or (0,)
-            for _ in range(6):  # past psycopg's prepare threshold (5): it prepares one of its own
-                q.all(names)
             prepared = q.all(names)
         assert {"name": "test_pid_kept"} in prepared and len(prepared) == 2, prepared
         with pytest.raises(ZeroDivisionError), db.transaction() as tx:
@@ -163,10 +172,7 @@ def test_ddl_inside_a_transaction_that_makes_psycopg_deallocate_all_is_a_retryab
     db = PostgresDatabase(postgres_url, pool_size=1, timeout=30.0)
     pid = HotStatement("test_pid_after_ddl", "SELECT pg_backend_pid() + %(zero)s AS pid")
     try:
-        with db.statements() as q:
-            (backend,) = q.hot_row(pid, {"zero": 0}) or (0,)
-            for _ in range(6):  # past psycopg's prepare threshold: it prepares one of its own
-                q.one("SELECT 1 AS one")
+        backend = _prepared_beside_psycopgs_own(db, pid)
         with pytest.raises(StorageUnavailable), db.transaction() as tx:
             tx.execute("CREATE TEMP TABLE scratch (n INT)")
             tx.execute("DROP TABLE scratch")
@@ -184,10 +190,7 @@ def test_migrations_leave_no_stale_record_of_prepared_statements(postgres_url: s
     db = PostgresDatabase(postgres_url, pool_size=1, timeout=30.0)
     pid = HotStatement("test_pid_migrated", "SELECT pg_backend_pid() + %(zero)s AS pid")
     try:
-        with db.statements() as q:
-            (backend,) = q.hot_row(pid, {"zero": 0}) or (0,)
-            for _ in range(6):  # past psycopg's prepare threshold: it prepares one of its own
-                q.one("SELECT 1 AS one")
+        backend = _prepared_beside_psycopgs_own(db, pid)
         assert db.migrate()  # every migration, on the same (only) connection
         with db.transaction() as tx:
             assert tx.hot_row(pid, {"zero": 0}) == (backend,)
