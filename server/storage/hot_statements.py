@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import psycopg
-from psycopg.pq import ConnStatus, DiagnosticField, ExecStatus, TransactionStatus
+from psycopg.pq import ConnStatus, DiagnosticField, Escaping, ExecStatus, TransactionStatus
 from psycopg.pq.abc import PGconn, PGresult
 
 _BYTEA_OID, _INT8_OID = 17, 20
@@ -29,17 +29,10 @@ _NO_SUCH_PREPARED_STATEMENT = b"26000"  # invalid_sql_statement_name
 _PREPARED_ALREADY = b"42P05"  # duplicate_prepared_statement
 
 
-def _hex_bytes(text: bytes) -> bytes:
-    """bytea's text output in PostgreSQL's default format: \\x, then hex digits."""
-    if not text.startswith(b"\\x"):
-        raise ValueError("a HotStatement reads bytea in hex: set bytea_output = 'hex' (PostgreSQL's default)")
-    return bytes.fromhex(text[2:].decode())
-
-
 # A result column's type (OID) -> its value from PostgreSQL's text output.
 _FROM_TEXT: dict[int, Callable[[bytes], Any]] = {
     16: lambda text: text == b"t",  # bool
-    17: _hex_bytes,  # bytea
+    17: Escaping().unescape_bytea,  # bytea, in either output format (hex, escape), as libpq reads it
     20: int,  # int8
     21: int,  # int2
     23: int,  # int4
