@@ -4,11 +4,9 @@ that write their event beside their own change: outbox's insert, attempts' accep
 
 from __future__ import annotations
 
-import dataclasses
+from twofactor_server.storage.records import NewAuditEvent, columns
 
-from twofactor_server.storage.records import NewAuditEvent
-
-AUDIT_COLUMNS = tuple(f.name for f in dataclasses.fields(NewAuditEvent))
+AUDIT_COLUMNS = columns(NewAuditEvent)
 # Followed by VALUES (...) or SELECT ... of the columns' placeholders (audit_placeholders).
 INSERT_AUDIT_EVENT = f"INSERT INTO audit_events ({', '.join(AUDIT_COLUMNS)}) "
 

@@ -24,10 +24,16 @@ from twofactor_server.storage import store
 from twofactor_server.storage.audit_rows import INSERT_AUDIT_EVENT, audit_params, audit_placeholders
 from twofactor_server.storage.database import Transaction
 from twofactor_server.storage.hot_statements import HotStatement
-from twofactor_server.storage.records import ChallengeRecord, ChallengeStatus, NewAuditEvent, NewChallenge
+from twofactor_server.storage.records import (
+    ChallengeRecord,
+    ChallengeStatus,
+    NewAuditEvent,
+    NewChallenge,
+    columns,
+)
 
-_NEW_CHALLENGE_COLUMNS = [f.name for f in dataclasses.fields(NewChallenge)]
-_STATUS_COLUMNS = [f.name for f in dataclasses.fields(ChallengeStatus)]
+_NEW_CHALLENGE_COLUMNS = columns(NewChallenge)
+_STATUS_COLUMNS = columns(ChallengeStatus)
 _INSERT_CHALLENGE = (
     f"INSERT INTO challenges ({', '.join(_NEW_CHALLENGE_COLUMNS)}, delivery_status, updated_at, "  # noqa: S608
     "publish_generation) "
@@ -114,7 +120,7 @@ _CLAIM_DELIVERY = HotStatement(
     "WHERE challenge_id = %(c)s AND publish_generation = %(g)s AND code_ciphertext IS NOT NULL "
     "AND (delivery_status = 'queued' OR (delivery_status = 'sending' "
     "AND (lease_until IS NULL OR lease_until <= %(now)s))) "
-    f"RETURNING {', '.join(f.name for f in dataclasses.fields(ChallengeRecord))}",
+    f"RETURNING {', '.join(columns(ChallengeRecord))}",
 )
 
 

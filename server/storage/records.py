@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
+
+
+def columns(record: type) -> tuple[str, ...]:
+    """A record's fields, in order: the columns a statement names for it. A row read by position
+    (`UserRecord(*row)`, a HotStatement's) is built in this order."""
+    return tuple(field.name for field in fields(record))
 
 
 @dataclass(frozen=True, slots=True)

@@ -10,7 +10,6 @@ records (records.py); no caller sees a column name.
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Iterable
 
 from twofactor_server.domain.models import AuditEvent
@@ -23,6 +22,7 @@ from twofactor_server.storage.records import (
     MethodRecord,
     NewAuditEvent,
     UserRecord,
+    columns,
 )
 
 # ---- users -----------------------------------------------------------------
@@ -33,7 +33,7 @@ _NEW_EPOCH = "credential_epoch = credential_epoch + 1"
 _INSERT_AUDIT_EVENT = f"{INSERT_AUDIT_EVENT}VALUES ({audit_placeholders('')})"
 # Statements that most calls run (every rejected Verify: the user's row, its audit event, the
 # backup codes left), prepared by name and run through libpq on PostgreSQL (hot_statements.py).
-_USER_COLUMNS = ", ".join(f.name for f in dataclasses.fields(UserRecord))
+_USER_COLUMNS = ", ".join(columns(UserRecord))
 _GET_USER = {
     lock: HotStatement(
         f"twofactor_get_user{'_locked' if lock else ''}",
@@ -43,7 +43,7 @@ _GET_USER = {
 }
 _METHODS_OF = HotStatement(
     "twofactor_methods_of",
-    f"SELECT {', '.join(f.name for f in dataclasses.fields(MethodRecord))} FROM methods "  # noqa: S608
+    f"SELECT {', '.join(columns(MethodRecord))} FROM methods "  # noqa: S608
     "WHERE user_id = %(u)s ORDER BY method",
 )
 _INSERT_AUDIT_EVENT_HOT = HotStatement("twofactor_insert_audit_event", _INSERT_AUDIT_EVENT)
