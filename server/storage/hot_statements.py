@@ -1,9 +1,9 @@
-"""HotStatement: a statement on a hot path (the accepted Verify, SendCode, the worker's delivery
-record), run without psycopg's cursor.
+"""HotStatement: a statement on a hot path (Verify, SendCode, a confirmed enrollment, the worker's
+claim and record), run without psycopg's cursor.
 
 Through Cursor.execute a statement costs the server about 130,000 instructions of Python (query
 conversion, parameter dumping, the row maker) against about 20,000 this way: prepared by name
-once per connection, its parameters sent as text (bytes as binary bytea), its one row read by
+once per connection, its parameters sent as text (bytes as binary bytea), its rows read by
 each column's type (docs/benchmarks.md). Errors are psycopg's, as the cursor would raise them,
 so database.py maps them as it maps every other statement's.
 
