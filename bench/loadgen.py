@@ -47,6 +47,22 @@ WRONG_STEP_OFFSET = 10  # a code from 5 minutes ahead: outside the accepted drif
 SERVE = (sys.executable, "-m", "twofactor_server.cli", "serve")  # `twofactor serve`, this interpreter's
 
 
+def sink_delivery(redis_url: str, queue: str, smtp_port: int) -> dict[str, str]:
+    """The settings that send email through the Celery queue `queue` on Redis to the bench's SMTP
+    sink on 127.0.0.1:`smtp_port`, for a server and a worker alike; SMS stays on the console
+    provider, which with PostgreSQL must be allowed out loud."""
+    return {
+        "TWOFACTOR_BROKER_URL": redis_url,
+        "TWOFACTOR_DELIVERY_QUEUE": queue,
+        "TWOFACTOR_EMAIL_PROVIDER": "smtp",
+        "TWOFACTOR_SMTP_HOST": "127.0.0.1",
+        "TWOFACTOR_SMTP_PORT": str(smtp_port),
+        "TWOFACTOR_SMTP_SECURITY": "none",
+        "TWOFACTOR_SMTP_FROM": "bench@example.com",
+        "TWOFACTOR_ALLOW_CONSOLE_DELIVERY": "true",
+    }
+
+
 def server_env(database_url: str, keys: str, token: str, settings: Mapping[str, str] = {}) -> dict[str, str]:
     """The environment of a `twofactor serve` under bench: this process's own without any
     TWOFACTOR_ setting, then the database, the keys, the bench's one app token (by its digest),

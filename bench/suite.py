@@ -58,6 +58,7 @@ from loadgen import (
     _on_cpu_seconds,
     clients,
     server_env,
+    sink_delivery,
     wait_serving,
 )
 from plans import explain_all, print_plans
@@ -105,15 +106,7 @@ def main(argv: list[str] | None = None) -> int:
         Keyring.new_key_spec(1),
         token,
         {
-            "TWOFACTOR_BROKER_URL": args.redis_url,
-            "TWOFACTOR_DELIVERY_QUEUE": queue,
-            "TWOFACTOR_EMAIL_PROVIDER": "smtp",
-            "TWOFACTOR_SMTP_HOST": "127.0.0.1",
-            "TWOFACTOR_SMTP_PORT": str(sink.port),
-            "TWOFACTOR_SMTP_SECURITY": "none",
-            "TWOFACTOR_SMTP_FROM": "bench@example.com",
-            # SMS stays on the console provider; with PostgreSQL the server wants this said out loud.
-            "TWOFACTOR_ALLOW_CONSOLE_DELIVERY": "true",
+            **sink_delivery(args.redis_url, queue, sink.port),
             # The rejected phase sends many wrong codes per user, SendCode many codes per user.
             "TWOFACTOR_LOCKOUT_THRESHOLD": "100",
             "TWOFACTOR_MAX_CONSECUTIVE_FAILURES": "100",

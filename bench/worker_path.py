@@ -43,6 +43,7 @@ import redis
 from aiosmtpd.controller import Controller
 from aiosmtpd.smtp import SMTP, Envelope
 from delivery_path import CALLER, RecordingDispatch
+from loadgen import sink_delivery
 from suite import PostgresPids, forget_queue
 
 from twofactor_server.delivery.task_queue import deliver_message
@@ -335,14 +336,7 @@ def main(argv: list[str] | None = None) -> int:
                 "TWOFACTOR_DATABASE_URL": url,
                 "TWOFACTOR_KEYS": keys,
                 "TWOFACTOR_LOG_LEVEL": "WARNING",
-                "TWOFACTOR_BROKER_URL": args.redis_url,
-                "TWOFACTOR_DELIVERY_QUEUE": queue,
-                "TWOFACTOR_EMAIL_PROVIDER": "smtp",
-                "TWOFACTOR_SMTP_HOST": "127.0.0.1",
-                "TWOFACTOR_SMTP_PORT": str(sink.port),
-                "TWOFACTOR_SMTP_SECURITY": "none",
-                "TWOFACTOR_SMTP_FROM": "bench@example.com",
-                "TWOFACTOR_ALLOW_CONSOLE_DELIVERY": "true",
+                **sink_delivery(args.redis_url, queue, sink.port),
                 "TWOFACTOR_OUTBOX_RECOVERY_SECONDS": "3600",
             }
             bench = Bench(db, env, Keyring.parse(keys), queue)
