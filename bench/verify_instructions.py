@@ -41,7 +41,7 @@ import grpc
 import psycopg
 import pyotp
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from loadgen import SERVE, ServerProcess, server_env, wait_serving
+from loadgen import SERVE, WRONG_STEP_OFFSET, ServerProcess, server_env, wait_serving
 from twofactor.v1 import twofactor_service_pb2 as pb
 from twofactor.v1 import twofactor_service_pb2_grpc as pb_grpc
 
@@ -113,22 +113,16 @@ class Calls:
         list(self._pool.map(run, range(self._threads)))
 
     def verify(self, users: list[tuple[str, pyotp.HOTP]], step_offset: int, *, wrong: bool = False) -> None:
-        """Each user's code for the step `step_offset` from now: ACCEPTED; or, `wrong`, that code
-        with its last digit changed, REJECTED (it matches none of the three steps checked)."""
+        """Each user's code for the step `step_offset` from now: ACCEPTED; or, `wrong`, the code
+        of a step outside the accepted drift (loadgen.WRONG_STEP_OFFSET, as the suite's rejected
+        phase sends), REJECTED."""
         expected = pb.VERIFY_RESULT_REJECTED if wrong else pb.VERIFY_RESULT_ACCEPTED
+        offset = step_offset + (WRONG_STEP_OFFSET if wrong else 0)
 
         def run(index: int) -> None:
             stub = self._verify[index]
             for user_id, hotp in users[index :: self._threads]:
-                step = totp.time_step(time.time()) + step_offset
-                code = hotp.at(step)
-                if wrong:
-                    near = {hotp.at(step + delta) for delta in (-2, -1, 0, 1, 2)}
-                    code = next(
-                        c
-                        for d in range(1, 10)
-                        if (c := code[:-1] + str((int(code[-1]) + d) % 10)) not in near
-                    )
+                code = hotp.at(totp.time_step(time.time()) + offset)
                 reply = stub.Verify(
                     pb.VerifyRequest(user_id=user_id, code=code), metadata=self._metadata, timeout=30
                 )
