@@ -181,6 +181,15 @@ def main(argv: list[str] | None = None) -> int:
                 target, token, email_users, half, args.seconds, "delivering"
             )
             valid &= rows["paced delivering"].valid
+            # That half is more than one worker delivers on these cores (the delivery row), so
+            # the queue grows through the phase. The email path as a whole carries no more than
+            # that delivery rate (reached with the server idle: with SendCode beside it, less);
+            # half of it, the worker delivering, is the load the path takes at half its maximum.
+            valid &= wait_drained(args.database_url, schema, timeout=180)
+            rows["paced path"] = measure_paced_sendcode(
+                target, token, email_users, rows["delivery"].rate / 2, args.seconds, "delivering"
+            )
+            valid &= rows["paced path"].valid
             if args.plans and population:
                 url = env["TWOFACTOR_DATABASE_URL"]
                 print_sizes(args.database_url, schema, args.population + args.users)
@@ -872,6 +881,9 @@ def print_table(rows: dict[str, Row], args: argparse.Namespace) -> None:
     if "paced delivering" in rows:
         delivering = rows["paced delivering"].p99
         checks.append(("SendCode p99 ms at half the max rate, worker delivering", delivering, "<=", 20.0))
+    if "paced path" in rows:
+        on_path = rows["paced path"].p99
+        checks.append(("SendCode p99 ms at half the delivery rate, worker delivering", on_path, "<=", 20.0))
     for label, value, sense, target in checks:
         met = value <= target if sense == "<=" else value >= target
         print(f"  {label:<64} {value:9.2f}  target {sense} {target:g}  {'met' if met else 'NOT MET'}")
