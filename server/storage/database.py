@@ -24,7 +24,7 @@ from typing import Any, NoReturn
 import psycopg
 from psycopg.pq import ConnStatus, TransactionStatus
 from psycopg.rows import dict_row
-from psycopg_pool import ConnectionPool, PoolTimeout
+from psycopg_pool import PoolTimeout
 
 from twofactor_server.domain.errors import StorageUnavailable
 from twofactor_server.storage.deadlines import Watch, Watchdog, socket_inode
@@ -36,6 +36,7 @@ from twofactor_server.storage.hot_statements import (
 )
 from twofactor_server.storage.migrator import apply_migrations
 from twofactor_server.storage.migrator import migrations as migrations  # re-exported
+from twofactor_server.storage.pool import Pool
 from twofactor_server.storage.sqlite import SqliteDatabase as SqliteDatabase  # re-exported
 from twofactor_server.storage.units import CommitActions, Params, Row, raise_unavailable
 from twofactor_server.storage.units import Database as Database  # re-exported
@@ -71,7 +72,7 @@ class PostgresDatabase:
         self._connect_timeout = max(2, math.ceil(timeout))
         self.unavailable = threading.Event()
         self._watchdog = Watchdog("twofactor-db")
-        self._pool: ConnectionPool[_Connection] = ConnectionPool(
+        self._pool: Pool[_Connection] = Pool(
             url,
             connection_class=_Connection,
             min_size=1,
