@@ -19,15 +19,14 @@ import argparse
 import dataclasses
 import os
 import resource
-import subprocess
 import sys
 import time
 import uuid
 from collections.abc import Callable
-from pathlib import Path
 
 import psycopg
 from loadgen import CpuMeter
+from sink import BenchSink
 from suite import PostgresPids
 
 from twofactor_server.delivery.dispatch import build_deliverer
@@ -46,10 +45,6 @@ from twofactor_server.usecases.profiles import UserProfiles
 
 DEFAULT_DATABASE_URL = "postgresql://postgres@127.0.0.1:5432/postgres"
 CALLER = Caller(actor="bench", request_id="bench")
-SINK = (
-    "import sys, signal; sys.path.insert(0, sys.argv[1]); from sink import BenchSink; "
-    "s = BenchSink(); s.start(); print(s.port, flush=True); signal.sigwait({signal.SIGTERM})"
-)
 
 
 class RecordingDispatch:
@@ -66,11 +61,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--database-url", default=DEFAULT_DATABASE_URL)
     args = parser.parse_args(argv)
     schema = f"tf_bench_{uuid.uuid4().hex[:12]}"
-    sink = subprocess.Popen(
-        [sys.executable, "-c", SINK, str(Path(__file__).parent)], stdout=subprocess.PIPE, text=True
-    )
-    assert sink.stdout is not None
-    port = int(sink.stdout.readline())
+    sink = BenchSink()  # its SMTP server in a child process
+    sink.start()
+    port = sink.port
     with psycopg.connect(args.database_url, autocommit=True) as conn:
         conn.execute(f'CREATE SCHEMA "{schema}"')
     url = f"{args.database_url}?options=-csearch_path%3D{schema}&application_name={schema}"
@@ -81,8 +74,7 @@ def main(argv: list[str] | None = None) -> int:
             run(db, args.emails, port, CpuMeter(os.getpid(), [], None, backends))
     finally:
         db.close()
-        sink.terminate()
-        sink.wait(10)
+        sink.stop()
         with psycopg.connect(args.database_url, autocommit=True) as conn:
             conn.execute(f'DROP SCHEMA "{schema}" CASCADE')
     return 0
