@@ -32,6 +32,16 @@ def _backend(conn: psycopg.Connection[tuple[object, ...]]) -> int:
     return conn.info.backend_pid
 
 
+def _next_backend(pool: Pooled) -> int:
+    """The backend of the connection the pool hands out next (given back at once)."""
+    conn = pool.getconn(timeout=10)
+    try:
+        assert not conn.closed
+        return _backend(conn)
+    finally:
+        pool.putconn(conn)
+
+
 def test_an_idle_connection_is_handed_out_and_taken_back_by_the_short_path(pool: Pooled) -> None:
     first = pool.getconn()
     pid = _backend(first)
@@ -64,11 +74,7 @@ def test_a_broken_connection_is_discarded_and_replaced(pool: Pooled) -> None:
     conn.close()
     pool.putconn(conn)
     pool.wait(timeout=10)  # the library opens a replacement in the background
-    replacement = pool.getconn(timeout=10)
-    try:
-        assert not replacement.closed and _backend(replacement) != pid
-    finally:
-        pool.putconn(replacement)
+    assert _next_backend(pool) != pid
 
 
 def test_a_connection_checked_out_across_a_drain_is_closed_when_returned(pool: Pooled) -> None:
@@ -77,11 +83,7 @@ def test_a_connection_checked_out_across_a_drain_is_closed_when_returned(pool: P
     pool.drain()
     pool.putconn(conn)
     assert conn.closed
-    again = pool.getconn(timeout=10)
-    try:
-        assert _backend(again) != pid
-    finally:
-        pool.putconn(again)
+    assert _next_backend(pool) != pid
 
 
 def test_a_connection_past_its_lifetime_is_closed_when_returned(postgres_url: str) -> None:
