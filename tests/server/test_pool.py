@@ -122,3 +122,52 @@ def test_a_connection_returned_to_a_closed_pool_is_closed(postgres_url: str) -> 
     pool.close(timeout=5)
     pool.putconn(conn)
     assert conn.closed
+
+
+def test_a_connection_given_back_twice_or_from_elsewhere_is_refused(pool: Pooled, postgres_url: str) -> None:
+    conn = pool.getconn()
+    pool.putconn(conn)
+    idle = len(pool._pool)
+    with pytest.raises(ValueError):
+        pool.putconn(conn)  # twice: else two threads would later share it
+    assert len(pool._pool) == idle
+    with psycopg.connect(postgres_url) as foreign, pytest.raises(ValueError):
+        pool.putconn(foreign)
+
+
+def test_a_pools_check_and_reset_hooks_run_on_every_checkout_and_return(postgres_url: str) -> None:
+    checked: list[object] = []
+    reset: list[object] = []
+    hooks = {"check": checked.append, "reset": reset.append}
+    with Pool(postgres_url, min_size=1, max_size=1, open=False, **hooks) as pool:
+        pool.wait(timeout=10)
+        for _ in range(3):
+            pool.putconn(pool.getconn(timeout=10))
+        deadline = time.monotonic() + 10
+        while len(reset) < 3:  # the library resets on its maintenance thread
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        assert len(checked) == 3 and len(reset) == 3
+
+
+def test_a_wait_for_the_pool_to_fill_sees_a_connection_given_back(postgres_url: str) -> None:
+    with Pool(postgres_url, min_size=2, max_size=2, open=False) as pool:
+        pool.wait(timeout=10)
+        conn = pool.getconn()
+        failed: list[BaseException] = []
+
+        def wait_full() -> None:
+            try:
+                pool.wait(timeout=10)
+            except BaseException as error:  # reported by the assertion below
+                failed.append(error)
+
+        waiter = threading.Thread(target=wait_full)
+        waiter.start()
+        deadline = time.monotonic() + 10
+        while pool._pool_full_event is None:  # wait() is waiting for the pool to fill
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        pool.putconn(conn)
+        waiter.join(timeout=15)
+        assert not waiter.is_alive() and failed == [] and not pool.closed
