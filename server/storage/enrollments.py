@@ -44,11 +44,16 @@ def enable_pending_method(tx: Transaction, user_id: str, method: str, now_ms: in
 def store_backup_code_rows(tx: Transaction, user_id: str, codes: list[tuple[bytes, bytes]]) -> None:
     """The user's backup codes become `codes`, (keyed hash, ciphertext) each, in one INSERT;
     the old set is gone in the same transaction. At least one code (settings: 1 to 100)."""
-    tx.hot_row(_DELETE_BACKUP_CODES, {"u": user_id})
+    delete_backup_code_rows(tx, user_id)
     params: dict[str, object] = {"u": user_id}
     for position, (code_hash, ciphertext) in enumerate(codes):
         params |= {f"h{position}": code_hash, f"c{position}": ciphertext}
     tx.hot_row(_insert_backup_codes(len(codes)), params)
+
+
+def delete_backup_code_rows(tx: Transaction, user_id: str) -> None:
+    """Every backup code of the user, used or not."""
+    tx.hot_row(_DELETE_BACKUP_CODES, {"u": user_id})
 
 
 @lru_cache(maxsize=8)

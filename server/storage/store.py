@@ -15,7 +15,11 @@ from collections.abc import Iterable
 from twofactor_server.domain.models import AuditEvent
 from twofactor_server.storage.audit_rows import INSERT_AUDIT_EVENT, audit_params, audit_placeholders
 from twofactor_server.storage.database import Transaction
-from twofactor_server.storage.enrollments import enable_pending_method, store_backup_code_rows
+from twofactor_server.storage.enrollments import (
+    delete_backup_code_rows,
+    enable_pending_method,
+    store_backup_code_rows,
+)
 from twofactor_server.storage.hot_statements import HotStatement
 from twofactor_server.storage.records import (
     BackupCodeRecord,
@@ -113,7 +117,7 @@ def reset_user(tx: Transaction, user_id: str) -> None:
     """Forget everything enrolled; keep the contacts and the history."""
     params = {"u": user_id}
     tx.execute("DELETE FROM methods WHERE user_id = %(u)s", params)
-    tx.execute("DELETE FROM backup_codes WHERE user_id = %(u)s", params)
+    delete_backup_code_rows(tx, user_id)
     tx.execute(
         "UPDATE challenges SET superseded_at = COALESCE(superseded_at, updated_at), code_ciphertext = NULL "
         "WHERE user_id = %(u)s AND consumed_at IS NULL AND purpose <> 'notice'",
@@ -196,7 +200,7 @@ def replace_backup_codes(
 
 
 def delete_backup_codes(tx: Transaction, user_id: str) -> None:
-    tx.execute("DELETE FROM backup_codes WHERE user_id = %(u)s", {"u": user_id})
+    delete_backup_code_rows(tx, user_id)
     tx.execute(
         f"UPDATE users SET backup_codes_generated_at = NULL, {_NEW_EPOCH} WHERE user_id = %(u)s",  # noqa: S608
         {"u": user_id},
