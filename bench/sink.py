@@ -52,6 +52,13 @@ class BenchSink:
             self.stop()
             raise RuntimeError(f"the SMTP sink did not start within {_CHILD_START_SECONDS:g} s")
 
+    def __enter__(self) -> BenchSink:
+        self.start()
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.stop()
+
     def stop(self) -> None:
         if self._child is not None and self._child.poll() is None:
             self._child.send_signal(signal.SIGTERM)

@@ -5,7 +5,7 @@ its consumer (main) process apart from its pool processes, for several worker co
         [--config 'NAME=worker options' ...]
 
 On a fresh schema (dropped at the end) and a queue of its own on Redis (deleted at the
-end), with an SMTP sink in this process that only counts (no parsing), for each run and
+end), with the bench's SMTP sink (bench/sink.py, a child process that only counts), for each run and
 each configuration in turn (the order reversed every other run: ABBA): start
 `python -m twofactor_workers --concurrency C --loglevel WARNING <options>` (what
 `twofactor worker` execs), warm it up (4 emails per pool process: every pool process has its
@@ -26,12 +26,10 @@ import dataclasses
 import os
 import shlex
 import signal
-import socket
 import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
@@ -40,10 +38,9 @@ from typing import Any
 
 import psycopg
 import redis
-from aiosmtpd.controller import Controller
-from aiosmtpd.smtp import SMTP, Envelope
 from delivery_path import CALLER, RecordingDispatch
 from loadgen import sink_delivery
+from sink import BenchSink
 from suite import PostgresPids, forget_queue
 
 from twofactor_server.delivery.task_queue import deliver_message
@@ -59,35 +56,6 @@ from twofactor_server.usecases.profiles import UserProfiles
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_DATABASE_URL = "postgresql://postgres@127.0.0.1:5432/postgres"
-
-
-class CountingSink:
-    """aiosmtpd on a thread of this process: counts accepted messages, parses nothing."""
-
-    def __init__(self) -> None:
-        self.count = 0
-        self.changed = threading.Condition()
-        with socket.socket() as sock:
-            sock.bind(("127.0.0.1", 0))
-            self.port = int(sock.getsockname()[1])
-        self._controller = Controller(self, hostname="127.0.0.1", port=self.port)
-
-    async def handle_DATA(self, server: SMTP, session: Any, envelope: Envelope) -> str:
-        with self.changed:
-            self.count += 1
-            self.changed.notify_all()
-        return "250 2.0.0 accepted"
-
-    def wait_for(self, count: int, timeout: float) -> bool:
-        with self.changed:
-            return self.changed.wait_for(lambda: self.count >= count, timeout)
-
-    def __enter__(self) -> CountingSink:
-        self._controller.start()
-        return self
-
-    def __exit__(self, *_: object) -> None:
-        self._controller.stop()
 
 
 def session_cpu(session: int) -> tuple[float, float]:
@@ -188,7 +156,7 @@ class Bench:
             pipe.lpush(self.queue, message)
         pipe.execute()
 
-    def measure(self, sink: CountingSink, backends: PostgresPids, options: list[str], args: Any) -> Result:
+    def measure(self, sink: BenchSink, backends: PostgresPids, options: list[str], args: Any) -> Result:
         warm = self.queue_emails(args.concurrency * 4)
         messages = self.queue_emails(args.emails)
         log = tempfile.NamedTemporaryFile(prefix="twofactor-bench-worker-", suffix=".log", delete=False)  # noqa: SIM115
@@ -219,14 +187,14 @@ class Bench:
             stderr=subprocess.STDOUT, start_new_session=True,
         )  # fmt: skip
         try:
-            expected = sink.count + len(warm)
+            expected = len(sink.arrivals) + len(warm)
             self.push(warm)
             if not sink.wait_for(expected, timeout=600 if args.callgrind else 120):
                 raise SystemExit(f"the worker did not warm up in 120 s; its log: {log.name}")
             time.sleep(
                 0.5
             )  # the pool processes idle again (the bench's own pacing, not a wait on a condition)
-            expected = sink.count + len(messages)
+            expected = len(sink.arrivals) + len(messages)
             pids = session_pids(worker.pid)
             if args.callgrind:
                 callgrind_control(pids, "-i", "on")
@@ -330,7 +298,7 @@ def main(argv: list[str] | None = None) -> int:
     results: dict[str, list[Result]] = {name: [] for name, _ in configs}
     try:
         db.migrate()
-        with CountingSink() as sink, PostgresPids(args.database_url, schema) as backends:
+        with BenchSink() as sink, PostgresPids(args.database_url, schema) as backends:
             env = {
                 **{k: v for k, v in os.environ.items() if not k.startswith("TWOFACTOR_")},
                 "TWOFACTOR_DATABASE_URL": url,
