@@ -24,7 +24,7 @@ from twofactor_server.domain.models import Caller
 from twofactor_server.observability import logs
 from twofactor_server.settings import TokenSetting
 
-# Caller is a frozen dataclass, so one shared default is safe.
+# Caller is immutable (a NamedTuple), so one shared default is safe.
 current_caller: contextvars.ContextVar[Caller] = contextvars.ContextVar(
     "current_caller",
     default=Caller(),  # noqa: B039

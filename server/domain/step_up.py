@@ -23,6 +23,7 @@ NONCE_BYTES = 16
 MAX_TOKEN_CHARS = 256  # longer input is not a token of ours and is refused before any work
 MAX_CLOCK_SKEW_MS = 30_000  # tokens from a server whose clock runs a little ahead still count
 _ISSUED = struct.Struct(">Q")
+_URL_SAFE = bytes.maketrans(b"+/", b"-_")
 
 
 def issue_token(keyring: Keyring, *, user_id: str, actor: str, epoch: int, now_ms: int) -> str:
@@ -30,7 +31,8 @@ def issue_token(keyring: Keyring, *, user_id: str, actor: str, epoch: int, now_m
     nonce = os.urandom(NONCE_BYTES)
     mac = keyring.keyed_hash(_mac_data(user_id, actor, epoch, now_ms, nonce), purpose=STEP_UP)
     raw = _ISSUED.pack(now_ms) + nonce + mac
-    return PREFIX + base64.urlsafe_b64encode(raw).decode().rstrip("=")
+    # base64.urlsafe_b64encode's own steps, without its two Python calls (every login issues one)
+    return PREFIX + binascii.b2a_base64(raw, newline=False).translate(_URL_SAFE).rstrip(b"=").decode()
 
 
 def token_is_valid(
@@ -69,4 +71,5 @@ def token_is_valid(
 
 def _mac_data(user_id: str, actor: str, epoch: int, issued_ms: int, nonce: bytes) -> bytes:
     # user ids are printable text and token names carry no NUL, so the encoding is unambiguous.
-    return b"\0".join((user_id.encode(), actor.encode(), str(epoch).encode(), str(issued_ms).encode(), nonce))
+    # The bytes of b"\0".join((user_id, actor, str(epoch), str(issued_ms), nonce)), in one step.
+    return b"%s\0%s\0%d\0%d\0%s" % (user_id.encode(), actor.encode(), epoch, issued_ms, nonce)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, fields
+from typing import NamedTuple
 
 
 def columns(record: type) -> tuple[str, ...]:
@@ -55,9 +56,9 @@ class VerifySnapshot:
     secret_version: int | None  # None: no verify_state row (then nothing is decided unlocked)
 
 
-@dataclass(frozen=True, slots=True)
-class AcceptedStep:
-    """What accepting an authenticator code returns: the unused backup codes and the epoch."""
+class AcceptedStep(NamedTuple):
+    """What accepting an authenticator code returns: the unused backup codes and the epoch.
+    (A NamedTuple: made on every accepted login, from the statement's row.)"""
 
     backup_left: int
     credential_epoch: int

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 from twofactor_server.domain import backup_codes, lockout, one_time_codes, totp
 from twofactor_server.domain.clock import Clock, now_ms
@@ -27,6 +27,10 @@ from twofactor_server.usecases.users import (
     step_up_token,
     usable_methods,
 )
+
+# The `verification` counter's labels of an acceptance, read once: Enum.value is a Python property.
+_ACCEPTED_LABEL = VerifyResult.ACCEPTED.value
+_KIND_LABELS = {kind: kind.value for kind in CodeKind}
 
 
 @dataclass(frozen=True)
@@ -79,7 +83,8 @@ class Verification:
         credential epoch.
         """
         digits = one_time_codes.normalize(code)
-        backup = backup_codes.normalize(code)
+        # Six digits are never a backup code (longer): the common login skips its normalization.
+        backup = None if digits is not None and len(digits) == totp.DIGITS else backup_codes.normalize(code)
         if digits is None and backup is None:
             raise InvalidArgument(
                 "INVALID_CODE", "code must be 6 to 10 digits or a backup code like k7m2q-x9p4w"
@@ -141,7 +146,7 @@ class Verification:
                 store.record_success(tx, user_id, now)
                 outcome = self._outcome(tx, user_id, VerifyResult.ACCEPTED, matched, 0, None, now)
                 token = step_up_token(self._keyring, user_id, user.credential_epoch, caller, now)
-                return replace(outcome, verification_token=token)
+                return outcome._replace(verification_token=token)
             if reserved is None:
                 failures = count_failure(tx, caller, user_id, self._policy, now, self._notices)
                 lock = lockout.lock_of(
@@ -258,17 +263,11 @@ class Verification:
         return reserved if counted else None  # not counted: another attempt moved the counters first
 
     def _accept_unlocked(
-        self,
-        q: Transaction,
-        user_id: str,
-        step: int,
-        secret_version: int,
-        now: int,
-        accepted_event: NewAuditEvent | None,
+        self, q: Transaction, user_id: str, step: int, version: int, now: int, event: NewAuditEvent | None
     ) -> AcceptedStep | None:
         max_failures = self._policy.max_consecutive_failures
         return attempts.accept_totp_step_unlocked(
-            q, user_id, step, secret_version, now, accepted_event, unlocked_below=max_failures
+            q, user_id, step, version, now, event, unlocked_below=max_failures
         )
 
     def _count_unlocked(self, q: Transaction, user_id: str, version: int, now: int) -> Reservation | None:
@@ -368,7 +367,7 @@ class Verification:
     def _accepted(
         self, user_id: str, kind: CodeKind, accepted: AcceptedStep, now: int, caller: Caller
     ) -> VerifyOutcome:
-        metrics.verification(VerifyResult.ACCEPTED.value, kind.value)
+        metrics.verification(_ACCEPTED_LABEL, _KIND_LABELS[kind])
         return VerifyOutcome(
             result=VerifyResult.ACCEPTED,
             matched=kind,

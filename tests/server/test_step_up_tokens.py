@@ -90,3 +90,21 @@ def test_a_token_made_under_a_key_the_server_lacks_is_simply_not_valid() -> None
     staged, activated = Keyring.parse(f"{old},{new}", active_version=1), Keyring.parse(f"{old},{new}")
     assert valid(token(activated), staged) and valid(token(staged), activated)
     assert not valid(token(Keyring.parse(old)), Keyring.parse(new))
+
+
+def test_a_token_built_as_earlier_releases_built_it_is_valid_and_issued_alike() -> None:
+    # During a rolling deploy, processes of the previous release check this one's tokens and
+    # the other way round: the MAC's input and the text form must stay byte for byte the same.
+    nonce = bytes(range(step_up.NONCE_BYTES))
+    data = b"\0".join((b"alice", b"backend", b"3", str(NOW).encode(), nonce))
+    mac = KEYS.keyed_hash(data, purpose=step_up.STEP_UP)
+    earlier = step_up.PREFIX + base64.urlsafe_b64encode(NOW.to_bytes(8, "big") + nonce + mac).decode().rstrip(
+        "="
+    )
+    assert valid(earlier)
+    issued = token()
+    raw = base64.urlsafe_b64decode(issued.removeprefix(step_up.PREFIX) + "=" * (-len(issued) % 4))
+    assert raw[:8] == NOW.to_bytes(8, "big")
+    own_nonce = raw[8 : 8 + step_up.NONCE_BYTES]
+    rebuilt = b"\0".join((b"alice", b"backend", b"3", str(NOW).encode(), own_nonce))
+    assert raw[8 + step_up.NONCE_BYTES :] == KEYS.keyed_hash(rebuilt, purpose=step_up.STEP_UP)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import base64
+import importlib
+import sys
 from urllib.parse import parse_qs, urlparse
 
 import pyotp
@@ -10,7 +12,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from twofactor_server.domain import totp
+from twofactor_server.domain import backup_codes, totp
 
 RFC_SECRET = b"12345678901234567890"  # RFC 6238 Appendix B, SHA1 seed
 
@@ -101,3 +103,25 @@ def test_the_current_code_always_matches_its_own_step(secret: bytes, unix_time: 
     code = totp.code_at_step(secret, totp.time_step(unix_time))
     assert len(code) == 6 and code.isdigit()
     assert totp.matching_step(secret, code, unix_time) is not None
+
+
+def test_an_authenticator_code_is_never_a_backup_code() -> None:
+    # Verify skips the backup code's normalization for a six-digit code (usecases/verification.py).
+    assert backup_codes.LENGTH > totp.DIGITS
+    assert backup_codes.normalize("123456") is None and backup_codes.normalize("123 456") is None
+
+
+def test_the_codes_are_the_same_without_cpythons_own_sha1(monkeypatch: pytest.MonkeyPatch) -> None:
+    # An interpreter built without _sha1 takes hashlib's (OpenSSL's) SHA-1: the same codes.
+    monkeypatch.setitem(sys.modules, "_sha1", None)  # importing it now raises ImportError
+    fallback = importlib.reload(totp)
+    try:
+        assert fallback._sha1.__module__ != "_sha1"
+        assert fallback.code_at_step(RFC_SECRET, totp.time_step(59), digits=8) == "94287082"
+        secret = fallback.new_secret()
+        code = fallback.code_at_step(secret, 1_000)
+        assert fallback.matching_step(secret, code, 1_000 * 30 + 29) == 1_000
+        assert code == pyotp.HOTP(base64.b32encode(secret).decode()).at(1_000)
+    finally:
+        monkeypatch.undo()
+        importlib.reload(totp)
