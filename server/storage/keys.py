@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from twofactor_server.domain.keyring import version_of, version_prefix
 from twofactor_server.storage.database import Transaction
-from twofactor_server.storage.records import KeyUsageRecord, MethodRecord, StoredBackupCode
+from twofactor_server.storage.records import KeyUsageRecord, MethodRecord, StoredBackupCode, select_list
 
 # Kind of stored value -> (table, column, extra condition). Challenge codes count only while
 # they can still be accepted or delivered; an expired one is never read again.
@@ -85,7 +85,7 @@ def methods_to_rotate(
     """The next methods, by primary key after `after`, whose secret or pending secret is not
     under the `active` key version."""
     rows = tx.all(
-        "SELECT * FROM methods WHERE (user_id, method) > (%(u)s, %(m)s) "
+        f"SELECT {select_list(MethodRecord)} FROM methods WHERE (user_id, method) > (%(u)s, %(m)s) "  # noqa: S608
         "AND (substr(secret, 1, 4) <> %(v)s OR substr(pending_secret, 1, 4) <> %(v)s) "
         "ORDER BY user_id, method LIMIT %(n)s",
         {"u": after[0], "m": after[1], "v": version_prefix(active), "n": limit},

@@ -30,9 +30,11 @@ from twofactor_server.storage.records import (
     NewAuditEvent,
     NewChallenge,
     columns,
+    select_list,
 )
 
 _NEW_CHALLENGE_COLUMNS = columns(NewChallenge)
+_CHALLENGE_COLUMNS = select_list(ChallengeRecord)
 _STATUS_COLUMNS = columns(ChallengeStatus)
 _INSERT_CHALLENGE = (
     f"INSERT INTO challenges ({', '.join(_NEW_CHALLENGE_COLUMNS)}, delivery_status, updated_at, "  # noqa: S608
@@ -89,7 +91,8 @@ _PUBLISH_AND_SUPERSEDE = (
     "FROM published"
 )
 _PUBLISH_RETURNING_LAST_SEND = (  # publish_new on SQLite, before _supersede_older
-    f"UPDATE challenges SET {_PUBLISH_BY_ROW_LOCK['']} RETURNING *, ({_LAST_SEND}) AS last_send"  # noqa: S608
+    f"UPDATE challenges SET {_PUBLISH_BY_ROW_LOCK['']} "  # noqa: S608
+    f"RETURNING {_CHALLENGE_COLUMNS}, ({_LAST_SEND}) AS last_send"
 )
 _DESTINATION_LOCKS = 0x2FAC8  # first key of pg_advisory_xact_lock(int, int): twofactor's destinations
 VOID_REASON = "not queued: the delivery queue was unavailable and the caller was told to retry"
@@ -120,7 +123,7 @@ _CLAIM_DELIVERY = HotStatement(
     "WHERE challenge_id = %(c)s AND publish_generation = %(g)s AND code_ciphertext IS NOT NULL "
     "AND (delivery_status = 'queued' OR (delivery_status = 'sending' "
     "AND (lease_until IS NULL OR lease_until <= %(now)s))) "
-    f"RETURNING {', '.join(columns(ChallengeRecord))}",
+    f"RETURNING {_CHALLENGE_COLUMNS}",
 )
 
 
@@ -174,13 +177,14 @@ def lock_sender(tx: Transaction, user_id: str, contact: str, new_destination: st
 
 
 def get_challenge(tx: Transaction, challenge_id: str) -> ChallengeRecord | None:
-    row = tx.one("SELECT * FROM challenges WHERE challenge_id = %(c)s", {"c": challenge_id})
+    sql = f"SELECT {_CHALLENGE_COLUMNS} FROM challenges WHERE challenge_id = %(c)s"  # noqa: S608
+    row = tx.one(sql, {"c": challenge_id})
     return None if row is None else ChallengeRecord(**row)
 
 
 def challenge_by_idempotency_key(tx: Transaction, user_id: str, key: str) -> ChallengeRecord | None:
     row = tx.one(
-        "SELECT * FROM challenges WHERE user_id = %(u)s AND idempotency_key = %(k)s",
+        f"SELECT {_CHALLENGE_COLUMNS} FROM challenges WHERE user_id = %(u)s AND idempotency_key = %(k)s",  # noqa: S608
         {"u": user_id, "k": key},
     )
     return None if row is None else ChallengeRecord(**row)
@@ -279,7 +283,8 @@ def live_challenges(
     """Codes that can still be accepted, newest first: published ones, and any a worker already
     took (its message got through though the publish was not recorded yet)."""
     rows = tx.all(
-        "SELECT * FROM challenges WHERE user_id = %(u)s AND purpose = %(p)s AND consumed_at IS NULL "
+        f"SELECT {_CHALLENGE_COLUMNS} FROM challenges "  # noqa: S608
+        "WHERE user_id = %(u)s AND purpose = %(p)s AND consumed_at IS NULL "
         "AND superseded_at IS NULL AND expires_at > %(now)s AND attempts < %(max)s "
         "AND (published_at IS NOT NULL OR delivery_status IN ('sending', 'sent')) "
         "AND delivery_status NOT IN ('failed', 'void') "

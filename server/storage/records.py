@@ -12,6 +12,14 @@ def columns(record: type) -> tuple[str, ...]:
     return tuple(field.name for field in fields(record))
 
 
+def select_list(record: type, table: str = "") -> str:
+    """The record's columns as a SELECT list (`u.user_id, u.email, ...` with table `u`). A
+    statement names what it reads rather than `SELECT *`, so a column that a later migration
+    adds doesn't break the release still running beside it during a rolling deploy."""
+    prefix = f"{table}." if table else ""
+    return ", ".join(prefix + name for name in columns(record))
+
+
 @dataclass(frozen=True, slots=True)
 class UserRecord:
     user_id: str

@@ -27,6 +27,7 @@ from twofactor_server.storage.records import (
     NewAuditEvent,
     UserRecord,
     columns,
+    select_list,
 )
 
 # ---- users -----------------------------------------------------------------
@@ -136,7 +137,8 @@ def list_users(tx: Transaction, *, after: str, limit: int, enabled: bool | None)
         exists = "EXISTS (SELECT 1 FROM methods m WHERE m.user_id = u.user_id AND m.enabled_at IS NOT NULL)"
         condition = f"AND {'' if enabled else 'NOT '}{exists}"
     rows = tx.all(
-        f"SELECT * FROM users u WHERE u.user_id > %(after)s {condition} ORDER BY u.user_id LIMIT %(n)s",  # noqa: S608
+        f"SELECT {select_list(UserRecord, 'u')} FROM users u "  # noqa: S608
+        f"WHERE u.user_id > %(after)s {condition} ORDER BY u.user_id LIMIT %(n)s",
         {"after": after, "n": limit},
     )
     return [UserRecord(**row) for row in rows]
@@ -155,7 +157,8 @@ def methods_of_users(tx: Transaction, user_ids: Iterable[str]) -> dict[str, list
     if ids:
         placeholders = ", ".join(f"%(u{i})s" for i in range(len(ids)))
         rows = tx.all(
-            f"SELECT * FROM methods WHERE user_id IN ({placeholders}) ORDER BY method",  # noqa: S608
+            f"SELECT {select_list(MethodRecord)} FROM methods "  # noqa: S608
+            f"WHERE user_id IN ({placeholders}) ORDER BY method",
             {f"u{i}": u for i, u in enumerate(ids)},
         )
         for row in rows:
@@ -309,7 +312,8 @@ def list_audit_events(
     ]
     where = f"WHERE {' AND '.join(clauses)}" if clauses else ""
     rows = tx.all(
-        f"SELECT * FROM audit_events {where} ORDER BY event_id DESC LIMIT %(n)s",  # noqa: S608
+        f"SELECT {select_list(AuditEvent)} FROM audit_events {where} "  # noqa: S608
+        "ORDER BY event_id DESC LIMIT %(n)s",
         params,
     )
     return [AuditEvent(**row) for row in rows]

@@ -8,17 +8,30 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import ClassVar
 
 import grpc
+import psycopg
 import pytest
+from twofactor.v1 import admin_service_pb2 as admin_pb
 from twofactor.v1 import common_pb2
 from twofactor.v1 import twofactor_service_pb2 as pb
 
 from tests.conftest import TEST_KEYS, Clock, Harness, ServerFactory
-from tests.server.helpers import EMAIL, SMS, error_info, retry_info, verify
+from tests.server.helpers import (
+    AUTHENTICATOR,
+    EMAIL,
+    SMS,
+    enroll_authenticator,
+    error_info,
+    retry_info,
+    verify,
+)
 from tests.server.stored_rows import query
 from tests.smtp_sink import SmtpSink, code_in, running_sink
 from twofactor_server.delivery.providers import SmsMessage
 from twofactor_server.domain.errors import Unavailable
 from twofactor_server.domain.keyring import CHALLENGE_CODE, Keyring
+from twofactor_server.settings import Settings
+from twofactor_server.storage import keys, outbox_recovery
+from twofactor_server.storage.database import open_database
 
 
 @pytest.fixture
@@ -383,3 +396,60 @@ def test_sends_refused_for_a_queue_outage_are_void(start_server: ServerFactory) 
     # Not superseded by the void sends, and they counted toward no limit (3 per hour here).
     assert verify(h, "val", live_code).result == pb.VERIFY_RESULT_ACCEPTED
     h.twofactor.SendCode(pb.SendCodeRequest(user_id="val", method=EMAIL), metadata=h.app_metadata)
+
+
+def add_a_later_releases_columns(settings: Settings) -> None:
+    """What a later release's migration may do while this one still runs (a rolling deploy):
+    a column more on every table this release reads rows of into records."""
+    statements = [
+        f"ALTER TABLE {table} ADD COLUMN later_release_column TEXT"
+        for table in ("users", "methods", "challenges", "audit_events", "backup_codes")
+    ]
+    if settings.database_url:
+        with psycopg.connect(settings.database_url, autocommit=True) as conn:
+            for statement in statements:
+                conn.execute(statement)  # type: ignore[arg-type]  # fixed text, no input
+        return
+    db = open_database("", data_dir=settings.data_dir)
+    try:
+        with db.transaction() as tx:
+            for statement in statements:
+                tx.execute(statement)
+    finally:
+        db.close()
+
+
+def test_a_column_a_later_release_adds_breaks_none_of_this_releases_reads(
+    email_server: Harness, sink: SmtpSink, clock: Clock, settings: Settings
+) -> None:
+    # Every read names its columns (storage/records.py select_list): `SELECT *` into a record
+    # would fail on the new column with TypeError, answered INTERNAL on every call.
+    add_a_later_releases_columns(settings)
+    h = email_server
+    backup = enroll_email(h, sink, clock, "lea")  # the enrollment's challenge, the methods, backup codes
+    enroll_authenticator(h, clock, "max")  # a sealed secret, for the key rotation's read below
+    first, code = send_and_read(h, sink, "lea", idempotency_key="login-7")
+    again = h.twofactor.SendCode(
+        pb.SendCodeRequest(user_id="lea", method=EMAIL, idempotency_key="login-7"), metadata=h.app_metadata
+    )
+    assert again.challenge.challenge_id == first.challenge.challenge_id  # read by its key
+    assert wait_for_delivery(h, "lea", first.challenge.challenge_id, common_pb2.DELIVERY_STATUS_SENT)
+    assert verify(h, "lea", code).result == pb.VERIFY_RESULT_ACCEPTED  # the live challenges
+    assert verify(h, "lea", backup[0]).result == pb.VERIFY_RESULT_ACCEPTED
+    users = h.admin.ListUsers(admin_pb.ListUsersRequest(), metadata=h.admin_metadata).users
+    assert [(u.user_id, list(u.enabled_methods)) for u in users] == [
+        ("lea", [EMAIL]),
+        ("max", [AUTHENTICATOR]),
+    ]
+    events = h.admin.ListAuditEvents(
+        admin_pb.ListAuditEventsRequest(user_id="lea"), metadata=h.admin_metadata
+    ).events
+    assert "backup_code_used" in {event.action for event in events}
+    db = open_database(settings.database_url, data_dir=settings.data_dir)
+    try:  # outbox recovery's reads and the key rotation's, as `twofactor keys rotate` runs it
+        with db.transaction() as tx:
+            assert outbox_recovery.claimed_but_unpublished(tx, created_before=2**62, limit=10) == []
+            rotating = keys.methods_to_rotate(tx, 2, after=("", ""), limit=10)
+        assert [(m.user_id, m.method) for m in rotating] == [("max", "authenticator")]
+    finally:
+        db.close()
