@@ -198,4 +198,4 @@ def _derive_pepper(key: bytes) -> bytes:
 
 def _associated_data(purpose: str, user_id: str, version: int) -> bytes:
     # Purpose names never contain NUL, so the encoding is unambiguous.
-    return b"twofactor.v1\0" + purpose.encode() + b"\0" + _VERSION.pack(version) + user_id.encode()
+    return b"twofactor.v1\0%s\0%s%s" % (purpose.encode(), _VERSION.pack(version), user_id.encode())

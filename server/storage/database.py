@@ -54,9 +54,10 @@ class _Connection(psycopg.Connection[Row]):
 
     statement_cursor: psycopg.Cursor[Row] | None = None
     hot_prepared: frozenset[str] = frozenset()  # the HotStatements prepared on this connection
-    # (descriptor, inode) of its socket, for the deadline watch: read once, and again only if
-    # libpq ever moved the connection to another descriptor.
-    socket_identity: tuple[int, int] | None = None
+    # The deadline watch of its socket, kept for the connection's life and re-armed at each
+    # checkout: the socket's inode is read once, and again only if libpq ever moved the
+    # connection to another descriptor.
+    deadline_watch: Watch | None = None
 
 
 class PostgresDatabase:
@@ -127,13 +128,11 @@ class PostgresDatabase:
             self._unavailable(error)
         try:
             fd = conn.pgconn.socket
-            known = conn.socket_identity
-            if known is not None and known[0] == fd:
-                inode = known[1]
-            else:
-                inode = socket_inode(fd)
-                conn.socket_identity = (fd, inode) if inode != -1 else None
-            return conn, self._watchdog.watch(fd, deadline, inode)
+            watch = conn.deadline_watch
+            if watch is None or watch.fd != fd:
+                watch = Watch(fd, deadline, socket_inode(fd))
+                conn.deadline_watch = watch if watch.inode != -1 else None
+            return conn, self._watchdog.rearm(watch, deadline)
         except psycopg.OperationalError as error:  # lost while idle in the pool
             conn.close()
             self._pool.putconn(conn)

@@ -48,8 +48,14 @@ class Watchdog:
     def watch(self, fd: int, deadline: float, inode: int | None = None) -> Watch:
         """Start watching the socket `fd`: it is shut down at `deadline` unless released before.
         `inode` is the socket's (socket_inode), when the caller keeps it for the connection's life."""
-        watch = Watch(fd, deadline, socket_inode(fd) if inode is None else inode)
+        return self.rearm(Watch(fd, deadline, socket_inode(fd) if inode is None else inode), deadline)
+
+    def rearm(self, watch: Watch, deadline: float) -> Watch:
+        """Watch again, until `deadline`, a socket whose earlier watch was released and had not
+        expired (a pooled connection keeps one Watch for its life: one object less per statement)."""
         with self._lock:
+            watch.deadline = deadline
+            watch.expired = False
             if self._thread is None and not self._closed:
                 self._thread = threading.Thread(target=self._run, name=f"{self._name}-deadlines", daemon=True)
                 self._thread.start()

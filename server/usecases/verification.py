@@ -64,6 +64,7 @@ class Verification:
         self._backup_codes = backup_codes
         self._notices = notices
         self._clock = clock
+        self._attempts_when_accepted = lockout.attempts_left(0, policy)  # an acceptance clears the count
 
     def verify(self, user_id: str, code: str, *, caller: Caller) -> VerifyOutcome:
         """Check a login code. A wrong code is an answer (REJECTED or LOCKED), not an error.
@@ -368,13 +369,11 @@ class Verification:
         self, user_id: str, kind: CodeKind, accepted: AcceptedStep, now: int, caller: Caller
     ) -> VerifyOutcome:
         metrics.verification(_ACCEPTED_LABEL, _KIND_LABELS[kind])
+        token = step_up_token(self._keyring, user_id, accepted.credential_epoch, caller, now)
+        # Positional (result, matched, attempts_left, backup_codes_remaining, lock, now_ms,
+        # verification_token): every login makes one, and keywords cost a third more.
         return VerifyOutcome(
-            result=VerifyResult.ACCEPTED,
-            matched=kind,
-            attempts_left=lockout.attempts_left(0, self._policy),
-            backup_codes_remaining=accepted.backup_left,
-            now_ms=now,
-            verification_token=step_up_token(self._keyring, user_id, accepted.credential_epoch, caller, now),
+            VerifyResult.ACCEPTED, kind, self._attempts_when_accepted, accepted.backup_left, None, now, token
         )
 
     def _outcome(

@@ -12,7 +12,7 @@ import time
 import pytest
 
 from twofactor_server.storage.database import PostgresDatabase
-from twofactor_server.storage.deadlines import Watchdog
+from twofactor_server.storage.deadlines import Watch, Watchdog
 
 
 def test_a_socket_past_its_deadline_is_shut_down_and_its_reader_woken() -> None:
@@ -72,14 +72,18 @@ def test_a_pooled_connections_watch_names_its_socket_even_if_its_descriptor_move
         fd = conn.pgconn.socket
         real = os.fstat(fd).st_ino
         assert (watch.fd, watch.inode) == (fd, real)
-        assert conn.socket_identity == (fd, real)
+        assert conn.deadline_watch is watch
         db._checkin(conn, watch)
 
-        conn.socket_identity = (fd + 1000, real + 1)  # as if read for another descriptor
+        again, rearmed = db._checkout()  # the connection's one watch, armed again: not expired
+        assert again is conn and rearmed is watch and not rearmed.expired
+        db._checkin(again, rearmed)
+
+        conn.deadline_watch = Watch(fd + 1000, 0.0, real + 1)  # as if read for another descriptor
         again, watch = db._checkout()
         assert again is conn
         assert (watch.fd, watch.inode) == (fd, real)
-        assert conn.socket_identity == (fd, real)
+        assert conn.deadline_watch is watch
         db._checkin(again, watch)
     finally:
         db.close()
