@@ -140,14 +140,16 @@ class ApiInterceptor(grpc.ServerInterceptor):
 
     def _authenticate(self, header: str, scope: str | None, request_id: str) -> Caller:
         kind, _, presented = header.strip().partition(" ")
-        if not kind or (kind.lower() == "bearer" and not presented.strip()):
+        bearer = kind.lower() == "bearer"
+        presented = presented.strip()
+        if not kind or (bearer and not presented):
             raise Unauthenticated("MISSING_TOKEN", "send `authorization: Bearer <token>` metadata")
-        if kind.lower() != "bearer":
+        if not bearer:
             # A token was sent, but not as a bearer token (another scheme, or none at all).
             raise Unauthenticated(
                 "INVALID_TOKEN", "the authorization metadata must use the Bearer scheme: `Bearer <token>`"
             )
-        digest = hashlib.sha256(presented.strip().encode()).digest()
+        digest = hashlib.sha256(presented.encode()).digest()
         found = None
         for token in self._tokens:  # check them all: the time taken doesn't say which matched
             if hmac.compare_digest(digest, token.sha256):
@@ -158,4 +160,4 @@ class ApiInterceptor(grpc.ServerInterceptor):
             raise PermissionDenied(
                 "SCOPE_REQUIRED", f"this token lacks the {scope} scope", metadata={"scope": str(scope)}
             )
-        return Caller(actor=found.name, request_id=request_id)
+        return Caller(found.name, request_id)  # (actor, request_id)
