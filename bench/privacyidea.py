@@ -136,6 +136,11 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
         action="store_true",
         help="give every privacyIDEA token a PIN (checked as PIN + OTP, its PIN hashed with argon2id)",
     )
+    parser.add_argument(
+        "--processes",
+        default="1",
+        help=f"`twofactor serve --processes` (1; privacyIDEA has its {GUNICORN_WORKERS} gunicorn workers)",
+    )
     parser.add_argument("--database-url", default=DEFAULT_DATABASE_URL, help="the PostgreSQL server")
     args = parser.parse_args(argv)
     if args.seconds + args.verify_seconds + 3 * GAP > STEP_SECONDS:
@@ -430,7 +435,8 @@ def running_twofactor(args: argparse.Namespace) -> Iterator[tuple[str, int, Post
         conn.execute(f'CREATE SCHEMA "{schema}"')
     try:
         with contextlib.ExitStack() as stack:
-            server = ServerProcess([*SERVE], env, cwd=str(ROOT))
+            processes = [] if args.processes == "1" else ["--processes", args.processes]
+            server = ServerProcess([*SERVE, *processes], env, cwd=str(ROOT))
             stack.callback(server.stop)
             target = f"127.0.0.1:{server.wait_listening(timeout=60)}"
             wait_serving(target, timeout=30)
@@ -539,7 +545,8 @@ def summarize(rows: list[Measured], args: argparse.Namespace) -> None:
     measured = [row for row in rows if row.round > 0]
     pin = "PIN + OTP" if args.with_pin else "OTP alone, no PIN"
     print(
-        f"\nprivacyIDEA ({GUNICORN_WORKERS} gunicorn workers, {pin}) vs twofactor serve, "
+        f"\nprivacyIDEA ({GUNICORN_WORKERS} gunicorn workers, {pin}) vs twofactor serve "
+        f"({args.processes} process(es)), "
         f"{args.clients}x{args.threads} closed-loop clients each; per round:"
     )
     print(
