@@ -27,8 +27,10 @@ STEP_SECONDS = 30
 DIGITS = 6
 ACCEPTED_DRIFT_STEPS = 1  # the current step, one before and one after
 _BLOCK_BYTES = 64  # SHA-1's block, the length of HMAC's pads (RFC 2104)
-_INNER_PAD = bytes(x ^ 0x36 for x in range(256))  # bytes.translate tables: key XOR ipad, key XOR opad
-_OUTER_PAD = bytes(x ^ 0x5C for x in range(256))
+# ipad and opad as integers: the key is XORed with them as one integer, not byte by byte
+# through a lookup table (bytes.translate), whose cache lines would depend on the secret.
+_INNER_PAD = int.from_bytes(b"\x36" * _BLOCK_BYTES, "big")
+_OUTER_PAD = int.from_bytes(b"\x5c" * _BLOCK_BYTES, "big")
 _STEP = struct.Struct(">Q")
 _TRUNCATED = struct.Struct(">I")
 _MODULUS = 10**DIGITS
@@ -79,10 +81,13 @@ def matching_step(secret: bytes, code: str, unix_time: float) -> int | None:
 
 def _keyed(secret: bytes) -> tuple[_Hash, _Hash]:
     """HMAC-SHA1's inner and outer states with the key's pads hashed (RFC 2104)."""
-    _refuse_weak(secret)
+    if len(secret) < SECRET_BYTES:
+        raise ValueError(f"TOTP secrets must be at least {SECRET_BYTES * 8} bits")
     key = secret if len(secret) <= _BLOCK_BYTES else _sha1(secret).digest()  # noqa: S324 - see _sha1
-    key = key.ljust(_BLOCK_BYTES, b"\0")
-    return _sha1(key.translate(_INNER_PAD)), _sha1(key.translate(_OUTER_PAD))  # noqa: S324
+    padded = int.from_bytes(key.ljust(_BLOCK_BYTES, b"\0"), "big")
+    inner = (padded ^ _INNER_PAD).to_bytes(_BLOCK_BYTES, "big")
+    outer = (padded ^ _OUTER_PAD).to_bytes(_BLOCK_BYTES, "big")
+    return _sha1(inner), _sha1(outer)  # noqa: S324
 
 
 def _truncated(inner: _Hash, outer: _Hash, step: int) -> int:
@@ -108,8 +113,3 @@ def provisioning_uri(secret: bytes, *, account_name: str, issuer: str) -> str:
     return pyotp.TOTP(to_base32(secret), digits=DIGITS, interval=STEP_SECONDS).provisioning_uri(
         name=account_name, issuer_name=issuer
     )
-
-
-def _refuse_weak(secret: bytes) -> None:
-    if len(secret) < SECRET_BYTES:
-        raise ValueError(f"TOTP secrets must be at least {SECRET_BYTES * 8} bits")
