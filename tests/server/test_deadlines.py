@@ -87,3 +87,29 @@ def test_a_pooled_connections_watch_names_its_socket_even_if_its_descriptor_move
         db._checkin(again, watch)
     finally:
         db.close()
+
+
+def test_a_connection_whose_watch_expired_is_closed_and_its_watch_never_armed_again(
+    postgres_url: str,
+) -> None:
+    # A pooled connection keeps one Watch for its life (database.py). Once that watch expires,
+    # the connection is closed at checkin and the pool replaces it: the next unit of work gets
+    # another connection with a watch of its own, never the expired one armed again.
+    db = PostgresDatabase(postgres_url, pool_size=1, timeout=0.5)
+    try:
+        conn, watch = db._checkout()
+        deadline = time.monotonic() + 30
+        while not watch.expired:  # the watchdog's thread shuts the socket down at 0.5 s
+            assert time.monotonic() < deadline, "the watch never expired"
+            time.sleep(0.01)
+        db._checkin(conn, watch)
+        assert conn.closed
+        db._pool.wait(timeout=30)  # the replacement, connected in the pool's own time
+        again, fresh = db._checkout()
+        try:
+            assert again is not conn and fresh is not watch
+            assert not fresh.expired and again.deadline_watch is fresh
+        finally:
+            db._checkin(again, fresh)
+    finally:
+        db.close()

@@ -84,6 +84,34 @@ def test_keyed_hashes_are_the_bytes_earlier_releases_stored(data: bytes, purpose
     assert keyring.matches(bytes.fromhex("00000007" + expected), data, purpose=purpose)
 
 
+@pytest.mark.parametrize(
+    ("sealed", "purpose", "user_id", "plaintext"),
+    [
+        (
+            "00000007e04624d2694bc1618290c22f91a5c5ad69fd96660c03b341767911780cad0c23d2190929c257c9f70fac2c3c22944c1a",
+            "totp_secret",
+            "alice@example.com",
+            b"12345678901234567890",
+        ),
+        (
+            "000000078e0414319f58d50990cd8c4ec5a20f070f83cc105b8ae07a99bfcab3",
+            "challenge_code",
+            "\u00e9l\u00e8ve",
+            b"",
+        ),
+    ],
+)
+def test_secrets_sealed_by_earlier_releases_open(
+    sealed: str, purpose: str, user_id: str, plaintext: bytes
+) -> None:
+    # Sealed by the release of e4dbf6d: the associated data (purpose, key version, user) must be
+    # built byte for byte as it was, or every stored secret stops opening.
+    keyring = Keyring.parse("7:" + base64.b64encode(bytes(range(32))).decode())
+    assert keyring.decrypt(bytes.fromhex(sealed), purpose=purpose, user_id=user_id) == plaintext
+    with pytest.raises(KeyringError):
+        keyring.decrypt(bytes.fromhex(sealed), purpose=purpose, user_id=user_id + "x")
+
+
 def test_keyed_hashes_are_right_from_many_threads_at_once() -> None:
     # Each (key version, purpose) keeps one keyed HMAC state that every hash starts from a copy
     # of: threads that share them, mixing purposes and key versions, must each get the bytes
