@@ -1,0 +1,1 @@
+"""English message templates: package data that delivery/messages.py reads."""
