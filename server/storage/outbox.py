@@ -87,7 +87,7 @@ _PUBLISH_AND_SUPERSEDE = (
     "AND older.challenge_id <> published.challenge_id AND (older.created_at < published.created_at "
     "OR (older.created_at = published.created_at AND older.challenge_id < published.challenge_id)) "
     "AND older.superseded_at IS NULL AND older.consumed_at IS NULL) "
-    f"SELECT {', '.join(f'published.{c}' for c in _STATUS_COLUMNS)}, ({_LAST_SEND}) AS last_send "
+    f"SELECT {select_list(ChallengeStatus, 'published')}, ({_LAST_SEND}) AS last_send "
     "FROM published"
 )
 _PUBLISH_RETURNING_LAST_SEND = (  # publish_new on SQLite, before _supersede_older

@@ -7,6 +7,7 @@ from twofactor_server.storage.database import Transaction
 from twofactor_server.storage.records import ChallengeRecord, select_list
 
 EXPIRED_REASON = "the code expired before it could be delivered"
+_CHALLENGE_COLUMNS = select_list(ChallengeRecord)
 
 
 def _skip_locked(tx: Transaction) -> str:
@@ -44,7 +45,7 @@ def take_for_republish(
         "OR (delivery_status = 'queued' AND published_at IS NOT NULL AND (next_publish_at <= %(now)s "
         "OR (next_publish_at IS NULL AND published_at <= %(before)s))) "
         "OR (delivery_status = 'sending' AND (lease_until IS NULL OR lease_until <= %(now)s))) "
-        f"ORDER BY expires_at LIMIT %(limit)s{_skip_locked(tx)}) RETURNING {select_list(ChallengeRecord)}",
+        f"ORDER BY expires_at LIMIT %(limit)s{_skip_locked(tx)}) RETURNING {_CHALLENGE_COLUMNS}",
         {"now": now_ms, "before": stale_before, "again": republish_at, "limit": limit},
     )
     return [ChallengeRecord(**row) for row in rows]
@@ -53,7 +54,7 @@ def take_for_republish(
 def claimed_but_unpublished(tx: Transaction, *, created_before: int, limit: int) -> list[ChallengeRecord]:
     """Rows a worker took though the server never recorded the publish (it died right after it)."""
     rows = tx.all(
-        f"SELECT {select_list(ChallengeRecord)} FROM challenges "  # noqa: S608
+        f"SELECT {_CHALLENGE_COLUMNS} FROM challenges "  # noqa: S608
         "WHERE published_at IS NULL AND created_at <= %(before)s "
         "AND delivery_status IN ('sending', 'sent') "
         f"ORDER BY created_at LIMIT %(limit)s{_skip_locked(tx)}",

@@ -26,7 +26,6 @@ from twofactor_server.storage.records import (
     MethodRecord,
     NewAuditEvent,
     UserRecord,
-    columns,
     select_list,
 )
 
@@ -38,7 +37,8 @@ _NEW_EPOCH = "credential_epoch = credential_epoch + 1"
 _INSERT_AUDIT_EVENT = f"{INSERT_AUDIT_EVENT}VALUES ({audit_placeholders('')})"
 # Statements that most calls run (every rejected Verify: the user's row, its audit event, the
 # backup codes left), prepared by name and run through libpq on PostgreSQL (hot_statements.py).
-_USER_COLUMNS = ", ".join(columns(UserRecord))
+_USER_COLUMNS = select_list(UserRecord)
+_METHOD_COLUMNS = select_list(MethodRecord)
 _GET_USER = {
     lock: HotStatement(
         f"twofactor_get_user{'_locked' if lock else ''}",
@@ -48,7 +48,7 @@ _GET_USER = {
 }
 _METHODS_OF = HotStatement(
     "twofactor_methods_of",
-    f"SELECT {', '.join(columns(MethodRecord))} FROM methods "  # noqa: S608
+    f"SELECT {_METHOD_COLUMNS} FROM methods "  # noqa: S608
     "WHERE user_id = %(u)s ORDER BY method",
 )
 _INSERT_AUDIT_EVENT_HOT = HotStatement("twofactor_insert_audit_event", _INSERT_AUDIT_EVENT)
@@ -137,7 +137,7 @@ def list_users(tx: Transaction, *, after: str, limit: int, enabled: bool | None)
         exists = "EXISTS (SELECT 1 FROM methods m WHERE m.user_id = u.user_id AND m.enabled_at IS NOT NULL)"
         condition = f"AND {'' if enabled else 'NOT '}{exists}"
     rows = tx.all(
-        f"SELECT {select_list(UserRecord, 'u')} FROM users u "  # noqa: S608
+        f"SELECT {_USER_COLUMNS} FROM users u "  # noqa: S608
         f"WHERE u.user_id > %(after)s {condition} ORDER BY u.user_id LIMIT %(n)s",
         {"after": after, "n": limit},
     )
@@ -157,7 +157,7 @@ def methods_of_users(tx: Transaction, user_ids: Iterable[str]) -> dict[str, list
     if ids:
         placeholders = ", ".join(f"%(u{i})s" for i in range(len(ids)))
         rows = tx.all(
-            f"SELECT {select_list(MethodRecord)} FROM methods "  # noqa: S608
+            f"SELECT {_METHOD_COLUMNS} FROM methods "  # noqa: S608
             f"WHERE user_id IN ({placeholders}) ORDER BY method",
             {f"u{i}": u for i, u in enumerate(ids)},
         )
