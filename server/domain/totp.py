@@ -66,15 +66,7 @@ def matching_step(secret: bytes, code: str, unix_time: float) -> int | None:
     # Compare every candidate in constant time; no early exit on the first match: a locked
     # user's guesses must not take less time when right.
     for step in range(max(now - ACCEPTED_DRIFT_STEPS, 0), now + ACCEPTED_DRIFT_STEPS + 1):
-        # _truncated's steps, written out: every login runs this loop, and a call per step
-        # costs more than the SHA-1 block it hashes.
-        mac = inner.copy()
-        mac.update(_STEP.pack(step))
-        keyed = outer.copy()
-        keyed.update(mac.digest())
-        digest = keyed.digest()
-        number = _TRUNCATED.unpack_from(digest, digest[-1] & 0x0F)[0] & 0x7FFFFFFF
-        if hmac.compare_digest(_CODE_FORMAT % (number % _MODULUS), typed):
+        if hmac.compare_digest(_CODE_FORMAT % (_truncated(inner, outer, step) % _MODULUS), typed):
             found = step
     return found
 
