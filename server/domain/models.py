@@ -11,7 +11,7 @@ MAX_USER_ID_BYTES = 256  # user ids are the caller's; this bounds what we store 
 
 class Caller(NamedTuple):
     """Who is calling, for the audit log. (A NamedTuple, like VerifyOutcome: one is made for
-    every call, in a third of a frozen dataclass's instructions.)"""
+    every call, in two thirds of a frozen dataclass's instructions.)"""
 
     actor: str = "system"
     request_id: str = ""

@@ -84,8 +84,9 @@ class Verification:
         credential epoch.
         """
         digits = one_time_codes.normalize(code)
+        app_code = digits if digits is not None and len(digits) == totp.DIGITS else None  # an app's code
         # Six digits are never a backup code (longer): the common login skips its normalization.
-        backup = None if digits is not None and len(digits) == totp.DIGITS else backup_codes.normalize(code)
+        backup = None if app_code is not None else backup_codes.normalize(code)
         if digits is None and backup is None:
             raise InvalidArgument(
                 "INVALID_CODE", "code must be 6 to 10 digits or a backup code like k7m2q-x9p4w"
@@ -97,8 +98,8 @@ class Verification:
                 caller, now, user_id, audit.VERIFICATION_ACCEPTED, detail=CodeKind.AUTHENTICATOR.value
             )
         reserved: Reservation | None = None
-        if digits is not None and len(digits) == totp.DIGITS:
-            fast = self._accept_authenticator_code_fast(user_id, digits, now, caller, accepted_event)
+        if app_code is not None:
+            fast = self._accept_authenticator_code_fast(user_id, app_code, now, caller, accepted_event)
             if isinstance(fast, VerifyOutcome):
                 return fast
             reserved = fast
@@ -109,10 +110,10 @@ class Verification:
             if not usable:
                 raise FailedPrecondition("NOT_ENROLLED", "the user has no second-factor method enabled")
             step = None
-            if digits is not None and AUTHENTICATOR in usable and len(digits) == totp.DIGITS:
+            if app_code is not None and AUTHENTICATOR in usable:
                 sealed = methods[AUTHENTICATOR].secret
                 assert sealed is not None
-                step = self._matching_step(user_id, digits, sealed, now)
+                step = self._matching_step(user_id, app_code, sealed, now)
                 if step is not None and step == user.totp_last_step:
                     # A double submit of the code just accepted: spent, so worth nothing to a
                     # guesser; not a failure (and a reserved attempt is taken back).
