@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import hmac
 import multiprocessing
 import multiprocessing.connection
 import os
@@ -37,6 +38,13 @@ from typing import Any
 STEP_SECONDS = 30
 CALL_TIMEOUT = 10.0
 HEALTH, VERIFY = "health", "verify"
+# How the client processes send Health/Check and Verify (the rejected kind too): "grpc", grpcio's
+# blocking stubs from `threads` threads, one channel each; "h2", bench/h2load.py's plain HTTP/2
+# from one thread, over as many connections with one call in flight on each (the same load as
+# the server sees it, at a third of the client's CPU). Enrollment and SendCode use grpcio in both.
+CLIENT_SHAPES = ("grpc", "h2")
+HEALTH_PATH = "/grpc.health.v1.Health/Check"
+VERIFY_PATH = "/twofactor.v1.TwoFactorService/Verify"
 REJECTED = "rejected"  # Verify with a wrong code for an enrolled user
 SENDCODE = "sendcode"  # SendCode(METHOD_EMAIL) for a user who enabled email
 WRONG_STEP_OFFSET = 10  # a code from 5 minutes ahead: outside the accepted drift, so always wrong
@@ -375,6 +383,16 @@ class Enrolled:
     hotp: Any  # pyotp.HOTP over the base32 secret, as an authenticator app holds it
     last_step: int  # the newest TOTP step a Verify was sent for (accepted, unless counted as rejected)
 
+    def __post_init__(self) -> None:
+        self.key: bytes = self.hotp.byte_secret()  # for code_at: pyotp decodes base32 on every call
+
+    def code_at(self, step: int) -> str:
+        """The six-digit code of `step` (RFC 4226 §5.3), as `hotp.at(step)` gives it in a fifth of the
+        time (tests/bench/test_h2load.py holds the two equal): the h2 client's share of CPU."""
+        digest = hmac.digest(self.key, step.to_bytes(8, "big"), "sha1")
+        offset = digest[19] & 0x0F
+        return f"{(int.from_bytes(digest[offset : offset + 4], 'big') & 0x7FFFFFFF) % 1_000_000:06d}"
+
 
 class ClientProcesses:
     """`processes` spawned child processes, each running `main(pipe, *args)`: it says "ready" once
@@ -449,8 +467,12 @@ class ClientProcesses:
 class Clients(ClientProcesses):
     """`processes` client processes with `threads` closed-loop gRPC threads each."""
 
-    def __init__(self, target: str, *, processes: int, threads: int, token: str = "") -> None:
-        super().__init__(_client_main, (target, token, threads), processes)
+    def __init__(
+        self, target: str, *, processes: int, threads: int, token: str = "", client: str = "grpc"
+    ) -> None:
+        if client not in CLIENT_SHAPES:
+            raise ValueError(f"client shape {client!r}: one of {', '.join(CLIENT_SHAPES)}")
+        super().__init__(_client_main, (target, token, threads, client), processes)
 
     def retarget(self, target: str) -> None:
         """Point every client thread at another server (the same users stay enrolled in the database)."""
@@ -479,9 +501,11 @@ class Clients(ClientProcesses):
         self._deal("email_users", user_ids)
 
 
-def _client_main(pipe: multiprocessing.connection.Connection, target: str, token: str, threads: int) -> None:
+def _client_main(
+    pipe: multiprocessing.connection.Connection, target: str, token: str, threads: int, shape: str
+) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides when to stop
-    client = _ClientProcess(target, token, threads)
+    client = _ClientProcess(target, token, threads, shape)
     pipe.send("ready")
     try:
         while True:
@@ -508,10 +532,12 @@ def _client_main(pipe: multiprocessing.connection.Connection, target: str, token
 
 
 class _ClientProcess:
-    def __init__(self, target: str, token: str, threads: int) -> None:
+    def __init__(self, target: str, token: str, threads: int, shape: str = "grpc") -> None:
         import grpc
 
         self._grpc = grpc
+        self._target = target
+        self._shape = shape
         self._metadata = (("authorization", f"Bearer {token}"),)
         # One channel per thread: one channel is one HTTP/2 connection, and the
         # server handles each connection's frames in order.
@@ -542,6 +568,7 @@ class _ClientProcess:
 
     def retarget(self, target: str) -> str:
         self.close()
+        self._target = target
         self._channels = [self._grpc.insecure_channel(target) for _ in self._channels]
         return "ready"
 
@@ -618,6 +645,11 @@ class _ClientProcess:
             # for the first time (a read, then the statement).
             with self._users_lock:
                 self._next_user = 0
+        if self._shape == "h2" and kind != SENDCODE:
+            total = self._h2_phase(kind, start, end)
+            if late:
+                total.errors["LATE_START"] += 1
+            return total
         with ThreadPoolExecutor(threads) as pool:
             parts = list(pool.map(lambda i: loop(i, start, end), range(threads)))
         total = PhaseResult(kind, end - start)
@@ -626,6 +658,72 @@ class _ClientProcess:
         for part in parts:
             total.add(part)
         return total
+
+    def _h2_phase(self, kind: str, start: float, end: float) -> PhaseResult:
+        """The phase from one thread over plain HTTP/2 (bench/h2load.py): the same calls, users
+        and judgement as the threads' loops below."""
+        from grpc_health.v1 import health_pb2
+        from h2load import Judge, run_closed_loop
+        from twofactor.v1 import twofactor_service_pb2 as pb
+
+        connections = len(self._channels)
+        if kind == HEALTH:
+            serving = health_pb2.HealthCheckResponse.SERVING
+            request = health_pb2.HealthCheckRequest(service="").SerializeToString()
+
+            def judge_health(reply: bytes) -> str:
+                return (
+                    "ok"
+                    if health_pb2.HealthCheckResponse.FromString(reply).status == serving
+                    else "NOT_SERVING"
+                )
+
+            check = (HEALTH_PATH, request, judge_health)
+            return run_closed_loop(
+                self._target, (), connections, lambda now: check, time.time, kind, start, end
+            )
+        if not self._users:
+            result = PhaseResult(kind, end - start)
+            result.errors["NO_USERS"] += 1
+            return result
+
+        def judge_accepted(reply: bytes) -> str:
+            return (
+                "ok"
+                if pb.VerifyResponse.FromString(reply).result == pb.VERIFY_RESULT_ACCEPTED
+                else "rejected"
+            )
+
+        def judge_rejected(reply: bytes) -> str:  # accepted or locked: not what this phase measures
+            outcome = pb.VerifyResponse.FromString(reply).result
+            return "ok" if outcome == pb.VERIFY_RESULT_REJECTED else pb.VerifyResult.Name(outcome)
+
+        def next_verify(now: float) -> tuple[str, bytes, Judge] | None:
+            step = int(now // STEP_SECONDS)
+            user = self._next_fresh_user(step)
+            if user is None:  # this process has used all its users in this step: wait for the next
+                return None
+            request = pb.VerifyRequest(user_id=user.user_id, code=user.code_at(step))
+            return VERIFY_PATH, request.SerializeToString(), judge_accepted
+
+        def next_wrong(now: float) -> tuple[str, bytes, Judge]:
+            with self._users_lock:
+                user = self._users[self._next_wrong_user]
+                self._next_wrong_user = (self._next_wrong_user + 1) % len(self._users)
+            code = user.code_at(int(now // STEP_SECONDS) + WRONG_STEP_OFFSET)
+            return (
+                VERIFY_PATH,
+                pb.VerifyRequest(user_id=user.user_id, code=code).SerializeToString(),
+                judge_rejected,
+            )
+
+        def next_step() -> float:
+            return (_step() + 1) * STEP_SECONDS + 0.01
+
+        next_call = next_verify if kind == VERIFY else next_wrong
+        return run_closed_loop(
+            self._target, self._metadata, connections, next_call, next_step, kind, start, end
+        )
 
     def _health_loop(self, index: int, start: float, end: float) -> PhaseResult:
         from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -680,7 +778,7 @@ class _ClientProcess:
                 result.starved_seconds += max(0.0, wake - began)
                 _sleep_until(wake)
                 continue
-            code = user.hotp.at(step)
+            code = user.code_at(step)
             t0 = time.perf_counter()
             try:
                 reply = stub.Verify(
@@ -717,7 +815,7 @@ class _ClientProcess:
             with self._users_lock:
                 user = self._users[self._next_wrong_user]
                 self._next_wrong_user = (self._next_wrong_user + 1) % len(self._users)
-            code = user.hotp.at(int(began // STEP_SECONDS) + WRONG_STEP_OFFSET)
+            code = user.code_at(int(began // STEP_SECONDS) + WRONG_STEP_OFFSET)
             t0 = time.perf_counter()
             try:
                 reply = stub.Verify(
@@ -786,8 +884,10 @@ def median(values: Sequence[float]) -> float:
 
 
 @contextlib.contextmanager
-def clients(target: str, *, processes: int, threads: int, token: str = "") -> Iterator[Clients]:
-    pool = Clients(target, processes=processes, threads=threads, token=token)
+def clients(
+    target: str, *, processes: int, threads: int, token: str = "", client: str = "grpc"
+) -> Iterator[Clients]:
+    pool = Clients(target, processes=processes, threads=threads, token=token, client=client)
     try:
         yield pool
     finally:

@@ -67,6 +67,7 @@ from typing import Any
 
 import psycopg
 from loadgen import (
+    CLIENT_SHAPES,
     SERVE,
     STEP_SECONDS,
     VERIFY,
@@ -105,7 +106,8 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"privacyIDEA {installed_version(args.venv)} from {args.venv}; "
         f"twofactor_server from {Path(twofactor_server.__file__).parent}; "
-        f"{os.cpu_count()} CPUs; {args.clients} client processes x {args.threads} threads for each",
+        f"{os.cpu_count()} CPUs; {args.clients} client processes x {args.threads} threads for each "
+        f"(Verify: {args.threads} connections per process, client {args.client})",
         flush=True,
     )
     with contextlib.ExitStack() as stack:
@@ -140,6 +142,13 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
         "--processes",
         default="1",
         help=f"`twofactor serve --processes` (1; privacyIDEA has its {GUNICORN_WORKERS} gunicorn workers)",
+    )
+    parser.add_argument(
+        "--client",
+        choices=CLIENT_SHAPES,
+        default="h2",
+        help="how the Verify clients send (h2: bench/h2load.py's plain HTTP/2, one thread per process; "
+        "grpc: grpcio's blocking stubs, one thread per connection)",
     )
     parser.add_argument("--database-url", default=DEFAULT_DATABASE_URL, help="the PostgreSQL server")
     args = parser.parse_args(argv)
@@ -442,7 +451,7 @@ def running_twofactor(args: argparse.Namespace) -> Iterator[tuple[str, int, Post
             wait_serving(target, timeout=30)
             print(f"twofactor: server pid {server.pid} on {target}, schema {schema}", flush=True)
             load = stack.enter_context(
-                clients(target, processes=args.clients, threads=args.threads, token=token)
+                clients(target, processes=args.clients, threads=args.threads, token=token, client=args.client)
             )
             began = time.monotonic()
             enrolled = len(load.enroll([f"bench-{i:06d}" for i in range(args.verify_users)], timeout=3600))

@@ -44,6 +44,7 @@ from typing import Any
 
 import psycopg
 from loadgen import (
+    CLIENT_SHAPES,
     HEALTH,
     REJECTED,
     SENDCODE,
@@ -132,14 +133,15 @@ def main(argv: list[str] | None = None) -> int:
             }
             worker = stack.enter_context(running_worker(worker_env, args.worker_concurrency))
             load = stack.enter_context(
-                clients(target, processes=args.clients, threads=args.threads, token=token)
+                clients(target, processes=args.clients, threads=args.threads, token=token, client=args.client)
             )
             backends = stack.enter_context(PostgresPids(args.database_url, schema))
             meter = BufferMeter(server.pid, load.pids, worker.pid, backends)
             print(
                 f"server pid {server.pid} ({args.processes} process(es)) on {target}; worker pid "
                 f"{worker.pid} (concurrency {args.worker_concurrency}); schema {schema}; "
-                f"{args.clients} client processes x {args.threads} threads; {os.cpu_count()} CPUs",
+                f"{args.clients} client processes x {args.threads} threads (client {args.client}); "
+                f"{os.cpu_count()} CPUs",
                 flush=True,
             )
             rows["enrollment"], ok = measure_enrollment(load, meter, args.users, args.qr_format)
@@ -244,6 +246,13 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--plans", action="store_true", help="with --population: bytes per user and query plans"
+    )
+    parser.add_argument(
+        "--client",
+        choices=CLIENT_SHAPES,
+        default="h2",
+        help="how the Health/Check and Verify clients send: h2 (bench/h2load.py, plain HTTP/2 from one "
+        "thread per process; default) or grpc (grpcio's blocking stubs, one thread per connection)",
     )
     parser.add_argument("--database-url", default=DEFAULT_DATABASE_URL)
     parser.add_argument("--redis-url", default=DEFAULT_REDIS_URL)

@@ -30,6 +30,7 @@ from pathlib import Path
 
 import psycopg
 from loadgen import (
+    CLIENT_SHAPES,
     HEALTH,
     SERVE,
     STEP_SECONDS,
@@ -63,6 +64,13 @@ def main(argv: list[str] | None = None) -> int:
         "--rounds", type=int, default=3, help="Health/Verify phase pairs; medians are reported"
     )
     parser.add_argument("--warmup", type=float, default=2.0, help="unmeasured seconds of each kind first")
+    parser.add_argument(
+        "--client",
+        choices=CLIENT_SHAPES,
+        default="h2",
+        help="how the Health/Check and Verify clients send: h2 (bench/h2load.py, plain HTTP/2 from one "
+        "thread per process; default) or grpc (grpcio's blocking stubs, one thread per connection)",
+    )
     parser.add_argument("--database-url", default=DEFAULT_DATABASE_URL, help="PostgreSQL for the schema")
     parser.add_argument(
         "--max-workers",
@@ -123,12 +131,19 @@ def main(argv: list[str] | None = None) -> int:
                         f"\nserver pid {server.pid} on {target}, schema {schema}, "
                         f"max_workers {workers or 'default'}, pool {args.pool_size or 'default'}, "
                         f"switch interval {args.switch_interval or 'default'}; "
-                        f"{args.clients} client processes x {args.threads} threads; {os.cpu_count()} CPUs",
+                        f"{args.clients} client processes x {args.threads} threads (client {args.client}); "
+                        f"{os.cpu_count()} CPUs",
                         flush=True,
                     )
                     if load is None:
                         load = stack.enter_context(
-                            clients(target, processes=args.clients, threads=args.threads, token=token)
+                            clients(
+                                target,
+                                processes=args.clients,
+                                threads=args.threads,
+                                token=token,
+                                client=args.client,
+                            )
                         )
                         enroll(load, args.users)
                     else:
