@@ -1,11 +1,14 @@
 """The whole bench in one run and one table: `make bench`, or `make bench-quick` (about a minute).
 
     .venv/bin/python bench/suite.py [--quick] [--users N --email-users E --clients P --threads T
-                                     --seconds S --rounds R --worker-concurrency C --processes N]
+                                     --seconds S --rounds R --worker-concurrency C --worker-nice W
+                                     --processes N --client h2|grpc]
 
 On a fresh PostgreSQL schema, a private Redis queue and a local SMTP sink
-(aiosmtpd, in this process), starts `twofactor serve` and one `twofactor worker`
-as separate processes, then measures, each with calls/s, p50/p99 and CPU µs per
+(aiosmtpd, in a child process), starts `twofactor serve` and one `twofactor worker`
+(at nice W, 10 by default: a worker that shares the server's cores yields them to
+the logins, as an operator would run it there; 0 as before 2026-11-30) as separate
+processes, then measures, each with calls/s, p50/p99 and CPU µs per
 call of the server, PostgreSQL, the workers and the client processes:
 
 - enrollment: StartEnrollment(AUTHENTICATOR) + ConfirmEnrollment for N users;
@@ -131,7 +134,9 @@ def main(argv: list[str] | None = None) -> int:
                 **env,
                 "TWOFACTOR_DATABASE_URL": database_url(args, schema, worker_application_name(schema)),
             }
-            worker = stack.enter_context(running_worker(worker_env, args.worker_concurrency))
+            worker = stack.enter_context(
+                running_worker(worker_env, args.worker_concurrency, args.worker_nice)
+            )
             load = stack.enter_context(
                 clients(target, processes=args.clients, threads=args.threads, token=token, client=args.client)
             )
@@ -139,7 +144,8 @@ def main(argv: list[str] | None = None) -> int:
             meter = BufferMeter(server.pid, load.pids, worker.pid, backends)
             print(
                 f"server pid {server.pid} ({args.processes} process(es)) on {target}; worker pid "
-                f"{worker.pid} (concurrency {args.worker_concurrency}); schema {schema}; "
+                f"{worker.pid} (concurrency {args.worker_concurrency}, nice {args.worker_nice}); "
+                f"schema {schema}; "
                 f"{args.clients} client processes x {args.threads} threads (client {args.client}); "
                 f"{os.cpu_count()} CPUs",
                 flush=True,
@@ -220,6 +226,12 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--rounds", type=int, help="rounds of Health/Verify phases (default 3; quick 1)")
     parser.add_argument("--e2e-messages", type=int, help="end-to-end samples (default 100; quick 20)")
     parser.add_argument("--worker-concurrency", type=int, default=4, help="the worker's pool processes")
+    parser.add_argument(
+        "--worker-nice",
+        type=int,
+        default=10,
+        help="the worker's niceness (10: it yields the shared cores to the server; 0: it competes)",
+    )
     parser.add_argument(
         "--privacyidea-rate",
         type=float,
@@ -779,11 +791,12 @@ def measure_paced_sendcode(
 
 
 @contextlib.contextmanager
-def running_worker(env: dict[str, str], concurrency: int) -> Iterator[subprocess.Popen[bytes]]:
+def running_worker(env: dict[str, str], concurrency: int, nice: int = 0) -> Iterator[subprocess.Popen[bytes]]:
     log = tempfile.NamedTemporaryFile(prefix="twofactor-bench-worker-", suffix=".log", delete=False)  # noqa: SIM115
     print(f"worker log: {log.name}", flush=True)
     worker = subprocess.Popen(
         [
+            *(("nice", "-n", str(nice)) if nice else ()),
             sys.executable,
             "-m",
             "twofactor_server.cli",
