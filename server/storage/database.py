@@ -95,14 +95,16 @@ class PostgresDatabase:
     def transaction(self) -> Iterator[_PostgresTransaction]:
         with self._connection() as conn:
             try:
-                _begin(conn)
-                tx = _PostgresTransaction(conn)
+                # BEGIN goes with the block's first statement (_PostgresTransaction.opened)
+                tx = _PostgresTransaction(conn, begin=True)
                 try:
                     yield tx
                 except BaseException:
-                    _roll_back(conn)
+                    if tx.opened:
+                        _roll_back(conn)
                     raise
-                _commit(conn)
+                if tx.opened:  # a block that ran no statement has nothing to commit
+                    _commit(conn)
             except psycopg.OperationalError as error:
                 self._unavailable(error)
         tx.run_committed_actions()
@@ -297,31 +299,52 @@ class _PostgresTransaction(CommitActions):
     dialect = "postgres"
     row_lock = " FOR UPDATE"
 
-    def __init__(self, conn: _Connection) -> None:
+    def __init__(self, conn: _Connection, *, begin: bool = False) -> None:
+        """`begin`: the statements run in a transaction block, opened by BEGIN with the first of
+        them: a HotStatement takes BEGIN along in its own round trip (run_prepared)."""
         cursor = conn.statement_cursor
         if cursor is None:
             cursor = conn.statement_cursor = conn.cursor()
         self._cursor = cursor
         self._conn = conn
+        self._begin = begin  # BEGIN is yet to be sent
+        self.opened = False  # BEGIN was sent (or is on its way): the block ends in COMMIT or ROLLBACK
+
+    def _open(self) -> None:
+        self._begin = False
+        self.opened = True
+        _begin(self._conn)
 
     def execute(self, sql: str, params: Params | None = None) -> int:
+        if self._begin:
+            self._open()
         return self._cursor.execute(sql, params).rowcount
 
     def one(self, sql: str, params: Params | None = None) -> Row | None:
+        if self._begin:
+            self._open()
         return self._cursor.execute(sql, params).fetchone()
 
     def all(self, sql: str, params: Params | None = None) -> list[Row]:
+        if self._begin:
+            self._open()
         return self._cursor.execute(sql, params).fetchall()
 
     def hot_row(self, statement: HotStatement, params: Params) -> tuple[Any, ...] | None:
+        begin = self._begin
+        if begin:
+            self._begin, self.opened = False, True
         try:
-            return run_prepared(self._conn, statement, params)
+            return run_prepared(self._conn, statement, params, begin=begin)
         except _RECORD_WAS_WRONG as error:
             _record_was_wrong(statement, error)
 
     def hot_rows(self, statement: HotStatement, params: Params) -> list[tuple[Any, ...]]:
+        begin = self._begin
+        if begin:
+            self._begin, self.opened = False, True
         try:
-            return run_prepared_rows(self._conn, statement, params)
+            return run_prepared_rows(self._conn, statement, params, begin=begin)
         except _RECORD_WAS_WRONG as error:
             _record_was_wrong(statement, error)
 

@@ -16,6 +16,7 @@ libpq, out of psycopg's sight, and forgets the prepared names after migrations.
 from __future__ import annotations
 
 import re
+import select
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -121,19 +122,21 @@ def run_as_query_rows(
 
 
 def run_prepared(
-    conn: PreparingConnection, statement: HotStatement, params: Mapping[str, Any]
+    conn: PreparingConnection, statement: HotStatement, params: Mapping[str, Any], *, begin: bool = False
 ) -> tuple[Any, ...] | None:
     """Run `statement` on `conn` (run_prepared_rows); its first row's values, or None when it
     returns no row (or none at all: an INSERT without RETURNING)."""
-    result = _run(conn, statement, params)
+    result = _run(conn, statement, params, begin)
     return None if result is None or result.ntuples == 0 else _row(statement, result, 0)
 
 
 def run_prepared_rows(
-    conn: PreparingConnection, statement: HotStatement, params: Mapping[str, Any]
+    conn: PreparingConnection, statement: HotStatement, params: Mapping[str, Any], *, begin: bool = False
 ) -> list[tuple[Any, ...]]:
     """Run `statement` on `conn`, in a transaction block or outside one; every row's values
-    (int, bool, str, bytes, None for NULL), in the order the statement gives them.
+    (int, bool, str, bytes, None for NULL), in the order the statement gives them. With `begin`,
+    BEGIN first opens the block: sent with the statement in one round trip (_begin_and_run) once
+    the connection has the statement prepared.
 
     The record of what is prepared (conn.hot_prepared) and the server's can part only by a
     DEALLOCATE or DISCARD that we don't send: psycopg's, after DDL or a savepoint's rollback it
@@ -145,16 +148,23 @@ def run_prepared_rows(
 
     libpq's blocking calls release the GIL and wait on the socket, so the deadline watchdog's
     shutdown (deadlines.py) wakes them as it wakes psycopg's own waits."""
-    result = _run(conn, statement, params)
+    result = _run(conn, statement, params, begin)
     return [] if result is None else [_row(statement, result, index) for index in range(result.ntuples)]
 
 
-def _run(conn: PreparingConnection, statement: HotStatement, params: Mapping[str, Any]) -> PGresult | None:
+def _run(
+    conn: PreparingConnection, statement: HotStatement, params: Mapping[str, Any], begin: bool = False
+) -> PGresult | None:
     """The statement's result with its rows, or None for a statement that returns none."""
     pgconn = conn.pgconn
     values = statement.wire_values(params)
     name = statement.wire_name
     formats = statement.param_formats
+    if begin:
+        if statement.name in conn.hot_prepared:
+            result = _begin_and_run(conn, statement, values)
+            return _rows_or_none(conn, result)
+        check_command(conn, pgconn.exec_(b"BEGIN"))  # the statement is prepared first, below
     if statement.name in conn.hot_prepared:
         result = pgconn.exec_prepared(name, values, formats)  # type: ignore[arg-type]  # None: NULL
         if (
@@ -183,6 +193,10 @@ def _run(conn: PreparingConnection, statement: HotStatement, params: Mapping[str
             _check(conn, prepared, ExecStatus.COMMAND_OK)
             conn.hot_prepared = conn.hot_prepared | {statement.name}
         result = pgconn.exec_prepared(name, values, formats)  # type: ignore[arg-type]
+    return _rows_or_none(conn, result)
+
+
+def _rows_or_none(conn: PreparingConnection, result: PGresult) -> PGresult | None:
     status = result.status
     if status == ExecStatus.TUPLES_OK:
         return result
@@ -190,6 +204,59 @@ def _run(conn: PreparingConnection, statement: HotStatement, params: Mapping[str
         return None
     _check(conn, result, ExecStatus.TUPLES_OK)  # raises
     return result
+
+
+def _begin_and_run(
+    conn: PreparingConnection, statement: HotStatement, values: list[bytes | None]
+) -> PGresult:
+    """BEGIN and the prepared statement in one round trip, through libpq's pipeline mode: the
+    first statement of a transaction no longer waits for BEGIN's answer (SendCode: 6 round
+    trips to PostgreSQL instead of 7). The statement's result is returned, or BEGIN's when
+    BEGIN itself failed; a statement the server no longer knows clears the connection's record
+    (run_prepared_rows), and its error stands, as inside any block."""
+    pgconn = conn.pgconn
+    pgconn.enter_pipeline_mode()
+    try:
+        pgconn.send_query_params(b"BEGIN", None)
+        pgconn.send_query_prepared(statement.wire_name, values, statement.param_formats)
+        pgconn.pipeline_sync()  # also flushes what was sent
+        began = _pipeline_result(pgconn)
+        result = _pipeline_result(pgconn)
+        synced = _pipeline_result(pgconn)
+    finally:
+        if pgconn.status == ConnStatus.OK and pgconn.pipeline_status:
+            pgconn.exit_pipeline_mode()  # raises if a result was left unread: none is, on an open connection
+    if began is None or result is None or synced is None:
+        message = pgconn.error_message.decode(errors="replace").strip()
+        raise psycopg.OperationalError(f"the connection ended a pipeline early: {message}")
+    check_command(conn, began)  # raises if BEGIN failed (the statement was then not run)
+    if (
+        result.status == ExecStatus.FATAL_ERROR
+        and result.error_field(DiagnosticField.SQLSTATE) == _NO_SUCH_PREPARED_STATEMENT
+    ):
+        conn.hot_prepared = frozenset()
+    return result
+
+
+def _pipeline_result(pgconn: PGconn) -> PGresult | None:
+    """The pipeline's next result (and the None after a query's results), read once it has arrived:
+    libpq's PQgetResult would wait for it holding the GIL, stopping every other thread. The wait
+    here releases it, and ends when the deadline watchdog shuts the socket down (deadlines.py):
+    consume_input then raises OperationalError."""
+    while pgconn.is_busy():
+        _wait_readable(pgconn.socket)
+        pgconn.consume_input()
+    result = pgconn.get_result()
+    # After a query's result comes the None that ends its results (not after the sync's).
+    if result is not None and result.status != ExecStatus.PIPELINE_SYNC and pgconn.get_result() is not None:
+        raise psycopg.OperationalError("libpq pipeline: more than one result for a query")
+    return result
+
+
+def _wait_readable(fd: int) -> None:
+    poller = select.poll()
+    poller.register(fd, select.POLLIN)
+    poller.poll()
 
 
 def _row(statement: HotStatement, result: PGresult, index: int) -> tuple[Any, ...]:

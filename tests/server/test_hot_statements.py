@@ -391,3 +391,120 @@ def test_a_parameter_none_on_its_first_call_takes_the_type_of_its_place(db: Data
         assert q.hot_row(either, {"x": None, "id": 1}) == (10,)
         assert q.hot_row(either, {"x": 5_000_000_000, "id": 1}) == (5_000_000_000,)  # past int4
         assert q.hot_row(either, {"x": None, "id": 1}) == (10,)
+
+
+# ---- BEGIN sent with a transaction's first hot statement (libpq's pipeline mode) -------------
+
+
+def test_a_transactions_first_hot_statement_runs_inside_the_block_and_rolls_back_with_it(
+    db: Database,
+) -> None:
+    """BEGIN travels with the first statement once that statement is prepared on the connection
+    (the first transaction prepares it; the second pipelines): either way the block holds it,
+    so a failure after it undoes it, and a later statement sees the same transaction."""
+    same_transaction = "SELECT n FROM counter WHERE id = 1"
+    for _ in range(2):
+        with pytest.raises(ZeroDivisionError), db.transaction() as tx:
+            assert tx.hot_row(BUMP, {"by": 5, "id": 1, "note": None}) == (15, 1)
+            assert tx.one(same_transaction) == {"n": 15}
+            raise ZeroDivisionError  # rolled back, the bump with it
+        with db.statements() as q:
+            assert q.one(same_transaction) == {"n": 10}
+    with db.transaction() as tx:
+        assert tx.hot_row(BUMP, {"by": 1, "id": 2, "note": None}) == (21, 2)
+    with db.statements() as q:
+        assert q.one("SELECT n FROM counter WHERE id = 2") == {"n": 21}
+
+
+def test_the_block_is_one_transaction_from_its_first_hot_statement_on(postgres_url: str) -> None:
+    """The first statement is inside BEGIN's block, not before it in a transaction of its own:
+    it and the statement after it share one transaction id."""
+    db = PostgresDatabase(postgres_url, pool_size=1, timeout=30.0)
+    xact = HotStatement("test_xact", "SELECT pg_current_xact_id()::text AS id, %(zero)s::int8 AS zero")
+    try:
+        for _ in range(2):  # prepared in the first block, pipelined with BEGIN in the second
+            with db.transaction() as tx:
+                first = tx.hot_row(xact, {"zero": 0})
+                assert first is not None
+                assert tx.one("SELECT pg_current_xact_id()::text AS id") == {"id": first[0]}
+    finally:
+        db.close()
+
+
+def test_a_block_that_runs_no_statement_sends_nothing(postgres_url: str) -> None:
+    db = PostgresDatabase(postgres_url, pool_size=1, timeout=30.0)
+    try:
+        with db.transaction() as tx:
+            pass
+        assert not tx.opened
+        with db.statements() as q:  # the connection is idle and usable
+            assert q.one("SELECT 1 AS one") == {"one": 1}
+    finally:
+        db.close()
+
+
+def test_a_lost_connection_under_a_pipelined_begin_is_storage_unavailable_and_the_pool_recovers(
+    postgres_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    db = PostgresDatabase(postgres_url, pool_size=1, timeout=30.0)
+    pid = HotStatement("test_pid_pipelined", "SELECT pg_backend_pid() + %(zero)s AS pid")
+    try:
+        with db.transaction() as tx:  # prepares it: the next block pipelines BEGIN with it
+            (backend,) = tx.hot_row(pid, {"zero": 0}) or (0,)
+        with psycopg.connect(postgres_url, autocommit=True) as other:
+            other.execute("SELECT pg_terminate_backend(%s)", (backend,))
+        with caplog.at_level(logging.WARNING), pytest.raises(StorageUnavailable), db.transaction() as tx:
+            tx.hot_row(pid, {"zero": 0})
+        assert any(r.getMessage().startswith("storage unavailable: OperationalError") for r in caplog.records)
+        with db.transaction() as tx:
+            (replacement,) = tx.hot_row(pid, {"zero": 0}) or (0,)
+        assert replacement not in (0, backend)
+    finally:
+        db.close()
+
+
+def test_a_failed_first_statement_aborts_the_block_and_the_connection_stays_usable(postgres_url: str) -> None:
+    db = PostgresDatabase(postgres_url, pool_size=1, timeout=30.0)
+    divide = HotStatement("test_divide_pipelined", "SELECT 1 / %(d)s::int AS q")
+    try:
+        for _ in range(2):  # the second time pipelined with BEGIN
+            with pytest.raises(psycopg.errors.DivisionByZero), db.transaction() as tx:
+                tx.hot_row(divide, {"d": 0})
+            with db.transaction() as tx:
+                assert tx.hot_row(divide, {"d": 1}) == (1,)
+    finally:
+        db.close()
+
+
+def test_other_threads_run_while_a_pipelined_statement_waits_for_its_answer(postgres_url: str) -> None:
+    """libpq's PQgetResult would wait for the answer holding the GIL, and every other thread of
+    the server would stop with it. While the pipelined statement sleeps in PostgreSQL, this
+    thread watches it run there (which it could not do without the GIL), then cancels it."""
+    db = PostgresDatabase(postgres_url, pool_size=1, timeout=60.0)
+    sleep = HotStatement(
+        "test_sleep", "SELECT pg_sleep(%(seconds)s::float8) AS slept, pg_backend_pid() AS pid"
+    )
+    try:
+        with db.transaction() as tx:
+            (_, backend) = tx.hot_row(sleep, {"seconds": 0}) or (None, 0)
+
+        def sleeping() -> None:
+            with db.transaction() as tx:
+                tx.hot_row(sleep, {"seconds": 30})
+
+        with psycopg.connect(postgres_url, autocommit=True) as monitor, ThreadPoolExecutor(1) as pool:
+            outcome = pool.submit(sleeping)
+            give_up = time.monotonic() + 20
+            while not monitor.execute(
+                "SELECT 1 FROM pg_stat_activity WHERE pid = %s AND state = 'active' AND query LIKE %s",
+                (backend, "%pg_sleep%"),
+            ).fetchone():
+                assert time.monotonic() < give_up, "the statement was never seen running"
+                time.sleep(0.01)
+            assert not outcome.done()
+            monitor.execute("SELECT pg_cancel_backend(%s)", (backend,))
+            error = outcome.exception(timeout=20)
+        assert isinstance(error, StorageUnavailable), error
+        assert isinstance(error.__cause__, psycopg.errors.QueryCanceled)
+    finally:
+        db.close()
