@@ -31,6 +31,7 @@ from twofactor_server.storage.deadlines import Watch, Watchdog, socket_inode
 from twofactor_server.storage.hot_statements import (
     HotStatement,
     check_command,
+    check_committed,
     run_prepared,
     run_prepared_rows,
 )
@@ -99,12 +100,11 @@ class PostgresDatabase:
                 tx = _PostgresTransaction(conn, begin=True)
                 try:
                     yield tx
+                    tx.commit()
                 except BaseException:
                     if tx.opened:
                         _roll_back(conn)
                     raise
-                if tx.opened:  # a block that ran no statement has nothing to commit
-                    _commit(conn)
             except psycopg.OperationalError as error:
                 self._unavailable(error)
         tx.run_committed_actions()
@@ -233,15 +233,8 @@ def _begin(conn: _Connection) -> None:
 
 
 def _commit(conn: _Connection) -> None:
-    """COMMIT through libpq. A block that a failed statement aborted is rolled back by its COMMIT,
-    without an error: if a unit of work ever swallowed that statement's error, raising here keeps
-    it from counting as committed (its after-commit actions don't run)."""
-    result = conn.pgconn.exec_(b"COMMIT")
-    check_command(conn, result)
-    if result.command_status != b"COMMIT":
-        raise psycopg.errors.InFailedSqlTransaction(
-            "rolled back at COMMIT: a statement in the transaction failed, and its error was not raised"
-        )
+    """COMMIT through libpq (check_committed: an error if the block did not commit)."""
+    check_committed(conn, conn.pgconn.exec_(b"COMMIT"))
 
 
 def _roll_back(conn: _Connection) -> None:
@@ -309,44 +302,71 @@ class _PostgresTransaction(CommitActions):
         self._conn = conn
         self._begin = begin  # BEGIN is yet to be sent
         self.opened = False  # BEGIN was sent (or is on its way): the block ends in COMMIT or ROLLBACK
+        self._last: tuple[HotStatement, Params] | None = None  # hot_last's, not sent yet
 
-    def _open(self) -> None:
-        self._begin = False
-        self.opened = True
-        _begin(self._conn)
-
-    def execute(self, sql: str, params: Params | None = None) -> int:
-        if self._begin:
-            self._open()
-        return self._cursor.execute(sql, params).rowcount
-
-    def one(self, sql: str, params: Params | None = None) -> Row | None:
-        if self._begin:
-            self._open()
-        return self._cursor.execute(sql, params).fetchone()
-
-    def all(self, sql: str, params: Params | None = None) -> list[Row]:
-        if self._begin:
-            self._open()
-        return self._cursor.execute(sql, params).fetchall()
-
-    def hot_row(self, statement: HotStatement, params: Params) -> tuple[Any, ...] | None:
+    def _before_statement(self) -> bool:
+        """Whether this statement takes BEGIN along; a hot_last statement waiting to go goes first."""
+        if self._last is not None:
+            statement, params = self._last
+            self._last = None
+            self.hot_row(statement, params)
         begin = self._begin
         if begin:
             self._begin, self.opened = False, True
+        return begin
+
+    def execute(self, sql: str, params: Params | None = None) -> int:
+        if self._before_statement():
+            _begin(self._conn)
+        return self._cursor.execute(sql, params).rowcount
+
+    def one(self, sql: str, params: Params | None = None) -> Row | None:
+        if self._before_statement():
+            _begin(self._conn)
+        return self._cursor.execute(sql, params).fetchone()
+
+    def all(self, sql: str, params: Params | None = None) -> list[Row]:
+        if self._before_statement():
+            _begin(self._conn)
+        return self._cursor.execute(sql, params).fetchall()
+
+    def hot_row(self, statement: HotStatement, params: Params) -> tuple[Any, ...] | None:
+        begin = self._before_statement()
         try:
             return run_prepared(self._conn, statement, params, begin=begin)
         except _RECORD_WAS_WRONG as error:
             _record_was_wrong(statement, error)
 
     def hot_rows(self, statement: HotStatement, params: Params) -> list[tuple[Any, ...]]:
-        begin = self._begin
-        if begin:
-            self._begin, self.opened = False, True
+        begin = self._before_statement()
         try:
             return run_prepared_rows(self._conn, statement, params, begin=begin)
         except _RECORD_WAS_WRONG as error:
             _record_was_wrong(statement, error)
+
+    def hot_last(self, statement: HotStatement, params: Params) -> None:
+        if not self._begin and not self.opened:  # statements(): each statement commits on its own
+            self.hot_row(statement, params)
+            return
+        if self._last is not None:
+            self._before_statement()  # the earlier one goes now
+        statement.wire_values(params)  # a parameter of the wrong type fails here, not at COMMIT
+        self._last = (statement, params)
+
+    def commit(self) -> None:
+        """End the block: COMMIT, with the hot_last statement when one waits (and BEGIN too when
+        that is the block's only statement), in one round trip; nothing when no statement ran."""
+        if self._last is not None:
+            statement, params = self._last
+            self._last = None
+            begin = self._begin
+            self._begin, self.opened = False, True
+            try:
+                run_prepared(self._conn, statement, params, begin=begin, commit=True)
+            except _RECORD_WAS_WRONG as error:
+                _record_was_wrong(statement, error)
+        elif self.opened:
+            _commit(self._conn)
 
 
 _RECORD_WAS_WRONG = (psycopg.errors.InvalidSqlStatementName, psycopg.errors.DuplicatePreparedStatement)

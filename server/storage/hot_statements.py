@@ -122,11 +122,16 @@ def run_as_query_rows(
 
 
 def run_prepared(
-    conn: PreparingConnection, statement: HotStatement, params: Mapping[str, Any], *, begin: bool = False
+    conn: PreparingConnection,
+    statement: HotStatement,
+    params: Mapping[str, Any],
+    *,
+    begin: bool = False,
+    commit: bool = False,
 ) -> tuple[Any, ...] | None:
     """Run `statement` on `conn` (run_prepared_rows); its first row's values, or None when it
     returns no row (or none at all: an INSERT without RETURNING)."""
-    result = _run(conn, statement, params, begin)
+    result = _run(conn, statement, params, begin, commit)
     return None if result is None or result.ntuples == 0 else _row(statement, result, 0)
 
 
@@ -135,8 +140,9 @@ def run_prepared_rows(
 ) -> list[tuple[Any, ...]]:
     """Run `statement` on `conn`, in a transaction block or outside one; every row's values
     (int, bool, str, bytes, None for NULL), in the order the statement gives them. With `begin`,
-    BEGIN first opens the block: sent with the statement in one round trip (_begin_and_run) once
-    the connection has the statement prepared.
+    BEGIN first opens the block; with `commit`, COMMIT then ends it (an error if the block did
+    not commit, as database.py's COMMIT raises). Once the connection has the statement prepared,
+    they go in one round trip with it (_pipelined).
 
     The record of what is prepared (conn.hot_prepared) and the server's can part only by a
     DEALLOCATE or DISCARD that we don't send: psycopg's, after DDL or a savepoint's rollback it
@@ -153,18 +159,31 @@ def run_prepared_rows(
 
 
 def _run(
-    conn: PreparingConnection, statement: HotStatement, params: Mapping[str, Any], begin: bool = False
+    conn: PreparingConnection,
+    statement: HotStatement,
+    params: Mapping[str, Any],
+    begin: bool = False,
+    commit: bool = False,
 ) -> PGresult | None:
     """The statement's result with its rows, or None for a statement that returns none."""
     pgconn = conn.pgconn
     values = statement.wire_values(params)
+    if (begin or commit) and statement.name in conn.hot_prepared:
+        return _pipelined(conn, statement, values, begin, commit)
+    if begin:
+        check_command(conn, pgconn.exec_(b"BEGIN"))  # the statement is prepared first, below
+    result = _run_alone(conn, statement, params, values)
+    if commit:
+        check_committed(conn, pgconn.exec_(b"COMMIT"))
+    return result
+
+
+def _run_alone(
+    conn: PreparingConnection, statement: HotStatement, params: Mapping[str, Any], values: list[bytes | None]
+) -> PGresult | None:
+    pgconn = conn.pgconn
     name = statement.wire_name
     formats = statement.param_formats
-    if begin:
-        if statement.name in conn.hot_prepared:
-            result = _begin_and_run(conn, statement, values)
-            return _rows_or_none(conn, result)
-        check_command(conn, pgconn.exec_(b"BEGIN"))  # the statement is prepared first, below
     if statement.name in conn.hot_prepared:
         result = pgconn.exec_prepared(name, values, formats)  # type: ignore[arg-type]  # None: NULL
         if (
@@ -206,36 +225,44 @@ def _rows_or_none(conn: PreparingConnection, result: PGresult) -> PGresult | Non
     return result
 
 
-def _begin_and_run(
-    conn: PreparingConnection, statement: HotStatement, values: list[bytes | None]
-) -> PGresult:
-    """BEGIN and the prepared statement in one round trip, through libpq's pipeline mode: the
-    first statement of a transaction no longer waits for BEGIN's answer (SendCode: 6 round
-    trips to PostgreSQL instead of 7). The statement's result is returned, or BEGIN's when
-    BEGIN itself failed; a statement the server no longer knows clears the connection's record
-    (run_prepared_rows), and its error stands, as inside any block."""
+def _pipelined(
+    conn: PreparingConnection, statement: HotStatement, values: list[bytes | None], begin: bool, commit: bool
+) -> PGresult | None:
+    """BEGIN, the prepared statement and COMMIT (either or both) in one round trip, through
+    libpq's pipeline mode: a transaction's first statement doesn't wait for BEGIN's answer, nor
+    COMMIT for its last one's (SendCode: 5 round trips to PostgreSQL instead of 7). Errors are
+    raised in the order the server met them; a statement the server no longer knows clears the
+    connection's record (run_prepared_rows), and its error stands, as inside any block."""
     pgconn = conn.pgconn
     pgconn.enter_pipeline_mode()
     try:
-        pgconn.send_query_params(b"BEGIN", None)
+        if begin:
+            pgconn.send_query_params(b"BEGIN", None)
         pgconn.send_query_prepared(statement.wire_name, values, statement.param_formats)
+        if commit:
+            pgconn.send_query_params(b"COMMIT", None)
         pgconn.pipeline_sync()  # also flushes what was sent
-        began = _pipeline_result(pgconn)
+        began = _pipeline_result(pgconn) if begin else None
         result = _pipeline_result(pgconn)
+        committed = _pipeline_result(pgconn) if commit else None
         synced = _pipeline_result(pgconn)
     finally:
         if pgconn.status == ConnStatus.OK and pgconn.pipeline_status:
             pgconn.exit_pipeline_mode()  # raises if a result was left unread: none is, on an open connection
-    if began is None or result is None or synced is None:
+    if result is None or synced is None or (begin and began is None) or (commit and committed is None):
         message = pgconn.error_message.decode(errors="replace").strip()
         raise psycopg.OperationalError(f"the connection ended a pipeline early: {message}")
-    check_command(conn, began)  # raises if BEGIN failed (the statement was then not run)
+    if began is not None:
+        check_command(conn, began)  # raises if BEGIN failed (the statement was then not run)
     if (
         result.status == ExecStatus.FATAL_ERROR
         and result.error_field(DiagnosticField.SQLSTATE) == _NO_SUCH_PREPARED_STATEMENT
     ):
         conn.hot_prepared = frozenset()
-    return result
+    rows = _rows_or_none(conn, result)  # raises the statement's error (COMMIT was then not run)
+    if committed is not None:
+        check_committed(conn, committed)
+    return rows
 
 
 def _pipeline_result(pgconn: PGconn) -> PGresult | None:
@@ -298,6 +325,17 @@ def _as_text(value: object) -> bytes | None:
 def check_command(conn: PreparingConnection, result: PGresult) -> None:
     """Raise as the cursor would for a failed command sent through libpq (BEGIN, COMMIT)."""
     _check(conn, result, ExecStatus.COMMAND_OK)
+
+
+def check_committed(conn: PreparingConnection, result: PGresult) -> None:
+    """COMMIT's result. A block that a failed statement aborted is rolled back by its COMMIT,
+    without an error: if a unit of work ever swallowed that statement's error, raising here keeps
+    it from counting as committed (its after-commit actions don't run)."""
+    check_command(conn, result)
+    if result.command_status != b"COMMIT":
+        raise psycopg.errors.InFailedSqlTransaction(
+            "rolled back at COMMIT: a statement in the transaction failed, and its error was not raised"
+        )
 
 
 def _check(conn: PreparingConnection, result: PGresult, expected: ExecStatus) -> None:

@@ -132,11 +132,11 @@ def insert_challenge(tx: Transaction, challenge: NewChallenge, audit: NewAuditEv
     that records it too (PostgreSQL: in the same statement, a data-modifying CTE)."""
     # A shallow dict: dataclasses.asdict deep-copies every value (the bytes too), 10 times the cost.
     params = {name: getattr(challenge, name) for name in _NEW_CHALLENGE_COLUMNS}
-    if tx.dialect == "postgres":  # every SendCode inserts: run as a HotStatement
+    if tx.dialect == "postgres":  # every SendCode inserts: run as a HotStatement, sent with COMMIT
         if audit is None:
-            tx.hot_row(_INSERT_CHALLENGE_HOT, params)
+            tx.hot_last(_INSERT_CHALLENGE_HOT, params)
         else:
-            tx.hot_row(_INSERT_CHALLENGE_AUDITED_HOT, {**params, **audit_params(audit, "audit_")})
+            tx.hot_last(_INSERT_CHALLENGE_AUDITED_HOT, {**params, **audit_params(audit, "audit_")})
         return
     tx.execute(_INSERT_CHALLENGE, params)
     if audit is not None:

@@ -96,6 +96,9 @@ class _SqliteTransaction(CommitActions):
     def hot_rows(self, statement: HotStatement, params: Params) -> list[tuple[Any, ...]]:
         return run_as_query_rows(self.all, statement, params)
 
+    def hot_last(self, statement: HotStatement, params: Params) -> None:
+        run_as_query(self.one, statement, params)  # no round trip to save: run now
+
 
 # SQLite's primary result codes that a retry can fix: busy, locked, I/O error, disk
 # full, can't open the file, lock protocol error. "no such table" and syntax

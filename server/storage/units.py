@@ -39,6 +39,11 @@ class Transaction(Protocol):
     def hot_rows(self, statement: HotStatement, params: Params) -> list[tuple[Any, ...]]:
         """hot_row for every row the statement returns, in its order."""
 
+    def hot_last(self, statement: HotStatement, params: Params) -> None:
+        """A HotStatement whose rows the caller doesn't read, meant to be the transaction's last:
+        PostgreSQL sends it with COMMIT, in one round trip, so its error (a constraint's) is
+        raised when the block ends. A statement after it sends it first, as hot_row would."""
+
     def after_commit(self, action: Callable[[], None]) -> None:
         """Run `action` once the transaction has committed and its connection is back in the
         pool (never on rollback): work that must not hold a connection, like publishing."""

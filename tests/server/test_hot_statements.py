@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import sqlite3
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -508,3 +509,69 @@ def test_other_threads_run_while_a_pipelined_statement_waits_for_its_answer(post
         assert isinstance(error.__cause__, psycopg.errors.QueryCanceled)
     finally:
         db.close()
+
+
+# ---- hot_last: a transaction's last statement, sent with COMMIT ------------------------------
+
+INSERT = HotStatement("test_insert_last", "INSERT INTO counter (id, n) VALUES (%(id)s, %(n)s)")
+
+
+def test_a_last_statement_commits_with_the_block_and_is_never_sent_when_it_fails(db: Database) -> None:
+    with db.transaction() as tx:
+        assert tx.hot_row(BUMP, {"by": 1, "id": 1, "note": None}) == (11, 1)
+        tx.hot_last(INSERT, {"id": 3, "n": 30})
+    with pytest.raises(ZeroDivisionError), db.transaction() as tx:
+        tx.hot_last(INSERT, {"id": 4, "n": 40})
+        raise ZeroDivisionError
+    with db.transaction() as tx:  # the only statement: BEGIN, it and COMMIT (PostgreSQL: one round trip)
+        tx.hot_last(INSERT, {"id": 5, "n": 50})
+    with db.statements() as q:
+        assert q.all("SELECT id, n FROM counter ORDER BY id") == [
+            {"id": 1, "n": 11},
+            {"id": 2, "n": 20},
+            {"id": 3, "n": 30},
+            {"id": 5, "n": 50},
+        ]
+
+
+def test_a_failed_last_statement_fails_the_block_and_undoes_it_all(db: Database) -> None:
+    """Its error (here a duplicate key) is raised as the block ends, as its own class; the block's
+    earlier change is undone, its after-commit action never runs, and the connection goes on."""
+    ran: list[str] = []
+    for _ in range(2):  # PostgreSQL: the second time with the statement prepared (pipelined)
+        with (
+            pytest.raises(
+                psycopg.errors.UniqueViolation if db.dialect == "postgres" else sqlite3.IntegrityError
+            ) as error,
+            db.transaction() as tx,
+        ):
+            tx.hot_row(BUMP, {"by": 100, "id": 2, "note": None})
+            tx.after_commit(lambda: ran.append("published"))
+            tx.hot_last(INSERT, {"id": 1, "n": 0})  # id 1 exists
+        assert "counter" in str(error.value)  # the constraint named: counter_pkey, counter.id
+    assert ran == []
+    with db.transaction() as tx:
+        assert tx.one("SELECT n FROM counter WHERE id = 2") == {"n": 20}
+
+
+def test_a_statement_after_a_last_one_sends_it_first(db: Database) -> None:
+    with db.transaction() as tx:
+        tx.hot_last(INSERT, {"id": 6, "n": 60})
+        assert tx.one("SELECT n FROM counter WHERE id = 6") == {"n": 60}
+        tx.hot_last(INSERT, {"id": 7, "n": 70})
+        tx.hot_last(INSERT, {"id": 8, "n": 80})  # the one before it goes now
+        assert tx.hot_row(BUMP, {"by": 1, "id": 7, "note": None}) == (71, 7)
+        tx.hot_last(INSERT, {"id": 9, "n": 90})
+    with db.statements() as q:
+        assert [row["id"] for row in q.all("SELECT id FROM counter WHERE id > 5 ORDER BY id")] == [6, 7, 8, 9]
+
+
+def test_a_last_statement_outside_a_block_runs_at_once(db: Database) -> None:
+    with db.statements() as q:
+        q.hot_last(INSERT, {"id": 10, "n": 100})
+        assert q.one("SELECT n FROM counter WHERE id = 10") == {"n": 100}
+
+
+def test_a_last_statements_wrong_parameter_fails_where_it_is_called(db: Database) -> None:
+    with pytest.raises(TypeError), db.transaction() as tx:
+        tx.hot_last(INSERT, {"id": 11, "n": 1.5})
