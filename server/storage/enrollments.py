@@ -48,7 +48,7 @@ def store_backup_code_rows(tx: Transaction, user_id: str, codes: list[tuple[byte
     params: dict[str, object] = {"u": user_id}
     for position, (code_hash, ciphertext) in enumerate(codes):
         params |= {f"h{position}": code_hash, f"c{position}": ciphertext}
-    tx.hot_row(_insert_backup_codes(len(codes)), params)
+    tx.hot_last(_insert_backup_codes(len(codes)), params)  # with COMMIT, when the last
 
 
 def delete_backup_code_rows(tx: Transaction, user_id: str) -> None:
@@ -82,11 +82,11 @@ def confirm_user(
 
 
 def add_audit_events(tx: Transaction, events: list[NewAuditEvent]) -> None:
-    """The events in one INSERT."""
+    """The events in one INSERT, sent with COMMIT when it is the transaction's last statement."""
     params: dict[str, object] = {}
     for i, event in enumerate(events):
         params |= audit_params(event, f"e{i}_")
-    tx.hot_row(_insert_audit_events(len(events)), params)
+    tx.hot_last(_insert_audit_events(len(events)), params)
 
 
 @lru_cache(maxsize=8)

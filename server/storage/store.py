@@ -283,7 +283,7 @@ def add_audit_event(
         outcome=outcome,
         detail=detail,
     )
-    tx.hot_row(_INSERT_AUDIT_EVENT_HOT, audit_params(event, ""))
+    tx.hot_last(_INSERT_AUDIT_EVENT_HOT, audit_params(event, ""))  # with COMMIT, when the last
 
 
 def list_audit_events(
