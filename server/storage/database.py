@@ -100,7 +100,7 @@ class PostgresDatabase:
                 tx = _PostgresTransaction(conn, begin=True)
                 try:
                     yield tx
-                    tx.commit()
+                    tx._end_block()
                 except BaseException:
                     if tx.opened:
                         _roll_back(conn)
@@ -300,8 +300,9 @@ class _PostgresTransaction(CommitActions):
             cursor = conn.statement_cursor = conn.cursor()
         self._cursor = cursor
         self._conn = conn
-        self._begin = begin  # BEGIN is yet to be sent
-        self.opened = False  # BEGIN was sent (or is on its way): the block ends in COMMIT or ROLLBACK
+        self._begin_pending = begin  # BEGIN is yet to be sent
+        # BEGIN is sent, or goes with the statement being sent: the block ends in COMMIT or ROLLBACK
+        self.opened = False
         self._last: tuple[HotStatement, Params] | None = None  # hot_last's, not sent yet
 
     def _before_statement(self) -> bool:
@@ -310,9 +311,9 @@ class _PostgresTransaction(CommitActions):
             statement, params = self._last
             self._last = None
             self.hot_row(statement, params)
-        begin = self._begin
+        begin = self._begin_pending
         if begin:
-            self._begin, self.opened = False, True
+            self._begin_pending, self.opened = False, True
         return begin
 
     def execute(self, sql: str, params: Params | None = None) -> int:
@@ -345,7 +346,7 @@ class _PostgresTransaction(CommitActions):
             _record_was_wrong(statement, error)
 
     def hot_last(self, statement: HotStatement, params: Params) -> None:
-        if not self._begin and not self.opened:  # statements(): each statement commits on its own
+        if not self._begin_pending and not self.opened:  # statements(): each statement commits on its own
             self.hot_row(statement, params)
             return
         if self._last is not None:
@@ -353,14 +354,15 @@ class _PostgresTransaction(CommitActions):
         statement.wire_values(params)  # a parameter of the wrong type fails here, not at COMMIT
         self._last = (statement, params)
 
-    def commit(self) -> None:
-        """End the block: COMMIT, with the hot_last statement when one waits (and BEGIN too when
-        that is the block's only statement), in one round trip; nothing when no statement ran."""
+    def _end_block(self) -> None:
+        """transaction()'s COMMIT, with the hot_last statement when one waits (and BEGIN too when
+        that is the block's only statement), in one round trip; nothing when no statement ran.
+        Not part of Transaction: a unit of work never ends its own block."""
         if self._last is not None:
             statement, params = self._last
             self._last = None
-            begin = self._begin
-            self._begin, self.opened = False, True
+            begin = self._begin_pending
+            self._begin_pending, self.opened = False, True
             try:
                 run_prepared(self._conn, statement, params, begin=begin, commit=True)
             except _RECORD_WAS_WRONG as error:

@@ -15,6 +15,7 @@ libpq, out of psycopg's sight, and forgets the prepared names after migrations.
 
 from __future__ import annotations
 
+import contextlib
 import re
 import select
 from collections.abc import Callable, Mapping, Sequence
@@ -136,7 +137,12 @@ def run_prepared(
 
 
 def run_prepared_rows(
-    conn: PreparingConnection, statement: HotStatement, params: Mapping[str, Any], *, begin: bool = False
+    conn: PreparingConnection,
+    statement: HotStatement,
+    params: Mapping[str, Any],
+    *,
+    begin: bool = False,
+    commit: bool = False,
 ) -> list[tuple[Any, ...]]:
     """Run `statement` on `conn`, in a transaction block or outside one; every row's values
     (int, bool, str, bytes, None for NULL), in the order the statement gives them. With `begin`,
@@ -152,9 +158,10 @@ def run_prepared_rows(
     the call then goes on, inside one the error stands, as the block is aborted
     (database.py answers it UNAVAILABLE: a retry finds the record right).
 
-    libpq's blocking calls release the GIL and wait on the socket, so the deadline watchdog's
-    shutdown (deadlines.py) wakes them as it wakes psycopg's own waits."""
-    result = _run(conn, statement, params, begin)
+    libpq's blocking calls (PQexec, PQprepare, PQexecPrepared) release the GIL and wait on the
+    socket, so the deadline watchdog's shutdown (deadlines.py) wakes them as it wakes psycopg's
+    own waits; the pipeline waits likewise, on its own (_pipeline_result)."""
+    result = _run(conn, statement, params, begin, commit)
     return [] if result is None else [_row(statement, result, index) for index in range(result.ntuples)]
 
 
@@ -241,14 +248,21 @@ def _pipelined(
         pgconn.send_query_prepared(statement.wire_name, values, statement.param_formats)
         if commit:
             pgconn.send_query_params(b"COMMIT", None)
-        pgconn.pipeline_sync()  # also flushes what was sent
+        pgconn.pipeline_sync()
+        _flush(pgconn)
         began = _pipeline_result(pgconn) if begin else None
         result = _pipeline_result(pgconn)
         committed = _pipeline_result(pgconn) if commit else None
         synced = _pipeline_result(pgconn)
-    finally:
+    except BaseException:
+        # Results may be left unread, and then libpq refuses to leave pipeline mode: the
+        # connection stays in it, not IDLE, and database.py closes it instead of pooling it.
+        # The error that got us here is the one raised.
         if pgconn.status == ConnStatus.OK and pgconn.pipeline_status:
-            pgconn.exit_pipeline_mode()  # raises if a result was left unread: none is, on an open connection
+            with contextlib.suppress(psycopg.Error):
+                pgconn.exit_pipeline_mode()
+        raise
+    pgconn.exit_pipeline_mode()  # every result was read
     if result is None or synced is None or (begin and began is None) or (commit and committed is None):
         message = pgconn.error_message.decode(errors="replace").strip()
         raise psycopg.OperationalError(f"the connection ended a pipeline early: {message}")
@@ -284,6 +298,19 @@ def _wait_readable(fd: int) -> None:
     poller = select.poll()
     poller.register(fd, select.POLLIN)
     poller.poll()
+
+
+def _flush(pgconn: PGconn) -> None:
+    """Send what the pipeline holds. psycopg's connections are non-blocking, so libpq may keep
+    part of it until the socket takes more (a large statement, a full send buffer): without
+    this the server would wait for the rest, and we for its answer, until the deadline. While
+    waiting to write, what the server sends is read, so neither side's buffer stays full."""
+    while pgconn.flush():  # 1: more to send
+        poller = select.poll()
+        poller.register(pgconn.socket, select.POLLIN | select.POLLOUT)
+        for _, events in poller.poll():
+            if events & select.POLLIN:
+                pgconn.consume_input()
 
 
 def _row(statement: HotStatement, result: PGresult, index: int) -> tuple[Any, ...]:

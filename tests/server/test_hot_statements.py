@@ -11,11 +11,13 @@ import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import psycopg
 import pytest
 
 from twofactor_server.domain.errors import StorageUnavailable
+from twofactor_server.storage import hot_statements
 from twofactor_server.storage.database import Database, PostgresDatabase, SqliteDatabase
 from twofactor_server.storage.hot_statements import HotStatement
 
@@ -516,7 +518,7 @@ def test_other_threads_run_while_a_pipelined_statement_waits_for_its_answer(post
 INSERT = HotStatement("test_insert_last", "INSERT INTO counter (id, n) VALUES (%(id)s, %(n)s)")
 
 
-def test_a_last_statement_commits_with_the_block_and_is_never_sent_when_it_fails(db: Database) -> None:
+def test_a_last_statement_commits_with_the_block_and_is_never_sent_when_the_block_fails(db: Database) -> None:
     with db.transaction() as tx:
         assert tx.hot_row(BUMP, {"by": 1, "id": 1, "note": None}) == (11, 1)
         tx.hot_last(INSERT, {"id": 3, "n": 30})
@@ -573,5 +575,84 @@ def test_a_last_statement_outside_a_block_runs_at_once(db: Database) -> None:
 
 
 def test_a_last_statements_wrong_parameter_fails_where_it_is_called(db: Database) -> None:
+    reached = False
     with pytest.raises(TypeError), db.transaction() as tx:
         tx.hot_last(INSERT, {"id": 11, "n": 1.5})
+        reached = True
+    assert not reached
+
+
+@pytest.fixture
+def pipelines(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, bool, bool]]:
+    """Each pipeline sent, as (statement, with BEGIN, with COMMIT): the real one runs, watched."""
+    sent: list[tuple[str, bool, bool]] = []
+    real = hot_statements._pipelined
+
+    def watched(conn: Any, statement: HotStatement, values: Any, begin: bool, commit: bool) -> Any:
+        sent.append((statement.name, begin, commit))
+        return real(conn, statement, values, begin, commit)
+
+    monkeypatch.setattr(hot_statements, "_pipelined", watched)
+    return sent
+
+
+def test_begin_and_commit_go_with_prepared_statements_in_one_pipeline(
+    postgres_url: str, pipelines: list[tuple[str, bool, bool]]
+) -> None:
+    db = PostgresDatabase(postgres_url, pool_size=1, timeout=30.0)
+    first = HotStatement("test_first", "SELECT %(n)s::int8 AS n")
+    try:
+        with db.transaction() as tx:  # not prepared yet: BEGIN, then the statement alone
+            tx.hot_row(first, {"n": 1})
+            tx.hot_last(first, {"n": 2})  # prepared now: with COMMIT
+        assert pipelines == [("test_first", False, True)]
+        pipelines.clear()
+        with db.transaction() as tx:
+            assert tx.hot_row(first, {"n": 3}) == (3,)
+            tx.one("SELECT 1 AS one")
+            tx.hot_last(first, {"n": 4})
+        with db.transaction() as tx:  # the only statement: all three at once
+            tx.hot_last(first, {"n": 5})
+        with db.statements() as q:  # no block: nothing to pipeline
+            q.hot_row(first, {"n": 6})
+        assert pipelines == [
+            ("test_first", True, False),
+            ("test_first", False, True),
+            ("test_first", True, True),
+        ]
+    finally:
+        db.close()
+
+
+def test_a_pipeline_larger_than_the_socket_takes_at_once_is_sent_whole(postgres_url: str) -> None:
+    """psycopg's connections are non-blocking: libpq sends what the socket takes and keeps the
+    rest until flushed. 16 MB is more than a local socket's buffers: unflushed, the server would
+    never see the pipeline's end and the call would wait out its deadline."""
+    db = PostgresDatabase(postgres_url, pool_size=1, timeout=20.0)
+    length = HotStatement("test_length", "SELECT length(%(text)s::text)::int8 AS n")
+    big = "x" * (16 * 1024 * 1024)
+    try:
+        with db.transaction() as tx:  # prepares it
+            assert tx.hot_row(length, {"text": "abc"}) == (3,)
+        with db.transaction() as tx:  # BEGIN and the statement in one pipeline
+            assert tx.hot_row(length, {"text": big}) == (len(big),)
+    finally:
+        db.close()
+
+
+def test_a_pipelined_statement_past_the_storage_timeout_is_unavailable_in_time(postgres_url: str) -> None:
+    """The deadline watchdog shuts the socket the pipeline waits on: UNAVAILABLE within the
+    storage timeout (1 s here; the bound is generous for a loaded machine), and the pool goes on."""
+    db = PostgresDatabase(postgres_url, pool_size=1, timeout=1.0)
+    sleep = HotStatement("test_sleep_deadline", "SELECT pg_sleep(%(seconds)s::float8) AS slept")
+    try:
+        with db.transaction() as tx:
+            tx.hot_row(sleep, {"seconds": 0})
+        began = time.monotonic()
+        with pytest.raises(StorageUnavailable), db.transaction() as tx:
+            tx.hot_row(sleep, {"seconds": 30})
+        assert time.monotonic() - began < 10
+        with db.transaction() as tx:  # a new connection
+            assert tx.hot_row(sleep, {"seconds": 0}) == (None,)
+    finally:
+        db.close()
