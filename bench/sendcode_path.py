@@ -9,8 +9,8 @@ end): U users with email enabled (written with the storage functions), then
   - Challenges.send_code by email to the users in turn (send limits high, no
     cooldown, as in bench/suite.py), with the real Redis publish: wall time, CPU
     of this process and of this run's PostgreSQL backends per call, and the SQL
-    statements and transactions per call (each statement is a round trip; each
-    transaction adds BEGIN and COMMIT, unless pipelined);
+    statements and transactions per call (each statement is a round trip; BEGIN and
+    COMMIT go with a transaction's first and hot_last statements);
   - its parts alone: the Redis publish (one LPUSH), the task message, the code's
     keyed hash and seal;
   - send_code from several threads at once (the GIL and the pool shared);
@@ -176,9 +176,9 @@ def run_bench(
     statements = counting.count / args.calls
     transactions = counting.transactions / args.calls
     print(
-        f"  per call: {statements:.1f} statements in {transactions:.1f} transactions "
-        f"(+ BEGIN and COMMIT: {statements + 2 * transactions:.1f} round trips to PostgreSQL) "
-        "and 1 LPUSH to Redis"
+        f"  per call: {statements:.1f} statements in {transactions:.1f} transactions and 1 LPUSH to "
+        "Redis (BEGIN goes with a transaction's first statement, COMMIT with its hot_last one, "
+        "each as one round trip: docs/benchmarks.md)"
     )
     if args.profile:
         profiler = cProfile.Profile(time.process_time)  # CPU, not wall time

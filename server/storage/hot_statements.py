@@ -237,7 +237,7 @@ def _pipelined(
 ) -> PGresult | None:
     """BEGIN, the prepared statement and COMMIT (either or both) in one round trip, through
     libpq's pipeline mode: a transaction's first statement doesn't wait for BEGIN's answer, nor
-    COMMIT for its last one's (SendCode: 5 round trips to PostgreSQL instead of 7). Errors are
+    COMMIT for its last one's (SendCode: 4 round trips to PostgreSQL instead of 6). Errors are
     raised in the order the server met them; a statement the server no longer knows clears the
     connection's record (run_prepared_rows), and its error stands, as inside any block."""
     pgconn = conn.pgconn
