@@ -16,6 +16,7 @@ run out of users: its threads wait for the next step and count the wait as
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import hashlib
 import hmac
@@ -43,6 +44,19 @@ HEALTH, VERIFY = "health", "verify"
 # from one thread, over as many connections with one call in flight on each (the same load as
 # the server sees it, at a third of the client's CPU). Enrollment and SendCode use grpcio in both.
 CLIENT_SHAPES = ("grpc", "h2")
+
+
+def add_client_option(parser: argparse.ArgumentParser) -> None:
+    """`--client h2|grpc` (h2 by default), as every bench script that runs these phases takes it."""
+    parser.add_argument(
+        "--client",
+        choices=CLIENT_SHAPES,
+        default="h2",
+        help="how the Health/Check and Verify clients send: h2 (bench/h2load.py, plain HTTP/2 from one "
+        "thread per process; default) or grpc (grpcio's blocking stubs, one thread per connection)",
+    )
+
+
 HEALTH_PATH = "/grpc.health.v1.Health/Check"
 VERIFY_PATH = "/twofactor.v1.TwoFactorService/Verify"
 REJECTED = "rejected"  # Verify with a wrong code for an enrolled user

@@ -67,7 +67,6 @@ from typing import Any
 
 import psycopg
 from loadgen import (
-    CLIENT_SHAPES,
     SERVE,
     STEP_SECONDS,
     VERIFY,
@@ -77,6 +76,7 @@ from loadgen import (
     CpuRecorder,
     PhaseResult,
     ServerProcess,
+    add_client_option,
     clients,
     server_env,
     wait_serving,
@@ -143,13 +143,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
         default="1",
         help=f"`twofactor serve --processes` (1; privacyIDEA has its {GUNICORN_WORKERS} gunicorn workers)",
     )
-    parser.add_argument(
-        "--client",
-        choices=CLIENT_SHAPES,
-        default="h2",
-        help="how the Verify clients send (h2: bench/h2load.py's plain HTTP/2, one thread per process; "
-        "grpc: grpcio's blocking stubs, one thread per connection)",
-    )
+    add_client_option(parser)
     parser.add_argument("--database-url", default=DEFAULT_DATABASE_URL, help="the PostgreSQL server")
     args = parser.parse_args(argv)
     if args.seconds + args.verify_seconds + 3 * GAP > STEP_SECONDS:

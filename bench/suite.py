@@ -47,7 +47,6 @@ from typing import Any
 
 import psycopg
 from loadgen import (
-    CLIENT_SHAPES,
     HEALTH,
     REJECTED,
     SENDCODE,
@@ -60,6 +59,7 @@ from loadgen import (
     PhaseResult,
     ServerProcess,
     _on_cpu_seconds,
+    add_client_option,
     clients,
     server_env,
     sink_delivery,
@@ -259,13 +259,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--plans", action="store_true", help="with --population: bytes per user and query plans"
     )
-    parser.add_argument(
-        "--client",
-        choices=CLIENT_SHAPES,
-        default="h2",
-        help="how the Health/Check and Verify clients send: h2 (bench/h2load.py, plain HTTP/2 from one "
-        "thread per process; default) or grpc (grpcio's blocking stubs, one thread per connection)",
-    )
+    add_client_option(parser)
     parser.add_argument("--database-url", default=DEFAULT_DATABASE_URL)
     parser.add_argument("--redis-url", default=DEFAULT_REDIS_URL)
     args = parser.parse_args(argv)

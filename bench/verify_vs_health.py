@@ -30,7 +30,6 @@ from pathlib import Path
 
 import psycopg
 from loadgen import (
-    CLIENT_SHAPES,
     HEALTH,
     SERVE,
     STEP_SECONDS,
@@ -40,6 +39,7 @@ from loadgen import (
     CpuRecorder,
     PhaseResult,
     ServerProcess,
+    add_client_option,
     clients,
     median,
     server_env,
@@ -64,13 +64,7 @@ def main(argv: list[str] | None = None) -> int:
         "--rounds", type=int, default=3, help="Health/Verify phase pairs; medians are reported"
     )
     parser.add_argument("--warmup", type=float, default=2.0, help="unmeasured seconds of each kind first")
-    parser.add_argument(
-        "--client",
-        choices=CLIENT_SHAPES,
-        default="h2",
-        help="how the Health/Check and Verify clients send: h2 (bench/h2load.py, plain HTTP/2 from one "
-        "thread per process; default) or grpc (grpcio's blocking stubs, one thread per connection)",
-    )
+    add_client_option(parser)
     parser.add_argument("--database-url", default=DEFAULT_DATABASE_URL, help="PostgreSQL for the schema")
     parser.add_argument(
         "--max-workers",
