@@ -291,6 +291,11 @@ class _Statements:
 class _PostgresTransaction(CommitActions):
     dialect = "postgres"
     row_lock = " FOR UPDATE"
+    # Set in transaction()'s block only; statements() runs each statement at once, and its
+    # calls (the accepted Verify's) pay for no more than reading these two class attributes.
+    _begin_pending = False  # BEGIN is yet to be sent, with the block's first statement
+    _last: tuple[HotStatement, Params] | None = None  # hot_last's statement, not sent yet
+    opened = False  # BEGIN is sent, or goes with the statement being sent: COMMIT or ROLLBACK ends it
 
     def __init__(self, conn: _Connection, *, begin: bool = False) -> None:
         """`begin`: the statements run in a transaction block, opened by BEGIN with the first of
@@ -300,10 +305,8 @@ class _PostgresTransaction(CommitActions):
             cursor = conn.statement_cursor = conn.cursor()
         self._cursor = cursor
         self._conn = conn
-        self._begin_pending = begin  # BEGIN is yet to be sent
-        # BEGIN is sent, or goes with the statement being sent: the block ends in COMMIT or ROLLBACK
-        self.opened = False
-        self._last: tuple[HotStatement, Params] | None = None  # hot_last's, not sent yet
+        if begin:
+            self._begin_pending = True
 
     def _before_statement(self) -> bool:
         """Whether this statement takes BEGIN along; a hot_last statement waiting to go goes first."""
@@ -317,29 +320,29 @@ class _PostgresTransaction(CommitActions):
         return begin
 
     def execute(self, sql: str, params: Params | None = None) -> int:
-        if self._before_statement():
+        if (self._begin_pending or self._last is not None) and self._before_statement():
             _begin(self._conn)
         return self._cursor.execute(sql, params).rowcount
 
     def one(self, sql: str, params: Params | None = None) -> Row | None:
-        if self._before_statement():
+        if (self._begin_pending or self._last is not None) and self._before_statement():
             _begin(self._conn)
         return self._cursor.execute(sql, params).fetchone()
 
     def all(self, sql: str, params: Params | None = None) -> list[Row]:
-        if self._before_statement():
+        if (self._begin_pending or self._last is not None) and self._before_statement():
             _begin(self._conn)
         return self._cursor.execute(sql, params).fetchall()
 
     def hot_row(self, statement: HotStatement, params: Params) -> tuple[Any, ...] | None:
-        begin = self._before_statement()
+        begin = (self._begin_pending or self._last is not None) and self._before_statement()
         try:
             return run_prepared(self._conn, statement, params, begin=begin)
         except _RECORD_WAS_WRONG as error:
             _record_was_wrong(statement, error)
 
     def hot_rows(self, statement: HotStatement, params: Params) -> list[tuple[Any, ...]]:
-        begin = self._before_statement()
+        begin = (self._begin_pending or self._last is not None) and self._before_statement()
         try:
             return run_prepared_rows(self._conn, statement, params, begin=begin)
         except _RECORD_WAS_WRONG as error:
