@@ -21,8 +21,8 @@ from __future__ import annotations
 import argparse
 import time
 
-from twofactor_server.storage.database import PostgresDatabase, _begin, _commit
-from twofactor_server.storage.hot_statements import HotStatement, run_prepared
+from twofactor_server.storage.database import PostgresDatabase
+from twofactor_server.storage.hot_statements import HotStatement, begin_block, commit_block, run_prepared
 
 STATEMENT = HotStatement("bench_round_trips", "SELECT %(n)s::int8 + 1 AS n")
 
@@ -39,9 +39,9 @@ def main() -> None:
         run_prepared(conn, STATEMENT, {"n": 0})
 
         def one_by_one(n: int) -> None:
-            _begin(conn)
+            begin_block(conn)
             run_prepared(conn, STATEMENT, {"n": n})
-            _commit(conn)
+            commit_block(conn)
 
         def pipelined(n: int) -> None:
             run_prepared(conn, STATEMENT, {"n": n}, begin=True, commit=True)

@@ -30,8 +30,8 @@ from twofactor_server.domain.errors import StorageUnavailable
 from twofactor_server.storage.deadlines import Watch, Watchdog, socket_inode
 from twofactor_server.storage.hot_statements import (
     HotStatement,
-    check_command,
-    check_committed,
+    begin_block,
+    commit_block,
     run_prepared,
     run_prepared_rows,
 )
@@ -226,17 +226,6 @@ class PostgresDatabase:
         raise_unavailable(error)
 
 
-def _begin(conn: _Connection) -> None:
-    """BEGIN through libpq, as HotStatements run (psycopg's Transaction costs about 25 µs more of
-    Python per transaction); a failure raised as psycopg's cursor would raise it."""
-    check_command(conn, conn.pgconn.exec_(b"BEGIN"))
-
-
-def _commit(conn: _Connection) -> None:
-    """COMMIT through libpq (check_committed: an error if the block did not commit)."""
-    check_committed(conn, conn.pgconn.exec_(b"COMMIT"))
-
-
 def _roll_back(conn: _Connection) -> None:
     """ROLLBACK after a failed unit of work, through libpq. psycopg never sees it, so it doesn't
     follow it with DEALLOCATE ALL (its rule for a ROLLBACK, in case the rollback undid an object
@@ -321,17 +310,17 @@ class _PostgresTransaction(CommitActions):
 
     def execute(self, sql: str, params: Params | None = None) -> int:
         if (self._begin_pending or self._last is not None) and self._before_statement():
-            _begin(self._conn)
+            begin_block(self._conn)
         return self._cursor.execute(sql, params).rowcount
 
     def one(self, sql: str, params: Params | None = None) -> Row | None:
         if (self._begin_pending or self._last is not None) and self._before_statement():
-            _begin(self._conn)
+            begin_block(self._conn)
         return self._cursor.execute(sql, params).fetchone()
 
     def all(self, sql: str, params: Params | None = None) -> list[Row]:
         if (self._begin_pending or self._last is not None) and self._before_statement():
-            _begin(self._conn)
+            begin_block(self._conn)
         return self._cursor.execute(sql, params).fetchall()
 
     def hot_row(self, statement: HotStatement, params: Params) -> tuple[Any, ...] | None:
@@ -371,7 +360,7 @@ class _PostgresTransaction(CommitActions):
             except _RECORD_WAS_WRONG as error:
                 _record_was_wrong(statement, error)
         elif self.opened:
-            _commit(self._conn)
+            commit_block(self._conn)
 
 
 _RECORD_WAS_WRONG = (psycopg.errors.InvalidSqlStatementName, psycopg.errors.DuplicatePreparedStatement)
