@@ -87,8 +87,10 @@ def run(db: PostgresDatabase, users: list[Any], args: argparse.Namespace) -> Non
             seen = known[user]
             assert seen is not None and seen.authenticator_secret is not None
             if unlocked is not None:
-                version = seen.secret_version  # type: ignore[attr-defined, unused-ignore]
-                taken = unlocked(q, user, steps[user], version, now, unlocked_below=MAX_FAILURES)
+                # The version, and the epoch on trees whose statement checks it too.
+                read = (seen.secret_version, getattr(seen, "credential_epoch", None))  # type: ignore[attr-defined, unused-ignore]
+                checked = read if read[1] is not None else read[:1]
+                taken = unlocked(q, user, steps[user], *checked, now, unlocked_below=MAX_FAILURES)
             else:
                 sealed = seen.authenticator_secret
                 taken = attempts.accept_totp_step(

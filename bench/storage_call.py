@@ -76,7 +76,16 @@ def write_setup(url: str, users: int, path: Path) -> None:
         rows = populate(url, population, keep=range(users), processes=1)
         with db.statements() as q:
             versions = [attempts.verify_snapshot(q, u.user_id) for u in rows]
-        listed = [[u.user_id, seen.secret_version] for u, seen in zip(rows, versions, strict=True) if seen]
+        # The version, and the epoch on trees whose statement checks it too.
+        listed = [
+            [
+                u.user_id,
+                seen.secret_version,
+                *([seen.credential_epoch] if hasattr(seen, "credential_epoch") else []),
+            ]
+            for u, seen in zip(rows, versions, strict=True)
+            if seen
+        ]
     finally:
         db.close()
     path.write_text(json.dumps({"url": url, "users": listed}))
@@ -106,7 +115,7 @@ def run_layer(setup: Path, layer: str, calls: int) -> None:
     try:
         db.ping()
         for index in range(calls):
-            user_id, version = users[index % len(users)]
+            user_id, *read = users[index % len(users)]
             if layer == "checkout" and hasattr(db, "_checkout"):
                 db._checkin(*db._checkout())
             elif layer == "checkout":  # trees before the checkout was split out of _connection()
@@ -118,7 +127,7 @@ def run_layer(setup: Path, layer: str, calls: int) -> None:
             else:
                 with db.statements() as q:
                     taken = attempts.accept_totp_step_unlocked(
-                        q, user_id, first_step + index, version, now, unlocked_below=100
+                        q, user_id, first_step + index, *read, now, unlocked_below=100
                     )
                 if taken is None:
                     raise RuntimeError(f"not accepted: {user_id}")

@@ -34,6 +34,13 @@ _UNLOCKED = "AND failed_attempts < %(max_failures)s AND (locked_until IS NULL OR
 _SAME_METHODS = (
     "AND EXISTS (SELECT 1 FROM verify_state v WHERE v.user_id = %(u)s AND v.secret_version = %(version)s) "
 )
+# ... and the users row's credential epoch is the one read with it. The version alone is not
+# enough: an UPDATE that waited for the row lock of a reset, enrollment or disable re-checks its
+# WHERE clause on the newest users row only (READ COMMITTED's EvalPlanQual), while verify_state,
+# joined or sub-selected, is still read as the statement's snapshot saw it, before the change
+# committed. Every such change moves the epoch on in its own transaction (store.py), so this
+# condition, on the locked row itself, fails once it committed.
+_SAME_EPOCH = "AND credential_epoch = %(epoch)s "
 # Fixed SQL text below: every value is a bound parameter.
 _SET_ACCEPTED = (
     "UPDATE users SET totp_last_step = %(s)s, failed_attempts = 0, locked_until = NULL, "
@@ -45,9 +52,11 @@ _ACCEPT = f"{_SET_ACCEPTED}WHERE user_id = %(u)s {_NEWER_STEP}{_STILL_ENABLED}"
 # (SQLite's RETURNING can't name a table of UPDATE ... FROM: there, an EXISTS and a sub-select.)
 _ACCEPT_UNLOCKED_POSTGRES = (
     f"{_SET_ACCEPTED}FROM verify_state v WHERE users.user_id = %(u)s AND v.user_id = %(u)s "
-    f"AND v.secret_version = %(version)s {_NEWER_STEP}{_UNLOCKED}"
+    f"AND v.secret_version = %(version)s {_SAME_EPOCH}{_NEWER_STEP}{_UNLOCKED}"
 )
-_ACCEPT_UNLOCKED_SQLITE = f"{_SET_ACCEPTED}WHERE user_id = %(u)s {_NEWER_STEP}{_SAME_METHODS}{_UNLOCKED}"
+_ACCEPT_UNLOCKED_SQLITE = (
+    f"{_SET_ACCEPTED}WHERE user_id = %(u)s {_NEWER_STEP}{_SAME_METHODS}{_SAME_EPOCH}{_UNLOCKED}"
+)
 
 
 def _audited(accepting: str) -> str:
@@ -73,8 +82,8 @@ def verify_snapshot(tx: Transaction, user_id: str) -> VerifySnapshot | None:
     """The user's lock state, last accepted step and enabled authenticator secret, in one read
     (None: unknown user)."""
     row = tx.one(
-        "SELECT u.failed_attempts, u.locked_until, u.totp_last_step, m.secret AS authenticator_secret, "
-        "v.secret_version FROM users u "
+        "SELECT u.failed_attempts, u.locked_until, u.totp_last_step, u.credential_epoch, "
+        "m.secret AS authenticator_secret, v.secret_version FROM users u "
         "LEFT JOIN methods m ON m.user_id = u.user_id AND m.method = 'authenticator' "
         "AND m.enabled_at IS NOT NULL LEFT JOIN verify_state v ON v.user_id = u.user_id "
         "WHERE u.user_id = %(u)s",
@@ -87,18 +96,20 @@ def reserve_attempt(
     tx: Transaction, user_id: str, seen: VerifySnapshot, *, failed_attempts: int, locked_until: int | None
 ) -> bool:
     """Count an attempt before its code is settled: set the counters to what one more failure
-    makes of `seen`, if they are still what was read. False when another attempt moved them."""
+    makes of `seen`, if they are still what was read (the credential epoch too: a reset or new
+    enrollment in between is not this code's to count against). False when something moved them."""
     return (
         tx.execute(
             "UPDATE users SET failed_attempts = %(f)s, locked_until = %(l)s "
             "WHERE user_id = %(u)s AND failed_attempts = %(seen_f)s "
-            "AND COALESCE(locked_until, -1) = COALESCE(%(seen_l)s, -1)",
+            "AND COALESCE(locked_until, -1) = COALESCE(%(seen_l)s, -1) AND credential_epoch = %(seen_e)s",
             {
                 "u": user_id,
                 "f": failed_attempts,
                 "l": locked_until,
                 "seen_f": seen.failed_attempts,
                 "seen_l": seen.locked_until,
+                "seen_e": seen.credential_epoch,
             },
         )
         == 1
@@ -109,6 +120,7 @@ def count_failure_unlocked(
     tx: Transaction,
     user_id: str,
     secret_version: int,
+    epoch: int,
     now_ms: int,
     *,
     unlocked_below: int,
@@ -118,7 +130,8 @@ def count_failure_unlocked(
 ) -> tuple[int, int | None] | None:
     """Count a wrong authenticator code in one statement, under the same conditions as
     accept_totp_step_unlocked accepts a right one: the user is not locked and the user's methods
-    are still at `secret_version` (as when the secret the code was checked against was read).
+    and credential epoch are still at `secret_version` and `epoch` (as when the secret the code
+    was checked against was read).
     The new count sets locked_until as
     count_failure would (domain/lockout.lock_schedule: `schedule` pairs, `later` past them;
     None keeps it; a count at `unlocked_below` locks for good and clears it).
@@ -130,6 +143,7 @@ def count_failure_unlocked(
         "u": user_id,
         "now": now_ms,
         "version": secret_version,
+        "epoch": epoch,
         "max_failures": unlocked_below,
         "threshold": threshold,
         "later": later,
@@ -155,7 +169,8 @@ def _count_sql(steps: int) -> str:
         "WHEN failed_attempts + 1 >= %(max_failures)s THEN NULL "
         "WHEN failed_attempts + 1 < %(threshold)s THEN locked_until "
         f"{grows}ELSE COALESCE(%(later)s, locked_until) END "
-        f"WHERE user_id = %(u)s {_UNLOCKED}{_SAME_METHODS}RETURNING failed_attempts, locked_until"
+        f"WHERE user_id = %(u)s {_UNLOCKED}{_SAME_METHODS}{_SAME_EPOCH}"
+        "RETURNING failed_attempts, locked_until"
     )
 
 
@@ -197,6 +212,7 @@ def accept_totp_step_unlocked(
     user_id: str,
     step: int,
     secret_version: int,
+    epoch: int,
     now_ms: int,
     audit: NewAuditEvent | None = None,
     *,
@@ -205,10 +221,12 @@ def accept_totp_step_unlocked(
     """Accept an authenticator code's time step in one atomic statement, for a caller that holds
     no row lock (the Verify fast path): the step is newer than every step accepted before, the
     user is not locked (failures below `unlocked_below`, the policy's max_consecutive_failures,
-    and no lock in force), and the user's methods are still at `secret_version`, the version
-    read with the sealed secret the code was checked against (a reset, a new enrollment, a
-    disabled method or a key rotation moves it on: a stale cache touches no row). Clears the
-    failure count; returns the unused backup codes and the credential epoch, or None.
+    and no lock in force), and the user's methods and credential epoch are still at
+    `secret_version` and `epoch`, as read with the sealed secret the code was checked against (a
+    reset, a new enrollment, a disabled method or a key rotation moves the version on, and all
+    but the rotation the epoch: a stale cache touches no row, even in a statement that waited
+    for the changing transaction's row lock). Clears the failure count; returns the unused
+    backup codes and the credential epoch, or None.
 
     PostgreSQL re-checks the condition on the newest row version once a concurrent UPDATE that
     counts a wrong code commits, so a right code is accepted only if no count that locks the
@@ -221,6 +239,7 @@ def accept_totp_step_unlocked(
         "s": step,
         "now": now_ms,
         "version": secret_version,
+        "epoch": epoch,
         "max_failures": unlocked_below,
     }
     if tx.dialect == "postgres":  # the one statement of the common login: run as a HotStatement

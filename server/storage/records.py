@@ -55,11 +55,12 @@ class MethodRecord:
 @dataclass(frozen=True, slots=True)
 class VerifySnapshot:
     """What the accepted-authenticator fast path reads: the lock state, the last accepted step,
-    the sealed secret and the version of the user's methods it was read at."""
+    the credential epoch, the sealed secret and the version of the user's methods it was read at."""
 
     failed_attempts: int
     locked_until: int | None
     totp_last_step: int | None
+    credential_epoch: int  # the unlocked statements check it with the version (storage/attempts.py)
     authenticator_secret: bytes | None
     secret_version: int | None  # None: no verify_state row (then nothing is decided unlocked)
 

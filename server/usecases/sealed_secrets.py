@@ -19,6 +19,7 @@ DEFAULT_MAX_ENTRIES = 100_000  # about 20 MB at ~200 bytes an entry (user id, 52
 class CachedSecret(NamedTuple):
     sealed: bytes
     version: int  # the user's verify_state.secret_version when `sealed` was read
+    epoch: int  # the user's credential_epoch, read with it
 
 
 class SealedSecrets:

@@ -179,8 +179,8 @@ class Verification:
 
         With the user's sealed secret cached in this process, a matching code goes straight to
         accept_totp_step_unlocked with the lock rule in its WHERE clause: one conditional UPDATE
-        that accepts only if the user is not locked, the step is new and the user's methods are
-        still at the version the cached secret was read at. A code that doesn't match is counted
+        that accepts only if the user is not locked, the step is new and the user's methods and
+        epoch are as when the cached secret was read. A code that doesn't match is counted
         by one UPDATE with the same two conditions (count_failure_unlocked), and the locking
         path settles it. Right or wrong, a guess takes the same path to the one statement the
         row lock orders, so a right code is accepted only when no count that locks the user came
@@ -208,11 +208,11 @@ class Verification:
                 cached = None  # not checkable here: the snapshot read decides (and reports it)
         with self._db.statements() as q:  # one connection for the try and the fallback
             if cached is not None and cached_step is not None:
-                accepted = self._accept_unlocked(q, user_id, cached_step, cached.version, now, accepted_event)
+                accepted = self._accept_unlocked(q, user_id, cached_step, cached, now, accepted_event)
                 if accepted is not None:
                     return self._accepted(user_id, CodeKind.AUTHENTICATOR, accepted, now, caller)
             elif cached is not None:
-                counted = self._count_unlocked(q, user_id, cached.version, now)
+                counted = self._count_unlocked(q, user_id, cached, now)
                 if counted is not None:
                     return counted
             return self._decide_from_snapshot(
@@ -248,13 +248,14 @@ class Verification:
         # raises here, as on the locking path: never a wrong code).
         same = cached is not None and sealed == cached.sealed
         step = cached_step if same else self._matching_step(user_id, digits, sealed, now)
-        self._sealed.put(user_id, CachedSecret(sealed, version))
+        read = CachedSecret(sealed, version, seen.credential_epoch)
+        self._sealed.put(user_id, read)
         if step is not None and step == seen.totp_last_step:
             # The code just accepted, sent again: answered without counting (it is spent,
             # so this tells a guesser nothing).
             return self._double_submit(q, user_id, seen.failed_attempts, now)
         if step is not None:
-            accepted = self._accept_unlocked(q, user_id, step, version, now, accepted_event)
+            accepted = self._accept_unlocked(q, user_id, step, read, now, accepted_event)
             if accepted is None:
                 return None  # locked, used or replaced meanwhile: decide under the row lock
             return self._accepted(user_id, CodeKind.AUTHENTICATOR, accepted, now, caller)
@@ -265,14 +266,14 @@ class Verification:
         return reserved if counted else None  # not counted: another attempt moved the counters first
 
     def _accept_unlocked(
-        self, q: Transaction, user_id: str, step: int, version: int, now: int, event: NewAuditEvent | None
+        self, q: Transaction, user_id: str, step: int, at: CachedSecret, now: int, event: NewAuditEvent | None
     ) -> AcceptedStep | None:
         max_failures = self._policy.max_consecutive_failures
         return attempts.accept_totp_step_unlocked(
-            q, user_id, step, version, now, event, unlocked_below=max_failures
+            q, user_id, step, at.version, at.epoch, now, event, unlocked_below=max_failures
         )
 
-    def _count_unlocked(self, q: Transaction, user_id: str, version: int, now: int) -> Reservation | None:
+    def _count_unlocked(self, q: Transaction, user_id: str, at: CachedSecret, now: int) -> Reservation | None:
         """A wrong code counted in one statement (attempts.count_failure_unlocked), as a right one
         is accepted: the same path up to the one UPDATE that the row lock orders, whatever the
         code. None when nothing was counted (locked, secret replaced): the snapshot decides."""
@@ -280,7 +281,8 @@ class Verification:
         counted = attempts.count_failure_unlocked(
             q,
             user_id,
-            version,
+            at.version,
+            at.epoch,
             now,
             unlocked_below=self._policy.max_consecutive_failures,
             threshold=self._policy.lockout_threshold,

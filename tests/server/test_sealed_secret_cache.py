@@ -6,6 +6,9 @@ secret that is no longer the enabled one, and it reads the user afresh)."""
 
 from __future__ import annotations
 
+import base64
+import threading
+import time
 from dataclasses import replace
 
 import grpc
@@ -135,7 +138,7 @@ def test_a_key_rotation_by_another_connection_is_followed_not_trusted(
         with other_connection.statements() as q:  # the stale copy decides nothing
             unlocked = policy.max_consecutive_failures
             stale = attempts.accept_totp_step_unlocked(
-                q, "cy", step, cached.version, now, unlocked_below=unlocked
+                q, "cy", step, cached.version, cached.epoch, now, unlocked_below=unlocked
             )
             assert stale is None
             schedule, later = lockout.lock_schedule(policy, now)
@@ -143,6 +146,7 @@ def test_a_key_rotation_by_another_connection_is_followed_not_trusted(
                 q,
                 "cy",
                 cached.version,
+                cached.epoch,
                 now,
                 unlocked_below=unlocked,
                 threshold=policy.lockout_threshold,
@@ -198,6 +202,7 @@ def test_the_one_statement_count_locks_as_count_failure_does(
                 q,
                 "dee",
                 version,
+                snapshot.credential_epoch,
                 now,
                 unlocked_below=policy.max_consecutive_failures,
                 threshold=policy.lockout_threshold,
@@ -212,6 +217,7 @@ def test_the_one_statement_count_locks_as_count_failure_does(
                 q,
                 "dee",
                 version,
+                snapshot.credential_epoch,
                 now,
                 unlocked_below=policy.max_consecutive_failures,
                 threshold=policy.lockout_threshold,
@@ -224,7 +230,7 @@ def test_the_one_statement_count_locks_as_count_failure_does(
 
 def test_the_cache_is_bounded_and_forgets_the_oldest_first() -> None:
     cache = SealedSecrets(max_entries=2)
-    one, two, three, four = (CachedSecret(bytes([i]), i) for i in range(1, 5))
+    one, two, three, four = (CachedSecret(bytes([i]), i, 1) for i in range(1, 5))
     cache.put("a", one)
     cache.put("b", two)
     cache.put("a", three)  # written again: now the newest
@@ -232,3 +238,102 @@ def test_the_cache_is_bounded_and_forgets_the_oldest_first() -> None:
     assert (cache.get("a"), cache.get("b"), cache.get("c"), len(cache)) == (three, None, four, 2)
     cache.put("c", None)
     assert cache.get("c") is None and len(cache) == 1
+
+
+def _new_secret(user_id: str) -> tuple[str, bytes]:
+    """A fresh authenticator secret: base32 for the app, sealed as the server stores it."""
+    secret = totp.new_secret()
+    sealed = Keyring.parse(TEST_KEYS).encrypt(secret, purpose="totp_secret", user_id=user_id)
+    return base64.b32encode(secret).decode(), sealed
+
+
+def _wrong_code(clock: Clock, *secrets: str) -> str:
+    """Six digits that none of `secrets` shows within the accepted drift."""
+    shown = {totp_now(secret, clock, offset_steps=k) for secret in secrets for k in (-1, 0, 1)}
+    return next(code for code in ("000000", "111111", "222222", "333333") if code not in shown)
+
+
+def _wait_blocked_by(db: Database, blocker_pid: int, timeout: float = 20.0) -> None:
+    """Until some backend waits for a lock that backend `blocker_pid` holds (bounded)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with db.statements() as q:
+            row = q.one(
+                "SELECT count(*) AS waiting FROM pg_stat_activity WHERE %(b)s = ANY(pg_blocking_pids(pid))",
+                {"b": blocker_pid},
+            )
+        if row is not None and row["waiting"]:
+            return
+        time.sleep(0.02)
+    raise AssertionError(f"no statement came to wait for backend {blocker_pid}'s lock in {timeout} s")
+
+
+@pytest.mark.parametrize("backend", ["postgres"], indirect=True)
+@pytest.mark.parametrize("warm", [True, False], ids=["cached", "first-in-process"])
+@pytest.mark.parametrize("change", ["reset", "reenroll"])
+@pytest.mark.parametrize("right_code", [True, False], ids=["right-code", "wrong-code"])
+def test_a_verify_that_waits_for_a_credential_change_is_decided_on_the_changed_user(
+    start_server: ServerFactory,
+    other_connection: Database,
+    clock: Clock,
+    warm: bool,
+    change: str,
+    right_code: bool,
+) -> None:
+    """A Verify whose one statement meets a reset or a new enrollment mid-way (it waits for the
+    user's row lock, which the change holds until it commits) is decided on the user as changed:
+    the old secret's right code is not accepted and no verification token comes out; a wrong
+    code is not counted against the user's new start; the new secret's first code still works.
+    (PostgreSQL re-checks such an UPDATE on the newest users row only: a condition on the
+    verify_state row alone let the old secret through with the new epoch's token.)"""
+    holder = start_server()
+    old, _ = enroll_authenticator(holder, clock, "eve")
+    if warm:
+        assert verify(holder, "eve", totp_now(old, clock)).result == ACCEPTED  # cached by `holder`
+        clock.advance(30)
+    new, new_sealed = _new_secret("eve")
+    code = totp_now(old, clock) if right_code else _wrong_code(clock, old, new)
+    answers: list[object] = []
+
+    def verify_old() -> None:
+        try:
+            answers.append(verify(holder, "eve", code))
+        except grpc.RpcError as error:
+            answers.append(error)
+
+    now = now_ms(clock)
+    with other_connection.transaction() as tx:
+        changer = tx.one("SELECT pg_backend_pid() AS pid", {})
+        assert changer is not None
+        assert store.get_user(tx, "eve", lock=True) is not None
+        if change == "reset":
+            store.reset_user(tx, "eve")
+        else:  # a new enrollment replaces the authenticator (StartEnrollment, ConfirmEnrollment)
+            store.start_method_enrollment(tx, "eve", "authenticator", now, pending_secret=new_sealed)
+            assert store.enable_method(tx, "eve", "authenticator", now)
+        racer = threading.Thread(target=verify_old)
+        racer.start()
+        _wait_blocked_by(other_connection, int(changer["pid"]))
+    racer.join(timeout=30)
+    assert not racer.is_alive() and len(answers) == 1
+    answer = answers[0]
+    if change == "reset":  # nothing enrolled any more
+        assert isinstance(answer, grpc.RpcError), answer
+        assert answer.code() == grpc.StatusCode.FAILED_PRECONDITION  # type: ignore[attr-defined]
+        assert error_info(answer).reason == "NOT_ENROLLED"
+    else:
+        assert isinstance(answer, pb.VerifyResponse), answer
+        assert answer.result == pb.VERIFY_RESULT_REJECTED and not answer.verification_token
+    with other_connection.transaction() as tx:
+        after = store.get_user(tx, "eve")
+    assert after is not None
+    # No step taken with the old secret: a reset cleared the last step, a new enrollment kept an older one.
+    if change == "reset":
+        assert after.totp_last_step is None
+    else:
+        assert after.totp_last_step is not None and after.totp_last_step < totp.time_step(clock())
+    # Counted only against the secret enrolled now, for which the old secret's codes are wrong;
+    # a reset user starts at none.
+    assert after.failed_attempts == (1 if change == "reenroll" else 0)
+    if change == "reenroll":
+        assert verify(holder, "eve", totp_now(new, clock)).result == ACCEPTED
