@@ -1,8 +1,13 @@
 """Outbox recovery: publish again every delivery whose message may be lost.
 
 The database can't tell a lost message from one still waiting in a long queue,
-so a republish moves the row to a new generation and the older message, if it
-ever arrives, is a no-op: republishing never multiplies sends. Each worker and
+so a republish moves the row to a new generation, and whichever of its messages
+arrives first delivers (the others find it taken or sent): republishing never
+multiplies sends, and a late message is never made useless (when only the newest
+generation could claim, a queue slower to drain than R held only stale messages,
+and every code in it expired unsent). Each republish of a
+row doubles the wait before the next (up to 32 R), so a long queue is not
+flooded with copies faster than it drains. Each worker and
 the embedded server run this loop; no process is special. On PostgreSQL the
 rows are taken FOR UPDATE SKIP LOCKED, so concurrent recoverers split the work;
 SQLite's transactions are serialized anyway.
@@ -11,7 +16,8 @@ What a round does, with R = TWOFACTOR_OUTBOX_RECOVERY_SECONDS:
 - a row never published R after it was created (the server died between commit
   and publish; its caller got no answer): published, then live;
 - a published row still queued R after its publish or after its retry was due
-  (the broker lost it): published again;
+  (the broker lost it, or it waits in a long queue): published again, and again
+  after 2 R, 4 R, ... while it stays queued;
 - a 'sending' row whose lease ran out (its worker died): published again;
 - a queued or abandoned row whose code expired: EXPIRED, code wiped.
 Rounds run at start and every R/2, so a lost code is back in the queue within
@@ -72,7 +78,7 @@ class OutboxRecovery:
         while not self._stopped.is_set():
             with self._db.transaction() as tx:
                 taken = outbox_recovery.take_for_republish(
-                    tx, now, stale_before=stale_before, republish_at=now + self._recovery_ms, limit=BATCH
+                    tx, now, stale_before=stale_before, interval_ms=self._recovery_ms, limit=BATCH
                 )
             for challenge in taken:
                 # A failure leaves the row due: the next round tries again.

@@ -11,8 +11,8 @@ A challenge's delivery: inserted 'queued' and unpublished; published (its
 message is known to be in the queue: only then is its code live and does it
 supersede older codes) or 'void' (the publish failed and the caller was told
 UNAVAILABLE); claimed 'sending' by one worker under a lease; then 'sent',
-'failed' or 'expired'. Recovery republishes what was lost, with a new
-generation, so an older message still in some queue is a no-op.
+'failed' or 'expired'. Recovery republishes what may be lost, with a new
+generation; the first of a row's messages to arrive delivers it (claim_delivery).
 """
 
 from __future__ import annotations
@@ -120,7 +120,7 @@ _CLAIM_DELIVERY = HotStatement(
     "twofactor_claim_delivery",
     "UPDATE challenges SET delivery_status = 'sending', delivery_attempts = delivery_attempts + 1, "  # noqa: S608
     "lease_until = %(until)s, updated_at = %(now)s "
-    "WHERE challenge_id = %(c)s AND publish_generation = %(g)s AND code_ciphertext IS NOT NULL "
+    "WHERE challenge_id = %(c)s AND publish_generation >= %(g)s AND code_ciphertext IS NOT NULL "
     "AND (delivery_status = 'queued' OR (delivery_status = 'sending' "
     "AND (lease_until IS NULL OR lease_until <= %(now)s))) "
     f"RETURNING {_CHALLENGE_COLUMNS}",
@@ -345,9 +345,9 @@ def claim_delivery(
 ) -> ChallengeRecord | None:
     """Take a challenge's delivery for one attempt under a lease; None when there is nothing to send.
 
-    Only a message of the current generation claims, and only a queued row or one whose
-    lease ran out (its worker died): while a lease is held nobody else can take it.
-    """
+    Only a queued row, or one whose lease ran out (its worker died), is taken; by a message of
+    any generation up to the row's, since one that recovery took for lost may be only late in a
+    long queue, and must still deliver (delivery/recovery.py)."""
     row = tx.hot_row(
         _CLAIM_DELIVERY, {"c": challenge_id, "g": generation, "now": now_ms, "until": now_ms + lease_ms}
     )

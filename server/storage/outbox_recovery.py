@@ -26,10 +26,19 @@ def expire_undelivered(tx: Transaction, now_ms: int) -> int:
     )
 
 
+# A row republished k times before is due again after 2**k recovery intervals (at most 32): a
+# message that was only late in a long queue adds copies to it that halve in number each time,
+# where one copy per interval for every waiting row would grow the queue faster than a worker
+# drains it. Six republishes within a 10-minute code at the default 10 s interval.
+_MAX_BACKOFF_DOUBLINGS = 5
+
+
 def take_for_republish(
-    tx: Transaction, now_ms: int, *, stale_before: int, republish_at: int, limit: int
+    tx: Transaction, now_ms: int, *, stale_before: int, interval_ms: int, limit: int
 ) -> list[ChallengeRecord]:
-    """Rows whose message may be lost, moved to a new generation (older messages become no-ops).
+    """Rows whose message may be lost, moved to a new generation, and each due again after
+    `interval_ms` doubled per republish before it (outbox.claim_delivery: the first message
+    of any generation to arrive delivers; the rest are no-ops).
 
     Three kinds: never published though created before `stale_before` (the server
     died between commit and publish); published before `stale_before` or due for a
@@ -38,7 +47,10 @@ def take_for_republish(
     """
     rows = tx.all(
         "UPDATE challenges SET publish_generation = publish_generation + 1, delivery_status = 'queued', "  # noqa: S608 - no input in the SQL text
-        "lease_until = NULL, next_publish_at = %(again)s, updated_at = %(now)s "
+        "lease_until = NULL, updated_at = %(now)s, next_publish_at = %(now)s + %(interval)s * CASE "
+        f"WHEN COALESCE(publish_generation, 0) < {_MAX_BACKOFF_DOUBLINGS} "
+        "THEN 1 << COALESCE(publish_generation, 0) "
+        f"ELSE {1 << _MAX_BACKOFF_DOUBLINGS} END "
         "WHERE challenge_id IN (SELECT challenge_id FROM challenges "
         "WHERE expires_at > %(now)s AND code_ciphertext IS NOT NULL AND ("
         "(delivery_status = 'queued' AND published_at IS NULL AND created_at <= %(before)s) "
@@ -46,7 +58,7 @@ def take_for_republish(
         "OR (next_publish_at IS NULL AND published_at <= %(before)s))) "
         "OR (delivery_status = 'sending' AND (lease_until IS NULL OR lease_until <= %(now)s))) "
         f"ORDER BY expires_at LIMIT %(limit)s{_skip_locked(tx)}) RETURNING {_CHALLENGE_COLUMNS}",
-        {"now": now_ms, "before": stale_before, "again": republish_at, "limit": limit},
+        {"now": now_ms, "before": stale_before, "interval": interval_ms, "limit": limit},
     )
     return [ChallengeRecord(**row) for row in rows]
 

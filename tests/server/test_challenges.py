@@ -461,7 +461,7 @@ def test_a_column_a_later_release_adds_breaks_none_of_this_releases_reads(
             claimed = outbox_recovery.claimed_but_unpublished(tx, created_before=2**62, limit=10)
             now_ms = int(clock.now * 1000)
             taken = outbox_recovery.take_for_republish(
-                tx, now_ms, stale_before=now_ms, republish_at=now_ms + 3_600_000, limit=10
+                tx, now_ms, stale_before=now_ms, interval_ms=3_600_000, limit=10
             )
             rotating = keys.methods_to_rotate(tx, 2, after=("", ""), limit=10)
         assert [c.challenge_id for c in claimed] == [last.challenge.challenge_id]

@@ -1,0 +1,76 @@
+"""Outbox recovery in front of a long queue (storage/outbox_recovery.py, delivery/recovery.py).
+
+Recovery can't tell a lost message from one still waiting behind many others. When it takes
+a row for lost and publishes it again, the row's first message, if it was only late, still
+delivers when a worker reaches it; and a row that stays queued is published again less and
+less often, so the copies don't grow the queue faster than it drains."""
+
+from __future__ import annotations
+
+import itertools
+
+from twofactor_server.storage import outbox, outbox_recovery
+from twofactor_server.storage.database import Database
+
+R = 10_000  # the recovery interval, ms
+CREATED = 1_000
+EXPIRES = 10_000_000  # far beyond every republish below
+
+
+def _queued_row(db: Database, challenge_id: str) -> None:
+    """A published challenge waiting in the queue with its first message (generation 0)."""
+    with db.transaction() as tx:
+        tx.execute(
+            "INSERT INTO users (user_id, created_at) VALUES ('zoe', %(t)s) ON CONFLICT DO NOTHING",
+            {"t": CREATED},
+        )
+        tx.execute(
+            "INSERT INTO challenges (challenge_id, user_id, method, purpose, destination, code_hash, "
+            "code_ciphertext, locale, created_at, expires_at, delivery_status, updated_at, "
+            "published_at, publish_generation) VALUES (%(c)s, 'zoe', 'email', 'login', 'zoe@example.com', "
+            "%(h)s, %(s)s, 'en', %(t)s, %(e)s, 'queued', %(t)s, %(t)s, 0)",
+            {"c": challenge_id, "h": b"hash", "s": b"sealed", "t": CREATED, "e": EXPIRES},
+        )
+
+
+def _republished(db: Database, now: int) -> list[tuple[str, int]]:
+    with db.transaction() as tx:
+        taken = outbox_recovery.take_for_republish(tx, now, stale_before=now - R, interval_ms=R, limit=10)
+    return [(c.challenge_id, c.publish_generation) for c in taken]
+
+
+def test_a_message_recovery_took_for_lost_still_delivers_when_it_arrives(other_connection: Database) -> None:
+    db = other_connection
+    _queued_row(db, "late")
+    assert _republished(db, CREATED + R) == [("late", 1)]  # still queued R after its publish
+    with db.transaction() as tx:
+        # The first message reaches a worker now, behind a long queue: it claims the row.
+        claimed = outbox.claim_delivery(tx, "late", 0, CREATED + R + 1, 120_000)
+        assert claimed is not None and claimed.publish_generation == 1
+        assert outbox.mark_delivery(
+            tx, claimed, "sent", CREATED + R + 2, provider_message_id="m-1", wipe_code=True
+        )
+        # The copy recovery published finds it sent: a no-op, nothing sent twice.
+        assert outbox.claim_delivery(tx, "late", 1, CREATED + R + 3, 120_000) is None
+    assert _republished(db, CREATED + 100 * R) == []
+
+
+def test_a_row_that_stays_queued_is_published_again_after_twice_the_wait_each_time(
+    other_connection: Database,
+) -> None:
+    db = other_connection
+    _queued_row(db, "slow")
+    now, taken_at = CREATED + R, []
+    generation = 0
+    while now < CREATED + 200 * R:
+        taken = _republished(db, now)
+        if taken:
+            generation += 1
+            assert taken == [("slow", generation)]
+            taken_at.append(now)
+        now += R // 2  # recovery's rounds come every half interval
+    waits = [later - earlier for earlier, later in itertools.pairwise(taken_at)]
+    # The first R after the publish; then R, 2 R, 4 R, 8 R, 16 R, and 32 R from then on.
+    assert taken_at[0] == CREATED + R
+    assert waits[:7] == [R, 2 * R, 4 * R, 8 * R, 16 * R, 32 * R, 32 * R]
+    assert len(taken_at) == generation
