@@ -1,12 +1,14 @@
 """Celery tasks. Thin: the arguments are an id and a publish generation; the work is
-twofactor_server.delivery.deliverer. Each pool process also runs outbox recovery."""
+twofactor_server.delivery.deliverer. Each pool process also runs outbox recovery (with a
+thread or green pool, the worker's one process does)."""
 
 from __future__ import annotations
 
 import os
 
 from celery import Task, shared_task
-from celery.signals import worker_process_init, worker_process_shutdown
+from celery.concurrency.prefork import TaskPool as ProcessPool
+from celery.signals import worker_process_init, worker_process_shutdown, worker_ready, worker_shutdown
 
 from twofactor_server.delivery.deliverer import Deliverer
 from twofactor_server.delivery.recovery import OutboxRecovery
@@ -51,7 +53,17 @@ def start_recovery(**_: object) -> None:
     _recovery.start()
 
 
+@worker_ready.connect  # type: ignore[untyped-decorator]
+def start_recovery_without_pool_processes(sender: object = None, **_: object) -> None:
+    """worker_process_init comes from prefork's pool processes and from the solo pool; a thread
+    or green pool (`twofactor worker -- -P threads`) sends none, and its worker would reconcile
+    nothing: there the worker's own process runs outbox recovery."""
+    if _recovery is None and not isinstance(getattr(sender, "pool", None), ProcessPool):
+        start_recovery()
+
+
 @worker_process_shutdown.connect  # type: ignore[untyped-decorator]
+@worker_shutdown.connect  # type: ignore[untyped-decorator]
 def stop_recovery(**_: object) -> None:
     if _recovery is not None:
         _recovery.stop()

@@ -15,6 +15,7 @@ import json
 import logging
 import math
 import random
+import time
 from dataclasses import dataclass
 
 from twofactor_server.delivery.messages import render_email, render_notice, render_sms
@@ -39,6 +40,10 @@ log = logging.getLogger(__name__)
 _jitter = random.Random()  # noqa: S311 - jitter, not a secret
 
 RETRY_MAX_SECONDS = 60.0
+# Recording a send that happened: tried again at most this far apart, and given up this long
+# before the claim's lease runs out (recovery may then take the delivery over).
+_RECORD_WAIT_MAX_SECONDS = 5.0
+_LEASE_MARGIN_SECONDS = 1.0
 
 
 @dataclass(frozen=True)
@@ -83,7 +88,8 @@ class Deliverer:
         """One attempt for the message (challenge_id, generation); `tries`: earlier runs of this message.
 
         Storage that is down is a retry for the caller (it can record nothing now): the
-        claim, if it was taken, runs out with its lease and recovery takes over.
+        claim, if it was taken, runs out with its lease and recovery takes over. Only a send
+        that happened waits for storage here, to be recorded (_record_sent).
         """
         try:
             with logs.bind(challenge_id=challenge_id):  # every line of the attempt names it
@@ -133,10 +139,40 @@ class Deliverer:
             )
             log.debug("delivery of %s failed", challenge_id, exc_info=True)
             return self._retry_or_give_up(challenge, now, f"delivery error: {type(error).__name__}")
-        self._record(challenge, "sent", provider_message_id=message_id)
+        self._record_sent(challenge, message_id)
         self._count(challenge.method, "sent", since_send_ms=self._now_ms() - challenge.created_at)
         log.info("delivered %s by %s as %s", challenge_id, challenge.method, message_id)
         return Outcome("sent")
+
+    def _record_sent(self, challenge: ChallengeRecord, message_id: str) -> None:
+        """Record a send that happened. Storage that is down now must not make it a second send
+        (a retry of the task would send again once the lease ran out): the record is tried
+        again here while the lease holds; past it, recovery may publish the delivery again."""
+        assert challenge.lease_until is not None  # set by the claim
+        deadline = time.monotonic() + (challenge.lease_until - self._now_ms()) / 1000 - _LEASE_MARGIN_SECONDS
+        attempt = 0
+        while True:
+            try:
+                self._record(challenge, "sent", provider_message_id=message_id)
+                return
+            except StorageUnavailable:
+                attempt += 1
+                wait = backoff_seconds(attempt, self._retry_base, _RECORD_WAIT_MAX_SECONDS)
+                if time.monotonic() + wait > deadline:
+                    log.error(
+                        "delivery of %s was sent as %s, but storage stayed unavailable to record it "
+                        "until its lease ran out: it may be sent again",
+                        challenge.challenge_id,
+                        message_id,
+                    )
+                    return
+                log.warning(
+                    "delivery of %s was sent as %s; storage is unavailable to record it, retry in %.1fs",
+                    challenge.challenge_id,
+                    message_id,
+                    wait,
+                )
+                time.sleep(wait)
 
     def _retry_or_give_up(self, challenge: ChallengeRecord, now: int, reason: str) -> Outcome:
         retry_in = backoff_seconds(challenge.delivery_attempts, self._retry_base, self._retry_ceiling)

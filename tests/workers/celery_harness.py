@@ -33,10 +33,19 @@ class Workers:
         self.log_dir = log_dir
         self.processes: list[subprocess.Popen[bytes]] = []
 
-    def start(self, concurrency: int = 1) -> subprocess.Popen[bytes]:
+    def start(self, concurrency: int = 1, *celery_options: str) -> subprocess.Popen[bytes]:
+        """A `twofactor worker`; `celery_options` go to `celery worker` (after --)."""
         log = open(self.log_dir / f"worker-{len(self.processes)}.log", "wb")  # noqa: SIM115 - lives with the process
         process = subprocess.Popen(
-            [TWOFACTOR, "worker", "--concurrency", str(concurrency), "--loglevel", "INFO"],
+            [
+                TWOFACTOR,
+                "worker",
+                "--concurrency",
+                str(concurrency),
+                "--loglevel",
+                "INFO",
+                *(["--", *celery_options] if celery_options else []),
+            ],
             env=self.env,
             stdout=log,
             stderr=subprocess.STDOUT,

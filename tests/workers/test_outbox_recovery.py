@@ -101,6 +101,7 @@ def test_redis_restarted_with_deliveries_queued_and_no_worker_delivers_every_cod
         assert re.search(r"outbox recovery: published [1-3] delivery\(ies\) again", workers.logs())
 
 
+@pytest.mark.parametrize("pool", ["prefork", "threads"])
 def test_server_killed_between_commit_and_publish_is_delivered_by_recovery(
     sink: SmtpSink,
     start_server: ServerFactory,
@@ -108,7 +109,10 @@ def test_server_killed_between_commit_and_publish_is_delivered_by_recovery(
     tmp_path: Path,
     postgres_url: str,
     workers_for: Callable[[Harness], Workers],
+    pool: str,
 ) -> None:
+    """Whatever the worker's pool: prefork's pool processes run recovery, and with a thread pool
+    (which starts no pool process) the worker's own process does."""
     h = celery_server(start_server, sink, queue)  # for the workers' settings and GetChallenge
     register(h, "dan")
     port = free_port()
@@ -143,7 +147,7 @@ def test_server_killed_between_commit_and_publish_is_delivered_by_recovery(
     assert len(rows) == 1 and rows[0][1] is None
     challenge_id = rows[0][0]
 
-    workers_for(h).start()
+    workers_for(h).start(1, "--pool", pool)
     code = code_in(sink.wait_for_messages(1, timeout=60)[0])
     sent = wait_for_status(h, "dan", challenge_id, common_pb2.DELIVERY_STATUS_SENT)
     assert sent.delivery_attempts == 1
@@ -254,6 +258,34 @@ def test_worker_killed_during_data_sends_again_with_the_same_code_and_message_id
         assert {code_in(m) for m in sink.messages} == {code_in(sink.messages[0])}
         assert {m["Message-ID"] for m in sink.messages} == {f"<{challenge.challenge_id}@example.com>"}
         assert confirm(h, "hal", code_in(sink.messages[0]))
+
+
+def test_storage_down_between_the_send_and_its_record_sends_once(
+    private_database: PrivatePostgres,
+    start_server: ServerFactory,
+    queue: str,
+    workers_for: Callable[[Harness], Workers],
+) -> None:
+    """The relay accepted the message, and PostgreSQL is down when the worker records it: the
+    worker records the send once storage is back, within the claim's lease, and the code is
+    not sent again (a retry of the task would send it again once the lease ran out)."""
+    database = private_database
+    with running_sink(SinkHoldingAfterFirstData()) as sink:
+        h = celery_server(start_server, sink, queue, database_url=database.url, delivery_lease_seconds=60.0)
+        workers = workers_for(h)
+        workers.start(concurrency=1)
+        challenge = start_email_enrollment(h, "ida")
+        assert sink.data_held.wait(90), "the worker never sent DATA"
+        database.stop()
+        sink.release.set()  # the relay answers: accepted
+        wait_for_log(workers, r"delivery of \w+ was sent as .*; storage is unavailable to record it")
+        database.start()
+        sent = wait_for_status(h, "ida", challenge.challenge_id, common_pb2.DELIVERY_STATUS_SENT)
+        assert sent.delivery_attempts == 1
+        assert sent.provider_message_id == sink.messages[0]["Message-ID"]
+        assert len(sink.messages) == 1
+        assert confirm(h, "ida", code_in(sink.messages[0]))
+        assert "Traceback" not in workers.logs()
 
 
 def test_a_worker_error_is_retried_until_the_code_expires_then_failed_with_the_reason(
