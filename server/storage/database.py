@@ -344,7 +344,7 @@ class _PostgresTransaction(CommitActions):
         if self._last is not None:
             self._before_statement()  # the earlier one goes now
         statement.wire_values(params)  # a parameter of the wrong type fails here, not at COMMIT
-        self._last = (statement, params)
+        self._last = (statement, dict(params))  # as it is now: sent later, as SQLite runs it now
 
     def _end_block(self) -> None:
         """transaction()'s COMMIT, with the hot_last statement when one waits (and BEGIN too when

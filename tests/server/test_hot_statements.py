@@ -6,12 +6,17 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import select
+import socket
 import sqlite3
+import struct
+import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 import psycopg
 import pytest
@@ -654,5 +659,137 @@ def test_a_pipelined_statement_past_the_storage_timeout_is_unavailable_in_time(p
         assert time.monotonic() - began < 10
         with db.transaction() as tx:  # a new connection
             assert tx.hot_row(sleep, {"seconds": 0}) == (None,)
+    finally:
+        db.close()
+
+
+_COMMIT_COMPLETE = b"C\x00\x00\x00\x0bCOMMIT\x00"  # the server's CommandComplete for COMMIT
+_UPDATE_COMPLETE = b"C\x00\x00\x00\x0dUPDATE 1\x00"  # ... for an UPDATE of one row
+
+
+class _SessionEndsAfter:
+    """A TCP proxy to PostgreSQL that, once armed, passes the server's answer up to `marker` (a
+    statement's CommandComplete) and then, in place of the rest, the FATAL error a terminated
+    backend sends (57P01), and closes: the session ends inside a pipeline's answer."""
+
+    def __init__(self, postgres_url: str, marker: bytes) -> None:
+        parts = urlsplit(postgres_url)
+        self._upstream = (parts.hostname or "127.0.0.1", parts.port or 5432)
+        self._marker = marker
+        self.armed = threading.Event()
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self.url = urlunsplit(
+            parts._replace(netloc=f"{parts.username}@127.0.0.1:{self._listener.getsockname()[1]}")
+        )
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self._listener.accept()
+            except OSError:
+                return
+            server = socket.create_connection(self._upstream)
+            threading.Thread(target=self._pump, args=(client, server), daemon=True).start()
+
+    def _pump(self, client: socket.socket, server: socket.socket) -> None:
+        fields = b"SFATAL\0VFATAL\0C57P01\0Mterminating connection due to administrator command\0\0"
+        fatal = b"E" + struct.pack("!I", len(fields) + 4) + fields
+        with client, server:
+            while True:
+                for ready in select.select([client, server], [], [], 30)[0]:
+                    data = ready.recv(65536)
+                    if not data:
+                        return
+                    if ready is server and self.armed.is_set() and self._marker in data:
+                        self.armed.clear()
+                        cut = data.index(self._marker) + len(self._marker)
+                        client.sendall(data[:cut] + fatal)
+                        return
+                    (client if ready is server else server).sendall(data)
+
+    def close(self) -> None:
+        self._listener.close()
+
+
+def test_a_block_whose_commit_was_answered_is_committed_though_the_session_ends_before_the_sync(
+    postgres_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """BEGIN, the last insert and COMMIT in one pipeline; the server answers COMMIT, then its
+    session ends (FATAL) before the pipeline's end. The block committed: it returns as committed,
+    its after-commit action runs, and the connection is not pooled (the next block gets another)."""
+    proxy = _SessionEndsAfter(postgres_url, _COMMIT_COMPLETE)
+    db = PostgresDatabase(proxy.url, pool_size=1, timeout=30.0)
+    try:
+        with db.transaction() as tx:
+            tx.execute("CREATE TABLE counter (id INTEGER PRIMARY KEY, n INTEGER NOT NULL)")
+        with db.transaction() as tx:  # prepares the insert on the connection
+            tx.hot_last(INSERT, {"id": 1, "n": 10})
+        ran: list[str] = []
+        proxy.armed.set()
+        with caplog.at_level(logging.WARNING), db.transaction() as tx:
+            tx.hot_last(INSERT, {"id": 2, "n": 20})
+            tx.after_commit(lambda: ran.append("published"))
+        assert not proxy.armed.is_set(), "the session ended where the test meant it to"
+        assert ran == ["published"]
+        assert not any("ROLLBACK failed" in record.getMessage() for record in caplog.records)
+        with db.statements() as q:  # a new connection
+            assert [row["id"] for row in q.all("SELECT id FROM counter ORDER BY id")] == [1, 2]
+    finally:
+        db.close()
+        proxy.close()
+
+
+def test_a_session_that_ends_inside_a_pipeline_is_unavailable_with_the_servers_own_error(
+    postgres_url: str,
+) -> None:
+    """BEGIN and a block's first statement in one pipeline; the server answers the statement,
+    then its session ends before the pipeline's end: UNAVAILABLE, caused by the server's error
+    (AdminShutdown), not by libpq refusing to leave pipeline mode; nothing committed, and the
+    pool goes on with a new connection."""
+    proxy = _SessionEndsAfter(postgres_url, _UPDATE_COMPLETE)
+    db = PostgresDatabase(proxy.url, pool_size=1, timeout=30.0)
+    try:
+        with db.transaction() as tx:
+            tx.execute("CREATE TABLE counter (id INTEGER PRIMARY KEY, n INTEGER NOT NULL)")
+            tx.execute("INSERT INTO counter VALUES (1, 10)")
+        with db.transaction() as tx:  # prepares the statement on the connection
+            assert tx.hot_row(BUMP, {"by": 1, "id": 1, "note": None}) == (11, 1)
+        proxy.armed.set()
+        with pytest.raises(StorageUnavailable) as raised, db.transaction() as tx:
+            tx.hot_row(BUMP, {"by": 1, "id": 1, "note": None})
+        assert isinstance(raised.value.__cause__, psycopg.errors.AdminShutdown), repr(raised.value.__cause__)
+        with db.transaction() as tx:
+            assert tx.hot_row(BUMP, {"by": 0, "id": 1, "note": None}) == (11, 1)
+    finally:
+        db.close()
+        proxy.close()
+
+
+def test_a_last_statement_sends_its_parameters_as_they_were_when_it_was_given(db: Database) -> None:
+    params: dict[str, object] = {"id": 12, "n": 120}
+    with db.transaction() as tx:
+        tx.hot_last(INSERT, params)
+        params["n"] = 999  # the caller's dict changes afterwards: SQLite ran it already
+    with db.statements() as q:
+        assert q.one("SELECT n FROM counter WHERE id = 12") == {"n": 120}
+
+
+def test_a_last_statements_rows_are_not_read_after_the_commit(postgres_url: str) -> None:
+    """A hot_last statement's rows are nobody's: none is read after COMMIT, where a value the
+    reader can't take (a timestamp) would fail a block that committed."""
+    stamped = HotStatement(
+        "test_stamped", "INSERT INTO counter (id, n) VALUES (%(id)s, %(n)s) RETURNING now()"
+    )
+    db = PostgresDatabase(postgres_url, pool_size=1, timeout=30.0)
+    try:
+        with db.transaction() as tx:
+            tx.execute("CREATE TABLE counter (id INTEGER PRIMARY KEY, n INTEGER NOT NULL)")
+        ran: list[str] = []
+        for row_id in (1, 2):  # the second time prepared: BEGIN, it and COMMIT pipelined
+            with db.transaction() as tx:
+                tx.hot_last(stamped, {"id": row_id, "n": 0})
+                tx.after_commit(lambda: ran.append("published"))
+        assert ran == ["published", "published"]
     finally:
         db.close()
