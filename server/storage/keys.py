@@ -10,7 +10,13 @@ row is left as that change wrote it.
 
 from __future__ import annotations
 
-from twofactor_server.domain.keyring import version_of, version_prefix
+from twofactor_server.domain.keyring import (
+    BACKUP_CODE,
+    CHALLENGE_CODE,
+    TOTP_SECRET,
+    version_of,
+    version_prefix,
+)
 from twofactor_server.storage.database import Transaction
 from twofactor_server.storage.records import KeyUsageRecord, MethodRecord, StoredBackupCode, select_list
 
@@ -28,6 +34,29 @@ KINDS: dict[str, tuple[str, str, str]] = {
 }
 CHALLENGE_KINDS = ("challenge_code_ciphertext", "challenge_code_hash")
 _METHOD_COLUMNS = ("secret", "pending_secret")
+
+
+# Ciphertext kinds a key can be tried on: kind -> (table, column, whose value, its purpose).
+_SEALED_KINDS = {
+    "totp_secret": ("methods", "secret", "user_id", TOTP_SECRET),
+    "pending_totp_secret": ("methods", "pending_secret", "user_id", TOTP_SECRET),
+    "backup_code_ciphertext": ("backup_codes", "code_ciphertext", "user_id", BACKUP_CODE),
+    "challenge_code_ciphertext": ("challenges", "code_ciphertext", "challenge_id", CHALLENGE_CODE),
+}
+
+
+def sealed_samples(tx: Transaction, version: int, per_kind: int = 3) -> list[tuple[str, str, str, bytes]]:
+    """A few ciphertexts stored under `version`, of each kind: (kind, purpose, owner, ciphertext),
+    to try the configured key on (one index search each, as usage_outside's)."""
+    found = []
+    for kind, (table, column, owner, purpose) in _SEALED_KINDS.items():
+        rows = tx.all(
+            f"SELECT {owner} AS owner, {column} AS sealed FROM {table} "  # noqa: S608 - fixed names
+            f"WHERE substr({column}, 1, 4) = %(prefix)s LIMIT %(n)s",
+            {"prefix": version_prefix(version), "n": per_kind},
+        )
+        found += [(kind, purpose, str(row["owner"]), bytes(row["sealed"])) for row in rows]
+    return found
 
 
 def key_usage(tx: Transaction, now_ms: int) -> list[KeyUsageRecord]:

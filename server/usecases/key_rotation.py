@@ -183,6 +183,14 @@ class KeyRotation:
         return row, new_hash, self._keyring.encrypt(code, purpose=BACKUP_CODE, user_id=row.user_id)
 
 
+def _opens(keyring: Keyring, purpose: str, owner: str, sealed: bytes) -> bool:
+    try:
+        keyring.decrypt(sealed, purpose=purpose, user_id=owner)
+    except KeyringError:
+        return False
+    return True
+
+
 def _unreadable(progress: RotationProgress, what: str, error: Exception) -> None:
     progress.unreadable += 1
     if len(progress.problems) < 10:
@@ -190,13 +198,25 @@ def _unreadable(progress: RotationProgress, what: str, error: Exception) -> None
 
 
 def require_keys_for_stored_values(db: Database, keyring: Keyring, clock: Clock = system_clock) -> None:
-    """Refuse to start (SettingsError) when stored values use a key version the keyring lacks.
+    """Refuse to start (SettingsError) when stored values use a key version the keyring lacks,
+    or one whose configured key opens none of a few values stored under it.
 
-    Such a process would fail every call that reads those values; it is a configuration
-    mistake (a key removed too early, or added on one process only), caught at start.
+    Such a process would fail every call that reads those values, and a wrong key would count
+    every right code as wrong and lock users out; it is a configuration mistake (a key removed
+    too early, added on one process only, or another environment's key under the same
+    version), caught at start.
     """
     with db.statements() as q:
         missing = keys.usage_outside(q, keyring.versions, now_ms(clock))
+        samples = {version: keys.sealed_samples(q, version) for version in keyring.versions}
+    for version, found in samples.items():
+        if found and not any(_opens(keyring, purpose, owner, sealed) for _, purpose, owner, sealed in found):
+            kinds = ", ".join(sorted({KIND_NAMES[kind] for kind, *_ in found}))
+            raise SettingsError(
+                f"TWOFACTOR_KEYS' key version {version} opens none of the values stored under it "
+                f"({kinds}): it is not the key they were sealed with (another environment's, or "
+                f"mistyped?); configure version {version}'s original key"
+            )
     if not missing:
         return
     by_version: dict[int, list[str]] = {}

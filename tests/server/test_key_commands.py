@@ -18,11 +18,11 @@ from tests.conftest import APP_TOKEN, TEST_KEYS, Clock, ServerFactory
 from tests.server.helpers import enroll_authenticator
 from twofactor_server.domain import backup_codes
 from twofactor_server.domain.keyring import BACKUP_CODE, TOTP_SECRET, Keyring
-from twofactor_server.settings import PolicySettings, Settings
+from twofactor_server.settings import PolicySettings, Settings, SettingsError
 from twofactor_server.storage import store
 from twofactor_server.storage.database import Database, open_database
 from twofactor_server.usecases.backup_codes import BackupCodes, backup_code_data
-from twofactor_server.usecases.key_rotation import KeyRotation
+from twofactor_server.usecases.key_rotation import KeyRotation, require_keys_for_stored_values
 from twofactor_server.usecases.notices import Notices
 
 TWOFACTOR = str(Path(sys.executable).with_name("twofactor"))
@@ -133,6 +133,49 @@ def test_a_keyring_missing_a_version_still_in_use_refuses_to_start(
         "stored values need key version 1 (1 TOTP secrets, 10 backup-code ciphertexts, "
         "10 backup-code hashes), which TWOFACTOR_KEYS lacks"
     ) in result.stderr
+
+
+@pytest.mark.parametrize("command", ["serve", "worker"])
+def test_another_key_under_a_version_in_use_refuses_to_start(
+    start_server: ServerFactory, settings: Settings, clock: Clock, command: str
+) -> None:
+    """A key that parses but is not the one the stored values were sealed with (another
+    environment's, pasted under the same version) would count every right code as wrong and
+    lock users out: the server and the worker refuse to start, in one line, naming the version."""
+    h = start_server()
+    enroll_authenticator(h, clock, "alice")
+    h.server.stop(grace=None)
+    other_key_1 = Keyring.new_key_spec(1)
+    result = run(
+        [TWOFACTOR, command],
+        env_for(settings, KEYS=other_key_1, LISTEN="127.0.0.1:0", BROKER_URL="redis://127.0.0.1:6379/0"),
+    )
+    assert result.returncode == 2, result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.stderr
+    assert "key version 1 opens none of the values stored under it" in result.stderr
+    assert other_key_1.partition(":")[2] not in result.stderr
+    restarted = start_server()  # the right key: it starts, and the user's codes work
+    assert restarted.port
+
+
+def test_a_key_that_opens_its_values_starts_though_one_value_does_not(
+    settings: Settings, other_connection: Database
+) -> None:
+    """One damaged value is not a wrong key: the key opens the others, so the server starts."""
+    keyring = Keyring.parse(TEST_KEYS)
+    with other_connection.transaction() as tx:
+        for user in ("bea", "cal"):
+            store.ensure_user(tx, user, 0)
+            sealed = keyring.encrypt(b"x" * 20, purpose=TOTP_SECRET, user_id=user)
+            store.start_method_enrollment(tx, user, "authenticator", 0, pending_secret=sealed)
+            assert store.enable_method(tx, user, "authenticator", 0)
+        damaged = keyring.encrypt(b"x" * 20, purpose=TOTP_SECRET, user_id="someone else")
+        tx.execute(  # bea's secret no longer authenticates (sealed for another user)
+            "UPDATE methods SET secret = %(s)s WHERE user_id = 'bea'", {"s": damaged}
+        )
+    require_keys_for_stored_values(other_connection, keyring)
+    with pytest.raises(SettingsError, match="key version 1 opens none"):
+        require_keys_for_stored_values(other_connection, Keyring.parse(Keyring.new_key_spec(1)))
 
 
 class NoDispatch:
