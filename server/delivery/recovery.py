@@ -1,11 +1,12 @@
 """Outbox recovery: publish again every delivery whose message may be lost.
 
 The database can't tell a lost message from one still waiting in a long queue,
-so a republish moves the row to a new generation, and whichever of its messages
-arrives first delivers (the others find it taken or sent): republishing never
-multiplies sends, and a late message is never made useless (when only the newest
-generation could claim, a queue slower to drain than R held only stale messages,
-and every code in it expired unsent). Each republish of a
+so a republish moves the row to a new generation. Until an attempt is made, a
+message of any generation up to the row's claims it (when only the newest could,
+a queue slower to drain than R held only stale messages, and every code in it
+expired unsent); after one, only the newest generation's does, so a retry chain
+that a republish replaced ends there. Republishing never multiplies sends, nor
+retry chains. Each republish of a
 row doubles the wait before the next (up to 32 R), so a long queue is not
 flooded with copies faster than it drains. Each worker and
 the embedded server run this loop; no process is special. On PostgreSQL the

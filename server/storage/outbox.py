@@ -12,7 +12,7 @@ message is known to be in the queue: only then is its code live and does it
 supersede older codes) or 'void' (the publish failed and the caller was told
 UNAVAILABLE); claimed 'sending' by one worker under a lease; then 'sent',
 'failed' or 'expired'. Recovery republishes what may be lost, with a new
-generation; the first of a row's messages to arrive delivers it (claim_delivery).
+generation; a late first message still delivers it (claim_delivery).
 """
 
 from __future__ import annotations
@@ -120,7 +120,8 @@ _CLAIM_DELIVERY = HotStatement(
     "twofactor_claim_delivery",
     "UPDATE challenges SET delivery_status = 'sending', delivery_attempts = delivery_attempts + 1, "  # noqa: S608
     "lease_until = %(until)s, updated_at = %(now)s "
-    "WHERE challenge_id = %(c)s AND publish_generation >= %(g)s AND code_ciphertext IS NOT NULL "
+    "WHERE challenge_id = %(c)s AND code_ciphertext IS NOT NULL AND (publish_generation = %(g)s "
+    "OR (publish_generation > %(g)s AND delivery_attempts = 0)) "
     "AND (delivery_status = 'queued' OR (delivery_status = 'sending' "
     "AND (lease_until IS NULL OR lease_until <= %(now)s))) "
     f"RETURNING {_CHALLENGE_COLUMNS}",
@@ -334,10 +335,8 @@ def recent_sends(
     enabled, in one round trip."""
     row = tx.hot_row(_RECENT_SENDS_HOT, {"u": user_id, "d": destination, "since": since_ms, "m": method})
     assert row is not None
-    last, to_user, to_destination, method_enabled = row
-    return RecentSends(
-        None if last is None else int(last), int(to_user), int(to_destination), bool(method_enabled)
-    )
+    last, to_user, to_destination, enabled = row
+    return RecentSends(None if last is None else int(last), int(to_user), int(to_destination), bool(enabled))
 
 
 def claim_delivery(
@@ -346,8 +345,8 @@ def claim_delivery(
     """Take a challenge's delivery for one attempt under a lease; None when there is nothing to send.
 
     Only a queued row, or one whose lease ran out (its worker died), is taken; by a message of
-    any generation up to the row's, since one that recovery took for lost may be only late in a
-    long queue, and must still deliver (delivery/recovery.py)."""
+    its generation, or of an older one while no attempt was made: recovery may have taken the
+    first message for lost when it was only late in a long queue (delivery/recovery.py)."""
     row = tx.hot_row(
         _CLAIM_DELIVERY, {"c": challenge_id, "g": generation, "now": now_ms, "until": now_ms + lease_ms}
     )

@@ -55,6 +55,31 @@ def test_a_message_recovery_took_for_lost_still_delivers_when_it_arrives(other_c
     assert _republished(db, CREATED + 100 * R) == []
 
 
+def test_after_an_attempt_only_the_newest_generation_claims(other_connection: Database) -> None:
+    """A retry chain that recovery replaced ends: its older message, arriving after an attempt
+    was made, claims nothing, so republishing never runs two retry chains for one code."""
+    db = other_connection
+    _queued_row(db, "retried")
+    with db.transaction() as tx:
+        claimed = outbox.claim_delivery(tx, "retried", 0, CREATED + 1, 120_000)
+        assert claimed is not None
+        # The provider failed for now: queued again, a retry (generation 0) due, recovery after it.
+        assert outbox.mark_delivery(
+            tx,
+            claimed,
+            "queued",
+            CREATED + 2,
+            failure_reason="451",
+            wipe_code=False,
+            republish_at=CREATED + R,
+        )
+    assert _republished(db, CREATED + R) == [("retried", 1)]  # the retry went missing, or is late
+    with db.transaction() as tx:
+        assert outbox.claim_delivery(tx, "retried", 0, CREATED + R + 1, 120_000) is None  # the late retry
+        again = outbox.claim_delivery(tx, "retried", 1, CREATED + R + 2, 120_000)
+        assert again is not None and again.delivery_attempts == 2
+
+
 def test_a_row_that_stays_queued_is_published_again_after_twice_the_wait_each_time(
     other_connection: Database,
 ) -> None:
