@@ -20,7 +20,7 @@ from twofactor_server.storage import enrollments, store
 from twofactor_server.storage.database import Database
 from twofactor_server.usecases import audit
 from twofactor_server.usecases.backup_codes import BackupCodes
-from twofactor_server.usecases.challenges import AUTHENTICATOR, ENROLLMENT, Challenges
+from twofactor_server.usecases.challenges import AUTHENTICATOR, EMAIL, ENROLLMENT, Challenges
 from twofactor_server.usecases.notices import Notices, method_name
 from twofactor_server.usecases.users import (
     existing_user,
@@ -125,6 +125,15 @@ class Enrollment:
                 raise FailedPrecondition(
                     "NO_PENDING_ENROLLMENT", f"no {method} enrollment is pending; call StartEnrollment first"
                 )
+            started = pending.pending_since or 0
+            if any(m.enabled_at is not None and m.enabled_at > started for m in methods):
+                # Started when no method guarded the account (so without a step-up proof); one does
+                # now, and finishing the older enrollment must not step around its proof.
+                raise FailedPrecondition(
+                    "NO_PENDING_ENROLLMENT",
+                    f"the pending {method} enrollment was started before another method was enabled; "
+                    "call StartEnrollment again",
+                )
             refuse_if_locked(user, self._policy, now)
             if method == AUTHENTICATOR:
                 assert pending.pending_secret is not None
@@ -133,6 +142,15 @@ class Enrollment:
                 ok = step is not None
             else:
                 step = None
+                sent = self._challenges.newest_live(tx, user_id, ENROLLMENT, now, method=method)
+                if sent is not None and sent.destination != (user.email if method == EMAIL else user.phone):
+                    # The address changed since (at once: the method was not on yet): enable the
+                    # method only for an address that received its code.
+                    raise FailedPrecondition(
+                        "NO_PENDING_ENROLLMENT",
+                        f"the {method} enrollment code went to an address that is no longer registered; "
+                        "call StartEnrollment again",
+                    )
                 ok = self._challenges.match(tx, user_id, ENROLLMENT, digits, now, method=method) is not None
             if not ok:
                 audit.record(

@@ -17,6 +17,7 @@ from tests.server.helpers import (
     SMS,
     enroll_authenticator,
     error_info,
+    totp_now,
     verified_token,
     verify,
 )
@@ -267,3 +268,59 @@ def wait_for_text(number: str, *, after: str | None = None) -> str:
 
 def sms_code(text: str) -> str:
     return text.split(" is ")[1][:6]
+
+
+def test_an_enrollment_started_before_another_method_was_enabled_cannot_be_confirmed(
+    start_server: ServerFactory, clock: Clock, sink: SmtpSink
+) -> None:
+    """An authenticator enrollment started while no method guarded the account needs no step-up
+    proof; once the user enabled another method, finishing that older enrollment would step
+    around the proof the account now asks for (and its confirmation returns a fresh token).
+    It is refused: the enrollment starts again, with a proof."""
+    h = start_server(email_provider="smtp", smtp=sink.settings(), policy={"resend_cooldown_seconds": 0})
+    h.twofactor.SetContact(
+        pb.SetContactRequest(user_id="uma", email="uma@example.com"), metadata=h.app_metadata
+    )
+    early = h.twofactor.StartEnrollment(
+        pb.StartEnrollmentRequest(user_id="uma", method=AUTHENTICATOR), metadata=h.app_metadata
+    ).authenticator.secret
+    clock.advance(1)
+    enroll_email(h, sink, "uma", "uma@example.com")
+    clock.advance(7 * 86400)
+    with pytest.raises(grpc.RpcError) as refused:
+        h.twofactor.ConfirmEnrollment(
+            pb.ConfirmEnrollmentRequest(user_id="uma", method=AUTHENTICATOR, code=totp_now(early, clock)),
+            metadata=h.app_metadata,
+        )
+    assert refused.value.code() == grpc.StatusCode.FAILED_PRECONDITION  # type: ignore[attr-defined]
+    assert error_info(refused.value).reason == "NO_PENDING_ENROLLMENT"
+    status = h.twofactor.GetStatus(pb.GetStatusRequest(user_id="uma"), metadata=h.app_metadata)
+    assert list(status.enabled_methods) == [EMAIL]
+
+
+def test_an_email_enrollment_is_confirmed_only_for_the_address_its_code_reached(
+    start_server: ServerFactory, sink: SmtpSink
+) -> None:
+    """The address changes at once while email is not on yet; the code sent to the old one does
+    not enable email for the new, unproven address."""
+    h = start_server(email_provider="smtp", smtp=sink.settings(), policy={"resend_cooldown_seconds": 0})
+    h.twofactor.SetContact(
+        pb.SetContactRequest(user_id="vic", email="old@example.com"), metadata=h.app_metadata
+    )
+    before = len(sink.messages)
+    h.twofactor.StartEnrollment(
+        pb.StartEnrollmentRequest(user_id="vic", method=EMAIL), metadata=h.app_metadata
+    )
+    code = code_in(sink.message_to("old@example.com", "Confirm", after=before))
+    h.twofactor.SetContact(
+        pb.SetContactRequest(user_id="vic", email="typo@exampel.com"), metadata=h.app_metadata
+    )
+    with pytest.raises(grpc.RpcError) as refused:
+        h.twofactor.ConfirmEnrollment(
+            pb.ConfirmEnrollmentRequest(user_id="vic", method=EMAIL, code=code), metadata=h.app_metadata
+        )
+    assert refused.value.code() == grpc.StatusCode.FAILED_PRECONDITION  # type: ignore[attr-defined]
+    assert error_info(refused.value).reason == "NO_PENDING_ENROLLMENT"
+    status = h.twofactor.GetStatus(pb.GetStatusRequest(user_id="vic"), metadata=h.app_metadata)
+    assert list(status.enabled_methods) == []
+    enroll_email(h, sink, "vic", "typo@exampel.com")  # started again: the new address gets its own code
