@@ -20,6 +20,7 @@ end; the children serve none of their own.
 
 from __future__ import annotations
 
+import errno
 import os
 import signal
 import socket
@@ -38,8 +39,8 @@ STOP_MARGIN = 30.0  # seconds past the drain grace before a child that does not 
 
 def process_count(text: str) -> int:
     """The --processes value: a whole number from 1, or `auto` (the CPU count)."""
-    if text == "auto":
-        return os.cpu_count() or 1
+    if text == "auto":  # the CPUs this process may run on (taskset, a container's cpuset)
+        return len(os.sched_getaffinity(0)) or 1
     try:
         count = int(text)
     except ValueError:
@@ -63,13 +64,20 @@ def reserve_port(listen: str) -> tuple[socket.socket, str]:
     except OSError as error:
         raise SettingsError(f"could not listen on {listen} ({error})") from None
     try:
+        if port:
+            # A plain bind first: SO_REUSEPORT alone would share the port with any other program
+            # (another supervisor too) that binds it with SO_REUSEPORT, and split the calls.
+            with socket.socket(family, kind, proto) as probe:
+                probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                probe.bind(sockaddr)
         reserved.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         reserved.bind(sockaddr)
     except OSError as error:
         reserved.close()
+        held = ": another program holds the port; stop it or set TWOFACTOR_LISTEN to a free one"
         raise SettingsError(
-            f"could not listen on {listen} ({error.strerror or error}): another program holds the port; "
-            "stop it or set TWOFACTOR_LISTEN to a free one"
+            f"could not listen on {listen} ({error.strerror or error})"
+            + (held if error.errno == errno.EADDRINUSE else "")
         ) from None
     return reserved, f"{host}:{reserved.getsockname()[1]}"
 

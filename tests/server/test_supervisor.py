@@ -12,6 +12,7 @@ from pathlib import Path
 
 import grpc
 import psycopg
+import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from twofactor.v1 import twofactor_service_pb2 as pb
 from twofactor.v1 import twofactor_service_pb2_grpc
@@ -145,8 +146,15 @@ def test_sigterm_drains_the_in_flight_calls_of_the_children(tmp_path: Path, post
     assert not any(Path(f"/proc/{child}").exists() for child in children)  # reaped by the supervisor
 
 
-def test_a_port_another_program_holds_fails_at_start(tmp_path: Path, postgres_url: str) -> None:
+@pytest.mark.parametrize("reuseport", [False, True], ids=["plain", "so_reuseport"])
+def test_a_port_another_program_holds_fails_at_start(
+    tmp_path: Path, postgres_url: str, reuseport: bool
+) -> None:
+    """Another program's listener fails the start, even one that sets SO_REUSEPORT itself (the
+    kernel would otherwise share the port with it and split the calls between the two)."""
     with socket.socket() as other:
+        if reuseport:
+            other.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         other.bind(("127.0.0.1", 0))
         other.listen()
         port = other.getsockname()[1]
