@@ -22,6 +22,7 @@ from time import monotonic
 from typing import Any, NoReturn
 
 import psycopg
+from psycopg.conninfo import conninfo_to_dict
 from psycopg.pq import ConnStatus, TransactionStatus
 from psycopg.rows import dict_row
 from psycopg_pool import PoolTimeout
@@ -200,9 +201,18 @@ class PostgresDatabase:
         while True:
             try:
                 return self._pool.getconn(timeout=self._timeout)
-            except PoolTimeout:
+            except PoolTimeout as error:
                 if monotonic() >= give_up:
-                    raise
+                    where = conninfo_to_dict(self._url)
+                    log.error(
+                        "the database at %s:%s/%s did not answer within %.0f s at start: is it running, "
+                        "and is TWOFACTOR_DATABASE_URL right?",
+                        where.get("host", "localhost"),
+                        where.get("port", 5432),
+                        where.get("dbname", ""),
+                        _START_UP_SECONDS,
+                    )
+                    raise StorageUnavailable() from error
 
     def close(self) -> None:
         self._pool.close()

@@ -184,3 +184,33 @@ def test_demo_enrolls_from_the_terminal(tmp_path: Path) -> None:
     assert "Backup codes" in out and "Logged in: terminal-user passed the second factor." in out
     served.process.send_signal(signal.SIGTERM)
     served.finish()
+
+
+@pytest.mark.parametrize("command", [["serve"], ["migrate"]])
+def test_a_database_that_does_not_answer_at_start_is_one_clear_line_not_a_traceback(
+    tmp_path: Path, command: list[str]
+) -> None:
+    """Nothing listens at the database's address: after the start-up wait the command says which
+    database did not answer and what to check, exits 1, and prints no traceback (the password in
+    the URL is never printed)."""
+    port = free_port()
+    result = subprocess.run(
+        [TWOFACTOR, *command],
+        env=env_for(
+            tmp_path,
+            DATABASE_URL=f"postgresql://twofactor:s3cret-pw@127.0.0.1:{port}/accounts",
+            KEYS=TEST_KEYS,
+            TOKENS=f"backend:app:{hashlib.sha256(APP_TOKEN.encode()).hexdigest()}",
+            LISTEN=f"127.0.0.1:{free_port()}",
+            STORAGE_TIMEOUT_SECONDS="1",
+            LOG_FORMAT="text",
+        ),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    output = result.stderr + result.stdout
+    assert result.returncode == 1, output
+    assert "Traceback" not in output and "s3cret-pw" not in output
+    assert f"the database at 127.0.0.1:{port}/accounts did not answer" in output
+    assert "twofactor: the database can't be reached; retry later" in result.stderr
