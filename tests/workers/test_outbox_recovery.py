@@ -295,6 +295,9 @@ def test_a_worker_error_is_retried_until_the_code_expires_then_failed_with_the_r
     workers = workers_for(h)
     workers.env["TWOFACTOR_KEYS"] = Keyring.new_key_spec(1)  # a key that can't open the stored code
     workers.start()
+    # Up before any value is stored under version 1: a worker started after would refuse to
+    # start with that key (tests/server/test_key_commands.py), and nothing would be attempted.
+    wait_for_log(workers, r"celery@\S+ ready\.")
     challenge = start_email_enrollment(h, "gus")
     failed = wait_for_status(h, "gus", challenge.challenge_id, common_pb2.DELIVERY_STATUS_FAILED)
     assert failed.failure_reason == "gave up: delivery error: KeyringError"
