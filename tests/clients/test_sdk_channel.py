@@ -74,6 +74,9 @@ class Recorder(grpc.GenericRpcHandler):
     behaviours: dict[str, Behaviour] = field(default_factory=dict)
     attempts: list[Attempt] = field(default_factory=list)
     lock: threading.Lock = field(default_factory=threading.Lock)
+    # As the twofactor server does: response headers (x-request-id) before any answer, so gRPC's
+    # own retries stop there and an UNAVAILABLE it answers is the client's to repeat.
+    headers_first: bool = False
 
     def service(self, handler_call_details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler | None:
         service_name, _, method_name = handler_call_details.method.lstrip("/").partition("/")
@@ -93,6 +96,8 @@ class Recorder(grpc.GenericRpcHandler):
                     )
                 )
                 number = sum(1 for a in self.attempts if a.method == method_name)
+            if self.headers_first:
+                context.send_initial_metadata((("x-request-id", f"answer-{number}"),))
             behaviour = self.behaviours.get(method_name)
             status = behaviour(number) if behaviour else None
             if status is not None:
@@ -170,7 +175,6 @@ RETRIED = {
     "GetStatus",
     "GetChallenge",
     "GetBackupCodes",
-    "SetContact",
     "DisableMethod",
     "GetUser",
     "ListUsers",
@@ -231,10 +235,20 @@ def test_client_timeout_sets_the_default_deadline(recorder: Recorder, target: st
     assert_deadline(attempt, 60)
 
 
+@pytest.mark.parametrize("headers_first", [False, True], ids=["no-headers", "headers-first"])
 @pytest.mark.parametrize(("rpc", "admin", "method", "kwargs"), ALL_CALLS)
 def test_safe_calls_are_retried_on_unavailable_and_unsafe_ones_are_not(
-    recorder: Recorder, target: str, rpc: str, admin: bool, method: str, kwargs: dict[str, Any]
+    recorder: Recorder,
+    target: str,
+    rpc: str,
+    admin: bool,
+    method: str,
+    kwargs: dict[str, Any],
+    headers_first: bool,
 ) -> None:
+    """Whether the server sent response headers before its UNAVAILABLE (as the twofactor server
+    does: gRPC's own retry stops there, and the client repeats the call) or not (gRPC retries)."""
+    recorder.headers_first = headers_first
     recorder.behaviours[rpc] = lambda n: unavailable(n) if n <= 2 else None
 
     with client_for(admin, target, retry=FAST_RETRY) as client:
@@ -250,7 +264,9 @@ def test_safe_calls_are_retried_on_unavailable_and_unsafe_ones_are_not(
     assert len({a.metadata["x-request-id"] for a in attempts}) == 1
 
 
-def test_retries_stop_after_max_attempts(recorder: Recorder, target: str) -> None:
+@pytest.mark.parametrize("headers_first", [False, True], ids=["no-headers", "headers-first"])
+def test_retries_stop_after_max_attempts(recorder: Recorder, target: str, headers_first: bool) -> None:
+    recorder.headers_first = headers_first
     recorder.behaviours["GetStatus"] = unavailable
     policy = twofactor.RetryPolicy(max_attempts=3, initial_backoff=0.01, max_backoff=0.01)
 
@@ -263,7 +279,9 @@ def test_retries_stop_after_max_attempts(recorder: Recorder, target: str) -> Non
     assert len(recorder.of("GetStatus")) == 3
 
 
-def test_no_retry_policy_means_one_attempt(recorder: Recorder, target: str) -> None:
+@pytest.mark.parametrize("headers_first", [False, True], ids=["no-headers", "headers-first"])
+def test_no_retry_policy_means_one_attempt(recorder: Recorder, target: str, headers_first: bool) -> None:
+    recorder.headers_first = headers_first
     recorder.behaviours["GetStatus"] = unavailable
 
     with (
@@ -467,7 +485,11 @@ def test_retry_carries_a_call_across_a_server_restart(retried: bool) -> None:
 # --- the async client -------------------------------------------------------------
 
 
-def test_async_client_sends_metadata_retries_and_raises(recorder: Recorder, target: str) -> None:
+@pytest.mark.parametrize("headers_first", [False, True], ids=["no-headers", "headers-first"])
+def test_async_client_sends_metadata_retries_and_raises(
+    recorder: Recorder, target: str, headers_first: bool
+) -> None:
+    recorder.headers_first = headers_first
     recorder.behaviours["GetStatus"] = lambda n: unavailable(n) if n == 1 else None
     recorder.behaviours["SendCode"] = rate_limited
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import random
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -18,13 +19,14 @@ DEFAULT_TIMEOUT = 5.0
 # retry after UNAVAILABLE cannot do harm. Verify, ConfirmEnrollment,
 # StartEnrollment, RegenerateBackupCodes and SendCode are left out: repeating
 # them consumes a code, replaces a secret or sends another message.
-# (SendCode callers pass an idempotency_key and retry themselves.)
+# (SendCode callers pass an idempotency_key and retry themselves.) SetContact
+# too: one call can change an address at once and fail to send the code that
+# confirms another, and its step-up token is then spent.
 RETRIED_METHODS: dict[str, tuple[str, ...]] = {
     "twofactor.v1.TwoFactorService": (
         "GetStatus",
         "GetChallenge",
         "GetBackupCodes",
-        "SetContact",
         "DisableMethod",
     ),
     "twofactor.v1.AdminService": (
@@ -163,6 +165,31 @@ class ChannelSettings:
 
     def deadline(self, timeout: float | None) -> float:
         return self.timeout if timeout is None else timeout
+
+    def retry_wait(
+        self, service: str, request: Any, error: Any, attempt: int, time_left: float
+    ) -> float | None:
+        """Seconds to wait before this client repeats a call itself, or None (the error stands).
+
+        gRPC retries a safe call after UNAVAILABLE only until the server has sent response
+        headers; the server sends them (x-request-id) before it answers, so its own
+        UNAVAILABLE (STORAGE_UNAVAILABLE, BROKER_UNAVAILABLE) reaches here unretried. Such a
+        call, with headers, is repeated here, under the same policy and within the call's
+        deadline; one without (no connection) was gRPC's to retry, and was.
+        """
+        retry = self.retry
+        method = type(request).__name__.removesuffix("Request")
+        if (
+            retry is None
+            or attempt >= retry.max_attempts
+            or error.code() != grpc.StatusCode.UNAVAILABLE
+            or method not in RETRIED_METHODS.get(service, ())
+            or not error.initial_metadata()
+        ):
+            return None
+        cap = min(retry.initial_backoff * retry.backoff_multiplier ** (attempt - 1), retry.max_backoff)
+        wait = random.uniform(0, cap)  # noqa: S311 - jitter, as gRPC's own backoff
+        return wait if wait < time_left else None
 
 
 def new_request_id() -> str:

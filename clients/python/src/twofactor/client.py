@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator, Sequence
 from functools import cached_property
 from types import TracebackType
@@ -26,6 +27,8 @@ _Response = TypeVar("_Response", bound=Message)
 
 class _Client:
     """A channel with the token, deadline and retry policy every call uses."""
+
+    _SERVICE = ""  # the service full name, for the retried methods
 
     def __init__(
         self,
@@ -80,14 +83,23 @@ class _Client:
         request_id: str | None,
     ) -> _Response:
         request_id = request_id or new_request_id()
-        try:
-            return rpc(
-                request,
-                timeout=self._settings.deadline(timeout),
-                metadata=self._settings.metadata(request_id),
-            )
-        except grpc.RpcError as exc:
-            raise error_from_rpc_error(exc, request_id=request_id) from exc
+        give_up = time.monotonic() + self._settings.deadline(timeout)
+        attempt = 1
+        while True:
+            try:
+                return rpc(
+                    request,
+                    timeout=max(give_up - time.monotonic(), 0.001),
+                    metadata=self._settings.metadata(request_id),
+                )
+            except grpc.RpcError as exc:
+                wait = self._settings.retry_wait(
+                    self._SERVICE, request, exc, attempt, give_up - time.monotonic()
+                )
+                if wait is None:
+                    raise error_from_rpc_error(exc, request_id=request_id) from exc
+            time.sleep(wait)  # the server's UNAVAILABLE, repeated with the same request id
+            attempt += 1
 
 
 class TwoFactorClient(_Client):
@@ -97,6 +109,8 @@ class TwoFactorClient(_Client):
     `request_id` (sent as x-request-id; default a new UUID), returns the
     response message and raises a twofactor.errors.TwoFactorError subclass.
     """
+
+    _SERVICE = "twofactor.v1.TwoFactorService"
 
     @cached_property
     def _stub(self) -> tf_grpc.TwoFactorServiceStub:
@@ -266,6 +280,8 @@ class AdminClient(_Client):
 
     Methods take `timeout` and `request_id` like TwoFactorClient's.
     """
+
+    _SERVICE = "twofactor.v1.AdminService"
 
     @cached_property
     def _stub(self) -> admin_grpc.AdminServiceStub:
