@@ -111,6 +111,9 @@ def _advice(version: int, kinds: dict[str, dict[str, int | None]], keyring: Keyr
     waiting = [k for kind, k in kinds.items() if kind in CHALLENGE_KINDS and k["count"]]
     if version == keyring.active_version:
         return "the active key: new values are written under it"
+    if version not in keyring.versions and (stored or waiting):
+        # Rotation can't read what no configured key opens.
+        return "TWOFACTOR_KEYS lacks it, and stored values need it: add that key back"
     if stored:
         return (
             f"{stored} values still use it: run `twofactor keys rotate` (key {keyring.active_version} active)"

@@ -92,7 +92,7 @@ class Keyring:
             version_text = version_text.strip()
             if not entry:
                 raise KeyringError(f"{where} is empty; write version:base64key entries separated by commas")
-            if not sep or not version_text.isdigit():
+            if not sep or not (version_text.isascii() and version_text.isdigit()):
                 raise KeyringError(f"{where} is not version:base64key (run `twofactor keygen` for one)")
             version = int(version_text)
             where = f"{where} (version {version})"

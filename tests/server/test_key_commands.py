@@ -178,6 +178,20 @@ def test_a_key_that_opens_its_values_starts_though_one_value_does_not(
         require_keys_for_stored_values(other_connection, Keyring.parse(Keyring.new_key_spec(1)))
 
 
+def test_keys_status_says_to_add_back_a_key_that_stored_values_need(
+    start_server: ServerFactory, settings: Settings, clock: Clock
+) -> None:
+    """Rotation can't read what no configured key opens: the advice is to add the key back."""
+    h = start_server()
+    enroll_authenticator(h, clock, "ann")
+    h.server.stop(grace=None)
+    status = run([TWOFACTOR, "keys", "status"], env_for(settings, KEYS=KEY_2))
+    assert "TWOFACTOR_KEYS lacks it, and stored values need it: add that key back" in status.stdout, (
+        status.stdout + status.stderr
+    )
+    assert "run `twofactor keys rotate`" not in status.stdout
+
+
 class NoDispatch:
     def dispatch(self, challenge_id: str) -> None:
         raise AssertionError("seeding sends nothing")

@@ -157,6 +157,7 @@ KEY_2 = Keyring.new_key_spec(2)
         ("", "entry 1 of 1 is empty"),
         ("1", "entry 1 of 1 is not version:base64key"),
         ("x:AAAA", "entry 1 of 1 is not version:base64key"),
+        ("\u00b2:" + KEY_1.partition(":")[2], "entry 1 of 1 is not version:base64key"),  # a digit, not ASCII
         (f"{KEY_1},", "entry 2 of 2 is empty"),
         ("1:not-base64!", r"entry 1 of 1 \(version 1\): the key is not valid base64"),
         ("1:AAAA", r"entry 1 of 1 \(version 1\): the key is 3 bytes, it must be 32"),
