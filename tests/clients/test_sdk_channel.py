@@ -557,6 +557,17 @@ def test_rejects_malformed_tokens(token: str) -> None:
         twofactor.TwoFactorClient("localhost:1", token=token)
 
 
+def test_a_retry_policy_is_one_grpc_accepts(recorder: Recorder, target: str) -> None:
+    """A backoff below a millisecond would fail every call of the channel (gRPC refuses the service
+    config): refused where the policy is made. The smallest one makes a working channel."""
+    with pytest.raises(ValueError, match=r"at least 0\.001 s"):
+        twofactor.RetryPolicy(initial_backoff=1e-5)
+    smallest = twofactor.RetryPolicy(initial_backoff=0.001, max_backoff=0.001)
+    with twofactor.TwoFactorClient(target, token=TOKEN, retry=smallest) as client:
+        client.get_status(user_id="alice")
+    assert len(recorder.of("GetStatus")) == 1
+
+
 def test_rejects_a_client_cert_without_key() -> None:
     with pytest.raises(ValueError, match="client_cert and client_key"):
         twofactor.TlsConfig(client_cert=b"pem")

@@ -57,8 +57,9 @@ class RetryPolicy:
     def __post_init__(self) -> None:
         if not 2 <= self.max_attempts <= 5:
             raise ValueError("max_attempts must be between 2 and 5 (gRPC's limit)")
-        if self.initial_backoff <= 0 or self.max_backoff <= 0 or self.backoff_multiplier <= 0:
-            raise ValueError("backoffs and multiplier must be positive")
+        if self.initial_backoff < 0.001 or self.max_backoff < 0.001 or self.backoff_multiplier <= 0:
+            # gRPC's service config refuses a backoff below a millisecond (and the whole channel with it).
+            raise ValueError("backoffs must be at least 0.001 s, and the multiplier positive")
 
 
 def service_config(retry: RetryPolicy | None) -> str:
@@ -77,8 +78,8 @@ def service_config(retry: RetryPolicy | None) -> str:
                     "name": names,
                     "retryPolicy": {
                         "maxAttempts": retry.max_attempts,
-                        "initialBackoff": f"{retry.initial_backoff}s",
-                        "maxBackoff": f"{retry.max_backoff}s",
+                        "initialBackoff": f"{retry.initial_backoff:.3f}s",  # never 1e-05s
+                        "maxBackoff": f"{retry.max_backoff:.3f}s",
                         "backoffMultiplier": retry.backoff_multiplier,
                         "retryableStatusCodes": ["UNAVAILABLE"],
                     },

@@ -33,6 +33,7 @@ __all__ = [
     "TwoFactorError",
     "Unauthenticated",
     "Unavailable",
+    "UserLocked",
     "error_class",
     "error_from_rpc_error",
     "error_from_status",
