@@ -7,8 +7,9 @@ a queue slower to drain than R held only stale messages, and every code in it
 expired unsent); after one, only the newest generation's does, so a retry chain
 that a republish replaced ends there. Republishing never multiplies sends, nor
 retry chains. Each republish of a
-row doubles the wait before the next (up to 32 R), so a long queue is not
-flooded with copies faster than it drains. Each worker and
+row waits as long as the row has waited since its first publish before the next
+(between R and 32 R), so a long queue is not flooded with copies faster than it
+drains; a publish that failed makes the row due again at once. Each worker and
 the embedded server run this loop; no process is special. On PostgreSQL the
 rows are taken FOR UPDATE SKIP LOCKED, so concurrent recoverers split the work;
 SQLite's transactions are serialized anyway.
@@ -81,9 +82,15 @@ class OutboxRecovery:
                 taken = outbox_recovery.take_for_republish(
                     tx, now, stale_before=stale_before, interval_ms=self._recovery_ms, limit=BATCH
                 )
-            for challenge in taken:
-                # A failure leaves the row due: the next round tries again.
-                self._publish(challenge.challenge_id, challenge.publish_generation)
+            for index, challenge in enumerate(taken):
+                try:
+                    self._publish(challenge.challenge_id, challenge.publish_generation)
+                except Unavailable:
+                    # Not in the queue: this row and the batch's rest are due again at the next
+                    # round (the wait after a republish is for messages that may be only late).
+                    with self._db.transaction() as tx:
+                        outbox_recovery.due_again(tx, [c.challenge_id for c in taken[index:]], now)
+                    raise
                 if challenge.published_at is None:
                     with self._db.transaction() as tx:
                         outbox.mark_published(tx, challenge, now_ms(self._clock))

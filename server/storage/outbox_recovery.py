@@ -26,19 +26,22 @@ def expire_undelivered(tx: Transaction, now_ms: int) -> int:
     )
 
 
-# A row republished k times before is due again after 2**k recovery intervals (at most 32): a
-# message that was only late in a long queue adds copies to it that halve in number each time,
-# where one copy per interval for every waiting row would grow the queue faster than a worker
-# drains it. Six republishes within a 10-minute code at the default 10 s interval.
-_MAX_BACKOFF_DOUBLINGS = 5
+# A row is published again after as long as it has waited since its first publish (at least
+# one interval, at most 32): a message that was only late in a long queue adds copies to it
+# that halve in number each time, where one copy per interval for every waiting row would grow
+# the queue faster than a worker drains it. By its age, not by how many republishes there
+# were: a publish that failed (the broker down) doesn't lengthen the wait (recovery.py makes
+# such a row due again at once).
+_MAX_WAIT_INTERVALS = 32
+_AGE = "(%(now)s - COALESCE(published_at, created_at))"
 
 
 def take_for_republish(
     tx: Transaction, now_ms: int, *, stale_before: int, interval_ms: int, limit: int
 ) -> list[ChallengeRecord]:
-    """Rows whose message may be lost, moved to a new generation, and each due again after
-    `interval_ms` doubled per republish before it (outbox.claim_delivery: the first message
-    of any generation to arrive delivers; the rest are no-ops).
+    """Rows whose message may be lost, moved to a new generation, and each due again after as
+    long as it has waited since its first publish (between `interval_ms` and 32 times it):
+    outbox.claim_delivery lets a late first message still deliver.
 
     Three kinds: never published though created before `stale_before` (the server
     died between commit and publish); published before `stale_before` or due for a
@@ -47,10 +50,10 @@ def take_for_republish(
     """
     rows = tx.all(
         "UPDATE challenges SET publish_generation = publish_generation + 1, delivery_status = 'queued', "  # noqa: S608 - no input in the SQL text
-        "lease_until = NULL, updated_at = %(now)s, next_publish_at = %(now)s + %(interval)s * CASE "
-        f"WHEN COALESCE(publish_generation, 0) < {_MAX_BACKOFF_DOUBLINGS} "
-        "THEN 1 << COALESCE(publish_generation, 0) "
-        f"ELSE {1 << _MAX_BACKOFF_DOUBLINGS} END "
+        "lease_until = NULL, updated_at = %(now)s, next_publish_at = %(now)s + CASE "
+        f"WHEN {_AGE} < %(interval)s THEN %(interval)s "
+        f"WHEN {_AGE} > %(interval)s * {_MAX_WAIT_INTERVALS} THEN %(interval)s * {_MAX_WAIT_INTERVALS} "
+        f"ELSE {_AGE} END "
         "WHERE challenge_id IN (SELECT challenge_id FROM challenges "
         "WHERE expires_at > %(now)s AND code_ciphertext IS NOT NULL AND ("
         "(delivery_status = 'queued' AND published_at IS NULL AND created_at <= %(before)s) "
@@ -61,6 +64,16 @@ def take_for_republish(
         {"now": now_ms, "before": stale_before, "interval": interval_ms, "limit": limit},
     )
     return [ChallengeRecord(**row) for row in rows]
+
+
+def due_again(tx: Transaction, challenge_ids: list[str], now_ms: int) -> None:
+    """Rows taken for a republish whose publish failed: due at the next round, not after a wait."""
+    for challenge_id in challenge_ids:
+        tx.execute(
+            "UPDATE challenges SET next_publish_at = %(now)s WHERE challenge_id = %(c)s "
+            "AND delivery_status = 'queued'",
+            {"now": now_ms, "c": challenge_id},
+        )
 
 
 def claimed_but_unpublished(tx: Transaction, *, created_before: int, limit: int) -> list[ChallengeRecord]:

@@ -9,6 +9,11 @@ from __future__ import annotations
 
 import itertools
 
+import pytest
+
+from tests.conftest import Clock
+from twofactor_server.delivery.recovery import OutboxRecovery
+from twofactor_server.domain.errors import Unavailable
 from twofactor_server.storage import outbox, outbox_recovery
 from twofactor_server.storage.database import Database
 
@@ -99,3 +104,36 @@ def test_a_row_that_stays_queued_is_published_again_after_twice_the_wait_each_ti
     assert taken_at[0] == CREATED + R
     assert waits[:7] == [R, 2 * R, 4 * R, 8 * R, 16 * R, 32 * R, 32 * R]
     assert len(taken_at) == generation
+
+
+class _Broker:
+    """What recovery publishes with (delivery/recovery.Publish): down until `up`, then it takes
+    each message (the real dispatcher raises Unavailable the same way when Redis is down)."""
+
+    def __init__(self) -> None:
+        self.up = False
+        self.messages: list[tuple[str, int]] = []
+
+    def publish(self, challenge_id: str, generation: int) -> None:
+        if not self.up:
+            raise Unavailable("BROKER_UNAVAILABLE", "the delivery queue can't be reached; retry later")
+        self.messages.append((challenge_id, generation))
+
+
+def test_a_broker_outage_does_not_lengthen_the_wait_before_a_republish(other_connection: Database) -> None:
+    """Rounds that can't publish (the broker down for 6 minutes) leave the row due: the first round
+    after the broker is back publishes it, long before its code expires."""
+    db = other_connection
+    _queued_row(db, "outage")
+    clock = Clock(start=CREATED / 1000)
+    broker = _Broker()
+    recovery = OutboxRecovery(db, broker.publish, recovery_seconds=R / 1000, clock=clock)
+    clock.advance(R / 1000)
+    for _ in range(72):  # every half interval, for 6 minutes
+        with pytest.raises(Unavailable):
+            recovery.run_once()
+        clock.advance(R / 2000)
+    broker.up = True
+    assert recovery.run_once() == 1
+    (published,) = broker.messages
+    assert published[0] == "outage"
