@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -176,6 +177,26 @@ def test_a_key_that_opens_its_values_starts_though_one_value_does_not(
     require_keys_for_stored_values(other_connection, keyring)
     with pytest.raises(SettingsError, match="key version 1 opens none"):
         require_keys_for_stored_values(other_connection, Keyring.parse(Keyring.new_key_spec(1)))
+
+
+def test_an_older_key_that_opens_none_of_its_values_is_said_not_refused(
+    other_connection: Database, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Under a version no longer active there may be only what `keys rotate` could not read: the
+    start goes on, and the log says which version and what to check."""
+    keyring = Keyring.parse(TEST_KEYS)
+    with other_connection.transaction() as tx:
+        store.ensure_user(tx, "dot", 0)
+        sealed = keyring.encrypt(b"x" * 20, purpose=TOTP_SECRET, user_id="dot")
+        store.start_method_enrollment(tx, "dot", "authenticator", 0, pending_secret=sealed)
+        assert store.enable_method(tx, "dot", "authenticator", 0)
+    wrong_old_and_new = Keyring.parse(f"{Keyring.new_key_spec(1)},{KEY_2}")
+    assert wrong_old_and_new.active_version == 2
+    with caplog.at_level(logging.ERROR):
+        require_keys_for_stored_values(other_connection, wrong_old_and_new)
+    (line,) = [r.getMessage() for r in caplog.records if "opens none" in r.getMessage()]
+    assert "key version 1 opens none of the values stored under it" in line
+    assert "unless these are values `twofactor keys rotate` reported unreadable" in line
 
 
 def test_keys_status_says_to_add_back_a_key_that_stored_values_need(
