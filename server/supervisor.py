@@ -40,7 +40,8 @@ STOP_MARGIN = 30.0  # seconds past the drain grace before a child that does not 
 def process_count(text: str) -> int:
     """The --processes value: a whole number from 1, or `auto` (the CPU count)."""
     if text == "auto":  # the CPUs this process may run on (taskset, a container's cpuset)
-        return len(os.sched_getaffinity(0)) or 1
+        allowed = getattr(os, "sched_getaffinity", None)  # Linux only
+        return (len(allowed(0)) if allowed else os.cpu_count()) or 1
     try:
         count = int(text)
     except ValueError:

@@ -250,16 +250,19 @@ def test_safe_calls_are_retried_on_unavailable_and_unsafe_ones_are_not(
     does: gRPC's own retry stops there, and the client repeats the call) or not (gRPC retries)."""
     recorder.headers_first = headers_first
     recorder.behaviours[rpc] = lambda n: unavailable(n) if n <= 2 else None
+    # DisableMethod, answered UNAVAILABLE by a server that may have committed it, is not
+    # repeated (its step-up token would be spent); with no answer gRPC retries it.
+    retried = rpc in RETRIED and not (headers_first and rpc == "DisableMethod")
 
     with client_for(admin, target, retry=FAST_RETRY) as client:
-        if rpc in RETRIED:
+        if retried:
             getattr(client, method)(**kwargs)
         else:
             with pytest.raises(twofactor.Unavailable):
                 getattr(client, method)(**kwargs)
 
     attempts = recorder.of(rpc)
-    assert len(attempts) == (3 if rpc in RETRIED else 1)
+    assert len(attempts) == (3 if retried else 1)
     # Every attempt of one call carries the call's request id.
     assert len({a.metadata["x-request-id"] for a in attempts}) == 1
 

@@ -40,6 +40,13 @@ RETRIED_METHODS: dict[str, tuple[str, ...]] = {
 }
 
 
+# A call the server may answer UNAVAILABLE after it committed (the storage deadline cut in just
+# after COMMIT): repeating DisableMethod then fails on the spent step-up token. gRPC still
+# retries it when no server answered.
+_NOT_REPEATED_AFTER_AN_ANSWER = frozenset({"DisableMethod"})
+_SHORTEST_ATTEMPT_SECONDS = 0.1
+
+
 @dataclass(frozen=True)
 class RetryPolicy:
     """How gRPC retries the safe calls after UNAVAILABLE.
@@ -185,12 +192,14 @@ class ChannelSettings:
             or attempt >= retry.max_attempts
             or error.code() != grpc.StatusCode.UNAVAILABLE
             or method not in RETRIED_METHODS.get(service, ())
+            or method in _NOT_REPEATED_AFTER_AN_ANSWER
             or not error.initial_metadata()
         ):
             return None
         cap = min(retry.initial_backoff * retry.backoff_multiplier ** (attempt - 1), retry.max_backoff)
         wait = random.uniform(0, cap)  # noqa: S311 - jitter, as gRPC's own backoff
-        return wait if wait < time_left else None
+        # An attempt with next to no time left would turn the server's answer into DEADLINE_EXCEEDED.
+        return wait if wait + _SHORTEST_ATTEMPT_SECONDS < time_left else None
 
 
 def new_request_id() -> str:
