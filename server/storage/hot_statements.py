@@ -131,9 +131,8 @@ def run_prepared(
     commit: bool = False,
 ) -> tuple[Any, ...] | None:
     """Run `statement` on `conn` (run_prepared_rows); its first row's values, or None when it
-    returns no row (or none at all: an INSERT without RETURNING). With `commit`, None: what goes
-    with COMMIT is read by nobody (hot_last), and a row read after it could only fail a block
-    that committed."""
+    returns no row (or none at all: an INSERT without RETURNING). With `commit` always None: no
+    one reads what goes with COMMIT (hot_last), where a row read could only fail a committed block."""
     result = _run(conn, statement, params, begin, commit)
     return None if commit or result is None or result.ntuples == 0 else _row(statement, result, 0)
 
@@ -254,14 +253,20 @@ def _pipelined(
         began = _pipeline_result(pgconn) if begin else None
         result = _pipeline_result(pgconn)
         committed = _pipeline_result(pgconn) if commit else None
-        synced = _pipeline_result(pgconn)
+        # The session may end before the pipeline's end (a FATAL error or the socket closed). A
+        # block whose COMMIT was answered committed all the same: its rows are read, and the
+        # connection, left in pipeline mode, is not pooled (database.py). Others raise its error.
+        done = result is not None and committed is not None and committed.command_status == b"COMMIT"
+        try:
+            synced = _pipeline_result(pgconn)
+        except psycopg.OperationalError:
+            if not done:
+                raise
+            synced = None
+        if done and (synced is None or synced.status != ExecStatus.PIPELINE_SYNC):
+            return None if result is None else _rows_or_none(conn, result)
         if synced is not None and synced.status != ExecStatus.PIPELINE_SYNC:
-            # The session ended before the pipeline's end (a FATAL error: the backend terminated
-            # or shut down). A block whose COMMIT was answered committed all the same: its rows
-            # are read and the connection, still in pipeline mode, is not pooled (database.py).
-            if committed is not None and committed.command_status == b"COMMIT" and result is not None:
-                return _rows_or_none(conn, result)
-            _check(conn, synced, ExecStatus.PIPELINE_SYNC)  # raises the session's own error
+            _check(conn, synced, ExecStatus.PIPELINE_SYNC)  # raises
     except BaseException:
         # Results may be left unread, and then libpq refuses to leave pipeline mode: the
         # connection stays in it, not IDLE, and database.py closes it instead of pooling it.

@@ -672,10 +672,11 @@ class _SessionEndsAfter:
     statement's CommandComplete) and then, in place of the rest, the FATAL error a terminated
     backend sends (57P01), and closes: the session ends inside a pipeline's answer."""
 
-    def __init__(self, postgres_url: str, marker: bytes) -> None:
+    def __init__(self, postgres_url: str, marker: bytes, *, fatal: bool = True) -> None:
         parts = urlsplit(postgres_url)
         self._upstream = (parts.hostname or "127.0.0.1", parts.port or 5432)
         self._marker = marker
+        self._fatal = fatal  # else the socket just closes
         self.armed = threading.Event()
         self._listener = socket.create_server(("127.0.0.1", 0))
         self.url = urlunsplit(
@@ -704,7 +705,7 @@ class _SessionEndsAfter:
                     if ready is server and self.armed.is_set() and self._marker in data:
                         self.armed.clear()
                         cut = data.index(self._marker) + len(self._marker)
-                        client.sendall(data[:cut] + fatal)
+                        client.sendall(data[:cut] + (fatal if self._fatal else b""))
                         return
                     (client if ready is server else server).sendall(data)
 
@@ -712,13 +713,15 @@ class _SessionEndsAfter:
         self._listener.close()
 
 
+@pytest.mark.parametrize("fatal", [True, False], ids=["fatal", "socket-closed"])
 def test_a_block_whose_commit_was_answered_is_committed_though_the_session_ends_before_the_sync(
-    postgres_url: str, caplog: pytest.LogCaptureFixture
+    postgres_url: str, caplog: pytest.LogCaptureFixture, fatal: bool
 ) -> None:
     """BEGIN, the last insert and COMMIT in one pipeline; the server answers COMMIT, then its
-    session ends (FATAL) before the pipeline's end. The block committed: it returns as committed,
-    its after-commit action runs, and the connection is not pooled (the next block gets another)."""
-    proxy = _SessionEndsAfter(postgres_url, _COMMIT_COMPLETE)
+    session ends (a FATAL error, or the socket just closes) before the pipeline's end. The block
+    committed: it returns as committed, its after-commit action runs, and the connection is not
+    pooled (the next block gets another)."""
+    proxy = _SessionEndsAfter(postgres_url, _COMMIT_COMPLETE, fatal=fatal)
     db = PostgresDatabase(proxy.url, pool_size=1, timeout=30.0)
     try:
         with db.transaction() as tx:
