@@ -21,10 +21,10 @@ PAUSED = r"storage unavailable: not taking delivery tasks from \S+ until it answ
 RESUMED = r"storage answers again: taking delivery tasks from \S+"
 
 
-def wait_until(condition: Callable[[], bool], what: str, timeout: float = 90) -> None:
+def wait_until(condition: Callable[[], bool], what: str | Callable[[], str], timeout: float = 90) -> None:
     deadline = time.monotonic() + timeout
     while not condition():
-        assert time.monotonic() < deadline, what
+        assert time.monotonic() < deadline, what if isinstance(what, str) else what()
         time.sleep(0.1)
 
 
@@ -51,7 +51,13 @@ def test_the_worker_takes_no_task_while_its_storage_is_down(
         publisher.dispatch("0" * 32, 0)  # a task arrives during the outage
     finally:
         publisher.close()
-    wait_until(lambda: messages_left(REDIS_URL, queue) == 1, "the message never reached the queue")
+    wait_until(
+        lambda: messages_left(REDIS_URL, queue) == 1,
+        lambda: (
+            f"the message never reached the queue ({messages_left(REDIS_URL, queue)} messages); "
+            f"worker logs:\n{workers.logs()[-4000:]}"
+        ),
+    )
     # Several probe periods later it is still waiting in the broker, not taken and retried.
     watched_until = time.monotonic() + 3
     while time.monotonic() < watched_until:
