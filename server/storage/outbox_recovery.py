@@ -67,13 +67,16 @@ def take_for_republish(
 
 
 def due_again(tx: Transaction, challenge_ids: list[str], now_ms: int) -> None:
-    """Rows taken for a republish whose publish failed: due at the next round, not after a wait."""
-    for challenge_id in challenge_ids:
-        tx.execute(
-            "UPDATE challenges SET next_publish_at = %(now)s WHERE challenge_id = %(c)s "
-            "AND delivery_status = 'queued'",
-            {"now": now_ms, "c": challenge_id},
-        )
+    """Rows taken for a republish whose publish failed: due at the next round, not after a wait.
+    One statement for the batch (up to recovery's BATCH ids), as store.methods_of_users reads."""
+    if not challenge_ids:
+        return
+    placeholders = ", ".join(f"%(c{i})s" for i in range(len(challenge_ids)))
+    tx.execute(
+        "UPDATE challenges SET next_publish_at = %(now)s "  # noqa: S608 - placeholders only
+        f"WHERE challenge_id IN ({placeholders}) AND delivery_status = 'queued'",
+        {"now": now_ms, **{f"c{i}": c for i, c in enumerate(challenge_ids)}},
+    )
 
 
 def claimed_but_unpublished(tx: Transaction, *, created_before: int, limit: int) -> list[ChallengeRecord]:
