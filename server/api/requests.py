@@ -94,8 +94,24 @@ def time_range(
     since: timestamp_pb2.Timestamp | None, until: timestamp_pb2.Timestamp | None
 ) -> tuple[int | None, int | None]:
     """[since, until) in milliseconds; until must come after since."""
-    since_ms = None if since is None else since.seconds * 1000 + since.nanos // 1_000_000
-    until_ms = None if until is None else until.seconds * 1000 + until.nanos // 1_000_000
+    since_ms, until_ms = _audit_ms(since, "since"), _audit_ms(until, "until")
     if since_ms is not None and until_ms is not None and until_ms <= since_ms:
         raise InvalidArgument("INVALID_AUDIT_FILTER", "until must be after since")
     return since_ms, until_ms
+
+
+# Timestamp's own range (RFC 3339 years 0001 to 9999): outside it a value is no time, and its
+# milliseconds may not fit the stores' 64-bit integers.
+_MIN_TIMESTAMP_SECONDS = -62_135_596_800
+_MAX_TIMESTAMP_SECONDS = 253_402_300_799
+
+
+def _audit_ms(value: timestamp_pb2.Timestamp | None, field: str) -> int | None:
+    if value is None:
+        return None
+    if not (_MIN_TIMESTAMP_SECONDS <= value.seconds <= _MAX_TIMESTAMP_SECONDS and 0 <= value.nanos < 10**9):
+        raise InvalidArgument(
+            "INVALID_AUDIT_FILTER", f"{field} must be a time from year 0001 to 9999 (google.protobuf.Timestamp)"
+        )
+    return value.seconds * 1000 + value.nanos // 1_000_000
+

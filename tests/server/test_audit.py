@@ -108,6 +108,10 @@ def test_list_audit_events_filters_by_time_range(start_server: ServerFactory, cl
         {"actions": ["x" * 65]},
         {"actions": [""]},
         {"actions": [f"a{n}" for n in range(51)]},
+        # Beyond Timestamp's years 0001-9999: the milliseconds overflowed SQLite's integers (INTERNAL).
+        {"since": timestamp_pb2.Timestamp(seconds=2**62)},
+        {"until": timestamp_pb2.Timestamp(seconds=-(2**62))},
+        {"since": timestamp_pb2.Timestamp(seconds=253_402_300_800)},
     ],
 )
 def test_a_bad_filter_is_invalid_audit_filter(
