@@ -111,7 +111,7 @@ def _audit_ms(value: timestamp_pb2.Timestamp | None, field: str) -> int | None:
         return None
     if not (_MIN_TIMESTAMP_SECONDS <= value.seconds <= _MAX_TIMESTAMP_SECONDS and 0 <= value.nanos < 10**9):
         raise InvalidArgument(
-            "INVALID_AUDIT_FILTER", f"{field} must be a time from year 0001 to 9999 (google.protobuf.Timestamp)"
+            "INVALID_AUDIT_FILTER",
+            f"{field} must be a time from year 0001 to 9999 (google.protobuf.Timestamp)",
         )
     return value.seconds * 1000 + value.nanos // 1_000_000
-

@@ -224,6 +224,21 @@ def count_unused_backup_codes(tx: Transaction, user_id: str) -> int:
     return int(row[0]) if row else 0
 
 
+def count_unused_backup_codes_of_users(tx: Transaction, user_ids: Iterable[str]) -> dict[str, int]:
+    """count_unused_backup_codes for a page of users, in one statement (ListUsers)."""
+    ids = list(user_ids)
+    counts = dict.fromkeys(ids, 0)
+    if ids:
+        placeholders = ", ".join(f"%(u{i})s" for i in range(len(ids)))
+        rows = tx.all(
+            "SELECT user_id, COUNT(*) AS n FROM backup_codes "  # noqa: S608
+            f"WHERE user_id IN ({placeholders}) AND used_at IS NULL GROUP BY user_id",
+            {f"u{i}": u for i, u in enumerate(ids)},
+        )
+        counts.update((row["user_id"], int(row["n"])) for row in rows)
+    return counts
+
+
 def use_backup_code(tx: Transaction, user_id: str, position: int, now_ms: int) -> bool:
     """Mark a code used; False when another call used it first."""
     return (

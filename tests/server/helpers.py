@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
 import pyotp
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
@@ -83,3 +87,40 @@ def retry_info(error: Exception) -> error_details_pb2.RetryInfo | None:
             detail.Unpack(info)
             return info
     return None
+
+
+class CountingDatabase:
+    """The real database, counting the statements and transactions a use case runs through it."""
+
+    def __init__(self, db: Any) -> None:
+        self._db = db
+        self.dialect = db.dialect
+        self.statements_run = 0
+        self.transactions = 0
+
+    @contextmanager
+    def transaction(self) -> Iterator[Any]:
+        self.transactions += 1
+        with self._db.transaction() as tx:
+            yield _CountedTransaction(tx, self)
+
+    @contextmanager
+    def statements(self) -> Iterator[Any]:
+        with self._db.statements() as tx:
+            yield _CountedTransaction(tx, self)
+
+
+class _CountedTransaction:
+    def __init__(self, tx: Any, owner: CountingDatabase) -> None:
+        self._tx, self._owner = tx, owner
+
+    def __getattr__(self, name: str) -> Any:
+        attribute = getattr(self._tx, name)
+        if name not in ("execute", "one", "all", "hot_row", "hot_rows"):
+            return attribute
+
+        def counted(*args: Any, **kwargs: Any) -> Any:
+            self._owner.statements_run += 1
+            return attribute(*args, **kwargs)
+
+        return counted

@@ -17,6 +17,7 @@ from tests.server.helpers import (
     EMAIL,
     LOCKED_FOR_GOOD_AFTER_3,
     SMS,
+    CountingDatabase,
     enroll_authenticator,
     error_info,
     totp_now,
@@ -24,6 +25,7 @@ from tests.server.helpers import (
 )
 from tests.server.stored_rows import query
 from twofactor_server.domain.keyring import CHALLENGE_CODE, Keyring
+from twofactor_server.usecases.admin import Admin
 
 Metadata = tuple[tuple[str, str], ...]
 
@@ -579,6 +581,32 @@ def test_list_users_pages_through_every_user_and_filters_by_enabled(harness: Har
         harness, page_size=0, user_filter=admin_pb.USER_FILTER_UNSPECIFIED
     )
     assert len(everyone) == 25 and default_sizes == [25]
+
+
+def test_list_users_reads_a_page_in_two_statements_with_each_users_own_count(
+    harness: Harness, clock: Clock
+) -> None:
+    """A statement per user put a full page (1,000) past the storage timeout on a database a few
+    milliseconds away; the page's counts come from one grouped statement, each user's own."""
+    used = {"p-0": 0, "p-1": 1, "p-2": 3}
+    for user_id, spent in used.items():
+        _, backup = enroll_authenticator(harness, clock, user_id)
+        for code in backup[:spent]:
+            assert verify(harness, user_id, code).result == pb.VERIFY_RESULT_ACCEPTED
+    harness.twofactor.SetContact(
+        pb.SetContactRequest(user_id="p-3", email="p3@example.com"), metadata=harness.app_metadata
+    )
+    db = CountingDatabase(harness.server.db)
+    admin_cases = Admin(db, harness.settings.policy, None, clock)  # type: ignore[arg-type]
+    users, next_token = admin_cases.list_users(page_size=10, page_token="", enabled=None)
+    assert next_token == ""
+    assert {u.user_id: u.backup_codes_remaining for u in users} == {
+        "p-0": 10,
+        "p-1": 9,
+        "p-2": 7,
+        "p-3": 0,
+    }
+    assert (db.transactions, db.statements_run) == (1, 3)  # the users, their methods, their counts
 
 
 def test_list_users_refuses_an_unknown_filter_and_page_size(harness: Harness) -> None:

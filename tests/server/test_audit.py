@@ -3,10 +3,7 @@ TWOFACTOR_AUDIT_VERIFICATIONS=all), and ListAuditEvents filtered by action and t
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import replace
-from typing import Any
 
 import grpc
 import pytest
@@ -15,7 +12,7 @@ from twofactor.v1 import admin_service_pb2 as admin_pb
 from twofactor.v1 import twofactor_service_pb2 as pb
 
 from tests.conftest import TEST_KEYS, Clock, Harness, ServerFactory
-from tests.server.helpers import enroll_authenticator, error_info, totp_now
+from tests.server.helpers import CountingDatabase, enroll_authenticator, error_info, totp_now
 from twofactor_server.domain.keyring import Keyring
 from twofactor_server.domain.models import Caller, VerifyResult
 from twofactor_server.settings import PolicySettings
@@ -124,43 +121,6 @@ def test_a_bad_filter_is_invalid_audit_filter(
     assert error_info(refused.value).reason == "INVALID_AUDIT_FILTER"
 
 
-class _Counting:
-    """The real database, counting the statements and transactions a use case runs through it."""
-
-    def __init__(self, db: Any) -> None:
-        self._db = db
-        self.dialect = db.dialect
-        self.statements_run = 0
-        self.transactions = 0
-
-    @contextmanager
-    def transaction(self) -> Iterator[Any]:
-        self.transactions += 1
-        with self._db.transaction() as tx:
-            yield _CountedTransaction(tx, self)
-
-    @contextmanager
-    def statements(self) -> Iterator[Any]:
-        with self._db.statements() as tx:
-            yield _CountedTransaction(tx, self)
-
-
-class _CountedTransaction:
-    def __init__(self, tx: Any, owner: _Counting) -> None:
-        self._tx, self._owner = tx, owner
-
-    def __getattr__(self, name: str) -> Any:
-        attribute = getattr(self._tx, name)
-        if name not in ("execute", "one", "all", "hot_row", "hot_rows"):
-            return attribute
-
-        def counted(*args: Any, **kwargs: Any) -> Any:
-            self._owner.statements_run += 1
-            return attribute(*args, **kwargs)
-
-        return counted
-
-
 class _NeverDispatched:
     def dispatch(self, challenge_id: str) -> None:
         raise AssertionError("Verify sends nothing")
@@ -175,7 +135,7 @@ def test_the_fast_authenticator_path_keeps_its_statement_count_when_auditing_acc
     h = start_server()
     secret, _ = enroll_authenticator(h, clock, "cy")
     policy = replace(PolicySettings(), audit_verifications=mode)
-    db = _Counting(h.server.db)
+    db = CountingDatabase(h.server.db)
     keyring = Keyring.parse(TEST_KEYS)
     challenges = Challenges(db, keyring, policy, _NeverDispatched(), clock)  # type: ignore[arg-type]
     notices = Notices(db, keyring, policy, _NeverDispatched(), clock)  # type: ignore[arg-type]
