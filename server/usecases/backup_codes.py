@@ -32,10 +32,13 @@ class BackupCodes:
     def get_backup_codes(self, user_id: str, *, verification_token: str, caller: Caller) -> BackupCodeSet:
         """The unused codes of the current set, decrypted for display.
 
-        Invariant: shown only with a step-up proof for this user (require_step_up), and the
-        user is told by email (a notice)."""
+        Invariants: shown only with a step-up proof for this user (require_step_up) at the
+        credential epoch of the set shown (the row lock: a regeneration, reset or re-enrollment
+        committing between the proof's check and the read of the codes would otherwise show
+        the new set to the proof it retired); audited, and the user is told by email (a notice).
+        """
         with self._db.transaction() as tx:
-            user = existing_user(tx, user_id)
+            user = existing_user(tx, user_id, lock=True)
             enabled = require_enrolled(tx, user_id, self._policy)
             now = now_ms(self._clock)
             require_step_up(self._keyring, self._policy, user, enabled, verification_token, caller, now)
@@ -45,6 +48,7 @@ class BackupCodes:
                 )
                 for row in store.unused_backup_codes(tx, user_id)
             )
+            audit.record(tx, caller, now, user_id, "backup_codes_viewed", detail=f"{len(codes)} codes")
             self._notices.add(tx, user.email, user_id, "backup_codes_viewed", now)
             return BackupCodeSet(codes, user.backup_codes_generated_at)
 

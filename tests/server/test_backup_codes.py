@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import hashlib
 import re
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import grpc
+import psycopg
 import pytest
+from twofactor.v1 import admin_service_pb2 as admin_pb
 from twofactor.v1 import twofactor_service_pb2 as pb
 
 from tests.conftest import TEST_KEYS, Clock, Harness, ServerFactory
@@ -195,6 +198,53 @@ def test_no_backup_code_is_stored_in_clear(harness: Harness, clock: Clock) -> No
         for form in (code, canonical):
             digest = hashlib.sha256(form.encode()).digest()
             assert not any(digest in cell for cell in cells), "a backup code is stored as a plain hash"
+
+
+def test_showing_the_codes_is_audited(harness: Harness, clock: Clock) -> None:
+    secret, _ = enroll_authenticator(harness, clock, "vera")
+    shown = get_codes(harness, "vera", verified_token(harness, clock, "vera", secret))
+    viewed = [
+        (e.action, e.outcome, e.detail, e.actor)
+        for e in harness.admin.ListAuditEvents(
+            admin_pb.ListAuditEventsRequest(user_id="vera", actions=["backup_codes_viewed"]),
+            metadata=harness.admin_metadata,
+        ).events
+    ]
+    assert len(shown.codes) == 10
+    assert viewed == [("backup_codes_viewed", "success", "10 codes", "backend")]
+
+
+def test_showing_the_codes_waits_for_a_change_of_credentials_and_then_refuses_the_old_proof(
+    start_server: ServerFactory, clock: Clock, backend: str
+) -> None:
+    """A regeneration (or reset) committing while GetBackupCodes runs must not show the new set
+    to the proof it retired: the proof is checked under the user's row lock."""
+    if backend != "postgres":
+        return  # SQLite serializes writers (and this read) on the database lock
+    h = start_server()
+    secret, _ = enroll_authenticator(h, clock, "walt")
+    token = verified_token(h, clock, "walt", secret)
+    with psycopg.connect(h.settings.database_url, autocommit=True) as holder, ThreadPoolExecutor(1) as pool:
+        holder.execute("BEGIN")
+        holder.execute("UPDATE users SET credential_epoch = credential_epoch + 1 WHERE user_id = 'walt'")
+        shown = pool.submit(get_codes, h, "walt", token)
+        deadline = time.monotonic() + 30
+        while not shown.done() and not waiting_for(holder):
+            assert time.monotonic() < deadline, "GetBackupCodes neither answered nor waited for the row"
+            time.sleep(0.01)  # polling a condition
+        holder.execute("COMMIT")  # the regeneration commits; the call decides after it
+        with pytest.raises(grpc.RpcError) as refused:
+            shown.result(timeout=30)
+    assert error_info(refused.value).reason == "STEP_UP_REQUIRED"
+
+
+def waiting_for(holder: psycopg.Connection[tuple[object, ...]]) -> bool:
+    """Whether a session waits for a lock `holder` holds."""
+    row = holder.execute(
+        "SELECT count(*) FROM pg_stat_activity WHERE %s = ANY(pg_blocking_pids(pid))",
+        (holder.info.backend_pid,),
+    ).fetchone()
+    return bool(row and row[0])
 
 
 def test_backup_codes_need_an_enrolled_user(harness: Harness, clock: Clock) -> None:
