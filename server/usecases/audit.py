@@ -37,6 +37,13 @@ def record(
     )
 
 
+def spent_code(tx: Transaction, caller: Caller, at_ms: int, user_id: str, *, locked: bool) -> None:
+    """The authenticator code just accepted, sent again: a double submit or a replay of a captured
+    code. Not counted toward the lockout (it is spent), but an operator sees it."""
+    action = VERIFICATION_LOCKED if locked else VERIFICATION_REJECTED
+    record(tx, caller, at_ms, user_id, action, outcome="failure", detail="code already used")
+
+
 def event(
     caller: Caller, at_ms: int, user_id: str, action: str, *, outcome: str = "success", detail: str = ""
 ) -> NewAuditEvent:

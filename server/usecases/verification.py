@@ -115,14 +115,14 @@ class Verification:
                 assert sealed is not None
                 step = self._matching_step(user_id, app_code, sealed, now)
                 if step is not None and step == user.totp_last_step:
-                    # A double submit of the code just accepted: spent, so worth nothing to a
-                    # guesser; not a failure (and a reserved attempt is taken back).
+                    # The code just accepted, again: not a failure (a reserved attempt is taken back).
                     if reserved is not None:
                         self._release(tx, user, reserved)
                         user = existing_user(tx, user_id)
                     failures = user.failed_attempts
                     lock = lockout.lock_of(failures, user.locked_until, self._policy, now)
                     result = VerifyResult.REJECTED if lock is None else VerifyResult.LOCKED
+                    audit.spent_code(tx, caller, now, user_id, locked=lock is not None)
                     return self._outcome(tx, user_id, result, None, failures, lock, now)
             lock = lockout.lock_of(user.failed_attempts, user.locked_until, self._policy, now)
             if lock is not None and reserved is None:  # a reserved attempt was let in before the lock
@@ -251,8 +251,8 @@ class Verification:
         read = CachedSecret(sealed, version, seen.credential_epoch)
         self._sealed.put(user_id, read)
         if step is not None and step == seen.totp_last_step:
-            # The code just accepted, sent again: answered without counting (it is spent,
-            # so this tells a guesser nothing).
+            # The code just accepted, again: not counted (spent, it tells a guesser nothing).
+            audit.spent_code(q, caller, now, user_id, locked=False)
             return self._double_submit(q, user_id, seen.failed_attempts, now)
         if step is not None:
             accepted = self._accept_unlocked(q, user_id, step, read, now, accepted_event)

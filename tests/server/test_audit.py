@@ -72,6 +72,34 @@ def test_failures_are_audited_and_acceptances_are_not_by_default(
     assert [e.request_id for e in events(h, actions=["user_locked"])] == ["wrong-2"]
 
 
+def test_a_code_sent_again_after_its_acceptance_is_audited_without_counting(
+    start_server: ServerFactory, clock: Clock
+) -> None:
+    """A double submit, or a captured code replayed: REJECTED (LOCKED while the user is locked)
+    without a count, and an event each time. Replays left no trace before."""
+    h = start_server(policy={"lockout_threshold": 2, "max_consecutive_failures": 10})
+    secret, _ = enroll_authenticator(h, clock, "al")
+    code = totp_now(secret, clock)
+    assert verify_as(h, "al", code, "ok-1") == pb.VERIFY_RESULT_ACCEPTED
+    assert verify_as(h, "al", code, "again-1") == pb.VERIFY_RESULT_REJECTED  # the secret is cached
+    assert verify_as(h, "al", code, "again-2") == pb.VERIFY_RESULT_REJECTED
+    assert verify_as(h, "al", "000000", "wrong-1") == pb.VERIFY_RESULT_REJECTED
+    assert verify_as(h, "al", "000001", "wrong-2") == pb.VERIFY_RESULT_LOCKED
+    assert verify_as(h, "al", code, "again-locked") == pb.VERIFY_RESULT_LOCKED  # the locking path
+
+    found = [(e.action, e.request_id, e.outcome, e.detail) for e in events(h, actions=VERIFICATION_ACTIONS)]
+    assert list(reversed(found)) == [
+        ("verification_rejected", "again-1", "failure", "code already used"),
+        ("verification_rejected", "again-2", "failure", "code already used"),
+        ("verification_rejected", "wrong-1", "failure", "1 failures"),
+        ("verification_locked", "wrong-2", "failure", "2 failures"),
+        ("verification_locked", "again-locked", "failure", "code already used"),
+    ]
+    status = h.twofactor.GetStatus(pb.GetStatusRequest(user_id="al"), metadata=h.app_metadata)
+    assert status.locked_until.seconds > 0
+    assert [e.request_id for e in events(h, actions=["user_locked"])] == ["wrong-2"]  # 2 counted, not 5
+
+
 def test_with_all_an_accepted_code_is_audited_in_the_same_statement(
     start_server: ServerFactory, clock: Clock
 ) -> None:

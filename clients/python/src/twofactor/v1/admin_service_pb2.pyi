@@ -362,11 +362,14 @@ class AuditEvent(_message.Message):
     user_id: _builtins.str
     """The user acted on."""
     action: _builtins.str
-    """What happened: verification_rejected, verification_locked,
+    """What happened: verification_rejected, verification_locked (detail
+    "code already used": the authenticator code just accepted, sent again),
     verification_accepted (with TWOFACTOR_AUDIT_VERIFICATIONS=all),
     backup_code_used, code_sent, enrollment_started, enrollment_confirmed,
-    method_disabled, contact_changed, user_locked, user_unlocked, user_reset,
-    backup_codes_generated, backup_codes_regenerated.
+    method_disabled, contact_changed, contact_change_started,
+    contact_confirmed (outcome failure: a wrong code for the new address),
+    user_locked, user_unlocked, user_reset, backup_codes_generated,
+    backup_codes_regenerated, backup_codes_viewed.
     """
     request_id: _builtins.str
     """The x-request-id metadata of the call, or a generated id."""
