@@ -242,6 +242,16 @@ def test_admin_calls(client: twofactor.TwoFactorClient, admin: twofactor.AdminCl
     assert events[0].detail == "lost phone"
     assert [e.event_id for e in events] == sorted((e.event_id for e in events), reverse=True)
     assert len(admin.list_audit_events(user_id="u3", page_size=2).events) == 2
+    # The filters of ListAuditEvents: actions and [since, until).
+    changes = admin.iter_audit_events(actions=["user_reset", "user_unlocked"], page_size=1)
+    assert [(e.action, e.user_id) for e in changes] == [("user_reset", "u3"), ("user_unlocked", "u3")]
+    now = datetime.datetime.fromtimestamp(clock.now, datetime.UTC)
+    assert list(admin.iter_audit_events(user_id="u3", until=now - datetime.timedelta(days=1))) == []
+    assert admin.list_audit_events(actions=["user_reset"], since=now).events[0].detail == "lost phone"
+    naive = now.replace(tzinfo=None)  # read as UTC
+    assert len(admin.list_audit_events(user_id="u3", since=naive).events) >= 1
+    with pytest.raises(twofactor.InvalidArgument):
+        admin.list_audit_events(since=now, until=now)
 
 
 # --- errors, as the SDK raises them -------------------------------------------------------
@@ -552,6 +562,10 @@ def test_async_clients(server: Harness, clock: Clock) -> None:
             actions = [e.action async for e in admin.iter_audit_events(user_id="olga", page_size=3)]
             assert actions[0] == "user_reset"
             assert (await admin.list_audit_events(user_id="olga")).events[0].action == "user_reset"
+            later = datetime.datetime.fromtimestamp(clock.now + 1, datetime.UTC)
+            assert (await admin.list_audit_events(user_id="olga", since=later)).events == []
+            resets = [e.action async for e in admin.iter_audit_events(actions=["user_reset"], until=later)]
+            assert resets == ["user_reset"]
             with pytest.raises(twofactor.NotFound):
                 await admin.get_user(user_id="nobody")
 

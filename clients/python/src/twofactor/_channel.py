@@ -1,7 +1,8 @@
-"""Channel settings shared by the sync and async clients: TLS, retries, metadata."""
+"""What the sync and async clients share: channel settings (TLS, retries, metadata) and requests they build alike."""
 
 from __future__ import annotations
 
+import datetime
 import json
 import random
 import uuid
@@ -11,6 +12,8 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+
+from twofactor.v1 import admin_service_pb2
 
 DEFAULT_TIMEOUT = 5.0
 """Seconds a call may take when the caller passes no timeout."""
@@ -204,3 +207,23 @@ class ChannelSettings:
 
 def new_request_id() -> str:
     return str(uuid.uuid4())
+
+
+def audit_events_request(
+    *,
+    user_id: str,
+    actions: Sequence[str],
+    since: datetime.datetime | None,
+    until: datetime.datetime | None,
+    page_size: int,
+    page_token: str,
+) -> admin_service_pb2.ListAuditEventsRequest:
+    """ListAuditEvents' request; a naive datetime is read as UTC (protobuf's rule)."""
+    request = admin_service_pb2.ListAuditEventsRequest(
+        user_id=user_id, actions=list(actions), page_size=page_size, page_token=page_token
+    )
+    if since is not None:
+        request.since.FromDatetime(since)
+    if until is not None:
+        request.until.FromDatetime(until)
+    return request

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import datetime
 import time
 from collections.abc import AsyncIterator, Sequence
 from functools import cached_property
@@ -12,7 +13,14 @@ from typing import Any, Self, TypeVar
 from google.protobuf.message import Message
 from grpc import aio
 
-from twofactor._channel import DEFAULT_TIMEOUT, ChannelSettings, RetryPolicy, TlsConfig, new_request_id
+from twofactor._channel import (
+    DEFAULT_TIMEOUT,
+    ChannelSettings,
+    RetryPolicy,
+    TlsConfig,
+    audit_events_request,
+    new_request_id,
+)
 from twofactor.errors import error_from_rpc_error
 from twofactor.v1 import admin_service_pb2 as admin
 from twofactor.v1 import admin_service_pb2_grpc as admin_grpc
@@ -355,23 +363,48 @@ class AsyncAdminClient(_AsyncClient):
         self,
         *,
         user_id: str = "",
+        actions: Sequence[str] = (),
+        since: datetime.datetime | None = None,
+        until: datetime.datetime | None = None,
         page_size: int = 0,
         page_token: str = "",
         timeout: float | None = None,
         request_id: str | None = None,
     ) -> admin.ListAuditEventsResponse:
-        """One page of audit events, newest first; `user_id` restricts them to one user."""
-        request = admin.ListAuditEventsRequest(user_id=user_id, page_size=page_size, page_token=page_token)
+        """One page of audit events, newest first: of one user (`user_id`), of some `actions`,
+        in [`since`, `until`) (a naive datetime is UTC); every event by default."""
+        request = audit_events_request(
+            user_id=user_id,
+            actions=actions,
+            since=since,
+            until=until,
+            page_size=page_size,
+            page_token=page_token,
+        )
         return await self._call(self._stub.ListAuditEvents, request, timeout, request_id)
 
     async def iter_audit_events(
-        self, *, user_id: str = "", page_size: int = 0, timeout: float | None = None
+        self,
+        *,
+        user_id: str = "",
+        actions: Sequence[str] = (),
+        since: datetime.datetime | None = None,
+        until: datetime.datetime | None = None,
+        page_size: int = 0,
+        timeout: float | None = None,
     ) -> AsyncIterator[admin.AuditEvent]:
-        """Every audit event, newest first, fetching pages as needed."""
+        """Every audit event that list_audit_events' filters select, newest first, fetching pages
+        as needed (`timeout` applies to each page)."""
         page_token = ""
         while True:
             page = await self.list_audit_events(
-                user_id=user_id, page_size=page_size, page_token=page_token, timeout=timeout
+                user_id=user_id,
+                actions=actions,
+                since=since,
+                until=until,
+                page_size=page_size,
+                page_token=page_token,
+                timeout=timeout,
             )
             for event in page.events:
                 yield event

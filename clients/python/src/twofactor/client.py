@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime
 import time
 from collections.abc import Iterator, Sequence
 from functools import cached_property
@@ -11,7 +12,14 @@ from typing import Any, Self, TypeVar
 import grpc
 from google.protobuf.message import Message
 
-from twofactor._channel import DEFAULT_TIMEOUT, ChannelSettings, RetryPolicy, TlsConfig, new_request_id
+from twofactor._channel import (
+    DEFAULT_TIMEOUT,
+    ChannelSettings,
+    RetryPolicy,
+    TlsConfig,
+    audit_events_request,
+    new_request_id,
+)
 from twofactor.errors import error_from_rpc_error
 from twofactor.v1 import admin_service_pb2 as admin
 from twofactor.v1 import admin_service_pb2_grpc as admin_grpc
@@ -347,23 +355,48 @@ class AdminClient(_Client):
         self,
         *,
         user_id: str = "",
+        actions: Sequence[str] = (),
+        since: datetime.datetime | None = None,
+        until: datetime.datetime | None = None,
         page_size: int = 0,
         page_token: str = "",
         timeout: float | None = None,
         request_id: str | None = None,
     ) -> admin.ListAuditEventsResponse:
-        """One page of audit events, newest first; `user_id` restricts them to one user."""
-        request = admin.ListAuditEventsRequest(user_id=user_id, page_size=page_size, page_token=page_token)
+        """One page of audit events, newest first: of one user (`user_id`), of some `actions`,
+        in [`since`, `until`) (a naive datetime is UTC); every event by default."""
+        request = audit_events_request(
+            user_id=user_id,
+            actions=actions,
+            since=since,
+            until=until,
+            page_size=page_size,
+            page_token=page_token,
+        )
         return self._call(self._stub.ListAuditEvents, request, timeout, request_id)
 
     def iter_audit_events(
-        self, *, user_id: str = "", page_size: int = 0, timeout: float | None = None
+        self,
+        *,
+        user_id: str = "",
+        actions: Sequence[str] = (),
+        since: datetime.datetime | None = None,
+        until: datetime.datetime | None = None,
+        page_size: int = 0,
+        timeout: float | None = None,
     ) -> Iterator[admin.AuditEvent]:
-        """Every audit event, newest first, fetching pages as needed."""
+        """Every audit event that list_audit_events' filters select, newest first, fetching pages
+        as needed (`timeout` applies to each page)."""
         page_token = ""
         while True:
             page = self.list_audit_events(
-                user_id=user_id, page_size=page_size, page_token=page_token, timeout=timeout
+                user_id=user_id,
+                actions=actions,
+                since=since,
+                until=until,
+                page_size=page_size,
+                page_token=page_token,
+                timeout=timeout,
             )
             yield from page.events
             page_token = page.next_page_token
