@@ -275,6 +275,14 @@ def take_sms_send(tx: Transaction, hour: int, country: str, cap: int) -> bool:
     )
 
 
+def give_back_sms_send(tx: Transaction, hour: int, country: str) -> None:
+    """Uncount one text of (hour, country): a send that was counted, then voided."""
+    tx.execute(
+        "UPDATE sms_send_counts SET sends = sends - 1 WHERE hour = %(h)s AND country = %(c)s AND sends > 0",
+        {"h": hour, "c": country},
+    )
+
+
 # ---- audit -----------------------------------------------------------------
 
 

@@ -18,7 +18,7 @@ from twofactor_server.storage import outbox, store
 from twofactor_server.storage.database import Database, Transaction
 from twofactor_server.storage.records import ChallengeRecord, ChallengeStatus, NewChallenge
 from twofactor_server.usecases import audit
-from twofactor_server.usecases.sms_guard import take_sms_quota
+from twofactor_server.usecases.sms_guard import give_back_sms_quota, take_sms_quota
 from twofactor_server.usecases.users import require_allowed, unknown_user
 
 AUTHENTICATOR, EMAIL, SMS = "authenticator", "email", "sms"
@@ -168,6 +168,8 @@ class Challenges:
         except Unavailable:
             with self._db.transaction() as tx:
                 voided = outbox.void_unpublished(tx, challenge_id, now_ms(self._clock))
+                if voided and method == SMS:
+                    give_back_sms_quota(tx, destination, policy, now)
             if voided:
                 metrics.code_sent(method, "not_queued")
                 raise

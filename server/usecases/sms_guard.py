@@ -59,3 +59,14 @@ def take_sms_quota(tx: Transaction, phone: str, policy: PolicySettings, now: int
                 metadata={"country": country},
                 retry_after=retry_after,
             )
+
+
+def give_back_sms_quota(tx: Transaction, phone: str, policy: PolicySettings, counted_at: int) -> None:
+    """Uncount what take_sms_quota counted at `counted_at` for a send that was voided (its caller
+    told UNAVAILABLE): such a send is counted toward no limit, or a broker outage would use up
+    the hour's texts. Nothing when that hour is over (its counts are gone)."""
+    hour = counted_at // HOUR_MS
+    country = phone_country(phone)
+    for bucket, cap in ((country, policy.sms_per_country_per_hour), (ALL_COUNTRIES, policy.sms_per_hour)):
+        if cap:  # take_sms_quota's order and condition
+            store.give_back_sms_send(tx, hour, bucket)

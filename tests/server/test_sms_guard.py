@@ -13,6 +13,7 @@ from twofactor.v1 import twofactor_service_pb2 as pb
 from tests.conftest import Clock, Harness, ServerFactory
 from tests.server.helpers import SMS, error_info, retry_info
 from tests.server.stored_rows import query
+from twofactor_server.domain.errors import Unavailable
 from twofactor_server.domain.sms_countries import UNKNOWN, phone_country
 from twofactor_server.settings import Settings, SettingsError
 
@@ -132,6 +133,57 @@ def test_hourly_caps_per_country_and_in_all(start_server: ServerFactory, clock: 
     clock.advance(3000)  # the next clock hour
     text_a_code(h, "fr-2", FR.format(12))
     assert len(dispatcher.challenge_ids) == 4
+
+
+class SwitchableQueue(RecordingDispatcher):
+    """A queue that can be down: a send whose publish fails is voided, and its caller told UNAVAILABLE."""
+
+    down = False
+
+    def dispatch(self, challenge_id: str) -> None:
+        if self.down:
+            raise Unavailable("BROKER_UNAVAILABLE", "the delivery queue can't be reached; retry later")
+        super().dispatch(challenge_id)
+
+
+def test_texts_voided_in_a_queue_outage_use_none_of_the_hours_caps(
+    start_server: ServerFactory, clock: Clock
+) -> None:
+    """Clients told BROKER_UNAVAILABLE retry; their voided sends counted toward the hour's caps,
+    and once the queue was back every text was refused until the next hour."""
+    clock.now = 1_800_000_000.0 - 1_800_000_000.0 % 3600 + 600
+    queue = SwitchableQueue()
+    h = start_server(
+        dispatcher=queue,
+        policy={
+            **NO_USER_LIMITS,
+            "resend_cooldown_seconds": 0,
+            "sms_per_country_per_hour": 2,
+            "sms_per_hour": 3,
+        },
+    )
+    text_a_code(h, "fr-0", FR.format(20))
+    queue.down = True
+    for n in range(5):
+        with pytest.raises(grpc.RpcError) as refused:
+            text_a_code(h, f"fr-{n + 1}", FR.format(21 + n))
+        assert error_info(refused.value).reason == "BROKER_UNAVAILABLE"
+    queue.down = False
+    text_a_code(h, "fr-1", FR.format(21))  # the country's second text of the hour
+    with pytest.raises(grpc.RpcError) as country_cap:
+        text_a_code(h, "fr-2", FR.format(22))
+    assert error_info(country_cap.value).reason == "SMS_COUNTRY_LIMIT"  # the cap still holds
+    text_a_code(h, "us-0", US.format(20))  # the third in all
+    with pytest.raises(grpc.RpcError) as global_cap:
+        text_a_code(h, "us-1", US.format(21))
+    assert error_info(global_cap.value).reason == "SMS_GLOBAL_LIMIT"
+    assert len(queue.challenge_ids) == 3
+    counts = query(h.settings, "SELECT country, sends FROM sms_send_counts ORDER BY country", {})
+    assert counts == [
+        {"country": "*", "sends": 3},
+        {"country": "FR", "sends": 2},
+        {"country": "US", "sends": 1},
+    ]
 
 
 def test_concurrent_sends_cant_pass_the_caps(start_server: ServerFactory) -> None:
