@@ -131,6 +131,20 @@ def reset_user(tx: Transaction, user_id: str) -> None:
     )
 
 
+def withdraw_codes_sent_elsewhere(
+    tx: Transaction, user_id: str, method: str, destination: str, now_ms: int
+) -> None:
+    """The user's unused codes of `method` that went to another address than `destination`
+    stop working (as at a reset): whoever holds the old mailbox or SIM, often the reason for
+    the change, can't finish a login or enrollment with them. Notices still go."""
+    tx.execute(
+        "UPDATE challenges SET superseded_at = COALESCE(superseded_at, %(now)s), code_ciphertext = NULL, "
+        "updated_at = %(now)s WHERE user_id = %(u)s AND method = %(m)s AND consumed_at IS NULL "
+        "AND purpose <> 'notice' AND destination <> %(d)s",
+        {"u": user_id, "m": method, "d": destination, "now": now_ms},
+    )
+
+
 def list_users(tx: Transaction, *, after: str, limit: int, enabled: bool | None) -> list[UserRecord]:
     condition = ""
     if enabled is not None:

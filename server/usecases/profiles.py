@@ -138,9 +138,10 @@ class UserProfiles:
         """Put the new address of a pending contact change in force with the code sent to it.
 
         Invariants: a wrong code counts toward the lockout like a wrong login code, and a
-        locked user can't confirm; the change moves the credential epoch on, is audited and
-        told to the old email address; the answer carries a step-up proof at the new epoch
-        (the code just proved the user holds the new address).
+        locked user can't confirm; the change moves the credential epoch on, withdraws the
+        codes sent to the old address, is audited and told to the old email address; the
+        answer carries a step-up proof at the new epoch (the code just proved the user holds
+        the new address).
         """
         if method not in CONTACT_OF:
             raise InvalidArgument("INVALID_METHOD", "ConfirmContact takes METHOD_EMAIL or METHOD_SMS")
@@ -168,6 +169,7 @@ class UserProfiles:
                 state = load_state(tx, existing_user(tx, user_id), self._policy, now)
                 return ContactConfirmation(wrong.result, state, attempts_left=wrong.attempts_left)
             store.set_contact(tx, user_id, column, pending.destination)
+            store.withdraw_codes_sent_elsewhere(tx, user_id, method, pending.destination, now)
             store.record_success(tx, user_id, now)
             audit.record(tx, caller, now, user_id, "contact_changed", detail=f"{column} confirmed")
             self._notices.add(

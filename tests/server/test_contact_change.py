@@ -21,6 +21,7 @@ from tests.server.helpers import (
     verified_token,
     verify,
 )
+from tests.server.stored_rows import query
 from tests.server.test_challenges import SharedRecordingSms
 from tests.smtp_sink import SmtpSink, code_in, running_sink
 
@@ -185,9 +186,40 @@ def test_a_new_phone_for_enabled_sms_is_confirmed_by_a_text_to_it(h: Harness, cl
     code = sms_code(wait_for_text("+14155550102"))
     # The old number still gets the login codes.
     h.twofactor.SendCode(pb.SendCodeRequest(user_id="cy", method=SMS), metadata=h.app_metadata)
-    assert wait_for_text("+14155550101", after=enroll_text).startswith("Your twofactor verification code")
+    old_number_text = wait_for_text("+14155550101", after=enroll_text)
+    assert old_number_text.startswith("Your twofactor verification code")
     confirmed = confirm_contact(h, "cy", SMS, code)
     assert confirmed.result == pb.CONFIRM_RESULT_CONFIRMED and confirmed.masked_phone == "+1******0102"
+    # The login code texted to the old number, unused, stopped working with the change.
+    assert verify(h, "cy", sms_code(old_number_text)).result == pb.VERIFY_RESULT_REJECTED
+
+
+def test_codes_sent_to_the_old_address_stop_working_once_the_new_one_is_confirmed(
+    h: Harness, sink: SmtpSink
+) -> None:
+    """Whoever holds the old mailbox (often why the address changes) can't finish a login with a
+    code mailed there before the change; a code sent to the new address works."""
+    enroll_email(h, sink, "eli", "eli@old.example")
+    token = email_token(h, sink, "eli")
+    to, old_code = login_code_by_email(h, sink, "eli")
+    assert to == "eli@old.example"
+    before = len(sink.messages)
+    h.twofactor.SetContact(
+        pb.SetContactRequest(user_id="eli", email="eli@new.example", verification_token=token),
+        metadata=h.app_metadata,
+    )
+    code = code_in(sink.message_to("eli@new.example", "Confirm", after=before))
+    assert confirm_contact(h, "eli", EMAIL, code).result == pb.CONFIRM_RESULT_CONFIRMED
+    assert verify(h, "eli", old_code).result == pb.VERIFY_RESULT_REJECTED
+    stored = query(
+        h.settings,
+        "SELECT destination, superseded_at IS NOT NULL AS withdrawn, code_ciphertext IS NULL AS wiped "
+        "FROM challenges WHERE user_id = 'eli' AND purpose = 'login' ORDER BY created_at",
+    )
+    assert stored[-1] == {"destination": "eli@old.example", "withdrawn": True, "wiped": True}
+    to, new_code = login_code_by_email(h, sink, "eli")
+    assert to == "eli@new.example"
+    assert verify(h, "eli", new_code).result == pb.VERIFY_RESULT_ACCEPTED
 
 
 def test_the_contact_of_an_enabled_method_cannot_be_removed(h: Harness, sink: SmtpSink) -> None:
