@@ -84,13 +84,15 @@ class Challenges:
         locale: str,
         caller: Caller,
         new_destination: str | None = None,
+        cooldown: bool = True,
     ) -> ChallengeView:
         """Commit a new code for `purpose` and hand it to delivery: to the registered contact, or
         for purpose CONTACT to `new_destination`, the address it confirms.
 
         Invariants: the send limits (cooldown, per user and per destination per hour) are
         checked under the user's row lock and the destination's lock, so they hold exactly
-        across concurrent calls and server processes; a repeated idempotency key within its
+        across concurrent calls and server processes (cooldown=False: all but the cooldown, for
+        the second code of one call that sends two); a repeated idempotency key within its
         window returns the first challenge and sends nothing; only a committed row is
         published, since the worker reads it back by id.
 
@@ -134,7 +136,7 @@ class Challenges:
                     return self._view(tx, earlier)
                 if earlier is not None:
                     outbox.forget_idempotency_key(tx, earlier.challenge_id)
-            self._enforce_send_limits(recent, now)
+            self._enforce_send_limits(recent, now, cooldown=cooldown)
             if method == SMS:
                 take_sms_quota(tx, destination, policy, now)
             code = one_time_codes.new_code(policy.code_length)
@@ -213,11 +215,11 @@ class Challenges:
         outbox.count_challenge_attempt(tx, challenge.challenge_id, now)
         return False
 
-    def _enforce_send_limits(self, recent: outbox.RecentSends, now: int) -> None:
+    def _enforce_send_limits(self, recent: outbox.RecentSends, now: int, *, cooldown: bool) -> None:
         policy = self._policy
         last = recent.last_ms
         cooldown_ends = (last or 0) + policy.resend_cooldown_seconds * 1000
-        if last is not None and cooldown_ends > now:
+        if cooldown and last is not None and cooldown_ends > now:
             metrics.send_refused("RESEND_TOO_SOON")
             raise ResourceExhausted(
                 "RESEND_TOO_SOON",

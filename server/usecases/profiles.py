@@ -130,6 +130,8 @@ class UserProfiles:
                     locale=locale,
                     caller=caller,
                     new_destination=destination,
+                    # A new email and a new phone in one call: the cooldown applies to the call.
+                    cooldown=not confirmations,
                 )
             )
         return ContactChange(state, tuple(confirmations))

@@ -356,3 +356,59 @@ def test_an_email_enrollment_is_confirmed_only_for_the_address_its_code_reached(
     status = h.twofactor.GetStatus(pb.GetStatusRequest(user_id="vic"), metadata=h.app_metadata)
     assert list(status.enabled_methods) == []
     enroll_email(h, sink, "vic", "typo@exampel.com")  # started again: the new address gets its own code
+
+
+def test_a_new_email_and_phone_in_one_call_send_both_codes_under_the_cooldown(
+    start_server: ServerFactory, sink: SmtpSink, clock: Clock
+) -> None:
+    """The second confirmation code of one SetContact was refused RESEND_TOO_SOON by the first
+    (with the default 30 s cooldown) after the first code had gone: the pair could never change
+    in one call, and every retry mailed another code."""
+    SharedRecordingSms.outbox.clear()  # as in the `h` fixture
+    h = start_server(
+        email_provider="smtp",
+        smtp=sink.settings(),
+        sms_provider="tests.server.test_challenges:SharedRecordingSms",
+        policy={"resend_cooldown_seconds": 30},
+    )
+    enroll_email(h, sink, "zo", "zo@example.com")
+    clock.advance(31)
+    token = email_token(h, sink, "zo")
+    h.twofactor.SetContact(
+        pb.SetContactRequest(user_id="zo", phone="+14155550111", verification_token=token),
+        metadata=h.app_metadata,
+    )
+    clock.advance(31)
+    token = email_token(h, sink, "zo")  # the new number moved the credential epoch on
+    clock.advance(31)
+    h.twofactor.StartEnrollment(
+        pb.StartEnrollmentRequest(user_id="zo", method=SMS, verification_token=token), metadata=h.app_metadata
+    )
+    confirmed = h.twofactor.ConfirmEnrollment(
+        pb.ConfirmEnrollmentRequest(user_id="zo", method=SMS, code=sms_code(wait_for_text("+14155550111"))),
+        metadata=h.app_metadata,
+    )
+    assert confirmed.confirmed
+    clock.advance(31)
+
+    before = len(sink.messages)
+    change = h.twofactor.SetContact(
+        pb.SetContactRequest(
+            user_id="zo",
+            email="zo2@example.com",
+            phone="+14155550112",
+            verification_token=confirmed.verification_token,
+        ),
+        metadata=h.app_metadata,
+    )
+    assert change.email_confirmation.masked_destination == "z***@example.com"
+    assert change.phone_confirmation.masked_destination == "+1******0112"
+    email_code = code_in(sink.message_to("zo2@example.com", "Confirm", after=before))
+    phone_code = sms_code(wait_for_text("+14155550112"))
+    assert confirm_contact(h, "zo", EMAIL, email_code).result == pb.CONFIRM_RESULT_CONFIRMED
+    assert confirm_contact(h, "zo", SMS, phone_code).result == pb.CONFIRM_RESULT_CONFIRMED
+    # The cooldown still holds for the next call.
+    error = failed(
+        lambda: h.twofactor.SendCode(pb.SendCodeRequest(user_id="zo", method=EMAIL), metadata=h.app_metadata)
+    )
+    assert error_info(error).reason == "RESEND_TOO_SOON"

@@ -1,4 +1,4 @@
-"""What the sync and async clients share: channel settings (TLS, retries, metadata) and requests they build alike."""
+"""What the sync and async clients share: channel settings (TLS, retries, metadata), requests."""
 
 from __future__ import annotations
 
