@@ -7,15 +7,29 @@ import unicodedata
 
 import phonenumbers
 
-# Deliberately simple: one @, no spaces, a dotted domain. Full RFC 5322 accepts
-# addresses no mail relay will take; a typo is caught by the confirmation code.
-_EMAIL = re.compile(
-    r"^[^@\s<>()\[\],;:\"]{1,64}@[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?)+$"
+# One @, a dot-atom local part, a dotted ASCII domain. Full RFC 5322 accepts addresses no mail
+# relay will take (quoted strings, comments); a typo is caught by the confirmation code.
+# RFC 5322 atext, the characters of a dot-atom's atoms; RFC 6532 adds every non-ASCII character,
+# of which only letters, combining marks and decimal digits are taken (_LOCAL_PART_CATEGORIES):
+# a name in any script, not a full-width "@" or "<".
+_ATEXT = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789!#$%&'*+-/=?^_`{|}~")
+_LOCAL_PART_CATEGORIES = frozenset({"Lu", "Ll", "Lt", "Lm", "Lo", "Mn", "Mc", "Me", "Nd"})
+# LDH labels in lower case (matched after normalized_email lowers the address).
+_DOMAIN = re.compile(
+    r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?(?:\.[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?)+", re.ASCII
 )
 # What a person writes around an international number: a plus, then digits grouped by
 # spaces, dashes, dots or parentheses. The numbering plan itself is phonenumbers' to check.
 _PHONE_CHARACTERS = re.compile(r"\+[0-9 ().-]{1,31}")
+MAX_LOCAL_PART_CHARACTERS = 64
 MAX_EMAIL_BYTES = 254
+# The number types a code may be texted to. A landline, toll-free, premium-rate, shared-cost,
+# UAN, voicemail, pager or personal (forwarding) number either can't receive a text or costs
+# someone per message: premium and shared-cost numbers are how SMS pumping fraud is paid.
+# The US and Canada don't split mobile from fixed numbers: their plan says FIXED_LINE_OR_MOBILE.
+_TEXTABLE = frozenset(
+    {phonenumbers.PhoneNumberType.MOBILE, phonenumbers.PhoneNumberType.FIXED_LINE_OR_MOBILE}
+)
 
 
 def has_hidden_characters(text: str) -> bool:
@@ -26,22 +40,69 @@ def has_hidden_characters(text: str) -> bool:
     return any(unicodedata.category(character).startswith("C") for character in text)
 
 
-def is_valid_email(address: str) -> bool:
+def normalized_email(address: str) -> str | None:
+    """The form an address is stored, sent to and counted under (the per-destination send limit
+    compares stored strings): Unicode NFC, then lower case. None for anything but a plain
+    local@domain address (is_valid_email).
+
+    Lower case, the local part too: RFC 5321 lets a mailbox's local part be case-sensitive, but
+    the providers people use ignore case, so Victim@Example.com and victim@example.com are one
+    mailbox and must be one destination, or a case change gets a fresh send budget. Folding
+    here, once, keeps the comparison a plain string equality on both stores (SQLite's lower()
+    folds ASCII only, PostgreSQL's follows the database's locale). The domain is ASCII (LDH
+    labels; an internationalized domain comes in its xn-- form), so lower() is exact there; for
+    a non-ASCII local part lower() rather than casefold(): casefold rewrites letters (ß to ss)
+    into another string, not another case of the same one.
+    """
     if has_hidden_characters(address):
+        return None
+    # NFC: one string for the same letters, however typed (á precomposed or a + U+0301).
+    normalized = unicodedata.normalize("NFC", unicodedata.normalize("NFC", address).lower())
+    local, at, domain = normalized.rpartition("@")
+    if not (
+        at
+        and len(normalized.encode()) <= MAX_EMAIL_BYTES
+        and _is_dot_atom(local)
+        and _DOMAIN.fullmatch(domain)
+    ):
+        return None
+    return normalized
+
+
+def is_valid_email(address: str) -> bool:
+    return normalized_email(address) is not None
+
+
+def _is_dot_atom(local: str) -> bool:
+    """RFC 5322 dot-atom text: no quoted string (a quoted local part can hold "@", "<" or ","),
+    no leading, trailing or double dot; and no "=?": the email package reads an atom that
+    starts an RFC 2047 encoded word (=?utf-8?q?...?=) as one and decodes it, so the message
+    would go to another address than the one stored and shown."""
+    if not 0 < len(local) <= MAX_LOCAL_PART_CHARACTERS or "=?" in local:
         return False
-    return len(address.encode()) <= MAX_EMAIL_BYTES and _EMAIL.fullmatch(address) is not None
+    return all(
+        atom and all(character in _ATEXT or _is_non_ascii_letter(character) for character in atom)
+        for atom in local.split(".")
+    )
+
+
+def _is_non_ascii_letter(character: str) -> bool:
+    """A letter, combining mark (accents, vowel signs of Indic scripts) or decimal digit of any
+    script beyond ASCII: RFC 6532 internationalized local parts (ána@, 東京@)."""
+    return not character.isascii() and unicodedata.category(character) in _LOCAL_PART_CATEGORIES
 
 
 def normalized_phone(number: str) -> str | None:
-    """The E.164 form (+14155550123) of a number valid in its country's numbering plan, written
-    with its country code and optionally grouped (+1 415-555-0123); None for anything else."""
+    """The E.164 form (+14155550123) of a mobile number valid in its country's numbering plan,
+    written with its country code and optionally grouped (+1 415-555-0123); None for anything
+    else, a number of another type (_TEXTABLE) included."""
     if has_hidden_characters(number) or _PHONE_CHARACTERS.fullmatch(number) is None:
         return None
     try:
         parsed = phonenumbers.parse(number, None)
     except phonenumbers.NumberParseException:
         return None
-    if not phonenumbers.is_valid_number(parsed):
+    if not phonenumbers.is_valid_number(parsed) or phonenumbers.number_type(parsed) not in _TEXTABLE:
         return None
     return phonenumbers.format_number(parsed, phonenumbers.PhoneNumberFormat.E164)
 

@@ -195,11 +195,16 @@ class UserProfiles:
 
 
 def _valid_email(email: str | None) -> str | None:
-    if email and not contacts.is_valid_email(email):
+    """The address in its stored form (contacts.normalized_email: NFC, lower case), or None/empty
+    as given; refused unless it is a plain local@domain address."""
+    if not email:
+        return email
+    normalized = contacts.normalized_email(email)
+    if normalized is None:
         raise InvalidArgument(
             "INVALID_EMAIL", "email must be an address like ana@example.com, without control characters"
         )
-    return email
+    return normalized
 
 
 def _valid_phone(phone: str | None, policy: PolicySettings) -> str | None:
@@ -210,7 +215,7 @@ def _valid_phone(phone: str | None, policy: PolicySettings) -> str | None:
     normalized = contacts.normalized_phone(phone)
     if normalized is None:
         raise InvalidArgument(
-            "INVALID_PHONE", "phone must be a valid number with its country code, like +14155550123"
+            "INVALID_PHONE", "phone must be a mobile number with its country code, like +14155550123"
         )
     require_sms_country(normalized, policy)
     return normalized

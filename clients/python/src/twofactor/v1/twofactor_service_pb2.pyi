@@ -253,10 +253,16 @@ class SetContactRequest(_message.Message):
     user_id: _builtins.str
     """The user (1 to 256 bytes)."""
     email: _builtins.str
-    """Email address for codes. Absent leaves it unchanged; empty removes it."""
+    """Email address for codes. Absent leaves it unchanged; empty removes it.
+    A plain local@domain address (no quoted local part, no encoded word),
+    stored in lower case: one mailbox is one destination for the send limits.
+    Otherwise INVALID_ARGUMENT (INVALID_EMAIL).
+    """
     phone: _builtins.str
-    """Mobile number in E.164 form (+14155550123). Absent leaves it unchanged;
-    empty removes it.
+    """Mobile number with its country code (+14155550123, grouping allowed),
+    stored in E.164 form. Absent leaves it unchanged; empty removes it. A
+    landline, toll-free, premium-rate or shared-cost number is
+    INVALID_ARGUMENT (INVALID_PHONE): it can't take a text, or costs per text.
     """
     verification_token: _builtins.str
     """A verification_token from an accepted Verify (or an enabling ConfirmEnrollment)
