@@ -15,6 +15,7 @@ import threading
 from grpc_health.v1 import health, health_pb2
 
 from twofactor_server.domain.errors import StorageUnavailable
+from twofactor_server.observability import metrics
 from twofactor_server.storage.database import Database
 
 log = logging.getLogger(__name__)
@@ -87,5 +88,6 @@ class StorageHealth:
                     "UNAVAILABLE (STORAGE_UNAVAILABLE) until it does; check that it is running"
                 )
         self._serving = serving
+        metrics.storage_reachable(serving)
         for name in self._services:
             self._servicer.set(name, SERVING if serving else NOT_SERVING)

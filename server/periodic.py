@@ -7,6 +7,8 @@ import random
 import threading
 from collections.abc import Callable
 
+from twofactor_server.domain.errors import TwoFactorError
+
 log = logging.getLogger(__name__)
 # The OS generator: no state shared across forked workers, and the global random state stays alone.
 _JITTER = random.SystemRandom()
@@ -31,6 +33,10 @@ class Periodic:
         while not self._stopping.wait(delay):
             try:
                 self._job()
+            except TwoFactorError as error:  # expected (storage down): its one line says what and why
+                log.warning(
+                    "%s failed: %s; it runs again in %.0f s", self._name, error.message, self._interval
+                )
             except Exception:
                 log.exception("%s failed; it runs again in %.0f s", self._name, self._interval)
             delay = self._interval

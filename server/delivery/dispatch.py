@@ -20,11 +20,12 @@ import redis
 
 from twofactor_server.delivery.deliverer import Deliverer
 from twofactor_server.delivery.providers import build_email_sender, build_sms_sender
-from twofactor_server.delivery.recovery import OutboxRecovery
+from twofactor_server.delivery.recovery import OutboxRecovery, report_oldest_waiting
 from twofactor_server.delivery.task_queue import deliver_message, redis_bulk
 from twofactor_server.domain.clock import Clock, system_clock
 from twofactor_server.domain.errors import Unavailable
 from twofactor_server.domain.keyring import Keyring
+from twofactor_server.periodic import Periodic
 from twofactor_server.settings import Settings
 from twofactor_server.storage.database import Database
 
@@ -184,15 +185,25 @@ def build_dispatcher(
 ) -> tuple[CeleryDispatcher | InProcessDispatcher, Callable[[], None]]:
     """The dispatcher and its close function.
 
-    With a broker, the workers run outbox recovery. In-process, this server does:
-    a round at once, then every half recovery interval, stopped by the close function.
+    With a broker, the workers run outbox recovery, and this server only reports how long the
+    oldest code has waited (every half recovery interval). In-process, this server runs
+    recovery: a round at once, then every half recovery interval, stopped by the close function.
     """
     # Built in both modes so a bad provider setting (say, an SMS class that
     # doesn't import) stops the server at start rather than at the first send.
     deliverer = build_deliverer(settings, db=db, keyring=keyring, clock=clock)
     if settings.broker_url:
         celery_dispatcher = CeleryDispatcher(settings)
-        return celery_dispatcher, celery_dispatcher.close
+        watch = Periodic(
+            "outbox-watch", settings.outbox_recovery_seconds / 2, lambda: report_oldest_waiting(db, clock)
+        )
+        watch.start()
+
+        def close_queue() -> None:
+            watch.stop()
+            celery_dispatcher.close()
+
+        return celery_dispatcher, close_queue
     dispatcher = InProcessDispatcher(deliverer)
     recovery = OutboxRecovery(
         db, dispatcher.dispatch, recovery_seconds=settings.outbox_recovery_seconds, clock=clock

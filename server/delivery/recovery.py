@@ -127,3 +127,13 @@ class OutboxRecovery:
                 log.exception("outbox recovery round failed; trying again in %.1fs", self._interval)
             # Jitter spreads the rounds of many workers.
             self._stopped.wait(self._interval * _jitter.uniform(0.8, 1.2))
+
+
+def report_oldest_waiting(db: Database, clock: Clock = system_clock) -> None:
+    """Set twofactor_outbox_oldest_queued_seconds from the database, reading only. With a broker
+    the workers run recovery (and set it too); without this, a fleet with no worker running left
+    the server's gauge at 0 while codes waited, and "deliveries are stuck" never fired."""
+    with db.transaction() as tx:
+        oldest = outbox_recovery.oldest_waiting_created_at(tx)
+    now = now_ms(clock)
+    metrics.outbox_oldest_queued(0 if oldest is None else (now - oldest) / 1000)

@@ -92,6 +92,11 @@ outbox_oldest_queued_seconds = Gauge(
 outbox_republished_total = Counter(
     "twofactor_outbox_republished", "Challenges published again by outbox recovery."
 )
+storage_up = Gauge(
+    "twofactor_storage_up",
+    "1 when the database answered the last health probe, 0 when it did not.",
+    multiprocess_mode="min",  # one server process that can't reach it is worth an alert
+)
 broker_up = Gauge(
     "twofactor_broker_up",
     "1 when the delivery broker answered the last check, 0 when it did not.",
@@ -173,6 +178,10 @@ def outbox_oldest_queued(seconds: float) -> None:
 
 def outbox_republished(count: int = 1) -> None:
     outbox_republished_total.inc(count)
+
+
+def storage_reachable(up: bool) -> None:
+    storage_up.set(1 if up else 0)
 
 
 def broker_reachable(up: bool) -> None:

@@ -32,6 +32,7 @@ from tests.server.helpers import (
     verified_token,
     verify,
 )
+from tests.server.test_metrics import scrape, value
 from twofactor_server.app import SERVICE_NAMES
 from twofactor_server.settings import Settings
 from twofactor_server.storage.database import PostgresDatabase
@@ -270,15 +271,19 @@ def test_a_stopped_database_fails_fast_and_the_server_recovers_when_it_restarts(
 def test_health_goes_not_serving_while_frozen_without_any_call(
     start_server: ServerFactory, clock: Clock, cluster: PrivatePostgres
 ) -> None:
-    """The probe alone notices: a server nobody calls still reports its storage truthfully."""
-    h = start_server()
+    """The probe alone notices: a server nobody calls still reports its storage truthfully, in
+    its health and in twofactor_storage_up (which a broker outage, also UNAVAILABLE, leaves be)."""
+    h = start_server(metrics_listen="127.0.0.1:0")
     prepare(h, clock)
+    assert value(scrape(h), "twofactor_storage_up") == 1
     cluster.freeze()
     try:
         assert wait_for_health(h, NOT_SERVING, BOUND) < BOUND
+        assert value(scrape(h), "twofactor_storage_up") == 0
     finally:
         cluster.thaw()
     wait_for_health(h, SERVING, RECOVERY_BOUND)
+    assert value(scrape(h), "twofactor_storage_up") == 1
 
 
 def test_after_a_restart_the_pool_hands_out_no_broken_connection(
