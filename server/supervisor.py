@@ -162,7 +162,10 @@ def supervise(settings: Settings, processes: int) -> int:
             "stopping the others (see its message above)",
             file=sys.stderr,
         )
-        return _stop_all(children, settings, status=1)
+        # A child refusing its configuration at start (status 2: a bad setting, an unmigrated
+        # database) is the whole server's configuration error, as for `twofactor serve` alone.
+        starting = not all(c.listening.is_set() for c in children)
+        return _stop_all(children, settings, status=2 if starting and dead.process.returncode == 2 else 1)
     finally:
         reserved.close()
         if metrics is not None:

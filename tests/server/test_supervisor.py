@@ -183,6 +183,17 @@ def test_processes_must_be_a_count_or_auto(tmp_path: Path, postgres_url: str) ->
     assert "--processes takes a number from 1 to 256 or 'auto', got 'many'" in result.stderr
 
 
+def test_a_configuration_a_child_refuses_at_start_is_exit_status_2(tmp_path: Path, postgres_url: str) -> None:
+    """As `twofactor serve` alone: here a database the migrations have not reached (README,
+    Upgrades: exit status 2), with migrations at start turned off."""
+    env = {**production_env(tmp_path, postgres_url, free_port()), "TWOFACTOR_MIGRATE_ON_START": "false"}
+    result = subprocess.run(
+        [TWOFACTOR, "serve", "--processes", "2"], env=env, capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert "twofactor migrate" in result.stdout + result.stderr
+
+
 def test_a_child_that_dies_stops_the_others_and_the_supervisor_fails(
     tmp_path: Path, postgres_url: str
 ) -> None:
