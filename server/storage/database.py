@@ -39,6 +39,7 @@ from twofactor_server.storage.hot_statements import (
 from twofactor_server.storage.migrator import apply_migrations
 from twofactor_server.storage.migrator import migrations as migrations  # re-exported
 from twofactor_server.storage.pool import Pool
+from twofactor_server.storage.refusals import raise_if_refused
 from twofactor_server.storage.sqlite import SqliteDatabase as SqliteDatabase  # re-exported
 from twofactor_server.storage.units import CommitActions, Params, Row, raise_unavailable
 from twofactor_server.storage.units import Database as Database  # re-exported
@@ -202,6 +203,7 @@ class PostgresDatabase:
             try:
                 return self._pool.getconn(timeout=self._timeout)
             except PoolTimeout as error:
+                raise_if_refused(self._url, self._timeout)  # a refusal waiting can't mend: exit 2
                 if monotonic() >= give_up:
                     where = conninfo_to_dict(self._url)
                     log.error(

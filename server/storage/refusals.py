@@ -1,0 +1,57 @@
+"""Telling a database that refuses us from one that does not answer (yet), at start.
+
+psycopg_pool retries every failed connection in the background and start-up waits for one: right
+for a database that is starting too, wrong for a connection string that can never work. There
+the operator saw ten seconds of pool warnings, then "did not answer: is it running?", exit 1.
+"""
+
+from __future__ import annotations
+
+import psycopg
+from psycopg.conninfo import conninfo_to_dict
+
+from twofactor_server.setting_values import SettingsError
+
+# A server that answers FATAL with one of these accepts connections later: an outage to wait out.
+# Any other FATAL (no such database or role, a password or a host refused by pg_hba.conf) is a
+# configuration to fix, as is a connection string libpq can't read.
+_PASSING = (
+    "the database system is starting up",
+    "the database system is shutting down",
+    "the database system is not yet accepting connections",
+    "the database system is in recovery mode",
+    "too many clients",
+    "remaining connection slots are reserved",
+)
+
+
+def raise_if_refused(url: str, timeout: float) -> None:
+    """Connect once; SettingsError (exit 2) when the database's refusal, or libpq's, is permanent."""
+    try:
+        psycopg.connect(url, connect_timeout=max(1, round(timeout))).close()
+    except psycopg.Error as error:
+        reason = _permanent_reason(str(error))
+        if reason is not None:
+            where = _where(url)
+            raise SettingsError(
+                f"TWOFACTOR_DATABASE_URL: {where} refused the connection: {reason}; fix the URL "
+                "(host, port, database, user, password, options) or the database's roles"
+            ) from None
+
+
+def _permanent_reason(message: str) -> str | None:
+    if message.startswith("connection is bad:"):  # libpq could not read an option: never connects
+        return message.removeprefix("connection is bad:").strip().splitlines()[0]
+    _, fatal, reason = message.partition("FATAL:")
+    if fatal and not any(passing in reason for passing in _PASSING):
+        return reason.strip().splitlines()[0]
+    return None
+
+
+def _where(url: str) -> str:
+    try:
+        parts = conninfo_to_dict(url)
+    except psycopg.Error:
+        return "the database"
+    host, port, name = parts.get("host", "localhost"), parts.get("port", 5432), parts.get("dbname", "")
+    return f"the database at {host}:{port}/{name}"
