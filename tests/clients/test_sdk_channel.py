@@ -10,6 +10,10 @@ from __future__ import annotations
 
 import asyncio
 import datetime
+import re
+import subprocess
+import sys
+import textwrap
 import threading
 import uuid
 from collections.abc import Callable, Iterator
@@ -183,6 +187,9 @@ RETRIED = {
     "ResetUser",
     "UnlockUser",
 }
+# Writes the server may answer UNAVAILABLE after it committed them: repeated only by gRPC, when
+# no server answered (no response headers).
+NOT_REPEATED_AFTER_AN_ANSWER = {"DisableMethod", "GetBackupCodes", "ResetUser", "UnlockUser"}
 ALL_CALLS = [(rpc, False, *call) for rpc, call in TWOFACTOR_CALLS.items()] + [
     (rpc, True, *call) for rpc, call in ADMIN_CALLS.items()
 ]
@@ -250,9 +257,9 @@ def test_safe_calls_are_retried_on_unavailable_and_unsafe_ones_are_not(
     does: gRPC's own retry stops there, and the client repeats the call) or not (gRPC retries)."""
     recorder.headers_first = headers_first
     recorder.behaviours[rpc] = lambda n: unavailable(n) if n <= 2 else None
-    # DisableMethod, answered UNAVAILABLE by a server that may have committed it, is not
-    # repeated (its step-up token would be spent); with no answer gRPC retries it.
-    retried = rpc in RETRIED and not (headers_first and rpc == "DisableMethod")
+    # A write answered UNAVAILABLE by a server that may have committed it is not repeated (a
+    # spent step-up token, another audit event, another email); with no answer gRPC retries it.
+    retried = rpc in RETRIED and not (headers_first and rpc in NOT_REPEATED_AFTER_AN_ANSWER)
 
     with client_for(admin, target, retry=FAST_RETRY) as client:
         if retried:
@@ -265,6 +272,47 @@ def test_safe_calls_are_retried_on_unavailable_and_unsafe_ones_are_not(
     assert len(attempts) == (3 if retried else 1)
     # Every attempt of one call carries the call's request id.
     assert len({a.metadata["x-request-id"] for a in attempts}) == 1
+
+
+WRITES_NOT_REPEATED = [
+    (rpc, admin, method, kwargs)
+    for rpc, admin, method, kwargs in ALL_CALLS
+    if rpc in NOT_REPEATED_AFTER_AN_ANSWER
+]
+
+
+@pytest.mark.parametrize(("rpc", "admin", "method", "kwargs"), WRITES_NOT_REPEATED)
+def test_a_write_the_server_answered_unavailable_is_sent_once(
+    recorder: Recorder, target: str, rpc: str, admin: bool, method: str, kwargs: dict[str, Any]
+) -> None:
+    """The server's own UNAVAILABLE (after its headers) may follow a commit: ResetUser,
+    UnlockUser and GetBackupCodes would write another audit event (and reset / GetBackupCodes
+    email the user again), DisableMethod would find its step-up token spent. Sync and async."""
+    recorder.headers_first = True
+    recorder.behaviours[rpc] = unavailable
+
+    with client_for(admin, target, retry=FAST_RETRY) as client, pytest.raises(twofactor.Unavailable):
+        getattr(client, method)(**kwargs)
+
+    async def call_async() -> None:
+        cls = twofactor.AsyncAdminClient if admin else twofactor.AsyncTwoFactorClient
+        async with cls(target, token=TOKEN, retry=FAST_RETRY) as client:
+            with pytest.raises(twofactor.Unavailable):
+                await getattr(client, method)(**kwargs)
+
+    asyncio.run(call_async())
+
+    assert len(recorder.of(rpc)) == 2  # one attempt per client
+
+
+def test_the_readme_lists_the_calls_repeated_after_the_servers_unavailable() -> None:
+    readme = (Path(__file__).parents[2] / "clients/python/README.md").read_text()
+    repeated = re.search(r"repeated after the server's UNAVAILABLE:\n(.*?);", readme, re.DOTALL)
+    not_repeated = re.search(r"retried when no server answered only:(.*?)\n- ", readme, re.DOTALL)
+    assert repeated is not None and not_repeated is not None
+    rpcs = set(TWOFACTOR_CALLS) | set(ADMIN_CALLS)
+    assert set(re.findall(r"\w+", repeated[1])) == RETRIED - NOT_REPEATED_AFTER_AN_ANSWER
+    assert set(re.findall(r"\w+", not_repeated[1])) & rpcs == NOT_REPEATED_AFTER_AN_ANSWER
 
 
 @pytest.mark.parametrize("headers_first", [False, True], ids=["no-headers", "headers-first"])
@@ -357,12 +405,67 @@ def test_deadline_exceeded(recorder: Recorder, target: str) -> None:
     assert raised.value.code is grpc.StatusCode.DEADLINE_EXCEEDED
 
 
-def test_closed_client_refuses_calls(target: str) -> None:
-    with twofactor.TwoFactorClient(target, token=TOKEN) as client:
-        client.get_status(user_id="alice")
+CLOSED = "is closed .*: create a new client"
 
-    with pytest.raises(ValueError, match="closed channel"):
-        client.get_status(user_id="alice")
+
+@pytest.mark.parametrize("admin", [False, True], ids=["TwoFactorClient", "AdminClient"])
+def test_a_client_closed_before_its_first_call_raises_usage_error(target: str, admin: bool) -> None:
+    """A grpcio stub built on a closed channel crashes the process when called: the call runs in
+    a child process, so such a crash fails this test instead of the test run."""
+    script = textwrap.dedent(
+        f"""
+        import twofactor
+        client = twofactor.{"AdminClient" if admin else "TwoFactorClient"}({target!r}, token={TOKEN!r})
+        client.close()
+        try:
+            client.{"get_user" if admin else "get_status"}(user_id="alice")
+        except twofactor.UsageError as error:
+            print("raised", type(error).__name__, error.code.name, error)
+        """
+    )
+
+    child = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=60, check=False
+    )
+
+    assert child.returncode == 0, f"exit {child.returncode}: {child.stderr}"
+    assert re.fullmatch(f"raised UsageError FAILED_PRECONDITION .*{CLOSED}.*\n", child.stdout)
+
+
+@pytest.mark.parametrize("admin", [False, True], ids=["TwoFactorClient", "AdminClient"])
+def test_a_client_closed_after_a_call_raises_usage_error(
+    recorder: Recorder, target: str, admin: bool
+) -> None:
+    method, kwargs = ADMIN_CALLS["GetUser"] if admin else TWOFACTOR_CALLS["GetStatus"]
+    with client_for(admin, target) as client:
+        getattr(client, method)(**kwargs)
+
+    with pytest.raises(twofactor.UsageError, match=CLOSED) as raised:
+        getattr(client, method)(**kwargs)
+
+    assert isinstance(raised.value, twofactor.TwoFactorError)
+    assert len(recorder.attempts) == 1
+
+
+@pytest.mark.parametrize("called_before", [False, True], ids=["before-first-call", "after-a-call"])
+@pytest.mark.parametrize("admin", [False, True], ids=["AsyncTwoFactorClient", "AsyncAdminClient"])
+def test_a_closed_async_client_raises_usage_error(
+    recorder: Recorder, target: str, admin: bool, called_before: bool
+) -> None:
+    method, kwargs = ADMIN_CALLS["GetUser"] if admin else TWOFACTOR_CALLS["GetStatus"]
+
+    async def scenario() -> None:
+        cls = twofactor.AsyncAdminClient if admin else twofactor.AsyncTwoFactorClient
+        client = cls(target, token=TOKEN)
+        if called_before:
+            await getattr(client, method)(**kwargs)
+        await client.close()
+        await getattr(client, method)(**kwargs)
+
+    with pytest.raises(twofactor.UsageError, match=CLOSED):
+        asyncio.run(scenario())
+
+    assert len(recorder.attempts) == (1 if called_before else 0)
 
 
 def test_iterators_follow_page_tokens(recorder: Recorder) -> None:
@@ -549,6 +652,55 @@ def test_async_deadline_exceeded(recorder: Recorder, target: str) -> None:
             asyncio.run(scenario())
     finally:
         release.set()
+
+
+def test_an_async_client_built_outside_an_event_loop_works_inside_one(
+    recorder: Recorder, target: str
+) -> None:
+    """The common module-level client: its channel opens in the loop of its first call."""
+    client = twofactor.AsyncTwoFactorClient(target, token=TOKEN)
+
+    async def use() -> None:
+        async with client:
+            await client.get_status(user_id="alice")
+
+    asyncio.run(use())
+
+    assert len(recorder.of("GetStatus")) == 1
+
+
+def test_an_async_client_built_in_one_event_loop_works_in_another(recorder: Recorder, target: str) -> None:
+    async def build() -> twofactor.AsyncTwoFactorClient:
+        return twofactor.AsyncTwoFactorClient(target, token=TOKEN)
+
+    client = asyncio.run(build())
+
+    async def use() -> None:
+        async with client:
+            await client.get_status(user_id="alice")
+
+    asyncio.run(use())
+
+    assert len(recorder.of("GetStatus")) == 1
+
+
+def test_an_async_client_used_in_a_second_event_loop_raises_usage_error(
+    recorder: Recorder, target: str
+) -> None:
+    client = twofactor.AsyncTwoFactorClient(target, token=TOKEN)
+    first, second = asyncio.new_event_loop(), asyncio.new_event_loop()
+    try:
+        first.run_until_complete(client.get_status(user_id="alice"))
+        with pytest.raises(twofactor.UsageError, match=r"another event loop.*one client per event loop"):
+            second.run_until_complete(client.get_status(user_id="bob"))
+        with pytest.raises(twofactor.UsageError, match="another event loop"):
+            second.run_until_complete(client.close())
+        first.run_until_complete(client.close())  # still open: closed in its own loop
+    finally:
+        first.close()
+        second.close()
+
+    assert len(recorder.of("GetStatus")) == 1
 
 
 # --- construction ---------------------------------------------------------------

@@ -8,9 +8,11 @@ descriptors read the same bytes.
 from __future__ import annotations
 
 import datetime
+import re
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import grpc
 import pytest
@@ -230,3 +232,29 @@ def test_private_pool_coexists_with_googleapis_common_protos(googleapis_first: b
 
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "ok"
+
+
+def readme_error_rows() -> dict[str, bool]:
+    """The README's errors table: each exception named in it, and whether its row is marked ↳
+    (a FailedPrecondition subclass)."""
+    readme = (Path(__file__).parents[2] / "clients/python/README.md").read_text()
+    rows = re.findall(r"^\| (↳ )?`(\w+)` \|", readme, re.MULTILINE)
+    return {name: bool(arrow) for arrow, name in rows}
+
+
+def test_the_readme_errors_table_names_every_exception_class() -> None:
+    exported = {
+        name
+        for name in errors.__all__
+        if isinstance(getattr(errors, name), type)
+        and issubclass(getattr(errors, name), errors.TwoFactorError)
+    }
+    rows = readme_error_rows()
+
+    assert exported - set(rows) == set(), "add these to the errors table of clients/python/README.md"
+    assert set(rows) <= exported
+    for name, arrow in rows.items():
+        subclass = getattr(errors, name)
+        assert arrow == (
+            issubclass(subclass, errors.FailedPrecondition) and subclass is not errors.FailedPrecondition
+        ), name

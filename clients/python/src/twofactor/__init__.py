@@ -31,6 +31,7 @@ from twofactor.errors import (
     TwoFactorError,
     Unauthenticated,
     Unavailable,
+    UsageError,
     UserLocked,
 )
 from twofactor.v1.admin_service_pb2 import UserFilter
@@ -69,6 +70,7 @@ __all__ = [
     "TwoFactorError",
     "Unauthenticated",
     "Unavailable",
+    "UsageError",
     "UserFilter",
     "UserLocked",
     "VerifyResult",

@@ -18,8 +18,9 @@ from twofactor.v1 import admin_service_pb2
 DEFAULT_TIMEOUT = 5.0
 """Seconds a call may take when the caller passes no timeout."""
 
-# Calls that change nothing, or whose repetition leaves the same state, so a
-# retry after UNAVAILABLE cannot do harm. Verify, ConfirmEnrollment,
+# Calls that change nothing, or whose repetition leaves the same state, so gRPC's retry
+# after UNAVAILABLE with no server answer cannot do harm (see NOT_REPEATED_AFTER_AN_ANSWER
+# for those the SDK does not repeat once the server answered). Verify, ConfirmEnrollment,
 # StartEnrollment, RegenerateBackupCodes and SendCode are left out: repeating
 # them consumes a code, replaces a secret or sends another message.
 # (SendCode callers pass an idempotency_key and retry themselves.) SetContact
@@ -43,10 +44,12 @@ RETRIED_METHODS: dict[str, tuple[str, ...]] = {
 }
 
 
-# A call the server may answer UNAVAILABLE after it committed (the storage deadline cut in just
-# after COMMIT): repeating DisableMethod then fails on the spent step-up token. gRPC still
-# retries it when no server answered.
-_NOT_REPEATED_AFTER_AN_ANSWER = frozenset({"DisableMethod"})
+# Writes the server may answer UNAVAILABLE after it committed them (the storage deadline cut in
+# just after COMMIT), so the SDK does not repeat them after a server's answer: a repeated
+# DisableMethod fails on its spent step-up token; ResetUser, UnlockUser and GetBackupCodes each
+# write another audit event, and ResetUser and GetBackupCodes email the user again. gRPC still
+# retries them when no server answered (no headers: nothing reached the service).
+NOT_REPEATED_AFTER_AN_ANSWER = frozenset({"DisableMethod", "GetBackupCodes", "ResetUser", "UnlockUser"})
 _SHORTEST_ATTEMPT_SECONDS = 0.1
 
 
@@ -186,7 +189,8 @@ class ChannelSettings:
         headers; the server sends them (x-request-id) before it answers, so its own
         UNAVAILABLE (STORAGE_UNAVAILABLE, BROKER_UNAVAILABLE) reaches here unretried. Such a
         call, with headers, is repeated here, under the same policy and within the call's
-        deadline; one without (no connection) was gRPC's to retry, and was.
+        deadline, unless it is a write the server may have committed before it answered
+        (NOT_REPEATED_AFTER_AN_ANSWER); one without (no connection) was gRPC's to retry, and was.
         """
         retry = self.retry
         method = type(request).__name__.removesuffix("Request")
@@ -195,7 +199,7 @@ class ChannelSettings:
             or attempt >= retry.max_attempts
             or error.code() != grpc.StatusCode.UNAVAILABLE
             or method not in RETRIED_METHODS.get(service, ())
-            or method in _NOT_REPEATED_AFTER_AN_ANSWER
+            or method in NOT_REPEATED_AFTER_AN_ANSWER
             or not error.initial_metadata()
         ):
             return None

@@ -21,7 +21,7 @@ from twofactor._channel import (
     audit_events_request,
     new_request_id,
 )
-from twofactor.errors import error_from_rpc_error
+from twofactor.errors import UsageError, error_from_rpc_error
 from twofactor.v1 import admin_service_pb2 as admin
 from twofactor.v1 import admin_service_pb2_grpc as admin_grpc
 from twofactor.v1 import common_pb2 as common
@@ -32,6 +32,13 @@ __all__ = ["AsyncAdminClient", "AsyncTwoFactorClient"]
 
 _Request = TypeVar("_Request", bound=Message)
 _Response = TypeVar("_Response", bound=Message)
+
+
+def _running_loop() -> asyncio.AbstractEventLoop | None:
+    try:
+        return asyncio.get_running_loop()
+    except RuntimeError:
+        return None
 
 
 class _AsyncClient:
@@ -49,7 +56,9 @@ class _AsyncClient:
         retry: RetryPolicy | None = RetryPolicy(),  # noqa: B008 (frozen dataclass)
         options: Sequence[tuple[str, Any]] = (),
     ) -> None:
-        """Open a channel to `target` ("host:port").
+        """A client of `target` ("host:port"); its channel opens on the first call, in that
+        call's event loop, so the client may be built outside one (at module level, say).
+        A grpc.aio channel belongs to one event loop: create one client per event loop.
 
         token: sent as `authorization: Bearer <token>` on every call.
         tls: None for a plaintext channel, else the TLS (or mTLS) settings.
@@ -58,20 +67,55 @@ class _AsyncClient:
         options: extra gRPC channel options, applied last.
         """
         self._settings = ChannelSettings(target, token, tls, timeout, retry, tuple(options))
-        channel_options = self._settings.channel_options()
-        if tls is None:
-            self._channel = aio.insecure_channel(target, options=channel_options)
-        else:
-            self._channel = aio.secure_channel(target, tls.credentials(), options=channel_options)
+        self._channel: aio.Channel | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None  # the channel's
+        self._closed = False
 
     @property
     def channel(self) -> aio.Channel:
-        """The underlying channel, e.g. to watch its connectivity."""
-        return self._channel
+        """The underlying channel, e.g. to watch its connectivity (opened if no call has yet;
+        inside the client's event loop only)."""
+        return self._open_channel()
 
     async def close(self) -> None:
-        """Close the channel; calls in flight are cancelled."""
-        await self._channel.close()
+        """Close the channel; calls in flight are cancelled, later calls raise UsageError.
+        In the event loop the client ran in (UsageError elsewhere, and the client stays open)."""
+        if self._channel is not None and self._loop is not _running_loop():
+            raise UsageError(self._other_loop_message())
+        self._closed = True
+        channel, self._channel = self._channel, None
+        if channel is not None:
+            await channel.close()
+
+    def _open_channel(self) -> aio.Channel:
+        """The channel of the running event loop, for a call about to use it: opened on first
+        use; UsageError once the client is closed or from another event loop."""
+        if self._closed:
+            raise UsageError(
+                f"this {type(self).__name__} is closed (close() or the end of its async with block): "
+                "create a new client to make more calls"
+            )
+        loop = _running_loop()
+        if loop is None:
+            raise UsageError(f"this {type(self).__name__} works inside a running event loop only")
+        if self._channel is None:
+            settings = self._settings
+            if settings.tls is None:
+                self._channel = aio.insecure_channel(settings.target, options=settings.channel_options())
+            else:
+                self._channel = aio.secure_channel(
+                    settings.target, settings.tls.credentials(), options=settings.channel_options()
+                )
+            self._loop = loop
+        elif loop is not self._loop:
+            raise UsageError(self._other_loop_message())
+        return self._channel
+
+    def _other_loop_message(self) -> str:
+        return (
+            f"this {type(self).__name__} was first used in another event loop, and a grpc.aio "
+            "channel works in one only: create one client per event loop"
+        )
 
     async def __aenter__(self) -> Self:
         return self
@@ -95,6 +139,7 @@ class _AsyncClient:
         give_up = time.monotonic() + self._settings.deadline(timeout)
         attempt = 1
         while True:
+            self._open_channel()  # also before a repeat: close() may have come during the wait
             try:
                 return await rpc(
                     request,
@@ -123,7 +168,7 @@ class AsyncTwoFactorClient(_AsyncClient):
 
     @cached_property
     def _stub(self) -> tf_grpc.TwoFactorServiceAsyncStub:
-        return tf_grpc.TwoFactorServiceStub(self._channel)
+        return tf_grpc.TwoFactorServiceStub(self._open_channel())
 
     async def get_status(
         self, *, user_id: str, timeout: float | None = None, request_id: str | None = None
@@ -296,7 +341,7 @@ class AsyncAdminClient(_AsyncClient):
 
     @cached_property
     def _stub(self) -> admin_grpc.AdminServiceAsyncStub:
-        return admin_grpc.AdminServiceStub(self._channel)
+        return admin_grpc.AdminServiceStub(self._open_channel())
 
     async def get_user(
         self, *, user_id: str, timeout: float | None = None, request_id: str | None = None

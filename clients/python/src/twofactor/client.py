@@ -20,7 +20,7 @@ from twofactor._channel import (
     audit_events_request,
     new_request_id,
 )
-from twofactor.errors import error_from_rpc_error
+from twofactor.errors import UsageError, error_from_rpc_error
 from twofactor.v1 import admin_service_pb2 as admin
 from twofactor.v1 import admin_service_pb2_grpc as admin_grpc
 from twofactor.v1 import common_pb2 as common
@@ -62,6 +62,7 @@ class _Client:
             self._channel = grpc.insecure_channel(target, options=channel_options)
         else:
             self._channel = grpc.secure_channel(target, tls.credentials(), options=channel_options)
+        self._closed = False
 
     @property
     def channel(self) -> grpc.Channel:
@@ -69,8 +70,22 @@ class _Client:
         return self._channel
 
     def close(self) -> None:
-        """Close the channel; calls in flight are cancelled."""
+        """Close the channel; calls in flight are cancelled, later calls raise UsageError."""
+        self._closed = True
         self._channel.close()
+
+    def _open_channel(self) -> grpc.Channel:
+        """The channel, for a call about to use it; UsageError once the client is closed.
+
+        Nothing may touch a closed grpcio channel: a stub built on one crashes the process
+        when called (grpcio 1.85), and a call through an older stub raises a bare ValueError.
+        """
+        if self._closed:
+            raise UsageError(
+                f"this {type(self).__name__} is closed (close() or the end of its with block): "
+                "create a new client to make more calls"
+            )
+        return self._channel
 
     def __enter__(self) -> Self:
         return self
@@ -94,12 +109,17 @@ class _Client:
         give_up = time.monotonic() + self._settings.deadline(timeout)
         attempt = 1
         while True:
+            self._open_channel()  # also before a repeat: close() may have come during the wait
             try:
                 return rpc(
                     request,
                     timeout=max(give_up - time.monotonic(), 0.001),
                     metadata=self._settings.metadata(request_id),
                 )
+            except ValueError:
+                # grpcio's "Cannot invoke RPC on closed channel!": close() raced this call.
+                self._open_channel()
+                raise
             except grpc.RpcError as exc:
                 wait = self._settings.retry_wait(
                     self._SERVICE, request, exc, attempt, give_up - time.monotonic()
@@ -122,7 +142,7 @@ class TwoFactorClient(_Client):
 
     @cached_property
     def _stub(self) -> tf_grpc.TwoFactorServiceStub:
-        return tf_grpc.TwoFactorServiceStub(self._channel)
+        return tf_grpc.TwoFactorServiceStub(self._open_channel())
 
     def get_status(
         self, *, user_id: str, timeout: float | None = None, request_id: str | None = None
@@ -293,7 +313,7 @@ class AdminClient(_Client):
 
     @cached_property
     def _stub(self) -> admin_grpc.AdminServiceStub:
-        return admin_grpc.AdminServiceStub(self._channel)
+        return admin_grpc.AdminServiceStub(self._open_channel())
 
     def get_user(
         self, *, user_id: str, timeout: float | None = None, request_id: str | None = None

@@ -33,6 +33,7 @@ __all__ = [
     "TwoFactorError",
     "Unauthenticated",
     "Unavailable",
+    "UsageError",
     "UserLocked",
     "error_class",
     "error_from_rpc_error",
@@ -144,6 +145,15 @@ class Unauthenticated(TwoFactorError):
 
 class PermissionDenied(TwoFactorError):
     """The token lacks the scope the service needs (`app` or `admin`)."""
+
+
+class UsageError(TwoFactorError):
+    """The client can't make the call, so nothing was sent: it is closed, or (an async client) it
+    first ran in another event loop. `code` is FAILED_PRECONDITION; not a FailedPrecondition,
+    which is the server's answer about a user's state."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(grpc.StatusCode.FAILED_PRECONDITION, message)
 
 
 _BY_CODE: dict[grpc.StatusCode, type[TwoFactorError]] = {
