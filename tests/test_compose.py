@@ -4,6 +4,7 @@ through Mailpit, takes its passwords from .env, and checks the health of every l
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -84,3 +85,35 @@ def test_every_long_running_service_has_a_healthcheck() -> None:
     assert {name for name in long_running if "healthcheck" not in found[name]} == set()
     assert found["server"]["healthcheck"]["test"][:3] == ["CMD", "twofactor", "health"]
     assert found["worker"]["healthcheck"]["test"][:3] == ["CMD", "twofactor", "worker-health"]
+
+
+def test_env_example_makes_its_keys_and_tokens_with_the_image_alone() -> None:
+    """docker-compose refuses every command while TWOFACTOR_KEYS is empty, as .env.example ships
+    it, so the bootstrap commands it names must not go through docker-compose; each runs, and
+    what they print makes a .env docker-compose takes."""
+    from tests.server.test_cli import TWOFACTOR
+
+    text = (ROOT / ".env.example").read_text()
+    shipped = dict(line.split("=", 1) for line in text.splitlines() if line and not line.startswith("#"))
+    refused = compose("config", env=shipped)
+    assert refused.returncode != 0 and "TWOFACTOR_KEYS" in refused.stderr
+    assert "docker-compose run" not in text
+    commands = re.findall(r"`docker run --rm (\S+) (twofactor [^`]+)`", text)
+    assert [command for _, command in commands] == [
+        "twofactor keygen",
+        "twofactor token backend app",
+        "twofactor token operator admin",
+    ]
+    assert {image for image, _ in commands} == {services()["server"]["image"]}
+    printed = [
+        subprocess.run(
+            [TWOFACTOR, *command.split()[1:]], capture_output=True, text=True, timeout=60, check=True
+        )
+        for _, command in commands
+    ]
+    keys = printed[0].stdout.strip()
+    entries = [
+        line.split(": ", 1)[1] for run in printed[1:] for line in run.stdout.splitlines() if "entry" in line
+    ]
+    filled = {**shipped, "TWOFACTOR_KEYS": keys, "TWOFACTOR_TOKENS": ",".join(entries)}
+    assert compose("config", env=filled).returncode == 0
