@@ -14,6 +14,7 @@ import redis
 from grpc_health.v1 import health, health_pb2
 
 from twofactor_server.observability import metrics
+from twofactor_server.setting_values import mask_url
 from twofactor_server.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -42,11 +43,19 @@ class BrokerHealth:
             except (redis.RedisError, OSError) as error:
                 up = False
                 if self._up is not False:
-                    log.warning("delivery broker unreachable: %s", type(error).__name__)
+                    log.warning(
+                        "the delivery broker at %s does not answer (%s: %s): SendCode and "
+                        "StartEnrollment by email or SMS answer UNAVAILABLE (BROKER_UNAVAILABLE) "
+                        "until it does, authenticator and backup-code logins go on; check that "
+                        "Redis is running and TWOFACTOR_BROKER_URL points at it",
+                        mask_url(self._url),
+                        type(error).__name__,
+                        str(error).splitlines()[0] if str(error) else "no detail",
+                    )
             finally:
                 client.close()
         if up and self._up is False:
-            log.info("delivery broker reachable again")
+            log.warning("the delivery broker at %s answers again", mask_url(self._url))
         self._up = up
         metrics.broker_reachable(up)
         status = health_pb2.HealthCheckResponse.SERVING if up else health_pb2.HealthCheckResponse.NOT_SERVING

@@ -52,11 +52,15 @@ def test_health_exits_0_when_serving_and_1_otherwise(start_server: ServerFactory
 
 
 def test_the_broker_is_reported_apart_and_never_takes_the_server_down(
-    start_server: ServerFactory, tmp_path: Path
+    start_server: ServerFactory, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     port = free_port()
-    h = start_server(broker_url=f"redis://127.0.0.1:{port}/0", broker_timeout_seconds=0.5)
+    h = start_server(broker_url=f"redis://:pw-in-url@127.0.0.1:{port}/0", broker_timeout_seconds=0.5)
     assert status_of(h, "twofactor.v1.Delivery") == NOT_SERVING
+    # One line that says what failed, where, what it means and what to do; no password.
+    (said,) = [r.getMessage() for r in caplog.records if "delivery broker" in r.getMessage()]
+    assert said.startswith(f"the delivery broker at redis://:****@127.0.0.1:{port}/0 does not answer (")
+    assert "BROKER_UNAVAILABLE" in said and "TWOFACTOR_BROKER_URL" in said and "pw-in-url" not in said
     assert status_of(h, "") == SERVING
     assert status_of(h, "twofactor.v1.TwoFactorService") == SERVING
     assert health_cli("--target", h.target, "--service", "twofactor.v1.Delivery").returncode == 1
