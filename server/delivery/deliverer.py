@@ -27,6 +27,7 @@ from twofactor_server.delivery.providers import (
     SmsSender,
     TransientDeliveryError,
 )
+from twofactor_server.delivery.providers.base import provider_message_id_text
 from twofactor_server.domain.clock import Clock, now_ms, system_clock
 from twofactor_server.domain.errors import StorageUnavailable
 from twofactor_server.domain.keyring import CHALLENGE_CODE, Keyring
@@ -120,7 +121,7 @@ class Deliverer:
             self._count(challenge.method, "expired")
             return Outcome("expired")
         try:
-            message_id = self._send(challenge, now)
+            returned = self._send(challenge, now)
         except StorageUnavailable:
             raise
         except PermanentDeliveryError as error:
@@ -139,21 +140,64 @@ class Deliverer:
             )
             log.debug("delivery of %s failed", challenge_id, exc_info=True)
             return self._retry_or_give_up(challenge, now, f"delivery error: {type(error).__name__}")
+        # Sent: from here on nothing may raise into a retry. An operator's class may return its
+        # SDK's UUID, bytes or a dict; the record takes text without NUL.
+        message_id = provider_message_id_text(returned)
         self._record_sent(challenge, message_id)
         self._count(challenge.method, "sent", since_send_ms=self._now_ms() - challenge.created_at)
         log.info("delivered %s by %s as %s", challenge_id, challenge.method, message_id)
         return Outcome("sent")
 
     def _record_sent(self, challenge: ChallengeRecord, message_id: str) -> None:
-        """Record a send that happened. Storage that is down now must not make it a second send
-        (a retry of the task would send again once the lease ran out): the record is tried
-        again here while the lease holds; past it, recovery may publish the delivery again."""
+        """Record a send that happened; never raises, and never leaves the row to be sent again
+        when a record can be made.
+
+        Left 'sending', the row is claimed again once its lease runs out (recovery republishes
+        it) and the code goes out again. So a record that fails for any reason but storage
+        being down (a bug, a value the database refuses) is made again without the provider's
+        message id, the one value in it that came from outside: the row ends SENT, its code
+        wiped, and nothing claims it. Recording 'failed' instead would tell the operator a
+        delivered code never arrived."""
         assert challenge.lease_until is not None  # set by the claim
         deadline = time.monotonic() + (challenge.lease_until - self._now_ms()) / 1000 - _LEASE_MARGIN_SECONDS
+        try:
+            self._record_sent_until(challenge, message_id, deadline)
+            return
+        except Exception as error:
+            failure = type(error).__name__
+            log.debug("recording the send of %s failed", challenge.challenge_id, exc_info=True)
+        try:
+            self._record_sent_until(challenge, message_id, deadline, with_id=False)
+        except Exception as error:
+            log.error(
+                "delivery of %s was sent as %r, but recording it failed with %s, and again without the "
+                "message id with %s: it is sent again once its lease runs out; check the database log",
+                challenge.challenge_id,
+                message_id,
+                failure,
+                type(error).__name__,
+            )
+            log.debug("recording the send of %s failed again", challenge.challenge_id, exc_info=True)
+            return
+        log.error(
+            "delivery of %s was sent as %r, but recording it failed with %s: recorded as sent without "
+            "the provider's message id, so it is not sent again; report this bug with the traceback "
+            "logged at DEBUG",
+            challenge.challenge_id,
+            message_id,
+            failure,
+        )
+
+    def _record_sent_until(
+        self, challenge: ChallengeRecord, message_id: str, deadline: float, *, with_id: bool = True
+    ) -> None:
+        """Storage that is down now must not make a send happen twice (a retry of the task would
+        send again once the lease ran out): the record is tried again here while the lease holds;
+        past it, recovery may publish the delivery again."""
         attempt = 0
         while True:
             try:
-                self._record(challenge, "sent", provider_message_id=message_id)
+                self._record(challenge, "sent", provider_message_id=message_id if with_id else None)
                 return
             except StorageUnavailable:
                 attempt += 1

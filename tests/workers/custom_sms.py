@@ -1,6 +1,12 @@
-"""Custom SMS provider classes loaded by dotted path in tests/workers/test_sms_loading.py."""
+"""Custom SMS provider classes loaded by dotted path in tests/workers/test_sms_loading.py and
+by the `twofactor worker` processes of tests/workers/test_provider_ids.py."""
 
 from __future__ import annotations
+
+import json
+import os
+import uuid
+from pathlib import Path
 
 from twofactor_server.delivery.providers import SmsMessage
 
@@ -38,3 +44,19 @@ class BrokenConstructor:
 
 
 NOT_A_CLASS = 42
+
+
+class UuidIdSmsSender:
+    """An operator's class that returns its gateway SDK's uuid.UUID as the message id, not a str.
+
+    Each text is appended to the file named by TEST_SMS_LOG (one JSON line: to, id), so a test
+    can count what a worker process sent."""
+
+    def __init__(self) -> None:
+        self.log = Path(os.environ["TEST_SMS_LOG"])
+
+    def send_sms(self, message: SmsMessage) -> uuid.UUID:
+        message_id = uuid.uuid4()
+        with self.log.open("a") as log:
+            log.write(json.dumps({"to": message.to, "id": str(message_id)}) + "\n")
+        return message_id

@@ -2,9 +2,16 @@
 
 from __future__ import annotations
 
+import datetime
+import json
+import logging
+import os
 import socket
+import threading
 import urllib.parse
 from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -133,3 +140,105 @@ class _RawBody:
 
     def stream(self, **_: Any) -> Iterator[bytes]:
         yield self._data
+
+
+@pytest.fixture
+def no_credentials(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """Nothing in boto3's chain answers: no AWS_* variables, empty shared files, no instance metadata."""
+    for name in [name for name in os.environ if name.startswith("AWS_")]:
+        monkeypatch.delenv(name)
+    empty = tmp_path / "aws-empty"
+    empty.write_text("")
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(empty))
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(empty))
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+
+
+def test_missing_credentials_are_transient_and_looked_up_again_at_the_next_send(
+    moto_endpoint: str,
+    no_credentials: None,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A worker started before its instance or container role answered: it retries, then sends."""
+    sender = SnsSmsSender(SnsSettings(region=REGION, endpoint_url=moto_endpoint))
+
+    with (
+        caplog.at_level(logging.WARNING, logger="twofactor_server"),
+        pytest.raises(TransientDeliveryError) as caught,
+    ):
+        sender.send_sms(SmsMessage(to="+14155550125", text=TEXT))
+    assert caught.value.reason.startswith("SNS: no AWS credentials found (environment, shared file, ")
+    assert "give the worker AWS credentials or an IAM role" in caught.value.reason
+    assert [r.getMessage() for r in caplog.records if r.name.endswith(".sns")] == [caught.value.reason]
+
+    # The credentials arrive (the role answers now): the same sender finds them.
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+    message_id = sender.send_sms(SmsMessage(to="+14155550125", text=TEXT))
+
+    assert sns_backends[DEFAULT_ACCOUNT_ID][REGION].sms_messages[message_id] == ("+14155550125", TEXT)
+
+
+class ContainerRole(BaseHTTPRequestHandler):
+    """The container credentials endpoint (ECS task role, EKS Pod Identity), not ready at first."""
+
+    ready = False
+    asked = 0
+
+    def do_GET(self) -> None:
+        type(self).asked += 1
+        if not type(self).ready:
+            self.send_response(503)
+            self.end_headers()
+            return
+        expiration = datetime.datetime.now(datetime.UTC) + datetime.timedelta(hours=1)
+        body = {
+            "AccessKeyId": "testing",
+            "SecretAccessKey": "testing",
+            "Token": "testing",
+            "Expiration": expiration.strftime("%Y-%m-%dT%H:%M:%SZ"),
+        }
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.end_headers()
+        self.wfile.write(json.dumps(body).encode())
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+@pytest.fixture
+def container_role(no_credentials: None, monkeypatch: pytest.MonkeyPatch) -> Iterator[type[ContainerRole]]:
+    ContainerRole.ready = False
+    ContainerRole.asked = 0
+    server = ThreadingHTTPServer(("127.0.0.1", 0), ContainerRole)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    monkeypatch.setenv(
+        "AWS_CONTAINER_CREDENTIALS_FULL_URI", f"http://127.0.0.1:{server.server_address[1]}/creds"
+    )
+    try:
+        yield ContainerRole
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=30)
+
+
+def test_a_container_role_not_ready_at_start_is_retried_until_it_answers(
+    moto_endpoint: str, container_role: type[ContainerRole]
+) -> None:
+    """The worker starts (no ProviderConfigError), retries while the role endpoint refuses, then sends."""
+    sender = SnsSmsSender(SnsSettings(region=REGION, endpoint_url=moto_endpoint))
+
+    with pytest.raises(TransientDeliveryError) as caught:
+        sender.send_sms(SmsMessage(to="+14155550126", text=TEXT))
+    assert caught.value.reason.startswith("SNS: AWS credentials could not be retrieved from container-role; ")
+    asked_while_not_ready = container_role.asked
+
+    container_role.ready = True
+    message_id = sender.send_sms(SmsMessage(to="+14155550126", text=TEXT))
+
+    assert sns_backends[DEFAULT_ACCOUNT_ID][REGION].sms_messages[message_id] == ("+14155550126", TEXT)
+    assert container_role.asked > asked_while_not_ready
