@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import logging
 import os
 import secrets
+import socket
 from collections.abc import Callable
 from concurrent import futures
 from dataclasses import dataclass, field
@@ -31,7 +33,7 @@ from twofactor_server.api.twofactor_servicer import TwoFactorServicer
 from twofactor_server.delivery.broker_health import CHECK_INTERVAL_SECONDS, BrokerHealth
 from twofactor_server.delivery.dispatch import build_dispatcher
 from twofactor_server.domain.clock import Clock, system_clock
-from twofactor_server.domain.keyring import Keyring
+from twofactor_server.domain.keyring import Keyring, KeyringError
 from twofactor_server.health import StorageHealth
 from twofactor_server.observability.metrics import serve_metrics
 from twofactor_server.periodic import Periodic
@@ -224,22 +226,50 @@ def _read_pem(variable: str, path: str, parse: Callable[[bytes], object]) -> byt
 
 
 def _bind(grpc_server: grpc.Server, listen: str, credentials: grpc.ServerCredentials | None) -> int:
+    host, _, port_text = listen.rpartition(":")
+    # gRPC wants a host: none (":50051") means every interface, as for the supervisor and /metrics.
+    address = f"{host or '0.0.0.0'}:{port_text}"  # noqa: S104 - the documented meaning of ":port"
     try:
         if credentials is None:
-            port = grpc_server.add_insecure_port(listen)
+            port = grpc_server.add_insecure_port(address)
         else:
-            port = grpc_server.add_secure_port(listen, credentials)
+            port = grpc_server.add_secure_port(address, credentials)
     except RuntimeError:  # grpcio's "Failed to bind"
         port = 0
     if port == 0:
-        raise SettingsError(f"could not listen on {listen} (address in use or not valid)")
+        raise SettingsError(f"could not listen on {listen} ({_bind_failure(host, int(port_text))})")
     return port
+
+
+def _bind_failure(host: str, port: int) -> str:
+    """Why the address can't be bound, found with a plain socket: gRPC only says that it failed."""
+    try:
+        found = socket.getaddrinfo(
+            host.strip("[]") or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )
+        for family, kind, proto, _, address in found:
+            with socket.socket(family, kind, proto) as probe:
+                probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as gRPC binds
+                probe.bind(address)
+    except socket.gaierror:
+        return f"the host {host} does not resolve"
+    except OSError as error:
+        if error.errno == errno.EADDRINUSE:
+            return f"port {port} is already in use"
+        if error.errno == errno.EADDRNOTAVAIL:
+            return f"{host} is not an address of this machine"
+        if error.errno == errno.EACCES:
+            return f"permission denied: port {port} needs privileges"
+        return f"{error.strerror or error}"
+    return "address in use or not valid"
 
 
 def require_usable_data_dir(settings: Settings) -> None:
     """The embedded default keeps its database and development secrets in TWOFACTOR_DATA_DIR."""
     if not settings.embedded:
         return
+    if settings.data_dir.exists() and not settings.data_dir.is_dir():
+        raise SettingsError(f"TWOFACTOR_DATA_DIR: {settings.data_dir} is a file, not a directory")
     try:
         settings.data_dir.mkdir(parents=True, exist_ok=True)
     except OSError as error:
@@ -281,7 +311,7 @@ def dev_tokens(settings: Settings) -> dict[str, str]:
 def _dev_secrets(data_dir: Path) -> dict[str, str]:
     path = data_dir / "dev-secrets.json"
     if path.exists():
-        return dict(json.loads(path.read_text()))
+        return _read_dev_secrets(path)
     data_dir.mkdir(parents=True, exist_ok=True)
     values = {
         "keys": Keyring.new_key_spec(1),
@@ -289,7 +319,10 @@ def _dev_secrets(data_dir: Path) -> dict[str, str]:
         "admin_token": "dev-admin-" + secrets.token_urlsafe(24),
     }
     # Create with owner-only permissions before writing anything into it.
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except OSError as error:
+        raise SettingsError(f"TWOFACTOR_DATA_DIR: cannot create {path} ({error.strerror})") from None
     with os.fdopen(fd, "w") as out:
         json.dump(values, out)
     log.warning(
@@ -298,3 +331,29 @@ def _dev_secrets(data_dir: Path) -> dict[str, str]:
         path,
     )
     return values
+
+
+def _read_dev_secrets(path: Path) -> dict[str, str]:
+    """The development secrets a first run wrote, or a SettingsError saying what to do instead."""
+    try:
+        values = json.loads(path.read_text())
+    except OSError as error:  # a directory in its place, say
+        problem = error.strerror or str(error)
+    except ValueError:  # not JSON, or not text
+        problem = "not JSON"
+    else:
+        problem = f"it needs {', '.join(_DEV_SECRETS)}"
+        if isinstance(values, dict) and all(isinstance(values.get(n), str) for n in _DEV_SECRETS):
+            try:
+                Keyring.parse(values["keys"])
+                return {n: values[n] for n in _DEV_SECRETS}
+            except KeyringError:
+                problem = "its development key is malformed"
+    raise SettingsError(
+        f"TWOFACTOR_DATA_DIR: {path} is not a usable development secrets file ({problem}): restore it, "
+        f"or move {path.parent} away and run `make serve` again to start afresh with new development "
+        "secrets (a new development key can't read data sealed with the old one)"
+    )
+
+
+_DEV_SECRETS = ("keys", "app_token", "admin_token")  # the fields of dev-secrets.json

@@ -105,8 +105,10 @@ def main(argv: list[str] | None = None) -> int:
             processes = process_count(args.processes)
             return serve(settings) if processes == 1 else supervise(settings, processes)
         if args.command == "migrate":
+            from twofactor_server.app import require_usable_data_dir
             from twofactor_server.storage.database import open_database
 
+            require_usable_data_dir(settings)  # the embedded database lives there
             db = open_database(settings.database_url, data_dir=settings.data_dir)
             applied = db.migrate()
             db.close()

@@ -13,7 +13,8 @@ import threading
 import time
 
 from twofactor_server.domain.keyring import Keyring
-from twofactor_server.settings import Settings
+from twofactor_server.setting_values import new_token_entry
+from twofactor_server.settings import Settings, SettingsError
 from twofactor_server.storage.database import Database
 from twofactor_server.storage.records import KeyUsageRecord
 from twofactor_server.usecases.key_rotation import CHALLENGE_KINDS, KIND_NAMES, KeyRotation, RotationProgress
@@ -39,7 +40,11 @@ def print_new_key(version: int) -> int:
 def print_new_token(name: str, scopes: str) -> int:
     """Print a new API token and the TWOFACTOR_TOKENS entry (its digest) ready to append."""
     value = secrets.token_urlsafe(32)
-    entry = f"{name}:{scopes}:{hashlib.sha256(value.encode()).hexdigest()}"
+    try:
+        entry = new_token_entry(name, scopes, hashlib.sha256(value.encode()).hexdigest())
+    except SettingsError as error:  # the server would refuse the entry at start
+        print(f"twofactor token: {error}", file=sys.stderr)
+        return 2
     print(f"token: {value}")
     print(f"TWOFACTOR_TOKENS entry: {entry}")
     print(
@@ -53,9 +58,10 @@ def print_new_token(name: str, scopes: str) -> int:
 
 
 def _rotation(settings: Settings, batch_size: int = 500) -> tuple[KeyRotation, Database, Keyring]:
-    from twofactor_server.app import load_keyring
+    from twofactor_server.app import load_keyring, require_usable_data_dir
     from twofactor_server.storage.database import open_database
 
+    require_usable_data_dir(settings)
     keyring = load_keyring(settings)
     # Counting reads whole tables: longer than a call's storage timeout, bounded all the same.
     timeout = max(settings.storage_timeout_seconds, _SCAN_TIMEOUT_SECONDS)

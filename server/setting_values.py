@@ -4,6 +4,7 @@ the variable; settings.py says which settings exist and passes the environment i
 from __future__ import annotations
 
 import re
+import urllib.parse
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -67,7 +68,7 @@ class EnvValues:
             raise SettingsError(f"{self.PREFIX}{name} must be between {low} and {high}, got {number}")
         return number
 
-    def float(self, name: str, default: float) -> float:
+    def float(self, name: str, default: float, low: float, high: float) -> float:
         value = self._raw(name, "float", default)
         if value is None:
             return default
@@ -75,9 +76,19 @@ class EnvValues:
             number = float(value)
         except ValueError:
             raise SettingsError(f"{self.PREFIX}{name} must be a number, got {value!r}") from None
-        if number <= 0:
-            raise SettingsError(f"{self.PREFIX}{name} must be positive, got {value!r}")
+        if not low <= number <= high:  # false for nan too; inf is past any high
+            raise SettingsError(f"{self.PREFIX}{name} must be between {low:g} and {high:g}, got {value!r}")
         return number
+
+    def address(self, name: str, default: str, wanted: str) -> str:
+        """host:port, [ipv6]:port or :port (every interface), the port 0 (any free one) to 65535."""
+        value = self.matching(name, default, "address", ADDRESS, wanted)
+        if not value:  # an optional address left empty
+            return value
+        port = int(value.rpartition(":")[2])
+        if port > 65535:
+            raise SettingsError(f"{self.PREFIX}{name} must have a port from 0 to 65535, got {value!r}")
+        return value
 
     def bool(self, name: str, default: bool) -> bool:
         value = self._raw(name, "bool", str(default).lower())
@@ -136,30 +147,82 @@ class EnvValues:
             return ()
         tokens = []
         for entry in value.split(","):
-            parts = entry.strip().split(":")
-            if len(parts) != 3:
-                raise SettingsError(
-                    f"{self.PREFIX}{name}: entry {entry.strip()!r} is not name:scopes:sha256hex"
-                )
-            token_name, scopes, digest = parts
             try:
-                sha256 = bytes.fromhex(digest)
-            except ValueError:
-                sha256 = b""
-            scope_set = frozenset(s for s in scopes.split("+") if s)
-            if len(sha256) != 32 or not token_name or not scope_set <= {"app", "admin"} or not scope_set:
-                raise SettingsError(
-                    f"{self.PREFIX}{name}: entry for {token_name!r} needs scopes from app+admin "
-                    "and a 64-hex-digit SHA-256 digest"
-                )
-            tokens.append(TokenSetting(token_name, scope_set, sha256))
+                tokens.append(token_entry(entry))
+            except ValueError as error:
+                raise SettingsError(f"{self.PREFIX}{name}: {error}") from None
         return tuple(tokens)
+
+
+TOKEN_SCOPES = frozenset({"app", "admin"})
+
+
+def token_entry(entry: str) -> TokenSetting:
+    """One `name:scope+scope:sha256hex` entry of TWOFACTOR_TOKENS; a ValueError says what is wrong."""
+    parts = entry.strip().split(":")
+    if len(parts) != 3:
+        raise ValueError(f"entry {entry.strip()!r} is not name:scopes:sha256hex")
+    token_name, scopes, digest = parts
+    try:
+        sha256 = bytes.fromhex(digest)
+    except ValueError:
+        sha256 = b""
+    scope_set = frozenset(s for s in scopes.split("+") if s)
+    if len(sha256) != 32 or not token_name or not scope_set <= TOKEN_SCOPES or not scope_set:
+        raise ValueError(
+            f"entry for {token_name!r} needs scopes from app+admin and a 64-hex-digit SHA-256 digest"
+        )
+    return TokenSetting(token_name, scope_set, sha256)
+
+
+def new_token_entry(name: str, scopes: str, sha256hex: str) -> str:
+    """The TWOFACTOR_TOKENS entry for a new token (`twofactor token NAME SCOPES`), read as the
+    setting reads it: a SettingsError when the server would refuse it or read another name."""
+    if not name or set(name) & {",", ":"} or name != name.strip() or _CONTROL.search(name):
+        raise SettingsError(f"a token name has no ',' or ':' and no space at either end, got {name!r}")
+    entry = f"{name}:{scopes}:{sha256hex}"
+    try:
+        if "," in scopes or _CONTROL.search(scopes):
+            raise ValueError(scopes)  # another entry, or a value the setting refuses as a whole
+        token_entry(entry)
+    except ValueError:
+        raise SettingsError(f"scopes must be app, admin or app+admin, got {scopes!r}") from None
+    return entry
 
 
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 ADDRESS = r"(\[[0-9a-f:.]+\]|[^:\[\]\s]*):\d{1,5}"  # host:port, [ipv6]:port, or :port
 
 
+_PASSWORD_KEYS = ("password", "sslpassword")  # libpq's; redis-py reads `password` too
+_QUERY_PARAMETER = re.compile(r"([?&])([^=&#]*)=([^&#]*)")
+_CONNINFO_PASSWORD = re.compile(r"\b((?:ssl)?password\s*=\s*)('(?:[^'\\]|\\.)*'|\S+)", re.IGNORECASE)
+
+
 def mask_url(url: str) -> str:
-    """The URL with the password of its user part replaced by ****."""
-    return re.sub(r"(://[^:/@]*:)[^@/]*@", r"\1****@", url)
+    """The value with every password in it replaced by ****: a URL's user:password@ part and its
+    password= query parameters, or the password= keywords of a libpq `key=value` string."""
+    scheme, sep, rest = url.partition("://")
+    if not sep:
+        return _CONNINFO_PASSWORD.sub(r"\1****", url)
+    at = _end_of_userinfo(rest)
+    if at >= 0 and ":" in rest[:at]:
+        rest = rest[:at].partition(":")[0] + ":****" + rest[at:]
+    return scheme + sep + _QUERY_PARAMETER.sub(_masked_parameter, rest)
+
+
+def _end_of_userinfo(rest: str) -> int:
+    """Where the user part of `rest` (a URL after ://) ends: its last @, as a password pasted with
+    an unencoded @ (or / or ?) would otherwise show its tail; -1 for none. An @ in a query value
+    (after ?, past an =) is not one."""
+    at = rest.rfind("@")
+    query = rest.find("?")
+    if 0 <= query < at and "=" in rest[query:at]:
+        at = rest.rfind("@", 0, query)
+    return at
+
+
+def _masked_parameter(match: re.Match[str]) -> str:
+    if urllib.parse.unquote(match[2]).strip().lower() in _PASSWORD_KEYS:
+        return f"{match[1]}{match[2]}=****"
+    return match[0]

@@ -13,7 +13,6 @@ from pathlib import Path
 
 from twofactor_server.domain.keyring import MAX_VERSION, Keyring, KeyringError
 from twofactor_server.setting_values import (
-    ADDRESS,
     LOG_LEVELS,
     METHOD_NAMES,
     EnvValues,
@@ -24,6 +23,9 @@ from twofactor_server.setting_values import (
 from twofactor_server.setting_values import (
     TokenSetting as TokenSetting,
 )
+
+# Seconds a timeout may be. Every float setting has a range like an int one; nan and inf are in none.
+TIMEOUT_RANGE = (0.05, 3600.0)
 
 
 @dataclass(frozen=True)
@@ -178,7 +180,7 @@ class Settings:
             from_address=env.matching(
                 "SMTP_FROM", SmtpSettings.from_address, "email", r"\S+@\S+", "an email"
             ),
-            timeout_seconds=env.float("SMTP_TIMEOUT_SECONDS", SmtpSettings.timeout_seconds),
+            timeout_seconds=env.float("SMTP_TIMEOUT_SECONDS", SmtpSettings.timeout_seconds, *TIMEOUT_RANGE),
             ca_file=env.text("SMTP_CA_FILE", ""),
         )
         sns = SnsSettings(
@@ -187,24 +189,30 @@ class Settings:
             sender_id=env.text("SNS_SENDER_ID", ""),
         )
         return cls(
-            listen=env.matching("LISTEN", cls.listen, "address", ADDRESS, "host:port"),
+            listen=env.address("LISTEN", cls.listen, "host:port"),
             database_url=env.matching(
                 "DATABASE_URL", "", "url", r"postgres(ql)?://.+", "a postgresql:// URL"
             ),
             database_pool_size=env.int("DATABASE_POOL_SIZE", cls.database_pool_size, 1, 200),
-            storage_timeout_seconds=env.float("STORAGE_TIMEOUT_SECONDS", cls.storage_timeout_seconds),
-            storage_probe_seconds=env.float("STORAGE_PROBE_SECONDS", cls.storage_probe_seconds),
+            storage_timeout_seconds=env.float(
+                "STORAGE_TIMEOUT_SECONDS", cls.storage_timeout_seconds, *TIMEOUT_RANGE
+            ),
+            storage_probe_seconds=env.float("STORAGE_PROBE_SECONDS", cls.storage_probe_seconds, 0.1, 3600),
             data_dir=Path(env.text("DATA_DIR", str(cls.data_dir))),
             keys=keys,
             active_key_version=active_key_version,
             broker_url=env.matching("BROKER_URL", "", "url", r"rediss?://.+", "a redis:// or rediss:// URL"),
-            broker_timeout_seconds=env.float("BROKER_TIMEOUT_SECONDS", cls.broker_timeout_seconds),
+            broker_timeout_seconds=env.float(
+                "BROKER_TIMEOUT_SECONDS", cls.broker_timeout_seconds, *TIMEOUT_RANGE
+            ),
             delivery_queue=env.text("DELIVERY_QUEUE", cls.delivery_queue),
             delivery_retry_base_seconds=env.float(
-                "DELIVERY_RETRY_BASE_SECONDS", cls.delivery_retry_base_seconds
+                "DELIVERY_RETRY_BASE_SECONDS", cls.delivery_retry_base_seconds, 0.1, 60
+            ),  # at most the 60 s every retry is capped at (delivery/deliverer.py)
+            outbox_recovery_seconds=env.float(
+                "OUTBOX_RECOVERY_SECONDS", cls.outbox_recovery_seconds, 0.2, 3600
             ),
-            outbox_recovery_seconds=env.float("OUTBOX_RECOVERY_SECONDS", cls.outbox_recovery_seconds),
-            delivery_lease_seconds=env.float("DELIVERY_LEASE_SECONDS", cls.delivery_lease_seconds),
+            delivery_lease_seconds=env.float("DELIVERY_LEASE_SECONDS", cls.delivery_lease_seconds, 1, 3600),
             email_provider=env.choice("EMAIL_PROVIDER", cls.email_provider, ("console", "smtp")),
             sms_provider=env.text("SMS_PROVIDER", cls.sms_provider),
             smtp=smtp,
@@ -215,15 +223,15 @@ class Settings:
             tls_key_file=env.text("TLS_KEY_FILE", ""),
             tls_client_ca_file=env.text("TLS_CLIENT_CA_FILE", ""),
             max_workers=env.int("MAX_WORKERS", cls.max_workers, 1, 1024),
-            grace_seconds=env.float("GRACE_SECONDS", cls.grace_seconds),
+            grace_seconds=env.float("GRACE_SECONDS", cls.grace_seconds, 0.1, 3600),
             log_level=env.choice("LOG_LEVEL", cls.log_level, LOG_LEVELS),
             log_format=env.choice("LOG_FORMAT", "", ("json", "text")),
-            metrics_listen=env.matching("METRICS_LISTEN", "", "address", ADDRESS, "host:port, like :9464"),
+            metrics_listen=env.address("METRICS_LISTEN", "", "host:port, like :9464"),
             allow_console_delivery=env.bool("ALLOW_CONSOLE_DELIVERY", cls.allow_console_delivery),
             migrate_on_start=env.bool("MIGRATE_ON_START", cls.migrate_on_start),
             audit_retention_days=env.int("AUDIT_RETENTION_DAYS", cls.audit_retention_days, 1, 36500),
             retention_interval_seconds=env.float(
-                "RETENTION_INTERVAL_SECONDS", cls.retention_interval_seconds
+                "RETENTION_INTERVAL_SECONDS", cls.retention_interval_seconds, 0.1, 7 * 86400
             ),
         )
 

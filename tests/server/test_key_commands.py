@@ -17,6 +17,7 @@ import pytest
 
 from tests.conftest import APP_TOKEN, TEST_KEYS, Clock, ServerFactory
 from tests.server.helpers import enroll_authenticator
+from twofactor_server.cli import main
 from twofactor_server.domain import backup_codes
 from twofactor_server.domain.keyring import BACKUP_CODE, TOTP_SECRET, Keyring
 from twofactor_server.settings import PolicySettings, Settings, SettingsError
@@ -89,6 +90,30 @@ def test_token_prints_an_entry_ready_to_append(tmp_path: Path) -> None:
     assert [t.name for t in settings.tokens] == ["backend", "new-backend"]
     assert settings.tokens[1].sha256 == hashlib.sha256(token.encode()).digest()
     assert "remove the old entry" in made.stderr
+
+
+@pytest.mark.parametrize(
+    ("name", "scopes", "said"),
+    [
+        ("login-backend", "admins", "scopes must be app, admin or app+admin, got 'admins'"),
+        ("backend", "app,admin", "scopes must be app, admin or app+admin, got 'app,admin'"),
+        ("backend", "app:admin", "scopes must be app, admin or app+admin, got 'app:admin'"),
+        ("backend", "", "scopes must be app, admin or app+admin, got ''"),
+        ("ops,eu", "app", "a token name has no ',' or ':' and no space at either end, got 'ops,eu'"),
+        ("ops:eu", "app", "a token name has no ',' or ':' and no space at either end, got 'ops:eu'"),
+        (" ops", "app", "a token name has no ',' or ':' and no space at either end, got ' ops'"),
+        ("", "app", "a token name has no ',' or ':' and no space at either end, got ''"),
+    ],
+)
+def test_token_refuses_an_entry_the_server_would_refuse(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], name: str, scopes: str, said: str
+) -> None:
+    for variable in list(os.environ):
+        if variable.startswith("TWOFACTOR_"):
+            monkeypatch.delenv(variable)
+    assert main(["token", name, scopes]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and err == f"twofactor token: {said}\n"
 
 
 @pytest.mark.parametrize("command", list(COMMANDS))

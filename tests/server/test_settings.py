@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -15,6 +16,8 @@ import pytest
 from tests.conftest import APP_TOKEN, TEST_KEYS
 from twofactor_server.cli import main
 from twofactor_server.configuration import setting_kinds
+from twofactor_server.setting_values import mask_url
+from twofactor_server.settings import Settings, SettingsError
 
 TWOFACTOR = str(Path(sys.executable).with_name("twofactor"))
 
@@ -33,6 +36,15 @@ BAD_VALUES = {
     "text": "line\x07break",  # a control character: a stray paste
 }
 SETTINGS = sorted(setting_kinds().items())
+# More values a kind refuses: no number at all, or past the setting's range (a port past 65535).
+MORE_BAD_VALUES = {
+    "float": ("nan", "inf", "-inf", "1e-9", "1e9"),
+    "address": ("127.0.0.1:99999", ":65536"),
+}
+BAD_CASES = [
+    (name, value) for name, kind in SETTINGS for value in (BAD_VALUES[kind], *MORE_BAD_VALUES.get(kind, ()))
+]
+README = Path(__file__).parents[2] / "README.md"
 
 
 def clean_env(**variables: str) -> dict[str, str]:
@@ -46,18 +58,87 @@ def test_every_setting_has_a_bad_value_to_try() -> None:
     assert {kind for _, kind in SETTINGS} <= BAD_VALUES.keys()
 
 
-@pytest.mark.parametrize(("variable", "kind"), SETTINGS, ids=[name for name, _ in SETTINGS])
+@pytest.mark.parametrize(("variable", "value"), BAD_CASES, ids=[f"{n}={v!r}" for n, v in BAD_CASES])
 def test_a_bad_value_is_a_one_line_configuration_error(
-    variable: str, kind: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+    variable: str, value: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     for name in list(os.environ):
         if name.startswith("TWOFACTOR_"):
             monkeypatch.delenv(name)
-    monkeypatch.setenv(variable, BAD_VALUES[kind])
+    monkeypatch.setenv(variable, value)
     assert main(["config"]) == 2
     out, err = capsys.readouterr()
     assert out == ""
     assert err.count("\n") == 1 and err.startswith(f"twofactor: configuration error: {variable}"), err
+
+
+@pytest.mark.parametrize("variable", [name for name, kind in SETTINGS if kind == "float"])
+def test_a_float_setting_takes_the_range_the_readme_gives(variable: str) -> None:
+    # The SMTP row names its variables by suffix, each of the others has a row of its own.
+    mention = f"`_{variable.removeprefix('TWOFACTOR_SMTP_')}`" if "_SMTP_" in variable else f"`{variable}`"
+    row = next(line for line in README.read_text().splitlines() if line.startswith("| `") and mention in line)
+    documented = re.search(r"(\d[\d.]*) to (\d[\d.]*)", row[row.rindex(mention) :])
+    assert documented, f"README gives no range for {variable}: {row}"
+    low, high = float(documented[1]), float(documented[2])
+    for inside in (documented[1], documented[2]):
+        Settings.from_env({variable: inside})
+    for outside in (low / 2, high * 2):
+        with pytest.raises(SettingsError, match=f"{variable} must be between {documented[1]} and {high:g}"):
+            Settings.from_env({variable: str(outside)})
+
+
+@pytest.mark.parametrize(
+    ("url", "shown"),
+    [
+        ("postgresql://tf:db-pass-9@db:5432/tf", "postgresql://tf:****@db:5432/tf"),
+        ("postgresql://db/tf?password=db-pass-9", "postgresql://db/tf?password=****"),
+        (
+            "postgresql://db/tf?sslmode=require&PassWord=db-pass-9&connect_timeout=3",
+            "postgresql://db/tf?sslmode=require&PassWord=****&connect_timeout=3",
+        ),
+        ("postgresql://db/tf?sslpassword=db-pass-9", "postgresql://db/tf?sslpassword=****"),
+        (
+            "postgresql://db/tf?pass%77ord=db-pass-9",
+            "postgresql://db/tf?pass%77ord=****",
+        ),  # libpq decodes keys
+        ("postgresql://tf:db@pass-9@db/tf", "postgresql://tf:****@db/tf"),  # an unencoded @
+        ("postgresql://tf:db/pass?9@db/tf", "postgresql://tf:****@db/tf"),
+        (
+            "postgresql://tf:db-pass-9@db/tf?application_name=a@b",
+            "postgresql://tf:****@db/tf?application_name=a@b",
+        ),
+        ("postgresql://db/tf?application_name=a@b", "postgresql://db/tf?application_name=a@b"),
+        ("redis://:redis-pass-7@redis:6379/0", "redis://:****@redis:6379/0"),
+        ("redis://redis:6379/0?password=redis-pass-7", "redis://redis:6379/0?password=****"),
+        ("host=db password=db-pass-9 dbname=tf", "host=db password=**** dbname=tf"),  # libpq conninfo
+        ("host=db password = 'db pass 9' dbname=tf", "host=db password = **** dbname=tf"),
+        ("twofactor@localhost", "twofactor@localhost"),
+    ],
+)
+def test_mask_url_hides_every_password(url: str, shown: str) -> None:
+    assert mask_url(url) == shown
+
+
+def test_config_and_its_error_lines_hide_passwords_in_query_parameters(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    for name in list(os.environ):
+        if name.startswith("TWOFACTOR_"):
+            monkeypatch.delenv(name)
+    monkeypatch.setenv("TWOFACTOR_DATABASE_URL", "postgresql://db/tf?password=db-pass-9")
+    monkeypatch.setenv("TWOFACTOR_BROKER_URL", "redis://:redis-pass-7@redis-tail@redis:6379/0")
+    assert main(["config"]) == 0
+    out, err = capsys.readouterr()
+    assert "TWOFACTOR_DATABASE_URL=postgresql://db/tf?password=****\n" in out
+    assert "TWOFACTOR_BROKER_URL=redis://:****@redis:6379/0\n" in out
+    for refused in ("http://db/tf?password=db-pass-9", "host=db password=db-pass-9"):
+        monkeypatch.setenv("TWOFACTOR_DATABASE_URL", refused)
+        assert main(["config"]) == 2
+        more_out, more_err = capsys.readouterr()
+        assert more_err.startswith("twofactor: configuration error: TWOFACTOR_DATABASE_URL must be")
+        out, err = out + more_out, err + more_err
+    for secret in ("db-pass-9", "redis-pass-7", "redis-tail"):
+        assert secret not in out + err
 
 
 def test_a_bad_log_level_stops_the_server_without_a_traceback(tmp_path: Path) -> None:
