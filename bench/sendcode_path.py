@@ -58,7 +58,7 @@ def make_users(db: PostgresDatabase, run: str, count: int) -> list[str]:
         for index, user_id in enumerate(users):
             store.ensure_user(tx, user_id, now)
             store.set_contact(tx, user_id, "email", f"user{index}-{run}@bench.invalid")
-            store.start_method_enrollment(tx, user_id, "email", now)
+            store.start_method_enrollment(tx, user_id, "email", now, with_proof=True)
             store.enable_method(tx, user_id, "email", now)
     return users
 

@@ -93,3 +93,14 @@ def add_audit_events(tx: Transaction, events: list[NewAuditEvent]) -> None:
 def _insert_audit_events(count: int) -> HotStatement:
     rows = ", ".join(f"({audit_placeholders(f'e{i}_')})" for i in range(count))
     return HotStatement(f"twofactor_insert_audit_events_{count}", f"{INSERT_AUDIT_EVENT}VALUES {rows}")
+
+
+def started_with_proof(tx: Transaction, user_id: str, method: str, pending_since: int) -> bool | None:
+    """Whether the pending enrollment that started at `pending_since` had a step-up proof, as
+    its start recorded; None when it recorded nothing (the previous release started it)."""
+    row = tx.one(
+        "SELECT with_proof FROM enrollment_starts "
+        "WHERE user_id = %(u)s AND method = %(m)s AND pending_since = %(t)s",
+        {"u": user_id, "m": method, "t": pending_since},
+    )
+    return None if row is None else bool(row["with_proof"])

@@ -181,13 +181,29 @@ def methods_of_users(tx: Transaction, user_ids: Iterable[str]) -> dict[str, list
 
 
 def start_method_enrollment(
-    tx: Transaction, user_id: str, method: str, now_ms: int, pending_secret: bytes | None = None
+    tx: Transaction,
+    user_id: str,
+    method: str,
+    now_ms: int,
+    *,
+    with_proof: bool,
+    pending_secret: bytes | None = None,
 ) -> None:
+    """A pending enrollment of `method` (replacing a pending one), started with a step-up proof
+    or without one (the user had no usable method): decided under the user's row lock, and
+    recorded beside it (migration 0009) for ConfirmEnrollment (enrollments.started_with_proof)."""
+    params = {"u": user_id, "m": method, "now": now_ms, "ps": pending_secret, "proof": with_proof}
     tx.execute(
         "INSERT INTO methods (user_id, method, pending_since, pending_secret) "
         "VALUES (%(u)s, %(m)s, %(now)s, %(ps)s) "
         "ON CONFLICT (user_id, method) DO UPDATE SET pending_since = %(now)s, pending_secret = %(ps)s",
-        {"u": user_id, "m": method, "now": now_ms, "ps": pending_secret},
+        params,
+    )
+    tx.execute(
+        "INSERT INTO enrollment_starts (user_id, method, pending_since, with_proof) "
+        "VALUES (%(u)s, %(m)s, %(now)s, %(proof)s) "
+        "ON CONFLICT (user_id, method) DO UPDATE SET pending_since = %(now)s, with_proof = %(proof)s",
+        params,
     )
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import uuid
+from collections.abc import Callable
 from typing import Protocol
 
 from twofactor_server.domain import one_time_codes
@@ -85,9 +86,12 @@ class Challenges:
         caller: Caller,
         new_destination: str | None = None,
         cooldown: bool = True,
+        authorize: Callable[[Transaction], bool] | None = None,
     ) -> ChallengeView:
         """Commit a new code for `purpose` and hand it to delivery: to the registered contact, or
-        for purpose CONTACT to `new_destination`, the address it confirms.
+        for purpose CONTACT to `new_destination`, the address it confirms. For ENROLLMENT,
+        `authorize` runs first under the user's row lock (the step-up rule: it raises to refuse)
+        and says whether the start had a proof, which the pending enrollment records.
 
         Invariants: the send limits (cooldown, per user and per destination per hour) are
         checked under the user's row lock and the destination's lock, so they hold exactly
@@ -113,6 +117,7 @@ class Challenges:
             destination = outbox.lock_sender(tx, user_id, contact, new_destination)
             if destination is None:
                 raise unknown_user(user_id)
+            with_proof = authorize(tx) if authorize is not None else False
             # The clock read again now that both locks are held: a send that committed while this
             # call waited for them is never "later" than this one, so a zero cooldown can't refuse
             # it as too soon, and created_at follows the order the locks gave the sends.
@@ -164,7 +169,8 @@ class Challenges:
                 audit.event(caller, now, user_id, action, detail=method),
             )
             if purpose == ENROLLMENT:
-                store.start_method_enrollment(tx, user_id, method, now)
+                assert authorize is not None, "an enrollment is started only under the step-up rule"
+                store.start_method_enrollment(tx, user_id, method, now, with_proof=with_proof)
         try:
             self._dispatcher.dispatch(challenge_id)
         except Unavailable:

@@ -17,7 +17,8 @@ from twofactor_server.domain.models import (
 )
 from twofactor_server.settings import PolicySettings
 from twofactor_server.storage import enrollments, store
-from twofactor_server.storage.database import Database
+from twofactor_server.storage.database import Database, Transaction
+from twofactor_server.storage.records import MethodRecord
 from twofactor_server.usecases import audit
 from twofactor_server.usecases.backup_codes import BackupCodes
 from twofactor_server.usecases.challenges import AUTHENTICATOR, EMAIL, ENROLLMENT, Challenges
@@ -73,29 +74,36 @@ class Enrollment:
         """
         require_allowed(method, self._policy)
         qr_codes.require_known(qr_formats)
+
+        def authorize(tx: Transaction) -> bool:
+            # In the starting transaction, under the user's row lock: a method enabled a moment
+            # ago is seen here, and the pending enrollment records whether this start had a proof.
+            enabled = usable_methods(store.methods_of(tx, user_id), self._policy)
+            user = existing_user(tx, user_id)
+            require_step_up(self._keyring, self._policy, user, enabled, verification_token, caller, now)
+            return bool(enabled)
+
+        now = now_ms(self._clock)
         if method != AUTHENTICATOR:
-            with self._db.transaction() as tx:
-                # Challenges.issue sends in its own transaction: check the proof first.
-                user = store.get_user(tx, user_id)
-                if user is not None:
-                    enabled = usable_methods(store.methods_of(tx, user_id), self._policy)
-                    now = now_ms(self._clock)
-                    require_step_up(
-                        self._keyring, self._policy, user, enabled, verification_token, caller, now
-                    )
             challenge = self._challenges.issue(
-                user_id, method, ENROLLMENT, idempotency_key="", locale=locale, caller=caller
+                user_id,
+                method,
+                ENROLLMENT,
+                idempotency_key="",
+                locale=locale,
+                caller=caller,
+                authorize=authorize,
             )
             return EnrollmentStart(method, challenge=challenge)
-        now = now_ms(self._clock)
         secret = totp.new_secret()
         with self._db.transaction() as tx:
             store.ensure_user(tx, user_id, now)
-            user = existing_user(tx, user_id, lock=True)
-            enabled = usable_methods(store.methods_of(tx, user_id), self._policy)
-            require_step_up(self._keyring, self._policy, user, enabled, verification_token, caller, now)
+            existing_user(tx, user_id, lock=True)
+            with_proof = authorize(tx)
             sealed = self._keyring.encrypt(secret, purpose=TOTP_SECRET, user_id=user_id)
-            store.start_method_enrollment(tx, user_id, method, now, pending_secret=sealed)
+            store.start_method_enrollment(
+                tx, user_id, method, now, with_proof=with_proof, pending_secret=sealed
+            )
             audit.record(tx, caller, now, user_id, "enrollment_started", detail=method)
         uri = totp.provisioning_uri(secret, account_name=account_name or user_id, issuer=self._policy.issuer)
         images = qr_codes.qr_images(uri, qr_formats)
@@ -125,8 +133,7 @@ class Enrollment:
                 raise FailedPrecondition(
                     "NO_PENDING_ENROLLMENT", f"no {method} enrollment is pending; call StartEnrollment first"
                 )
-            started = pending.pending_since or 0
-            if any(m.enabled_at is not None and m.enabled_at > started for m in methods):
+            if enabled and not _started_with_proof(tx, pending, methods):
                 # Started when no method guarded the account (so without a step-up proof); one does
                 # now, and finishing the older enrollment must not step around its proof.
                 raise FailedPrecondition(
@@ -207,3 +214,14 @@ class Enrollment:
             audit.record(tx, caller, now, user_id, "method_disabled", detail=method)
             self._notices.add(tx, user.email, user_id, "method_disabled", now, method=method_name(method))
             return remaining
+
+
+def _started_with_proof(tx: Transaction, pending: MethodRecord, methods: list[MethodRecord]) -> bool:
+    """Whether the pending enrollment was started with a step-up proof, as its start recorded
+    under the user's row lock; for one the previous release started (nothing recorded), whether
+    no method was enabled after it started, by the timestamps that release compared."""
+    started = pending.pending_since or 0
+    recorded = enrollments.started_with_proof(tx, pending.user_id, pending.method, started)
+    if recorded is None:
+        return not any(m.enabled_at is not None and m.enabled_at > started for m in methods)
+    return recorded

@@ -5,8 +5,10 @@ In-process delivery to a real SMTP sink and an operator's SMS class, on SQLite a
 from __future__ import annotations
 
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 
 import grpc
+import psycopg
 import pytest
 from twofactor.v1 import twofactor_service_pb2 as pb
 
@@ -22,7 +24,8 @@ from tests.server.helpers import (
     verify,
 )
 from tests.server.stored_rows import query
-from tests.server.test_challenges import SharedRecordingSms
+from tests.server.test_challenges import SharedRecordingSms, SwitchableQueue, stored_code
+from tests.server.test_lockout_concurrency import wait_until, waiting_behind
 from tests.smtp_sink import SmtpSink, code_in, running_sink
 
 
@@ -302,13 +305,16 @@ def sms_code(text: str) -> str:
     return text.split(" is ")[1][:6]
 
 
+@pytest.mark.parametrize("then", [1.0, 0.0, -0.002], ids=["later", "the same millisecond", "a clock behind"])
 def test_an_enrollment_started_before_another_method_was_enabled_cannot_be_confirmed(
-    start_server: ServerFactory, clock: Clock, sink: SmtpSink
+    start_server: ServerFactory, clock: Clock, sink: SmtpSink, then: float
 ) -> None:
     """An authenticator enrollment started while no method guarded the account needs no step-up
     proof; once the user enabled another method, finishing that older enrollment would step
     around the proof the account now asks for (and its confirmation returns a fresh token).
-    It is refused: the enrollment starts again, with a proof."""
+    It is refused: the enrollment starts again, with a proof. The start records that it had no
+    proof: comparing timestamps let through an enabling in the same millisecond, or on a server
+    whose clock ran behind the one that started the enrollment."""
     h = start_server(email_provider="smtp", smtp=sink.settings(), policy={"resend_cooldown_seconds": 0})
     h.twofactor.SetContact(
         pb.SetContactRequest(user_id="uma", email="uma@example.com"), metadata=h.app_metadata
@@ -316,7 +322,7 @@ def test_an_enrollment_started_before_another_method_was_enabled_cannot_be_confi
     early = h.twofactor.StartEnrollment(
         pb.StartEnrollmentRequest(user_id="uma", method=AUTHENTICATOR), metadata=h.app_metadata
     ).authenticator.secret
-    clock.advance(1)
+    clock.advance(then)
     enroll_email(h, sink, "uma", "uma@example.com")
     clock.advance(7 * 86400)
     with pytest.raises(grpc.RpcError) as refused:
@@ -412,3 +418,57 @@ def test_a_new_email_and_phone_in_one_call_send_both_codes_under_the_cooldown(
         lambda: h.twofactor.SendCode(pb.SendCodeRequest(user_id="zo", method=EMAIL), metadata=h.app_metadata)
     )
     assert error_info(error).reason == "RESEND_TOO_SOON"
+
+
+def test_an_enrollment_started_while_the_first_method_is_being_confirmed_gets_no_second_factor_in(
+    start_server: ServerFactory, clock: Clock, backend: str
+) -> None:
+    """A caller (a compromised login backend) starts an email enrollment to an address it set
+    while the user has no method, racing the user's own first confirmation. The step-up rule was
+    checked in a transaction of its own, without the row lock, and the code sent in another: the
+    check saw no method, the pending enrollment was written after the confirmation, and the
+    caller's address became a second factor with a fresh token. Now the rule is checked, and the
+    start recorded as proven or not, under the row lock: whichever goes first, no email method."""
+    if backend != "postgres":
+        return  # SQLite runs one writer at a time: the race needs two transactions in flight
+    h = start_server(dispatcher=SwitchableQueue())
+    h.twofactor.SetContact(
+        pb.SetContactRequest(user_id="vic", email="attacker@evil.example"), metadata=h.app_metadata
+    )
+    secret = h.twofactor.StartEnrollment(
+        pb.StartEnrollmentRequest(user_id="vic", method=AUTHENTICATOR), metadata=h.app_metadata
+    ).authenticator.secret
+    victims_code = totp_now(secret, clock)
+    with psycopg.connect(h.settings.database_url) as holder, ThreadPoolExecutor(2) as pool:
+        holder.execute("SELECT 1 FROM users WHERE user_id = 'vic' FOR UPDATE")  # both calls queue
+        holder_pid = holder.info.backend_pid
+        victim = pool.submit(
+            h.twofactor.ConfirmEnrollment,
+            pb.ConfirmEnrollmentRequest(user_id="vic", method=AUTHENTICATOR, code=victims_code),
+            metadata=h.app_metadata,
+        )
+        wait_until(lambda: waiting_behind(holder, holder_pid) >= 1, "the confirmation waits for the row")
+        attacker = pool.submit(
+            h.twofactor.StartEnrollment,
+            pb.StartEnrollmentRequest(user_id="vic", method=EMAIL),
+            metadata=h.app_metadata,
+        )
+        wait_until(lambda: waiting_behind(holder, holder_pid) >= 2, "the start waits for the row too")
+        holder.commit()
+        assert victim.result(timeout=30).confirmed
+        try:
+            started = attacker.result(timeout=30)
+        except grpc.RpcError as refused:
+            assert error_info(refused).reason == "STEP_UP_REQUIRED"
+            started = None
+    if started is not None:  # the start went first, without a proof: its enrollment can't finish
+        with pytest.raises(grpc.RpcError) as refused_late:
+            h.twofactor.ConfirmEnrollment(
+                pb.ConfirmEnrollmentRequest(
+                    user_id="vic", method=EMAIL, code=stored_code(h, started.challenge.challenge_id)
+                ),
+                metadata=h.app_metadata,
+            )
+        assert error_info(refused_late.value).reason == "NO_PENDING_ENROLLMENT"
+    status = h.twofactor.GetStatus(pb.GetStatusRequest(user_id="vic"), metadata=h.app_metadata)
+    assert list(status.enabled_methods) == [AUTHENTICATOR]

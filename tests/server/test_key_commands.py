@@ -193,7 +193,9 @@ def test_a_key_that_opens_its_values_starts_though_one_value_does_not(
         for user in ("bea", "cal"):
             store.ensure_user(tx, user, 0)
             sealed = keyring.encrypt(b"x" * 20, purpose=TOTP_SECRET, user_id=user)
-            store.start_method_enrollment(tx, user, "authenticator", 0, pending_secret=sealed)
+            store.start_method_enrollment(
+                tx, user, "authenticator", 0, with_proof=True, pending_secret=sealed
+            )
             assert store.enable_method(tx, user, "authenticator", 0)
         damaged = keyring.encrypt(b"x" * 20, purpose=TOTP_SECRET, user_id="someone else")
         tx.execute(  # bea's secret no longer authenticates (sealed for another user)
@@ -213,7 +215,7 @@ def test_an_older_key_that_opens_none_of_its_values_is_said_not_refused(
     with other_connection.transaction() as tx:
         store.ensure_user(tx, "dot", 0)
         sealed = keyring.encrypt(b"x" * 20, purpose=TOTP_SECRET, user_id="dot")
-        store.start_method_enrollment(tx, "dot", "authenticator", 0, pending_secret=sealed)
+        store.start_method_enrollment(tx, "dot", "authenticator", 0, with_proof=True, pending_secret=sealed)
         assert store.enable_method(tx, "dot", "authenticator", 0)
     wrong_old_and_new = Keyring.parse(f"{Keyring.new_key_spec(1)},{KEY_2}")
     assert wrong_old_and_new.active_version == 2
@@ -256,7 +258,9 @@ def seed(db: Database, users: int) -> dict[str, tuple[bytes, list[str]]]:
             secret = os.urandom(20)
             store.ensure_user(tx, user_id, 0)
             sealed = keyring.encrypt(secret, purpose=TOTP_SECRET, user_id=user_id)
-            store.start_method_enrollment(tx, user_id, "authenticator", 0, pending_secret=sealed)
+            store.start_method_enrollment(
+                tx, user_id, "authenticator", 0, with_proof=True, pending_secret=sealed
+            )
             store.enable_method(tx, user_id, "authenticator", 0)
             shown = codes.replace_set(tx, user_id, 0)
             seeded[user_id] = (secret, [backup_codes.normalize(c) or "" for c in shown])

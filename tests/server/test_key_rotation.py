@@ -321,7 +321,7 @@ def test_a_rotation_never_writes_back_over_a_concurrent_change(
             time.sleep(0.01)
         sealed = both.encrypt(new_secret, purpose=TOTP_SECRET, user_id="bob")
         store.start_method_enrollment(
-            tx, "bob", "authenticator", int(clock.now * 1000), pending_secret=sealed
+            tx, "bob", "authenticator", int(clock.now * 1000), with_proof=True, pending_secret=sealed
         )
     rotating.join(60)
     (report,) = reports

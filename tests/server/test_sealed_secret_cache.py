@@ -187,7 +187,7 @@ def test_the_one_statement_count_locks_as_count_failure_does(
     now = now_ms(clock)
     with db.transaction() as tx:
         store.ensure_user(tx, "dee", now)
-        store.start_method_enrollment(tx, "dee", "authenticator", now, pending_secret=sealed)
+        store.start_method_enrollment(tx, "dee", "authenticator", now, with_proof=True, pending_secret=sealed)
         assert store.enable_method(tx, "dee", "authenticator", now)
         snapshot = attempts.verify_snapshot(tx, "dee")
     assert snapshot is not None and snapshot.authenticator_secret == sealed
@@ -309,7 +309,9 @@ def test_a_verify_that_waits_for_a_credential_change_is_decided_on_the_changed_u
         if change == "reset":
             store.reset_user(tx, "eve")
         else:  # a new enrollment replaces the authenticator (StartEnrollment, ConfirmEnrollment)
-            store.start_method_enrollment(tx, "eve", "authenticator", now, pending_secret=new_sealed)
+            store.start_method_enrollment(
+                tx, "eve", "authenticator", now, with_proof=True, pending_secret=new_sealed
+            )
             assert store.enable_method(tx, "eve", "authenticator", now)
         racer = threading.Thread(target=verify_old)
         racer.start()
