@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import datetime
 import functools
+import unicodedata
 from collections.abc import Callable
 from typing import ParamSpec, TypeVar
+from urllib.parse import urlsplit
 
-from flask import abort, current_app, redirect, url_for
+from flask import abort, current_app, flash, redirect, url_for
 from werkzeug.wrappers import Response
 
 from . import sessions
@@ -33,12 +36,22 @@ def signed_in(view: Callable[P, R]) -> Callable[P, R | Response]:
     return guarded
 
 
-def admin_only(view: Callable[P, R]) -> Callable[P, R]:
+def admin_only(view: Callable[P, R]) -> Callable[P, R | Response]:
+    """An operator who has a second factor enabled.
+
+    An operator without one is sent to set one up first: otherwise the password
+    alone could reset anybody's second factor (sudo mode lets a user with no
+    method through, for their first enrollment).
+    """
+
     @functools.wraps(view)
-    def guarded(*args: P.args, **kwargs: P.kwargs) -> R:
+    def guarded(*args: P.args, **kwargs: P.kwargs) -> R | Response:
         user = USERS.get(sessions.signed_in_user() or "")
         if user is None or not user.is_admin:
             abort(403, "Operators only.")
+        if not tf().status(user.user_id).enabled_methods:
+            flash("Operators need two-factor verification: set up a method to use the admin page.", "warning")
+            return redirect(url_for("enrollment.enroll_form"))
         return view(*args, **kwargs)
 
     return guarded
@@ -72,10 +85,42 @@ def current_user() -> User:
 
 
 def safe_next(target: str | None, default: str = "/account") -> str:
-    """Only a path on this site: never `//evil.example` or `https://...` (open redirect)."""
-    if target and target.startswith("/") and not target.startswith(("//", "/\\")):
-        return target
-    return default
+    """`target` when it is a path on this site, else `default` (no open redirect).
+
+    Browsers read more into a Location than it says: they drop tabs and newlines
+    inside it (a slash, a tab, then `/evil.example` is `//evil.example`: another
+    host), read a backslash as a slash, and strip leading control characters and
+    spaces. So only a plain path passes: one leading slash, no backslash, no
+    whitespace or control character anywhere (a newline would also make the
+    redirect itself fail), and neither a scheme nor a host.
+    """
+    if not target or not target.startswith("/") or target.startswith("//") or "\\" in target:
+        return default
+    if any(char.isspace() or unicodedata.category(char).startswith("C") for char in target):
+        return default
+    try:
+        parts = urlsplit(target)
+    except ValueError:
+        return default
+    return target if not parts.scheme and not parts.netloc else default
+
+
+def lockout_message(retry_after: datetime.timedelta | None) -> str:
+    """What a locked-out user reads: when to try again, or that an operator must unlock them."""
+    if retry_after is None:
+        return "Too many wrong codes: an administrator must unlock your account."
+    seconds = max(1, int(retry_after.total_seconds() + 0.999))
+    wait = f"{seconds} second{'s' * (seconds > 1)}" if seconds < 120 else f"{(seconds + 59) // 60} minutes"
+    return f"Too many wrong codes: try again in {wait}."
+
+
+def time_left_locked(user_id: str) -> datetime.timedelta | None:
+    """How long the user stays locked out, from GetStatus (a ConfirmEnrollment or ConfirmContact
+    that locked them doesn't say); None when only an operator can unlock them."""
+    status = tf().status(user_id)
+    if not status.HasField("locked_until"):
+        return None
+    return datetime.timedelta(seconds=max(0.0, status.locked_until.ToNanoseconds() / 1e9 - sessions.now()))
 
 
 def method_info(slug: str) -> MethodInfo:

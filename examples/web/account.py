@@ -7,7 +7,7 @@ from flask import Blueprint, flash, redirect, render_template, request, url_for
 from werkzeug.wrappers import Response
 
 from . import step_up
-from .access import current_user, method_info, signed_in, tf
+from .access import current_user, lockout_message, method_info, signed_in, tf, time_left_locked
 from .second_factor import BY_METHOD, METHODS
 
 pages = Blueprint("account", __name__)
@@ -88,8 +88,11 @@ def confirm_contact(slug: str) -> Response | str:
     except twofactor.NoPendingContactChange:
         flash("That change has expired or was replaced: make it again.", "error")
         return redirect(url_for(".contacts_form"))
-    except twofactor.UserLocked:
-        flash("Too many wrong codes: try again later.", "error")
+    except twofactor.UserLocked as error:  # locked by earlier wrong codes
+        flash(lockout_message(error.retry_after), "error")
+        return redirect(url_for(".account"))
+    if result.result == twofactor.ConfirmResult.CONFIRM_RESULT_LOCKED:  # this wrong code locked them
+        flash(lockout_message(time_left_locked(current_user().user_id)), "error")
         return redirect(url_for(".account"))
     if result.result != twofactor.ConfirmResult.CONFIRM_RESULT_CONFIRMED:
         flash(f"Wrong code. {result.attempts_left} attempts left before a lockout.", "error")

@@ -29,15 +29,15 @@ def admin() -> str:
 @pages.get("/admin/users/<user_id>/reset")
 @signed_in
 @admin_only
-@step_up.required
+@step_up.required_always
 def reset_form(user_id: str) -> str:
-    return render_template("reset.html", user_id=user_id)
+    return render_template("reset.html", user_id=user_id, policy=tf().policy())
 
 
 @pages.post("/admin/users/<user_id>/reset")
 @signed_in
 @admin_only
-@step_up.required
+@step_up.required_always
 def reset(user_id: str) -> Response:
     reason = request.form.get("reason", "").strip() or "reset from the admin page"
     try:
@@ -45,5 +45,13 @@ def reset(user_id: str) -> Response:
     except twofactor.AdminResetDisabled:
         flash("The policy doesn't allow resets.", "error")
         return redirect(url_for(".admin"))
-    flash(f"{user_id}'s two-factor setup is cleared: they enroll again at their next login.", "info")
+    # What happens next depends on the policy: only a forced one makes them enroll again.
+    if tf().policy().force_two_factor:
+        flash(f"{user_id}'s two-factor setup is cleared: they enroll again at their next login.", "info")
+    else:
+        flash(
+            f"{user_id}'s two-factor setup is cleared: two-factor verification is optional, so they "
+            "sign in with their password alone until they turn it on again.",
+            "info",
+        )
     return redirect(url_for(".admin", user=user_id))

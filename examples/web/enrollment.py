@@ -10,7 +10,7 @@ from flask import Blueprint, flash, redirect, render_template, request, url_for
 from werkzeug.wrappers import Response
 
 from . import sessions, step_up
-from .access import current_user, may_enroll, method_info, tf
+from .access import current_user, lockout_message, may_enroll, method_info, tf, time_left_locked
 from .second_factor import BY_METHOD, METHODS
 
 pages = Blueprint("enrollment", __name__)
@@ -86,6 +86,12 @@ def enroll_confirm(slug: str) -> Response | str:
     except twofactor.NotEnrolled:
         flash("That setup has expired or was replaced: start again.", "error")
         return redirect(url_for(".enroll_form"))
+    except twofactor.UserLocked as error:  # locked by earlier wrong codes, here or at a login
+        flash(lockout_message(error.retry_after), "error")
+        return render_template("enroll_confirm.html", info=info)
+    if result.result == twofactor.ConfirmResult.CONFIRM_RESULT_LOCKED:  # this wrong code locked them
+        flash(lockout_message(time_left_locked(user_id)), "error")
+        return render_template("enroll_confirm.html", info=info)
     if not result.confirmed:
         flash(f"Wrong code. {result.attempts_left} attempts left before a lockout.", "error")
         return render_template("enroll_confirm.html", info=info)

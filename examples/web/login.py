@@ -12,7 +12,7 @@ from twofactor.v1.twofactor_service_pb2 import VerifyResponse
 from werkzeug.wrappers import Response
 
 from . import sessions, step_up
-from .access import method_info, safe_next, signed_in, tf
+from .access import lockout_message, method_info, safe_next, signed_in, tf
 from .second_factor import BY_METHOD
 from .users import check_password
 
@@ -122,16 +122,13 @@ def check_code(user_id: str) -> VerifyResponse | None:
         flash("That is not a code: type the digits you were given, or a backup code.", "error")
         return None
     except twofactor.UserLocked as error:
-        flash(f"Too many wrong codes: try again in {error.retry_after or 'a while'}.", "error")
+        flash(lockout_message(error.retry_after), "error")
         return None
     if outcome.result == VerifyResult.VERIFY_RESULT_ACCEPTED:
         return outcome
     if outcome.result == VerifyResult.VERIFY_RESULT_LOCKED:
-        wait = outcome.retry_after.ToTimedelta() if outcome.HasField("retry_after") else None
         flash(
-            f"Too many wrong codes: try again in {wait}."
-            if wait
-            else "Too many wrong codes: an administrator must unlock your account.",
+            lockout_message(outcome.retry_after.ToTimedelta() if outcome.HasField("retry_after") else None),
             "error",
         )
     else:
@@ -170,7 +167,7 @@ def send_code() -> Response:
         flash(f"No {info.noun} is set up for your account: use another method.", "error")
         return redirect(back)
     except twofactor.UserLocked as error:
-        flash(f"Too many wrong codes: try again in {error.retry_after or 'a while'}.", "error")
+        flash(lockout_message(error.retry_after), "error")
         return redirect(back)
     sessions.note_code_sent(challenge.masked_destination, challenge.resend_after.ToNanoseconds() / 1e9)
     flash(f"We sent a code to {challenge.masked_destination}.", "info")

@@ -13,7 +13,10 @@ All of the step-up logic of the site is in this module:
   returns to the same page (`@required_back_to(endpoint)` for a POST with no page
   of its own). So does a FAILED_PRECONDITION with reason STEP_UP_REQUIRED from
   the server: its own window may be shorter than ours, and a change (new backup
-  codes, a method, a contact) makes older tokens invalid.
+  codes, a method, a contact) makes older tokens invalid. A user with no method
+  yet passes `@required` (their first enrollment needs no proof);
+  `@required_always`, for an operator's change to somebody else's account, makes
+  no such exception.
 
 The site asks on its own even when the server doesn't: the window is the
 site's policy ("sudo mode"), the token is the server's proof.
@@ -85,25 +88,29 @@ def prompt(back_to: str | None) -> Response:
 
 def required(view: Callable[P, R]) -> Callable[P, R | Response]:
     """Guard a view that shows or changes the user's second factor (below its access check)."""
-    return _guarded(view, back_to=None)
+    return _guarded(view, back_to=None, first_enrollment_passes=True)
 
 
 def required_back_to(endpoint: str) -> Callable[[Callable[P, R]], Callable[P, R | Response]]:
     """`required`, for a POST with no page at its own URL: the prompt returns to `endpoint`."""
-    return functools.partial(_guarded, back_to=endpoint)
+    return functools.partial(_guarded, back_to=endpoint, first_enrollment_passes=True)
 
 
-def _guarded(view: Callable[P, R], *, back_to: str | None) -> Callable[P, R | Response]:
+def required_always(view: Callable[P, R]) -> Callable[P, R | Response]:
+    """`required` without the exception for a user who has no method: a fresh check, always.
+
+    For changes to other people's accounts (an operator's reset). Its access check sends
+    a user with no method elsewhere first: the prompt would have nothing to ask them for.
+    """
+    return _guarded(view, back_to=None, first_enrollment_passes=False)
+
+
+def _guarded(
+    view: Callable[P, R], *, back_to: str | None, first_enrollment_passes: bool
+) -> Callable[P, R | Response]:
     @functools.wraps(view)
     def guarded(*args: P.args, **kwargs: P.kwargs) -> R | Response:
-        user_id = sessions.current_user()
-        # A user with no method enabled has nothing to step up with (and the first
-        # enrollment needs no proof); everyone else proves a recent check.
-        if (
-            user_id
-            and not is_fresh()
-            and current_app.extensions["web.second_factor"].status(user_id).enabled_methods
-        ):
+        if _needs_check(first_enrollment_passes):
             return prompt(back_to)
         try:
             return view(*args, **kwargs)
@@ -114,3 +121,14 @@ def _guarded(view: Callable[P, R], *, back_to: str | None) -> Callable[P, R | Re
             return prompt(back_to)
 
     return guarded
+
+
+def _needs_check(first_enrollment_passes: bool) -> bool:
+    if is_fresh():
+        return False
+    if not first_enrollment_passes:
+        return True
+    # A user with no method enabled has nothing to step up with (and the first
+    # enrollment needs no proof); everyone else proves a recent check.
+    user_id = sessions.current_user()
+    return bool(user_id and current_app.extensions["web.second_factor"].status(user_id).enabled_methods)

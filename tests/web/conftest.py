@@ -5,12 +5,16 @@ The real twofactor server runs as a subprocess, configured like production
 over gRPC, so the server's internals can move without breaking these tests.
 Its emails go to a real SMTP sink. The site runs in a thread of the test
 process (so a test can move its clock), and Debian's Chromium drives it. One
-of each serves the whole package; every test has its own users.
+of each serves the whole package; every test has its own users (the demo
+users of examples/web, or new ones from `new_user`).
 """
 
 from __future__ import annotations
 
+import contextlib
+import html
 import os
+import re
 import secrets
 import shutil
 import socket
@@ -24,11 +28,16 @@ from pathlib import Path
 
 import pyotp
 import pytest
+from flask import Flask
+from flask.testing import FlaskClient
 from playwright.sync_api import Browser, BrowserContext, Page, expect, sync_playwright
 from werkzeug.serving import make_server
+from werkzeug.test import TestResponse
 
 from examples.web.app import create_app
+from examples.web.second_factor import SecondFactor
 from examples.web.settings import SiteSettings
+from examples.web.users import USERS, User, hash_password
 from tests.web.mailbox import CODE, Mailbox
 
 CHROMIUM = Path("/usr/bin/chromium")  # Debian's package; Playwright never downloads a browser here
@@ -278,6 +287,27 @@ def visitor(browser: Browser, site: Site, request: pytest.FixtureRequest) -> Ite
         context.close()
 
 
+NewUser = Callable[[str], str]
+
+
+@pytest.fixture
+def new_user(monkeypatch: pytest.MonkeyPatch) -> NewUser:
+    """new_user("erin"): a user id like "erin-1a2b3c4d" that neither the site nor twofactor knew.
+
+    For the tests the demo users (alice, bob, carol, dave) are taken by. The site runs in
+    this process, so it sees the user added to its USERS for this test; the password is
+    "<user id>-demo-password", like the demo users'.
+    """
+
+    def add(name: str) -> str:
+        user_id = f"{name}-{secrets.token_hex(4)}"
+        user = User(user_id, f"{user_id}@example.com", hash_password(f"{user_id}-demo-password"))
+        monkeypatch.setitem(USERS, user_id, user)
+        return user_id
+
+    return add
+
+
 class Authenticator:
     """The user's authenticator app: a code for a time step the server hasn't accepted yet.
 
@@ -297,3 +327,150 @@ class Authenticator:
             time.sleep(step * 30 - 30 - time.time() + 0.1)
         self.last_step = step
         return self.totp.at(step * 30)
+
+
+# -- another real server, and the site without a browser ----------------------------------------
+
+
+@contextlib.contextmanager
+def running_twofactor_server(data_dir: Path, **settings: str) -> Iterator[TwoFactorServer]:
+    """`twofactor serve` started like `twofactor_server`'s (production-style keys and tokens) with
+    TWOFACTOR_<NAME>=value for each of `settings`; emails and texts go to its console."""
+    app_token, app_entry = new_token("web-example", "app")
+    admin_token, admin_entry = new_token("web-example-ops", "admin")
+    target = f"127.0.0.1:{free_port()}"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TWOFACTOR_")}
+    env.update(
+        TWOFACTOR_LISTEN=target,
+        TWOFACTOR_DATA_DIR=str(data_dir),
+        TWOFACTOR_KEYS=cli("keygen").strip(),
+        TWOFACTOR_TOKENS=f"{app_entry},{admin_entry}",
+        TWOFACTOR_ISSUER="Example Site",
+    )
+    env.update({f"TWOFACTOR_{name}": value for name, value in settings.items()})
+    process = subprocess.Popen(
+        [str(TWOFACTOR_CLI), "serve"], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+    server = TwoFactorServer(target, app_token, admin_token, process)
+    reader = threading.Thread(target=server.read_output, daemon=True)
+    reader.start()
+    try:
+        server.wait_for_output("twofactor listening on", START_TIMEOUT)
+        yield server
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(timeout=30)
+        reader.join(timeout=30)
+        assert process.stdout is not None
+        process.stdout.close()
+
+
+@pytest.fixture(scope="package")
+def optional_twofactor_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TwoFactorServer]:
+    """A second real `twofactor serve`, with 2FA optional (`twofactor_server` forces it): there
+    the password alone signs in a user, operators included, who has no method."""
+    data_dir = tmp_path_factory.mktemp("twofactor-optional-data")
+    with running_twofactor_server(data_dir, FORCE_2FA="false") as server:
+        yield server
+
+
+FLASH = re.compile(r'<p class="flash [^"]*" role="status">(.*?)</p>', re.DOTALL)
+SECRET = re.compile(r'<code id="secret">([A-Z2-7]+)</code>')
+
+
+def flashes(response: TestResponse) -> list[str]:
+    """The messages the page shows (its .flash paragraphs), as text."""
+    return [html.unescape(message) for message in FLASH.findall(response.get_data(as_text=True))]
+
+
+class SiteClient:
+    """One person on the site without a browser: Flask's test client, with its own cookies.
+
+    Forms go with the session's CSRF token, as the browser sends the page's hidden field;
+    redirects are followed only when a test asks (`follow`), so it can check where they go.
+    """
+
+    def __init__(self, client: FlaskClient) -> None:
+        self.client = client
+
+    def get(self, path: str) -> TestResponse:
+        return self.client.get(path)
+
+    def post(self, path: str, **form: str) -> TestResponse:
+        return self.open("POST", path, **form)
+
+    def open(self, method: str, path: str, **form: str) -> TestResponse:
+        with self.client.session_transaction() as session:
+            csrf = str(session.get("csrf", ""))
+        return self.client.open(path, method=method, data={"csrf_token": csrf, **form})
+
+    def follow(self, response: TestResponse) -> TestResponse:
+        assert response.status_code == 302, response.status_code
+        return self.client.get(response.headers["Location"])
+
+    def sign_in(self, user_id: str) -> str:
+        """The password of a demo or `new_user` user; the page it leads to is opened, like a
+        browser does, and its path returned."""
+        self.get("/login")  # the form: the session gets its CSRF token
+        response = self.post("/login", username=user_id, password=f"{user_id}-demo-password")
+        self.follow(response)
+        return response.headers["Location"]
+
+    def enroll_authenticator(self) -> Authenticator:
+        """From a user with no method (signed in, or signing in): the key read off the page, then
+        the app's first code. That code is a second-factor check: sudo mode's window opens."""
+        setup = self.post("/enroll/authenticator")
+        found = SECRET.search(setup.get_data(as_text=True))
+        assert setup.status_code == 200 and found, flashes(setup)
+        app = Authenticator(found.group(1))
+        done = self.post("/enroll/authenticator/confirm", code=app.code())
+        assert done.status_code == 200, flashes(done)
+        assert flashes(done) == ["Authenticator app is on."]
+        return app
+
+
+@dataclass
+class ClientSite:
+    """The site's app (the real SecondFactor, pointed at a real server) with a clock of its own."""
+
+    app: Flask
+    clock: SiteClock
+
+    @property
+    def second_factor(self) -> SecondFactor:
+        """The site's own twofactor calls, for a test's setup and checks."""
+        second_factor: SecondFactor = self.app.extensions["web.second_factor"]
+        return second_factor
+
+    def visitor(self) -> SiteClient:
+        return SiteClient(self.app.test_client())
+
+
+ClientSiteFactory = Callable[[TwoFactorServer], ClientSite]
+
+
+@pytest.fixture
+def client_site() -> Iterator[ClientSiteFactory]:
+    """client_site(server): the site as create_app builds it for `site`, against `server`, driven
+    through Flask's test client (no browser, no HTTP server)."""
+    apps: list[Flask] = []
+
+    def build(server: TwoFactorServer) -> ClientSite:
+        clock = SiteClock()
+        settings = SiteSettings(
+            twofactor_target=server.target,
+            app_token=server.app_token,
+            admin_token=server.admin_token,
+            secret_key=secrets.token_urlsafe(32),
+        )
+        app = create_app(settings, clock=clock)
+        apps.append(app)
+        return ClientSite(app, clock)
+
+    yield build
+    for app in apps:
+        app.extensions["web.second_factor"].close()

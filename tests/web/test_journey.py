@@ -10,7 +10,7 @@ import time
 
 from playwright.sync_api import Locator, Page, expect
 
-from tests.web.conftest import Authenticator, Site, TwoFactorServer, Visitor, VisitorFactory
+from tests.web.conftest import Authenticator, NewUser, Site, TwoFactorServer, Visitor, VisitorFactory
 from tests.web.mailbox import Mailbox
 
 
@@ -319,3 +319,47 @@ def test_sensitive_pages_ask_for_a_fresh_code(
     page.get_by_role("button", name="Use this phone").click()
     flash(page, "Your phone is now +1******0124.")
     bob.shot("new-phone-confirmed")
+
+
+def test_wrong_codes_at_enrollment_end_in_a_lockout_that_says_when_to_retry(
+    visitor: VisitorFactory, new_user: NewUser
+) -> None:
+    """The wrong code that locks the user out, and a try while locked (even with the right
+    code), show when to try again: not "attempts left", not an error page."""
+    erin = visitor("erin")
+    page = erin.page
+    sign_in(erin, new_user("erin"))
+    page.get_by_role("button", name="Set up an authenticator app").click()
+    heading(page, "Set up: Authenticator app")
+    app = Authenticator(page.locator("#secret").inner_text().strip())
+
+    def confirm(code: str) -> str:
+        with page.expect_response(lambda response: response.url.endswith("/confirm")) as answer:
+            enter_code(erin, code, "Turn on authenticator app")
+        assert answer.value.status == 200
+        heading(page, "Set up: Authenticator app")
+        return page.locator(".flash").first.inner_text()
+
+    left: int | None = None
+    for _ in range(10):  # the server's lockout threshold (5 by default) is well below
+        message = confirm(wrong_code(app))
+        if left == 1:
+            break  # this was the wrong code that locks
+        found = re.fullmatch(r"Wrong code\. (\d+) attempts left before a lockout\.", message)
+        assert found, message
+        left = int(found.group(1))
+    assert re.fullmatch(r"Too many wrong codes: try again in \d+ seconds\.", message), message
+    erin.shot("locked-by-the-last-wrong-code")
+
+    message = confirm(app.code())
+    assert re.fullmatch(r"Too many wrong codes: try again in \d+ seconds\.", message), message
+    erin.shot("still-locked")
+
+
+def wrong_code(app: Authenticator) -> str:
+    """Six digits that none of the steps the server accepts now (or soon) would match."""
+    now = time.time()
+    accepted = {app.totp.at(now + 30 * step) for step in range(-2, 3)}
+    return next(
+        code for code in ("000000", "111111", "222222", "333333", "444444", "555555") if code not in accepted
+    )

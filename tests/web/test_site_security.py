@@ -1,10 +1,11 @@
-"""CSRF and the session, as a browser meets them."""
+"""CSRF, the session and redirects, as a browser meets them."""
 
 from __future__ import annotations
 
 from playwright.sync_api import expect
 
-from tests.web.conftest import VisitorFactory
+from tests.web.conftest import NewUser, Site, VisitorFactory
+from tests.web.test_journey import enroll_authenticator, enter_code, heading, sign_in
 
 
 def test_a_post_without_the_csrf_token_is_refused(visitor: VisitorFactory) -> None:
@@ -34,3 +35,29 @@ def test_a_post_without_the_csrf_token_is_refused(visitor: VisitorFactory) -> No
     assert refused.value.status == 403
     expect(page.get_by_role("heading", level=1)).to_have_text("Forbidden")
     dave.shot("csrf-refused")
+
+
+def test_the_code_prompt_returns_only_to_this_site(
+    visitor: VisitorFactory, site: Site, new_user: NewUser
+) -> None:
+    """A link to the prompt whose `next` hides another host behind a tab (browsers drop it:
+    `/<tab>/example.org` is `//example.org`) still ends on the site's own page.
+
+    Without safe_next's check Chrome doesn't get there: the site's CSP (form-action 'self')
+    makes it abort the form's redirect off the site, leaving the prompt on the screen; a
+    browser without that check would follow it to example.org.
+    """
+    erin = visitor("erin")
+    page = erin.page
+    sign_in(erin, new_user("erin"))
+    app = enroll_authenticator(erin)
+    page.get_by_role("link", name="Done").click()
+
+    page.goto("/step-up?next=/%09/example.org/phish")
+    heading(page, "Confirm it's you")
+    erin.shot("step-up-with-hostile-next")
+    enter_code(erin, app.code())
+
+    heading(page, "Your account")
+    assert page.url == f"{site.url}/account"
+    erin.shot("back-on-the-site")

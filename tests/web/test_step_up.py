@@ -145,3 +145,38 @@ def test_a_password_alone_cannot_add_a_method(client: FlaskClient, server: StepU
     assert response.status_code == 302
     assert response.headers["Location"] == "/login/verify"
     assert server.calls == []
+
+
+class NoMethodServer:
+    """A user who has no method enabled yet."""
+
+    def status(self, user_id: str) -> tf_pb.GetStatusResponse:
+        return tf_pb.GetStatusResponse()
+
+    def close(self) -> None:
+        pass
+
+
+def change() -> str:
+    return "changed"
+
+
+def test_only_required_always_asks_a_user_who_has_no_method() -> None:
+    """`required` lets them through (their first enrollment needs no proof); `required_always`
+    (an operator's reset of somebody else) does not."""
+    settings = SiteSettings(app_token="app", admin_token="admin", secret_key="test-secret")
+    app = create_app(settings, second_factor=NoMethodServer())  # type: ignore[arg-type]
+    app.add_url_rule("/own", "own", step_up.required(change))
+    app.add_url_rule("/others", "others", step_up.required_always(change))
+    with app.test_client() as client:
+        with client.session_transaction() as session:
+            session.update(user="carol")
+
+        own, others = client.get("/own"), client.get("/others")
+
+        assert (own.status_code, own.data) == (200, b"changed")
+        assert others.status_code == 302
+        assert others.headers["Location"] == "/step-up?next=/others"
+        with client.session_transaction() as session:
+            session["second_factor_at"] = time.time()
+        assert client.get("/others").data == b"changed"
