@@ -15,6 +15,7 @@ def require_readable_store(settings: Settings) -> None:
     (checked when the database answers at start; a worker started during an outage waits)."""
     from twofactor_server.app import load_keyring
     from twofactor_server.storage.database import open_database
+    from twofactor_server.storage.migrator import pending_migrations
     from twofactor_server.usecases.key_rotation import require_keys_for_stored_values
 
     keyring = load_keyring(settings)
@@ -25,7 +26,13 @@ def require_readable_store(settings: Settings) -> None:
         timeout=settings.storage_timeout_seconds,
     )
     try:
-        db.migrate()  # as the server does at start; safe with several processes
+        if settings.migrate_on_start:  # as the server does at start; safe with several processes
+            db.migrate()
+        elif pending := pending_migrations(db):  # the fleet's migrate job runs them, at its hour
+            raise SettingsError(
+                f"the database lacks migrations {', '.join(pending)}: run `twofactor migrate` first "
+                "(TWOFACTOR_MIGRATE_ON_START is false)"
+            )
         require_keys_for_stored_values(db, keyring)
     except SettingsError:
         raise
