@@ -4,10 +4,9 @@ embedded SQLite (sqlite.py) by the configured URL.
 SQL is written once, with psycopg's named placeholders `%(name)s`. Rows come back as dicts,
 which only the storage package reads (store.py turns them into records).
 
-This module owns the drivers' errors: the few that a retry can fix (connection
-lost or refused, pool or lock timeouts, serialization failures, I/O errors)
-become the domain's StorageUnavailable; anything else is a bug and surfaces
-as it is.
+This module owns the drivers' errors: the few that a retry can fix (connection lost or
+refused, pool or lock timeouts, serialization failures, I/O errors) become the domain's
+StorageUnavailable; anything else is a bug and surfaces as it is.
 """
 
 from __future__ import annotations
@@ -57,9 +56,8 @@ class _Connection(psycopg.Connection[Row]):
 
     statement_cursor: psycopg.Cursor[Row] | None = None
     hot_prepared: frozenset[str] = frozenset()  # the HotStatements prepared on this connection
-    # The deadline watch of its socket, kept for the connection's life and re-armed at each
-    # checkout: the socket's inode is read once, and again only if libpq ever moved the
-    # connection to another descriptor.
+    # The deadline watch of its socket, kept for the connection's life and re-armed at each checkout:
+    # the socket's inode is read once, and again only if libpq ever moved it to another descriptor.
     deadline_watch: Watch | None = None
 
 
@@ -188,8 +186,7 @@ class PostgresDatabase:
             # Two servers starting at once: the second waits, then finds nothing to do.
             conn.execute("SELECT pg_advisory_lock(%s)", (_MIGRATION_LOCK_ID,))
             try:
-                with conn.transaction():
-                    return apply_migrations(_PostgresTransaction(conn), self.dialect)
+                return apply_migrations(lambda: _migration_transaction(conn), self.dialect)
             finally:
                 _deallocate_all(conn)
                 conn.execute("SELECT pg_advisory_unlock(%s)", (_MIGRATION_LOCK_ID,))
@@ -252,18 +249,21 @@ def _roll_back(conn: _Connection) -> None:
         log.warning("ROLLBACK failed (%s); the connection is closed", " ".join(str(error).split())[:200])
 
 
+@contextmanager
+def _migration_transaction(conn: _Connection) -> Iterator[_PostgresTransaction]:
+    with conn.transaction():  # psycopg's own: a migration is DDL, run once
+        yield _PostgresTransaction(conn)
+
+
 def _deallocate_all(conn: _Connection) -> None:
-    """After migrations, which run in psycopg's own Transaction: psycopg follows a DROP, an ALTER
-    or a ROLLBACK on a connection where it prepared statements of its own with DEALLOCATE ALL,
-    and ours would go with it. DEALLOCATE ALL sent through psycopg makes it certain, for psycopg's
-    record and ours alike; each statement is prepared again on its next use."""
+    """After migrations: psycopg follows a DROP, an ALTER or a ROLLBACK with DEALLOCATE ALL, and
+    our prepared statements go with it; sent through psycopg, both records agree."""
     conn.execute("DEALLOCATE ALL")
     conn.hot_prepared = frozenset()
 
 
 class _Statements:
-    """statements() of PostgresDatabase, a plain context manager: every Verify pays for it, and
-    two generator-based ones (contextlib) cost more Python than the statement's own libpq call."""
+    """statements(), a plain context manager: two of contextlib's cost more than a Verify's libpq call."""
 
     __slots__ = ("_conn", "_db", "_tx", "_watch")
 

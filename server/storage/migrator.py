@@ -1,5 +1,5 @@
 """Schema migrations: the numbered files of migrations/, applied in order, once, each recorded
-with the time it was applied. The caller (database.py) provides the transaction and the lock."""
+with the time it was applied. The caller (database.py) provides the transactions and the lock."""
 
 from __future__ import annotations
 
@@ -7,6 +7,8 @@ import logging
 import re
 import sqlite3
 import time
+from collections.abc import Callable
+from contextlib import AbstractContextManager
 from importlib import resources
 from typing import TYPE_CHECKING
 
@@ -40,29 +42,39 @@ def migrations(dialect: str = "postgres") -> list[tuple[str, str]]:
     return sorted(found.items())
 
 
-def apply_migrations(tx: Transaction, dialect: str) -> list[str]:
-    """Apply the migrations not yet recorded, in order, each recorded with the time it was applied.
+def apply_migrations(
+    transaction: Callable[[], AbstractContextManager[Transaction]], dialect: str
+) -> list[str]:
+    """Apply the migrations not yet recorded, in order, each in a transaction of its own
+    (`transaction()` opens one) with its record and the time it was applied.
 
-    Runs inside the caller's transaction and lock, so servers starting together apply each
-    file once. The SQL is never formatted and never split on ";": the backend's own parser
-    finds the statements (PostgreSQL takes the whole file; SQLite's complete_statement()).
+    One transaction each, not one for all: a migration's locks (an ALTER TABLE's exclusive
+    one) then last for that migration only, not through every later one's index build or
+    backfill; and one that fails leaves the earlier ones applied. Each checks the record again
+    in its own transaction, so servers starting together (under the caller's lock, or SQLite's
+    write lock) apply each file once. The SQL is never formatted and never split on ";": the
+    backend's own parser finds the statements (PostgreSQL takes the whole file; SQLite's
+    complete_statement()).
     """
-    tx.execute("CREATE TABLE IF NOT EXISTS schema_migrations (version TEXT PRIMARY KEY, applied_at BIGINT)")
-    done = {row["version"] for row in tx.all("SELECT version FROM schema_migrations")}
+    with transaction() as tx:
+        tx.execute(
+            "CREATE TABLE IF NOT EXISTS schema_migrations (version TEXT PRIMARY KEY, applied_at BIGINT)"
+        )
     applied = []
     for version, text in migrations(dialect):
-        if version in done:
-            continue
-        sql = with_dialect_types(text, dialect)
-        if dialect == "postgres":
-            tx.execute(sql)  # no parameters: psycopg sends the whole script, statements and all
-        else:
-            for statement in sqlite_statements(sql):
-                tx.execute(statement)
-        tx.execute(
-            "INSERT INTO schema_migrations (version, applied_at) VALUES (%(v)s, %(at)s)",
-            {"v": version, "at": int(time.time() * 1000)},
-        )
+        with transaction() as tx:
+            if tx.one("SELECT 1 AS found FROM schema_migrations WHERE version = %(v)s", {"v": version}):
+                continue
+            sql = with_dialect_types(text, dialect)
+            if dialect == "postgres":
+                tx.execute(sql)  # no parameters: psycopg sends the whole script, statements and all
+            else:
+                for statement in sqlite_statements(sql):
+                    tx.execute(statement)
+            tx.execute(
+                "INSERT INTO schema_migrations (version, applied_at) VALUES (%(v)s, %(at)s)",
+                {"v": version, "at": int(time.time() * 1000)},
+            )
         applied.append(version)
         log.info("applied migration %s", version)
     return applied

@@ -65,8 +65,7 @@ class SqliteDatabase:
             q.one("SELECT 1")
 
     def migrate(self) -> list[str]:
-        with self.transaction() as tx:
-            return apply_migrations(tx, self.dialect)
+        return apply_migrations(self.transaction, self.dialect)
 
     def close(self) -> None:
         with self._lock:
