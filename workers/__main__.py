@@ -127,7 +127,12 @@ def run_retention(settings: Settings) -> None:
     from twofactor_server.storage.database import open_database
     from twofactor_server.usecases.retention import Retention
 
-    db = open_database(settings.database_url, data_dir=settings.data_dir, pool_size=1)
+    db = open_database(
+        settings.database_url,
+        data_dir=settings.data_dir,
+        pool_size=1,
+        timeout=settings.storage_timeout_seconds,
+    )
     try:
         Retention(db, settings.audit_retention_days, system_clock).run_once()
     finally:

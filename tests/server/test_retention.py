@@ -11,7 +11,8 @@ from twofactor.v1 import admin_service_pb2 as admin_pb
 from twofactor.v1 import twofactor_service_pb2 as pb
 
 from tests.conftest import Clock, Harness, ServerFactory
-from tests.server.helpers import EMAIL
+from tests.server.helpers import EMAIL, CountingDatabase
+from twofactor_server.storage.retention import purge
 from twofactor_server.usecases.retention import DAY_MS, Purged, Retention
 
 
@@ -90,3 +91,30 @@ def test_one_retention_run_at_a_time_on_postgresql(
         release.set()
         holder.join(60)
     assert retention.run_once() == Purged(0, 0)
+
+
+def test_a_backlog_is_deleted_in_batches_of_their_own_transactions(
+    start_server: ServerFactory, clock: Clock
+) -> None:
+    """One DELETE for everything ran past the storage timeout on a backlog of a few million rows,
+    was rolled back, and every later run did the same: the table was never trimmed. Each batch
+    is a short transaction of its own now, until nothing old is left."""
+    h = start_server()
+    now_ms = int(clock.now * 1000)
+    with h.server.db.transaction() as tx:
+        for n in range(350):
+            tx.execute(
+                "INSERT INTO audit_events (at, actor, user_id, action, request_id, outcome, detail) "
+                "VALUES (%(at)s, 'test', %(u)s, 'user_reset', 'r', 'success', '')",
+                {"at": now_ms - 400 * DAY_MS - n, "u": f"u{n}"},
+            )
+        tx.execute(
+            "INSERT INTO audit_events (at, actor, user_id, action, request_id, outcome, detail) "
+            "VALUES (%(at)s, 'test', 'recent', 'user_reset', 'r', 'success', '')",
+            {"at": now_ms},
+        )
+    counted = CountingDatabase(h.server.db)
+    deleted = purge(counted, audit_before_ms=now_ms - 365 * DAY_MS, challenges_before_ms=0, batch=100)
+    assert deleted == (350, 0)
+    assert counted.transactions == 5  # 100, 100, 100, 50 audit events; then no challenge
+    assert audit_user_ids(h) == ["recent"]
