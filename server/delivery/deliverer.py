@@ -15,6 +15,7 @@ import json
 import logging
 import math
 import random
+import re
 import time
 from dataclasses import dataclass
 
@@ -28,6 +29,7 @@ from twofactor_server.delivery.providers import (
     TransientDeliveryError,
 )
 from twofactor_server.delivery.providers.base import provider_message_id_text
+from twofactor_server.domain import contacts
 from twofactor_server.domain.clock import Clock, now_ms, system_clock
 from twofactor_server.domain.errors import StorageUnavailable
 from twofactor_server.domain.keyring import CHALLENGE_CODE, Keyring
@@ -125,12 +127,15 @@ class Deliverer:
         except StorageUnavailable:
             raise
         except PermanentDeliveryError as error:
-            log.warning("delivery of %s failed: %s", challenge_id, error.reason)
-            self._record(challenge, "failed", failure_reason=error.reason)
+            reason = without_destination(error.reason, challenge.destination)
+            log.warning("delivery of %s failed: %s", challenge_id, reason)
+            self._record(challenge, "failed", failure_reason=reason)
             self._count(challenge.method, "failed")
             return Outcome("failed")
         except TransientDeliveryError as error:
-            return self._retry_or_give_up(challenge, now, error.reason)
+            return self._retry_or_give_up(
+                challenge, now, without_destination(error.reason, challenge.destination)
+            )
         except Exception as error:  # a bad template, a key that no longer decrypts, a provider bug
             log.error(
                 "delivery of %s failed with %s; it is retried until the code expires: "
@@ -315,3 +320,15 @@ class Deliverer:
 
     def _now_ms(self) -> int:
         return now_ms(self._clock)
+
+
+def without_destination(reason: str, destination: str) -> str:
+    """A provider's reason with the address it was sent to masked, as everywhere else in logs and
+    records: relays quote it in refusals ("550 5.1.1 <ana@example.com>: Recipient address
+    rejected"), SMS gateways the number, with or without its plus."""
+    if not destination:
+        return reason
+    masked = contacts.mask_email(destination) if "@" in destination else contacts.mask_phone(destination)
+    for form in dict.fromkeys((destination, destination.lstrip("+"))):
+        reason = re.sub(re.escape(form), masked, reason, flags=re.IGNORECASE)
+    return reason
