@@ -4,6 +4,7 @@ the server refuses to start."""
 
 from __future__ import annotations
 
+import re
 import shutil
 import subprocess
 import uuid
@@ -39,6 +40,9 @@ def databases(postgres_available: None) -> Iterator[tuple[str, str]]:
                 conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
+README = Path(__file__).resolve().parents[2] / "README.md"
+
+
 def run(*command: str) -> None:
     binary = shutil.which(command[0])
     if binary is None:
@@ -69,6 +73,17 @@ def test_a_dump_restored_with_the_same_keyring_verifies_every_user(
     for user_id, (secret, backup_codes) in users.items():
         assert verify(back, user_id, totp_now(secret, clock)).result == pb.VERIFY_RESULT_ACCEPTED
         assert verify(back, user_id, backup_codes[0]).result == pb.VERIFY_RESULT_ACCEPTED
+
+    # README's step after restoring an older dump: every unused backup code retired, with the
+    # counts the server reads kept right; the other methods go on.
+    (retire,) = re.findall(r'psql "\$RESTORED_DATABASE" -c "(UPDATE backup_codes [^"]+)"', README.read_text())
+    with psycopg.connect(url_of(restored), autocommit=True) as conn:
+        conn.execute(retire)  # type: ignore[arg-type]  # the README's own statement
+    clock.advance(30)
+    for user_id, (secret, backup_codes) in users.items():
+        assert verify(back, user_id, backup_codes[1]).result == pb.VERIFY_RESULT_REJECTED
+        accepted = verify(back, user_id, totp_now(secret, clock))
+        assert accepted.result == pb.VERIFY_RESULT_ACCEPTED and accepted.backup_codes_remaining == 0
     back.channel.close()
     back.server.stop(grace=None)
 
