@@ -93,7 +93,7 @@ class UserProfiles:
             changed = []
             for method, value in ((EMAIL, email), (SMS, phone)):
                 column = CONTACT_OF[method]
-                if value is None or (value or None) == getattr(user, column):
+                if value is None or (value or None) == _stored_form(column, getattr(user, column)):
                     continue
                 if method in enabled and not value:
                     raise FailedPrecondition(
@@ -225,3 +225,12 @@ def _masked(column: str, value: str) -> str:
     if not value:
         return ""
     return contacts.mask_email(value) if column == "email" else contacts.mask_phone(value)
+
+
+def _stored_form(column: str, value: str | None) -> str | None:
+    """A stored contact as a new one is stored now: an email from before addresses were kept in
+    lower case (migration 0010 folds ASCII; this, any case) compares equal to the same address."""
+    if column != "email" or not value:
+        return value
+    return contacts.normalized_email(value) or value
+

@@ -221,3 +221,35 @@ def test_case_variants_of_one_address_share_its_send_limit(start_server: ServerF
     assert outcomes == ["sent", "sent", "DESTINATION_SEND_LIMIT", "DESTINATION_SEND_LIMIT"]
     stored = query(h.settings, "SELECT DISTINCT email FROM users", {})
     assert stored == [{"email": "victim@example.com"}]
+
+
+def test_an_address_stored_before_lower_case_is_brought_to_it_and_the_same_one_changes_nothing(
+    start_server: ServerFactory,
+) -> None:
+    """Addresses stored before this release keep the case they were typed in: migration 0010
+    folds them, and SetContact compares a new address with the stored one in the stored form, so
+    sending the same address again is no change (no epoch moved, no event, no code sent)."""
+    h = start_server()
+    for user_id in ("ana", "ada"):
+        h.twofactor.SetContact(
+            pb.SetContactRequest(user_id=user_id, email=f"{user_id}@example.com"), metadata=h.app_metadata
+        )
+    db = h.server.db
+    with db.transaction() as tx:  # as the previous release stored them; and 0010 not yet applied
+        tx.execute("UPDATE users SET email = 'Ana@Example.COM' WHERE user_id = 'ana'")
+        tx.execute("UPDATE users SET email = 'Ádá@Example.com' WHERE user_id = 'ada'")  # beyond ASCII
+        tx.execute("DELETE FROM schema_migrations WHERE version = '0010_lowercase_emails'")
+    assert db.migrate() == ["0010_lowercase_emails"]
+    assert query(h.settings, "SELECT email FROM users WHERE user_id = 'ana'") == [
+        {"email": "ana@example.com"}
+    ]
+
+    before = query(h.settings, "SELECT user_id, credential_epoch FROM users ORDER BY user_id")
+    events = len(query(h.settings, "SELECT event_id FROM audit_events"))
+    for user_id, typed in (("ana", "ANA@example.com"), ("ada", "ádá@example.COM")):
+        same = h.twofactor.SetContact(
+            pb.SetContactRequest(user_id=user_id, email=typed), metadata=h.app_metadata
+        )
+        assert not same.HasField("email_confirmation")
+    assert query(h.settings, "SELECT user_id, credential_epoch FROM users ORDER BY user_id") == before
+    assert len(query(h.settings, "SELECT event_id FROM audit_events")) == events
