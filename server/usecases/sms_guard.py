@@ -38,6 +38,15 @@ def take_sms_quota(tx: Transaction, phone: str, policy: PolicySettings, now: int
     RESOURCE_EXHAUSTED with a RetryInfo at the next hour.
     """
     country = require_sms_country(phone, policy)
+    if contacts.normalized_phone(phone) is None:
+        # Stored before SetContact took mobile numbers only: a premium-rate number would be paid
+        # for every text (SMS pumping), a landline never gets one.
+        raise FailedPrecondition(
+            "PHONE_NOT_MOBILE",
+            "the registered number can't take texts (not a mobile number); register a mobile "
+            "number with SetContact, or use another method",
+            metadata={"contact": "phone"},
+        )
     hour = now // HOUR_MS
     retry_after = ((hour + 1) * HOUR_MS - now) / 1000
     caps = (

@@ -211,3 +211,21 @@ def test_concurrent_sends_cant_pass_the_caps(start_server: ServerFactory) -> Non
     assert len(dispatcher.challenge_ids) == 5
     counted = query(h.settings, "SELECT country, sends FROM sms_send_counts")
     assert [(r["country"], r["sends"]) for r in counted] == [("FR", 5)]
+
+
+def test_a_number_stored_before_mobile_numbers_only_is_not_texted(start_server: ServerFactory) -> None:
+    """SetContact takes mobile numbers only; a premium-rate number stored before that is refused
+    at send too (it would be paid for every text), with a reason that says what to do."""
+    dispatcher = RecordingDispatcher()
+    h = start_server(dispatcher=dispatcher)
+    set_phone(h, "pam", US.format(77))
+    with h.server.db.transaction() as tx:  # as the previous release let it be stored
+        tx.execute("UPDATE users SET phone = '+19005550123' WHERE user_id = 'pam'")
+    with pytest.raises(grpc.RpcError) as refused:
+        h.twofactor.StartEnrollment(
+            pb.StartEnrollmentRequest(user_id="pam", method=SMS), metadata=h.app_metadata
+        )
+    assert refused.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    info = error_info(refused.value)
+    assert info.reason == "PHONE_NOT_MOBILE" and info.metadata["contact"] == "phone"
+    assert dispatcher.challenge_ids == []
