@@ -39,7 +39,7 @@ from twofactor_server.observability.metrics import serve_metrics
 from twofactor_server.periodic import Periodic
 from twofactor_server.settings import Settings, SettingsError, TokenSetting, check_keys
 from twofactor_server.storage.database import Database, open_database
-from twofactor_server.storage.migrator import pending_migrations
+from twofactor_server.storage.refusals import pending_migrations_at_start
 from twofactor_server.usecases.admin import Admin
 from twofactor_server.usecases.backup_codes import BackupCodes
 from twofactor_server.usecases.challenges import Challenges, Dispatcher
@@ -112,7 +112,9 @@ def create_server(
     try:
         if settings.migrate_on_start:  # off: a fleet's migrate job does it, once, before the rollout
             db.migrate()
-        elif pending := pending_migrations(db):
+        elif pending := pending_migrations_at_start(
+            db, settings.database_url, settings.storage_timeout_seconds
+        ):
             raise SettingsError(
                 f"the database lacks migrations {', '.join(pending)}: run `twofactor migrate` first "
                 "(TWOFACTOR_MIGRATE_ON_START is false)"

@@ -15,7 +15,7 @@ def require_readable_store(settings: Settings) -> None:
     (checked when the database answers at start; a worker started during an outage waits)."""
     from twofactor_server.app import load_keyring
     from twofactor_server.storage.database import open_database
-    from twofactor_server.storage.migrator import pending_migrations
+    from twofactor_server.storage.refusals import pending_migrations_at_start
     from twofactor_server.usecases.key_rotation import require_keys_for_stored_values
 
     keyring = load_keyring(settings)
@@ -28,7 +28,9 @@ def require_readable_store(settings: Settings) -> None:
     try:
         if settings.migrate_on_start:  # as the server does at start; safe with several processes
             db.migrate()
-        elif pending := pending_migrations(db):  # the fleet's migrate job runs them, at its hour
+        elif pending := pending_migrations_at_start(  # the fleet's migrate job runs them, at its hour
+            db, settings.database_url, settings.storage_timeout_seconds
+        ):
             raise SettingsError(
                 f"the database lacks migrations {', '.join(pending)}: run `twofactor migrate` first "
                 "(TWOFACTOR_MIGRATE_ON_START is false)"

@@ -10,7 +10,10 @@ from __future__ import annotations
 import psycopg
 from psycopg.conninfo import conninfo_to_dict
 
+from twofactor_server.domain.errors import StorageUnavailable
 from twofactor_server.setting_values import SettingsError
+from twofactor_server.storage.migrator import pending_migrations
+from twofactor_server.storage.units import Database
 
 # A server that answers FATAL with one of these accepts connections later: an outage to wait out.
 # Any other FATAL (no such database or role, a password or a host refused by pg_hba.conf) is a
@@ -55,3 +58,14 @@ def _where(url: str) -> str:
         return "the database"
     host, port, name = parts.get("host", "localhost"), parts.get("port", 5432), parts.get("dbname", "")
     return f"the database at {host}:{port}/{name}"
+
+
+def pending_migrations_at_start(db: Database, url: str, timeout: float) -> list[str]:
+    """pending_migrations, for a server or worker starting with migrations off: a database that
+    refuses the connection for good is a SettingsError (exit 2) here too, as in migrate()."""
+    try:
+        return pending_migrations(db)
+    except StorageUnavailable:
+        if url:
+            raise_if_refused(url, timeout)
+        raise

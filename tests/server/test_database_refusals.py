@@ -10,7 +10,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 import pytest
 
-from tests.conftest import POSTGRES_ADMIN_URL
+from tests.conftest import POSTGRES_ADMIN_URL, REDIS_URL
 from tests.server.test_cli import TWOFACTOR
 from tests.server.test_supervisor import production_env
 
@@ -43,15 +43,17 @@ NO_SUCH_ROLE = with_url_part(netloc=f"tf_no_such_role@{ADMIN.hostname}:{ADMIN.po
 def test_a_refused_connection_is_a_configuration_error(
     tmp_path: Path, postgres_available: None, url: str, reason: str
 ) -> None:
-    for command in ("migrate", "serve"):
+    migrations_off = {"TWOFACTOR_MIGRATE_ON_START": "false"}  # README's fleet setting
+    worker = {**migrations_off, "TWOFACTOR_BROKER_URL": REDIS_URL}
+    for command, more in (("migrate", {}), ("serve", {}), ("serve", migrations_off), ("worker", worker)):
         result = subprocess.run(
             [TWOFACTOR, command],
-            env={**production_env(tmp_path, url, 0), "TWOFACTOR_LOG_FORMAT": "text"},
+            env={**production_env(tmp_path, url, 0), "TWOFACTOR_LOG_FORMAT": "text", **more},
             capture_output=True,
             text=True,
             timeout=120,
         )
-        assert result.returncode == 2, (command, result.stderr)
+        assert result.returncode == 2, (command, more, result.stderr)
         # One line of ours (the pool's own warnings, from its thread, may come before or after it).
         (said,) = [line for line in result.stderr.splitlines() if line.startswith("twofactor:")]
         assert said.startswith("twofactor: configuration error: TWOFACTOR_DATABASE_URL: the database at "), (
