@@ -7,6 +7,8 @@ the operator saw ten seconds of pool warnings, then "did not answer: is it runni
 
 from __future__ import annotations
 
+import logging
+
 import psycopg
 from psycopg.conninfo import conninfo_to_dict
 
@@ -14,6 +16,8 @@ from twofactor_server.domain.errors import StorageUnavailable
 from twofactor_server.setting_values import SettingsError
 from twofactor_server.storage.migrator import pending_migrations
 from twofactor_server.storage.units import Database
+
+log = logging.getLogger(__name__)
 
 # A server that answers FATAL with one of these accepts connections later: an outage to wait out.
 # Any other FATAL (no such database or role, a password or a host refused by pg_hba.conf) is a
@@ -68,4 +72,7 @@ def pending_migrations_at_start(db: Database, url: str, timeout: float) -> list[
     except StorageUnavailable:
         if url:
             raise_if_refused(url, timeout)
+            log.error(
+                "%s did not answer at start: is it running, and is TWOFACTOR_DATABASE_URL right?", _where(url)
+            )
         raise
