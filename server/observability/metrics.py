@@ -95,7 +95,7 @@ outbox_republished_total = Counter(
 storage_up = Gauge(
     "twofactor_storage_up",
     "1 when the database answered the last health probe, 0 when it did not.",
-    multiprocess_mode="min",  # one server process that can't reach it is worth an alert
+    multiprocess_mode="mostrecent",  # as broker_up: a worker, which never sets it, exports none
 )
 broker_up = Gauge(
     "twofactor_broker_up",
