@@ -324,11 +324,32 @@ class Deliverer:
 
 def without_destination(reason: str, destination: str) -> str:
     """A provider's reason with the address it was sent to masked, as everywhere else in logs and
-    records: relays quote it in refusals ("550 5.1.1 <ana@example.com>: Recipient address
-    rejected"), SMS gateways the number, with or without its plus."""
-    if not destination:
-        return reason
-    masked = contacts.mask_email(destination) if "@" in destination else contacts.mask_phone(destination)
-    for form in dict.fromkeys((destination, destination.lstrip("+"))):
-        reason = re.sub(re.escape(form), masked, reason, flags=re.IGNORECASE)
-    return reason
+    records: relays quote it in a refusal ("550 5.1.1 <ana@example.com>: Recipient address
+    rejected"), SMS gateways the number, in whatever form. Its exact forms first, then anything
+    that looks like an address or a phone number (7 digits or more: not "550 5.1.1")."""
+    if destination:
+        masked = contacts.mask_email(destination) if "@" in destination else contacts.mask_phone(destination)
+        for form in dict.fromkeys((destination, destination.lstrip("+"))):
+            reason = re.sub(re.escape(form), masked, reason, flags=re.IGNORECASE)
+    reason = _ADDRESS_LIKE.sub(lambda found: contacts.mask_email(found.group()), reason)
+    return _NUMBER_LIKE.sub(_masked_number, reason)
+
+
+_ADDRESS_LIKE = re.compile(r"[^\s<>\"'(),;:\[\]]+@[^\s<>\"'(),;:\[\]]+")
+_NUMBER_LIKE = re.compile(r"\+?\d[\d ().-]{5,}\d")
+
+
+def _masked_number(found: re.Match[str]) -> str:
+    """All but the last four digits starred, separators kept; fewer than 7 digits left alone."""
+    text = found.group()
+    digits = sum(character.isdigit() for character in text)
+    if digits < 7:
+        return text
+    starred, seen = [], 0
+    for character in reversed(text):
+        if character.isdigit():
+            seen += 1
+            starred.append(character if seen <= 4 else "*")
+        else:
+            starred.append(character)
+    return "".join(reversed(starred))

@@ -60,6 +60,12 @@ def test_a_relays_refusal_naming_the_recipient_is_kept_masked(
         ("number 14155550123 opted out", "+14155550123", "number +1******0123 opted out"),
         ("throttled", "+14155550123", "throttled"),
         ("550 <ANA@EXAMPLE.COM> unknown", "ana@example.com", "550 <a***@example.com> unknown"),
+        # Other forms of the number, and whatever else looks like an address or a number.
+        ("+1 415-555-0123 unreachable", "+14155550123", "+* ***-***-0123 unreachable"),
+        ("(415) 555-0123 opted out", "+14155550123", "(***) ***-0123 opted out"),
+        ("550 5.1.1 <ana.longname@exa", "ana.longname@example.com", "550 5.1.1 <a***@exa"),
+        ("550 5.1.1 user unknown", "ana@example.com", "550 5.1.1 user unknown"),
+        ("421 4.7.0 try again in 300 seconds", "ana@example.com", "421 4.7.0 try again in 300 seconds"),
     ],
 )
 def test_without_destination_masks_every_form_of_it(reason: str, destination: str, kept: str) -> None:
