@@ -362,8 +362,9 @@ class AuditEvent(_message.Message):
     user_id: _builtins.str
     """The user acted on."""
     action: _builtins.str
-    """What happened: verification_rejected, verification_locked (detail
-    "code already used": the authenticator code just accepted, sent again),
+    """What happened: verification_rejected, verification_locked (either with
+    detail "code already used": the authenticator code just accepted, sent
+    again; verification_locked while the user is locked),
     verification_accepted (with TWOFACTOR_AUDIT_VERIFICATIONS=all),
     backup_code_used, code_sent, enrollment_started, enrollment_confirmed,
     method_disabled, contact_changed, contact_change_started,

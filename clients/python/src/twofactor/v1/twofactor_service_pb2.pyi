@@ -261,7 +261,8 @@ class SetContactRequest(_message.Message):
     phone: _builtins.str
     """Mobile number with its country code (+14155550123, grouping allowed),
     stored in E.164 form. Absent leaves it unchanged; empty removes it. A
-    landline, toll-free, premium-rate or shared-cost number is
+    number its plan marks as fixed-line (outside +1, where the plan can't
+    tell), toll-free, premium-rate, shared-cost, VoIP or pager is
     INVALID_ARGUMENT (INVALID_PHONE): it can't take a text, or costs per text.
     """
     verification_token: _builtins.str
