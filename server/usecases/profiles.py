@@ -233,4 +233,3 @@ def _stored_form(column: str, value: str | None) -> str | None:
     if column != "email" or not value:
         return value
     return contacts.normalized_email(value) or value
-
