@@ -152,42 +152,16 @@ def mailbox() -> Iterator[Mailbox]:
 @pytest.fixture(scope="package")
 def twofactor_server(tmp_path_factory: pytest.TempPathFactory, mailbox: Mailbox) -> Iterator[TwoFactorServer]:
     """`twofactor serve` with production-style secrets; 2FA forced, emails to the sink."""
-    app_token, app_entry = new_token("web-example", "app")
-    admin_token, admin_entry = new_token("web-example-ops", "admin")
-    target = f"127.0.0.1:{free_port()}"
-    env = {k: v for k, v in os.environ.items() if not k.startswith("TWOFACTOR_")}
-    env.update(
-        TWOFACTOR_LISTEN=target,
-        TWOFACTOR_DATA_DIR=str(tmp_path_factory.mktemp("twofactor-data")),
-        TWOFACTOR_KEYS=cli("keygen").strip(),
-        TWOFACTOR_TOKENS=f"{app_entry},{admin_entry}",
-        TWOFACTOR_EMAIL_PROVIDER="smtp",
-        TWOFACTOR_SMTP_HOST="127.0.0.1",
-        TWOFACTOR_SMTP_PORT=str(mailbox.port),
-        TWOFACTOR_SMTP_SECURITY="none",
-        TWOFACTOR_ISSUER="Example Site",
-        TWOFACTOR_FORCE_2FA="true",  # so a reset user must enroll again at their next login
-        TWOFACTOR_RESEND_COOLDOWN_SECONDS="5",  # short enough to wait out in a test
-    )
-    process = subprocess.Popen(
-        [str(TWOFACTOR_CLI), "serve"], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
-    )
-    server = TwoFactorServer(target, app_token, admin_token, process)
-    reader = threading.Thread(target=server.read_output, daemon=True)
-    reader.start()
-    try:
-        server.wait_for_output("twofactor listening on", START_TIMEOUT)
+    with running_twofactor_server(
+        tmp_path_factory.mktemp("twofactor-data"),
+        EMAIL_PROVIDER="smtp",
+        SMTP_HOST="127.0.0.1",
+        SMTP_PORT=str(mailbox.port),
+        SMTP_SECURITY="none",
+        FORCE_2FA="true",  # so a reset user must enroll again at their next login
+        RESEND_COOLDOWN_SECONDS="5",  # short enough to wait out in a test
+    ) as server:
         yield server
-    finally:
-        process.terminate()
-        try:
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(timeout=30)
-        reader.join(timeout=30)
-        assert process.stdout is not None
-        process.stdout.close()
 
 
 class SiteClock:
@@ -334,8 +308,8 @@ class Authenticator:
 
 @contextlib.contextmanager
 def running_twofactor_server(data_dir: Path, **settings: str) -> Iterator[TwoFactorServer]:
-    """`twofactor serve` started like `twofactor_server`'s (production-style keys and tokens) with
-    TWOFACTOR_<NAME>=value for each of `settings`; emails and texts go to its console."""
+    """`twofactor serve` with production-style keys and tokens and TWOFACTOR_<NAME>=value for
+    each of `settings`; emails and texts go to its console unless they say otherwise."""
     app_token, app_entry = new_token("web-example", "app")
     admin_token, admin_entry = new_token("web-example-ops", "admin")
     target = f"127.0.0.1:{free_port()}"
