@@ -139,7 +139,8 @@ def create_server(
 
         grpc_server = grpc.server(
             futures.ThreadPoolExecutor(max_workers=settings.max_workers, thread_name_prefix="rpc"),
-            interceptors=[MonitoringInterceptor(), ApiInterceptor(tokens)],
+            # A stream holds a handler thread while open: a quarter of them at most (one at least).
+            interceptors=[MonitoringInterceptor(max(1, settings.max_workers // 4)), ApiInterceptor(tokens)],
             options=[("grpc.so_reuseport", 1 if reuse_port else 0)],
         )
         twofactor_service_pb2_grpc.add_TwoFactorServiceServicer_to_server(twofactor_servicer, grpc_server)

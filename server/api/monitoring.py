@@ -10,6 +10,7 @@ the response's initial metadata.
 from __future__ import annotations
 
 import logging
+import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -51,10 +52,18 @@ def _code_of(context: grpc.ServicerContext, failed: bool) -> grpc.StatusCode:
 
 
 class MonitoringInterceptor(grpc.ServerInterceptor):
-    """Request ids, log context and the grpc_server_* metrics, for every service (health too)."""
+    """Request ids, log context and the grpc_server_* metrics, for every service (health too);
+    and a cap on the streams open at once.
 
-    def __init__(self) -> None:
+    A stream (health Watch, reflection) holds one of the server's handler threads for as long as
+    its client keeps it open, and needs no token: eight idle streams took every thread, and
+    logins waited out their deadlines. At most `max_streams` run at once; one more is answered
+    RESOURCE_EXHAUSTED at once."""
+
+    def __init__(self, max_streams: int = 2) -> None:
         self._wrapped: dict[str, Any] = {}
+        self._streams = threading.BoundedSemaphore(max_streams)
+        self._max_streams = max_streams
 
     def intercept_service(self, continuation, handler_call_details):  # type: ignore[no-untyped-def]
         method = handler_call_details.method
@@ -68,9 +77,13 @@ class MonitoringInterceptor(grpc.ServerInterceptor):
         for attribute, grpc_type, make_handler in _KINDS:
             inner = getattr(handler, attribute)
             if inner is not None:
-                around = _unary if grpc_type in ("unary", "client_stream") else _streaming
+                labels = (grpc_type, service, name)
+                if grpc_type in ("unary", "client_stream"):
+                    around = _unary(inner, method, labels)
+                else:
+                    around = _streaming(inner, method, labels, self._streams, self._max_streams)
                 wrapped = make_handler(
-                    around(inner, method, (grpc_type, service, name)),
+                    around,
                     request_deserializer=handler.request_deserializer,
                     response_serializer=handler.response_serializer,
                 )
@@ -110,12 +123,25 @@ def _handled(series: metrics.GrpcMethodMetrics, code: grpc.StatusCode, started: 
     log.debug("handled %s/%s: %s in %.1f ms", service, method, code.name, seconds * 1000)
 
 
-def _streaming(inner: Callable[..., Any], method: str, labels: tuple[str, str, str]) -> Callable[..., Any]:
+def _streaming(
+    inner: Callable[..., Any],
+    method: str,
+    labels: tuple[str, str, str],
+    streams: threading.BoundedSemaphore,
+    max_streams: int,
+) -> Callable[..., Any]:
     series = metrics.GrpcMethodMetrics(*labels)
 
     def handle(request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
         started = time.perf_counter()
         request_id = _start(context, series)
+        if not streams.acquire(blocking=False):
+            _handled(series, grpc.StatusCode.RESOURCE_EXHAUSTED, started)
+            log.warning("refused a stream of %s: %d streams are open, the most at once", method, max_streams)
+            context.abort(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"{max_streams} streams are open on this server, the most at once; retry later",
+            )
         failed = True
         try:
             with logs.bind(request_id=request_id, method=method):
@@ -130,6 +156,7 @@ def _streaming(inner: Callable[..., Any], method: str, labels: tuple[str, str, s
                 yield response
             failed = False
         finally:
+            streams.release()
             with logs.bind(request_id=request_id, method=method):
                 _handled(series, _code_of(context, failed), started)
 

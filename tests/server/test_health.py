@@ -9,9 +9,11 @@ import sys
 import time
 from pathlib import Path
 
+import grpc
 import pytest
 import redis
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from twofactor.v1 import twofactor_service_pb2 as pb
 
 from tests.conftest import Harness, ServerFactory
 from tests.smtp_sink import free_port
@@ -85,3 +87,43 @@ def test_the_broker_is_reported_apart_and_never_takes_the_server_down(
     finally:
         server.terminate()
         server.wait(30)
+
+
+def test_open_streams_without_a_token_cant_take_the_threads_logins_need(start_server: ServerFactory) -> None:
+    """A health Watch (or a reflection stream) holds a handler thread while open and needs no
+    token: as many idle streams as threads froze every call, logins included. A quarter of the
+    threads at most serve streams (one here, of four); one more is RESOURCE_EXHAUSTED at once,
+    and a stream's thread comes back when its client goes."""
+    h = start_server(max_workers=4)
+    stub = health_pb2_grpc.HealthStub(h.channel)
+    watch = health_pb2.HealthCheckRequest(service="")
+    for _ in range(5):  # each closed stream gives its place back
+        first = stub.Watch(watch)
+        assert next(first).status == SERVING
+        deadline = time.monotonic() + 30
+        while True:
+            second = stub.Watch(watch)
+            try:
+                next(second)
+            except grpc.RpcError as refused:
+                assert refused.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+                break
+            second.cancel()  # the place of a stream cancelled a moment ago was not given back yet
+            assert time.monotonic() < deadline, "a second stream was never refused"
+        # The threads the logins need are there: calls answer well within their deadline.
+        assert stub.Check(watch, timeout=10).status == SERVING
+        status = h.twofactor.GetStatus(
+            pb.GetStatusRequest(user_id="nobody"), metadata=h.app_metadata, timeout=10
+        )
+        assert not status.enabled_methods
+        first.cancel()
+        while True:  # its handler ends when the cancellation reaches it
+            again = stub.Watch(watch)
+            try:
+                assert next(again).status == SERVING
+                again.cancel()
+                break
+            except grpc.RpcError as refused:
+                assert refused.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+                assert time.monotonic() < deadline, "the cancelled stream never gave its place back"
+                time.sleep(0.05)  # polling a condition
