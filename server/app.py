@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime
 import errno
 import hashlib
 import json
@@ -198,8 +199,15 @@ def _serve_metrics(listen: str, on_stop: list[Callable[[], None]]) -> int:
 
 
 def server_credentials(settings: Settings) -> grpc.ServerCredentials | None:
-    """TLS credentials from the configured PEM files, checked up front; None for plaintext."""
+    """TLS credentials from the configured PEM files, checked up front (the key is the
+    certificate's, the certificate is valid now); None for plaintext. The files are read at
+    start: after renewing the certificate, restart the servers one by one."""
     if not (settings.tls_cert_file or settings.tls_key_file):
+        if settings.tls_client_ca_file:  # client certificates need TLS: never plaintext instead
+            raise SettingsError(
+                "TWOFACTOR_TLS_CLIENT_CA_FILE needs TWOFACTOR_TLS_CERT_FILE and TWOFACTOR_TLS_KEY_FILE "
+                "(client certificates are checked over TLS only)"
+            )
         return None
     if not (settings.tls_cert_file and settings.tls_key_file):
         raise SettingsError("TWOFACTOR_TLS_CERT_FILE and TWOFACTOR_TLS_KEY_FILE go together")
@@ -209,6 +217,7 @@ def server_credentials(settings: Settings) -> grpc.ServerCredentials | None:
         settings.tls_key_file,
         lambda data: serialization.load_pem_private_key(data, password=None),
     )
+    _require_usable_pair(settings, x509.load_pem_x509_certificates(cert)[0], key)
     client_ca = None
     if settings.tls_client_ca_file:
         client_ca = _read_pem(
@@ -217,6 +226,31 @@ def server_credentials(settings: Settings) -> grpc.ServerCredentials | None:
     return grpc.ssl_server_credentials(
         [(key, cert)], root_certificates=client_ca, require_client_auth=client_ca is not None
     )
+
+
+def _require_usable_pair(settings: Settings, leaf: x509.Certificate, key_pem: bytes) -> None:
+    """The key is the certificate's, and the certificate is valid now (a warning in its last two
+    weeks): otherwise every TLS client fails, and the server alone would not say why."""
+    key = serialization.load_pem_private_key(key_pem, password=None)
+    spki = (serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+    if key.public_key().public_bytes(*spki) != leaf.public_key().public_bytes(*spki):
+        raise SettingsError(
+            f"TWOFACTOR_TLS_KEY_FILE: {settings.tls_key_file} is not the key of the certificate in "
+            f"{settings.tls_cert_file} (its first certificate)"
+        )
+    now = datetime.datetime.now(datetime.UTC)
+    if not leaf.not_valid_before_utc <= now <= leaf.not_valid_after_utc:
+        raise SettingsError(
+            f"TWOFACTOR_TLS_CERT_FILE: the certificate in {settings.tls_cert_file} is valid from "
+            f"{leaf.not_valid_before_utc:%Y-%m-%d %H:%M} to {leaf.not_valid_after_utc:%Y-%m-%d %H:%M} UTC, "
+            "not now: renew it"
+        )
+    if leaf.not_valid_after_utc - now < datetime.timedelta(days=14):
+        log.warning(
+            "the TLS certificate in %s expires on %s UTC: renew it, then restart the servers",
+            settings.tls_cert_file,
+            f"{leaf.not_valid_after_utc:%Y-%m-%d %H:%M}",
+        )
 
 
 def _read_pem(variable: str, path: str, parse: Callable[[bytes], object]) -> bytes:

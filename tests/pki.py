@@ -11,6 +11,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+HOUR, DAY = datetime.timedelta(hours=1), datetime.timedelta(days=1)
+
 
 @dataclass(frozen=True)
 class Issued:
@@ -64,7 +66,17 @@ def make_ca(common_name: str) -> Issued:
     return Issued(key, cert)
 
 
-def issue(ca: Issued, common_name: str, *, server: bool) -> Issued:
+def issue(
+    ca: Issued,
+    common_name: str,
+    *,
+    server: bool,
+    valid: tuple[datetime.timedelta, datetime.timedelta] = (
+        -datetime.timedelta(hours=1),
+        datetime.timedelta(days=1),
+    ),
+) -> Issued:
+    """A certificate signed by `ca`, valid from now + valid[0] to now + valid[1]."""
     key = ec.generate_private_key(ec.SECP256R1())
     now = datetime.datetime.now(datetime.UTC)
     builder = (
@@ -73,8 +85,8 @@ def issue(ca: Issued, common_name: str, *, server: bool) -> Issued:
         .issuer_name(ca.cert.subject)
         .public_key(key.public_key())
         .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(hours=1))
-        .not_valid_after(now + datetime.timedelta(days=1))
+        .not_valid_before(now + valid[0])
+        .not_valid_after(now + valid[1])
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
         .add_extension(
             x509.ExtendedKeyUsage(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime
 import socket
 import sqlite3
 from collections.abc import Iterator
@@ -175,6 +176,34 @@ def test_unusable_tls_files_are_a_settings_error(
         path.write_text("not a certificate")
     with pytest.raises(SettingsError, match="TWOFACTOR_TLS_"):
         start_server(tls_cert_file=str(path), tls_key_file=str(path))
+
+
+def test_a_client_ca_alone_is_a_settings_error_not_plaintext(start_server: ServerFactory, pki: Pki) -> None:
+    """Client certificates are checked over TLS only: a client CA without the server's own
+    certificate and key served plaintext, with no client check, and said nothing."""
+    with pytest.raises(SettingsError, match="TWOFACTOR_TLS_CLIENT_CA_FILE needs TWOFACTOR_TLS_CERT_FILE"):
+        start_server(tls_client_ca_file=pki.files["ca.pem"])
+
+
+@pytest.mark.parametrize("problem", ["the key of another certificate", "expired", "not valid yet"])
+def test_a_certificate_its_clients_would_refuse_is_a_settings_error(
+    start_server: ServerFactory, pki: Pki, tmp_path: Path, problem: str
+) -> None:
+    """Refused at start in one line naming the file, rather than a bind error (a key that is
+    not the certificate's) or a server every TLS client fails on (outside its validity)."""
+    day = datetime.timedelta(days=1)
+    if problem == "the key of another certificate":
+        cert, key = pki.server.cert_pem, pki.client.key_pem
+        expected = "TWOFACTOR_TLS_KEY_FILE: .* is not the key of the certificate"
+    else:
+        valid = (-2 * day, -day) if problem == "expired" else (day, 2 * day)
+        other = issue(pki.ca, "twofactor server", server=True, valid=valid)
+        cert, key = other.cert_pem, other.key_pem
+        expected = "TWOFACTOR_TLS_CERT_FILE: the certificate in .* is valid from .* not now: renew it"
+    (tmp_path / "cert.pem").write_bytes(cert)
+    (tmp_path / "cert.key").write_bytes(key)
+    with pytest.raises(SettingsError, match=expected):
+        start_server(tls_cert_file=str(tmp_path / "cert.pem"), tls_key_file=str(tmp_path / "cert.key"))
 
 
 def test_plaintext_is_the_default(harness: Harness) -> None:
