@@ -38,6 +38,8 @@ def channel_for(settings: Settings, target: str, tls: TlsOptions) -> grpc.Channe
     """Plaintext, or TLS when TWOFACTOR_TLS_CERT_FILE is set (or --ca-file is given)."""
     ca_file = tls.ca_file or settings.tls_cert_file
     if not ca_file:
+        if tls.cert_file or tls.key_file:  # a client certificate only means something over TLS
+            raise SettingsError("health: --cert and --key need TLS (TWOFACTOR_TLS_CERT_FILE or --ca-file)")
         return grpc.insecure_channel(target)
     try:
         ca = Path(ca_file).read_bytes()

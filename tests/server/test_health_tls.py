@@ -77,3 +77,30 @@ def test_health_presents_a_client_certificate_when_the_server_requires_one(
     assert without.returncode == 1 and "UNAVAILABLE" in without.stderr
     answered = probe(h.port, files, "--cert", files["client.pem"], "--key", files["client.key"])
     assert answered.returncode == 0, answered.stderr
+
+
+def test_a_client_certificate_without_tls_is_a_configuration_error(
+    start_server: ServerFactory, files: dict[str, str]
+) -> None:
+    """--cert and --key against a plaintext server were ignored: the probe said SERVING for a
+    check that would fail the day TLS is on."""
+    h = start_server()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TWOFACTOR_")}
+    result = subprocess.run(
+        [
+            TWOFACTOR,
+            "health",
+            "--target",
+            h.target,
+            "--cert",
+            files["client.pem"],
+            "--key",
+            files["client.key"],
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert "--cert and --key need TLS" in result.stderr
