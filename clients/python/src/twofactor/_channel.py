@@ -106,8 +106,10 @@ def service_config(retry: RetryPolicy | None) -> str:
 class TlsConfig:
     """TLS for the channel. Pass none to the client for plaintext (local development only).
 
-    root_ca: PEM of the CA that signed the server certificate; None trusts the
-    system's roots. client_cert and client_key: PEM of the client certificate
+    root_ca: PEM of the CA that signed the server certificate; None trusts the public
+    roots grpcio ships with (not the operating system's store: a private CA added there is
+    not trusted; the GRPC_DEFAULT_SSL_ROOTS_FILE_PATH environment variable names another
+    bundle). client_cert and client_key: PEM of the client certificate
     chain and its key, both or neither, for servers that require mTLS.
     server_name: the name to check the server certificate against, when it is
     not the host part of the target.
