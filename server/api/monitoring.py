@@ -10,6 +10,7 @@ the response's initial metadata.
 from __future__ import annotations
 
 import logging
+import math
 import threading
 import time
 import uuid
@@ -53,17 +54,18 @@ def _code_of(context: grpc.ServicerContext, failed: bool) -> grpc.StatusCode:
 
 class MonitoringInterceptor(grpc.ServerInterceptor):
     """Request ids, log context and the grpc_server_* metrics, for every service (health too);
-    and a cap on the streams open at once.
+    and a cap on the streams that hold a thread.
 
-    A stream (health Watch, reflection) holds one of the server's handler threads for as long as
-    its client keeps it open, and needs no token: eight idle streams took every thread, and
-    logins waited out their deadlines. At most `max_streams` run at once; one more is answered
-    RESOURCE_EXHAUSTED at once."""
+    A blocking stream (reflection) holds one of the server's handler threads for as long as its
+    client keeps it open, and needs no token: eight idle streams took every thread, and logins
+    waited out their deadlines. At most `max_streams` run at once; one more is answered
+    RESOURCE_EXHAUSTED at once. A non-blocking one (health Watch: grpc_health sends its answers
+    from callbacks) holds no thread, stays so when wrapped here, and is not counted: clients
+    with gRPC's client-side health checking keep one open per connection."""
 
     def __init__(self, max_streams: int = 2) -> None:
         self._wrapped: dict[str, Any] = {}
-        self._streams = threading.BoundedSemaphore(max_streams)
-        self._max_streams = max_streams
+        self._cap = _StreamCap(max_streams)
 
     def intercept_service(self, continuation, handler_call_details):  # type: ignore[no-untyped-def]
         method = handler_call_details.method
@@ -80,8 +82,10 @@ class MonitoringInterceptor(grpc.ServerInterceptor):
                 labels = (grpc_type, service, name)
                 if grpc_type in ("unary", "client_stream"):
                     around = _unary(inner, method, labels)
+                elif getattr(inner, "experimental_non_blocking", False):
+                    around = _non_blocking(inner, method, labels)
                 else:
-                    around = _streaming(inner, method, labels, self._streams, self._max_streams)
+                    around = _streaming(inner, method, labels, self._cap)
                 wrapped = make_handler(
                     around,
                     request_deserializer=handler.request_deserializer,
@@ -123,24 +127,64 @@ def _handled(series: metrics.GrpcMethodMetrics, code: grpc.StatusCode, started: 
     log.debug("handled %s/%s: %s in %.1f ms", service, method, code.name, seconds * 1000)
 
 
+class _StreamCap:
+    """How many blocking streams may run at once, and a refusal logged once a minute at most:
+    refusals need no token, and each is counted in grpc_server_handled_total anyway."""
+
+    def __init__(self, most: int) -> None:
+        self.most = most
+        self.slots = threading.BoundedSemaphore(most)
+        self._lock = threading.Lock()
+        self._refused = 0
+        self._logged_at = -math.inf
+
+    def refused(self, method: str) -> None:
+        with self._lock:
+            self._refused += 1
+            now = time.monotonic()
+            if now - self._logged_at < 60:
+                return
+            count, self._refused, self._logged_at = self._refused, 0, now
+        log.warning(
+            "refused %d stream(s) in the last minute, the last of %s: %d streams, the most at once, are "
+            "open (reflection holds a handler thread while open; TWOFACTOR_MAX_WORKERS sets a quarter)",
+            count,
+            method,
+            self.most,
+        )
+
+
+def _non_blocking(inner: Callable[..., Any], method: str, labels: tuple[str, str, str]) -> Callable[..., Any]:
+    """A stream whose handler answers through callbacks and returns at once (grpc_health's
+    Watch): it keeps that form, so it holds no thread; its end is recorded when the call ends."""
+    series = metrics.GrpcMethodMetrics(*labels)
+
+    def handle(request: Any, context: grpc.ServicerContext, send_response_callback: Any) -> None:
+        started = time.perf_counter()
+        request_id = _start(context, series)
+        context.add_callback(lambda: _handled(series, _code_of(context, False), started))
+        with logs.bind(request_id=request_id, method=method):
+            inner(request, context, send_response_callback)
+
+    handle.experimental_non_blocking = True  # type: ignore[attr-defined]
+    handle.experimental_thread_pool = getattr(inner, "experimental_thread_pool", None)  # type: ignore[attr-defined]
+    return handle
+
+
 def _streaming(
-    inner: Callable[..., Any],
-    method: str,
-    labels: tuple[str, str, str],
-    streams: threading.BoundedSemaphore,
-    max_streams: int,
+    inner: Callable[..., Any], method: str, labels: tuple[str, str, str], cap: _StreamCap
 ) -> Callable[..., Any]:
     series = metrics.GrpcMethodMetrics(*labels)
 
     def handle(request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
         started = time.perf_counter()
         request_id = _start(context, series)
-        if not streams.acquire(blocking=False):
+        if not cap.slots.acquire(blocking=False):
             _handled(series, grpc.StatusCode.RESOURCE_EXHAUSTED, started)
-            log.warning("refused a stream of %s: %d streams are open, the most at once", method, max_streams)
+            cap.refused(method)
             context.abort(
                 grpc.StatusCode.RESOURCE_EXHAUSTED,
-                f"{max_streams} streams are open on this server, the most at once; retry later",
+                f"{cap.most} streams are open on this server, the most at once; retry later",
             )
         failed = True
         try:
@@ -156,7 +200,7 @@ def _streaming(
                 yield response
             failed = False
         finally:
-            streams.release()
+            cap.slots.release()
             with logs.bind(request_id=request_id, method=method):
                 _handled(series, _code_of(context, failed), started)
 

@@ -6,13 +6,16 @@ import os
 import shutil
 import subprocess
 import sys
+import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
 import pytest
 import redis
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from twofactor.v1 import twofactor_service_pb2 as pb
 
 from tests.conftest import Harness, ServerFactory
@@ -89,41 +92,68 @@ def test_the_broker_is_reported_apart_and_never_takes_the_server_down(
         server.wait(30)
 
 
+NOBODY = pb.GetStatusRequest(user_id="nobody")
+
+
+def held_open(stop: threading.Event) -> Iterator[reflection_pb2.ServerReflectionRequest]:
+    """A reflection client that asks once, then keeps its stream open until `stop`."""
+    yield reflection_pb2.ServerReflectionRequest(list_services="")
+    stop.wait(60)
+
+
 def test_open_streams_without_a_token_cant_take_the_threads_logins_need(start_server: ServerFactory) -> None:
-    """A health Watch (or a reflection stream) holds a handler thread while open and needs no
-    token: as many idle streams as threads froze every call, logins included. A quarter of the
-    threads at most serve streams (one here, of four); one more is RESOURCE_EXHAUSTED at once,
-    and a stream's thread comes back when its client goes."""
+    """A reflection stream holds a handler thread while open and needs no token: as many idle
+    streams as threads froze every call, logins included. A quarter of the threads at most serve
+    such streams (one here, of four); one more is RESOURCE_EXHAUSTED at once, and a stream's
+    place comes back when its client goes."""
     h = start_server(max_workers=4)
-    stub = health_pb2_grpc.HealthStub(h.channel)
-    watch = health_pb2.HealthCheckRequest(service="")
-    for _ in range(5):  # each closed stream gives its place back
-        first = stub.Watch(watch)
-        assert next(first).status == SERVING
-        deadline = time.monotonic() + 30
-        while True:
-            second = stub.Watch(watch)
-            try:
+    reflection = reflection_pb2_grpc.ServerReflectionStub(h.channel)
+    health = health_pb2_grpc.HealthStub(h.channel)
+    stop = threading.Event()
+    deadline = time.monotonic() + 30
+    try:
+        for _ in range(5):  # each closed stream gives its place back
+            first = reflection.ServerReflectionInfo(held_open(stop))
+            while True:  # the place of the stream closed a moment ago comes back when its handler ends
+                try:
+                    assert next(first).list_services_response.service
+                    break
+                except grpc.RpcError as refused:
+                    assert refused.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+                    assert time.monotonic() < deadline, "a closed stream never gave its place back"
+                    time.sleep(0.05)  # polling a condition
+                    first = reflection.ServerReflectionInfo(held_open(stop))
+            second = reflection.ServerReflectionInfo(held_open(stop))
+            with pytest.raises(grpc.RpcError) as refused:
                 next(second)
-            except grpc.RpcError as refused:
-                assert refused.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
-                break
-            second.cancel()  # the place of a stream cancelled a moment ago was not given back yet
-            assert time.monotonic() < deadline, "a second stream was never refused"
-        # The threads the logins need are there: calls answer well within their deadline.
-        assert stub.Check(watch, timeout=10).status == SERVING
+            assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            # The threads the logins need are there: calls answer well within their deadline.
+            assert health.Check(health_pb2.HealthCheckRequest(service=""), timeout=10).status == SERVING
+            status = h.twofactor.GetStatus(
+                pb.GetStatusRequest(user_id="nobody"), metadata=h.app_metadata, timeout=10
+            )
+            assert not status.enabled_methods
+            first.cancel()
+    finally:
+        stop.set()
+
+
+def test_health_watches_hold_no_thread_and_are_not_capped(start_server: ServerFactory) -> None:
+    """grpc_health answers Watch from callbacks, holding no thread; wrapped by the monitoring
+    interceptor it kept a thread each, and a cap on them broke gRPC's client-side health
+    checking, which keeps one Watch per client connection. Six Watches on two threads: every
+    call still answers."""
+    h = start_server(max_workers=2)
+    health = health_pb2_grpc.HealthStub(h.channel)
+    watch = health_pb2.HealthCheckRequest(service="")
+    watches = [health.Watch(watch) for _ in range(6)]
+    try:
+        assert [next(w).status for w in watches] == [SERVING] * 6
+        assert health.Check(watch, timeout=10).status == SERVING
         status = h.twofactor.GetStatus(
             pb.GetStatusRequest(user_id="nobody"), metadata=h.app_metadata, timeout=10
         )
         assert not status.enabled_methods
-        first.cancel()
-        while True:  # its handler ends when the cancellation reaches it
-            again = stub.Watch(watch)
-            try:
-                assert next(again).status == SERVING
-                again.cancel()
-                break
-            except grpc.RpcError as refused:
-                assert refused.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
-                assert time.monotonic() < deadline, "the cancelled stream never gave its place back"
-                time.sleep(0.05)  # polling a condition
+    finally:
+        for w in watches:
+            w.cancel()
