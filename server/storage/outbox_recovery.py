@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from twofactor_server.storage.database import Transaction
 from twofactor_server.storage.records import ChallengeRecord, select_list
+from twofactor_server.storage.units import in_list
 
 EXPIRED_REASON = "the code expired before it could be delivered"
 _CHALLENGE_COLUMNS = select_list(ChallengeRecord)
@@ -68,14 +69,14 @@ def take_for_republish(
 
 def due_again(tx: Transaction, challenge_ids: list[str], now_ms: int) -> None:
     """Rows taken for a republish whose publish failed: due at the next round, not after a wait.
-    One statement for the batch (up to recovery's BATCH ids), as store.methods_of_users reads."""
+    One statement for the batch (up to recovery's BATCH ids)."""
     if not challenge_ids:
         return
-    placeholders = ", ".join(f"%(c{i})s" for i in range(len(challenge_ids)))
+    placeholders, params = in_list("c", challenge_ids)
     tx.execute(
         "UPDATE challenges SET next_publish_at = %(now)s "  # noqa: S608 - placeholders only
         f"WHERE challenge_id IN ({placeholders}) AND delivery_status = 'queued'",
-        {"now": now_ms, **{f"c{i}": c for i, c in enumerate(challenge_ids)}},
+        {"now": now_ms, **params},
     )
 
 

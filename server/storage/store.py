@@ -28,6 +28,7 @@ from twofactor_server.storage.records import (
     UserRecord,
     select_list,
 )
+from twofactor_server.storage.units import in_list
 
 # ---- users -----------------------------------------------------------------
 
@@ -169,11 +170,11 @@ def methods_of_users(tx: Transaction, user_ids: Iterable[str]) -> dict[str, list
     ids = list(user_ids)
     found: dict[str, list[MethodRecord]] = {u: [] for u in ids}
     if ids:
-        placeholders = ", ".join(f"%(u{i})s" for i in range(len(ids)))
+        placeholders, params = in_list("u", ids)
         rows = tx.all(
             f"SELECT {_METHOD_COLUMNS} FROM methods "  # noqa: S608
             f"WHERE user_id IN ({placeholders}) ORDER BY method",
-            {f"u{i}": u for i, u in enumerate(ids)},
+            params,
         )
         for row in rows:
             found[row["user_id"]].append(MethodRecord(**row))
@@ -259,11 +260,11 @@ def count_unused_backup_codes_of_users(tx: Transaction, user_ids: Iterable[str])
     ids = list(user_ids)
     counts = dict.fromkeys(ids, 0)
     if ids:
-        placeholders = ", ".join(f"%(u{i})s" for i in range(len(ids)))
+        placeholders, params = in_list("u", ids)
         rows = tx.all(
             "SELECT user_id, COUNT(*) AS n FROM backup_codes "  # noqa: S608
             f"WHERE user_id IN ({placeholders}) AND used_at IS NULL GROUP BY user_id",
-            {f"u{i}": u for i, u in enumerate(ids)},
+            params,
         )
         counts.update((row["user_id"], int(row["n"])) for row in rows)
     return counts

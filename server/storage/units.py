@@ -17,6 +17,13 @@ Row = dict[str, Any]
 Params = Mapping[str, Any]
 
 
+def in_list(prefix: str, values: list[str]) -> tuple[str, dict[str, str]]:
+    """An `IN (...)` list of bound parameters named prefix0, prefix1, ... and their values: one
+    statement for a batch, every value a parameter."""
+    params = {f"{prefix}{i}": value for i, value in enumerate(values)}
+    return ", ".join(f"%({name})s" for name in params), params
+
+
 class Transaction(Protocol):
     dialect: str  # "postgres" | "sqlite"
     # Appended to a SELECT to hold its rows until commit; empty where the
