@@ -78,8 +78,8 @@ class Enrollment:
         def authorize(tx: Transaction) -> bool:
             # In the starting transaction, under the user's row lock: a method enabled a moment
             # ago is seen here, and the pending enrollment records whether this start had a proof.
+            user = existing_user(tx, user_id, lock=True)  # a row Challenges.issue already holds
             enabled = usable_methods(store.methods_of(tx, user_id), self._policy)
-            user = existing_user(tx, user_id)
             require_step_up(self._keyring, self._policy, user, enabled, verification_token, caller, now)
             return bool(enabled)
 
@@ -98,7 +98,6 @@ class Enrollment:
         secret = totp.new_secret()
         with self._db.transaction() as tx:
             store.ensure_user(tx, user_id, now)
-            existing_user(tx, user_id, lock=True)
             with_proof = authorize(tx)
             sealed = self._keyring.encrypt(secret, purpose=TOTP_SECRET, user_id=user_id)
             store.start_method_enrollment(
