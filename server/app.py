@@ -111,15 +111,7 @@ def create_server(
     )
     on_stop: list[Callable[[], None]] = []
     try:
-        if settings.migrate_on_start:  # off: a fleet's migrate job does it, once, before the rollout
-            db.migrate()
-        elif pending := pending_migrations_at_start(
-            db, settings.database_url, settings.storage_timeout_seconds
-        ):
-            raise SettingsError(
-                f"the database lacks migrations {', '.join(pending)}: run `twofactor migrate` first "
-                "(TWOFACTOR_MIGRATE_ON_START is false)"
-            )
+        prepare_schema(db, settings)
         require_keys_for_stored_values(db, keyring, clock)
         if dispatcher is None:
             dispatcher, close = build_dispatcher(settings, db=db, keyring=keyring, clock=clock)
@@ -181,6 +173,18 @@ def create_server(
         raise
     storage_health = StorageHealth(db, health_servicer, SERVICE_NAMES, settings.storage_probe_seconds)
     return TwoFactorServer(grpc_server, db, health_servicer, storage_health, on_stop, metrics_port), port
+
+
+def prepare_schema(db: Database, settings: Settings) -> None:
+    """At the start of a server or worker: apply the migrations, or with TWOFACTOR_MIGRATE_ON_START
+    =false (a fleet's migrate job does it, once, before the rollout) refuse a database behind."""
+    if settings.migrate_on_start:
+        db.migrate()
+    elif pending := pending_migrations_at_start(db, settings.database_url, settings.storage_timeout_seconds):
+        raise SettingsError(
+            f"the database lacks migrations {', '.join(pending)}: run `twofactor migrate` first "
+            "(TWOFACTOR_MIGRATE_ON_START is false)"
+        )
 
 
 def _serve_metrics(listen: str, on_stop: list[Callable[[], None]]) -> int:

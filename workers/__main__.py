@@ -13,9 +13,8 @@ from twofactor_server.settings import Settings, SettingsError, unknown_variables
 def require_readable_store(settings: Settings) -> None:
     """Refuse to start when stored codes need a key version this worker's keyring lacks
     (checked when the database answers at start; a worker started during an outage waits)."""
-    from twofactor_server.app import load_keyring
+    from twofactor_server.app import load_keyring, prepare_schema
     from twofactor_server.storage.database import open_database
-    from twofactor_server.storage.refusals import pending_migrations_at_start
     from twofactor_server.usecases.key_rotation import require_keys_for_stored_values
 
     keyring = load_keyring(settings)
@@ -26,15 +25,7 @@ def require_readable_store(settings: Settings) -> None:
         timeout=settings.storage_timeout_seconds,
     )
     try:
-        if settings.migrate_on_start:  # as the server does at start; safe with several processes
-            db.migrate()
-        elif pending := pending_migrations_at_start(  # the fleet's migrate job runs them, at its hour
-            db, settings.database_url, settings.storage_timeout_seconds
-        ):
-            raise SettingsError(
-                f"the database lacks migrations {', '.join(pending)}: run `twofactor migrate` first "
-                "(TWOFACTOR_MIGRATE_ON_START is false)"
-            )
+        prepare_schema(db, settings)  # as the server does at start; safe with several processes
         require_keys_for_stored_values(db, keyring)
     except SettingsError:
         raise
