@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import datetime
 import errno
 import hashlib
 import json
@@ -16,8 +15,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import grpc
-from cryptography import x509
-from cryptography.hazmat.primitives import serialization
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from twofactor.v1 import (
     admin_service_pb2,
@@ -41,6 +38,7 @@ from twofactor_server.periodic import Periodic
 from twofactor_server.settings import Settings, SettingsError, TokenSetting, check_keys
 from twofactor_server.storage.database import Database, open_database
 from twofactor_server.storage.refusals import pending_migrations_at_start
+from twofactor_server.tls import server_credentials
 from twofactor_server.usecases.admin import Admin
 from twofactor_server.usecases.backup_codes import BackupCodes
 from twofactor_server.usecases.challenges import Challenges, Dispatcher
@@ -200,70 +198,6 @@ def _serve_metrics(listen: str, on_stop: list[Callable[[], None]]) -> int:
     on_stop.append(endpoint.close)
     log.info("metrics on http://%s:%d/metrics", endpoint.host or "0.0.0.0", endpoint.port)  # noqa: S104
     return endpoint.port
-
-
-def server_credentials(settings: Settings) -> grpc.ServerCredentials | None:
-    """TLS credentials from the configured PEM files, checked up front (the key is the
-    certificate's, the certificate is valid now); None for plaintext. The files are read at
-    start: after renewing the certificate, restart the servers one by one."""
-    if not (settings.tls_cert_file or settings.tls_key_file):
-        if settings.tls_client_ca_file:  # client certificates need TLS: never plaintext instead
-            raise SettingsError(
-                "TWOFACTOR_TLS_CLIENT_CA_FILE needs TWOFACTOR_TLS_CERT_FILE and TWOFACTOR_TLS_KEY_FILE "
-                "(client certificates are checked over TLS only)"
-            )
-        return None
-    if not (settings.tls_cert_file and settings.tls_key_file):
-        raise SettingsError("TWOFACTOR_TLS_CERT_FILE and TWOFACTOR_TLS_KEY_FILE go together")
-    cert = _read_pem("TWOFACTOR_TLS_CERT_FILE", settings.tls_cert_file, x509.load_pem_x509_certificates)
-    key = _read_pem(
-        "TWOFACTOR_TLS_KEY_FILE",
-        settings.tls_key_file,
-        lambda data: serialization.load_pem_private_key(data, password=None),
-    )
-    _require_usable_pair(settings, x509.load_pem_x509_certificates(cert)[0], key)
-    client_ca = None
-    if settings.tls_client_ca_file:
-        client_ca = _read_pem(
-            "TWOFACTOR_TLS_CLIENT_CA_FILE", settings.tls_client_ca_file, x509.load_pem_x509_certificates
-        )
-    return grpc.ssl_server_credentials(
-        [(key, cert)], root_certificates=client_ca, require_client_auth=client_ca is not None
-    )
-
-
-def _require_usable_pair(settings: Settings, leaf: x509.Certificate, key_pem: bytes) -> None:
-    """The key is the certificate's, and the certificate is valid now (a warning in its last two
-    weeks): otherwise every TLS client fails, and the server alone would not say why."""
-    key = serialization.load_pem_private_key(key_pem, password=None)
-    spki = (serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
-    if key.public_key().public_bytes(*spki) != leaf.public_key().public_bytes(*spki):
-        raise SettingsError(
-            f"TWOFACTOR_TLS_KEY_FILE: {settings.tls_key_file} is not the key of the certificate in "
-            f"{settings.tls_cert_file} (its first certificate)"
-        )
-    now = datetime.datetime.now(datetime.UTC)
-    if not leaf.not_valid_before_utc <= now <= leaf.not_valid_after_utc:
-        raise SettingsError(
-            f"TWOFACTOR_TLS_CERT_FILE: the certificate in {settings.tls_cert_file} is valid from "
-            f"{leaf.not_valid_before_utc:%Y-%m-%d %H:%M} to {leaf.not_valid_after_utc:%Y-%m-%d %H:%M} UTC, "
-            "not now: renew it"
-        )
-    if leaf.not_valid_after_utc - now < datetime.timedelta(days=14):
-        log.warning(
-            "the TLS certificate in %s expires on %s UTC: renew it, then restart the servers",
-            settings.tls_cert_file,
-            f"{leaf.not_valid_after_utc:%Y-%m-%d %H:%M}",
-        )
-
-
-def _read_pem(variable: str, path: str, parse: Callable[[bytes], object]) -> bytes:
-    try:
-        data = Path(path).read_bytes()
-        parse(data)
-    except (OSError, ValueError, TypeError) as error:
-        raise SettingsError(f"{variable}: {path} is not a usable PEM file ({error})") from None
-    return data
 
 
 def _bind(grpc_server: grpc.Server, listen: str, credentials: grpc.ServerCredentials | None) -> int:
