@@ -21,7 +21,6 @@ from time import monotonic
 from typing import Any, NoReturn
 
 import psycopg
-from psycopg.conninfo import conninfo_to_dict
 from psycopg.pq import ConnStatus, TransactionStatus
 from psycopg.rows import dict_row
 from psycopg_pool import PoolTimeout
@@ -38,7 +37,7 @@ from twofactor_server.storage.hot_statements import (
 from twofactor_server.storage.migrator import apply_migrations
 from twofactor_server.storage.migrator import migrations as migrations  # re-exported
 from twofactor_server.storage.pool import Pool
-from twofactor_server.storage.refusals import raise_if_refused
+from twofactor_server.storage.refusals import log_no_answer_at_start, raise_if_refused
 from twofactor_server.storage.sqlite import SqliteDatabase as SqliteDatabase  # re-exported
 from twofactor_server.storage.units import CommitActions, Params, Row, raise_unavailable
 from twofactor_server.storage.units import Database as Database  # re-exported
@@ -202,15 +201,7 @@ class PostgresDatabase:
             except PoolTimeout as error:
                 raise_if_refused(self._url, self._timeout)  # a refusal waiting can't mend: exit 2
                 if monotonic() >= give_up:
-                    where = conninfo_to_dict(self._url)
-                    log.error(
-                        "the database at %s:%s/%s did not answer within %.0f s at start: is it running, "
-                        "and is TWOFACTOR_DATABASE_URL right?",
-                        where.get("host", "localhost"),
-                        where.get("port", 5432),
-                        where.get("dbname", ""),
-                        _START_UP_SECONDS,
-                    )
+                    log_no_answer_at_start(self._url, f"within {_START_UP_SECONDS:.0f} s ")
                     raise StorageUnavailable() from error
 
     def close(self) -> None:

@@ -72,7 +72,14 @@ def pending_migrations_at_start(db: Database, url: str, timeout: float) -> list[
     except StorageUnavailable:
         if url:
             raise_if_refused(url, timeout)
-            log.error(
-                "%s did not answer at start: is it running, and is TWOFACTOR_DATABASE_URL right?", _where(url)
-            )
+            log_no_answer_at_start(url)
         raise
+
+
+def log_no_answer_at_start(url: str, waited: str = "") -> None:
+    """The one line of a database that did not answer at start (`waited`: "within 10 s ")."""
+    log.error(
+        "%s did not answer %sat start: is it running, and is TWOFACTOR_DATABASE_URL right?",
+        _where(url),
+        waited,
+    )
