@@ -440,19 +440,13 @@ class AsyncAdminClient(_AsyncClient):
     ) -> AsyncIterator[admin.AuditEvent]:
         """Every audit event that list_audit_events' filters select, newest first, fetching pages
         as needed (`timeout` applies to each page)."""
-        page_token = ""
+        request = audit_events_request(  # built once; each page changes its token only
+            user_id=user_id, actions=actions, since=since, until=until, page_size=page_size, page_token=""
+        )
         while True:
-            page = await self.list_audit_events(
-                user_id=user_id,
-                actions=actions,
-                since=since,
-                until=until,
-                page_size=page_size,
-                page_token=page_token,
-                timeout=timeout,
-            )
+            page = await self._call(self._stub.ListAuditEvents, request, timeout, None)
             for event in page.events:
                 yield event
-            page_token = page.next_page_token
-            if not page_token:
+            if not page.next_page_token:
                 return
+            request.page_token = page.next_page_token
