@@ -2,7 +2,7 @@
 
     .venv/bin/python bench/suite.py [--quick] [--users N --email-users E --clients P --threads T
                                      --seconds S --rounds R --worker-concurrency C --worker-nice W
-                                     --processes N --client h2|grpc]
+                                     --worker-idle --processes N --client h2|grpc]
 
 On a fresh PostgreSQL schema, a private Redis queue and a local SMTP sink
 (aiosmtpd, in a child process), starts `twofactor serve` and one `twofactor worker`
@@ -135,7 +135,7 @@ def main(argv: list[str] | None = None) -> int:
                 "TWOFACTOR_DATABASE_URL": database_url(args, schema, worker_application_name(schema)),
             }
             worker = stack.enter_context(
-                running_worker(worker_env, args.worker_concurrency, args.worker_nice)
+                running_worker(worker_env, args.worker_concurrency, args.worker_nice, idle=args.worker_idle)
             )
             load = stack.enter_context(
                 clients(target, processes=args.clients, threads=args.threads, token=token, client=args.client)
@@ -144,7 +144,8 @@ def main(argv: list[str] | None = None) -> int:
             meter = BufferMeter(server.pid, load.pids, worker.pid, backends)
             print(
                 f"server pid {server.pid} ({args.processes} process(es)) on {target}; worker pid "
-                f"{worker.pid} (concurrency {args.worker_concurrency}, nice {args.worker_nice}); "
+                f"{worker.pid} (concurrency {args.worker_concurrency}, nice {args.worker_nice}"
+                f"{', SCHED_IDLE' if args.worker_idle else ''}); "
                 f"schema {schema}; "
                 f"{args.clients} client processes x {args.threads} threads (client {args.client}); "
                 f"{os.cpu_count()} CPUs",
@@ -231,6 +232,11 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
         type=int,
         default=10,
         help="the worker's niceness (10: it yields the shared cores to the server; 0: it competes)",
+    )
+    parser.add_argument(
+        "--worker-idle",
+        action="store_true",
+        help="run the worker under SCHED_IDLE (chrt --idle 0): a core only when nothing else wants it",
     )
     parser.add_argument(
         "--privacyidea-rate",
@@ -785,11 +791,14 @@ def measure_paced_sendcode(
 
 
 @contextlib.contextmanager
-def running_worker(env: dict[str, str], concurrency: int, nice: int = 0) -> Iterator[subprocess.Popen[bytes]]:
+def running_worker(
+    env: dict[str, str], concurrency: int, nice: int = 0, *, idle: bool = False
+) -> Iterator[subprocess.Popen[bytes]]:
     log = tempfile.NamedTemporaryFile(prefix="twofactor-bench-worker-", suffix=".log", delete=False)  # noqa: SIM115
     print(f"worker log: {log.name}", flush=True)
     worker = subprocess.Popen(
         [
+            *(("chrt", "--idle", "0") if idle else ()),
             *(("nice", "-n", str(nice)) if nice else ()),
             sys.executable,
             "-m",
