@@ -257,6 +257,41 @@ def test_wrong_password_is_permanent(smtp_server: StartServer, pki: Pki) -> None
     assert handler.received == []
 
 
+@dataclass
+class FailingFirst:
+    """Answers the first `times` AUTH attempts with a temporary failure (an auth backend that is
+    briefly down), then checks the password as Authenticator does."""
+
+    times: int
+    reply: str = "454 4.7.0 Temporary authentication failure"
+    calls: int = 0
+
+    def __call__(
+        self, server: SMTP, session: Session, envelope: Envelope, mechanism: str, auth_data: Any
+    ) -> AuthResult:
+        self.calls += 1
+        if self.calls <= self.times:
+            return AuthResult(success=False, handled=False, message=self.reply)
+        return Authenticator()(server, session, envelope, mechanism, auth_data)
+
+
+def test_a_temporary_auth_failure_is_retried_and_then_delivers(smtp_server: StartServer, pki: Pki) -> None:
+    # smtplib tries each mechanism the relay offers before giving up: fail them all, once.
+    failing = FailingFirst(times=2)
+    handler, port = auth_server(smtp_server, pki, "starttls", authenticator=failing)
+    sender = SmtpEmailSender(
+        settings(port, security="starttls", ca_file=str(pki.ca_file), username=USERNAME, password=PASSWORD)
+    )
+
+    with pytest.raises(TransientDeliveryError, match=r"authentication failed \(temporary\): 454") as caught:
+        sender.send_email(MESSAGE)
+    assert PASSWORD not in caught.value.reason
+    assert handler.received == []
+    # The retry (the worker's next attempt) logs in afresh and delivers.
+    assert_delivered(handler, sender.send_email(MESSAGE))
+    sender.close()  # QUIT before the relay stops: it would otherwise leave its end open
+
+
 def test_auth_not_offered_is_permanent(smtp_server: StartServer, pki: Pki) -> None:
     handler, port = smtp_server()  # plain server: no AUTH extension
     sender = SmtpEmailSender(settings(port, username=USERNAME, password=PASSWORD))

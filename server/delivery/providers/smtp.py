@@ -290,7 +290,11 @@ def _quit_quietly(smtp: smtplib.SMTP) -> None:
 def _delivery_error(exc: smtplib.SMTPException | OSError) -> DeliveryError:
     """Map smtplib/socket failures to retry-or-give-up; reasons carry codes, never the body."""
     if isinstance(exc, smtplib.SMTPAuthenticationError):
-        return PermanentDeliveryError(f"SMTP authentication failed: {_reply(exc.smtp_code, exc.smtp_error)}")
+        reply = _reply(exc.smtp_code, exc.smtp_error)
+        if 400 <= exc.smtp_code < 500:
+            # 454 (RFC 4954) or 421: the relay's own trouble, which passes; 535 and the like don't.
+            return TransientDeliveryError(f"SMTP authentication failed (temporary): {reply}")
+        return PermanentDeliveryError(f"SMTP authentication failed: {reply}")
     if isinstance(exc, smtplib.SMTPResponseException):
         return _by_code(exc.smtp_code, exc.smtp_error)
     if isinstance(exc, smtplib.SMTPRecipientsRefused):
