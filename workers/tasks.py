@@ -71,9 +71,11 @@ def stop_recovery(**_: object) -> None:
 
 @shared_task(bind=True, name=DELIVER_TASK, max_retries=None)  # type: ignore[untyped-decorator]
 def deliver_challenge(self: Task, challenge_id: str, generation: int = 0) -> str:
-    # A retry (a provider error, storage down) is a new message of the same generation with a
-    # countdown: while storage is down the worker holds tasks back instead of acknowledging them.
+    # A retry (a provider error, storage down) is a new message with a countdown, of the row's
+    # generation as the attempt claimed it: while storage is down the worker holds tasks back
+    # instead of acknowledging them.
     outcome = deliverer().deliver(challenge_id, generation, tries=self.request.retries or 0)
     if outcome.retry_in is not None:
-        raise self.retry(countdown=outcome.retry_in)
+        again = generation if outcome.retry_generation is None else outcome.retry_generation
+        raise self.retry(args=(challenge_id, again), countdown=outcome.retry_in)
     return outcome.status

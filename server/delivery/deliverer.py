@@ -53,6 +53,10 @@ _LEASE_MARGIN_SECONDS = 1.0
 class Outcome:
     status: str  # sent | failed | expired | nothing_to_do | retry
     retry_in: float | None = None
+    # The generation the retry's message carries: the row's, when this attempt claimed it (a late
+    # message of an older generation may claim a row nobody tried yet, and only the row's own
+    # generation claims it after an attempt); None: the message's own (nothing was claimed).
+    retry_generation: int | None = None
 
 
 def backoff_seconds(attempt: int, base: float, ceiling: float = RETRY_MAX_SECONDS) -> float:
@@ -241,7 +245,7 @@ class Deliverer:
             republish_at=due + self._recovery_ms,
         )
         self._count(challenge.method, "retry")
-        return Outcome("retry", retry_in)
+        return Outcome("retry", retry_in, challenge.publish_generation)
 
     def _send(self, challenge: ChallengeRecord, now: int) -> str:
         assert challenge.code_ciphertext is not None  # claim_delivery takes only rows that still hold it
