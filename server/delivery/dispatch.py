@@ -155,11 +155,14 @@ class InProcessDispatcher:
                 return
 
     def close(self) -> None:
+        """Stop: the deliveries still waiting for a thread stay in the outbox, and recovery
+        publishes them at the next start. Waiting for each would make a stop last the backlog
+        times the provider's timeout; an attempt already under way ends within that timeout."""
         with self._lock:
             self._closed = True
             for timer in self._timers:
                 timer.cancel()
-        self._pool.shutdown(wait=True, cancel_futures=False)
+        self._pool.shutdown(wait=True, cancel_futures=True)
 
 
 def build_deliverer(
