@@ -5,9 +5,15 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from typing import TYPE_CHECKING
+
+import click
 
 from twofactor_server.delivery.providers import ProviderConfigError, build_email_sender, build_sms_sender
 from twofactor_server.settings import Settings, SettingsError, unknown_variables
+
+if TYPE_CHECKING:
+    from celery import Celery
 
 
 def require_readable_store(settings: Settings) -> None:
@@ -48,6 +54,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--hostname", help="the worker's node name (default: celery@<hostname>)")
     parser.add_argument("celery_options", nargs="*", help="after --: options of `celery worker`")
     args = parser.parse_args(argv)
+    try:
+        return _run(args)
+    finally:
+        from twofactor_server.observability.metrics import remove_multiprocess_dir
+
+        # `twofactor worker` made it before the exec: gone however the worker ends (exit 2 too).
+        remove_multiprocess_dir()
+
+
+def _run(args: argparse.Namespace) -> int:
     try:
         settings = Settings.from_env()
         if not settings.broker_url:
@@ -93,25 +109,44 @@ def main(argv: list[str] | None = None) -> int:
     from twofactor_workers.celery_app import app
 
     # `celery [--quiet] worker ...`: with JSON logs, no banner, so every line is a JSON record.
+    return run_celery(
+        app,
+        [
+            *(["--quiet"] if log_format == "json" else []),
+            "worker",
+            f"--queues={settings.delivery_queue}",
+            f"--concurrency={args.concurrency}",
+            f"--loglevel={args.loglevel}",
+            "--without-gossip",
+            "--without-mingle",
+            "--without-heartbeat",
+            *([f"--hostname={args.hostname}"] if args.hostname else []),
+            *args.celery_options,
+        ],
+    )
+
+
+def run_celery(app: Celery, argv: list[str]) -> int:
+    """`celery <argv>` on `app`, as Celery.start runs it, with the exit status kept: Celery.start
+    drops it (a worker that could not start, say its pidfile is taken, exited 0, and a service
+    manager restarting on failure never did). An option mistyped after `--` is click's message
+    and usage line, exit 2, not a traceback."""
+    from celery.bin.celery import celery as celery_command
+
+    celery_command.params[0].default = app  # the --app option, as Celery.start sets it
     try:
-        app.start(
-            [
-                *(["--quiet"] if log_format == "json" else []),
-                "worker",
-                f"--queues={settings.delivery_queue}",
-                f"--concurrency={args.concurrency}",
-                f"--loglevel={args.loglevel}",
-                "--without-gossip",
-                "--without-mingle",
-                "--without-heartbeat",
-                *([f"--hostname={args.hostname}"] if args.hostname else []),
-                *args.celery_options,
-            ]
-        )
+        # prog_name: the usage line names `celery worker`, whose --help lists the options `--` takes.
+        status = celery_command.main(args=argv, prog_name="celery", standalone_mode=False)
+    except click.exceptions.Exit as exit_:
+        status = exit_.exit_code
+    except click.ClickException as error:
+        error.show()
+        return error.exit_code
+    except click.exceptions.Abort:
+        return 1
     finally:
-        if settings.metrics_listen:
-            metrics.remove_multiprocess_dir()
-    return 0
+        celery_command.params[0].default = None
+    return status if isinstance(status, int) else 0
 
 
 def run_retention(settings: Settings) -> None:
