@@ -20,6 +20,7 @@ transaction that did run is harmless to repeat (the same record, a later score).
 
 from __future__ import annotations
 
+import logging
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -32,6 +33,8 @@ from kombu.transport import virtual
 from kombu.utils.json import dumps
 
 from twofactor_server.delivery.task_queue import redis_command
+
+log = logging.getLogger(__name__)
 
 _MULTI = redis_command("MULTI")
 _EXEC = redis_command("EXEC")
@@ -60,9 +63,23 @@ class QoS(kombu_redis.QoS):
             redis_command("ZREM", self.unacked_index_key, delivery_tag),
             redis_command("HDEL", self.unacked_key, delivery_tag),
         ):
-            super().ack(delivery_tag)  # type: ignore[no-untyped-call]
-            return
-        virtual.QoS.ack(self, delivery_tag)  # type: ignore[no-untyped-call]
+            try:
+                super().ack(delivery_tag)  # type: ignore[no-untyped-call]  # kombu's, with its retries
+                return
+            except (redis.RedisError, OSError) as error:
+                # kombu's raises before it frees the message's prefetch slot: with late
+                # acknowledgement and a prefetch of one, the consumer then took no message ever
+                # again (the worker alive, its queue growing). The slot is freed below; the record
+                # left in Redis brings the message back after the visibility timeout, when the
+                # delivery it names is settled and the task a no-op.
+                log.error(
+                    "could not acknowledge message %s in Redis (%s: %s); it comes back after the "
+                    "visibility timeout, and is then a no-op; check Redis",
+                    delivery_tag,
+                    type(error).__name__,
+                    error,
+                )
+        virtual.QoS.ack(self, delivery_tag)  # type: ignore[no-untyped-call]  # in memory
 
     def _transaction(self, *commands: bytes) -> bool:
         """MULTI, the commands, EXEC in one write; whether every reply came back as expected."""
