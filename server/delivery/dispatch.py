@@ -71,8 +71,10 @@ class CeleryDispatcher:
         try:
             try:
                 self._lpush(message)
-            except (redis.ConnectionError, redis.TimeoutError, OSError):
-                self._lpush(message)  # once more, on a new connection
+            except (redis.ConnectionError, OSError) as error:
+                if isinstance(error, TimeoutError):
+                    raise  # no answer within the timeout: another try would wait as long again
+                self._lpush(message)  # once more, on a new connection: the kept one was dropped
         except (redis.RedisError, OSError) as error:
             log.warning("could not queue delivery of %s: %s", challenge_id, type(error).__name__)
             raise Unavailable(

@@ -191,3 +191,40 @@ def test_permanent_smtp_failure_marks_the_delivery_failed(
         failed = wait_for_status(h, "eli", challenge.challenge_id, common_pb2.DELIVERY_STATUS_FAILED)
         assert "550" in failed.failure_reason and failed.delivery_attempts == 1
         assert sink.messages == []
+
+
+BROKER_TIMEOUT_SECONDS = 1.5
+
+
+def test_a_frozen_broker_is_unavailable_within_one_broker_timeout(
+    sink: SmtpSink, start_server: ServerFactory, queue: str, tmp_path: Path
+) -> None:
+    """A broker that takes connections and never answers (SIGSTOP: the kernel still accepts)
+    costs a call that publishes a code one TWOFACTOR_BROKER_TIMEOUT_SECONDS, not two: the publish is not tried
+    again on a new connection after a timeout, only after a dropped one."""
+    with private_redis(tmp_path) as broker:
+        h = celery_server(
+            start_server,
+            sink,
+            queue,
+            broker_url=broker.url,
+            broker_timeout_seconds=BROKER_TIMEOUT_SECONDS,
+            policy={"resend_cooldown_seconds": 0},
+        )
+        start_email_enrollment(h, "ivy")  # the handler thread's connection is made and kept
+        assert broker.process is not None
+        os.kill(broker.process.pid, signal.SIGSTOP)
+        try:
+            began = time.monotonic()
+            with pytest.raises(grpc.RpcError) as raised:
+                h.twofactor.StartEnrollment(  # a new code for the address, published as SendCode's
+                    pb.StartEnrollmentRequest(user_id="ivy", method=EMAIL),
+                    metadata=h.app_metadata,
+                    timeout=30,
+                )
+            took = time.monotonic() - began
+        finally:
+            os.kill(broker.process.pid, signal.SIGCONT)
+    assert raised.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert error_info(raised.value).reason == "BROKER_UNAVAILABLE"
+    assert took < 1.8 * BROKER_TIMEOUT_SECONDS, f"{took:.1f} s: the publish waited out the timeout twice"
