@@ -32,7 +32,7 @@ from twofactor_server.delivery.broker_health import CHECK_INTERVAL_SECONDS, Brok
 from twofactor_server.delivery.dispatch import build_dispatcher
 from twofactor_server.domain.clock import Clock, system_clock
 from twofactor_server.domain.keyring import Keyring, KeyringError
-from twofactor_server.health import StorageHealth
+from twofactor_server.health import HealthServicer, StorageHealth
 from twofactor_server.observability.metrics import serve_metrics
 from twofactor_server.periodic import Periodic
 from twofactor_server.settings import Settings, SettingsError, TokenSetting, check_keys
@@ -138,7 +138,8 @@ def create_server(
         admin_service_pb2_grpc.add_AdminServiceServicer_to_server(
             AdminServicer(admin, settings.policy), grpc_server
         )
-        health_servicer = health.HealthServicer()
+        health_servicer = HealthServicer()
+        on_stop.append(health_servicer.close)
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, grpc_server)
         reflection.enable_server_reflection(
             (

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import logging
 import threading
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
 
 from grpc_health.v1 import health, health_pb2
 
@@ -19,6 +21,33 @@ from twofactor_server.observability import metrics
 from twofactor_server.storage.database import Database
 
 log = logging.getLogger(__name__)
+
+HEALTH_THREADS = 2
+
+
+class HealthServicer(health.HealthServicer):
+    """grpc_health's servicer, whose Check answers on threads of its own.
+
+    With the database frozen, every handler thread may wait out the storage timeout, and more
+    calls queue behind them: a Check queued there passed its deadline, and a liveness probe
+    took a live server for dead (a restart then lost the calls in flight). Check only reads a
+    status in memory, so two threads answer any number of probes. (grpcio runs a handler on
+    the pool its `experimental_thread_pool` names; the monitoring interceptor keeps it.)"""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._threads = ThreadPoolExecutor(HEALTH_THREADS, thread_name_prefix="health")
+        check = super().Check
+
+        def on_own_threads(request: Any, context: Any) -> Any:
+            return check(request, context)
+
+        on_own_threads.experimental_thread_pool = self._threads  # type: ignore[attr-defined]
+        self.Check = on_own_threads  # type: ignore[method-assign]  # what add_HealthServicer_to_server takes
+
+    def close(self) -> None:
+        self._threads.shutdown(wait=False)
+
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING

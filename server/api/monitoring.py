@@ -117,6 +117,8 @@ def _unary(inner: Callable[..., Any], method: str, labels: tuple[str, str, str])
             finally:
                 _handled(series, _code_of(context, failed), started)
 
+    # A handler that runs on threads of its own (health's Check) keeps them.
+    handle.experimental_thread_pool = getattr(inner, "experimental_thread_pool", None)  # type: ignore[attr-defined]
     return handle
 
 

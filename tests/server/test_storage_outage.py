@@ -341,3 +341,36 @@ def test_sqlite_waits_for_a_busy_file_no_longer_than_the_storage_timeout(
     finally:
         h.channel.close()
         h.server.stop(grace=None)
+
+
+def test_health_answers_while_calls_for_a_frozen_database_hold_every_handler_thread(
+    start_server: ServerFactory, clock: Clock, cluster: PrivatePostgres
+) -> None:
+    """Two handler threads, eight calls that each wait out the storage timeout: the calls queue
+    for four timeouts, and a liveness probe behind them would miss its deadline. Health's Check
+    runs on threads of its own."""
+    h = start_server(max_workers=2)
+    prepare(h, clock)
+    cluster.freeze()
+    try:
+        with ThreadPoolExecutor(8) as callers:
+            burst = [
+                callers.submit(
+                    outcome,
+                    lambda: h.twofactor.GetStatus(
+                        pb.GetStatusRequest(user_id="ana"), metadata=h.app_metadata, timeout=30
+                    ),
+                )
+                for _ in range(8)
+            ]
+            probes = 0
+            while not all(call.done() for call in burst):
+                health_of(h)  # each Check within its 2-second deadline, or DEADLINE_EXCEEDED
+                probes += 1
+            assert probes > 1
+            assert {call.result()[:2] for call in burst} == {
+                (grpc.StatusCode.UNAVAILABLE, "STORAGE_UNAVAILABLE")
+            }
+    finally:
+        cluster.thaw()
+    wait_for_health(h, SERVING, RECOVERY_BOUND)
