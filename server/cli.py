@@ -4,6 +4,7 @@ token, keys."""
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import logging
 import os
@@ -99,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
             if args.supervised_listen:
                 # A child: its supervisor serves the one /metrics of all children (multiprocess mode).
                 child = dataclasses.replace(settings, listen=args.supervised_listen, metrics_listen="")
-                return serve(child, reuse_port=True)
+                return serve(child, reuse_port=True, supervised=True)
             from twofactor_server.supervisor import process_count, supervise
 
             processes = process_count(args.processes)
@@ -160,10 +161,21 @@ def _key_version(text: str) -> int:
     return int(text)
 
 
-def serve(settings: Settings, *, reuse_port: bool = False) -> int:
+def serve(settings: Settings, *, reuse_port: bool = False, supervised: bool = False) -> int:
     from twofactor_server.app import create_server, dev_tokens
     from twofactor_server.delivery.providers import ProviderConfigError
 
+    # Before the server is made: a stop asked for while it starts (migrations may take a while)
+    # drains it once it has started, rather than killing it half made.
+    stopping = threading.Event()
+
+    def on_signal(signum: int, _frame: object) -> None:
+        stopping.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    if supervised:
+        threading.Thread(target=_stop_when_the_supervisor_is_gone, args=(stopping,), daemon=True).start()
     try:
         server, port = create_server(settings, reuse_port=reuse_port)
     except ProviderConfigError as error:
@@ -179,18 +191,29 @@ def serve(settings: Settings, *, reuse_port: bool = False) -> int:
             f"  app:   {tokens['app']}\n  admin: {tokens['admin']}",
             flush=True,
         )
-    stopping = threading.Event()
-
-    def on_signal(signum: int, _frame: object) -> None:
-        stopping.set()
-
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
     stopping.wait()
     print("draining in-flight calls", flush=True)
     server.stop(settings.grace_seconds)
     print("stopped", flush=True)
     return 0
+
+
+def _stop_when_the_supervisor_is_gone(stopping: threading.Event) -> None:
+    """A child's stdin is a pipe from its supervisor: end of file means the supervisor is gone
+    (killed with SIGKILL, say). The child then drains and stops, rather than keep serving the
+    port as an orphan that the next `twofactor serve` finds taken."""
+    # os.read, not sys.stdin: a daemon thread blocked in the buffered reader holds its lock, and
+    # the interpreter aborts at exit when it can't take it.
+    while os.read(0, 4096):
+        pass
+    # Standard output was a pipe to the supervisor, read by nobody now: what the child still
+    # prints (draining, stopped) goes where its log lines go.
+    with contextlib.suppress(OSError):
+        sys.stdout.flush()
+    os.dup2(sys.stderr.fileno(), sys.stdout.fileno())
+    if not stopping.is_set():
+        print("twofactor: the supervisor is gone; draining in-flight calls and stopping", file=sys.stderr)
+        stopping.set()
 
 
 def print_code(secret_base32: str, *, next_step: bool) -> int:

@@ -89,7 +89,8 @@ class _Child:
     def __init__(self, listen: str) -> None:
         self.process = subprocess.Popen(
             [sys.executable, "-m", "twofactor_server.cli", "serve", CHILD_FLAG, listen],
-            stdin=subprocess.DEVNULL,
+            # Never written: its end of file tells the child that this supervisor is gone.
+            stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             text=True,
         )
@@ -217,7 +218,9 @@ def _stop_all(children: list[_Child], settings: Settings, *, status: int) -> int
             child.process.kill()
             child.process.wait()
             status = 1
-        if child.process.returncode != 0 and status == 0:
+        # A child stopped by the signal itself did not get to set its handlers (a stop during
+        # its start): stopped as asked.
+        if child.process.returncode not in (0, -signal.SIGTERM, -signal.SIGINT) and status == 0:
             status = 1
         child.exited.wait(5)  # its last lines are passed on
     print("stopped", flush=True)

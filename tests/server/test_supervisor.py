@@ -7,6 +7,7 @@ import os
 import signal
 import socket
 import subprocess
+import time
 import urllib.request
 from pathlib import Path
 
@@ -243,3 +244,61 @@ def test_one_metrics_port_counts_the_calls_of_every_child(tmp_path: Path, postgr
     code, output = served.finish()
     assert code == 0, output
     assert not Path(directory).exists()  # removed at the end
+
+
+def gone(pid: int) -> bool:
+    """Exited (reaped, or a zombie its new parent has not reaped yet)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except FileNotFoundError:
+        return True
+    return state in ("Z", "X")
+
+
+def port_is_free(port: int) -> bool:
+    with socket.socket() as probe:
+        try:
+            probe.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+        return True
+
+
+def test_children_of_a_killed_supervisor_stop_and_free_the_port(tmp_path: Path, postgres_url: str) -> None:
+    """SIGKILL reaches the supervisor alone (an operator's kill -9, a process manager that signals
+    the main pid): its children stop on their own, and the port is free for the next start."""
+    port = free_port()
+    served = Supervised(production_env(tmp_path, postgres_url, port), "2")
+    children = served.children()
+    assert len(children) == 2
+    served.process.kill()
+    code, output = served.finish()  # read to its end: the children's stderr is the same pipe
+    assert code == -signal.SIGKILL
+    deadline = time.monotonic() + 60
+    while not (all(gone(child) for child in children) and port_is_free(port)):
+        assert time.monotonic() < deadline, f"children {children} still serve port {port}"
+        time.sleep(0.05)
+    assert output.count("the supervisor is gone; draining in-flight calls and stopping") == 2, output
+    assert "Traceback" not in output
+
+
+def test_a_stop_while_the_children_start_is_a_clean_stop(tmp_path: Path, postgres_url: str) -> None:
+    """SIGTERM before the children listen (systemd stopping a unit that is starting): exit 0."""
+    process = subprocess.Popen(
+        [TWOFACTOR, "serve", "--processes", "2"],
+        env=production_env(tmp_path, postgres_url, free_port()),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    deadline = time.monotonic() + 60
+    while (
+        len(subprocess.run(["pgrep", "-P", str(process.pid)], capture_output=True, timeout=30).stdout.split())
+        < 2
+    ):
+        assert process.poll() is None and time.monotonic() < deadline
+        time.sleep(0.01)
+    process.send_signal(signal.SIGTERM)  # the children are importing, or making their server
+    output, _ = process.communicate(timeout=120)
+    assert process.returncode == 0, output
+    assert "Traceback" not in output
