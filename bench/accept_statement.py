@@ -109,13 +109,18 @@ def run(db: PostgresDatabase, users: list[Any], args: argparse.Namespace) -> Non
         # one (verify_state), else against the sealed secret itself.
         unlocked = getattr(attempts, "accept_totp_step_unlocked", None)
 
-        def accept() -> None:
+        def next_user() -> tuple[str, Any]:
+            """The next user in turn, with a newer step to accept, and what was read of it."""
             nonlocal turn
             user = users[turn % len(users)].user_id
             turn += 1
             steps[user] += 1
             seen = known[user]
             assert seen is not None and seen.authenticator_secret is not None
+            return user, seen
+
+        def accept() -> None:
+            user, seen = next_user()
             if unlocked is not None:
                 # The version, and the epoch on trees whose statement checks it too.
                 read = (seen.secret_version, getattr(seen, "credential_epoch", None))  # type: ignore[attr-defined, unused-ignore]
@@ -130,12 +135,7 @@ def run(db: PostgresDatabase, users: list[Any], args: argparse.Namespace) -> Non
                 raise RuntimeError(f"not accepted: {user}")
 
         def one_row() -> None:
-            nonlocal turn
-            user = users[turn % len(users)].user_id
-            turn += 1
-            steps[user] += 1
-            seen = known[user]
-            assert seen is not None
+            user, seen = next_user()
             params = {"u": user, "s": steps[user], "now": now, "max_failures": MAX_FAILURES}
             params.update(version=seen.secret_version, epoch=seen.credential_epoch)
             if q.one(_ONE_ROW_ACCEPT, params) is None:
