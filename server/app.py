@@ -138,7 +138,7 @@ def create_server(
         admin_service_pb2_grpc.add_AdminServiceServicer_to_server(
             AdminServicer(admin, settings.policy), grpc_server
         )
-        health_servicer = HealthServicer()
+        health_servicer = HealthServicer(settings.max_workers)
         on_stop.append(health_servicer.close)
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, grpc_server)
         reflection.enable_server_reflection(
