@@ -76,6 +76,5 @@ def deliver_challenge(self: Task, challenge_id: str, generation: int = 0) -> str
     # instead of acknowledging them.
     outcome = deliverer().deliver(challenge_id, generation, tries=self.request.retries or 0)
     if outcome.retry_in is not None:
-        again = generation if outcome.retry_generation is None else outcome.retry_generation
-        raise self.retry(args=(challenge_id, again), countdown=outcome.retry_in)
+        raise self.retry(args=(challenge_id, outcome.retry_generation), countdown=outcome.retry_in)
     return outcome.status

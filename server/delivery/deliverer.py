@@ -53,9 +53,9 @@ _LEASE_MARGIN_SECONDS = 1.0
 class Outcome:
     status: str  # sent | failed | expired | nothing_to_do | retry
     retry_in: float | None = None
-    # The generation the retry's message carries: the row's, when this attempt claimed it (a late
-    # message of an older generation may claim a row nobody tried yet, and only the row's own
-    # generation claims it after an attempt); None: the message's own (nothing was claimed).
+    # With retry_in: the generation the retry's message carries. The row's, when this attempt
+    # claimed it (a late message of an older generation may claim a row nobody tried yet, and
+    # only the row's own generation claims it after an attempt); else the message's own.
     retry_generation: int | None = None
 
 
@@ -104,7 +104,7 @@ class Deliverer:
         except StorageUnavailable:
             retry_in = backoff_seconds(tries + 1, self._retry_base, self._retry_ceiling)
             log.warning("delivery of %s waits for storage, retry in %.1fs", challenge_id, retry_in)
-            return Outcome("retry", retry_in)
+            return Outcome("retry", retry_in, generation)
 
     def _deliver(self, challenge_id: str, generation: int) -> Outcome:
         now = self._now_ms()

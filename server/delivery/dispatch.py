@@ -137,11 +137,12 @@ class InProcessDispatcher:
             log.exception("delivery of %s crashed; recovery will publish it again", challenge_id)
             return
         if outcome.retry_in is not None:
-            again = generation if outcome.retry_generation is None else outcome.retry_generation
             with self._lock:
                 if self._closed:
                     return
-                timer = threading.Timer(outcome.retry_in, self._retry, args=(challenge_id, again, tries + 1))
+                timer = threading.Timer(
+                    outcome.retry_in, self._retry, args=(challenge_id, outcome.retry_generation, tries + 1)
+                )
                 timer.daemon = True
                 self._timers.add(timer)
                 timer.start()
