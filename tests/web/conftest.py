@@ -180,16 +180,22 @@ class Site:
     clock: SiteClock
 
 
-@pytest.fixture(scope="package")
-def site(twofactor_server: TwoFactorServer) -> Iterator[Site]:
+def site_app(server: TwoFactorServer) -> tuple[Flask, SiteClock]:
+    """The reference site as create_app builds it against `server`, with a clock the test moves
+    (its client to twofactor is closed through app.extensions["web.second_factor"])."""
     clock = SiteClock()
     settings = SiteSettings(
-        twofactor_target=twofactor_server.target,
-        app_token=twofactor_server.app_token,
-        admin_token=twofactor_server.admin_token,
+        twofactor_target=server.target,
+        app_token=server.app_token,
+        admin_token=server.admin_token,
         secret_key=secrets.token_urlsafe(32),
     )
-    app = create_app(settings, clock=clock)
+    return create_app(settings, clock=clock), clock
+
+
+@pytest.fixture(scope="package")
+def site(twofactor_server: TwoFactorServer) -> Iterator[Site]:
+    app, clock = site_app(twofactor_server)
     http = make_server("127.0.0.1", 0, app, threaded=True)
     thread = threading.Thread(target=http.serve_forever, daemon=True)
     thread.start()
@@ -434,14 +440,7 @@ def client_site() -> Iterator[ClientSiteFactory]:
     apps: list[Flask] = []
 
     def build(server: TwoFactorServer) -> ClientSite:
-        clock = SiteClock()
-        settings = SiteSettings(
-            twofactor_target=server.target,
-            app_token=server.app_token,
-            admin_token=server.admin_token,
-            secret_key=secrets.token_urlsafe(32),
-        )
-        app = create_app(settings, clock=clock)
+        app, clock = site_app(server)
         apps.append(app)
         return ClientSite(app, clock)
 
