@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import grpc
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 from twofactor.v1 import (
     admin_service_pb2,
     admin_service_pb2_grpc,
@@ -63,7 +63,7 @@ class TwoFactorServer:
 
     grpc_server: grpc.Server
     db: Database
-    health: health.HealthServicer
+    health: HealthServicer
     storage_health: StorageHealth
     on_stop: list[Callable[[], None]] = field(default_factory=list)
     metrics_port: int = 0  # the /metrics port when TWOFACTOR_METRICS_LISTEN is set

@@ -11,10 +11,12 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-from grpc_health.v1 import health, health_pb2
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from twofactor_server.domain.errors import StorageUnavailable
 from twofactor_server.observability import metrics
@@ -23,42 +25,102 @@ from twofactor_server.storage.database import Database
 log = logging.getLogger(__name__)
 
 
-class HealthServicer(health.HealthServicer):
-    """grpc_health's servicer, whose Check answers on threads of its own.
+SERVING = health_pb2.HealthCheckResponse.SERVING
+NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+SERVICE_UNKNOWN = health_pb2.HealthCheckResponse.SERVICE_UNKNOWN
+Send = Callable[[Any], None]  # a Watch's send_response_callback (grpcio's non-blocking streams)
 
-    With the database frozen, every handler thread may wait out the storage timeout, and more
-    calls queue behind them: a Check queued there passed its deadline, and a liveness probe
-    took a live server for dead (a restart then lost the calls in flight). Check only reads a
-    status in memory. As many threads as the handler pool: a Check costs what it cost there
-    (fewer threads contend less for the GIL, and the empty call that `make bench` measures
-    Verify against would get cheaper by the pool's shape, not by the work). (grpcio runs a
-    handler on the pool its `experimental_thread_pool` names; the monitoring interceptor
-    keeps it.)"""
+
+class HealthServicer(health_pb2_grpc.HealthServicer):
+    """grpc.health.v1: Check and Watch answer the statuses that `set` gives, with
+    grpc_health's behaviour (NOT_FOUND and SERVICE_UNKNOWN for a name never set; after
+    `enter_graceful_shutdown` every name NOT_SERVING for good), written here for two reasons.
+
+    Sends never happen under the lock that a Watch's end takes. grpc_health's servicer sent
+    each update while holding its lock; a send waits for gRPC's polling thread, and when that
+    thread was ending a Watch whose client had left, it waited for the same lock: neither went
+    on, and the server answered no call again (`stop()`, whose NOT_SERVING goes to every
+    watcher, hung there). Here `_lock` guards the table only; `_sending` keeps updates in
+    order, and gRPC's thread never takes it.
+
+    Check answers on threads of its own. With the database frozen, every handler thread may
+    wait out the storage timeout, and more calls queue behind them: a Check queued there
+    passed its deadline, and a liveness probe took a live server for dead. As many threads as
+    the handler pool: a Check costs what it cost there (fewer threads contend less for the
+    GIL, and the empty call that `make bench` measures Verify against would get cheaper by the
+    pool's shape, not by the work). grpcio runs a handler on the pool its
+    `experimental_thread_pool` names; the monitoring interceptor keeps it."""
 
     def __init__(self, threads: int) -> None:
-        super().__init__()
+        self._lock = threading.Lock()  # the statuses and the watchers
+        self._sending = threading.Lock()  # one update at a time, in order, to every watcher
+        self._status: dict[str, int] = {"": SERVING}
+        self._watchers: dict[str, set[Send]] = {}
+        self._shutting_down = False
         self._threads = ThreadPoolExecutor(threads, thread_name_prefix="health")
-        check = super().Check
+        check = self._check
 
-        def on_own_threads(request: Any, context: Any) -> Any:
+        def on_own_threads(request: Any, context: grpc.ServicerContext) -> Any:
             return check(request, context)
 
         on_own_threads.experimental_thread_pool = self._threads  # type: ignore[attr-defined]
         self.Check = on_own_threads  # type: ignore[method-assign]  # what add_HealthServicer_to_server takes
 
+    def _check(self, request: Any, context: grpc.ServicerContext) -> Any:
+        status = self._status.get(request.service)  # one dict read: atomic, no lock needed
+        if status is None:
+            context.set_code(grpc.StatusCode.NOT_FOUND)
+            return health_pb2.HealthCheckResponse()
+        return health_pb2.HealthCheckResponse(status=status)
+
+    # The generated base class has no callback: grpcio passes one to a non-blocking handler.
+    def Watch(self, request: Any, context: grpc.ServicerContext, send_response_callback: Send) -> None:  # type: ignore[override]
+        service = request.service
+        with self._sending:
+            with self._lock:
+                status = self._status.get(service, SERVICE_UNKNOWN)
+                self._watchers.setdefault(service, set()).add(send_response_callback)
+            context.add_callback(lambda: self._forget(service, send_response_callback))
+            send_response_callback(health_pb2.HealthCheckResponse(status=status))
+
+    Watch.experimental_non_blocking = True  # type: ignore[attr-defined]  # answered by callbacks
+
+    def _forget(self, service: str, send: Send) -> None:
+        """A Watch ended (its client left, or the server stopped): on gRPC's thread, briefly."""
+        with self._lock:
+            self._watchers.get(service, set()).discard(send)
+
+    def set(self, service: str, status: int) -> None:
+        with self._sending:
+            with self._lock:
+                if self._shutting_down:
+                    return
+                self._status[service] = status
+                watchers = list(self._watchers.get(service, ()))
+            for send in watchers:
+                send(health_pb2.HealthCheckResponse(status=status))
+
+    def enter_graceful_shutdown(self) -> None:
+        """Every name NOT_SERVING, told to every watcher; later `set`s change nothing."""
+        with self._sending:
+            with self._lock:
+                if self._shutting_down:
+                    return
+                self._shutting_down = True
+                self._status = dict.fromkeys(self._status, NOT_SERVING)
+                watchers = [send for name in self._status for send in self._watchers.get(name, ())]
+            for send in watchers:
+                send(health_pb2.HealthCheckResponse(status=NOT_SERVING))
+
     def close(self) -> None:
         self._threads.shutdown(wait=False)
-
-
-SERVING = health_pb2.HealthCheckResponse.SERVING
-NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
 
 class StorageHealth:
     """Keeps the health status of `services` (and of the server, "") in step with the storage."""
 
     def __init__(
-        self, db: Database, servicer: health.HealthServicer, services: tuple[str, ...], interval: float
+        self, db: Database, servicer: HealthServicer, services: tuple[str, ...], interval: float
     ) -> None:
         self._db = db
         self._servicer = servicer

@@ -59,7 +59,7 @@ class MonitoringInterceptor(grpc.ServerInterceptor):
     A blocking stream (reflection) holds one of the server's handler threads for as long as its
     client keeps it open, and needs no token: eight idle streams took every thread, and logins
     waited out their deadlines. At most `max_streams` run at once; one more is answered
-    RESOURCE_EXHAUSTED at once. A non-blocking one (health Watch: grpc_health sends its answers
+    RESOURCE_EXHAUSTED at once. A non-blocking one (health Watch: health.py sends its answers
     from callbacks) holds no thread, stays so when wrapped here, and is not counted: clients
     with gRPC's client-side health checking keep one open per connection."""
 
@@ -157,7 +157,7 @@ class _StreamCap:
 
 
 def _non_blocking(inner: Callable[..., Any], method: str, labels: tuple[str, str, str]) -> Callable[..., Any]:
-    """A stream whose handler answers through callbacks and returns at once (grpc_health's
+    """A stream whose handler answers through callbacks and returns at once (health.py's
     Watch): it keeps that form, so it holds no thread; its end is recorded when the call ends."""
     series = metrics.GrpcMethodMetrics(*labels)
 

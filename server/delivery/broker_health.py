@@ -9,15 +9,23 @@ BROKER_UNAVAILABLE answers.
 from __future__ import annotations
 
 import logging
+from typing import Protocol
 
 import redis
-from grpc_health.v1 import health, health_pb2
+from grpc_health.v1 import health_pb2
 
 from twofactor_server.observability import metrics
 from twofactor_server.setting_values import mask_url
 from twofactor_server.settings import Settings
 
 log = logging.getLogger(__name__)
+
+
+class HealthStatuses(Protocol):
+    """What this needs of the health service (twofactor_server.health.HealthServicer)."""
+
+    def set(self, service: str, status: int) -> None: ...
+
 
 DELIVERY_SERVICE = "twofactor.v1.Delivery"
 CHECK_INTERVAL_SECONDS = 5.0
@@ -26,7 +34,7 @@ CHECK_INTERVAL_SECONDS = 5.0
 class BrokerHealth:
     """Pings the broker and sets twofactor.v1.Delivery; SERVING for in-process delivery (no broker)."""
 
-    def __init__(self, settings: Settings, servicer: health.HealthServicer) -> None:
+    def __init__(self, settings: Settings, servicer: HealthStatuses) -> None:
         self._url = settings.broker_url
         self._timeout = settings.broker_timeout_seconds
         self._servicer = servicer

@@ -157,3 +157,41 @@ def test_health_watches_hold_no_thread_and_are_not_capped(start_server: ServerFa
     finally:
         for w in watches:
             w.cancel()
+
+
+def test_statuses_go_out_while_watchers_come_and_go(start_server: ServerFactory) -> None:
+    """A status set while gRPC ends a Watch whose client left: grpc_health's servicer sent under
+    the lock that ending the Watch takes, and the server froze for good (seen as a stop that
+    never returned). Here the statuses keep going out, round after round, and the server stops."""
+    h = start_server(max_workers=4)
+    servicer = h.server.health
+    stop = threading.Event()
+    sets = [0]
+
+    def flip() -> None:
+        while not stop.is_set():
+            servicer.set("flipping", (SERVING, NOT_SERVING)[sets[0] % 2])
+            sets[0] += 1
+
+    flipper = threading.Thread(target=flip, daemon=True)
+    flipper.start()
+    stub = health_pb2_grpc.HealthStub(h.channel)
+    try:
+        for _ in range(100):
+            watches = [stub.Watch(health_pb2.HealthCheckRequest(service="flipping")) for _ in range(4)]
+            for watch in watches:
+                assert next(watch).status in (SERVING, NOT_SERVING)
+            for watch in watches:
+                watch.cancel()
+            before, deadline = sets[0], time.monotonic() + 10
+            while sets[0] == before:  # the flipper is not stuck in a send
+                assert time.monotonic() < deadline, f"no status set for 10 s after {before} sets"
+                time.sleep(0.001)
+    finally:
+        stop.set()
+        flipper.join(10)
+    assert not flipper.is_alive()
+    assert (
+        health_pb2_grpc.HealthStub(h.channel).Check(health_pb2.HealthCheckRequest(), timeout=10).status
+        == SERVING
+    )
