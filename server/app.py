@@ -10,7 +10,6 @@ import os
 import secrets
 import socket
 from collections.abc import Callable
-from concurrent import futures
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -37,6 +36,7 @@ from twofactor_server.observability.metrics import serve_metrics
 from twofactor_server.periodic import Periodic
 from twofactor_server.settings import Settings, SettingsError, TokenSetting, check_keys
 from twofactor_server.storage.database import Database, open_database
+from twofactor_server.storage.deadlines import HandlerPool
 from twofactor_server.storage.refusals import pending_migrations_at_start
 from twofactor_server.tls import server_credentials
 from twofactor_server.usecases.admin import Admin
@@ -129,7 +129,7 @@ def create_server(
         admin = Admin(db, policy, notices, clock)
 
         grpc_server = grpc.server(
-            futures.ThreadPoolExecutor(max_workers=settings.max_workers, thread_name_prefix="rpc"),
+            HandlerPool(max_workers=settings.max_workers, thread_name_prefix="rpc"),
             # A stream holds a handler thread while open: a quarter of them at most (one at least).
             interceptors=[MonitoringInterceptor(max(1, settings.max_workers // 4)), ApiInterceptor(tokens)],
             options=[("grpc.so_reuseport", 1 if reuse_port else 0)],

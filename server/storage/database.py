@@ -26,7 +26,7 @@ from psycopg.rows import dict_row
 from psycopg_pool import PoolTimeout
 
 from twofactor_server.domain.errors import StorageUnavailable
-from twofactor_server.storage.deadlines import Watch, Watchdog, socket_inode
+from twofactor_server.storage.deadlines import Watch, Watchdog, deadline_while_failing, socket_inode
 from twofactor_server.storage.hot_statements import (
     HotStatement,
     begin_block,
@@ -89,7 +89,10 @@ class PostgresDatabase:
         )
         self._probe: psycopg.Connection[Row] | None = None
         self._probe_lock = threading.Lock()
-        self._probe_failed = False
+        self._probe_failed = False  # the probe's last ping went unanswered: calls fail at once
+        # A unit of work or the probe found the database unavailable, and no ping has been
+        # answered since: a call's budget counts from its arrival (deadline_while_failing).
+        self._failing = False
 
     @contextmanager
     def transaction(self) -> Iterator[_PostgresTransaction]:
@@ -122,9 +125,12 @@ class PostgresDatabase:
     def _checkout(self) -> tuple[_Connection, Watch]:
         """A pooled connection, watched until its deadline: the unit of work's whole budget,
         the wait for the connection included."""
-        deadline = monotonic() + self._timeout
+        now = monotonic()
+        deadline = now + self._timeout
+        if self._failing:  # or StorageUnavailable at once, with no log line: health's says it for all
+            deadline = deadline_while_failing(now, self._timeout, self._probe_failed)
         try:
-            conn = self._pool.getconn(timeout=self._timeout)
+            conn = self._pool.getconn(timeout=deadline - now)
         except PoolTimeout as error:
             self._unavailable(error)
         try:
@@ -172,11 +178,12 @@ class PostgresDatabase:
                 if self._probe is not None:
                     self._probe.close()
                     self._probe = None
-                self._probe_failed = True
+                self._probe_failed = self._failing = True
                 raise StorageUnavailable() from error
             if self._probe_failed:
+                self._pool.drain()  # before calls come back to the pool's broken connections
                 self._probe_failed = False
-                self._pool.drain()
+            self._failing = False
 
     def migrate(self) -> list[str]:
         # At start-up, and possibly behind another server's migration: no statement deadline.
@@ -222,6 +229,7 @@ class PostgresDatabase:
                 " ".join(str(error).split())[:300],
             )
             raise StorageUnavailable() from error
+        self._failing = True
         self.unavailable.set()
         raise_unavailable(error)
 

@@ -7,6 +7,9 @@ deadline must therefore be kept here. A watchdog thread shuts down the socket of
 every connection still in use when its deadline passes; that wakes the thread
 blocked in the driver with a connection error, and the connection, now broken,
 is closed instead of going back to the pool.
+
+A call's wait for a handler thread is counted too, while the database is failing
+(PostgresDatabase): HandlerPool stamps each call with the moment gRPC handed it over.
 """
 
 from __future__ import annotations
@@ -15,10 +18,47 @@ import logging
 import os
 import socket
 import threading
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from time import monotonic
+from typing import ParamSpec, TypeVar
+
+from twofactor_server.domain.errors import StorageUnavailable
 
 log = logging.getLogger(__name__)
+
+P = ParamSpec("P")
+T = TypeVar("T")
+_call = threading.local()
+
+
+class HandlerPool(ThreadPoolExecutor):
+    """gRPC's handler threads. Each call runs knowing when it was handed to the pool (gRPC
+    submits a call as it arrives), so a wait for a thread can be counted in its budget."""
+
+    def submit(self, fn: Callable[P, T], /, *args: P.args, **kwargs: P.kwargs) -> Future[T]:
+        return super().submit(_run_stamped, monotonic(), fn, *args, **kwargs)
+
+
+def _run_stamped(arrived: float, fn: Callable[P, T], /, *args: P.args, **kwargs: P.kwargs) -> T:
+    _call.arrived = arrived  # a handler thread runs nothing but calls: each one sets its own
+    return fn(*args, **kwargs)
+
+
+def deadline_while_failing(now: float, timeout: float, silent: bool) -> float:
+    """The deadline of a unit of work while the database is failing, or StorageUnavailable at once.
+
+    Calls queued for a handler thread behind calls waiting out a frozen database would each
+    wait the whole timeout again, one pool's worth after another (40 calls on 8 threads: five
+    timeouts). So the timeout counts from the call's arrival at the server; and once the
+    probe found the database `silent` too, calls are answered at once, and no thread waits on
+    it. Either way each caller hears within the timeout."""
+    arrived: float | None = getattr(_call, "arrived", None)  # None: not a call (a background task)
+    deadline = min(now, now if arrived is None else arrived) + timeout
+    if silent or deadline <= now:  # (the wait for a thread took the whole budget)
+        raise StorageUnavailable()
+    return deadline
 
 
 @dataclass(eq=False, slots=True)

@@ -346,9 +346,9 @@ def test_sqlite_waits_for_a_busy_file_no_longer_than_the_storage_timeout(
 def test_health_answers_while_calls_for_a_frozen_database_hold_every_handler_thread(
     start_server: ServerFactory, clock: Clock, cluster: PrivatePostgres
 ) -> None:
-    """Two handler threads, eight calls that each wait out the storage timeout: the calls queue
-    for four timeouts, and a liveness probe behind them would miss its deadline. Health's Check
-    runs on threads of its own."""
+    """Two handler threads, each held by a call waiting out the storage timeout, and more calls
+    behind them: a liveness probe queued with those calls would miss its deadline. Health's
+    Check runs on threads of its own."""
     h = start_server(max_workers=2)
     prepare(h, clock)
     cluster.freeze()
@@ -374,3 +374,51 @@ def test_health_answers_while_calls_for_a_frozen_database_hold_every_handler_thr
     finally:
         cluster.thaw()
     wait_for_health(h, SERVING, RECOVERY_BOUND)
+
+
+def get_status(h: Harness) -> Callable[[], Message]:
+    return lambda: h.twofactor.GetStatus(
+        pb.GetStatusRequest(user_id="ana"), metadata=h.app_metadata, timeout=30
+    )
+
+
+def test_calls_queued_for_a_thread_behind_a_frozen_database_hear_within_the_storage_timeout(
+    start_server: ServerFactory, clock: Clock, cluster: PrivatePostgres
+) -> None:
+    """Two handler threads, 24 calls at once: each thread's call waits out the 1-second
+    timeout, and the calls queued behind them would each wait it again (12 s for the last).
+    The wait for a thread is counted: every caller hears within the bound."""
+    h = start_server(max_workers=2)
+    secret = prepare(h, clock)
+    cluster.freeze()
+    try:
+        with ThreadPoolExecutor(24) as callers:
+            results = list(callers.map(lambda _: outcome(get_status(h)), range(24)))
+        slow_or_wrong = [
+            (code.name, reason, round(took, 2))
+            for code, reason, took in results
+            if (code, reason) != (grpc.StatusCode.UNAVAILABLE, "STORAGE_UNAVAILABLE") or took > BOUND
+        ]
+        assert slow_or_wrong == []
+    finally:
+        cluster.thaw()
+    assert_serving_again(h, clock, secret)
+
+
+def test_once_the_probe_finds_the_database_frozen_calls_are_answered_at_once(
+    start_server: ServerFactory, clock: Clock, cluster: PrivatePostgres
+) -> None:
+    """No thread waits on a database the probe found silent: with a 3-second timeout, calls are
+    answered long before it, and the probe still finds the thaw."""
+    h = start_server(storage_timeout_seconds=3.0)
+    secret = prepare(h, clock)
+    cluster.freeze()
+    try:
+        wait_for_health(h, NOT_SERVING, 3.0 + BOUND)  # the probe alone notices
+        with ThreadPoolExecutor(8) as callers:
+            results = list(callers.map(lambda _: outcome(get_status(h)), range(16)))
+        assert {result[:2] for result in results} == {(grpc.StatusCode.UNAVAILABLE, "STORAGE_UNAVAILABLE")}
+        assert max(took for _, _, took in results) < 1.5, "answered at once, not after the 3 s timeout"
+    finally:
+        cluster.thaw()
+    assert_serving_again(h, clock, secret)
