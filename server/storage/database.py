@@ -4,9 +4,9 @@ embedded SQLite (sqlite.py) by the configured URL.
 SQL is written once, with psycopg's named placeholders `%(name)s`. Rows come back as dicts,
 which only the storage package reads (store.py turns them into records).
 
-This module owns the drivers' errors: the few that a retry can fix (connection lost or
-refused, pool or lock timeouts, serialization failures, I/O errors) become the domain's
-StorageUnavailable; anything else is a bug and surfaces as it is.
+This module owns the drivers' errors: the few that a retry can fix (connection lost or refused,
+pool or lock timeouts, serialization failures, I/O errors) become the domain's StorageUnavailable;
+anything else is a bug and surfaces as it is.
 """
 
 from __future__ import annotations
@@ -37,6 +37,7 @@ from twofactor_server.storage.hot_statements import (
 from twofactor_server.storage.migrator import apply_migrations
 from twofactor_server.storage.migrator import migrations as migrations  # re-exported
 from twofactor_server.storage.pool import Pool
+from twofactor_server.storage.probe import ProbeConnection
 from twofactor_server.storage.refusals import log_no_answer_at_start, raise_if_refused
 from twofactor_server.storage.sqlite import SqliteDatabase as SqliteDatabase  # re-exported
 from twofactor_server.storage.units import CommitActions, Params, Row, raise_unavailable
@@ -87,12 +88,11 @@ class PostgresDatabase:
             open=True,
             name="twofactor",
         )
-        self._probe: psycopg.Connection[Row] | None = None
+        self._probe = ProbeConnection(url, connect_timeout=self._connect_timeout, watchdog=self._watchdog)
         self._probe_lock = threading.Lock()
-        self._probe_failed = False  # the probe's last ping went unanswered: calls fail at once
-        # A unit of work or the probe found the database unavailable, and no ping has been
-        # answered since: a call's budget counts from its arrival (deadline_while_failing).
-        self._failing = False
+        # failing: a call or ping found it unavailable, no ping answered since: budgets count from arrival;
+        # silent: a ping waited out its deadline (frozen, not refusing): calls are answered at once.
+        self._probe_failed = self._failing = self._silent = False
 
     @contextmanager
     def transaction(self) -> Iterator[_PostgresTransaction]:
@@ -128,7 +128,7 @@ class PostgresDatabase:
         now = monotonic()
         deadline = now + self._timeout
         if self._failing:  # or StorageUnavailable at once, with no log line: health's says it for all
-            deadline = deadline_while_failing(now, self._timeout, self._probe_failed)
+            deadline = deadline_while_failing(now, self._timeout, self._silent)
         try:
             conn = self._pool.getconn(timeout=deadline - now)
         except PoolTimeout as error:
@@ -154,36 +154,22 @@ class PostgresDatabase:
         self._pool.putconn(conn)
 
     def ping(self) -> None:
-        """SELECT 1 on a connection of the probe's own (a busy pool is not an unreachable
-        database), within the storage timeout. Once the database answers again after a
-        failure, the pool's connections, likely broken by the outage, are replaced."""
+        """SELECT 1 on the probe's own connection (probe.py), within the storage timeout. Once
+        the database answers again after a failure, or after its kept connection was found dead,
+        the pool's connections, likely broken too, are replaced."""
         with self._probe_lock:
             deadline = monotonic() + self._timeout
             try:
-                if self._probe is None:
-                    self._probe = psycopg.connect(
-                        self._url,
-                        autocommit=True,
-                        row_factory=dict_row,
-                        connect_timeout=self._connect_timeout,
-                    )
-                watch = self._watchdog.watch(self._probe.pgconn.socket, deadline)
-                try:
-                    self._probe.execute("SELECT 1")
-                finally:
-                    if self._watchdog.release(watch):
-                        self._probe.close()
-                        self._probe = None
+                lost = self._probe.select_one(deadline)
             except psycopg.OperationalError as error:
-                if self._probe is not None:
-                    self._probe.close()
-                    self._probe = None
+                # Not silent when fast (refused, say): calls go on trying for themselves.
+                self._silent = monotonic() >= deadline
                 self._probe_failed = self._failing = True
                 raise StorageUnavailable() from error
-            if self._probe_failed:
+            if self._probe_failed or lost:
                 self._pool.drain()  # before calls come back to the pool's broken connections
                 self._probe_failed = False
-            self._failing = False
+            self._failing = self._silent = False
 
     def migrate(self) -> list[str]:
         # At start-up, and possibly behind another server's migration: no statement deadline.
@@ -214,9 +200,7 @@ class PostgresDatabase:
     def close(self) -> None:
         self._pool.close()
         with self._probe_lock:
-            if self._probe is not None:
-                self._probe.close()
-                self._probe = None
+            self._probe.close()
         self._watchdog.close()
 
     def _unavailable(self, error: Exception) -> NoReturn:

@@ -422,3 +422,22 @@ def test_once_the_probe_finds_the_database_frozen_calls_are_answered_at_once(
     finally:
         cluster.thaw()
     assert_serving_again(h, clock, secret)
+
+
+def test_a_restart_is_not_taken_for_a_frozen_database(
+    start_server: ServerFactory, clock: Clock, cluster: PrivatePostgres
+) -> None:
+    """After a restart the probe's kept connection is dead, and its ping fails at once: that is a
+    refusal, not silence, so calls go on trying (and get new connections) rather than being
+    answered UNAVAILABLE until the next probe, 30 s away here."""
+    h = start_server(storage_probe_seconds=30.0)
+    prepare(h, clock)
+    assert h.server.storage_health.check()  # the probe's connection, kept from here on
+    cluster.stop()
+    cluster.start()
+    started = time.monotonic()
+    while (result := outcome(get_status(h)))[0] is not grpc.StatusCode.OK:
+        assert result[:2] == (grpc.StatusCode.UNAVAILABLE, "STORAGE_UNAVAILABLE")
+        assert time.monotonic() - started < 15.0, "calls still refused after the restart"
+        time.sleep(0.1)
+    wait_for_health(h, SERVING, BOUND)
