@@ -1,11 +1,13 @@
 """The server's TLS credentials from the configured PEM files, checked at start: one
 SettingsError line for a file that can't be used, rather than a failed bind or a server every
-TLS client fails on."""
+TLS client fails on; read again when they change, checked the same way."""
 
 from __future__ import annotations
 
 import datetime
 import logging
+import os
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import TypeVar
@@ -23,8 +25,8 @@ Parsed = TypeVar("Parsed")
 
 def server_credentials(settings: Settings) -> grpc.ServerCredentials | None:
     """TLS credentials from the configured PEM files, checked up front (the key is the
-    certificate's, the certificate is valid now); None for plaintext. The files are read at
-    start: after renewing the certificate, restart the servers one by one."""
+    certificate's, the certificate is valid now); None for plaintext. The files are read again
+    when they change (TlsFiles), so a renewed certificate needs no restart."""
     if not (settings.tls_cert_file or settings.tls_key_file):
         if settings.tls_client_ca_file:  # client certificates need TLS: never plaintext instead
             raise SettingsError(
@@ -34,23 +36,95 @@ def server_credentials(settings: Settings) -> grpc.ServerCredentials | None:
         return None
     if not (settings.tls_cert_file and settings.tls_key_file):
         raise SettingsError("TWOFACTOR_TLS_CERT_FILE and TWOFACTOR_TLS_KEY_FILE go together")
-    cert, chain = _read_pem(
-        "TWOFACTOR_TLS_CERT_FILE", settings.tls_cert_file, x509.load_pem_x509_certificates
+    files = TlsFiles(settings)
+    return grpc.dynamic_ssl_server_credentials(
+        files.load(),
+        files.fetch,  # type: ignore[arg-type]  # None for no change, as grpc documents; the stubs lack it
+        require_client_authentication=bool(settings.tls_client_ca_file),
     )
-    key, private_key = _read_pem(
-        "TWOFACTOR_TLS_KEY_FILE",
-        settings.tls_key_file,
-        lambda data: serialization.load_pem_private_key(data, password=None),
-    )
-    _require_usable_pair(settings, chain[0], private_key)
-    client_ca = None
-    if settings.tls_client_ca_file:
-        client_ca, _ = _read_pem(
-            "TWOFACTOR_TLS_CLIENT_CA_FILE", settings.tls_client_ca_file, x509.load_pem_x509_certificates
+
+
+class TlsFiles:
+    """The PEM files, read at start and again whenever they change: cert-manager, certbot or a
+    Kubernetes secret renews them in place, and a server that kept the old certificate would
+    fail every handshake once it expired. gRPC asks `fetch` before each new connection; it looks
+    at the files at most once a second. A changed set that can't be used (a key that is not the
+    new certificate's, a file half written) is logged, and the previous certificate stays."""
+
+    CHECK_SECONDS = 1.0
+
+    def __init__(self, settings: Settings) -> None:
+        self._settings = settings
+        self._paths = [
+            p for p in (settings.tls_cert_file, settings.tls_key_file, settings.tls_client_ca_file) if p
+        ]
+        self._loaded = self._signature()
+        self._refused: tuple[tuple[int, int, int], ...] | None = None  # a changed set already logged
+        self._checked_at = time.monotonic()
+        self._warned_at = time.monotonic()
+
+    def load(self) -> grpc.ServerCertificateConfiguration:
+        """The files as gRPC takes them, checked; SettingsError (one line) when unusable."""
+        signature = self._signature()
+        settings = self._settings
+        cert, chain = _read_pem(
+            "TWOFACTOR_TLS_CERT_FILE", settings.tls_cert_file, x509.load_pem_x509_certificates
         )
-    return grpc.ssl_server_credentials(
-        [(key, cert)], root_certificates=client_ca, require_client_auth=client_ca is not None
-    )
+        key, private_key = _read_pem(
+            "TWOFACTOR_TLS_KEY_FILE",
+            settings.tls_key_file,
+            lambda data: serialization.load_pem_private_key(data, password=None),
+        )
+        _require_usable_pair(settings, chain[0], private_key)
+        client_ca = None
+        if settings.tls_client_ca_file:
+            client_ca, _ = _read_pem(
+                "TWOFACTOR_TLS_CLIENT_CA_FILE", settings.tls_client_ca_file, x509.load_pem_x509_certificates
+            )
+        self._loaded, self._leaf = signature, chain[0]
+        return grpc.ssl_server_certificate_configuration([(key, cert)], root_certificates=client_ca)
+
+    def fetch(self) -> grpc.ServerCertificateConfiguration | None:
+        """A new configuration when the files changed and are usable; None keeps the current one.
+        Runs on gRPC's thread before a handshake: it never raises."""
+        now = time.monotonic()
+        if now - self._checked_at < self.CHECK_SECONDS:
+            return None
+        self._checked_at = now
+        try:
+            signature = self._signature()
+            if signature == self._loaded or signature == self._refused:
+                if now - self._warned_at > 86_400:  # a server up for weeks says so again, daily
+                    self._warned_at = now
+                    _warn_if_expiring(self._settings, self._leaf)
+                return None
+            configuration = self.load()
+        except SettingsError as error:
+            self._refused = signature
+            log.warning(
+                "the TLS files changed but can't be used, so the previous certificate stays: %s", error
+            )
+            return None
+        except Exception:  # a bug here must not stop the server from accepting connections
+            log.exception("reading the changed TLS files failed; the previous certificate stays")
+            return None
+        log.info(
+            "TLS certificate reloaded from %s, valid until %s UTC",
+            self._settings.tls_cert_file,
+            f"{self._leaf.not_valid_after_utc:%Y-%m-%d %H:%M}",
+        )
+        return configuration
+
+    def _signature(self) -> tuple[tuple[int, int, int], ...]:
+        """Each file's identity and change time (a symlink swapped by Kubernetes is a new inode)."""
+        signature = []
+        for path in self._paths:
+            try:
+                status = os.stat(path)
+                signature.append((status.st_ino, status.st_size, status.st_mtime_ns))
+            except OSError:
+                signature.append((-1, -1, -1))  # missing for a moment: load() says so if it lasts
+        return tuple(signature)
 
 
 def _require_usable_pair(settings: Settings, leaf: x509.Certificate, key: PrivateKeyTypes) -> None:
@@ -69,9 +143,14 @@ def _require_usable_pair(settings: Settings, leaf: x509.Certificate, key: Privat
             f"{leaf.not_valid_before_utc:%Y-%m-%d %H:%M} to {leaf.not_valid_after_utc:%Y-%m-%d %H:%M} UTC, "
             "not now: renew it"
         )
-    if leaf.not_valid_after_utc - now < datetime.timedelta(days=14):
+    _warn_if_expiring(settings, leaf)
+
+
+def _warn_if_expiring(settings: Settings, leaf: x509.Certificate) -> None:
+    if leaf.not_valid_after_utc - datetime.datetime.now(datetime.UTC) < datetime.timedelta(days=14):
         log.warning(
-            "the TLS certificate in %s expires on %s UTC: renew it, then restart the servers",
+            "the TLS certificate in %s expires on %s UTC: renew it (the servers read the new files "
+            "within a second, at their next connection)",
             settings.tls_cert_file,
             f"{leaf.not_valid_after_utc:%Y-%m-%d %H:%M}",
         )

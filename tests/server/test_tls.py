@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import datetime
+import os
 import socket
 import sqlite3
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -210,3 +212,78 @@ def test_plaintext_is_the_default(harness: Harness) -> None:
     assert harness.twofactor.GetStatus(
         pb.GetStatusRequest(user_id="alice"), metadata=METADATA, timeout=TIMEOUT
     )
+
+
+def renewable_files(folder: Path, issued: Issued) -> dict[str, str]:
+    """The server's certificate and key, written as a renewal writes them: each file replaced whole."""
+    for name, data in (("server.key", issued.key_pem), ("server.pem", issued.cert_pem)):
+        (folder / f"{name}.new").write_bytes(data)
+        os.replace(folder / f"{name}.new", folder / name)
+    return {"tls_cert_file": str(folder / "server.pem"), "tls_key_file": str(folder / "server.key")}
+
+
+def fresh_call(target: str, credentials: grpc.ChannelCredentials) -> grpc.StatusCode:
+    """GetStatus over a new connection of its own (no connection shared with another channel)."""
+    options = [("grpc.use_local_subchannel_pool", 1)]
+    with grpc.secure_channel(target, credentials, options=options) as channel:
+        stub = twofactor_service_pb2_grpc.TwoFactorServiceStub(channel)
+        try:
+            stub.GetStatus(pb.GetStatusRequest(user_id="alice"), metadata=METADATA, timeout=TIMEOUT)
+        except grpc.RpcError as error:
+            return error.code()  # type: ignore[attr-defined, no-any-return]
+    return grpc.StatusCode.OK
+
+
+def wait_until(condition: Callable[[], bool], what: str, bound: float = 20.0) -> None:
+    deadline = time.monotonic() + bound
+    while not condition():
+        assert time.monotonic() < deadline, f"not within {bound} s: {what}"
+        time.sleep(0.2)
+
+
+def test_a_renewed_certificate_is_served_without_a_restart(
+    start_server: ServerFactory, tmp_path: Path
+) -> None:
+    """cert-manager or certbot replaces the files in place: new connections get the new
+    certificate within seconds; connections opened before keep theirs."""
+    first_ca, next_ca = make_ca("first CA"), make_ca("next CA")
+    h = start_server(**renewable_files(tmp_path, issue(first_ca, "twofactor server", server=True)))
+    first = grpc.ssl_channel_credentials(root_certificates=first_ca.cert_pem)
+    following = grpc.ssl_channel_credentials(root_certificates=next_ca.cert_pem)
+    assert fresh_call(h.target, first) is grpc.StatusCode.OK
+    assert fresh_call(h.target, following) is grpc.StatusCode.UNAVAILABLE
+    with grpc.secure_channel(h.target, first, options=[("grpc.use_local_subchannel_pool", 1)]) as kept:
+        stub = twofactor_service_pb2_grpc.TwoFactorServiceStub(kept)
+        stub.GetStatus(pb.GetStatusRequest(user_id="alice"), metadata=METADATA, timeout=TIMEOUT)
+
+        renewable_files(tmp_path, issue(next_ca, "twofactor server", server=True))
+        wait_until(
+            lambda: fresh_call(h.target, following) is grpc.StatusCode.OK, "the new certificate served"
+        )
+        assert fresh_call(h.target, first) is grpc.StatusCode.UNAVAILABLE
+        assert stub.GetStatus(pb.GetStatusRequest(user_id="alice"), metadata=METADATA, timeout=TIMEOUT)
+
+
+def test_a_renewal_that_cannot_be_used_keeps_the_previous_certificate(
+    start_server: ServerFactory, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A new certificate whose key has not arrived yet (or is not its own) is refused with one
+    warning line, and the server goes on with the previous pair until the set is right."""
+    first_ca, next_ca = make_ca("first CA"), make_ca("next CA")
+    h = start_server(**renewable_files(tmp_path, issue(first_ca, "twofactor server", server=True)))
+    first = grpc.ssl_channel_credentials(root_certificates=first_ca.cert_pem)
+    following = grpc.ssl_channel_credentials(root_certificates=next_ca.cert_pem)
+    renewed = issue(next_ca, "twofactor server", server=True)
+    (tmp_path / "server.pem").write_bytes(renewed.cert_pem)  # its key still the old one
+
+    def refused_and_said() -> bool:
+        assert fresh_call(h.target, first) is grpc.StatusCode.OK  # the previous pair, still served
+        return any("the TLS files changed but can't be used" in r.getMessage() for r in caplog.records)
+
+    wait_until(refused_and_said, "a warning that the changed files can't be used")
+    warning = next(r.getMessage() for r in caplog.records if "can't be used" in r.getMessage())
+    assert "is not the key of the certificate" in warning and "\n" not in warning
+    assert fresh_call(h.target, following) is grpc.StatusCode.UNAVAILABLE
+
+    renewable_files(tmp_path, renewed)  # the key arrives
+    wait_until(lambda: fresh_call(h.target, following) is grpc.StatusCode.OK, "the completed set served")
