@@ -52,6 +52,7 @@ class TlsFiles:
     new certificate's, a file half written) is logged, and the previous certificate stays."""
 
     CHECK_SECONDS = 1.0
+    RETRY_SECONDS = 60.0  # a refused set is tried again, unchanged, this much later
 
     def __init__(self, settings: Settings) -> None:
         self._settings = settings
@@ -59,7 +60,10 @@ class TlsFiles:
             p for p in (settings.tls_cert_file, settings.tls_key_file, settings.tls_client_ca_file) if p
         ]
         self._loaded = self._signature()
-        self._refused: tuple[tuple[int, int, int], ...] | None = None  # a changed set already logged
+        # A changed set refused, and when: tried again later (a certificate valid from a moment
+        # ahead, its issuer's clock ahead of ours, becomes usable without another change).
+        self._refused: tuple[tuple[int, int, int], ...] | None = None
+        self._refused_at = 0.0
         self._checked_at = time.monotonic()
         self._warned_at = time.monotonic()
 
@@ -93,14 +97,16 @@ class TlsFiles:
         self._checked_at = now
         try:
             signature = self._signature()
-            if signature == self._loaded or signature == self._refused:
+            if signature == self._loaded or (
+                signature == self._refused and now - self._refused_at < self.RETRY_SECONDS
+            ):
                 if now - self._warned_at > 86_400:  # a server up for weeks says so again, daily
                     self._warned_at = now
                     _warn_if_expiring(self._settings, self._leaf)
                 return None
             configuration = self.load()
         except SettingsError as error:
-            self._refused = signature
+            self._refused, self._refused_at = signature, now
             log.warning(
                 "the TLS files changed but can't be used, so the previous certificate stays: %s", error
             )

@@ -22,6 +22,7 @@ from tests.pki import Issued, issue, make_ca
 from twofactor_server import app
 from twofactor_server.settings import SettingsError
 from twofactor_server.storage.database import Database, PostgresDatabase, SqliteDatabase, open_database
+from twofactor_server.tls import TlsFiles
 
 TIMEOUT = 10.0
 METADATA = (("authorization", f"Bearer {APP_TOKEN}"),)
@@ -287,3 +288,29 @@ def test_a_renewal_that_cannot_be_used_keeps_the_previous_certificate(
 
     renewable_files(tmp_path, renewed)  # the key arrives
     wait_until(lambda: fresh_call(h.target, following) is grpc.StatusCode.OK, "the completed set served")
+
+
+def test_a_renewal_valid_from_a_moment_ahead_is_served_once_valid(
+    start_server: ServerFactory,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Its issuer's clock a few seconds ahead of ours: refused while not yet valid, then served
+    without another change to the files (the refused set is tried again; 1 minute, 1 s here)."""
+    monkeypatch.setattr(TlsFiles, "RETRY_SECONDS", 1.0)
+    first_ca, next_ca = make_ca("first CA"), make_ca("next CA")
+    h = start_server(**renewable_files(tmp_path, issue(first_ca, "twofactor server", server=True)))
+    following = grpc.ssl_channel_credentials(root_certificates=next_ca.cert_pem)
+    ahead = datetime.timedelta(seconds=4)
+    renewable_files(
+        tmp_path, issue(next_ca, "twofactor server", server=True, valid=(ahead, datetime.timedelta(days=1)))
+    )
+    wait_until(
+        lambda: (
+            fresh_call(h.target, following) is grpc.StatusCode.UNAVAILABLE
+            and any("not now" in r.getMessage() for r in caplog.records)
+        ),
+        "the renewal refused while not yet valid",
+    )
+    wait_until(lambda: fresh_call(h.target, following) is grpc.StatusCode.OK, "the renewal served once valid")
