@@ -88,7 +88,9 @@ class PostgresDatabase:
             open=True,
             name="twofactor",
         )
-        self._probe = ProbeConnection(url, connect_timeout=self._connect_timeout, watchdog=self._watchdog)
+        self._probe = ProbeConnection(
+            url, connect_timeout=self._connect_timeout, timeout=timeout, watchdog=self._watchdog
+        )
         self._probe_lock = threading.Lock()
         # failing: a call or ping found it unavailable, no ping answered since: budgets count from arrival;
         # silent: a ping waited out its deadline (frozen, not refusing): calls are answered at once.
@@ -163,7 +165,7 @@ class PostgresDatabase:
                 lost = self._probe.select_one(deadline)
             except psycopg.OperationalError as error:
                 # Not silent when fast (refused, say): calls go on trying for themselves.
-                self._silent = monotonic() >= deadline
+                self._silent = self._probe.timed_out
                 self._probe_failed = self._failing = True
                 raise StorageUnavailable() from error
             if self._probe_failed or lost:
