@@ -15,6 +15,7 @@ from typing import TypeVar
 import grpc
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes
 
 from twofactor_server.settings import Settings, SettingsError
@@ -37,6 +38,7 @@ def server_credentials(settings: Settings) -> grpc.ServerCredentials | None:
     if not (settings.tls_cert_file and settings.tls_key_file):
         raise SettingsError("TWOFACTOR_TLS_CERT_FILE and TWOFACTOR_TLS_KEY_FILE go together")
     files = TlsFiles(settings)
+    # Credentials with a fetcher serve one port: a second add_secure_port with them fails.
     return grpc.dynamic_ssl_server_credentials(
         files.load(),
         files.fetch,  # type: ignore[arg-type]  # None for no change, as grpc documents; the stubs lack it
@@ -134,8 +136,14 @@ class TlsFiles:
 
 
 def _require_usable_pair(settings: Settings, leaf: x509.Certificate, key: PrivateKeyTypes) -> None:
-    """The key is the certificate's, and the certificate is valid now (a warning in its last two
-    weeks): otherwise every TLS client fails, and the server alone would not say why."""
+    """The key is one gRPC's TLS takes and the certificate's, and the certificate is valid now (a
+    warning in its last two weeks): otherwise every TLS client fails, and the server alone would
+    not say why."""
+    if not isinstance(key, (rsa.RSAPrivateKey, ec.EllipticCurvePrivateKey, ed25519.Ed25519PrivateKey)):
+        raise SettingsError(
+            f"TWOFACTOR_TLS_KEY_FILE: {settings.tls_key_file}: gRPC's TLS does not serve this kind of key "
+            f"({type(key).__name__.removeprefix('_')}); use an RSA, ECDSA or Ed25519 key"
+        )
     spki = (serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
     if key.public_key().public_bytes(*spki) != leaf.public_key().public_bytes(*spki):
         raise SettingsError(

@@ -14,6 +14,10 @@ from typing import Any
 
 import grpc
 import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ed448
+from cryptography.x509.oid import NameOID
 from twofactor.v1 import twofactor_service_pb2 as pb
 from twofactor.v1 import twofactor_service_pb2_grpc
 
@@ -302,7 +306,7 @@ def test_a_renewal_valid_from_a_moment_ahead_is_served_once_valid(
     first_ca, next_ca = make_ca("first CA"), make_ca("next CA")
     h = start_server(**renewable_files(tmp_path, issue(first_ca, "twofactor server", server=True)))
     following = grpc.ssl_channel_credentials(root_certificates=next_ca.cert_pem)
-    ahead = datetime.timedelta(seconds=4)
+    ahead = datetime.timedelta(seconds=8)  # the server looks within about 1 s: well inside it
     renewable_files(
         tmp_path, issue(next_ca, "twofactor server", server=True, valid=(ahead, datetime.timedelta(days=1)))
     )
@@ -314,3 +318,31 @@ def test_a_renewal_valid_from_a_moment_ahead_is_served_once_valid(
         "the renewal refused while not yet valid",
     )
     wait_until(lambda: fresh_call(h.target, following) is grpc.StatusCode.OK, "the renewal served once valid")
+
+
+def test_a_key_type_grpc_does_not_serve_is_a_settings_error(
+    start_server: ServerFactory, tmp_path: Path
+) -> None:
+    """An Ed448 pair passes the key-and-certificate check, but gRPC's TLS can't serve it: every
+    handshake would fail. Refused at start, and a renewal to one would keep the previous pair."""
+    key = ed448.Ed448PrivateKey.generate()
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "twofactor server")])
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(hours=1))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .sign(key, None)
+    )
+    (tmp_path / "server.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    (tmp_path / "server.key").write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+        )
+    )
+    with pytest.raises(SettingsError, match=r"does not serve this kind of key \(Ed448PrivateKey\)"):
+        start_server(tls_cert_file=str(tmp_path / "server.pem"), tls_key_file=str(tmp_path / "server.key"))
