@@ -250,6 +250,20 @@ _LEAKS = re.compile(
 
 
 @pytest.fixture(autouse=True)
+def root_logging_left_as_found() -> Iterator[None]:
+    """A test that runs the CLI in this process (`main(["config"])`) points the root logger at
+    the stderr pytest captured for that test. Left there, records that later tests' threads log
+    (an SMTP sink's, a pool's) hit that stream once closed: "--- Logging error ---" tracebacks
+    in the suite's output."""
+    root = logging.getLogger()
+    before, level = set(root.handlers), root.level
+    yield
+    for handler in [h for h in root.handlers if h not in before and type(h) is logging.StreamHandler]:
+        root.removeHandler(handler)
+    root.setLevel(level)
+
+
+@pytest.fixture(autouse=True)
 def no_secret_in_any_log_line() -> Iterator[None]:
     """Scans every line the server and workers log in every test (tests/server/test_logs.py also
     checks each code and secret it exchanged by value)."""
