@@ -253,18 +253,26 @@ def assert_serving_again(h: Harness, clock: Clock, secret: str) -> None:
     )
 
 
+@contextmanager
+def frozen_then_thawed(h: Harness, clock: Clock, cluster: PrivatePostgres) -> Iterator[str]:
+    """`ana` prepared (her secret yielded), the database frozen for the block, then thawed; and
+    the server serving again after it."""
+    secret = prepare(h, clock)
+    cluster.freeze()
+    try:
+        yield secret
+    finally:
+        cluster.thaw()
+    assert_serving_again(h, clock, secret)
+
+
 def test_a_frozen_database_fails_fast_and_the_server_recovers_when_it_thaws(
     start_server: ServerFactory, clock: Clock, cluster: PrivatePostgres
 ) -> None:
     h = start_server()
-    secret = prepare(h, clock)
-    cluster.freeze()
-    try:
+    with frozen_then_thawed(h, clock, cluster) as secret:
         assert_every_rpc_fails_fast(h, secret, clock)
         wait_for_health(h, NOT_SERVING, BOUND)
-    finally:
-        cluster.thaw()
-    assert_serving_again(h, clock, secret)
 
 
 def test_a_stopped_database_fails_fast_and_the_server_recovers_when_it_restarts(
@@ -402,9 +410,7 @@ def test_calls_queued_for_a_thread_behind_a_frozen_database_hear_within_the_stor
     timeout, and the calls queued behind them would each wait it again (12 s for the last).
     The wait for a thread is counted: every caller hears within the bound."""
     h = start_server(max_workers=2)
-    secret = prepare(h, clock)
-    cluster.freeze()
-    try:
+    with frozen_then_thawed(h, clock, cluster):
         with ThreadPoolExecutor(24) as callers:
             results = list(callers.map(lambda _: outcome(get_status(h)), range(24)))
         slow_or_wrong = [
@@ -413,9 +419,6 @@ def test_calls_queued_for_a_thread_behind_a_frozen_database_hear_within_the_stor
             if (code, reason) != (grpc.StatusCode.UNAVAILABLE, "STORAGE_UNAVAILABLE") or took > BOUND
         ]
         assert slow_or_wrong == []
-    finally:
-        cluster.thaw()
-    assert_serving_again(h, clock, secret)
 
 
 def test_once_the_probe_finds_the_database_frozen_calls_are_answered_at_once(
@@ -424,17 +427,12 @@ def test_once_the_probe_finds_the_database_frozen_calls_are_answered_at_once(
     """No thread waits on a database the probe found silent: with a 3-second timeout, calls are
     answered long before it, and the probe still finds the thaw."""
     h = start_server(storage_timeout_seconds=3.0)
-    secret = prepare(h, clock)
-    cluster.freeze()
-    try:
+    with frozen_then_thawed(h, clock, cluster):
         wait_for_health(h, NOT_SERVING, 3.0 + BOUND)  # the probe alone notices
         with ThreadPoolExecutor(8) as callers:
             results = list(callers.map(lambda _: outcome(get_status(h)), range(16)))
         assert {result[:2] for result in results} == {(grpc.StatusCode.UNAVAILABLE, "STORAGE_UNAVAILABLE")}
         assert max(took for _, _, took in results) < 1.5, "answered at once, not after the 3 s timeout"
-    finally:
-        cluster.thaw()
-    assert_serving_again(h, clock, secret)
 
 
 def test_a_restart_is_not_taken_for_a_frozen_database(
