@@ -34,6 +34,7 @@ import math
 import os
 import secrets
 import signal
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -344,6 +345,7 @@ class Row:
         self.valid = result.valid if result else False
         self.note = ""
         self.backends = 0  # the statement backends that ran the phase (RPC phases: the server's pool)
+        self.round_ratios: list[float] = []  # accepted Verify: server CPU over its round's Health/Check
 
 
 def used(before: dict[str, float], after: dict[str, float]) -> dict[str, float]:
@@ -521,6 +523,13 @@ def measure_rpcs(load: Clients, meter: BufferMeter, args: argparse.Namespace) ->
         if not warmup:
             runs[result.kind].append((result, spent))
     labels = {HEALTH: "Health/Check", VERIFY: "Verify (accepted)", REJECTED: "Verify (rejected)"}
+    # Each round's Verify against the Health/Check just before it, in the same minute: the
+    # table's medians may pair rounds that the machine treated differently.
+    round_ratios = [
+        (verify[1]["server"] / verify[0].calls) / (health[1]["server"] / health[0].calls)
+        for health, verify in zip(runs[HEALTH], runs[VERIFY], strict=False)
+        if health[0].calls and verify[0].calls and health[1].get("server") and "server" in verify[1]
+    ]
     rows = {}
     for kind, measured in runs.items():
         measured.sort(key=lambda pair: pair[0].throughput)
@@ -529,6 +538,7 @@ def measure_rpcs(load: Clients, meter: BufferMeter, args: argparse.Namespace) ->
         row.valid = all(r.valid for r, _ in measured)
         row.backends = int(spent.get("pool_backends", 0))
         rows[kind] = row
+    rows[VERIFY].round_ratios = round_ratios
     return rows
 
 
@@ -912,6 +922,12 @@ def print_table(rows: dict[str, Row], args: argparse.Namespace) -> None:
     for label, value, sense, target in checks:
         met = value <= target if sense == "<=" else value >= target
         print(f"  {label:<64} {value:9.2f}  target {sense} {target:g}  {'met' if met else 'NOT MET'}")
+    if verify and len(verify.round_ratios) > 1:
+        by_round = ", ".join(f"{ratio:.2f}" for ratio in verify.round_ratios)
+        print(
+            f"  (Verify / Health/Check server CPU round by round, each against its own round: {by_round}; "
+            f"median {statistics.median(verify.round_ratios):.2f})"
+        )
     floors = [(name, row) for name, row in (("back to back", update), ("at Verify's rate", paced)) if row]
     if verify and floors:
         print("  (the PostgreSQL ratios above are on `pg own`, the run's own backends; measured otherwise:")
