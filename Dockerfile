@@ -6,10 +6,11 @@ FROM python:3.11.11-slim-bookworm AS build
 WORKDIR /src
 RUN python -m venv /opt/twofactor
 COPY clients/python clients/python
-COPY pyproject.toml README.md ./
+COPY pyproject.toml README.md constraints.txt ./
 COPY server server
 COPY workers workers
-RUN /opt/twofactor/bin/pip install --no-cache-dir ./clients/python .
+# Every dependency at the version the suite passed with (constraints.txt).
+RUN /opt/twofactor/bin/pip install --no-cache-dir -c constraints.txt ./clients/python .
 
 FROM python:3.11.11-slim-bookworm
 # A non-root user that owns the data directory (the embedded SQLite file, development keys).

@@ -2,24 +2,26 @@
 PYTHON ?= python3
 VENV ?= .venv
 BIN = $(VENV)/bin
+# Every dependency pinned as tested (constraints.txt; `make lock` writes it again).
+CONSTRAINTS = -c constraints.txt
 
-.PHONY: serve web test lint generate bench bench-quick typecheck-links
+.PHONY: serve web test lint generate bench bench-quick typecheck-links lock
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 
 # The server and the generated client package it imports.
-$(VENV)/.runtime: $(BIN)/python pyproject.toml clients/python/pyproject.toml
-	$(BIN)/pip install --quiet -e clients/python -e .
+$(VENV)/.runtime: $(BIN)/python pyproject.toml clients/python/pyproject.toml constraints.txt
+	$(BIN)/pip install --quiet $(CONSTRAINTS) -e clients/python -e .
 	touch $@
 
 $(VENV)/.web: $(VENV)/.runtime
-	$(BIN)/pip install --quiet -e '.[web]'
+	$(BIN)/pip install --quiet $(CONSTRAINTS) -e '.[web]'
 	touch $@
 
 $(VENV)/.test: $(VENV)/.runtime
-	$(BIN)/pip install --quiet -e '.[test]'
+	$(BIN)/pip install --quiet $(CONSTRAINTS) -e '.[test]'
 	touch $@
 
 serve: $(VENV)/.runtime  ## run on the embedded default (SQLite, in-process delivery)
@@ -30,6 +32,15 @@ web: $(VENV)/.web  ## the reference login site (examples/web) on 127.0.0.1:8000,
 
 test: $(VENV)/.test  ## the whole suite (needs PostgreSQL and Redis on 127.0.0.1)
 	$(BIN)/pytest
+
+# A scratch environment with what installs today, unpinned, frozen into constraints.txt (its comment kept).
+lock:  ## pin every dependency again to the newest that installs; then run `make test`
+	set -e; scratch=$$(mktemp -d); \
+	$(PYTHON) -m venv $$scratch; \
+	$$scratch/bin/pip install --quiet --upgrade pip; \
+	$$scratch/bin/pip install --quiet -e clients/python -e '.[test]'; \
+	{ sed -n '/^#/p' constraints.txt; echo; $$scratch/bin/pip freeze --exclude-editable; } > constraints.txt.new; \
+	mv constraints.txt.new constraints.txt; rm -rf $$scratch
 
 # mypy finds the server and workers under their import names through links (see [tool.mypy]).
 typecheck-links:
