@@ -112,6 +112,7 @@ def status(state: UserState | None, policy: PolicySettings) -> tf_pb.GetStatusRe
         email_registered=bool(state.email),
         phone_registered=bool(state.phone),
         allowed_methods=allowed,
+        pending_contact_changes=[challenge(view) for view in state.contact_changes],
     )
 
 

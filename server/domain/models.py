@@ -60,6 +60,8 @@ class UserState:
     lock: Lock | None
     created_at_ms: int
     last_verified_at_ms: int | None
+    # Codes sent to a new address, waiting for ConfirmContact (GetStatus reads them; else empty).
+    contact_changes: tuple[ChallengeView, ...] = ()
 
 
 @dataclass(frozen=True)

@@ -212,6 +212,15 @@ class Challenges:
         live = outbox.live_challenges(tx, user_id, purpose, now, self._policy.max_attempts_per_code)
         return next((c for c in live if method is None or c.method == method), None)
 
+    def pending_contact_changes(self, tx: Transaction, user_id: str, now: int) -> tuple[ChallengeView, ...]:
+        """The newest live contact-change code of each method, as ConfirmContact would take it."""
+        live = outbox.live_challenges(tx, user_id, CONTACT, now, self._policy.max_attempts_per_code)
+        newest = {c.method: c for c in reversed(live)}  # newest first in `live`: the last write wins
+        if not newest:
+            return ()
+        last_send = outbox.last_send_ms(tx, user_id)
+        return tuple(self._view(tx, newest[m], last_send=last_send) for m in sorted(newest))
+
     def check(self, tx: Transaction, challenge: ChallengeRecord, digits: str, now: int) -> bool:
         """Whether `digits` is the challenge's code; a right one is consumed (once), a wrong one
         counts against the code's attempts."""

@@ -8,6 +8,8 @@ email address is told once the change is made.
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 from twofactor_server.domain import contacts, one_time_codes
 from twofactor_server.domain.clock import Clock, now_ms
 from twofactor_server.domain.errors import FailedPrecondition, InvalidArgument
@@ -58,10 +60,15 @@ class UserProfiles:
         self._clock = clock
 
     def get_status(self, user_id: str) -> UserState | None:
-        """The user's methods, contacts and lock; None for a user never seen (not an error: not enrolled)."""
+        """The user's methods, contacts, lock and contact changes waiting for their code; None for a
+        user never seen (not an error: not enrolled)."""
+        now = now_ms(self._clock)
         with self._db.transaction() as tx:
             user = store.get_user(tx, user_id)
-            return None if user is None else load_state(tx, user, self._policy, now_ms(self._clock))
+            if user is None:
+                return None
+            changes = self._challenges.pending_contact_changes(tx, user_id, now)
+            return replace(load_state(tx, user, self._policy, now), contact_changes=changes)
 
     def set_contact(
         self,

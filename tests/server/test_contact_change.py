@@ -83,6 +83,12 @@ def confirm_contact(h: Harness, user: str, method: int, code: str) -> pb.Confirm
     )
 
 
+def pending_changes(h: Harness, user: str) -> list[pb.Challenge]:
+    """GetStatus's contact changes waiting for their code."""
+    status = h.twofactor.GetStatus(pb.GetStatusRequest(user_id=user), metadata=h.app_metadata)
+    return list(status.pending_contact_changes)
+
+
 def failed(call: object) -> grpc.RpcError:
     with pytest.raises(grpc.RpcError) as raised:
         call()  # type: ignore[operator]
@@ -92,11 +98,20 @@ def failed(call: object) -> grpc.RpcError:
 def test_a_new_email_is_confirmed_first_and_the_old_one_works_until_then(h: Harness, sink: SmtpSink) -> None:
     enroll_email(h, sink, "ana", "ana@example.com")
     token = email_token(h, sink, "ana")
+    assert pending_changes(h, "ana") == []
 
     before = len(sink.messages)
     change = h.twofactor.SetContact(
         pb.SetContactRequest(user_id="ana", email="nina@example.com", verification_token=token),
         metadata=h.app_metadata,
+    )
+    # A login site coming back to the user later sees the change waiting, as SetContact told it.
+    [waiting] = pending_changes(h, "ana")
+    assert (waiting.challenge_id, waiting.method, waiting.masked_destination, waiting.expires_at) == (
+        change.email_confirmation.challenge_id,
+        EMAIL,
+        "n***@example.com",
+        change.email_confirmation.expires_at,
     )
     # Still the old address in force; a code went to the new one.
     assert change.masked_email == "a***@example.com"
@@ -120,6 +135,7 @@ def test_a_new_email_is_confirmed_first_and_the_old_one_works_until_then(h: Harn
     assert confirmed.verification_token
     status = h.twofactor.GetStatus(pb.GetStatusRequest(user_id="ana"), metadata=h.app_metadata)
     assert status.email_registered and list(status.enabled_methods) == [EMAIL]
+    assert list(status.pending_contact_changes) == []
 
     # Login codes now go to the new address; the code is spent.
     to, code = login_code_by_email(h, sink, "ana")
@@ -159,6 +175,7 @@ def test_only_the_newest_pending_change_can_be_confirmed(h: Harness, sink: SmtpS
             metadata=h.app_metadata,
         )
         codes.append(code_in(sink.message_to(address, "Confirm", after=before)))
+    assert [c.masked_destination for c in pending_changes(h, "bo")] == ["s***@example.com"]  # the newest
     if codes[0] != codes[1]:
         assert confirm_contact(h, "bo", EMAIL, codes[0]).result == pb.CONFIRM_RESULT_REJECTED
     assert confirm_contact(h, "bo", EMAIL, codes[1]).result == pb.CONFIRM_RESULT_CONFIRMED
@@ -187,6 +204,7 @@ def test_a_new_phone_for_enabled_sms_is_confirmed_by_a_text_to_it(h: Harness, cl
         and change.phone_confirmation.masked_destination == "+1******0102"
     )
     code = sms_code(wait_for_text("+14155550102"))
+    assert [(c.method, c.masked_destination) for c in pending_changes(h, "cy")] == [(SMS, "+1******0102")]
     # The old number still gets the login codes.
     h.twofactor.SendCode(pb.SendCodeRequest(user_id="cy", method=SMS), metadata=h.app_metadata)
     old_number_text = wait_for_text("+14155550101", after=enroll_text)
@@ -411,8 +429,14 @@ def test_a_new_email_and_phone_in_one_call_send_both_codes_under_the_cooldown(
     assert change.phone_confirmation.masked_destination == "+1******0112"
     email_code = code_in(sink.message_to("zo2@example.com", "Confirm", after=before))
     phone_code = sms_code(wait_for_text("+14155550112"))
+    assert [(c.method, c.masked_destination) for c in pending_changes(h, "zo")] == [
+        (EMAIL, "z***@example.com"),
+        (SMS, "+1******0112"),
+    ]
     assert confirm_contact(h, "zo", EMAIL, email_code).result == pb.CONFIRM_RESULT_CONFIRMED
+    assert [c.method for c in pending_changes(h, "zo")] == [SMS]
     assert confirm_contact(h, "zo", SMS, phone_code).result == pb.CONFIRM_RESULT_CONFIRMED
+    assert pending_changes(h, "zo") == []
     # The cooldown still holds for the next call.
     error = failed(
         lambda: h.twofactor.SendCode(pb.SendCodeRequest(user_id="zo", method=EMAIL), metadata=h.app_metadata)

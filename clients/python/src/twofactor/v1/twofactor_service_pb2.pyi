@@ -195,6 +195,7 @@ class GetStatusResponse(_message.Message):
     EMAIL_REGISTERED_FIELD_NUMBER: _builtins.int
     PHONE_REGISTERED_FIELD_NUMBER: _builtins.int
     ALLOWED_METHODS_FIELD_NUMBER: _builtins.int
+    PENDING_CONTACT_CHANGES_FIELD_NUMBER: _builtins.int
     enrollment_required: _builtins.bool
     """True when the policy forces 2FA and the user has no method enabled yet:
     the login must enroll the user before letting them in.
@@ -221,6 +222,13 @@ class GetStatusResponse(_message.Message):
     def allowed_methods(self) -> _containers.RepeatedScalarFieldContainer[_common_pb2.Method.ValueType]:
         """Methods the policy allows."""
 
+    @_builtins.property
+    def pending_contact_changes(self) -> _containers.RepeatedCompositeFieldContainer[_common_pb2.Challenge]:
+        """Contact changes waiting for ConfirmContact, at most one per method: the
+        code sent to the new address (masked), when it expires and how its
+        delivery goes. The address in force stays the old one until then.
+        """
+
     def __init__(
         self,
         *,
@@ -232,10 +240,11 @@ class GetStatusResponse(_message.Message):
         email_registered: _builtins.bool = ...,
         phone_registered: _builtins.bool = ...,
         allowed_methods: _abc.Iterable[_common_pb2.Method.ValueType] | None = ...,
+        pending_contact_changes: _abc.Iterable[_common_pb2.Challenge] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["locked_until", b"locked_until"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["allowed_methods", b"allowed_methods", "backup_codes_remaining", b"backup_codes_remaining", "email_registered", b"email_registered", "enabled_methods", b"enabled_methods", "enrollment_required", b"enrollment_required", "locked_until", b"locked_until", "pending_methods", b"pending_methods", "phone_registered", b"phone_registered"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["allowed_methods", b"allowed_methods", "backup_codes_remaining", b"backup_codes_remaining", "email_registered", b"email_registered", "enabled_methods", b"enabled_methods", "enrollment_required", b"enrollment_required", "locked_until", b"locked_until", "pending_contact_changes", b"pending_contact_changes", "pending_methods", b"pending_methods", "phone_registered", b"phone_registered"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
