@@ -33,14 +33,16 @@ web: $(VENV)/.web  ## the reference login site (examples/web) on 127.0.0.1:8000,
 test: $(VENV)/.test  ## the whole suite (needs PostgreSQL and Redis on 127.0.0.1)
 	$(BIN)/pytest
 
-# A scratch environment with what installs today, unpinned, frozen into constraints.txt (its comment kept).
+# A scratch environment with what installs today, unpinned, frozen into constraints.txt (its comment kept;
+# setuptools too, which grpcio-tools needs and a plain freeze leaves out on Python 3.11).
 lock:  ## pin every dependency again to the newest that installs; then run `make test`
-	set -e; scratch=$$(mktemp -d); \
+	set -e; scratch=$$(mktemp -d); trap 'rm -rf "$$scratch" constraints.txt.new' EXIT; \
 	$(PYTHON) -m venv $$scratch; \
 	$$scratch/bin/pip install --quiet --upgrade pip; \
 	$$scratch/bin/pip install --quiet -e clients/python -e '.[test]'; \
-	{ sed -n '/^#/p' constraints.txt; echo; $$scratch/bin/pip freeze --exclude-editable; } > constraints.txt.new; \
-	mv constraints.txt.new constraints.txt; rm -rf $$scratch
+	{ sed -n '/^#/p' constraints.txt; echo; \
+	  $$scratch/bin/pip freeze --all --exclude-editable | grep -v '^pip=='; } > constraints.txt.new; \
+	mv constraints.txt.new constraints.txt
 
 # mypy finds the server and workers under their import names through links (see [tool.mypy]).
 typecheck-links:
