@@ -61,7 +61,7 @@ class TlsFiles:
         self._paths = [
             p for p in (settings.tls_cert_file, settings.tls_key_file, settings.tls_client_ca_file) if p
         ]
-        self._loaded = self._signature()
+        self._loaded: tuple[tuple[int, int, int], ...] = ()  # the files' signature at the last load()
         # A changed set refused, and when: tried again later (a certificate valid from a moment
         # ahead, its issuer's clock ahead of ours, becomes usable without another change).
         self._refused: tuple[tuple[int, int, int], ...] | None = None
@@ -69,9 +69,12 @@ class TlsFiles:
         self._checked_at = time.monotonic()
         self._warned_at = time.monotonic()
 
-    def load(self) -> grpc.ServerCertificateConfiguration:
-        """The files as gRPC takes them, checked; SettingsError (one line) when unusable."""
-        signature = self._signature()
+    def load(
+        self, signature: tuple[tuple[int, int, int], ...] | None = None
+    ) -> grpc.ServerCertificateConfiguration:
+        """The files as gRPC takes them, checked; SettingsError (one line) when unusable.
+        `signature`: the files' as the caller just read it (taken before reading them)."""
+        signature = self._signature() if signature is None else signature
         settings = self._settings
         cert, chain = _read_pem(
             "TWOFACTOR_TLS_CERT_FILE", settings.tls_cert_file, x509.load_pem_x509_certificates
@@ -106,7 +109,7 @@ class TlsFiles:
                     self._warned_at = now
                     _warn_if_expiring(self._settings, self._leaf)
                 return None
-            configuration = self.load()
+            configuration = self.load(signature)
         except SettingsError as error:
             self._refused, self._refused_at = signature, now
             log.warning(

@@ -55,7 +55,7 @@ def deadline_while_failing(now: float, timeout: float, silent: bool) -> float:
     probe found the database `silent` too, calls are answered at once, and no thread waits on
     it. Either way each caller hears within the timeout."""
     arrived: float | None = getattr(_call, "arrived", None)  # None: not a call (a background task)
-    deadline = min(now, now if arrived is None else arrived) + timeout
+    deadline = (now if arrived is None else min(arrived, now)) + timeout
     if silent or deadline <= now:  # (the wait for a thread took the whole budget)
         raise StorageUnavailable()
     return deadline
