@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import select
-import socket
 import sqlite3
 import struct
 import threading
@@ -16,11 +14,11 @@ from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
 
 import psycopg
 import pytest
 
+from tests.pg_proxy import PostgresProxy
 from twofactor_server.domain.errors import StorageUnavailable
 from twofactor_server.storage import hot_statements
 from twofactor_server.storage.database import Database, PostgresDatabase, SqliteDatabase
@@ -667,50 +665,25 @@ _COMMIT_COMPLETE = b"C\x00\x00\x00\x0bCOMMIT\x00"  # the server's CommandComplet
 _UPDATE_COMPLETE = b"C\x00\x00\x00\x0dUPDATE 1\x00"  # ... for an UPDATE of one row
 
 
-class _SessionEndsAfter:
-    """A TCP proxy to PostgreSQL that, once armed, passes the server's answer up to `marker` (a
-    statement's CommandComplete) and then, in place of the rest, the FATAL error a terminated
-    backend sends (57P01), and closes: the session ends inside a pipeline's answer."""
+class _SessionEndsAfter(PostgresProxy):
+    """Once armed, passes the server's answer up to `marker` (a statement's CommandComplete) and
+    then, in place of the rest, the FATAL error a terminated backend sends (57P01), and closes:
+    the session ends inside a pipeline's answer."""
 
     def __init__(self, postgres_url: str, marker: bytes, *, fatal: bool = True) -> None:
-        parts = urlsplit(postgres_url)
-        self._upstream = (parts.hostname or "127.0.0.1", parts.port or 5432)
+        super().__init__(postgres_url)
         self._marker = marker
         self._fatal = fatal  # else the socket just closes
         self.armed = threading.Event()
-        self._listener = socket.create_server(("127.0.0.1", 0))
-        self.url = urlunsplit(
-            parts._replace(netloc=f"{parts.username}@127.0.0.1:{self._listener.getsockname()[1]}")
-        )
-        threading.Thread(target=self._accept, daemon=True).start()
 
-    def _accept(self) -> None:
-        while True:
-            try:
-                client, _ = self._listener.accept()
-            except OSError:
-                return
-            server = socket.create_connection(self._upstream)
-            threading.Thread(target=self._pump, args=(client, server), daemon=True).start()
-
-    def _pump(self, client: socket.socket, server: socket.socket) -> None:
+    def from_server(self, data: bytes, *, first: bool) -> tuple[bytes, bool]:
+        if not (self.armed.is_set() and self._marker in data):
+            return data, False
+        self.armed.clear()
         fields = b"SFATAL\0VFATAL\0C57P01\0Mterminating connection due to administrator command\0\0"
         fatal = b"E" + struct.pack("!I", len(fields) + 4) + fields
-        with client, server:
-            while True:
-                for ready in select.select([client, server], [], [], 30)[0]:
-                    data = ready.recv(65536)
-                    if not data:
-                        return
-                    if ready is server and self.armed.is_set() and self._marker in data:
-                        self.armed.clear()
-                        cut = data.index(self._marker) + len(self._marker)
-                        client.sendall(data[:cut] + (fatal if self._fatal else b""))
-                        return
-                    (client if ready is server else server).sendall(data)
-
-    def close(self) -> None:
-        self._listener.close()
+        cut = data.index(self._marker) + len(self._marker)
+        return data[:cut] + (fatal if self._fatal else b""), True
 
 
 @pytest.mark.parametrize("fatal", [True, False], ids=["fatal", "socket-closed"])

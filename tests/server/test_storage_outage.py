@@ -7,16 +7,12 @@ stopped or frozen."""
 
 from __future__ import annotations
 
-import contextlib
-import socket
 import sqlite3
-import threading
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import closing, contextmanager
 from pathlib import Path
-from urllib.parse import urlsplit, urlunsplit
 
 import grpc
 import pytest
@@ -34,6 +30,7 @@ from tests.conftest import (
     require_service,
     started_harness,
 )
+from tests.pg_proxy import PostgresProxy
 from tests.private_postgres import PrivatePostgres, private_postgres
 from tests.server.helpers import (
     AUTHENTICATOR,
@@ -454,75 +451,43 @@ def test_a_restart_is_not_taken_for_a_frozen_database(
     wait_for_health(h, SERVING, BOUND)
 
 
-@contextmanager
-def slow_to_connect(upstream: str, first_reply_delay: float) -> Iterator[str]:
-    """A TCP proxy to `upstream` (host:port) that holds each connection's first reply from the
-    server for `first_reply_delay` s, then relays at once: a database slow to open a connection
-    (TLS and SCRAM to a distant server) and quick on an open one. Yields its host:port."""
-    host, _, port = upstream.rpartition(":")
-    listener = socket.create_server(("127.0.0.1", 0))
-    opened: list[socket.socket] = []
-    threads: list[threading.Thread] = []
+class SlowToConnect(PostgresProxy):
+    """Holds each connection's first answer from the server for `delay` s, then relays at once:
+    a database slow to open a connection (TLS and SCRAM to a distant server) and quick on an
+    open one."""
 
-    def relay(source: socket.socket, target: socket.socket, delay: float) -> None:
-        with contextlib.suppress(OSError):
-            while data := source.recv(65536):
-                time.sleep(delay)
-                delay = 0.0
-                target.sendall(data)
-        with contextlib.suppress(OSError):
-            target.shutdown(socket.SHUT_WR)
+    def __init__(self, postgres_url: str, delay: float) -> None:
+        super().__init__(postgres_url)
+        self._delay = delay
 
-    def accept() -> None:
-        with contextlib.suppress(OSError):
-            while True:
-                client, _ = listener.accept()
-                server = socket.create_connection((host, int(port)))
-                opened.extend((client, server))
-                for args in ((client, server, 0.0), (server, client, first_reply_delay)):
-                    threads.append(threading.Thread(target=relay, args=args, daemon=True))
-                    threads[-1].start()
-
-    acceptor = threading.Thread(target=accept, daemon=True)
-    acceptor.start()
-    try:
-        yield f"127.0.0.1:{listener.getsockname()[1]}"
-    finally:
-        with contextlib.suppress(OSError):
-            listener.shutdown(socket.SHUT_RDWR)  # wakes accept() (close alone would not)
-        acceptor.join(timeout=5)
-        listener.close()
-        for end in opened:
-            with contextlib.suppress(OSError):
-                end.shutdown(socket.SHUT_RDWR)
-        for thread in threads:
-            thread.join(timeout=5)
-        for end in opened:
-            end.close()
+    def from_server(self, data: bytes, *, first: bool) -> tuple[bytes, bool]:
+        if first:
+            time.sleep(self._delay)
+        return data, False
 
 
 def test_a_probe_slow_to_connect_is_not_taken_for_silence() -> None:
     """The probe opens a connection of its own after a failure: when that takes longer than the
     storage timeout, the database still answers, and calls on the pool's open connections go on
     being served (a connect that outran the deadline once made every call fail at once, for good)."""
-    parts = urlsplit(POSTGRES_ADMIN_URL)
-    with slow_to_connect(f"{parts.hostname}:{parts.port or 5432}", first_reply_delay=1.0) as through:
-        db = PostgresDatabase(urlunsplit(parts._replace(netloc=f"{parts.username}@{through}")), timeout=0.5)
-        try:
+    proxy = SlowToConnect(POSTGRES_ADMIN_URL, delay=1.0)
+    db = PostgresDatabase(proxy.url, timeout=0.5)
+    try:
 
-            def call() -> bool:
-                try:
-                    with db.statements() as tx:
-                        return tx.one("SELECT 1 AS one", {}) == {"one": 1}
-                except StorageUnavailable:
-                    return False
+        def call() -> bool:
+            try:
+                with db.statements() as tx:
+                    return tx.one("SELECT 1 AS one", {}) == {"one": 1}
+            except StorageUnavailable:
+                return False
 
-            started = time.monotonic()
-            while not call():  # the pool opens its first connection in the background (1 s here)
-                assert time.monotonic() - started < 30, "the pool never got a connection"
-                time.sleep(0.1)
-            db.ping()  # a new connection of the probe's own: 1 s to open, then SELECT 1 at once
-            db.ping()  # its connection kept
-            assert call()
-        finally:
-            db.close()
+        started = time.monotonic()
+        while not call():  # the pool opens its first connection in the background (1 s here)
+            assert time.monotonic() - started < 30, "the pool never got a connection"
+            time.sleep(0.1)
+        db.ping()  # a new connection of the probe's own: 1 s to open, then SELECT 1 at once
+        db.ping()  # its connection kept
+        assert call()
+    finally:
+        db.close()
+        proxy.close()
