@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
@@ -124,3 +125,18 @@ class _CountedTransaction:
             return attribute(*args, **kwargs)
 
         return counted
+
+
+def wait_until(
+    condition: Callable[[], object],
+    what: str | Callable[[], str],
+    *,
+    bound: float = 30.0,
+    interval: float = 0.01,
+) -> None:
+    """Poll `condition` until it holds; past `bound` seconds, fail saying `what` it waited for."""
+    deadline = time.monotonic() + bound
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting until {what if isinstance(what, str) else what()}")
+        time.sleep(interval)  # polling a condition, not a synchronization by time

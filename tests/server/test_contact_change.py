@@ -22,10 +22,11 @@ from tests.server.helpers import (
     totp_now,
     verified_token,
     verify,
+    wait_until,
 )
 from tests.server.stored_rows import query
 from tests.server.test_challenges import SharedRecordingSms, SwitchableQueue, stored_code
-from tests.server.test_lockout_concurrency import wait_until, waiting_behind
+from tests.server.test_lockout_concurrency import waiting_behind
 from tests.smtp_sink import SmtpSink, code_in, running_sink
 
 

@@ -6,7 +6,6 @@ The queue-order test holds a PostgreSQL row lock; the statistical test runs on b
 from __future__ import annotations
 
 import random
-import time
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 
@@ -16,7 +15,7 @@ from twofactor.v1 import admin_service_pb2 as admin_pb
 from twofactor.v1 import twofactor_service_pb2 as pb
 
 from tests.conftest import Clock, Harness, ServerFactory
-from tests.server.helpers import enroll_authenticator, totp_now, verify
+from tests.server.helpers import enroll_authenticator, totp_now, verify, wait_until
 
 THRESHOLD_1 = {"lockout_threshold": 1, "lockout_base_seconds": 60}
 WAIT_LIMIT = 30.0  # seconds; every wait below is for a condition, bounded by this
@@ -52,14 +51,6 @@ def waiting_behind(conn: psycopg.Connection[tuple[object, ...]], holder: int) ->
     return len(blocked)
 
 
-def wait_until(condition: object, what: str) -> None:
-    deadline = time.monotonic() + WAIT_LIMIT
-    while not condition():  # type: ignore[operator]
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting until {what}")
-        time.sleep(0.01)  # polling a condition, not a synchronization by time
-
-
 @pytest.mark.parametrize("backend", ["postgres"], indirect=True)
 @pytest.mark.parametrize("right_at", [0, 1, 2, 3])
 def test_guesses_queued_on_the_row_are_tried_one_per_lock_window(
@@ -80,7 +71,9 @@ def test_guesses_queued_on_the_row_are_tried_one_per_lock_window(
         for i, code in enumerate(guesses):
             futures.append(pool.submit(verify, h, "zoe", code))
             wait_until(
-                lambda n=i + 1: waiting_behind(monitor, holder) >= n, f"{i + 1} guesses queue on the row"
+                lambda n=i + 1: waiting_behind(monitor, holder) >= n,
+                f"{i + 1} guesses queue on the row",
+                bound=WAIT_LIMIT,
             )
         conn.rollback()  # let them through, in the order they queued
         responses = [f.result(timeout=WAIT_LIMIT) for f in futures]
@@ -143,11 +136,16 @@ def test_a_right_code_cant_overtake_a_wrong_one_still_being_counted(
     with monitor, ThreadPoolExecutor(max_workers=2) as pool:
         conn.execute("SELECT 1 FROM users WHERE user_id = 'xia' FOR KEY SHARE")
         first = pool.submit(verify, h, "xia", wrong)
-        wait_until(lambda: waiting_behind(monitor, holder) >= 1, "the wrong guess waits at the row lock")
+        wait_until(
+            lambda: waiting_behind(monitor, holder) >= 1,
+            "the wrong guess waits at the row lock",
+            bound=WAIT_LIMIT,
+        )
         second = pool.submit(verify, h, "xia", totp_now(secret, clock))
         wait_until(
             lambda: second.done() or waiting_behind(monitor, holder) >= 2,
             "the right code is answered or waits too",
+            bound=WAIT_LIMIT,
         )
         conn.rollback()
         w, r = first.result(timeout=WAIT_LIMIT), second.result(timeout=WAIT_LIMIT)

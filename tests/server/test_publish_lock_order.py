@@ -9,7 +9,6 @@ for it, then run many publishes for one user at once.
 
 from __future__ import annotations
 
-import time
 import uuid
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -21,6 +20,7 @@ from typing import Any
 import psycopg
 import pytest
 
+from tests.server.helpers import wait_until
 from twofactor_server.storage import outbox, store
 from twofactor_server.storage.database import Database, open_database
 from twofactor_server.storage.records import ChallengeRecord, NewChallenge
@@ -100,14 +100,6 @@ def publish_after(start: Barrier, publish: str, db: Database, challenge_id: str)
     PUBLISHES[publish](db, challenge_id)
 
 
-def wait_until(condition: Callable[[], bool], what: str) -> None:
-    deadline = time.monotonic() + WAIT_LIMIT
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting until {what}")
-        time.sleep(0.01)  # polling a condition, not a synchronization by time
-
-
 @contextmanager
 def waiting_for_the_users_row(
     postgres_url: str, work: Callable[[], object], who: str
@@ -132,7 +124,7 @@ def waiting_for_the_users_row(
             ).fetchall()
             return bool(rows) or done.done()
 
-        wait_until(blocked, f"{who} waits for the user's row")
+        wait_until(blocked, f"{who} waits for the user's row", bound=WAIT_LIMIT)
         assert not done.done(), f"{who} went ahead without the user's row lock"
         yield holder, monitor, done
 

@@ -6,8 +6,7 @@ import datetime
 import os
 import socket
 import sqlite3
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,6 +22,7 @@ from twofactor.v1 import twofactor_service_pb2_grpc
 
 from tests.conftest import APP_TOKEN, Harness, ServerFactory
 from tests.pki import Issued, issue, make_ca
+from tests.server.helpers import wait_until
 from twofactor_server import app
 from twofactor_server.settings import SettingsError
 from twofactor_server.storage.database import Database, PostgresDatabase, SqliteDatabase, open_database
@@ -63,7 +63,10 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
 
 
 def get_status(target: str, credentials: grpc.ChannelCredentials, **options: str) -> pb.GetStatusResponse:
-    channel_options = [("grpc.ssl_target_name_override", options["name"])] if "name" in options else []
+    """GetStatus over a new connection of its own (no connection shared with another channel)."""
+    channel_options: list[tuple[str, str | int]] = [("grpc.use_local_subchannel_pool", 1)]
+    if "name" in options:
+        channel_options.append(("grpc.ssl_target_name_override", options["name"]))
     with grpc.secure_channel(target, credentials, options=channel_options) as channel:
         stub = twofactor_service_pb2_grpc.TwoFactorServiceStub(channel)
         return stub.GetStatus(pb.GetStatusRequest(user_id="alice"), metadata=METADATA, timeout=TIMEOUT)
@@ -228,22 +231,18 @@ def renewable_files(folder: Path, issued: Issued) -> dict[str, str]:
 
 
 def fresh_call(target: str, credentials: grpc.ChannelCredentials) -> grpc.StatusCode:
-    """GetStatus over a new connection of its own (no connection shared with another channel)."""
-    options = [("grpc.use_local_subchannel_pool", 1)]
-    with grpc.secure_channel(target, credentials, options=options) as channel:
-        stub = twofactor_service_pb2_grpc.TwoFactorServiceStub(channel)
-        try:
-            stub.GetStatus(pb.GetStatusRequest(user_id="alice"), metadata=METADATA, timeout=TIMEOUT)
-        except grpc.RpcError as error:
-            return error.code()  # type: ignore[attr-defined, no-any-return]
+    """get_status's outcome as a status code."""
+    try:
+        get_status(target, credentials)
+    except grpc.RpcError as error:
+        return error.code()  # type: ignore[attr-defined, no-any-return]
     return grpc.StatusCode.OK
 
 
-def wait_until(condition: Callable[[], bool], what: str, bound: float = 20.0) -> None:
-    deadline = time.monotonic() + bound
-    while not condition():
-        assert time.monotonic() < deadline, f"not within {bound} s: {what}"
-        time.sleep(0.2)
+def served_soon(target: str, credentials: grpc.ChannelCredentials, what: str) -> None:
+    """New connections with `credentials` get through within the bound (the server looks at its
+    files at most once a second)."""
+    wait_until(lambda: fresh_call(target, credentials) is grpc.StatusCode.OK, what, bound=20.0, interval=0.2)
 
 
 def test_a_renewed_certificate_is_served_without_a_restart(
@@ -262,9 +261,7 @@ def test_a_renewed_certificate_is_served_without_a_restart(
         stub.GetStatus(pb.GetStatusRequest(user_id="alice"), metadata=METADATA, timeout=TIMEOUT)
 
         renewable_files(tmp_path, issue(next_ca, "twofactor server", server=True))
-        wait_until(
-            lambda: fresh_call(h.target, following) is grpc.StatusCode.OK, "the new certificate served"
-        )
+        served_soon(h.target, following, "the new certificate served")
         assert fresh_call(h.target, first) is grpc.StatusCode.UNAVAILABLE
         assert stub.GetStatus(pb.GetStatusRequest(user_id="alice"), metadata=METADATA, timeout=TIMEOUT)
 
@@ -285,13 +282,13 @@ def test_a_renewal_that_cannot_be_used_keeps_the_previous_certificate(
         assert fresh_call(h.target, first) is grpc.StatusCode.OK  # the previous pair, still served
         return any("the TLS files changed but can't be used" in r.getMessage() for r in caplog.records)
 
-    wait_until(refused_and_said, "a warning that the changed files can't be used")
+    wait_until(refused_and_said, "a warning that the changed files can't be used", bound=20.0, interval=0.2)
     warning = next(r.getMessage() for r in caplog.records if "can't be used" in r.getMessage())
     assert "is not the key of the certificate" in warning and "\n" not in warning
     assert fresh_call(h.target, following) is grpc.StatusCode.UNAVAILABLE
 
     renewable_files(tmp_path, renewed)  # the key arrives
-    wait_until(lambda: fresh_call(h.target, following) is grpc.StatusCode.OK, "the completed set served")
+    served_soon(h.target, following, "the completed set served")
 
 
 def test_a_renewal_valid_from_a_moment_ahead_is_served_once_valid(
@@ -316,8 +313,10 @@ def test_a_renewal_valid_from_a_moment_ahead_is_served_once_valid(
             and any("not now" in r.getMessage() for r in caplog.records)
         ),
         "the renewal refused while not yet valid",
+        bound=20.0,
+        interval=0.2,
     )
-    wait_until(lambda: fresh_call(h.target, following) is grpc.StatusCode.OK, "the renewal served once valid")
+    served_soon(h.target, following, "the renewal served once valid")
 
 
 def test_a_key_type_grpc_does_not_serve_is_a_settings_error(

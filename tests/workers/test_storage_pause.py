@@ -11,6 +11,7 @@ from twofactor.v1 import common_pb2
 
 from tests.conftest import REDIS_URL, ServerFactory
 from tests.private_postgres import PrivatePostgres
+from tests.server.helpers import wait_until
 from tests.smtp_sink import SmtpSink, code_in
 from tests.workers.celery_harness import (
     Workers,
@@ -26,13 +27,6 @@ __all__ = ["private_database"]  # a fixture, used by name below
 
 PAUSED = r"storage unavailable: not taking delivery tasks from \S+ until it answers"
 RESUMED = r"storage answers again: taking delivery tasks from \S+"
-
-
-def wait_until(condition: Callable[[], bool], what: str | Callable[[], str], timeout: float = 90) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, what if isinstance(what, str) else what()
-        time.sleep(0.1)
 
 
 @pytest.mark.parametrize("backend", ["postgres"], indirect=True)  # the private cluster, not a shared schema
@@ -53,7 +47,12 @@ def test_the_worker_takes_no_task_while_its_storage_is_down(
     # Recorded and acknowledged before the outage: the queue then holds only what comes during it
     # (a send recorded in the outage's first instant keeps its message unacknowledged meanwhile).
     wait_for_status(h, "ivy", challenge.challenge_id, common_pb2.DELIVERY_STATUS_SENT)
-    wait_until(lambda: messages_left(REDIS_URL, queue) == 0, "the delivered task was never acknowledged")
+    wait_until(
+        lambda: messages_left(REDIS_URL, queue) == 0,
+        "the delivered task was never acknowledged",
+        bound=90,
+        interval=0.1,
+    )
 
     database.stop()
     wait_for_log(workers, PAUSED)
@@ -68,6 +67,8 @@ def test_the_worker_takes_no_task_while_its_storage_is_down(
             f"the message never reached the queue ({messages_left(REDIS_URL, queue)} messages); "
             f"worker logs:\n{workers.logs()[-4000:]}"
         ),
+        bound=90,
+        interval=0.1,
     )
     # Several probe periods later it is still waiting in the broker, not taken and retried.
     watched_until = time.monotonic() + 3
@@ -77,5 +78,10 @@ def test_the_worker_takes_no_task_while_its_storage_is_down(
 
     database.start()
     wait_for_log(workers, RESUMED)
-    wait_until(lambda: messages_left(REDIS_URL, queue) == 0, "the waiting task was never taken")
+    wait_until(
+        lambda: messages_left(REDIS_URL, queue) == 0,
+        "the waiting task was never taken",
+        bound=90,
+        interval=0.1,
+    )
     assert "Traceback" not in workers.logs()
