@@ -69,6 +69,8 @@ class Handler:
     data_reply: str | None = None
     received: list[tuple[Envelope, MimeMessage]] = field(default_factory=list)
     mail_reply_once: str | None = None
+    rcpt_reply_once: str | None = None
+    data_reply_once: str | None = None
     connections: int = 0
 
     def connection_opened(self) -> None:
@@ -87,12 +89,18 @@ class Handler:
     async def handle_RCPT(
         self, server: SMTP, session: Session, envelope: Envelope, address: str, options: list[str]
     ) -> str:
+        if self.rcpt_reply_once:
+            reply, self.rcpt_reply_once = self.rcpt_reply_once, None
+            return reply
         if self.rcpt_reply:
             return self.rcpt_reply
         envelope.rcpt_tos.append(address)
         return "250 OK"
 
     async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
+        if self.data_reply_once:
+            reply, self.data_reply_once = self.data_reply_once, None
+            return reply
         if self.data_reply:
             return self.data_reply
         assert isinstance(envelope.content, bytes)
@@ -396,12 +404,17 @@ def test_a_session_the_relay_dropped_is_replaced_for_the_same_message() -> None:
     assert len(first.received) == 1 and second.connections == 1 and sender.connections_opened == 2
 
 
-def test_a_session_that_answers_421_is_replaced_for_the_same_message(smtp_server: StartServer) -> None:
+@pytest.mark.parametrize("command", ["mail", "rcpt", "data"])
+def test_a_session_that_answers_421_is_replaced_for_the_same_message(
+    smtp_server: StartServer, command: str
+) -> None:
     handler, port = smtp_server()
     sender = SmtpEmailSender(settings(port))
     sender.send_email(MESSAGE)
     handler.received.clear()
-    handler.mail_reply_once = "421 4.3.2 Service shutting down"
+    # 421 to any command of the kept session: the relay is closing it (RFC 5321 §3.8), not
+    # refusing the message; smtplib reports it as a refused sender, recipient or data.
+    setattr(handler, f"{command}_reply_once", "421 4.3.2 Service shutting down")
 
     message_id = sender.send_email(MESSAGE)
 

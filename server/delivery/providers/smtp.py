@@ -188,6 +188,9 @@ class SmtpEmailSender:
             except smtplib.SMTPResponseException as exc:
                 if exc.smtp_code not in _SESSION_OVER:
                     raise
+            except smtplib.SMTPRecipientsRefused as exc:  # how smtplib reports a 421 to RCPT
+                if not all(code in _SESSION_OVER for code, _ in exc.recipients.values()):
+                    raise
         self._send_on(self._open(), outgoing)
 
     def _send_on(self, connection: _Connection, outgoing: Outgoing) -> None:
