@@ -25,7 +25,10 @@ def account() -> str:
         }
         for m in status.allowed_methods
     ]
-    return render_template("account.html", status=status, methods=methods, fresh=step_up.is_fresh())
+    waiting = [(BY_METHOD[c.method], c.masked_destination) for c in status.pending_contact_changes]
+    return render_template(
+        "account.html", status=status, methods=methods, waiting=waiting, fresh=step_up.is_fresh()
+    )
 
 
 @pages.get("/contacts")
@@ -72,6 +75,20 @@ def contacts() -> Response | str:
             )
     flash(f"Saved. Email: {result.masked_email or 'none'}; phone: {result.masked_phone or 'none'}.", "info")
     return redirect(url_for(".account"))
+
+
+@pages.get("/contacts/<slug>/confirm")
+@signed_in
+def confirm_contact_form(slug: str) -> Response | str:
+    """Back to a change that waits for its code (the account page links here): the server says
+    where the code went (GetStatus's pending_contact_changes), so no second code is sent."""
+    info = method_info(slug)
+    status = tf().status(current_user().user_id)
+    waiting = [c for c in status.pending_contact_changes if c.method == info.method]
+    if not waiting:
+        flash("That change has expired or was replaced: make it again.", "error")
+        return redirect(url_for(".contacts_form"))
+    return render_template("contact_confirm.html", info=info, sent_to=waiting[0].masked_destination)
 
 
 @pages.post("/contacts/<slug>/confirm")

@@ -312,13 +312,26 @@ def test_sensitive_pages_ask_for_a_fresh_code(
     expect(page.get_by_text("We sent a code to +1******0124")).to_be_visible()
     bob.shot("new-phone-code-sent")
     code = twofactor_server.sms_code_to("+14155550124", after=before)
+    # He leaves the page before the text arrives; the account page leads him back to the code.
+    page.goto("/account")
+    waiting = page.locator('.pending-contact[data-method="sms"]')
+    expect(waiting).to_contain_text("waits for the code we sent to +1******0124")
+    bob.shot("new-phone-waiting")
+    waiting.get_by_role("link", name="Enter the code").click()
+    heading(page, "Confirm your new phone")
+    expect(page.get_by_text("We sent a code to +1******0124")).to_be_visible()
     page.fill("#code", "000000" if code != "000000" else "111111")
     page.get_by_role("button", name="Use this phone").click()
     flash(page, "Wrong code.")
     page.fill("#code", code)
     page.get_by_role("button", name="Use this phone").click()
     flash(page, "Your phone is now +1******0124.")
+    expect(page.locator(".pending-contact")).to_have_count(0)
     bob.shot("new-phone-confirmed")
+    # Nothing waits any more: the old link says so instead of showing a form for no code.
+    page.goto("/contacts/sms/confirm")
+    heading(page, "Where codes are sent")
+    flash(page, "That change has expired or was replaced: make it again.")
 
 
 def test_wrong_codes_at_enrollment_end_in_a_lockout_that_says_when_to_retry(
