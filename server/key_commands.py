@@ -17,7 +17,13 @@ from twofactor_server.setting_values import new_token_entry
 from twofactor_server.settings import Settings, SettingsError
 from twofactor_server.storage.database import Database
 from twofactor_server.storage.records import KeyUsageRecord
-from twofactor_server.usecases.key_rotation import CHALLENGE_KINDS, KIND_NAMES, KeyRotation, RotationProgress
+from twofactor_server.usecases.key_rotation import (
+    CHALLENGE_KINDS,
+    KIND_NAMES,
+    KeyRotation,
+    RotationProgress,
+    require_keys_for_stored_values,
+)
 
 _ROTATION_GUIDE = "README, 'Rotating keys and tokens'"
 _SCAN_TIMEOUT_SECONDS = 600.0
@@ -138,6 +144,12 @@ def rotate_keys(settings: Settings, *, batch_size: int) -> int:
     """Re-encrypt every secret and backup code under the active key; SIGTERM or Ctrl-C stops after
     the current batch, and running again resumes."""
     rotation, db, keyring = _rotation(settings, batch_size)
+    try:
+        # A mistyped key would seal everything anew under it, or find every value unreadable.
+        require_keys_for_stored_values(db, keyring)
+    except BaseException:
+        db.close()
+        raise
     stopping = threading.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda _s, _f: stopping.set())

@@ -3,7 +3,6 @@ and the start-up check that a keyring can read everything stored."""
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -14,8 +13,6 @@ from twofactor_server.storage import keys
 from twofactor_server.storage.database import Database
 from twofactor_server.storage.records import KeyUsageRecord, MethodRecord, StoredBackupCode
 from twofactor_server.usecases.backup_codes import backup_code_data
-
-log = logging.getLogger(__name__)
 
 # What an operator reads, per kind of stored value.
 KIND_NAMES = {
@@ -215,16 +212,15 @@ def require_keys_for_stored_values(db: Database, keyring: Keyring, clock: Clock 
     for version, found in samples.items():
         if found and not any(_opens(keyring, purpose, owner, sealed) for _, purpose, owner, sealed in found):
             kinds = ", ".join(sorted({KIND_NAMES[kind] for kind, *_ in found}))
-            problem = (
+            # Refused for an older version too: a wrong key there counts every right backup code
+            # still sealed under it as wrong, and locks its users out. Values no key opens (the
+            # damaged ones `keys rotate` reported unreadable) leave with a reset of their users.
+            raise SettingsError(
                 f"TWOFACTOR_KEYS' key version {version} opens none of the values stored under it "
                 f"({kinds}): it is not the key they were sealed with (another environment's, or "
-                f"mistyped?); configure version {version}'s original key"
+                f"mistyped?); configure version {version}'s original key, or, if `twofactor keys "
+                f"rotate` reported these values unreadable, reset their users"
             )
-            if version == keyring.active_version:
-                raise SettingsError(problem)
-            # An older version may hold only what `keys rotate` could not read (and reported):
-            # those open with no key. Said, not refused.
-            log.error("%s, unless these are values `twofactor keys rotate` reported unreadable", problem)
     if not missing:
         return
     by_version: dict[int, list[str]] = {}

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import logging
 import os
 import signal
 import subprocess
@@ -184,19 +183,23 @@ def test_another_key_under_a_version_in_use_refuses_to_start(
     assert restarted.port
 
 
+def seal_authenticator(db: Database, keyring: Keyring, user_id: str) -> None:
+    """An enabled authenticator secret for `user_id`, sealed under the keyring's active key."""
+    with db.transaction() as tx:
+        store.ensure_user(tx, user_id, 0)
+        sealed = keyring.encrypt(b"x" * 20, purpose=TOTP_SECRET, user_id=user_id)
+        store.start_method_enrollment(tx, user_id, "authenticator", 0, with_proof=True, pending_secret=sealed)
+        assert store.enable_method(tx, user_id, "authenticator", 0)
+
+
 def test_a_key_that_opens_its_values_starts_though_one_value_does_not(
     settings: Settings, other_connection: Database
 ) -> None:
     """One damaged value is not a wrong key: the key opens the others, so the server starts."""
     keyring = Keyring.parse(TEST_KEYS)
+    for user in ("bea", "cal"):
+        seal_authenticator(other_connection, keyring, user)
     with other_connection.transaction() as tx:
-        for user in ("bea", "cal"):
-            store.ensure_user(tx, user, 0)
-            sealed = keyring.encrypt(b"x" * 20, purpose=TOTP_SECRET, user_id=user)
-            store.start_method_enrollment(
-                tx, user, "authenticator", 0, with_proof=True, pending_secret=sealed
-            )
-            assert store.enable_method(tx, user, "authenticator", 0)
         damaged = keyring.encrypt(b"x" * 20, purpose=TOTP_SECRET, user_id="someone else")
         tx.execute(  # bea's secret no longer authenticates (sealed for another user)
             "UPDATE methods SET secret = %(s)s WHERE user_id = 'bea'", {"s": damaged}
@@ -206,24 +209,39 @@ def test_a_key_that_opens_its_values_starts_though_one_value_does_not(
         require_keys_for_stored_values(other_connection, Keyring.parse(Keyring.new_key_spec(1)))
 
 
-def test_an_older_key_that_opens_none_of_its_values_is_said_not_refused(
-    other_connection: Database, caplog: pytest.LogCaptureFixture
-) -> None:
-    """Under a version no longer active there may be only what `keys rotate` could not read: the
-    start goes on, and the log says which version and what to check."""
-    keyring = Keyring.parse(TEST_KEYS)
-    with other_connection.transaction() as tx:
-        store.ensure_user(tx, "dot", 0)
-        sealed = keyring.encrypt(b"x" * 20, purpose=TOTP_SECRET, user_id="dot")
-        store.start_method_enrollment(tx, "dot", "authenticator", 0, with_proof=True, pending_secret=sealed)
-        assert store.enable_method(tx, "dot", "authenticator", 0)
+def test_an_older_key_that_opens_none_of_its_values_refuses_to_start(other_connection: Database) -> None:
+    """A wrong key under a version no longer active would count every right backup code still
+    sealed under it as wrong, and lock its users out: refused as for the active version."""
+    seal_authenticator(other_connection, Keyring.parse(TEST_KEYS), "dot")
     wrong_old_and_new = Keyring.parse(f"{Keyring.new_key_spec(1)},{KEY_2}")
     assert wrong_old_and_new.active_version == 2
-    with caplog.at_level(logging.ERROR):
+    with pytest.raises(SettingsError) as refused:
         require_keys_for_stored_values(other_connection, wrong_old_and_new)
-    (line,) = [r.getMessage() for r in caplog.records if "opens none" in r.getMessage()]
-    assert "key version 1 opens none of the values stored under it" in line
-    assert "unless these are values `twofactor keys rotate` reported unreadable" in line
+    assert "key version 1 opens none of the values stored under it (TOTP secrets)" in str(refused.value)
+    assert "reported these values unreadable, reset their users" in str(refused.value)
+
+
+@pytest.mark.parametrize("mistyped", ["active", "older"])
+def test_keys_rotate_with_a_mistyped_key_refuses_and_changes_nothing(
+    settings: Settings, other_connection: Database, mistyped: str
+) -> None:
+    """Rotating with a mistyped active key would seal every value anew under a key no server has;
+    with a mistyped older one it would find them all unreadable. It refuses, in one line."""
+    seal_authenticator(other_connection, Keyring.parse(TEST_KEYS), "old-user")
+    seal_authenticator(other_connection, Keyring.parse(f"{TEST_KEYS},{KEY_2}"), "new-user")
+    watcher = KeyRotation(other_connection, Keyring.parse(f"{TEST_KEYS},{KEY_2}"))
+    before = versions(watcher)
+    assert before == {1: 1, 2: 1}
+    keys = (
+        f"{TEST_KEYS},{Keyring.new_key_spec(2)}" if mistyped == "active" else f"{Keyring.new_key_spec(1)},{KEY_2}"
+    )
+    rotated = run([TWOFACTOR, "keys", "rotate"], env_for(settings, KEYS=keys))
+    assert rotated.returncode == 2, rotated.stdout + rotated.stderr
+    assert len(rotated.stderr.strip().splitlines()) == 1 and "Traceback" not in rotated.stderr
+    version = 2 if mistyped == "active" else 1
+    assert f"key version {version} opens none of the values stored under it" in rotated.stderr
+    assert "re-encrypt" not in rotated.stdout
+    assert versions(watcher) == before
 
 
 def test_keys_status_says_to_add_back_a_key_that_stored_values_need(
