@@ -16,6 +16,7 @@ from twofactor_server import key_commands
 from twofactor_server.domain.errors import TwoFactorError
 from twofactor_server.domain.keyring import MAX_VERSION
 from twofactor_server.settings import Settings, SettingsError, effective_configuration, unknown_variables
+from twofactor_server.usecases.key_rotation import MAX_BATCH_SIZE
 
 log = logging.getLogger("twofactor_server.cli")
 
@@ -81,7 +82,12 @@ def main(argv: list[str] | None = None) -> int:
     rotate = keys_commands.add_parser(
         "rotate", help="re-encrypt every secret and backup code under the active key"
     )
-    rotate.add_argument("--batch-size", type=int, default=500, help="rows per transaction (default 500)")
+    rotate.add_argument(
+        "--batch-size",
+        type=_batch_size,
+        default=500,
+        help=f"rows per transaction, 1 to {MAX_BATCH_SIZE} (default 500)",
+    )
     args = parser.parse_args(argv)
 
     try:
@@ -135,7 +141,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "keys" and args.keys_command == "status":
             return key_commands.key_status(settings, as_json=args.json)
         if args.command == "keys" and args.keys_command == "rotate":
-            return key_commands.rotate_keys(settings, batch_size=max(1, args.batch_size))
+            return key_commands.rotate_keys(settings, batch_size=args.batch_size)
     except SettingsError as error:
         print(f"twofactor: configuration error: {error}", file=sys.stderr)
         return 2
@@ -158,6 +164,12 @@ def configure_logging(settings: Settings) -> None:
 def _key_version(text: str) -> int:
     if not text.isdigit() or not 0 < int(text) <= MAX_VERSION:
         raise argparse.ArgumentTypeError(f"a key version is a whole number from 1 to {MAX_VERSION}")
+    return int(text)
+
+
+def _batch_size(text: str) -> int:
+    if not text.isdigit() or not 0 < int(text) <= MAX_BATCH_SIZE:
+        raise argparse.ArgumentTypeError(f"a batch size is a whole number from 1 to {MAX_BATCH_SIZE}")
     return int(text)
 
 

@@ -14,6 +14,10 @@ from twofactor_server.storage.database import Database
 from twofactor_server.storage.records import KeyUsageRecord, MethodRecord, StoredBackupCode
 from twofactor_server.usecases.backup_codes import backup_code_data
 
+# A batch of backup codes is one UPDATE with six parameters a row: 5,000 rows stay under
+# SQLite's 32,766 and PostgreSQL's 65,535 parameters a statement.
+MAX_BATCH_SIZE = 5000
+
 # What an operator reads, per kind of stored value.
 KIND_NAMES = {
     "totp_secret": "TOTP secrets",
@@ -53,6 +57,8 @@ class KeyRotation:
         self._db = db
         self._keyring = keyring
         self._clock = clock
+        if not 0 < batch_size <= MAX_BATCH_SIZE:
+            raise ValueError(f"batch_size must be 1 to {MAX_BATCH_SIZE}, not {batch_size}")
         self._batch = batch_size
 
     def status(self) -> list[KeyUsageRecord]:

@@ -20,10 +20,11 @@ from twofactor_server.cli import main
 from twofactor_server.domain import backup_codes
 from twofactor_server.domain.keyring import BACKUP_CODE, TOTP_SECRET, Keyring
 from twofactor_server.settings import PolicySettings, Settings, SettingsError
-from twofactor_server.storage import store
+from twofactor_server.storage import keys, store
 from twofactor_server.storage.database import Database, open_database
+from twofactor_server.storage.records import StoredBackupCode
 from twofactor_server.usecases.backup_codes import BackupCodes, backup_code_data
-from twofactor_server.usecases.key_rotation import KeyRotation, require_keys_for_stored_values
+from twofactor_server.usecases.key_rotation import MAX_BATCH_SIZE, KeyRotation, require_keys_for_stored_values
 from twofactor_server.usecases.notices import Notices
 
 TWOFACTOR = str(Path(sys.executable).with_name("twofactor"))
@@ -232,10 +233,10 @@ def test_keys_rotate_with_a_mistyped_key_refuses_and_changes_nothing(
     watcher = KeyRotation(other_connection, Keyring.parse(f"{TEST_KEYS},{KEY_2}"))
     before = versions(watcher)
     assert before == {1: 1, 2: 1}
-    keys = (
+    entries = (
         f"{TEST_KEYS},{Keyring.new_key_spec(2)}" if mistyped == "active" else f"{Keyring.new_key_spec(1)},{KEY_2}"
     )
-    rotated = run([TWOFACTOR, "keys", "rotate"], env_for(settings, KEYS=keys))
+    rotated = run([TWOFACTOR, "keys", "rotate"], env_for(settings, KEYS=entries))
     assert rotated.returncode == 2, rotated.stdout + rotated.stderr
     assert len(rotated.stderr.strip().splitlines()) == 1 and "Traceback" not in rotated.stderr
     version = 2 if mistyped == "active" else 1
@@ -348,3 +349,22 @@ def test_an_interrupted_rotation_resumes_and_loses_nothing(settings: Settings, s
             for row, code in zip(rows, codes, strict=True):
                 assert new_only.matches(row.code_hash, backup_code_data(user_id, code), purpose=BACKUP_CODE)
     db.close()
+
+
+def test_the_largest_batch_size_is_one_statement_each_store_takes(other_connection: Database) -> None:
+    """A batch of backup codes is one UPDATE with six parameters a row: at the largest batch the
+    command allows, the statement stays within both stores' parameter limits."""
+    swaps = [
+        (StoredBackupCode(f"nobody-{i}", i % 10, b"h", b"c"), b"new hash", b"new ciphertext")
+        for i in range(MAX_BATCH_SIZE)
+    ]
+    with other_connection.transaction() as tx:
+        assert keys.swap_backup_codes(tx, swaps) == 0  # no such rows: nothing replaced, no error
+
+
+@pytest.mark.parametrize("size", ["0", "-1", str(MAX_BATCH_SIZE + 1), "20000", "many"])
+def test_keys_rotate_refuses_a_batch_size_out_of_range(settings: Settings, size: str) -> None:
+    refused = run([TWOFACTOR, "keys", "rotate", "--batch-size", size], env_for(settings))
+    assert refused.returncode == 2
+    assert f"a batch size is a whole number from 1 to {MAX_BATCH_SIZE}" in refused.stderr
+    assert "Traceback" not in refused.stderr and "re-encrypt" not in refused.stdout
