@@ -65,14 +65,31 @@ def print_new_token(name: str, scopes: str) -> int:
 
 def _rotation(settings: Settings, batch_size: int = 500) -> tuple[KeyRotation, Database, Keyring]:
     from twofactor_server.app import load_keyring, require_usable_data_dir
-    from twofactor_server.storage.database import open_database
+    from twofactor_server.storage.database import open_database, sqlite_path
+    from twofactor_server.storage.migrator import migrations, pending_migrations
+    from twofactor_server.storage.refusals import database_location
 
+    # A mistyped TWOFACTOR_DATA_DIR or URL must not get a new empty database (and a development
+    # key) whose status says every key "can be removed".
+    if settings.embedded and not sqlite_path(settings.data_dir).is_file():
+        raise SettingsError(
+            f"TWOFACTOR_DATA_DIR: {settings.data_dir} holds no twofactor database: "
+            "set it to the server's data directory"
+        )
     require_usable_data_dir(settings)
     keyring = load_keyring(settings)
     # Counting reads whole tables: longer than a call's storage timeout, bounded all the same.
     timeout = max(settings.storage_timeout_seconds, _SCAN_TIMEOUT_SECONDS)
     db = open_database(settings.database_url, data_dir=settings.data_dir, pool_size=2, timeout=timeout)
     try:
+        if pending_migrations(db) == [version for version, _ in migrations(db.dialect)]:
+            raise SettingsError(
+                f"TWOFACTOR_DATA_DIR: {sqlite_path(settings.data_dir)} has no twofactor tables: "
+                "set it to the server's data directory"
+                if settings.embedded
+                else f"TWOFACTOR_DATABASE_URL: {database_location(settings.database_url)} has no "
+                "twofactor tables: set it to the servers' database"
+            )
         db.migrate()  # the indexes that key status and the start-up check read
     except BaseException:
         db.close()

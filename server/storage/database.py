@@ -375,11 +375,16 @@ def _record_was_wrong(statement: HotStatement, error: Exception) -> NoReturn:
     raise StorageUnavailable() from error
 
 
+def sqlite_path(data_dir: Path) -> Path:
+    """The embedded default's database file."""
+    return data_dir / "twofactor.sqlite3"
+
+
 def open_database(url: str, *, data_dir: Path, pool_size: int = 10, timeout: float = 2.0) -> Database:
     """PostgreSQL for a postgres:// URL; the SQLite file under data_dir when url is empty.
     `timeout` bounds each unit of work (TWOFACTOR_STORAGE_TIMEOUT_SECONDS)."""
     if not url:
-        return SqliteDatabase(data_dir / "twofactor.sqlite3", timeout=timeout)
+        return SqliteDatabase(sqlite_path(data_dir), timeout=timeout)
     if url.startswith(("postgres://", "postgresql://")):
         return PostgresDatabase(url, pool_size=pool_size, timeout=timeout)
     raise ValueError("TWOFACTOR_DATABASE_URL must be a postgresql:// URL (or empty for the embedded SQLite)")

@@ -39,7 +39,7 @@ def raise_if_refused(url: str, timeout: float) -> None:
     except psycopg.Error as error:
         reason = _permanent_reason(str(error))
         if reason is not None:
-            where = _where(url)
+            where = database_location(url)
             raise SettingsError(
                 f"TWOFACTOR_DATABASE_URL: {where} refused the connection: {reason}; fix the URL "
                 "(host, port, database, user, password, options) or the database's roles"
@@ -55,7 +55,7 @@ def _permanent_reason(message: str) -> str | None:
     return None
 
 
-def _where(url: str) -> str:
+def database_location(url: str) -> str:
     try:
         parts = conninfo_to_dict(url)
     except psycopg.Error:
@@ -80,6 +80,6 @@ def log_no_answer_at_start(url: str, waited: str = "") -> None:
     """The one line of a database that did not answer at start (`waited`: "within 10 s ")."""
     log.error(
         "%s did not answer %sat start: is it running, and is TWOFACTOR_DATABASE_URL right?",
-        _where(url),
+        database_location(url),
         waited,
     )

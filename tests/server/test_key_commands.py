@@ -12,6 +12,7 @@ import sys
 import time
 from pathlib import Path
 
+import psycopg
 import pytest
 
 from tests.conftest import APP_TOKEN, TEST_KEYS, Clock, ServerFactory
@@ -368,3 +369,21 @@ def test_keys_rotate_refuses_a_batch_size_out_of_range(settings: Settings, size:
     assert refused.returncode == 2
     assert f"a batch size is a whole number from 1 to {MAX_BATCH_SIZE}" in refused.stderr
     assert "Traceback" not in refused.stderr and "re-encrypt" not in refused.stdout
+
+
+@pytest.mark.parametrize("command", ["status", "rotate"])
+def test_keys_commands_refuse_a_store_that_holds_no_twofactor_database(settings: Settings, command: str) -> None:
+    """A mistyped TWOFACTOR_DATA_DIR or URL must not get a new, empty database whose status says
+    that every key can be removed: the command refuses, and creates nothing."""
+    result = run([TWOFACTOR, "keys", command], env_for(settings, KEYS=TEST_KEYS))
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.stderr
+    assert "can be removed" not in result.stdout
+    if settings.database_url:
+        assert "TWOFACTOR_DATABASE_URL: the database at" in result.stderr
+        assert "has no twofactor tables: set it to the servers' database" in result.stderr
+        with psycopg.connect(settings.database_url) as conn:
+            assert conn.execute("SELECT to_regclass('schema_migrations')").fetchone() == (None,)
+    else:
+        assert f"TWOFACTOR_DATA_DIR: {settings.data_dir} holds no twofactor database" in result.stderr
+        assert not settings.data_dir.exists()
