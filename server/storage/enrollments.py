@@ -15,7 +15,7 @@ from functools import lru_cache
 from twofactor_server.storage.audit_rows import INSERT_AUDIT_EVENT, audit_params, audit_placeholders
 from twofactor_server.storage.database import Transaction
 from twofactor_server.storage.hot_statements import HotStatement
-from twofactor_server.storage.records import NewAuditEvent
+from twofactor_server.storage.records import EnrollmentStartRecord, NewAuditEvent
 
 _ENABLE_PENDING_METHOD = HotStatement(
     "twofactor_enable_pending_method",
@@ -95,12 +95,17 @@ def _insert_audit_events(count: int) -> HotStatement:
     return HotStatement(f"twofactor_insert_audit_events_{count}", f"{INSERT_AUDIT_EVENT}VALUES {rows}")
 
 
-def started_with_proof(tx: Transaction, user_id: str, method: str, pending_since: int) -> bool | None:
-    """Whether the pending enrollment that started at `pending_since` had a step-up proof, as
-    its start recorded; None when it recorded nothing (the previous release started it)."""
+def enrollment_start(
+    tx: Transaction, user_id: str, method: str, pending_since: int
+) -> EnrollmentStartRecord | None:
+    """How the pending enrollment that started at `pending_since` started, as its start recorded;
+    None when it recorded nothing (the previous release started it)."""
     row = tx.one(
-        "SELECT with_proof FROM enrollment_starts "
+        "SELECT with_proof, credential_epoch FROM enrollment_starts "
         "WHERE user_id = %(u)s AND method = %(m)s AND pending_since = %(t)s",
         {"u": user_id, "m": method, "t": pending_since},
     )
-    return None if row is None else bool(row["with_proof"])
+    if row is None:
+        return None
+    epoch = row["credential_epoch"]
+    return EnrollmentStartRecord(bool(row["with_proof"]), None if epoch is None else int(epoch))

@@ -53,6 +53,15 @@ class MethodRecord:
 
 
 @dataclass(frozen=True, slots=True)
+class EnrollmentStartRecord:
+    """How a pending enrollment started (enrollment_starts): with a step-up proof or not, and
+    the user's credential epoch then (None for a row the release before wrote)."""
+
+    with_proof: bool
+    credential_epoch: int | None
+
+
+@dataclass(frozen=True, slots=True)
 class VerifySnapshot:
     """What the accepted-authenticator fast path reads: the lock state, the last accepted step,
     the credential epoch, the sealed secret and the version of the user's methods it was read at."""

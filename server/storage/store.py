@@ -137,7 +137,8 @@ def withdraw_codes_sent_elsewhere(
 ) -> None:
     """The user's unused codes of `method` that went to another address than `destination`
     stop working (as at a reset): whoever holds the old mailbox or SIM, often the reason for
-    the change, can't finish a login or enrollment with them. Notices still go."""
+    the change, can't finish a login or enrollment with them. An empty `destination` withdraws
+    them all (the method turned off, or its address removed). Notices still go."""
     tx.execute(
         "UPDATE challenges SET superseded_at = COALESCE(superseded_at, %(now)s), code_ciphertext = NULL, "
         "updated_at = %(now)s WHERE user_id = %(u)s AND method = %(m)s AND consumed_at IS NULL "
@@ -192,7 +193,8 @@ def start_method_enrollment(
 ) -> None:
     """A pending enrollment of `method` (replacing a pending one), started with a step-up proof
     or without one (the user had no usable method): decided under the user's row lock, and
-    recorded beside it (migration 0009) for ConfirmEnrollment (enrollments.started_with_proof)."""
+    recorded beside it (migrations 0009, 0011: with the user's credential epoch) for
+    ConfirmEnrollment (enrollments.enrollment_start)."""
     params = {"u": user_id, "m": method, "now": now_ms, "ps": pending_secret, "proof": with_proof}
     tx.execute(
         "INSERT INTO methods (user_id, method, pending_since, pending_secret) "
@@ -201,9 +203,11 @@ def start_method_enrollment(
         params,
     )
     tx.execute(
-        "INSERT INTO enrollment_starts (user_id, method, pending_since, with_proof) "
-        "VALUES (%(u)s, %(m)s, %(now)s, %(proof)s) "
-        "ON CONFLICT (user_id, method) DO UPDATE SET pending_since = %(now)s, with_proof = %(proof)s",
+        "INSERT INTO enrollment_starts (user_id, method, pending_since, with_proof, credential_epoch) "
+        "VALUES (%(u)s, %(m)s, %(now)s, %(proof)s, "
+        "(SELECT credential_epoch FROM users WHERE user_id = %(u)s)) "
+        "ON CONFLICT (user_id, method) DO UPDATE SET pending_since = %(now)s, with_proof = %(proof)s, "
+        "credential_epoch = excluded.credential_epoch",
         params,
     )
 

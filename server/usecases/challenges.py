@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import logging
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from typing import Protocol
 
 from twofactor_server.domain import one_time_codes
@@ -212,10 +212,14 @@ class Challenges:
         live = outbox.live_challenges(tx, user_id, purpose, now, self._policy.max_attempts_per_code)
         return next((c for c in live if method is None or c.method == method), None)
 
-    def pending_contact_changes(self, tx: Transaction, user_id: str, now: int) -> tuple[ChallengeView, ...]:
-        """The newest live contact-change code of each method, as ConfirmContact would take it."""
+    def pending_contact_changes(
+        self, tx: Transaction, user_id: str, now: int, enabled: Collection[str]
+    ) -> tuple[ChallengeView, ...]:
+        """The newest live contact-change code of each enabled method, as ConfirmContact would take it
+        (a method turned off since has no contact change to confirm)."""
         live = outbox.live_challenges(tx, user_id, CONTACT, now, self._policy.max_attempts_per_code)
-        newest = {c.method: c for c in reversed(live)}  # newest first in `live`: the last write wins
+        # newest first in `live`: the last write wins
+        newest = {c.method: c for c in reversed(live) if c.method in enabled}
         if not newest:
             return ()
         last_send = outbox.last_send_ms(tx, user_id)

@@ -132,13 +132,10 @@ class Enrollment:
                 raise FailedPrecondition(
                     "NO_PENDING_ENROLLMENT", f"no {method} enrollment is pending; call StartEnrollment first"
                 )
-            if enabled and not _started_with_proof(tx, pending, methods):
-                # Started when no method guarded the account (so without a step-up proof); one does
-                # now, and finishing the older enrollment must not step around its proof.
+            if enabled and (refusal := _stale_start(tx, pending, methods, user.credential_epoch)):
                 raise FailedPrecondition(
                     "NO_PENDING_ENROLLMENT",
-                    f"the pending {method} enrollment was started before another method was enabled; "
-                    "call StartEnrollment again",
+                    f"the pending {method} enrollment {refusal}; call StartEnrollment again",
                 )
             refuse_if_locked(user, self._policy, now)
             if method == AUTHENTICATOR:
@@ -149,13 +146,14 @@ class Enrollment:
             else:
                 step = None
                 sent = self._challenges.newest_live(tx, user_id, ENROLLMENT, now, method=method)
-                if sent is not None and sent.destination != (user.email if method == EMAIL else user.phone):
-                    # The address changed since (at once: the method was not on yet): enable the
-                    # method only for an address that received its code.
+                if sent is None or sent.destination != (user.email if method == EMAIL else user.phone):
+                    # The address changed since (at once: the method was not on yet), which withdrew
+                    # the code, or the code expired: enable the method only for an address that
+                    # received a live code.
                     raise FailedPrecondition(
                         "NO_PENDING_ENROLLMENT",
-                        f"the {method} enrollment code went to an address that is no longer registered; "
-                        "call StartEnrollment again",
+                        f"no live {method} enrollment code went to the registered address (it expired, "
+                        "or the address changed); call StartEnrollment again",
                     )
                 ok = self._challenges.match(tx, user_id, ENROLLMENT, digits, now, method=method) is not None
             if not ok:
@@ -208,6 +206,9 @@ class Enrollment:
                     "enable another method before disabling this one",
                 )
             store.delete_method(tx, user_id, method)
+            # Its codes in flight (a login's, a contact change's) stop working: enabled again
+            # later, perhaps for another address, the method must not accept them.
+            store.withdraw_codes_sent_elsewhere(tx, user_id, method, "", now)
             if not remaining:
                 store.delete_backup_codes(tx, user_id)
             audit.record(tx, caller, now, user_id, "method_disabled", detail=method)
@@ -215,12 +216,22 @@ class Enrollment:
             return remaining
 
 
-def _started_with_proof(tx: Transaction, pending: MethodRecord, methods: list[MethodRecord]) -> bool:
-    """Whether the pending enrollment was started with a step-up proof, as its start recorded
-    under the user's row lock; for one the previous release started (nothing recorded), whether
-    no method was enabled after it started, by the timestamps that release compared."""
+def _stale_start(tx: Transaction, pending: MethodRecord, methods: list[MethodRecord], epoch: int) -> str:
+    """Why a user with a usable method can't finish this pending enrollment ("" when they can).
+
+    One started when no method guarded the account had no step-up proof, and finishing it must
+    not step around one. One started with a proof no longer has it once the credential epoch
+    moved on (a method, backup codes or a contact changed since): its QR code, seen then, must
+    not add an authenticator later. For a start the previous release wrote (nothing recorded),
+    whether no method was enabled after it started, by the timestamps that release compared."""
     started = pending.pending_since or 0
-    recorded = enrollments.started_with_proof(tx, pending.user_id, pending.method, started)
+    recorded = enrollments.enrollment_start(tx, pending.user_id, pending.method, started)
     if recorded is None:
-        return not any(m.enabled_at is not None and m.enabled_at > started for m in methods)
-    return recorded
+        if any(m.enabled_at is not None and m.enabled_at > started for m in methods):
+            return "was started before another method was enabled"
+        return ""
+    if not recorded.with_proof:
+        return "was started before another method was enabled"
+    if recorded.credential_epoch is not None and recorded.credential_epoch != epoch:
+        return "was started before the account's methods, backup codes or contacts last changed"
+    return ""

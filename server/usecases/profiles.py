@@ -24,7 +24,8 @@ from twofactor_server.domain.models import (
 )
 from twofactor_server.settings import PolicySettings
 from twofactor_server.storage import store
-from twofactor_server.storage.database import Database
+from twofactor_server.storage.database import Database, Transaction
+from twofactor_server.storage.records import UserRecord
 from twofactor_server.usecases import audit
 from twofactor_server.usecases.challenges import CONTACT, EMAIL, SMS, Challenges
 from twofactor_server.usecases.notices import CONTACT_NAMES, Notices
@@ -67,8 +68,9 @@ class UserProfiles:
             user = store.get_user(tx, user_id)
             if user is None:
                 return None
-            changes = self._challenges.pending_contact_changes(tx, user_id, now)
-            return replace(load_state(tx, user, self._policy, now), contact_changes=changes)
+            state = load_state(tx, user, self._policy, now)
+            changes = self._challenges.pending_contact_changes(tx, user_id, now, state.enabled_methods)
+            return replace(state, contact_changes=changes)
 
     def set_contact(
         self,
@@ -91,41 +93,13 @@ class UserProfiles:
         """
         email, phone = _valid_email(email), _valid_phone(phone, self._policy)
         now = now_ms(self._clock)
-        to_confirm: list[tuple[str, str]] = []
         with self._db.transaction() as tx:
             store.ensure_user(tx, user_id, now)
-            user = existing_user(tx, user_id, lock=True)
-            enabled = usable_methods(store.methods_of(tx, user_id), self._policy)
-            require_step_up(self._keyring, self._policy, user, enabled, verification_token, caller, now)
-            changed = []
-            for method, value in ((EMAIL, email), (SMS, phone)):
-                column = CONTACT_OF[method]
-                if value is None or (value or None) == _stored_form(column, getattr(user, column)):
-                    continue
-                if method in enabled and not value:
-                    raise FailedPrecondition(
-                        "CONTACT_IN_USE",
-                        f"the {column} receives this user's {method} codes; disable {method} first",
-                        metadata={"contact": column},
-                    )
-                if method in enabled:
-                    to_confirm.append((method, value))
-                    continue
-                store.set_contact(tx, user_id, column, value or None)
-                changed.append(column)
-                self._notices.add(
-                    tx,
-                    user.email,
-                    user_id,
-                    "contact_changed",
-                    now,
-                    contact=CONTACT_NAMES[column],
-                    new_value=_masked(column, value) or "removed",
-                )
-            if changed:
-                audit.record(tx, caller, now, user_id, "contact_changed", detail=",".join(changed))
-            # What sending the confirmation codes below leaves as it is: no contact, method or lock.
-            state = load_state(tx, existing_user(tx, user_id), self._policy, now)
+            user, to_confirm, at_once = self._plan(tx, user_id, email, phone, verification_token, caller, now)
+            if not to_confirm:
+                return ContactChange(self._apply_at_once(tx, user, at_once, caller, now), ())
+        # The codes first: a refused send (a limit, the SMS quota) or one that can't be queued
+        # leaves every contact as it was, so an error answer never hides an applied change.
         confirmations: list[ChallengeView] = []
         for method, destination in to_confirm:
             confirmations.append(
@@ -141,7 +115,66 @@ class UserProfiles:
                     cooldown=not confirmations,
                 )
             )
-        return ContactChange(state, tuple(confirmations))
+        with self._db.transaction() as tx:
+            # Planned again under the lock: only what is still a direct change applies (a method
+            # enabled meanwhile keeps its address until a code confirms another).
+            user, _, at_once = self._plan(tx, user_id, email, phone, verification_token, caller, now)
+            return ContactChange(self._apply_at_once(tx, user, at_once, caller, now), tuple(confirmations))
+
+    def _apply_at_once(
+        self, tx: Transaction, user: UserRecord, at_once: list[tuple[str, str]], caller: Caller, now: int
+    ) -> UserState:
+        """Set the contacts of methods that are off, each told to the (old) email address; the
+        user's state after."""
+        for method, value in at_once:
+            column = CONTACT_OF[method]
+            store.set_contact(tx, user.user_id, column, value or None)
+            # Codes sent to the old address (an enrollment's, or a contact change made while the
+            # method was on) stop working: whoever holds that mailbox or SIM can't use them.
+            store.withdraw_codes_sent_elsewhere(tx, user.user_id, method, value or "", now)
+            self._notices.add(
+                tx,
+                user.email,
+                user.user_id,
+                "contact_changed",
+                now,
+                contact=CONTACT_NAMES[column],
+                new_value=_masked(column, value) or "removed",
+            )
+        if at_once:
+            changed = ",".join(CONTACT_OF[method] for method, _ in at_once)
+            audit.record(tx, caller, now, user.user_id, "contact_changed", detail=changed)
+        return load_state(tx, existing_user(tx, user.user_id), self._policy, now)
+
+    def _plan(
+        self,
+        tx: Transaction,
+        user_id: str,
+        email: str | None,
+        phone: str | None,
+        verification_token: str,
+        caller: Caller,
+        now: int,
+    ) -> tuple[UserRecord, list[tuple[str, str]], list[tuple[str, str]]]:
+        """Under the user's row lock, after the step-up rule: the user, the (method, new address)
+        pairs that need a code first (the method is on), and those that apply at once."""
+        user = existing_user(tx, user_id, lock=True)
+        enabled = usable_methods(store.methods_of(tx, user_id), self._policy)
+        require_step_up(self._keyring, self._policy, user, enabled, verification_token, caller, now)
+        to_confirm: list[tuple[str, str]] = []
+        at_once: list[tuple[str, str]] = []
+        for method, value in ((EMAIL, email), (SMS, phone)):
+            column = CONTACT_OF[method]
+            if value is None or (value or None) == _stored_form(column, getattr(user, column)):
+                continue
+            if method in enabled and not value:
+                raise FailedPrecondition(
+                    "CONTACT_IN_USE",
+                    f"the {column} receives this user's {method} codes; disable {method} first",
+                    metadata={"contact": column},
+                )
+            (to_confirm if method in enabled else at_once).append((method, value))
+        return user, to_confirm, at_once
 
     def confirm_contact(self, user_id: str, method: str, code: str, *, caller: Caller) -> ContactConfirmation:
         """Put the new address of a pending contact change in force with the code sent to it.
@@ -163,7 +196,13 @@ class UserProfiles:
             user = existing_user(tx, user_id, lock=True)
             enabled = usable_methods(store.methods_of(tx, user_id), self._policy)
             refuse_if_locked(user, self._policy, now)
-            pending = self._challenges.newest_live(tx, user_id, CONTACT, now, method=method)
+            # A contact change is for an enabled method's address: with the method turned off
+            # since, the address is changed directly, and an older change must not come back.
+            pending = (
+                self._challenges.newest_live(tx, user_id, CONTACT, now, method=method)
+                if method in enabled
+                else None
+            )
             if pending is None:
                 raise FailedPrecondition(
                     "NO_PENDING_CONTACT_CHANGE",

@@ -234,9 +234,8 @@ def test_keys_rotate_with_a_mistyped_key_refuses_and_changes_nothing(
     watcher = KeyRotation(other_connection, Keyring.parse(f"{TEST_KEYS},{KEY_2}"))
     before = versions(watcher)
     assert before == {1: 1, 2: 1}
-    entries = (
-        f"{TEST_KEYS},{Keyring.new_key_spec(2)}" if mistyped == "active" else f"{Keyring.new_key_spec(1)},{KEY_2}"
-    )
+    wrong_1, wrong_2 = Keyring.new_key_spec(1), Keyring.new_key_spec(2)
+    entries = f"{TEST_KEYS},{wrong_2}" if mistyped == "active" else f"{wrong_1},{KEY_2}"
     rotated = run([TWOFACTOR, "keys", "rotate"], env_for(settings, KEYS=entries))
     assert rotated.returncode == 2, rotated.stdout + rotated.stderr
     assert len(rotated.stderr.strip().splitlines()) == 1 and "Traceback" not in rotated.stderr
@@ -372,7 +371,9 @@ def test_keys_rotate_refuses_a_batch_size_out_of_range(settings: Settings, size:
 
 
 @pytest.mark.parametrize("command", ["status", "rotate"])
-def test_keys_commands_refuse_a_store_that_holds_no_twofactor_database(settings: Settings, command: str) -> None:
+def test_keys_commands_refuse_a_store_that_holds_no_twofactor_database(
+    settings: Settings, command: str
+) -> None:
     """A mistyped TWOFACTOR_DATA_DIR or URL must not get a new, empty database whose status says
     that every key can be removed: the command refuses, and creates nothing."""
     result = run([TWOFACTOR, "keys", command], env_for(settings, KEYS=TEST_KEYS))
