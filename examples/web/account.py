@@ -6,7 +6,7 @@ import twofactor
 from flask import Blueprint, flash, redirect, render_template, request, url_for
 from werkzeug.wrappers import Response
 
-from . import step_up
+from . import sessions, step_up
 from .access import current_user, lockout_message, method_info, signed_in, tf, time_left_locked
 from .second_factor import BY_METHOD, METHODS
 
@@ -146,7 +146,10 @@ def disable(slug: str) -> Response:
 @pages.get("/backup-codes")
 @signed_in
 @step_up.required
-def backup_codes() -> str:
+def backup_codes() -> str | Response:
+    if sessions.from_another_site():
+        flash("Open your backup codes from this page.", "info")
+        return redirect(url_for(".account"))
     codes = tf().backup_codes(current_user().user_id, token=step_up.token())
     return render_template("backup_codes.html", codes=codes, fresh_set=False)
 

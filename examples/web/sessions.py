@@ -23,6 +23,9 @@ from flask import abort, current_app, request, session
 from markupsafe import Markup
 
 PENDING_SECONDS = 600  # the second factor must follow the password within 10 minutes
+# A sign-in lasts 8 hours from the login, however busy: the session cookie is signed again at
+# every write, so its own max age (PERMANENT_SESSION_LIFETIME) counts from the last request.
+SIGNED_IN_SECONDS = 8 * 3600
 _CSRF_FIELD = "csrf_token"
 _UNSAFE_METHODS = frozenset({"POST", "PUT", "PATCH", "DELETE"})
 
@@ -57,6 +60,13 @@ def check_csrf() -> None:
         abort(403, "The form is missing its CSRF token or it has expired: reload the page and try again.")
 
 
+def from_another_site() -> bool:
+    """Whether the browser says this request came from another site's page (Fetch Metadata):
+    SameSite=Lax sends the session cookie with a top-level GET from any link, so a GET with an
+    effect (showing the backup codes is audited and mailed) must not run for one."""
+    return request.headers.get("Sec-Fetch-Site", "same-origin") in ("cross-site", "same-site")
+
+
 # -- login states -------------------------------------------------------------------------------
 
 
@@ -89,7 +99,9 @@ def complete_login(user_id: str) -> None:
 
 def signed_in_user() -> str | None:
     user_id = session.get("user")
-    return None if user_id is None else str(user_id)
+    if user_id is None or now() - float(session.get("signed_in_at", 0)) > SIGNED_IN_SECONDS:
+        return None
+    return str(user_id)
 
 
 def current_user() -> str | None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from playwright.sync_api import expect
 
 from tests.web.conftest import NewUser, Site, VisitorFactory
-from tests.web.test_journey import enroll_authenticator, enter_code, heading, sign_in
+from tests.web.test_journey import backup_codes_on, enroll_authenticator, enter_code, flash, heading, sign_in
 
 
 def test_a_post_without_the_csrf_token_is_refused(visitor: VisitorFactory) -> None:
@@ -61,3 +61,49 @@ def test_the_code_prompt_returns_only_to_this_site(
     heading(page, "Your account")
     assert page.url == f"{site.url}/account"
     erin.shot("back-on-the-site")
+
+
+def test_a_link_from_another_site_shows_no_backup_codes(
+    visitor: VisitorFactory, site: Site, new_user: NewUser
+) -> None:
+    """Showing the backup codes is audited and mailed to the user: a link on another site, which
+    the browser follows with the session cookie (SameSite=Lax lets a top-level GET through),
+    lands on the account page instead, and the site's own link still shows them."""
+    fay = visitor("fay")
+    page = fay.page
+    sign_in(fay, new_user("fay"))
+    enroll_authenticator(fay)  # the confirmation's step-up proof is fresh: nothing else stops it
+    codes = backup_codes_on(page)
+    page.route(
+        "http://elsewhere.example/",
+        lambda route: route.fulfill(
+            content_type="text/html",
+            body=f'<a id="lure" href="{site.url}/backup-codes">win a prize</a>',
+        ),
+    )
+    page.goto("http://elsewhere.example/")
+    page.click("#lure")  # Chromium says where it came from: Sec-Fetch-Site: cross-site
+    heading(page, "Your account")
+    flash(page, "Open your backup codes from this page.")
+    expect(page.locator("#backup-codes li")).to_have_count(0)
+    fay.shot("lured-to-backup-codes")
+    page.get_by_role("link", name="Show backup codes").click()
+    assert backup_codes_on(page) == codes
+
+
+def test_a_sign_in_ends_eight_hours_after_the_login_however_busy(
+    visitor: VisitorFactory, site: Site, new_user: NewUser
+) -> None:
+    """The session cookie is signed again at each request; the sign-in itself lasts 8 hours."""
+    gil = visitor("gil")
+    page = gil.page
+    sign_in(gil, new_user("gil"))
+    enroll_authenticator(gil)
+    for hour in range(8):  # a request every hour keeps the cookie fresh, not the sign-in
+        site.clock.offset += 3600 if hour < 7 else 3600 - 120  # the test's own time: under 2 minutes
+        page.goto("/account")
+        heading(page, "Your account")
+    site.clock.offset += 240
+    page.goto("/account")
+    heading(page, "Sign in")
+    gil.shot("signed-out-after-eight-hours")
