@@ -706,10 +706,90 @@ def test_an_async_client_used_in_a_second_event_loop_raises_usage_error(
 # --- construction ---------------------------------------------------------------
 
 
-@pytest.mark.parametrize("token", ["", "two words", "line\nbreak"])
-def test_rejects_malformed_tokens(token: str) -> None:
-    with pytest.raises(ValueError, match="token"):
-        twofactor.TwoFactorClient("localhost:1", token=token)
+@pytest.mark.parametrize(
+    "token", ["", "two words", "line\nbreak", "tab\there", "na\u00efve", "del\x7f", "nul\x00"]
+)
+@pytest.mark.parametrize("cls", [twofactor.TwoFactorClient, twofactor.AsyncAdminClient])
+def test_rejects_malformed_tokens(token: str, cls: type[Any]) -> None:
+    """Only visible ASCII goes into a metadata value as is: anything else would fail every call."""
+    with pytest.raises(ValueError, match="token must be a non-empty string of visible ASCII"):
+        cls("localhost:1", token=token)
+
+
+BAD_REQUEST_IDS = ["two words", "caf\u00e9", "line\nbreak", "x" * 129]
+
+
+@pytest.mark.parametrize("request_id", BAD_REQUEST_IDS)
+def test_a_request_id_metadata_cant_carry_is_a_value_error_and_sends_nothing(
+    recorder: Recorder, target: str, request_id: str
+) -> None:
+    """Sync and async alike: a ValueError naming request_id, not a raw gRPC error, and no call."""
+
+    async def scenario() -> None:
+        async with twofactor.AsyncTwoFactorClient(target, token=TOKEN) as client:
+            await client.get_status(user_id="alice", request_id=request_id)
+
+    refused = pytest.raises(ValueError, match="request_id must be 1 to 128 visible ASCII characters")
+    with twofactor.TwoFactorClient(target, token=TOKEN) as client, refused:
+        client.get_status(user_id="alice", request_id=request_id)
+    with pytest.raises(ValueError, match="request_id must be 1 to 128 visible ASCII characters"):
+        asyncio.run(scenario())
+    assert recorder.attempts == []
+
+    longest = "r" * 128  # the longest the server keeps whole
+    with twofactor.TwoFactorClient(target, token=TOKEN) as client:
+        client.get_status(user_id="alice", request_id=longest)
+    assert [a.metadata["x-request-id"] for a in recorder.attempts] == [longest]
+
+
+def test_an_async_client_closed_during_a_call_raises_cancelled_as_the_sync_one_does(
+    recorder: Recorder, target: str
+) -> None:
+    """close() cancels the calls in flight: their callers get a TwoFactorError CANCELLED (not
+    asyncio.CancelledError, which would read as their own task being cancelled)."""
+    release = threading.Event()
+
+    def held(_attempt: int) -> None:
+        release.wait(WAIT)  # the answer waits until the test lets it go (bounded)
+
+    recorder.behaviours["GetStatus"] = held
+
+    async def scenario() -> twofactor.TwoFactorError:
+        client = twofactor.AsyncTwoFactorClient(target, token=TOKEN)
+        call = asyncio.ensure_future(client.get_status(user_id="alice", request_id="in-flight"))
+        deadline = asyncio.get_running_loop().time() + WAIT
+        while not recorder.of("GetStatus"):
+            assert asyncio.get_running_loop().time() < deadline, "the call never reached the server"
+            await asyncio.sleep(0.01)
+        await client.close()
+        with pytest.raises(twofactor.TwoFactorError) as raised:
+            await call
+        return raised.value
+
+    try:
+        error = asyncio.run(scenario())
+    finally:
+        release.set()
+    assert error.code is grpc.StatusCode.CANCELLED and not isinstance(error, twofactor.UsageError)
+    assert error.request_id == "in-flight"
+
+    async def cancelled_by_its_caller() -> None:
+        """The caller's own cancellation stays asyncio's."""
+        release.clear()
+        async with twofactor.AsyncTwoFactorClient(target, token=TOKEN) as client:
+            call = asyncio.ensure_future(client.get_status(user_id="bob"))
+            deadline = asyncio.get_running_loop().time() + WAIT
+            while len(recorder.of("GetStatus")) < 2:
+                assert asyncio.get_running_loop().time() < deadline, "the call never reached the server"
+                await asyncio.sleep(0.01)
+            call.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await call
+
+    try:
+        asyncio.run(cancelled_by_its_caller())
+    finally:
+        release.set()
 
 
 def test_a_retry_policy_is_one_grpc_accepts(recorder: Recorder, target: str) -> None:

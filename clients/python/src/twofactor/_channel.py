@@ -51,6 +51,7 @@ RETRIED_METHODS: dict[str, tuple[str, ...]] = {
 # retries them when no server answered (no headers: nothing reached the service).
 NOT_REPEATED_AFTER_AN_ANSWER = frozenset({"DisableMethod", "GetBackupCodes", "ResetUser", "UnlockUser"})
 _SHORTEST_ATTEMPT_SECONDS = 0.1
+MAX_REQUEST_ID = 128  # the server keeps no more of an x-request-id
 
 
 @dataclass(frozen=True)
@@ -159,8 +160,8 @@ class ChannelSettings:
     options: Sequence[tuple[str, Any]]
 
     def __post_init__(self) -> None:
-        if not self.token or any(c.isspace() for c in self.token):
-            raise ValueError("token must be a non-empty string without whitespace")
+        if not self.token or not _visible_ascii(self.token):
+            raise ValueError("token must be a non-empty string of visible ASCII characters (no spaces)")
         if self.timeout <= 0:
             raise ValueError("timeout must be positive")
 
@@ -211,8 +212,19 @@ class ChannelSettings:
         return wait if wait + _SHORTEST_ATTEMPT_SECONDS < time_left else None
 
 
-def new_request_id() -> str:
-    return str(uuid.uuid4())
+def request_id_to_send(request_id: str | None) -> str:
+    """The caller's request id, or a new UUID; ValueError for one gRPC metadata can't carry or
+    the server would cut (it keeps 1 to 128 visible ASCII characters)."""
+    if request_id is None or request_id == "":
+        return str(uuid.uuid4())
+    if len(request_id) > MAX_REQUEST_ID or not _visible_ascii(request_id):
+        raise ValueError(f"request_id must be 1 to {MAX_REQUEST_ID} visible ASCII characters (no spaces)")
+    return request_id
+
+
+def _visible_ascii(text: str) -> bool:
+    """Only "!" to "~": what a metadata value carries as is, and what the server keeps."""
+    return all("!" <= c <= "~" for c in text)
 
 
 def audit_events_request(

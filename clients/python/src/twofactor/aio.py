@@ -10,6 +10,7 @@ from functools import cached_property
 from types import TracebackType
 from typing import Any, Self, TypeVar
 
+import grpc
 from google.protobuf.message import Message
 from grpc import aio
 
@@ -19,9 +20,9 @@ from twofactor._channel import (
     RetryPolicy,
     TlsConfig,
     audit_events_request,
-    new_request_id,
+    request_id_to_send,
 )
-from twofactor.errors import UsageError, error_from_rpc_error
+from twofactor.errors import TwoFactorError, UsageError, error_from_rpc_error
 from twofactor.v1 import admin_service_pb2 as admin
 from twofactor.v1 import admin_service_pb2_grpc as admin_grpc
 from twofactor.v1 import common_pb2 as common
@@ -135,7 +136,7 @@ class _AsyncClient:
         timeout: float | None,
         request_id: str | None,
     ) -> _Response:
-        request_id = request_id or new_request_id()
+        request_id = request_id_to_send(request_id)
         give_up = time.monotonic() + self._settings.deadline(timeout)
         attempt = 1
         while True:
@@ -146,6 +147,16 @@ class _AsyncClient:
                     timeout=max(give_up - time.monotonic(), 0.001),
                     metadata=self._settings.metadata(request_id),
                 )
+            except asyncio.CancelledError:
+                task = asyncio.current_task()
+                if self._closed and task is not None and not task.cancelling():
+                    # close() cancelled the call, not its caller: as the sync client says it.
+                    raise TwoFactorError(
+                        grpc.StatusCode.CANCELLED,
+                        "the client was closed while the call was in flight",
+                        request_id=request_id,
+                    ) from None
+                raise
             except aio.AioRpcError as exc:
                 wait = self._settings.retry_wait(
                     self._SERVICE, request, exc, attempt, give_up - time.monotonic()

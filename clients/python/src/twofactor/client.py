@@ -18,7 +18,7 @@ from twofactor._channel import (
     RetryPolicy,
     TlsConfig,
     audit_events_request,
-    new_request_id,
+    request_id_to_send,
 )
 from twofactor.errors import UsageError, error_from_rpc_error
 from twofactor.v1 import admin_service_pb2 as admin
@@ -105,7 +105,7 @@ class _Client:
         timeout: float | None,
         request_id: str | None,
     ) -> _Response:
-        request_id = request_id or new_request_id()
+        request_id = request_id_to_send(request_id)
         give_up = time.monotonic() + self._settings.deadline(timeout)
         attempt = 1
         while True:
