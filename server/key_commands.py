@@ -69,13 +69,19 @@ def _rotation(settings: Settings, batch_size: int = 500) -> tuple[KeyRotation, D
     from twofactor_server.storage.migrator import migrations, pending_migrations
     from twofactor_server.storage.refusals import database_location
 
-    # A mistyped TWOFACTOR_DATA_DIR or URL must not get a new empty database (and a development
-    # key) whose status says every key "can be removed".
-    if settings.embedded and not sqlite_path(settings.data_dir).is_file():
-        raise SettingsError(
-            f"TWOFACTOR_DATA_DIR: {settings.data_dir} holds no twofactor database: "
-            "set it to the server's data directory"
-        )
+    if settings.embedded:
+        # A mistyped TWOFACTOR_DATA_DIR must not get a new empty database (and a development key)
+        # whose status says every key "can be removed". What is wrong with one that exists (a
+        # file, a damaged development secrets file) is said first, as for every command.
+        if settings.data_dir.exists():
+            require_usable_data_dir(settings)
+            if not settings.keys and (settings.data_dir / "dev-secrets.json").exists():
+                load_keyring(settings)
+        if not sqlite_path(settings.data_dir).is_file():
+            raise SettingsError(
+                f"TWOFACTOR_DATA_DIR: {settings.data_dir} holds no twofactor database: "
+                "set it to the server's data directory"
+            )
     require_usable_data_dir(settings)
     keyring = load_keyring(settings)
     # Counting reads whole tables: longer than a call's storage timeout, bounded all the same.
