@@ -34,7 +34,7 @@ from collections import Counter
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 STEP_SECONDS = 30
 CALL_TIMEOUT = 10.0
@@ -265,10 +265,15 @@ def cpu_usage(before: dict[str, float], after: dict[str, float], seconds: float,
     return f"cpu % of a core: {share} (of {100 * (os.cpu_count() or 1)});  cpu us/call: {per_call}"
 
 
-class CpuRecorder:
-    """Snapshots of CPU use at the start and end of every phase, taken by a background thread."""
+class Meter(Protocol):
+    def snapshot(self) -> dict[str, float]: ...
 
-    def __init__(self, meter: CpuMeter, phases: list[tuple[str, float, float]]) -> None:
+
+class CpuRecorder:
+    """Snapshots of CPU use at the start and end of every phase, taken by a background thread
+    (a CpuMeter's, or any meter's: threads.ThreadMeter)."""
+
+    def __init__(self, meter: Meter, phases: list[tuple[str, float, float]]) -> None:
         self._meter = meter
         self._phases = phases
         self._taken: list[tuple[dict[str, float], dict[str, float]]] = []

@@ -1,7 +1,8 @@
 """Verify versus Health/Check: throughput and latency on one server, in one run.
 
     .venv/bin/python bench/verify_vs_health.py [--users N --clients P --threads T --seconds S
-                                                --rounds R --database-url URL --max-workers W[,W...]]
+                                                --rounds R --database-url URL --max-workers W[,W...]
+                                                --per-thread]
 
 Creates a fresh PostgreSQL schema, starts `twofactor serve` on it as a separate
 process, enrolls N users in the authenticator app through the API, then loads
@@ -45,6 +46,7 @@ from loadgen import (
     server_env,
     wait_serving,
 )
+from threads import ThreadMeter, thread_usage
 
 from twofactor_server.domain.keyring import Keyring
 
@@ -73,6 +75,11 @@ def main(argv: list[str] | None = None) -> int:
         "on the same users (default: the server's own)",
     )
     parser.add_argument("--pool-size", type=int, help="TWOFACTOR_DATABASE_POOL_SIZE of the server")
+    parser.add_argument(
+        "--per-thread",
+        action="store_true",
+        help="also print the server's CPU and context switches per call by thread name (bench/threads.py)",
+    )
     parser.add_argument(
         "--switch-interval",
         type=float,
@@ -181,12 +188,15 @@ def measure(
     results: dict[str, list[PhaseResult]] = {HEALTH: [], VERIFY: []}
     phases = schedule(args, fresh_from)
     cpu = CpuRecorder(CpuMeter(server_pid, load.pids), phases)
+    by_thread = CpuRecorder(ThreadMeter(server_pid), phases) if args.per_thread else None
     for index, result in enumerate(load.run_schedule(phases)):
         number = index // 2 + (0 if args.warmup > 0 else 1)
         if number:
             results[result.kind].append(result)
         print(f"{f'round {number}' if number else 'warm-up':<8} {result.line()}", flush=True)
         print(f"{'':<8} {cpu.usage(index, result.calls)}", flush=True)
+        if by_thread is not None and (taken := by_thread.taken(index)) is not None:
+            print(f"{'':<8} {thread_usage(*taken, result.calls)}", flush=True)
     last_verify_end = max(end for kind, _, end in phases if kind == VERIFY)
     return results, math.ceil(last_verify_end / STEP_SECONDS) * STEP_SECONDS
 
