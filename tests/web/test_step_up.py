@@ -110,7 +110,9 @@ def client(app: Flask) -> Iterator[FlaskClient]:
 
 def test_step_up_required_from_the_server_shows_the_prompt(client: FlaskClient, server: StepUpServer) -> None:
     with client.session_transaction() as session:
-        session.update(user="alice", second_factor_at=time.time(), verification_token="stale")
+        session.update(
+            user="alice", signed_in_at=time.time(), second_factor_at=time.time(), verification_token="stale"
+        )
 
     response = client.get("/backup-codes")
 
@@ -126,7 +128,13 @@ def test_a_form_without_a_page_of_its_own_returns_to_its_page_after_the_prompt(
     client: FlaskClient, server: StepUpServer
 ) -> None:
     with client.session_transaction() as session:
-        session.update(user="alice", second_factor_at=time.time(), verification_token="spent", csrf="token")
+        session.update(
+            user="alice",
+            signed_in_at=time.time(),
+            second_factor_at=time.time(),
+            verification_token="spent",
+            csrf="token",
+        )
 
     response = client.post("/enroll/authenticator", data={"csrf_token": "token"})
 
