@@ -93,6 +93,9 @@ def default_format(stream: TextIO) -> str:
     return "text" if stream.isatty() else "json"
 
 
+_SECRETS_AT_DEBUG = ("botocore", "boto3")
+
+
 def configure_logging(level: str, log_format: str, stream: TextIO | None = None) -> logging.Handler:
     """Send every log record to `stream` (default stderr) in `log_format`; returns the handler."""
     stream = stream if stream is not None else sys.stderr
@@ -104,5 +107,9 @@ def configure_logging(level: str, log_format: str, stream: TextIO | None = None)
         root.removeHandler(old)
     root.addHandler(handler)
     root.setLevel(level)
+    # At DEBUG, botocore logs each request's parameters (the phone number and the text with its
+    # code) and its signing steps (the session token): never below INFO.
+    for chatty in _SECRETS_AT_DEBUG:
+        logging.getLogger(chatty).setLevel(max(logging.INFO, root.level))
     logging.captureWarnings(True)  # warnings become records, in the same format
     return handler

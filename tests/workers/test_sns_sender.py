@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime
+import io
 import json
 import logging
 import os
@@ -12,7 +13,7 @@ import urllib.parse
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import pytest
 from botocore.awsrequest import AWSResponse
@@ -26,6 +27,7 @@ from twofactor_server.delivery.providers import (
     SnsSmsSender,
     TransientDeliveryError,
 )
+from twofactor_server.observability import logs
 from twofactor_server.settings import SnsSettings
 
 REGION = "eu-west-1"
@@ -242,3 +244,104 @@ def test_a_container_role_not_ready_at_start_is_retried_until_it_answers(
 
     assert sns_backends[DEFAULT_ACCOUNT_ID][REGION].sms_messages[message_id] == ("+14155550126", TEXT)
     assert container_role.asked > asked_while_not_ready
+
+
+def test_debug_logs_hold_no_texted_code_no_phone_number_and_no_session_token(
+    moto_endpoint: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """TWOFACTOR_LOG_LEVEL=DEBUG, as serve and worker configure it: botocore would log the
+    Publish parameters and the signed request (with the session token); it stays at INFO."""
+    monkeypatch.setenv("AWS_SESSION_TOKEN", "review-session-token-secret")
+    root = logging.getLogger()
+    saved_handlers, saved_level = list(root.handlers), root.level
+    saved_levels = {name: logging.getLogger(name).level for name in ("botocore", "boto3")}
+    stream = io.StringIO()
+    try:
+        logs.configure_logging("DEBUG", "json", stream)
+        sender = SnsSmsSender(SnsSettings(region=REGION, endpoint_url=moto_endpoint))
+        sender.send_sms(SmsMessage(to="+14155550199", text=TEXT))
+    finally:
+        for handler in list(root.handlers):
+            root.removeHandler(handler)
+        for handler in saved_handlers:
+            root.addHandler(handler)
+        root.setLevel(saved_level)
+        for name, level in saved_levels.items():
+            logging.getLogger(name).setLevel(level)
+    lines = stream.getvalue().splitlines()
+    assert any(json.loads(line)["level"] == "DEBUG" for line in lines)  # DEBUG was on
+    secrets = (CODE, "14155550199", "review-session-token-secret")
+    leaking = sorted({json.loads(line)["logger"] for line in lines if any(s in line for s in secrets)})
+    assert leaking == []
+
+
+class ExpiringSns(BaseHTTPRequestHandler):
+    """SNS as AWS answers a request signed with expired session credentials (key OLDKEY)."""
+
+    keys_seen: ClassVar[list[str]] = []
+
+    def do_POST(self) -> None:
+        self.rfile.read(int(self.headers.get("Content-Length", 0)))
+        key = self.headers.get("Authorization", "").partition("Credential=")[2].partition("/")[0]
+        type(self).keys_seen.append(key)
+        if key == "OLDKEY":
+            status, body = (
+                403,
+                "<ErrorResponse><Error><Type>Sender</Type><Code>ExpiredToken</Code>"
+                "<Message>The security token included in the request is expired</Message></Error>"
+                "<RequestId>r</RequestId></ErrorResponse>",
+            )
+        else:
+            status, body = (
+                200,
+                '<PublishResponse xmlns="http://sns.amazonaws.com/doc/2010-03-31/"><PublishResult>'
+                "<MessageId>renewed-1</MessageId></PublishResult><ResponseMetadata><RequestId>r"
+                "</RequestId></ResponseMetadata></PublishResponse>",
+            )
+        data = body.encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "text/xml")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+@pytest.fixture
+def expiring_sns() -> Iterator[str]:
+    ExpiringSns.keys_seen = []
+    server = ThreadingHTTPServer(("127.0.0.1", 0), ExpiringSns)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=30)
+
+
+def test_expired_session_credentials_are_retried_with_the_renewed_ones(
+    expiring_sns: str, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """Session credentials in the shared file, renewed there by a sidecar after the worker read
+    them: SNS answers ExpiredToken, which is a retry (not a failed code), and the retry signs with
+    the renewed ones."""
+    monkeypatch.delenv("AWS_ACCESS_KEY_ID")
+    monkeypatch.delenv("AWS_SECRET_ACCESS_KEY")
+    shared = tmp_path / "aws-credentials"
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(shared))
+    shared.write_text(
+        "[default]\naws_access_key_id = OLDKEY\naws_secret_access_key = old\naws_session_token = old\n"
+    )
+    sender = SnsSmsSender(SnsSettings(region=REGION, endpoint_url=expiring_sns))
+    shared.write_text(
+        "[default]\naws_access_key_id = NEWKEY\naws_secret_access_key = new\naws_session_token = new\n"
+    )
+    with pytest.raises(TransientDeliveryError) as caught:
+        sender.send_sms(SmsMessage(to="+14155550199", text=TEXT))
+    assert caught.value.reason.startswith("SNS ExpiredToken: ")
+    assert sender.send_sms(SmsMessage(to="+14155550199", text=TEXT)) == "renewed-1"
+    assert ExpiringSns.keys_seen == ["OLDKEY", "NEWKEY"]

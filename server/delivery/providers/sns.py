@@ -38,6 +38,8 @@ from twofactor_server.settings import SnsSettings
 log = logging.getLogger(__name__)
 
 # Codes AWS documents for throttling and server-side faults; a retry later can succeed.
+# Temporary credentials past their expiry: renewed ones may be found at the next attempt.
+EXPIRED_CREDENTIAL_CODES = frozenset({"ExpiredToken", "ExpiredTokenException"})
 TRANSIENT_ERROR_CODES = frozenset(
     {
         "Throttling",
@@ -101,7 +103,14 @@ class SnsSmsSender:
             reason = _credentials_reason(exc)
             log.warning("%s", reason)
             raise TransientDeliveryError(reason) from exc
-        except (ClientError, BotoCoreError) as exc:
+        except ClientError as exc:
+            error = _delivery_error(exc)
+            if isinstance(error, TransientDeliveryError) and _error_code(exc) in EXPIRED_CREDENTIAL_CODES:
+                # Session credentials that expired (a shared file or variables that a sidecar
+                # renews): the client keeps them, so a new client looks along the chain again.
+                self._drop_client(client)
+            raise error from exc
+        except BotoCoreError as exc:
             raise _delivery_error(exc) from exc
         return str(response["MessageId"])
 
@@ -148,15 +157,24 @@ def _credentials_reason(exc: BotoCoreError) -> str:
     )
 
 
+def _error_code(exc: ClientError) -> str:
+    return str(exc.response.get("Error", {}).get("Code", "Unknown"))
+
+
 def _delivery_error(exc: ClientError | BotoCoreError) -> DeliveryError:
     """Map botocore failures to retry-or-give-up; reasons never include the message text."""
     if isinstance(exc, ClientError):
         error = exc.response.get("Error", {})
-        code = str(error.get("Code", "Unknown"))
+        code = _error_code(exc)
         status = int(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0) or 0)
         detail = error.get("Message")
         reason = shorten(f"SNS {code}: {detail}" if detail else f"SNS {code}")
-        if code in TRANSIENT_ERROR_CODES or status == 429 or status >= 500:
+        if (
+            code in TRANSIENT_ERROR_CODES
+            or code in EXPIRED_CREDENTIAL_CODES
+            or status == 429
+            or status >= 500
+        ):
             return TransientDeliveryError(reason)
         # InvalidParameter (bad number), OptedOut, AuthorizationError, ...: retrying cannot help.
         return PermanentDeliveryError(reason)
