@@ -47,9 +47,11 @@ class EnvValues:
         value = self._raw(name, kind, default)
         return default if value is None else value
 
-    def matching(self, name: str, default: str, kind: str, pattern: str, wanted: str) -> str:
+    def matching(
+        self, name: str, default: str, kind: str, pattern: str, wanted: str, *, ignore_case: bool = True
+    ) -> str:
         value = self.text(name, default, kind)
-        if value != default and not re.fullmatch(pattern, value, re.IGNORECASE):
+        if value != default and not re.fullmatch(pattern, value, re.IGNORECASE if ignore_case else 0):
             raise SettingsError(f"{self.PREFIX}{name} must be {wanted}, got {mask_url(value)!r}")
         return value
 
@@ -129,10 +131,10 @@ class EnvValues:
             return ()
         codes = tuple(dict.fromkeys(c.strip().upper() for c in value.split(",") if c.strip()))
         unknown = [c for c in codes if c not in phonenumbers.SUPPORTED_REGIONS]
-        if unknown:
+        if unknown or not codes:  # only commas would read as every country: the guard off
             raise SettingsError(
-                f"{self.PREFIX}{name} must list ISO 3166 country codes like US,CA,GB; "
-                f"unknown: {', '.join(unknown)}"
+                f"{self.PREFIX}{name} must list ISO 3166 country codes like US,CA,GB (or be unset "
+                f"for every country); {'unknown: ' + ', '.join(unknown) if unknown else f'got {value!r}'}"
             )
         return codes
 

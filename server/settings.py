@@ -184,9 +184,22 @@ class Settings:
             ca_file=env.text("SMTP_CA_FILE", ""),
         )
         sns = SnsSettings(
-            region=env.text("SNS_REGION", SnsSettings.region),
+            region=env.matching(
+                "SNS_REGION",
+                SnsSettings.region,
+                "text",
+                r"[a-z]{2}(-[a-z]+)+-\d+",
+                "an AWS region in lower case, like us-east-1",
+                ignore_case=False,
+            ),
             endpoint_url=env.matching("SNS_ENDPOINT_URL", "", "url", r"https?://.+", "an http(s):// URL"),
-            sender_id=env.text("SNS_SENDER_ID", ""),
+            sender_id=env.matching(
+                "SNS_SENDER_ID",
+                "",
+                "text",
+                r"(?=[a-z0-9-]*[a-z])[a-z0-9-]{1,11}",
+                "1 to 11 letters, digits or hyphens with at least one letter (SNS refuses any other)",
+            ),
         )
         return cls(
             listen=env.address("LISTEN", cls.listen, "host:port"),

@@ -221,3 +221,28 @@ def test_values_checked_when_used_are_one_line_errors_too(
     assert result.returncode == 2, result.stderr
     assert result.stderr.startswith(f"twofactor: configuration error: {named}"), result.stderr
     assert result.stderr.count("\n") == 1
+
+
+MISREAD = [
+    ("TWOFACTOR_SNS_REGION", "us-east1"),  # DNS fails: every text retried until it expires
+    ("TWOFACTOR_SNS_REGION", "US-EAST-1"),  # resolves, but signed for the wrong scope
+    ("TWOFACTOR_SNS_SENDER_ID", "Acme Bank"),  # SNS refuses each of these sender ids: every
+    ("TWOFACTOR_SNS_SENDER_ID", "AcmeSecurity2FA"),  # text would fail for good
+    ("TWOFACTOR_SNS_SENDER_ID", "123456"),
+    ("TWOFACTOR_SNS_SENDER_ID", "Acme_2FA"),
+    ("TWOFACTOR_SMS_ALLOWED_COUNTRIES", ","),  # would read as every country: the guard off
+    ("TWOFACTOR_SMS_ALLOWED_COUNTRIES", " , ,"),
+]
+
+
+@pytest.mark.parametrize(("variable", "value"), MISREAD, ids=[f"{n}={v!r}" for n, v in MISREAD])
+def test_a_value_sns_or_the_sms_guard_would_misread_is_refused_at_start(variable: str, value: str) -> None:
+    with pytest.raises(SettingsError, match=f"^{variable} must "):
+        Settings.from_env({variable: value})
+
+
+def test_the_sns_values_aws_takes_are_accepted() -> None:
+    for region in ("us-east-1", "ap-southeast-2", "us-gov-west-1", "cn-north-1", "eu-central-2"):
+        assert Settings.from_env({"TWOFACTOR_SNS_REGION": region}).sns.region == region
+    for sender_id in ("Acme", "ACME-2FA", "a", "Acme2FA1234"):
+        assert Settings.from_env({"TWOFACTOR_SNS_SENDER_ID": sender_id}).sns.sender_id == sender_id

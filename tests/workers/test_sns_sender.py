@@ -345,3 +345,16 @@ def test_expired_session_credentials_are_retried_with_the_renewed_ones(
     assert caught.value.reason.startswith("SNS ExpiredToken: ")
     assert sender.send_sms(SmsMessage(to="+14155550199", text=TEXT)) == "renewed-1"
     assert ExpiringSns.keys_seen == ["OLDKEY", "NEWKEY"]
+
+
+def test_a_region_botocore_does_not_know_is_said_at_start(caplog: pytest.LogCaptureFixture) -> None:
+    """Said, not refused (a region newer than botocore works); a known one, or moto's endpoint,
+    says nothing."""
+    with caplog.at_level(logging.WARNING, logger="twofactor_server"):
+        SnsSmsSender(SnsSettings(region="eu-west-7"))
+        SnsSmsSender(SnsSettings(region="eu-west-1"))
+        SnsSmsSender(SnsSettings(region="xx-test-9", endpoint_url="http://127.0.0.1:1"))
+    assert [r.getMessage() for r in caplog.records if r.name.endswith(".sns")] == [
+        "TWOFACTOR_SNS_REGION eu-west-7 is no SNS region this botocore knows: if it is mistyped, "
+        "every text fails; check it"
+    ]

@@ -79,6 +79,13 @@ class SnsSmsSender:
                 # at the first text (any other error building the client still refuses to start).
                 log.warning("%s", _credentials_reason(exc))
         self._client: Any = client
+        if not settings.endpoint_url and settings.region not in _known_sns_regions():
+            # Said, not refused: a region newer than this botocore works all the same.
+            log.warning(
+                "TWOFACTOR_SNS_REGION %s is no SNS region this botocore knows: if it is mistyped, "
+                "every text fails; check it",
+                settings.region,
+            )
         self._attributes: dict[str, dict[str, str]] = {
             # Transactional: AWS favours reliable delivery over cost, which an OTP needs.
             "AWS.SNS.SMS.SMSType": {"DataType": "String", "StringValue": "Transactional"},
@@ -143,6 +150,15 @@ class SnsSmsSender:
         with self._lock:
             if failed is not None and self._client is failed:
                 self._client = None
+
+
+def _known_sns_regions() -> set[str]:
+    session = boto3.session.Session()
+    return {
+        region
+        for partition in session.get_available_partitions()
+        for region in session.get_available_regions("sns", partition_name=partition)
+    }
 
 
 def _credentials_reason(exc: BotoCoreError) -> str:
