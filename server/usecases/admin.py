@@ -139,6 +139,12 @@ def _decode_token(token: str, kind: str) -> str:
 def _is_position(kind: str, position: str) -> bool:
     """Whether a decoded token holds a position the query can use; tokens are opaque but can be forged."""
     if kind == "e":
-        # isdigit() alone admits "²" and other digits int() refuses.
-        return position.isascii() and position.isdigit() and int(position) <= MAX_EVENT_ID
+        # isdigit() alone admits "²" and other digits int() refuses, and int() refuses more than
+        # 4,300 digits: the length is checked first.
+        return (
+            position.isascii()
+            and position.isdigit()
+            and len(position) <= len(str(MAX_EVENT_ID))
+            and int(position) <= MAX_EVENT_ID
+        )
     return 0 < len(position.encode()) <= MAX_USER_ID_BYTES and position.isprintable()

@@ -156,7 +156,9 @@ class Verification:
                 )
             else:  # counted when reserved; the row holds every attempt counted since
                 failures = user.failed_attempts
-                if reserved.locks:
+                # The lock this attempt's count started, unless an unlock or a reset cleared it
+                # since (the answer, from the same row, then says REJECTED too).
+                if reserved.locks and lock is not None:
                     audit_lock(
                         tx,
                         caller,

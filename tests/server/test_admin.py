@@ -636,6 +636,7 @@ BAD_TOKENS = {
     "negative event id": page_token(b"e:-5"),
     "non-ascii digits": page_token("e:²".encode()),
     "event id past 64 bits": page_token(b"e:" + b"9" * 30),
+    "more digits than int() reads": page_token(b"e:" + b"0" * 5000),  # zeros: not past 64 bits
     "NUL in a user id": page_token(b"u:\x00"),
     "user id too long": page_token(b"u:" + b"a" * 300),
 }

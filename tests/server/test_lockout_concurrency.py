@@ -8,14 +8,22 @@ from __future__ import annotations
 import random
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any
 
 import psycopg
 import pytest
 from twofactor.v1 import admin_service_pb2 as admin_pb
 from twofactor.v1 import twofactor_service_pb2 as pb
 
-from tests.conftest import Clock, Harness, ServerFactory
+from tests.conftest import TEST_KEYS, Clock, Harness, ServerFactory
 from tests.server.helpers import enroll_authenticator, totp_now, verify, wait_until
+from tests.server.stored_rows import query
+from twofactor_server.domain.keyring import Keyring
+from twofactor_server.domain.models import Caller, VerifyResult
+from twofactor_server.usecases.backup_codes import BackupCodes
+from twofactor_server.usecases.challenges import Challenges
+from twofactor_server.usecases.notices import Notices
+from twofactor_server.usecases.verification import Reservation, Verification
 
 THRESHOLD_1 = {"lockout_threshold": 1, "lockout_base_seconds": 60}
 WAIT_LIMIT = 30.0  # seconds; every wait below is for a condition, bounded by this
@@ -153,3 +161,50 @@ def test_a_right_code_cant_overtake_a_wrong_one_still_being_counted(
     assert r.result == pb.VERIFY_RESULT_LOCKED, "the right code was tried in the wrong guess's lock window"
     user = h.admin.GetUser(admin_pb.GetUserRequest(user_id="xia"), metadata=h.admin_metadata).user
     assert user.failed_attempts == 1 and user.HasField("locked_until")
+
+
+class NoDispatch:
+    def dispatch(self, challenge_id: str) -> None:
+        """The notices this test's own Verification writes stay in the outbox, where it reads them."""
+
+
+def test_an_unlock_between_a_wrong_codes_count_and_its_settling_leaves_no_lock_behind(
+    start_server: ServerFactory, clock: Clock
+) -> None:
+    """A wrong authenticator code is counted first (the fast path's own statement), then settled
+    under the row lock. An operator's UnlockUser committed in between is what the settling finds:
+    the answer is REJECTED, and neither a `user_locked` event after the operator's `user_unlocked`
+    nor a "locked out" email says otherwise. (This test's own Verification, on the server's
+    database, runs the UnlockUser RPC between the two steps.)"""
+    h = start_server(policy=THRESHOLD_1)
+    h.twofactor.SetContact(
+        pb.SetContactRequest(user_id="ivy", email="ivy@example.com"), metadata=h.app_metadata
+    )
+    secret, _ = enroll_authenticator(h, clock, "ivy")
+    policy, keyring, db = h.settings.policy, Keyring.parse(TEST_KEYS), h.server.db
+    notices = Notices(db, keyring, policy, NoDispatch(), clock)
+    challenges = Challenges(db, keyring, policy, NoDispatch(), clock)
+    verification = Verification(
+        db, keyring, policy, challenges, BackupCodes(db, keyring, policy, notices, clock), notices, clock
+    )
+    count_first = verification._accept_authenticator_code_fast
+
+    def counted_then_unlocked(*args: Any, **kwargs: Any) -> Any:
+        reserved = count_first(*args, **kwargs)
+        assert isinstance(reserved, Reservation) and reserved.locks  # this count started a lock
+        h.admin.UnlockUser(admin_pb.UnlockUserRequest(user_id="ivy"), metadata=h.admin_metadata)
+        return reserved
+
+    verification._accept_authenticator_code_fast = counted_then_unlocked  # type: ignore[method-assign]
+    [wrong] = wrong_codes(secret, clock, 1)
+    outcome = verification.verify("ivy", wrong, caller=Caller(actor="backend", request_id="race-1"))
+
+    assert outcome.result == VerifyResult.REJECTED
+    user = h.admin.GetUser(admin_pb.GetUserRequest(user_id="ivy"), metadata=h.admin_metadata).user
+    assert not user.HasField("locked_until") and user.failed_attempts == 0
+    events = h.admin.ListAuditEvents(
+        admin_pb.ListAuditEventsRequest(user_id="ivy", actions=["user_locked", "user_unlocked"]),
+        metadata=h.admin_metadata,
+    ).events
+    assert [e.action for e in events] == ["user_unlocked"]
+    assert query(h.settings, "SELECT 1 FROM challenges WHERE user_id = 'ivy' AND notice = 'locked_out'") == []
