@@ -114,6 +114,9 @@ def redis_command(*args: str | bytes) -> bytes:
     )
 
 
+HUNG_TASK_MARGIN_SECONDS = 10.0  # past the lease: the claim and the record, each under its storage timeout
+
+
 def celery_config(settings: Settings) -> dict[str, Any]:
     """Celery settings shared by the publishing server and the workers."""
     return {
@@ -127,6 +130,10 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "task_acks_late": True,
         "task_reject_on_worker_lost": True,
         "worker_prefetch_multiplier": 1,
+        # A send that hangs (a gateway that never answers) must not hold its pool process for
+        # good: past the claim's lease the attempt is void anyway (another may have taken the
+        # delivery over), so the process is replaced and the row goes back to recovery.
+        "task_time_limit": settings.delivery_lease_seconds + HUNG_TASK_MARGIN_SECONDS,
         "broker_connection_timeout": settings.broker_timeout_seconds,
         "broker_connection_retry_on_startup": True,
         "broker_transport_options": {

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 import uuid
 from pathlib import Path
 
@@ -60,3 +61,17 @@ class UuidIdSmsSender:
         with self.log.open("a") as log:
             log.write(json.dumps({"to": message.to, "id": str(message_id)}) + "\n")
         return message_id
+
+
+class HangingSmsSender:
+    """A gateway that never answers: each send notes its number in TEST_SMS_LOG, then waits
+    (bounded, so a test that fails leaves no process behind for long)."""
+
+    def __init__(self) -> None:
+        self.log = Path(os.environ["TEST_SMS_LOG"])
+
+    def send_sms(self, message: SmsMessage) -> str:
+        with self.log.open("a") as log:
+            log.write(json.dumps({"to": message.to}) + "\n")
+        time.sleep(300)
+        return "too late"
