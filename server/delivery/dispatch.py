@@ -66,7 +66,9 @@ class CeleryDispatcher:
         self._connections: list[_KeptConnection] = []  # every thread's, for close()
         self._lock = threading.Lock()
 
-    def dispatch(self, challenge_id: str, generation: int = 0) -> None:
+    def dispatch(self, challenge_id: str, generation: int = 0, *, method: str = "") -> None:
+        """Queue the delivery (every channel on the one queue: a worker's task time limit keeps
+        a hung send from holding its process)."""
         message = deliver_message(challenge_id, generation, self._queue)
         try:
             try:
@@ -111,26 +113,32 @@ class CeleryDispatcher:
 
 
 class InProcessDispatcher:
-    """The embedded default: deliveries run on a small thread pool, retries on timers.
+    """The embedded default: deliveries run on small thread pools, retries on timers.
 
+    Texts have a pool of their own: a thread can't be stopped, so a gateway that never
+    answers holds its threads until the process ends, and it must not hold the emails'.
     Nothing here has to survive a crash: a delivery dropped by a crash or a
     shutdown is still in the outbox, and recovery publishes it again.
     """
 
-    def __init__(self, deliverer: Deliverer, workers: int = 4) -> None:
+    def __init__(self, deliverer: Deliverer, workers: int = 4, sms_workers: int = 2) -> None:
         self._deliverer = deliverer
         self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="delivery")
+        self._sms_pool = ThreadPoolExecutor(max_workers=sms_workers, thread_name_prefix="delivery-sms")
         self._timers: set[threading.Timer] = set()
         self._lock = threading.Lock()
         self._closed = False
 
-    def dispatch(self, challenge_id: str, generation: int = 0) -> None:
+    def dispatch(self, challenge_id: str, generation: int = 0, *, method: str = "") -> None:
         try:
-            self._pool.submit(self._run, challenge_id, generation, 0)
+            self._pool_for(method).submit(self._run, challenge_id, generation, 0, method)
         except RuntimeError:  # shut down: recovery publishes it at the next start
             log.info("delivery of %s left to recovery: shutting down", challenge_id)
 
-    def _run(self, challenge_id: str, generation: int, tries: int) -> None:
+    def _pool_for(self, method: str) -> ThreadPoolExecutor:
+        return self._sms_pool if method == "sms" else self._pool
+
+    def _run(self, challenge_id: str, generation: int, tries: int, method: str = "") -> None:
         try:
             outcome = self._deliverer.deliver(challenge_id, generation, tries=tries)
         except Exception:
@@ -141,19 +149,21 @@ class InProcessDispatcher:
                 if self._closed:
                     return
                 timer = threading.Timer(
-                    outcome.retry_in, self._retry, args=(challenge_id, outcome.retry_generation, tries + 1)
+                    outcome.retry_in,
+                    self._retry,
+                    args=(challenge_id, outcome.retry_generation, tries + 1, method),
                 )
                 timer.daemon = True
                 self._timers.add(timer)
                 timer.start()
 
-    def _retry(self, challenge_id: str, generation: int, tries: int) -> None:
+    def _retry(self, challenge_id: str, generation: int, tries: int, method: str) -> None:
         with self._lock:
             self._timers = {t for t in self._timers if t.is_alive() and t is not threading.current_thread()}
             if self._closed:
                 return
             try:
-                self._pool.submit(self._run, challenge_id, generation, tries)
+                self._pool_for(method).submit(self._run, challenge_id, generation, tries, method)
             except RuntimeError:
                 return
 
@@ -166,6 +176,7 @@ class InProcessDispatcher:
             for timer in self._timers:
                 timer.cancel()
         self._pool.shutdown(wait=True, cancel_futures=True)
+        self._sms_pool.shutdown(wait=True, cancel_futures=True)
 
 
 def build_deliverer(

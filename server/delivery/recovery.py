@@ -31,7 +31,7 @@ from __future__ import annotations
 import logging
 import random
 import threading
-from collections.abc import Callable
+from typing import Protocol
 
 from twofactor_server.domain.clock import Clock, now_ms, system_clock
 from twofactor_server.domain.errors import StorageUnavailable, Unavailable
@@ -43,7 +43,13 @@ log = logging.getLogger(__name__)
 # Jitter from a generator of our own: the global one belongs to the embedding program (and tests).
 _jitter = random.Random()  # noqa: S311 - jitter, not a secret
 
-Publish = Callable[[str, int], None]  # (challenge_id, generation); raises Unavailable
+
+class Publish(Protocol):
+    def __call__(self, challenge_id: str, generation: int, *, method: str) -> None:
+        """Publish the delivery again (`method`: its channel); raise Unavailable when the queue
+        can't be reached."""
+
+
 BATCH = 200
 
 
@@ -84,7 +90,8 @@ class OutboxRecovery:
                 )
             for index, challenge in enumerate(taken):
                 try:
-                    self._publish(challenge.challenge_id, challenge.publish_generation)
+                    generation = challenge.publish_generation
+                    self._publish(challenge.challenge_id, generation, method=challenge.method)
                 except Unavailable:
                     # Not in the queue: this row and the batch's rest are due again at the next
                     # round (the wait after a republish is for messages that may be only late).

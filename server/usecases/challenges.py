@@ -34,8 +34,9 @@ _SEND_ACTIONS = {ENROLLMENT: "enrollment_started", CONTACT: "contact_change_star
 class Dispatcher(Protocol):
     """Hands a committed challenge to delivery (a Celery queue, or the in-process runner)."""
 
-    def dispatch(self, challenge_id: str) -> None:
-        """Queue the delivery; raise Unavailable when the queue can't be reached."""
+    def dispatch(self, challenge_id: str, *, method: str = "") -> None:
+        """Queue the delivery (`method`: the channel, which the in-process runner keeps apart);
+        raise Unavailable when the queue can't be reached."""
 
 
 def challenge_data(challenge_id: str, code: str) -> bytes:
@@ -172,7 +173,7 @@ class Challenges:
                 assert authorize is not None, "an enrollment is started only under the step-up rule"
                 store.start_method_enrollment(tx, user_id, method, now, with_proof=with_proof)
         try:
-            self._dispatcher.dispatch(challenge_id)
+            self._dispatcher.dispatch(challenge_id, method=method)
         except Unavailable:
             with self._db.transaction() as tx:
                 voided = outbox.void_unpublished(tx, challenge_id, now_ms(self._clock))

@@ -78,7 +78,7 @@ class RecordingDispatcher:
         self.challenge_ids: list[str] = []
         self._lock = threading.Lock()
 
-    def dispatch(self, challenge_id: str) -> None:
+    def dispatch(self, challenge_id: str, *, method: str = "") -> None:
         with self._lock:
             self.challenge_ids.append(challenge_id)
 

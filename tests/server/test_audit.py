@@ -150,7 +150,7 @@ def test_a_bad_filter_is_invalid_audit_filter(
 
 
 class _NeverDispatched:
-    def dispatch(self, challenge_id: str) -> None:
+    def dispatch(self, challenge_id: str, *, method: str = "") -> None:
         raise AssertionError("Verify sends nothing")
 
 

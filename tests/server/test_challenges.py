@@ -344,7 +344,7 @@ class SwitchableQueue:
         self.down = False
         self.published: list[str] = []
 
-    def dispatch(self, challenge_id: str) -> None:
+    def dispatch(self, challenge_id: str, *, method: str = "") -> None:
         if self.down:
             raise Unavailable("BROKER_UNAVAILABLE", "the delivery queue can't be reached; retry later")
         self.published.append(challenge_id)

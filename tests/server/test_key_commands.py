@@ -260,7 +260,7 @@ def test_keys_status_says_to_add_back_a_key_that_stored_values_need(
 
 
 class NoDispatch:
-    def dispatch(self, challenge_id: str) -> None:
+    def dispatch(self, challenge_id: str, *, method: str = "") -> None:
         raise AssertionError("seeding sends nothing")
 
 

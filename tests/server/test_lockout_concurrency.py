@@ -164,7 +164,7 @@ def test_a_right_code_cant_overtake_a_wrong_one_still_being_counted(
 
 
 class NoDispatch:
-    def dispatch(self, challenge_id: str) -> None:
+    def dispatch(self, challenge_id: str, *, method: str = "") -> None:
         """The notices this test's own Verification writes stay in the outbox, where it reads them."""
 
 

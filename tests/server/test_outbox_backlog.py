@@ -114,7 +114,7 @@ class _Broker:
         self.up = False
         self.messages: list[tuple[str, int]] = []
 
-    def publish(self, challenge_id: str, generation: int) -> None:
+    def publish(self, challenge_id: str, generation: int, *, method: str = "") -> None:
         if not self.up:
             raise Unavailable("BROKER_UNAVAILABLE", "the delivery queue can't be reached; retry later")
         self.messages.append((challenge_id, generation))

@@ -31,7 +31,7 @@ class Published:
     def __init__(self) -> None:
         self.messages: list[tuple[str, int]] = []
 
-    def dispatch(self, challenge_id: str, generation: int = 0) -> None:
+    def dispatch(self, challenge_id: str, generation: int = 0, *, method: str = "") -> None:
         self.messages.append((challenge_id, generation))
 
 

@@ -46,7 +46,7 @@ CALLER = Caller(actor="test", request_id="test")
 
 
 class NoDispatch:
-    def dispatch(self, challenge_id: str) -> None:
+    def dispatch(self, challenge_id: str, *, method: str = "") -> None:
         raise AssertionError("nothing is sent in these tests")
 
 

@@ -29,7 +29,7 @@ class RecordingDispatcher:
         self.challenge_ids: list[str] = []
         self._lock = threading.Lock()
 
-    def dispatch(self, challenge_id: str) -> None:
+    def dispatch(self, challenge_id: str, *, method: str = "") -> None:
         with self._lock:
             self.challenge_ids.append(challenge_id)
 
@@ -140,7 +140,7 @@ class SwitchableQueue(RecordingDispatcher):
 
     down = False
 
-    def dispatch(self, challenge_id: str) -> None:
+    def dispatch(self, challenge_id: str, *, method: str = "") -> None:
         if self.down:
             raise Unavailable("BROKER_UNAVAILABLE", "the delivery queue can't be reached; retry later")
         super().dispatch(challenge_id)

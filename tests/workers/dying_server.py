@@ -14,7 +14,7 @@ from twofactor_server.settings import Settings
 
 
 class DiesBeforePublishing:
-    def dispatch(self, challenge_id: str) -> None:
+    def dispatch(self, challenge_id: str, *, method: str = "") -> None:
         os.kill(os.getpid(), signal.SIGKILL)
 
 

@@ -91,7 +91,7 @@ class NoDispatch:
     def __init__(self) -> None:
         self.challenge_ids: list[str] = []
 
-    def dispatch(self, challenge_id: str) -> None:
+    def dispatch(self, challenge_id: str, *, method: str = "") -> None:
         self.challenge_ids.append(challenge_id)
 
 
@@ -134,7 +134,9 @@ def assert_never_sent_again(
     """Past the lease, neither the delivery's message nor outbox recovery sends it again."""
     clock.advance(LEASE_SECONDS + 1)
     republished: list[tuple[str, int]] = []
-    recovery = OutboxRecovery(db, lambda c, g: republished.append((c, g)), recovery_seconds=10, clock=clock)
+    recovery = OutboxRecovery(
+        db, lambda c, g, method: republished.append((c, g)), recovery_seconds=10, clock=clock
+    )
     assert recovery.run_once() == 0 and republished == []
     assert delivery.deliver(challenge_id, 0).status == "nothing_to_do"
     assert len(gateway.sent) == 1
