@@ -227,7 +227,7 @@ class Settings:
             ),
             delivery_lease_seconds=env.float("DELIVERY_LEASE_SECONDS", cls.delivery_lease_seconds, 1, 3600),
             email_provider=env.choice("EMAIL_PROVIDER", cls.email_provider, ("console", "smtp")),
-            sms_provider=env.text("SMS_PROVIDER", cls.sms_provider),
+            sms_provider=_builtin_in_lower_case(env.text("SMS_PROVIDER", cls.sms_provider)),
             smtp=smtp,
             sns=sns,
             policy=policy,
@@ -275,3 +275,8 @@ def effective_configuration() -> list[tuple[str, str]]:
     from twofactor_server.configuration import effective_in
 
     return effective_in(os.environ)
+
+
+def _builtin_in_lower_case(provider: str) -> str:
+    """`SNS` is `sns`, as `SMTP` is `smtp` for the email provider; a class path keeps its case."""
+    return provider.lower() if provider.lower() in ("console", "sns") else provider

@@ -47,23 +47,28 @@ def load_custom_sms_sender(path: str) -> SmsSender:
         target: Any = importlib.import_module(module_name)
     except Exception as exc:  # a broken module can raise anything at import time
         raise ProviderConfigError(
-            f"SMS provider {path!r}: cannot import module {module_name!r}: {type(exc).__name__}: {exc}"
+            f"TWOFACTOR_SMS_PROVIDER {path!r}: cannot import module {module_name!r}: "
+            f"{type(exc).__name__}: {exc}"
         ) from exc
     for name in attribute.split("."):  # "module:Outer.Inner" reaches nested classes too
         try:
             target = getattr(target, name)
         except AttributeError:
-            raise ProviderConfigError(f"SMS provider {path!r}: no {attribute!r} in {module_name!r}") from None
+            raise ProviderConfigError(
+                f"TWOFACTOR_SMS_PROVIDER {path!r}: no {attribute!r} in {module_name!r}"
+            ) from None
     if not callable(target):
-        raise ProviderConfigError(f"SMS provider {path!r}: {attribute!r} is not a class")
+        raise ProviderConfigError(f"TWOFACTOR_SMS_PROVIDER {path!r}: {attribute!r} is not a class")
     try:
         sender = target()
     except Exception as exc:
         raise ProviderConfigError(
-            f"SMS provider {path!r}: {attribute}() failed: {type(exc).__name__}: {exc}"
+            f"TWOFACTOR_SMS_PROVIDER {path!r}: {attribute}() failed: {type(exc).__name__}: {exc}"
         ) from exc
     if not callable(getattr(sender, "send_sms", None)):
-        raise ProviderConfigError(f"SMS provider {path!r}: {attribute} has no callable send_sms(message)")
+        raise ProviderConfigError(
+            f"TWOFACTOR_SMS_PROVIDER {path!r}: {attribute} has no callable send_sms(message)"
+        )
     return cast(SmsSender, sender)
 
 
@@ -75,6 +80,6 @@ def _split_path(path: str) -> tuple[str, str]:
         module_name, _, attribute = path.rpartition(".")
     if not module_name or not attribute or ":" in attribute:
         raise ProviderConfigError(
-            f"SMS provider must be console, sns or package.module:ClassName, got {path!r}"
+            f"TWOFACTOR_SMS_PROVIDER must be console, sns or package.module:ClassName, got {path!r}"
         )
     return module_name, attribute
