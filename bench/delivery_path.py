@@ -51,7 +51,7 @@ class RecordingDispatch:
     def __init__(self) -> None:
         self.queued: list[tuple[str, int]] = []
 
-    def dispatch(self, challenge_id: str, generation: int = 0) -> None:
+    def dispatch(self, challenge_id: str, generation: int = 0, *, method: str = "") -> None:
         self.queued.append((challenge_id, generation))
 
 

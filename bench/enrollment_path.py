@@ -43,7 +43,7 @@ URI = (
 
 
 class NoDispatch:
-    def dispatch(self, challenge_id: str) -> None:
+    def dispatch(self, challenge_id: str, *, method: str = "") -> None:
         raise AssertionError("the bench sends no email or SMS")
 
 

@@ -151,7 +151,7 @@ def explain_all(
     sent: list[str] = []
 
     class Recording:
-        def dispatch(self, challenge_id: str) -> None:
+        def dispatch(self, challenge_id: str, *, method: str = "") -> None:
             sent.append(challenge_id)
 
     challenges = Challenges(db, keyring, policy, Recording(), clock)  # type: ignore[arg-type]
