@@ -50,13 +50,19 @@ def h(sink: SmtpSink, start_server: ServerFactory) -> Harness:
     )
 
 
-def enroll_email(h: Harness, sink: SmtpSink, user: str, address: str) -> None:
+def email_enrollment_code(h: Harness, sink: SmtpSink, user: str, address: str) -> str:
+    """Set the address (at once: email is not on yet), start an email enrollment, and return the
+    code mailed there."""
     h.twofactor.SetContact(pb.SetContactRequest(user_id=user, email=address), metadata=h.app_metadata)
     before = len(sink.messages)
     h.twofactor.StartEnrollment(
         pb.StartEnrollmentRequest(user_id=user, method=EMAIL), metadata=h.app_metadata
     )
-    code = code_in(sink.message_to(address, "Confirm", after=before))
+    return code_in(sink.message_to(address, "Confirm", after=before))
+
+
+def enroll_email(h: Harness, sink: SmtpSink, user: str, address: str) -> None:
+    code = email_enrollment_code(h, sink, user, address)
     confirm = h.twofactor.ConfirmEnrollment(
         pb.ConfirmEnrollmentRequest(user_id=user, method=EMAIL, code=code), metadata=h.app_metadata
     )
@@ -76,6 +82,15 @@ def email_token(h: Harness, sink: SmtpSink, user: str) -> str:
     answer = verify(h, user, code)
     assert answer.result == pb.VERIFY_RESULT_ACCEPTED
     return answer.verification_token
+
+
+def new_email_code(h: Harness, sink: SmtpSink, user: str, address: str, token: str) -> str:
+    """SetContact with a new address for a user whose email is on; the code mailed to it."""
+    before = len(sink.messages)
+    h.twofactor.SetContact(
+        pb.SetContactRequest(user_id=user, email=address, verification_token=token), metadata=h.app_metadata
+    )
+    return code_in(sink.message_to(address, "Confirm", after=before))
 
 
 def confirm_contact(h: Harness, user: str, method: int, code: str) -> pb.ConfirmContactResponse:
@@ -170,12 +185,7 @@ def test_only_the_newest_pending_change_can_be_confirmed(h: Harness, sink: SmtpS
     token = email_token(h, sink, "bo")
     codes = []
     for address in ("first@example.com", "second@example.com"):
-        before = len(sink.messages)
-        h.twofactor.SetContact(
-            pb.SetContactRequest(user_id="bo", email=address, verification_token=token),
-            metadata=h.app_metadata,
-        )
-        codes.append(code_in(sink.message_to(address, "Confirm", after=before)))
+        codes.append(new_email_code(h, sink, "bo", address, token))
     assert [c.masked_destination for c in pending_changes(h, "bo")] == ["s***@example.com"]  # the newest
     if codes[0] != codes[1]:
         assert confirm_contact(h, "bo", EMAIL, codes[0]).result == pb.CONFIRM_RESULT_REJECTED
@@ -225,12 +235,7 @@ def test_codes_sent_to_the_old_address_stop_working_once_the_new_one_is_confirme
     token = email_token(h, sink, "eli")
     to, old_code = login_code_by_email(h, sink, "eli")
     assert to == "eli@old.example"
-    before = len(sink.messages)
-    h.twofactor.SetContact(
-        pb.SetContactRequest(user_id="eli", email="eli@new.example", verification_token=token),
-        metadata=h.app_metadata,
-    )
-    code = code_in(sink.message_to("eli@new.example", "Confirm", after=before))
+    code = new_email_code(h, sink, "eli", "eli@new.example", token)
     assert confirm_contact(h, "eli", EMAIL, code).result == pb.CONFIRM_RESULT_CONFIRMED
     assert verify(h, "eli", old_code).result == pb.VERIFY_RESULT_REJECTED
     stored = query(
@@ -294,12 +299,7 @@ def test_confirm_contact_refuses_what_it_cannot_do(h: Harness, sink: SmtpSink) -
 def test_wrong_confirmation_codes_count_toward_the_lockout(h: Harness, sink: SmtpSink) -> None:
     enroll_email(h, sink, "gus", "gus@example.com")
     token = email_token(h, sink, "gus")
-    before = len(sink.messages)
-    h.twofactor.SetContact(
-        pb.SetContactRequest(user_id="gus", email="gus2@example.com", verification_token=token),
-        metadata=h.app_metadata,
-    )
-    right = code_in(sink.message_to("gus2@example.com", "Confirm", after=before))
+    right = new_email_code(h, sink, "gus", "gus2@example.com", token)
     wrong = "000000" if right != "000000" else "111111"
     answers = [confirm_contact(h, "gus", EMAIL, wrong) for _ in range(5)]
     assert [a.result for a in answers] == [pb.CONFIRM_RESULT_REJECTED] * 4 + [pb.CONFIRM_RESULT_LOCKED]
@@ -361,14 +361,7 @@ def test_an_email_enrollment_is_confirmed_only_for_the_address_its_code_reached(
     """The address changes at once while email is not on yet; the code sent to the old one does
     not enable email for the new, unproven address."""
     h = start_server(email_provider="smtp", smtp=sink.settings(), policy={"resend_cooldown_seconds": 0})
-    h.twofactor.SetContact(
-        pb.SetContactRequest(user_id="vic", email="old@example.com"), metadata=h.app_metadata
-    )
-    before = len(sink.messages)
-    h.twofactor.StartEnrollment(
-        pb.StartEnrollmentRequest(user_id="vic", method=EMAIL), metadata=h.app_metadata
-    )
-    code = code_in(sink.message_to("old@example.com", "Confirm", after=before))
+    code = email_enrollment_code(h, sink, "vic", "old@example.com")
     h.twofactor.SetContact(
         pb.SetContactRequest(user_id="vic", email="typo@exampel.com"), metadata=h.app_metadata
     )

@@ -16,15 +16,17 @@ from tests.server.stored_rows import query
 from tests.server.test_challenges import SharedRecordingSms
 from tests.server.test_contact_change import (
     confirm_contact,
+    email_enrollment_code,
     email_token,
     enroll_email,
     failed,
     login_code_by_email,
+    new_email_code,
     pending_changes,
     sms_code,
     wait_for_text,
 )
-from tests.smtp_sink import SmtpSink, code_in
+from tests.smtp_sink import SmtpSink
 
 # The fixtures of test_contact_change: an SMTP sink, and a server delivering to it and to a
 # recording SMS class.
@@ -46,6 +48,11 @@ CONTACT_CHANGES = (
 NOTICES = "SELECT COUNT(*) AS n FROM challenges WHERE user_id = %(u)s AND purpose = 'notice'"
 
 
+def confirm_email_enrollment_refused(h: Harness, user: str, code: str) -> grpc.RpcError:
+    request = pb.ConfirmEnrollmentRequest(user_id=user, method=EMAIL, code=code)
+    return failed(lambda: h.twofactor.ConfirmEnrollment(request, metadata=h.app_metadata))
+
+
 def contacts_of(h: Harness, user: str) -> dict[str, str | None]:
     [row] = query(h.settings, "SELECT email, phone FROM users WHERE user_id = %(u)s", {"u": user})
     return row
@@ -59,12 +66,7 @@ def test_a_contact_change_waiting_when_its_method_is_turned_off_can_never_be_con
     nor bring a fresh step-up proof: not while email is off, nor once it is on again."""
     enroll_email(h, sink, "ivy", "ivy@old.example")
     token = email_token(h, sink, "ivy")
-    before = len(sink.messages)
-    h.twofactor.SetContact(
-        pb.SetContactRequest(user_id="ivy", email="ivy@attacker.example", verification_token=token),
-        metadata=h.app_metadata,
-    )
-    their_code = code_in(sink.message_to("ivy@attacker.example", "Confirm", after=before))
+    their_code = new_email_code(h, sink, "ivy", "ivy@attacker.example", token)
     assert [c.masked_destination for c in pending_changes(h, "ivy")] == ["i***@attacker.example"]
 
     disable(h, "ivy", EMAIL, token)
@@ -105,14 +107,7 @@ def test_an_enrollment_code_sent_before_a_direct_address_change_is_withdrawn(
 ) -> None:
     """The address of a method not yet on changes at once; the code mailed to the old one is
     withdrawn with it, and a confirmation says to start again (it counts no wrong attempt)."""
-    h.twofactor.SetContact(
-        pb.SetContactRequest(user_id="kit", email="kit@old.example"), metadata=h.app_metadata
-    )
-    before = len(sink.messages)
-    h.twofactor.StartEnrollment(
-        pb.StartEnrollmentRequest(user_id="kit", method=EMAIL), metadata=h.app_metadata
-    )
-    code = code_in(sink.message_to("kit@old.example", "Confirm", after=before))
+    code = email_enrollment_code(h, sink, "kit", "kit@old.example")
     h.twofactor.SetContact(
         pb.SetContactRequest(user_id="kit", email="kit@new.example"), metadata=h.app_metadata
     )
@@ -122,11 +117,7 @@ def test_an_enrollment_code_sent_before_a_direct_address_change_is_withdrawn(
         "WHERE user_id = 'kit' AND purpose = 'enrollment'",
     )
     assert stored == [{"withdrawn": True}]
-    refused = failed(
-        lambda: h.twofactor.ConfirmEnrollment(
-            pb.ConfirmEnrollmentRequest(user_id="kit", method=EMAIL, code=code), metadata=h.app_metadata
-        )
-    )
+    refused = confirm_email_enrollment_refused(h, "kit", code)
     assert error_info(refused).reason == "NO_PENDING_ENROLLMENT"
     assert "call StartEnrollment again" in str(refused.details())  # type: ignore[attr-defined]
     [user] = query(h.settings, "SELECT failed_attempts FROM users WHERE user_id = 'kit'")
@@ -134,20 +125,9 @@ def test_an_enrollment_code_sent_before_a_direct_address_change_is_withdrawn(
 
 
 def test_an_expired_enrollment_code_says_to_start_again(h: Harness, sink: SmtpSink, clock: Clock) -> None:
-    h.twofactor.SetContact(
-        pb.SetContactRequest(user_id="lu", email="lu@example.com"), metadata=h.app_metadata
-    )
-    before = len(sink.messages)
-    h.twofactor.StartEnrollment(
-        pb.StartEnrollmentRequest(user_id="lu", method=EMAIL), metadata=h.app_metadata
-    )
-    code = code_in(sink.message_to("lu@example.com", "Confirm", after=before))
+    code = email_enrollment_code(h, sink, "lu", "lu@example.com")
     clock.advance(h.settings.policy.code_ttl_seconds + 1)
-    refused = failed(
-        lambda: h.twofactor.ConfirmEnrollment(
-            pb.ConfirmEnrollmentRequest(user_id="lu", method=EMAIL, code=code), metadata=h.app_metadata
-        )
-    )
+    refused = confirm_email_enrollment_refused(h, "lu", code)
     assert error_info(refused).reason == "NO_PENDING_ENROLLMENT"
     assert "it expired, or the address changed" in str(refused.details())  # type: ignore[attr-defined]
 

@@ -23,6 +23,7 @@ from tests.server.helpers import EMAIL
 from tests.smtp_sink import SmtpSink, free_port
 
 TWOFACTOR = str(Path(sys.executable).with_name("twofactor"))
+ROOT = Path(__file__).resolve().parents[2]
 
 
 class Workers:
@@ -79,6 +80,17 @@ class Workers:
 
     def logs(self) -> str:
         return "\n".join(p.read_text(errors="replace") for p in sorted(self.log_dir.glob("worker-*.log")))
+
+    def text_through(self, class_name: str, log: Path) -> None:
+        """Workers started after this text through a class of tests/workers/custom_sms.py, which
+        notes each text in `log` (TEST_SMS_LOG)."""
+        self.env.update(
+            {
+                "TWOFACTOR_SMS_PROVIDER": f"tests.workers.custom_sms:{class_name}",
+                "TEST_SMS_LOG": str(log),
+                "PYTHONPATH": str(ROOT),  # where the worker imports tests.workers.custom_sms from
+            }
+        )
 
 
 def worker_env(h: Harness) -> dict[str, str]:

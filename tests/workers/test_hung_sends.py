@@ -17,8 +17,6 @@ from tests.server.helpers import SMS
 from tests.smtp_sink import SmtpSink
 from tests.workers.celery_harness import Workers, celery_server, start_email_enrollment, wait_for_status
 
-ROOT = Path(__file__).resolve().parents[2]
-
 
 def test_a_hung_text_does_not_stop_the_emails_behind_it(
     sink: SmtpSink,
@@ -31,13 +29,7 @@ def test_a_hung_text_does_not_stop_the_emails_behind_it(
     texts = tmp_path / "texts.jsonl"
     texts.touch()
     workers = workers_for(h)
-    workers.env.update(
-        {
-            "TWOFACTOR_SMS_PROVIDER": "tests.workers.custom_sms:HangingSmsSender",
-            "TEST_SMS_LOG": str(texts),
-            "PYTHONPATH": str(ROOT),  # where the worker imports tests.workers.custom_sms from
-        }
-    )
+    workers.text_through("HangingSmsSender", texts)
     worker = workers.start(concurrency=1)
     h.twofactor.SetContact(pb.SetContactRequest(user_id="hal", phone="+14155550100"), metadata=h.app_metadata)
     h.twofactor.StartEnrollment(pb.StartEnrollmentRequest(user_id="hal", method=SMS), metadata=h.app_metadata)

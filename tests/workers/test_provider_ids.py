@@ -31,7 +31,6 @@ from twofactor_server.delivery.recovery import OutboxRecovery
 from twofactor_server.domain.keyring import Keyring
 from twofactor_server.storage.database import Database, open_database
 
-ROOT = Path(__file__).resolve().parents[2]
 LEASE_SECONDS = 120.0
 FIXED_UUID = uuid.UUID("7d444840-9dc0-11d1-b245-5ffdce74fad2")
 
@@ -223,13 +222,7 @@ def test_a_worker_with_a_class_returning_a_uuid_texts_once_and_records_it_as_tex
     texts = tmp_path / "texts.jsonl"
     texts.touch()
     workers = workers_for(h)
-    workers.env.update(
-        {
-            "TWOFACTOR_SMS_PROVIDER": "tests.workers.custom_sms:UuidIdSmsSender",
-            "TEST_SMS_LOG": str(texts),
-            "PYTHONPATH": str(ROOT),  # where the worker imports tests.workers.custom_sms from
-        }
-    )
+    workers.text_through("UuidIdSmsSender", texts)
     worker = workers.start()
 
     challenge_id = start_sms_enrollment(h, "cat")

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import json
 import re
-import threading
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 
 import pytest
 
+from tests.http_stub import serving
 from twofactor_server.delivery.providers import (
     PermanentDeliveryError,
     SmsMessage,
@@ -42,15 +42,8 @@ class Gateway(BaseHTTPRequestHandler):
 def gateway() -> Iterator[str]:
     Gateway.received = []
     Gateway.status = 200
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Gateway)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{server.server_address[1]}/sms"
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join(timeout=30)
+    with serving(Gateway) as url:
+        yield f"{url}/sms"
 
 
 @pytest.fixture

@@ -8,10 +8,9 @@ import json
 import logging
 import os
 import socket
-import threading
 import urllib.parse
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -20,6 +19,7 @@ from botocore.awsrequest import AWSResponse
 from moto.core.models import DEFAULT_ACCOUNT_ID
 from moto.sns.models import sns_backends
 
+from tests.http_stub import serving
 from twofactor_server.delivery.providers import (
     DeliveryError,
     PermanentDeliveryError,
@@ -214,18 +214,9 @@ class ContainerRole(BaseHTTPRequestHandler):
 def container_role(no_credentials: None, monkeypatch: pytest.MonkeyPatch) -> Iterator[type[ContainerRole]]:
     ContainerRole.ready = False
     ContainerRole.asked = 0
-    server = ThreadingHTTPServer(("127.0.0.1", 0), ContainerRole)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    monkeypatch.setenv(
-        "AWS_CONTAINER_CREDENTIALS_FULL_URI", f"http://127.0.0.1:{server.server_address[1]}/creds"
-    )
-    try:
+    with serving(ContainerRole) as url:
+        monkeypatch.setenv("AWS_CONTAINER_CREDENTIALS_FULL_URI", f"{url}/creds")
         yield ContainerRole
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join(timeout=30)
 
 
 def test_a_container_role_not_ready_at_start_is_retried_until_it_answers(
@@ -312,15 +303,8 @@ class ExpiringSns(BaseHTTPRequestHandler):
 @pytest.fixture
 def expiring_sns() -> Iterator[str]:
     ExpiringSns.keys_seen = []
-    server = ThreadingHTTPServer(("127.0.0.1", 0), ExpiringSns)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{server.server_address[1]}"
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join(timeout=30)
+    with serving(ExpiringSns) as url:
+        yield url
 
 
 def test_expired_session_credentials_are_retried_with_the_renewed_ones(
