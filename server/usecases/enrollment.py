@@ -118,10 +118,10 @@ class Enrollment:
         log in again (RFC 6238 §5.2). Enabling moves the credential epoch on and returns a
         step-up proof at the new epoch, so the new backup codes can be shown at once.
         """
-        require_allowed(method, self._policy)
         digits = one_time_codes.normalize(code)
-        if digits is None:
+        if digits is None:  # malformed whatever the state, the policy included
             raise InvalidArgument("INVALID_CODE", "code must be 6 to 10 digits")
+        require_allowed(method, self._policy)
         now = now_ms(self._clock)
         with self._db.transaction() as tx:
             user = existing_user(tx, user_id, lock=True)

@@ -69,7 +69,9 @@ class UserProfiles:
             if user is None:
                 return None
             state = load_state(tx, user, self._policy, now)
-            changes = self._challenges.pending_contact_changes(tx, user_id, now, state.enabled_methods)
+            # The methods ConfirmContact takes a code for: enabled and allowed by the policy.
+            usable = tuple(m for m in state.enabled_methods if m in self._policy.allowed_methods)
+            changes = self._challenges.pending_contact_changes(tx, user_id, now, usable)
             return replace(state, contact_changes=changes)
 
     def set_contact(

@@ -154,11 +154,9 @@ class Verification:
                 lock = lockout.lock_of(
                     failures, lockout.locked_until_after(failures, self._policy, now), self._policy, now
                 )
-            else:  # counted when reserved; the row holds every attempt counted since
+            else:  # counted when reserved; the row holds every count since, or an unlock's clearing
                 failures = user.failed_attempts
-                # The lock this attempt's count started, unless an unlock or a reset cleared it
-                # since (the answer, from the same row, then says REJECTED too).
-                if reserved.locks and lock is not None:
+                if reserved.locks and lock is not None:  # the lock it started, if still there
                     audit_lock(
                         tx,
                         caller,

@@ -8,7 +8,7 @@ from google.protobuf.message import Message
 from twofactor.v1 import admin_service_pb2 as admin_pb
 from twofactor.v1 import twofactor_service_pb2 as pb
 
-from tests.conftest import Harness
+from tests.conftest import Harness, ServerFactory
 from tests.server.helpers import AUTHENTICATOR, EMAIL, SMS, error_info
 
 INVALID = grpc.StatusCode.INVALID_ARGUMENT
@@ -353,3 +353,15 @@ def test_undecodable_request_bytes_are_not_internal(
         call(b"\xff\xff\xff\xff", metadata=harness.app_metadata if with_token else None, timeout=10)
     assert raised.value.code() == code
     assert error_info(raised.value).reason == reason
+
+
+@pytest.mark.parametrize("code", ["abcdef", "12"])
+def test_a_malformed_code_is_invalid_whatever_the_policy(start_server: ServerFactory, code: str) -> None:
+    """INVALID_ARGUMENT is for malformed input whatever the state: a method the policy does not
+    allow does not turn a malformed code into METHOD_NOT_ALLOWED."""
+    h = start_server(policy={"allowed_methods": ("authenticator",)})
+    with pytest.raises(grpc.RpcError) as raised:
+        h.twofactor.ConfirmEnrollment(
+            pb.ConfirmEnrollmentRequest(user_id="x", method=EMAIL, code=code), metadata=h.app_metadata
+        )
+    assert (raised.value.code(), error_info(raised.value).reason) == (INVALID, "INVALID_CODE")

@@ -239,3 +239,20 @@ def test_a_set_contact_with_a_code_to_send_applies_the_direct_change_after_it(
     assert change.masked_email == "o***@example.com"
     assert change.HasField("phone_confirmation") == set_phone
     assert change.masked_phone == "+1******0121"  # the phone changes only once its code comes back
+
+
+def test_a_contact_change_of_a_method_the_policy_no_longer_allows_is_not_listed(
+    start_server: ServerFactory, sink: SmtpSink
+) -> None:
+    """GetStatus lists only the changes ConfirmContact takes a code for: none for a method the
+    policy took off since (its codes are refused), so no site asks the user for one."""
+    h = start_server(email_provider="smtp", smtp=sink.settings(), policy={"resend_cooldown_seconds": 0})
+    enroll_email(h, sink, "ana", "ana@example.com")
+    code = new_email_code(h, sink, "ana", "nina@example.com", email_token(h, sink, "ana"))
+    h.server.stop(grace=None)
+    narrowed = start_server(
+        email_provider="smtp", smtp=sink.settings(), policy={"allowed_methods": ("authenticator", "sms")}
+    )
+    assert pending_changes(narrowed, "ana") == []
+    refused = failed(lambda: confirm_contact(narrowed, "ana", EMAIL, code))
+    assert error_info(refused).reason == "NO_PENDING_CONTACT_CHANGE"
