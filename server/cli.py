@@ -239,6 +239,13 @@ def print_code(secret_base32: str, *, next_step: bool) -> int:
     except (binascii.Error, ValueError):
         print("twofactor code: --secret is not base32 text (copy it from StartEnrollment)", file=sys.stderr)
         return 2
+    if len(secret) < totp.SECRET_BYTES:
+        print(
+            f"twofactor code: --secret is {len(secret) * 8} bits; twofactor's secrets are "
+            f"{totp.SECRET_BYTES * 8} (copy the whole secret from StartEnrollment)",
+            file=sys.stderr,
+        )
+        return 2
     print(totp.code_at_step(secret, totp.time_step(time.time()) + (1 if next_step else 0)))
     return 0
 

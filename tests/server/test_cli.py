@@ -20,6 +20,7 @@ from twofactor.v1 import twofactor_service_pb2_grpc
 
 from tests.conftest import APP_TOKEN, POSTGRES_ADMIN_URL, REDIS_URL, TEST_KEYS
 from tests.smtp_sink import free_port
+from twofactor_server.cli import main
 
 TWOFACTOR = str(Path(sys.executable).with_name("twofactor"))
 
@@ -214,3 +215,19 @@ def test_a_database_that_does_not_answer_at_start_is_one_clear_line_not_a_traceb
     assert "Traceback" not in output and "s3cret-pw" not in output
     assert f"the database at 127.0.0.1:{port}/accounts did not answer" in output
     assert "twofactor: the database can't be reached; retry later" in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("secret", "said"),
+    [
+        ("JBSWY3DPEHPK3PXP", "--secret is 80 bits; twofactor's secrets are 160"),  # the well-known example
+        ("", "--secret is 0 bits"),
+        ("not base32!", "--secret is not base32 text"),
+    ],
+)
+def test_code_refuses_a_secret_it_cannot_use_in_one_line(
+    capsys: pytest.CaptureFixture[str], secret: str, said: str
+) -> None:
+    assert main(["code", "--secret", secret]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and err.count("\n") == 1 and err.startswith(f"twofactor code: {said}"), err

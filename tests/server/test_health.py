@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import subprocess
@@ -195,3 +196,17 @@ def test_statuses_go_out_while_watchers_come_and_go(start_server: ServerFactory)
         health_pb2_grpc.HealthStub(h.channel).Check(health_pb2.HealthCheckRequest(), timeout=10).status
         == SERVING
     )
+
+
+def test_health_list_answers_every_status_and_logs_no_error(
+    start_server: ServerFactory, caplog: pytest.LogCaptureFixture
+) -> None:
+    """grpc.health.v1's List, as reflection advertises it (the base class raised: UNIMPLEMENTED,
+    and an ERROR with a traceback for every caller, no token needed)."""
+    h = start_server()
+    with caplog.at_level(logging.ERROR):
+        answer = health_pb2_grpc.HealthStub(h.channel).List(health_pb2.HealthListRequest(), timeout=10)
+    statuses = {name: response.status for name, response in answer.statuses.items()}
+    assert statuses[""] == statuses["twofactor.v1.TwoFactorService"] == health_pb2.HealthCheckResponse.SERVING
+    assert statuses == {name: status_of(h, name) for name in statuses}  # what Check answers each
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR] == []
