@@ -3,17 +3,19 @@ with go-grpc-prometheus's names and labels."""
 
 from __future__ import annotations
 
+import queue
 import time
 import urllib.request
 from collections.abc import Iterator
 
 import grpc
 import pytest
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from prometheus_client.parser import text_string_to_metric_families
 from twofactor.v1 import twofactor_service_pb2 as pb
 
 from tests.conftest import Clock, Harness, ServerFactory
-from tests.server.helpers import EMAIL, enroll_authenticator, totp_now, verify
+from tests.server.helpers import EMAIL, enroll_authenticator, totp_now, verify, wait_until
 from tests.smtp_sink import SmtpSink, running_sink
 
 SERVICE = "twofactor.v1.TwoFactorService"
@@ -133,3 +135,37 @@ def test_a_metrics_address_in_use_is_a_configuration_error(start_server: ServerF
     h = start_server(metrics_listen="127.0.0.1:0")
     with pytest.raises(SettingsError, match="TWOFACTOR_METRICS_LISTEN"):
         start_server(metrics_listen=f"127.0.0.1:{h.server.metrics_port}")
+
+
+def test_a_reflection_stream_the_client_cancels_is_counted_cancelled_not_unknown(
+    start_server: ServerFactory,
+) -> None:
+    """grpcui, evans and grpc-go's reflection client end the stream by cancelling it: that is
+    the client leaving, not a bug, so not `Unknown`, which the README's alert on bugs counts."""
+    h = start_server(metrics_listen="127.0.0.1:0")
+    before = scrape(h)  # the metrics are the process's: other tests' calls are in them too
+    stub = reflection_pb2_grpc.ServerReflectionStub(h.channel)
+    more: queue.Queue[reflection_pb2.ServerReflectionRequest | None] = queue.Queue()
+
+    def requests() -> Iterator[reflection_pb2.ServerReflectionRequest]:
+        yield reflection_pb2.ServerReflectionRequest(list_services="")
+        while (item := more.get(timeout=30)) is not None:
+            yield item
+
+    call = stub.ServerReflectionInfo(requests(), metadata=h.admin_metadata)
+    assert next(call).list_services_response.service
+    call.cancel()
+    more.put(None)
+    labels = {
+        "grpc_type": "bidi_stream",
+        "grpc_service": "grpc.reflection.v1alpha.ServerReflection",
+        "grpc_method": "ServerReflectionInfo",
+    }
+
+    def ended(code: str) -> float:
+        return value(scrape(h), "grpc_server_handled_total", **labels, grpc_code=code) - value(
+            before, "grpc_server_handled_total", **labels, grpc_code=code
+        )
+
+    wait_until(lambda: ended("Canceled") >= 1, "the stream's end is counted")
+    assert ended("Canceled") == 1 and ended("Unknown") == 0
