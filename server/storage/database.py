@@ -21,11 +21,13 @@ from time import monotonic
 from typing import Any, NoReturn
 
 import psycopg
+from psycopg.conninfo import conninfo_to_dict
 from psycopg.pq import ConnStatus, TransactionStatus
 from psycopg.rows import dict_row
 from psycopg_pool import PoolTimeout
 
 from twofactor_server.domain.errors import StorageUnavailable
+from twofactor_server.setting_values import SettingsError
 from twofactor_server.storage.deadlines import Watch, Watchdog, deadline_while_failing, socket_inode
 from twofactor_server.storage.hot_statements import (
     HotStatement,
@@ -375,6 +377,25 @@ def _record_was_wrong(statement: HotStatement, error: Exception) -> NoReturn:
     raise StorageUnavailable() from error
 
 
+def require_readable_url(url: str) -> None:
+    """SettingsError for a URL that libpq can't read, or reads otherwise than it was meant: a
+    password with an unencoded % or / (base64 has /). libpq's own message, which the pool logs
+    on every retry, quotes the password, and a misread URL would be waited for as a database
+    that does not answer: refused at once, naming no part of the URL."""
+    rest = url.partition("://")[2].split("?", 1)[0]
+    authority = rest.split("/", 1)[0]
+    try:
+        conninfo_to_dict(url)
+        readable = "@" not in rest or "@" in authority  # else a / in the user info cut it short
+    except psycopg.Error:
+        readable = False
+    if not readable:
+        raise SettingsError(
+            "TWOFACTOR_DATABASE_URL: libpq can't read this URL: percent-encode the user name and "
+            "password (% as %25, / as %2F, @ as %40, : as %3A)"
+        )
+
+
 def sqlite_path(data_dir: Path) -> Path:
     """The embedded default's database file."""
     return data_dir / "twofactor.sqlite3"
@@ -386,5 +407,6 @@ def open_database(url: str, *, data_dir: Path, pool_size: int = 10, timeout: flo
     if not url:
         return SqliteDatabase(sqlite_path(data_dir), timeout=timeout)
     if url.startswith(("postgres://", "postgresql://")):
+        require_readable_url(url)
         return PostgresDatabase(url, pool_size=pool_size, timeout=timeout)
     raise ValueError("TWOFACTOR_DATABASE_URL must be a postgresql:// URL (or empty for the embedded SQLite)")

@@ -13,6 +13,7 @@ import pytest
 from tests.conftest import POSTGRES_ADMIN_URL, REDIS_URL
 from tests.server.test_cli import TWOFACTOR
 from tests.server.test_supervisor import production_env
+from twofactor_server.storage.database import require_readable_url
 
 
 def with_url_part(**parts: str) -> str:
@@ -61,3 +62,33 @@ def test_a_refused_connection_is_a_configuration_error(
         )
         assert f"refused the connection: {reason}; fix the URL" in said
         assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("password", ["S3cret%zzPw", "Xy/9Qz+base64"], ids=["unencoded %", "unencoded /"])
+def test_a_url_libpq_cant_read_is_a_configuration_error_that_shows_no_password(
+    tmp_path: Path, password: str
+) -> None:
+    """A password pasted into the URL as it is (base64 has /): libpq's message quotes it, or
+    reads part of it as the host and port. Refused at once, naming the variable, showing none
+    of the URL, in every command that opens the database."""
+    url = f"postgresql://twofactor:{password}@{ADMIN.hostname}:{ADMIN.port or 5432}/accounts"
+    for command, more in (("migrate", {}), ("serve", {}), ("worker", {"TWOFACTOR_BROKER_URL": REDIS_URL})):
+        result = subprocess.run(
+            [TWOFACTOR, command],
+            env={**production_env(tmp_path, url, 0), "TWOFACTOR_LOG_FORMAT": "json", **more},
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert result.returncode == 2, (command, result.stderr)
+        assert password not in result.stdout + result.stderr and password[:6] not in result.stderr
+        assert result.stderr.strip() == (
+            "twofactor: configuration error: TWOFACTOR_DATABASE_URL: libpq can't read this URL: "
+            "percent-encode the user name and password (% as %25, / as %2F, @ as %40, : as %3A)"
+        ), command
+
+
+def test_a_percent_encoded_password_is_read_as_it_was_meant() -> None:
+    """What the refusal asks for works: the same passwords, percent-encoded, pass the check."""
+    for password in ("S3cret%25zzPw", "Xy%2F9Qz+base64", "p%40ss%3Aword"):
+        require_readable_url(f"postgresql://twofactor:{password}@127.0.0.1:5432/accounts?sslmode=disable")
