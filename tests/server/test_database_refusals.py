@@ -20,6 +20,17 @@ def with_url_part(**parts: str) -> str:
     return urlunsplit(urlsplit(POSTGRES_ADMIN_URL)._replace(**parts))
 
 
+def run_on(tmp_path: Path, url: str, command: str, more: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    """`twofactor <command>` with the production settings on the database at `url`."""
+    return subprocess.run(
+        [TWOFACTOR, command],
+        env={**production_env(tmp_path, url, 0), **more},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
 ADMIN = urlsplit(POSTGRES_ADMIN_URL)
 NO_SUCH_ROLE = with_url_part(netloc=f"tf_no_such_role@{ADMIN.hostname}:{ADMIN.port or 5432}")
 
@@ -47,13 +58,7 @@ def test_a_refused_connection_is_a_configuration_error(
     migrations_off = {"TWOFACTOR_MIGRATE_ON_START": "false"}  # README's fleet setting
     worker = {**migrations_off, "TWOFACTOR_BROKER_URL": REDIS_URL}
     for command, more in (("migrate", {}), ("serve", {}), ("serve", migrations_off), ("worker", worker)):
-        result = subprocess.run(
-            [TWOFACTOR, command],
-            env={**production_env(tmp_path, url, 0), "TWOFACTOR_LOG_FORMAT": "text", **more},
-            capture_output=True,
-            text=True,
-            timeout=120,
-        )
+        result = run_on(tmp_path, url, command, {"TWOFACTOR_LOG_FORMAT": "text", **more})
         assert result.returncode == 2, (command, more, result.stderr)
         # One line of ours (the pool's own warnings, from its thread, may come before or after it).
         (said,) = [line for line in result.stderr.splitlines() if line.startswith("twofactor:")]
@@ -73,13 +78,7 @@ def test_a_url_libpq_cant_read_is_a_configuration_error_that_shows_no_password(
     of the URL, in every command that opens the database."""
     url = f"postgresql://twofactor:{password}@{ADMIN.hostname}:{ADMIN.port or 5432}/accounts"
     for command, more in (("migrate", {}), ("serve", {}), ("worker", {"TWOFACTOR_BROKER_URL": REDIS_URL})):
-        result = subprocess.run(
-            [TWOFACTOR, command],
-            env={**production_env(tmp_path, url, 0), "TWOFACTOR_LOG_FORMAT": "json", **more},
-            capture_output=True,
-            text=True,
-            timeout=120,
-        )
+        result = run_on(tmp_path, url, command, {"TWOFACTOR_LOG_FORMAT": "json", **more})
         assert result.returncode == 2, (command, result.stderr)
         assert password not in result.stdout + result.stderr and password[:6] not in result.stderr
         assert result.stderr.strip() == (
