@@ -21,13 +21,11 @@ from time import monotonic
 from typing import Any, NoReturn
 
 import psycopg
-from psycopg.conninfo import conninfo_to_dict
 from psycopg.pq import ConnStatus, TransactionStatus
 from psycopg.rows import dict_row
 from psycopg_pool import PoolTimeout
 
 from twofactor_server.domain.errors import StorageUnavailable
-from twofactor_server.setting_values import SettingsError
 from twofactor_server.storage.deadlines import Watch, Watchdog, deadline_while_failing, socket_inode
 from twofactor_server.storage.hot_statements import (
     HotStatement,
@@ -40,7 +38,7 @@ from twofactor_server.storage.migrator import apply_migrations
 from twofactor_server.storage.migrator import migrations as migrations  # re-exported
 from twofactor_server.storage.pool import Pool
 from twofactor_server.storage.probe import ProbeConnection
-from twofactor_server.storage.refusals import log_no_answer_at_start, raise_if_refused
+from twofactor_server.storage.refusals import log_no_answer_at_start, raise_if_refused, require_readable_url
 from twofactor_server.storage.sqlite import SqliteDatabase as SqliteDatabase  # re-exported
 from twofactor_server.storage.units import CommitActions, Params, Row, raise_unavailable
 from twofactor_server.storage.units import Database as Database  # re-exported
@@ -375,25 +373,6 @@ def _record_was_wrong(statement: HotStatement, error: Exception) -> NoReturn:
         statement.name,
     )
     raise StorageUnavailable() from error
-
-
-def require_readable_url(url: str) -> None:
-    """SettingsError for a URL that libpq can't read, or reads otherwise than it was meant: a
-    password with an unencoded % or / (base64 has /). libpq's own message, which the pool logs
-    on every retry, quotes the password, and a misread URL would be waited for as a database
-    that does not answer: refused at once, naming no part of the URL."""
-    rest = url.partition("://")[2].split("?", 1)[0]
-    authority = rest.split("/", 1)[0]
-    try:
-        conninfo_to_dict(url)
-        readable = "@" not in rest or "@" in authority  # else a / in the user info cut it short
-    except psycopg.Error:
-        readable = False
-    if not readable:
-        raise SettingsError(
-            "TWOFACTOR_DATABASE_URL: libpq can't read this URL: percent-encode the user name and "
-            "password (% as %25, / as %2F, @ as %40, : as %3A)"
-        )
 
 
 def sqlite_path(data_dir: Path) -> Path:

@@ -83,3 +83,22 @@ def log_no_answer_at_start(url: str, waited: str = "") -> None:
         database_location(url),
         waited,
     )
+
+
+def require_readable_url(url: str) -> None:
+    """SettingsError for a URL that libpq can't read, or reads otherwise than it was meant: a
+    password with an unencoded % or / (base64 has /). libpq's own message, which the pool logs
+    on every retry, quotes the password, and a misread URL would be waited for as a database
+    that does not answer: refused at once, naming no part of the URL."""
+    rest = url.partition("://")[2].split("?", 1)[0]
+    authority = rest.split("/", 1)[0]
+    try:
+        conninfo_to_dict(url)
+        readable = "@" not in rest or "@" in authority  # else a / in the user info cut it short
+    except psycopg.Error:
+        readable = False
+    if not readable:
+        raise SettingsError(
+            "TWOFACTOR_DATABASE_URL: libpq can't read this URL: percent-encode the user name and "
+            "password (% as %25, / as %2F, @ as %40, : as %3A)"
+        )

@@ -13,7 +13,7 @@ import pytest
 from tests.conftest import POSTGRES_ADMIN_URL, REDIS_URL
 from tests.server.test_cli import TWOFACTOR
 from tests.server.test_supervisor import production_env
-from twofactor_server.storage.database import require_readable_url
+from twofactor_server.storage.refusals import require_readable_url
 
 
 def with_url_part(**parts: str) -> str:
