@@ -7,6 +7,7 @@ import logging
 from twofactor_server.domain import contacts
 from twofactor_server.domain.errors import FailedPrecondition, ResourceExhausted
 from twofactor_server.domain.sms_countries import country_allowed, phone_country
+from twofactor_server.observability import metrics
 from twofactor_server.settings import PolicySettings
 from twofactor_server.storage import store
 from twofactor_server.storage.database import Transaction
@@ -55,6 +56,7 @@ def take_sms_quota(tx: Transaction, phone: str, policy: PolicySettings, now: int
     )
     for bucket, cap, reason, where in caps:  # always the country first: one lock order
         if cap and not store.take_sms_send(tx, hour, bucket, cap):
+            metrics.send_refused(reason)  # an alert on SMS pumping watches this
             log.warning(
                 "SMS send refused (%s): %d texts %s this hour; number %s",
                 reason,

@@ -8,6 +8,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import grpc
 import pytest
+from prometheus_client import REGISTRY
 from twofactor.v1 import twofactor_service_pb2 as pb
 
 from tests.conftest import Clock, Harness, ServerFactory
@@ -107,12 +108,20 @@ def test_a_number_registered_before_the_list_is_refused_at_send(start_server: Se
     assert error_info(raised.value).reason == "SMS_COUNTRY_NOT_ALLOWED"
 
 
+def refusals_counted(reason: str) -> float:
+    """twofactor_send_refusals_total{reason} of this process, where the test's server runs."""
+    return REGISTRY.get_sample_value("twofactor_send_refusals_total", {"reason": reason}) or 0.0
+
+
 def test_hourly_caps_per_country_and_in_all(start_server: ServerFactory, clock: Clock) -> None:
     clock.now = 1_800_000_000.0 - 1_800_000_000.0 % 3600 + 600  # ten minutes into a clock hour
     dispatcher = RecordingDispatcher()
     h = start_server(
         dispatcher=dispatcher, policy={**NO_USER_LIMITS, "sms_per_country_per_hour": 2, "sms_per_hour": 3}
     )
+    refusals_before = {
+        reason: refusals_counted(reason) for reason in ("SMS_COUNTRY_LIMIT", "SMS_GLOBAL_LIMIT")
+    }
     text_a_code(h, "fr-0", FR.format(10))
     text_a_code(h, "fr-1", FR.format(11))
     with pytest.raises(grpc.RpcError) as country_cap:
@@ -129,6 +138,11 @@ def test_hourly_caps_per_country_and_in_all(start_server: ServerFactory, clock: 
     assert error_info(global_cap.value).reason == "SMS_GLOBAL_LIMIT"
     assert retry_info(global_cap.value) is not None
     assert len(dispatcher.challenge_ids) == 3  # a refused send queues nothing
+    # Counted where an alert on SMS pumping looks (the server's own process: in-process here).
+    assert {r: refusals_counted(r) - n for r, n in refusals_before.items()} == {
+        "SMS_COUNTRY_LIMIT": 1,
+        "SMS_GLOBAL_LIMIT": 1,
+    }
 
     clock.advance(3000)  # the next clock hour
     text_a_code(h, "fr-2", FR.format(12))
