@@ -11,6 +11,7 @@ import os
 import signal
 import sys
 import threading
+from collections.abc import Callable
 
 from twofactor_server import key_commands
 from twofactor_server.domain.errors import TwoFactorError
@@ -161,16 +162,19 @@ def configure_logging(settings: Settings) -> None:
         log.warning("%s is not a twofactor setting and is ignored (a typo?)", name)
 
 
-def _key_version(text: str) -> int:
-    if not text.isdigit() or not 0 < int(text) <= MAX_VERSION:
-        raise argparse.ArgumentTypeError(f"a key version is a whole number from 1 to {MAX_VERSION}")
-    return int(text)
+def _whole_number(what: str, most: int) -> Callable[[str], int]:
+    """An argparse type: a whole number from 1 to `most`, or a line naming `what`."""
+
+    def parse(text: str) -> int:
+        if not text.isdigit() or not 0 < int(text) <= most:
+            raise argparse.ArgumentTypeError(f"{what} is a whole number from 1 to {most}")
+        return int(text)
+
+    return parse
 
 
-def _batch_size(text: str) -> int:
-    if not text.isdigit() or not 0 < int(text) <= MAX_BATCH_SIZE:
-        raise argparse.ArgumentTypeError(f"a batch size is a whole number from 1 to {MAX_BATCH_SIZE}")
-    return int(text)
+_key_version = _whole_number("a key version", MAX_VERSION)
+_batch_size = _whole_number("a batch size", MAX_BATCH_SIZE)
 
 
 def serve(settings: Settings, *, reuse_port: bool = False, supervised: bool = False) -> int:

@@ -69,7 +69,7 @@ def _rotation(settings: Settings, batch_size: int = 500) -> tuple[KeyRotation, D
     from twofactor_server.storage.migrator import migrations, pending_migrations
     from twofactor_server.storage.refusals import database_location
 
-    if settings.embedded:
+    if settings.embedded and not sqlite_path(settings.data_dir).is_file():
         # A mistyped TWOFACTOR_DATA_DIR must not get a new empty database (and a development key)
         # whose status says every key "can be removed". What is wrong with one that exists (a
         # file, a damaged development secrets file) is said first, as for every command.
@@ -77,11 +77,10 @@ def _rotation(settings: Settings, batch_size: int = 500) -> tuple[KeyRotation, D
             require_usable_data_dir(settings)
             if not settings.keys and (settings.data_dir / "dev-secrets.json").exists():
                 load_keyring(settings)
-        if not sqlite_path(settings.data_dir).is_file():
-            raise SettingsError(
-                f"TWOFACTOR_DATA_DIR: {settings.data_dir} holds no twofactor database: "
-                "set it to the server's data directory"
-            )
+        raise SettingsError(
+            f"TWOFACTOR_DATA_DIR: {settings.data_dir} holds no twofactor database: "
+            "set it to the server's data directory"
+        )
     require_usable_data_dir(settings)
     keyring = load_keyring(settings)
     # Counting reads whole tables: longer than a call's storage timeout, bounded all the same.
@@ -167,17 +166,13 @@ def rotate_keys(settings: Settings, *, batch_size: int) -> int:
     """Re-encrypt every secret and backup code under the active key; SIGTERM or Ctrl-C stops after
     the current batch, and running again resumes."""
     rotation, db, keyring = _rotation(settings, batch_size)
-    try:
-        # A mistyped key would seal everything anew under it, or find every value unreadable.
-        require_keys_for_stored_values(db, keyring)
-    except BaseException:
-        db.close()
-        raise
     stopping = threading.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda _s, _f: stopping.set())
     active = keyring.active_version
     try:
+        # A mistyped key would seal everything anew under it, or find every value unreadable.
+        require_keys_for_stored_values(db, keyring)
         total = sum(
             u.count
             for u in rotation.status()

@@ -227,11 +227,11 @@ def _stale_start(tx: Transaction, pending: MethodRecord, methods: list[MethodRec
     started = pending.pending_since or 0
     recorded = enrollments.enrollment_start(tx, pending.user_id, pending.method, started)
     if recorded is None:
-        if any(m.enabled_at is not None and m.enabled_at > started for m in methods):
-            return "was started before another method was enabled"
-        return ""
-    if not recorded.with_proof:
+        without_proof = any(m.enabled_at is not None and m.enabled_at > started for m in methods)
+    else:
+        without_proof = not recorded.with_proof
+    if without_proof:
         return "was started before another method was enabled"
-    if recorded.credential_epoch is not None and recorded.credential_epoch != epoch:
+    if recorded is not None and recorded.credential_epoch not in (None, epoch):
         return "was started before the account's methods, backup codes or contacts last changed"
     return ""

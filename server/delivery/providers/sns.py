@@ -110,14 +110,11 @@ class SnsSmsSender:
             reason = _credentials_reason(exc)
             log.warning("%s", reason)
             raise TransientDeliveryError(reason) from exc
-        except ClientError as exc:
-            error = _delivery_error(exc)
-            if isinstance(error, TransientDeliveryError) and _error_code(exc) in EXPIRED_CREDENTIAL_CODES:
+        except (ClientError, BotoCoreError) as exc:
+            if isinstance(exc, ClientError) and _error_code(exc) in EXPIRED_CREDENTIAL_CODES:
                 # Session credentials that expired (a shared file or variables that a sidecar
                 # renews): the client keeps them, so a new client looks along the chain again.
                 self._drop_client(client)
-            raise error from exc
-        except BotoCoreError as exc:
             raise _delivery_error(exc) from exc
         return str(response["MessageId"])
 
