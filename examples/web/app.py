@@ -35,7 +35,8 @@ def create_app(
         SESSION_COOKIE_HTTPONLY=True,  # no script reads the session
         SESSION_COOKIE_SAMESITE="Lax",  # a second line of defence behind the CSRF token
         SESSION_COOKIE_SECURE=settings.secure_cookies,
-        PERMANENT_SESSION_LIFETIME=datetime.timedelta(hours=8),  # also the signature's max age
+        # Also the signature's max age, from the last request; a sign-in's own bound counts from the login.
+        PERMANENT_SESSION_LIFETIME=datetime.timedelta(seconds=sessions.SIGNED_IN_SECONDS),
     )
     app.extensions["web.second_factor"] = second_factor or SecondFactor.connect(settings)
     app.extensions["web.clock"] = clock

@@ -84,10 +84,7 @@ def start_pending_login(user_id: str) -> None:
 
 
 def pending_user() -> str | None:
-    user_id = session.get("pending_user")
-    if user_id is None or now() - float(session.get("pending_since", 0)) > PENDING_SECONDS:
-        return None
-    return str(user_id)
+    return _user_within("pending_user", "pending_since", PENDING_SECONDS)
 
 
 def complete_login(user_id: str) -> None:
@@ -98,8 +95,13 @@ def complete_login(user_id: str) -> None:
 
 
 def signed_in_user() -> str | None:
-    user_id = session.get("user")
-    if user_id is None or now() - float(session.get("signed_in_at", 0)) > SIGNED_IN_SECONDS:
+    return _user_within("user", "signed_in_at", SIGNED_IN_SECONDS)
+
+
+def _user_within(key: str, since_key: str, seconds: float) -> str | None:
+    """The session's user under `key`, unless `since_key` is more than `seconds` ago."""
+    user_id = session.get(key)
+    if user_id is None or now() - float(session.get(since_key, 0)) > seconds:
         return None
     return str(user_id)
 
