@@ -742,6 +742,14 @@ def test_a_request_id_metadata_cant_carry_is_a_value_error_and_sends_nothing(
     assert [a.metadata["x-request-id"] for a in recorder.attempts] == [longest]
 
 
+async def attempts_reach(recorder: Recorder, method: str, count: int) -> None:
+    """Until the server has seen `count` attempts of `method` (bounded by WAIT)."""
+    deadline = asyncio.get_running_loop().time() + WAIT
+    while len(recorder.of(method)) < count:
+        assert asyncio.get_running_loop().time() < deadline, "the call never reached the server"
+        await asyncio.sleep(0.01)
+
+
 def test_an_async_client_closed_during_a_call_raises_cancelled_as_the_sync_one_does(
     recorder: Recorder, target: str
 ) -> None:
@@ -757,10 +765,7 @@ def test_an_async_client_closed_during_a_call_raises_cancelled_as_the_sync_one_d
     async def scenario() -> twofactor.TwoFactorError:
         client = twofactor.AsyncTwoFactorClient(target, token=TOKEN)
         call = asyncio.ensure_future(client.get_status(user_id="alice", request_id="in-flight"))
-        deadline = asyncio.get_running_loop().time() + WAIT
-        while not recorder.of("GetStatus"):
-            assert asyncio.get_running_loop().time() < deadline, "the call never reached the server"
-            await asyncio.sleep(0.01)
+        await attempts_reach(recorder, "GetStatus", 1)
         await client.close()
         with pytest.raises(twofactor.TwoFactorError) as raised:
             await call
@@ -778,10 +783,7 @@ def test_an_async_client_closed_during_a_call_raises_cancelled_as_the_sync_one_d
         release.clear()
         async with twofactor.AsyncTwoFactorClient(target, token=TOKEN) as client:
             call = asyncio.ensure_future(client.get_status(user_id="bob"))
-            deadline = asyncio.get_running_loop().time() + WAIT
-            while len(recorder.of("GetStatus")) < 2:
-                assert asyncio.get_running_loop().time() < deadline, "the call never reached the server"
-                await asyncio.sleep(0.01)
+            await attempts_reach(recorder, "GetStatus", 2)
             call.cancel()
             with pytest.raises(asyncio.CancelledError):
                 await call
