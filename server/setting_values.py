@@ -55,6 +55,20 @@ class EnvValues:
             raise SettingsError(f"{self.PREFIX}{name} must be {wanted}, got {mask_url(value)!r}")
         return value
 
+    def redis_url(self, name: str) -> str:
+        """An optional redis:// or rediss:// URL that redis-py and kombu both read as it was meant.
+        Both cut the host short at an unencoded / ? or # in the password (base64 has /) and then
+        raise a traceback quoting part of it, or read a database path like /x as database 0 (the
+        server) and refuse it (the worker): refused here, naming no part of the URL."""
+        value = self.matching(name, "", "url", r"rediss?://.+", "a redis:// or rediss:// URL")
+        problem = value and _redis_url_problem(value)
+        if problem:
+            raise SettingsError(
+                f"{self.PREFIX}{name}: can't read this URL ({problem}): percent-encode the user name and "
+                "password (% as %25, / as %2F, ? as %3F, # as %23, @ as %40, : as %3A)"
+            )
+        return value
+
     def optional_int(self, name: str, low: int, high: int) -> int | None:
         return None if self._raw(name, "int", "") is None else self.int(name, 0, low, high)
 
@@ -199,6 +213,20 @@ ADDRESS = r"(\[[0-9a-f:.]+\]|[^:\[\]\s]*):\d{1,5}"  # host:port, [ipv6]:port, or
 _PASSWORD_KEYS = ("password", "sslpassword")  # libpq's; redis-py reads `password` too
 _QUERY_PARAMETER = re.compile(r"([?&])([^=&#]*)=([^&#]*)")
 _CONNINFO_PASSWORD = re.compile(r"\b((?:ssl)?password\s*=\s*)('(?:[^'\\]|\\.)*'|\S+)", re.IGNORECASE)
+
+
+def _redis_url_problem(url: str) -> str:
+    """What makes `url` unreadable as redis-py and kombu read it ('' when nothing does)."""
+    parts = urllib.parse.urlsplit(url)
+    try:
+        port = parts.port
+    except ValueError:
+        return "its port is not a number from 0 to 65535"
+    if not parts.hostname or port == 0:
+        return "it names no host" if not parts.hostname else "its port is 0"
+    if not re.fullmatch(r"/?\d*", parts.path):
+        return "the path after the host must be the database number, as in redis://host:6379/0"
+    return ""
 
 
 def mask_url(url: str) -> str:

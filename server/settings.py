@@ -214,7 +214,7 @@ class Settings:
             data_dir=Path(env.text("DATA_DIR", str(cls.data_dir))),
             keys=keys,
             active_key_version=active_key_version,
-            broker_url=env.matching("BROKER_URL", "", "url", r"rediss?://.+", "a redis:// or rediss:// URL"),
+            broker_url=env.redis_url("BROKER_URL"),
             broker_timeout_seconds=env.float(
                 "BROKER_TIMEOUT_SECONDS", cls.broker_timeout_seconds, *TIMEOUT_RANGE
             ),

@@ -9,8 +9,10 @@ import os
 import re
 import subprocess
 import sys
+import urllib.parse
 from pathlib import Path
 
+import psycopg
 import pytest
 
 from tests.conftest import APP_TOKEN, TEST_KEYS
@@ -184,10 +186,13 @@ def test_config_prints_every_setting_with_secrets_masked(tmp_path: Path) -> None
         assert secret not in result.stdout + result.stderr
 
 
-@pytest.mark.parametrize(("variable", "command"), [("EMAIL_PROVIDER", "serve"), ("SMS_PROVIDER", "worker")])
+@pytest.mark.parametrize("command", ["serve", "worker"])
+@pytest.mark.parametrize("variable", ["EMAIL_PROVIDER", "SMS_PROVIDER"])
 def test_console_delivery_with_postgresql_needs_an_explicit_opt_in(
     tmp_path: Path, postgres_url: str, variable: str, command: str
 ) -> None:
+    """Refused with one line before the database is touched: a deploy with a wrong setting
+    migrates nothing."""
     env = clean_env(
         DATABASE_URL=postgres_url,
         KEYS=TEST_KEYS,
@@ -200,9 +205,14 @@ def test_console_delivery_with_postgresql_needs_an_explicit_opt_in(
     )
     result = subprocess.run([TWOFACTOR, command], env=env, capture_output=True, text=True, timeout=120)
     assert result.returncode == 2
-    last = result.stderr.splitlines()[-1]  # after the start-up lines: the one that says why
-    assert last.startswith(f"twofactor: configuration error: TWOFACTOR_{variable}=console prints codes")
-    assert "TWOFACTOR_ALLOW_CONSOLE_DELIVERY=true" in result.stderr and "Traceback" not in result.stderr
+    (said,) = result.stderr.splitlines()
+    assert said.startswith(f"twofactor: configuration error: TWOFACTOR_{variable}=console prints codes")
+    assert "TWOFACTOR_ALLOW_CONSOLE_DELIVERY=true" in said
+    with psycopg.connect(postgres_url) as conn:
+        tables = conn.execute(
+            "SELECT count(*) FROM information_schema.tables WHERE table_schema = current_schema()"
+        ).fetchone()
+    assert tables == (0,), "migrated before the refusal"
 
 
 @pytest.mark.parametrize(
@@ -246,3 +256,60 @@ def test_the_sns_values_aws_takes_are_accepted() -> None:
         assert Settings.from_env({"TWOFACTOR_SNS_REGION": region}).sns.region == region
     for sender_id in ("Acme", "ACME-2FA", "a", "Acme2FA1234"):
         assert Settings.from_env({"TWOFACTOR_SNS_SENDER_ID": sender_id}).sns.sender_id == sender_id
+
+
+BROKER_URLS_MISREAD = [
+    # A base64 password pasted as it is: redis-py and kombu read "Xy" as the port and print a
+    # traceback that quotes it.
+    ("redis://:Xy/9Qz+base64@127.0.0.1:6379/0", "its port is not a number from 0 to 65535"),
+    ("redis://:pass?word@127.0.0.1:6379/0", "its port is not a number from 0 to 65535"),
+    ("redis://:pass#word@127.0.0.1:6379/0", "its port is not a number from 0 to 65535"),
+    # redis-py (the server) reads database 0 here and kombu (the worker) refuses it.
+    ("redis://127.0.0.1:6379/deliveries", "the path after the host must be the database number"),
+    ("redis://:secret@:6379/0", "it names no host"),
+]
+
+
+@pytest.mark.parametrize(("url", "problem"), BROKER_URLS_MISREAD, ids=[url for url, _ in BROKER_URLS_MISREAD])
+def test_a_broker_url_redis_py_or_kombu_would_misread_is_refused_before_anything_starts(
+    tmp_path: Path, url: str, problem: str
+) -> None:
+    """One line naming the variable and none of the URL, in the server and the worker, before
+    either opens the database (this one does not exist: its refusal would be another line)."""
+    database = "postgresql://postgres@127.0.0.1:5432/tf_never_created"
+    password = urllib.parse.urlsplit(url).password or ""
+    for command in ("serve", "worker"):
+        env = clean_env(LISTEN="127.0.0.1:0", DATA_DIR=str(tmp_path), DATABASE_URL=database, BROKER_URL=url)
+        env |= {"TWOFACTOR_KEYS": TEST_KEYS, "TWOFACTOR_ALLOW_CONSOLE_DELIVERY": "true"}
+        result = subprocess.run([TWOFACTOR, command], env=env, capture_output=True, text=True, timeout=120)
+        assert result.returncode == 2, (command, result.stderr)
+        assert result.stderr == (
+            f"twofactor: configuration error: TWOFACTOR_BROKER_URL: can't read this URL ({problem}"
+            + (", as in redis://host:6379/0" if "database number" in problem else "")
+            + "): percent-encode the user name and password (% as %25, / as %2F, ? as %3F, # as %23, "
+            "@ as %40, : as %3A)\n"
+        ), command
+        assert not password or password[:2] not in result.stderr.partition("(")[2].partition(")")[0]
+
+
+def test_a_percent_encoded_broker_password_reaches_redis_py_and_kombu_as_it_was_meant() -> None:
+    """What the refusal asks for works: the server's redis-py and the worker's kombu read the
+    same password, host, port and database from the encoded URL; an unencoded @ or : (which
+    both read right) and a URL with no database stay accepted."""
+    import kombu.utils.url
+    import redis.connection
+
+    for url, password, db in (
+        ("redis://:Xy%2F9Qz%2Bbase64%3F%23@127.0.0.1:6379/3", "Xy/9Qz+base64?#", 3),
+        ("redis://:p@ss:word@127.0.0.1:6379/0", "p@ss:word", 0),
+        ("rediss://default:s3cret@127.0.0.1:6379", "s3cret", 0),
+    ):
+        assert Settings.from_env({"TWOFACTOR_BROKER_URL": url}).broker_url == url
+        server = redis.connection.parse_url(url)
+        worker = kombu.utils.url.parse_url(url)
+        assert (server["password"], server["host"], server["port"], server.get("db", 0)) == (
+            password, "127.0.0.1", 6379, db
+        )
+        assert (worker["password"], worker["hostname"], worker["port"], worker["virtual_host"] or "0") == (
+            password, "127.0.0.1", 6379, str(db)
+        )
