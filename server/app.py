@@ -28,7 +28,7 @@ from twofactor_server.api.interceptors import ApiInterceptor
 from twofactor_server.api.monitoring import MonitoringInterceptor
 from twofactor_server.api.twofactor_servicer import TwoFactorServicer
 from twofactor_server.delivery.broker_health import CHECK_INTERVAL_SECONDS, BrokerHealth
-from twofactor_server.delivery.dispatch import build_dispatcher
+from twofactor_server.delivery.dispatch import build_dispatcher, build_senders
 from twofactor_server.domain.clock import Clock, system_clock
 from twofactor_server.domain.keyring import Keyring, KeyringError
 from twofactor_server.health import HealthServicer, StorageHealth
@@ -101,6 +101,9 @@ def create_server(
     keyring = load_keyring(settings)
     tokens = load_tokens(settings)
     credentials = server_credentials(settings)
+    # A provider setting that can't work stops the start before the database is opened: a
+    # deploy with a wrong setting migrates nothing.
+    senders = build_senders(settings) if dispatcher is None else None
     db = open_database(
         settings.database_url,
         data_dir=settings.data_dir,
@@ -112,7 +115,7 @@ def create_server(
         prepare_schema(db, settings)
         require_keys_for_stored_values(db, keyring, clock)
         if dispatcher is None:
-            dispatcher, close = build_dispatcher(settings, db=db, keyring=keyring, clock=clock)
+            dispatcher, close = build_dispatcher(settings, db=db, keyring=keyring, clock=clock, senders=senders)
             on_stop.append(close)
         policy = settings.policy
         challenges = Challenges(db, keyring, policy, dispatcher, clock)

@@ -14,12 +14,12 @@ import os
 import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Protocol, cast
+from typing import Any, Protocol, TypeAlias, cast
 
 import redis
 
 from twofactor_server.delivery.deliverer import Deliverer
-from twofactor_server.delivery.providers import build_email_sender, build_sms_sender
+from twofactor_server.delivery.providers import EmailSender, SmsSender, build_email_sender, build_sms_sender
 from twofactor_server.delivery.recovery import OutboxRecovery, report_oldest_waiting
 from twofactor_server.delivery.task_queue import deliver_message, redis_bulk
 from twofactor_server.domain.clock import Clock, system_clock
@@ -179,15 +179,31 @@ class InProcessDispatcher:
         self._sms_pool.shutdown(wait=True, cancel_futures=True)
 
 
+Senders: TypeAlias = "tuple[EmailSender, SmsSender]"
+
+
+def build_senders(settings: Settings) -> Senders:
+    """The configured email and SMS senders; ProviderConfigError for a provider setting that
+    can't work (an SMS class that doesn't import, console delivery with PostgreSQL)."""
+    return build_email_sender(settings), build_sms_sender(settings)
+
+
 def build_deliverer(
-    settings: Settings, *, db: Database, keyring: Keyring, clock: Clock = system_clock
+    settings: Settings,
+    *,
+    db: Database,
+    keyring: Keyring,
+    clock: Clock = system_clock,
+    senders: Senders | None = None,
 ) -> Deliverer:
-    """The delivery core as configured: providers, retry backoff, lease, recovery interval."""
+    """The delivery core as configured: providers (`senders`, built here when not given), retry
+    backoff, lease, recovery interval."""
+    email, sms = senders or build_senders(settings)
     return Deliverer(
         db,
         keyring,
-        build_email_sender(settings),
-        build_sms_sender(settings),
+        email,
+        sms,
         issuer=settings.policy.issuer,
         retry_base_seconds=settings.delivery_retry_base_seconds,
         lease_seconds=settings.delivery_lease_seconds,
@@ -197,7 +213,12 @@ def build_deliverer(
 
 
 def build_dispatcher(
-    settings: Settings, *, db: Database, keyring: Keyring, clock: Clock = system_clock
+    settings: Settings,
+    *,
+    db: Database,
+    keyring: Keyring,
+    clock: Clock = system_clock,
+    senders: Senders | None = None,
 ) -> tuple[CeleryDispatcher | InProcessDispatcher, Callable[[], None]]:
     """The dispatcher and its close function.
 
@@ -207,7 +228,7 @@ def build_dispatcher(
     """
     # Built in both modes so a bad provider setting (say, an SMS class that
     # doesn't import) stops the server at start rather than at the first send.
-    deliverer = build_deliverer(settings, db=db, keyring=keyring, clock=clock)
+    deliverer = build_deliverer(settings, db=db, keyring=keyring, clock=clock, senders=senders)
     if settings.broker_url:
         celery_dispatcher = CeleryDispatcher(settings)
         watch = Periodic(

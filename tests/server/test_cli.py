@@ -205,6 +205,7 @@ def test_a_database_that_does_not_answer_at_start_is_one_clear_line_not_a_traceb
             LISTEN=f"127.0.0.1:{free_port()}",
             STORAGE_TIMEOUT_SECONDS="1",
             LOG_FORMAT="text",
+            ALLOW_CONSOLE_DELIVERY="true",  # else that setting is refused first, before the database
         ),
         capture_output=True,
         text=True,
