@@ -115,7 +115,9 @@ def create_server(
         prepare_schema(db, settings)
         require_keys_for_stored_values(db, keyring, clock)
         if dispatcher is None:
-            dispatcher, close = build_dispatcher(settings, db=db, keyring=keyring, clock=clock, senders=senders)
+            dispatcher, close = build_dispatcher(
+                settings, db=db, keyring=keyring, clock=clock, senders=senders
+            )
             on_stop.append(close)
         policy = settings.policy
         challenges = Challenges(db, keyring, policy, dispatcher, clock)
