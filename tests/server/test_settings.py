@@ -299,17 +299,15 @@ def test_a_percent_encoded_broker_password_reaches_redis_py_and_kombu_as_it_was_
     import kombu.utils.url
     import redis.connection
 
-    for url, password, db in (
-        ("redis://:Xy%2F9Qz%2Bbase64%3F%23@127.0.0.1:6379/3", "Xy/9Qz+base64?#", 3),
-        ("redis://:p@ss:word@127.0.0.1:6379/0", "p@ss:word", 0),
-        ("rediss://default:s3cret@127.0.0.1:6379", "s3cret", 0),
+    for url, password, db, virtual_host in (
+        ("redis://:Xy%2F9Qz%2Bbase64%3F%23@127.0.0.1:6379/3", "Xy/9Qz+base64?#", 3, "3"),
+        ("redis://:p@ss:word@127.0.0.1:6379/0", "p@ss:word", 0, "0"),
+        ("rediss://default:s3cret@127.0.0.1:6379", "s3cret", 0, None),  # kombu's default: 0
     ):
         assert Settings.from_env({"TWOFACTOR_BROKER_URL": url}).broker_url == url
         server = redis.connection.parse_url(url)
         worker = kombu.utils.url.parse_url(url)
-        assert (server["password"], server["host"], server["port"], server.get("db", 0)) == (
-            password, "127.0.0.1", 6379, db
-        )
-        assert (worker["password"], worker["hostname"], worker["port"], worker["virtual_host"] or "0") == (
-            password, "127.0.0.1", 6379, str(db)
-        )
+        read_by_server = (server["password"], server["host"], server["port"], server.get("db", 0))
+        assert read_by_server == (password, "127.0.0.1", 6379, db)
+        read_by_worker = (worker["password"], worker["hostname"], worker["port"], worker["virtual_host"])
+        assert read_by_worker == (password, "127.0.0.1", 6379, virtual_host)
