@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import random
 import re
 import time
@@ -47,6 +46,18 @@ RETRY_MAX_SECONDS = 60.0
 # before the claim's lease runs out (recovery may then take the delivery over).
 _RECORD_WAIT_MAX_SECONDS = 5.0
 _LEASE_MARGIN_SECONDS = 1.0
+
+
+# A code is sent only with time left to read and type it: a quarter of its lifetime, at most
+# 30 s. One a late queue or a retry would deliver in its last seconds is recorded EXPIRED
+# instead (GetChallenge says so, and the user asks for a new one) rather than arrive dead.
+USEFUL_MS_MAX = 30_000
+TOO_LATE_REASON = "the code had too little time left to be used when it could be delivered"
+
+
+def useful_ms(challenge: ChallengeRecord) -> int:
+    """How long a code must still live to be worth sending."""
+    return min(USEFUL_MS_MAX, (challenge.expires_at - challenge.created_at) // 4)
 
 
 @dataclass(frozen=True)
@@ -116,16 +127,11 @@ class Deliverer:
                 "delivery of %s: nothing to do (settled, held by another attempt, or replaced)", challenge_id
             )
             return Outcome("nothing_to_do")
-        if (
-            challenge.expires_at <= now
-            or challenge.superseded_at is not None
-            or challenge.consumed_at is not None
-        ):
-            self._record(
-                challenge, "expired", failure_reason="the code expired or was replaced before delivery"
-            )
-            self._count(challenge.method, "expired")
-            return Outcome("expired")
+        replaced = challenge.superseded_at is not None or challenge.consumed_at is not None
+        if replaced or challenge.expires_at <= now:
+            return self._expired(challenge, "the code expired or was replaced before delivery")
+        if challenge.expires_at - now < useful_ms(challenge):
+            return self._expired(challenge, TOO_LATE_REASON)
         try:
             returned = self._send(challenge, now)
         except StorageUnavailable:
@@ -230,7 +236,7 @@ class Deliverer:
     def _retry_or_give_up(self, challenge: ChallengeRecord, now: int, reason: str) -> Outcome:
         retry_in = backoff_seconds(challenge.delivery_attempts, self._retry_base, self._retry_ceiling)
         due = now + int(retry_in * 1000)
-        if due >= challenge.expires_at:
+        if challenge.expires_at - due < useful_ms(challenge):
             log.warning("delivery of %s failed, no time left to retry: %s", challenge.challenge_id, reason)
             self._record(challenge, "failed", failure_reason=f"gave up: {reason}")
             self._count(challenge.method, "failed")
@@ -245,7 +251,12 @@ class Deliverer:
             republish_at=due + self._recovery_ms,
         )
         self._count(challenge.method, "retry")
-        return Outcome("retry", retry_in, challenge.publish_generation)
+        return Outcome("retry", retry_in, challenge.publish_generation + 1)  # the row's next (mark_delivery)
+
+    def _expired(self, challenge: ChallengeRecord, reason: str) -> Outcome:
+        self._record(challenge, "expired", failure_reason=reason)
+        self._count(challenge.method, "expired")
+        return Outcome("expired")
 
     def _send(self, challenge: ChallengeRecord, now: int) -> str:
         assert challenge.code_ciphertext is not None  # claim_delivery takes only rows that still hold it
@@ -261,7 +272,9 @@ class Deliverer:
             )
             return self._send_email(challenge, subject, text, html)
         code = payload
-        ttl_minutes = max(1, math.ceil((challenge.expires_at - now) / 60_000))
+        # To the nearest minute: "10 minutes" for a code sent at once, and at most half a minute
+        # more than is left (at least useful_ms is).
+        ttl_minutes = max(1, (challenge.expires_at - now + 30_000) // 60_000)
         purpose, locale = challenge.purpose, challenge.locale
         if challenge.method == "email":
             subject, text, html = render_email(

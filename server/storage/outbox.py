@@ -366,7 +366,8 @@ def mark_delivery(
 ) -> bool:
     """Record the outcome of the attempt that claimed `claimed`, and release its lease.
 
-    'queued' again means a retry is due; recovery republishes from `republish_at`. Only
+    'queued' again means a retry is due, as a message of the next generation (the row moves
+    to it); recovery republishes from `republish_at`. Only
     the holder of the claim records: after its lease ran out and another worker took
     over, a late outcome changes nothing (False).
     """
@@ -392,6 +393,9 @@ _MARK_DELIVERY = HotStatement(
     "twofactor_mark_delivery",
     "UPDATE challenges SET delivery_status = %(s)s, updated_at = %(now)s, lease_until = NULL, "
     "next_publish_at = %(again)s, "
+    # A retry is a message of a new generation: a copy recovery published before this attempt
+    # (of the row's generation then) claims nothing, and starts no second retry chain.
+    "publish_generation = publish_generation + CASE WHEN %(s)s = 'queued' THEN 1 ELSE 0 END, "
     "provider_message_id = COALESCE(%(pid)s, provider_message_id), failure_reason = %(why)s, "
     "code_ciphertext = CASE WHEN %(wipe)s = 1 THEN NULL ELSE code_ciphertext END "
     "WHERE challenge_id = %(c)s AND delivery_status = 'sending' AND publish_generation = %(g)s "

@@ -45,7 +45,8 @@ def take_for_republish(
     outbox.claim_delivery lets a late first message still deliver.
 
     Three kinds: never published though created before `stale_before` (the server
-    died between commit and publish); published before `stale_before` or due for a
+    died between commit and publish), and not taken by another round since (its publish is
+    under way: it records published_at only after it); published before `stale_before` or due for a
     republish, and still queued (the broker lost the message, or a retry went
     missing); 'sending' with a lease that ran out (the worker died).
     """
@@ -57,7 +58,8 @@ def take_for_republish(
         f"ELSE {_AGE} END "
         "WHERE challenge_id IN (SELECT challenge_id FROM challenges "
         "WHERE expires_at > %(now)s AND code_ciphertext IS NOT NULL AND ("
-        "(delivery_status = 'queued' AND published_at IS NULL AND created_at <= %(before)s) "
+        "(delivery_status = 'queued' AND published_at IS NULL AND created_at <= %(before)s "
+        "AND (next_publish_at IS NULL OR next_publish_at <= %(now)s)) "
         "OR (delivery_status = 'queued' AND published_at IS NOT NULL AND (next_publish_at <= %(now)s "
         "OR (next_publish_at IS NULL AND published_at <= %(before)s))) "
         "OR (delivery_status = 'sending' AND (lease_until IS NULL OR lease_until <= %(now)s))) "

@@ -68,7 +68,7 @@ def test_after_an_attempt_only_the_newest_generation_claims(other_connection: Da
     with db.transaction() as tx:
         claimed = outbox.claim_delivery(tx, "retried", 0, CREATED + 1, 120_000)
         assert claimed is not None
-        # The provider failed for now: queued again, a retry (generation 0) due, recovery after it.
+        # The provider failed for now: queued again, a retry (generation 1) due, recovery after it.
         assert outbox.mark_delivery(
             tx,
             claimed,
@@ -78,11 +78,45 @@ def test_after_an_attempt_only_the_newest_generation_claims(other_connection: Da
             wipe_code=False,
             republish_at=CREATED + R,
         )
-    assert _republished(db, CREATED + R) == [("retried", 1)]  # the retry went missing, or is late
+    assert _republished(db, CREATED + R) == [("retried", 2)]  # the retry went missing, or is late
     with db.transaction() as tx:
-        assert outbox.claim_delivery(tx, "retried", 0, CREATED + R + 1, 120_000) is None  # the late retry
-        again = outbox.claim_delivery(tx, "retried", 1, CREATED + R + 2, 120_000)
+        assert outbox.claim_delivery(tx, "retried", 1, CREATED + R + 1, 120_000) is None  # the late retry
+        again = outbox.claim_delivery(tx, "retried", 2, CREATED + R + 2, 120_000)
         assert again is not None and again.delivery_attempts == 2
+
+
+def test_a_copy_published_before_an_attempt_claims_nothing_after_it(other_connection: Database) -> None:
+    """Recovery took a late first message for lost and published a copy; the first message then
+    made an attempt that failed for now. The attempt's retry is the one message left: the copy,
+    still in the queue, claims nothing (before, it sent at once, ignoring the backoff, and
+    started a second retry chain beside the first)."""
+    db = other_connection
+    _queued_row(db, "copied")
+    assert _republished(db, CREATED + R) == [("copied", 1)]  # the copy, in the queue behind the first
+    with db.transaction() as tx:
+        first = outbox.claim_delivery(tx, "copied", 0, CREATED + R + 1, 120_000)  # the late first
+        assert first is not None
+        assert outbox.mark_delivery(
+            tx, first, "queued", CREATED + R + 2, failure_reason="451", wipe_code=False, republish_at=3 * R
+        )
+        assert outbox.claim_delivery(tx, "copied", 1, CREATED + R + 3, 120_000) is None  # the copy
+        retry = outbox.claim_delivery(tx, "copied", first.publish_generation + 1, CREATED + R + 4, 120_000)
+        assert retry is not None and retry.delivery_attempts == 2
+
+
+def test_an_unpublished_row_one_round_took_is_not_taken_again_while_its_publish_is_under_way(
+    other_connection: Database,
+) -> None:
+    """A row the server never published (it died after the commit): one recoverer takes it and
+    publishes; until it records the publish, another recoverer's round leaves the row alone
+    rather than publish a second copy."""
+    db = other_connection
+    _queued_row(db, "orphan")
+    with db.transaction() as tx:
+        tx.execute("UPDATE challenges SET published_at = NULL WHERE challenge_id = 'orphan'")
+    assert _republished(db, CREATED + R) == [("orphan", 1)]  # one recoverer, publishing now
+    assert _republished(db, CREATED + R + 50) == []  # another, 50 ms later
+    assert _republished(db, CREATED + 2 * R) == [("orphan", 2)]  # its publish never got recorded
 
 
 def test_a_row_that_stays_queued_is_published_again_after_twice_the_wait_each_time(
