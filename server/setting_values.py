@@ -3,6 +3,7 @@ the variable; settings.py says which settings exist and passes the environment i
 
 from __future__ import annotations
 
+import email.utils
 import re
 import urllib.parse
 from collections.abc import Mapping
@@ -66,6 +67,21 @@ class EnvValues:
             raise SettingsError(
                 f"{self.PREFIX}{name}: can't read this URL ({problem}): percent-encode the user name and "
                 "password (% as %25, / as %2F, ? as %3F, # as %23, @ as %40, : as %3A)"
+            )
+        return value
+
+    def sender(self, name: str, default: str) -> str:
+        """An address to send mail from, bare or with a display name of its own (`Acme Security
+        <security@acme.example>`), as the email package reads it: one address, an ASCII dot-atom
+        at a host name. A typo such as a second @ would otherwise send every code from <>,
+        which receivers refuse or file as spam."""
+        value = self.text(name, default, "email")
+        entries = email.utils.getaddresses([value])
+        local, _, domain = entries[0][1].rpartition("@") if len(entries) == 1 else ("", "", "")
+        if not (_SENDER_LOCAL.fullmatch(local) and _HOST_NAME.fullmatch(domain)):
+            raise SettingsError(
+                f"{self.PREFIX}{name} must be one address, such as security@acme.example or "
+                f"Acme Security <security@acme.example>, got {value!r}"
             )
         return value
 
@@ -207,6 +223,10 @@ def new_token_entry(name: str, scopes: str, sha256hex: str) -> str:
 
 
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+_ATOM = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+"
+_SENDER_LOCAL = re.compile(rf"{_ATOM}(\.{_ATOM})*", re.ASCII)
+_LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+_HOST_NAME = re.compile(rf"{_LABEL}(\.{_LABEL})*", re.ASCII)
 ADDRESS = r"(\[[0-9a-f:.]+\]|[^:\[\]\s]*):\d{1,5}"  # host:port, [ipv6]:port, or :port
 
 

@@ -177,9 +177,7 @@ class Settings:
             security=env.choice("SMTP_SECURITY", SmtpSettings.security, ("starttls", "tls", "none")),
             username=env.text("SMTP_USERNAME", ""),
             password=env.text("SMTP_PASSWORD", ""),
-            from_address=env.matching(
-                "SMTP_FROM", SmtpSettings.from_address, "email", r"\S+@\S+", "an email"
-            ),
+            from_address=env.sender("SMTP_FROM", SmtpSettings.from_address),
             timeout_seconds=env.float("SMTP_TIMEOUT_SECONDS", SmtpSettings.timeout_seconds, *TIMEOUT_RANGE),
             ca_file=env.text("SMTP_CA_FILE", ""),
         )

@@ -311,3 +311,33 @@ def test_a_percent_encoded_broker_password_reaches_redis_py_and_kombu_as_it_was_
         assert read_by_server == (password, "127.0.0.1", 6379, db)
         read_by_worker = (worker["password"], worker["hostname"], worker["port"], worker["virtual_host"])
         assert read_by_worker == (password, "127.0.0.1", 6379, virtual_host)
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        "twofactor@acme@example.com",  # every code would go out from <>
+        "security@acme.example, alerts@acme.example",
+        "Acme <security@acme.example> trailing",
+        "sec urity@acme.example",
+        "security@",
+        "security@[127.0.0.1]",
+    ],
+)
+def test_an_smtp_from_that_is_not_one_address_is_refused_at_start(value: str) -> None:
+    with pytest.raises(SettingsError, match="^TWOFACTOR_SMTP_FROM must be one address, such as "):
+        Settings.from_env({"TWOFACTOR_SMTP_FROM": value})
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        "security@acme.example",
+        "Acme Security <security@acme.example>",  # the README's display name of its own
+        '"Acme Security" <security@acme.example>',
+        "Sécurité Acme <security@acme.example>",
+        "alerts@localhost",
+    ],
+)
+def test_an_smtp_from_with_or_without_a_display_name_is_accepted(value: str) -> None:
+    assert Settings.from_env({"TWOFACTOR_SMTP_FROM": value}).smtp.from_address == value

@@ -26,7 +26,7 @@ from twofactor_server.delivery.providers import (
     SmtpEmailSender,
     TransientDeliveryError,
 )
-from twofactor_server.settings import SmtpSettings
+from twofactor_server.settings import Settings, SmtpSettings
 
 CODE = "482913"
 MESSAGE = EmailMessage(
@@ -454,6 +454,7 @@ def test_threads_never_share_a_connection(smtp_server: StartServer) -> None:
     [
         ("security@acme.test", "Acme Corp", "Acme Corp <security@acme.test>"),
         ("Acme Security <security@acme.test>", "Acme Corp", "Acme Security <security@acme.test>"),
+        ("Sécurité Acme <security@acme.test>", "Acme Corp", "Sécurité Acme <security@acme.test>"),
         ("security@acme.test", "", "security@acme.test"),
     ],
 )
@@ -462,7 +463,9 @@ def test_the_sender_is_named_after_the_issuer_unless_the_address_names_someone(
 ) -> None:
     handler, port = smtp_server()
     message = dataclasses.replace(MESSAGE, sender_name=issuer)
-    SmtpEmailSender(settings(port, from_address=configured)).send_email(message)
+    # Through the setting, as an operator writes it (TWOFACTOR_SMTP_FROM).
+    from_address = Settings.from_env({"TWOFACTOR_SMTP_FROM": configured}).smtp.from_address
+    SmtpEmailSender(settings(port, from_address=from_address)).send_email(message)
     [(envelope, received)] = handler.received
     assert received["From"] == shown
     assert envelope.mail_from == "security@acme.test"
