@@ -21,7 +21,7 @@ _DOMAIN = re.compile(
 # What a person writes around an international number: a plus, then digits grouped by
 # spaces, dashes, dots or parentheses. The numbering plan itself is phonenumbers' to check.
 _PHONE_CHARACTERS = re.compile(r"\+[0-9 ().-]{1,31}")
-MAX_LOCAL_PART_CHARACTERS = 64
+MAX_LOCAL_PART_BYTES = 64  # RFC 5321: octets, UTF-8 ones for an RFC 6531 address
 MAX_EMAIL_BYTES = 254
 # The number types a code may be texted to. A landline, toll-free, premium-rate, shared-cost,
 # UAN, voicemail, pager or personal (forwarding) number either can't receive a text or costs
@@ -78,7 +78,7 @@ def _is_dot_atom(local: str) -> bool:
     no leading, trailing or double dot; and no "=?": the email package reads an atom that
     starts an RFC 2047 encoded word (=?utf-8?q?...?=) as one and decodes it, so the message
     would go to another address than the one stored and shown."""
-    if not 0 < len(local) <= MAX_LOCAL_PART_CHARACTERS or "=?" in local:
+    if not 0 < len(local.encode()) <= MAX_LOCAL_PART_BYTES or "=?" in local:
         return False
     return all(
         atom and all(character in _ATEXT or _is_non_ascii_letter(character) for character in atom)
