@@ -17,11 +17,10 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from tests.conftest import Clock, ServerFactory
-from twofactor_server.delivery.deliverer import TOO_LATE_REASON, USEFUL_MS_MAX
 from tests.server.stored_rows import query
 from tests.workers.celery_harness import start_email_enrollment
 from twofactor_server.app import load_keyring
-from twofactor_server.delivery.deliverer import Deliverer
+from twofactor_server.delivery.deliverer import TOO_LATE_REASON, USEFUL_MS_MAX, Deliverer
 from twofactor_server.delivery.providers import EmailMessage, SmsMessage, TransientDeliveryError
 from twofactor_server.delivery.recovery import OutboxRecovery
 from twofactor_server.settings import Settings
@@ -152,7 +151,8 @@ def test_a_code_that_reaches_a_worker_in_its_last_seconds_is_expired_not_sent(
         assert relay.sent == []
         [row] = query(
             settings,
-            "SELECT delivery_status, failure_reason, code_ciphertext FROM challenges WHERE challenge_id = %(c)s",
+            "SELECT delivery_status, failure_reason, code_ciphertext FROM challenges "
+            "WHERE challenge_id = %(c)s",
             {"c": challenge_id},
         )
         assert (row["delivery_status"], row["failure_reason"], row["code_ciphertext"]) == (
