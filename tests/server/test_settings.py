@@ -325,7 +325,7 @@ def test_a_percent_encoded_broker_password_reaches_redis_py_and_kombu_as_it_was_
     ],
 )
 def test_an_smtp_from_that_is_not_one_address_is_refused_at_start(value: str) -> None:
-    with pytest.raises(SettingsError, match="^TWOFACTOR_SMTP_FROM must be one address, such as "):
+    with pytest.raises(SettingsError, match=r"^TWOFACTOR_SMTP_FROM must be one address, such as "):
         Settings.from_env({"TWOFACTOR_SMTP_FROM": value})
 
 
