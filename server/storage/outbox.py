@@ -366,10 +366,9 @@ def mark_delivery(
 ) -> bool:
     """Record the outcome of the attempt that claimed `claimed`, and release its lease.
 
-    'queued' again means a retry is due, as a message of the next generation (the row moves
-    to it); recovery republishes from `republish_at`. Only
-    the holder of the claim records: after its lease ran out and another worker took
-    over, a late outcome changes nothing (False).
+    'queued' again means a retry is due, of the next generation (a copy recovery published
+    before the attempt is stale); recovery republishes from `republish_at`. Only the holder of
+    the claim records: after its lease ran out and another took over, a late outcome is False.
     """
     # A HotStatement (prepared by name, run through libpq): every delivery records once.
     recorded = tx.hot_row(
@@ -392,9 +391,7 @@ def mark_delivery(
 _MARK_DELIVERY = HotStatement(
     "twofactor_mark_delivery",
     "UPDATE challenges SET delivery_status = %(s)s, updated_at = %(now)s, lease_until = NULL, "
-    "next_publish_at = %(again)s, "
-    # A retry is a message of a new generation: a copy recovery published before this attempt
-    # (of the row's generation then) claims nothing, and starts no second retry chain.
+    "next_publish_at = %(again)s, "  # a retry is the next generation's: no copy starts a second chain
     "publish_generation = publish_generation + CASE WHEN %(s)s = 'queued' THEN 1 ELSE 0 END, "
     "provider_message_id = COALESCE(%(pid)s, provider_message_id), failure_reason = %(why)s, "
     "code_ciphertext = CASE WHEN %(wipe)s = 1 THEN NULL ELSE code_ciphertext END "
