@@ -93,7 +93,8 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         settings = Settings.from_env()
-        configure_logging(settings)
+        # A child of `serve --processes` leaves the warnings about unknown variables to its supervisor.
+        configure_logging(settings, warn_unknown=not getattr(args, "supervised_listen", None))
         if args.command == "config":
             for name, value in effective_configuration():
                 print(f"{name}={value}")
@@ -152,13 +153,13 @@ def main(argv: list[str] | None = None) -> int:
     return 1
 
 
-def configure_logging(settings: Settings) -> None:
+def configure_logging(settings: Settings, *, warn_unknown: bool = True) -> None:
     """Logs as the settings say, and a warning for each TWOFACTOR_* variable no setting reads."""
     from twofactor_server.observability import logs
 
     log_format = settings.log_format or logs.default_format(sys.stderr)
     logs.configure_logging(settings.log_level, log_format)
-    for name in unknown_variables():
+    for name in unknown_variables() if warn_unknown else ():
         log.warning("%s is not a twofactor setting and is ignored (a typo?)", name)
 
 
@@ -208,9 +209,11 @@ def serve(settings: Settings, *, reuse_port: bool = False, supervised: bool = Fa
             flush=True,
         )
     stopping.wait()
-    print("draining in-flight calls", flush=True)
+    with contextlib.suppress(OSError):
+        print("draining in-flight calls", flush=True)
     server.stop(settings.grace_seconds)
-    print("stopped", flush=True)
+    with contextlib.suppress(OSError):
+        print("stopped", flush=True)
     return 0
 
 
@@ -228,8 +231,9 @@ def _stop_when_the_supervisor_is_gone(stopping: threading.Event) -> None:
         sys.stdout.flush()
     os.dup2(sys.stderr.fileno(), sys.stdout.fileno())
     if not stopping.is_set():
-        print("twofactor: the supervisor is gone; draining in-flight calls and stopping", file=sys.stderr)
-        stopping.set()
+        stopping.set()  # first: a line nobody reads (a closed pipe) must not keep the child serving
+        with contextlib.suppress(OSError):
+            print("twofactor: the supervisor is gone; draining in-flight calls and stopping", file=sys.stderr)
 
 
 def print_code(secret_base32: str, *, next_step: bool) -> int:

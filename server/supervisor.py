@@ -20,6 +20,7 @@ end; the children serve none of their own.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import signal
@@ -71,6 +72,7 @@ def reserve_port(listen: str) -> tuple[socket.socket, str]:
             with socket.socket(family, kind, proto) as probe:
                 probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
                 probe.bind(sockaddr)
+        reserved.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # a TIME_WAIT is no holder
         reserved.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         reserved.bind(sockaddr)
     except OSError as error:
@@ -104,8 +106,7 @@ class _Child:
             if " listening on " in line and not self.listening.is_set():
                 self.listening.set()
             else:
-                sys.stdout.write(line)
-                sys.stdout.flush()
+                _say(line, end="")
         self.process.wait()
         self.exited.set()
 
@@ -134,20 +135,18 @@ def supervise(settings: Settings, processes: int) -> int:
     signal.signal(signal.SIGINT, on_signal)
     children: list[_Child] = []
     try:
-        children = [_Child(listen) for _ in range(processes)]
-        for child in children:
-            threading.Thread(target=_wake_on_exit, args=(child, wake), daemon=True).start()
         deadline = time.monotonic() + START_TIMEOUT
-        while not all(c.listening.is_set() for c in children):
-            if stopping.is_set() or any(c.exited.is_set() for c in children):
-                break
-            if time.monotonic() > deadline:
-                print(
-                    f"twofactor: server processes not listening after {START_TIMEOUT:.0f} s", file=sys.stderr
-                )
-                return _stop_all(children, settings, status=1)
-            wake.wait(0.1)
-        else:
+        # The first child alone until it listens: a setting every child would refuse is said
+        # once, and the migrations run in one process.
+        children.append(_start_child(listen, wake))
+        started = _all_listening(children, wake, stopping, deadline)
+        if started:
+            children += [_start_child(listen, wake) for _ in range(processes - 1)]
+            started = _all_listening(children, wake, stopping, deadline)
+        if started is None:
+            print(f"twofactor: server processes not listening after {START_TIMEOUT:.0f} s", file=sys.stderr)
+            return _stop_all(children, settings, status=1)
+        if started:
             print(
                 f"twofactor listening on {listen} (PostgreSQL, {processes} processes, "
                 f"pids {' '.join(str(c.process.pid) for c in children)})",
@@ -155,22 +154,44 @@ def supervise(settings: Settings, processes: int) -> int:
             )
             wake.wait()
         if stopping.is_set():
-            print(f"draining in-flight calls of {processes} processes", flush=True)
+            _say(f"draining in-flight calls of {processes} processes")
             return _stop_all(children, settings, status=0)
         dead = next(c for c in children if c.exited.is_set())
-        print(
-            f"twofactor: server process {dead.process.pid} exited with status {dead.process.returncode}; "
-            "stopping the others (see its message above)",
-            file=sys.stderr,
-        )
         # A child refusing its configuration at start (status 2: a bad setting, an unmigrated
-        # database) is the whole server's configuration error, as for `twofactor serve` alone.
-        starting = not all(c.listening.is_set() for c in children)
-        return _stop_all(children, settings, status=2 if starting and dead.process.returncode == 2 else 1)
+        # database) is the whole server's configuration error, as for `twofactor serve` alone,
+        # and its own line says which: nothing to add.
+        refused = dead.process.returncode == 2 and not all(c.listening.is_set() for c in children)
+        if not refused:
+            print(
+                f"twofactor: server process {dead.process.pid} exited with status {dead.process.returncode}; "
+                "stopping the others (see its message above)",
+                file=sys.stderr,
+            )
+        return _stop_all(children, settings, status=2 if refused else 1)
     finally:
         reserved.close()
         if metrics is not None:
             metrics()
+
+
+def _start_child(listen: str, wake: threading.Event) -> _Child:
+    child = _Child(listen)
+    threading.Thread(target=_wake_on_exit, args=(child, wake), daemon=True).start()
+    return child
+
+
+def _all_listening(
+    children: list[_Child], wake: threading.Event, stopping: threading.Event, deadline: float
+) -> bool | None:
+    """Wait until every child listens (True); False once a stop is asked for or a child exited,
+    None at the deadline."""
+    while not all(c.listening.is_set() for c in children):
+        if stopping.is_set() or any(c.exited.is_set() for c in children):
+            return False
+        if time.monotonic() > deadline:
+            return None
+        wake.wait(0.1)
+    return True
 
 
 def _metrics_endpoint(settings: Settings) -> Callable[[], None] | None:
@@ -183,7 +204,13 @@ def _metrics_endpoint(settings: Settings) -> Callable[[], None] | None:
         serve_metrics,
     )
 
-    prepare_multiprocess_dir()  # before the children start: they inherit it and write their files there
+    try:
+        prepare_multiprocess_dir()  # before the children start: they inherit it and write their files there
+    except OSError as error:
+        raise SettingsError(
+            "TWOFACTOR_METRICS_LISTEN with --processes needs a writable temporary directory "
+            f"(TMPDIR): {error}"
+        ) from None
     try:
         endpoint = serve_metrics(settings.metrics_listen, multiprocess=True)
     except (OSError, ValueError) as error:
@@ -223,5 +250,11 @@ def _stop_all(children: list[_Child], settings: Settings, *, status: int) -> int
         if child.process.returncode not in (0, -signal.SIGTERM, -signal.SIGINT) and status == 0:
             status = 1
         child.exited.wait(5)  # its last lines are passed on
-    print("stopped", flush=True)
+    _say("stopped")
     return status
+
+
+def _say(line: str, end: str = "\n") -> None:
+    """A line on standard output; nobody reading it (a `| tee` stopped) must not stop the supervisor."""
+    with contextlib.suppress(OSError):
+        print(line, end=end, flush=True)

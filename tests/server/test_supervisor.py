@@ -7,6 +7,7 @@ import os
 import signal
 import socket
 import subprocess
+import tempfile
 import time
 import urllib.request
 from pathlib import Path
@@ -21,6 +22,7 @@ from twofactor.v1 import twofactor_service_pb2_grpc
 from tests.conftest import APP_TOKEN, TEST_KEYS
 from tests.server.test_cli import TWOFACTOR, env_for, wait_until_a_query_waits_on_a_lock
 from tests.smtp_sink import free_port
+from twofactor_server import cli
 
 METADATA = (("authorization", f"Bearer {APP_TOKEN}"),)
 
@@ -302,3 +304,79 @@ def test_a_stop_while_the_children_start_is_a_clean_stop(tmp_path: Path, postgre
     output, _ = process.communicate(timeout=120)
     assert process.returncode == 0, output
     assert "Traceback" not in output
+
+
+def test_a_time_wait_on_the_port_is_not_another_program(tmp_path: Path, postgres_url: str) -> None:
+    """A server that stopped a moment ago (`serve` alone binds as here: SO_REUSEADDR, no
+    SO_REUSEPORT) closed a connection first: TIME_WAIT on the port for 60 s, no program holds it."""
+    port = free_port()
+    with socket.socket() as previous:
+        previous.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        previous.bind(("127.0.0.1", port))
+        previous.listen()
+        with socket.create_connection(("127.0.0.1", port)) as client:
+            accepted, _ = previous.accept()
+            accepted.close()  # the server closes first (its stop, a GOAWAY)
+            assert client.recv(1) == b""
+    served = Supervised(production_env(tmp_path, postgres_url, port), "2")
+    served.process.send_signal(signal.SIGTERM)
+    code, output = served.finish()
+    assert code == 0, output
+
+
+@pytest.mark.parametrize("stop", [signal.SIGKILL, signal.SIGTERM], ids=["kill", "term"])
+def test_children_stop_when_nobody_reads_the_supervisors_output(
+    tmp_path: Path, postgres_url: str, stop: signal.Signals
+) -> None:
+    """The reader of the supervisor's output is gone (`| tee` stopped, a runner that timed out)."""
+    port = free_port()
+    served = Supervised(production_env(tmp_path, postgres_url, port), "2")
+    children = served.children()
+    assert served.process.stdout is not None
+    served.process.stdout.close()
+    served.process.send_signal(stop)
+    served.process.wait(timeout=60)
+    deadline = time.monotonic() + 45
+    while not (all(gone(child) for child in children) and port_is_free(port)):
+        if time.monotonic() > deadline:
+            left = [child for child in children if not gone(child)]
+            for child in left:
+                os.kill(child, signal.SIGKILL)  # clean up the orphans
+            pytest.fail(
+                f"children {left} still serve port {port} (supervisor status {served.process.returncode})"
+            )
+        time.sleep(0.1)
+
+
+def test_no_usable_metrics_directory_is_one_line_and_status_2(
+    tmp_path: Path, postgres_url: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """No writable temporary directory (a read-only root file system): one line, exit 2, as a bad setting."""
+    for name, value in production_env(tmp_path, postgres_url, free_port()).items():
+        if name.startswith("TWOFACTOR_"):
+            monkeypatch.setenv(name, value)
+    monkeypatch.setenv("TWOFACTOR_METRICS_LISTEN", f"127.0.0.1:{free_port()}")
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "read-only-root"))  # what gettempdir() found
+    assert cli.main(["serve", "--processes", "2"]) == 2
+    assert "TWOFACTOR_METRICS_LISTEN" in capsys.readouterr().err
+
+
+def test_a_setting_the_children_refuse_is_one_line(tmp_path: Path, postgres_url: str) -> None:
+    """README: a bad setting stops `serve` with one line naming the variable and exit status 2;
+    with three processes too (the first child starts alone), and a mistyped variable is warned
+    about once (by the supervisor)."""
+    env = production_env(tmp_path, postgres_url, free_port())
+    env["TWOFACTOR_KEYZ"] = env.pop("TWOFACTOR_KEYS")
+    result = subprocess.run(
+        [TWOFACTOR, "serve", "--processes", "3"], env=env, capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 2
+    lines = result.stderr.splitlines()
+    assert [line for line in lines if "TWOFACTOR_KEYZ" in line] == [
+        line for line in lines if "TWOFACTOR_KEYZ is not a twofactor setting and is ignored (a typo?)" in line
+    ]
+    assert len([line for line in lines if "TWOFACTOR_KEYZ" in line]) == 1, result.stderr
+    assert [line for line in lines if "TWOFACTOR_KEYS" in line] == [
+        "twofactor: configuration error: TWOFACTOR_KEYS is required with TWOFACTOR_DATABASE_URL "
+        "(run `twofactor keygen`)"
+    ], result.stderr
