@@ -66,8 +66,8 @@ def print_new_token(name: str, scopes: str) -> int:
 def _rotation(settings: Settings, batch_size: int = 500) -> tuple[KeyRotation, Database, Keyring]:
     from twofactor_server.app import load_keyring, require_usable_data_dir
     from twofactor_server.storage.database import open_database, sqlite_path
-    from twofactor_server.storage.migrator import migrations, pending_migrations
-    from twofactor_server.storage.refusals import database_location
+    from twofactor_server.storage.migrator import migrations
+    from twofactor_server.storage.refusals import database_location, pending_migrations_at_start
 
     if settings.embedded and not sqlite_path(settings.data_dir).is_file():
         # A mistyped TWOFACTOR_DATA_DIR must not get a new empty database (and a development key)
@@ -83,11 +83,24 @@ def _rotation(settings: Settings, batch_size: int = 500) -> tuple[KeyRotation, D
         )
     require_usable_data_dir(settings)
     keyring = load_keyring(settings)
+    # First within the storage timeout, as a server's start: a mistyped URL is refused (exit 2)
+    # and a database that does not answer said so (exit 1), rather than waited for as long as
+    # a scan may take.
+    first = open_database(
+        settings.database_url,
+        data_dir=settings.data_dir,
+        pool_size=1,
+        timeout=settings.storage_timeout_seconds,
+    )
+    try:
+        pending = pending_migrations_at_start(first, settings.database_url, settings.storage_timeout_seconds)
+    finally:
+        first.close()
     # Counting reads whole tables: longer than a call's storage timeout, bounded all the same.
     timeout = max(settings.storage_timeout_seconds, _SCAN_TIMEOUT_SECONDS)
     db = open_database(settings.database_url, data_dir=settings.data_dir, pool_size=2, timeout=timeout)
     try:
-        if pending_migrations(db) == [version for version, _ in migrations(db.dialect)]:
+        if pending == [version for version, _ in migrations(db.dialect)]:
             raise SettingsError(
                 f"TWOFACTOR_DATA_DIR: {sqlite_path(settings.data_dir)} has no twofactor tables: "
                 "set it to the server's data directory"

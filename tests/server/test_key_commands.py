@@ -11,12 +11,14 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
 
 import psycopg
 import pytest
 
-from tests.conftest import APP_TOKEN, TEST_KEYS, Clock, ServerFactory
+from tests.conftest import APP_TOKEN, POSTGRES_ADMIN_URL, TEST_KEYS, Clock, ServerFactory
 from tests.server.helpers import enroll_authenticator
+from tests.smtp_sink import free_port
 from twofactor_server.cli import main
 from twofactor_server.domain import backup_codes
 from twofactor_server.domain.keyring import BACKUP_CODE, TOTP_SECRET, Keyring
@@ -388,3 +390,35 @@ def test_keys_commands_refuse_a_store_that_holds_no_twofactor_database(
     else:
         assert f"TWOFACTOR_DATA_DIR: {settings.data_dir} holds no twofactor database" in result.stderr
         assert not settings.data_dir.exists()
+
+
+@pytest.mark.parametrize("command", ["status", "rotate"])
+@pytest.mark.parametrize("mistake", ["database", "port"])
+def test_keys_commands_on_a_database_that_is_not_there_answer_within_the_storage_timeout(
+    tmp_path: Path, command: str, mistake: str
+) -> None:
+    """A mistyped database name is refused at once (exit 2), as by `serve` and `migrate`; a port
+    nothing listens on is "retry later" (exit 1) after the start-up wait, not after the ten
+    minutes a scan may take."""
+    admin = urlsplit(POSTGRES_ADMIN_URL)
+    url = urlunsplit(
+        admin._replace(path="/tf_no_such_database")
+        if mistake == "database"
+        else admin._replace(netloc=f"{admin.username or 'postgres'}@127.0.0.1:{free_port()}")
+    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TWOFACTOR_")}
+    env |= {
+        "TWOFACTOR_DATABASE_URL": url,
+        "TWOFACTOR_KEYS": TEST_KEYS,
+        "TWOFACTOR_DATA_DIR": str(tmp_path),
+        "TWOFACTOR_STORAGE_TIMEOUT_SECONDS": "1",
+        "TWOFACTOR_LOG_FORMAT": "text",
+    }
+    result = run([TWOFACTOR, "keys", command], env)  # bounded: 120 s
+    assert "Traceback" not in result.stderr
+    if mistake == "database":
+        assert result.returncode == 2, result.stderr
+        assert 'refused the connection: database "tf_no_such_database" does not exist' in result.stderr
+    else:
+        assert result.returncode == 1, result.stderr
+        assert "twofactor: the database can't be reached; retry later" in result.stderr
