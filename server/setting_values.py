@@ -178,11 +178,13 @@ class EnvValues:
         if value is None:
             return ()
         tokens = []
-        for entry in value.split(","):
+        entries = value.split(",")
+        for position, entry in enumerate(entries, 1):
             try:
                 tokens.append(token_entry(entry))
             except ValueError as error:
-                raise SettingsError(f"{self.PREFIX}{name}: {error}") from None
+                where = f" (entry {position} of {len(entries)})" if len(entries) > 1 else ""
+                raise SettingsError(f"{self.PREFIX}{name}{where}: {error}") from None
         return tuple(tokens)
 
 
@@ -193,7 +195,11 @@ def token_entry(entry: str) -> TokenSetting:
     """One `name:scope+scope:sha256hex` entry of TWOFACTOR_TOKENS; a ValueError says what is wrong."""
     parts = entry.strip().split(":")
     if len(parts) != 3:
-        raise ValueError(f"entry {entry.strip()!r} is not name:scopes:sha256hex")
+        # Not quoted: the likeliest entry of no two colons is a token pasted in its entry's place.
+        raise ValueError(
+            "an entry is not name:scopes:sha256hex (the `TWOFACTOR_TOKENS entry:` line of "
+            "`twofactor token`, not the token itself)"
+        )
     token_name, scopes, digest = parts
     try:
         sha256 = bytes.fromhex(digest)

@@ -341,3 +341,20 @@ def test_an_smtp_from_that_is_not_one_address_is_refused_at_start(value: str) ->
 )
 def test_an_smtp_from_with_or_without_a_display_name_is_accepted(value: str) -> None:
     assert Settings.from_env({"TWOFACTOR_SMTP_FROM": value}).smtp.from_address == value
+
+
+def test_a_token_pasted_in_place_of_its_entry_is_refused_without_showing_it(tmp_path: Path) -> None:
+    """`twofactor token` prints the token and its entry; the token in TWOFACTOR_TOKENS must not
+    reach the log that says it is wrong: it is the caller's live secret."""
+    token = "sLZKrrrb1WO6WWUizx-uFbu3gxRSuOnV9tQ_4JwUpoo"
+    entry = f"backend:app:{hashlib.sha256(APP_TOKEN.encode()).hexdigest()}"
+    for value, where in ((token, ""), (f"{entry},{token}", " (entry 2 of 2)")):
+        env = clean_env(TOKENS=value, DATA_DIR=str(tmp_path))
+        result = subprocess.run([TWOFACTOR, "serve"], env=env, capture_output=True, text=True, timeout=120)
+        assert result.returncode == 2
+        assert result.stderr == (
+            f"twofactor: configuration error: TWOFACTOR_TOKENS{where}: an entry is not "
+            "name:scopes:sha256hex (the `TWOFACTOR_TOKENS entry:` line of `twofactor token`, not the "
+            "token itself)\n"
+        )
+        assert token[:8] not in result.stdout + result.stderr
