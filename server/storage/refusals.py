@@ -89,12 +89,14 @@ def require_readable_url(url: str) -> None:
     """SettingsError for a URL that libpq can't read, or reads otherwise than it was meant: a
     password with an unencoded % or / (base64 has /). libpq's own message, which the pool logs
     on every retry, quotes the password, and a misread URL would be waited for as a database
-    that does not answer: refused at once, naming no part of the URL."""
+    that does not answer: refused at once, naming no part of the URL. An unencoded @ too."""
     rest = url.partition("://")[2].split("?", 1)[0]
     authority = rest.split("/", 1)[0]
     try:
         conninfo_to_dict(url)
-        readable = "@" not in rest or "@" in authority  # else a / in the user info cut it short
+        # A / in the user info cuts it short; libpq ends it at the first @, reading the rest of
+        # a password with an @ as the host (and logging it as the host that did not answer).
+        readable = ("@" not in rest or "@" in authority) and authority.count("@") <= 1
     except psycopg.Error:
         readable = False
     if not readable:

@@ -69,7 +69,11 @@ def test_a_refused_connection_is_a_configuration_error(
         assert "Traceback" not in result.stderr
 
 
-@pytest.mark.parametrize("password", ["S3cret%zzPw", "Xy/9Qz+base64"], ids=["unencoded %", "unencoded /"])
+@pytest.mark.parametrize(
+    "password",
+    ["S3cret%zzPw", "Xy/9Qz+base64", "S3cret@Pw"],
+    ids=["unencoded %", "unencoded /", "unencoded @"],
+)
 def test_a_url_libpq_cant_read_is_a_configuration_error_that_shows_no_password(
     tmp_path: Path, password: str
 ) -> None:
