@@ -13,6 +13,7 @@ spelled like Go's codes.Code.String()), so dashboards written for it work.
 
 from __future__ import annotations
 
+import errno
 import os
 import shutil
 import tempfile
@@ -213,10 +214,19 @@ def serve_metrics(listen: str, *, multiprocess: bool = False) -> MetricsEndpoint
         registry = CollectorRegistry()
         mp.MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
     addr = host.strip("[]") or "0.0.0.0"  # noqa: S104 - an empty host means every interface
-    if registry is None:
-        server, thread = start_http_server(int(port), addr=addr)
-    else:
-        server, thread = start_http_server(int(port), addr=addr, registry=registry)
+    try:
+        if registry is None:
+            server, thread = start_http_server(int(port), addr=addr)
+        else:
+            server, thread = start_http_server(int(port), addr=addr, registry=registry)
+    except OSError as error:
+        if error.errno != errno.EADDRINUSE:
+            raise
+        # A server and a worker on one host, started with one environment, ask for one port.
+        raise OSError(
+            error.errno,
+            f"port {port} is already in use: each server or worker on a host needs a port of its own",
+        ) from None
     return MetricsEndpoint(host, server.server_port, server, thread)
 
 

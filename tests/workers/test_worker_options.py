@@ -93,5 +93,9 @@ def test_a_worker_refused_at_start_leaves_no_metrics_directory(
         env.update(TWOFACTOR_METRICS_LISTEN=f"127.0.0.1:{taken.getsockname()[1]}", TMPDIR=str(tmp_path))
         result = run_worker([], env)
     assert result.returncode == 2, result.stderr
-    assert "TWOFACTOR_METRICS_LISTEN" in result.stderr
+    port = env["TWOFACTOR_METRICS_LISTEN"].rpartition(":")[2]
+    assert (
+        f"twofactor: configuration error: TWOFACTOR_METRICS_LISTEN: port {port} is already in "
+        "use: each server or worker on a host needs a port of its own"
+    ) in result.stderr.splitlines()
     assert list(tmp_path.glob("twofactor-metrics-*")) == []
