@@ -253,7 +253,7 @@ def require_usable_data_dir(settings: Settings) -> None:
     if settings.data_dir.exists() and not settings.data_dir.is_dir():
         raise SettingsError(f"TWOFACTOR_DATA_DIR: {settings.data_dir} is a file, not a directory")
     try:
-        settings.data_dir.mkdir(parents=True, exist_ok=True)
+        settings.data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)  # holds the database and dev keys
     except OSError as error:
         raise SettingsError(
             f"TWOFACTOR_DATA_DIR: cannot create {settings.data_dir} ({error.strerror})"

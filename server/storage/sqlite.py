@@ -5,9 +5,11 @@ SQL is written once, with psycopg's named placeholders `%(name)s`; this backend 
 
 from __future__ import annotations
 
+import os
 import re
 import sqlite3
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from functools import lru_cache
@@ -26,13 +28,16 @@ class SqliteDatabase:
     dialect = "sqlite"
 
     def __init__(self, path: Path, *, timeout: float = 2.0) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
+        # The file holds every user's contacts and the audit trail: its owner's alone, as the
+        # development keys beside it (SQLite gives its -wal and -shm files the file's mode).
+        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        os.close(os.open(path, os.O_CREAT | os.O_RDWR, 0o600))
         self.unavailable = threading.Event()
-        self._conn = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+        self._conn = sqlite3.connect(path, timeout=timeout, check_same_thread=False, isolation_level=None)
         self._conn.row_factory = _dict_factory
-        self._conn.execute("PRAGMA journal_mode=WAL")
+        with _sqlite_errors(self.unavailable):
+            _make_wal(self._conn, timeout)
         self._conn.execute("PRAGMA foreign_keys=ON")
-        self._conn.execute(f"PRAGMA busy_timeout={max(1, round(timeout * 1000))}")
         self._lock = threading.Lock()
 
     @contextmanager
@@ -114,6 +119,24 @@ def _sqlite_errors(unavailable: threading.Event) -> Iterator[None]:
             unavailable.set()
             raise_unavailable(error)
         raise
+
+
+_SQLITE_BUSY = 5
+
+
+def _make_wal(conn: sqlite3.Connection, timeout: float) -> None:
+    """Switch a file to WAL, waiting up to `timeout` for another process making the same switch:
+    SQLite answers that BUSY at once, without its busy handler (several processes starting
+    together on a new file)."""
+    give_up = time.monotonic() + timeout
+    while True:
+        try:
+            conn.execute("PRAGMA journal_mode=WAL")
+            return
+        except sqlite3.OperationalError as error:
+            if getattr(error, "sqlite_errorcode", 0) & 0xFF != _SQLITE_BUSY or time.monotonic() > give_up:
+                raise
+            time.sleep(0.01)
 
 
 @lru_cache(maxsize=512)
