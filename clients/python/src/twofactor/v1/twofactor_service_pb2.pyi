@@ -264,7 +264,8 @@ class SetContactRequest(_message.Message):
     email: _builtins.str
     """Email address for codes. Absent leaves it unchanged; empty removes it.
     A plain local@domain address (no quoted local part, no encoded word),
-    stored in lower case: one mailbox is one destination for the send limits.
+    stored in lower case, so that case variants of one address share its send
+    limits (address tags such as ana+1@ are other addresses to the limits).
     Otherwise INVALID_ARGUMENT (INVALID_EMAIL).
     """
     phone: _builtins.str
