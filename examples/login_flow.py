@@ -79,6 +79,9 @@ def second_factor(
     show_backup_codes: bool = False,
 ) -> bool:
     status = client.get_status(user_id=user_id)
+    if status.locked_permanently:
+        print(f"{user_id} is locked out until an operator unlocks them (UnlockUser or ResetUser)")
+        return False
     if status.HasField("locked_until"):
         print(f"{user_id} is locked out until {status.locked_until.ToDatetime():%Y-%m-%d %H:%M:%S} UTC")
         return False

@@ -118,7 +118,7 @@ def time_left_locked(user_id: str) -> datetime.timedelta | None:
     """How long the user stays locked out, from GetStatus (a ConfirmEnrollment or ConfirmContact
     that locked them doesn't say); None when only an operator can unlock them."""
     status = tf().status(user_id)
-    if not status.HasField("locked_until"):
+    if status.locked_permanently or not status.HasField("locked_until"):
         return None
     return datetime.timedelta(seconds=max(0.0, status.locked_until.ToNanoseconds() / 1e9 - sessions.now()))
 

@@ -103,7 +103,9 @@ def render_prompt(user_id: str, *, action: str, step_up_for: str) -> str:
         action=action,
         next=step_up_for,
         has_authenticator=Method.METHOD_AUTHENTICATOR in status.enabled_methods,
-        sendable=[info for info in enabled if info.contact],
+        # Locked until an operator unlocks: no code logs in, so none is offered.
+        sendable=[] if status.locked_permanently else [info for info in enabled if info.contact],
+        locked_permanently=status.locked_permanently,
         send_key=uuid.uuid4().hex,  # one per rendered form: a double click sends once
         wait_seconds=wait,
         resend_at=sessions.resend_after(),

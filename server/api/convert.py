@@ -113,6 +113,7 @@ def status(state: UserState | None, policy: PolicySettings) -> tf_pb.GetStatusRe
         phone_registered=bool(state.phone),
         allowed_methods=allowed,
         pending_contact_changes=[challenge(view) for view in state.contact_changes],
+        locked_permanently=bool(state.lock and state.lock.permanent),
     )
 
 

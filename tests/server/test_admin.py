@@ -265,6 +265,8 @@ def test_unlock_ends_a_lockout(harness: Harness, clock: Clock) -> None:
     assert last.result == pb.VERIFY_RESULT_LOCKED
     locked = get_user(harness, "henry")
     assert locked.failed_attempts == 5 and locked.locked_until.seconds == int(clock.now) + 60
+    status = harness.twofactor.GetStatus(pb.GetStatusRequest(user_id="henry"), metadata=harness.app_metadata)
+    assert status.locked_until.seconds == int(clock.now) + 60 and not status.locked_permanently
 
     unlocked = harness.admin.UnlockUser(
         admin_pb.UnlockUserRequest(user_id="henry"), metadata=harness.admin_metadata
@@ -284,10 +286,15 @@ def test_unlock_ends_a_permanent_lockout(start_server: ServerFactory, clock: Clo
         verify(h, "ivan", bad)
     user = get_user(h, "ivan")
     assert user.locked_permanently and not user.HasField("locked_until")
+    # The login site sees it too, and offers no code to send.
+    status = h.twofactor.GetStatus(pb.GetStatusRequest(user_id="ivan"), metadata=h.app_metadata)
+    assert status.locked_permanently and not status.HasField("locked_until")
     assert verify(h, "ivan", totp_now(secret, clock)).result == pb.VERIFY_RESULT_LOCKED
 
     after = h.admin.UnlockUser(admin_pb.UnlockUserRequest(user_id="ivan"), metadata=h.admin_metadata).user
     assert not after.locked_permanently and after.failed_attempts == 0
+    status = h.twofactor.GetStatus(pb.GetStatusRequest(user_id="ivan"), metadata=h.app_metadata)
+    assert not status.locked_permanently and not status.HasField("locked_until")
     assert verify(h, "ivan", totp_now(secret, clock)).result == pb.VERIFY_RESULT_ACCEPTED
     # Unlocking a user who is not locked is harmless.
     again = h.admin.UnlockUser(admin_pb.UnlockUserRequest(user_id="ivan"), metadata=h.admin_metadata).user

@@ -196,6 +196,7 @@ class GetStatusResponse(_message.Message):
     PHONE_REGISTERED_FIELD_NUMBER: _builtins.int
     ALLOWED_METHODS_FIELD_NUMBER: _builtins.int
     PENDING_CONTACT_CHANGES_FIELD_NUMBER: _builtins.int
+    LOCKED_PERMANENTLY_FIELD_NUMBER: _builtins.int
     enrollment_required: _builtins.bool
     """True when the policy forces 2FA and the user has no method enabled yet:
     the login must enroll the user before letting them in.
@@ -206,6 +207,11 @@ class GetStatusResponse(_message.Message):
     """Whether an email address is registered."""
     phone_registered: _builtins.bool
     """Whether a mobile number is registered."""
+    locked_permanently: _builtins.bool
+    """True while the user is locked out until an operator's UnlockUser or
+    ResetUser (TWOFACTOR_MAX_CONSECUTIVE_FAILURES wrong codes in a row): no code
+    logs in until then, so don't offer to send one.
+    """
     @_builtins.property
     def enabled_methods(self) -> _containers.RepeatedScalarFieldContainer[_common_pb2.Method.ValueType]:
         """Methods the user has confirmed and can verify with."""
@@ -216,7 +222,10 @@ class GetStatusResponse(_message.Message):
 
     @_builtins.property
     def locked_until(self) -> _timestamp_pb2.Timestamp:
-        """Set while the user is locked out after too many wrong codes."""
+        """Set while the user is locked out after too many wrong codes, for a time
+        (TWOFACTOR_LOCKOUT_THRESHOLD); absent for a lock that lasts until an
+        operator's UnlockUser or ResetUser (locked_permanently).
+        """
 
     @_builtins.property
     def allowed_methods(self) -> _containers.RepeatedScalarFieldContainer[_common_pb2.Method.ValueType]:
@@ -241,10 +250,11 @@ class GetStatusResponse(_message.Message):
         phone_registered: _builtins.bool = ...,
         allowed_methods: _abc.Iterable[_common_pb2.Method.ValueType] | None = ...,
         pending_contact_changes: _abc.Iterable[_common_pb2.Challenge] | None = ...,
+        locked_permanently: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["locked_until", b"locked_until"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["allowed_methods", b"allowed_methods", "backup_codes_remaining", b"backup_codes_remaining", "email_registered", b"email_registered", "enabled_methods", b"enabled_methods", "enrollment_required", b"enrollment_required", "locked_until", b"locked_until", "pending_contact_changes", b"pending_contact_changes", "pending_methods", b"pending_methods", "phone_registered", b"phone_registered"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["allowed_methods", b"allowed_methods", "backup_codes_remaining", b"backup_codes_remaining", "email_registered", b"email_registered", "enabled_methods", b"enabled_methods", "enrollment_required", b"enrollment_required", "locked_permanently", b"locked_permanently", "locked_until", b"locked_until", "pending_contact_changes", b"pending_contact_changes", "pending_methods", b"pending_methods", "phone_registered", b"phone_registered"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
