@@ -38,7 +38,12 @@ from twofactor_server.storage.migrator import apply_migrations
 from twofactor_server.storage.migrator import migrations as migrations  # re-exported
 from twofactor_server.storage.pool import Pool
 from twofactor_server.storage.probe import ProbeConnection
-from twofactor_server.storage.refusals import log_no_answer_at_start, raise_if_refused, require_readable_url
+from twofactor_server.storage.refusals import (
+    log_no_answer_at_start,
+    migration_refused,
+    raise_if_refused,
+    require_readable_url,
+)
 from twofactor_server.storage.sqlite import SqliteDatabase as SqliteDatabase  # re-exported
 from twofactor_server.storage.units import CommitActions, Params, Row, raise_unavailable
 from twofactor_server.storage.units import Database as Database  # re-exported
@@ -181,6 +186,8 @@ class PostgresDatabase:
             conn.execute("SELECT pg_advisory_lock(%s)", (_MIGRATION_LOCK_ID,))
             try:
                 return apply_migrations(lambda: _migration_transaction(conn), self.dialect)
+            except psycopg.errors.InsufficientPrivilege as error:
+                raise migration_refused(self._url, error) from None
             finally:
                 _deallocate_all(conn)
                 conn.execute("SELECT pg_advisory_unlock(%s)", (_MIGRATION_LOCK_ID,))

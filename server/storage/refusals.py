@@ -104,3 +104,14 @@ def require_readable_url(url: str) -> None:
             "TWOFACTOR_DATABASE_URL: libpq can't read this URL: percent-encode the user name and "
             "password (% as %25, / as %2F, @ as %40, : as %3A)"
         )
+
+
+def migration_refused(url: str, error: Exception) -> SettingsError:
+    """The database refused a migration for good (the role may not create tables): exit 2, as a
+    refused connection, rather than a traceback, or a worker serving on the old schema."""
+    reason = str(error).strip().splitlines()[0]
+    return SettingsError(
+        f"TWOFACTOR_DATABASE_URL: {database_location(url)} refused the migrations: {reason}; run "
+        "`twofactor migrate` as a role that may create tables, then start with "
+        "TWOFACTOR_MIGRATE_ON_START=false"
+    )

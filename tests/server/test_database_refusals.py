@@ -5,9 +5,12 @@ answer yet is still waited for (tests/server/test_cli.py)."""
 from __future__ import annotations
 
 import subprocess
+import uuid
+from collections.abc import Iterator
 from pathlib import Path
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import parse_qs, urlsplit, urlunsplit
 
+import psycopg
 import pytest
 
 from tests.conftest import POSTGRES_ADMIN_URL, REDIS_URL
@@ -95,3 +98,42 @@ def test_a_percent_encoded_password_is_read_as_it_was_meant() -> None:
     """What the refusal asks for works: the same passwords, percent-encoded, pass the check."""
     for password in ("S3cret%25zzPw", "Xy%2F9Qz+base64", "p%40ss%3Aword"):
         require_readable_url(f"postgresql://twofactor:{password}@127.0.0.1:5432/accounts?sslmode=disable")
+
+
+@pytest.fixture
+def role_without_ddl(postgres_url: str) -> Iterator[str]:
+    """A URL of the test's schema for a role that may use it but not create tables in it (a
+    least-privilege application role)."""
+    role = f"tf_no_ddl_{uuid.uuid4().hex[:10]}"
+    schema = parse_qs(urlsplit(postgres_url).query)["options"][0].partition("=")[2]
+    with psycopg.connect(POSTGRES_ADMIN_URL, autocommit=True) as conn:
+        conn.execute(f'CREATE ROLE "{role}" LOGIN')
+        conn.execute(f'GRANT USAGE ON SCHEMA "{schema}" TO "{role}"')
+    try:
+        parts = urlsplit(postgres_url)
+        yield urlunsplit(parts._replace(netloc=f"{role}@{parts.hostname}:{parts.port or 5432}"))
+    finally:
+        with psycopg.connect(POSTGRES_ADMIN_URL, autocommit=True) as conn:
+            conn.execute(f'REVOKE USAGE ON SCHEMA "{schema}" FROM "{role}"')
+            conn.execute(f'DROP ROLE "{role}"')
+
+
+def test_a_role_that_may_not_create_tables_is_one_line_not_a_traceback(
+    tmp_path: Path, role_without_ddl: str
+) -> None:
+    """`migrate` and `serve` printed psycopg's traceback, and a worker started anyway on a
+    database without its tables: each is now the one line that says what to do, exit 2."""
+    for command, more in (("migrate", {}), ("serve", {}), ("worker", {"TWOFACTOR_BROKER_URL": REDIS_URL})):
+        result = run_on(tmp_path, role_without_ddl, command, {"TWOFACTOR_LOG_FORMAT": "text", **more})
+        assert result.returncode == 2, (command, result.stdout, result.stderr)
+        assert "Traceback" not in result.stderr
+        (said,) = [line for line in result.stderr.splitlines() if line.startswith("twofactor")]
+        assert said.startswith("twofactor: configuration error: TWOFACTOR_DATABASE_URL: the database at "), (
+            said
+        )
+        assert said.endswith(
+            "refused the migrations: permission denied for schema "
+            f"{parse_qs(urlsplit(role_without_ddl).query)['options'][0].partition('=')[2]}; run "
+            "`twofactor migrate` as a role that may create tables, then start with "
+            "TWOFACTOR_MIGRATE_ON_START=false"
+        ), said
