@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from tests.conftest import Clock, ServerFactory
+from tests.conftest import Clock, Harness, ServerFactory
 from tests.server.stored_rows import query
 from tests.workers.celery_harness import start_email_enrollment
 from twofactor_server.app import load_keyring
@@ -24,7 +24,7 @@ from twofactor_server.delivery.deliverer import TOO_LATE_REASON, USEFUL_MS_MAX, 
 from twofactor_server.delivery.providers import EmailMessage, SmsMessage, TransientDeliveryError
 from twofactor_server.delivery.recovery import OutboxRecovery
 from twofactor_server.settings import Settings
-from twofactor_server.storage.database import open_database
+from twofactor_server.storage.database import Database, open_database
 
 RECOVERY_SECONDS = 10.0
 
@@ -63,6 +63,19 @@ class NoSms:
         raise AssertionError("no text in this test")
 
 
+def _deliverer(h: Harness, db: Database, relay: RelayBusyOnce, clock: Clock) -> Deliverer:
+    return Deliverer(
+        db,
+        load_keyring(h.settings),
+        relay,
+        NoSms(),
+        issuer="Acme",
+        retry_base_seconds=2.0,
+        recovery_seconds=RECOVERY_SECONDS,
+        clock=clock,
+    )
+
+
 def test_the_retry_of_a_late_messages_attempt_claims_the_row(
     start_server: ServerFactory, clock: Clock, settings: Settings
 ) -> None:
@@ -73,16 +86,7 @@ def test_the_retry_of_a_late_messages_attempt_claims_the_row(
     db = open_database(settings.database_url, data_dir=settings.data_dir, timeout=10)
     try:
         relay = RelayBusyOnce()
-        deliverer = Deliverer(
-            db,
-            load_keyring(h.settings),
-            relay,
-            NoSms(),
-            issuer="Acme",
-            retry_base_seconds=2.0,
-            recovery_seconds=RECOVERY_SECONDS,
-            clock=clock,
-        )
+        deliverer = _deliverer(h, db, relay, clock)
         recovery = OutboxRecovery(db, published.dispatch, recovery_seconds=RECOVERY_SECONDS, clock=clock)
         clock.advance(RECOVERY_SECONDS + 1)  # the first message waits in a long queue: taken for lost
         assert recovery.run_once() == 1
@@ -111,19 +115,6 @@ def test_the_retry_of_a_late_messages_attempt_claims_the_row(
         assert (row["delivery_status"], row["delivery_attempts"]) == ("sent", 2)
     finally:
         db.close()
-
-
-def _deliverer(h: object, db: object, relay: RelayBusyOnce, clock: Clock) -> Deliverer:
-    return Deliverer(
-        db,  # type: ignore[arg-type]
-        load_keyring(h.settings),  # type: ignore[attr-defined]
-        relay,
-        NoSms(),
-        issuer="Acme",
-        retry_base_seconds=2.0,
-        recovery_seconds=RECOVERY_SECONDS,
-        clock=clock,
-    )
 
 
 def _expiry(settings: Settings, challenge_id: str) -> tuple[int, int]:
