@@ -135,7 +135,14 @@ class Settings:
             allowed_methods=env.methods("ALLOWED_METHODS", defaults.allowed_methods),
             force_two_factor=env.bool("FORCE_2FA", defaults.force_two_factor),
             allow_admin_reset=env.bool("ALLOW_ADMIN_RESET", defaults.allow_admin_reset),
-            issuer=env.text("ISSUER", defaults.issuer),
+            issuer=env.matching(
+                "ISSUER",
+                defaults.issuer,
+                "text",
+                r"[^:]{1,100}",
+                "1 to 100 characters without ':' (the authenticator app's label separates the issuer "
+                "from the account with it, and the QR code holds the issuer twice)",
+            ),
             backup_code_count=env.int("BACKUP_CODE_COUNT", defaults.backup_code_count, 1, 100),
             code_length=env.int("CODE_LENGTH", defaults.code_length, 6, 10),
             code_ttl_seconds=env.int("CODE_TTL_SECONDS", defaults.code_ttl_seconds, 30, 600),

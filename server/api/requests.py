@@ -62,6 +62,17 @@ def bounded(value: str, *, field: str, reason: str, max_bytes: int, required: bo
     return value
 
 
+def account_name(value: str) -> str:
+    """The authenticator app's label for the account: no ':', which the key URI's label takes as
+    the end of the issuer (as its %3A form), so apps would show another issuer or refuse it."""
+    bounded(value, field="account_name", reason="INVALID_ACCOUNT_NAME", max_bytes=MAX_ACCOUNT_NAME_BYTES)
+    if ":" in value:
+        raise InvalidArgument(
+            "INVALID_ACCOUNT_NAME", "account_name can't hold ':': the app's label uses it after the issuer"
+        )
+    return value
+
+
 def verification_token(value: str) -> str:
     """A step-up proof as sent; whether it is valid is the use case's question (STEP_UP_REQUIRED)."""
     return bounded(

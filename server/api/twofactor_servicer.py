@@ -68,12 +68,7 @@ class TwoFactorServicer(pb_grpc.TwoFactorServiceServicer):
         start = self._enrollment.start_enrollment(
             requests.user_id(request.user_id),
             requests.method(request.method),
-            account_name=requests.bounded(
-                request.account_name,
-                field="account_name",
-                reason="INVALID_ACCOUNT_NAME",
-                max_bytes=requests.MAX_ACCOUNT_NAME_BYTES,
-            ),
+            account_name=requests.account_name(request.account_name),
             locale=_locale(request.locale),
             verification_token=requests.verification_token(request.verification_token),
             caller=current_caller.get(),

@@ -141,6 +141,22 @@ def test_an_unknown_qr_code_format_is_refused_before_anything_is_enrolled(harnes
     assert list(status.pending_methods) == []
 
 
+def test_an_account_name_with_a_colon_is_refused_before_anything_is_enrolled(harness: Harness) -> None:
+    """The key URI's label is issuer:account, its ':' also read in its %3A form: an account name
+    holding one shows another issuer in some apps and is refused by others."""
+    for name in ("tenant-7:alice", "urn:example:user:42"):
+        with pytest.raises(grpc.RpcError) as caught:
+            harness.twofactor.StartEnrollment(
+                pb.StartEnrollmentRequest(user_id="dan", method=AUTHENTICATOR, account_name=name),
+                metadata=harness.app_metadata,
+            )
+        assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert error_info(caught.value).reason == "INVALID_ACCOUNT_NAME"
+        assert "can't hold ':'" in (caught.value.details() or "")
+    status = harness.twofactor.GetStatus(pb.GetStatusRequest(user_id="dan"), metadata=harness.app_metadata)
+    assert list(status.pending_methods) == []
+
+
 def test_starting_again_replaces_the_pending_secret(harness: Harness, clock: Clock) -> None:
     first = harness.twofactor.StartEnrollment(
         pb.StartEnrollmentRequest(user_id="carol", method=AUTHENTICATOR), metadata=harness.app_metadata

@@ -242,11 +242,15 @@ MISREAD = [
     ("TWOFACTOR_SNS_SENDER_ID", "Acme_2FA"),
     ("TWOFACTOR_SMS_ALLOWED_COUNTRIES", ","),  # would read as every country: the guard off
     ("TWOFACTOR_SMS_ALLOWED_COUNTRIES", " , ,"),
+    ("TWOFACTOR_ISSUER", "Acme: Login"),  # the app's label would show another issuer
+    ("TWOFACTOR_ISSUER", "Example Corporation " * 60),  # no QR code holds it twice: INTERNAL on each
 ]
 
 
-@pytest.mark.parametrize(("variable", "value"), MISREAD, ids=[f"{n}={v!r}" for n, v in MISREAD])
-def test_a_value_sns_or_the_sms_guard_would_misread_is_refused_at_start(variable: str, value: str) -> None:
+@pytest.mark.parametrize(("variable", "value"), MISREAD, ids=[f"{n}={v[:30]!r}" for n, v in MISREAD])
+def test_a_value_sns_the_sms_guard_or_an_authenticator_app_would_misread_is_refused_at_start(
+    variable: str, value: str
+) -> None:
     with pytest.raises(SettingsError, match=f"^{variable} must "):
         Settings.from_env({variable: value})
 

@@ -439,8 +439,10 @@ class StartEnrollmentRequest(_message.Message):
     method: _common_pb2.Method.ValueType
     """The method to enroll in; the policy must allow it."""
     account_name: _builtins.str
-    """AUTHENTICATOR: the account label shown in the app (the user's email, say).
-    Defaults to user_id.
+    """AUTHENTICATOR: the account label shown in the app (the user's email, say),
+    at most 256 bytes, without ':' (the label's separator after the issuer):
+    otherwise INVALID_ARGUMENT (INVALID_ACCOUNT_NAME). Defaults to user_id;
+    pass one when user_id holds a ':'.
     """
     locale: _builtins.str
     """EMAIL/SMS: BCP 47 language of the message ("en" when empty or unknown)."""
