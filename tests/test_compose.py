@@ -82,6 +82,10 @@ def test_every_long_running_service_has_a_healthcheck() -> None:
     found = services("monitoring")
     long_running = {name for name, service in found.items() if service.get("restart") != "no"}
     assert long_running == {"postgres", "redis", "mailpit", "server", "worker", "prometheus"}
+    # Each comes back after a crash (a worker killed for memory) or a reboot; migrate runs once.
+    assert {name: found[name].get("restart") for name in long_running} == dict.fromkeys(
+        long_running, "unless-stopped"
+    )
     assert {name for name in long_running if "healthcheck" not in found[name]} == set()
     assert found["server"]["healthcheck"]["test"][:3] == ["CMD", "twofactor", "health"]
     assert found["worker"]["healthcheck"]["test"][:3] == ["CMD", "twofactor", "worker-health"]
