@@ -66,7 +66,8 @@ class EnvValues:
         if problem:
             raise SettingsError(
                 f"{self.PREFIX}{name}: can't read this URL ({problem}): percent-encode the user name and "
-                "password (% as %25, / as %2F, ? as %3F, # as %23, @ as %40, : as %3A)"
+                "password (% as %25, / as %2F, ? as %3F, # as %23, [ as %5B, ] as %5D, @ as %40, "
+                ": as %3A)"
             )
         return value
 
@@ -231,8 +232,8 @@ def new_token_entry(name: str, scopes: str, sha256hex: str) -> str:
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 _ATOM = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+"
 _SENDER_LOCAL = re.compile(rf"{_ATOM}(\.{_ATOM})*", re.ASCII)
-_LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
-_HOST_NAME = re.compile(rf"{_LABEL}(\.{_LABEL})*", re.ASCII)
+_LABEL = r"[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?"  # _ too: internal hosts have it
+_HOST_NAME = re.compile(rf"{_LABEL}(\.{_LABEL})*\.?", re.ASCII)  # a trailing dot: a rooted name
 ADDRESS = r"(\[[0-9a-f:.]+\]|[^:\[\]\s]*):\d{1,5}"  # host:port, [ipv6]:port, or :port
 
 
@@ -243,14 +244,17 @@ _CONNINFO_PASSWORD = re.compile(r"\b((?:ssl)?password\s*=\s*)('(?:[^'\\]|\\.)*'|
 
 def _redis_url_problem(url: str) -> str:
     """What makes `url` unreadable as redis-py and kombu read it ('' when nothing does)."""
-    parts = urllib.parse.urlsplit(url)
+    try:
+        parts = urllib.parse.urlsplit(url)
+    except ValueError:  # "Invalid IPv6 URL": a [ or ] in the password
+        return "a [ or ] outside an IPv6 host"
     try:
         port = parts.port
     except ValueError:
         return "its port is not a number from 0 to 65535"
     if not parts.hostname or port == 0:
         return "it names no host" if not parts.hostname else "its port is 0"
-    if not re.fullmatch(r"/?\d*", parts.path):
+    if not re.fullmatch(r"/?\d*|//", parts.path):  # kombu reads // (AMQP's default vhost) as 0
         return "the path after the host must be the database number, as in redis://host:6379/0"
     return ""
 

@@ -75,6 +75,8 @@ def reserve_port(listen: str) -> tuple[socket.socket, str]:
         reserved.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # a TIME_WAIT is no holder
         reserved.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         reserved.bind(sockaddr)
+        # For the bind only: left on, a later probe (another supervisor's) would bind beside it.
+        reserved.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 0)
     except OSError as error:
         reserved.close()
         held = ": another program holds the port; stop it or set TWOFACTOR_LISTEN to a free one"
@@ -140,9 +142,9 @@ def supervise(settings: Settings, processes: int) -> int:
         # once, and the migrations run in one process.
         children.append(_start_child(listen, wake))
         started = _all_listening(children, wake, stopping, deadline)
-        if started:
+        if started:  # the others have as long again: the first one's migrations are done
             children += [_start_child(listen, wake) for _ in range(processes - 1)]
-            started = _all_listening(children, wake, stopping, deadline)
+            started = _all_listening(children, wake, stopping, time.monotonic() + START_TIMEOUT)
         if started is None:
             print(f"twofactor: server processes not listening after {START_TIMEOUT:.0f} s", file=sys.stderr)
             return _stop_all(children, settings, status=1)

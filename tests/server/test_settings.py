@@ -9,7 +9,6 @@ import os
 import re
 import subprocess
 import sys
-import urllib.parse
 from pathlib import Path
 
 import psycopg
@@ -271,6 +270,8 @@ BROKER_URLS_MISREAD = [
     # redis-py (the server) reads database 0 here and kombu (the worker) refuses it.
     ("redis://127.0.0.1:6379/deliveries", "the path after the host must be the database number"),
     ("redis://:secret@:6379/0", "it names no host"),
+    ("redis://:s3cr[et@127.0.0.1:6379/0", "a [ or ] outside an IPv6 host"),
+    ("redis://:s3cr]et@127.0.0.1:6379/0", "a [ or ] outside an IPv6 host"),
 ]
 
 
@@ -281,7 +282,7 @@ def test_a_broker_url_redis_py_or_kombu_would_misread_is_refused_before_anything
     """One line naming the variable and none of the URL, in the server and the worker, before
     either opens the database (this one does not exist: its refusal would be another line)."""
     database = "postgresql://postgres@127.0.0.1:5432/tf_never_created"
-    password = urllib.parse.urlsplit(url).password or ""
+    password = url.partition("://")[2].rpartition("@")[0].partition(":")[2]  # as typed, before any parsing
     for command in ("serve", "worker"):
         env = clean_env(LISTEN="127.0.0.1:0", DATA_DIR=str(tmp_path), DATABASE_URL=database, BROKER_URL=url)
         env |= {"TWOFACTOR_KEYS": TEST_KEYS, "TWOFACTOR_ALLOW_CONSOLE_DELIVERY": "true"}
@@ -291,7 +292,7 @@ def test_a_broker_url_redis_py_or_kombu_would_misread_is_refused_before_anything
             f"twofactor: configuration error: TWOFACTOR_BROKER_URL: can't read this URL ({problem}"
             + (", as in redis://host:6379/0" if "database number" in problem else "")
             + "): percent-encode the user name and password (% as %25, / as %2F, ? as %3F, # as %23, "
-            "@ as %40, : as %3A)\n"
+            "[ as %5B, ] as %5D, @ as %40, : as %3A)\n"
         ), command
         assert not password or password[:2] not in result.stderr.partition("(")[2].partition(")")[0]
 
@@ -307,6 +308,7 @@ def test_a_percent_encoded_broker_password_reaches_redis_py_and_kombu_as_it_was_
         ("redis://:Xy%2F9Qz%2Bbase64%3F%23@127.0.0.1:6379/3", "Xy/9Qz+base64?#", 3, "3"),
         ("redis://:p@ss:word@127.0.0.1:6379/0", "p@ss:word", 0, "0"),
         ("rediss://default:s3cret@127.0.0.1:6379", "s3cret", 0, None),  # kombu's default: 0
+        ("redis://:s3cret@127.0.0.1:6379//", "s3cret", 0, "/"),  # AMQP's default vhost: 0 to both
     ):
         assert Settings.from_env({"TWOFACTOR_BROKER_URL": url}).broker_url == url
         server = redis.connection.parse_url(url)
@@ -341,6 +343,8 @@ def test_an_smtp_from_that_is_not_one_address_is_refused_at_start(value: str) ->
         '"Acme Security" <security@acme.example>',
         "Sécurité Acme <security@acme.example>",
         "alerts@localhost",
+        "noreply@acme.example.",  # a rooted host name
+        "security@mail_relay.internal",  # an internal host with _
     ],
 )
 def test_an_smtp_from_with_or_without_a_display_name_is_accepted(value: str) -> None:

@@ -23,6 +23,8 @@ from tests.conftest import APP_TOKEN, TEST_KEYS
 from tests.server.test_cli import TWOFACTOR, env_for, wait_until_a_query_waits_on_a_lock
 from tests.smtp_sink import free_port
 from twofactor_server import cli
+from twofactor_server.settings import SettingsError
+from twofactor_server.supervisor import reserve_port
 
 METADATA = (("authorization", f"Bearer {APP_TOKEN}"),)
 
@@ -380,3 +382,12 @@ def test_a_setting_the_children_refuse_is_one_line(tmp_path: Path, postgres_url:
         "twofactor: configuration error: TWOFACTOR_KEYS is required with TWOFACTOR_DATABASE_URL "
         "(run `twofactor keygen`)"
     ], result.stderr
+
+
+def test_a_second_supervisor_is_refused_while_the_first_ones_children_start() -> None:
+    """The port the supervisor holds (bound, not listening, while its first child migrates) is
+    another program's to a second supervisor: it must not bind beside it and split the calls."""
+    first, listen = reserve_port("127.0.0.1:0")
+    with first, pytest.raises(SettingsError, match="another program holds the port"):
+        second, _ = reserve_port(listen)
+        second.close()
