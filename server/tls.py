@@ -15,7 +15,7 @@ from typing import TypeVar
 import grpc
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes
 
 from twofactor_server.settings import Settings, SettingsError
@@ -138,14 +138,27 @@ class TlsFiles:
         return tuple(signature)
 
 
+_CURVES = ("secp256r1", "secp384r1")
+
+
 def _require_usable_pair(settings: Settings, leaf: x509.Certificate, key: PrivateKeyTypes) -> None:
     """The key is one gRPC's TLS takes and the certificate's, and the certificate is valid now (a
     warning in its last two weeks): otherwise every TLS client fails, and the server alone would
     not say why."""
-    if not isinstance(key, (rsa.RSAPrivateKey, ec.EllipticCurvePrivateKey, ed25519.Ed25519PrivateKey)):
+    # What gRPC's own clients (twofactor health, the SDK, the health checks) can verify: with an
+    # Ed25519 or P-521 key the server starts and every one of their handshakes fails.
+    if not (
+        isinstance(key, rsa.RSAPrivateKey)
+        or (isinstance(key, ec.EllipticCurvePrivateKey) and key.curve.name in _CURVES)
+    ):
+        kind = (
+            key.curve.name
+            if isinstance(key, ec.EllipticCurvePrivateKey)
+            else type(key).__name__.removeprefix("_")
+        )
         raise SettingsError(
-            f"TWOFACTOR_TLS_KEY_FILE: {settings.tls_key_file}: gRPC's TLS does not serve this kind of key "
-            f"({type(key).__name__.removeprefix('_')}); use an RSA, ECDSA or Ed25519 key"
+            f"TWOFACTOR_TLS_KEY_FILE: {settings.tls_key_file}: gRPC's clients can't verify a {kind} key; "
+            "use an RSA or an ECDSA P-256 or P-384 key"
         )
     spki = (serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
     if key.public_key().public_bytes(*spki) != leaf.public_key().public_bytes(*spki):

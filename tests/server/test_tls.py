@@ -14,9 +14,10 @@ from typing import Any
 import grpc
 import pytest
 from cryptography import x509
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import ed448
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519
 from cryptography.x509.oid import NameOID
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 from twofactor.v1 import twofactor_service_pb2 as pb
 from twofactor.v1 import twofactor_service_pb2_grpc
 
@@ -319,12 +320,8 @@ def test_a_renewal_valid_from_a_moment_ahead_is_served_once_valid(
     served_soon(h.target, following, "the renewal served once valid")
 
 
-def test_a_key_type_grpc_does_not_serve_is_a_settings_error(
-    start_server: ServerFactory, tmp_path: Path
-) -> None:
-    """An Ed448 pair passes the key-and-certificate check, but gRPC's TLS can't serve it: every
-    handshake would fail. Refused at start, and a renewal to one would keep the previous pair."""
-    key = ed448.Ed448PrivateKey.generate()
+def _self_signed(tmp_path: Path, key: Any, algorithm: Any) -> tuple[str, str]:
+    """A certificate for localhost signed by its own `key`; (certificate file, key file)."""
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "twofactor server")])
     now = datetime.datetime.now(datetime.UTC)
     cert = (
@@ -335,7 +332,8 @@ def test_a_key_type_grpc_does_not_serve_is_a_settings_error(
         .serial_number(x509.random_serial_number())
         .not_valid_before(now - datetime.timedelta(hours=1))
         .not_valid_after(now + datetime.timedelta(days=1))
-        .sign(key, None)
+        .add_extension(x509.SubjectAlternativeName([x509.DNSName("localhost")]), critical=False)
+        .sign(key, algorithm)
     )
     (tmp_path / "server.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
     (tmp_path / "server.key").write_bytes(
@@ -343,5 +341,40 @@ def test_a_key_type_grpc_does_not_serve_is_a_settings_error(
             serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
         )
     )
-    with pytest.raises(SettingsError, match=r"does not serve this kind of key \(Ed448PrivateKey\)"):
-        start_server(tls_cert_file=str(tmp_path / "server.pem"), tls_key_file=str(tmp_path / "server.key"))
+    return str(tmp_path / "server.pem"), str(tmp_path / "server.key")
+
+
+REFUSED_KEYS = {
+    "Ed448PrivateKey": (ed448.Ed448PrivateKey.generate, None),
+    "Ed25519PrivateKey": (ed25519.Ed25519PrivateKey.generate, None),
+    "secp521r1": (lambda: ec.generate_private_key(ec.SECP521R1()), hashes.SHA512()),
+    "secp256k1": (lambda: ec.generate_private_key(ec.SECP256K1()), hashes.SHA256()),
+}
+
+
+@pytest.mark.parametrize("kind", REFUSED_KEYS)
+def test_a_key_grpcs_clients_cant_verify_is_a_settings_error(
+    start_server: ServerFactory, tmp_path: Path, kind: str
+) -> None:
+    """Each pair passes the key-and-certificate check, but gRPC's own clients (`twofactor
+    health`, the SDK) can't verify it, or gRPC can't serve it: every handshake of theirs would
+    fail (NO_COMMON_SIGNATURE_ALGORITHMS). Refused at start, and a renewal to one would keep the
+    previous pair."""
+    make_key, algorithm = REFUSED_KEYS[kind]
+    cert, key = _self_signed(tmp_path, make_key(), algorithm)
+    with pytest.raises(
+        SettingsError, match=rf"gRPC's clients can't verify a {kind} key; use an RSA or an ECDSA"
+    ):
+        start_server(tls_cert_file=cert, tls_key_file=key)
+
+
+@pytest.mark.parametrize("curve", [ec.SECP256R1(), ec.SECP384R1()], ids=["P-256", "P-384"])
+def test_an_ecdsa_key_grpcs_clients_verify_is_served(
+    start_server: ServerFactory, tmp_path: Path, curve: Any
+) -> None:
+    cert, key = _self_signed(tmp_path, ec.generate_private_key(curve), hashes.SHA256())
+    h = start_server(tls_cert_file=cert, tls_key_file=key)
+    trusting = grpc.ssl_channel_credentials(root_certificates=Path(cert).read_bytes())
+    with grpc.secure_channel(f"localhost:{h.port}", trusting) as channel:
+        answer = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=10)
+    assert answer.status == health_pb2.HealthCheckResponse.SERVING
