@@ -89,9 +89,13 @@ class HealthServicer(health_pb2_grpc.HealthServicer):
         with self._sending:
             with self._lock:
                 status = self._status.get(service, SERVICE_UNKNOWN)
-                self._watchers.setdefault(service, set()).add(send_response_callback)
+                ending = self._shutting_down
+                if not ending:
+                    self._watchers.setdefault(service, set()).add(send_response_callback)
             context.add_callback(lambda: self._forget(service, send_response_callback))
             send_response_callback(health_pb2.HealthCheckResponse(status=status))
+            if ending:
+                send_response_callback(None)  # ends the stream: a drain waits for no watcher
 
     Watch.experimental_non_blocking = True  # type: ignore[attr-defined]  # answered by callbacks
 
@@ -121,6 +125,9 @@ class HealthServicer(health_pb2_grpc.HealthServicer):
                 watchers = [send for name in self._status for send in self._watchers.get(name, ())]
             for send in watchers:
                 send(health_pb2.HealthCheckResponse(status=NOT_SERVING))
+                # Then end each stream (grpcio's None): an open Watch, as client-side health
+                # checking keeps one, would otherwise hold the drain for the whole grace period.
+                send(None)
 
     def close(self) -> None:
         self._threads.shutdown(wait=False)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import threading
@@ -20,6 +21,7 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from twofactor.v1 import twofactor_service_pb2 as pb
 
 from tests.conftest import Harness, ServerFactory
+from tests.server.helpers import wait_until
 from tests.smtp_sink import free_port
 
 TWOFACTOR = str(Path(sys.executable).with_name("twofactor"))
@@ -210,3 +212,51 @@ def test_health_list_answers_every_status_and_logs_no_error(
     assert statuses[""] == statuses["twofactor.v1.TwoFactorService"] == health_pb2.HealthCheckResponse.SERVING
     assert statuses == {name: status_of(h, name) for name in statuses}  # what Check answers each
     assert [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR] == []
+
+
+def test_an_open_watch_ends_at_sigterm_and_holds_no_drain(tmp_path: Path) -> None:
+    """Client-side health checking (gRPC's healthCheckConfig, Envoy) keeps a Watch open for good.
+    SIGTERM sends it NOT_SERVING and then ends it, so the drain waits for calls in flight only,
+    not for the whole TWOFACTOR_GRACE_SECONDS (20 here; before, the stop took all of them)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TWOFACTOR_")}
+    env |= {
+        "TWOFACTOR_DATA_DIR": str(tmp_path / "data"),
+        "TWOFACTOR_LISTEN": "127.0.0.1:0",
+        "TWOFACTOR_GRACE_SECONDS": "20",
+    }
+    server = subprocess.Popen(
+        [TWOFACTOR, "serve"], env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True
+    )
+    assert server.stdout is not None
+    try:
+        line = ""
+        while "listening on" not in line:
+            line = server.stdout.readline()
+            assert line, "the server exited before listening"
+        port = line.split()[3].rpartition(":")[2]
+        statuses: list[int] = []
+        ended = threading.Event()
+
+        def watch() -> None:
+            with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+                try:
+                    for answer in health_pb2_grpc.HealthStub(channel).Watch(health_pb2.HealthCheckRequest()):
+                        statuses.append(answer.status)
+                except grpc.RpcError:
+                    pass
+            ended.set()
+
+        threading.Thread(target=watch, daemon=True).start()
+        wait_until(lambda: bool(statuses), "the watch's first answer", bound=30.0, interval=0.05)
+        started = time.monotonic()
+        server.send_signal(signal.SIGTERM)
+        assert server.wait(timeout=60) == 0
+        stopped_after = time.monotonic() - started
+        assert ended.wait(30)
+        assert statuses[-1] == health_pb2.HealthCheckResponse.NOT_SERVING
+        assert stopped_after < 15, f"the stop waited {stopped_after:.1f} s of its 20 s grace for the watch"
+    finally:
+        if server.poll() is None:
+            server.kill()
+        server.wait()
+        server.stdout.close()
