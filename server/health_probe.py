@@ -12,6 +12,7 @@ from pathlib import Path
 
 import grpc
 from cryptography import x509
+from cryptography.x509.oid import NameOID
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from twofactor_server.settings import Settings, SettingsError
@@ -59,12 +60,17 @@ def channel_for(settings: Settings, target: str, tls: TlsOptions) -> grpc.Channe
 
 
 def _certificate_name(pem: bytes) -> str | None:
-    """The first DNS name of the certificate's subjectAltName, if any."""
+    """The first DNS name of the certificate's subjectAltName; without one, its subject's common
+    name, which gRPC's clients verify a name against then (`openssl req -x509 -subj /CN=host`)."""
     try:
         certificate = x509.load_pem_x509_certificate(pem)
-        names = certificate.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
-    except (ValueError, x509.ExtensionNotFound):
+    except ValueError:
         return None
+    try:
+        names = certificate.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    except x509.ExtensionNotFound:  # only then is the common name verified
+        common = certificate.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+        return str(common[0].value) if common else None
     dns = names.get_values_for_type(x509.DNSName)
     return dns[0] if dns else None
 
