@@ -116,7 +116,14 @@ def mask_email(address: str) -> str:
 
 
 def mask_phone(number: str) -> str:
-    """+1******1234: the country code's first digit and the last four digits."""
+    """+1******1234: the country code's first digit and the last four digits; of a short national
+    number (a plan of 4 or 5 digits, as Tokelau's or the Falklands'), at most half of them."""
     if not number:
         return ""
-    return number[:2] + "*" * (len(number) - 6) + number[-4:]
+    shown = 4
+    try:
+        national = phonenumbers.national_significant_number(phonenumbers.parse(number, None))
+        shown = max(1, min(4, len(national) // 2))
+    except phonenumbers.NumberParseException:
+        pass
+    return number[:2] + "*" * max(0, len(number) - 2 - shown) + number[-shown:]

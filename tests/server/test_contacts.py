@@ -204,3 +204,18 @@ def test_every_other_text_field_refuses_a_hidden_character(harness: Harness, cha
 def test_the_pure_check_sees_hidden_characters(character: str) -> None:
     assert contacts.has_hidden_characters(f"a{character}")
     assert not contacts.has_hidden_characters("ána o'brien 東京")
+
+
+@pytest.mark.parametrize(
+    ("e164", "masked"),
+    [
+        ("+14155550123", "+1******0123"),
+        ("+447911123456", "+4*******3456"),
+        ("+6907290", "+6****90"),  # Tokelau: a national number of 4 digits, half of them hidden
+        ("+50051234", "+5*****34"),  # the Falklands: 5 digits
+    ],
+)
+def test_a_masked_number_hides_at_least_half_of_its_national_digits(e164: str, masked: str) -> None:
+    """The last four digits of a plan of four were the whole subscriber number in GetUser, audit
+    details and logs."""
+    assert contacts.mask_phone(e164) == masked
