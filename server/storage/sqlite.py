@@ -5,6 +5,7 @@ SQL is written once, with psycopg's named placeholders `%(name)s`; this backend 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import sqlite3
@@ -31,7 +32,8 @@ class SqliteDatabase:
         # The file holds every user's contacts and the audit trail: its owner's alone, as the
         # development keys beside it (SQLite gives its -wal and -shm files the file's mode).
         path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-        os.close(os.open(path, os.O_CREAT | os.O_RDWR, 0o600))
+        with contextlib.suppress(FileExistsError):  # an existing file is left as it is
+            os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
         self.unavailable = threading.Event()
         self._conn = sqlite3.connect(path, timeout=timeout, check_same_thread=False, isolation_level=None)
         self._conn.row_factory = _dict_factory
