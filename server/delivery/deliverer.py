@@ -129,9 +129,9 @@ class Deliverer:
             return Outcome("nothing_to_do")
         replaced = challenge.superseded_at is not None or challenge.consumed_at is not None
         if replaced or challenge.expires_at <= now:
-            return self._expired(challenge, "the code expired or was replaced before delivery")
+            return self._settle(challenge, "expired", "the code expired or was replaced before delivery")
         if challenge.expires_at - now < useful_ms(challenge):
-            return self._expired(challenge, TOO_LATE_REASON)
+            return self._settle(challenge, "expired", TOO_LATE_REASON)
         try:
             returned = self._send(challenge, now)
         except StorageUnavailable:
@@ -139,9 +139,7 @@ class Deliverer:
         except PermanentDeliveryError as error:
             reason = without_destination(error.reason, challenge.destination)
             log.warning("delivery of %s failed: %s", challenge_id, reason)
-            self._record(challenge, "failed", failure_reason=reason)
-            self._count(challenge.method, "failed")
-            return Outcome("failed")
+            return self._settle(challenge, "failed", reason)
         except TransientDeliveryError as error:
             return self._retry_or_give_up(
                 challenge, now, without_destination(error.reason, challenge.destination)
@@ -238,9 +236,7 @@ class Deliverer:
         due = now + int(retry_in * 1000)
         if challenge.expires_at - due < useful_ms(challenge):
             log.warning("delivery of %s failed, no time left to retry: %s", challenge.challenge_id, reason)
-            self._record(challenge, "failed", failure_reason=f"gave up: {reason}")
-            self._count(challenge.method, "failed")
-            return Outcome("failed")
+            return self._settle(challenge, "failed", f"gave up: {reason}")
         log.info("delivery of %s failed, retry in %.1fs: %s", challenge.challenge_id, retry_in, reason)
         # Queued again, the lease released; recovery republishes only if the retry goes missing.
         self._record(
@@ -253,10 +249,11 @@ class Deliverer:
         self._count(challenge.method, "retry")
         return Outcome("retry", retry_in, challenge.publish_generation + 1)  # the row's next (mark_delivery)
 
-    def _expired(self, challenge: ChallengeRecord, reason: str) -> Outcome:
-        self._record(challenge, "expired", failure_reason=reason)
-        self._count(challenge.method, "expired")
-        return Outcome("expired")
+    def _settle(self, challenge: ChallengeRecord, status: str, reason: str) -> Outcome:
+        """End the delivery unsent, FAILED or EXPIRED with `reason`, and count it."""
+        self._record(challenge, status, failure_reason=reason)
+        self._count(challenge.method, status)
+        return Outcome(status)
 
     def _send(self, challenge: ChallengeRecord, now: int) -> str:
         assert challenge.code_ciphertext is not None  # claim_delivery takes only rows that still hold it
