@@ -198,9 +198,8 @@ def _serve_metrics(listen: str, on_stop: list[Callable[[], None]]) -> int:
     try:
         endpoint = serve_metrics(listen)
     except (OSError, ValueError) as error:
-        why = getattr(error, "strerror", None) or error  # an OSError's text without its [Errno n]
         raise SettingsError(
-            f"TWOFACTOR_METRICS_LISTEN: could not serve metrics on {listen} ({why})"
+            f"TWOFACTOR_METRICS_LISTEN: could not serve metrics on {listen} ({error})"
         ) from None
     on_stop.append(endpoint.close)
     log.info("metrics on http://%s:%d/metrics", endpoint.host or "0.0.0.0", endpoint.port)  # noqa: S104

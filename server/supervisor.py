@@ -217,9 +217,8 @@ def _metrics_endpoint(settings: Settings) -> Callable[[], None] | None:
         endpoint = serve_metrics(settings.metrics_listen, multiprocess=True)
     except (OSError, ValueError) as error:
         remove_multiprocess_dir()
-        why = getattr(error, "strerror", None) or error  # an OSError's text without its [Errno n]
         raise SettingsError(
-            f"TWOFACTOR_METRICS_LISTEN: could not serve metrics on {settings.metrics_listen} ({why})"
+            f"TWOFACTOR_METRICS_LISTEN: could not serve metrics on {settings.metrics_listen} ({error})"
         ) from None
 
     def close() -> None:

@@ -99,8 +99,7 @@ def _run(args: argparse.Namespace) -> int:
         try:
             endpoint = metrics.serve_metrics(settings.metrics_listen, multiprocess=True)
         except (OSError, ValueError) as error:
-            why = getattr(error, "strerror", None) or error  # an OSError's text without its [Errno n]
-            print(f"twofactor: configuration error: TWOFACTOR_METRICS_LISTEN: {why}", file=sys.stderr)
+            print(f"twofactor: configuration error: TWOFACTOR_METRICS_LISTEN: {error}", file=sys.stderr)
             return 2
         logging.getLogger(__name__).info("metrics on %s:%d/metrics", endpoint.host, endpoint.port)
     from twofactor_server.periodic import Periodic

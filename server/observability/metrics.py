@@ -205,7 +205,8 @@ class MetricsEndpoint:
 
 
 def serve_metrics(listen: str, *, multiprocess: bool = False) -> MetricsEndpoint:
-    """Serve /metrics on `listen` (host:port; port 0 picks one). Raises OSError when it can't bind."""
+    """Serve /metrics on `listen` (host:port; port 0 picks one). Raises OSError, whose text says
+    why, when it can't bind."""
     host, _, port = listen.rpartition(":")
     registry = None
     if multiprocess:
@@ -220,13 +221,10 @@ def serve_metrics(listen: str, *, multiprocess: bool = False) -> MetricsEndpoint
         else:
             server, thread = start_http_server(int(port), addr=addr, registry=registry)
     except OSError as error:
-        if error.errno != errno.EADDRINUSE:
-            raise
-        # A server and a worker on one host, started with one environment, ask for one port.
-        raise OSError(
-            error.errno,
-            f"port {port} is already in use: each server or worker on a host needs a port of its own",
-        ) from None
+        # What every caller prints: the reason without its [Errno n]. A server and a worker on one
+        # host, started with one environment, ask for one port.
+        in_use = f"port {port} is already in use: each server or worker on a host needs a port of its own"
+        raise OSError(in_use if error.errno == errno.EADDRINUSE else error.strerror or str(error)) from None
     return MetricsEndpoint(host, server.server_port, server, thread)
 
 
