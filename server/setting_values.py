@@ -252,8 +252,10 @@ def _redis_url_problem(url: str) -> str:
         port = parts.port
     except ValueError:
         return "its port is not a number from 0 to 65535"
-    if not parts.hostname or port == 0:
-        return "it names no host" if not parts.hostname else "its port is 0"
+    if not parts.hostname:
+        return "it names no host"
+    if port == 0:
+        return "its port is 0"
     if not re.fullmatch(r"/?\d*|//", parts.path):  # kombu reads // (AMQP's default vhost) as 0
         return "the path after the host must be the database number, as in redis://host:6379/0"
     return ""
