@@ -5,6 +5,8 @@ from __future__ import annotations
 import datetime
 import ipaddress
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
@@ -106,3 +108,39 @@ def issue(
             critical=False,
         )
     return Issued(key, builder.sign(ca.key, hashes.SHA256()))
+
+
+def write_self_signed(
+    directory: Path,
+    key: Any,
+    algorithm: Any,
+    *,
+    common_name: str = "twofactor server",
+    dns_names: tuple[str, ...] = ("localhost",),
+    days: int = 1,
+) -> tuple[str, str]:
+    """A certificate signed by its own `key` (of any kind: the tests of key kinds), naming
+    `dns_names` in its subjectAltName (none: no subjectAltName at all), written with its key to
+    `directory`/server.pem and server.key; returns (certificate file, key file)."""
+    now = datetime.datetime.now(datetime.UTC)
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(_name(common_name))
+        .issuer_name(_name(common_name))
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - HOUR)
+        .not_valid_after(now + days * DAY)
+    )
+    if dns_names:
+        builder = builder.add_extension(
+            x509.SubjectAlternativeName([x509.DNSName(name) for name in dns_names]), critical=False
+        )
+    cert_file, key_file = directory / "server.pem", directory / "server.key"
+    cert_file.write_bytes(builder.sign(key, algorithm).public_bytes(serialization.Encoding.PEM))
+    key_file.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+        )
+    )
+    return str(cert_file), str(key_file)

@@ -2,16 +2,17 @@
 
 from __future__ import annotations
 
-import datetime
 import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import ec
 
 from tests.conftest import ServerFactory
-from tests.pki import issue, make_ca
+from tests.pki import issue, make_ca, write_self_signed
 
 TWOFACTOR = str(Path(sys.executable).with_name("twofactor"))
 
@@ -112,36 +113,11 @@ def test_health_verifies_a_certificate_that_names_its_host_in_the_common_name_on
 ) -> None:
     """`openssl req -x509 -subj /CN=twofactor.internal` makes no subjectAltName: gRPC's clients
     verify the name against the common name then, and so does the probe (it failed every time)."""
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import NameOID
-
     key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "twofactor.internal")])
-    now = datetime.datetime.now(datetime.UTC)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(hours=1))
-        .not_valid_after(now + datetime.timedelta(days=30))
-        .sign(key, hashes.SHA256())
+    cert, key_file = write_self_signed(
+        tmp_path, key, hashes.SHA256(), common_name="twofactor.internal", dns_names=(), days=30
     )
-    written = {
-        "ca.pem": tmp_path / "cert.pem",
-        "server.pem": tmp_path / "cert.pem",
-        "server.key": tmp_path / "key.pem",
-    }
-    written["server.pem"].write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    written["server.key"].write_bytes(
-        key.private_bytes(
-            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-        )
-    )
-    files = {name: str(path) for name, path in written.items()}
+    files = {"ca.pem": cert, "server.pem": cert, "server.key": key_file}
     h = start_server(tls_cert_file=files["server.pem"], tls_key_file=files["server.key"])
     result = probe(h.port, files)
     assert result.returncode == 0, result.stdout + result.stderr

@@ -13,16 +13,14 @@ from typing import Any
 
 import grpc
 import pytest
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519
-from cryptography.x509.oid import NameOID
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from twofactor.v1 import twofactor_service_pb2 as pb
 from twofactor.v1 import twofactor_service_pb2_grpc
 
 from tests.conftest import APP_TOKEN, Harness, ServerFactory
-from tests.pki import Issued, issue, make_ca
+from tests.pki import Issued, issue, make_ca, write_self_signed
 from tests.server.helpers import wait_until
 from twofactor_server import app
 from twofactor_server.settings import SettingsError
@@ -320,30 +318,6 @@ def test_a_renewal_valid_from_a_moment_ahead_is_served_once_valid(
     served_soon(h.target, following, "the renewal served once valid")
 
 
-def _self_signed(tmp_path: Path, key: Any, algorithm: Any) -> tuple[str, str]:
-    """A certificate for localhost signed by its own `key`; (certificate file, key file)."""
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "twofactor server")])
-    now = datetime.datetime.now(datetime.UTC)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(hours=1))
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .add_extension(x509.SubjectAlternativeName([x509.DNSName("localhost")]), critical=False)
-        .sign(key, algorithm)
-    )
-    (tmp_path / "server.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    (tmp_path / "server.key").write_bytes(
-        key.private_bytes(
-            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-        )
-    )
-    return str(tmp_path / "server.pem"), str(tmp_path / "server.key")
-
-
 REFUSED_KEYS = {
     "Ed448PrivateKey": (ed448.Ed448PrivateKey.generate, None),
     "Ed25519PrivateKey": (ed25519.Ed25519PrivateKey.generate, None),
@@ -361,7 +335,7 @@ def test_a_key_grpcs_clients_cant_verify_is_a_settings_error(
     fail (NO_COMMON_SIGNATURE_ALGORITHMS). Refused at start, and a renewal to one would keep the
     previous pair."""
     make_key, algorithm = REFUSED_KEYS[kind]
-    cert, key = _self_signed(tmp_path, make_key(), algorithm)
+    cert, key = write_self_signed(tmp_path, make_key(), algorithm)
     with pytest.raises(
         SettingsError, match=rf"gRPC's clients can't verify a {kind} key; use an RSA or an ECDSA"
     ):
@@ -372,7 +346,7 @@ def test_a_key_grpcs_clients_cant_verify_is_a_settings_error(
 def test_an_ecdsa_key_grpcs_clients_verify_is_served(
     start_server: ServerFactory, tmp_path: Path, curve: Any
 ) -> None:
-    cert, key = _self_signed(tmp_path, ec.generate_private_key(curve), hashes.SHA256())
+    cert, key = write_self_signed(tmp_path, ec.generate_private_key(curve), hashes.SHA256())
     h = start_server(tls_cert_file=cert, tls_key_file=key)
     trusting = grpc.ssl_channel_credentials(root_certificates=Path(cert).read_bytes())
     with grpc.secure_channel(f"localhost:{h.port}", trusting) as channel:
