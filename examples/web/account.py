@@ -66,6 +66,9 @@ def contacts() -> Response | str:
     except twofactor.RateLimited as error:
         flash(f"A code was sent moments ago: try again in {error.retry_after or 'a minute'}.", "error")
         return redirect(url_for(".contacts_form"))
+    except twofactor.UserLocked as error:  # a code to the new address could not be confirmed yet
+        flash(lockout_message(error.retry_after), "error")
+        return redirect(url_for(".account"))
     # A new address for a method that is on is in force only once the code sent to it comes back.
     for slug, field in (("email", "email_confirmation"), ("sms", "phone_confirmation")):
         if result.HasField(field):

@@ -65,6 +65,9 @@ def enroll_by_code(slug: str) -> Response | str:
     except twofactor.RateLimited as error:
         flash(f"A code was sent moments ago: try again in {error.retry_after or 'a minute'}.", "error")
         return redirect(url_for(".enroll_form"))
+    except twofactor.UserLocked as error:  # the code could not be confirmed until the lock ends
+        flash(lockout_message(error.retry_after), "error")
+        return redirect(url_for(".enroll_form"))
     return render_template(
         "enroll_confirm.html",
         info=info,

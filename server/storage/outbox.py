@@ -7,11 +7,10 @@ Purposes: 'login' and 'enrollment' codes; 'contact', a code to a new address tha
 effect once confirmed; 'notice', an email telling the user of a change (no code: it
 counts toward no send limit and supersedes nothing).
 
-A challenge's delivery: inserted 'queued' and unpublished; published (its
-message is known to be in the queue: only then is its code live and does it
-supersede older codes) or 'void' (the publish failed and the caller was told
-UNAVAILABLE); claimed 'sending' by one worker under a lease; then 'sent',
-'failed' or 'expired'. Recovery republishes what may be lost, with a new
+A challenge's delivery: inserted 'queued' and unpublished; published (its message is known to
+be in the queue: only then is its code live and does it supersede older codes) or 'void' (the
+publish failed and the caller was told UNAVAILABLE); claimed 'sending' by one worker under a
+lease; then 'sent', 'failed' or 'expired'. Recovery republishes what may be lost, with a new
 generation; a late first message still delivers it (claim_delivery).
 """
 
@@ -29,6 +28,7 @@ from twofactor_server.storage.records import (
     ChallengeStatus,
     NewAuditEvent,
     NewChallenge,
+    Sender,
     columns,
     select_list,
 )
@@ -106,10 +106,10 @@ _INSERT_CHALLENGE_AUDITED_HOT = HotStatement(
 _LOCK_SENDER_HOT = {  # lock_sender on PostgreSQL, by the contact column a code goes to
     contact: HotStatement(
         f"twofactor_lock_sender_{contact}",
-        "SELECT sends_to, "  # noqa: S608
+        "SELECT sends_to, failed_attempts, locked_until, "  # noqa: S608
         f"pg_advisory_xact_lock({_DESTINATION_LOCKS}, hashtext(sends_to)) AS destination_lock "
-        f"FROM (SELECT COALESCE(%(d)s::text, {contact}) AS sends_to FROM users "
-        "WHERE user_id = %(u)s FOR UPDATE) AS locked",
+        f"FROM (SELECT COALESCE(%(d)s::text, {contact}) AS sends_to, failed_attempts, locked_until "
+        "FROM users WHERE user_id = %(u)s FOR UPDATE) AS locked",
     )
     for contact in ("email", "phone")
 }
@@ -157,24 +157,24 @@ def lock_destination(tx: Transaction, destination: str) -> None:
         )
 
 
-def lock_sender(tx: Transaction, user_id: str, contact: str, new_destination: str | None) -> str | None:
+def lock_sender(tx: Transaction, user_id: str, contact: str, new_destination: str | None) -> Sender | None:
     """Lock the user's row, then the destination (lock_destination), in one round trip; return
-    where a code goes, `new_destination` or the user's `contact` ("email" or "phone"): "" when
-    that contact is missing (then no destination lock), None for an unknown user.
+    where a code goes, `new_destination` or the user's `contact` ("email" or "phone"; "" when
+    missing: then no destination lock) and the user's lock columns; None for an unknown user.
 
     The advisory lock is taken above the row lock in the plan (a FOR UPDATE sub-select is never
     flattened), so the order is the one every sender keeps: the user's row, then the address.
-    The next statement reads the send counts with a snapshot taken after both waits. Only the
-    address comes back: the row's other columns would cost their decoding on every send.
-    """
+    The next statement reads the send counts with a snapshot taken after both waits. No other
+    column comes back: the row's others would cost their decoding on every send."""
     params = {"u": user_id, "d": new_destination}
     if tx.row_lock:  # PostgreSQL; every SendCode locks: run as a HotStatement
         locked = tx.hot_row(_LOCK_SENDER_HOT[contact], params)
-        return None if locked is None else locked[0] or ""
+        return None if locked is None else Sender(locked[0] or "", locked[1], locked[2])
     # SQLite: the transaction is exclusive already
     assert contact in ("email", "phone")
-    row = tx.one(f"SELECT COALESCE(%(d)s, {contact}) AS sends_to FROM users WHERE user_id = %(u)s", params)  # noqa: S608
-    return None if row is None else row["sends_to"] or ""
+    sql = f"SELECT COALESCE(%(d)s, {contact}, '') AS destination, failed_attempts, locked_until FROM users "  # noqa: S608
+    row = tx.one(sql + "WHERE user_id = %(u)s", params)
+    return None if row is None else Sender(**row)
 
 
 def get_challenge(tx: Transaction, challenge_id: str) -> ChallengeRecord | None:

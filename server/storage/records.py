@@ -34,6 +34,15 @@ class UserRecord:
     credential_epoch: int  # moves on with every credential change; step-up proofs carry it
 
 
+class Sender(NamedTuple):
+    """Read under the user's row lock as a code is sent: where it goes ("" when the contact is
+    missing) and the user's lock columns, which refuse the send while a lock holds."""
+
+    destination: str
+    failed_attempts: int
+    locked_until: int | None
+
+
 @dataclass(frozen=True, slots=True)
 class MethodRecord:
     user_id: str

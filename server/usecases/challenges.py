@@ -20,7 +20,7 @@ from twofactor_server.storage.database import Database, Transaction
 from twofactor_server.storage.records import ChallengeRecord, ChallengeStatus, NewChallenge
 from twofactor_server.usecases import audit
 from twofactor_server.usecases.sms_guard import give_back_sms_quota, take_sms_quota
-from twofactor_server.usecases.users import require_allowed, unknown_user
+from twofactor_server.usecases.users import refuse_if_locked, require_allowed, unknown_user
 
 AUTHENTICATOR, EMAIL, SMS = "authenticator", "email", "sms"
 LOGIN, ENROLLMENT, CONTACT = "login", "enrollment", "contact"
@@ -115,9 +115,10 @@ class Challenges:
             if purpose == ENROLLMENT:
                 store.ensure_user(tx, user_id, requested)
             # The user's row, then the destination's lock: one round trip (outbox.lock_sender).
-            destination = outbox.lock_sender(tx, user_id, contact, new_destination)
-            if destination is None:
+            sender = outbox.lock_sender(tx, user_id, contact, new_destination)
+            if sender is None:
                 raise unknown_user(user_id)
+            destination = sender.destination
             with_proof = authorize(tx) if authorize is not None else False
             # The clock read again now that both locks are held: a send that committed while this
             # call waited for them is never "later" than this one, so a zero cooldown can't refuse
@@ -142,6 +143,7 @@ class Challenges:
                     return self._view(tx, earlier)
                 if earlier is not None:
                     outbox.forget_idempotency_key(tx, earlier.challenge_id)
+            refuse_if_locked(sender, policy, now)  # its codes would be refused until the lock ends
             self._enforce_send_limits(recent, now, cooldown=cooldown)
             if method == SMS:
                 take_sms_quota(tx, destination, policy, now)

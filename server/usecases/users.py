@@ -11,7 +11,7 @@ from twofactor_server.observability import metrics
 from twofactor_server.settings import PolicySettings
 from twofactor_server.storage import store
 from twofactor_server.storage.database import Transaction
-from twofactor_server.storage.records import MethodRecord, UserRecord
+from twofactor_server.storage.records import MethodRecord, Sender, UserRecord
 from twofactor_server.usecases import audit
 from twofactor_server.usecases.notices import Notices, lock_text
 
@@ -89,7 +89,8 @@ def step_up_token(keyring: Keyring, user_id: str, epoch: int, caller: Caller, no
     return step_up.issue_token(keyring, user_id=user_id, actor=caller.actor, epoch=epoch, now_ms=now)
 
 
-def refuse_if_locked(user: UserRecord, policy: PolicySettings, now: int) -> None:
+def refuse_if_locked(user: UserRecord | Sender, policy: PolicySettings, now: int) -> None:
+    """USER_LOCKED while a lock holds: a code can't be checked then, so none is checked or sent."""
     lock = lockout.lock_of(user.failed_attempts, user.locked_until, policy, now)
     if lock is not None:
         retry = None if lock.until_ms is None else (lock.until_ms - now) / 1000

@@ -469,3 +469,32 @@ def test_a_column_a_later_release_adds_breaks_none_of_this_releases_reads(
         assert [(m.user_id, m.method) for m in rotating] == [("max", "authenticator")]
     finally:
         db.close()
+
+
+def test_a_locked_user_gets_no_code_sent(sink: SmtpSink, start_server: ServerFactory, clock: Clock) -> None:
+    # Five wrong codes lock for 60 s; the eighth locks until an admin unlocks.
+    h = start_server(email_provider="smtp", smtp=sink.settings(), policy={"max_consecutive_failures": 8})
+    enroll_email(h, sink, clock, "lou")
+    wrong = "000000"
+    for _ in range(5):
+        verify(h, "lou", wrong)
+    before = len(sink.messages)
+    with pytest.raises(grpc.RpcError) as raised:
+        h.twofactor.SendCode(pb.SendCodeRequest(user_id="lou", method=EMAIL), metadata=h.app_metadata)
+    assert raised.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert error_info(raised.value).reason == "USER_LOCKED"
+    retry = retry_info(raised.value)
+    assert retry is not None and retry.retry_delay.seconds == 60
+    clock.advance(61)  # the lock is over: a code goes out again
+    _, code = send_and_read(h, sink, "lou")
+    assert len(sink.messages) == before + 1
+    for _ in range(3):  # wrong codes 6, 7 and 8: locked for good
+        clock.advance(3600)
+        verify(h, "lou", wrong if code != wrong else "111111")
+    clock.advance(86400)
+    with pytest.raises(grpc.RpcError) as raised:
+        h.twofactor.SendCode(pb.SendCodeRequest(user_id="lou", method=EMAIL), metadata=h.app_metadata)
+    assert error_info(raised.value).reason == "USER_LOCKED" and retry_info(raised.value) is None
+    assert len(sink.messages) == before + 1  # nothing was sent while locked
+    sent = "SELECT COUNT(*) AS n FROM challenges WHERE user_id = 'lou' AND purpose = 'login'"
+    assert query(h.settings, sent) == [{"n": 1}]

@@ -80,3 +80,34 @@ def test_the_wrong_code_that_locks_and_a_try_while_locked_say_when_to_retry(
     assert while_locked.headers["Location"] == "/account"
     assert_says_wait(flashes(erin.follow(while_locked)), policy)
     assert site.second_factor.status(user_id).HasField("locked_until")
+
+    # A new address while locked: its code could not be confirmed until the lock ends, so none
+    # is sent, and the site says when to try again instead of an error page.
+    while_locked = erin.post("/contacts", email=f"{user_id}@example.net")
+    assert while_locked.status_code == 302
+    assert while_locked.headers["Location"] == "/account"
+    assert_says_wait(flashes(erin.follow(while_locked)), policy)
+
+
+def test_starting_email_codes_while_locked_says_when_to_retry(
+    client_site: ClientSiteFactory, twofactor_server: TwoFactorServer, mailbox: Mailbox, new_user: NewUser
+) -> None:
+    """fay locks herself out with wrong codes while turning on email codes; asking for a new
+    code then sends none and says when to try again, not an error page."""
+    site = client_site(twofactor_server)
+    policy = site.second_factor.policy()
+    user_id = new_user("fay")
+    fay = site.visitor()
+    assert fay.sign_in(user_id) == "/enroll"  # 2FA is forced
+    before = mailbox.count()
+    assert fay.post("/enroll/email", contact=f"{user_id}@example.com").status_code == 200
+    code = mailbox.code_sent_to(f"{user_id}@example.com", after=before)
+    wrong = next(digits for digits in ("000000", "111111") if digits != code)
+    for _ in range(policy.lockout_threshold):
+        assert fay.post("/enroll/email/confirm", code=wrong).status_code == 200
+    assert site.second_factor.status(user_id).HasField("locked_until")
+
+    again = fay.post("/enroll/email", contact=f"{user_id}@example.com")
+    assert again.status_code == 302
+    assert again.headers["Location"] == "/enroll"
+    assert_says_wait(flashes(fay.follow(again)), policy)

@@ -159,6 +159,8 @@ class TwoFactorServiceServicer:
     def SendCode(self, request, context):
         """Sends a one-time login code by EMAIL or SMS. A repeated idempotency_key
         (within the code's lifetime) returns the same challenge and sends nothing.
+        FAILED_PRECONDITION (USER_LOCKED, with RetryInfo while the lock is timed)
+        while the user is locked out: the code could not be checked, so none is sent.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -93,6 +93,8 @@ class TwoFactorServiceStub:
     SendCode: _grpc.UnaryUnaryMultiCallable[_twofactor_service_pb2.SendCodeRequest, _twofactor_service_pb2.SendCodeResponse]
     """Sends a one-time login code by EMAIL or SMS. A repeated idempotency_key
     (within the code's lifetime) returns the same challenge and sends nothing.
+    FAILED_PRECONDITION (USER_LOCKED, with RetryInfo while the lock is timed)
+    while the user is locked out: the code could not be checked, so none is sent.
     """
     GetChallenge: _grpc.UnaryUnaryMultiCallable[_twofactor_service_pb2.GetChallengeRequest, _twofactor_service_pb2.GetChallengeResponse]
     """The delivery status of a code sent by SendCode or StartEnrollment."""
@@ -152,6 +154,8 @@ class TwoFactorServiceAsyncStub(TwoFactorServiceStub):
     SendCode: _aio.UnaryUnaryMultiCallable[_twofactor_service_pb2.SendCodeRequest, _twofactor_service_pb2.SendCodeResponse]  # type: ignore[assignment]
     """Sends a one-time login code by EMAIL or SMS. A repeated idempotency_key
     (within the code's lifetime) returns the same challenge and sends nothing.
+    FAILED_PRECONDITION (USER_LOCKED, with RetryInfo while the lock is timed)
+    while the user is locked out: the code could not be checked, so none is sent.
     """
     GetChallenge: _aio.UnaryUnaryMultiCallable[_twofactor_service_pb2.GetChallengeRequest, _twofactor_service_pb2.GetChallengeResponse]  # type: ignore[assignment]
     """The delivery status of a code sent by SendCode or StartEnrollment."""
@@ -250,6 +254,8 @@ class TwoFactorServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_twofactor_service_pb2.SendCodeResponse, _abc.Awaitable[_twofactor_service_pb2.SendCodeResponse]]:
         """Sends a one-time login code by EMAIL or SMS. A repeated idempotency_key
         (within the code's lifetime) returns the same challenge and sends nothing.
+        FAILED_PRECONDITION (USER_LOCKED, with RetryInfo while the lock is timed)
+        while the user is locked out: the code could not be checked, so none is sent.
         """
 
     @_abc_1.abstractmethod
