@@ -16,6 +16,7 @@ import logging
 import random
 import re
 import time
+import traceback
 from dataclasses import dataclass
 
 from twofactor_server.delivery.messages import render_email, render_notice, render_sms
@@ -132,17 +133,20 @@ class Deliverer:
             return self._settle(challenge, "expired", "the code expired or was replaced before delivery")
         if challenge.expires_at - now < useful_ms(challenge):
             return self._settle(challenge, "expired", TOO_LATE_REASON)
+        code = ""  # once decrypted: masked in whatever a provider says, which may quote the message
         try:
-            returned = self._send(challenge, now)
+            payload = self._payload(challenge)
+            code = payload if challenge.notice is None else ""
+            returned = self._send(challenge, payload, now)
         except StorageUnavailable:
             raise
         except PermanentDeliveryError as error:
-            reason = without_destination(error.reason, challenge.destination)
+            reason = without_secrets(error.reason, code, challenge.destination)
             log.warning("delivery of %s failed: %s", challenge_id, reason)
             return self._settle(challenge, "failed", reason)
         except TransientDeliveryError as error:
             return self._retry_or_give_up(
-                challenge, now, without_destination(error.reason, challenge.destination)
+                challenge, now, without_secrets(error.reason, code, challenge.destination)
             )
         except Exception as error:  # a bad template, a key that no longer decrypts, a provider bug
             log.error(
@@ -151,7 +155,9 @@ class Deliverer:
                 challenge_id,
                 type(error).__name__,
             )
-            log.debug("delivery of %s failed", challenge_id, exc_info=True)
+            if log.isEnabledFor(logging.DEBUG):  # the traceback, as text: the exception may quote the message
+                trace = without_secrets(traceback.format_exc().rstrip(), code, challenge.destination)
+                log.debug("delivery of %s failed:\n%s", challenge_id, trace)
             return self._retry_or_give_up(challenge, now, f"delivery error: {type(error).__name__}")
         # Sent: from here on nothing may raise into a retry. An operator's class may return its
         # SDK's UUID, bytes or a dict; the record takes text without NUL.
@@ -255,11 +261,14 @@ class Deliverer:
         self._count(challenge.method, status)
         return Outcome(status)
 
-    def _send(self, challenge: ChallengeRecord, now: int) -> str:
+    def _payload(self, challenge: ChallengeRecord) -> str:
+        """The code to send, or a notice's variables (JSON)."""
         assert challenge.code_ciphertext is not None  # claim_delivery takes only rows that still hold it
-        payload = self._keyring.decrypt(
+        return self._keyring.decrypt(
             challenge.code_ciphertext, purpose=CHALLENGE_CODE, user_id=challenge.challenge_id
         ).decode()
+
+    def _send(self, challenge: ChallengeRecord, payload: str, now: int) -> str:
         if challenge.notice is not None:
             subject, text, html = render_notice(
                 notice=challenge.notice,
@@ -334,6 +343,14 @@ class Deliverer:
 
     def _now_ms(self) -> int:
         return now_ms(self._clock)
+
+
+def without_secrets(reason: str, code: str, destination: str) -> str:
+    """A provider's reason (or a traceback) with the code it may quote starred and the destination
+    masked: the reason goes into log lines, the challenge's failure_reason and GetChallenge."""
+    if code:
+        reason = reason.replace(code, "*" * len(code))
+    return without_destination(reason, destination)
 
 
 def without_destination(reason: str, destination: str) -> str:
