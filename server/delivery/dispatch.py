@@ -26,6 +26,7 @@ from twofactor_server.domain.clock import Clock, system_clock
 from twofactor_server.domain.errors import Unavailable
 from twofactor_server.domain.keyring import Keyring
 from twofactor_server.periodic import Periodic
+from twofactor_server.setting_values import mask_url
 from twofactor_server.settings import Settings
 from twofactor_server.storage.database import Database
 
@@ -59,6 +60,7 @@ class CeleryDispatcher:
             settings.broker_url, socket_timeout=timeout, socket_connect_timeout=timeout
         )
         self._queue = settings.delivery_queue
+        self._masked_url = mask_url(settings.broker_url)
         # LPUSH <queue> <message> in Redis's protocol up to the message's length: written once,
         # where redis-py's packer would encode the whole command again for every publish.
         self._lpush_head = b"*3\r\n" + redis_bulk(b"LPUSH") + redis_bulk(self._queue.encode())
@@ -78,7 +80,17 @@ class CeleryDispatcher:
                     raise  # no answer within the timeout: another try would wait as long again
                 self._lpush(message)  # once more, on a new connection: the kept one was dropped
         except (redis.RedisError, OSError) as error:
-            log.warning("could not queue delivery of %s: %s", challenge_id, type(error).__name__)
+            # PING may still answer (a Redis out of memory, without its replicas, or whose snapshot
+            # failed refuses writes only): health stays SERVING, so this line says what Redis said.
+            log.warning(
+                "could not queue delivery of %s: the delivery broker at %s refused it (%s: %s); codes "
+                "can't be sent (BROKER_UNAVAILABLE) until it takes writes again: check that Redis is "
+                "running and writable (memory, disk, replicas) and TWOFACTOR_BROKER_URL points at it",
+                challenge_id,
+                self._masked_url,
+                type(error).__name__,
+                " ".join(str(error).split())[:200] or "no detail",
+            )
             raise Unavailable(
                 "BROKER_UNAVAILABLE", "the delivery queue can't be reached; retry later", retry_after=1.0
             ) from None

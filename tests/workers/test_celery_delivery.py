@@ -12,6 +12,7 @@ from pathlib import Path
 import grpc
 import psycopg
 import pytest
+import redis
 from twofactor.v1 import common_pb2
 from twofactor.v1 import twofactor_service_pb2 as pb
 
@@ -228,3 +229,36 @@ def test_a_frozen_broker_is_unavailable_within_one_broker_timeout(
     assert raised.value.code() == grpc.StatusCode.UNAVAILABLE
     assert error_info(raised.value).reason == "BROKER_UNAVAILABLE"
     assert took < 1.8 * BROKER_TIMEOUT_SECONDS, f"{took:.1f} s: the publish waited out the timeout twice"
+
+
+def test_a_broker_that_refuses_writes_is_one_line_with_redis_reply_and_what_to_do(
+    sink: SmtpSink,
+    start_server: ServerFactory,
+    queue: str,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A Redis that answers PING but refuses writes (too few replicas, out of memory, a failed
+    snapshot): the health stays SERVING, so the publish's WARNING is all the operator has. It
+    says what Redis answered, where (no password) and what it means, not only an exception name."""
+    with private_redis(tmp_path) as broker:
+        url = broker.url.replace("redis://", "redis://:pw-in-url@")
+        client = redis.Redis.from_url(broker.url)
+        client.config_set("requirepass", "pw-in-url")
+        client.close()
+        h = celery_server(start_server, sink, queue, broker_url=url)
+        admin = redis.Redis.from_url(url)
+        admin.config_set("min-replicas-to-write", 1)  # no replica: every write is refused (NOREPLICAS)
+        admin.close()
+        h.twofactor.SetContact(
+            pb.SetContactRequest(user_id="ned", email="ned@example.com"), metadata=h.app_metadata
+        )
+        with pytest.raises(grpc.RpcError) as raised:
+            h.twofactor.StartEnrollment(
+                pb.StartEnrollmentRequest(user_id="ned", method=EMAIL), metadata=h.app_metadata
+            )
+    assert error_info(raised.value).reason == "BROKER_UNAVAILABLE"
+    (said,) = [r.getMessage() for r in caplog.records if "could not queue" in r.getMessage()]
+    assert "NOREPLICAS Not enough good replicas to write" in said, said
+    assert f"redis://:****@127.0.0.1:{broker.port}/0" in said and "pw-in-url" not in said
+    assert "BROKER_UNAVAILABLE" in said and "TWOFACTOR_BROKER_URL" in said
