@@ -11,6 +11,7 @@ import argparse
 import socket
 import sys
 
+from twofactor_server.setting_values import mask_url
 from twofactor_server.settings import Settings, SettingsError
 
 
@@ -31,8 +32,13 @@ def main(argv: list[str] | None = None) -> int:
     try:
         answers = app.control.ping(destination=[args.name], timeout=args.timeout)
     except Exception as error:  # kombu/redis raise many types for "broker unreachable"
+        # What Redis or the socket said ("Connection refused", "invalid username-password pair"):
+        # a wrong password must not read as a network fault. Neither quotes the URL's password.
+        detail = " ".join(str(error).split())[:200] or "no detail"
         print(
-            f"twofactor worker-health: the broker can't be reached ({type(error).__name__})", file=sys.stderr
+            f"twofactor worker-health: the broker at {mask_url(settings.broker_url)} can't be reached "
+            f"({type(error).__name__}: {detail}); check that Redis is running and TWOFACTOR_BROKER_URL",
+            file=sys.stderr,
         )
         return 1
     if any(args.name in answer for answer in answers):

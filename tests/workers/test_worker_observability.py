@@ -4,6 +4,7 @@ and writes JSON log lines that carry the challenge id of the task they belong to
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import time
@@ -13,6 +14,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import psycopg
+import redis
 from prometheus_client.parser import text_string_to_metric_families
 from twofactor.v1 import common_pb2
 
@@ -22,6 +24,7 @@ from tests.workers.celery_harness import (
     TWOFACTOR,
     Workers,
     celery_server,
+    private_redis,
     start_email_enrollment,
     wait_for_status,
     worker_env,
@@ -144,3 +147,25 @@ def test_worker_health_answers_for_a_running_worker_only(
     finally:
         worker.send_signal(signal.SIGTERM)
         worker.wait(60)
+
+
+def test_worker_health_says_why_the_broker_refused_and_never_its_password(tmp_path: Path) -> None:
+    """A probe that fails for a wrong password must not read as a network fault: one line with
+    the broker (password masked) and what Redis answered, exit status 1, no traceback."""
+    with private_redis(tmp_path) as broker:
+        client = redis.Redis.from_url(broker.url)
+        client.config_set("requirepass", "the-right-one")
+        client.close()
+        env = {k: v for k, v in os.environ.items() if not k.startswith("TWOFACTOR_")}
+        env["TWOFACTOR_BROKER_URL"] = broker.url.replace("redis://", "redis://:not-the-pw@")
+        answered = subprocess.run(
+            [TWOFACTOR, "worker-health", "--timeout", "2"],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+    assert answered.returncode == 1 and answered.stderr.count("\n") == 1, answered.stderr
+    said = answered.stderr
+    assert f"redis://:****@127.0.0.1:{broker.port}/0" in said and "not-the-pw" not in said, said
+    assert "invalid username-password pair" in said and "TWOFACTOR_BROKER_URL" in said, said
