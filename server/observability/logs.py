@@ -94,6 +94,9 @@ def default_format(stream: TextIO) -> str:
 
 
 _SECRETS_AT_DEBUG = ("botocore", "boto3")
+# HTTP clients an operator's SMS class may use log each request's URL (urllib3 at DEBUG, httpx at
+# INFO): a gateway that takes the text in its query string would put the code in the log.
+_URLS_BELOW_WARNING = ("urllib3", "httpx", "httpcore")
 
 
 def configure_logging(level: str, log_format: str, stream: TextIO | None = None) -> logging.Handler:
@@ -111,5 +114,7 @@ def configure_logging(level: str, log_format: str, stream: TextIO | None = None)
     # code) and its signing steps (the session token): never below INFO.
     for chatty in _SECRETS_AT_DEBUG:
         logging.getLogger(chatty).setLevel(max(logging.INFO, root.level))
+    for chatty in _URLS_BELOW_WARNING:
+        logging.getLogger(chatty).setLevel(max(logging.WARNING, root.level))
     logging.captureWarnings(True)  # warnings become records, in the same format
     return handler

@@ -4,6 +4,7 @@ caller's request id comes back; and no code, secret or token ever reaches a log 
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import logging
 import os
@@ -13,14 +14,17 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 
 import grpc
 import pytest
+import urllib3
 from twofactor.v1 import admin_service_pb2 as admin_pb
 from twofactor.v1 import twofactor_service_pb2 as pb
 
 from tests.conftest import ADMIN_TOKEN, APP_TOKEN, TEST_KEYS, Clock, ServerFactory
+from tests.http_stub import serving
 from tests.server.helpers import AUTHENTICATOR, EMAIL, enroll_authenticator, totp_now, verified_token, verify
 from tests.smtp_sink import SmtpSink, code_in, free_port, running_sink
 from twofactor_server.observability import logs
@@ -244,3 +248,42 @@ def test_embedded_delivery_lines_carry_the_challenge_id(
         ]
         time.sleep(0.05)
     assert delivered[0].get("challenge_id") == challenge_id
+
+
+class _Gateway(BaseHTTPRequestHandler):
+    """An SMS gateway an operator's class calls with the text in the query string."""
+
+    def do_GET(self) -> None:
+        self.send_response(200)
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+def test_debug_logs_hold_no_code_an_operators_sms_class_puts_in_a_url() -> None:
+    """TWOFACTOR_LOG_LEVEL=DEBUG: urllib3 (requests' transport) logs each request's URL at DEBUG,
+    httpx at INFO; a gateway called with the text in its query string would log the code."""
+    code = "493817"
+    root = logging.getLogger()
+    saved_handlers, saved_level = list(root.handlers), root.level
+    held = ("urllib3", "httpx", "httpcore")
+    saved_levels = {name: logging.getLogger(name).level for name in held}
+    stream = io.StringIO()
+    try:
+        logs.configure_logging("DEBUG", "json", stream)
+        logging.getLogger("twofactor_server.test").debug("DEBUG is on")
+        with serving(_Gateway) as url:
+            urllib3.PoolManager().request("GET", f"{url}/send?to=%2B14155550199&text=Your+code+is+{code}")
+    finally:
+        for handler in list(root.handlers):
+            root.removeHandler(handler)
+        for handler in saved_handlers:
+            root.addHandler(handler)
+        root.setLevel(saved_level)
+        for name, level in saved_levels.items():
+            logging.getLogger(name).setLevel(level)
+    lines = stream.getvalue().splitlines()
+    assert any(json.loads(line)["level"] == "DEBUG" for line in lines)
+    assert [line for line in lines if code in line] == []

@@ -245,10 +245,11 @@ def test_debug_logs_hold_no_texted_code_no_phone_number_and_no_session_token(
     monkeypatch.setenv("AWS_SESSION_TOKEN", "review-session-token-secret")
     root = logging.getLogger()
     saved_handlers, saved_level = list(root.handlers), root.level
-    saved_levels = {name: logging.getLogger(name).level for name in ("botocore", "boto3")}
+    saved_levels = {name: logging.getLogger(name).level for name in ("botocore", "boto3", "urllib3")}
     stream = io.StringIO()
     try:
         logs.configure_logging("DEBUG", "json", stream)
+        logging.getLogger("twofactor_server.test").debug("DEBUG is on")
         sender = SnsSmsSender(SnsSettings(region=REGION, endpoint_url=moto_endpoint))
         sender.send_sms(SmsMessage(to="+14155550199", text=TEXT))
     finally:
