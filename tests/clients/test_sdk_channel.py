@@ -922,3 +922,15 @@ def test_mtls_needs_the_client_certificate(pki: Pki, recorder: Recorder, tmp_pat
         server.stop(None)
 
     assert len(recorder.of("GetStatus")) == 1
+
+
+def test_the_channel_settings_never_show_the_token_or_the_client_key() -> None:
+    """An error tracker records the locals of a failing frame by their repr: the SDK's settings
+    are among them, and the bearer token and the client key must not be."""
+    from twofactor._channel import ChannelSettings
+
+    tls = twofactor.TlsConfig(client_cert=b"client-cert-pem", client_key=b"client-key-secret")
+    settings = ChannelSettings("127.0.0.1:50051", "app-token-secret", tls, 5.0, None, ())
+    shown = repr(settings)
+    assert "app-token-secret" not in shown and "client-key-secret" not in shown
+    assert "127.0.0.1:50051" in shown and "client-cert-pem" in shown

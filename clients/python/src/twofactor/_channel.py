@@ -7,7 +7,7 @@ import json
 import random
 import uuid
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -118,7 +118,7 @@ class TlsConfig:
 
     root_ca: bytes | None = None
     client_cert: bytes | None = None
-    client_key: bytes | None = None
+    client_key: bytes | None = field(default=None, repr=False)  # an error tracker records reprs of locals
     server_name: str | None = None
 
     def __post_init__(self) -> None:
@@ -153,7 +153,7 @@ class ChannelSettings:
     """Everything a client needs to open its channel and decorate its calls."""
 
     target: str
-    token: str
+    token: str = field(repr=False)  # an error tracker records reprs of locals
     tls: TlsConfig | None
     timeout: float
     retry: RetryPolicy | None
