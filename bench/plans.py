@@ -101,8 +101,8 @@ class ExplainingDatabase:
         self.unavailable = db.unavailable
 
     @contextmanager
-    def transaction(self) -> Iterator[Any]:
-        with self._db.transaction() as tx:
+    def transaction(self, *, snapshot: bool = False) -> Iterator[Any]:
+        with self._db.transaction(snapshot=snapshot) as tx:
             yield _ExplainingTransaction(tx, self._recorder)
 
     @contextmanager

@@ -79,9 +79,9 @@ class CountingDatabase:
         self.transactions = 0
 
     @contextmanager
-    def transaction(self) -> Iterator[Any]:
+    def transaction(self, *, snapshot: bool = False) -> Iterator[Any]:
         self.transactions += 1
-        with self._db.transaction() as tx:
+        with self._db.transaction(snapshot=snapshot) as tx:
             yield _CountingTransaction(tx, self)
 
     @contextmanager

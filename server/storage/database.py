@@ -102,12 +102,14 @@ class PostgresDatabase:
         self._probe_failed = self._failing = self._silent = False
 
     @contextmanager
-    def transaction(self) -> Iterator[_PostgresTransaction]:
+    def transaction(self, *, snapshot: bool = False) -> Iterator[_PostgresTransaction]:
         with self._connection() as conn:
             try:
                 # BEGIN goes with the block's first statement (_PostgresTransaction.opened)
                 tx = _PostgresTransaction(conn, begin=True)
                 try:
+                    if snapshot:  # every statement reads one moment (READ COMMITTED: each its own)
+                        tx.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
                     yield tx
                     tx._end_block()
                 except BaseException:

@@ -43,9 +43,10 @@ class SqliteDatabase:
         self._lock = threading.Lock()
 
     @contextmanager
-    def transaction(self) -> Iterator[_SqliteTransaction]:
+    def transaction(self, *, snapshot: bool = False) -> Iterator[_SqliteTransaction]:
         with self._lock, _sqlite_errors(self.unavailable):
-            # IMMEDIATE takes the write lock up front, so a read-then-write can't interleave.
+            # IMMEDIATE takes the write lock up front, so a read-then-write can't interleave
+            # (and every transaction, `snapshot` or not, reads one moment).
             self._conn.execute("BEGIN IMMEDIATE")
             tx = _SqliteTransaction(self._conn)
             try:

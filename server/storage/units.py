@@ -61,8 +61,10 @@ class Database(Protocol):
     # Set whenever a call finds the storage unavailable, so the health probe looks at once.
     unavailable: threading.Event
 
-    def transaction(self) -> Any:
-        """A context manager yielding a Transaction; commits on success, rolls back on error."""
+    def transaction(self, *, snapshot: bool = False) -> Any:
+        """A context manager yielding a Transaction; commits on success, rolls back on error.
+        `snapshot`: a read-only one whose statements all see the same moment (a read of a user's
+        state spread over several tables never mixes before and after a change)."""
 
     def statements(self) -> Any:
         """A context manager yielding a Transaction whose statements each commit on their own:

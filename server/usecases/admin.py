@@ -28,7 +28,7 @@ class Admin:
         self._clock = clock
 
     def get_user(self, user_id: str) -> UserState:
-        with self._db.transaction() as tx:
+        with self._db.transaction(snapshot=True) as tx:  # the row, methods and codes of one moment
             return load_state(tx, existing_user(tx, user_id), self._policy, self._now_ms())
 
     def list_users(
@@ -36,7 +36,7 @@ class Admin:
     ) -> tuple[list[UserState], str]:
         limit = _page_size(page_size)
         after = _decode_token(page_token, "u") if page_token else ""
-        with self._db.transaction() as tx:
+        with self._db.transaction(snapshot=True) as tx:
             rows = store.list_users(tx, after=str(after), limit=limit + 1, enabled=enabled)
             page = rows[:limit]
             # Two statements for the page, whatever its size: a round trip per user would not fit

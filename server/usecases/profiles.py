@@ -64,7 +64,7 @@ class UserProfiles:
         """The user's methods, contacts, lock and contact changes waiting for their code; None for a
         user never seen (not an error: not enrolled)."""
         now = now_ms(self._clock)
-        with self._db.transaction() as tx:
+        with self._db.transaction(snapshot=True) as tx:  # the row, methods and codes of one moment
             user = store.get_user(tx, user_id)
             if user is None:
                 return None

@@ -341,6 +341,53 @@ def test_get_user_shows_state_with_masked_contacts(harness: Harness, clock: Cloc
         assert secret_text.encode() not in wire
 
 
+def test_get_user_list_users_and_get_status_see_one_moment_while_resets_and_enrollments_commit(
+    start_server: ServerFactory, clock: Clock
+) -> None:
+    """A user's state is several tables (the user, the methods, the backup codes): a read of it is
+    one moment, never the methods before a change committed and the backup codes after it. On
+    PostgreSQL, READ COMMITTED gave each statement its own snapshot: with another server resetting
+    and enrolling the user, GetStatus answered a pending authenticator, no method and ten backup
+    codes, a state the user was never in (backup codes come and go with the first method)."""
+    writer, reader = start_server(), start_server()
+    enroll_authenticator(writer, clock, "kai")
+    done = threading.Event()
+    seen: list[str] = []
+
+    def reset_and_enroll() -> None:
+        try:
+            for _ in range(60):
+                writer.admin.ResetUser(
+                    admin_pb.ResetUserRequest(user_id="kai", reason="lost phone"),
+                    metadata=writer.admin_metadata,
+                )
+                enroll_authenticator(writer, clock, "kai")
+                if seen:
+                    return
+        finally:
+            done.set()
+
+    def read() -> None:
+        while not done.is_set() and not seen:
+            status = reader.twofactor.GetStatus(
+                pb.GetStatusRequest(user_id="kai"), metadata=reader.app_metadata
+            )
+            user = get_user(reader, "kai")
+            listing = reader.admin.ListUsers(admin_pb.ListUsersRequest(), metadata=reader.admin_metadata)
+            [listed] = listing.users
+            for name, state in (("GetStatus", status), ("GetUser", user), ("ListUsers", listed)):
+                if state.backup_codes_remaining and not state.enabled_methods:
+                    seen.append(f"{name}: {state.backup_codes_remaining} backup codes, no method")
+
+    threads = [threading.Thread(target=reset_and_enroll), *(threading.Thread(target=read) for _ in range(3))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=120)
+    assert not any(thread.is_alive() for thread in threads)
+    assert not seen, seen[0]
+
+
 def test_get_user_of_an_unknown_user_is_not_found(harness: Harness) -> None:
     with pytest.raises(grpc.RpcError) as unknown:
         get_user(harness, "nobody")
