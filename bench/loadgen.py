@@ -20,6 +20,7 @@ import argparse
 import contextlib
 import hashlib
 import hmac
+import math
 import multiprocessing
 import multiprocessing.connection
 import os
@@ -370,10 +371,13 @@ class PhaseResult:
         return self.calls / self.seconds
 
     def percentile(self, q: float) -> float:
+        """The nearest-rank percentile: the smallest latency that at least a share `q` of the
+        calls did not exceed (p99 of 100 calls is the 99th, not the slowest)."""
         ordered = sorted(self.latencies_ms)
         if not ordered:
             return float("nan")
-        return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+        rank = math.ceil(round(q * len(ordered), 9))  # round: 0.07 * 100 is 7.000000000000001
+        return ordered[min(len(ordered), max(1, rank)) - 1]
 
     @property
     def valid(self) -> bool:
