@@ -75,6 +75,7 @@ from twofactor.v1 import twofactor_service_pb2
 
 from twofactor_server.domain.keyring import Keyring
 from twofactor_server.storage.database import PostgresDatabase
+from twofactor_server.supervisor import process_count
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_DATABASE_URL = "postgresql://postgres@127.0.0.1:5432/postgres"
@@ -922,7 +923,7 @@ def print_table(rows: dict[str, Row], args: argparse.Namespace) -> None:
             )
         )
     if "enrollment" in rows:
-        processes = (os.cpu_count() or 1) if args.processes == "auto" else int(args.processes)
+        processes = process_count(args.processes)  # as many as `serve --processes` starts
         per_process = rows["enrollment"].rate / processes
         checks.append(("enrollments/s per server process", per_process, ">=", 300.0))
     if SENDCODE in rows:

@@ -3,6 +3,7 @@ issue's targets met, and each verdict divides by what the run really had."""
 
 from __future__ import annotations
 
+import os
 from types import ModuleType
 
 import pytest
@@ -29,3 +30,30 @@ def test_the_default_users_suffice_for_verify_at_the_throughput_target(options: 
     assert args.users / args.seconds >= target
     population = suite.parse([*options, "--population", "100000"])
     assert population.sample / population.seconds >= target
+
+
+def enrollment_row(rate: float) -> object:
+    from array import array
+
+    result = suite.PhaseResult("enroll", 1.0, array("d", [1.0] * int(rate)))
+    return suite.Row("enrollment (Start + Confirm)", result, {}, result.calls)
+
+
+def verdict(output: str, label: str) -> float:
+    line = next(line for line in output.splitlines() if line.strip().startswith(label))
+    return float(line[len(line) - len(line.lstrip()) + len(label) :].split()[0])
+
+
+@pytest.mark.skipif((os.cpu_count() or 1) < 2, reason="needs two CPUs to allow one")
+def test_enrollments_per_process_with_processes_auto_divide_by_the_servers_processes(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """`serve --processes auto` starts one process per CPU this process may run on (taskset, a
+    container's cpuset), not per CPU of the machine: the per-process rate divides by as many."""
+    allowed = os.sched_getaffinity(0)
+    os.sched_setaffinity(0, {min(allowed)})  # as under `taskset -c 0 make bench`
+    try:
+        suite.print_table({"enrollment": enrollment_row(600)}, suite.parse(["--processes", "auto"]))
+    finally:
+        os.sched_setaffinity(0, allowed)
+    assert verdict(capsys.readouterr().out, "enrollments/s per server process") == 600.0
