@@ -784,9 +784,10 @@ def measure_end_to_end(target: str, token: str, sink: BenchSink, users: list[str
 def measure_paced_sendcode(
     target: str, token: str, users: list[str], rate: float, seconds: float, worker: str
 ) -> Row:
-    """SendCode at a fixed rate (open loop: each call starts on its schedule, whatever the others
+    """SendCode at a fixed rate (open loop: each call is due on its schedule, whatever the others
     do): the latency a login sees at that load (the caller says whether the worker delivers meanwhile,
-    on the same cores, with the SMTP sink in this process)."""
+    on the same cores, with the SMTP sink in this process). Each latency counts from when its call
+    was due: a call that waited for one of the 32 sending threads waited as a login would."""
     import grpc
     from twofactor.v1 import twofactor_service_pb2_grpc
 
@@ -797,8 +798,7 @@ def measure_paced_sendcode(
     with grpc.insecure_channel(target) as channel, ThreadPoolExecutor(max_workers=32) as pool:
         stub = twofactor_service_pb2_grpc.TwoFactorServiceStub(channel)
 
-        def send(index: int) -> None:
-            t0 = time.monotonic()
+        def send(index: int, due: float) -> None:
             try:
                 send_email_code(stub, metadata, users[index % len(users)])
             except grpc.RpcError as error:
@@ -806,12 +806,13 @@ def measure_paced_sendcode(
                     result.errors[error.code().name] += 1
                 return
             with lock:
-                result.latencies_ms.append((time.monotonic() - t0) * 1000)
+                result.latencies_ms.append((time.monotonic() - due) * 1000)
 
         began = time.monotonic() + 0.5
         for index in range(count):
-            time.sleep(max(0.0, began + index / rate - time.monotonic()))  # the schedule, not a wait
-            pool.submit(send, index)
+            due = began + index / rate
+            time.sleep(max(0.0, due - time.monotonic()))  # the schedule, not a wait
+            pool.submit(send, index, due)
     result.seconds = seconds
     print(f"sendcode@ {result.line()}  (target {rate:.1f} calls/s, {worker})", flush=True)
     row = Row(f"SendCode @{rate:.0f}/s, {worker}", result, None, 1)

@@ -4,11 +4,19 @@ issue's targets met, and each verdict divides by what the run really had."""
 from __future__ import annotations
 
 import os
+import signal
+import threading
+from collections.abc import Iterator
+from pathlib import Path
 from types import ModuleType
 
 import pytest
+from twofactor.v1 import twofactor_service_pb2 as pb
 
 from tests.bench.test_plans import load
+from tests.server.helpers import EMAIL
+from tests.server.serve_process import APP_METADATA, ServeProcess, serve_env
+from tests.smtp_sink import SmtpSink, code_in, running_sink
 
 
 def suite_module() -> ModuleType:
@@ -57,3 +65,53 @@ def test_enrollments_per_process_with_processes_auto_divide_by_the_servers_proce
     finally:
         os.sched_setaffinity(0, allowed)
     assert verdict(capsys.readouterr().out, "enrollments/s per server process") == 600.0
+
+
+@pytest.fixture
+def sink() -> Iterator[SmtpSink]:
+    with running_sink(SmtpSink()) as running:
+        yield running
+
+
+def test_paced_sendcode_latency_counts_from_when_each_call_was_due(sink: SmtpSink, tmp_path: Path) -> None:
+    """The paced rows are open loop: a call the bench could not start on its schedule (its 32
+    sending threads all waiting on the server) waits too, as a login would. Here the server is
+    stopped (SIGSTOP) past the end of the schedule: 100 calls due within 1.5 s of the start, none
+    answered before 2.5 s, so every one of them waited at least a second."""
+    env = serve_env(
+        tmp_path / "data",
+        "",
+        sink,
+        RESEND_COOLDOWN_SECONDS="0",
+        SENDS_PER_USER_PER_HOUR="1000",
+        SENDS_PER_DESTINATION_PER_HOUR="1000",
+        STORAGE_TIMEOUT_SECONDS="60",
+    )
+    server = ServeProcess(env)
+    try:
+        server.twofactor.SetContact(
+            pb.SetContactRequest(user_id="alice", email="alice@example.com"), metadata=APP_METADATA
+        )
+        server.twofactor.StartEnrollment(
+            pb.StartEnrollmentRequest(user_id="alice", method=EMAIL), metadata=APP_METADATA
+        )
+        code = code_in(sink.message_to("alice@example.com", "Confirm"))
+        confirmed = server.twofactor.ConfirmEnrollment(
+            pb.ConfirmEnrollmentRequest(user_id="alice", method=EMAIL, code=code), metadata=APP_METADATA
+        )
+        assert confirmed.confirmed
+        token = APP_METADATA[0][1].removeprefix("Bearer ")
+        server.process.send_signal(signal.SIGSTOP)
+        resume = threading.Timer(2.5, server.process.send_signal, (signal.SIGCONT,))
+        resume.start()
+        try:
+            row = suite.measure_paced_sendcode(
+                f"127.0.0.1:{server.port}", token, ["alice"], 100.0, 1.0, "server stopped"
+            )
+        finally:
+            resume.join()
+            server.process.send_signal(signal.SIGCONT)
+    finally:
+        server.stop()
+    assert row.valid and row.result.calls == 100
+    assert min(row.result.latencies_ms) >= 1000.0
