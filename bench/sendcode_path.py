@@ -226,7 +226,7 @@ class PostgresBackends:
         with self._lock:
             rows = self._conn.execute(
                 "SELECT pid FROM pg_stat_activity WHERE application_name = %s "
-                "OR backend_type <> 'client backend'",
+                "OR backend_type NOT IN ('client backend', 'parallel worker')",  # those: a session's
                 (self._name,),
             ).fetchall()
         return {int(pid) for (pid,) in rows}

@@ -421,7 +421,9 @@ class PostgresPids:
             names = (self._name, worker_application_name(self._name))
             rows = self._conn.execute(
                 "SELECT pid, application_name, query FROM pg_stat_activity "
-                "WHERE application_name IN (%s, %s) OR backend_type <> 'client backend'",
+                "WHERE application_name IN (%s, %s) "
+                # Parallel workers carry their leader's application_name: another session's are not ours.
+                "OR backend_type NOT IN ('client backend', 'parallel worker')",
                 names,
             ).fetchall()
             self._own = {int(pid) for pid, name, _ in rows if name in names}

@@ -3,6 +3,7 @@ issue's targets met, and each verdict divides by what the run really had."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import threading
@@ -10,11 +11,12 @@ from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
 
+import psycopg
 import pytest
 from twofactor.v1 import twofactor_service_pb2 as pb
 
 from tests.bench.test_plans import load
-from tests.server.helpers import EMAIL
+from tests.server.helpers import EMAIL, wait_until
 from tests.server.serve_process import APP_METADATA, ServeProcess, serve_env
 from tests.smtp_sink import SmtpSink, code_in, running_sink
 
@@ -115,3 +117,43 @@ def test_paced_sendcode_latency_counts_from_when_each_call_was_due(sink: SmtpSin
         server.stop()
     assert row.valid and row.result.calls == 100
     assert min(row.result.latencies_ms) >= 1000.0
+
+
+def test_another_sessions_parallel_workers_are_not_counted_as_the_runs_postgres(postgres_url: str) -> None:
+    """On a shared PostgreSQL the run counts its own backends and the server's background
+    processes (WAL writer, checkpointer, autovacuum): not the parallel workers that another
+    session's query started, which are that session's backends."""
+    with psycopg.connect(postgres_url, autocommit=True) as conn:
+        conn.execute("CREATE TABLE t AS SELECT g FROM generate_series(1, 20000) g")
+    other = psycopg.connect(postgres_url, autocommit=True, application_name="someone-else")
+    for setting in ("parallel_setup_cost", "parallel_tuple_cost", "min_parallel_table_scan_size"):
+        other.execute(f"SET {setting} = 0")  # a parallel plan for a small table
+    leader = other.info.backend_pid
+
+    def scan() -> None:
+        with contextlib.suppress(psycopg.errors.QueryCanceled):
+            other.execute("SELECT count(*) FROM t WHERE pg_sleep(0.001) IS NOT NULL")  # ~7 s
+
+    scanning = threading.Thread(target=scan)
+    scanning.start()
+    try:
+        with psycopg.connect(postgres_url, autocommit=True) as watch:
+
+            def workers() -> set[int]:
+                rows = watch.execute(
+                    "SELECT pid FROM pg_stat_activity WHERE leader_pid = %s AND pid <> %s", (leader, leader)
+                ).fetchall()
+                return {int(pid) for (pid,) in rows}
+
+            try:
+                wait_until(lambda: workers() or not scanning.is_alive(), "the scan's parallel workers")
+                started = workers()
+                if not started:
+                    pytest.skip("PostgreSQL started no parallel worker (max_parallel_workers in use)")
+                with suite.PostgresPids(postgres_url, "tf_bench_not_this_one") as counted:
+                    assert not started & counted()
+            finally:
+                watch.execute("SELECT pg_cancel_backend(%s)", (leader,))
+    finally:
+        scanning.join(timeout=30)
+        other.close()
