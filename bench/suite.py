@@ -232,7 +232,9 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
         help="authenticator users (default: enough for Verify at the throughput target, at least "
         "12000; quick 2000)",
     )
-    parser.add_argument("--email-users", type=int, help="users with email enabled (default 10000; quick 3000)")
+    parser.add_argument(
+        "--email-users", type=int, help="users with email enabled (default 10000; quick 3000)"
+    )
     parser.add_argument("--clients", type=int, help="client processes (default 4; quick 2)")
     parser.add_argument("--threads", type=int, default=4, help="closed-loop threads per client process")
     parser.add_argument("--seconds", type=float, help="length of each measured phase (default 5; quick 1)")
