@@ -35,6 +35,13 @@ from twofactor_server.storage.units import in_list
 # Every statement that changes a credential (a method, a contact, the backup codes, a reset)
 # moves the user's credential epoch on, so step-up proofs issued before it stop working.
 _NEW_EPOCH = "credential_epoch = credential_epoch + 1"
+WITHDRAWN_REASON = "withdrawn before delivery: the user was reset or the address changed"
+# A withdrawn code still waiting in the queue is closed out at once: no worker takes a row whose
+# code is wiped, so it would read 'queued' (and count in the backlog) until it expired.
+_CLOSE_QUEUED = (
+    "delivery_status = CASE WHEN delivery_status = 'queued' THEN 'expired' ELSE delivery_status END, "
+    "failure_reason = CASE WHEN delivery_status = 'queued' THEN %(why)s ELSE failure_reason END"
+)
 _INSERT_AUDIT_EVENT = f"{INSERT_AUDIT_EVENT}VALUES ({audit_placeholders('')})"
 # Statements that most calls run (every rejected Verify: the user's row, its audit event, the
 # backup codes left), prepared by name and run through libpq on PostgreSQL (hot_statements.py).
@@ -117,12 +124,12 @@ def unlock(tx: Transaction, user_id: str) -> None:
 
 def reset_user(tx: Transaction, user_id: str) -> None:
     """Forget everything enrolled; keep the contacts and the history."""
-    params = {"u": user_id}
+    params = {"u": user_id, "why": WITHDRAWN_REASON}
     tx.execute("DELETE FROM methods WHERE user_id = %(u)s", params)
     delete_backup_code_rows(tx, user_id)
     tx.execute(
-        "UPDATE challenges SET superseded_at = COALESCE(superseded_at, updated_at), code_ciphertext = NULL "
-        "WHERE user_id = %(u)s AND consumed_at IS NULL AND purpose <> 'notice'",
+        "UPDATE challenges SET superseded_at = COALESCE(superseded_at, updated_at), code_ciphertext = NULL, "  # noqa: S608
+        f"{_CLOSE_QUEUED} WHERE user_id = %(u)s AND consumed_at IS NULL AND purpose <> 'notice'",
         params,
     )
     tx.execute(
@@ -140,10 +147,10 @@ def withdraw_codes_sent_elsewhere(
     the change, can't finish a login or enrollment with them. An empty `destination` withdraws
     them all (the method turned off, or its address removed). Notices still go."""
     tx.execute(
-        "UPDATE challenges SET superseded_at = COALESCE(superseded_at, %(now)s), code_ciphertext = NULL, "
-        "updated_at = %(now)s WHERE user_id = %(u)s AND method = %(m)s AND consumed_at IS NULL "
-        "AND purpose <> 'notice' AND destination <> %(d)s",
-        {"u": user_id, "m": method, "d": destination, "now": now_ms},
+        "UPDATE challenges SET superseded_at = COALESCE(superseded_at, %(now)s), code_ciphertext = NULL, "  # noqa: S608
+        f"{_CLOSE_QUEUED}, updated_at = %(now)s WHERE user_id = %(u)s AND method = %(m)s "
+        "AND consumed_at IS NULL AND purpose <> 'notice' AND destination <> %(d)s",
+        {"u": user_id, "m": method, "d": destination, "now": now_ms, "why": WITHDRAWN_REASON},
     )
 
 

@@ -9,6 +9,7 @@ import threading
 import grpc
 import pytest
 from twofactor.v1 import admin_service_pb2 as admin_pb
+from twofactor.v1 import common_pb2
 from twofactor.v1 import twofactor_service_pb2 as pb
 
 from tests.conftest import ADMIN_TOKEN, APP_TOKEN, TEST_KEYS, Clock, Harness, ServerFactory
@@ -25,6 +26,7 @@ from tests.server.helpers import (
 )
 from tests.server.stored_rows import query
 from twofactor_server.domain.keyring import CHALLENGE_CODE, Keyring
+from twofactor_server.storage.store import WITHDRAWN_REASON
 from twofactor_server.usecases.admin import Admin
 
 Metadata = tuple[tuple[str, str], ...]
@@ -191,6 +193,13 @@ def test_reset_drops_pending_enrollments_and_sent_codes(start_server: ServerFact
     assert len(waiting) == 1  # the login code
     assert waiting[0]["code_ciphertext"] is None, "a code waiting for delivery can still be sent"
     assert waiting[0]["superseded_at"] is not None
+    # Nothing will send it: the app polling its delivery hears so now, not when it would expire.
+    withdrawn = h.twofactor.GetChallenge(
+        pb.GetChallengeRequest(user_id="carol", challenge_id=login.challenge.challenge_id),
+        metadata=h.app_metadata,
+    ).challenge
+    assert withdrawn.delivery_status == common_pb2.DELIVERY_STATUS_EXPIRED
+    assert withdrawn.failure_reason == WITHDRAWN_REASON
 
     # Enroll email again: the login code sent before the reset must not work.
     clock.advance(31)

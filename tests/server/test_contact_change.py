@@ -240,10 +240,16 @@ def test_codes_sent_to_the_old_address_stop_working_once_the_new_one_is_confirme
     assert verify(h, "eli", old_code).result == pb.VERIFY_RESULT_REJECTED
     stored = query(
         h.settings,
-        "SELECT destination, superseded_at IS NOT NULL AS withdrawn, code_ciphertext IS NULL AS wiped "
-        "FROM challenges WHERE user_id = 'eli' AND purpose = 'login' ORDER BY created_at",
+        "SELECT destination, superseded_at IS NOT NULL AS withdrawn, code_ciphertext IS NULL AS wiped, "
+        "delivery_status FROM challenges WHERE user_id = 'eli' AND purpose = 'login' ORDER BY created_at",
     )
-    assert stored[-1] == {"destination": "eli@old.example", "withdrawn": True, "wiped": True}
+    # Delivered before the change: it stays 'sent' (only a code still queued is closed out).
+    assert stored[-1] == {
+        "destination": "eli@old.example",
+        "withdrawn": True,
+        "wiped": True,
+        "delivery_status": "sent",
+    }
     to, new_code = login_code_by_email(h, sink, "eli")
     assert to == "eli@new.example"
     assert verify(h, "eli", new_code).result == pb.VERIFY_RESULT_ACCEPTED

@@ -66,7 +66,9 @@ class _DeliveryStatusEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Delive
     DELIVERY_STATUS_FAILED: _DeliveryStatus.ValueType  # 4
     """The provider refused the message for good; failure_reason says why."""
     DELIVERY_STATUS_EXPIRED: _DeliveryStatus.ValueType  # 5
-    """The code expired before it could be delivered."""
+    """The code expired before it could be delivered, or was withdrawn while it
+    waited (a reset, or a change of its address; failure_reason says which).
+    """
 
 class DeliveryStatus(_DeliveryStatus, metaclass=_DeliveryStatusEnumTypeWrapper):
     """Where a one-time code sent by email or SMS is on its way to the user."""
@@ -82,7 +84,9 @@ DELIVERY_STATUS_SENT: DeliveryStatus.ValueType  # 3
 DELIVERY_STATUS_FAILED: DeliveryStatus.ValueType  # 4
 """The provider refused the message for good; failure_reason says why."""
 DELIVERY_STATUS_EXPIRED: DeliveryStatus.ValueType  # 5
-"""The code expired before it could be delivered."""
+"""The code expired before it could be delivered, or was withdrawn while it
+waited (a reset, or a change of its address; failure_reason says which).
+"""
 Global___DeliveryStatus: _TypeAlias = DeliveryStatus  # noqa: Y015
 
 @_typing.final
