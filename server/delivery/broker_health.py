@@ -29,10 +29,12 @@ class HealthStatuses(Protocol):
 
 DELIVERY_SERVICE = "twofactor.v1.Delivery"
 CHECK_INTERVAL_SECONDS = 5.0
+PROBE_KEY = "twofactor.broker-probe"  # written by each check, expiring: no code, no user
 
 
 class BrokerHealth:
-    """Pings the broker and sets twofactor.v1.Delivery; SERVING for in-process delivery (no broker)."""
+    """Pings the broker, writes a key that expires, and sets twofactor.v1.Delivery; SERVING for
+    in-process delivery (no broker)."""
 
     def __init__(self, settings: Settings, servicer: HealthStatuses) -> None:
         self._url = settings.broker_url
@@ -48,6 +50,22 @@ class BrokerHealth:
             )
             try:
                 client.ping()
+                # PING answers while writes are refused (out of memory, too few replicas, a failed
+                # snapshot, a read-only replica after a failover), and so is every publish.
+                client.set(PROBE_KEY, b"", px=60_000)
+            except redis.exceptions.NoPermissionError:
+                pass  # an ACL that leaves the probe key out may still let the queue's keys be written
+            except redis.ResponseError as error:
+                up = False
+                if self._up is not False:
+                    log.warning(
+                        "the delivery broker at %s refuses writes (%s): SendCode and StartEnrollment "
+                        "by email or SMS answer UNAVAILABLE (BROKER_UNAVAILABLE) until it takes them, "
+                        "authenticator and backup-code logins go on; check Redis's memory, disk and "
+                        "replicas, and that TWOFACTOR_BROKER_URL points at the primary",
+                        mask_url(self._url),
+                        " ".join(str(error).split())[:200] or "no detail",
+                    )
             except (redis.RedisError, OSError) as error:
                 up = False
                 if self._up is not False:

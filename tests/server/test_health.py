@@ -260,3 +260,54 @@ def test_an_open_watch_ends_at_sigterm_and_holds_no_drain(tmp_path: Path) -> Non
             server.kill()
         server.wait()
         server.stdout.close()
+
+
+def test_a_broker_that_answers_but_refuses_writes_is_not_serving(
+    start_server: ServerFactory, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """PING answers while Redis refuses writes (too few replicas here; out of memory, a failed
+    snapshot, a read-only replica after a failover alike), and every publish is refused: the
+    Delivery health says so, with one line, and comes back when writes are taken again."""
+    port = free_port()
+    server = subprocess.Popen(
+        [
+            shutil.which("redis-server") or "redis-server",
+            *("--port", str(port), "--bind", "127.0.0.1", "--save", ""),
+            *("--appendonly", "no", "--dir", str(tmp_path)),
+        ],
+        stdout=subprocess.DEVNULL,
+    )
+    try:
+        client = redis.Redis(port=port)
+        wait_until(lambda: _answers(client), bound=30, what="the private redis-server to answer")
+        h = start_server(broker_url=f"redis://127.0.0.1:{port}/0", broker_timeout_seconds=2.0)
+        assert status_of(h, "twofactor.v1.Delivery") == SERVING
+        client.config_set("min-replicas-to-write", 1)  # no replica: every write is refused (NOREPLICAS)
+        wait_until(
+            lambda: status_of(h, "twofactor.v1.Delivery") == NOT_SERVING,
+            bound=60,
+            what="twofactor.v1.Delivery to become NOT_SERVING",
+        )
+        (said,) = [r.getMessage() for r in caplog.records if "refuses writes" in r.getMessage()]
+        assert said.startswith(
+            f"the delivery broker at redis://127.0.0.1:{port}/0 refuses writes (NOREPLICAS"
+        )
+        assert "BROKER_UNAVAILABLE" in said and "TWOFACTOR_BROKER_URL" in said
+        assert status_of(h, "") == SERVING
+        client.config_set("min-replicas-to-write", 0)
+        wait_until(
+            lambda: status_of(h, "twofactor.v1.Delivery") == SERVING,
+            bound=60,
+            what="twofactor.v1.Delivery to become SERVING again",
+        )
+        client.close()
+    finally:
+        server.terminate()
+        server.wait(30)
+
+
+def _answers(client: redis.Redis) -> bool:
+    try:
+        return bool(client.ping())
+    except redis.ConnectionError:
+        return False
