@@ -100,7 +100,7 @@ storage_up = Gauge(
 )
 broker_up = Gauge(
     "twofactor_broker_up",
-    "1 when the delivery broker answered the last check, 0 when it did not.",
+    "1 when the delivery broker took the last check's write, 0 when it was unreachable or refused it.",
     multiprocess_mode="mostrecent",
 )
 
