@@ -4,7 +4,6 @@ caller's request id comes back; and no code, secret or token ever reaches a log 
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import logging
 import os
@@ -24,6 +23,7 @@ from twofactor.v1 import admin_service_pb2 as admin_pb
 from twofactor.v1 import twofactor_service_pb2 as pb
 
 from tests.conftest import ADMIN_TOKEN, APP_TOKEN, TEST_KEYS, Clock, ServerFactory
+from tests.debug_logs import debug_logs
 from tests.http_stub import serving
 from tests.server.helpers import AUTHENTICATOR, EMAIL, enroll_authenticator, totp_now, verified_token, verify
 from tests.smtp_sink import SmtpSink, code_in, free_port, running_sink
@@ -266,24 +266,8 @@ def test_debug_logs_hold_no_code_an_operators_sms_class_puts_in_a_url() -> None:
     """TWOFACTOR_LOG_LEVEL=DEBUG: urllib3 (requests' transport) logs each request's URL at DEBUG,
     httpx at INFO; a gateway called with the text in its query string would log the code."""
     code = "493817"
-    root = logging.getLogger()
-    saved_handlers, saved_level = list(root.handlers), root.level
-    held = ("urllib3", "httpx", "httpcore")
-    saved_levels = {name: logging.getLogger(name).level for name in held}
-    stream = io.StringIO()
-    try:
-        logs.configure_logging("DEBUG", "json", stream)
-        logging.getLogger("twofactor_server.test").debug("DEBUG is on")
-        with serving(_Gateway) as url:
-            urllib3.PoolManager().request("GET", f"{url}/send?to=%2B14155550199&text=Your+code+is+{code}")
-    finally:
-        for handler in list(root.handlers):
-            root.removeHandler(handler)
-        for handler in saved_handlers:
-            root.addHandler(handler)
-        root.setLevel(saved_level)
-        for name, level in saved_levels.items():
-            logging.getLogger(name).setLevel(level)
+    with debug_logs() as stream, serving(_Gateway) as url:
+        urllib3.PoolManager().request("GET", f"{url}/send?to=%2B14155550199&text=Your+code+is+{code}")
     lines = stream.getvalue().splitlines()
     assert any(json.loads(line)["level"] == "DEBUG" for line in lines)
     assert [line for line in lines if code in line] == []

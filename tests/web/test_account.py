@@ -32,6 +32,15 @@ def save_new_email(visitor: SiteClient, address: str) -> None:
         time.sleep(0.5)
 
 
+def start_email_codes(visitor: SiteClient, mailbox: Mailbox, user_id: str) -> str:
+    """Sign in (2FA is forced: the site asks to enroll) and start email codes to
+    <user_id>@example.com; the code mailed there."""
+    assert visitor.sign_in(user_id) == "/enroll"
+    before = mailbox.count()
+    assert visitor.post("/enroll/email", contact=f"{user_id}@example.com").status_code == 200
+    return mailbox.code_sent_to(f"{user_id}@example.com", after=before)
+
+
 def assert_says_wait(messages: list[str], policy: common_pb.Policy) -> None:
     """Only the message that the user is locked out, and for about the server's first lockout."""
     [message] = messages
@@ -52,10 +61,7 @@ def test_the_wrong_code_that_locks_and_a_try_while_locked_say_when_to_retry(
     assert policy.lockout_base.seconds < 120  # the message gives seconds below two minutes
     user_id = new_user("erin")
     erin = site.visitor()
-    assert erin.sign_in(user_id) == "/enroll"  # 2FA is forced
-    before = mailbox.count()
-    assert erin.post("/enroll/email", contact=f"{user_id}@example.com").status_code == 200
-    code = mailbox.code_sent_to(f"{user_id}@example.com", after=before)
+    code = start_email_codes(erin, mailbox, user_id)
     assert "Email is on." in flashes(erin.post("/enroll/email/confirm", code=code))
 
     new_address = f"{user_id}@example.org"
@@ -98,10 +104,7 @@ def test_starting_email_codes_while_locked_says_when_to_retry(
     policy = site.second_factor.policy()
     user_id = new_user("fay")
     fay = site.visitor()
-    assert fay.sign_in(user_id) == "/enroll"  # 2FA is forced
-    before = mailbox.count()
-    assert fay.post("/enroll/email", contact=f"{user_id}@example.com").status_code == 200
-    code = mailbox.code_sent_to(f"{user_id}@example.com", after=before)
+    code = start_email_codes(fay, mailbox, user_id)
     wrong = next(digits for digits in ("000000", "111111") if digits != code)
     for _ in range(policy.lockout_threshold):
         assert fay.post("/enroll/email/confirm", code=wrong).status_code == 200

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import datetime
-import io
 import json
 import logging
 import os
@@ -19,6 +18,7 @@ from botocore.awsrequest import AWSResponse
 from moto.core.models import DEFAULT_ACCOUNT_ID
 from moto.sns.models import sns_backends
 
+from tests.debug_logs import debug_logs
 from tests.http_stub import serving
 from twofactor_server.delivery.providers import (
     DeliveryError,
@@ -27,7 +27,6 @@ from twofactor_server.delivery.providers import (
     SnsSmsSender,
     TransientDeliveryError,
 )
-from twofactor_server.observability import logs
 from twofactor_server.settings import SnsSettings
 
 REGION = "eu-west-1"
@@ -243,23 +242,9 @@ def test_debug_logs_hold_no_texted_code_no_phone_number_and_no_session_token(
     """TWOFACTOR_LOG_LEVEL=DEBUG, as serve and worker configure it: botocore would log the
     Publish parameters and the signed request (with the session token); it stays at INFO."""
     monkeypatch.setenv("AWS_SESSION_TOKEN", "review-session-token-secret")
-    root = logging.getLogger()
-    saved_handlers, saved_level = list(root.handlers), root.level
-    saved_levels = {name: logging.getLogger(name).level for name in ("botocore", "boto3", "urllib3")}
-    stream = io.StringIO()
-    try:
-        logs.configure_logging("DEBUG", "json", stream)
-        logging.getLogger("twofactor_server.test").debug("DEBUG is on")
+    with debug_logs() as stream:
         sender = SnsSmsSender(SnsSettings(region=REGION, endpoint_url=moto_endpoint))
         sender.send_sms(SmsMessage(to="+14155550199", text=TEXT))
-    finally:
-        for handler in list(root.handlers):
-            root.removeHandler(handler)
-        for handler in saved_handlers:
-            root.addHandler(handler)
-        root.setLevel(saved_level)
-        for name, level in saved_levels.items():
-            logging.getLogger(name).setLevel(level)
     lines = stream.getvalue().splitlines()
     assert any(json.loads(line)["level"] == "DEBUG" for line in lines)  # DEBUG was on
     secrets = (CODE, "14155550199", "review-session-token-secret")
