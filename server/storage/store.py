@@ -299,9 +299,10 @@ def use_backup_code(tx: Transaction, user_id: str, position: int, now_ms: int) -
 def take_sms_send(tx: Transaction, hour: int, country: str, cap: int) -> bool:
     """Count one text in (hour, country) if fewer than `cap` were counted; False at the cap.
 
-    One conditional UPDATE decides, so concurrent senders can't pass the cap; earlier hours
-    are dropped on the way."""
-    tx.execute("DELETE FROM sms_send_counts WHERE hour < %(h)s", {"h": hour})
+    One conditional UPDATE decides, so concurrent senders can't pass the cap; hours before the
+    previous one are dropped on the way. The previous hour stays: another server whose clock is
+    a little behind this one's is still counting in it."""
+    tx.execute("DELETE FROM sms_send_counts WHERE hour < %(h)s", {"h": hour - 1})
     tx.execute(
         "INSERT INTO sms_send_counts (hour, country, sends) VALUES (%(h)s, %(c)s, 0) "
         "ON CONFLICT (hour, country) DO NOTHING",

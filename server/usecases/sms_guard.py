@@ -75,7 +75,7 @@ def take_sms_quota(tx: Transaction, phone: str, policy: PolicySettings, now: int
 def give_back_sms_quota(tx: Transaction, phone: str, policy: PolicySettings, counted_at: int) -> None:
     """Uncount what take_sms_quota counted at `counted_at` for a send that was voided (its caller
     told UNAVAILABLE): such a send is counted toward no limit, or a broker outage would use up
-    the hour's texts. Nothing when that hour is over (its counts are gone)."""
+    the hour's texts. Nothing once that hour's counts are dropped (the hour after next)."""
     hour = counted_at // HOUR_MS
     country = phone_country(phone)
     for bucket, cap in ((country, policy.sms_per_country_per_hour), (ALL_COUNTRIES, policy.sms_per_hour)):

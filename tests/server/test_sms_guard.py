@@ -11,7 +11,7 @@ import pytest
 from prometheus_client import REGISTRY
 from twofactor.v1 import twofactor_service_pb2 as pb
 
-from tests.conftest import Clock, Harness, ServerFactory
+from tests.conftest import Clock, Harness, ServerFactory, started_harness
 from tests.server.helpers import SMS, error_info, retry_info
 from tests.server.stored_rows import query
 from twofactor_server.domain.errors import Unavailable
@@ -243,3 +243,30 @@ def test_a_number_stored_before_mobile_numbers_only_is_not_texted(start_server: 
     info = error_info(refused.value)
     assert info.reason == "PHONE_NOT_MOBILE" and info.metadata["contact"] == "phone"
     assert dispatcher.challenge_ids == []
+
+
+@pytest.mark.parametrize("backend", ["postgres"], indirect=True)
+def test_a_server_whose_clock_is_ahead_does_not_reset_the_hour_of_one_behind(
+    start_server: ServerFactory, settings: Settings, clock: Clock
+) -> None:
+    """Two servers on one database, one clock a minute ahead of the other: near the end of a clock
+    hour the one ahead counts its texts in the next hour already. Dropping every earlier hour on
+    the way threw away the count the other server was still filling, which then started again
+    from 0: each text of the server ahead gave the one behind another full cap."""
+    hour_start = 1_800_000_000.0 - 1_800_000_000.0 % 3600
+    clock.now = hour_start + 3600 - 30  # half a minute before the next clock hour
+    ahead = Clock(clock.now + 60)  # another machine's clock, a minute ahead: in the next hour
+    dispatcher = RecordingDispatcher()
+    policy = {**NO_USER_LIMITS, "sms_per_country_per_hour": 2}
+    behind = start_server(dispatcher=dispatcher, policy=policy)
+    other = started_harness(behind.settings, ahead, dispatcher=RecordingDispatcher())
+    try:
+        text_a_code(behind, "fr-0", FR.format(30))
+        text_a_code(behind, "fr-1", FR.format(31))
+        text_a_code(other, "fr-next", FR.format(39))  # counted in the next hour, by its clock
+        with pytest.raises(grpc.RpcError) as country_cap:
+            text_a_code(behind, "fr-2", FR.format(32))  # the third of this hour: over the cap
+        assert error_info(country_cap.value).reason == "SMS_COUNTRY_LIMIT"
+    finally:
+        other.channel.close()
+        other.server.stop(grace=None)
