@@ -69,7 +69,7 @@ codes_sent_total = Counter(
 )
 notices_total = Counter(
     "twofactor_notices",
-    "Emails telling a user of a change to their second factor, queued, by change.",
+    "Emails telling a user of a change to their second factor, queued once the change committed, by change.",
     ("notice",),
 )
 send_refusals_total = Counter(

@@ -84,6 +84,8 @@ class Notices:
         tx.after_commit(lambda: self._publish(notice_id, notice))
 
     def _publish(self, notice_id: str, notice: str) -> None:
+        # Queued once committed, whether this publish works or outbox recovery's later one does.
+        metrics.notice_queued(notice)
         try:
             self._dispatcher.dispatch(notice_id)
             with self._db.transaction() as tx:
@@ -94,8 +96,6 @@ class Notices:
             log.warning(
                 "notice %s not published now (%s); outbox recovery sends it later", notice_id, error.reason
             )
-            return
-        metrics.notice_queued(notice)
 
 
 def method_name(method: str) -> str:

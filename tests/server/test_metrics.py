@@ -16,7 +16,8 @@ from twofactor.v1 import twofactor_service_pb2 as pb
 
 from tests.conftest import Clock, Harness, ServerFactory
 from tests.server.helpers import EMAIL, enroll_authenticator, totp_now, verify, wait_until
-from tests.smtp_sink import SmtpSink, running_sink
+from tests.server.stored_rows import query
+from tests.smtp_sink import SmtpSink, free_port, running_sink
 
 SERVICE = "twofactor.v1.TwoFactorService"
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
@@ -170,3 +171,28 @@ def test_a_reflection_stream_the_client_cancels_is_counted_cancelled_not_unknown
 
     wait_until(lambda: ended("Canceled") >= 1, "the stream's end is counted")
     assert ended("Canceled") == 1 and ended("Unknown") == 0
+
+
+def test_a_notice_is_counted_when_its_change_commits_not_when_its_first_publish_succeeds(
+    start_server: ServerFactory, clock: Clock
+) -> None:
+    """A notice whose first publish fails (the broker is down) is in the outbox all the same, and
+    outbox recovery publishes it later, in a worker, which counts no notice: counted only after a
+    publish that worked, it was never counted anywhere."""
+    h = start_server(
+        metrics_listen="127.0.0.1:0",
+        broker_url=f"redis://127.0.0.1:{free_port()}/0",  # nothing listens there
+        broker_timeout_seconds=0.5,
+        policy={"notify_users": True},
+    )
+    before = scrape(h)
+    h.twofactor.SetContact(
+        pb.SetContactRequest(user_id="noa", email="noa@example.com"), metadata=h.app_metadata
+    )
+    enroll_authenticator(h, clock, "noa")  # a method_added notice, its publish refused
+    rows = query(h.settings, "SELECT notice FROM challenges WHERE purpose = 'notice' AND user_id = 'noa'")
+    assert [r["notice"] for r in rows] == ["method_added"]
+    moved = value(scrape(h), "twofactor_notices_total", notice="method_added") - value(
+        before, "twofactor_notices_total", notice="method_added"
+    )
+    assert moved == 1
