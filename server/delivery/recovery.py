@@ -83,33 +83,35 @@ class OutboxRecovery:
         if expired:
             log.info("outbox recovery: %d undelivered code(s) expired", expired)
         republished = 0
-        while not self._stopped.is_set():
-            with self._db.transaction() as tx:
-                taken = outbox_recovery.take_for_republish(
-                    tx, now, stale_before=stale_before, interval_ms=self._recovery_ms, limit=BATCH
+        try:
+            while not self._stopped.is_set():
+                with self._db.transaction() as tx:
+                    taken = outbox_recovery.take_for_republish(
+                        tx, now, stale_before=stale_before, interval_ms=self._recovery_ms, limit=BATCH
+                    )
+                for index, challenge in enumerate(taken):
+                    try:
+                        generation = challenge.publish_generation
+                        self._publish(challenge.challenge_id, generation, method=challenge.method)
+                    except Unavailable:
+                        # Not in the queue: this row and the batch's rest are due again at the next
+                        # round (the wait after a republish is for messages that may be only late).
+                        with self._db.transaction() as tx:
+                            outbox_recovery.due_again(tx, [c.challenge_id for c in taken[index:]], now)
+                        raise
+                    republished += 1  # in the queue, whatever happens to the rest of the round
+                    if challenge.published_at is None:
+                        with self._db.transaction() as tx:
+                            outbox.mark_published(tx, challenge, now_ms(self._clock))
+                if len(taken) < BATCH:
+                    break
+        finally:  # a round the broker or the database ended midway counts what it published
+            if republished:
+                metrics.outbox_republished(republished)
+                log.warning(
+                    "outbox recovery: published %d delivery(ies) again (lost message, dead worker or server)",
+                    republished,
                 )
-            for index, challenge in enumerate(taken):
-                try:
-                    generation = challenge.publish_generation
-                    self._publish(challenge.challenge_id, generation, method=challenge.method)
-                except Unavailable:
-                    # Not in the queue: this row and the batch's rest are due again at the next
-                    # round (the wait after a republish is for messages that may be only late).
-                    with self._db.transaction() as tx:
-                        outbox_recovery.due_again(tx, [c.challenge_id for c in taken[index:]], now)
-                    raise
-                if challenge.published_at is None:
-                    with self._db.transaction() as tx:
-                        outbox.mark_published(tx, challenge, now_ms(self._clock))
-                republished += 1
-            if len(taken) < BATCH:
-                break
-        if republished:
-            metrics.outbox_republished(republished)
-            log.warning(
-                "outbox recovery: published %d delivery(ies) again (lost message, dead worker or server)",
-                republished,
-            )
         return republished
 
     def start(self) -> None:

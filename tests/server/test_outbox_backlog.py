@@ -10,6 +10,7 @@ from __future__ import annotations
 import itertools
 
 import pytest
+from prometheus_client import REGISTRY
 
 from tests.conftest import Clock
 from twofactor_server.delivery.recovery import OutboxRecovery
@@ -171,3 +172,32 @@ def test_a_broker_outage_does_not_lengthen_the_wait_before_a_republish(other_con
     assert recovery.run_once() == 1
     (published,) = broker.messages
     assert published[0] == "outage"
+
+
+class _BrokerThatFails(_Broker):
+    """Takes `takes` messages, then goes down (a Redis that stops in the middle of a round)."""
+
+    def __init__(self, takes: int) -> None:
+        super().__init__()
+        self.up = True
+        self._takes = takes
+
+    def publish(self, challenge_id: str, generation: int, *, method: str = "") -> None:
+        self.up = self.up and len(self.messages) < self._takes
+        super().publish(challenge_id, generation, method=method)
+
+
+def test_a_round_the_broker_fails_midway_counts_what_it_published(other_connection: Database) -> None:
+    """twofactor_outbox_republished_total counts every message recovery put in the queue, those
+    published before the broker went down in the middle of a round too."""
+    db = other_connection
+    for challenge_id in ("first", "second"):
+        _queued_row(db, challenge_id)
+    clock = Clock(start=(CREATED + R) / 1000)
+    broker = _BrokerThatFails(takes=1)
+    recovery = OutboxRecovery(db, broker.publish, recovery_seconds=R / 1000, clock=clock)
+    before = REGISTRY.get_sample_value("twofactor_outbox_republished_total") or 0.0
+    with pytest.raises(Unavailable):
+        recovery.run_once()
+    assert len(broker.messages) == 1
+    assert REGISTRY.get_sample_value("twofactor_outbox_republished_total") == before + 1
