@@ -245,20 +245,21 @@ class Deliverer:
             return self._settle(challenge, "failed", f"gave up: {reason}")
         log.info("delivery of %s failed, retry in %.1fs: %s", challenge.challenge_id, retry_in, reason)
         # Queued again, the lease released; recovery republishes only if the retry goes missing.
-        self._record(
+        if self._record(
             challenge,
             "queued",
             failure_reason=reason,
             wipe_code=False,
             republish_at=due + self._recovery_ms,
-        )
-        self._count(challenge.method, "retry")
+        ):
+            self._count(challenge.method, "retry")
         return Outcome("retry", retry_in, challenge.publish_generation + 1)  # the row's next (mark_delivery)
 
     def _settle(self, challenge: ChallengeRecord, status: str, reason: str) -> Outcome:
-        """End the delivery unsent, FAILED or EXPIRED with `reason`, and count it."""
-        self._record(challenge, status, failure_reason=reason)
-        self._count(challenge.method, status)
+        """End the delivery unsent, FAILED or EXPIRED with `reason`, and count it (unless another
+        attempt took it over: one delivery, one outcome)."""
+        if self._record(challenge, status, failure_reason=reason):
+            self._count(challenge.method, status)
         return Outcome(status)
 
     def _payload(self, challenge: ChallengeRecord) -> str:
@@ -313,7 +314,9 @@ class Deliverer:
         failure_reason: str | None = None,
         wipe_code: bool = True,
         republish_at: int | None = None,
-    ) -> None:
+    ) -> bool:
+        """Record the attempt's outcome; False when its lease ran out and another attempt took
+        over (that one records and counts the delivery's outcome)."""
         with self._db.statements() as q:
             recorded = outbox.mark_delivery(
                 q,
@@ -331,6 +334,7 @@ class Deliverer:
                 claimed.challenge_id,
                 status,
             )
+        return recorded
 
     def _count(self, method: str, outcome: str, *, since_send_ms: int | None = None) -> None:
         sender = self._email if method == "email" else self._sms

@@ -6,18 +6,27 @@ from __future__ import annotations
 import queue
 import time
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import grpc
 import pytest
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+from prometheus_client import REGISTRY
 from prometheus_client.parser import text_string_to_metric_families
 from twofactor.v1 import twofactor_service_pb2 as pb
 
 from tests.conftest import Clock, Harness, ServerFactory
 from tests.server.helpers import EMAIL, enroll_authenticator, totp_now, verify, wait_until
 from tests.server.stored_rows import query
+from tests.server.test_retry_generation import Published
 from tests.smtp_sink import SmtpSink, free_port, running_sink
+from tests.workers.celery_harness import start_email_enrollment
+from twofactor_server.app import load_keyring
+from twofactor_server.delivery.deliverer import Deliverer
+from twofactor_server.delivery.providers import EmailMessage, PermanentDeliveryError, SmsMessage
+from twofactor_server.delivery.recovery import OutboxRecovery
+from twofactor_server.settings import Settings
+from twofactor_server.storage.database import open_database
 
 SERVICE = "twofactor.v1.TwoFactorService"
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
@@ -196,3 +205,65 @@ def test_a_notice_is_counted_when_its_change_commits_not_when_its_first_publish_
         before, "twofactor_notices_total", notice="method_added"
     )
     assert moved == 1
+
+
+class RelayFailingLate:
+    """An email provider whose first send outlasts its claim's lease (`during` runs inside it:
+    another attempt takes over and sends) and then fails for good; later sends go through."""
+
+    def __init__(self) -> None:
+        self.during: Callable[[], None] | None = None
+        self.sent = 0
+
+    def send_email(self, message: EmailMessage) -> str:
+        if self.during is not None:
+            during, self.during = self.during, None
+            during()
+            raise PermanentDeliveryError("SMTP 554 5.7.1 rejected, too late to matter")
+        self.sent += 1
+        return f"m-{self.sent}"
+
+
+class NoSms:
+    def send_sms(self, message: SmsMessage) -> str:
+        raise AssertionError("no text in this test")
+
+
+def test_an_outcome_recorded_by_no_one_is_not_counted(
+    start_server: ServerFactory, clock: Clock, settings: Settings
+) -> None:
+    """A send that outlasts its lease and then fails: another attempt took the delivery over and
+    sent it, and the late failure is not recorded (the row says SENT). Counted, it made one
+    delivery both `sent` and `failed`, and the "Deliveries fail" alert fired for a code that
+    arrived."""
+    published = Published()
+    h = start_server(dispatcher=published)
+    challenge_id = start_email_enrollment(h, "lea").challenge_id
+    db = open_database(settings.database_url, data_dir=settings.data_dir, timeout=10)
+    try:
+        relay = RelayFailingLate()
+        deliverer = Deliverer(db, load_keyring(h.settings), relay, NoSms(), issuer="Acme", clock=clock)
+        recovery = OutboxRecovery(db, published.dispatch, recovery_seconds=10.0, clock=clock)
+        taken_over: list[str] = []
+
+        def lease_runs_out_and_another_attempt_sends() -> None:
+            clock.advance(121)  # past the default 120 s lease
+            assert recovery.run_once() == 1
+            taken_over.append(deliverer.deliver(challenge_id, published.messages[-1][1]).status)
+
+        relay.during = lease_runs_out_and_another_attempt_sends
+        before = {o: deliveries(o) for o in ("sent", "failed")}
+        assert deliverer.deliver(challenge_id).status == "failed"
+        assert taken_over == ["sent"]
+        [row] = query(
+            settings, "SELECT delivery_status FROM challenges WHERE challenge_id = %(c)s", {"c": challenge_id}
+        )
+        assert row["delivery_status"] == "sent"
+        assert {o: deliveries(o) - before[o] for o in before} == {"sent": 1, "failed": 0}
+    finally:
+        db.close()
+
+
+def deliveries(outcome: str) -> float:
+    labels = {"method": "email", "provider": "RelayFailingLate", "outcome": outcome}
+    return REGISTRY.get_sample_value("twofactor_deliveries_total", labels) or 0.0
