@@ -179,10 +179,10 @@ def test_a_sender_waits_for_the_users_row_before_it_locks_the_destination(
 
     def send() -> str | None:
         with db.transaction() as tx:
-            destination = outbox.lock_sender(tx, USER, "email", None)
+            sender = outbox.lock_sender(tx, USER, "email", None)
             release.wait(timeout=WAIT_LIMIT)  # hold the transaction until the test has looked
             release.wait(timeout=WAIT_LIMIT)
-            return destination
+            return None if sender is None else sender.destination
 
     def address_is_free(monitor: Connection) -> bool:
         with monitor.transaction():
