@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import re
 
 import pytest
 
@@ -68,10 +69,35 @@ def test_a_changed_byte_anywhere_is_refused() -> None:
 
 @pytest.mark.parametrize(
     "garbage",
-    ["", "tfv1.", "tfv1.!!!!", "tfv1.AAAA", "tfv2." + "A" * 80, "A" * 80, "tfv1." + "A" * 400, "tfv1.=="],
+    [
+        "",
+        "tfv1.",
+        "tfv1.!!!!",
+        "tfv1.AAAA",
+        "tfv1.AAAAA",  # one character past a multiple of 4: not base64 at all (binascii.Error)
+        "tfv2." + "A" * 80,
+        "A" * 80,
+        "tfv1." + "A" * 400,
+        "tfv1.==",
+    ],
 )
 def test_garbage_is_refused_without_an_error(garbage: str) -> None:
     assert not valid(garbage)
+
+
+def test_a_token_is_url_safe_base64_without_padding_or_line_break() -> None:
+    # It travels in headers and URLs: nothing but the URL-safe alphabet after the prefix.
+    for _ in range(20):
+        assert re.fullmatch(r"tfv1\.[A-Za-z0-9_-]+", token())
+
+
+@pytest.mark.parametrize("mac_bytes", [0, 1, 3])
+def test_a_fresh_header_with_a_mac_too_short_to_name_a_key_is_refused(mac_bytes: int) -> None:
+    # Issued now, so only the MAC part can refuse it; too short to carry a key version
+    # (the keyring raises KeyringError for it), it is not a token of ours.
+    raw = NOW.to_bytes(8, "big") + bytes(step_up.NONCE_BYTES) + b"\x00" * mac_bytes
+    forged = step_up.PREFIX + base64.urlsafe_b64encode(raw).decode().rstrip("=")
+    assert not valid(forged)
 
 
 def test_a_token_survives_key_rotation() -> None:
