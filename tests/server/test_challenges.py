@@ -120,6 +120,25 @@ def test_code_expires_after_ten_minutes(email_server: Harness, sink: SmtpSink, c
     )  # it was delivered, then expired unused
 
 
+def test_a_code_is_refused_from_the_millisecond_of_its_expiry(
+    email_server: Harness, sink: SmtpSink, clock: Clock
+) -> None:
+    # expires_at is the first moment the code is no longer good (GetChallenge calls an
+    # undelivered code expired from then on); one millisecond before, it still is.
+    enroll_email(email_server, sink, clock, "bo")
+    enroll_email(email_server, sink, clock, "bea")
+    sent, code = send_and_read(email_server, sink, "bo")
+    control_sent, control_code = send_and_read(email_server, sink, "bea")
+    for user, challenge in (("bo", sent.challenge), ("bea", control_sent.challenge)):
+        wait_for_delivery(email_server, user, challenge.challenge_id, common_pb2.DELIVERY_STATUS_SENT)
+    expires_ms = sent.challenge.expires_at.seconds * 1000 + sent.challenge.expires_at.nanos // 1_000_000
+    assert control_sent.challenge.expires_at == sent.challenge.expires_at  # sent in the same instant
+    clock.now = (expires_ms - 1) / 1000
+    assert verify(email_server, "bea", control_code).result == pb.VERIFY_RESULT_ACCEPTED
+    clock.now = expires_ms / 1000
+    assert verify(email_server, "bo", code).result == pb.VERIFY_RESULT_REJECTED
+
+
 def test_five_wrong_attempts_kill_the_code(sink: SmtpSink, start_server: ServerFactory, clock: Clock) -> None:
     # A high lockout threshold isolates the per-code limit from the per-user lockout.
     h = start_server(email_provider="smtp", smtp=sink.settings(), policy={"lockout_threshold": 50})
