@@ -171,3 +171,25 @@ def test_backup_codes_used_through_verify_from_two_threads_are_all_counted(
     assert [a.matched for a in answers] == [pb.CODE_KIND_BACKUP_CODE] * 2
     assert sorted(a.backup_codes_remaining for a in answers) == [8, 9]
     assert unused(settings, "dee") == 8
+
+
+def test_an_accepted_code_reads_and_writes_only_its_own_users_rows(harness: Harness, clock: Clock) -> None:
+    """The accepting statement reads the count from the user's own verify_state row and updates
+    the user's own users row. Every user enrolled once is at the same secret version and
+    credential epoch, so a row matched on those alone could be anyone's: here the one user
+    enrolled first, with fewer codes left and two wrong codes counted."""
+    early_secret, backup = enroll_authenticator(harness, clock, "early")
+    for code in backup[:3]:
+        assert verify(harness, "early", code).result == ACCEPTED
+    near = {totp_now(early_secret, clock, offset_steps=k) for k in range(-2, 3)}
+    wrong = next(c for c in ("987654", "876543", "765432") if c not in near)
+    assert [verify(harness, "early", wrong).attempts_left for _ in range(2)] == [4, 3]
+    secret, _ = enroll_authenticator(harness, clock, "late")
+    versions = query(harness.settings, "SELECT secret_version FROM verify_state")
+    assert len({row["secret_version"] for row in versions}) == 1, versions
+    for _ in range(2):  # the first read the secret; the second runs on the cached one
+        accepted = verify(harness, "late", totp_now(secret, clock))
+        assert accepted.result == ACCEPTED and accepted.backup_codes_remaining == 10
+        clock.advance(30)
+    early = harness.admin.GetUser(admin_pb.GetUserRequest(user_id="early"), metadata=harness.admin_metadata)
+    assert early.user.failed_attempts == 2 and early.user.backup_codes_remaining == 7
