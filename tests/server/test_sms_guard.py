@@ -177,17 +177,18 @@ def test_texts_voided_in_a_queue_outage_use_none_of_the_hours_caps(
         },
     )
     text_a_code(h, "fr-0", FR.format(20))
+    # A text to another country before the outage: what the voided sends give back is theirs only.
+    text_a_code(h, "us-0", US.format(20))
     queue.down = True
     for n in range(5):
         with pytest.raises(grpc.RpcError) as refused:
             text_a_code(h, f"fr-{n + 1}", FR.format(21 + n))
         assert error_info(refused.value).reason == "BROKER_UNAVAILABLE"
     queue.down = False
-    text_a_code(h, "fr-1", FR.format(21))  # the country's second text of the hour
+    text_a_code(h, "fr-1", FR.format(21))  # the country's second text of the hour, the third in all
     with pytest.raises(grpc.RpcError) as country_cap:
         text_a_code(h, "fr-2", FR.format(22))
     assert error_info(country_cap.value).reason == "SMS_COUNTRY_LIMIT"  # the cap still holds
-    text_a_code(h, "us-0", US.format(20))  # the third in all
     with pytest.raises(grpc.RpcError) as global_cap:
         text_a_code(h, "us-1", US.format(21))
     assert error_info(global_cap.value).reason == "SMS_GLOBAL_LIMIT"
