@@ -147,6 +147,9 @@ def test_hourly_caps_per_country_and_in_all(start_server: ServerFactory, clock: 
     clock.advance(3000)  # the next clock hour
     text_a_code(h, "fr-2", FR.format(12))
     assert len(dispatcher.challenge_ids) == 4
+    # The past hour's counts are dropped on the way: only this hour's rows are kept.
+    counts = query(h.settings, "SELECT country, sends FROM sms_send_counts ORDER BY country", {})
+    assert counts == [{"country": "*", "sends": 1}, {"country": "FR", "sends": 1}]
 
 
 class SwitchableQueue(RecordingDispatcher):
