@@ -16,10 +16,11 @@ from twofactor.v1 import admin_service_pb2 as admin_pb
 from twofactor.v1 import twofactor_service_pb2 as pb
 
 from tests.conftest import TEST_KEYS, Clock, Harness, ServerFactory
-from tests.server.helpers import enroll_authenticator, totp_now, verify, wait_until
+from tests.server.helpers import enroll_authenticator, totp_now, verified_token, verify, wait_until
 from tests.server.stored_rows import query
 from twofactor_server.domain.keyring import Keyring
 from twofactor_server.domain.models import Caller, VerifyResult
+from twofactor_server.storage import attempts
 from twofactor_server.usecases.backup_codes import BackupCodes
 from twofactor_server.usecases.challenges import Challenges
 from twofactor_server.usecases.notices import Notices
@@ -208,3 +209,36 @@ def test_an_unlock_between_a_wrong_codes_count_and_its_settling_leaves_no_lock_b
     ).events
     assert [e.action for e in events] == ["user_unlocked"]
     assert query(h.settings, "SELECT 1 FROM challenges WHERE user_id = 'ivy' AND notice = 'locked_out'") == []
+
+
+@pytest.mark.parametrize("moved_by", ["another attempt", "a lock", "a credential change"])
+def test_a_reservation_on_counters_that_moved_since_they_were_read_counts_nothing(
+    harness: Harness, clock: Clock, moved_by: str
+) -> None:
+    """reserve_attempt is a compare-and-set on what the snapshot read: the failure count, the
+    lock and the credential epoch. If any moved meanwhile, the stale reservation must write
+    nothing (the guess is then decided under the row lock), or concurrent guesses that read
+    the same counters would count as one and be tried past the threshold."""
+    secret, _ = enroll_authenticator(harness, clock, "rae")
+    token = verified_token(harness, clock, "rae", secret)  # for SetContact, before the read
+    db = harness.server.db
+    with db.statements() as q:
+        seen = attempts.verify_snapshot(q, "rae")
+    assert seen is not None and (seen.failed_attempts, seen.locked_until) == (0, None)
+    if moved_by == "another attempt":
+        [wrong] = wrong_codes(secret, clock, 1)
+        assert verify(harness, "rae", wrong).attempts_left == 4
+    elif moved_by == "a lock":  # as a writer that sets only the lock would leave the row
+        with db.transaction() as tx:
+            tx.execute("UPDATE users SET locked_until = 1 WHERE user_id = 'rae'")
+    else:
+        harness.twofactor.SetContact(
+            pb.SetContactRequest(user_id="rae", email="rae@example.com", verification_token=token),
+            metadata=harness.app_metadata,
+        )
+    row = "SELECT failed_attempts, locked_until, credential_epoch FROM users WHERE user_id = 'rae'"
+    before = query(harness.settings, row)
+    with db.transaction() as tx:
+        reserved = attempts.reserve_attempt(tx, "rae", seen, failed_attempts=1, locked_until=None)
+    assert not reserved
+    assert query(harness.settings, row) == before
