@@ -272,6 +272,26 @@ def test_idempotency_key_returns_the_same_challenge_and_sends_nothing(
     assert fresh.challenge.challenge_id != first.challenge.challenge_id
 
 
+def test_an_idempotency_key_holds_for_exactly_its_window(
+    email_server: Harness, sink: SmtpSink, clock: Clock
+) -> None:
+    enroll_email(email_server, sink, clock, "guy")
+    first, _ = send_and_read(email_server, sink, "guy", idempotency_key="login-7")
+    sent_at = clock.now
+    window = email_server.settings.policy.idempotency_window_seconds
+
+    def send() -> str:
+        return email_server.twofactor.SendCode(
+            pb.SendCodeRequest(user_id="guy", method=EMAIL, idempotency_key="login-7"),
+            metadata=email_server.app_metadata,
+        ).challenge.challenge_id
+
+    clock.now = sent_at + window - 0.001  # the window's last millisecond: still the first send
+    assert send() == first.challenge.challenge_id
+    clock.now = sent_at + window  # from the window's end on: a new send
+    assert send() != first.challenge.challenge_id
+
+
 def test_fifty_concurrent_verifies_of_one_emailed_code_accept_one(
     email_server: Harness, sink: SmtpSink, clock: Clock
 ) -> None:
