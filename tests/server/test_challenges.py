@@ -345,6 +345,18 @@ def test_method_not_allowed_by_policy(start_server: ServerFactory) -> None:
     assert error_info(raised.value).reason == "METHOD_NOT_ALLOWED"
 
 
+def test_send_code_for_a_method_the_policy_forbids_is_method_not_allowed(start_server: ServerFactory) -> None:
+    # METHOD_NOT_ALLOWED (the policy) before METHOD_NOT_ENABLED (the user's state).
+    h = start_server(policy={"allowed_methods": ("authenticator",)})
+    h.twofactor.SetContact(
+        pb.SetContactRequest(user_id="kit", email="kit@example.com"), metadata=h.app_metadata
+    )
+    with pytest.raises(grpc.RpcError) as raised:
+        h.twofactor.SendCode(pb.SendCodeRequest(user_id="kit", method=EMAIL), metadata=h.app_metadata)
+    assert raised.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert error_info(raised.value).reason == "METHOD_NOT_ALLOWED"
+
+
 class SharedRecordingSms:
     """An operator's SMS class, loaded by dotted path; keeps what it sent where the test can read it."""
 
