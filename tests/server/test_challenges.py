@@ -357,6 +357,21 @@ def test_send_code_for_a_method_the_policy_forbids_is_method_not_allowed(start_s
     assert error_info(raised.value).reason == "METHOD_NOT_ALLOWED"
 
 
+def test_a_challenge_is_shown_to_its_own_user_only(
+    email_server: Harness, sink: SmtpSink, clock: Clock
+) -> None:
+    enroll_email(email_server, sink, clock, "ola")
+    enroll_email(email_server, sink, clock, "per")
+    sent, _ = send_and_read(email_server, sink, "ola")
+    with pytest.raises(grpc.RpcError) as raised:
+        email_server.twofactor.GetChallenge(
+            pb.GetChallengeRequest(user_id="per", challenge_id=sent.challenge.challenge_id),
+            metadata=email_server.app_metadata,
+        )
+    assert raised.value.code() == grpc.StatusCode.NOT_FOUND
+    assert error_info(raised.value).reason == "CHALLENGE_NOT_FOUND"
+
+
 class SharedRecordingSms:
     """An operator's SMS class, loaded by dotted path; keeps what it sent where the test can read it."""
 
