@@ -372,6 +372,20 @@ def test_a_challenge_is_shown_to_its_own_user_only(
     assert error_info(raised.value).reason == "CHALLENGE_NOT_FOUND"
 
 
+def test_backup_codes_spend_none_of_an_emailed_codes_attempts(
+    email_server: Harness, sink: SmtpSink, clock: Clock
+) -> None:
+    # A backup code is never checked against the emailed code: more backup codes than the
+    # code's attempt limit (5) leave it good.
+    backup = enroll_email(email_server, sink, clock, "quinn")
+    _, code = send_and_read(email_server, sink, "quinn")
+    for backup_code in backup[:6]:
+        used = verify(email_server, "quinn", backup_code)
+        assert used.result == pb.VERIFY_RESULT_ACCEPTED and used.matched == pb.CODE_KIND_BACKUP_CODE
+    accepted = verify(email_server, "quinn", code)
+    assert accepted.result == pb.VERIFY_RESULT_ACCEPTED and accepted.matched == pb.CODE_KIND_EMAIL
+
+
 class SharedRecordingSms:
     """An operator's SMS class, loaded by dotted path; keeps what it sent where the test can read it."""
 
