@@ -12,8 +12,9 @@ from twofactor.v1 import admin_service_pb2 as admin_pb
 from twofactor.v1 import twofactor_service_pb2 as pb
 
 from tests.conftest import TEST_KEYS, Clock, Harness, ServerFactory
-from tests.server.helpers import CountingDatabase, enroll_authenticator, error_info, totp_now
-from twofactor_server.domain.keyring import Keyring
+from tests.server.helpers import EMAIL, CountingDatabase, enroll_authenticator, error_info, totp_now
+from tests.server.stored_rows import query
+from twofactor_server.domain.keyring import CHALLENGE_CODE, Keyring
 from twofactor_server.domain.models import Caller, VerifyResult
 from twofactor_server.settings import PolicySettings
 from twofactor_server.usecases.backup_codes import BackupCodes
@@ -110,6 +111,53 @@ def test_with_all_an_accepted_code_is_audited_in_the_same_statement(
     assert verify_as(h, "bo", totp_now(secret, clock), "replay-1") == pb.VERIFY_RESULT_REJECTED
     found = [(e.action, e.request_id, e.detail) for e in events(h, actions=["verification_accepted"])]
     assert found == [("verification_accepted", "fast-1", "authenticator")]
+
+
+class _Kept:
+    """Queues nothing: the test reads each code from the database, as a worker would."""
+
+    def dispatch(self, challenge_id: str, *, method: str = "") -> None:
+        pass
+
+
+def _code_of(h: Harness, challenge_id: str) -> str:
+    rows = query(
+        h.settings, "SELECT code_ciphertext FROM challenges WHERE challenge_id = %(c)s", {"c": challenge_id}
+    )
+    sealed = bytes(rows[0]["code_ciphertext"])
+    return Keyring.parse(TEST_KEYS).decrypt(sealed, purpose=CHALLENGE_CODE, user_id=challenge_id).decode()
+
+
+@pytest.mark.parametrize("mode", ["failures", "all"])
+def test_an_accepted_emailed_code_is_audited_with_all_only_and_a_backup_code_once(
+    start_server: ServerFactory, clock: Clock, mode: str
+) -> None:
+    h = start_server(dispatcher=_Kept(), policy={"audit_verifications": mode})
+    h.twofactor.SetContact(
+        pb.SetContactRequest(user_id="em", email="em@example.com"), metadata=h.app_metadata
+    )
+    start = h.twofactor.StartEnrollment(
+        pb.StartEnrollmentRequest(user_id="em", method=EMAIL), metadata=h.app_metadata
+    )
+    confirmed = h.twofactor.ConfirmEnrollment(
+        pb.ConfirmEnrollmentRequest(
+            user_id="em", method=EMAIL, code=_code_of(h, start.challenge.challenge_id)
+        ),
+        metadata=h.app_metadata,
+    )
+    assert confirmed.confirmed
+    clock.advance(31)  # past the resend cooldown
+    sent = h.twofactor.SendCode(pb.SendCodeRequest(user_id="em", method=EMAIL), metadata=h.app_metadata)
+    assert (
+        verify_as(h, "em", _code_of(h, sent.challenge.challenge_id), "email-1") == pb.VERIFY_RESULT_ACCEPTED
+    )
+    assert verify_as(h, "em", confirmed.backup_codes[0], "backup-1") == pb.VERIFY_RESULT_ACCEPTED
+
+    found = [(e.action, e.request_id, e.detail) for e in events(h, actions=VERIFICATION_ACTIONS)]
+    expected = [("backup_code_used", "backup-1", "")]
+    if mode == "all":
+        expected.append(("verification_accepted", "email-1", "email"))
+    assert found == expected  # newest first
 
 
 def test_list_audit_events_filters_by_time_range(start_server: ServerFactory, clock: Clock) -> None:
