@@ -242,3 +242,32 @@ def test_a_reservation_on_counters_that_moved_since_they_were_read_counts_nothin
         reserved = attempts.reserve_attempt(tx, "rae", seen, failed_attempts=1, locked_until=None)
     assert not reserved
     assert query(harness.settings, row) == before
+
+
+@pytest.mark.parametrize("audit_verifications", ["failures", "all"])
+def test_the_locking_path_accepts_a_right_code_the_fast_path_left_undecided(
+    start_server: ServerFactory, clock: Clock, audit_verifications: str
+) -> None:
+    """When the one-statement path decides nothing (a credential change or a concurrent guess
+    between its read and its UPDATE), the code is decided under the row lock: a right one is
+    accepted there once, with its audit event under `all`. (This test's own Verification skips
+    the fast path, as such a race would leave it.)"""
+    h = start_server(policy={"audit_verifications": audit_verifications})
+    secret, _ = enroll_authenticator(h, clock, "lee")
+    policy, keyring, db = h.settings.policy, Keyring.parse(TEST_KEYS), h.server.db
+    notices = Notices(db, keyring, policy, NoDispatch(), clock)
+    challenges = Challenges(db, keyring, policy, NoDispatch(), clock)
+    verification = Verification(
+        db, keyring, policy, challenges, BackupCodes(db, keyring, policy, notices, clock), notices, clock
+    )
+    verification._accept_authenticator_code_fast = lambda *args, **kwargs: None  # type: ignore[method-assign]
+    code = totp_now(secret, clock)
+    outcome = verification.verify("lee", code, caller=Caller(actor="backend", request_id="locked-1"))
+    assert outcome.result == VerifyResult.ACCEPTED and outcome.backup_codes_remaining == 10
+    again = verification.verify("lee", code, caller=Caller(actor="backend", request_id="locked-2"))
+    assert again.result == VerifyResult.REJECTED
+    events = h.admin.ListAuditEvents(
+        admin_pb.ListAuditEventsRequest(user_id="lee", actions=["verification_accepted"]),
+        metadata=h.admin_metadata,
+    ).events
+    assert [e.request_id for e in events] == (["locked-1"] if audit_verifications == "all" else [])
