@@ -100,6 +100,7 @@ def test_emailed_code_verifies_once(email_server: Harness, sink: SmtpSink, clock
     assert delivered.provider_message_id == message["Message-ID"]
     first = verify(email_server, "ana", code)
     assert first.result == pb.VERIFY_RESULT_ACCEPTED and first.matched == pb.CODE_KIND_EMAIL
+    assert first.attempts_left == 5  # an accepted code clears the count: the whole budget again
     assert verify(email_server, "ana", code).result == pb.VERIFY_RESULT_REJECTED
 
 
