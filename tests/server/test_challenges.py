@@ -91,7 +91,14 @@ def wait_for_delivery(h: Harness, user_id: str, challenge_id: str, status: int) 
 
 def test_emailed_code_verifies_once(email_server: Harness, sink: SmtpSink, clock: Clock) -> None:
     enroll_email(email_server, sink, clock, "ana")
-    sent, code = send_and_read(email_server, sink, "ana")
+    sent, code = send_and_read(email_server, sink, "ana", locale="de")
+    # The caller's locale is kept with the code: the worker renders the message in it.
+    stored = query(
+        email_server.settings,
+        "SELECT locale FROM challenges WHERE challenge_id = %(c)s",
+        {"c": sent.challenge.challenge_id},
+    )
+    assert stored == [{"locale": "de"}]
     message = sink.messages[-1]
     assert message["To"] == "ana@example.com" and code not in message["Subject"]
     delivered = wait_for_delivery(
