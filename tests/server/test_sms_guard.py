@@ -147,9 +147,25 @@ def test_hourly_caps_per_country_and_in_all(start_server: ServerFactory, clock: 
     clock.advance(3000)  # the next clock hour
     text_a_code(h, "fr-2", FR.format(12))
     assert len(dispatcher.challenge_ids) == 4
-    # The past hour's counts are dropped on the way: only this hour's rows are kept.
-    counts = query(h.settings, "SELECT country, sends FROM sms_send_counts ORDER BY country", {})
-    assert counts == [{"country": "*", "sends": 1}, {"country": "FR", "sends": 1}]
+    # The previous hour's counts stay (a server whose clock is behind still counts in it); those
+    # of the hours before it are dropped on the way.
+    rows = "SELECT hour - %(h)s AS hour, country, sends FROM sms_send_counts ORDER BY hour, country"
+    this_hour = int(clock.now) // 3600
+    assert query(h.settings, rows, {"h": this_hour}) == [
+        {"hour": -1, "country": "*", "sends": 3},
+        {"hour": -1, "country": "FR", "sends": 2},
+        {"hour": -1, "country": "US", "sends": 1},
+        {"hour": 0, "country": "*", "sends": 1},
+        {"hour": 0, "country": "FR", "sends": 1},
+    ]
+    clock.advance(3600)
+    text_a_code(h, "fr-3", FR.format(13))
+    assert query(h.settings, rows, {"h": this_hour}) == [
+        {"hour": 0, "country": "*", "sends": 1},
+        {"hour": 0, "country": "FR", "sends": 1},
+        {"hour": 1, "country": "*", "sends": 1},
+        {"hour": 1, "country": "FR", "sends": 1},
+    ]
 
 
 class SwitchableQueue(RecordingDispatcher):
