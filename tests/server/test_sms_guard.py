@@ -12,7 +12,7 @@ from prometheus_client import REGISTRY
 from twofactor.v1 import twofactor_service_pb2 as pb
 
 from tests.conftest import Clock, Harness, ServerFactory, started_harness
-from tests.server.helpers import SMS, error_info, retry_info
+from tests.server.helpers import EMAIL, SMS, error_info, retry_info
 from tests.server.stored_rows import query
 from twofactor_server.domain.errors import Unavailable
 from twofactor_server.domain.sms_countries import UNKNOWN, phone_country
@@ -203,6 +203,15 @@ def test_texts_voided_in_a_queue_outage_use_none_of_the_hours_caps(
         with pytest.raises(grpc.RpcError) as refused:
             text_a_code(h, f"fr-{n + 1}", FR.format(21 + n))
         assert error_info(refused.value).reason == "BROKER_UNAVAILABLE"
+    # An email voided in the outage gives back no text's count.
+    h.twofactor.SetContact(
+        pb.SetContactRequest(user_id="em-0", email="em@example.com"), metadata=h.app_metadata
+    )
+    with pytest.raises(grpc.RpcError) as refused:
+        h.twofactor.StartEnrollment(
+            pb.StartEnrollmentRequest(user_id="em-0", method=EMAIL), metadata=h.app_metadata
+        )
+    assert error_info(refused.value).reason == "BROKER_UNAVAILABLE"
     queue.down = False
     text_a_code(h, "fr-1", FR.format(21))  # the country's second text of the hour, the third in all
     with pytest.raises(grpc.RpcError) as country_cap:
