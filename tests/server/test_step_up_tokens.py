@@ -100,6 +100,17 @@ def test_a_fresh_header_with_a_mac_too_short_to_name_a_key_is_refused(mac_bytes:
     assert not valid(forged)
 
 
+def test_a_valid_body_under_another_prefix_or_beyond_the_length_bound_is_refused() -> None:
+    # The base64 decoder skips characters outside its alphabet, so a valid token with "!"
+    # appended still decodes to the valid bytes: only the length bound refuses it.
+    body = token().removeprefix(step_up.PREFIX)
+    assert valid(step_up.PREFIX + body)
+    assert not valid("tfv2." + body)
+    padded = step_up.PREFIX + body + "!" * (step_up.MAX_TOKEN_CHARS - len(step_up.PREFIX) - len(body) + 1)
+    assert len(padded) == step_up.MAX_TOKEN_CHARS + 1
+    assert not valid(padded)
+
+
 def test_a_token_survives_key_rotation() -> None:
     old_spec = Keyring.new_key_spec(1)
     issued = token(keyring=Keyring.parse(old_spec))
