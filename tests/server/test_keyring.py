@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import base64
 import concurrent.futures
+import hmac
 import threading
 
 import pytest
 
-from twofactor_server.domain.keyring import Keyring, KeyringError, KeyVersionMissing, version_of
+from twofactor_server.domain.keyring import MAX_VERSION, Keyring, KeyringError, KeyVersionMissing, version_of
 
 
 def test_round_trip_bound_to_user_and_purpose() -> None:
@@ -66,6 +67,24 @@ def test_keyed_hash_depends_on_key_purpose_and_data() -> None:
     assert not keyring.matches(stored, b"123457", purpose="challenge_code")
     assert not keyring.matches(stored, b"123456", purpose="backup_code")
     assert not Keyring.parse(Keyring.new_key_spec(1)).matches(stored, b"123456", purpose="challenge_code")
+
+
+def test_a_keyed_hash_is_compared_in_constant_time(monkeypatch: pytest.MonkeyPatch) -> None:
+    # A stored code's hash is compared to the typed code's with hmac.compare_digest, never ==,
+    # whose time would tell how many leading bytes of a guess's MAC are right.
+    keyring = Keyring.parse(Keyring.new_key_spec(1))
+    stored = keyring.keyed_hash(b"123456", purpose="challenge_code")
+    compared: list[tuple[bytes, bytes]] = []
+    constant_time = hmac.compare_digest
+
+    def recording(a: bytes, b: bytes) -> bool:
+        compared.append((bytes(a), bytes(b)))
+        return constant_time(a, b)
+
+    monkeypatch.setattr(hmac, "compare_digest", recording)
+    assert keyring.matches(stored, b"123456", purpose="challenge_code")
+    assert not keyring.matches(stored, b"123457", purpose="challenge_code")
+    assert [a for a, _ in compared] == [stored[4:], stored[4:]]
 
 
 @pytest.mark.parametrize(
@@ -163,6 +182,8 @@ KEY_2 = Keyring.new_key_spec(2)
         ("1:AAAA", r"entry 1 of 1 \(version 1\): the key is 3 bytes, it must be 32"),
         ("1:", r"entry 1 of 1 \(version 1\) has an empty key"),
         ("0:" + KEY_1.partition(":")[2], "the version must be between 1 and"),
+        (f"{MAX_VERSION + 1}:" + KEY_1.partition(":")[2], "the version must be between 1 and 4294967295"),
+        ("1:" + KEY_1.partition(":")[2] + "!", r"entry 1 of 1 \(version 1\): the key is not valid base64"),
         (
             f"{KEY_1},{KEY_2},1:{KEY_2.partition(':')[2]}",
             r"entry 3 of 3 \(version 1\): version 1 appears twice",
@@ -174,3 +195,11 @@ def test_refuses_malformed_short_or_duplicate_keys_naming_the_entry(spec: str, m
         Keyring.parse(spec)
     for key in (KEY_1, KEY_2):  # the message names the entry, never a key
         assert key.partition(":")[2] not in str(refused.value)
+
+
+def test_the_highest_version_a_value_can_carry_is_a_usable_key() -> None:
+    # Four bytes carry the version in every ciphertext and hash: 2**32 - 1 is the last that fits.
+    keyring = Keyring.parse(f"{MAX_VERSION}:" + KEY_1.partition(":")[2])
+    sealed = keyring.encrypt(b"secret", purpose="totp_secret", user_id="alice")
+    assert version_of(sealed) == MAX_VERSION == 2**32 - 1
+    assert keyring.decrypt(sealed, purpose="totp_secret", user_id="alice") == b"secret"
