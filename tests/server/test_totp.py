@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import hmac
 import importlib
 import sys
 from urllib.parse import parse_qs, urlparse
@@ -69,6 +70,23 @@ def test_accepts_one_step_of_drift_each_way_and_no_more() -> None:
             assert totp.matching_step(secret, codes[offset], now) == step + offset
         for offset in (-2, 2):
             assert totp.matching_step(secret, codes[offset], now) is None
+
+
+def test_every_step_of_the_window_is_compared_in_constant_time(monkeypatch: pytest.MonkeyPatch) -> None:
+    # hmac.compare_digest for each of the three candidates, even after one matched: neither an
+    # == nor an early exit may make a right guess take less time than a wrong one.
+    now = 1_800_000_000
+    step = totp.time_step(now)
+    compared: list[bytes] = []
+    constant_time = hmac.compare_digest
+
+    def recording(a: bytes, b: bytes) -> bool:
+        compared.append(bytes(a))
+        return constant_time(a, b)
+
+    monkeypatch.setattr(hmac, "compare_digest", recording)
+    assert totp.matching_step(RFC_SECRET, totp.code_at_step(RFC_SECRET, step - 1), now) == step - 1
+    assert compared == [totp.code_at_step(RFC_SECRET, s).encode() for s in (step - 1, step, step + 1)]
 
 
 def test_refuses_secrets_under_160_bits() -> None:
