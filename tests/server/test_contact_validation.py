@@ -28,6 +28,7 @@ ENCODED_WORD = "=?utf-8?q?attacker=40evil.example=3E=2C?=@example.com"
 ATEXT_SYMBOLS = "!#$%&'*+-/=?^_`{|}~"
 FULL_WIDTH_AT = "\uff20"  # a symbol that looks like @
 # atext, the dot, letters of other scripts and a combining accent, and what a dot-atom refuses.
+LONGEST_ADDRESS = "a@" + "b" * 63 + "." + "c" * 63 + "." + "d" * 63 + "." + "e" * 60  # 254 bytes
 LOCAL_PART_CHARACTERS = st.sampled_from(
     [*"abcXYZ019", *ATEXT_SYMBOLS, ".", "á", "ß", "İ", "東", "\u0301", *'"\\(@<, ', FULL_WIDTH_AT]
 )
@@ -55,6 +56,10 @@ def addr_spec_sent_to(address: str) -> list[str]:
         ("VICTIM@example.com", "victim@example.com"),
         ("Ána@Example.com", "ána@example.com"),
         ("a\u0301na@example.com", "ána@example.com"),  # decomposed: the same letters as precomposed
+        # RFC 5321's limits are inclusive: a local part of 64 octets, an address of 254.
+        ("a" * 64 + "@example.com", "a" * 64 + "@example.com"),
+        ("é" * 32 + "@example.com", "é" * 32 + "@example.com"),
+        (LONGEST_ADDRESS, LONGEST_ADDRESS),
     ],
 )
 def test_a_plain_address_is_kept_in_one_form(typed: str, kept: str) -> None:
@@ -85,7 +90,7 @@ def test_a_plain_address_is_kept_in_one_form(typed: str, kept: str) -> None:
         "ana@exämple.com",  # an IDN is written in its xn-- form
         "a" * 65 + "@example.com",
         "é" * 33 + "@example.com",  # 66 octets: RFC 5321 counts octets, and relays refuse it
-        "a@" + "b" * 63 + "." + "c" * 63 + "." + "d" * 63 + "." + "e" * 62,  # 255 bytes
+        LONGEST_ADDRESS + "e",  # 255 bytes
     ],
 )
 def test_an_address_that_is_not_a_plain_dot_atom_is_invalid(typed: str) -> None:

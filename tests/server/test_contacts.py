@@ -219,3 +219,9 @@ def test_a_masked_number_hides_at_least_half_of_its_national_digits(e164: str, m
     """The last four digits of a plan of four were the whole subscriber number in GetUser, audit
     details and logs."""
     assert contacts.mask_phone(e164) == masked
+
+
+def test_a_masked_address_shows_only_its_first_character_and_its_domain() -> None:
+    assert contacts.mask_email("ana@example.com") == "a***@example.com"
+    assert contacts.mask_email("東京@example.jp") == "東***@example.jp"
+    assert contacts.mask_email("") == contacts.mask_phone("") == ""  # no contact: nothing to show
