@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import grpc
 import pytest
 from google.protobuf.message import Message
+from google.protobuf.timestamp_pb2 import Timestamp
 from twofactor.v1 import admin_service_pb2 as admin_pb
 from twofactor.v1 import twofactor_service_pb2 as pb
 
 from tests.conftest import Harness, ServerFactory
 from tests.server.helpers import AUTHENTICATOR, EMAIL, SMS, error_info
+from twofactor_server.api import requests
+from twofactor_server.domain.errors import InvalidArgument
 
 INVALID = grpc.StatusCode.INVALID_ARGUMENT
 LONG_ID = "u" * 257
@@ -61,6 +66,13 @@ CASES: list[tuple[str, str, Message, grpc.StatusCode, str]] = [
         "app",
         "StartEnrollment",
         pb.StartEnrollmentRequest(user_id="a", method=AUTHENTICATOR, account_name="x" * 300),
+        INVALID,
+        "INVALID_ACCOUNT_NAME",
+    ),
+    (
+        "app",
+        "StartEnrollment",
+        pb.StartEnrollmentRequest(user_id="a", method=AUTHENTICATOR, account_name="Evil Corp:alice"),
         INVALID,
         "INVALID_ACCOUNT_NAME",
     ),
@@ -365,3 +377,41 @@ def test_a_malformed_code_is_invalid_whatever_the_policy(start_server: ServerFac
             pb.ConfirmEnrollmentRequest(user_id="x", method=EMAIL, code=code), metadata=h.app_metadata
         )
     assert (raised.value.code(), error_info(raised.value).reason) == (INVALID, "INVALID_CODE")
+
+
+def refused(check: Callable[[], object]) -> str:
+    with pytest.raises(InvalidArgument) as raised:
+        check()
+    return raised.value.reason
+
+
+def test_every_documented_length_limit_is_inclusive() -> None:
+    """The protos' limits, at their edges: the last length taken, the first refused."""
+    assert (
+        requests.user_id("é" * 128)
+        and refused(lambda: requests.user_id("é" * 128 + "a")) == "INVALID_USER_ID"
+    )
+    assert requests.account_name("a" * 256) and refused(lambda: requests.account_name("a" * 257))
+    assert requests.verification_token("t" * 256) and refused(lambda: requests.verification_token("t" * 257))
+    assert requests.code("1" * 32) and refused(lambda: requests.code("1" * 33)) == "INVALID_CODE"
+    assert requests.audit_actions(["a" * 64, "b"]) == ("a" * 64, "b")
+    assert refused(lambda: requests.audit_actions(["a" * 65])) == "INVALID_AUDIT_FILTER"
+    assert refused(lambda: requests.audit_actions([""])) == "INVALID_AUDIT_FILTER"
+    fifty = [f"action_{i}" for i in range(50)]
+    assert requests.audit_actions(fifty) == tuple(fifty)
+    assert refused(lambda: requests.audit_actions([*fifty, "one_more"])) == "INVALID_AUDIT_FILTER"
+    assert requests.MAX_REASON_BYTES == 1024  # admin_service.proto: "required, up to 1024 bytes"
+
+
+def test_an_audit_time_range_keeps_its_milliseconds_and_the_timestamp_range() -> None:
+    def at(seconds: int, nanos: int = 0) -> Timestamp:
+        return Timestamp(seconds=seconds, nanos=nanos)
+
+    assert requests.time_range(at(1_700_000_000, 999_999_999), None) == (1_700_000_000_999, None)
+    assert requests.time_range(None, at(-1, 500_000_000)) == (None, -500)
+    assert requests.time_range(at(5, 1_000_000), at(5, 2_000_000)) == (5001, 5002)
+    assert refused(lambda: requests.time_range(at(5, 1_000_000), at(5, 1_999_999))) == "INVALID_AUDIT_FILTER"
+    first, last = -62_135_596_800, 253_402_300_799  # 0001-01-01T00:00:00Z and 9999-12-31T23:59:59Z
+    assert requests.time_range(at(first), at(last, 999_999_999)) == (first * 1000, last * 1000 + 999)
+    for bad in (at(first - 1), at(last + 1), at(0, 1_000_000_000), at(0, -1)):
+        assert refused(lambda bad=bad: requests.time_range(bad, None)) == "INVALID_AUDIT_FILTER"
