@@ -31,8 +31,13 @@ def issue_token(keyring: Keyring, *, user_id: str, actor: str, epoch: int, now_m
     nonce = os.urandom(NONCE_BYTES)
     mac = keyring.keyed_hash(_mac_data(user_id, actor, epoch, now_ms, nonce), purpose=STEP_UP)
     raw = _ISSUED.pack(now_ms) + nonce + mac
-    # base64.urlsafe_b64encode's own steps, without its two Python calls (every login issues one)
-    return PREFIX + binascii.b2a_base64(raw, newline=False).translate(_URL_SAFE).rstrip(b"=").decode()
+    return PREFIX + _text(raw)
+
+
+def _text(raw: bytes) -> str:
+    """URL-safe base64 without padding: base64.urlsafe_b64encode's own steps, without its two
+    Python calls (every login issues a token)."""
+    return binascii.b2a_base64(raw, newline=False).translate(_URL_SAFE).rstrip(b"=").decode()
 
 
 def token_is_valid(
@@ -53,6 +58,8 @@ def token_is_valid(
     try:
         raw = base64.urlsafe_b64decode(body + "=" * (-len(body) % 4))
     except (binascii.Error, ValueError):
+        return False
+    if _text(raw) != body:  # the decoder skips stray characters: only the issued text is a token
         return False
     head = _ISSUED.size + NONCE_BYTES
     if len(raw) <= head:

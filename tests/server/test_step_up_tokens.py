@@ -101,8 +101,7 @@ def test_a_fresh_header_with_a_mac_too_short_to_name_a_key_is_refused(mac_bytes:
 
 
 def test_a_valid_body_under_another_prefix_or_beyond_the_length_bound_is_refused() -> None:
-    # The base64 decoder skips characters outside its alphabet, so a valid token with "!"
-    # appended still decodes to the valid bytes: only the length bound refuses it.
+    # Past the length bound a token is refused before it is decoded at all.
     body = token().removeprefix(step_up.PREFIX)
     assert valid(step_up.PREFIX + body)
     assert not valid("tfv2." + body)
@@ -145,3 +144,15 @@ def test_a_token_built_as_earlier_releases_built_it_is_valid_and_issued_alike() 
     own_nonce = raw[8 : 8 + step_up.NONCE_BYTES]
     rebuilt = b"\0".join((b"alice", b"backend", b"3", str(NOW).encode(), own_nonce))
     assert raw[8 + step_up.NONCE_BYTES :] == KEYS.keyed_hash(rebuilt, purpose=step_up.STEP_UP)
+
+
+def test_only_the_issued_text_of_a_token_is_accepted() -> None:
+    # base64 decoding skips characters outside its alphabet (and, with altchars, takes the
+    # standard alphabet too): each variant below decodes to the valid bytes, none was issued.
+    body = token().removeprefix(step_up.PREFIX)
+    assert valid(step_up.PREFIX + body)
+    variants = [body + "!", "!" + body, body[:10] + "\n" + body[10:], body[:10] + "." + body[10:]]
+    standard = body.replace("-", "+").replace("_", "/")
+    variants += [standard] if standard != body else []
+    for variant in variants:
+        assert not valid(step_up.PREFIX + variant), variant
