@@ -260,3 +260,45 @@ def test_backup_codes_need_an_enrolled_user(harness: Harness, clock: Clock) -> N
             call(harness, "nobody", "")
         assert unknown.value.code() == grpc.StatusCode.NOT_FOUND
         assert error_info(unknown.value).reason == "USER_NOT_FOUND"
+
+
+def test_one_proof_regenerates_the_codes_once_when_two_calls_race(
+    start_server: ServerFactory, clock: Clock, backend: str
+) -> None:
+    """Two RegenerateBackupCodes with one proof, let go at the same moment: one new set. Had both
+    read the credential epoch before either moved it, both would answer a set, and the first
+    caller's codes, shown to the user, would already be void."""
+    if backend != "postgres":
+        return  # SQLite serializes writers on the database lock
+    h = start_server()
+    secret, _ = enroll_authenticator(h, clock, "vic")
+    token = verified_token(h, clock, "vic", secret)
+    with psycopg.connect(h.settings.database_url, autocommit=True) as holder, ThreadPoolExecutor(2) as pool:
+        holder.execute("BEGIN")
+        holder.execute("SELECT 1 FROM users WHERE user_id = 'vic' FOR UPDATE")
+        calls = [pool.submit(regenerate, h, "vic", token) for _ in range(2)]
+        deadline = time.monotonic() + 30
+        while waiting_count(holder) < 2:
+            assert time.monotonic() < deadline, "the two calls did not both wait for the user's row"
+            assert not any(call.done() for call in calls), "a call went ahead of the row lock"
+            time.sleep(0.01)  # polling a condition
+        holder.execute("COMMIT")
+        outcomes = []
+        for call in calls:
+            try:
+                outcomes.append(("ok", tuple(call.result(timeout=30).codes)))
+            except grpc.RpcError as error:
+                outcomes.append((error_info(error).reason, ()))
+    assert sorted(kind for kind, _ in outcomes) == ["STEP_UP_REQUIRED", "ok"]
+    (shown,) = [codes for kind, codes in outcomes if kind == "ok"]
+    assert accepted_backup(verify(h, "vic", shown[0]))  # the set shown is the one in force
+
+
+def waiting_count(holder: psycopg.Connection[tuple[object, ...]]) -> int:
+    """How many sessions of the test's database wait for a lock (behind `holder`, or behind a
+    session that waits for it: a row's second waiter queues behind the first)."""
+    row = holder.execute(
+        "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
+        "AND datname = current_database() AND pid <> pg_backend_pid()"
+    ).fetchone()
+    return int(row[0]) if row else 0
