@@ -5,7 +5,8 @@ from __future__ import annotations
 import hashlib
 import re
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any
 
 import grpc
 import psycopg
@@ -228,23 +229,29 @@ def test_showing_the_codes_waits_for_a_change_of_credentials_and_then_refuses_th
         holder.execute("BEGIN")
         holder.execute("UPDATE users SET credential_epoch = credential_epoch + 1 WHERE user_id = 'walt'")
         shown = pool.submit(get_codes, h, "walt", token)
-        deadline = time.monotonic() + 30
-        while not shown.done() and not waiting_for(holder):
-            assert time.monotonic() < deadline, "GetBackupCodes neither answered nor waited for the row"
-            time.sleep(0.01)  # polling a condition
+        wait_until_waiting(holder, [shown], "GetBackupCodes")
         holder.execute("COMMIT")  # the regeneration commits; the call decides after it
         with pytest.raises(grpc.RpcError) as refused:
             shown.result(timeout=30)
     assert error_info(refused.value).reason == "STEP_UP_REQUIRED"
 
 
-def waiting_for(holder: psycopg.Connection[tuple[object, ...]]) -> bool:
-    """Whether a session waits for a lock `holder` holds."""
-    row = holder.execute(
-        "SELECT count(*) FROM pg_stat_activity WHERE %s = ANY(pg_blocking_pids(pid))",
-        (holder.info.backend_pid,),
-    ).fetchone()
-    return bool(row and row[0])
+def wait_until_waiting(
+    holder: psycopg.Connection[tuple[object, ...]], calls: list[Future[Any]], what: str
+) -> None:
+    """Poll until each of `calls` waits for a lock in the test's database (behind `holder`, or
+    queued behind a call that does: a row's second waiter waits for the first); none may end first."""
+    deadline = time.monotonic() + 30
+    while True:
+        row = holder.execute(
+            "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
+            "AND datname = current_database() AND pid <> pg_backend_pid()"
+        ).fetchone()
+        if row and row[0] >= len(calls):
+            return
+        assert not any(call.done() for call in calls), f"{what} went ahead of the user's row lock"
+        assert time.monotonic() < deadline, f"{what} did not wait for the user's row"
+        time.sleep(0.01)  # polling a condition
 
 
 def test_backup_codes_need_an_enrolled_user(harness: Harness, clock: Clock) -> None:
@@ -277,11 +284,7 @@ def test_one_proof_regenerates_the_codes_once_when_two_calls_race(
         holder.execute("BEGIN")
         holder.execute("SELECT 1 FROM users WHERE user_id = 'vic' FOR UPDATE")
         calls = [pool.submit(regenerate, h, "vic", token) for _ in range(2)]
-        deadline = time.monotonic() + 30
-        while waiting_count(holder) < 2:
-            assert time.monotonic() < deadline, "the two calls did not both wait for the user's row"
-            assert not any(call.done() for call in calls), "a call went ahead of the row lock"
-            time.sleep(0.01)  # polling a condition
+        wait_until_waiting(holder, calls, "a RegenerateBackupCodes")
         holder.execute("COMMIT")
         outcomes = []
         for call in calls:
@@ -292,13 +295,3 @@ def test_one_proof_regenerates_the_codes_once_when_two_calls_race(
     assert sorted(kind for kind, _ in outcomes) == ["STEP_UP_REQUIRED", "ok"]
     (shown,) = [codes for kind, codes in outcomes if kind == "ok"]
     assert accepted_backup(verify(h, "vic", shown[0]))  # the set shown is the one in force
-
-
-def waiting_count(holder: psycopg.Connection[tuple[object, ...]]) -> int:
-    """How many sessions of the test's database wait for a lock (behind `holder`, or behind a
-    session that waits for it: a row's second waiter queues behind the first)."""
-    row = holder.execute(
-        "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
-        "AND datname = current_database() AND pid <> pg_backend_pid()"
-    ).fetchone()
-    return int(row[0]) if row else 0
