@@ -263,15 +263,14 @@ def _supersede_older(tx: Transaction, challenge: ChallengeRecord, now_ms: int) -
 def void_unpublished(tx: Transaction, challenge_id: str, now_ms: int) -> bool:
     """Void a first publish that failed: never delivered, counted nowhere, superseding nothing.
 
-    False when it can't be voided: a worker or recovery already took it (the message
-    did reach the queue, or recovery published it again), so it will be delivered.
-    """
+    False when it can't be voided: a worker or recovery took it (the message reached the queue, or
+    recovery published it again): it will be delivered. Also voided: a withdrawn row no attempt took."""
     return (
         tx.execute(
             "UPDATE challenges SET delivery_status = 'void', failure_reason = %(why)s, "
             "code_ciphertext = NULL, idempotency_key = NULL, updated_at = %(now)s "
-            "WHERE challenge_id = %(c)s AND delivery_status = 'queued' AND published_at IS NULL "
-            "AND publish_generation = 0",
+            "WHERE challenge_id = %(c)s AND published_at IS NULL AND publish_generation = 0 "
+            "AND (delivery_status = 'queued' OR (delivery_status = 'expired' AND delivery_attempts = 0))",
             {"c": challenge_id, "now": now_ms, "why": VOID_REASON},
         )
         == 1

@@ -299,3 +299,29 @@ def test_a_server_whose_clock_is_ahead_does_not_reset_the_hour_of_one_behind(
     finally:
         other.channel.close()
         other.server.stop(grace=None)
+
+
+class QueueDownWhileTheNumberChanges(RecordingDispatcher):
+    """A queue that is down, and a user who changes their number while the publish fails: the
+    code to the old number is withdrawn (EXPIRED) before the send is voided."""
+
+    harness: Harness | None = None
+
+    def dispatch(self, challenge_id: str, *, method: str = "") -> None:
+        assert self.harness is not None
+        set_phone(self.harness, "fr-moved", FR.format(41))  # the method is off: applies at once
+        raise Unavailable("BROKER_UNAVAILABLE", "the delivery queue can't be reached; retry later")
+
+
+def test_a_text_withdrawn_while_its_publish_fails_is_still_voided(start_server: ServerFactory) -> None:
+    """A send whose publish failed is void and counted nowhere, its caller told UNAVAILABLE,
+    even when its code was withdrawn (a change of number) while the publish was under way."""
+    queue = QueueDownWhileTheNumberChanges()
+    h = start_server(dispatcher=queue, policy=NO_USER_LIMITS)
+    queue.harness = h
+    with pytest.raises(grpc.RpcError) as refused:
+        text_a_code(h, "fr-moved", FR.format(40))
+    assert error_info(refused.value).reason == "BROKER_UNAVAILABLE"
+    assert query(h.settings, "SELECT country, sends FROM sms_send_counts WHERE sends > 0", {}) == []
+    stored = query(h.settings, "SELECT delivery_status FROM challenges WHERE user_id = 'fr-moved'", {})
+    assert stored == [{"delivery_status": "void"}]
