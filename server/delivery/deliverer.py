@@ -161,7 +161,9 @@ class Deliverer:
             return self._retry_or_give_up(challenge, now, f"delivery error: {type(error).__name__}")
         # Sent: from here on nothing may raise into a retry. An operator's class may return its
         # SDK's UUID, bytes or a dict; the record takes text without NUL.
-        message_id = provider_message_id_text(returned)
+        # It may be the gateway's whole answer, echoing the message: the code is starred there too
+        # (the destination is not masked: an id's digits would be taken for a number).
+        message_id = without_code(provider_message_id_text(returned), code)
         self._record_sent(challenge, message_id)
         self._count(challenge.method, "sent", since_send_ms=self._now_ms() - challenge.created_at)
         log.info("delivered %s by %s as %s", challenge_id, challenge.method, message_id)
@@ -352,9 +354,12 @@ class Deliverer:
 def without_secrets(reason: str, code: str, destination: str) -> str:
     """A provider's reason (or a traceback) with the code it may quote starred and the destination
     masked: the reason goes into log lines, the challenge's failure_reason and GetChallenge."""
-    if code:
-        reason = reason.replace(code, "*" * len(code))
-    return without_destination(reason, destination)
+    return without_destination(without_code(reason, code), destination)
+
+
+def without_code(text: str, code: str) -> str:
+    """`text` with the code it may quote starred."""
+    return text.replace(code, "*" * len(code)) if code else text
 
 
 def without_destination(reason: str, destination: str) -> str:

@@ -156,3 +156,40 @@ def test_a_refusal_quoting_the_code_keeps_it_out_of_the_reason_and_the_log(
     assert "matched a filter rule" in logged and "gateway answered 500 to SmsMessage(" in logged
     said.append(logged)
     assert [code for code in (emailed, *texted) if any(code in text for text in said)] == []
+
+
+class GatewayEchoingTheMessage:
+    """An operator's SMS class returning its gateway's answer, which echoes the request (the
+    message, with its code) as many gateways' JSON does."""
+
+    seen: ClassVar[list[SmsMessage]] = []
+
+    def send_sms(self, message: SmsMessage) -> str:
+        GatewayEchoingTheMessage.seen.append(message)
+        return f'{{"id": "gw-1", "status": "accepted", "text": "{message.text}"}}'
+
+
+def test_a_message_id_echoing_the_code_keeps_it_out_of_the_record_and_the_log(
+    start_server: ServerFactory, caplog: pytest.LogCaptureFixture
+) -> None:
+    """What a sender returns is the provider's message id: logged, recorded and shown by
+    GetChallenge, so a live code it quotes is masked there as in a provider's reason."""
+    caplog.set_level(logging.DEBUG)
+    GatewayEchoingTheMessage.seen.clear()
+    h = start_server(sms_provider=f"{__name__}:GatewayEchoingTheMessage")
+    h.twofactor.SetContact(pb.SetContactRequest(user_id="q", phone="+14155550123"), metadata=h.app_metadata)
+    by_sms = h.twofactor.StartEnrollment(
+        pb.StartEnrollmentRequest(user_id="q", method=SMS), metadata=h.app_metadata
+    ).challenge
+    sent = _wait_for_status(h, by_sms.challenge_id, common_pb2.DELIVERY_STATUS_SENT)
+    [message] = GatewayEchoingTheMessage.seen
+    found = CODE.search(message.text)
+    assert found
+    code = found.group(1)
+    assert sent.provider_message_id.startswith('{"id": "gw-1", "status": "accepted"')
+    stored = query(h.settings, "SELECT provider_message_id FROM challenges WHERE user_id = 'q'")
+    formatter = logging.Formatter()
+    logged = "\n".join(formatter.format(r) for r in caplog.records if r.name.startswith("twofactor"))
+    assert "gw-1" in logged
+    said = [sent.provider_message_id, *(r["provider_message_id"] or "" for r in stored), logged]
+    assert [text for text in said if code in text] == []
