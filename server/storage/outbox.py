@@ -365,13 +365,12 @@ def mark_delivery(
 ) -> bool:
     """Record the outcome of the attempt that claimed `claimed`, and release its lease.
 
-    'queued' again means a retry is due, of the next generation (a copy recovery published
-    before the attempt is stale); recovery republishes from `republish_at`. Only the holder of
-    the claim records: after its lease ran out and another took over, a late outcome is False.
-    """
-    # A HotStatement (prepared by name, run through libpq): every delivery records once.
+    'queued' again means a retry is due, of the next generation (a copy recovery published before the
+    attempt is stale); recovery republishes from `republish_at`. Only the holder of the claim records:
+    after its lease ran out and another took over, a late outcome is False. A retry of a code withdrawn
+    during the attempt would never run (no claim takes a row without its code): it ends 'expired' at once."""
     recorded = tx.hot_row(
-        _MARK_DELIVERY,
+        _MARK_DELIVERY,  # a HotStatement (prepared by name, run through libpq): every delivery records once
         {
             "c": claimed.challenge_id,
             "g": claimed.publish_generation,
@@ -387,12 +386,14 @@ def mark_delivery(
     return recorded is not None
 
 
+_WITHDRAWN_RETRY = "%(s)s = 'queued' AND code_ciphertext IS NULL"  # mark_delivery's docstring
 _MARK_DELIVERY = HotStatement(
     "twofactor_mark_delivery",
-    "UPDATE challenges SET delivery_status = %(s)s, updated_at = %(now)s, lease_until = NULL, "
-    "next_publish_at = %(again)s, "  # a retry is the next generation's: no copy starts a second chain
+    f"UPDATE challenges SET delivery_status = CASE WHEN {_WITHDRAWN_RETRY} THEN 'expired' ELSE %(s)s END, "  # noqa: S608
+    "updated_at = %(now)s, lease_until = NULL, next_publish_at = %(again)s, "  # a retry: the next's
     "publish_generation = publish_generation + CASE WHEN %(s)s = 'queued' THEN 1 ELSE 0 END, "
-    "provider_message_id = COALESCE(%(pid)s, provider_message_id), failure_reason = %(why)s, "
+    "provider_message_id = COALESCE(%(pid)s, provider_message_id), "
+    f"failure_reason = CASE WHEN {_WITHDRAWN_RETRY} THEN '{store.WITHDRAWN_REASON}' ELSE %(why)s END, "
     "code_ciphertext = CASE WHEN %(wipe)s = 1 THEN NULL ELSE code_ciphertext END "
     "WHERE challenge_id = %(c)s AND delivery_status = 'sending' AND publish_generation = %(g)s "
     "AND delivery_attempts = %(n)s RETURNING 1",

@@ -28,6 +28,7 @@ from tests.server.stored_rows import query
 from tests.server.test_challenges import SharedRecordingSms, SwitchableQueue, stored_code
 from tests.server.test_lockout_concurrency import waiting_behind
 from tests.smtp_sink import SmtpSink, code_in, running_sink
+from twofactor_server.storage.store import WITHDRAWN_REASON
 
 
 @pytest.fixture
@@ -496,3 +497,48 @@ def test_an_enrollment_started_while_the_first_method_is_being_confirmed_gets_no
         assert error_info(refused_late.value).reason == "NO_PENDING_ENROLLMENT"
     status = h.twofactor.GetStatus(pb.GetStatusRequest(user_id="vic"), metadata=h.app_metadata)
     assert list(status.enabled_methods) == [AUTHENTICATOR]
+
+
+class GatewayBusyWhileTheNumberChanges:
+    """An operator's SMS class whose gateway is busy (a retry is due) while the user changes the
+    number the text was going to: its code is withdrawn during the attempt."""
+
+    harness: Harness | None = None
+    sends = 0
+
+    def send_sms(self, message: object) -> str:
+        from twofactor_server.delivery.providers import TransientDeliveryError
+
+        h = GatewayBusyWhileTheNumberChanges.harness
+        assert h is not None
+        GatewayBusyWhileTheNumberChanges.sends += 1
+        h.twofactor.SetContact(
+            pb.SetContactRequest(user_id="mo", phone="+14155550199"), metadata=h.app_metadata
+        )
+        raise TransientDeliveryError("gateway busy")
+
+
+def test_a_code_withdrawn_during_an_attempt_that_retries_reads_expired(start_server: ServerFactory) -> None:
+    """No worker takes a withdrawn code's row again, so the retry its attempt asked for never
+    runs: the row is closed out EXPIRED with the withdrawal's reason, not QUEUED until it expires."""
+    GatewayBusyWhileTheNumberChanges.sends = 0
+    h = start_server(
+        sms_provider=f"{__name__}:GatewayBusyWhileTheNumberChanges", delivery_retry_base_seconds=0.1
+    )
+    GatewayBusyWhileTheNumberChanges.harness = h
+    h.twofactor.SetContact(pb.SetContactRequest(user_id="mo", phone="+14155550123"), metadata=h.app_metadata)
+    started = h.twofactor.StartEnrollment(
+        pb.StartEnrollmentRequest(user_id="mo", method=SMS), metadata=h.app_metadata
+    ).challenge
+    sql = "SELECT delivery_status, failure_reason FROM challenges WHERE challenge_id = %(c)s"
+    args = {"c": started.challenge_id}
+    wait_until(
+        lambda: (
+            GatewayBusyWhileTheNumberChanges.sends == 1
+            and query(h.settings, sql, args)[0]["delivery_status"] != "sending"
+        ),
+        "the attempt recorded its outcome",
+    )
+    assert query(h.settings, sql, args) == [
+        {"delivery_status": "expired", "failure_reason": WITHDRAWN_REASON}
+    ]
