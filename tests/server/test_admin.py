@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import base64
 import threading
+from concurrent.futures import ThreadPoolExecutor
 
 import grpc
+import psycopg
 import pytest
 from twofactor.v1 import admin_service_pb2 as admin_pb
 from twofactor.v1 import common_pb2
@@ -25,6 +27,7 @@ from tests.server.helpers import (
     verify,
 )
 from tests.server.stored_rows import query
+from tests.server.test_backup_codes import wait_until_waiting
 from twofactor_server.domain.keyring import CHALLENGE_CODE, Keyring
 from twofactor_server.storage.store import WITHDRAWN_REASON
 from twofactor_server.usecases.admin import Admin
@@ -741,3 +744,35 @@ def test_a_page_token_of_one_list_is_refused_by_the_other(harness: Harness) -> N
             admin_pb.ListUsersRequest(page_token=events.next_page_token), metadata=harness.admin_metadata
         )
     assert error_info(wrong_list.value).reason == "INVALID_PAGE_TOKEN"
+
+
+@pytest.mark.parametrize("call", ["GetStatus", "GetUser", "ListUsers"])
+def test_a_users_state_is_read_at_one_moment_when_a_reset_commits_between_its_reads(
+    start_server: ServerFactory, clock: Clock, backend: str, call: str
+) -> None:
+    """The race above, made certain: the backup codes' table is held while the read has the user
+    and the methods, and a reset (methods and codes gone) commits before it reads the codes. One
+    moment is the state before the reset: a method and its ten codes, never a method and none."""
+    if backend != "postgres":
+        return  # SQLite's transactions are serialized: no commit falls between a read's statements
+    h = start_server()
+    enroll_authenticator(h, clock, "kit")
+    read = {
+        "GetStatus": lambda: h.twofactor.GetStatus(
+            pb.GetStatusRequest(user_id="kit"), metadata=h.app_metadata
+        ),
+        "GetUser": lambda: get_user(h, "kit"),
+        "ListUsers": lambda: h.admin.ListUsers(admin_pb.ListUsersRequest(), metadata=h.admin_metadata).users[
+            0
+        ],
+    }[call]
+    with psycopg.connect(h.settings.database_url, autocommit=True) as holder, ThreadPoolExecutor(1) as pool:
+        holder.execute("BEGIN")
+        holder.execute("LOCK TABLE backup_codes IN ACCESS EXCLUSIVE MODE")
+        reading = pool.submit(read)
+        wait_until_waiting(holder, [reading], call)
+        holder.execute("DELETE FROM methods WHERE user_id = 'kit'")
+        holder.execute("DELETE FROM backup_codes WHERE user_id = 'kit'")
+        holder.execute("COMMIT")
+        state = reading.result(timeout=30)
+    assert (list(state.enabled_methods), state.backup_codes_remaining) == ([AUTHENTICATOR], 10)
