@@ -81,7 +81,8 @@ class CeleryDispatcher:
                 self._lpush(message)  # once more, on a new connection: the kept one was dropped
         except (redis.RedisError, OSError) as error:
             # PING may still answer (a Redis out of memory, without its replicas, or whose snapshot
-            # failed refuses writes only): health stays SERVING, so this line says what Redis said.
+            # failed refuses writes only): this line says what Redis said (health's next write
+            # probe turns twofactor.v1.Delivery NOT_SERVING).
             log.warning(
                 "could not queue delivery of %s: the delivery broker at %s refused it (%s: %s); codes "
                 "can't be sent (BROKER_UNAVAILABLE) until it takes writes again: check that Redis is "

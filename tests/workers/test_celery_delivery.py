@@ -239,7 +239,7 @@ def test_a_broker_that_refuses_writes_is_one_line_with_redis_reply_and_what_to_d
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     """A Redis that answers PING but refuses writes (too few replicas, out of memory, a failed
-    snapshot): the health stays SERVING, so the publish's WARNING is all the operator has. It
+    snapshot): PING answers, so the publish's WARNING is the first line the operator has. It
     says what Redis answered, where (no password) and what it means, not only an exception name."""
     with private_redis(tmp_path) as broker:
         url = broker.url.replace("redis://", "redis://:pw-in-url@")
