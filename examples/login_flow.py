@@ -187,6 +187,10 @@ def send_login_code(client: TwoFactorClient, user_id: str, method: Method.ValueT
         except twofactor.ContactMissing as error:
             print(f"No {error.contact} is registered for {user_id}; use a backup code.")
             return
+        except twofactor.UserLocked as error:  # locked since GetStatus looked: no code is sent
+            wait = f" (try again in {error.retry_after})" if error.retry_after else ""
+            print(f"{user_id} is locked out{wait}.")
+            return
         print(f"Code sent to {challenge.masked_destination}.")
         return
 
