@@ -247,13 +247,17 @@ class Deliverer:
             return self._settle(challenge, "failed", f"gave up: {reason}")
         log.info("delivery of %s failed, retry in %.1fs: %s", challenge.challenge_id, retry_in, reason)
         # Queued again, the lease released; recovery republishes only if the retry goes missing.
-        if self._record(
+        recorded = self._record(
             challenge,
             "queued",
             failure_reason=reason,
             wipe_code=False,
             republish_at=due + self._recovery_ms,
-        ):
+        )
+        if recorded == "expired":  # the code was withdrawn during the attempt: no retry would run
+            self._count(challenge.method, "expired")
+            return Outcome("expired")
+        if recorded:
             self._count(challenge.method, "retry")
         return Outcome("retry", retry_in, challenge.publish_generation + 1)  # the row's next (mark_delivery)
 
@@ -316,9 +320,9 @@ class Deliverer:
         failure_reason: str | None = None,
         wipe_code: bool = True,
         republish_at: int | None = None,
-    ) -> bool:
-        """Record the attempt's outcome; False when its lease ran out and another attempt took
-        over (that one records and counts the delivery's outcome)."""
+    ) -> str | None:
+        """Record the attempt's outcome; the status recorded, None when its lease ran out and
+        another attempt took over (that one records and counts the delivery's outcome)."""
         with self._db.statements() as q:
             recorded = outbox.mark_delivery(
                 q,

@@ -362,12 +362,12 @@ def mark_delivery(
     failure_reason: str | None = None,
     wipe_code: bool,
     republish_at: int | None = None,
-) -> bool:
-    """Record the outcome of the attempt that claimed `claimed`, and release its lease.
+) -> str | None:
+    """Record the outcome of the attempt that claimed `claimed`, release its lease; the status recorded.
 
     'queued' again means a retry is due, of the next generation (a copy recovery published before the
     attempt is stale); recovery republishes from `republish_at`. Only the holder of the claim records:
-    after its lease ran out and another took over, a late outcome is False. A retry of a code withdrawn
+    after its lease ran out and another took over, a late outcome is None. A retry of a code withdrawn
     during the attempt would never run (no claim takes a row without its code): it ends 'expired' at once."""
     recorded = tx.hot_row(
         _MARK_DELIVERY,  # a HotStatement (prepared by name, run through libpq): every delivery records once
@@ -383,7 +383,7 @@ def mark_delivery(
             "again": republish_at,
         },
     )
-    return recorded is not None
+    return None if recorded is None else str(recorded[0])
 
 
 _WITHDRAWN_RETRY = "%(s)s = 'queued' AND code_ciphertext IS NULL"  # mark_delivery's docstring
@@ -396,5 +396,5 @@ _MARK_DELIVERY = HotStatement(
     f"failure_reason = CASE WHEN {_WITHDRAWN_RETRY} THEN '{store.WITHDRAWN_REASON}' ELSE %(why)s END, "
     "code_ciphertext = CASE WHEN %(wipe)s = 1 THEN NULL ELSE code_ciphertext END "
     "WHERE challenge_id = %(c)s AND delivery_status = 'sending' AND publish_generation = %(g)s "
-    "AND delivery_attempts = %(n)s RETURNING 1",
+    "AND delivery_attempts = %(n)s RETURNING delivery_status",
 )

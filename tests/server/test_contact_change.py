@@ -10,6 +10,7 @@ from concurrent.futures import ThreadPoolExecutor
 import grpc
 import psycopg
 import pytest
+from prometheus_client import REGISTRY
 from twofactor.v1 import twofactor_service_pb2 as pb
 
 from tests.conftest import Clock, Harness, ServerFactory
@@ -526,6 +527,7 @@ def test_a_code_withdrawn_during_an_attempt_that_retries_reads_expired(start_ser
         sms_provider=f"{__name__}:GatewayBusyWhileTheNumberChanges", delivery_retry_base_seconds=0.1
     )
     GatewayBusyWhileTheNumberChanges.harness = h
+    before = {outcome: sms_deliveries(outcome) for outcome in ("retry", "expired")}
     h.twofactor.SetContact(pb.SetContactRequest(user_id="mo", phone="+14155550123"), metadata=h.app_metadata)
     started = h.twofactor.StartEnrollment(
         pb.StartEnrollmentRequest(user_id="mo", method=SMS), metadata=h.app_metadata
@@ -542,3 +544,21 @@ def test_a_code_withdrawn_during_an_attempt_that_retries_reads_expired(start_ser
     assert query(h.settings, sql, args) == [
         {"delivery_status": "expired", "failure_reason": WITHDRAWN_REASON}
     ]
+    # Counted as what was recorded: one delivery, one outcome.
+    assert {outcome: sms_deliveries(outcome) - n for outcome, n in before.items()} == {
+        "retry": 0,
+        "expired": 1,
+    }
+
+
+def sms_deliveries(outcome: str) -> float:
+    """twofactor_deliveries_total for texts with `outcome`, over every provider (in-process delivery)."""
+    return sum(
+        sample.value
+        for metric in REGISTRY.collect()
+        if metric.name == "twofactor_deliveries"
+        for sample in metric.samples
+        if sample.name == "twofactor_deliveries_total"
+        and sample.labels["method"] == "sms"
+        and sample.labels["outcome"] == outcome
+    )
