@@ -36,17 +36,24 @@ def _name(common_name: str) -> x509.Name:
     return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
 
 
-def make_ca(common_name: str) -> Issued:
-    key = ec.generate_private_key(ec.SECP256R1())
+def _self_issued(common_name: str, key: Any, *, days: int = 1) -> x509.CertificateBuilder:
+    """A certificate naming `common_name` as subject and issuer, for `key`, valid from an hour ago."""
     now = datetime.datetime.now(datetime.UTC)
-    cert = (
+    return (
         x509.CertificateBuilder()
         .subject_name(_name(common_name))
         .issuer_name(_name(common_name))
         .public_key(key.public_key())
         .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(hours=1))
-        .not_valid_after(now + datetime.timedelta(days=1))
+        .not_valid_before(now - HOUR)
+        .not_valid_after(now + days * DAY)
+    )
+
+
+def make_ca(common_name: str) -> Issued:
+    key = ec.generate_private_key(ec.SECP256R1())
+    cert = (
+        _self_issued(common_name, key)
         .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
         .add_extension(
             x509.KeyUsage(
@@ -122,16 +129,7 @@ def write_self_signed(
     """A certificate signed by its own `key` (of any kind: the tests of key kinds), naming
     `dns_names` in its subjectAltName (none: no subjectAltName at all), written with its key to
     `directory`/server.pem and server.key; returns (certificate file, key file)."""
-    now = datetime.datetime.now(datetime.UTC)
-    builder = (
-        x509.CertificateBuilder()
-        .subject_name(_name(common_name))
-        .issuer_name(_name(common_name))
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - HOUR)
-        .not_valid_after(now + days * DAY)
-    )
+    builder = _self_issued(common_name, key, days=days)
     if dns_names:
         builder = builder.add_extension(
             x509.SubjectAlternativeName([x509.DNSName(name) for name in dns_names]), critical=False
