@@ -11,6 +11,7 @@ import argparse
 import socket
 import sys
 
+from twofactor_server.observability import logs
 from twofactor_server.setting_values import mask_url
 from twofactor_server.settings import Settings, SettingsError
 
@@ -34,7 +35,7 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as error:  # kombu/redis raise many types for "broker unreachable"
         # What Redis or the socket said ("Connection refused", "invalid username-password pair"):
         # a wrong password must not read as a network fault. Neither quotes the URL's password.
-        detail = " ".join(str(error).split())[:200] or "no detail"
+        detail = logs.said(error)
         print(
             f"twofactor worker-health: the broker at {mask_url(settings.broker_url)} can't be reached "
             f"({type(error).__name__}: {detail}); check that Redis is running and TWOFACTOR_BROKER_URL",

@@ -14,7 +14,7 @@ from typing import Protocol
 import redis
 from grpc_health.v1 import health_pb2
 
-from twofactor_server.observability import metrics
+from twofactor_server.observability import logs, metrics
 from twofactor_server.setting_values import mask_url
 from twofactor_server.settings import Settings
 
@@ -64,7 +64,7 @@ class BrokerHealth:
                         "authenticator and backup-code logins go on; check Redis's memory, disk and "
                         "replicas, and that TWOFACTOR_BROKER_URL points at the primary",
                         mask_url(self._url),
-                        " ".join(str(error).split())[:200] or "no detail",
+                        logs.said(error),
                     )
             except (redis.RedisError, OSError) as error:
                 up = False

@@ -25,6 +25,7 @@ from twofactor_server.delivery.task_queue import deliver_message, redis_bulk
 from twofactor_server.domain.clock import Clock, system_clock
 from twofactor_server.domain.errors import Unavailable
 from twofactor_server.domain.keyring import Keyring
+from twofactor_server.observability import logs
 from twofactor_server.periodic import Periodic
 from twofactor_server.setting_values import mask_url
 from twofactor_server.settings import Settings
@@ -90,7 +91,7 @@ class CeleryDispatcher:
                 challenge_id,
                 self._masked_url,
                 type(error).__name__,
-                " ".join(str(error).split())[:200] or "no detail",
+                logs.said(error),
             )
             raise Unavailable(
                 "BROKER_UNAVAILABLE", "the delivery queue can't be reached; retry later", retry_after=1.0

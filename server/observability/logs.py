@@ -88,6 +88,12 @@ class TextFormatter(logging.Formatter):
         return f"{first} [{extra}]{newline}{rest}"
 
 
+def said(error: BaseException) -> str:
+    """What an exception says, on one line of at most 200 characters ("no detail" when nothing):
+    a third party's message (Redis's reply, a socket's reason) inside one of our log lines."""
+    return " ".join(str(error).split())[:200] or "no detail"
+
+
 def default_format(stream: TextIO) -> str:
     """text for a person at a terminal, json for a log collector."""
     return "text" if stream.isatty() else "json"
