@@ -7,6 +7,8 @@ after `max_consecutive_failures` the user stays locked until an admin unlocks.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from twofactor_server.domain.models import Lock
 from twofactor_server.settings import PolicySettings
 
@@ -62,3 +64,14 @@ def lock_schedule(
         pairs.append((failures, locked_until_after(failures, policy, now_ms)))
         failures += 1
     return tuple(pairs), locked_until_after(failures, policy, now_ms)
+
+
+@dataclass(frozen=True)
+class Reservation:
+    """An attempt counted before its code is checked: the counters before and after."""
+
+    failures_before: int
+    locked_until_before: int | None
+    failures: int
+    locked_until: int | None
+    locks: bool  # whether this attempt's count started a lock

@@ -147,12 +147,17 @@ def audit_lock(
     policy: PolicySettings,
     now: int,
     notices: Notices,
+    *,
+    lock_committed: bool = False,
 ) -> None:
     """Record that the user was just locked: audit, metric, and an email to the user."""
     permanent = failures >= policy.max_consecutive_failures
     detail = "until unlocked" if permanent else f"{(until or now) - now} ms after {failures} failures"
     audit.record(tx, caller, now, user_id, "user_locked", detail=detail)
-    metrics.lockout()
+    if lock_committed:  # by an earlier statement (a reserved attempt's count)
+        metrics.lockout()
+    else:  # with `tx`: a lock that doesn't commit locks no one
+        tx.after_commit(metrics.lockout)
     user = store.get_user(tx, user_id)
     if user is not None:
         notices.add(

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from functools import partial
 
 from twofactor_server.domain import backup_codes, lockout, one_time_codes, totp
 from twofactor_server.domain.clock import Clock, now_ms
 from twofactor_server.domain.errors import FailedPrecondition, InvalidArgument
 from twofactor_server.domain.keyring import TOTP_SECRET, Keyring, KeyringError, KeyVersionMissing
+from twofactor_server.domain.lockout import Reservation
 from twofactor_server.domain.models import Caller, CodeKind, Lock, VerifyOutcome, VerifyResult
 from twofactor_server.observability import metrics
 from twofactor_server.settings import PolicySettings
@@ -31,17 +32,6 @@ from twofactor_server.usecases.users import (
 # The `verification` counter's labels of an acceptance, read once: Enum.value is a Python property.
 _ACCEPTED_LABEL = VerifyResult.ACCEPTED.value
 _KIND_LABELS = {kind: kind.value for kind in CodeKind}
-
-
-@dataclass(frozen=True)
-class Reservation:
-    """An attempt counted before its code is checked: the counters before and after."""
-
-    failures_before: int
-    locked_until_before: int | None
-    failures: int
-    locked_until: int | None
-    locks: bool  # whether this attempt's count started a lock
 
 
 class Verification:
@@ -78,10 +68,9 @@ class Verification:
         at once, no more than the lockout threshold are tried per lock window; every code is
         accepted at most once (an authenticator step only moves forward, an emailed code and a
         backup code are consumed by conditional UPDATEs); a wrong code stays counted, a right
-        one clears the count. The authenticator code that was just accepted, sent again (same
-        time step: a double submit), is REJECTED without counting: it proves the user has the
-        secret. An accepted code returns a step-up proof (verification_token) for this user, API token and
-        credential epoch.
+        one clears the count. The authenticator code just accepted, sent again (same time step: a
+        double submit), is REJECTED uncounted: it proves the user has the secret. An accepted
+        code returns a step-up proof (verification_token) for this user, API token and epoch.
         """
         digits = one_time_codes.normalize(code)
         app_code = digits if digits is not None and len(digits) == totp.DIGITS else None  # an app's code
@@ -134,7 +123,7 @@ class Verification:
                 assert sealed is not None
                 step_taken = self._accept_step_locked(tx, user_id, step, sealed, now, accepted_event)
                 if step_taken is not None:
-                    return self._accepted(user_id, CodeKind.AUTHENTICATOR, step_taken, now, caller)
+                    return self._accepted(user_id, CodeKind.AUTHENTICATOR, step_taken, now, caller, tx)
             if digits is not None and (EMAIL in usable or SMS in usable):
                 kind = self._challenges.match(tx, user_id, LOGIN, digits, now, method=None)
                 if kind in usable:
@@ -166,6 +155,7 @@ class Verification:
                         self._policy,
                         now,
                         self._notices,
+                        lock_committed=True,
                     )
             result = VerifyResult.LOCKED if lock is not None else VerifyResult.REJECTED
             action = audit.VERIFICATION_LOCKED if lock is not None else audit.VERIFICATION_REJECTED
@@ -185,8 +175,7 @@ class Verification:
         path settles it. Right or wrong, a guess takes the same path to the one statement the
         row lock orders, so a right code is accepted only when no count that locks the user came
         before it, as if every guess were checked one at a time. Anything else (a step already
-        used, a lock, a stale cache: no row touched) reads the user afresh
-        (_decide_from_snapshot).
+        used, a lock, a stale cache: no row touched) reads the user afresh (_decide_from_snapshot).
 
         Returns the outcome when decided here; otherwise the reservation the locking path in
         verify() settles (a wrong code stays counted), or None when nothing was reserved
@@ -369,12 +358,20 @@ class Verification:
         return totp.matching_step(secret, digits, now / 1000)
 
     def _accepted(
-        self, user_id: str, kind: CodeKind, accepted: AcceptedStep, now: int, caller: Caller
+        self,
+        user_id: str,
+        kind: CodeKind,
+        accepted: AcceptedStep,
+        now: int,
+        caller: Caller,
+        tx: Transaction | None = None,
     ) -> VerifyOutcome:
-        metrics.verification(_ACCEPTED_LABEL, _KIND_LABELS[kind])
+        if tx is None:  # the fast path's statement has committed; else counted when `tx` commits
+            metrics.verification(_ACCEPTED_LABEL, _KIND_LABELS[kind])
+        else:
+            tx.after_commit(partial(metrics.verification, _ACCEPTED_LABEL, _KIND_LABELS[kind]))
         token = step_up_token(self._keyring, user_id, accepted.credential_epoch, caller, now)
-        # Positional (result, matched, attempts_left, backup_codes_remaining, lock, now_ms,
-        # verification_token): every login makes one, and keywords cost a third more.
+        # Positional: every login makes one, and keywords cost a third more.
         return VerifyOutcome(
             VerifyResult.ACCEPTED, kind, self._attempts_when_accepted, accepted.backup_left, None, now, token
         )
@@ -389,7 +386,10 @@ class Verification:
         lock: Lock | None,
         now: int,
     ) -> VerifyOutcome:
-        metrics.verification(result.value, matched.value if matched is not None else "none")
+        # Counted once the answer's writes commit: a failed commit answers UNAVAILABLE, and the retry counts.
+        tx.after_commit(
+            partial(metrics.verification, result.value, "none" if matched is None else matched.value)
+        )
         return VerifyOutcome(
             result=result,
             matched=matched,

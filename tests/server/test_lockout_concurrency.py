@@ -19,12 +19,13 @@ from tests.conftest import TEST_KEYS, Clock, Harness, ServerFactory
 from tests.server.helpers import enroll_authenticator, totp_now, verified_token, verify, wait_until
 from tests.server.stored_rows import query
 from twofactor_server.domain.keyring import Keyring
+from twofactor_server.domain.lockout import Reservation
 from twofactor_server.domain.models import Caller, VerifyResult
 from twofactor_server.storage import attempts
 from twofactor_server.usecases.backup_codes import BackupCodes
 from twofactor_server.usecases.challenges import Challenges
 from twofactor_server.usecases.notices import Notices
-from twofactor_server.usecases.verification import Reservation, Verification
+from twofactor_server.usecases.verification import Verification
 
 THRESHOLD_1 = {"lockout_threshold": 1, "lockout_base_seconds": 60}
 WAIT_LIMIT = 30.0  # seconds; every wait below is for a condition, bounded by this

@@ -9,6 +9,7 @@ import urllib.request
 from collections.abc import Callable, Iterator
 
 import grpc
+import psycopg
 import pytest
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from prometheus_client import REGISTRY
@@ -267,3 +268,79 @@ def test_an_outcome_recorded_by_no_one_is_not_counted(
 def deliveries(outcome: str) -> float:
     labels = {"method": "email", "provider": "RelayFailingLate", "outcome": outcome}
     return REGISTRY.get_sample_value("twofactor_deliveries_total", labels) or 0.0
+
+
+# Fails the transaction that wrote a chosen user's audit event when it commits (a deferred
+# constraint trigger runs at COMMIT): PostgreSQL refuses the commit, as it would on a lost
+# connection or a serialization failure there, and the server answers UNAVAILABLE.
+FAIL_COMMITS_OF = """
+CREATE FUNCTION fail_commit() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    RAISE EXCEPTION 'the test refuses this commit' USING ERRCODE = 'serialization_failure';
+END $$;
+CREATE CONSTRAINT TRIGGER fail_commit AFTER INSERT ON audit_events DEFERRABLE INITIALLY DEFERRED
+    FOR EACH ROW WHEN (NEW.user_id = 'zoe') EXECUTE FUNCTION fail_commit();
+"""
+
+
+@pytest.mark.parametrize("backend", ["postgres"])
+def test_verify_answers_and_locks_are_counted_only_when_their_writes_commit(
+    start_server: ServerFactory, clock: Clock
+) -> None:
+    """A Verify whose transaction fails at COMMIT answers UNAVAILABLE and changed nothing (the
+    backup code is still unused, no failure counted): counted before the commit, its answer and
+    its lock were in twofactor_verifications_total and twofactor_lockouts_total all the same, and
+    the client's retry counted them a second time."""
+    h = start_server(metrics_listen="127.0.0.1:0", policy={"lockout_threshold": 1})
+    _, backup = enroll_authenticator(h, clock, "zoe")
+    with psycopg.connect(h.settings.database_url, autocommit=True) as conn:
+        conn.execute(FAIL_COMMITS_OF)
+    before = scrape(h)
+    for code in (backup[0], "aaaaa-aaaaa"):  # a backup code (accepted), then a wrong one (locks)
+        with pytest.raises(grpc.RpcError) as refused:
+            verify(h, "zoe", code)
+        assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert query(h.settings, "SELECT failed_attempts FROM users WHERE user_id = 'zoe'") == [
+        {"failed_attempts": 0}
+    ]
+    after = scrape(h)
+    for labels in ({"result": "accepted", "kind": "backup_code"}, {"result": "locked", "kind": "none"}):
+        assert value(after, "twofactor_verifications_total", **labels) == value(
+            before, "twofactor_verifications_total", **labels
+        ), labels
+    assert value(after, "twofactor_lockouts_total") == value(before, "twofactor_lockouts_total")
+
+    with psycopg.connect(h.settings.database_url, autocommit=True) as conn:
+        conn.execute("DROP TRIGGER fail_commit ON audit_events")
+    assert verify(h, "zoe", backup[0]).result == pb.VERIFY_RESULT_ACCEPTED
+    assert verify(h, "zoe", "aaaaa-aaaaa").result == pb.VERIFY_RESULT_LOCKED
+    retried = scrape(h)
+    for labels in ({"result": "accepted", "kind": "backup_code"}, {"result": "locked", "kind": "none"}):
+        moved = value(retried, "twofactor_verifications_total", **labels) - value(
+            before, "twofactor_verifications_total", **labels
+        )
+        assert moved == 1, labels
+    assert value(retried, "twofactor_lockouts_total") - value(before, "twofactor_lockouts_total") == 1
+
+
+@pytest.mark.parametrize("backend", ["postgres"])
+def test_a_lock_its_own_statement_committed_is_counted_though_the_answer_fails(
+    start_server: ServerFactory, clock: Clock
+) -> None:
+    """A wrong authenticator code is counted by one statement that commits on its own (the
+    reserved attempt), which locks the user; the transaction that then audits it and answers
+    fails at COMMIT. The lock is in force all the same, so it is counted."""
+    h = start_server(metrics_listen="127.0.0.1:0", policy={"lockout_threshold": 1})
+    secret, _ = enroll_authenticator(h, clock, "zoe")
+    shown = {totp_now(secret, clock, offset_steps=step) for step in (-1, 0, 1)}
+    wrong = next(code for code in ("000000", "000001", "000002", "000003") if code not in shown)
+    with psycopg.connect(h.settings.database_url, autocommit=True) as conn:
+        conn.execute(FAIL_COMMITS_OF)
+    before = scrape(h)
+    with pytest.raises(grpc.RpcError) as refused:
+        verify(h, "zoe", wrong)
+    assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert query(h.settings, "SELECT failed_attempts FROM users WHERE user_id = 'zoe'") == [
+        {"failed_attempts": 1}
+    ]
+    assert value(scrape(h), "twofactor_lockouts_total") - value(before, "twofactor_lockouts_total") == 1
