@@ -81,7 +81,13 @@ class OutboxRecovery:
                 outbox.mark_published(tx, challenge, now)
         metrics.outbox_oldest_queued(0 if oldest is None else (now - oldest) / 1000)
         if expired:
-            log.info("outbox recovery: %d undelivered code(s) expired", expired)
+            for method in expired:
+                metrics.outbox_expired(method)
+            log.warning(
+                "outbox recovery: %d code(s) expired before any delivery sent them (their users can "
+                "ask for another); is a worker running and reaching the broker?",
+                len(expired),
+            )
         republished = 0
         try:
             while not self._stopped.is_set():

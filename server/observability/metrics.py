@@ -90,6 +90,11 @@ outbox_oldest_queued_seconds = Gauge(
     "Age of the oldest challenge still waiting for delivery (0 when none is).",
     multiprocess_mode="mostrecent",
 )
+outbox_expired_total = Counter(
+    "twofactor_outbox_expired",
+    "Codes and notices that expired undelivered, closed by outbox recovery, by method.",
+    ("method",),
+)
 outbox_republished_total = Counter(
     "twofactor_outbox_republished", "Challenges published again by outbox recovery."
 )
@@ -175,6 +180,10 @@ def provider_label(sender: object) -> str:
 
 def outbox_oldest_queued(seconds: float) -> None:
     outbox_oldest_queued_seconds.set(max(0.0, seconds))
+
+
+def outbox_expired(method: str) -> None:
+    outbox_expired_total.labels(method).inc()
 
 
 def outbox_republished(count: int = 1) -> None:

@@ -16,15 +16,18 @@ def _skip_locked(tx: Transaction) -> str:
     return f"{tx.row_lock} SKIP LOCKED" if tx.row_lock else ""
 
 
-def expire_undelivered(tx: Transaction, now_ms: int) -> int:
-    """Close out queued (or abandoned 'sending') rows whose code expired: EXPIRED, code wiped."""
-    return tx.execute(
+def expire_undelivered(tx: Transaction, now_ms: int) -> list[str]:
+    """Close out queued (or abandoned 'sending') rows whose code expired: EXPIRED, code wiped.
+    Returns the method (email or sms) of each row closed."""
+    rows = tx.all(
         "UPDATE challenges SET delivery_status = 'expired', code_ciphertext = NULL, lease_until = NULL, "
         "failure_reason = COALESCE(failure_reason, %(why)s), updated_at = %(now)s "
         "WHERE expires_at <= %(now)s AND (delivery_status = 'queued' "
-        "OR (delivery_status = 'sending' AND (lease_until IS NULL OR lease_until <= %(now)s)))",
+        "OR (delivery_status = 'sending' AND (lease_until IS NULL OR lease_until <= %(now)s))) "
+        "RETURNING method",
         {"now": now_ms, "why": EXPIRED_REASON},
     )
+    return [row["method"] for row in rows]
 
 
 # A row is published again after as long as it has waited since its first publish (at least

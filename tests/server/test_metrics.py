@@ -344,3 +344,30 @@ def test_a_lock_its_own_statement_committed_is_counted_though_the_answer_fails(
         {"failed_attempts": 1}
     ]
     assert value(scrape(h), "twofactor_lockouts_total") - value(before, "twofactor_lockouts_total") == 1
+
+
+def test_a_code_that_expires_in_the_outbox_is_counted_once(
+    start_server: ServerFactory, clock: Clock, settings: Settings
+) -> None:
+    """A code no worker delivered before it expired (every worker down, say): outbox recovery
+    closes it as EXPIRED without any delivery attempt, which twofactor_deliveries_total never
+    sees. twofactor_outbox_expired_total says how many users got no code; once per code,
+    however many recovery rounds (or servers) come after."""
+    published = Published()
+    h = start_server(dispatcher=published)
+    challenge_id = start_email_enrollment(h, "ivy").challenge_id
+    db = open_database(settings.database_url, data_dir=settings.data_dir, timeout=10)
+    try:
+        recovery = OutboxRecovery(db, published.dispatch, recovery_seconds=10.0, clock=clock)
+        before = REGISTRY.get_sample_value("twofactor_outbox_expired_total", {"method": "email"}) or 0.0
+        clock.advance(h.settings.policy.code_ttl_seconds + 1)
+        recovery.run_once()
+        recovery.run_once()
+        [row] = query(
+            settings, "SELECT delivery_status FROM challenges WHERE challenge_id = %(c)s", {"c": challenge_id}
+        )
+        assert row["delivery_status"] == "expired"
+        after = REGISTRY.get_sample_value("twofactor_outbox_expired_total", {"method": "email"})
+        assert after == before + 1
+    finally:
+        db.close()
