@@ -56,6 +56,18 @@ def _code_of(context: grpc.ServicerContext, failed: bool) -> grpc.StatusCode:
     return grpc.StatusCode.UNKNOWN if failed else grpc.StatusCode.OK
 
 
+def _final_code(context: grpc.ServicerContext, failed: bool) -> grpc.StatusCode:
+    """A stream's code once the call is over (in a callback of context.add_callback). grpcio has no
+    public word for "the client cancelled": its server's state for the call says so
+    (grpc/_server.py, _receive_close_on_server; tests/server/test_metrics.py pins it)."""
+    code = context.code()  # type: ignore[attr-defined]  # set by abort() or set_code()
+    if isinstance(code, grpc.StatusCode):
+        return code
+    if getattr(getattr(context, "_state", None), "client", None) == "cancelled":
+        return grpc.StatusCode.CANCELLED
+    return grpc.StatusCode.UNKNOWN if failed else grpc.StatusCode.OK
+
+
 class MonitoringInterceptor(grpc.ServerInterceptor):
     """Request ids, log context and the grpc_server_* metrics, for every service (health too);
     and a cap on the streams that hold a thread.
@@ -192,7 +204,16 @@ def _streaming(
                 grpc.StatusCode.RESOURCE_EXHAUSTED,
                 f"{cap.most} streams are open on this server, the most at once; retry later",
             )
-        failed = True
+        failed = [True]  # until the responses end without an error
+
+        def over() -> None:  # grpc calls it once the call is over: its status sent, or the client gone
+            with logs.bind(request_id=request_id, method=method):
+                _handled(series, _final_code(context, failed[0]), started)
+
+        # Counted when the call is over, not when the responses end: a client's cancel can reach
+        # the handler as the end of its requests (the responses then end without an error) before
+        # grpc knows it was a cancel. A call already over is counted as the responses end.
+        counted_when_over = context.add_callback(over)
         try:
             with logs.bind(request_id=request_id, method=method):
                 responses = inner(request, context)
@@ -204,10 +225,11 @@ def _streaming(
                     except StopIteration:
                         break
                 yield response
-            failed = False
+            failed[0] = False
         finally:
             cap.slots.release()
-            with logs.bind(request_id=request_id, method=method):
-                _handled(series, _code_of(context, failed), started)
+            if not counted_when_over:
+                with logs.bind(request_id=request_id, method=method):
+                    _handled(series, _code_of(context, failed[0]), started)
 
     return handle
