@@ -3,9 +3,10 @@
 A first confirmation ran 21 statements (four UPDATEs of the user's row, an INSERT per backup
 code, two audit rows apart, a read of the epoch at the end); these write the same rows in 5:
 the method, the backup-code set (its DELETE and one INSERT), one UPDATE of the user that
-returns the new credential epoch, and the audit rows in one INSERT. With its two reads (the
-user, locked, and the methods) a first confirmation runs 7. Each is a HotStatement (prepared by
-name, run through libpq on PostgreSQL): a morning that enrolls a whole company runs them all.
+returns the new credential epoch, and the audit rows in one INSERT. With its three reads (the
+user, locked, the methods, and how the enrollment started) a first confirmation runs 8. Each
+write is a HotStatement (prepared by name, run through libpq on PostgreSQL): a morning that
+enrolls a whole company runs them all.
 """
 
 from __future__ import annotations

@@ -132,7 +132,7 @@ class Enrollment:
                 raise FailedPrecondition(
                     "NO_PENDING_ENROLLMENT", f"no {method} enrollment is pending; call StartEnrollment first"
                 )
-            if enabled and (refusal := _stale_start(tx, pending, methods, user.credential_epoch)):
+            if refusal := _stale_start(tx, pending, methods, user.credential_epoch, bool(enabled)):
                 raise FailedPrecondition(
                     "NO_PENDING_ENROLLMENT",
                     f"the pending {method} enrollment {refusal}; call StartEnrollment again",
@@ -216,16 +216,25 @@ class Enrollment:
             return remaining
 
 
-def _stale_start(tx: Transaction, pending: MethodRecord, methods: list[MethodRecord], epoch: int) -> str:
-    """Why a user with a usable method can't finish this pending enrollment ("" when they can).
+def _stale_start(
+    tx: Transaction, pending: MethodRecord, methods: list[MethodRecord], epoch: int, enrolled: bool
+) -> str:
+    """Why the user can't finish this pending enrollment ("" when they can); `enrolled`: whether
+    they have a usable method now.
 
-    One started when no method guarded the account had no step-up proof, and finishing it must
-    not step around one. One started with a proof no longer has it once the credential epoch
-    moved on (a method, backup codes or a contact changed since): its QR code, seen then, must
-    not add an authenticator later. For a start the previous release wrote (nothing recorded),
-    whether no method was enabled after it started, by the timestamps that release compared."""
+    One started when no method guarded the account had no step-up proof, and finishing it once
+    one does must not step around it. One started with a proof no longer has it once the
+    credential epoch moved on (a method, backup codes or a contact changed since), with or
+    without a method left: its QR code, seen then, must not add an authenticator later (not
+    even after the user turned their last method off). For a start the previous release wrote
+    (nothing recorded), whether no method was enabled after it started, by the timestamps that
+    release compared."""
     started = pending.pending_since or 0
     recorded = enrollments.enrollment_start(tx, pending.user_id, pending.method, started)
+    if not enrolled:  # only a start with a proof can lapse: one without needed none
+        if recorded is not None and recorded.with_proof and recorded.credential_epoch not in (None, epoch):
+            return "was started before the account's methods, backup codes or contacts last changed"
+        return ""
     if recorded is None:
         without_proof = any(m.enabled_at is not None and m.enabled_at > started for m in methods)
     else:

@@ -256,3 +256,41 @@ def test_a_contact_change_of_a_method_the_policy_no_longer_allows_is_not_listed(
     assert pending_changes(narrowed, "ana") == []
     refused = failed(lambda: confirm_contact(narrowed, "ana", EMAIL, code))
     assert error_info(refused).reason == "NO_PENDING_CONTACT_CHANGE"
+
+
+def test_an_enrollment_started_with_a_proof_lapses_when_the_last_method_is_turned_off(
+    h: Harness, sink: SmtpSink, clock: Clock
+) -> None:
+    """Turning the last method off changes the user's methods: a QR code shown under a proof of
+    the method turned off must not turn 2FA back on later, with a secret seen before the opt-out
+    (README: NO_PENDING_ENROLLMENT once the methods changed since the start)."""
+    enroll_email(h, sink, "ola", "ola@example.com")
+    token = email_token(h, sink, "ola")
+    start = h.twofactor.StartEnrollment(
+        pb.StartEnrollmentRequest(user_id="ola", method=AUTHENTICATOR, verification_token=token),
+        metadata=h.app_metadata,
+    )
+    disable(h, "ola", EMAIL, token)
+    refused = failed(
+        lambda: h.twofactor.ConfirmEnrollment(
+            pb.ConfirmEnrollmentRequest(
+                user_id="ola", method=AUTHENTICATOR, code=totp_now(start.authenticator.secret, clock)
+            ),
+            metadata=h.app_metadata,
+        )
+    )
+    assert error_info(refused).reason == "NO_PENDING_ENROLLMENT"
+    status = h.twofactor.GetStatus(pb.GetStatusRequest(user_id="ola"), metadata=h.app_metadata)
+    assert list(status.enabled_methods) == [] and status.backup_codes_remaining == 0
+
+    # Opting in again (no method left: no proof needed) starts afresh and confirms.
+    again = h.twofactor.StartEnrollment(
+        pb.StartEnrollmentRequest(user_id="ola", method=AUTHENTICATOR), metadata=h.app_metadata
+    )
+    confirmed = h.twofactor.ConfirmEnrollment(
+        pb.ConfirmEnrollmentRequest(
+            user_id="ola", method=AUTHENTICATOR, code=totp_now(again.authenticator.secret, clock)
+        ),
+        metadata=h.app_metadata,
+    )
+    assert confirmed.confirmed and len(confirmed.backup_codes) == 10
