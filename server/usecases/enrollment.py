@@ -188,12 +188,14 @@ class Enrollment:
         self, user_id: str, method: str, *, verification_token: str, caller: Caller
     ) -> tuple[str, ...]:
         """Turn a method off; return the methods left. With force-2FA the last one stays;
-        with no method left the backup codes go too (nothing left for them to back up).
+        with no method left the backup codes go too (nothing left for them to back up). A
+        method the policy no longer allows is still left: allowed again, it verifies again.
 
         Invariant: only with a step-up proof (require_step_up)."""
         with self._db.transaction() as tx:
             user = existing_user(tx, user_id, lock=True)
-            enabled = usable_methods(store.methods_of(tx, user_id), self._policy)
+            methods = store.methods_of(tx, user_id)
+            enabled = usable_methods(methods, self._policy)
             now = now_ms(self._clock)
             require_step_up(self._keyring, self._policy, user, enabled, verification_token, caller, now)
             if method not in enabled:
@@ -209,7 +211,7 @@ class Enrollment:
             # Its codes in flight (a login's, a contact change's) stop working: enabled again
             # later, perhaps for another address, the method must not accept them.
             store.withdraw_codes_sent_elsewhere(tx, user_id, method, "", now)
-            if not remaining:
+            if not any(m.enabled and m.method != method for m in methods):
                 store.delete_backup_codes(tx, user_id)
             audit.record(tx, caller, now, user_id, "method_disabled", detail=method)
             self._notices.add(tx, user.email, user_id, "method_disabled", now, method=method_name(method))

@@ -7,14 +7,22 @@ import pytest
 from twofactor.v1 import twofactor_service_pb2 as pb
 
 from tests.conftest import Clock, Harness, ServerFactory
+from tests.server import test_contact_change as contact_change
 from tests.server.helpers import (
     AUTHENTICATOR,
+    EMAIL,
     enroll_authenticator,
     error_info,
     totp_now,
     verified_token,
     verify,
 )
+from tests.server.test_contact_change import email_token, enroll_email
+from tests.smtp_sink import SmtpSink
+
+# The fixtures of test_contact_change: an SMTP sink, and a server delivering to it.
+sink = contact_change.sink
+h = contact_change.h
 
 
 def status(h: Harness, user_id: str) -> pb.GetStatusResponse:
@@ -91,3 +99,45 @@ def test_confirming_while_locked_is_refused_with_retry_after(harness: Harness, c
     assert raised.value.code() == grpc.StatusCode.FAILED_PRECONDITION
     info = error_info(raised.value)
     assert info.reason == "USER_LOCKED" and float(info.metadata["retry_after_seconds"]) == 60
+
+
+def test_turning_off_the_last_allowed_method_keeps_the_backup_codes_of_one_still_enabled(
+    h: Harness, sink: SmtpSink, start_server: ServerFactory, clock: Clock
+) -> None:
+    """A method the policy no longer allows is still the user's: when the policy allows it again
+    it verifies again, so the backup codes that back it up must still be there (README: with no
+    method left the backup codes go too; here one is left)."""
+    enroll_email(h, sink, "pat", "pat@example.com")
+    token = email_token(h, sink, "pat")
+    start = h.twofactor.StartEnrollment(
+        pb.StartEnrollmentRequest(user_id="pat", method=AUTHENTICATOR, verification_token=token),
+        metadata=h.app_metadata,
+    )
+    confirmed = h.twofactor.ConfirmEnrollment(
+        pb.ConfirmEnrollmentRequest(
+            user_id="pat", method=AUTHENTICATOR, code=totp_now(start.authenticator.secret, clock)
+        ),
+        metadata=h.app_metadata,
+    )
+    assert confirmed.confirmed
+    clock.advance(30)
+    backup = h.twofactor.GetBackupCodes(
+        pb.GetBackupCodesRequest(user_id="pat", verification_token=confirmed.verification_token),
+        metadata=h.app_metadata,
+    ).codes
+    assert len(backup) == 10
+    h.server.stop(grace=None)
+
+    narrowed = start_server(policy={"allowed_methods": ("authenticator", "sms")})
+    token = verified_token(narrowed, clock, "pat", start.authenticator.secret)
+    narrowed.twofactor.DisableMethod(
+        pb.DisableMethodRequest(user_id="pat", method=AUTHENTICATOR, verification_token=token),
+        metadata=narrowed.app_metadata,
+    )
+    narrowed.server.stop(grace=None)
+
+    widened = start_server()
+    assert list(status(widened, "pat").enabled_methods) == [EMAIL]
+    assert status(widened, "pat").backup_codes_remaining == 10
+    answer = verify(widened, "pat", backup[0])
+    assert answer.result == pb.VERIFY_RESULT_ACCEPTED and answer.backup_codes_remaining == 9
