@@ -102,11 +102,14 @@ def status(state: UserState | None, policy: PolicySettings) -> tf_pb.GetStatusRe
     allowed = methods(policy.allowed_methods)
     if state is None:
         return tf_pb.GetStatusResponse(enrollment_required=policy.force_two_factor, allowed_methods=allowed)
+    # What the user can use: a method the policy no longer allows verifies nothing, and its
+    # pending enrollment can't be confirmed (METHOD_NOT_ALLOWED).
     enabled = tuple(m for m in state.enabled_methods if m in policy.allowed_methods)
+    pending = tuple(m for m in state.pending_methods if m in policy.allowed_methods)
     return tf_pb.GetStatusResponse(
         enabled_methods=methods(enabled),
         enrollment_required=policy.force_two_factor and not enabled,
-        pending_methods=methods(state.pending_methods),
+        pending_methods=methods(pending),
         backup_codes_remaining=state.backup_codes_remaining,
         locked_until=timestamp(state.lock.until_ms) if state.lock else None,
         email_registered=bool(state.email),

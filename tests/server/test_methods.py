@@ -141,3 +141,26 @@ def test_turning_off_the_last_allowed_method_keeps_the_backup_codes_of_one_still
     assert status(widened, "pat").backup_codes_remaining == 10
     answer = verify(widened, "pat", backup[0])
     assert answer.result == pb.VERIFY_RESULT_ACCEPTED and answer.backup_codes_remaining == 9
+
+
+def test_get_status_lists_no_pending_enrollment_of_a_method_the_policy_no_longer_allows(
+    start_server: ServerFactory, clock: Clock
+) -> None:
+    """GetStatus lists what the user can use: an enrollment of a method the policy no longer
+    allows can't be confirmed (METHOD_NOT_ALLOWED), so a login page must not offer to finish it."""
+    h = start_server()
+    h.twofactor.StartEnrollment(
+        pb.StartEnrollmentRequest(user_id="halfway", method=AUTHENTICATOR), metadata=h.app_metadata
+    )
+    assert list(status(h, "halfway").pending_methods) == [AUTHENTICATOR]
+    h.server.stop(grace=None)
+
+    narrowed = start_server(policy={"allowed_methods": ("email", "sms"), "force_two_factor": True})
+    after = status(narrowed, "halfway")
+    assert list(after.pending_methods) == [] and after.enrollment_required
+    with pytest.raises(grpc.RpcError) as raised:
+        narrowed.twofactor.ConfirmEnrollment(
+            pb.ConfirmEnrollmentRequest(user_id="halfway", method=AUTHENTICATOR, code="123456"),
+            metadata=narrowed.app_metadata,
+        )
+    assert error_info(raised.value).reason == "METHOD_NOT_ALLOWED"

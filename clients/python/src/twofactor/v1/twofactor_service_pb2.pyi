@@ -218,7 +218,7 @@ class GetStatusResponse(_message.Message):
 
     @_builtins.property
     def pending_methods(self) -> _containers.RepeatedScalarFieldContainer[_common_pb2.Method.ValueType]:
-        """Methods with an enrollment started but not yet confirmed."""
+        """Methods the policy allows with an enrollment started but not yet confirmed."""
 
     @_builtins.property
     def locked_until(self) -> _timestamp_pb2.Timestamp:
