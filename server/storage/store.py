@@ -122,11 +122,12 @@ def unlock(tx: Transaction, user_id: str) -> None:
     )
 
 
-def reset_user(tx: Transaction, user_id: str) -> None:
-    """Forget everything enrolled; keep the contacts and the history."""
+def reset_user(tx: Transaction, user_id: str) -> bool:
+    """Forget everything enrolled; keep the contacts and the history. Whether there was a method
+    (enabled or pending) or a backup code to forget (every code in flight is a method's)."""
     params = {"u": user_id, "why": WITHDRAWN_REASON}
-    tx.execute("DELETE FROM methods WHERE user_id = %(u)s", params)
-    delete_backup_code_rows(tx, user_id)
+    forgotten = tx.execute("DELETE FROM methods WHERE user_id = %(u)s", params)
+    forgotten += tx.execute("DELETE FROM backup_codes WHERE user_id = %(u)s", params)
     tx.execute(
         "UPDATE challenges SET superseded_at = COALESCE(superseded_at, updated_at), code_ciphertext = NULL, "  # noqa: S608
         f"{_CLOSE_QUEUED} WHERE user_id = %(u)s AND consumed_at IS NULL AND purpose <> 'notice'",
@@ -137,6 +138,7 @@ def reset_user(tx: Transaction, user_id: str) -> None:
         f"backup_codes_generated_at = NULL, {_NEW_EPOCH} WHERE user_id = %(u)s",
         params,
     )
+    return forgotten > 0
 
 
 def withdraw_codes_sent_elsewhere(

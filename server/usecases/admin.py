@@ -61,9 +61,12 @@ class Admin:
             raise FailedPrecondition("ADMIN_RESET_DISABLED", "the policy does not allow admin resets")
         with self._db.transaction() as tx:
             user = existing_user(tx, user_id, lock=True)
-            store.reset_user(tx, user_id)
+            forgotten = store.reset_user(tx, user_id)
             self._audit(tx, caller, user_id, "user_reset", reason)
-            self._notices.add(tx, user.email, user_id, "admin_reset", self._now_ms())
+            if forgotten or user.failed_attempts or user.locked_until is not None:
+                # Told only of a reset that changed something: not of a retry, nor of one with
+                # nothing enrolled.
+                self._notices.add(tx, user.email, user_id, "admin_reset", self._now_ms())
             return load_state(tx, existing_user(tx, user_id), self._policy, self._now_ms())
 
     def unlock_user(self, user_id: str, *, caller: Caller) -> UserState:

@@ -194,3 +194,25 @@ def test_notices_count_toward_no_send_limit_and_replace_no_code(
     assert verify(h, "ed", login_code).result == pb.VERIFY_RESULT_ACCEPTED
     clock.advance(31)
     h.twofactor.SendCode(pb.SendCodeRequest(user_id="ed", method=EMAIL), metadata=app)  # not USER_SEND_LIMIT
+
+
+def test_a_reset_that_finds_nothing_to_reset_mails_no_notice(
+    start_server: ServerFactory, sink: SmtpSink, clock: Clock
+) -> None:
+    """A ResetUser sent again (a retry) or of a user with nothing enrolled changes nothing: the
+    user is not told that their second factor was reset (every reset is still audited)."""
+    h = start(start_server, sink)
+    for user in ("fay", "gus"):
+        h.twofactor.SetContact(
+            pb.SetContactRequest(user_id=user, email=f"{user}@example.com"), metadata=h.app_metadata
+        )
+    enroll_authenticator(h, clock, "fay")  # gus enrolls nothing
+    for user in ("fay", "fay", "gus"):
+        h.admin.ResetUser(
+            admin_pb.ResetUserRequest(user_id=user, reason="lost phone"), metadata=h.admin_metadata
+        )
+    sink.message_to("fay@example.com", SUBJECTS["admin_reset"])
+    resets = "SELECT user_id, COUNT(*) AS n FROM challenges WHERE notice = 'admin_reset' GROUP BY user_id"
+    assert {r["user_id"]: r["n"] for r in query(h.settings, resets)} == {"fay": 1}
+    audited = "SELECT COUNT(*) AS n FROM audit_events WHERE action = 'user_reset'"
+    assert query(h.settings, audited)[0]["n"] == 3
