@@ -98,7 +98,7 @@ class Challenges:
         checked under the user's row lock and the destination's lock, so they hold exactly
         across concurrent calls and server processes (cooldown=False: all but the cooldown, for
         the second code of one call that sends two); a repeated idempotency key within its
-        window returns the first challenge and sends nothing; only a committed row is
+        window (for the same method) returns the first challenge and sends nothing; only a committed row is
         published, since the worker reads it back by id.
 
         A new code becomes live, and supersedes the user's older codes, only once its
@@ -138,6 +138,7 @@ class Challenges:
                 earlier = outbox.challenge_by_idempotency_key(tx, user_id, idempotency_key)
                 if (
                     earlier is not None
+                    and earlier.method == method  # the key sent again for another method: a new request
                     and earlier.created_at > requested - policy.idempotency_window_seconds * 1000
                 ):
                     return self._view(tx, earlier)

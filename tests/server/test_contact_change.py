@@ -562,3 +562,41 @@ def sms_deliveries(outcome: str) -> float:
         and sample.labels["method"] == "sms"
         and sample.labels["outcome"] == outcome
     )
+
+
+def test_an_idempotency_key_sent_again_for_the_other_method_sends_that_methods_code(
+    h: Harness, sink: SmtpSink
+) -> None:
+    """A login page that keys its sends by the login attempt ("email me a code", then "text me
+    instead") must get the text: the same key for another method is another request, not a retry
+    of the first, whose email challenge would come back and leave the user waiting for a text."""
+    h.twofactor.SetContact(
+        pb.SetContactRequest(user_id="ivy", email="ivy@example.com", phone="+14155550142"),
+        metadata=h.app_metadata,
+    )
+    h.twofactor.StartEnrollment(pb.StartEnrollmentRequest(user_id="ivy", method=SMS), metadata=h.app_metadata)
+    enroll_text = wait_for_text("+14155550142")
+    confirm = h.twofactor.ConfirmEnrollment(
+        pb.ConfirmEnrollmentRequest(user_id="ivy", method=SMS, code=sms_code(enroll_text)),
+        metadata=h.app_metadata,
+    )
+    before = len(sink.messages)
+    h.twofactor.StartEnrollment(
+        pb.StartEnrollmentRequest(user_id="ivy", method=EMAIL, verification_token=confirm.verification_token),
+        metadata=h.app_metadata,
+    )
+    code = code_in(sink.message_to("ivy@example.com", "Confirm", after=before))
+    assert h.twofactor.ConfirmEnrollment(
+        pb.ConfirmEnrollmentRequest(user_id="ivy", method=EMAIL, code=code), metadata=h.app_metadata
+    ).confirmed
+
+    def send(method: int) -> pb.Challenge:
+        request = pb.SendCodeRequest(user_id="ivy", method=method, idempotency_key="login-9")
+        return h.twofactor.SendCode(request, metadata=h.app_metadata).challenge
+
+    by_email = send(EMAIL)
+    by_text = send(SMS)
+    assert by_text.method == SMS and by_text.challenge_id != by_email.challenge_id
+    text = wait_for_text("+14155550142", after=enroll_text)
+    assert verify(h, "ivy", sms_code(text)).result == pb.VERIFY_RESULT_ACCEPTED
+    assert send(SMS).challenge_id == by_text.challenge_id  # a retry of the text: the same challenge

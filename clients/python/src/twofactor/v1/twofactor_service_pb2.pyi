@@ -698,7 +698,8 @@ class SendCodeRequest(_message.Message):
     """METHOD_EMAIL or METHOD_SMS, enabled for this user."""
     idempotency_key: _builtins.str
     """Optional, up to 128 bytes: a retried call with the same key returns the
-    first call's challenge and sends nothing.
+    first call's challenge and sends nothing. The same key with the other
+    method is another request: it sends that method's code (and takes the key).
     """
     locale: _builtins.str
     """BCP 47 language of the message ("en" when empty or unknown)."""
