@@ -146,6 +146,10 @@ class Challenges:
                     outbox.forget_idempotency_key(tx, earlier.challenge_id)
             refuse_if_locked(sender, policy, now)  # its codes would be refused until the lock ends
             self._enforce_send_limits(recent, now, cooldown=cooldown)
+            if recent.last_ms is not None and now <= recent.last_ms:
+                # The user's sends are in the order of their locks; their times say so too, one
+                # millisecond apart at least, so "newest" (the code that counts) is never a tie.
+                now = recent.last_ms + 1
             if method == SMS:
                 take_sms_quota(tx, destination, policy, now)
             code = one_time_codes.new_code(policy.code_length)
@@ -242,7 +246,8 @@ class Challenges:
         policy = self._policy
         last = recent.last_ms
         cooldown_ends = (last or 0) + policy.resend_cooldown_seconds * 1000
-        if cooldown and last is not None and cooldown_ends > now:
+        # No cooldown set: none, though the last send's time may be a millisecond ahead (send()).
+        if cooldown and policy.resend_cooldown_seconds and last is not None and cooldown_ends > now:
             metrics.send_refused("RESEND_TOO_SOON")
             raise ResourceExhausted(
                 "RESEND_TOO_SOON",
