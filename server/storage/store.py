@@ -156,6 +156,17 @@ def withdraw_codes_sent_elsewhere(
     )
 
 
+def count_notices_to(tx: Transaction, destination: str, *, since_ms: int) -> int:
+    """Notices written to `destination` after `since_ms` (challenges_by_destination)."""
+    row = tx.one(
+        "SELECT COUNT(*) AS n FROM challenges WHERE destination = %(d)s AND created_at > %(since)s "
+        "AND purpose = 'notice'",
+        {"d": destination, "since": since_ms},
+    )
+    assert row is not None
+    return int(row["n"])
+
+
 def list_users(tx: Transaction, *, after: str, limit: int, enabled: bool | None) -> list[UserRecord]:
     condition = ""
     if enabled is not None:

@@ -5,7 +5,8 @@ regenerated, an admin reset, a lockout), so a change they did not make does not 
 A notice is an outbox row (purpose 'notice') written in the transaction of the change it
 reports: it is sent if and only if the change commits, by the same workers, retries and
 recovery as a code. Its detail is sealed like a code and wiped once sent. It counts toward
-no send limit and supersedes nothing. It is published once the transaction has committed;
+no send limit and supersedes nothing; an address no email method confirmed gets a few an
+hour (_over_the_cap). It is published once the transaction has committed;
 a publish that fails is left to outbox recovery (delivery/recovery.py), never to the caller:
 the change itself succeeded.
 """
@@ -19,12 +20,13 @@ import uuid
 from typing import TYPE_CHECKING
 
 from twofactor_server.delivery.messages import NOTICES
+from twofactor_server.domain import contacts
 from twofactor_server.domain.clock import Clock, now_ms
 from twofactor_server.domain.errors import Unavailable
 from twofactor_server.domain.keyring import CHALLENGE_CODE, Keyring
 from twofactor_server.observability import metrics
 from twofactor_server.settings import PolicySettings
-from twofactor_server.storage import outbox
+from twofactor_server.storage import outbox, store
 from twofactor_server.storage.database import Database, Transaction
 from twofactor_server.storage.records import NewChallenge
 
@@ -36,6 +38,11 @@ log = logging.getLogger(__name__)
 NOTICE = "notice"
 # Delivery is retried for this long; a notice a day late still tells of the change.
 NOTICE_LIFETIME_MS = 24 * 3_600_000
+# Notices to an address that no enabled email method confirmed, per address and hour. Without a
+# method on, SetContact applies at once and without step-up, so an account switched back and
+# forth between someone else's address and its own would mail that address without end.
+NOTICES_PER_UNCONFIRMED_ADDRESS_PER_HOUR = 10
+HOUR_MS = 3_600_000
 METHOD_NAMES = {"authenticator": "authenticator app", "email": "email code", "sms": "text message (SMS) code"}
 CONTACT_NAMES = {"email": "email address", "phone": "mobile number"}
 
@@ -59,6 +66,16 @@ class Notices:
             return
         if notice not in NOTICES:
             raise ValueError(f"unknown notice {notice!r}")
+        if self._over_the_cap(tx, to, user_id, now):
+            log.warning(
+                "notice %s for user %s not sent: %s had %d notices in the last hour and no email method "
+                "of this user confirmed it",
+                notice,
+                user_id,
+                contacts.mask_email(to),
+                NOTICES_PER_UNCONFIRMED_ADDRESS_PER_HOUR,
+            )
+            return
         notice_id = uuid.uuid4().hex
         detail = {**variables, "when": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(now / 1000))}
         outbox.insert_challenge(
@@ -82,6 +99,14 @@ class Notices:
             ),
         )
         tx.after_commit(lambda: self._publish(notice_id, notice))
+
+    def _over_the_cap(self, tx: Transaction, to: str, user_id: str, now: int) -> bool:
+        """Whether `to` already had its hour's notices and no email method of this user confirmed it
+        (a confirmed address hears of every change: a flood can't silence its owner's notices)."""
+        if any(m.method == "email" and m.enabled for m in store.methods_of(tx, user_id)):
+            return False
+        sent = store.count_notices_to(tx, to, since_ms=now - HOUR_MS)
+        return sent >= NOTICES_PER_UNCONFIRMED_ADDRESS_PER_HOUR
 
     def _publish(self, notice_id: str, notice: str) -> None:
         # Queued once committed, whether this publish works or outbox recovery's later one does.

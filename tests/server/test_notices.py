@@ -17,6 +17,7 @@ from tests.server.helpers import AUTHENTICATOR, EMAIL, enroll_authenticator, tot
 from tests.server.stored_rows import query
 from tests.smtp_sink import SmtpSink, code_in, running_sink
 from twofactor_server.storage import keys
+from twofactor_server.usecases.notices import NOTICES_PER_UNCONFIRMED_ADDRESS_PER_HOUR
 
 # The subject of each notice, as the English templates word it (issuer "twofactor").
 SUBJECTS = {
@@ -216,3 +217,54 @@ def test_a_reset_that_finds_nothing_to_reset_mails_no_notice(
     assert {r["user_id"]: r["n"] for r in query(h.settings, resets)} == {"fay": 1}
     audited = "SELECT COUNT(*) AS n FROM audit_events WHERE action = 'user_reset'"
     assert query(h.settings, audited)[0]["n"] == 3
+
+
+def test_notices_to_an_address_no_email_method_confirmed_are_capped_per_hour(
+    start_server: ServerFactory, sink: SmtpSink, clock: Clock
+) -> None:
+    """SetContact applies at once, with no step-up, for a user with no method on, and tells the old
+    address: a caller that switches an account's address back and forth between someone else's and
+    its own would mail that address without end (notices count toward no send limit). An address
+    no email method confirmed gets at most NOTICES_PER_UNCONFIRMED_ADDRESS_PER_HOUR an hour; the
+    changes still apply, and an address confirmed by a code still hears of every change."""
+    h = start(start_server, sink)
+    app = h.app_metadata
+    rounds = NOTICES_PER_UNCONFIRMED_ADDRESS_PER_HOUR + 5
+    for _ in range(rounds):
+        for address in ("victim@example.com", "mallory@example.com"):
+            changed = h.twofactor.SetContact(
+                pb.SetContactRequest(user_id="mallory", email=address), metadata=app
+            )
+            assert changed.masked_email == f"{address[0]}***@example.com"
+    sql = "SELECT COUNT(*) AS n FROM challenges WHERE purpose = 'notice' AND destination = %(d)s"
+    assert (
+        query(h.settings, sql, {"d": "victim@example.com"})[0]["n"]
+        == NOTICES_PER_UNCONFIRMED_ADDRESS_PER_HOUR
+    )
+
+    clock.advance(3601)  # an hour later the address hears of a change again
+    h.twofactor.SetContact(pb.SetContactRequest(user_id="mallory", email="victim@example.com"), metadata=app)
+    h.twofactor.SetContact(pb.SetContactRequest(user_id="mallory", email="x@example.com"), metadata=app)
+    assert (
+        query(h.settings, sql, {"d": "victim@example.com"})[0]["n"]
+        == NOTICES_PER_UNCONFIRMED_ADDRESS_PER_HOUR + 1
+    )
+
+    # An address its user confirmed (the email method is on) hears of every change, cap or not.
+    h.twofactor.SetContact(pb.SetContactRequest(user_id="owner", email="owner@example.com"), metadata=app)
+    before = len(sink.messages)
+    h.twofactor.StartEnrollment(pb.StartEnrollmentRequest(user_id="owner", method=EMAIL), metadata=app)
+    code = code_in(sink.message_to("owner@example.com", "Confirm", after=before))
+    confirmed = h.twofactor.ConfirmEnrollment(
+        pb.ConfirmEnrollmentRequest(user_id="owner", method=EMAIL, code=code), metadata=app
+    )
+    for _ in range(NOTICES_PER_UNCONFIRMED_ADDRESS_PER_HOUR + 2):
+        h.twofactor.GetBackupCodes(
+            pb.GetBackupCodesRequest(user_id="owner", verification_token=confirmed.verification_token),
+            metadata=app,
+        )
+    viewed = sql + " AND user_id = 'owner' AND notice = 'backup_codes_viewed'"
+    assert (
+        query(h.settings, viewed, {"d": "owner@example.com"})[0]["n"]
+        == NOTICES_PER_UNCONFIRMED_ADDRESS_PER_HOUR + 2
+    )
