@@ -55,6 +55,10 @@ SERVICE_NAMES = (
     twofactor_service_pb2.DESCRIPTOR.services_by_name["TwoFactorService"].full_name,
     admin_service_pb2.DESCRIPTOR.services_by_name["AdminService"].full_name,
 )
+# The largest request a twofactor RPC takes at its fields' limits is a few kilobytes. gRPC's default
+# (4 MiB) let a caller with no token make the server read and hold 4 MiB per call before the token
+# was looked at (a thousand calls at once: 1.6 GB); past this, a call is refused at its first bytes.
+MAX_REQUEST_BYTES = 64 * 1024
 
 
 @dataclass
@@ -137,7 +141,13 @@ def create_server(
             HandlerPool(max_workers=settings.max_workers, thread_name_prefix="rpc"),
             # A stream holds a handler thread while open: a quarter of them at most (one at least).
             interceptors=[MonitoringInterceptor(max(1, settings.max_workers // 4)), ApiInterceptor(tokens)],
-            options=[("grpc.so_reuseport", 1 if reuse_port else 0)],
+            options=[
+                ("grpc.so_reuseport", 1 if reuse_port else 0),
+                ("grpc.max_receive_message_length", MAX_REQUEST_BYTES),
+                # BDP probing grows each stream's receive window to megabytes, which a caller fills
+                # before the size check refuses its call: requests are small, the default 64 KiB do.
+                ("grpc.http2.bdp_probe", 0),
+            ],
         )
         twofactor_service_pb2_grpc.add_TwoFactorServiceServicer_to_server(twofactor_servicer, grpc_server)
         admin_service_pb2_grpc.add_AdminServiceServicer_to_server(
