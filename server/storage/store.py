@@ -122,12 +122,11 @@ def unlock(tx: Transaction, user_id: str) -> None:
     )
 
 
-def reset_user(tx: Transaction, user_id: str) -> bool:
-    """Forget everything enrolled; keep the contacts and the history. Whether there was a method
-    (enabled or pending) or a backup code to forget (every code in flight is a method's)."""
+def reset_user(tx: Transaction, user_id: str) -> None:
+    """Forget everything enrolled; keep the contacts and the history."""
     params = {"u": user_id, "why": WITHDRAWN_REASON}
-    forgotten = tx.execute("DELETE FROM methods WHERE user_id = %(u)s", params)
-    forgotten += tx.execute("DELETE FROM backup_codes WHERE user_id = %(u)s", params)
+    tx.execute("DELETE FROM methods WHERE user_id = %(u)s", params)
+    tx.execute("DELETE FROM backup_codes WHERE user_id = %(u)s", params)
     tx.execute(
         "UPDATE challenges SET superseded_at = COALESCE(superseded_at, updated_at), code_ciphertext = NULL, "  # noqa: S608
         f"{_CLOSE_QUEUED} WHERE user_id = %(u)s AND consumed_at IS NULL AND purpose <> 'notice'",
@@ -138,7 +137,6 @@ def reset_user(tx: Transaction, user_id: str) -> bool:
         f"backup_codes_generated_at = NULL, {_NEW_EPOCH} WHERE user_id = %(u)s",
         params,
     )
-    return forgotten > 0
 
 
 def withdraw_codes_sent_elsewhere(

@@ -61,12 +61,14 @@ class Admin:
             raise FailedPrecondition("ADMIN_RESET_DISABLED", "the policy does not allow admin resets")
         with self._db.transaction() as tx:
             user = existing_user(tx, user_id, lock=True)
-            forgotten = store.reset_user(tx, user_id)
-            self._audit(tx, caller, user_id, "user_reset", reason)
-            if forgotten or user.failed_attempts or user.locked_until is not None:
-                # Told only of a reset that changed something: not of a retry, nor of one with
-                # nothing enrolled.
+            # Told only of a reset that changes something (not a retry, nor one with nothing
+            # enrolled), and before it: the notice is judged by the address as the user's methods
+            # had it (a confirmed one hears of every change, Notices._over_the_cap).
+            enrolled = store.methods_of(tx, user_id) or store.count_unused_backup_codes(tx, user_id)
+            if enrolled or user.failed_attempts or user.locked_until is not None:
                 self._notices.add(tx, user.email, user_id, "admin_reset", self._now_ms())
+            store.reset_user(tx, user_id)
+            self._audit(tx, caller, user_id, "user_reset", reason)
             return load_state(tx, existing_user(tx, user_id), self._policy, self._now_ms())
 
     def unlock_user(self, user_id: str, *, caller: Caller) -> UserState:

@@ -207,6 +207,9 @@ class Enrollment:
                     "the policy requires two-factor authentication; "
                     "enable another method before disabling this one",
                 )
+            # Before the method goes: the notice is judged by the address as the method confirmed it
+            # (Notices._over_the_cap); turning email off is what its owner most needs to hear of.
+            self._notices.add(tx, user.email, user_id, "method_disabled", now, method=method_name(method))
             store.delete_method(tx, user_id, method)
             # Its codes in flight (a login's, a contact change's) stop working: enabled again
             # later, perhaps for another address, the method must not accept them.
@@ -214,7 +217,6 @@ class Enrollment:
             if not any(m.enabled and m.method != method for m in methods):
                 store.delete_backup_codes(tx, user_id)
             audit.record(tx, caller, now, user_id, "method_disabled", detail=method)
-            self._notices.add(tx, user.email, user_id, "method_disabled", now, method=method_name(method))
             return remaining
 
 

@@ -268,3 +268,35 @@ def test_notices_to_an_address_no_email_method_confirmed_are_capped_per_hour(
         query(h.settings, viewed, {"d": "owner@example.com"})[0]["n"]
         == NOTICES_PER_UNCONFIRMED_ADDRESS_PER_HOUR + 2
     )
+
+
+def test_a_flood_of_another_accounts_notices_cant_silence_the_turning_off_or_reset_of_a_confirmed_address(
+    start_server: ServerFactory, sink: SmtpSink, clock: Clock
+) -> None:
+    """Turning the email method off, or an admin reset, is what its owner most needs to hear of,
+    and the change removes the method that confirmed the address: the notice is judged by the
+    address as it was, confirmed, however many notices another account sent it this hour."""
+    h = start(start_server, sink)
+    app = h.app_metadata
+    tokens = {}
+    for user in ("vic", "val"):
+        h.twofactor.SetContact(pb.SetContactRequest(user_id=user, email=f"{user}@example.com"), metadata=app)
+        before = len(sink.messages)
+        h.twofactor.StartEnrollment(pb.StartEnrollmentRequest(user_id=user, method=EMAIL), metadata=app)
+        code = code_in(sink.message_to(f"{user}@example.com", "Confirm", after=before))
+        tokens[user] = h.twofactor.ConfirmEnrollment(
+            pb.ConfirmEnrollmentRequest(user_id=user, method=EMAIL, code=code), metadata=app
+        ).verification_token
+        for _ in range(NOTICES_PER_UNCONFIRMED_ADDRESS_PER_HOUR + 1):  # another account's flood
+            for address in (f"{user}@example.com", "mallory@example.com"):
+                h.twofactor.SetContact(pb.SetContactRequest(user_id="mallory", email=address), metadata=app)
+
+    h.twofactor.DisableMethod(
+        pb.DisableMethodRequest(user_id="vic", method=EMAIL, verification_token=tokens["vic"]), metadata=app
+    )
+    h.admin.ResetUser(
+        admin_pb.ResetUserRequest(user_id="val", reason="lost phone"), metadata=h.admin_metadata
+    )
+    sql = "SELECT notice FROM challenges WHERE purpose = 'notice' AND user_id = %(u)s ORDER BY created_at"
+    assert [r["notice"] for r in query(h.settings, sql, {"u": "vic"})] == ["method_added", "method_disabled"]
+    assert [r["notice"] for r in query(h.settings, sql, {"u": "val"})] == ["method_added", "admin_reset"]
