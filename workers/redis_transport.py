@@ -100,7 +100,7 @@ class QoS(kombu_redis.QoS):
         """A connection of the channel's pool kept for these transactions: taking one from the
         pool and giving it back each time (a poll of the socket, redis-py's connection events)
         cost about as much as the transaction. A new one comes with a new pool."""
-        pool = self.channel.pool
+        pool = self.channel.live_pool()
         if self._kept is None or self._kept[0] is not pool:
             self._kept = (pool, pool.get_connection())
         return self._kept[1]
@@ -123,9 +123,18 @@ class Channel(kombu_redis.Channel):
             yield client
             return
         kept = self._kept_client
-        if kept is None or kept.connection_pool is not self.pool:
+        if kept is None or kept.connection_pool is not self.live_pool():
             kept = self._kept_client = self._create_client()  # type: ignore[no-untyped-call]
         yield kept
+
+    def live_pool(self) -> Any:
+        """The channel's pool. Once a lost connection closed the transport, a ConnectionError, as
+        kombu's closing code expects (its unacknowledged messages then stay recorded in Redis, and
+        come back after the visibility timeout): kombu's `pool` would make a new pool from settings
+        the closed transport no longer has, and its AttributeError stopped the worker for good."""
+        if self._pool is None and self.connection.client is None:
+            raise redis.ConnectionError("the connection to the broker was closed")
+        return self.pool
 
 
 class Transport(kombu_redis.Transport):

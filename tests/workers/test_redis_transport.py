@@ -117,3 +117,22 @@ def test_an_acknowledgement_redis_missed_frees_the_consumers_slot(queue: str, tm
         server.stop()
         message.ack()  # one error line, no exception into the worker's consumer
         assert channel.qos.can_consume()
+
+
+def test_a_channel_closed_after_its_transport_restores_nothing_and_raises_a_connection_error(
+    queue: str, tmp_path: Path
+) -> None:
+    """Celery, on a lost broker connection, may close a channel (restoring its unacknowledged
+    messages) after the connection closed the transport: a connection error, which kombu's closing
+    ignores (the records stay in Redis, to come back after the visibility timeout), never the
+    AttributeError of a pool made from the settings the transport no longer has, which stopped
+    the worker ("Unrecoverable error")."""
+    with private_redis(tmp_path) as server:
+        connection = Connection(server.url, transport=Transport)
+        channel, message = _taken_unacknowledged(connection, queue, {"n": 7})
+        server.stop()
+        channel._disconnect_pools()  # what closing after the lost connection did first
+        connection.transport.client = None  # the transport closed (Connection._do_close_transport)
+        connection.maybe_close_channel(channel)  # ignores connection errors only
+        assert channel.closed
+        message.ack()  # one error line, as for any acknowledgement Redis missed

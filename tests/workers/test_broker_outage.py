@@ -1,0 +1,85 @@
+"""Redis killed under a worker that is busy: the worker rides it out (it reconnects, it does not
+exit) and every code acknowledged before, during and after the outage is delivered, once.
+The broker is a private redis-server: the shared one is never stopped."""
+
+from __future__ import annotations
+
+import itertools
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import grpc
+from twofactor.v1 import common_pb2
+from twofactor.v1 import twofactor_service_pb2 as pb
+
+from tests.conftest import Harness, ServerFactory
+from tests.server.helpers import EMAIL
+from tests.smtp_sink import SmtpSink
+from tests.workers.celery_harness import Workers, celery_server, challenge_status, private_redis, register
+
+SENT = common_pb2.DELIVERY_STATUS_SENT
+
+
+def _flood(h: Harness, prefix: str, stop: threading.Event, acknowledged: list[tuple[str, str]]) -> None:
+    """An email enrollment for one new user after another until `stop`: a code each, none replaced."""
+    for n in itertools.count():
+        if stop.is_set():
+            return
+        user_id = f"{prefix}-{n}"
+        try:
+            register(h, user_id)
+            challenge = h.twofactor.StartEnrollment(
+                pb.StartEnrollmentRequest(user_id=user_id, method=EMAIL), metadata=h.app_metadata, timeout=10
+            ).challenge
+        except grpc.RpcError as error:
+            assert error.code() == grpc.StatusCode.UNAVAILABLE, error  # type: ignore[attr-defined]  # BROKER_UNAVAILABLE
+        else:
+            acknowledged.append((user_id, challenge.challenge_id))
+
+
+def test_redis_killed_during_a_flood_leaves_the_worker_running_and_loses_no_code(
+    sink: SmtpSink,
+    start_server: ServerFactory,
+    queue: str,
+    tmp_path: Path,
+    workers_for: Callable[[Harness], Workers],
+) -> None:
+    with private_redis(tmp_path) as broker:
+        h = celery_server(start_server, sink, queue, broker_url=broker.url)
+        workers = workers_for(h)
+        worker = workers.start(2)
+        acknowledged: list[tuple[str, str]] = []
+        stop = threading.Event()
+        floods = [threading.Thread(target=_flood, args=(h, f"t{n}", stop, acknowledged)) for n in range(6)]
+        for flood in floods:
+            flood.start()
+        try:
+            sink.wait_for_messages(20, timeout=60)  # the worker is busy delivering
+            broker.stop()
+            deadline = time.monotonic() + 30
+            while "Connection to broker lost" not in workers.logs():
+                assert time.monotonic() < deadline, workers.logs()[-3000:]
+                time.sleep(0.05)
+            broker.start()
+            count = len(sink.messages)
+            deadline = time.monotonic() + 60
+            while len(sink.messages) < count + 10:  # delivering again after the outage
+                assert worker.poll() is None, f"the worker exited:\n{workers.logs()[-3000:]}"
+                assert time.monotonic() < deadline, workers.logs()[-3000:]
+                time.sleep(0.05)
+        finally:
+            stop.set()
+            for flood in floods:
+                flood.join(timeout=30)
+        assert worker.poll() is None
+        assert "Unrecoverable error" not in workers.logs()
+
+        deadline = time.monotonic() + 90
+        for user, challenge_id in acknowledged:
+            while (status := challenge_status(h, user, challenge_id).delivery_status) != SENT:
+                assert time.monotonic() < deadline, (challenge_id, common_pb2.DeliveryStatus.Name(status))
+                time.sleep(0.1)
+        sent = [str(m["Message-ID"]).strip("<>").split("@")[0] for m in sink.messages]
+        assert sorted(sent) == sorted(challenge_id for _, challenge_id in acknowledged)  # each once
