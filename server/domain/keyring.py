@@ -52,6 +52,22 @@ class KeyVersionMissing(FailedPrecondition):
         self.version = version
 
 
+class KeyMismatch(FailedPrecondition, KeyringError):
+    """A stored value under a key version this keyring has does not open with that key: another
+    environment's key, or a mistyped one, under the same version (a server started before anything
+    was sealed, whose start-up check had nothing to try its key on). A configuration problem,
+    answered as one (never INTERNAL, never a wrong code); still a KeyringError to its callers."""
+
+    def __init__(self, version: int) -> None:
+        super().__init__(
+            "KEY_MISMATCH",
+            f"a stored value does not open with key version {version} of TWOFACTOR_KEYS: it was "
+            "sealed with another key under that version; the operator must configure the original key",
+            metadata={"key_version": str(version)},
+        )
+        self.version = version
+
+
 class Keyring:
     def __init__(self, keys: dict[int, bytes], active_version: int | None = None) -> None:
         if not keys:
@@ -141,7 +157,7 @@ class Keyring:
         try:
             return aead.decrypt(nonce, sealed, _associated_data(purpose, user_id, version))
         except Exception:  # cryptography raises InvalidTag; never say more than "does not authenticate"
-            raise KeyringError("ciphertext does not authenticate for this user and purpose") from None
+            raise KeyMismatch(version) from None
 
     def keyed_hash(self, data: bytes, *, purpose: str) -> bytes:
         """HMAC-SHA256 with the active pepper, prefixed with its version."""

@@ -287,6 +287,28 @@ def test_a_value_under_a_key_the_server_lacks_is_an_error_not_a_wrong_code(
     assert accepted.attempts_left == new_active.settings.policy.lockout_threshold  # nothing was counted
 
 
+def test_a_secret_another_key_of_its_version_sealed_is_an_error_not_internal(
+    serve: ServerFactory, clock: Clock
+) -> None:
+    """Two servers with different keys under one version, the wrong one started before anything
+    was sealed (its start-up check had no value to try its key on): it answers
+    FAILED_PRECONDITION (KEY_MISMATCH, naming the version) and counts no failure, never
+    INTERNAL, with a traceback, on every Verify of the user."""
+    wrong_key = serve(keys=Keyring.new_key_spec(1))
+    right_key = serve()
+    secret, _ = enroll_authenticator(right_key, clock, "alice")
+    for _ in range(2):  # the second from the server's cache of sealed secrets
+        with pytest.raises(grpc.RpcError) as raised:
+            verify(wrong_key, "alice", totp_now(secret, clock))
+        assert raised.value.code() == grpc.StatusCode.FAILED_PRECONDITION  # type: ignore[attr-defined]
+        info = error_info(raised.value)
+        assert info.reason == "KEY_MISMATCH" and info.metadata["key_version"] == "1"
+        assert "key version 1" in raised.value.details()  # type: ignore[attr-defined]
+    accepted = verify(right_key, "alice", totp_now(secret, clock))
+    assert accepted.result == ACCEPTED
+    assert accepted.attempts_left == right_key.settings.policy.lockout_threshold  # nothing was counted
+
+
 @pytest.mark.parametrize("backend", ["postgres"])
 def test_a_rotation_never_writes_back_over_a_concurrent_change(
     start_server: ServerFactory, settings: Settings, clock: Clock

@@ -300,10 +300,10 @@ def test_a_worker_error_is_retried_until_the_code_expires_then_failed_with_the_r
     wait_for_log(workers, r"celery@\S+ ready\.")
     challenge = start_email_enrollment(h, "gus")
     failed = wait_for_status(h, "gus", challenge.challenge_id, common_pb2.DELIVERY_STATUS_FAILED)
-    assert failed.failure_reason == "gave up: delivery error: KeyringError"
+    assert failed.failure_reason == "gave up: delivery error: KeyMismatch"
     assert failed.delivery_attempts > 1  # retried, with backoff, first
     assert sink.messages == []
     status = challenge_status(h, "gus", challenge.challenge_id)
     assert status.delivery_status == common_pb2.DELIVERY_STATUS_FAILED  # and it stays so
-    assert f"delivery of {challenge.challenge_id} failed with KeyringError" in workers.logs()
+    assert f"delivery of {challenge.challenge_id} failed with KeyMismatch" in workers.logs()
     assert "Traceback" not in workers.logs()
