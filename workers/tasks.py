@@ -4,15 +4,20 @@ thread or green pool, the worker's one process does)."""
 
 from __future__ import annotations
 
+import logging
 import os
 
 from celery import Task, shared_task
 from celery.concurrency.prefork import TaskPool as ProcessPool
+from celery.exceptions import Reject
 from celery.signals import worker_process_init, worker_process_shutdown, worker_ready, worker_shutdown
 
 from twofactor_server.delivery.deliverer import Deliverer
 from twofactor_server.delivery.recovery import OutboxRecovery
 from twofactor_server.delivery.task_queue import DELIVER_TASK
+from twofactor_server.observability.logs import said
+
+log = logging.getLogger(__name__)
 
 _deliverer: tuple[int, Deliverer] | None = None
 _recovery: OutboxRecovery | None = None
@@ -76,5 +81,13 @@ def deliver_challenge(self: Task, challenge_id: str, generation: int = 0) -> str
     # instead of acknowledging them.
     outcome = deliverer().deliver(challenge_id, generation, tries=self.request.retries or 0)
     if outcome.retry_in is not None:
-        raise self.retry(args=(challenge_id, outcome.retry_generation), countdown=outcome.retry_in)
+        try:
+            raise self.retry(args=(challenge_id, outcome.retry_generation), countdown=outcome.retry_in)
+        except Reject as lost:  # Celery's, when the broker took no retry: its page of traceback
+            log.warning(
+                "delivery of %s: its retry could not be queued (%s); outbox recovery publishes it "
+                "again once the broker answers",
+                challenge_id,
+                said(lost.reason),
+            )
     return outcome.status

@@ -16,8 +16,16 @@ from twofactor.v1 import twofactor_service_pb2 as pb
 
 from tests.conftest import Harness, ServerFactory
 from tests.server.helpers import EMAIL
-from tests.smtp_sink import SmtpSink
-from tests.workers.celery_harness import Workers, celery_server, challenge_status, private_redis, register
+from tests.smtp_sink import SmtpSink, running_sink
+from tests.workers.celery_harness import (
+    Workers,
+    celery_server,
+    challenge_status,
+    private_redis,
+    register,
+    start_email_enrollment,
+    wait_for_status,
+)
 
 SENT = common_pb2.DELIVERY_STATUS_SENT
 
@@ -83,3 +91,34 @@ def test_redis_killed_during_a_flood_leaves_the_worker_running_and_loses_no_code
                 time.sleep(0.1)
         sent = [str(m["Message-ID"]).strip("<>").split("@")[0] for m in sink.messages]
         assert sorted(sent) == sorted(challenge_id for _, challenge_id in acknowledged)  # each once
+
+
+def test_a_retry_redis_cant_take_is_one_line_and_recovery_delivers_it(
+    start_server: ServerFactory, queue: str, tmp_path: Path, workers_for: Callable[[Harness], Workers]
+) -> None:
+    """A delivery whose attempt failed (the relay's 451) while Redis was down: its retry can't be
+    queued. The worker says so in one line, with what recovers it, not Celery's page of
+    traceback; outbox recovery publishes it again once Redis is back, and it is delivered."""
+    with (
+        private_redis(tmp_path) as broker,
+        running_sink(SmtpSink(hold_first_recipient=True)) as sink,
+    ):
+        h = celery_server(start_server, sink, queue, broker_url=broker.url)
+        workers = workers_for(h)
+        worker = workers.start()
+        challenge = start_email_enrollment(h, "ann")
+        assert sink.recipient_held.wait(60)  # the worker is in the middle of sending
+        broker.stop()
+        sink.release.set()  # the relay answers 451: a retry, which Redis can't take
+        deadline = time.monotonic() + 60
+        while "its retry could not be queued" not in workers.logs():
+            assert time.monotonic() < deadline, workers.logs()[-5000:]
+            time.sleep(0.05)
+        broker.start()
+        sent = wait_for_status(h, "ann", challenge.challenge_id, SENT)
+        assert sent.delivery_attempts == 2
+        assert worker.poll() is None
+    assert len(sink.messages) == 1
+    lines = [line for line in workers.logs().splitlines() if "its retry could not be queued" in line]
+    assert len(lines) == 1 and "outbox recovery" in lines[0], lines
+    assert "Traceback" not in workers.logs()
