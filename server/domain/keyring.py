@@ -90,6 +90,9 @@ class Keyring:
         self._keyed: dict[tuple[int, str], HMAC] = {}
         self.active_version = active
         self.versions = tuple(sorted(keys))
+        # Versions whose key opened a stored value (the start-up check, a secret, a code): a hash
+        # that doesn't match under one of these is a wrong code, not a wrong key (`proven`).
+        self._proven: set[int] = set()
 
     @classmethod
     def parse(cls, spec: str, active_version: int | None = None) -> Keyring:
@@ -155,9 +158,15 @@ class Keyring:
         nonce = blob[_VERSION.size : _VERSION.size + NONCE_BYTES]
         sealed = blob[_VERSION.size + NONCE_BYTES :]
         try:
-            return aead.decrypt(nonce, sealed, _associated_data(purpose, user_id, version))
+            plaintext = aead.decrypt(nonce, sealed, _associated_data(purpose, user_id, version))
         except Exception:  # cryptography raises InvalidTag; never say more than "does not authenticate"
             raise KeyMismatch(version) from None
+        self._proven.add(version)
+        return plaintext
+
+    def proven(self, version: int) -> bool:
+        """Whether this keyring's key of `version` has opened a stored value."""
+        return version in self._proven
 
     def keyed_hash(self, data: bytes, *, purpose: str) -> bytes:
         """HMAC-SHA256 with the active pepper, prefixed with its version."""

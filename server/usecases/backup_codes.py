@@ -4,12 +4,13 @@ from __future__ import annotations
 
 from twofactor_server.domain import backup_codes
 from twofactor_server.domain.clock import Clock, now_ms
-from twofactor_server.domain.keyring import BACKUP_CODE, Keyring
+from twofactor_server.domain.keyring import BACKUP_CODE, Keyring, version_of
 from twofactor_server.domain.models import BackupCodeSet, Caller
 from twofactor_server.settings import PolicySettings
 from twofactor_server.storage import store
 from twofactor_server.storage.database import Database, Transaction
 from twofactor_server.usecases import audit
+from twofactor_server.usecases.key_proof import require_proven_key
 from twofactor_server.usecases.notices import Notices
 from twofactor_server.usecases.users import existing_user, require_enrolled, require_step_up
 
@@ -93,7 +94,10 @@ class BackupCodes:
         Invariant: each code works once, decided by one conditional UPDATE.
         """
         data = backup_code_data(user_id, code)
-        for row in store.unused_backup_codes(tx, user_id):
+        rows = store.unused_backup_codes(tx, user_id)
+        for row in rows:
             if self._keyring.matches(row.code_hash, data, purpose=BACKUP_CODE):
                 return store.use_backup_code(tx, user_id, row.position, now)
+        for stored_hash in {version_of(row.code_hash): row.code_hash for row in rows}.values():
+            require_proven_key(tx, self._keyring, stored_hash)  # a wrong code, not a wrong key
         return False

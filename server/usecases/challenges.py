@@ -19,6 +19,7 @@ from twofactor_server.storage import outbox, store
 from twofactor_server.storage.database import Database, Transaction
 from twofactor_server.storage.records import ChallengeRecord, ChallengeStatus, NewChallenge
 from twofactor_server.usecases import audit
+from twofactor_server.usecases.key_proof import require_proven_key
 from twofactor_server.usecases.sms_guard import give_back_sms_quota, take_sms_quota
 from twofactor_server.usecases.users import refuse_if_locked, require_allowed, unknown_user
 
@@ -239,6 +240,7 @@ class Challenges:
         data = challenge_data(challenge.challenge_id, digits)
         if self._keyring.matches(challenge.code_hash, data, purpose=CHALLENGE_CODE):
             return outbox.consume_challenge(tx, challenge.challenge_id, now)
+        require_proven_key(tx, self._keyring, challenge.code_hash)  # a wrong code, not a wrong key
         outbox.count_challenge_attempt(tx, challenge.challenge_id, now)
         return False
 

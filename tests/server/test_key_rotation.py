@@ -309,6 +309,32 @@ def test_a_secret_another_key_of_its_version_sealed_is_an_error_not_internal(
     assert accepted.attempts_left == right_key.settings.policy.lockout_threshold  # nothing was counted
 
 
+def test_codes_another_key_of_their_version_sealed_are_an_error_not_wrong_codes(
+    serve: ServerFactory, sink: SmtpSink, clock: Clock
+) -> None:
+    """The same two servers, for a user of emailed codes: a right emailed code or backup code
+    through the server with the other key was REJECTED and counted, as a wrong one (right codes
+    locking users out, and nothing in any log): it is KEY_MISMATCH, and counts no failure."""
+    wrong_key = serve(keys=Keyring.new_key_spec(1))
+    right_key = serve()
+    backup = enroll_by_message(right_key, sink, clock, "bea", EMAIL)
+    clock.advance(right_key.settings.policy.resend_cooldown_seconds)
+    right_key.twofactor.SendCode(
+        pb.SendCodeRequest(user_id="bea", method=EMAIL), metadata=right_key.app_metadata
+    )
+    emailed = code_in(sink.wait_for_messages(2)[-1])
+    for code in (emailed, backup[0]):
+        with pytest.raises(grpc.RpcError) as raised:
+            verify(wrong_key, "bea", code)
+        assert raised.value.code() == grpc.StatusCode.FAILED_PRECONDITION  # type: ignore[attr-defined]
+        info = error_info(raised.value)
+        assert info.reason == "KEY_MISMATCH" and info.metadata["key_version"] == "1"
+    accepted = verify(right_key, "bea", emailed)
+    assert accepted.result == ACCEPTED
+    assert accepted.attempts_left == right_key.settings.policy.lockout_threshold  # nothing was counted
+    assert verify(right_key, "bea", backup[0]).result == ACCEPTED
+
+
 @pytest.mark.parametrize("backend", ["postgres"])
 def test_a_rotation_never_writes_back_over_a_concurrent_change(
     start_server: ServerFactory, settings: Settings, clock: Clock
