@@ -21,6 +21,8 @@ from twofactor_server.domain.errors import Status, TwoFactorError
 log = logging.getLogger(__name__)
 
 ERROR_DOMAIN = "twofactor.v1"
+# Reasons that say this server's TWOFACTOR_KEYS is wrong: logged at ERROR, besides being answered.
+_KEY_CONFIGURATION = frozenset({"KEY_VERSION_MISSING", "KEY_MISMATCH"})
 _CODES = {
     Status.INVALID_ARGUMENT: code_pb2.INVALID_ARGUMENT,
     Status.NOT_FOUND: code_pb2.NOT_FOUND,
@@ -53,6 +55,8 @@ def internal_status() -> grpc.Status:
 def abort_for(exc: BaseException, context: grpc.ServicerContext, method: str) -> None:
     """Abort the call with the status that `exc` maps to (raises)."""
     if isinstance(exc, TwoFactorError):
+        if exc.reason in _KEY_CONFIGURATION:  # the operator's to fix, and the caller can't tell them
+            log.error("%s answered %s: %s", method, exc.reason, exc.message)
         context.abort_with_status(status_for(exc))
     log.exception("%s failed", method)
     context.abort_with_status(internal_status())

@@ -3,6 +3,7 @@ and nobody is rejected; a value under a key the server lacks is an error, never 
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections.abc import Iterator
@@ -268,7 +269,7 @@ def test_full_rotation_cycle_under_load(
 
 
 def test_a_value_under_a_key_the_server_lacks_is_an_error_not_a_wrong_code(
-    serve: ServerFactory, clock: Clock
+    serve: ServerFactory, clock: Clock, caplog: pytest.LogCaptureFixture
 ) -> None:
     """A key deployed to one server only (the mistake the staged rollout avoids): the other
     server answers KEY_VERSION_MISSING and counts no failure."""
@@ -282,13 +283,17 @@ def test_a_value_under_a_key_the_server_lacks_is_an_error_not_a_wrong_code(
         info = error_info(raised.value)
         assert info.reason == "KEY_VERSION_MISSING" and info.metadata["key_version"] == "2"
         assert "key version 2" in raised.value.details()  # type: ignore[attr-defined]
+    said = [
+        r for r in caplog.records if r.levelno == logging.ERROR and "KEY_VERSION_MISSING" in r.getMessage()
+    ]
+    assert len(said) == 2 and "add that key back" in said[0].getMessage()  # the operator sees it
     accepted = verify(new_active, "alice", totp_now(secret, clock))
     assert accepted.result == ACCEPTED
     assert accepted.attempts_left == new_active.settings.policy.lockout_threshold  # nothing was counted
 
 
 def test_a_secret_another_key_of_its_version_sealed_is_an_error_not_internal(
-    serve: ServerFactory, clock: Clock
+    serve: ServerFactory, clock: Clock, caplog: pytest.LogCaptureFixture
 ) -> None:
     """Two servers with different keys under one version, the wrong one started before anything
     was sealed (its start-up check had no value to try its key on): it answers
@@ -304,6 +309,10 @@ def test_a_secret_another_key_of_its_version_sealed_is_an_error_not_internal(
         info = error_info(raised.value)
         assert info.reason == "KEY_MISMATCH" and info.metadata["key_version"] == "1"
         assert "key version 1" in raised.value.details()  # type: ignore[attr-defined]
+    # The operator sees it too: one line a call, what failed and what to do, no traceback.
+    said = [r for r in caplog.records if r.levelno == logging.ERROR and "KEY_MISMATCH" in r.getMessage()]
+    assert len(said) == 2 and all(r.exc_info is None for r in said)
+    assert "configure the original key" in said[0].getMessage()
     accepted = verify(right_key, "alice", totp_now(secret, clock))
     assert accepted.result == ACCEPTED
     assert accepted.attempts_left == right_key.settings.policy.lockout_threshold  # nothing was counted
