@@ -4,9 +4,11 @@ line of a task, and prometheus_client's multiprocess bookkeeping for the pool.""
 from __future__ import annotations
 
 import logging
+import warnings
 from typing import Any
 
 from celery import signals
+from celery.exceptions import CPendingDeprecationWarning
 
 from twofactor_server.observability import logs, metrics
 from twofactor_server.settings import Settings
@@ -27,6 +29,15 @@ def install(settings: Settings, log_format: str) -> None:
             # the worker's instructions per email (docs/benchmarks.md, Worker). Shown at DEBUG.
             for name in _PER_TASK_LOGGERS:
                 logging.getLogger(name).setLevel(logging.WARNING)
+
+    @signals.celeryd_after_setup.connect(weak=False)  # type: ignore[untyped-decorator]
+    def quiet_the_cancel_default_warning(**_: Any) -> None:
+        # Celery 5 warns at every lost broker connection, in ten lines, that Celery 6 will cancel
+        # the tasks under way by default; task_queue.py keeps them on purpose. After Celery's log
+        # set-up, which shows every pending deprecation ('always' filters put first).
+        warnings.filterwarnings(
+            "ignore", message=r"\s*In Celery 5\.1 we introduced", category=CPendingDeprecationWarning
+        )
 
     @signals.task_prerun.connect(weak=False)  # type: ignore[untyped-decorator]
     def bind_challenge(args: Any = None, **_: Any) -> None:

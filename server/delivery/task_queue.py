@@ -129,6 +129,11 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         # A task is acknowledged after it ran, and requeued if its worker process dies mid-task.
         "task_acks_late": True,
         "task_reject_on_worker_lost": True,
+        # A lost broker connection leaves the sends under way to finish: cancelled, their messages
+        # would be delivered again while the claim's lease still holds the row (a second attempt
+        # later, as recovery sends it). Said explicitly: Celery 5 warns, every time, of a default
+        # that changes in 6 (the worker silences that warning, celery_app.py).
+        "worker_cancel_long_running_tasks_on_connection_loss": False,
         "worker_prefetch_multiplier": 1,
         # A send that hangs (a gateway that never answers) must not hold its pool process for
         # good: past the claim's lease the attempt is void anyway (another may have taken the
