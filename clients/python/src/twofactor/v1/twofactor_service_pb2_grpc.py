@@ -158,7 +158,9 @@ class TwoFactorServiceServicer:
 
     def SendCode(self, request, context):
         """Sends a one-time login code by EMAIL or SMS. A repeated idempotency_key
-        (within the code's lifetime) returns the same challenge and sends nothing.
+        for the same method (within the code's lifetime) returns the same
+        challenge and sends nothing; with the other method it sends that method's
+        code.
         FAILED_PRECONDITION (USER_LOCKED, with RetryInfo while the lock is timed)
         while the user is locked out: the code could not be checked, so none is sent.
         """

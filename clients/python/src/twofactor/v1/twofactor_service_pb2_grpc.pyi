@@ -92,7 +92,9 @@ class TwoFactorServiceStub:
     """
     SendCode: _grpc.UnaryUnaryMultiCallable[_twofactor_service_pb2.SendCodeRequest, _twofactor_service_pb2.SendCodeResponse]
     """Sends a one-time login code by EMAIL or SMS. A repeated idempotency_key
-    (within the code's lifetime) returns the same challenge and sends nothing.
+    for the same method (within the code's lifetime) returns the same
+    challenge and sends nothing; with the other method it sends that method's
+    code.
     FAILED_PRECONDITION (USER_LOCKED, with RetryInfo while the lock is timed)
     while the user is locked out: the code could not be checked, so none is sent.
     """
@@ -153,7 +155,9 @@ class TwoFactorServiceAsyncStub(TwoFactorServiceStub):
     """
     SendCode: _aio.UnaryUnaryMultiCallable[_twofactor_service_pb2.SendCodeRequest, _twofactor_service_pb2.SendCodeResponse]  # type: ignore[assignment]
     """Sends a one-time login code by EMAIL or SMS. A repeated idempotency_key
-    (within the code's lifetime) returns the same challenge and sends nothing.
+    for the same method (within the code's lifetime) returns the same
+    challenge and sends nothing; with the other method it sends that method's
+    code.
     FAILED_PRECONDITION (USER_LOCKED, with RetryInfo while the lock is timed)
     while the user is locked out: the code could not be checked, so none is sent.
     """
@@ -253,7 +257,9 @@ class TwoFactorServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_twofactor_service_pb2.SendCodeResponse, _abc.Awaitable[_twofactor_service_pb2.SendCodeResponse]]:
         """Sends a one-time login code by EMAIL or SMS. A repeated idempotency_key
-        (within the code's lifetime) returns the same challenge and sends nothing.
+        for the same method (within the code's lifetime) returns the same
+        challenge and sends nothing; with the other method it sends that method's
+        code.
         FAILED_PRECONDITION (USER_LOCKED, with RetryInfo while the lock is timed)
         while the user is locked out: the code could not be checked, so none is sent.
         """
