@@ -105,6 +105,9 @@ class Notices:
         (a confirmed address hears of every change: a flood can't silence its owner's notices)."""
         if any(m.method == "email" and m.enabled for m in store.methods_of(tx, user_id)):
             return False
+        # The address first, as a sender's (one lock per address until commit): accounts that share
+        # it each counted the hour's last place at once, and each wrote a notice past the cap.
+        outbox.lock_destination(tx, to)
         sent = store.count_notices_to(tx, to, since_ms=now - HOUR_MS)
         return sent >= NOTICES_PER_UNCONFIRMED_ADDRESS_PER_HOUR
 

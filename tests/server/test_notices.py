@@ -4,7 +4,9 @@ a real SMTP sink."""
 
 from __future__ import annotations
 
+import threading
 import time
+import uuid
 from collections.abc import Iterator
 from email.message import EmailMessage
 
@@ -12,12 +14,22 @@ import pytest
 from twofactor.v1 import admin_service_pb2 as admin_pb
 from twofactor.v1 import twofactor_service_pb2 as pb
 
-from tests.conftest import Clock, Harness, ServerFactory
-from tests.server.helpers import AUTHENTICATOR, EMAIL, enroll_authenticator, totp_now, verified_token, verify
+from tests.conftest import TEST_KEYS, Clock, Harness, ServerFactory
+from tests.server.helpers import (
+    AUTHENTICATOR,
+    EMAIL,
+    enroll_authenticator,
+    totp_now,
+    verified_token,
+    verify,
+    wait_until,
+)
 from tests.server.stored_rows import query
 from tests.smtp_sink import SmtpSink, code_in, running_sink
-from twofactor_server.storage import keys
-from twofactor_server.usecases.notices import NOTICES_PER_UNCONFIRMED_ADDRESS_PER_HOUR
+from twofactor_server.domain.keyring import Keyring
+from twofactor_server.storage import keys, outbox
+from twofactor_server.storage.database import Database
+from twofactor_server.usecases.notices import NOTICES_PER_UNCONFIRMED_ADDRESS_PER_HOUR, Notices
 
 # The subject of each notice, as the English templates word it (issuer "twofactor").
 SUBJECTS = {
@@ -306,3 +318,55 @@ def test_a_flood_of_another_accounts_notices_cant_silence_the_turning_off_or_res
         "admin_reset",
         "method_added",
     ]
+
+
+@pytest.mark.parametrize("backend", ["postgres"])
+def test_two_accounts_noticing_one_unconfirmed_address_at_once_keep_to_the_cap(
+    start_server: ServerFactory, sink: SmtpSink, clock: Clock
+) -> None:
+    """The hour's count of an unconfirmed address and the notice written after it are one decision
+    per address: two accounts' changes at once each counted the cap's last free place, and each
+    wrote a notice (as many past the cap as ran at once). The address is locked first, as a
+    sender's is (outbox.lock_destination), so the second counts the first's notice."""
+    h = start(start_server, sink)
+    victim = f"victim-{uuid.uuid4().hex[:12]}@example.com"  # its lock is this test's alone
+    for user in ("amy", "ben"):  # both accounts give the same address, unconfirmed
+        h.twofactor.SetContact(pb.SetContactRequest(user_id=user, email=victim), metadata=h.app_metadata)
+    db = h.server.db
+    notices = Notices(db, Keyring.parse(TEST_KEYS), h.settings.policy, NoDispatch(), clock)
+    now = int(clock() * 1000)
+    for _ in range(NOTICES_PER_UNCONFIRMED_ADDRESS_PER_HOUR - 1):
+        with db.transaction() as tx:
+            notices.add(tx, victim, "amy", "backup_codes_viewed", now)
+
+    def waits_for_the_address() -> bool:
+        sql = (
+            "SELECT COUNT(*) AS n FROM pg_locks WHERE locktype = 'advisory' AND NOT granted "
+            "AND classid::bigint = %(ns)s "
+            "AND objid::bigint = (hashtext(%(d)s)::bigint + 4294967296) %% 4294967296"  # an oid: unsigned
+        )
+        return bool(query(h.settings, sql, {"ns": outbox._DESTINATION_LOCKS, "d": victim})[0]["n"])
+
+    with db.transaction() as first:
+        notices.add(first, victim, "amy", "backup_codes_viewed", now)  # the last place, not committed yet
+        second = threading.Thread(target=lambda: _add_committed(db, notices, victim, "ben", now))
+        second.start()
+        wait_until(
+            lambda: not second.is_alive() or waits_for_the_address(),
+            "ben's notice is written, or waits for the address",
+        )
+    second.join(timeout=30)
+    assert not second.is_alive()
+    sql = "SELECT user_id FROM challenges WHERE purpose = 'notice' AND destination = %(d)s"
+    written = [row["user_id"] for row in query(h.settings, sql, {"d": victim})]
+    assert len(written) == NOTICES_PER_UNCONFIRMED_ADDRESS_PER_HOUR and "ben" not in written
+
+
+class NoDispatch:
+    def dispatch(self, challenge_id: str, *, method: str = "") -> None:
+        """Notices written by the test's own Notices stay in the outbox: only their rows count here."""
+
+
+def _add_committed(db: Database, notices: Notices, to: str, user_id: str, now: int) -> None:
+    with db.transaction() as tx:
+        notices.add(tx, to, user_id, "backup_codes_viewed", now)
