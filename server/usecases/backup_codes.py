@@ -4,13 +4,13 @@ from __future__ import annotations
 
 from twofactor_server.domain import backup_codes
 from twofactor_server.domain.clock import Clock, now_ms
-from twofactor_server.domain.keyring import BACKUP_CODE, Keyring, version_of
+from twofactor_server.domain.keyring import BACKUP_CODE, KeyMismatch, Keyring, version_of
 from twofactor_server.domain.models import BackupCodeSet, Caller
 from twofactor_server.settings import PolicySettings
 from twofactor_server.storage import store
 from twofactor_server.storage.database import Database, Transaction
+from twofactor_server.storage.records import BackupCodeRecord
 from twofactor_server.usecases import audit
-from twofactor_server.usecases.key_proof import require_proven_key
 from twofactor_server.usecases.notices import Notices
 from twofactor_server.usecases.users import existing_user, require_enrolled, require_step_up
 
@@ -98,6 +98,20 @@ class BackupCodes:
         for row in rows:
             if self._keyring.matches(row.code_hash, data, purpose=BACKUP_CODE):
                 return store.use_backup_code(tx, user_id, row.position, now)
-        for stored_hash in {version_of(row.code_hash): row.code_hash for row in rows}.values():
-            require_proven_key(tx, self._keyring, stored_hash)  # a wrong code, not a wrong key
+        # A wrong code, not a wrong key: a row's hash and seal were made together, by one key, so a
+        # seal that opens with this server's key of the hash's version says the hashes of that
+        # version are ours too (KeyMismatch when none does; a damaged one alone is no mismatch).
+        # What else this server has opened proves nothing of these: perhaps only what it sealed
+        # itself, with another environment's key.
+        for version in {version_of(row.code_hash) for row in rows}:
+            of_version = [row for row in rows if version_of(row.code_hash) == version]
+            if not any(self._opens(row, user_id) for row in of_version):
+                raise KeyMismatch(version)
         return False
+
+    def _opens(self, row: BackupCodeRecord, user_id: str) -> bool:
+        try:
+            self._keyring.decrypt(row.code_ciphertext, purpose=BACKUP_CODE, user_id=user_id)
+        except KeyMismatch:
+            return False
+        return True

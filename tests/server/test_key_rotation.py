@@ -344,6 +344,28 @@ def test_codes_another_key_of_their_version_sealed_are_an_error_not_wrong_codes(
     assert verify(right_key, "bea", backup[0]).result == ACCEPTED
 
 
+def test_a_backup_code_another_key_sealed_is_an_error_though_the_server_opened_its_own_values(
+    serve: ServerFactory, sink: SmtpSink, clock: Clock
+) -> None:
+    """The server with the other key has opened values it sealed itself (a user enrolled through
+    it): that proves its key opens its own values, not that another server's hashes are its
+    own, and a right backup code of a user the right server enrolled was REJECTED and counted.
+    A backup code's hash and seal are made together: the seal that doesn't open says the hash is
+    another key's (KEY_MISMATCH, nothing counted), whatever else this server has opened."""
+    wrong_key = serve(keys=Keyring.new_key_spec(1))
+    right_key = serve()
+    enroll_authenticator(wrong_key, clock, "own")  # sealed, and opened, by the other key
+    backup = enroll_by_message(right_key, sink, clock, "bea", EMAIL)
+    with pytest.raises(grpc.RpcError) as raised:
+        verify(wrong_key, "bea", backup[0])
+    assert raised.value.code() == grpc.StatusCode.FAILED_PRECONDITION  # type: ignore[attr-defined]
+    info = error_info(raised.value)
+    assert info.reason == "KEY_MISMATCH" and info.metadata["key_version"] == "1"
+    accepted = verify(right_key, "bea", backup[0])
+    assert accepted.result == ACCEPTED
+    assert accepted.attempts_left == right_key.settings.policy.lockout_threshold  # nothing was counted
+
+
 @pytest.mark.parametrize("backend", ["postgres"])
 def test_a_rotation_never_writes_back_over_a_concurrent_change(
     start_server: ServerFactory, settings: Settings, clock: Clock
@@ -392,3 +414,25 @@ def test_a_rotation_never_writes_back_over_a_concurrent_change(
         metadata=h.app_metadata,
     )
     assert confirmed.confirmed
+
+
+@pytest.mark.parametrize("backend", ["postgres"])
+def test_a_wrong_backup_code_is_counted_though_one_stored_seal_is_damaged(
+    serve: ServerFactory, clock: Clock
+) -> None:
+    """A wrong key is told from a wrong code by the user's backup codes' seals: one damaged seal
+    among the others that open is no wrong key, and the wrong code is counted (an answer that
+    counts nothing would let guesses go on past the lockout)."""
+    h = serve()
+    _, backup = enroll_authenticator(h, clock, "dee")
+    with psycopg.connect(h.settings.database_url, autocommit=True) as conn:
+        conn.execute(  # the last code's seal, one byte past its version and nonce changed
+            "UPDATE backup_codes SET code_ciphertext = overlay(code_ciphertext PLACING "
+            "decode(CASE WHEN get_byte(code_ciphertext, 20) = 0 THEN '01' ELSE '00' END, 'hex') "
+            "FROM 21 FOR 1) WHERE user_id = 'dee' AND position = "
+            "(SELECT MAX(position) FROM backup_codes WHERE user_id = 'dee')"
+        )
+    wrong = next(c for c in ("aaaaa-aaaaa", "bbbbb-bbbbb") if c not in backup)
+    answer = verify(h, "dee", wrong)
+    assert answer.result == pb.VERIFY_RESULT_REJECTED
+    assert answer.attempts_left == h.settings.policy.lockout_threshold - 1
