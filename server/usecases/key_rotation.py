@@ -7,7 +7,14 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from twofactor_server.domain.clock import Clock, now_ms, system_clock
-from twofactor_server.domain.keyring import BACKUP_CODE, TOTP_SECRET, Keyring, KeyringError, KeyVersionMissing
+from twofactor_server.domain.keyring import (
+    BACKUP_CODE,
+    TOTP_SECRET,
+    KeyMismatch,
+    Keyring,
+    KeyringError,
+    KeyVersionMissing,
+)
 from twofactor_server.settings import SettingsError
 from twofactor_server.storage import keys
 from twofactor_server.storage.database import Database
@@ -200,7 +207,11 @@ def _opens(keyring: Keyring, purpose: str, owner: str, sealed: bytes) -> bool:
 def _unreadable(progress: RotationProgress, what: str, error: Exception) -> None:
     progress.unreadable += 1
     if len(progress.problems) < 10:
-        progress.problems.append(f"{what}: {error}")
+        said = str(error)
+        if isinstance(error, KeyMismatch):  # the key opens the others (the start-up check): not this
+            version = error.version
+            said = f"does not open with key version {version}, which opens others: damaged, reset the user"
+        progress.problems.append(f"{what}: {said}")
 
 
 def require_keys_for_stored_values(db: Database, keyring: Keyring, clock: Clock = system_clock) -> None:

@@ -213,6 +213,28 @@ def test_a_key_that_opens_its_values_starts_though_one_value_does_not(
         require_keys_for_stored_values(other_connection, Keyring.parse(Keyring.new_key_spec(1)))
 
 
+def test_keys_rotate_reports_a_damaged_value_as_damaged_not_as_a_wrong_key(
+    other_connection: Database,
+) -> None:
+    """`keys rotate` runs once the keys open the values stored under their versions; a value that
+    then doesn't open is damaged (README: reset its user). The report said to configure the
+    original key, the message of a KEY_MISMATCH answer, sending the operator after a key that
+    is right."""
+    keyring = Keyring.parse(TEST_KEYS)
+    for user in ("bea", "cal"):
+        seal_authenticator(other_connection, keyring, user)
+    with other_connection.transaction() as tx:
+        damaged = keyring.encrypt(b"x" * 20, purpose=TOTP_SECRET, user_id="someone else")
+        tx.execute("UPDATE methods SET secret = %(s)s WHERE user_id = 'bea'", {"s": damaged})
+    both = Keyring.parse(f"{TEST_KEYS},{KEY_2}")
+    require_keys_for_stored_values(other_connection, both)
+    report = KeyRotation(other_connection, both).rotate()
+    assert report.progress.problems
+    for problem in report.progress.problems:
+        assert problem.startswith("authenticator secret of user 'bea': ")
+        assert "configure" not in problem and "damaged" in problem and "reset the user" in problem
+
+
 def test_an_older_key_that_opens_none_of_its_values_refuses_to_start(other_connection: Database) -> None:
     """A wrong key under a version no longer active would count every right backup code still
     sealed under it as wrong, and lock its users out: refused as for the active version."""
