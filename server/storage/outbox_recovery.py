@@ -18,16 +18,17 @@ def _skip_locked(tx: Transaction) -> str:
 
 def expire_undelivered(tx: Transaction, now_ms: int) -> list[str]:
     """Close out queued (or abandoned 'sending') rows whose code expired: EXPIRED, code wiped.
-    Returns the method (email or sms) of each row closed."""
+    Returns the method (email or sms) of each row closed that no later code had replaced: a
+    message its user waited for in vain."""
     rows = tx.all(
         "UPDATE challenges SET delivery_status = 'expired', code_ciphertext = NULL, lease_until = NULL, "
         "failure_reason = COALESCE(failure_reason, %(why)s), updated_at = %(now)s "
         "WHERE expires_at <= %(now)s AND (delivery_status = 'queued' "
         "OR (delivery_status = 'sending' AND (lease_until IS NULL OR lease_until <= %(now)s))) "
-        "RETURNING method",
+        "RETURNING method, superseded_at",
         {"now": now_ms, "why": EXPIRED_REASON},
     )
-    return [row["method"] for row in rows]
+    return [row["method"] for row in rows if row["superseded_at"] is None]
 
 
 # A row is published again after as long as it has waited since its first publish (at least
