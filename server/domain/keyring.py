@@ -164,6 +164,15 @@ class Keyring:
         self._proven.add(version)
         return plaintext
 
+    def opens(self, blob: bytes, *, purpose: str, user_id: str) -> bool:
+        """Whether a stored value decrypts with this keyring (its plaintext dropped at once): the
+        test of a key against values it should have sealed."""
+        try:
+            self.decrypt(blob, purpose=purpose, user_id=user_id)
+        except KeyringError:
+            return False
+        return True
+
     def proven(self, version: int) -> bool:
         """Whether this keyring's key of `version` has opened a stored value."""
         return version in self._proven

@@ -9,7 +9,6 @@ from twofactor_server.domain.models import BackupCodeSet, Caller
 from twofactor_server.settings import PolicySettings
 from twofactor_server.storage import store
 from twofactor_server.storage.database import Database, Transaction
-from twofactor_server.storage.records import BackupCodeRecord
 from twofactor_server.usecases import audit
 from twofactor_server.usecases.notices import Notices
 from twofactor_server.usecases.users import existing_user, require_enrolled, require_step_up
@@ -105,13 +104,9 @@ class BackupCodes:
         # itself, with another environment's key.
         for version in {version_of(row.code_hash) for row in rows}:
             of_version = [row for row in rows if version_of(row.code_hash) == version]
-            if not any(self._opens(row, user_id) for row in of_version):
+            if not any(
+                self._keyring.opens(row.code_ciphertext, purpose=BACKUP_CODE, user_id=user_id)
+                for row in of_version
+            ):
                 raise KeyMismatch(version)
         return False
-
-    def _opens(self, row: BackupCodeRecord, user_id: str) -> bool:
-        try:
-            self._keyring.decrypt(row.code_ciphertext, purpose=BACKUP_CODE, user_id=user_id)
-        except KeyMismatch:
-            return False
-        return True

@@ -9,7 +9,7 @@ counted as wrong, and lock its user out, with nothing in any log.
 
 from __future__ import annotations
 
-from twofactor_server.domain.keyring import KeyMismatch, Keyring, KeyringError, version_of
+from twofactor_server.domain.keyring import KeyMismatch, Keyring, version_of
 from twofactor_server.storage import keys
 from twofactor_server.storage.database import Transaction
 
@@ -21,13 +21,7 @@ def require_proven_key(q: Transaction, keyring: Keyring, stored_hash: bytes) -> 
     if keyring.proven(version) or version not in keyring.versions:
         return
     found = keys.sealed_samples(q, version)
-    if found and not any(_opens(keyring, purpose, owner, sealed) for _, purpose, owner, sealed in found):
+    if found and not any(
+        keyring.opens(sealed, purpose=purpose, user_id=owner) for _, purpose, owner, sealed in found
+    ):
         raise KeyMismatch(version)
-
-
-def _opens(keyring: Keyring, purpose: str, owner: str, sealed: bytes) -> bool:
-    try:
-        keyring.decrypt(sealed, purpose=purpose, user_id=owner)
-    except KeyringError:
-        return False
-    return True

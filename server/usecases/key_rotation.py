@@ -196,14 +196,6 @@ class KeyRotation:
         return row, new_hash, self._keyring.encrypt(code, purpose=BACKUP_CODE, user_id=row.user_id)
 
 
-def _opens(keyring: Keyring, purpose: str, owner: str, sealed: bytes) -> bool:
-    try:
-        keyring.decrypt(sealed, purpose=purpose, user_id=owner)
-    except KeyringError:
-        return False
-    return True
-
-
 def _unreadable(progress: RotationProgress, what: str, error: Exception) -> None:
     progress.unreadable += 1
     if len(progress.problems) < 10:
@@ -227,7 +219,9 @@ def require_keys_for_stored_values(db: Database, keyring: Keyring, clock: Clock 
         missing = keys.usage_outside(q, keyring.versions, now_ms(clock))
         samples = {version: keys.sealed_samples(q, version) for version in keyring.versions}
     for version, found in samples.items():
-        if found and not any(_opens(keyring, purpose, owner, sealed) for _, purpose, owner, sealed in found):
+        if found and not any(
+            keyring.opens(sealed, purpose=purpose, user_id=owner) for _, purpose, owner, sealed in found
+        ):
             kinds = ", ".join(sorted({KIND_NAMES[kind] for kind, *_ in found}))
             # Refused for an older version too: a wrong key there counts every right backup code
             # still sealed under it as wrong, and locks its users out. Values no key opens (the
