@@ -126,7 +126,7 @@ def reset_user(tx: Transaction, user_id: str) -> None:
     """Forget everything enrolled; keep the contacts and the history."""
     params = {"u": user_id, "why": WITHDRAWN_REASON}
     tx.execute("DELETE FROM methods WHERE user_id = %(u)s", params)
-    tx.execute("DELETE FROM backup_codes WHERE user_id = %(u)s", params)
+    delete_backup_code_rows(tx, user_id)
     tx.execute(
         "UPDATE challenges SET superseded_at = COALESCE(superseded_at, updated_at), code_ciphertext = NULL, "  # noqa: S608
         f"{_CLOSE_QUEUED} WHERE user_id = %(u)s AND consumed_at IS NULL AND purpose <> 'notice'",
