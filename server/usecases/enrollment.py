@@ -235,16 +235,13 @@ def _stale_start(
     release compared."""
     started = pending.pending_since or 0
     recorded = enrollments.enrollment_start(tx, pending.user_id, pending.method, started)
-    if not enrolled:  # only a start with a proof can lapse: one without needed none
-        if recorded is not None and recorded.with_proof and recorded.credential_epoch not in (None, epoch):
-            return "was started before the account's methods, backup codes or contacts last changed"
-        return ""
-    if recorded is None:
-        without_proof = any(m.enabled_at is not None and m.enabled_at > started for m in methods)
-    else:
-        without_proof = not recorded.with_proof
-    if without_proof:
-        return "was started before another method was enabled"
-    if recorded is not None and recorded.credential_epoch not in (None, epoch):
+    if enrolled:  # with no usable method now, only a start with a proof can lapse
+        if recorded is None:
+            without_proof = any(m.enabled_at is not None and m.enabled_at > started for m in methods)
+        else:
+            without_proof = not recorded.with_proof
+        if without_proof:
+            return "was started before another method was enabled"
+    if recorded is not None and recorded.with_proof and recorded.credential_epoch not in (None, epoch):
         return "was started before the account's methods, backup codes or contacts last changed"
     return ""
