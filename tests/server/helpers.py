@@ -52,6 +52,24 @@ def enroll_authenticator(h: Harness, clock: Clock, user_id: str) -> tuple[str, l
     return secret, list(confirm.backup_codes)
 
 
+def start_authenticator(h: Harness, user_id: str, token: str = "") -> pb.StartEnrollmentResponse:
+    """StartEnrollment of the authenticator app, with a step-up proof when given one."""
+    return h.twofactor.StartEnrollment(
+        pb.StartEnrollmentRequest(user_id=user_id, method=AUTHENTICATOR, verification_token=token),
+        metadata=h.app_metadata,
+    )
+
+
+def confirm_authenticator(
+    h: Harness, clock: Clock, user_id: str, start: pb.StartEnrollmentResponse
+) -> pb.ConfirmEnrollmentResponse:
+    """ConfirmEnrollment with the code the app shows now for the secret `start` gave."""
+    code = totp_now(start.authenticator.secret, clock)
+    return h.twofactor.ConfirmEnrollment(
+        pb.ConfirmEnrollmentRequest(user_id=user_id, method=AUTHENTICATOR, code=code), metadata=h.app_metadata
+    )
+
+
 def verified_token(h: Harness, clock: Clock, user_id: str, secret: str) -> str:
     """Pass the second factor now (the authenticator's current code) and return the step-up
     proof (verification_token) that the sensitive calls need; then move to the next time step,

@@ -11,8 +11,10 @@ from tests.server import test_contact_change as contact_change
 from tests.server.helpers import (
     AUTHENTICATOR,
     EMAIL,
+    confirm_authenticator,
     enroll_authenticator,
     error_info,
+    start_authenticator,
     totp_now,
     verified_token,
     verify,
@@ -109,16 +111,8 @@ def test_turning_off_the_last_allowed_method_keeps_the_backup_codes_of_one_still
     method left the backup codes go too; here one is left)."""
     enroll_email(h, sink, "pat", "pat@example.com")
     token = email_token(h, sink, "pat")
-    start = h.twofactor.StartEnrollment(
-        pb.StartEnrollmentRequest(user_id="pat", method=AUTHENTICATOR, verification_token=token),
-        metadata=h.app_metadata,
-    )
-    confirmed = h.twofactor.ConfirmEnrollment(
-        pb.ConfirmEnrollmentRequest(
-            user_id="pat", method=AUTHENTICATOR, code=totp_now(start.authenticator.secret, clock)
-        ),
-        metadata=h.app_metadata,
-    )
+    start = start_authenticator(h, "pat", token)
+    confirmed = confirm_authenticator(h, clock, "pat", start)
     assert confirmed.confirmed
     clock.advance(30)
     backup = h.twofactor.GetBackupCodes(

@@ -11,7 +11,14 @@ from twofactor.v1 import twofactor_service_pb2 as pb
 
 from tests.conftest import Clock, Harness, ServerFactory
 from tests.server import test_contact_change as contact_change
-from tests.server.helpers import AUTHENTICATOR, EMAIL, SMS, error_info, totp_now, verify
+from tests.server.helpers import (
+    EMAIL,
+    SMS,
+    confirm_authenticator,
+    error_info,
+    start_authenticator,
+    verify,
+)
 from tests.server.stored_rows import query
 from tests.server.test_challenges import SharedRecordingSms
 from tests.server.test_contact_change import (
@@ -139,21 +146,11 @@ def test_an_authenticator_enrollment_started_with_a_proof_lapses_when_the_creden
     credentials changed since (here the backup codes, regenerated): the proof no longer holds."""
     enroll_email(h, sink, "max", "max@example.com")
     token = email_token(h, sink, "max")
-    start = h.twofactor.StartEnrollment(
-        pb.StartEnrollmentRequest(user_id="max", method=AUTHENTICATOR, verification_token=token),
-        metadata=h.app_metadata,
-    )
+    start = start_authenticator(h, "max", token)
     h.twofactor.RegenerateBackupCodes(
         pb.RegenerateBackupCodesRequest(user_id="max", verification_token=token), metadata=h.app_metadata
     )
-    refused = failed(
-        lambda: h.twofactor.ConfirmEnrollment(
-            pb.ConfirmEnrollmentRequest(
-                user_id="max", method=AUTHENTICATOR, code=totp_now(start.authenticator.secret, clock)
-            ),
-            metadata=h.app_metadata,
-        )
-    )
+    refused = failed(lambda: confirm_authenticator(h, clock, "max", start))
     assert error_info(refused).reason == "NO_PENDING_ENROLLMENT"
     assert "backup codes or contacts last changed" in str(refused.details())  # type: ignore[attr-defined]
     status = h.twofactor.GetStatus(pb.GetStatusRequest(user_id="max"), metadata=h.app_metadata)
@@ -161,16 +158,8 @@ def test_an_authenticator_enrollment_started_with_a_proof_lapses_when_the_creden
 
     # Started again, with a proof at the new epoch, it confirms.
     fresh = email_token(h, sink, "max")
-    again = h.twofactor.StartEnrollment(
-        pb.StartEnrollmentRequest(user_id="max", method=AUTHENTICATOR, verification_token=fresh),
-        metadata=h.app_metadata,
-    )
-    confirmed = h.twofactor.ConfirmEnrollment(
-        pb.ConfirmEnrollmentRequest(
-            user_id="max", method=AUTHENTICATOR, code=totp_now(again.authenticator.secret, clock)
-        ),
-        metadata=h.app_metadata,
-    )
+    again = start_authenticator(h, "max", fresh)
+    confirmed = confirm_authenticator(h, clock, "max", again)
     assert confirmed.confirmed
 
 
@@ -266,31 +255,14 @@ def test_an_enrollment_started_with_a_proof_lapses_when_the_last_method_is_turne
     (README: NO_PENDING_ENROLLMENT once the methods changed since the start)."""
     enroll_email(h, sink, "ola", "ola@example.com")
     token = email_token(h, sink, "ola")
-    start = h.twofactor.StartEnrollment(
-        pb.StartEnrollmentRequest(user_id="ola", method=AUTHENTICATOR, verification_token=token),
-        metadata=h.app_metadata,
-    )
+    start = start_authenticator(h, "ola", token)
     disable(h, "ola", EMAIL, token)
-    refused = failed(
-        lambda: h.twofactor.ConfirmEnrollment(
-            pb.ConfirmEnrollmentRequest(
-                user_id="ola", method=AUTHENTICATOR, code=totp_now(start.authenticator.secret, clock)
-            ),
-            metadata=h.app_metadata,
-        )
-    )
+    refused = failed(lambda: confirm_authenticator(h, clock, "ola", start))
     assert error_info(refused).reason == "NO_PENDING_ENROLLMENT"
     status = h.twofactor.GetStatus(pb.GetStatusRequest(user_id="ola"), metadata=h.app_metadata)
     assert list(status.enabled_methods) == [] and status.backup_codes_remaining == 0
 
     # Opting in again (no method left: no proof needed) starts afresh and confirms.
-    again = h.twofactor.StartEnrollment(
-        pb.StartEnrollmentRequest(user_id="ola", method=AUTHENTICATOR), metadata=h.app_metadata
-    )
-    confirmed = h.twofactor.ConfirmEnrollment(
-        pb.ConfirmEnrollmentRequest(
-            user_id="ola", method=AUTHENTICATOR, code=totp_now(again.authenticator.secret, clock)
-        ),
-        metadata=h.app_metadata,
-    )
+    again = start_authenticator(h, "ola")
+    confirmed = confirm_authenticator(h, clock, "ola", again)
     assert confirmed.confirmed and len(confirmed.backup_codes) == 10

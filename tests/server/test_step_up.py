@@ -17,8 +17,10 @@ from tests.conftest import TOKENS, Clock, Harness, ServerFactory
 from tests.server.helpers import (
     AUTHENTICATOR,
     EMAIL,
+    confirm_authenticator,
     enroll_authenticator,
     error_info,
+    start_authenticator,
     totp_now,
     verified_token,
     verify,
@@ -121,15 +123,8 @@ def test_the_first_enrollment_needs_no_token_and_its_confirmation_brings_one(
     harness: Harness, clock: Clock
 ) -> None:
     set_email(harness, "carl")
-    start = harness.twofactor.StartEnrollment(
-        pb.StartEnrollmentRequest(user_id="carl", method=AUTHENTICATOR), metadata=harness.app_metadata
-    )
-    confirm = harness.twofactor.ConfirmEnrollment(
-        pb.ConfirmEnrollmentRequest(
-            user_id="carl", method=AUTHENTICATOR, code=totp_now(start.authenticator.secret, clock)
-        ),
-        metadata=harness.app_metadata,
-    )
+    start = start_authenticator(harness, "carl")
+    confirm = confirm_authenticator(harness, clock, "carl", start)
     assert confirm.result == pb.CONFIRM_RESULT_CONFIRMED and confirm.verification_token
     # The panel shows the new backup codes at once, with the token the confirmation returned.
     shown = GUARDED["GetBackupCodes"](harness, "carl", confirm.verification_token)
