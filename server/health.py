@@ -10,7 +10,9 @@ answers while the database is frozen.
 from __future__ import annotations
 
 import logging
+import math
 import threading
+import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -29,6 +31,11 @@ SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 SERVICE_UNKNOWN = health_pb2.HealthCheckResponse.SERVICE_UNKNOWN
 Send = Callable[[Any], None]  # a Watch's send_response_callback (grpcio's non-blocking streams)
+# Watches need no token, so what they may hold is bounded: the open ones per process (gRPC's
+# client-side health checking keeps one per client connection: a large fleet's worth), and the
+# name each is kept under (a fully qualified service name is far shorter).
+MAX_WATCHES = 10_000
+MAX_SERVICE_NAME = 256
 
 
 class HealthServicer(health_pb2_grpc.HealthServicer):
@@ -49,13 +56,22 @@ class HealthServicer(health_pb2_grpc.HealthServicer):
     the handler pool: a Check costs what it cost there (fewer threads contend less for the
     GIL, and the empty call that `make bench` measures Verify against would get cheaper by the
     pool's shape, not by the work). grpcio runs a handler on the pool its
-    `experimental_thread_pool` names; the monitoring interceptor keeps it."""
+    `experimental_thread_pool` names; the monitoring interceptor keeps it.
 
-    def __init__(self, threads: int) -> None:
+    Watch needs no token: at most `max_watches` are open at once (one more is
+    RESOURCE_EXHAUSTED; Check is never refused), a name leaves the table with its last
+    watcher, and a name longer than MAX_SERVICE_NAME, which no service has, is answered
+    SERVICE_UNKNOWN and ended at once (before, every name watched stayed in the table for
+    good, whatever its length). A stop ends the Watches of every name, unknown ones too."""
+
+    def __init__(self, threads: int, max_watches: int = MAX_WATCHES) -> None:
         self._lock = threading.Lock()  # the statuses and the watchers
         self._sending = threading.Lock()  # one update at a time, in order, to every watcher
         self._status: dict[str, int] = {"": SERVING}
         self._watchers: dict[str, set[Send]] = {}
+        self._watches = 0  # open Watches, every name
+        self._max_watches = max_watches
+        self._refusals = _RefusalLog()
         self._shutting_down = False
         self._threads = ThreadPoolExecutor(threads, thread_name_prefix="health")
         check = self._check
@@ -89,10 +105,20 @@ class HealthServicer(health_pb2_grpc.HealthServicer):
         with self._sending:
             with self._lock:
                 status = self._status.get(service, SERVICE_UNKNOWN)
-                ending = self._shutting_down
-                if not ending:
+                ending = self._shutting_down or len(service) > MAX_SERVICE_NAME
+                full = not ending and self._watches >= self._max_watches
+                if not ending and not full:
                     self._watchers.setdefault(service, set()).add(send_response_callback)
-            context.add_callback(lambda: self._forget(service, send_response_callback))
+                    self._watches += 1
+            if full:
+                self._refusals.refused(self._max_watches)
+                context.abort(
+                    grpc.StatusCode.RESOURCE_EXHAUSTED,
+                    f"{self._max_watches} health Watches are open on this server, the most at once; "
+                    "use Check, or retry later",
+                )
+            if not ending:
+                context.add_callback(lambda: self._forget(service, send_response_callback))
             send_response_callback(health_pb2.HealthCheckResponse(status=status))
             if ending:
                 send_response_callback(None)  # ends the stream: a drain waits for no watcher
@@ -102,7 +128,17 @@ class HealthServicer(health_pb2_grpc.HealthServicer):
     def _forget(self, service: str, send: Send) -> None:
         """A Watch ended (its client left, or the server stopped): on gRPC's thread, briefly."""
         with self._lock:
-            self._watchers.get(service, set()).discard(send)
+            watchers = self._watchers.get(service)
+            if watchers is not None and send in watchers:
+                watchers.discard(send)
+                self._watches -= 1
+                if not watchers:
+                    del self._watchers[service]
+
+    def watched_names(self) -> set[str]:
+        """The names with an open Watch."""
+        with self._lock:
+            return set(self._watchers)
 
     def set(self, service: str, status: int) -> None:
         with self._sending:
@@ -122,15 +158,41 @@ class HealthServicer(health_pb2_grpc.HealthServicer):
                     return
                 self._shutting_down = True
                 self._status = dict.fromkeys(self._status, NOT_SERVING)
-                watchers = [send for name in self._status for send in self._watchers.get(name, ())]
-            for send in watchers:
-                send(health_pb2.HealthCheckResponse(status=NOT_SERVING))
+                watchers = [
+                    (name in self._status, send) for name, sends in self._watchers.items() for send in sends
+                ]
+            for known, send in watchers:
+                if known:  # a name no service has stays SERVICE_UNKNOWN: its Watch just ends
+                    send(health_pb2.HealthCheckResponse(status=NOT_SERVING))
                 # Then end each stream (grpcio's None): an open Watch, as client-side health
                 # checking keeps one, would otherwise hold the drain for the whole grace period.
                 send(None)
 
     def close(self) -> None:
         self._threads.shutdown(wait=False)
+
+
+class _RefusalLog:
+    """Refused Watches, logged once a minute at most: they need no token."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._count = 0
+        self._logged_at = -math.inf
+
+    def refused(self, most: int) -> None:
+        with self._lock:
+            self._count += 1
+            now = time.monotonic()
+            if now - self._logged_at < 60:
+                return
+            count, self._count, self._logged_at = self._count, 0, now
+        log.warning(
+            "refused %d health Watch(es) in the last minute: %d are open, the most at once "
+            "(clients should use Check, or one Watch per connection)",
+            count,
+            most,
+        )
 
 
 class StorageHealth:

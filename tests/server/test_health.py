@@ -141,7 +141,7 @@ def test_open_streams_without_a_token_cant_take_the_threads_logins_need(start_se
         stop.set()
 
 
-def test_health_watches_hold_no_thread_and_are_not_capped(start_server: ServerFactory) -> None:
+def test_health_watches_hold_no_thread_nor_a_stream_slot(start_server: ServerFactory) -> None:
     """grpc_health answers Watch from callbacks, holding no thread; wrapped by the monitoring
     interceptor it kept a thread each, and a cap on them broke gRPC's client-side health
     checking, which keeps one Watch per client connection. Six Watches on two threads: every
