@@ -24,6 +24,7 @@ import twofactor
 from twofactor import Method
 
 from tests.conftest import ADMIN_TOKEN, APP_TOKEN, Clock, Harness, ServerFactory
+from twofactor_server.app import MAX_REQUEST_BYTES
 from twofactor_server.delivery.providers import SmsMessage
 
 WAIT = 10.0  # the bound on every wait in this module, in seconds
@@ -426,6 +427,29 @@ def test_not_found(client: twofactor.TwoFactorClient, admin: twofactor.AdminClie
 
     assert (user_error.value.reason, user_error.value.metadata) == ("USER_NOT_FOUND", {"user_id": "nobody"})
     assert challenge_error.value.reason == "CHALLENGE_NOT_FOUND"
+
+
+def test_a_request_past_the_servers_size_limit_is_not_a_rate_limit(server: Harness) -> None:
+    """gRPC refuses a request over 64 KiB with RESOURCE_EXHAUSTED and no reason, as it does a send
+    limit: a RateLimited would have the caller wait and send the same request again, forever."""
+    oversized = "a" * (MAX_REQUEST_BYTES + 1)
+    with (
+        twofactor.TwoFactorClient(server.target, token=APP_TOKEN) as client,
+        pytest.raises(twofactor.RequestTooLarge) as raised,
+    ):
+        client.set_contact(user_id="nia", email=oversized)
+
+    async def scenario() -> twofactor.TwoFactorError:
+        async with twofactor.AsyncTwoFactorClient(server.target, token=APP_TOKEN) as client:
+            with pytest.raises(twofactor.RequestTooLarge) as raised:
+                await client.verify(user_id=oversized, code="123456")
+            return raised.value
+
+    for error in (raised.value, asyncio.run(scenario())):
+        assert isinstance(error, twofactor.InvalidArgument)
+        assert not isinstance(error, twofactor.RateLimited)
+        assert error.code is grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert error.retry_after is None
 
 
 @contextmanager

@@ -191,6 +191,28 @@ def test_rate_limited_carries_retry_after() -> None:
     assert error.retry_after == datetime.timedelta(seconds=29, microseconds=1)
 
 
+@pytest.mark.parametrize(
+    ("message", "expected"),
+    [
+        ("SERVER: Received message larger than max (70009 vs. 65536)", errors.RequestTooLarge),
+        ("Received message larger than max (70009 vs. 65536)", errors.RequestTooLarge),  # older grpc
+        ("CLIENT: Sent message larger than max (70009 vs. 1024)", errors.RequestTooLarge),
+        # The response past the client's own receive limit: the request was fine.
+        ("CLIENT: Received message larger than max (5000000 vs. 4194304)", errors.RateLimited),
+        ("2 streams are open on this server, the most at once; retry later", errors.RateLimited),
+    ],
+)
+def test_grpcs_size_refusal_is_request_too_large_not_a_rate_limit(
+    message: str, expected: type[errors.TwoFactorError]
+) -> None:
+    """RESOURCE_EXHAUSTED without a reason is either gRPC's size refusal (waiting never helps) or
+    the open streams' cap (it does); only the status message tells them apart."""
+    error = errors.error_from_status(grpc.StatusCode.RESOURCE_EXHAUSTED, message, None)
+
+    assert type(error) is expected
+    assert isinstance(error, errors.InvalidArgument) is (expected is errors.RequestTooLarge)
+
+
 def test_without_details_the_code_still_picks_the_class() -> None:
     error = errors.error_from_status(grpc.StatusCode.FAILED_PRECONDITION, "no details", (("a", "b"),))
 
@@ -235,8 +257,8 @@ def test_private_pool_coexists_with_googleapis_common_protos(googleapis_first: b
 
 
 def readme_error_rows() -> dict[str, bool]:
-    """The README's errors table: each exception named in it, and whether its row is marked ↳
-    (a FailedPrecondition subclass)."""
+    """The README's errors table, in order: each exception named in it, and whether its row is
+    marked ↳ (a subclass of the nearest unmarked row above it)."""
     readme = (Path(__file__).parents[2] / "clients/python/README.md").read_text()
     rows = re.findall(r"^\| (↳ )?`(\w+)` \|", readme, re.MULTILINE)
     return {name: bool(arrow) for arrow, name in rows}
@@ -253,8 +275,11 @@ def test_the_readme_errors_table_names_every_exception_class() -> None:
 
     assert exported - set(rows) == set(), "add these to the errors table of clients/python/README.md"
     assert set(rows) <= exported
+    parent: type[errors.TwoFactorError] = errors.TwoFactorError
     for name, arrow in rows.items():
         subclass = getattr(errors, name)
-        assert arrow == (
-            issubclass(subclass, errors.FailedPrecondition) and subclass is not errors.FailedPrecondition
+        if not arrow:
+            parent = subclass
+        assert subclass.__bases__ == ((parent,) if arrow else (errors.TwoFactorError,)) or (
+            subclass is errors.TwoFactorError
         ), name

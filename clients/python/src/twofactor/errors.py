@@ -8,6 +8,7 @@ by the google.rpc.ErrorInfo reason, so callers can catch what they can fix
 from __future__ import annotations
 
 import datetime
+import re
 from collections.abc import Iterable, Mapping
 from typing import cast
 
@@ -29,6 +30,7 @@ __all__ = [
     "NotFound",
     "PermissionDenied",
     "RateLimited",
+    "RequestTooLarge",
     "StepUpRequired",
     "TwoFactorError",
     "Unauthenticated",
@@ -69,6 +71,12 @@ class TwoFactorError(Exception):
 
 class InvalidArgument(TwoFactorError):
     """The request is malformed whatever the state (INVALID_USER_ID, INVALID_CODE, ...)."""
+
+
+class RequestTooLarge(InvalidArgument):
+    """The request message is over the server's size limit (64 KiB; the largest valid request is a
+    few KiB), or over the client's own `grpc.max_send_message_length`. `code` is RESOURCE_EXHAUSTED,
+    gRPC's own refusal, with no reason; sending it again is refused again: shorten the fields."""
 
 
 class NotFound(TwoFactorError):
@@ -182,10 +190,22 @@ _FAILED_PRECONDITION_BY_REASON: dict[str, type[FailedPrecondition]] = {
 }
 
 
-def error_class(code: grpc.StatusCode, reason: str = "") -> type[TwoFactorError]:
-    """The exception class for a status code and ErrorInfo reason."""
+# gRPC's own refusal of a message past a size limit ("SERVER: Received message larger than max
+# (70009 vs. 65536)"; older releases leave the prefix out), the only RESOURCE_EXHAUSTED without
+# a reason that no wait can fix. A response past the client's receive limit reads "CLIENT:
+# Received ...": not the request's fault, so not matched.
+_MESSAGE_TOO_LARGE = re.compile(
+    r"^(?!CLIENT: Received)(?:[A-Z]+: )?(?:Received|Sent) message larger than max\b"
+)
+
+
+def error_class(code: grpc.StatusCode, reason: str = "", message: str = "") -> type[TwoFactorError]:
+    """The exception class for a status code, ErrorInfo reason and status message (the message
+    only tells gRPC's own refusal of an over-large request from a send limit)."""
     if code is grpc.StatusCode.FAILED_PRECONDITION:
         return _FAILED_PRECONDITION_BY_REASON.get(reason, FailedPrecondition)
+    if code is grpc.StatusCode.RESOURCE_EXHAUSTED and not reason and _MESSAGE_TOO_LARGE.match(message):
+        return RequestTooLarge
     return _BY_CODE.get(code, TwoFactorError)
 
 
@@ -199,8 +219,8 @@ def error_from_status(
     """Build the exception for a failed call from its status and trailing metadata."""
     details = status_from_metadata(trailing_metadata)
     if details is None:
-        return error_class(code)(code, message, request_id=request_id)
-    return error_class(code, details.reason)(
+        return error_class(code, message=message)(code, message, request_id=request_id)
+    return error_class(code, details.reason, message)(
         code,
         message,
         details.reason,
