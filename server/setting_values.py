@@ -6,7 +6,7 @@ from __future__ import annotations
 import email.utils
 import re
 import urllib.parse
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 METHOD_NAMES = ("authenticator", "email", "sms")
@@ -178,11 +178,11 @@ class EnvValues:
         value = self._raw(name, "tokens", "")
         if value is None:
             return ()
-        tokens = []
+        tokens: list[TokenSetting] = []
         entries = value.split(",")
         for position, entry in enumerate(entries, 1):
             try:
-                tokens.append(token_entry(entry))
+                tokens.append(token_entry(entry, tokens))
             except ValueError as error:
                 where = f" (entry {position} of {len(entries)})" if len(entries) > 1 else ""
                 raise SettingsError(f"{self.PREFIX}{name}{where}: {error}") from None
@@ -192,8 +192,11 @@ class EnvValues:
 TOKEN_SCOPES = frozenset({"app", "admin"})
 
 
-def token_entry(entry: str) -> TokenSetting:
-    """One `name:scope+scope:sha256hex` entry of TWOFACTOR_TOKENS; a ValueError says what is wrong."""
+def token_entry(entry: str, earlier: Sequence[TokenSetting] = ()) -> TokenSetting:
+    """One `name:scope+scope:sha256hex` entry of TWOFACTOR_TOKENS; a ValueError says what is wrong.
+
+    Two entries of one name are a rotation (README): both tokens act as that caller. One token in
+    two entries that disagree is refused: it would act, and be audited, as whichever came last."""
     parts = entry.strip().split(":")
     if len(parts) != 3:
         # Not quoted: the likeliest entry of no two colons is a token pasted in its entry's place.
@@ -211,7 +214,15 @@ def token_entry(entry: str) -> TokenSetting:
         raise ValueError(
             f"entry for {token_name!r} needs scopes from app+admin and a 64-hex-digit SHA-256 digest"
         )
-    return TokenSetting(token_name, scope_set, sha256)
+    token = TokenSetting(token_name, scope_set, sha256)
+    for position, other in enumerate(earlier, 1):
+        if other.sha256 == sha256 and other != token:
+            raise ValueError(
+                f"entry {token_name!r} holds the same token as entry {position} ({other.name!r}) with "
+                "another name or scopes: remove one of them, or give one a new token "
+                "(`twofactor token NAME SCOPES`)"
+            )
+    return token
 
 
 def new_token_entry(name: str, scopes: str, sha256hex: str) -> str:

@@ -366,3 +366,42 @@ def test_a_token_pasted_in_place_of_its_entry_is_refused_without_showing_it(tmp_
             "token itself)\n"
         )
         assert token[:8] not in result.stdout + result.stderr
+
+
+def token_entry_for(name: str, scopes: str, token: str) -> str:
+    return f"{name}:{scopes}:{hashlib.sha256(token.encode()).hexdigest()}"
+
+
+def test_one_token_in_two_disagreeing_entries_is_refused_at_start(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The server takes the last entry whose digest matches: the same token listed under two names
+    (or two scope sets) would act, and be audited, as whichever comes last."""
+    value = ",".join(
+        (
+            token_entry_for("login-backend", "app", APP_TOKEN),
+            token_entry_for("ops", "admin", "another-token"),
+            token_entry_for("support-desk", "app+admin", APP_TOKEN),
+        )
+    )
+    for name in list(os.environ):
+        if name.startswith("TWOFACTOR_"):
+            monkeypatch.delenv(name)
+    monkeypatch.setenv("TWOFACTOR_TOKENS", value)
+    assert main(["config"]) == 2
+    out, err = capsys.readouterr()
+    assert out == ""
+    assert err == (
+        "twofactor: configuration error: TWOFACTOR_TOKENS (entry 3 of 3): entry 'support-desk' holds "
+        "the same token as entry 1 ('login-backend') with another name or scopes: remove one of them, "
+        "or give one a new token (`twofactor token NAME SCOPES`)\n"
+    )
+
+
+def test_a_rotation_keeps_the_name_and_a_repeated_entry_is_harmless() -> None:
+    """The README's rotation appends the caller's new token under the same name: both stay valid
+    and both are audited as that caller, so two entries of one name are taken."""
+    old = token_entry_for("login-backend", "app", "old-token")
+    new = token_entry_for("login-backend", "app", APP_TOKEN)
+    settings = Settings.from_env({"TWOFACTOR_TOKENS": f"{old},{new},{new}"})
+    assert [token.name for token in settings.tokens] == ["login-backend"] * 3
