@@ -20,6 +20,8 @@ whose reason names the problem:
                        an enabled method; disable the method first.
   RESOURCE_EXHAUSTED   a send limit; google.rpc.RetryInfo says when to retry
                        (RESEND_TOO_SOON, ..., SMS_COUNTRY_LIMIT, SMS_GLOBAL_LIMIT).
+                       Without a reason: gRPC's refusal of a request over
+                       64 KiB; sent again it is refused again (shorten it).
   UNAVAILABLE          retry the same call later (BROKER_UNAVAILABLE, ...).
 A wrong code is not an error: Verify answers VERIFY_RESULT_REJECTED.
 """
