@@ -10,9 +10,7 @@ answers while the database is frozen.
 from __future__ import annotations
 
 import logging
-import math
 import threading
-import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -21,7 +19,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from twofactor_server.domain.errors import StorageUnavailable
-from twofactor_server.observability import metrics
+from twofactor_server.observability import logs, metrics
 from twofactor_server.storage.database import Database
 
 log = logging.getLogger(__name__)
@@ -71,7 +69,7 @@ class HealthServicer(health_pb2_grpc.HealthServicer):
         self._watchers: dict[str, set[Send]] = {}
         self._watches = 0  # open Watches, every name
         self._max_watches = max_watches
-        self._refusals = _RefusalLog()
+        self._refusals = logs.EveryMinute()  # refused Watches: they need no token
         self._shutting_down = False
         self._threads = ThreadPoolExecutor(threads, thread_name_prefix="health")
         check = self._check
@@ -111,7 +109,13 @@ class HealthServicer(health_pb2_grpc.HealthServicer):
                     self._watchers.setdefault(service, set()).add(send_response_callback)
                     self._watches += 1
             if full:
-                self._refusals.refused(self._max_watches)
+                if count := self._refusals.count():
+                    log.warning(
+                        "refused %d health Watch(es) in the last minute: %d are open, the most at once "
+                        "(clients should use Check, or one Watch per connection)",
+                        count,
+                        self._max_watches,
+                    )
                 context.abort(
                     grpc.StatusCode.RESOURCE_EXHAUSTED,
                     f"{self._max_watches} health Watches are open on this server, the most at once; "
@@ -170,29 +174,6 @@ class HealthServicer(health_pb2_grpc.HealthServicer):
 
     def close(self) -> None:
         self._threads.shutdown(wait=False)
-
-
-class _RefusalLog:
-    """Refused Watches, logged once a minute at most: they need no token."""
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._count = 0
-        self._logged_at = -math.inf
-
-    def refused(self, most: int) -> None:
-        with self._lock:
-            self._count += 1
-            now = time.monotonic()
-            if now - self._logged_at < 60:
-                return
-            count, self._count, self._logged_at = self._count, 0, now
-        log.warning(
-            "refused %d health Watch(es) in the last minute: %d are open, the most at once "
-            "(clients should use Check, or one Watch per connection)",
-            count,
-            most,
-        )
 
 
 class StorageHealth:

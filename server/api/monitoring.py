@@ -10,7 +10,6 @@ the response's initial metadata.
 from __future__ import annotations
 
 import logging
-import math
 import threading
 import time
 import uuid
@@ -152,17 +151,12 @@ class _StreamCap:
     def __init__(self, most: int) -> None:
         self.most = most
         self.slots = threading.BoundedSemaphore(most)
-        self._lock = threading.Lock()
-        self._refused = 0
-        self._logged_at = -math.inf
+        self._refusals = logs.EveryMinute()
 
     def refused(self, method: str) -> None:
-        with self._lock:
-            self._refused += 1
-            now = time.monotonic()
-            if now - self._logged_at < 60:
-                return
-            count, self._refused, self._logged_at = self._refused, 0, now
+        count = self._refusals.count()
+        if not count:
+            return
         log.warning(
             "refused %d stream(s) in the last minute, the last of %s: %d streams, the most at once, are "
             "open (reflection holds a handler thread while open; TWOFACTOR_MAX_WORKERS sets a quarter)",

@@ -12,6 +12,7 @@ import contextvars
 import json
 import logging
 import sys
+import threading
 import time
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
@@ -86,6 +87,27 @@ class TextFormatter(logging.Formatter):
             return text
         first, newline, rest = text.partition("\n")  # keep a traceback below the line
         return f"{first} [{extra}]{newline}{rest}"
+
+
+class EveryMinute:
+    """Counts events that need no token to cause (refused streams, refused Watches) and says how
+    many when at most one line a minute may be written: `count()` returns the events since the
+    last line when this one should be written, else 0."""
+
+    def __init__(self, seconds: float = 60.0) -> None:
+        self._seconds = seconds
+        self._lock = threading.Lock()
+        self._count = 0
+        self._written_at = -float("inf")
+
+    def count(self) -> int:
+        with self._lock:
+            self._count += 1
+            now = time.monotonic()
+            if now - self._written_at < self._seconds:
+                return 0
+            count, self._count, self._written_at = self._count, 0, now
+            return count
 
 
 def said(error: BaseException) -> str:

@@ -214,10 +214,18 @@ def test_health_list_answers_every_status_and_logs_no_error(
     assert [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR] == []
 
 
-def test_an_open_watch_ends_at_sigterm_and_holds_no_drain(tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    ("service", "statuses_seen"),
+    [("", [SERVING, NOT_SERVING]), ("no.such.Service", [health_pb2.HealthCheckResponse.SERVICE_UNKNOWN])],
+)
+def test_an_open_watch_ends_at_sigterm_and_holds_no_drain(
+    tmp_path: Path, service: str, statuses_seen: list[int]
+) -> None:
     """Client-side health checking (gRPC's healthCheckConfig, Envoy) keeps a Watch open for good.
     SIGTERM sends it NOT_SERVING and then ends it, so the drain waits for calls in flight only,
-    not for the whole TWOFACTOR_GRACE_SECONDS (20 here; before, the stop took all of them)."""
+    not for the whole TWOFACTOR_GRACE_SECONDS (20 here; before, the stop took all of them). A
+    Watch of a name no service has (SERVICE_UNKNOWN, kept open by the health protocol) just
+    ends: it was left open, and held the stop for the whole grace period."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("TWOFACTOR_")}
     env |= {
         "TWOFACTOR_DATA_DIR": str(tmp_path / "data"),
@@ -240,7 +248,8 @@ def test_an_open_watch_ends_at_sigterm_and_holds_no_drain(tmp_path: Path) -> Non
         def watch() -> None:
             with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
                 try:
-                    for answer in health_pb2_grpc.HealthStub(channel).Watch(health_pb2.HealthCheckRequest()):
+                    request = health_pb2.HealthCheckRequest(service=service)
+                    for answer in health_pb2_grpc.HealthStub(channel).Watch(request):
                         statuses.append(answer.status)
                 except grpc.RpcError:
                     pass
@@ -253,7 +262,7 @@ def test_an_open_watch_ends_at_sigterm_and_holds_no_drain(tmp_path: Path) -> Non
         assert server.wait(timeout=60) == 0
         stopped_after = time.monotonic() - started
         assert ended.wait(30)
-        assert statuses[-1] == health_pb2.HealthCheckResponse.NOT_SERVING
+        assert statuses == statuses_seen
         assert stopped_after < 15, f"the stop waited {stopped_after:.1f} s of its 20 s grace for the watch"
     finally:
         if server.poll() is None:
