@@ -17,7 +17,6 @@ generation; a late first message still delivers it (claim_delivery).
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
 
 from twofactor_server.storage import store
 from twofactor_server.storage.audit_rows import INSERT_AUDIT_EVENT, audit_params, audit_placeholders
@@ -32,6 +31,7 @@ from twofactor_server.storage.records import (
     columns,
     select_list,
 )
+from twofactor_server.storage.send_history import LAST_SEND_OF_METHOD
 
 _NEW_CHALLENGE_COLUMNS = columns(NewChallenge)
 _CHALLENGE_COLUMNS = select_list(ChallengeRecord)
@@ -43,22 +43,6 @@ _INSERT_CHALLENGE = (
 )
 _INSERT_CHALLENGE_AUDITED = (  # the challenge and its audit event in one statement (PostgreSQL)
     f"WITH inserted AS ({_INSERT_CHALLENGE}) {INSERT_AUDIT_EVENT}VALUES ({audit_placeholders('audit_')})"
-)
-# The user's last send that counts for the resend cooldown (%(u)s: the user).
-_LAST_SEND = (
-    "SELECT MAX(created_at) FROM challenges "
-    "WHERE user_id = %(u)s AND delivery_status NOT IN ('failed', 'void') AND purpose <> 'notice'"
-)
-# Sends that count toward an hourly limit: every code but the void (notices are no codes).
-_COUNT_SENDS = (
-    "SELECT COUNT(*) FROM challenges WHERE {column} = %({value})s AND created_at > %(since)s "
-    "AND delivery_status <> 'void' AND purpose <> 'notice'"
-)
-_RECENT_SENDS = (  # the figures the send limits look at, and the method's state: one statement
-    f"SELECT ({_LAST_SEND}) AS last, ({_COUNT_SENDS.format(column='user_id', value='u')}) AS to_user, "  # noqa: S608
-    f"({_COUNT_SENDS.format(column='destination', value='d')}) AS to_destination, "
-    "EXISTS (SELECT 1 FROM methods WHERE user_id = %(u)s AND method = %(m)s "
-    "AND enabled_at IS NOT NULL) AS method_enabled"
 )
 # Published: the message is known to be in the queue (%(c)s: the challenge, %(u)s: its user).
 # The user's row is locked first, in the same statement (an uncorrelated sub-select runs
@@ -87,12 +71,12 @@ _PUBLISH_AND_SUPERSEDE = (
     "AND older.challenge_id <> published.challenge_id AND (older.created_at < published.created_at "
     "OR (older.created_at = published.created_at AND older.challenge_id < published.challenge_id)) "
     "AND older.superseded_at IS NULL AND older.consumed_at IS NULL) "
-    f"SELECT {select_list(ChallengeStatus, 'published')}, ({_LAST_SEND}) AS last_send "
+    f"SELECT {select_list(ChallengeStatus, 'published')}, ({LAST_SEND_OF_METHOD}) AS last_send "
     "FROM published"
 )
 _PUBLISH_RETURNING_LAST_SEND = (  # publish_new on SQLite, before _supersede_older
     f"UPDATE challenges SET {_PUBLISH_BY_ROW_LOCK['']} "  # noqa: S608
-    f"RETURNING {_CHALLENGE_COLUMNS}, ({_LAST_SEND}) AS last_send"
+    f"RETURNING {_CHALLENGE_COLUMNS}, ({LAST_SEND_OF_METHOD}) AS last_send"
 )
 _DESTINATION_LOCKS = 0x2FAC8  # first key of pg_advisory_xact_lock(int, int): twofactor's destinations
 VOID_REASON = "not queued: the delivery queue was unavailable and the caller was told to retry"
@@ -113,7 +97,6 @@ _LOCK_SENDER_HOT = {  # lock_sender on PostgreSQL, by the contact column a code 
     )
     for contact in ("email", "phone")
 }
-_RECENT_SENDS_HOT = HotStatement("twofactor_recent_sends", _RECENT_SENDS)
 _PUBLISH_AND_SUPERSEDE_HOT = HotStatement("twofactor_publish_new", _PUBLISH_AND_SUPERSEDE)
 # The worker's claim: every delivery claims once (the row's columns in ChallengeRecord's order).
 _CLAIM_DELIVERY = HotStatement(
@@ -213,16 +196,16 @@ def mark_published(tx: Transaction, challenge: ChallengeRecord, now_ms: int) -> 
 
 
 def publish_new(
-    tx: Transaction, challenge_id: str, user_id: str, now_ms: int
+    tx: Transaction, challenge_id: str, user_id: str, method: str, now_ms: int
 ) -> tuple[ChallengeStatus, int | None] | None:
-    """mark_published for a challenge this caller just created: its status as published and the
-    user's last send (MAX(created_at) of last_send_ms), or None when the publish was already
+    """mark_published for a challenge of `method` this caller just created: its status as published
+    and the user's last send of the method (send_history.last_send_ms), or None when the publish was already
     recorded (or the send is void).
 
     PostgreSQL: one statement (_PUBLISH_AND_SUPERSEDE), atomic by itself, so the caller may run
     it outside a transaction (Database.statements). SQLite: two, in the caller's transaction.
     """
-    params = {"c": challenge_id, "u": user_id, "now": now_ms}
+    params = {"c": challenge_id, "u": user_id, "m": method, "now": now_ms}
     if tx.dialect == "postgres":  # every SendCode publishes: run as a HotStatement
         published = tx.hot_row(_PUBLISH_AND_SUPERSEDE_HOT, params)
         if published is None:
@@ -310,32 +293,6 @@ def count_challenge_attempt(tx: Transaction, challenge_id: str, now_ms: int) -> 
         "UPDATE challenges SET attempts = attempts + 1, updated_at = %(now)s WHERE challenge_id = %(c)s",
         {"c": challenge_id, "now": now_ms},
     )
-
-
-def last_send_ms(tx: Transaction, user_id: str) -> int | None:
-    row = tx.one(f"SELECT ({_LAST_SEND}) AS last", {"u": user_id})
-    return None if row is None or row["last"] is None else int(row["last"])
-
-
-@dataclass(frozen=True)
-class RecentSends:
-    """What the send limits look at, read in one statement."""
-
-    last_ms: int | None  # last_send_ms
-    to_user: int  # sends counting toward the hourly limit, to the user
-    to_destination: int  # and to the destination
-    method_enabled: bool  # whether the user has `method` enabled
-
-
-def recent_sends(
-    tx: Transaction, user_id: str, destination: str | None, *, since_ms: int, method: str = ""
-) -> RecentSends:
-    """last_send_ms, the two hourly counts of the send limits, and whether the user has `method`
-    enabled, in one round trip."""
-    row = tx.hot_row(_RECENT_SENDS_HOT, {"u": user_id, "d": destination, "since": since_ms, "m": method})
-    assert row is not None
-    last, to_user, to_destination, enabled = row
-    return RecentSends(None if last is None else int(last), int(to_user), int(to_destination), bool(enabled))
 
 
 def claim_delivery(

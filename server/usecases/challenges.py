@@ -15,7 +15,7 @@ from twofactor_server.domain.keyring import CHALLENGE_CODE, Keyring
 from twofactor_server.domain.models import Caller, ChallengeView
 from twofactor_server.observability import metrics
 from twofactor_server.settings import PolicySettings
-from twofactor_server.storage import outbox, store
+from twofactor_server.storage import outbox, send_history, store
 from twofactor_server.storage.database import Database, Transaction
 from twofactor_server.storage.records import ChallengeRecord, ChallengeStatus, NewChallenge
 from twofactor_server.usecases import audit
@@ -87,7 +87,6 @@ class Challenges:
         locale: str,
         caller: Caller,
         new_destination: str | None = None,
-        cooldown: bool = True,
         authorize: Callable[[Transaction], bool] | None = None,
     ) -> ChallengeView:
         """Commit a new code for `purpose` and hand it to delivery: to the registered contact, or
@@ -95,10 +94,10 @@ class Challenges:
         `authorize` runs first under the user's row lock (the step-up rule: it raises to refuse)
         and says whether the start had a proof, which the pending enrollment records.
 
-        Invariants: the send limits (cooldown, per user and per destination per hour) are
-        checked under the user's row lock and the destination's lock, so they hold exactly
-        across concurrent calls and server processes (cooldown=False: all but the cooldown, for
-        the second code of one call that sends two); a repeated idempotency key within its
+        Invariants: the send limits (the resend cooldown, per user and method; the hourly caps,
+        per user and per destination, every method counted) are checked under the user's row
+        lock and the destination's lock, so they hold exactly across concurrent calls and server
+        processes; a repeated idempotency key within its
         window (for the same method) returns the first challenge and sends nothing; only a committed row is
         published, since the worker reads it back by id.
 
@@ -126,7 +125,9 @@ class Challenges:
             # it as too soon, and created_at follows the order the locks gave the sends.
             now = now_ms(self._clock)
             # Read after both locks (a statement of its own: a snapshot taken after the waits).
-            recent = outbox.recent_sends(tx, user_id, destination, since_ms=now - HOUR_MS, method=method)
+            recent = send_history.recent_sends(
+                tx, user_id, destination, since_ms=now - HOUR_MS, method=method
+            )
             if purpose == LOGIN and not (recent.method_enabled and method in policy.allowed_methods):
                 raise FailedPrecondition("METHOD_NOT_ENABLED", f"{method} is not enabled for this user")
             if not destination:
@@ -146,7 +147,7 @@ class Challenges:
                 if earlier is not None:
                     outbox.forget_idempotency_key(tx, earlier.challenge_id)
             refuse_if_locked(sender, policy, now)  # its codes would be refused until the lock ends
-            self._enforce_send_limits(recent, now, cooldown=cooldown)
+            self._enforce_send_limits(recent, now)
             if recent.last_ms is not None and now <= recent.last_ms:
                 # The user's sends are in the order of their locks; their times say so too, one
                 # millisecond apart at least, so "newest" (the code that counts) is never a tie.
@@ -196,7 +197,7 @@ class Challenges:
         # PostgreSQL publishes in one statement, atomic by itself: no BEGIN and COMMIT around it.
         publishing = self._db.statements() if self._db.dialect == "postgres" else self._db.transaction()
         with publishing as tx:
-            published = outbox.publish_new(tx, challenge_id, user_id, now_ms(self._clock))
+            published = outbox.publish_new(tx, challenge_id, user_id, method, now_ms(self._clock))
             if published is not None:
                 return self._view(tx, published[0], last_send=published[1])
             recorded = outbox.get_challenge(tx, challenge_id)  # recovery recorded the publish first
@@ -229,10 +230,7 @@ class Challenges:
         live = outbox.live_challenges(tx, user_id, CONTACT, now, self._policy.max_attempts_per_code)
         # newest first in `live`: the last write wins
         newest = {c.method: c for c in reversed(live) if c.method in enabled}
-        if not newest:
-            return ()
-        last_send = outbox.last_send_ms(tx, user_id)
-        return tuple(self._view(tx, newest[m], last_send=last_send) for m in sorted(newest))
+        return tuple(self._view(tx, newest[m]) for m in sorted(newest))
 
     def check(self, tx: Transaction, challenge: ChallengeRecord, digits: str, now: int) -> bool:
         """Whether `digits` is the challenge's code; a right one is consumed (once), a wrong one
@@ -244,16 +242,17 @@ class Challenges:
         outbox.count_challenge_attempt(tx, challenge.challenge_id, now)
         return False
 
-    def _enforce_send_limits(self, recent: outbox.RecentSends, now: int, *, cooldown: bool) -> None:
+    def _enforce_send_limits(self, recent: send_history.RecentSends, now: int) -> None:
         policy = self._policy
-        last = recent.last_ms
+        # The cooldown is the method's: "text me instead" after an email code goes out at once.
+        last = recent.last_of_method_ms
         cooldown_ends = (last or 0) + policy.resend_cooldown_seconds * 1000
         # No cooldown set: none, though the last send's time may be a millisecond ahead (send()).
-        if cooldown and policy.resend_cooldown_seconds and last is not None and cooldown_ends > now:
+        if policy.resend_cooldown_seconds and last is not None and cooldown_ends > now:
             metrics.send_refused("RESEND_TOO_SOON")
             raise ResourceExhausted(
                 "RESEND_TOO_SOON",
-                "a code was sent moments ago; wait before sending another",
+                "a code was sent by this method moments ago; wait, or ask for one by another method",
                 retry_after=(cooldown_ends - now) / 1000,
             )
         if recent.to_user >= policy.sends_per_user_per_hour:
@@ -280,8 +279,8 @@ class Challenges:
             status = "expired"
         elif status == "void":  # a send whose caller was told UNAVAILABLE: it will never be delivered
             status = "failed"
-        if last_send is None:
-            last_send = outbox.last_send_ms(tx, challenge.user_id)
+        if last_send is None:  # the cooldown of the challenge's method: the other's may be over
+            last_send = send_history.last_send_ms(tx, challenge.user_id, challenge.method)
         last = last_send or challenge.created_at
         return ChallengeView(
             challenge_id=challenge.challenge_id,

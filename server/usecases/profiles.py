@@ -103,6 +103,7 @@ class UserProfiles:
         # The codes first: a refused send (a limit, the SMS quota) or one that can't be queued
         # leaves every contact as it was, so an error answer never hides an applied change.
         confirmations: list[ChallengeView] = []
+        # A new email and a new phone in one call: two methods, each under its own cooldown.
         for method, destination in to_confirm:
             confirmations.append(
                 self._challenges.issue(
@@ -113,8 +114,6 @@ class UserProfiles:
                     locale=locale,
                     caller=caller,
                     new_destination=destination,
-                    # A new email and a new phone in one call: the cooldown applies to the call.
-                    cooldown=not confirmations,
                 )
             )
         with self._db.transaction() as tx:

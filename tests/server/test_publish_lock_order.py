@@ -74,12 +74,12 @@ def challenge(db: Database, challenge_id: str) -> ChallengeRecord:
 
 def publish_new(db: Database, challenge_id: str) -> None:
     with db.transaction() as tx:
-        assert outbox.publish_new(tx, challenge_id, USER, T0 + 1_000) is not None
+        assert outbox.publish_new(tx, challenge_id, USER, "email", T0 + 1_000) is not None
 
 
 def publish_new_alone(db: Database, challenge_id: str) -> None:
     with db.statements() as q:  # as SendCode runs it on PostgreSQL: one statement, no transaction
-        assert outbox.publish_new(q, challenge_id, USER, T0 + 1_000) is not None
+        assert outbox.publish_new(q, challenge_id, USER, "email", T0 + 1_000) is not None
 
 
 def mark_published(db: Database, challenge_id: str) -> None:

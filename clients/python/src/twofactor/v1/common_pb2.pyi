@@ -124,7 +124,9 @@ class Challenge(_message.Message):
 
     @_builtins.property
     def resend_after(self) -> _timestamp_pb2.Timestamp:
-        """The earliest time SendCode may send another code to this user."""
+        """The earliest time SendCode may send this user another code by this method
+        (the resend cooldown is per method: a code by the other one may be sent at once).
+        """
 
     def __init__(
         self,
@@ -191,7 +193,7 @@ class Policy(_message.Message):
 
     @_builtins.property
     def resend_cooldown(self) -> _duration_pb2.Duration:
-        """Minimum time between two SendCode calls for one user."""
+        """Minimum time between two codes sent to one user by the same method."""
 
     @_builtins.property
     def lockout_base(self) -> _duration_pb2.Duration:

@@ -96,7 +96,9 @@ class TwoFactorServiceStub:
     """Sends a one-time login code by EMAIL or SMS. A repeated idempotency_key
     for the same method (within the code's lifetime) returns the same
     challenge and sends nothing; with the other method it sends that method's
-    code.
+    code. RESOURCE_EXHAUSTED (RESEND_TOO_SOON, with RetryInfo) for a second
+    code by the same method within the resend cooldown; the other method's is
+    sent at once ("text me instead"), within the hourly limits of every method.
     FAILED_PRECONDITION (USER_LOCKED, with RetryInfo while the lock is timed)
     while the user is locked out: the code could not be checked, so none is sent.
     """
@@ -159,7 +161,9 @@ class TwoFactorServiceAsyncStub(TwoFactorServiceStub):
     """Sends a one-time login code by EMAIL or SMS. A repeated idempotency_key
     for the same method (within the code's lifetime) returns the same
     challenge and sends nothing; with the other method it sends that method's
-    code.
+    code. RESOURCE_EXHAUSTED (RESEND_TOO_SOON, with RetryInfo) for a second
+    code by the same method within the resend cooldown; the other method's is
+    sent at once ("text me instead"), within the hourly limits of every method.
     FAILED_PRECONDITION (USER_LOCKED, with RetryInfo while the lock is timed)
     while the user is locked out: the code could not be checked, so none is sent.
     """
@@ -261,7 +265,9 @@ class TwoFactorServiceServicer(metaclass=_abc_1.ABCMeta):
         """Sends a one-time login code by EMAIL or SMS. A repeated idempotency_key
         for the same method (within the code's lifetime) returns the same
         challenge and sends nothing; with the other method it sends that method's
-        code.
+        code. RESOURCE_EXHAUSTED (RESEND_TOO_SOON, with RetryInfo) for a second
+        code by the same method within the resend cooldown; the other method's is
+        sent at once ("text me instead"), within the hourly limits of every method.
         FAILED_PRECONDITION (USER_LOCKED, with RetryInfo while the lock is timed)
         while the user is locked out: the code could not be checked, so none is sent.
         """
