@@ -32,6 +32,7 @@ from twofactor_server.storage.records import (
     select_list,
 )
 from twofactor_server.storage.send_history import LAST_SEND_OF_METHOD
+from twofactor_server.storage.units import in_list
 
 _NEW_CHALLENGE_COLUMNS = columns(NewChallenge)
 _CHALLENGE_COLUMNS = select_list(ChallengeRecord)
@@ -261,20 +262,37 @@ def void_unpublished(tx: Transaction, challenge_id: str, now_ms: int) -> bool:
 
 
 def live_challenges(
-    tx: Transaction, user_id: str, purpose: str, now_ms: int, max_attempts: int
+    tx: Transaction, user_id: str, purpose: str, now_ms: int, max_attempts: int, *, epoch: int | None = None
 ) -> list[ChallengeRecord]:
     """Codes that can still be accepted, newest first: published ones, and any a worker already
-    took (its message got through though the publish was not recorded yet)."""
+    took (its message got through though the publish was not recorded yet). With `epoch` (the
+    user's credential epoch now), only those authorized at it (contact changes, migration 0013;
+    a row without one, as before)."""
+    at_epoch = "AND (credential_epoch IS NULL OR credential_epoch = %(e)s) " if epoch is not None else ""
     rows = tx.all(
         f"SELECT {_CHALLENGE_COLUMNS} FROM challenges "  # noqa: S608
         "WHERE user_id = %(u)s AND purpose = %(p)s AND consumed_at IS NULL "
         "AND superseded_at IS NULL AND expires_at > %(now)s AND attempts < %(max)s "
         "AND (published_at IS NOT NULL OR delivery_status IN ('sending', 'sent')) "
-        "AND delivery_status NOT IN ('failed', 'void') "
+        f"AND delivery_status NOT IN ('failed', 'void') {at_epoch}"
         "ORDER BY created_at DESC",
-        {"u": user_id, "p": purpose, "now": now_ms, "max": max_attempts},
+        {"u": user_id, "p": purpose, "now": now_ms, "max": max_attempts, "e": epoch},
     )
     return [ChallengeRecord(**row) for row in rows]
+
+
+def carry_contact_changes(tx: Transaction, user_id: str, epoch: int, only: tuple[str, ...] = ()) -> None:
+    """The user's unused contact changes authorized at `epoch` (of them, the challenges `only`
+    names, when given) are authorized at the user's epoch now: the epoch moved on for the contact
+    change itself (the other half of one SetContact applied, or another change confirmed)."""
+    names, ids = in_list("c", list(only))
+    named = f"AND challenge_id IN ({names}) " if only else ""
+    tx.execute(
+        "UPDATE challenges SET credential_epoch = (SELECT credential_epoch FROM users WHERE user_id = %(u)s) "  # noqa: S608
+        f"WHERE user_id = %(u)s AND purpose = 'contact' AND credential_epoch = %(e)s {named}"
+        "AND consumed_at IS NULL AND superseded_at IS NULL",
+        {"u": user_id, "e": epoch, **ids},
+    )
 
 
 def consume_challenge(tx: Transaction, challenge_id: str, now_ms: int) -> bool:

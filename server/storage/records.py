@@ -158,6 +158,8 @@ class NewChallenge:
     created_at: int
     expires_at: int
     notice: str | None = None
+    # purpose 'contact': the user's credential epoch the change was authorized at (migration 0013)
+    credential_epoch: int | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -87,10 +87,12 @@ class Challenges:
         locale: str,
         caller: Caller,
         new_destination: str | None = None,
+        credential_epoch: int | None = None,
         authorize: Callable[[Transaction], bool] | None = None,
     ) -> ChallengeView:
         """Commit a new code for `purpose` and hand it to delivery: to the registered contact, or
-        for purpose CONTACT to `new_destination`, the address it confirms. For ENROLLMENT,
+        for purpose CONTACT to `new_destination`, the address it confirms, a change authorized at
+        the user's `credential_epoch` (it lapses once the epoch moves on). For ENROLLMENT,
         `authorize` runs first under the user's row lock (the step-up rule: it raises to refuse)
         and says whether the start had a proof, which the pending enrollment records.
 
@@ -175,6 +177,7 @@ class Challenges:
                     locale=locale or "en",
                     created_at=now,
                     expires_at=now + policy.code_ttl_seconds * 1000,
+                    credential_epoch=credential_epoch if purpose == CONTACT else None,
                 ),
                 audit.event(caller, now, user_id, action, detail=method),
             )
@@ -216,18 +219,29 @@ class Challenges:
         return None if newest is None or not self.check(tx, newest, digits, now) else newest.method
 
     def newest_live(
-        self, tx: Transaction, user_id: str, purpose: str, now: int, *, method: str | None
+        self,
+        tx: Transaction,
+        user_id: str,
+        purpose: str,
+        now: int,
+        *,
+        method: str | None,
+        epoch: int | None = None,
     ) -> ChallengeRecord | None:
-        """The newest code of `purpose` (and `method`) that can still be accepted."""
-        live = outbox.live_challenges(tx, user_id, purpose, now, self._policy.max_attempts_per_code)
+        """The newest code of `purpose` (and `method`) that can still be accepted; with `epoch`, the
+        user's credential epoch now, of those authorized at it (a contact change)."""
+        max_attempts = self._policy.max_attempts_per_code
+        live = outbox.live_challenges(tx, user_id, purpose, now, max_attempts, epoch=epoch)
         return next((c for c in live if method is None or c.method == method), None)
 
     def pending_contact_changes(
-        self, tx: Transaction, user_id: str, now: int, enabled: Collection[str]
+        self, tx: Transaction, user_id: str, now: int, enabled: Collection[str], epoch: int
     ) -> tuple[ChallengeView, ...]:
         """The newest live contact-change code of each enabled method, as ConfirmContact would take it
-        (a method turned off since has no contact change to confirm)."""
-        live = outbox.live_challenges(tx, user_id, CONTACT, now, self._policy.max_attempts_per_code)
+        (a method turned off since has no contact change to confirm, nor has a change authorized
+        before the user's credential epoch, `epoch`, last moved on)."""
+        max_attempts = self._policy.max_attempts_per_code
+        live = outbox.live_challenges(tx, user_id, CONTACT, now, max_attempts, epoch=epoch)
         # newest first in `live`: the last write wins
         newest = {c.method: c for c in reversed(live) if c.method in enabled}
         return tuple(self._view(tx, newest[m]) for m in sorted(newest))

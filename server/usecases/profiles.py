@@ -23,7 +23,7 @@ from twofactor_server.domain.models import (
     UserState,
 )
 from twofactor_server.settings import PolicySettings
-from twofactor_server.storage import store
+from twofactor_server.storage import outbox, store
 from twofactor_server.storage.database import Database, Transaction
 from twofactor_server.storage.records import UserRecord
 from twofactor_server.usecases import audit
@@ -71,7 +71,9 @@ class UserProfiles:
             state = load_state(tx, user, self._policy, now)
             # The methods ConfirmContact takes a code for: enabled and allowed by the policy.
             usable = tuple(m for m in state.enabled_methods if m in self._policy.allowed_methods)
-            changes = self._challenges.pending_contact_changes(tx, user_id, now, usable)
+            changes = self._challenges.pending_contact_changes(
+                tx, user_id, now, usable, user.credential_epoch
+            )
             return replace(state, contact_changes=changes)
 
     def set_contact(
@@ -114,13 +116,20 @@ class UserProfiles:
                     locale=locale,
                     caller=caller,
                     new_destination=destination,
+                    # The epoch the step-up rule was checked at: any credential change since, a
+                    # reset among them, and the change can't be confirmed (ConfirmContact).
+                    credential_epoch=user.credential_epoch,
                 )
             )
         with self._db.transaction() as tx:
             # Planned again under the lock: only what is still a direct change applies (a method
             # enabled meanwhile keeps its address until a code confirms another).
             user, _, at_once = self._plan(tx, user_id, email, phone, verification_token, caller, now)
-            return ContactChange(self._apply_at_once(tx, user, at_once, caller, now), tuple(confirmations))
+            state = self._apply_at_once(tx, user, at_once, caller, now)
+            if at_once:  # this call's own changes moved the epoch on: its confirmations stay good
+                started = tuple(c.challenge_id for c in confirmations)
+                outbox.carry_contact_changes(tx, user_id, user.credential_epoch, only=started)
+            return ContactChange(state, tuple(confirmations))
 
     def _apply_at_once(
         self, tx: Transaction, user: UserRecord, at_once: list[tuple[str, str]], caller: Caller, now: int
@@ -199,8 +208,12 @@ class UserProfiles:
             refuse_if_locked(user, self._policy, now)
             # A contact change is for an enabled method's address: with the method turned off
             # since, the address is changed directly, and an older change must not come back.
+            # Nor one authorized before the credentials last changed (a reset, a method turned
+            # off or on, new backup codes, another contact): its step-up proof is spent.
             pending = (
-                self._challenges.newest_live(tx, user_id, CONTACT, now, method=method)
+                self._challenges.newest_live(
+                    tx, user_id, CONTACT, now, method=method, epoch=user.credential_epoch
+                )
                 if method in enabled
                 else None
             )
@@ -218,6 +231,9 @@ class UserProfiles:
                 state = load_state(tx, existing_user(tx, user_id), self._policy, now)
                 return ContactConfirmation(wrong.result, state, attempts_left=wrong.attempts_left)
             store.set_contact(tx, user_id, column, pending.destination)
+            # The other method's change authorized with this one (one SetContact may start both)
+            # is not lapsed by the epoch this confirmation moves on.
+            outbox.carry_contact_changes(tx, user_id, user.credential_epoch)
             store.withdraw_codes_sent_elsewhere(tx, user_id, method, pending.destination, now)
             store.record_success(tx, user_id, now)
             audit.record(tx, caller, now, user_id, "contact_changed", detail=f"{column} confirmed")

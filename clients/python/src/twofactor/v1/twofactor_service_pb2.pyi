@@ -237,7 +237,9 @@ class GetStatusResponse(_message.Message):
     def pending_contact_changes(self) -> _containers.RepeatedCompositeFieldContainer[_common_pb2.Challenge]:
         """Contact changes waiting for ConfirmContact, at most one per method: the
         code sent to the new address (masked), when it expires and how its
-        delivery goes. The address in force stays the old one until then.
+        delivery goes. The address in force stays the old one until then. A
+        change the user's credentials changed after (it can't be confirmed) is
+        not listed.
         """
 
     def __init__(

@@ -121,7 +121,10 @@ class TwoFactorServiceServicer:
         """Puts a new email address or mobile number in force with the code that
         SetContact sent to it. A wrong code is an answer (CONFIRM_RESULT_REJECTED
         or _LOCKED) and counts toward the lockout; FAILED_PRECONDITION
-        (NO_PENDING_CONTACT_CHANGE) when no change is waiting.
+        (NO_PENDING_CONTACT_CHANGE) when no change is waiting: none was made, its
+        code expired, or the user's credentials changed since it was asked for
+        (an admin reset, a method turned on or off, new backup codes, another
+        contact changed), which the change does not survive.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

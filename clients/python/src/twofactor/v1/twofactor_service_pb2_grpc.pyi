@@ -73,7 +73,10 @@ class TwoFactorServiceStub:
     """Puts a new email address or mobile number in force with the code that
     SetContact sent to it. A wrong code is an answer (CONFIRM_RESULT_REJECTED
     or _LOCKED) and counts toward the lockout; FAILED_PRECONDITION
-    (NO_PENDING_CONTACT_CHANGE) when no change is waiting.
+    (NO_PENDING_CONTACT_CHANGE) when no change is waiting: none was made, its
+    code expired, or the user's credentials changed since it was asked for
+    (an admin reset, a method turned on or off, new backup codes, another
+    contact changed), which the change does not survive.
     """
     StartEnrollment: _grpc.UnaryUnaryMultiCallable[_twofactor_service_pb2.StartEnrollmentRequest, _twofactor_service_pb2.StartEnrollmentResponse]
     """Begins enrolling a method. AUTHENTICATOR returns a new secret, its otpauth
@@ -138,7 +141,10 @@ class TwoFactorServiceAsyncStub(TwoFactorServiceStub):
     """Puts a new email address or mobile number in force with the code that
     SetContact sent to it. A wrong code is an answer (CONFIRM_RESULT_REJECTED
     or _LOCKED) and counts toward the lockout; FAILED_PRECONDITION
-    (NO_PENDING_CONTACT_CHANGE) when no change is waiting.
+    (NO_PENDING_CONTACT_CHANGE) when no change is waiting: none was made, its
+    code expired, or the user's credentials changed since it was asked for
+    (an admin reset, a method turned on or off, new backup codes, another
+    contact changed), which the change does not survive.
     """
     StartEnrollment: _aio.UnaryUnaryMultiCallable[_twofactor_service_pb2.StartEnrollmentRequest, _twofactor_service_pb2.StartEnrollmentResponse]  # type: ignore[assignment]
     """Begins enrolling a method. AUTHENTICATOR returns a new secret, its otpauth
@@ -218,7 +224,10 @@ class TwoFactorServiceServicer(metaclass=_abc_1.ABCMeta):
         """Puts a new email address or mobile number in force with the code that
         SetContact sent to it. A wrong code is an answer (CONFIRM_RESULT_REJECTED
         or _LOCKED) and counts toward the lockout; FAILED_PRECONDITION
-        (NO_PENDING_CONTACT_CHANGE) when no change is waiting.
+        (NO_PENDING_CONTACT_CHANGE) when no change is waiting: none was made, its
+        code expired, or the user's credentials changed since it was asked for
+        (an admin reset, a method turned on or off, new backup codes, another
+        contact changed), which the change does not survive.
         """
 
     @_abc_1.abstractmethod
