@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime
 import uuid
+from dataclasses import dataclass
 
 import twofactor
 from flask import Blueprint, flash, redirect, render_template, request, url_for
@@ -13,7 +14,7 @@ from werkzeug.wrappers import Response
 
 from . import sessions, step_up
 from .access import lockout_message, method_info, safe_next, signed_in, tf
-from .second_factor import BY_METHOD
+from .second_factor import BY_METHOD, MethodInfo
 from .users import check_password
 
 pages = Blueprint("login", __name__)
@@ -97,23 +98,38 @@ def render_prompt(user_id: str, *, action: str, step_up_for: str) -> str:
     """The code prompt: for the login (step_up_for="") or for sudo mode (the page to return to)."""
     status = tf().status(user_id)
     enabled = [BY_METHOD[m] for m in status.enabled_methods]
-    wait = max(0, int(sessions.resend_after() - sessions.now() + 0.999))
     return render_template(
         "prompt.html",
         action=action,
         next=step_up_for,
         has_authenticator=Method.METHOD_AUTHENTICATOR in status.enabled_methods,
         # Locked until an operator unlocks: no code logs in, so none is offered.
-        sendable=[] if status.locked_permanently else [info for info in enabled if info.contact],
+        sendable=[]
+        if status.locked_permanently
+        else [SendButton.of(info) for info in enabled if info.contact],
         locked_permanently=status.locked_permanently,
         send_key=uuid.uuid4().hex,  # one per rendered form: a double click sends once
-        wait_seconds=wait,
-        resend_at=sessions.resend_after(),
-        sent_to=sessions.code_sent_to(),
         locked_until=status.locked_until.ToDatetime(datetime.UTC)
         if status.HasField("locked_until")
         else None,
     )
+
+
+@dataclass(frozen=True)
+class SendButton:
+    """A "Send me a code by ..." button: off, with its own countdown, until its method's cooldown
+    ends (another method's code doesn't hold it: the server's cooldown is per method)."""
+
+    info: MethodInfo
+    resend_at: float  # epoch seconds; 0 when the session sent no code by this method
+    wait_seconds: int
+    sent_to: str  # where this method's last code went, masked; "" if none
+
+    @classmethod
+    def of(cls, info: MethodInfo) -> SendButton:
+        resend_at = sessions.resend_after(info.slug)
+        wait = max(0, int(resend_at - sessions.now() + 0.999))
+        return cls(info, resend_at, wait, sessions.code_sent_to(info.slug))
 
 
 def check_code(user_id: str) -> VerifyResponse | None:
@@ -159,7 +175,7 @@ def send_code() -> Response:
         challenge = tf().send_code(user_id, info.method, request.form.get("send_key", "")[:128])
     except twofactor.RateLimited as error:
         wait = error.retry_after.total_seconds() if error.retry_after else 60.0
-        sessions.note_code_sent(sessions.code_sent_to(), sessions.now() + wait)
+        sessions.note_resend_wait(info.slug, sessions.now() + wait)  # this method's button only
         if error.reason == "RESEND_TOO_SOON":
             flash("A code was sent moments ago: you can ask for another when the button comes back.", "info")
         else:  # an hourly limit (USER_SEND_LIMIT, DESTINATION_SEND_LIMIT)
@@ -171,7 +187,9 @@ def send_code() -> Response:
     except twofactor.UserLocked as error:
         flash(lockout_message(error.retry_after), "error")
         return redirect(back)
-    sessions.note_code_sent(challenge.masked_destination, challenge.resend_after.ToNanoseconds() / 1e9)
+    sessions.note_code_sent(
+        info.slug, challenge.masked_destination, challenge.resend_after.ToNanoseconds() / 1e9
+    )
     flash(f"We sent a code to {challenge.masked_destination}.", "info")
     return redirect(back)
 

@@ -116,16 +116,33 @@ def log_out() -> None:
 
 
 # -- per-login state of sent codes, for the resend cooldown ------------------------------------
+# The server's cooldown is per user and method: after an email code a text may go out at once.
+# So the session keeps, per method slug, when its next code may be asked for and where its
+# last one went: {"email": {"resend_after": 1234.5, "sent_to": "a***@example.com"}, ...}.
 
 
-def note_code_sent(masked_destination: str, resend_after: float) -> None:
-    session["code_sent_to"] = masked_destination
-    session["resend_after"] = resend_after
+def note_code_sent(method: str, masked_destination: str, resend_after: float) -> None:
+    _note(method, sent_to=masked_destination, resend_after=resend_after)
 
 
-def resend_after() -> float:
-    return float(session.get("resend_after", 0.0))
+def note_resend_wait(method: str, resend_after: float) -> None:
+    """The server refused a code by `method` until `resend_after`: the other methods don't wait."""
+    _note(method, resend_after=resend_after)
 
 
-def code_sent_to() -> str:
-    return str(session.get("code_sent_to", ""))
+def resend_after(method: str) -> float:
+    return float(_codes_sent().get(method, {}).get("resend_after", 0.0))
+
+
+def code_sent_to(method: str) -> str:
+    return str(_codes_sent().get(method, {}).get("sent_to", ""))
+
+
+def _codes_sent() -> dict[str, dict[str, float | str]]:
+    return dict(session.get("codes_sent", {}))
+
+
+def _note(method: str, **fields: float | str) -> None:
+    codes_sent = _codes_sent()
+    codes_sent[method] = {**codes_sent.get(method, {}), **fields}
+    session["codes_sent"] = codes_sent  # a new dict: Flask sees the change and signs the cookie again

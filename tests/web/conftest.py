@@ -380,10 +380,10 @@ class SiteClient:
     def get(self, path: str) -> TestResponse:
         return self.client.get(path)
 
-    def post(self, path: str, **form: str) -> TestResponse:
+    def post(self, path: str, /, **form: str) -> TestResponse:
         return self.open("POST", path, **form)
 
-    def open(self, method: str, path: str, **form: str) -> TestResponse:
+    def open(self, method: str, path: str, /, **form: str) -> TestResponse:
         with self.client.session_transaction() as session:
             csrf = str(session.get("csrf", ""))
         return self.client.open(path, method=method, data={"csrf_token": csrf, **form})

@@ -1,4 +1,4 @@
-// The site's only script: copy-to-clipboard and the resend countdown.
+// The site's only script: copy-to-clipboard and the resend countdowns (one per method).
 // Both are conveniences: every page works without them.
 "use strict";
 
@@ -24,13 +24,14 @@ document.addEventListener("DOMContentLoaded", () => {
     const wait = Number(button.dataset.enableAt) - Date.now();
     setTimeout(() => { button.disabled = false; }, Math.max(0, wait));
   }
-  // <p data-until="EPOCH_MS"> with a <span class="countdown">: count the seconds down.
+  // <p data-until="EPOCH_MS" data-done="TEXT"> with a <span class="countdown">: count the seconds
+  // down, then say TEXT. Each method's button has its own.
   for (const note of document.querySelectorAll("[data-until]")) {
     const until = Number(note.dataset.until);
     const tick = () => {
       const left = Math.ceil((until - Date.now()) / 1000);
       if (left <= 0) {
-        note.textContent = "You can ask for a new code now.";
+        note.textContent = note.dataset.done;
         return;
       }
       note.querySelector(".countdown").textContent = String(left);
