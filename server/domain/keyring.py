@@ -88,6 +88,8 @@ class Keyring:
         # HMAC(pepper, purpose || 0 || data) with its key and prefix absorbed once: each hash
         # starts from a copy (keyed_hash runs on every login, send and backup code).
         self._keyed: dict[tuple[int, str], HMAC] = {}
+        # What a database records of each version's key at first use (key_fingerprint).
+        self._fingerprints = {v: key_fingerprint(k) for v, k in keys.items()}
         self.active_version = active
         self.versions = tuple(sorted(keys))
         # Versions whose key opened a stored value (the start-up check, a secret, a code): a hash
@@ -177,6 +179,15 @@ class Keyring:
         """Whether this keyring's key of `version` has opened a stored value."""
         return version in self._proven
 
+    def fingerprint(self, version: int) -> bytes:
+        """The fingerprint of this keyring's key of `version` (key_fingerprint)."""
+        return self._fingerprints[version]
+
+    def has_fingerprint(self, version: int, recorded: bytes) -> bool:
+        """Whether this keyring's key of `version` is the key `recorded` was made from, compared in
+        constant time."""
+        return hmac.compare_digest(self._fingerprints[version], recorded)
+
     def keyed_hash(self, data: bytes, *, purpose: str) -> bytes:
         """HMAC-SHA256 with the active pepper, prefixed with its version."""
         version = self.active_version
@@ -228,6 +239,14 @@ def _listed(keys: dict[int, bytes]) -> str:
 
 def _derive_pepper(key: bytes) -> bytes:
     return HKDF(algorithm=hashes.SHA256(), length=32, salt=None, info=b"twofactor pepper").derive(key)
+
+
+def key_fingerprint(key: bytes) -> bytes:
+    """A one-way value that tells one key from another, for a database to record which key it
+    saw under each version: derived as the pepper is (HKDF-SHA256, its own label), so it is
+    neither the key nor any key used for sealing or hashing, and tells nothing of them."""
+    label = b"twofactor key fingerprint v1"
+    return HKDF(algorithm=hashes.SHA256(), length=32, salt=None, info=label).derive(key)
 
 
 def _associated_data(purpose: str, user_id: str, version: int) -> bytes:

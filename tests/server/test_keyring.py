@@ -4,12 +4,20 @@ from __future__ import annotations
 
 import base64
 import concurrent.futures
+import hashlib
 import hmac
 import threading
 
 import pytest
 
-from twofactor_server.domain.keyring import MAX_VERSION, Keyring, KeyringError, KeyVersionMissing, version_of
+from twofactor_server.domain.keyring import (
+    MAX_VERSION,
+    Keyring,
+    KeyringError,
+    KeyVersionMissing,
+    key_fingerprint,
+    version_of,
+)
 
 
 def test_round_trip_bound_to_user_and_purpose() -> None:
@@ -203,3 +211,30 @@ def test_the_highest_version_a_value_can_carry_is_a_usable_key() -> None:
     sealed = keyring.encrypt(b"secret", purpose="totp_secret", user_id="alice")
     assert version_of(sealed) == MAX_VERSION == 2**32 - 1
     assert keyring.decrypt(sealed, purpose="totp_secret", user_id="alice") == b"secret"
+
+
+def test_a_key_fingerprint_tells_keys_apart_and_is_no_key_material(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The value a database records for a key version: the same for the same key (every process
+    of a fleet), another for another key under that version, and neither the key nor a plain
+    hash of it, nor the pepper or sealing key derived from it."""
+    key = base64.b64decode(KEY_1.partition(":")[2])
+    mine, again = Keyring.parse(KEY_1), Keyring.parse(f"{KEY_1},{KEY_2}")
+    other = Keyring.parse(Keyring.new_key_spec(1))
+    assert mine.fingerprint(1) == again.fingerprint(1) == key_fingerprint(key)
+    assert len(mine.fingerprint(1)) == 32
+    assert mine.fingerprint(1) != other.fingerprint(1) and again.fingerprint(2) != mine.fingerprint(1)
+    assert mine.fingerprint(1) not in (key, hashlib.sha256(key).digest(), hmac.digest(key, b"", "sha256"))
+    assert key not in mine.fingerprint(1)
+    recorded = key_fingerprint(key)
+    assert mine.has_fingerprint(1, recorded) and not other.has_fingerprint(1, recorded)
+    # Compared in constant time, as every secret-derived value.
+    compared: list[tuple[bytes, bytes]] = []
+    constant_time = hmac.compare_digest
+
+    def recording(a: bytes, b: bytes) -> bool:
+        compared.append((a, b))
+        return constant_time(a, b)
+
+    monkeypatch.setattr(hmac, "compare_digest", recording)
+    assert mine.has_fingerprint(1, recorded)
+    assert compared == [(recorded, recorded)]
