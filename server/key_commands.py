@@ -17,6 +17,7 @@ from twofactor_server.setting_values import new_token_entry
 from twofactor_server.settings import Settings, SettingsError
 from twofactor_server.storage.database import Database
 from twofactor_server.storage.records import KeyUsageRecord
+from twofactor_server.usecases.key_fingerprints import require_recorded_keys
 from twofactor_server.usecases.key_rotation import (
     CHALLENGE_KINDS,
     KIND_NAMES,
@@ -119,6 +120,9 @@ def key_status(settings: Settings, *, as_json: bool) -> int:
     """Per key version, how many stored values of each kind use it, and what to do next."""
     rotation, db, keyring = _rotation(settings)
     try:
+        # Counts read with another key under a recorded version would be advice for the wrong
+        # key; compared only: a status records no key (the one it was given may be a typo).
+        require_recorded_keys(db, keyring, record=False)
         usage = rotation.status()
     finally:
         db.close()

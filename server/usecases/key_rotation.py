@@ -20,6 +20,7 @@ from twofactor_server.storage import keys
 from twofactor_server.storage.database import Database
 from twofactor_server.storage.records import KeyUsageRecord, MethodRecord, StoredBackupCode
 from twofactor_server.usecases.backup_codes import backup_code_data
+from twofactor_server.usecases.key_fingerprints import require_recorded_keys
 
 # A batch of backup codes is one UPDATE with six parameters a row: 5,000 rows stay under
 # SQLite's 32,766 and PostgreSQL's 65,535 parameters a statement.
@@ -208,7 +209,10 @@ def _unreadable(progress: RotationProgress, what: str, error: Exception) -> None
 
 def require_keys_for_stored_values(db: Database, keyring: Keyring, clock: Clock = system_clock) -> None:
     """Refuse to start (SettingsError) when stored values use a key version the keyring lacks,
-    or one whose configured key opens none of a few values stored under it.
+    or one whose configured key opens none of a few values stored under it, or a key that is not
+    the one the database recorded under its version (key_fingerprints.py; recorded here at the
+    version's first start). Values are looked at first: an upgraded database is judged by what
+    it holds before its first fingerprints are recorded.
 
     Such a process would fail every call that reads those values, and a wrong key would count
     every right code as wrong and lock users out; it is a configuration mistake (a key removed
@@ -232,8 +236,14 @@ def require_keys_for_stored_values(db: Database, keyring: Keyring, clock: Clock 
                 f"mistyped?); configure version {version}'s original key, or, if `twofactor keys "
                 f"rotate` reported these values unreadable, reset their users"
             )
-    if not missing:
-        return
+    if missing:
+        _refuse_missing(missing)
+    # Then each key against the one the database recorded under its version (a fresh database's
+    # first start records it): a wrong key is refused before anything is sealed with it.
+    require_recorded_keys(db, keyring, clock)
+
+
+def _refuse_missing(missing: list[KeyUsageRecord]) -> None:
     by_version: dict[int, list[str]] = {}
     for usage in missing:
         by_version.setdefault(usage.version, []).append(f"{usage.count} {KIND_NAMES[usage.kind]}")

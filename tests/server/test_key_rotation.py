@@ -8,6 +8,7 @@ import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import ClassVar
 
 import grpc
@@ -18,6 +19,7 @@ from twofactor.v1 import twofactor_service_pb2 as pb
 
 from tests.conftest import TEST_KEYS, Clock, Harness, ServerFactory
 from tests.server.helpers import AUTHENTICATOR, EMAIL, SMS, enroll_authenticator, error_info, totp_now, verify
+from tests.server.restores import other_environment, restore
 from tests.smtp_sink import CODE, SmtpSink, code_in, running_sink
 from twofactor_server.app import create_server
 from twofactor_server.delivery.providers import SmsMessage
@@ -292,78 +294,69 @@ def test_a_value_under_a_key_the_server_lacks_is_an_error_not_a_wrong_code(
     assert accepted.attempts_left == new_active.settings.policy.lockout_threshold  # nothing was counted
 
 
-def test_a_secret_another_key_of_its_version_sealed_is_an_error_not_internal(
-    serve: ServerFactory, clock: Clock, caplog: pytest.LogCaptureFixture
+def test_values_another_key_of_their_version_sealed_are_an_error_not_internal_nor_wrong_codes(
+    serve: ServerFactory, settings: Settings, clock: Clock, caplog: pytest.LogCaptureFixture, tmp_path: Path
 ) -> None:
-    """Two servers with different keys under one version, the wrong one started before anything
-    was sealed (its start-up check had no value to try its key on): it answers
-    FAILED_PRECONDITION (KEY_MISMATCH, naming the version) and counts no failure, never
-    INTERNAL, with a traceback, on every Verify of the user."""
-    wrong_key = serve(keys=Keyring.new_key_spec(1))
-    right_key = serve()
-    secret, _ = enroll_authenticator(right_key, clock, "alice")
-    for _ in range(2):  # the second from the server's cache of sealed secrets
+    """A database restored, under a running server, from another environment's backup: its values
+    were sealed with that environment's key under the same version, which the server's start-up
+    check never saw (a second server with that key on one database is refused at start, since
+    migration 0012: test_a_server_with_another_key_of_a_version_never_counts_right_codes_as_wrong).
+    The server has opened values of its own; still it answers FAILED_PRECONDITION (KEY_MISMATCH,
+    naming the version) for a user's secret and backup code, and counts no failure, never
+    INTERNAL with a traceback, nor a right backup code REJECTED and counted (a hash and seal are
+    made together: the seal that doesn't open says the hash is another key's). Restarted, it
+    refuses to start with its key."""
+    here = serve()
+    enroll_authenticator(here, clock, "own")  # sealed, and opened, by this server's key
+    other_key = Keyring.new_key_spec(1)
+    with other_environment(settings, tmp_path) as elsewhere:
+        there = serve(keys=other_key, database_url=elsewhere.database_url, data_dir=elsewhere.data_dir)
+        secret, backup = enroll_authenticator(there, clock, "alice")
+        there.server.stop(grace=None)
+        restore(elsewhere, here.settings)
+    for code in (totp_now(secret, clock), totp_now(secret, clock), backup[0]):  # the second from the cache
         with pytest.raises(grpc.RpcError) as raised:
-            verify(wrong_key, "alice", totp_now(secret, clock))
+            verify(here, "alice", code)
         assert raised.value.code() == grpc.StatusCode.FAILED_PRECONDITION  # type: ignore[attr-defined]
         info = error_info(raised.value)
         assert info.reason == "KEY_MISMATCH" and info.metadata["key_version"] == "1"
         assert "key version 1" in raised.value.details()  # type: ignore[attr-defined]
     # The operator sees it too: one line a call, what failed and what to do, no traceback.
     said = [r for r in caplog.records if r.levelno == logging.ERROR and "KEY_MISMATCH" in r.getMessage()]
-    assert len(said) == 2 and all(r.exc_info is None for r in said)
+    assert len(said) == 3 and all(r.exc_info is None for r in said)
     assert "configure the original key" in said[0].getMessage()
+    here.server.stop(grace=None)
+    with pytest.raises(SettingsError, match="key version 1 opens none of the values stored under it"):
+        create_server(here.settings, clock=clock)
+    right_key = serve(keys=other_key)  # the restored database's own key
     accepted = verify(right_key, "alice", totp_now(secret, clock))
     assert accepted.result == ACCEPTED
     assert accepted.attempts_left == right_key.settings.policy.lockout_threshold  # nothing was counted
+    assert verify(right_key, "alice", backup[0]).result == ACCEPTED
 
 
-def test_codes_another_key_of_their_version_sealed_are_an_error_not_wrong_codes(
-    serve: ServerFactory, sink: SmtpSink, clock: Clock
+def test_a_server_with_another_key_of_a_version_never_counts_right_codes_as_wrong(
+    serve: ServerFactory, settings: Settings, sink: SmtpSink, clock: Clock
 ) -> None:
-    """The same two servers, for a user of emailed codes: a right emailed code or backup code
-    through the server with the other key was REJECTED and counted, as a wrong one (right codes
-    locking users out, and nothing in any log): it is KEY_MISMATCH, and counts no failure."""
-    wrong_key = serve(keys=Keyring.new_key_spec(1))
-    right_key = serve()
-    backup = enroll_by_message(right_key, sink, clock, "bea", EMAIL)
-    clock.advance(right_key.settings.policy.resend_cooldown_seconds)
-    right_key.twofactor.SendCode(
-        pb.SendCodeRequest(user_id="bea", method=EMAIL), metadata=right_key.app_metadata
+    """Two servers with different keys under one version on a fresh database (nothing sealed yet
+    for a start-up check to try a key on): a right emailed code or backup code through the one
+    with the other key was REJECTED and counted, as a wrong one (right codes locking users out,
+    and nothing in any log), then answered KEY_MISMATCH. Now the first to start records its key
+    (migration 0012), the other refuses to start, in one line, and never answers a code."""
+    first = serve()
+    with pytest.raises(SettingsError) as refused:
+        serve(keys=Keyring.new_key_spec(1))
+    assert str(refused.value).startswith(
+        "TWOFACTOR_KEYS' key version 1 is not the key this database recorded for version 1"
     )
+    backup = enroll_by_message(first, sink, clock, "bea", EMAIL)
+    clock.advance(first.settings.policy.resend_cooldown_seconds)
+    first.twofactor.SendCode(pb.SendCodeRequest(user_id="bea", method=EMAIL), metadata=first.app_metadata)
     emailed = code_in(sink.wait_for_messages(2)[-1])
-    for code in (emailed, backup[0]):
-        with pytest.raises(grpc.RpcError) as raised:
-            verify(wrong_key, "bea", code)
-        assert raised.value.code() == grpc.StatusCode.FAILED_PRECONDITION  # type: ignore[attr-defined]
-        info = error_info(raised.value)
-        assert info.reason == "KEY_MISMATCH" and info.metadata["key_version"] == "1"
-    accepted = verify(right_key, "bea", emailed)
+    accepted = verify(first, "bea", emailed)
     assert accepted.result == ACCEPTED
-    assert accepted.attempts_left == right_key.settings.policy.lockout_threshold  # nothing was counted
-    assert verify(right_key, "bea", backup[0]).result == ACCEPTED
-
-
-def test_a_backup_code_another_key_sealed_is_an_error_though_the_server_opened_its_own_values(
-    serve: ServerFactory, sink: SmtpSink, clock: Clock
-) -> None:
-    """The server with the other key has opened values it sealed itself (a user enrolled through
-    it): that proves its key opens its own values, not that another server's hashes are its
-    own, and a right backup code of a user the right server enrolled was REJECTED and counted.
-    A backup code's hash and seal are made together: the seal that doesn't open says the hash is
-    another key's (KEY_MISMATCH, nothing counted), whatever else this server has opened."""
-    wrong_key = serve(keys=Keyring.new_key_spec(1))
-    right_key = serve()
-    enroll_authenticator(wrong_key, clock, "own")  # sealed, and opened, by the other key
-    backup = enroll_by_message(right_key, sink, clock, "bea", EMAIL)
-    with pytest.raises(grpc.RpcError) as raised:
-        verify(wrong_key, "bea", backup[0])
-    assert raised.value.code() == grpc.StatusCode.FAILED_PRECONDITION  # type: ignore[attr-defined]
-    info = error_info(raised.value)
-    assert info.reason == "KEY_MISMATCH" and info.metadata["key_version"] == "1"
-    accepted = verify(right_key, "bea", backup[0])
-    assert accepted.result == ACCEPTED
-    assert accepted.attempts_left == right_key.settings.policy.lockout_threshold  # nothing was counted
+    assert accepted.attempts_left == first.settings.policy.lockout_threshold  # nothing was counted
+    assert verify(first, "bea", backup[0]).result == ACCEPTED
 
 
 @pytest.mark.parametrize("backend", ["postgres"])

@@ -36,7 +36,7 @@ from tests.workers.celery_harness import (
     wait_for_status,
 )
 from twofactor_server.delivery.dispatch import CeleryDispatcher
-from twofactor_server.domain.keyring import Keyring
+from twofactor_server.domain.keyring import CHALLENGE_CODE, Keyring
 
 
 def confirm(h: Harness, user_id: str, code: str) -> bool:
@@ -293,12 +293,19 @@ def test_a_worker_error_is_retried_until_the_code_expires_then_failed_with_the_r
 ) -> None:
     h = celery_server(start_server, sink, queue, policy={"code_ttl_seconds": 30})
     workers = workers_for(h)
-    workers.env["TWOFACTOR_KEYS"] = Keyring.new_key_spec(1)  # a key that can't open the stored code
-    workers.start()
-    # Up before any value is stored under version 1: a worker started after would refuse to
-    # start with that key (tests/server/test_key_commands.py), and nothing would be attempted.
-    wait_for_log(workers, r"celery@\S+ ready\.")
+    # The code waits in the queue, and its seal is damaged there (made for another user: it does
+    # not open with the worker's key, the right one), before a worker runs. A worker with another
+    # key under version 1, the way this was once caused, no longer starts: the server recorded
+    # its key (tests/server/test_key_fingerprints.py).
     challenge = start_email_enrollment(h, "gus")
+    damaged = Keyring.parse(TEST_KEYS).encrypt(b"123456", purpose=CHALLENGE_CODE, user_id="someone else")
+    with psycopg.connect(h.settings.database_url, autocommit=True) as conn:
+        changed = conn.execute(
+            "UPDATE challenges SET code_ciphertext = %s WHERE challenge_id = %s",
+            (damaged, challenge.challenge_id),
+        )
+        assert changed.rowcount == 1
+    workers.start()
     failed = wait_for_status(h, "gus", challenge.challenge_id, common_pb2.DELIVERY_STATUS_FAILED)
     assert failed.failure_reason == "gave up: delivery error: KeyMismatch"
     assert failed.delivery_attempts > 1  # retried, with backoff, first
