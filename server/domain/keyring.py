@@ -53,10 +53,11 @@ class KeyVersionMissing(FailedPrecondition):
 
 
 class KeyMismatch(FailedPrecondition, KeyringError):
-    """A stored value under a key version this keyring has does not open with that key: another
-    environment's key, or a mistyped one, under the same version (a server started before anything
-    was sealed, whose start-up check had nothing to try its key on). A configuration problem,
-    answered as one (never INTERNAL, never a wrong code); still a KeyringError to its callers."""
+    """A stored value under a key version this keyring has does not open with that key: sealed with
+    another key under the same version (a database restored from another environment under a
+    running server, whose start-up check saw the database's recorded key then), or damaged.
+    Answered as a configuration problem (never INTERNAL, never a wrong code); still a
+    KeyringError to its callers."""
 
     def __init__(self, version: int) -> None:
         super().__init__(
@@ -92,9 +93,6 @@ class Keyring:
         self._fingerprints = {v: key_fingerprint(k) for v, k in keys.items()}
         self.active_version = active
         self.versions = tuple(sorted(keys))
-        # Versions whose key opened a stored value (the start-up check, a secret, a code): a hash
-        # that doesn't match under one of these is a wrong code, not a wrong key (`proven`).
-        self._proven: set[int] = set()
 
     @classmethod
     def parse(cls, spec: str, active_version: int | None = None) -> Keyring:
@@ -163,7 +161,6 @@ class Keyring:
             plaintext = aead.decrypt(nonce, sealed, _associated_data(purpose, user_id, version))
         except Exception:  # cryptography raises InvalidTag; never say more than "does not authenticate"
             raise KeyMismatch(version) from None
-        self._proven.add(version)
         return plaintext
 
     def opens(self, blob: bytes, *, purpose: str, user_id: str) -> bool:
@@ -174,10 +171,6 @@ class Keyring:
         except KeyringError:
             return False
         return True
-
-    def proven(self, version: int) -> bool:
-        """Whether this keyring's key of `version` has opened a stored value."""
-        return version in self._proven
 
     def fingerprint(self, version: int) -> bytes:
         """The fingerprint of this keyring's key of `version` (key_fingerprint)."""

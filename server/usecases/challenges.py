@@ -19,7 +19,6 @@ from twofactor_server.storage import outbox, send_history, store
 from twofactor_server.storage.database import Database, Transaction
 from twofactor_server.storage.records import ChallengeRecord, ChallengeStatus, NewChallenge
 from twofactor_server.usecases import audit
-from twofactor_server.usecases.key_proof import require_proven_key
 from twofactor_server.usecases.sms_guard import give_back_sms_quota, take_sms_quota
 from twofactor_server.usecases.users import refuse_if_locked, require_allowed, unknown_user
 
@@ -252,7 +251,8 @@ class Challenges:
         data = challenge_data(challenge.challenge_id, digits)
         if self._keyring.matches(challenge.code_hash, data, purpose=CHALLENGE_CODE):
             return outbox.consume_challenge(tx, challenge.challenge_id, now)
-        require_proven_key(tx, self._keyring, challenge.code_hash)  # a wrong code, not a wrong key
+        # A wrong code, not a wrong key: the start-up check refused a key of this version other
+        # than the one the database recorded (usecases/key_fingerprints.py).
         outbox.count_challenge_attempt(tx, challenge.challenge_id, now)
         return False
 
