@@ -11,6 +11,7 @@ import re
 import threading
 import time
 from dataclasses import replace
+from pathlib import Path
 
 import psycopg
 import pytest
@@ -91,6 +92,8 @@ def test_every_command_refuses_another_key_under_a_recorded_version(
     assert len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.stderr
     assert REFUSAL.format(v=1) in result.stderr
     assert OTHER_KEY_1.partition(":")[2] not in result.stderr
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    assert result.stderr.strip() in readme.splitlines()  # the line the README shows operators
 
 
 @pytest.mark.parametrize("backend", ["postgres"])
