@@ -20,6 +20,7 @@ import pytest
 from moto.server import ThreadedMotoServer
 from twofactor.v1 import admin_service_pb2_grpc, twofactor_service_pb2_grpc
 
+from tests.smtp_sink import SmtpSink, running_sink
 from twofactor_server.app import TwoFactorServer, create_server
 from twofactor_server.domain.keyring import Keyring
 from twofactor_server.observability.logs import ContextFilter, JsonFormatter
@@ -207,6 +208,13 @@ def aws_credentials(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "aws-config"))
     monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "aws-credentials"))
     monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+
+
+@pytest.fixture
+def sink() -> Iterator[SmtpSink]:
+    """A real SMTP server (aiosmtpd) on a free port, for this test."""
+    with running_sink(SmtpSink()) as running:
+        yield running
 
 
 @pytest.fixture(scope="session")

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import importlib.util
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -18,7 +17,7 @@ from twofactor.v1 import twofactor_service_pb2 as pb
 from tests.conftest import TEST_KEYS, Clock, Harness, ServerFactory
 from tests.server.helpers import AUTHENTICATOR, EMAIL, verified_token, verify
 from tests.server.stored_rows import query
-from tests.smtp_sink import SmtpSink, code_in, running_sink
+from tests.smtp_sink import SmtpSink, code_in
 from twofactor_server.settings import Settings
 
 BENCH = Path(__file__).resolve().parents[2] / "bench"
@@ -37,12 +36,6 @@ def load_populate() -> ModuleType:
 
 
 populate = load_populate()
-
-
-@pytest.fixture
-def sink() -> Iterator[SmtpSink]:
-    with running_sink(SmtpSink()) as running:
-        yield running
 
 
 @pytest.fixture

@@ -7,7 +7,6 @@ import contextlib
 import os
 import signal
 import threading
-from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
 
@@ -18,7 +17,7 @@ from twofactor.v1 import twofactor_service_pb2 as pb
 from tests.bench.test_plans import load
 from tests.server.helpers import EMAIL, wait_until
 from tests.server.serve_process import APP_METADATA, ServeProcess, serve_env
-from tests.smtp_sink import SmtpSink, code_in, running_sink
+from tests.smtp_sink import SmtpSink, code_in
 
 
 def suite_module() -> ModuleType:
@@ -67,12 +66,6 @@ def test_enrollments_per_process_with_processes_auto_divide_by_the_servers_proce
     finally:
         os.sched_setaffinity(0, allowed)
     assert verdict(capsys.readouterr().out, "enrollments/s per server process") == 600.0
-
-
-@pytest.fixture
-def sink() -> Iterator[SmtpSink]:
-    with running_sink(SmtpSink()) as running:
-        yield running
 
 
 def test_paced_sendcode_latency_counts_from_when_each_call_was_due(sink: SmtpSink, tmp_path: Path) -> None:

@@ -3,7 +3,6 @@ SMTP server and a custom SMS class: expiry, attempt limit, cooldown, hourly limi
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import ClassVar
 
@@ -25,19 +24,13 @@ from tests.server.helpers import (
     verify,
 )
 from tests.server.stored_rows import query
-from tests.smtp_sink import SmtpSink, code_in, running_sink
+from tests.smtp_sink import SmtpSink, code_in
 from twofactor_server.delivery.providers import SmsMessage
 from twofactor_server.domain.errors import Unavailable
 from twofactor_server.domain.keyring import CHALLENGE_CODE, Keyring
 from twofactor_server.settings import Settings
 from twofactor_server.storage import keys, outbox_recovery
 from twofactor_server.storage.database import open_database
-
-
-@pytest.fixture
-def sink() -> Iterator[SmtpSink]:
-    with running_sink(SmtpSink()) as running:
-        yield running
 
 
 # The sink is set up before the server so it is torn down after it: the server's

@@ -4,7 +4,6 @@ In-process delivery to a real SMTP sink and an operator's SMS class, on SQLite a
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 
 import grpc
@@ -28,14 +27,8 @@ from tests.server.helpers import (
 from tests.server.stored_rows import query
 from tests.server.test_challenges import SharedRecordingSms, SwitchableQueue, stored_code
 from tests.server.test_lockout_concurrency import waiting_behind
-from tests.smtp_sink import SmtpSink, code_in, running_sink
+from tests.smtp_sink import SmtpSink, code_in
 from twofactor_server.storage.store import WITHDRAWN_REASON
-
-
-@pytest.fixture
-def sink() -> Iterator[SmtpSink]:
-    with running_sink(SmtpSink()) as running:
-        yield running
 
 
 @pytest.fixture

@@ -8,7 +8,7 @@ Real SMTP sink and an operator's SMS class, on SQLite and PostgreSQL."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 import grpc
 import pytest
@@ -26,16 +26,10 @@ from tests.server.helpers import (
     wait_until,
 )
 from tests.server.test_challenges import SharedRecordingSms
-from tests.smtp_sink import SmtpSink, code_in, running_sink
+from tests.smtp_sink import SmtpSink, code_in
 
 USER, ADDRESS, EVIL = "una", "una@example.com", "evil@example.com"
 PHONE, OTHER_PHONE = "+14155550177", "+14155550178"
-
-
-@pytest.fixture
-def sink() -> Iterator[SmtpSink]:
-    with running_sink(SmtpSink()) as running:
-        yield running
 
 
 @pytest.fixture

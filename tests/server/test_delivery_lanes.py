@@ -5,16 +5,14 @@ default on both stores (no broker), a real SMTP sink."""
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator
 from typing import ClassVar
 
-import pytest
 from twofactor.v1 import common_pb2
 from twofactor.v1 import twofactor_service_pb2 as pb
 
 from tests.conftest import ServerFactory
 from tests.server.helpers import EMAIL, SMS, wait_until
-from tests.smtp_sink import SmtpSink, running_sink
+from tests.smtp_sink import SmtpSink
 from twofactor_server.delivery.providers import SmsMessage
 
 
@@ -30,12 +28,6 @@ class HangingGateway:
             type(self).entered += 1
         self.release.wait(60)
         return "late"
-
-
-@pytest.fixture
-def sink() -> Iterator[SmtpSink]:
-    with running_sink(SmtpSink()) as running:
-        yield running
 
 
 def test_texts_to_a_gateway_that_hangs_do_not_hold_up_emailed_codes(

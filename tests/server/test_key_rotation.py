@@ -6,7 +6,6 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import ClassVar
@@ -20,7 +19,7 @@ from twofactor.v1 import twofactor_service_pb2 as pb
 from tests.conftest import TEST_KEYS, Clock, Harness, ServerFactory
 from tests.server.helpers import AUTHENTICATOR, EMAIL, SMS, enroll_authenticator, error_info, totp_now, verify
 from tests.server.restores import other_environment, restore
-from tests.smtp_sink import CODE, SmtpSink, code_in, running_sink
+from tests.smtp_sink import CODE, SmtpSink, code_in
 from twofactor_server.app import create_server
 from twofactor_server.delivery.providers import SmsMessage
 from twofactor_server.domain import totp
@@ -59,12 +58,6 @@ class RecordingSms:
         with cls.changed:
             assert cls.changed.wait_for(lambda: len(cls.outbox) >= count, 60), "no SMS within 60s"
             return cls.outbox[-1]
-
-
-@pytest.fixture
-def sink() -> Iterator[SmtpSink]:
-    with running_sink(SmtpSink()) as running:
-        yield running
 
 
 @pytest.fixture

@@ -26,16 +26,10 @@ from tests.conftest import ADMIN_TOKEN, APP_TOKEN, TEST_KEYS, Clock, ServerFacto
 from tests.debug_logs import debug_logs
 from tests.http_stub import serving
 from tests.server.helpers import AUTHENTICATOR, EMAIL, enroll_authenticator, totp_now, verified_token, verify
-from tests.smtp_sink import SmtpSink, code_in, free_port, running_sink
+from tests.smtp_sink import SmtpSink, code_in, free_port
 from twofactor_server.observability import logs
 
 TWOFACTOR = str(Path(sys.executable).with_name("twofactor"))
-
-
-@pytest.fixture
-def sink() -> Iterator[SmtpSink]:
-    with running_sink(SmtpSink()) as running:
-        yield running
 
 
 def test_a_callers_request_id_comes_back_and_one_is_made_when_absent(start_server: ServerFactory) -> None:

@@ -23,7 +23,6 @@ from tests.server.test_contact_change import email_token, enroll_email
 from tests.smtp_sink import SmtpSink
 
 # The fixtures of test_contact_change: an SMTP sink, and a server delivering to it.
-sink = contact_change.sink
 h = contact_change.h
 
 

@@ -20,7 +20,7 @@ from tests.conftest import Clock, Harness, ServerFactory
 from tests.server.helpers import EMAIL, enroll_authenticator, totp_now, verify, wait_until
 from tests.server.stored_rows import query
 from tests.server.test_retry_generation import Published
-from tests.smtp_sink import SmtpSink, free_port, running_sink
+from tests.smtp_sink import SmtpSink, free_port
 from tests.workers.celery_harness import start_email_enrollment
 from twofactor_server.app import load_keyring
 from twofactor_server.delivery.deliverer import Deliverer
@@ -36,12 +36,6 @@ Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
 @pytest.fixture
 def backend() -> str:
     return "sqlite"  # metrics don't depend on the store; one backend keeps the test quick
-
-
-@pytest.fixture
-def sink() -> Iterator[SmtpSink]:
-    with running_sink(SmtpSink()) as running:
-        yield running
 
 
 def scrape(h: Harness) -> Samples:

@@ -37,7 +37,6 @@ from tests.smtp_sink import SmtpSink
 
 # The fixtures of test_contact_change: an SMTP sink, and a server delivering to it and to a
 # recording SMS class.
-sink = contact_change.sink
 h = contact_change.h
 
 

@@ -7,7 +7,6 @@ from __future__ import annotations
 import threading
 import time
 import uuid
-from collections.abc import Iterator
 from email.message import EmailMessage
 
 import pytest
@@ -25,7 +24,7 @@ from tests.server.helpers import (
     wait_until,
 )
 from tests.server.stored_rows import query
-from tests.smtp_sink import SmtpSink, code_in, running_sink
+from tests.smtp_sink import SmtpSink, code_in
 from twofactor_server.domain.keyring import Keyring
 from twofactor_server.storage import keys, outbox
 from twofactor_server.storage.database import Database
@@ -41,12 +40,6 @@ SUBJECTS = {
     "admin_reset": "Your twofactor two-factor verification was reset",
     "locked_out": "Too many wrong codes for your twofactor account",
 }
-
-
-@pytest.fixture
-def sink() -> Iterator[SmtpSink]:
-    with running_sink(SmtpSink()) as running:
-        yield running
 
 
 def start(start_server: ServerFactory, sink: SmtpSink, **policy: object) -> Harness:

@@ -5,8 +5,6 @@ Real SMTP sink and an operator's SMS class, on SQLite and PostgreSQL."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import grpc
 import pytest
 from twofactor.v1 import twofactor_service_pb2 as pb
@@ -14,15 +12,9 @@ from twofactor.v1 import twofactor_service_pb2 as pb
 from tests.conftest import Clock, Harness, ServerFactory
 from tests.server.helpers import EMAIL, SMS, error_info, retry_info, verify, wait_until
 from tests.server.test_challenges import SharedRecordingSms
-from tests.smtp_sink import SmtpSink, code_in, running_sink
+from tests.smtp_sink import SmtpSink, code_in
 
 PHONE = "+14155550188"
-
-
-@pytest.fixture
-def sink() -> Iterator[SmtpSink]:
-    with running_sink(SmtpSink()) as running:
-        yield running
 
 
 @pytest.fixture

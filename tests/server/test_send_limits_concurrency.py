@@ -4,7 +4,6 @@ processes, on both stores: 40 users who share one email address ask for a code a
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -15,16 +14,10 @@ from twofactor.v1 import twofactor_service_pb2 as pb
 
 from tests.server.helpers import EMAIL, error_info
 from tests.server.serve_process import APP_METADATA, ServeProcess, serve_env
-from tests.smtp_sink import SmtpSink, code_in, running_sink
+from tests.smtp_sink import SmtpSink, code_in
 
 SHARED = "family@example.com"
 LIMIT = 10  # the default TWOFACTOR_SENDS_PER_DESTINATION_PER_HOUR
-
-
-@pytest.fixture
-def sink() -> Iterator[SmtpSink]:
-    with running_sink(SmtpSink()) as running:
-        yield running
 
 
 @pytest.fixture

@@ -11,7 +11,6 @@ import pytest
 import redis
 
 from tests.conftest import REDIS_URL, Harness, require_service, without_password
-from tests.smtp_sink import SmtpSink, running_sink
 from tests.workers.celery_harness import Workers, remove_queue_keys, worker_env
 
 
@@ -39,12 +38,6 @@ def queue(redis_available: None) -> Iterator[str]:
     name = f"twofactor-test-{uuid.uuid4().hex[:8]}"
     yield name
     remove_queue_keys(REDIS_URL, name)
-
-
-@pytest.fixture
-def sink() -> Iterator[SmtpSink]:
-    with running_sink(SmtpSink()) as running:
-        yield running
 
 
 @pytest.fixture
