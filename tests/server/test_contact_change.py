@@ -5,6 +5,7 @@ In-process delivery to a real SMTP sink and an operator's SMS class, on SQLite a
 from __future__ import annotations
 
 from concurrent.futures import ThreadPoolExecutor
+from typing import Any
 
 import grpc
 import psycopg
@@ -33,6 +34,11 @@ from twofactor_server.storage.store import WITHDRAWN_REASON
 
 @pytest.fixture
 def h(sink: SmtpSink, start_server: ServerFactory) -> Harness:
+    return start_with_email_and_sms(start_server, sink, resend_cooldown_seconds=0, notify_users=True)
+
+
+def start_with_email_and_sms(start_server: ServerFactory, sink: SmtpSink, **policy: Any) -> Harness:
+    """A server that emails through `sink` and texts through SharedRecordingSms, with `policy`."""
     # The recorded texts are shared by every test of the process, and the [sqlite] and [postgres]
     # runs of a test text the same numbers: without this, wait_for_text could return the other
     # run's text (with its code) before this run's is delivered.
@@ -41,7 +47,7 @@ def h(sink: SmtpSink, start_server: ServerFactory) -> Harness:
         email_provider="smtp",
         smtp=sink.settings(),
         sms_provider="tests.server.test_challenges:SharedRecordingSms",
-        policy={"resend_cooldown_seconds": 0, "notify_users": True},
+        policy=policy,
     )
 
 

@@ -26,6 +26,7 @@ from tests.server.helpers import (
     wait_until,
 )
 from tests.server.test_challenges import SharedRecordingSms
+from tests.server.test_contact_change import start_with_email_and_sms
 from tests.smtp_sink import SmtpSink, code_in
 
 USER, ADDRESS, EVIL = "una", "una@example.com", "evil@example.com"
@@ -34,13 +35,7 @@ PHONE, OTHER_PHONE = "+14155550177", "+14155550178"
 
 @pytest.fixture
 def h(sink: SmtpSink, start_server: ServerFactory) -> Harness:
-    SharedRecordingSms.outbox.clear()  # shared by the [sqlite] and [postgres] runs of a test
-    return start_server(
-        email_provider="smtp",
-        smtp=sink.settings(),
-        sms_provider="tests.server.test_challenges:SharedRecordingSms",
-        policy={"resend_cooldown_seconds": 0},
-    )
+    return start_with_email_and_sms(start_server, sink, resend_cooldown_seconds=0)
 
 
 def texts_to(number: str) -> list[str]:

@@ -12,6 +12,7 @@ from twofactor.v1 import twofactor_service_pb2 as pb
 from tests.conftest import Clock, Harness, ServerFactory
 from tests.server.helpers import EMAIL, SMS, error_info, retry_info, verify, wait_until
 from tests.server.test_challenges import SharedRecordingSms
+from tests.server.test_contact_change import start_with_email_and_sms
 from tests.smtp_sink import SmtpSink, code_in
 
 PHONE = "+14155550188"
@@ -19,14 +20,8 @@ PHONE = "+14155550188"
 
 @pytest.fixture
 def h(sink: SmtpSink, start_server: ServerFactory) -> Harness:
-    SharedRecordingSms.outbox.clear()  # shared by the [sqlite] and [postgres] runs of a test
     # The default cooldown (30 s); two sends an hour, so the caps' count of both methods shows.
-    return start_server(
-        email_provider="smtp",
-        smtp=sink.settings(),
-        sms_provider="tests.server.test_challenges:SharedRecordingSms",
-        policy={"sends_per_user_per_hour": 2},
-    )
+    return start_with_email_and_sms(start_server, sink, sends_per_user_per_hour=2)
 
 
 def next_text(before: int) -> str:
