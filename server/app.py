@@ -117,7 +117,7 @@ def create_server(
     on_stop: list[Callable[[], None]] = []
     try:
         prepare_schema(db, settings)
-        require_keys_for_stored_values(db, keyring, clock)
+        require_keys_of_database(db, keyring, settings, clock)
         if dispatcher is None:
             dispatcher, close = build_dispatcher(
                 settings, db=db, keyring=keyring, clock=clock, senders=senders
@@ -276,6 +276,25 @@ def load_keyring(settings: Settings) -> Keyring:
     if not settings.keys and not settings.embedded:
         raise SettingsError("TWOFACTOR_KEYS is required with TWOFACTOR_DATABASE_URL (run `twofactor keygen`)")
     return check_keys(settings.keys or _dev_secrets(settings.data_dir)["keys"], settings.active_key_version)
+
+
+def require_keys_of_database(
+    db: Database, keyring: Keyring, settings: Settings, clock: Clock = system_clock
+) -> None:
+    """require_keys_for_stored_values. On the embedded default without TWOFACTOR_KEYS the key is
+    the development one dev-secrets.json holds: a refusal then says what to do with that file
+    (its loss made a new key), not with a setting nobody set."""
+    try:
+        require_keys_for_stored_values(db, keyring, clock)
+    except SettingsError:
+        if settings.keys or not settings.embedded:
+            raise
+        path = settings.data_dir / "dev-secrets.json"
+        raise SettingsError(
+            f"TWOFACTOR_DATA_DIR: the development key in {path} is not the key this database was "
+            f"started with (the file replaced or deleted?): restore the file, or move {settings.data_dir} "
+            "away and run `make serve` again to start afresh with a new database"
+        ) from None
 
 
 def load_tokens(settings: Settings) -> tuple[TokenSetting, ...]:

@@ -19,9 +19,8 @@ if TYPE_CHECKING:
 def require_readable_store(settings: Settings) -> None:
     """Refuse to start when stored codes need a key version this worker's keyring lacks
     (checked when the database answers at start; a worker started during an outage waits)."""
-    from twofactor_server.app import load_keyring, prepare_schema
+    from twofactor_server.app import load_keyring, prepare_schema, require_keys_of_database
     from twofactor_server.storage.database import open_database
-    from twofactor_server.usecases.key_rotation import require_keys_for_stored_values
 
     keyring = load_keyring(settings)
     db = open_database(
@@ -32,7 +31,7 @@ def require_readable_store(settings: Settings) -> None:
     )
     try:
         prepare_schema(db, settings)  # as the server does at start; safe with several processes
-        require_keys_for_stored_values(db, keyring)
+        require_keys_of_database(db, keyring, settings)
     except SettingsError:
         raise
     except Exception as error:  # the database can't be reached: one line, no traceback

@@ -207,3 +207,24 @@ def test_first_starts_with_different_keys_at_once_one_wins_the_other_is_refused(
     loser = outcomes[1 - winner]
     assert loser is not None and loser.startswith(REFUSAL.format(v=1)), outcomes
     assert recorded(settings) == {1: keyrings[winner].fingerprint(1)}
+
+
+@pytest.mark.parametrize("backend", ["sqlite"])
+@pytest.mark.parametrize("command", ["serve", "worker"])
+def test_the_embedded_default_without_its_development_key_says_to_restore_it_or_start_afresh(
+    start_server: ServerFactory, settings: Settings, command: str
+) -> None:
+    """`make serve` made a database and a development key; the key's file was lost since (nothing
+    sealed yet). The start, which made a new development key, is refused in one line saying what
+    to do: not TWOFACTOR_KEYS, never set here, nor a version's "original key" nobody has."""
+    start_server(keys="").server.stop(grace=None)  # the development key's fingerprint recorded
+    dev_secrets = settings.data_dir / "dev-secrets.json"
+    dev_secrets.unlink()
+    result = run(
+        [TWOFACTOR, command], env_for(settings, LISTEN="127.0.0.1:0", BROKER_URL="redis://127.0.0.1:6379/0")
+    )
+    assert result.returncode == 2, result.stdout + result.stderr
+    said = [line for line in result.stderr.splitlines() if "configuration error" in line]
+    assert len(said) == 1 and "Traceback" not in result.stderr, result.stderr
+    assert f"the development key in {dev_secrets} is not the key this database" in said[0]
+    assert f"move {settings.data_dir} away" in said[0] and "TWOFACTOR_KEYS" not in said[0]
