@@ -28,6 +28,7 @@ made with client="h2" (the bench scripts' `--client h2`).
 
 from __future__ import annotations
 
+import math
 import selectors
 import socket
 import struct
@@ -229,7 +230,9 @@ def run_closed_loop(
     """Calls from `connections` connections, one in flight on each, each next one sent as the
     last one's reply arrives, from `start` to `end` (time.time()); a call that ends after `end`
     is not counted. `next_call(now)` gives each call, or None when nothing is fresh until
-    `retry_at()`: the connection then waits, counted as starved."""
+    `retry_at()`: the connection then waits, counted as starved. A `retry_at()` of infinity
+    says no call will come again: the phase ends as soon as every call sent is answered (a
+    test's fixed set of calls, `end` then only its bound)."""
     host, _, port = target.rpartition(":")
     result = PhaseResult(kind, end - start)
     slots = [_Connection(host, int(port), target, metadata) for _ in range(connections)]
@@ -260,6 +263,8 @@ def run_closed_loop(
         while True:
             now = time.time()
             busy = any(slot.stream is not None or slot.waiting is not None for slot in slots)
+            if not busy and len(idle) == len(slots) and retry_at() == math.inf:
+                break  # nothing sent is unanswered, and nothing more will be sent
             if now >= end and not busy:
                 result.starved_seconds += sum(max(0.0, end - since) for since in idle.values())
                 break
